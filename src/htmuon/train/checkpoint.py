@@ -23,7 +23,7 @@ CKPT_NAME = "ckpt.pt"
 
 
 def rng_state() -> dict:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 (the legacy global state is what we save)
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
@@ -44,7 +44,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(
+    np.random.set_state(  # noqa: NPY002
         (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
     v, internal, gauss = state["python"]

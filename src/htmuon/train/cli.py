@@ -113,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
     )
     if summary["stopped"]:
         print(
-            f"stopped after step {summary['steps_done']}; continue with --resume --out-dir {summary['run_dir']}"
+            f"stopped after step {summary['steps_done']}; "
+            f"continue with --resume --out-dir {summary['run_dir']}"
         )
         return 0
     if summary["diverged"]:

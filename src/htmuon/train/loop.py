@@ -329,7 +329,7 @@ def train(
     device, amp = pick_device(cfg)
     task = model_task(cfg.model)
     random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
     data, model, info = build_data_and_model(cfg)
     model.to(device)
     model.train()

@@ -77,7 +77,7 @@ _QUICK_LRS = {
 
 RUN_PRESETS: dict[str, RunPreset] = {
     "quick": RunPreset(
-        "AdamW vs Muon vs HTMuon, LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~10 min on 2 CPU cores)",
+        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~10 min, 2 cores)",
         _QUICK,
         lrs=_QUICK_LRS,
     ),
@@ -110,7 +110,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs=_QUICK_LRS,
     ),
     "gpu-60m": RunPreset(
-        "LLaMA-60M shapes (the paper's smallest), shortened schedule: 2000 steps of 64x256 tokens; needs a GPU",
+        "LLaMA-60M shapes (the paper's smallest), 2000 steps of 128x256 tokens; needs a GPU",
         dict(
             model="llama-60m",
             vocab_size=32000,
@@ -146,7 +146,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
     ),
     "cifar10": RunPreset(
-        "ResNet-18 on CIFAR-10 (python-pickle batches: --data cifar10:DIR); needs a GPU for a useful budget",
+        "ResNet-18 on CIFAR-10 (pickle batches: --data cifar10:DIR); needs a GPU for a useful budget",
         dict(
             model="resnet18",
             data="cifar10:",
@@ -161,7 +161,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs={"adamw": 1e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
     ),
     "cifar100": RunPreset(
-        "ResNet-18 on CIFAR-100 (python-pickle batches: --data cifar100:DIR); needs a GPU for a useful budget",
+        "ResNet-18 on CIFAR-100 (pickle batches: --data cifar100:DIR); needs a GPU for a useful budget",
         dict(
             model="resnet18",
             data="cifar100:",
