@@ -51,7 +51,9 @@ def run_one(name: str, seed: int, epochs: int, method: str = "svd") -> dict[str,
     else:
         p = 0.0 if name == "muon" else 0.125
         groups = param_groups(model, adamw_lr=3e-3)
-        opt = HTMuon(groups, lr=0.02 if name == "muon" else 0.05, p=p, method="ns" if name == "muon" else method)
+        opt = HTMuon(
+            groups, lr=0.02 if name == "muon" else 0.05, p=p, method="ns" if name == "muon" else method
+        )
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))

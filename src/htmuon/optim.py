@@ -120,7 +120,8 @@ class HTMuon(Optimizer):
         method: spectral backend, a key of :data:`htmuon.spectral.BACKENDS`.
         spectrum: ``"power"`` (``s**p``) or ``"rank"`` (``i**-p``, the paper's "HT").
         scale: ``"raw"`` (faithful: raw ``s**p``) or ``"muon_rms"`` (scale-invariant, Muon's RMS).
-        lr_adjust: ``"muon"`` (``sqrt(max(1, m/n))``), ``"adamw_rms"`` (``0.2 sqrt(max(m, n))``) or ``"none"``.
+        lr_adjust: ``"muon"`` (``sqrt(max(1, m/n))``), ``"adamw_rms"`` (``0.2 sqrt(max(m, n))``)
+            or ``"none"``.
         interval: apply the correction on every ``interval``-th step of a parameter (its 1st,
             ``1 + interval``-th, ...); plain Muon (Newton--Schulz polar factor) on the others.
         plugin: ``None``, ``"normuon"`` (neuron-wise second moment) or ``"adamuon"`` (element-wise).

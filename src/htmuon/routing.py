@@ -92,4 +92,3 @@ def param_groups(
     if not groups:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters")
     return groups
-
