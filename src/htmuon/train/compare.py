@@ -34,10 +34,14 @@ GRID_FIELDS = ("optimizer", "seed", "lr", "out_dir")
 def configure(parser: argparse.ArgumentParser) -> None:
     from htmuon.train.cli import add_config_flags
 
-    parser.add_argument("--preset", help="a run preset (quick, quick-seeds, quick-lr, smoke, digits, gpu-60m, ...)")
+    parser.add_argument(
+        "--preset", help="a run preset (quick, quick-seeds, quick-lr, smoke, digits, gpu-60m, ...)"
+    )
     parser.add_argument("--config", metavar="FILE", help="a JSON or TOML file of config keys for every run")
     parser.add_argument(
-        "--optimizers", metavar="SPECS", help="comma-separated optimizer specs, e.g. adamw,muon,htmuon:method=ns"
+        "--optimizers",
+        metavar="SPECS",
+        help="comma-separated optimizer specs, e.g. adamw,muon,htmuon:method=ns",
     )
     parser.add_argument("--seeds", metavar="LIST", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument(
@@ -46,7 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=LR,LR",
         help="learning rates per optimizer name or spec, e.g. muon=0.01,0.02 htmuon=0.02,0.04",
     )
-    parser.add_argument("--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]")
+    parser.add_argument(
+        "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
     add_config_flags(parser, exclude=GRID_FIELDS)
 
@@ -157,7 +163,11 @@ def run_grid(cells, preset, quiet: bool = False) -> list[dict]:
     summaries = []
     for i, (spec, lr, seed, cfg) in enumerate(cells, 1):
         if not quiet:
-            print(f"[{i}/{len(cells)}] {spec} lr={lr:g} seed={seed} -> {cfg.out_dir}", file=sys.stderr, flush=True)
+            print(
+                f"[{i}/{len(cells)}] {spec} lr={lr:g} seed={seed} -> {cfg.out_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
         s = train(cfg, resume=True, preset_lrs=preset.lrs if preset else None)
         summaries.append({**s, "spec": spec})
     return summaries
@@ -194,9 +204,13 @@ def aggregate(summaries: list[dict]) -> dict:
         row = {"spec": spec, "lr": lr, "seeds": [r["seed"] for r in runs], "n": len(runs)}
         row["val_loss"] = mean_std(loss)
         if task == "lm":
-            row["val_ppl"] = mean_std([math.exp(min(v, 50.0)) if math.isfinite(v) else math.inf for v in loss])
+            row["val_ppl"] = mean_std(
+                [math.exp(min(v, 50.0)) if math.isfinite(v) else math.inf for v in loss]
+            )
         else:
-            row["val_acc"] = mean_std([r["final_val_acc"] if r["final_val_acc"] is not None else 0.0 for r in runs])
+            row["val_acc"] = mean_std(
+                [r["final_val_acc"] if r["final_val_acc"] is not None else 0.0 for r in runs]
+            )
         ms = [r["ms_per_step"] for r in runs if r.get("ms_per_step")]
         row["ms_per_step"] = mean_std(ms) if ms else (None, None)
         alphas = [r["mean_alpha"] for r in runs if r.get("mean_alpha") is not None]
@@ -235,7 +249,13 @@ def markdown_table(agg: dict) -> str:
             f"{fmt(*row['ms_per_step'], digits=1)} | {rel} | {fmt(*row['mean_alpha'], digits=3)} |"
         )
     if len(agg["rows"]) > len(best):
-        lines += ["", "All learning rates (best per optimizer in bold):", "", "| optimizer | lr | val loss |", "|---|---|---|"]
+        lines += [
+            "",
+            "All learning rates (best per optimizer in bold):",
+            "",
+            "| optimizer | lr | val loss |",
+            "|---|---|---|",
+        ]
         for row in sorted(agg["rows"], key=lambda r: (r["spec"], r["lr"])):
             cell = fmt(*row["val_loss"], digits=4)
             if best[row["spec"]] is row:
@@ -380,6 +400,7 @@ def write_report(summaries, out: Path, name: str, command: str, wall_s: float, p
         if reports and plot_alpha(reports, out / "alpha.png"):
             files.append("alpha.png")
     cfg0 = json.loads((Path(summaries[0]["run_dir"]) / "config.json").read_text())
+    train_s = sum(s.get("wall_s") or s["elapsed_s"] for s in summaries)
     md = [
         f"# htmuon compare: {name}",
         "",
@@ -387,15 +408,17 @@ def write_report(summaries, out: Path, name: str, command: str, wall_s: float, p
         "",
         f"Machine: {machine()}",
         "",
-        f"Wall time of this command: {wall_s / 60:.1f} min (runs reused from an earlier call are not re-timed).",
+        f"Wall time of this command: {wall_s / 60:.1f} min; training time of all {len(summaries)} runs "
+        f"(steps and evaluations, summed; reused runs included): {train_s / 60:.1f} min.",
         "",
         f"Model {cfg0['model']}, data {cfg0['data']}, {cfg0['steps']} steps (warmup {cfg0['warmup_steps']}, "
         f"cosine to {cfg0['min_lr_ratio']}x), batch {cfg0['batch_size']}x{cfg0['grad_accum']}"
         + (f", seq_len {cfg0['seq_len']}" if agg["task"] == "lm" else "")
-        + f", routing {cfg0['routing']}, weight decay {cfg0['weight_decay']}, AdamW-part lr {cfg0['adamw_lr']:g}.",
+        + f", routing {cfg0['routing']}, weight decay {cfg0['weight_decay']}, "
+        f"AdamW-part lr {cfg0['adamw_lr']:g}.",
         "",
         "Final validation metrics at the best lr per optimizer, mean ± sample std over seeds; "
-        "ms/step is the median logged step time (mean over seeds).",
+        "ms/step is the median time of a training step, eval excluded (mean over seeds).",
         "",
         table,
     ]

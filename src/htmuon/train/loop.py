@@ -57,7 +57,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    out["torch"] = str(torch.__version__)
     try:
         from importlib.metadata import PackageNotFoundError, version
     except ImportError:  # pragma: no cover
@@ -337,13 +338,14 @@ def train(
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for p in model.parameters() if p.requires_grad]
 
-    start, elapsed = 0, 0.0
+    start, elapsed, wall, step_times = 0, 0.0, 0.0, []
     if payload is not None:
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         data.sampler.load_state_dict(payload["loader"])
         checkpoint.set_rng_state(payload["rng"])
-        start, elapsed = int(payload["step"]), float(payload["elapsed_s"])
+        start, elapsed, wall = int(payload["step"]), float(payload["elapsed_s"]), float(payload["wall_s"])
+        step_times = list(payload["step_times"])
     vers = versions()
     out.mkdir(parents=True, exist_ok=True)
     if payload is None:
@@ -364,6 +366,8 @@ def train(
             {
                 "step": step,
                 "elapsed_s": elapsed,
+                "wall_s": wall,
+                "step_times": list(step_times),
                 "config": to_dict(cfg),
                 "versions": vers,
                 "seed": cfg.seed,
@@ -395,7 +399,7 @@ def train(
             loss_val = loss_sum / cfg.grad_accum
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if not math.isfinite(loss_val):
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 diverged = True
             else:
                 opt.step()
@@ -404,6 +408,7 @@ def train(
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             elapsed += dt
+            step_times.append(dt)
             tps = tokens_per_step / dt
             log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps or diverged
             if log:
@@ -431,6 +436,7 @@ def train(
                     f"{label}: training diverged at step {step} (loss {loss_val}); stopping", file=sys.stderr
                 )
                 break
+            wall += time.perf_counter() - t0
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or step == stop_after:
                 save_ckpt(step)
             if stop_after is not None and step >= stop_after and step < cfg.steps:
@@ -440,7 +446,8 @@ def train(
         progress.close()
         metrics.close()
 
-    summary = summarize(out, cfg, metrics.records, last_val, diverged, stopped, info)
+    summary = summarize(out, cfg, metrics.records, last_val, diverged, stopped, info, step_times)
+    summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
     if not stopped and not diverged and cfg.alpha:
         summary["mean_alpha"] = mean_alpha(model)
     if not stopped:
@@ -448,10 +455,10 @@ def train(
     return summary
 
 
-def summarize(out, cfg, records, last_val, diverged, stopped, info) -> dict:
+def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times) -> dict:
     train_recs = [r for r in records if r["kind"] == "train"]
     val_recs = [r for r in records if r["kind"] == "val"]
-    step_ms = sorted(r["step_ms"] for r in train_recs if r["step"] > 1)
+    step_ms = sorted(t * 1e3 for t in step_times[1:])  # all steps but the first (warm-up)
     final = last_val or (
         {k: val_recs[-1][k] for k in ("loss", "ppl", "acc") if k in val_recs[-1]} if val_recs else None
     )
@@ -471,7 +478,7 @@ def summarize(out, cfg, records, last_val, diverged, stopped, info) -> dict:
         "final_val_ppl": (float("inf") if diverged else final.get("ppl")) if final else None,
         "final_val_acc": (final.get("acc") if final and not diverged else None),
         "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
-        "ms_per_step": step_ms[len(step_ms) // 2] if step_ms else None,  # median of the logged steps
+        "ms_per_step": step_ms[len(step_ms) // 2] if step_ms else None,  # median step time
         "elapsed_s": train_recs[-1]["elapsed_s"] if train_recs else 0.0,
         "info": info,
     }

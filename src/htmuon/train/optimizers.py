@@ -73,15 +73,30 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         ]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=1e-8)
     try:
-        import htmuon
         from htmuon import HTMuon, param_groups
     except ImportError:
         raise UserError(
             f"optimizer '{cfg.optimizer}' needs htmuon.HTMuon, which this install lacks"
         ) from None
-    del htmuon
     spec = OPTIMIZERS[cfg.optimizer]
-    groups = param_groups(model, routing=cfg.routing, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay)
+    groups = []
+    for g in param_groups(model, routing=cfg.routing, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay):
+        if g["algorithm"] != "adamw":
+            groups.append(g)
+            continue
+        # AdamW part: weight decay on its matrices (embeddings, head), none on norms and biases,
+        # as in the adamw baseline
+        for want_matrix, wd in ((True, cfg.weight_decay), (False, 0.0)):
+            sel = [(n, p) for n, p in zip(g["param_names"], g["params"]) if (p.ndim >= 2) == want_matrix]
+            if sel:
+                groups.append(
+                    {
+                        **g,
+                        "params": [p for _, p in sel],
+                        "param_names": [n for n, _ in sel],
+                        "weight_decay": wd,
+                    }
+                )
     try:
         return HTMuon(
             groups,
