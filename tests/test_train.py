@@ -359,3 +359,38 @@ def test_cli_user_error_has_no_traceback_in_a_real_process(tmp_path):
         r.stderr.strip()
         == "htmuon train: error: unknown optimizer 'lion' (choose from " + ", ".join(OPTIMIZERS) + ")"
     )
+
+
+def test_hf_dataset_on_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": [f"train document {i}. " * 30 for i in range(20)]}),
+            "validation": datasets.Dataset.from_dict({"text": [f"held out {i}. " * 30 for i in range(3)]}),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "ds"))
+    s = text_splits(f"hf-disk:{tmp_path / 'ds'}", 0.05)
+    assert (len(s.train), len(s.val)) == (20, 3) and "held out 0" in s.val[0][0]
+    with pytest.raises(UserError, match="no field 'body'"):
+        text_splits(f"hf-disk:{tmp_path / 'ds'}", 0.05, text_field="body")
+
+
+@pytest.mark.parametrize("routing", ["standard", "paper"])
+def test_optimizer_routing_and_weight_decay_groups(routing):
+    from htmuon.train.models import build_llama
+    from htmuon.train.optimizers import build_optimizer, resolve
+
+    model = build_llama("llama-micro", 320, 16)
+    cfg = resolve(TrainConfig(optimizer="htmuon", routing=routing, weight_decay=0.1, adamw_lr=2e-3))
+    opt = build_optimizer(model, cfg)
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    q, norm = model.model.layers[0].self_attn.q_proj.weight, model.model.norm.weight
+    assert by_id[id(q)]["algorithm"] == "htmuon" and by_id[id(q)]["lr"] == cfg.lr == 0.03
+    want = "adamw" if routing == "standard" else "htmuon"
+    assert by_id[id(emb)]["algorithm"] == want and by_id[id(head)]["algorithm"] == want
+    assert by_id[id(emb)]["weight_decay"] == 0.1 and by_id[id(head)]["weight_decay"] == 0.1
+    assert by_id[id(norm)]["algorithm"] == "adamw" and by_id[id(norm)]["weight_decay"] == 0.0
+    assert by_id[id(norm)]["lr"] == 2e-3
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

@@ -87,16 +87,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         # AdamW part: weight decay on its matrices (embeddings, head), none on norms and biases,
         # as in the adamw baseline
         for want_matrix, wd in ((True, cfg.weight_decay), (False, 0.0)):
-            sel = [(n, p) for n, p in zip(g["param_names"], g["params"]) if (p.ndim >= 2) == want_matrix]
+            names = g.get("names") or [""] * len(g["params"])
+            sel = [(n, p) for n, p in zip(names, g["params"]) if (p.ndim >= 2) == want_matrix]
             if sel:
-                groups.append(
-                    {
-                        **g,
-                        "params": [p for _, p in sel],
-                        "param_names": [n for n, _ in sel],
-                        "weight_decay": wd,
-                    }
-                )
+                part = {**g, "params": [p for _, p in sel], "weight_decay": wd}
+                if "names" in g:
+                    part["names"] = [n for n, _ in sel]
+                groups.append(part)
     try:
         return HTMuon(
             groups,
