@@ -26,6 +26,13 @@ def _field_help() -> dict[str, str]:
     return out
 
 
+def _metavar(name: str) -> str:
+    from htmuon.train.config import _base_type
+
+    typ, _ = _base_type(name)
+    return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(typ, "STR")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     from htmuon.train.config import TrainConfig
 
@@ -39,7 +46,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=argparse.SUPPRESS,
-            metavar=type(default).__name__.upper() if default is not None else "VALUE",
+            metavar=_metavar(f.name),
             help=f"{helps.get(f.name, '')} [default: {default}]",
         )
 

@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -446,7 +447,7 @@ def main(args: argparse.Namespace) -> int:
     cells, preset, out, name = plan_grid(args)
     out.mkdir(parents=True, exist_ok=True)
     summaries = run_grid(cells, preset)
-    command = "htmuon " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("htmuon") else " ".join(sys.argv)
+    command = "htmuon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(summaries, out, name, command, time.perf_counter() - t0, plots=not args.no_plots)
     print(report["table"])
     print(f"wrote {out / 'results.md'}" + "".join(f", {out / f}" for f in report["files"]))

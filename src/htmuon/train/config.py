@@ -22,12 +22,10 @@ from htmuon.cli import UserError
 @dataclass
 class TrainConfig:
     # --- model ------------------------------------------------------------------------------
-    model: str = (
-        "llama-tiny"  # preset: llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34
-    )
+    model: str = "llama-tiny"  # llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34
     # --- data -------------------------------------------------------------------------------
-    data: str = "auto"  # auto (shakespeare for LLaMA, digits for ResNet) | FILE.txt | FILE.jsonl | DIR |
-    #                     hf:NAME[:CONFIG] | hf-disk:PATH | digits | cifar10:DIR | cifar100:DIR
+    data: str = "auto"  # auto | shakespeare | FILE.txt | FILE.jsonl | DIR | hf:NAME[:CONFIG] | hf-disk:PATH
+    #                     | digits | cifar10:DIR | cifar100:DIR  (auto: shakespeare / digits)
     text_field: str = "text"  # JSONL / datasets field holding the text
     max_docs: int = 0  # read at most this many documents (0 = all; set it for hub datasets)
     val_fraction: float = 0.05  # held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)
