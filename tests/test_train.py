@@ -330,7 +330,7 @@ def test_checkpoint_of_another_config_is_refused_and_nothing_overwritten(corpus_
     out = tmp_path / "run"
     train(tiny(corpus_file, out, steps=4), stop_after=2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(UserError, match="another config.*lr=0.02 vs 0.05"):
+    with pytest.raises(UserError, match="another config.*lr=0.03 vs 0.05"):
         train(tiny(corpus_file, out, steps=4, lr=0.05), resume=True)
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny(corpus_file, out, steps=4))
