@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,42 @@ def test_bad_grid_input(capsys, tmp_path):
         assert msg in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "g").exists()
     assert parse_spec("htmuon:method=ns,p=0.25") == ("htmuon", {"method": "ns", "p": "0.25"})
+
+
+def test_compare_uses_diagnostics_for_alpha_when_present(corpus_file, tmp_path, monkeypatch):
+    """With htmuon.diagnostics importable (a stand-in here), the table gets mean alpha and alpha.png."""
+    import sys
+    import types
+
+    class Report:
+        def __init__(self, model):
+            self.mean_alpha = 2.0 + sum(p.numel() for p in model.parameters()) % 7 / 10
+
+    def plot_layer_alpha(reports, path):
+        assert set(reports) == {"muon", "htmuon"} and all(isinstance(r, Report) for r in reports.values())
+        Path(path).write_bytes(PNG + b"stand-in")
+
+    diag = types.ModuleType("htmuon.diagnostics")
+    diag.analyze = lambda model, fit="ks": Report(model)
+    plots = types.ModuleType("htmuon.diagnostics.plots")
+    plots.plot_layer_alpha = plot_layer_alpha
+    monkeypatch.setitem(sys.modules, "htmuon.diagnostics", diag)
+    monkeypatch.setitem(sys.modules, "htmuon.diagnostics.plots", plots)
+    out = tmp_path / "alpha"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon,htmuon",
+        "--data",
+        str(corpus_file),
+        "--out-dir",
+        str(out),
+        *TINY,
+    ]
+    assert cli_main(argv) == 0
+    md = (out / "results.md").read_text()
+    assert "![alpha.png](alpha.png)" in md and (out / "alpha.png").read_bytes()[:8] == PNG
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert all(r["mean_alpha"] is not None and r["mean_alpha"] >= 2.0 for r in runs)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| htmuon |"))
+    assert row.rstrip(" |").split("|")[-1].strip() == f"{runs[1]['mean_alpha']:.3f}"

@@ -170,8 +170,32 @@ def run_grid(cells, preset, quiet: bool = False) -> list[dict]:
                 flush=True,
             )
         s = train(cfg, resume=True, preset_lrs=preset.lrs if preset else None)
+        if s.get("mean_alpha") is None and s["finished"] and cfg.alpha:
+            s["mean_alpha"] = final_mean_alpha(Path(cfg.out_dir))  # a run finished before diagnostics existed
         summaries.append({**s, "spec": spec})
     return summaries
+
+
+def _final_model(run_dir: Path):
+    from htmuon.train import checkpoint
+    from htmuon.train.config import from_dict
+    from htmuon.train.loop import build_data_and_model
+
+    ckpt = checkpoint.load(run_dir / checkpoint.CKPT_NAME)
+    _, model, _ = build_data_and_model(from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def final_mean_alpha(run_dir: Path) -> float | None:
+    """Mean layer-wise alpha of a finished run's final model, or None without htmuon.diagnostics."""
+    try:
+        import htmuon.diagnostics  # noqa: F401
+    except ImportError:
+        return None
+    from htmuon.train.loop import mean_alpha
+
+    return mean_alpha(_final_model(run_dir))
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -361,16 +385,9 @@ def alpha_reports(agg: dict) -> dict | None:
         return None
     import torch
 
-    from htmuon.train import checkpoint
-    from htmuon.train.config import from_dict
-    from htmuon.train.loop import build_data_and_model
-
     reports = {}
     for spec, row in agg["best"].items():
-        ckpt = checkpoint.load(Path(row["run_dirs"][0]) / checkpoint.CKPT_NAME)
-        cfg = from_dict(ckpt["config"])
-        _, model, _ = build_data_and_model(cfg)
-        model.load_state_dict(ckpt["model"])
+        model = _final_model(Path(row["run_dirs"][0]))
         with torch.no_grad():
             reports[spec] = analyze(model, fit="ks")
     return reports
