@@ -85,12 +85,12 @@ _QUICK_LRS = {
 
 RUN_PRESETS: dict[str, RunPreset] = {
     "quick": RunPreset(
-        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~10 min, 2 cores)",
+        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~5 min, 2 cores)",
         _QUICK,
         lrs=_QUICK_LRS,
     ),
     "quick-seeds": RunPreset(
-        "the quick preset over 3 seeds (~30 min on 2 CPU cores)",
+        "the quick preset over 3 seeds (~15 min on 2 CPU cores)",
         _QUICK,
         seeds=(0, 1, 2),
         lrs=_QUICK_LRS,
