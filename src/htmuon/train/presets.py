@@ -139,7 +139,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         optimizers=("adamw", "muon", "htmuon"),
     ),
     "digits": RunPreset(
-        "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon (~1 min on CPU)",
+        "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon, 3 seeds (~1 min on CPU)",
         dict(
             model="resnet-tiny",
             data="digits",
@@ -150,7 +150,9 @@ RUN_PRESETS: dict[str, RunPreset] = {
             eval_batches=0,
             ckpt_every=100,
             weight_decay=0.0,
+            threads=1,
         ),
+        seeds=(0, 1, 2),
         lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
     ),
     "cifar10": RunPreset(
