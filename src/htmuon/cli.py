@@ -15,6 +15,7 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("htmuon.demo", "train a small classifier on scikit-learn's digits with Muon and HTMuon"),
+    "esd": ("htmuon.diagnostics.cli", "layer-wise ESD power-law alpha of a checkpoint or model"),
 }
 
 

@@ -421,7 +421,10 @@ def _layer_filter(layers) -> Callable[[str], bool]:
     if layers is None:
         return lambda name: True
     if isinstance(layers, str):
-        pat = re.compile(layers)
+        try:
+            pat = re.compile(layers)
+        except re.error as e:
+            raise ValueError(f"Invalid layers regex {layers!r}: {e}") from e
         return lambda name: pat.search(name) is not None
     if callable(layers):
         return layers
@@ -446,7 +449,9 @@ def _row(L: _Layer, ev: Tensor, fit: str, thresh: float, method: str) -> dict[st
     p = e / total + ENTROPY_EPS
     entropy = -(p * p.log()).sum() / torch.log(rank.to(e.dtype) + ENTROPY_EPS)
     alpha = pl.alpha
-    n_spikes = (e >= pl.xmin).sum() if math.isfinite(pl.xmin) else torch.zeros((), dtype=torch.long)
+    n_spikes = (
+        (e >= pl.xmin).sum() if math.isfinite(pl.xmin) else torch.zeros((), dtype=torch.long, device=e.device)
+    )
     alpha_norm = (e.pow(alpha)).sum() if math.isfinite(alpha) else torch.tensor(math.nan)
     vals = torch.stack(
         [lam_max, total, entropy, rank.to(e.dtype), n_spikes.to(e.dtype), alpha_norm.to(e)]
@@ -513,7 +518,8 @@ def analyze(
         alpha_weighted = alpha * log10(lambda_max)      log_norm = log10(sum lambda)
         spectral_norm = lambda_max                       stable_rank = sum lambda / lambda_max
         log_alpha_norm = log10(sum lambda^alpha)         num_pl_spikes = #{lambda >= xmin}
-        matrix_rank = #{s > s_max * N * eps}             entropy = -sum p ln p / ln(rank), p = lambda / sum lambda
+        matrix_rank = #{s > s_max * N * eps}             entropy = -sum p ln p / ln(matrix_rank)
+                                                         (p = lambda / sum lambda)
 
     Args:
         obj: an ``nn.Module``; a state_dict (name -> tensor); a path to a ``.pt``/``.pth`` file
