@@ -63,10 +63,15 @@ def main(argv=None) -> int:
     try:
         from threadpoolctl import threadpool_info
 
-        blas = ", BLAS threads " + ",".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info())
+        blas = ", BLAS threads " + ",".join(
+            f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info()
+        )
     except ImportError:
         pass
-    print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}{blas}, cpu count {os.cpu_count()}")
+    print(
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}{blas}, "
+        f"cpu count {os.cpu_count()}"
+    )
 
     try:
         import weightwatcher as ww

@@ -267,6 +267,21 @@ def test_inputs_module_state_dict_path_tensor(tmp_path):
     torch.save({"model": sd, "step": 3, "config": {"lr": 0.1}}, tmp_path / "ckpt.pth")
     assert analyze(tmp_path / "sd.pt").alphas == ref
     assert analyze(str(tmp_path / "ckpt.pth")).alphas == ref
+    # a training checkpoint: config, step and RNG states (numpy arrays) beside the model
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()  # noqa: NPY002 -- the legacy state is what checkpoints hold
+    rng = {"numpy": np_state, "python": random.getstate(), "torch": torch.get_rng_state()}
+    torch.save({"model": sd, "rng": rng, "config": {"lr": 0.1}}, tmp_path / "train.pt")
+    assert analyze(tmp_path / "train.pt").alphas == ref
+
+    import datetime  # an arbitrary pickled object is refused, with a way out
+
+    torch.save({"model": sd, "extra": datetime.date(2026, 1, 1)}, tmp_path / "opaque.pt")
+    with pytest.raises(ValueError, match="weights_only=True.*datetime.date.*weights_only=False"):
+        analyze(tmp_path / "opaque.pt")
     assert analyze(model[0].weight).alphas == {"tensor": ref["0"]}
     assert analyze(model[2].weight).rows[0]["kind"] == "conv2d"
 

@@ -38,8 +38,10 @@ Differences from WeightWatcher, all deliberate:
 from __future__ import annotations
 
 import csv
+import importlib
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -237,14 +239,45 @@ def _shape_kind(t: Tensor) -> str | None:
     return {2: "linear", 3: "conv1d", 4: "conv2d"}.get(t.ndim)
 
 
+def _resolve_global(qualname: str) -> Any:
+    module, _, attr = qualname.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _torch_load(path: str) -> Any:
+    """``torch.load(weights_only=True)``, also admitting the numpy arrays a training checkpoint's
+    RNG state holds (numpy's array/dtype reconstruction only: no arbitrary code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+        names = unsafe(path) if unsafe is not None else []
+        if names and all(n.startswith("numpy.") for n in names):
+            try:
+                objs = [_resolve_global(n) for n in names]
+                import numpy.dtypes  # the dtype classes (UInt32DType, ...) arrays are rebuilt with
+
+                objs += [c for c in vars(numpy.dtypes).values() if isinstance(c, type)]
+            except (ImportError, AttributeError):
+                objs = None
+            if objs is not None:
+                with torch.serialization.safe_globals(objs):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+        what = ", ".join(names) or "other objects"
+        raise ValueError(
+            f"cannot load {path!r} with weights_only=True (it pickles {what}); "
+            "if you trust the file, load it yourself and pass its state_dict: "
+            "analyze(torch.load(path, weights_only=False)['model'])"
+        ) from e
+    except Exception as e:  # zip/format errors come in many types
+        raise ValueError(f"cannot read {path!r} as a torch checkpoint (.pt/.pth state_dict): {e}") from e
+
+
 def _load_path(path: str | os.PathLike) -> Mapping[str, Tensor]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise ValueError(f"cannot read {path!r} as a torch checkpoint (.pt/.pth state_dict): {e}") from e
+    obj = _torch_load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -356,7 +389,10 @@ def _batched_eigenvalues(layers: list[_Layer], device_of, dtype, method) -> list
         for a in range(0, len(ids), per):
             chunk = ids[a : a + per]
             dev = device_of(layers[chunk[0]].weight)
-            mats = torch.stack([layers[i].mats.to(device=dev, dtype=dtype) for i in chunk])
+            parts = [layers[i].mats.to(device=dev) for i in chunk]
+            if len({p.dtype for p in parts}) > 1:
+                parts = [p.to(dtype) for p in parts]
+            mats = torch.stack(parts).to(dtype)  # stack in the weights' dtype, convert once
             ev = _eigs(mats.reshape(-1, *shape[-2:]), method).reshape(len(chunk), -1)
             ev = torch.sort(ev, dim=1).values
             for j, i in enumerate(chunk):
