@@ -1,0 +1,429 @@
+"""Pure spectral maps on ``(..., m, n)`` tensors.
+
+The heavy-tailed spectral correction of HTMuon replaces a matrix ``G = U diag(s) V^T``
+by ``U diag(s**p) V^T``. This module holds that map and its building blocks as pure
+functions with no optimizer state:
+
+* :func:`polar` -- Muon's Newton--Schulz polar factor (``p = 0``), bit-compatible with
+  :class:`torch.optim.Muon`'s iteration.
+* :func:`spectral_power` -- ``U diag(w(s)) V^T`` for ``w(s) = s**p`` (``spectrum="power"``) or
+  the paper's fixed rank spectrum ``w_i = i**-p`` (``spectrum="rank"``), by one of several
+  backends, optionally rescaled to Muon's update RMS (``scale="muon_rms"``).
+
+Backends are one function each, registered by name in :data:`BACKENDS`; :func:`spectral_power`
+is the one dispatch point. Every backend receives a *wide* batch ``(B, m, n)`` with ``m <= n``
+(the dispatch transposes tall matrices), so Gram matrices are always the small ``m x m`` side.
+
+References:
+    Pang et al., "HTMuon: Improving Muon via Heavy-Tailed Spectral Correction", arXiv 2603.10067.
+    K. Jordan, "Muon: An optimizer for hidden layers in neural networks" (2024), for the quintic
+    Newton--Schulz coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "MUON_NS5_COEFFICIENTS",
+    "Backend",
+    "ns_working_dtype",
+    "polar",
+    "register_backend",
+    "spectral_power",
+    "spectrum_weights",
+]
+
+#: Muon's quintic Newton--Schulz coefficients (a, b, c), tuned to maximise the slope at zero.
+#: Source: K. Jordan's Muon (2024), the same constants as ``torch.optim.Muon``.
+MUON_NS5_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+#: Number of Newton--Schulz steps in Muon.
+MUON_NS_STEPS = 5
+#: Floor for the Frobenius normalisation in Newton--Schulz (as in ``torch.optim.Muon``).
+NS_EPS = 1e-7
+#: Iterations of the coupled Newton--Schulz square root per nested root in the ``"ns"`` backend
+#: (the paper's setting: 5 iterations per root).
+NS_ROOT_ITERS = 5
+#: Deepest nested square root the ``"ns"`` backend uses to expand ``p / 2`` in binary: the
+#: exponent is then exact to ``2**-NS_MAX_ROOTS``.
+NS_MAX_ROOTS = 10
+
+SPECTRA = ("power", "rank")
+SCALES = ("raw", "muon_rms")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A spectral backend: ``fn(X, p, spectrum, **options) -> U diag(w) V^T``.
+
+    ``X`` is a wide batch ``(B, m, n)``, ``m <= n``; the result has X's shape and is
+    computed in the backend's working precision (the caller casts it back).
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    spectra: tuple[str, ...]
+    description: str
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(
+    name: str,
+    fn: Callable[..., Tensor],
+    *,
+    spectra: tuple[str, ...] = ("power",),
+    description: str = "",
+    replace: bool = False,
+) -> None:
+    """Register a spectral backend under ``name`` (see :class:`Backend` for the signature)."""
+    if name in BACKENDS and not replace:
+        raise ValueError(f"spectral backend {name!r} is already registered")
+    unknown = set(spectra) - set(SPECTRA)
+    if unknown:
+        raise ValueError(f"unknown spectra {sorted(unknown)} for backend {name!r}; valid: {SPECTRA}")
+    BACKENDS[name] = Backend(name, fn, tuple(spectra), description)
+
+
+# --------------------------------------------------------------------------------------------
+# Newton--Schulz polar factor (Muon)
+# --------------------------------------------------------------------------------------------
+
+
+def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
+    """``beta * c + alpha * a @ b`` for 2-D or batched 3-D operands (one fused kernel)."""
+    if a.ndim == 2:
+        return torch.addmm(c, a, b, beta=beta, alpha=alpha)
+    return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+
+
+def ns_working_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """Resolve a Newton--Schulz working dtype: ``"auto"`` is bfloat16 on CUDA (Muon's choice, fast on
+    tensor cores) and float32 elsewhere (bfloat16 matmul is ~25x slower than float32 on AVX2 CPUs)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Invalid Newton-Schulz dtype: {dtype!r} (a torch.dtype, 'auto' or None)")
+    return dtype
+
+
+def polar(
+    G: Tensor,
+    *,
+    steps: int = MUON_NS_STEPS,
+    coefficients: tuple[float, float, float] = MUON_NS5_COEFFICIENTS,
+    dtype: torch.dtype | str | None = "auto",
+    eps: float = NS_EPS,
+) -> Tensor:
+    r"""Approximate polar factor ``U V^T`` of ``G = U S V^T`` by Muon's quintic Newton--Schulz.
+
+    .. math::  X_0 = G / \max(\|G\|_F, \epsilon), \quad A = X X^T, \quad
+               X \leftarrow a X + (b A + c A^2) X
+
+    Like Muon, the iteration is tuned for speed, not convergence: the singular values of the
+    result lie roughly in [0.7, 1.2] instead of exactly 1.
+
+    Args:
+        G: ``(..., m, n)`` tensor.
+        steps: number of quintic steps.
+        coefficients: ``(a, b, c)``.
+        dtype: working dtype: ``"auto"`` (bfloat16 on CUDA as in Muon, float32 on CPU; see
+            :func:`ns_working_dtype`), a ``torch.dtype``, or ``None`` to keep G's dtype.
+        eps: floor of the Frobenius norm, so a zero matrix maps to zero.
+
+    Returns:
+        ``(..., m, n)`` tensor in the working dtype.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"polar expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
+    if steps < 0:
+        raise ValueError(f"Invalid number of Newton-Schulz steps: {steps} (must be >= 0)")
+    a, b, c = coefficients
+    dtype = ns_working_dtype(dtype, G.device)
+    X = G if dtype is None else G.to(dtype)
+    batch_shape = X.shape[:-2]
+    if X.ndim > 3:
+        X = X.reshape(-1, *X.shape[-2:])
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = _addmm(A, A, A, beta=b, alpha=c)
+        X = _addmm(X, B, X, beta=a)
+    if transposed:
+        X = X.mT
+    return X.reshape(*batch_shape, *X.shape[-2:])
+
+
+# --------------------------------------------------------------------------------------------
+# Spectrum weights and the exact backends (SVD, eigh)
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_tolerance(s_max: Tensor, m: int, n: int, dtype: torch.dtype) -> Tensor:
+    """Singular values at or below this are numerically zero (the usual matrix-rank rule)."""
+    return s_max * max(m, n) * torch.finfo(dtype).eps
+
+
+def spectrum_weights(s: Tensor, p: float, spectrum: str, tol: Tensor) -> Tensor:
+    """The new singular values ``w`` for singular values ``s`` sorted in descending order.
+
+    ``spectrum="power"``: ``w_i = s_i**p``; ``spectrum="rank"``: ``w_i = i**-p`` (1-based rank).
+    Directions with ``s_i <= tol`` (numerically zero) get ``w_i = 0``, so a zero or rank-deficient
+    matrix never gains spurious directions (and ``0**0`` never appears).
+    """
+    keep = s > tol
+    if spectrum == "power":
+        w = s.clamp_min(torch.finfo(s.dtype).tiny).pow(p)
+    elif spectrum == "rank":
+        ranks = torch.arange(1, s.size(-1) + 1, device=s.device, dtype=s.dtype)
+        w = ranks.pow(-p).expand_as(s)
+    else:  # pragma: no cover - validated by the dispatch
+        raise ValueError(f"unknown spectrum {spectrum!r}; valid: {SPECTRA}")
+    return torch.where(keep, w, torch.zeros_like(w))
+
+
+def _robust_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD that falls back instead of crashing when LAPACK/cuSOLVER does not converge.
+
+    Order: the default driver; on CUDA the QR-based ``gesvd`` driver; float64; finally an
+    eigendecomposition of the small Gram matrix. Each fallback warns once per call.
+    """
+    try:
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        if torch.isfinite(S).all():
+            return U, S, Vh
+        reason = "non-finite singular values"
+    except (torch.linalg.LinAlgError, RuntimeError) as e:
+        reason = str(e).splitlines()[0]
+    attempts: list[tuple[str, Callable[[], tuple[Tensor, Tensor, Tensor]]]] = []
+    if X.is_cuda:
+        attempts.append(("gesvd driver", lambda: torch.linalg.svd(X, full_matrices=False, driver="gesvd")))
+    if X.dtype != torch.float64:
+        attempts.append(("float64", lambda: torch.linalg.svd(X.double(), full_matrices=False)))
+    attempts.append(("Gram eigh", lambda: _svd_via_eigh(X.double())))
+    for label, attempt in attempts:
+        try:
+            U, S, Vh = attempt()
+        except (torch.linalg.LinAlgError, RuntimeError):
+            continue
+        if torch.isfinite(S).all():
+            warnings.warn(
+                f"torch.linalg.svd failed on a {tuple(X.shape)} {X.dtype} batch ({reason}); "
+                f"fell back to {label}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return U.to(X.dtype), S.to(X.dtype), Vh.to(X.dtype)
+    raise torch.linalg.LinAlgError(
+        f"SVD failed on a {tuple(X.shape)} {X.dtype} batch ({reason}) and every fallback failed; "
+        "is the input finite?"
+    )
+
+
+def _svd_via_eigh(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a wide ``X`` from ``eigh(X X^T)`` (last-resort fallback)."""
+    lam, Q = torch.linalg.eigh(X @ X.mT)
+    lam, Q = lam.flip(-1), Q.flip(-1)
+    s = lam.clamp_min(0).sqrt()
+    inv = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+    Vh = (Q.mT @ X) * inv.unsqueeze(-1)
+    return Q, s, Vh
+
+
+def _svd_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dtype | None = None) -> Tensor:
+    dtype = compute_dtype or torch.float32
+    Xc = X.to(dtype)
+    U, s, Vh = _robust_svd(Xc)
+    tol = _rank_tolerance(s[..., :1], X.size(-2), X.size(-1), dtype)
+    w = spectrum_weights(s, p, spectrum, tol)
+    return (U * w.unsqueeze(-2)) @ Vh
+
+
+def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dtype | None = None) -> Tensor:
+    """``U w V^T = Q diag(w / s) Q^T X`` from ``eigh`` of the small Gram matrix ``X X^T = Q s^2 Q^T``.
+
+    The Gram matrix squares G's condition number: in a working dtype with unit roundoff ``eps``,
+    singular values below about ``sqrt(m * eps) * s_max`` drown in rounding noise and are treated
+    as zero. In float32 that is ~1e-2 * s_max, which discards most of a power-law spectrum (80%
+    error on s_k = 1/k, 512 x 1376), so the default working dtype is float64 (resolves down to
+    ~1e-6 * s_max; on CPU about the cost of Muon's float32 Newton--Schulz). ``compute_dtype=
+    torch.float32`` is the fast, rough option for well-conditioned inputs.
+    """
+    dtype = compute_dtype or torch.float64
+    Xc = X.to(dtype)
+    lam, Q = torch.linalg.eigh(Xc @ Xc.mT)
+    lam, Q = lam.flip(-1), Q.flip(-1)  # descending, to match the SVD's order (rank spectrum)
+    s = lam.clamp_min(0).sqrt()
+    # An eigenvalue of the Gram matrix carries an absolute error of about eps * lam_max.
+    tol = (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt()
+    w = spectrum_weights(s, p, spectrum, tol)
+    coeff = torch.where(w > 0, w / s.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
+    return (Q * coeff.unsqueeze(-2)) @ (Q.mT @ Xc)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's Newton--Schulz path, generalised to any p
+# --------------------------------------------------------------------------------------------
+
+
+def _coupled_ns_sqrt(A: Tensor, iters: int) -> Tensor:
+    """Principal square root of a symmetric PSD batch ``A`` by the coupled Newton--Schulz iteration.
+
+    ``Y_0 = A / c, Z_0 = I``; ``T = (3I - Z Y) / 2``; ``Y <- Y T``, ``Z <- T Z``; then
+    ``A^(1/2) = sqrt(c) * Y``. ``c = ||A||_F`` puts the spectrum in (0, 1]. Eigenvalues far below
+    ``c`` converge slowly (this is the inaccuracy of the paper's NS path).
+    """
+    c = A.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device).expand_as(A)
+    Y, Z = A / c, eye
+    for _ in range(iters):
+        T = 1.5 * eye - 0.5 * (Z @ Y)
+        Y, Z = Y @ T, T @ Z
+    return Y * c.sqrt()
+
+
+def _ns_backend(
+    X: Tensor,
+    p: float,
+    spectrum: str,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    ns_steps: int = MUON_NS_STEPS,
+    ns_dtype: torch.dtype | str | None = "auto",
+    root_iters: int = NS_ROOT_ITERS,
+    max_roots: int = NS_MAX_ROOTS,
+) -> Tensor:
+    """``U S^p V^T = (X X^T)^(p/2) polar(X)`` with Newton--Schulz only (the paper's HTMuon NS idea).
+
+    The paper applies four nested coupled-NS square roots to get ``(X^T X)^(1/16)`` (p = 1/8 only).
+    Here ``p/2`` is expanded in binary, ``p/2 = sum_k b_k 2^-k``, and the Gram power is the
+    product of the nested roots ``A^(2^-k)`` whose bit is set -- any ``p`` in [0, 1] to within
+    ``2**-max_roots`` in the exponent -- on the small ``m x m`` Gram side. The polar factor runs in
+    ``ns_dtype`` (see :func:`polar`); the roots run in ``compute_dtype`` (float32 by default).
+    """
+    P = polar(X, steps=ns_steps, dtype=ns_dtype)
+    if p == 0.0:
+        return P
+    dtype = compute_dtype or torch.float32
+    Xc = X.to(dtype)
+    root = Xc @ Xc.mT
+    power: Tensor | None = None
+    exponent = p / 2.0
+    for k in range(1, max_roots + 1):
+        if exponent <= 0.0:
+            break
+        root = _coupled_ns_sqrt(root, root_iters)
+        bit = 2.0**-k
+        if exponent >= bit:
+            exponent -= bit
+            power = root if power is None else power @ root
+    if power is None:  # p/2 < 2**-max_roots: the Gram power is the identity to that precision
+        return P
+    return power @ P.to(dtype)
+
+
+register_backend(
+    "svd",
+    _svd_backend,
+    spectra=("power", "rank"),
+    description="exact thin SVD (float32, or float64 with compute_dtype=torch.float64)",
+)
+register_backend(
+    "eigh",
+    _eigh_backend,
+    spectra=("power", "rank"),
+    description="eigh of the small Gram matrix (float64 by default), then Q diag(s^(p-1)) Q^T G",
+)
+register_backend(
+    "ns",
+    _ns_backend,
+    spectra=("power",),
+    description="paper's NS path generalised: NS5 polar x Gram power from nested NS square roots",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _check_backend(method: str, spectrum: str) -> Backend:
+    try:
+        backend = BACKENDS[method]
+    except KeyError:
+        raise ValueError(f"Invalid spectral method: {method!r}; valid methods: {sorted(BACKENDS)}") from None
+    if spectrum not in SPECTRA:
+        raise ValueError(f"Invalid spectrum: {spectrum!r}; valid: {SPECTRA}")
+    if spectrum not in backend.spectra:
+        able = sorted(name for name, b in BACKENDS.items() if spectrum in b.spectra)
+        raise ValueError(f"method {method!r} does not support spectrum={spectrum!r}; use one of {able}")
+    return backend
+
+
+def spectral_power(
+    G: Tensor,
+    p: float,
+    *,
+    method: str = "svd",
+    spectrum: str = "power",
+    scale: str = "raw",
+    **options,
+) -> Tensor:
+    r"""Heavy-tailed spectral map: ``G = U diag(s) V^T  ->  U diag(w) V^T``.
+
+    .. math::  w_i = s_i^p \ (\text{spectrum="power"}), \qquad w_i = i^{-p}\ (\text{spectrum="rank"})
+
+    ``p = 0`` gives the polar factor ``U V^T`` (Muon); ``p = 1`` returns ``G``. With
+    ``scale="raw"`` (the paper's, faithful) the raw singular values are raised to ``p``, so the
+    result scales as ``||G||^p``; ``scale="muon_rms"`` rescales it to Frobenius norm
+    ``sqrt(min(m, n))``, the norm of an exact polar factor: scale-invariant, with Muon's RMS.
+
+    Args:
+        G: ``(..., m, n)`` tensor (any leading batch).
+        p: exponent in [0, 1].
+        method: a key of :data:`BACKENDS` (``"svd"``, ``"eigh"``, ``"ns"``, ...).
+        spectrum: ``"power"`` or ``"rank"``.
+        scale: ``"raw"`` or ``"muon_rms"``.
+        **options: passed to the backend (e.g. ``compute_dtype=torch.float64``).
+
+    Returns:
+        ``(..., m, n)`` tensor in G's dtype.
+
+    Example:
+        >>> G = torch.randn(64, 32)
+        >>> O = spectral_power(G, 0.125)
+        >>> O.shape
+        torch.Size([64, 32])
+    """
+    if G.ndim < 2:
+        raise ValueError(f"spectral_power expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
+    if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+        raise ValueError(f"Invalid exponent p: {p!r} (must be a number in [0, 1])")
+    if scale not in SCALES:
+        raise ValueError(f"Invalid scale: {scale!r}; valid: {SCALES}")
+    backend = _check_backend(method, spectrum)
+    m, n = G.shape[-2:]
+    if G.numel() == 0:
+        return torch.zeros_like(G)
+    X = G.reshape(-1, m, n)
+    transposed = m > n
+    if transposed:
+        X = X.mT
+    O = backend.fn(X, float(p), spectrum, **options)
+    if transposed:
+        O = O.mT
+    if scale == "muon_rms":
+        norm = O.norm(dim=(-2, -1), keepdim=True)
+        O = O * torch.where(norm > 0, math.sqrt(min(m, n)) / norm.clamp_min(torch.finfo(O.dtype).tiny), 0.0)
+    return O.to(G.dtype).reshape(G.shape)
