@@ -361,6 +361,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         analyze(nn.Linear(16, 16), fit="hill")
     with pytest.raises(ValueError, match="Invalid method"):
         analyze(nn.Linear(16, 16), method="qr")
+    with pytest.raises(ValueError, match="Invalid device: 'toaster'"):
+        analyze(nn.Linear(16, 16), device="toaster")
+    with pytest.raises(ValueError, match="Invalid dtype"):
+        analyze(nn.Linear(16, 16), dtype=torch.float16)
     with pytest.raises(ValueError, match="Invalid layers regex"):
         analyze(nn.Linear(16, 16), layers="(")
     with pytest.raises(TypeError, match="got int"):
@@ -467,3 +471,24 @@ def test_cli_through_main_entry_point(tmp_path, capsys, fit):
     assert f"`{fit}`" in capsys.readouterr().out
     assert main(["esd", str(tmp_path / "missing.pt")]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_import_is_light():
+    """Importing the package (and its CLI module) does not import matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, htmuon.diagnostics, htmuon.diagnostics.cli, htmuon.diagnostics.plots; "
+        "sys.exit('matplotlib' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], env=_subprocess_env()).returncode == 0
+
+
+def _subprocess_env():
+    import os
+
+    import htmuon
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(htmuon.__file__)))
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -353,6 +353,18 @@ def _prepare(
     return f"{kind} weight has {w.ndim} dims {tuple(w.shape)}"
 
 
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"Invalid device: {device!r} ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {device!r}: CUDA is not available")
+    return dev
+
+
 def _resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float64 if device.type == "cpu" else torch.float32
@@ -440,7 +452,7 @@ def layer_eigenvalues(
     L = _prepare("tensor", kind, weight, conv1d, conv2d_norm)
     if isinstance(L, str):
         raise ValueError(L)
-    dev = torch.device(device) if device is not None else weight.device
+    dev = _resolve_device(device) or weight.device
     dt = _resolve_dtype(dev, dtype)
     return _batched_eigenvalues([L], lambda _: dev, dt, _resolve_method(method, dt))[0]
 
@@ -595,7 +607,7 @@ def analyze(
             raise ValueError(f"Invalid {k}: {v!r}; expected an int >= 0 (0 = no limit)")
     keep = _layer_filter(layers)
     cands, what = _collect(obj)
-    dev = torch.device(device) if device is not None else None
+    dev = _resolve_device(device)
     first = next((w.device for _, _, w in cands if w is not None), torch.device("cpu"))
     dt = _resolve_dtype(dev or first, dtype)
     meth = _resolve_method(method, dt)
