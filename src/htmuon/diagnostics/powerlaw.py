@@ -120,7 +120,7 @@ def _suffix_sums(v: Tensor) -> Tensor:
     return torch.flip(torch.cumsum(torch.flip(v, (0,)), 0), (0,))
 
 
-def _ks_distances(x: Tensor, idx: Tensor, alpha: Tensor, n: Tensor) -> Tensor:
+def _ks_distances(x: Tensor, logx: Tensor, idx: Tensor, alpha: Tensor, n: Tensor) -> Tensor:
     """KS distance of the power-law tail fit at every candidate ``xmin = x[idx]``.
 
     ``D_i = max_{j >= i} |1 - (x_j / x_i)^(1 - alpha_i) - (j - i) / n_i|`` for sorted ``x``;
@@ -136,9 +136,9 @@ def _ks_distances(x: Tensor, idx: Tensor, alpha: Tensor, n: Tensor) -> Tensor:
         start = int(rows[0])
         cols = torch.arange(start, N, device=x.device)
         gap = (cols[None, :] - rows[:, None]).to(x.dtype)  # j - i
-        ratio = x[None, start:] / x[rows][:, None]
+        log_ratio = logx[None, start:] - logx[rows][:, None]  # ln(x_j / x_i)
         expo = (1.0 - alpha[a : a + rows_per_chunk])[:, None]
-        diff = (1.0 - ratio.pow(expo) - gap / n[a : a + rows_per_chunk, None]).abs()
+        diff = (1.0 - torch.exp(expo * log_ratio) - gap / n[a : a + rows_per_chunk, None]).abs()
         diff = diff.masked_fill(gap < 0, 0.0)
         out[a : a + rows_per_chunk] = diff.amax(dim=1)
     return out
@@ -205,7 +205,7 @@ def fit_powerlaw(evals: Tensor, fit: str = "ks", *, thresh: float = EVALS_THRESH
         i = N // 2
         idx = torch.tensor([i], device=x.device)
         n, _, alpha = _candidates(x, logx, idx, bias=0.0)
-        D = _ks_distances(x, idx, alpha, n)
+        D = _ks_distances(x, logx, idx, alpha, n)
         return _result(x, i, float(alpha[0]), float(D[0]), N, fit, status)
 
     if fit == "ks" and N < SMALL_N_CUTOFF:
@@ -220,7 +220,7 @@ def fit_powerlaw(evals: Tensor, fit: str = "ks", *, thresh: float = EVALS_THRESH
         else:
             status = "ok (fix-finger window empty: used every xmin)"
     n, _, alpha = _candidates(x, logx, idx, bias=0.0)
-    D = _ks_distances(x, idx, alpha, n)
+    D = _ks_distances(x, logx, idx, alpha, n)
     D = torch.where(alpha > 1.0, D, torch.ones_like(D))
     k = int(torch.argmin(D))
     return _result(x, int(idx[k]), float(alpha[k]), float(D[k]), N, fit, status)
@@ -248,7 +248,7 @@ def _fit_small_n(x: Tensor, logx: Tensor, fit: str) -> PowerLawFit:
         n, s, alpha = _candidates(x, logx, idx, bias=1.0)
         ok = (s > SMALL_N_DEGENERATE) & (alpha > 1.0)
         if bool(ok.any()):
-            D = torch.where(ok, _ks_distances(x, idx, alpha, n), torch.ones_like(alpha))
+            D = torch.where(ok, _ks_distances(x, logx, idx, alpha, n), torch.ones_like(alpha))
             k = int(torch.argmin(D))
             return _result(x, int(idx[k]), float(alpha[k]), float(D[k]), N, fit, "ok")
     # no admissible tail: fit the whole ESD
@@ -257,5 +257,5 @@ def _fit_small_n(x: Tensor, logx: Tensor, fit: str) -> PowerLawFit:
     if float(s[0]) <= SMALL_N_DEGENERATE:
         why = "failed: degenerate ESD (all eigenvalues above the threshold are equal)"
         return PowerLawFit(math.nan, float(x[0]), float(x[-1]), math.nan, math.nan, N, N, fit, why)
-    D = _ks_distances(x, zero, alpha, n)
+    D = _ks_distances(x, logx, zero, alpha, n)
     return _result(x, 0, float(alpha[0]), float(D[0]), N, fit, "ok")
