@@ -17,6 +17,10 @@ from htmuon.distributed import ShardLayout, assign_owners, matrix_cost, matrix_s
 from htmuon.optim import matrix_view
 
 HERE = Path(__file__).resolve().parent
+distributed = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
 WORLD = 2
 #: End-to-end runs average the ranks' gradients (DDP all-reduce, FSDP2 reduce-scatter) where the
 #: single process averages over the global batch at once: same math, other float32 rounding
@@ -129,6 +133,7 @@ VARIANTS = ["svd", "ns_interval_normuon", "eigh_muonrms_adamuon", "rank_adamwrms
 
 
 @pytest.mark.distributed
+@distributed
 @pytest.mark.parametrize("mode", ["ddp_exact", "fsdp_exact"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, variant):
@@ -143,6 +148,7 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
 
 
 @pytest.mark.distributed
+@distributed
 @pytest.mark.parametrize("mode", ["ddp_training", "fsdp_training"])
 def test_end_to_end_training_matches_single_process(results, mode):
     """DistributedDataParallel / fully_shard with each rank on half the global batch."""
@@ -153,6 +159,7 @@ def test_end_to_end_training_matches_single_process(results, mode):
 
 
 @pytest.mark.distributed
+@distributed
 def test_fsdp_checkpoint_resumes_exactly(results):
     """torch.distributed.checkpoint save of the FSDP2 optimizer state (normuon, interval 2), reloaded
     into a fresh model and optimizer: the next 3 steps equal the uninterrupted run's bit for bit."""
@@ -161,6 +168,7 @@ def test_fsdp_checkpoint_resumes_exactly(results):
 
 
 @pytest.mark.distributed
+@distributed
 def test_bad_input_errors(results):
     r0, r1 = results[0]["bad_inputs"], results[1]["bad_inputs"]
     assert "process_group has ranks [0]" in r0["mesh_mismatch"] and "device mesh" in r0["mesh_mismatch"]
