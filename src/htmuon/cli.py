@@ -12,14 +12,12 @@ import argparse
 import importlib
 import sys
 
+from .errors import UserError
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("htmuon.demo", "train a small classifier on scikit-learn's digits with Muon and HTMuon"),
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,5 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+__all__ = ["SUBCOMMANDS", "UserError", "build_parser", "main"]
+
+if __name__ == "__main__":  # pragma: no cover - `python -m htmuon.cli`; prefer `python -m htmuon`
+    from htmuon.cli import main as _main  # the package's module, so UserError is the same class
+
+    sys.exit(_main())

@@ -91,7 +91,7 @@ def second_moment_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, kind
 
 def _default_names(groups: list[dict]) -> Callable[[int, int], str]:
     def name(gi: int, pi: int) -> str:
-        names = groups[gi].get("param_names")
+        names = groups[gi].get("param_names", groups[gi].get("names"))
         if names is not None and pi < len(names):
             return repr(names[pi])
         return f"param_groups[{gi}]['params'][{pi}]"

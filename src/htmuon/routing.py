@@ -69,7 +69,8 @@ def param_groups(
         **htmuon_options: further per-group options for the HTMuon group (``p``, ``method``, ...).
 
     Returns:
-        A list of group dicts (empty groups left out), each with ``param_names``.
+        A list of group dicts (empty groups left out), each with ``names`` (the parameters' names,
+        used in error messages; not torch's ``param_names``, so groups added later need no names).
 
     Example:
         >>> opt = HTMuon(param_groups(model, adamw_lr=1e-3), lr=0.02)
@@ -77,12 +78,12 @@ def param_groups(
     if routing not in ROUTINGS:
         raise ValueError(f"Invalid routing: {routing!r}; valid: {ROUTINGS}")
     to_htmuon = {"matrix"} if routing == "standard" else {"matrix", "embedding", "head"}
-    hgroup: dict[str, Any] = {"params": [], "param_names": [], "algorithm": "htmuon", **htmuon_options}
-    agroup: dict[str, Any] = {"params": [], "param_names": [], "algorithm": "adamw"}
+    hgroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "htmuon", **htmuon_options}
+    agroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "adamw"}
     for name, param, kind in classify_parameters(model, head_names):
         group = hgroup if kind in to_htmuon else agroup
         group["params"].append(param)
-        group["param_names"].append(name)
+        group["names"].append(name)
     for group, group_lr, group_wd in ((hgroup, lr, weight_decay), (agroup, adamw_lr, adamw_weight_decay)):
         if group_lr is not None:
             group["lr"] = group_lr

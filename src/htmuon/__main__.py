@@ -1,0 +1,5 @@
+import sys
+
+from htmuon.cli import main
+
+sys.exit(main())

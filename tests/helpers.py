@@ -1,0 +1,46 @@
+"""Shared test utilities: matrices with a chosen spectrum, and an independent reference step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def matrix_with_spectrum(s: torch.Tensor, m: int, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """``U diag(s) V^T`` with Haar-random orthonormal U (m x k) and V (n x k), k = len(s)."""
+    g = torch.Generator().manual_seed(seed)
+    k = s.numel()
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return ((U * s.double()) @ V.T).to(dtype)
+
+
+def log_spectrum(k: int, lo: float = 1e-3, hi: float = 1.0) -> torch.Tensor:
+    return torch.logspace(math.log10(hi), math.log10(lo), k, dtype=torch.float64)
+
+
+def exact_power(G: torch.Tensor, p: float) -> torch.Tensor:
+    """``U diag(s**p) V^T`` in float64, written independently of the library."""
+    U, s, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    w = torch.where(s > s.max() * max(G.shape[-2:]) * 2.2e-16, s.pow(p), torch.zeros_like(s))
+    return (U * w.unsqueeze(-2)) @ Vh
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def reference_htmuon(W0, grads, *, lr, p, momentum=0.95, nesterov=True, weight_decay=0.0):
+    """The update rule of PAPER.md in float64, step by step (no library code)."""
+    W = W0.double().clone()
+    M = torch.zeros_like(W)
+    m, n = W.shape
+    for G in grads:
+        G = G.double()
+        M = momentum * M + (1 - momentum) * G
+        N = (1 - momentum) * G + momentum * M if nesterov else M
+        O = exact_power(N, p) * math.sqrt(max(1.0, m / n))
+        W = W * (1 - lr * weight_decay) - lr * O
+    return W

@@ -1,0 +1,200 @@
+"""HTMuon's step against independent references: PAPER.md's rule, torch.optim.Muon, torch.optim.AdamW."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import exact_power, reference_htmuon, rel_err
+from htmuon import HTMuon, param_groups, polar, spectral_power
+
+
+def _run(opt_factory, W0, grads, dtype=torch.float32):
+    W = nn.Parameter(W0.clone().to(dtype))
+    opt = opt_factory([W])
+    for G in grads:
+        W.grad = G.clone().to(dtype)
+        opt.step()
+    return W.detach(), opt
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_svd_step_matches_paper_rule(shape, nesterov, weight_decay):
+    W0 = torch.randn(*shape, dtype=torch.float64)
+    grads = [torch.randn(*shape, dtype=torch.float64) for _ in range(3)]
+    kw = dict(lr=0.03, p=0.125, momentum=0.95, nesterov=nesterov, weight_decay=weight_decay)
+    expected = reference_htmuon(W0, grads, **kw)
+    got32, _ = _run(lambda ps: HTMuon(ps, method="svd", **kw), W0, grads, torch.float32)
+    got64, _ = _run(
+        lambda ps: HTMuon(ps, method="svd", compute_dtype=torch.float64, **kw), W0, grads, torch.float64
+    )
+    assert rel_err(got32 - W0, expected - W0) <= 1e-4  # the update itself, not the weights
+    assert rel_err(got64 - W0, expected - W0) <= 1e-10
+
+
+def test_p0_ns_matches_torch_muon():
+    W0, grads = torch.randn(48, 80), [torch.randn(48, 80) for _ in range(4)]
+    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1)
+    theirs, _ = _run(lambda ps: torch.optim.Muon(ps, **kw), W0, grads)
+    exact, _ = _run(lambda ps: HTMuon(ps, p=0.0, method="ns", ns_dtype=torch.bfloat16, **kw), W0, grads)
+    assert torch.equal(exact, theirs)  # same bf16 iteration -> bit-identical
+    ours, _ = _run(lambda ps: HTMuon(ps, p=0.0, method="ns", **kw), W0, grads)  # fp32 NS on CPU
+    step = (theirs - W0).abs().max()
+    assert (ours - theirs).abs().max() <= 2e-2 * step  # bf16 tolerance
+    for adjust in ("original", "match_rms_adamw"):
+        ours_adj = "muon" if adjust == "original" else "adamw_rms"
+        gT = [g.T.contiguous() for g in grads[:1]]
+        t, _ = _run(lambda ps, a=adjust: torch.optim.Muon(ps, adjust_lr_fn=a, **kw), W0.T.contiguous(), gT)
+        o, _ = _run(
+            lambda ps, a=ours_adj: HTMuon(ps, p=0.0, method="ns", ns_dtype=torch.bfloat16, lr_adjust=a, **kw),
+            W0.T.contiguous(),
+            gT,
+        )
+        assert torch.equal(o, t)
+
+
+def test_adamw_part_matches_torch_adamw():
+    b0, grads = torch.randn(37), [torch.randn(37) for _ in range(5)]
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    theirs, _ = _run(lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), eps=1e-10, **kw), b0, grads)
+    ours, _ = _run(lambda ps: HTMuon(ps, **kw), b0, grads)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_conv_kernel_is_flattened_and_scaled_on_flattened_shape():
+    W0, G = torch.randn(8, 3, 3, 3), torch.randn(8, 3, 3, 3)
+    got, _ = _run(lambda ps: HTMuon(ps, lr=0.1, p=0.25, momentum=0.0, nesterov=False), W0, [G])
+    flat = exact_power(G.reshape(8, 27), 0.25) * math.sqrt(max(1, 8 / 27))
+    assert rel_err((W0 - got).reshape(8, 27) / 0.1, flat) < 1e-4
+    W0, G = torch.randn(64, 2, 2), torch.randn(64, 2, 2)  # tall conv kernel: 64 x 4 -> sqrt(16) scaling
+    got, _ = _run(lambda ps: HTMuon(ps, lr=0.1, p=0.0, momentum=0.0, nesterov=False, batch_3d=False), W0, [G])
+    assert rel_err((W0 - got).reshape(64, 4) / 0.1, exact_power(G.reshape(64, 4), 0.0) * 4.0) < 1e-4
+
+
+def test_3d_parameter_is_a_batch_of_matrices():
+    W0, G = torch.randn(3, 10, 6), torch.randn(3, 10, 6)
+    got, _ = _run(lambda ps: HTMuon(ps, lr=0.1, p=0.5, momentum=0.0, nesterov=False), W0, [G])
+    for i in range(3):
+        expected = exact_power(G[i], 0.5) * math.sqrt(10 / 6)
+        assert rel_err((W0[i] - got[i]) / 0.1, expected) < 1e-4
+
+
+def test_interval_schedule_and_counter_survives_state_dict():
+    W0, grads = torch.randn(16, 24), [torch.randn(16, 24) for _ in range(7)]
+    kw = dict(lr=0.05, p=0.125, momentum=0.0, nesterov=False, interval=3)
+    W = nn.Parameter(W0.clone())
+    opt = HTMuon([W], **kw)
+    for t, G in enumerate(grads, start=1):
+        before = W.detach().clone()
+        W.grad = G.clone()
+        opt.step()
+        update = (before - W.detach()) / 0.05
+        corrected = (t - 1) % 3 == 0  # steps 1, 4, 7
+        expected = spectral_power(G, 0.125) if corrected else polar(G)
+        assert rel_err(update, expected) < 1e-5, t
+        assert opt.state[W]["step"] == t
+        if t == 2:  # round-trip the state mid-way: the schedule must continue from step 3
+            sd = opt.state_dict()
+            opt = HTMuon([W], **kw)
+            opt.load_state_dict(sd)
+
+
+def test_rank_spectrum_variant():
+    W0, G = torch.randn(12, 20), torch.randn(12, 20)
+    got, _ = _run(
+        lambda ps: HTMuon(ps, lr=1.0, p=0.5, momentum=0.0, nesterov=False, spectrum="rank"), W0, [G]
+    )
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    expected = (U * torch.arange(1, 13, dtype=torch.float64).pow(-0.5)) @ Vh
+    assert rel_err(W0 - got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("plugin", ["normuon", "adamuon"])
+def test_second_moment_plugins_match_formula(plugin):
+    W0, grads = torch.randn(10, 16), [torch.randn(10, 16) for _ in range(3)]
+    got, opt = _run(
+        lambda ps: HTMuon(ps, lr=0.1, p=0.125, momentum=0.0, nesterov=False, plugin=plugin, beta2=0.9),
+        W0,
+        grads,
+    )
+    W, v = W0.double().clone(), None
+    for G in grads:
+        O = exact_power(G.double(), 0.125)
+        stat = O.square().mean(1, keepdim=True) if plugin == "normuon" else O.square()
+        v = (1 - 0.9) * stat if v is None else 0.9 * v + 0.1 * stat
+        On = O / (v + 1e-10).sqrt()
+        On = On * O.norm() / On.norm()
+        W = W - 0.1 * On
+    assert rel_err(got - W0, W - W0) < 1e-4
+    assert opt.state[next(iter(opt.state))]["second_moment"].shape == (
+        (1, 10, 1) if plugin == "normuon" else (1, 10, 16)
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "factor"), [("muon", math.sqrt(40 / 24)), ("adamw_rms", 0.2 * math.sqrt(40)), ("none", 1.0)]
+)
+def test_lr_adjust_rules(rule, factor):
+    W0, G = torch.randn(40, 24), torch.randn(40, 24)
+    got, _ = _run(lambda ps: HTMuon(ps, lr=0.1, p=0.0, momentum=0.0, nesterov=False, lr_adjust=rule), W0, [G])
+    assert rel_err((W0 - got) / 0.1, exact_power(G, 0.0) * factor) < 1e-5
+
+
+def test_muon_rms_scale_mode_is_gradient_scale_invariant():
+    W0, G = torch.randn(20, 30), torch.randn(20, 30)
+    f = lambda c: _run(lambda ps: HTMuon(ps, lr=0.1, scale="muon_rms", momentum=0.0), W0, [c * G])[0]  # noqa: E731
+    torch.testing.assert_close(f(1e-3), f(10.0), rtol=1e-5, atol=1e-6)
+    assert (
+        rel_err(W0 - f(1.0), 0.1 * exact_power(G, 0.125) * math.sqrt(20) / exact_power(G, 0.125).norm())
+        < 1e-5
+    )
+
+
+def test_param_groups_routing():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.norm = nn.LayerNorm(16)
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+            self.conv = nn.Conv1d(16, 16, 3)
+            self.lm_head = nn.Linear(16, 50, bias=False)
+            self.lm_head.weight = self.embed.weight  # tied
+
+    model = Tiny()
+    std = {g["algorithm"]: g["names"] for g in param_groups(model, adamw_lr=1e-3)}
+    assert std["htmuon"] == ["mlp.0.weight", "mlp.2.weight", "conv.weight"]
+    assert set(std["adamw"]) == {
+        "embed.weight",
+        "norm.weight",
+        "norm.bias",
+        "mlp.0.bias",
+        "mlp.2.bias",
+        "conv.bias",
+    }
+    paper = {g["algorithm"]: g["names"] for g in param_groups(model, routing="paper")}
+    assert "embed.weight" in paper["htmuon"]
+    groups = param_groups(model, adamw_lr=1e-3, lr=0.05, p=0.25)
+    assert groups[0]["lr"] == 0.05 and groups[0]["p"] == 0.25 and groups[1]["lr"] == 1e-3
+    opt = HTMuon(groups, lr=0.02)
+    assert opt.param_groups[0]["p"] == 0.25 and opt.param_groups[1]["algorithm"] == "adamw"
+    untied = nn.Sequential(nn.Linear(4, 4))
+    untied.add_module("head", nn.Linear(4, 3))
+    names = {g["algorithm"]: g["names"] for g in param_groups(untied)}
+    assert names["htmuon"] == ["0.weight"] and "head.weight" in names["adamw"]
+    with pytest.raises(ValueError, match="Invalid routing: 'llama'"):
+        param_groups(model, routing="llama")
+
+
+def test_auto_algorithm_routes_by_shape():
+    model = nn.Linear(6, 4)
+    opt = HTMuon(model.parameters(), lr=0.1, momentum=0.0)
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    assert set(opt.state[model.weight]) == {"step", "momentum_buffer"}
+    assert set(opt.state[model.bias]) == {"step", "exp_avg", "exp_avg_sq"}
