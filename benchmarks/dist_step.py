@@ -13,9 +13,11 @@ Usage::
 
     PYTHONPATH=src python benchmarks/dist_step.py --world 2 --method svd --steps 3 [--layers 8] [--threads 1]
 
-Each process uses ``--threads`` threads, so on a machine with N * threads free cores the N-process times
-are comparable with the 1-process time. Timings on a shared machine are noisy: compare ratios within
-one run. On CUDA (``--device cuda``, NCCL) each rank uses its own GPU.
+Each process uses ``--threads`` threads, so on a machine with N * threads free cores the N-process wall
+times are comparable with the 1-process time. The CPU seconds of the busiest rank measure the work
+split whatever the machine's load (on a loaded machine the wall time of N processes is not). Timings
+on a shared machine are noisy: compare ratios within one run. On CUDA (``--device cuda``, NCCL) each
+rank uses its own GPU.
 """
 
 from __future__ import annotations
@@ -94,16 +96,25 @@ def run(mode: str, rank: int, world: int, args: argparse.Namespace) -> dict:
     stats = opt._dist.stats if opt._dist is not None else None
     if stats is not None:
         stats.reset()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
+        cpu.append(time.process_time() - c0)  # this rank's own work, whatever the machine's load
         sync()
         times.append(time.perf_counter() - t0)
     sent = stats.bytes_sent / args.steps if stats else naive_bytes
     received = stats.bytes_received / args.steps if stats else naive_bytes
-    return {"mode": mode, "rank": rank, "world": world, "times": times, "sent": sent, "received": received}
+    return {
+        "mode": mode,
+        "rank": rank,
+        "world": world,
+        "times": times,
+        "cpu": cpu,
+        "sent": sent,
+        "received": received,
+    }
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -160,18 +171,28 @@ def main() -> None:
         f"LLaMA-60M matrix set: {len(shapes)} matrices, {total / 2**20:.1f} MiB fp32; method={args.method} "
         f"p={args.p} interval={args.interval} plugin={args.plugin}; {args.threads} thread(s) per process"
     )
-    print(f"{'mode':<11} {'ranks':>5} {'step s (slowest rank)':>22} {'vs single':>10} {'MiB sent/rank':>14}")
-    base = None
+    print(
+        f"{'mode':<11} {'ranks':>5} {'wall s/step':>12} {'vs single':>10} {'CPU s/step/rank':>16} "
+        f"{'vs single':>10} {'MiB sent/rank':>14}",
+        flush=True,
+    )
+    base = base_cpu = None
     with tempfile.TemporaryDirectory() as out:
         for mode in args.modes.split(","):
             world = 1 if mode == "single" else args.world
             results = launch(mode, world, args, out)
             per_step = [max(r["times"][i] for r in results) for i in range(args.steps)]
             mean = sum(per_step) / len(per_step)
-            base = mean if mode == "single" else base
+            cpu = max(sum(r["cpu"]) / len(r["cpu"]) for r in results)  # the busiest rank
+            if mode == "single":
+                base, base_cpu = mean, cpu
             ratio = f"{mean / base:.2f}x" if base else "-"
+            cpu_ratio = f"{cpu / base_cpu:.2f}x" if base_cpu else "-"
             sent = max(r["sent"] for r in results) / 2**20
-            print(f"{mode:<11} {world:>5} {mean:>22.3f} {ratio:>10} {sent:>14.2f}")
+            print(
+                f"{mode:<11} {world:>5} {mean:>12.3f} {ratio:>10} {cpu:>16.3f} {cpu_ratio:>10} {sent:>14.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
