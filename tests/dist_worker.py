@@ -252,6 +252,55 @@ def fsdp_checkpoint(options: dict, directory: str) -> dict:
     return {"max_abs_diff": max_diff(fresh, model), "state_diff": state_diff(fresh_opt, fresh, opt, model)}
 
 
+def parallel_helpers(options: dict, mode: str) -> dict:
+    """htmuon.parallel (what the harness uses under torchrun): wrap, slice the global batch, train;
+    full state dicts after 3 steps, reloaded into a fresh wrapped model, continue exactly; the FSDP2
+    state dicts also load into a single-process model and optimizer."""
+    from htmuon import parallel
+
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    par = parallel.from_env(mode)
+    assert (par.mode, par.world, par.rank) == (mode, dist.get_world_size(), dist.get_rank()), par
+
+    def build(seed: int, p: parallel.Parallel = par) -> tuple[nn.Module, nn.Module, htmuon.HTMuon]:
+        torch.manual_seed(seed)
+        model = Net()
+        module = parallel.wrap_model(model, p)
+        return model, module, make_opt(model, options, process_group=p.process_group)
+
+    def train(module: nn.Module, opt: htmuon.HTMuon, steps: range, p: parallel.Parallel = par) -> float:
+        for step in steps:
+            tokens, target = make_data(step)
+            opt.zero_grad()
+            loss = loss_fn(module, parallel.batch_slice(tokens, p), parallel.batch_slice(target, p))
+            loss.backward()
+            opt.step()
+        return parallel.mean_across(loss.item(), p)
+
+    ref, _, _ = reference(options)
+    model, module, opt = build(0)
+    train(module, opt, range(STEPS))
+    out = {"max_abs_diff": max_diff(model, ref)}
+    model_sd, opt_sd = copy.deepcopy(parallel.state_dicts(model, opt, par))
+    train(module, opt, range(STEPS, STEPS + 2))
+
+    fresh, fresh_module, fresh_opt = build(7)
+    parallel.load_state_dicts(fresh, fresh_opt, model_sd, opt_sd, par)
+    train(fresh_module, fresh_opt, range(STEPS, STEPS + 2))
+    out["resume_diff"] = max_diff(fresh, model)
+    if mode == "fsdp":  # the gathered FSDP2 state continues in a single process
+        single = parallel.Parallel()
+        alone, alone_module, alone_opt = build(7, single)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        alone.load_state_dict(model_sd)
+        set_optimizer_state_dict(alone, alone_opt, opt_sd, options=StateDictOptions(full_state_dict=True))
+        train(alone_module, alone_opt, range(STEPS, STEPS + 2), single)
+        out["single_resume_diff"] = max_diff(alone, model)
+    return out
+
+
 def bad_inputs() -> dict:
     """Clear errors: a process group that is not the mesh's; a group mixing DTensors and plain tensors;
     a non-finite gradient on one rank's shard makes every rank refuse the step (no hang)."""
@@ -302,6 +351,8 @@ def main() -> int:
         jobs["fsdp_training"] = (fsdp_training, VARIANTS["ns_interval_normuon"])
         ckpt_dir = os.path.join(out_dir, "dcp")
         jobs["fsdp_checkpoint"] = (lambda o: fsdp_checkpoint(o, ckpt_dir), VARIANTS["ns_interval_normuon"])
+        jobs["parallel_ddp"] = (lambda o: parallel_helpers(o, "ddp"), VARIANTS["ns_interval_normuon"])
+        jobs["parallel_fsdp"] = (lambda o: parallel_helpers(o, "fsdp"), VARIANTS["ns_interval_normuon"])
         jobs["bad_inputs"] = (lambda o: bad_inputs(), {})
         for name, (fn, options) in jobs.items():
             if wanted and not any(name.startswith(w) for w in wanted):

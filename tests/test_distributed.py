@@ -177,3 +177,43 @@ def test_bad_input_errors(results):
         # the NaN was on rank 1's shard only; both ranks refuse the step, naming the parameter
         assert "non-finite gradient" in r["nonfinite"] and "'fc1.weight'" in r["nonfinite"]
         assert r["nonfinite_unchanged"] is True
+
+
+@pytest.mark.distributed
+@distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_parallel_helpers_train_and_resume(results, mode):
+    """htmuon.parallel: wrap, slice the global batch, train; full state dicts reload exactly (and the
+    gathered FSDP2 state continues in a single process)."""
+    for rank in range(WORLD):
+        r = results[rank][f"parallel_{mode}"]
+        assert r["max_abs_diff"] < TRAINING_TOL and r["resume_diff"] == 0.0, r
+        if mode == "fsdp":
+            assert r["single_resume_diff"] < TRAINING_TOL, r
+
+
+def test_parallel_without_torchrun_is_single_process(monkeypatch):
+    from htmuon import parallel
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    par = parallel.from_env("auto")
+    assert par == parallel.Parallel() and par.is_main and par.process_group is None
+    model = torch.nn.Linear(3, 2)
+    assert parallel.wrap_model(model, par) is model
+    x = torch.arange(6)
+    assert parallel.batch_slice(x, par) is x and parallel.mean_across(2.5, par) == 2.5
+    with pytest.raises(ValueError, match="needs a torchrun launch"):
+        parallel.from_env("fsdp")
+    with pytest.raises(ValueError, match="Invalid parallel mode: 'dp'"):
+        parallel.from_env("dp")
+
+
+def test_batch_slice_splits_rows_evenly():
+    from htmuon import parallel
+
+    x = torch.arange(12).reshape(6, 2)
+    parts = [parallel.batch_slice(x, parallel.Parallel("ddp", r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat(parts), x)
+    with pytest.raises(ValueError, match="global batch of 6 rows does not divide among 4 processes"):
+        parallel.batch_slice(x, parallel.Parallel("ddp", 0, 4))
