@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict] = {
     "ns_interval_normuon": dict(p=0.125, method="ns", interval=2, plugin="normuon"),
     "eigh_muonrms_adamuon": dict(p=0.25, method="eigh", scale="muon_rms", plugin="adamuon", weight_decay=0.1),
     "rank_adamwrms_plain": dict(p=0.5, spectrum="rank", lr_adjust="adamw_rms", nesterov=False),
+    "bf16_normuon": dict(p=0.125, plugin="normuon", dtype=torch.bfloat16),  # bfloat16 parameters
 }
 
 
@@ -75,7 +76,12 @@ def loss_fn(model: nn.Module, tokens: torch.Tensor, target: torch.Tensor) -> tor
     return (model(tokens) - target).square().mean()
 
 
+def make_net(options: dict) -> nn.Module:
+    return Net().to(options.get("dtype", torch.float32))
+
+
 def make_opt(model: nn.Module, options: dict, **kw) -> htmuon.HTMuon:
+    options = {k: v for k, v in options.items() if k != "dtype"}
     groups = htmuon.param_groups(model, routing="paper", adamw_lr=1e-2, lr=0.02, **options)
     return htmuon.HTMuon(groups, **kw)
 
@@ -83,7 +89,7 @@ def make_opt(model: nn.Module, options: dict, **kw) -> htmuon.HTMuon:
 def reference(options: dict, steps: int = STEPS) -> tuple[nn.Module, htmuon.HTMuon, list]:
     """Single-process run on the global batch; returns the model, the optimizer and every step's grads."""
     torch.manual_seed(0)
-    model = Net()
+    model = make_net(options)
     opt = make_opt(model, options)
     grads = []
     for step in range(steps):
@@ -102,6 +108,17 @@ def max_diff(model: nn.Module, ref: nn.Module) -> float:
     ref_params = dict(ref.named_parameters())
     return max(
         (full(p.detach()) - full(ref_params[n].detach())).abs().max().item()
+        for n, p in model.named_parameters()
+    )
+
+
+def max_rel_diff(model: nn.Module, ref: nn.Module) -> float:
+    """Max over parameters of max |difference| / max |reference| (in units of the largest entry)."""
+    ref_params = dict(ref.named_parameters())
+    return max(
+        (
+            (full(p.detach()) - full(ref_params[n].detach())).abs().max() / full(ref_params[n]).abs().max()
+        ).item()
         for n, p in model.named_parameters()
     )
 
@@ -134,11 +151,11 @@ def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     )
 
 
-def fsdp_model(seed: int = 0) -> nn.Module:
+def fsdp_model(seed: int = 0, options: dict | None = None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = Net()
+    model = make_net(options or {})
     fully_shard(model)
     return model
 
@@ -150,7 +167,7 @@ def ddp_exact(options: dict) -> dict:
     """Plain replicated parameters, the same (global-batch) gradients on every rank, work divided."""
     ref, ref_opt, grads = reference(options)
     torch.manual_seed(0)
-    model = Net()
+    model = make_net(options)
     opt = make_opt(model, options, process_group=dist.group.WORLD)
     for step in range(STEPS):
         for n, p in model.named_parameters():
@@ -167,7 +184,7 @@ def ddp_exact(options: dict) -> dict:
 def fsdp_exact(options: dict) -> dict:
     """FSDP2 (DTensor) parameters given the single-process gradients, sharded: must match bit for bit."""
     ref, ref_opt, grads = reference(options)
-    model = fsdp_model()
+    model = fsdp_model(0, options)
     opt = make_opt(model, options)
     for step in range(STEPS):
         for n, p in model.named_parameters():
@@ -175,6 +192,7 @@ def fsdp_exact(options: dict) -> dict:
         opt.step()
     return {
         "max_abs_diff": max_diff(model, ref),
+        "max_rel_diff": max_rel_diff(model, ref),
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": opt._dist.stats.bytes_received,
     }
