@@ -17,6 +17,8 @@ everything is a no-op and the loop is the single-process loop.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +28,11 @@ from torch import Tensor, nn
 __all__ = [
     "PARALLEL_MODES",
     "Parallel",
+    "barrier",
     "batch_slice",
     "from_env",
     "load_state_dicts",
+    "main_first",
     "mean_across",
     "shutdown",
     "state_dicts",
@@ -193,6 +197,26 @@ def _copy_containers(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_copy_containers(v) for v in obj)
     return obj
+
+
+def barrier(par: Parallel) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if par.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextmanager
+def main_first(par: Parallel) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the others (e.g. filling a cache they then read)."""
+    if not par.is_main:
+        barrier(par)
+    try:
+        yield
+    finally:
+        if par.is_main:
+            barrier(par)
 
 
 def shutdown(par: Parallel) -> None:
