@@ -142,21 +142,26 @@ def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The DTensor with ``param``'s layout holding ``whole`` (this rank's piece of it, no communication)."""
     from torch.distributed.tensor import DTensor
 
-    (placement,) = param.placements
-    dim = placement.dim if hasattr(placement, "dim") else None
-    layout = ShardLayout(tuple(whole.shape), dim, dist.get_world_size())
-    piece = whole[layout.index(dist.get_rank())].contiguous()
+    mesh = param.device_mesh
+    sharded = [k for k, pl in enumerate(param.placements) if hasattr(pl, "dim")]
+    k = sharded[0] if sharded else 0
+    dim = param.placements[k].dim if sharded else None
+    layout = ShardLayout(tuple(whole.shape), dim, mesh.size(k))
+    piece = whole[layout.index(mesh.get_coordinate()[k])].contiguous()
     return DTensor.from_local(
         piece, param.device_mesh, param.placements, run_check=False, shape=whole.shape, stride=whole.stride()
     )
 
 
-def fsdp_model(seed: int = 0, options: dict | None = None) -> nn.Module:
+def fsdp_model(seed: int = 0, options: dict | None = None, mesh_shape: tuple[int, ...] = ()) -> nn.Module:
+    """fully_shard on the world (FSDP2), or on a (replicate, shard) mesh of ``mesh_shape`` (HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
     model = make_net(options or {})
-    fully_shard(model)
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else None
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -181,10 +186,10 @@ def ddp_exact(options: dict) -> dict:
     }
 
 
-def fsdp_exact(options: dict) -> dict:
+def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
     """FSDP2 (DTensor) parameters given the single-process gradients, sharded: must match bit for bit."""
     ref, ref_opt, grads = reference(options)
-    model = fsdp_model(0, options)
+    model = fsdp_model(0, options, mesh_shape)
     opt = make_opt(model, options)
     for step in range(STEPS):
         for n, p in model.named_parameters():
@@ -331,6 +336,16 @@ def bad_inputs() -> dict:
             out["mesh_mismatch"] = "no error"
     except ValueError as e:
         out["mesh_mismatch"] = str(e)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh2d = init_device_mesh("cpu", (1, 2))
+    tp = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh2d, [Shard(0), Shard(1)]))
+    try:
+        htmuon.HTMuon([tp])
+        out["two_sharded_dims"] = "no error"
+    except ValueError as e:
+        out["two_sharded_dims"] = str(e)
     plain = nn.Linear(3, 3)
     try:
         htmuon.HTMuon([model.fc1.weight, plain.weight])
@@ -365,6 +380,11 @@ def main() -> int:
         for name, options in VARIANTS.items():
             jobs[f"ddp_exact/{name}"] = (ddp_exact, options)
             jobs[f"fsdp_exact/{name}"] = (fsdp_exact, options)
+        for shape in ((1, 2), (2, 1)):  # HSDP: 1 replica of 2 shards, 2 replicas of 1 shard
+            jobs[f"hsdp_exact/{shape[0]}x{shape[1]}"] = (
+                lambda o, shape=shape: fsdp_exact(o, shape),
+                VARIANTS["ns_interval_normuon"],
+            )
         jobs["ddp_training"] = (ddp_training, VARIANTS["svd"])
         jobs["fsdp_training"] = (fsdp_training, VARIANTS["ns_interval_normuon"])
         ckpt_dir = os.path.join(out_dir, "dcp")

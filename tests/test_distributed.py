@@ -175,10 +175,22 @@ def test_fsdp_checkpoint_resumes_exactly(results):
 
 @pytest.mark.distributed
 @distributed
+@pytest.mark.parametrize("mesh", ["1x2", "2x1"])
+def test_hsdp_matches_single_process_exactly(results, mesh):
+    """HSDP (fully_shard on a (replicate, shard) mesh): 1 replica of 2 shards / 2 replicas of 1 shard."""
+    for rank in range(WORLD):
+        r = results[rank][f"hsdp_exact/{mesh}"]
+        assert r["max_abs_diff"] == 0.0 and r["state_diff"] == 0.0, (rank, r)
+        assert (r["bytes_received"] > 0) == (mesh == "1x2")  # 1 shard per replica: nothing to exchange
+
+
+@pytest.mark.distributed
+@distributed
 def test_bad_input_errors(results):
     r0, r1 = results[0]["bad_inputs"], results[1]["bad_inputs"]
     assert "process_group has ranks [0]" in r0["mesh_mismatch"] and "device mesh" in r0["mesh_mismatch"]
     for r in (r0, r1):
+        assert "sharded along mesh dimensions [0, 1]" in r["two_sharded_dims"]
         assert "mixes DTensor parameters" in r["mixed"] and "(3, 3)" in r["mixed"]
         # the NaN was on rank 1's shard only; both ranks refuse the step, naming the parameter
         assert "non-finite gradient" in r["nonfinite"] and "'fc1.weight'" in r["nonfinite"]

@@ -200,17 +200,20 @@ def check_group(group: dict[str, Any], index: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _placement_dim(param: Tensor, where: str) -> int | None:
-    """Shard dim of a DTensor on a 1-D mesh (``None`` if replicated); clear error otherwise."""
+def _placement_dim(param: Tensor, mesh_dim: int, where: str) -> int | None:
+    """Shard dim of a DTensor along mesh dim ``mesh_dim`` (``None``: replicated); clear error otherwise.
+
+    Every other mesh dim must be replicated: FSDP2 (1-D mesh) and HSDP (``(Replicate(), Shard(d))``).
+    """
     mod = _dtensor_module()
-    mesh = param.device_mesh
-    if mesh.ndim != 1:
-        raise ValueError(
-            f"{where}: HTMuon supports DTensor parameters on a 1-D device mesh (FSDP2 / fully_shard); "
-            f"got a {mesh.ndim}-D mesh {mesh} with placements {param.placements} (HSDP and tensor "
-            "parallelism are not supported yet)"
-        )
-    (placement,) = param.placements
+    for k, other in enumerate(param.placements):
+        if k != mesh_dim and type(other) is not mod.Replicate:
+            raise ValueError(
+                f"{where}: placements {param.placements} on device mesh {param.device_mesh}: HTMuon "
+                "supports DTensor parameters sharded along one mesh dimension (FSDP2, HSDP) and "
+                "replicated along the others; tensor parallelism is not supported"
+            )
+    placement = param.placements[mesh_dim]
     if type(placement) is mod.Shard:
         return placement.dim % param.ndim
     if type(placement) is mod.Replicate:
@@ -218,6 +221,18 @@ def _placement_dim(param: Tensor, where: str) -> int | None:
     raise ValueError(
         f"{where}: unsupported DTensor placement {placement!r}; HTMuon supports Shard(dim) and Replicate()"
     )
+
+
+def _shard_mesh_dim(params: list[Tensor]) -> int:
+    """The mesh dimension the parameters are sharded along (the last one if none is sharded)."""
+    mod = _dtensor_module()
+    dims = sorted({k for p in params for k, pl in enumerate(p.placements) if type(pl) is not mod.Replicate})
+    if len(dims) > 1:
+        raise ValueError(
+            f"DTensor parameters are sharded along mesh dimensions {dims} of {params[0].device_mesh}; "
+            "HTMuon supports one sharded dimension (FSDP2, HSDP); tensor parallelism is not supported"
+        )
+    return dims[0] if dims else params[0].device_mesh.ndim - 1
 
 
 def _group_ranks(pg: Any) -> list[int]:
@@ -249,27 +264,30 @@ def setup(groups: list[dict[str, Any]], process_group: Any = None) -> Distribute
             f"this rank ({dist.get_rank()}) is not a member of process_group (ranks "
             f"{_group_ranks(process_group)})"
         )
-    mesh_group = None
+    mesh_group, mesh_dim = None, 0
     if located:
         mesh = located[0][2].device_mesh
         for gi, pi, p in located:
-            where = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
             if p.device_mesh != mesh:
                 raise ValueError(
-                    f"{where} lives on device mesh {p.device_mesh}, another parameter on {mesh}; "
-                    "HTMuon needs all DTensor parameters on one mesh"
+                    f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) lives on device mesh "
+                    f"{p.device_mesh}, another parameter on {mesh}; HTMuon needs all DTensor parameters "
+                    "on one mesh"
                 )
-            _placement_dim(p, where)
-        mesh_group = mesh.get_group()
-        if process_group is not None and _group_ranks(process_group) != _group_ranks(mesh_group):
+        mesh_dim = _shard_mesh_dim([p for _, _, p in located])
+        for gi, pi, p in located:
+            _placement_dim(p, mesh_dim, f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})")
+        mesh_ranks = sorted(mesh.mesh.flatten().tolist())
+        if process_group is not None and sorted(_group_ranks(process_group)) != mesh_ranks:
             raise ValueError(
                 f"process_group has ranks {_group_ranks(process_group)} but the DTensor parameters "
-                f"live on device mesh {mesh} (ranks {_group_ranks(mesh_group)}); pass "
-                "process_group=None to use the mesh's group"
+                f"live on device mesh {mesh} (ranks {mesh_ranks}); pass process_group=None to use "
+                "the mesh's groups"
             )
-        if tuple(mesh.get_coordinate()) != (dist.get_rank(mesh_group),):  # pragma: no cover - torch invariant
+        mesh_group = mesh.get_group(mesh_dim)  # the ranks holding the shards of one replica
+        if mesh.get_coordinate()[mesh_dim] != dist.get_rank(mesh_group):  # pragma: no cover - torch invariant
             raise RuntimeError(f"device mesh coordinate {mesh.get_coordinate()} != group rank")
-    return DistributedStep(replicated_group=process_group, mesh_group=mesh_group)
+    return DistributedStep(replicated_group=process_group, mesh_group=mesh_group, mesh_dim=mesh_dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,15 +317,18 @@ class DistributedStep:
     Args:
         replicated_group: process group over which plain (replicated, DDP) parameters' spectral
             work is divided, or ``None`` (plain parameters stay local).
-        mesh_group: the process group of the DTensor parameters' 1-D device mesh, or ``None``.
+        mesh_group: the process group of the DTensor parameters' device mesh along its sharded
+            dimension ``mesh_dim`` (the whole mesh for FSDP2; one replica's shard group for HSDP,
+            each replica doing the same work), or ``None``.
     """
 
-    def __init__(self, replicated_group: Any = None, mesh_group: Any = None) -> None:
+    def __init__(self, replicated_group: Any = None, mesh_group: Any = None, mesh_dim: int = 0) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.replicated_group = replicated_group
         self.mesh_group = mesh_group
+        self.mesh_dim = mesh_dim
         self.stats = CommStats()
 
     # ------------------------------------------------------------ finiteness
@@ -384,7 +405,7 @@ class DistributedStep:
         """The HTMuon step of a group of DTensor parameters (see the module docstring)."""
         world, rank = self._dist.get_world_size(self.mesh_group), self._dist.get_rank(self.mesh_group)
         batch_3d, plugin = group["batch_3d"], group["plugin"]
-        items = [self._prepare(opt, group, p, world, rank) for p in params]
+        items = [self._prepare(opt, group, p, world, rank, self.mesh_dim) for p in params]
         owners = assign_owners([matrix_cost(it.mshape) for it in items], world)
         mine = [i for i, o in enumerate(owners) if o == rank]
         wire = _promote([p.dtype for p in params])
@@ -455,7 +476,9 @@ class DistributedStep:
             )
 
     @staticmethod
-    def _prepare(opt: Any, group: dict[str, Any], p: Tensor, world: int, rank: int) -> _ShardedItem:
+    def _prepare(
+        opt: Any, group: dict[str, Any], p: Tensor, world: int, rank: int, mesh_dim: int
+    ) -> _ShardedItem:
         """Lazy state, step count and momentum of one DTensor parameter, on its local shard."""
         state = opt.state[p]
         if not state:
@@ -472,7 +495,7 @@ class DistributedStep:
             grad, local_tensor(state["momentum_buffer"]), group["momentum"], group["nesterov"]
         )
         shape = tuple(p.shape)
-        dim = _placement_dim(p, f"parameter of shape {shape}")
+        dim = _placement_dim(p, mesh_dim, f"parameter of shape {shape}")
         layout = ShardLayout(shape, dim, world)
         assert layout.local_shape(rank) == tuple(local.shape), (layout, tuple(local.shape))
         mshape = matrix_shape(shape, group["batch_3d"])
@@ -489,7 +512,10 @@ class DistributedStep:
                     vshape,
                     dtype=p.dtype,
                     device_mesh=p.device_mesh,
-                    placements=[dtm.Replicate() if vdim is None else dtm.Shard(vdim)],
+                    placements=[
+                        dtm.Shard(vdim) if k == mesh_dim and vdim is not None else dtm.Replicate()
+                        for k in range(p.device_mesh.ndim)
+                    ],
                 )
             item.second_moment = local_tensor(state["second_moment"])
             item.second_moment_layout = ShardLayout(vshape, vdim, world)

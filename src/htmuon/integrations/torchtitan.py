@@ -15,9 +15,9 @@ In a torchtitan config registry function::
     from htmuon.integrations.torchtitan import htmuon_optimizer_config
     config.optimizer = htmuon_optimizer_config(lr=0.02, adamw_lr=1e-3, p=0.125, weight_decay=0.1)
 
-Under torchtitan's FSDP2 the parameters are DTensors and HTMuon divides its spectral work among the
-ranks (see :mod:`htmuon.distributed`); a 1-D data-parallel mesh is supported, HSDP and tensor
-parallelism (2-D meshes) are refused with a clear error. Checkpoints go through torchtitan's usual
+Under torchtitan's FSDP2 / HSDP the parameters are DTensors and HTMuon divides its spectral work among
+the ranks (see :mod:`htmuon.distributed`); tensor parallelism (a second sharded mesh dimension) is
+refused with a clear error. Checkpoints go through torchtitan's usual
 flat, FQN-keyed optimizer state (HTMuon's state is DTensors and plain numbers).
 """
 
