@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "one training run (LLaMA or ResNet) from a preset, a config file and/or flags",
     ),
     "compare": ("htmuon.train.compare", "a grid of optimizers x seeds (x lrs): markdown table and plots"),
+    "esd": ("htmuon.diagnostics.cli", "layer-wise ESD power-law alpha of a checkpoint or model"),
 }
 
 
