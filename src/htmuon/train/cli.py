@@ -99,6 +99,12 @@ def list_presets() -> None:
     print("model presets (--model): " + ", ".join(MODEL_PRESETS))
 
 
+def torch_distributed_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def main(args: argparse.Namespace) -> int:
     from htmuon.cli import UserError
     from htmuon.train.config import make_config
@@ -118,6 +124,13 @@ def main(args: argparse.Namespace) -> int:
         preset_lrs=preset.lrs if preset else None,
         argv=sys.argv,
     )
+    if torch_distributed_initialized():  # under torchrun: rank 0 reports
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     if summary["stopped"]:
         print(
             f"stopped after step {summary['steps_done']}; "

@@ -55,6 +55,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    parallel: str = "auto"  # under torchrun: auto (DDP if > 1 process) | none | ddp | fsdp (FSDP2)
     seed: int = 0
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 50  # validation loss/perplexity every N steps (and at the end)
@@ -77,6 +78,7 @@ CHOICES = {
     "routing": ("standard", "paper"),
     "dtype": ("auto", "fp32", "bf16"),
     "progress": ("auto", "bar", "log", "none"),
+    "parallel": ("auto", "none", "ddp", "fsdp"),
 }
 POSITIVE = ("vocab_size", "seq_len", "steps", "batch_size", "grad_accum", "eval_every", "log_every")
 NON_NEGATIVE = (

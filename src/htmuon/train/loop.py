@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from htmuon import parallel
 from htmuon.cli import UserError
 from htmuon.train import checkpoint
 from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
@@ -226,6 +227,19 @@ class Metrics:
             self.tb.close()
 
 
+class _NoMetrics:
+    """Metrics on ranks other than 0 under torchrun: kept in memory, never written."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write(self, rec: dict) -> None:
+        self.records.append(rec)
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict]:
     out = []
     with open(path) as f:
@@ -294,6 +308,12 @@ def train(
     there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
     """
     cfg = resolve_config(cfg, preset_lrs)
+    try:  # under torchrun: join the process group (every rank runs this function)
+        par = parallel.from_env(cfg.parallel, pick_device(cfg)[0])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.batch_size % par.world:
+        raise UserError(f"batch_size {cfg.batch_size} does not divide among {par.world} processes")
     out = Path(cfg.out_dir).expanduser()
     ckpt_path = out / checkpoint.CKPT_NAME
     payload = None
@@ -324,43 +344,58 @@ def train(
         )
     if payload is not None and payload["step"] >= cfg.steps and (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
+    parallel.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, amp = pick_device(cfg)
+    if device.type == "cuda" and par.world > 1:
+        device = torch.device("cuda", par.local_rank)
     task = model_task(cfg.model)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
-    data, model, info = build_data_and_model(cfg)
+    with parallel.main_first(par):  # rank 0 fills the token cache, the others read it
+        data, model, info = build_data_and_model(cfg)
     model.to(device)
     model.train()
-    opt = build_optimizer(model, cfg)
+    module = parallel.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
+    opt = build_optimizer(model, cfg, process_group=par.process_group)
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for p in model.parameters() if p.requires_grad]
 
     start, elapsed, wall, step_times = 0, 0.0, 0.0, []
     if payload is not None:
-        model.load_state_dict(payload["model"])
-        opt.load_state_dict(payload["optimizer"])
+        parallel.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
         data.sampler.load_state_dict(payload["loader"])
         checkpoint.set_rng_state(payload["rng"])
         start, elapsed, wall = int(payload["step"]), float(payload["elapsed_s"]), float(payload["wall_s"])
         step_times = list(payload["step_times"])
     vers = versions()
-    out.mkdir(parents=True, exist_ok=True)
+    if par.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if payload is None:
-        atomic_write_bytes(out / "config.json", (json.dumps(to_dict(cfg), indent=2) + "\n").encode())
+        if par.is_main:
+            atomic_write_bytes(out / "config.json", (json.dumps(to_dict(cfg), indent=2) + "\n").encode())
         run_info = {"seed": cfg.seed, "versions": vers, "argv": argv, "device": str(device), "data": info}
         run_info["amp"] = str(amp) if amp else None
         run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         run_info["resumed_from_steps"] = []
+        run_info["parallel"] = {"mode": par.mode, "processes": par.world}
     else:
         run_info = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
         run_info.setdefault("resumed_from_steps", []).append(start)
-    atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
-    metrics = Metrics(out, start if payload is not None else None, cfg.tensorboard)
+    if par.is_main:
+        atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
+    if par.is_main:
+        metrics = Metrics(out, start if payload is not None else None, cfg.tensorboard)
+    else:
+        metrics = _NoMetrics()
 
     def save_ckpt(step: int) -> None:
+        model_sd, opt_sd = parallel.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
+        if not par.is_main:
+            parallel.barrier(par)
+            return
         checkpoint.save(
             ckpt_path,
             {
@@ -371,15 +406,16 @@ def train(
                 "config": to_dict(cfg),
                 "versions": vers,
                 "seed": cfg.seed,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "model": model_sd,
+                "optimizer": opt_sd,
                 "loader": data.sampler.state_dict(),
                 "rng": checkpoint.rng_state(),
             },
         )
+        parallel.barrier(par)
 
     label = f"{cfg.optimizer}/seed{cfg.seed}"
-    progress = _Progress(cfg.progress, cfg.steps, start, label)
+    progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
     diverged, stopped, last_val = False, False, None
     tokens_per_step = data.tokens_per_batch * cfg.grad_accum
     try:
@@ -390,13 +426,13 @@ def train(
                 g["lr"] = base * factor
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
-                x, y = data.next_batch()
+                x, y = (parallel.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, _ = _loss(model, task, x, y)
+                    loss, _ = _loss(module, task, x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
-            loss_val = loss_sum / cfg.grad_accum
+            loss_val = parallel.mean_across(loss_sum / cfg.grad_accum, par)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -448,9 +484,10 @@ def train(
 
     summary = summarize(out, cfg, metrics.records, last_val, diverged, stopped, info, step_times)
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
-    if not stopped and not diverged and cfg.alpha:
-        summary["mean_alpha"] = mean_alpha(model)
-    if not stopped:
+    if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
+        summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
+    parallel.barrier(par)
+    if not stopped and par.is_main:
         atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 

@@ -60,8 +60,8 @@ def resolve(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None) -> Tra
     )
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer for a resolved config (``resolve`` first)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> torch.optim.Optimizer:
+    """The optimizer for a resolved config (``resolve`` first); ``process_group``: see ``HTMuon``."""
     check_optimizer_name(cfg.optimizer)
     betas = (cfg.adamw_beta1, cfg.adamw_beta2)
     if cfg.optimizer == "adamw":
@@ -108,6 +108,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             interval=cfg.interval,
             plugin=spec.get("plugin"),
             adamw_betas=betas,
+            process_group=process_group,
         )
     except ValueError as e:  # an invalid option value from the user's config
         raise UserError(f"optimizer '{cfg.optimizer}': {e}") from None
