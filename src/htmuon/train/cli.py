@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         rank = dist.get_rank()
+        dist.barrier()  # no rank tears gloo down while a peer still has collectives in flight
         dist.destroy_process_group()
         if rank != 0:
             return 0
