@@ -163,7 +163,7 @@ def run(model: str, dtype_name: str, args) -> list[dict]:
         for prm, G in zip(params, grads["power"]):
             prm.grad = G.float()
         opts[label] = (HTMuon(params, lr=1e-3, check_finite=False, **kw), len(block))
-    for label, (opt, _) in opts.items():  # warm-up (allocations, lazy state)
+    for opt, _ in opts.values():  # warm-up (allocations, lazy state)
         opt.step()
     for _ in range(args.repeats):
         for label, (opt, _) in opts.items():
@@ -253,10 +253,8 @@ def main() -> None:
                 errs = " | ".join(
                     "-" if math.isnan(e[k]) else f"{100 * e[k]:.2f}%" for k in ("power", "gaussian")
                 )
-                print(
-                    f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['ms']:.0f} | {r['ratio']:.2f} | {errs} |",
-                    flush=True,
-                )
+                head = f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['ms']:.0f} | {r['ratio']:.2f}"
+                print(f"{head} | {errs} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def fit_grid(lo: float = FAST_DOMAIN_LO, points: int = FAST_GRID_POINTS) -> np.n
 
 
 def scalar_iterates(coefficients, x: np.ndarray) -> np.ndarray:
-    """``f_t(x)`` for ``t = 0..T`` (columns): ``f_0 = x``, ``f_t = a_t f + b_t f^3 + c_t f^5`` of ``f_{t-1}``."""
+    """The scalar iterates ``f_t(x)``, ``t = 0..T``, as columns: ``f_0 = x`` and
+    ``f_t = a_t f + b_t f^3 + c_t f^5`` with ``f = f_{t-1}``."""
     out = [np.asarray(x, dtype=np.float64)]
     for a, b, c in coefficients:
         f = out[-1]
