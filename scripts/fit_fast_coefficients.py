@@ -77,12 +77,14 @@ class Objective:
         self.xd = np.linspace(0.0, BOUND_GRID_TOP, BOUND_GRID_POINTS)
 
     def _iterates(self, theta: np.ndarray, x: np.ndarray, grad: bool):
-        """Iterates (N, T+1) before clipping, and their sensitivities (T+1, N, 3T) if ``grad``."""
+        """Iterates (N, T+1) before clipping, their sensitivities (T+1, N, 3T) if ``grad``, and the
+        mask of clipped entries (a clipped value is passed on as +-CLIP, with zero sensitivity)."""
         T = self.steps
         F = np.empty((x.size, T + 1))
         S = np.zeros((T + 1, x.size, 3 * T)) if grad else None
+        clipped = np.zeros((x.size, T + 1), dtype=bool)
         F[:, 0] = x
-        f = x
+        f, s = x, (np.zeros((x.size, 3 * T)) if grad else None)
         for t in range(T):
             a, b, c = theta[3 * t : 3 * t + 3]
             f2 = f * f
@@ -90,36 +92,36 @@ class Objective:
             F[:, t + 1] = new
             if grad:
                 dq = a + f2 * (3 * b + 5 * c * f2)
-                S[t + 1] = dq[:, None] * S[t]
+                S[t + 1] = dq[:, None] * s
                 S[t + 1, :, 3 * t] += f
                 S[t + 1, :, 3 * t + 1] += f * f2
                 S[t + 1, :, 3 * t + 2] += f * f2 * f2
-            clipped = np.abs(new) > CLIP
-            if clipped.any():
-                new = np.clip(new, -CLIP, CLIP)
-                if grad:
-                    S[t + 1][clipped] = 0.0
-            f = new
-        return F, S
+            clipped[:, t + 1] = np.abs(new) > CLIP
+            f = np.clip(new, -CLIP, CLIP)
+            if grad:
+                s = np.where(clipped[:, t + 1, None], 0.0, S[t + 1])
+        return F, S, clipped
 
     def __call__(self, theta: np.ndarray, grad: bool = True):
         theta = np.asarray(theta, dtype=np.float64)
-        F, S = self._iterates(theta, self.x, grad)
+        F, S, clipped = self._iterates(theta, self.x, grad)
+        Fc = np.clip(F, -CLIP, CLIP)
         n = self.x.size
         J = 0.0
         g = np.zeros_like(theta)
+        if grad:
+            Sc = np.where(clipped.T[:, :, None], 0.0, S)  # d clip(F) / d theta
         for p in self.exponents:
-            Fc = np.clip(F, -CLIP, CLIP)
             scale = 1.0 / self.x**p
             w = fast.solve_output_weights(Fc, self.x, p)
             r = (Fc @ w) * scale - 1.0
             R = r @ r + fast.FAST_RIDGE * (w @ w)
             J += np.sqrt(R / n) / len(self.exponents)
             if grad:
-                # dR/dtheta = 2 r^T (dA/dtheta) w, with A = F / x^p (envelope theorem)
-                dA_w = np.einsum("tnk,t->nk", S, w) * scale[:, None]
+                # dR/dtheta = 2 r^T (dA/dtheta) w with A = clip(F) / x^p (envelope theorem: w is optimal)
+                dA_w = np.einsum("tnk,t->nk", Sc, w) * scale[:, None]
                 g += (2.0 * (r @ dA_w)) / (2.0 * np.sqrt(R * n)) / len(self.exponents)
-        Fd, Sd = self._iterates(theta, self.xd, grad)
+        Fd, Sd, _ = self._iterates(theta, self.xd, grad)
         excess = np.maximum(np.abs(Fd) - ITERATE_BOUND, 0.0)
         J += BOUND_PENALTY * float((excess**2).sum())
         if grad:

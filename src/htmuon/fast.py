@@ -179,38 +179,41 @@ def fast_spectral_power(
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if p == 1.0:
         return X.to(acc)
-    weights = output_weights(float(p), tuple(tuple(c) for c in coefficients))
-    tiny = torch.finfo(acc).tiny
+    w = output_weights(float(p), tuple(tuple(c) for c in coefficients))
+    m = X.size(-2)
 
-    # The iterate is carried in `acc` (float32 or float64); only the matmul operands are cast to the
-    # working dtype. In bfloat16 this keeps a X_t + B X_t and the output sum from being rounded each
-    # step (which roughly doubles the error on spectra with many small singular values).
-    Xa = X.to(acc)
-    fro = Xa.norm(dim=(-2, -1), keepdim=True)
-    Xc = Xa / fro.clamp_min(tiny)
+    # The iterate is carried in `acc` (float32/float64); only matmul operands are cast to the working
+    # dtype. In bfloat16 this keeps a X_t + B X_t and the output sum from being rounded every step
+    # (which roughly doubles the error on spectra with many small singular values).
+    Xc = X.to(acc)
     Xm = Xc.to(dtype)
-    A = Xm @ Xm.mT
-    A2 = A @ A
-    # Schatten-8 normalisation from the first step's own products: r2 = ||A^2||_F^(1/2) >= x_max^2,
-    # and x_max^2 >= 1/m since sum x^2 = 1 (the floor also keeps a zero matrix at exactly zero).
-    r2 = A2.to(acc).norm(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1.0 / X.size(-2))
-    Xc = Xc / r2.sqrt()
-    A = (A.to(acc) / r2).to(dtype)
-    A2 = (A2.to(acc) / r2.square()).to(dtype)
+    fro2 = torch.linalg.vector_norm(Xc, dim=(-2, -1), keepdim=True).square().clamp_min(torch.finfo(acc).tiny)
+    # Normalise on the small side: A = X0 X0^T for X0 = X / ||X||_F; no pass over the m x n matrix.
+    A = (Xm @ Xm.mT).to(acc) / fro2
+    Am = A.to(dtype)
+    A2 = (Am @ Am).to(acc)
+    # Schatten-8 bound from the first step's own products: r2 = ||A^2||_F^(1/2) >= x_max^2, and
+    # x_max^2 >= 1/m since sum x^2 = 1 (the floor also keeps a zero matrix at exactly zero).
+    r2 = A2.norm(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1.0 / m)
+    inv_c = (fro2 * r2).rsqrt()  # 1 / ||X||_S8: the map sees x = s * inv_c in (0, 1]
+    # Scaling the output sum by ||X||_S8^p restores the raw spectrum; fold it into the weights.
+    scale = inv_c.pow(-p) if p > 0.0 else torch.ones_like(inv_c)
 
-    out = Xc * weights[0]
-    for t, (a, b, c) in enumerate(coefficients):
+    # Step 1 on the normalised X0 = X * inv_c, with A / r2, A2 / r2^2 (m x m work only).
+    a, b, c = coefficients[0]
+    B = torch.addcmul(A2 * (c * inv_c / r2.square()), A, b * inv_c / r2)
+    Xc = torch.addcmul((B.to(dtype) @ Xm).to(acc), Xc, a * inv_c)
+    out = torch.addcmul(Xc * (scale * w[1]), X.to(acc), scale * inv_c * w[0])
+    for t, (a, b, c) in enumerate(coefficients[1:], start=2):
         Xm = Xc.to(dtype)
-        if t > 0:
-            A = Xm @ Xm.mT
-            A2 = A @ A
-        B = b * A + c * A2
+        A = Xm @ Xm.mT
+        B = _addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         if Xm is Xc:  # working dtype == carried dtype: one fused a X + B X
             Xc = _addmm(Xc, B, Xc, beta=a)
         else:
             Xc = torch.add(B @ Xm, Xc, alpha=a)
-        out.add_(Xc, alpha=weights[t + 1])
-    return out * (fro * r2.sqrt()).pow(p)  # ||G||_S8 ** p restores the raw spectrum
+        out.addcmul_(Xc, scale * w[t])
+    return out
 
 
 register_backend(

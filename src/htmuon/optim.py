@@ -157,7 +157,7 @@ class HTMuon(Optimizer):
         nesterov: bool = True,
         weight_decay: float = 0.0,
         *,
-        method: str = "svd",
+        method: str = "auto",
         spectrum: str = "power",
         scale: str = "raw",
         lr_adjust: str = "muon",
