@@ -17,6 +17,12 @@ from .errors import UserError
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("htmuon.demo", "train a small classifier on scikit-learn's digits with Muon and HTMuon"),
+    "train": (
+        "htmuon.train.cli",
+        "one training run (LLaMA or ResNet) from a preset, a config file and/or flags",
+    ),
+    "compare": ("htmuon.train.compare", "a grid of optimizers x seeds (x lrs): markdown table and plots"),
+    "esd": ("htmuon.diagnostics.cli", "layer-wise ESD power-law alpha of a checkpoint or model"),
 }
 
 

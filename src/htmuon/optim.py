@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed as _distributed
 from .spectral import (
     BACKENDS,
     MUON_NS_STEPS,
@@ -66,6 +67,12 @@ def lr_scale(m: int, n: int, rule: str) -> float:
     if rule == "adamw_rms":  # Moonshot's "match AdamW RMS": 0.2 sqrt(max(m, n))
         return 0.2 * math.sqrt(max(m, n))
     return 1.0
+
+
+def nesterov_momentum(grad: Tensor, buf: Tensor, beta: float, nesterov: bool) -> Tensor:
+    """``buf <- beta buf + (1 - beta) grad`` in place; return ``N_t`` (Nesterov) or ``buf``."""
+    buf.lerp_(grad, 1.0 - beta)
+    return grad.lerp(buf, beta) if nesterov else buf
 
 
 def second_moment_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, kind: str) -> Tensor:
@@ -140,6 +147,10 @@ class HTMuon(Optimizer):
             Conv1d kernels (``False``). 4-D+ parameters are always flattened conv kernels.
         check_finite: refuse a step whose gradients hold NaN/Inf (raises
             :class:`NonFiniteGradientError`, changes nothing); ``False`` skips the check for speed.
+        process_group: divide the spectral work among the ranks of this ``torch.distributed``
+            process group, the parameters being replicated on it (DDP); ``None``: every rank
+            does all of it. DTensor (FSDP2) parameters are detected and always divided among
+            the ranks of their device mesh (see :mod:`htmuon.distributed`). Not per group.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
@@ -147,6 +158,9 @@ class HTMuon(Optimizer):
         >>> model(torch.randn(4, 8)).square().mean().backward()
         >>> opt.step()
     """
+
+    _dist: _distributed.DistributedStep | None = None  # set by __init__; None: single process
+    _process_group: Any = None
 
     def __init__(
         self,
@@ -173,6 +187,7 @@ class HTMuon(Optimizer):
         algorithm: str = "auto",
         batch_3d: bool = True,
         check_finite: bool = True,
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -199,6 +214,8 @@ class HTMuon(Optimizer):
         )
         self._validate(defaults, where="")
         super().__init__(params, defaults)
+        self._process_group = process_group
+        self._dist = _distributed.setup(self.param_groups, process_group)
 
     # ---------------------------------------------------------------- validation
 
@@ -270,9 +287,12 @@ class HTMuon(Optimizer):
                         f"{tuple(param.shape)}: HTMuon needs matrices (ndim >= 2); put it in an "
                         "algorithm='adamw' group (htmuon.param_groups does this)"
                     )
+            _distributed.check_group(group, index)
         except ValueError:
             self.param_groups.pop()
             raise
+        if "_dist" in self.__dict__:  # a group added after construction
+            self._dist = _distributed.setup(self.param_groups, self._process_group)
 
     @staticmethod
     def _uses_htmuon(group: dict[str, Any], param: Tensor) -> bool:
@@ -315,7 +335,10 @@ class HTMuon(Optimizer):
                 (hparams if self._uses_htmuon(group, param) else aparams).append(param)
             work.append((group, hparams, aparams))
         if finite_checks:
-            ok = torch.stack([torch.isfinite(g).all() for g, _, _ in finite_checks])
+            if self._dist is None:
+                ok = torch.stack([torch.isfinite(g).all() for g, _, _ in finite_checks])
+            else:  # local shards, agreed among ranks
+                ok = self._dist.finite_flags([g for g, _, _ in finite_checks])
             if not bool(ok.all()):
                 _, gi, pi = finite_checks[int((~ok).nonzero()[0, 0])]
                 shape = tuple(self.param_groups[gi]["params"][pi].shape)
@@ -339,9 +362,7 @@ class HTMuon(Optimizer):
             state["step"] = 0
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
-        grad, buf, beta = param.grad, state["momentum_buffer"], group["momentum"]
-        buf.lerp_(grad, 1.0 - beta)
-        update = grad.lerp(buf, beta) if group["nesterov"] else buf
+        update = nesterov_momentum(param.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
         return matrix_view(update, group["batch_3d"])
 
     def _is_corrected(self, group: dict[str, Any], param: Tensor) -> bool:
@@ -392,9 +413,14 @@ class HTMuon(Optimizer):
         return out  # type: ignore[return-value]
 
     def _htmuon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if self._dist is not None and self._dist.sharded(params):  # DTensor (FSDP2) parameters
+            return self._dist.sharded_htmuon_step(self, group, params)
         mats = [self._momentum(group, p) for p in params]
         corrected = [self._is_corrected(group, p) for p in params]
-        directions = self._compute_directions(group, mats, corrected)
+        if self._dist is None:
+            directions = self._compute_directions(group, mats, corrected)
+        else:  # replicated (DDP) parameters: each rank computes its share, then all share
+            directions = self._dist.compute_directions(self, group, mats, corrected)
         lr, wd = group["lr"], group["weight_decay"]
         for param, O in zip(params, directions):
             O = O.float() if O.dtype not in (torch.float32, torch.float64) else O

@@ -1,0 +1,566 @@
+"""The distributed HTMuon step: DDP (replicated parameters) and FSDP2 (DTensor parameters).
+
+The spectral map is the expensive part of an HTMuon step; everything else (momentum, the NorMuon
+plug-in, the shape scaling, weight decay, the AdamW part) is element- or row-wise and cheap. So the
+distributed step is the single-process step plus explicit communication around the spectral map:
+
+* **Owners.** Every matrix of a param group gets one owner rank, chosen from the shapes alone (so
+  every rank computes the same table without talking): greedy longest-processing-time on the
+  estimated cost ``B m n min(m, n)`` (:func:`assign_owners`). Each rank runs the spectral map only
+  for the matrices it owns -- batched by shape exactly as in a single process.
+* **DDP** (plain tensors, identical on every rank; ``HTMuon(..., process_group=pg)``): momentum runs
+  everywhere; each rank computes its owned directions, then one ``all_gather`` shares them; the
+  plug-in and the update run everywhere, so the optimizer state stays complete on every rank.
+* **FSDP2** (``DTensor`` parameters from ``fully_shard``, detected automatically): momentum runs on
+  the local shards; one ``all_to_all`` sends each owner the shards of its matrices, the owner
+  assembles the whole matrix, computes the direction and the plug-in (NorMuon's row statistics on
+  the whole matrix, with the whole second moment), and a second ``all_to_all`` sends each rank its
+  shard of the result (and of the new second moment). Uneven and empty shards are fine. All state
+  is stored as DTensors laid out like the parameter, so ``torch.distributed.checkpoint`` saves and
+  reloads it (resharding included).
+
+Each owner's result reaches the other ranks unchanged, so with the same gradients the parameters
+equal the single-process run's bit for bit.
+
+Nothing here imports ``torch.distributed.tensor`` unless DTensors already exist, so the
+single-process optimizer pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import optim as _optim
+
+__all__ = [
+    "DistributedStep",
+    "ShardLayout",
+    "assign_owners",
+    "check_group",
+    "is_dtensor",
+    "local_tensor",
+    "matrix_cost",
+    "matrix_shape",
+    "setup",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _dtensor_module() -> Any:
+    """The loaded DTensor module, or ``None``: if it was never imported, no DTensor can exist."""
+    return sys.modules.get("torch.distributed.tensor") or sys.modules.get("torch.distributed._tensor")
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (free when DTensor was never imported)."""
+    mod = _dtensor_module()
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (sharing its storage, so in-place updates stick), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def matrix_shape(shape: Sequence[int], batch_3d: bool = True) -> tuple[int, int, int]:
+    """The ``(B, m, n)`` shape :func:`htmuon.optim.matrix_view` gives a tensor of ``shape``."""
+    if len(shape) == 2:
+        return (1, shape[0], shape[1])
+    if len(shape) == 3 and batch_3d:
+        return (shape[0], shape[1], shape[2])
+    return (1, shape[0], math.prod(shape[1:]))
+
+
+def matrix_cost(shape: Sequence[int]) -> int:
+    """Estimated cost of the spectral map on a ``(B, m, n)`` batch: ``B m n min(m, n)`` (SVD and NS alike)."""
+    b, m, n = shape
+    return b * m * n * min(m, n)
+
+
+def assign_owners(costs: Sequence[float], world: int) -> list[int]:
+    """Owner rank of each item: greedy longest-processing-time (largest first, to the least-loaded rank).
+
+    Deterministic (ties go to the lower index / lower rank), so every rank computes the same table.
+    The makespan is at most 4/3 of the optimum (Graham's bound).
+
+    Example:
+        >>> assign_owners([4, 3, 3, 2], 2)
+        [0, 1, 1, 0]
+    """
+    if world < 1:
+        raise ValueError(f"Invalid world size: {world} (must be >= 1)")
+    owners = [0] * len(costs)
+    loads = [0.0] * world
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a tensor of global ``shape`` lies on ``world`` ranks of a 1-D mesh.
+
+    ``dim=None``: replicated (every rank holds all of it). Otherwise split along ``dim`` into
+    ``torch.chunk``-style pieces, as DTensor's ``Shard(dim)`` (and FSDP2) do: ``ceil(size / world)``
+    rows per rank, the last pieces shorter or empty.
+    """
+
+    shape: tuple[int, ...]
+    dim: int | None
+    world: int
+
+    @property
+    def replicated(self) -> bool:
+        return self.dim is None
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        """``[start, stop)`` of ``rank``'s piece along ``dim`` (the whole extent if replicated)."""
+        if self.dim is None:
+            return 0, (self.shape[0] if self.shape else 1)
+        size = self.shape[self.dim]
+        chunk = -(-size // self.world)
+        start = min(rank * chunk, size)
+        return start, min(start + chunk, size)
+
+    def local_shape(self, rank: int) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.shape
+        start, stop = self.bounds(rank)
+        return self.shape[: self.dim] + (stop - start,) + self.shape[self.dim + 1 :]
+
+    def numel(self, rank: int) -> int:
+        return math.prod(self.local_shape(rank))
+
+    def index(self, rank: int) -> tuple[slice, ...]:
+        """Index of ``rank``'s piece in the whole tensor."""
+        if self.dim is None:
+            return ()
+        start, stop = self.bounds(rank)
+        return (slice(None),) * self.dim + (slice(start, stop),)
+
+    def sends(self, src: int, owner: int) -> bool:
+        """Whether ``src`` sends its piece to ``owner`` to assemble the whole (replicated: owner has it)."""
+        return self.dim is not None or src == owner
+
+
+def _second_moment_shape(mshape: tuple[int, int, int], plugin: str) -> tuple[int, int, int]:
+    return (mshape[0], mshape[1], 1) if plugin == "normuon" else mshape
+
+
+def _second_moment_dim(param_shape: tuple[int, ...], dim: int | None, batch_3d: bool) -> int | None:
+    """The dim of the ``(B, m, n)``-shaped second moment that lines up with the parameter's shard dim.
+
+    ``None`` (keep it replicated) when the parameter is replicated or its shard dim is merged into
+    the flattened columns of a conv kernel.
+    """
+    if dim is None:
+        return None
+    if len(param_shape) == 2:
+        return dim + 1
+    if len(param_shape) == 3 and batch_3d:
+        return dim
+    return 1 if dim == 0 else None
+
+
+def check_group(group: dict[str, Any], index: int) -> None:
+    """Refuse a param group that mixes DTensor parameters with plain tensors."""
+    params = group["params"]
+    kinds = [is_dtensor(p) for p in params]
+    if any(kinds) and not all(kinds):
+        d, t = kinds.index(True), kinds.index(False)
+        names = group.get("param_names") or []
+
+        def label(i: int) -> str:
+            return repr(names[i]) if i < len(names) else f"{i}"
+
+        raise ValueError(
+            f"param group {index} mixes DTensor parameters (e.g. parameter {label(d)}, shape "
+            f"{tuple(params[d].shape)}) with plain tensors (e.g. parameter {label(t)}, shape "
+            f"{tuple(params[t].shape)}); shard the whole model with fully_shard, or put the plain "
+            "tensors in a param group of their own"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up: what is distributed, over which group
+# --------------------------------------------------------------------------------------------
+
+
+def _placement_dim(param: Tensor, mesh_dim: int, where: str) -> int | None:
+    """Shard dim of a DTensor along mesh dim ``mesh_dim`` (``None``: replicated); clear error otherwise.
+
+    Every other mesh dim must be replicated: FSDP2 (1-D mesh) and HSDP (``(Replicate(), Shard(d))``).
+    """
+    mod = _dtensor_module()
+    for k, other in enumerate(param.placements):
+        if k != mesh_dim and type(other) is not mod.Replicate:
+            raise ValueError(
+                f"{where}: placements {param.placements} on device mesh {param.device_mesh}: HTMuon "
+                "supports DTensor parameters sharded along one mesh dimension (FSDP2, HSDP) and "
+                "replicated along the others; tensor parallelism is not supported"
+            )
+    placement = param.placements[mesh_dim]
+    if type(placement) is mod.Shard:
+        return placement.dim % param.ndim
+    if type(placement) is mod.Replicate:
+        return None
+    raise ValueError(
+        f"{where}: unsupported DTensor placement {placement!r}; HTMuon supports Shard(dim) and Replicate()"
+    )
+
+
+def _shard_mesh_dim(params: list[Tensor]) -> int:
+    """The mesh dimension the parameters are sharded along (the last one if none is sharded)."""
+    mod = _dtensor_module()
+    dims = sorted({k for p in params for k, pl in enumerate(p.placements) if type(pl) is not mod.Replicate})
+    if len(dims) > 1:
+        raise ValueError(
+            f"DTensor parameters are sharded along mesh dimensions {dims} of {params[0].device_mesh}; "
+            "HTMuon supports one sharded dimension (FSDP2, HSDP); tensor parallelism is not supported"
+        )
+    return dims[0] if dims else params[0].device_mesh.ndim - 1
+
+
+def _group_ranks(pg: Any) -> list[int]:
+    import torch.distributed as dist
+
+    return list(dist.get_process_group_ranks(pg))
+
+
+def setup(groups: list[dict[str, Any]], process_group: Any = None) -> DistributedStep | None:
+    """The distributed step for these param groups, or ``None`` for the plain single-process step.
+
+    DTensor parameters (FSDP2) are always handled over their device mesh's group; plain tensors are
+    divided among the ranks of ``process_group`` if one is given (DDP), else handled locally.
+    """
+    located = [
+        (gi, pi, p) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"]) if is_dtensor(p)
+    ]
+    if not located and process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"process_group={process_group!r} was given but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first (or pass process_group=None)"
+        )
+    if process_group is not None and dist.get_rank(process_group) < 0:
+        raise ValueError(
+            f"this rank ({dist.get_rank()}) is not a member of process_group (ranks "
+            f"{_group_ranks(process_group)})"
+        )
+    mesh_group, mesh_dim = None, 0
+    if located:
+        mesh = located[0][2].device_mesh
+        for gi, pi, p in located:
+            if p.device_mesh != mesh:
+                raise ValueError(
+                    f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) lives on device mesh "
+                    f"{p.device_mesh}, another parameter on {mesh}; HTMuon needs all DTensor parameters "
+                    "on one mesh"
+                )
+        mesh_dim = _shard_mesh_dim([p for _, _, p in located])
+        for gi, pi, p in located:
+            _placement_dim(p, mesh_dim, f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})")
+        mesh_ranks = sorted(mesh.mesh.flatten().tolist())
+        if process_group is not None and sorted(_group_ranks(process_group)) != mesh_ranks:
+            raise ValueError(
+                f"process_group has ranks {_group_ranks(process_group)} but the DTensor parameters "
+                f"live on device mesh {mesh} (ranks {mesh_ranks}); pass process_group=None to use "
+                "the mesh's groups"
+            )
+        mesh_group = mesh.get_group(mesh_dim)  # the ranks holding the shards of one replica
+        if mesh.get_coordinate()[mesh_dim] != dist.get_rank(mesh_group):  # pragma: no cover - torch invariant
+            raise RuntimeError(f"device mesh coordinate {mesh.get_coordinate()} != group rank")
+    return DistributedStep(replicated_group=process_group, mesh_group=mesh_group, mesh_dim=mesh_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent to / received from other ranks (self-copies excluded), and collectives."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    collectives: int = 0
+
+    def reset(self) -> None:
+        self.bytes_sent = self.bytes_received = self.collectives = 0
+
+
+def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    return reduce(torch.promote_types, dtypes)
+
+
+class DistributedStep:
+    """Communication around HTMuon's spectral map; one per optimizer (see the module docstring).
+
+    Args:
+        replicated_group: process group over which plain (replicated, DDP) parameters' spectral
+            work is divided, or ``None`` (plain parameters stay local).
+        mesh_group: the process group of the DTensor parameters' device mesh along its sharded
+            dimension ``mesh_dim`` (the whole mesh for FSDP2; one replica's shard group for HSDP,
+            each replica doing the same work), or ``None``.
+    """
+
+    def __init__(self, replicated_group: Any = None, mesh_group: Any = None, mesh_dim: int = 0) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.replicated_group = replicated_group
+        self.mesh_group = mesh_group
+        self.mesh_dim = mesh_dim
+        self.stats = CommStats()
+
+    # ------------------------------------------------------------ finiteness
+
+    def finite_flags(self, grads: list[Tensor]) -> Tensor:
+        """One bool per gradient, ``True`` where finite on *every* rank (shards are checked locally)."""
+        flags = torch.stack([torch.isfinite(local_tensor(g)).all() for g in grads])
+        if self.mesh_group is not None:  # shards differ: agree, so that every rank refuses together
+            agreed = flags.to(torch.int32)
+            self._dist.all_reduce(agreed, op=self._dist.ReduceOp.MIN, group=self.mesh_group)
+            self.stats.collectives += 1
+            flags = agreed.bool()
+        return flags
+
+    # ------------------------------------------------------------ DDP
+
+    @staticmethod
+    def sharded(params: list[Tensor]) -> bool:
+        """Whether a group's parameters are DTensors (groups are homogeneous, see :func:`check_group`)."""
+        return bool(params) and is_dtensor(params[0])
+
+    def compute_directions(
+        self, opt: Any, group: dict[str, Any], mats: list[Tensor], corrected: list[bool]
+    ) -> list[Tensor]:
+        """Spectral map of replicated matrices: each rank computes its owned share, one all_gather."""
+        pg = self.replicated_group
+        world = 1 if pg is None else self._dist.get_world_size(pg)
+        if world == 1:
+            return opt._compute_directions(group, mats, corrected)
+        rank = self._dist.get_rank(pg)
+        owners = assign_owners([matrix_cost(x.shape) for x in mats], world)
+        mine = [i for i, o in enumerate(owners) if o == rank]
+        dirs = opt._compute_directions(group, [mats[i] for i in mine], [corrected[i] for i in mine])
+        # The single-process chain continues in float32 (float64 kept) and on the direction's own
+        # memory layout (a transposed view for tall matrices; reductions in the plug-in depend on
+        # it), so a one-number header per matrix says which dtype and whether transposed.
+        wire = torch.float64 if any(x.dtype == torch.float64 for x in mats) else torch.float32
+        device = mats[0].device
+        sizes = [0] * world
+        for i, o in enumerate(owners):
+            sizes[o] += 1 + mats[i].numel()
+        width = max(sizes)
+        transposed = [not d.is_contiguous() and d.mT.is_contiguous() for d in dirs]
+        codes = [float(d.dtype == torch.float64) + 2.0 * t for d, t in zip(dirs, transposed)]
+        parts = [torch.tensor(codes, dtype=wire, device=device)]
+        parts += [(d.mT if t else d).reshape(-1).to(wire) for d, t in zip(dirs, transposed)]
+        parts.append(torch.zeros(width - sizes[rank], dtype=wire, device=device))
+        gathered = [torch.empty(width, dtype=wire, device=device) for _ in range(world)]
+        self._dist.all_gather(gathered, torch.cat(parts), group=pg)
+        item = gathered[0].element_size()
+        self.stats.bytes_sent += (world - 1) * width * item
+        self.stats.bytes_received += (world - 1) * width * item
+        self.stats.collectives += 1
+        out: list[Tensor | None] = [None] * len(mats)
+        for r in range(world):
+            owned = [i for i, o in enumerate(owners) if o == r]
+            if r == rank:
+                for i, d in zip(owned, dirs):
+                    out[i] = d if d.dtype in (torch.float32, torch.float64) else d.float()
+                continue
+            header, offset = gathered[r][: len(owned)].tolist(), len(owned)
+            for i, code in zip(owned, header):
+                shape = mats[i].shape
+                n = mats[i].numel()
+                d = gathered[r][offset : offset + n]
+                d = d.view(*shape[:-2], shape[-1], shape[-2]).mT if code >= 2 else d.view(shape)
+                out[i] = d.to(torch.float64 if code % 2 else torch.float32)
+                offset += n
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ FSDP2
+
+    def sharded_htmuon_step(self, opt: Any, group: dict[str, Any], params: list[Tensor]) -> None:
+        """The HTMuon step of a group of DTensor parameters (see the module docstring)."""
+        world, rank = self._dist.get_world_size(self.mesh_group), self._dist.get_rank(self.mesh_group)
+        batch_3d, plugin = group["batch_3d"], group["plugin"]
+        items = [self._prepare(opt, group, p, world, rank, self.mesh_dim) for p in params]
+        owners = assign_owners([matrix_cost(it.mshape) for it in items], world)
+        mine = [i for i, o in enumerate(owners) if o == rank]
+        wire = _promote([p.dtype for p in params])
+        device = items[0].local.device
+
+        # 1) every owner receives the shards of its matrices (and of their second moments)
+        send: list[list[Tensor]] = [[] for _ in range(world)]
+        for it, owner in zip(items, owners):
+            for t, layout in it.pieces():
+                if layout.sends(rank, owner):
+                    send[owner].append(t.reshape(-1))
+        sizes = [
+            sum(l.numel(src) for i in mine for l in items[i].layouts() if l.sends(src, rank))
+            for src in range(world)
+        ]
+        recv = self._all_to_all(send, sizes, wire, device, rank)
+
+        # 2) each owner assembles its whole matrices, runs the spectral map (batched) and the plug-in
+        wholes = {
+            i: [torch.empty(l.shape, dtype=items[i].param.dtype, device=device) for l in items[i].layouts()]
+            for i in mine
+        }
+        for src in range(world):
+            offset = 0
+            for i in mine:
+                for whole, layout in zip(wholes[i], items[i].layouts()):
+                    if layout.sends(src, rank):
+                        n = layout.numel(src)
+                        whole[layout.index(src)] = recv[src][offset : offset + n].view(
+                            layout.local_shape(src)
+                        )
+                        offset += n
+        mats = [_optim.matrix_view(wholes[i][0], batch_3d) for i in mine]
+        directions = opt._compute_directions(group, mats, [items[i].corrected for i in mine])
+        for i, O in zip(mine, directions):
+            O = O.float() if O.dtype not in (torch.float32, torch.float64) else O
+            if plugin is not None:  # on the whole matrix, with the whole second moment (updated in place)
+                O = _optim.second_moment_normalize(
+                    O, wholes[i][1], group["beta2"], group["plugin_eps"], plugin
+                )
+            wholes[i][0] = O.reshape(items[i].layout.shape).to(items[i].param.dtype)
+
+        # 3) every rank receives its shard of each direction (and of the new second moment)
+        send = [
+            [whole[l.index(dst)].reshape(-1) for i in mine for whole, l in zip(wholes[i], items[i].layouts())]
+            for dst in range(world)
+        ]
+        sizes = [0] * world
+        for it, owner in zip(items, owners):
+            sizes[owner] += sum(l.numel(rank) for l in it.layouts())
+        recv = self._all_to_all(send, sizes, wire, device, rank)
+
+        # 4) the update on the local shards, as in the single-process step
+        lr, wd = group["lr"], group["weight_decay"]
+        offsets = [0] * world
+        for it, src in zip(items, owners):
+            received = []
+            for t, layout in it.pieces():
+                n = layout.numel(rank)
+                received.append(recv[src][offsets[src] : offsets[src] + n].view(t.shape).to(it.param.dtype))
+                offsets[src] += n
+            if it.second_moment is not None:
+                it.second_moment.copy_(received[1])
+            if wd != 0.0:
+                it.local.mul_(1.0 - lr * wd)
+            it.local.add_(
+                received[0], alpha=-lr * _optim.lr_scale(it.mshape[1], it.mshape[2], group["lr_adjust"])
+            )
+
+    @staticmethod
+    def _prepare(
+        opt: Any, group: dict[str, Any], p: Tensor, world: int, rank: int, mesh_dim: int
+    ) -> _ShardedItem:
+        """Lazy state, step count and momentum of one DTensor parameter, on its local shard."""
+        state = opt.state[p]
+        if not state:
+            state["step"] = 0
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        grad, local = local_tensor(p.grad), local_tensor(p)
+        if grad.shape != local.shape:
+            raise RuntimeError(
+                f"gradient shard of shape {tuple(grad.shape)} does not match the parameter shard "
+                f"{tuple(local.shape)} (placements {p.grad.placements} vs {p.placements})"
+            )
+        update = _optim.nesterov_momentum(
+            grad, local_tensor(state["momentum_buffer"]), group["momentum"], group["nesterov"]
+        )
+        shape = tuple(p.shape)
+        dim = _placement_dim(p, mesh_dim, f"parameter of shape {shape}")
+        layout = ShardLayout(shape, dim, world)
+        assert layout.local_shape(rank) == tuple(local.shape), (layout, tuple(local.shape))
+        mshape = matrix_shape(shape, group["batch_3d"])
+        item = _ShardedItem(p, local, update, layout, mshape, opt._is_corrected(group, p))
+        plugin = group["plugin"]
+        if plugin is not None:
+            vshape = _second_moment_shape(mshape, plugin)
+            vdim = _second_moment_dim(shape, dim, group["batch_3d"])
+            if vdim is not None and vshape[vdim] != shape[dim]:
+                vdim = None
+            if "second_moment" not in state:  # a DTensor laid out like the rows it belongs to
+                dtm = _dtensor_module()
+                state["second_moment"] = dtm.zeros(
+                    vshape,
+                    dtype=p.dtype,
+                    device_mesh=p.device_mesh,
+                    placements=[
+                        dtm.Shard(vdim) if k == mesh_dim and vdim is not None else dtm.Replicate()
+                        for k in range(p.device_mesh.ndim)
+                    ],
+                )
+            item.second_moment = local_tensor(state["second_moment"])
+            item.second_moment_layout = ShardLayout(vshape, vdim, world)
+        return item
+
+    def _all_to_all(
+        self,
+        send: list[list[Tensor]],
+        recv_sizes: list[int],
+        wire: torch.dtype,
+        device: torch.device,
+        rank: int,
+    ) -> list[Tensor]:
+        """One ``all_to_all_single`` (uneven splits); returns the received buffer split by source rank."""
+        send_sizes = [sum(t.numel() for t in chunks) for chunks in send]
+        flat = [t.to(wire) for chunks in send for t in chunks]
+        sendbuf = torch.cat(flat) if flat else torch.empty(0, dtype=wire, device=device)
+        recvbuf = torch.empty(sum(recv_sizes), dtype=wire, device=device)
+        self._dist.all_to_all_single(recvbuf, sendbuf, recv_sizes, send_sizes, group=self.mesh_group)
+        item = recvbuf.element_size()
+        self.stats.bytes_sent += (sum(send_sizes) - send_sizes[rank]) * item
+        self.stats.bytes_received += (sum(recv_sizes) - recv_sizes[rank]) * item
+        self.stats.collectives += 1
+        return list(recvbuf.split(recv_sizes))
+
+
+@dataclass
+class _ShardedItem:
+    """One DTensor parameter during a sharded step: local views and how the whole is laid out."""
+
+    param: Tensor
+    local: Tensor  # this rank's shard of the parameter (updated in place)
+    update: Tensor  # this rank's shard of the momentum direction N_t
+    layout: ShardLayout
+    mshape: tuple[int, int, int]
+    corrected: bool
+    second_moment: Tensor | None = None  # this rank's piece of the plug-in's second moment
+    second_moment_layout: ShardLayout | None = None
+
+    def pieces(self) -> list[tuple[Tensor, ShardLayout]]:
+        """(local piece, layout) of what an owner needs: the direction's input, then the second moment."""
+        out = [(self.update, self.layout)]
+        if self.second_moment is not None:
+            out.append((self.second_moment, self.second_moment_layout))
+        return out
+
+    def layouts(self) -> list[ShardLayout]:
+        return [layout for _, layout in self.pieces()]

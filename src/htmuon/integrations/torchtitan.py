@@ -1,0 +1,103 @@
+"""HTMuon in torchtitan (the PyTorch-native LLM training platform); written against torchtitan 0.3.0.
+
+torchtitan builds its optimizers from ``OptimizersContainer.Config``: a list of ``ParamGroupConfig``
+(regex on parameter names -> optimizer name + kwargs), the optimizer name resolved by
+``OptimizersContainer._resolve_optimizer_factory``. This module adds the name ``"HTMuon"``:
+
+* :class:`HTMuonOptimizersContainer` -- the container with ``"HTMuon"`` registered (and torchtitan's
+  own ``"Adam"``, ``"AdamW"``, ... still available); its ``Config`` builds it.
+* :func:`htmuon_optimizer_config` -- a ready config: hidden matrices -> HTMuon, embeddings / output
+  head / norms / biases -> HTMuon's AdamW part (``algorithm="adamw"``), all in one HTMuon object.
+* :func:`build_htmuon` -- the factory (drops torchtitan's ``fused`` / ``foreach`` flags).
+
+In a torchtitan config registry function::
+
+    from htmuon.integrations.torchtitan import htmuon_optimizer_config
+    config.optimizer = htmuon_optimizer_config(lr=0.02, adamw_lr=1e-3, p=0.125, weight_decay=0.1)
+
+Under torchtitan's FSDP2 / HSDP the parameters are DTensors and HTMuon divides its spectral work among
+the ranks (see :mod:`htmuon.distributed`); tensor parallelism (a second sharded mesh dimension) is
+refused with a clear error. Checkpoints go through torchtitan's usual
+flat, FQN-keyed optimizer state (HTMuon's state is DTensors and plain numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..optim import HTMuon
+
+try:
+    from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "htmuon.integrations.torchtitan needs torchtitan (pip install torchtitan; it expects a recent "
+        "PyTorch, see its README)"
+    ) from e
+
+__all__ = ["HTMuonOptimizersContainer", "build_htmuon", "htmuon_optimizer_config"]
+
+#: Per-group keys torchtitan adds for its own optimizers; meaningless to HTMuon.
+TORCHTITAN_IMPL_KEYS = ("fused", "foreach")
+#: Parameter-name patterns sent to HTMuon's AdamW part by :func:`htmuon_optimizer_config` (the
+#: "standard" routing; torchtitan's LLaMA names: tok_embeddings, output, *norm*).
+ADAMW_PATTERNS = (r"embed", r"(^|\.)output\.", r"norm", r"bias$")
+
+
+def build_htmuon(param_groups: list[dict[str, Any]], **kwargs: Any) -> HTMuon:
+    """torchtitan optimizer factory: ``HTMuon(param_groups, **kwargs)`` without torchtitan's impl flags."""
+    groups = [{k: v for k, v in g.items() if k not in TORCHTITAN_IMPL_KEYS} for g in param_groups]
+    return HTMuon(groups, **kwargs)
+
+
+class HTMuonOptimizersContainer(OptimizersContainer):
+    """torchtitan's ``OptimizersContainer`` with the optimizer name ``"HTMuon"`` registered."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(OptimizersContainer.Config):
+        pass
+
+    @staticmethod
+    def _resolve_optimizer_factory(name: str) -> Any:
+        if name == "HTMuon":
+            return build_htmuon
+        return OptimizersContainer._resolve_optimizer_factory(name)
+
+
+def htmuon_optimizer_config(
+    lr: float = 0.02,
+    adamw_lr: float = 1e-3,
+    p: float = 0.125,
+    weight_decay: float = 0.1,
+    adamw_weight_decay: float | None = None,
+    adamw_patterns: tuple[str, ...] = ADAMW_PATTERNS,
+    process_group: Any = None,
+    **htmuon_options: Any,
+) -> HTMuonOptimizersContainer.Config:
+    """An optimizer config for torchtitan: one HTMuon object, two param groups.
+
+    Parameters whose name matches one of ``adamw_patterns`` go to the AdamW part (``adamw_lr``); every
+    other parameter to HTMuon (``lr``, ``p``, ``htmuon_options`` such as ``method``, ``interval``,
+    ``plugin``). ``process_group``: see :class:`htmuon.HTMuon` (DDP-style replicated parameters only;
+    FSDP2 needs none).
+    """
+    adamw_pattern = "|".join(f"(?:{pat})" for pat in adamw_patterns)
+    wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
+    groups = [
+        ParamGroupConfig(
+            pattern=adamw_pattern,
+            optimizer_name="HTMuon",
+            optimizer_kwargs={"algorithm": "adamw", "lr": adamw_lr, "weight_decay": wd},
+        ),
+        ParamGroupConfig(
+            pattern=r".*",
+            optimizer_name="HTMuon",
+            optimizer_kwargs={"algorithm": "htmuon", "lr": lr, "p": p, "weight_decay": weight_decay}
+            | htmuon_options,
+        ),
+    ]
+    factory_kwargs = {} if process_group is None else {"HTMuon": {"process_group": process_group}}
+    return HTMuonOptimizersContainer.Config(
+        param_groups=groups, implementation="for-loop", optimizer_factory_kwargs_by_name=factory_kwargs
+    )

@@ -1,0 +1,157 @@
+"""``htmuon train``: one training run from a preset, a config file and/or flags.
+
+    htmuon train --preset quick --optimizer htmuon --seed 1
+    htmuon train --config run.toml --steps 1000 --out-dir runs/mine
+    htmuon train --out-dir runs/mine --resume        # continue a killed run exactly
+
+Every config key (``htmuon.train.config.TrainConfig``) is a flag: ``lr`` -> ``--lr``,
+``weight_decay`` -> ``--weight-decay``. Precedence: defaults < --preset < --config < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+def _field_help() -> dict[str, str]:
+    """The trailing comment of each field in config.py's commented block, as its --help text."""
+    src = (Path(__file__).resolve().parent / "config.py").read_text(encoding="utf-8")
+    out = {}
+    for m in re.finditer(r"^    (\w+): [^=\n]+= [^#\n]+#\s*(.*)$", src, flags=re.M):
+        out[m.group(1)] = m.group(2).replace("%", "%%")
+    return out
+
+
+def _metavar(name: str) -> str:
+    from htmuon.train.config import _base_type
+
+    typ, _ = _base_type(name)
+    return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(typ, "STR")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    from htmuon.train.config import TrainConfig
+
+    helps = _field_help()
+    group = parser.add_argument_group("config keys (override the preset and --config file)")
+    for f in fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        default = f.default
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            metavar=_metavar(f.name),
+            help=f"{helps.get(f.name, '')} [default: {default}]",
+        )
+
+
+def config_overrides(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    from htmuon.train.config import TrainConfig
+
+    return {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if f.name not in exclude and hasattr(args, f.name)
+    }
+
+
+def get_preset(name: str | None):
+    from htmuon.cli import UserError
+    from htmuon.train.presets import RUN_PRESETS
+
+    if name is None:
+        return None
+    if name not in RUN_PRESETS:
+        raise UserError(f"unknown preset '{name}' (choose from {', '.join(RUN_PRESETS)})")
+    return RUN_PRESETS[name]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset", help="a run preset: quick, quick-seeds, smoke, gpu-60m, digits, cifar10, ..."
+    )
+    parser.add_argument("--config", metavar="FILE", help="a JSON or TOML file of config keys")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir from its checkpoint"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="checkpoint after STEP and exit (resume later with --resume)",
+    )
+    parser.add_argument("--list-presets", action="store_true", help="list the run and model presets and exit")
+    add_config_flags(parser)
+
+
+def list_presets() -> None:
+    from htmuon.train.presets import MODEL_PRESETS, RUN_PRESETS
+
+    print("run presets (--preset):")
+    for name, p in RUN_PRESETS.items():
+        print(f"  {name:12s} {p.description}")
+    print("model presets (--model): " + ", ".join(MODEL_PRESETS))
+
+
+def torch_distributed_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def main(args: argparse.Namespace) -> int:
+    from htmuon.cli import UserError
+    from htmuon.train.config import make_config
+    from htmuon.train.loop import train
+
+    if args.list_presets:
+        list_presets()
+        return 0
+    preset = get_preset(args.preset)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
+    cfg = make_config(preset.config if preset else None, args.config, config_overrides(args), strings=True)
+    summary = train(
+        cfg,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        preset_lrs=preset.lrs if preset else None,
+        argv=sys.argv,
+    )
+    if torch_distributed_initialized():  # under torchrun: rank 0 reports
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    if summary["stopped"]:
+        print(
+            f"stopped after step {summary['steps_done']}; "
+            f"continue with --resume --out-dir {summary['run_dir']}"
+        )
+        return 0
+    if summary["diverged"]:
+        print(
+            f"diverged (non-finite loss) at step {summary['steps_done']}: {summary['run_dir']}",
+            file=sys.stderr,
+        )
+        return 1
+    metric = (
+        f"val ppl {summary['final_val_ppl']:.3f}"
+        if summary.get("final_val_ppl") is not None
+        else f"val acc {summary['final_val_acc']:.4f}"
+    )
+    alpha = f", mean alpha {summary['mean_alpha']:.3f}" if summary.get("mean_alpha") is not None else ""
+    print(
+        f"done: {summary['optimizer']} lr {summary['lr']:g} seed {summary['seed']}: "
+        f"val loss {summary['final_val_loss']:.4f}, {metric}{alpha}, "
+        f"{summary['ms_per_step']:.1f} ms/step -> {summary['run_dir']}"
+    )
+    return 0

@@ -1,0 +1,252 @@
+"""The run configuration: every default in one commented block (nanoGPT spirit).
+
+A config is built as: these defaults < a run preset (``--preset``) < a JSON/TOML file
+(``--config``) < command-line flags (``--steps 500``). A wrong key or type is a ``UserError``
+naming the key and the value. The resolved config is saved as ``config.json`` in the run
+folder and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from htmuon.cli import UserError
+
+
+@dataclass
+class TrainConfig:
+    # --- model ------------------------------------------------------------------------------
+    model: str = "llama-tiny"  # llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34
+    # --- data -------------------------------------------------------------------------------
+    data: str = "auto"  # auto | shakespeare | FILE.txt | FILE.jsonl | DIR | hf:NAME[:CONFIG] | hf-disk:PATH
+    #                     | digits | cifar10:DIR | cifar100:DIR  (auto: shakespeare / digits)
+    text_field: str = "text"  # JSONL / datasets field holding the text
+    max_docs: int = 0  # read at most this many documents (0 = all; set it for hub datasets)
+    val_fraction: float = 0.05  # held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)
+    vocab_size: int = 4096  # BPE vocabulary trained on the train split
+    seq_len: int = 128  # tokens per sequence
+    # --- optimizer --------------------------------------------------------------------------
+    optimizer: str = "htmuon"  # adamw | muon | htmuon | htmuon-interval | normuon | htmuon-normuon
+    lr: float | None = None  # matrix-part lr (AdamW: its lr); None = the preset's/optimizer's default
+    adamw_lr: float = 1e-3  # lr of the AdamW part (norms, biases; embeddings + head under "standard")
+    p: float | None = None  # spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)
+    method: str | None = None  # svd | ns | eigh | fast | auto; None = the optimizer's (ns for muon, svd)
+    spectrum: str | None = None  # power | rank (the paper's "HT"); None = the optimizer's
+    scale: str = "raw"  # raw (the paper's, faithful) | muon_rms (scale-invariant)
+    interval: int | None = None  # spectral correction every k-th step (None = the optimizer's)
+    routing: str = "standard"  # standard (embeddings + head -> AdamW) | paper (-> HTMuon, as the paper)
+    momentum: float = 0.95  # Muon-family momentum (Nesterov)
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.95
+    weight_decay: float = 0.1  # decoupled, on matrices (the paper: 0.1)
+    # --- schedule and budget ----------------------------------------------------------------
+    steps: int = 300  # optimizer steps
+    warmup_steps: int = 30  # linear warmup, then cosine decay ...
+    min_lr_ratio: float = 0.1  # ... to this fraction of the peak (the paper's 0.1x)
+    batch_size: int = 16  # sequences (images) per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    dtype: str = "auto"  # auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    parallel: str = "auto"  # under torchrun: auto (DDP if > 1 process) | none | ddp | fsdp (FSDP2)
+    seed: int = 0
+    # --- evaluation, logging, checkpoints ---------------------------------------------------
+    eval_every: int = 50  # validation loss/perplexity every N steps (and at the end)
+    eval_batches: int = 16  # validation batches per evaluation (0 = the whole held-out split)
+    log_every: int = 10  # train-loss records / log lines every N steps
+    ckpt_every: int = 100  # checkpoint every N steps (and at the end); 0 = only at the end
+    out_dir: str = "auto"  # the run folder (auto = runs/MODEL-OPTIMIZER-seedSEED)
+    progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log | none
+    tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
+    alpha: bool = True  # mean layer-wise alpha at the end (needs htmuon.diagnostics)
+
+
+# fields that may differ between a checkpoint and the run resuming it
+RESUMABLE_CHANGES = frozenset(
+    {"out_dir", "log_every", "ckpt_every", "progress", "tensorboard", "threads", "device"}
+)
+
+CHOICES = {
+    "scale": ("raw", "muon_rms"),
+    "routing": ("standard", "paper"),
+    "dtype": ("auto", "fp32", "bf16"),
+    "progress": ("auto", "bar", "log", "none"),
+    "parallel": ("auto", "none", "ddp", "fsdp"),
+}
+POSITIVE = ("vocab_size", "seq_len", "steps", "batch_size", "grad_accum", "eval_every", "log_every")
+NON_NEGATIVE = (
+    "warmup_steps",
+    "max_docs",
+    "eval_batches",
+    "ckpt_every",
+    "threads",
+    "grad_clip",
+    "weight_decay",
+)
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _base_type(name: str) -> tuple[type, bool]:
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def coerce(name: str, value, *, from_string: bool = False, where: str = ""):
+    """Check/convert one value for field ``name``; a wrong type is a UserError naming both."""
+    if name not in _FIELDS:
+        close = [k for k in _FIELDS if k.replace("_", "") == name.replace("_", "").replace("-", "")]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown config key '{name}'{where}{hint}")
+    typ, optional = _base_type(name)
+    bad = UserError(f"config key '{name}' must be {_type_word(typ, optional)}, got {value!r}{where}")
+    if value is None or (from_string and optional and str(value).lower() in ("none", "null")):
+        if optional:
+            return None
+        raise bad
+    if from_string:
+        s = str(value).strip()
+        try:
+            if typ is bool:
+                low = s.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if typ is int:
+                return int(s)
+            if typ is float:
+                v = float(s)
+                if not math.isfinite(v):
+                    raise ValueError
+                return v
+            return s
+        except ValueError:
+            raise bad from None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise bad
+    if isinstance(value, str):
+        return value
+    raise bad
+
+
+def _type_word(typ: type, optional: bool) -> str:
+    word = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[typ]
+    return word + (" or null" if optional else "")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range checks that do not need the heavy modules (names are checked when resolved)."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"config key '{key}' must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    for key in POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)!r}")
+    if cfg.warmup_steps > cfg.steps:
+        raise UserError(f"warmup_steps ({cfg.warmup_steps}) must not exceed steps ({cfg.steps})")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise UserError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio!r}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise UserError(f"config key 'lr' must be > 0, got {cfg.lr!r}")
+    if cfg.adamw_lr <= 0:
+        raise UserError(f"config key 'adamw_lr' must be > 0, got {cfg.adamw_lr!r}")
+    if cfg.p is not None and not 0.0 <= cfg.p <= 1.0:
+        raise UserError(f"config key 'p' must be in [0, 1], got {cfg.p!r}")
+    if cfg.interval is not None and cfg.interval < 1:
+        raise UserError(f"config key 'interval' must be >= 1, got {cfg.interval!r}")
+    for key in ("momentum", "adamw_beta1", "adamw_beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)!r}")
+    return cfg
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"config file '{path}' not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise UserError("reading a TOML config needs Python >= 3.11 or `pip install tomli`") from None
+        try:
+            data = tomllib.loads(text)
+        except Exception as e:
+            raise UserError(f"config file '{path}' is not valid TOML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"config file '{path}' is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a table/object of config keys")
+    # a saved config.json of a run may carry extra sections: only the config itself counts
+    data = data.get("config", data) if isinstance(data.get("config"), dict) else data
+    return data
+
+
+def make_config(
+    preset: dict | None = None,
+    file: str | None = None,
+    overrides: dict | None = None,
+    *,
+    strings: bool = False,
+) -> TrainConfig:
+    """defaults < preset < file < overrides (overrides given as strings when ``strings``)."""
+    values: dict = {}
+    for source, items, from_string in (
+        ("preset", preset or {}, False),
+        (f" in {file}" if file else "", read_config_file(file) if file else {}, False),
+        ("", overrides or {}, strings),
+    ):
+        where = source if source.startswith(" in ") else ""
+        for k, v in items.items():
+            values[k] = coerce(k, v, from_string=from_string, where=where)
+    return validate(TrainConfig(**values))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, where: str = "") -> TrainConfig:
+    return validate(TrainConfig(**{k: coerce(k, v, where=where) for k, v in d.items()}))
+
+
+def identity_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Keys (other than RESUMABLE_CHANGES) whose values differ between two configs."""
+    return [
+        f.name
+        for f in fields(TrainConfig)
+        if f.name not in RESUMABLE_CHANGES and getattr(a, f.name) != getattr(b, f.name)
+    ]

@@ -1,0 +1,521 @@
+"""The training loop: one run from a config, resumable exactly.
+
+    lr(step) = peak * lr_factor(step)         linear warmup, cosine decay to min_lr_ratio x peak
+    loss     = mean over grad_accum micro-batches (bf16 autocast on a bf16 GPU)
+    clip the global gradient norm, optimizer.step()
+    every eval_every steps: validation loss (+ perplexity / accuracy) on the held-out split
+    every ckpt_every steps: an atomic checkpoint that a killed run resumes from bit-exactly
+
+A run folder holds config.json, run.json (versions, seed, command), metrics.jsonl,
+metrics.csv, ckpt.pt and, once finished, summary.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from htmuon import parallel
+from htmuon.cli import UserError
+from htmuon.train import checkpoint
+from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
+from htmuon.train.data import atomic_write_bytes
+from htmuon.train.models import check_model_name
+from htmuon.train.optimizers import build_optimizer, check_optimizer_name, resolve
+from htmuon.train.presets import model_task
+
+METRIC_COLUMNS = [
+    "step",
+    "kind",
+    "loss",
+    "ppl",
+    "acc",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "step_ms",
+    "elapsed_s",
+]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at ``step`` (1-based): linear warmup, then cosine to ``min_ratio``."""
+    if warmup > 0 and step <= warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    out["torch"] = str(torch.__version__)
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return out
+    for pkg in ("htmuon", "transformers", "tokenizers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    if out.get("htmuon") is None:
+        try:
+            import htmuon
+
+            out["htmuon"] = getattr(htmuon, "__version__", None)
+        except ImportError:
+            pass
+    return out
+
+
+def resolve_config(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None) -> TrainConfig:
+    """Check the names and fill every 'auto'/None field that decides what runs."""
+    check_model_name(cfg.model)
+    check_optimizer_name(cfg.optimizer)
+    task = model_task(cfg.model)
+    data = cfg.data
+    if data == "auto":
+        data = "shakespeare" if task == "lm" else "digits"
+    from htmuon.train.data import IMAGE_SOURCES
+
+    is_image_source = data.partition(":")[0] in IMAGE_SOURCES
+    if task == "lm" and is_image_source:
+        raise UserError(f"model '{cfg.model}' is a language model; data '{data}' is an image dataset")
+    if task == "image" and not is_image_source:
+        raise UserError(
+            f"model '{cfg.model}' is an image classifier; use --data digits, cifar10:DIR or cifar100:DIR"
+        )
+    cfg = resolve(dataclasses.replace(cfg, data=data), preset_lrs)
+    if cfg.out_dir == "auto":
+        cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.model}-{cfg.optimizer}-seed{cfg.seed}")
+    return cfg
+
+
+def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    if cfg.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"unknown device '{cfg.device}' (auto, cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device '{cfg.device}' requested but CUDA is not available")
+    if cfg.dtype == "fp32":
+        amp = None
+    elif cfg.dtype == "bf16":
+        amp = torch.bfloat16
+    else:
+        amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return dev, amp
+
+
+def build_data_and_model(cfg: TrainConfig):
+    """(data, model, info) for a resolved config; the model is initialised from torch's RNG."""
+    from htmuon.train.models import build_llama, build_resnet
+
+    if model_task(cfg.model) == "lm":
+        from htmuon.train.data import TokenData, text_splits
+        from htmuon.train.tokenizer import prepare_tokens
+
+        splits = text_splits(cfg.data, cfg.val_fraction, cfg.text_field, cfg.max_docs)
+        tok, tr, va, cache = prepare_tokens(splits, cfg.vocab_size)
+        data = TokenData(tr, va, cfg.seq_len, cfg.batch_size, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = build_llama(cfg.model, tok.get_vocab_size(), cfg.seq_len)
+        info = {"train_tokens": int(len(tr)), "val_tokens": int(len(va)), "token_cache": str(cache)}
+    else:
+        from htmuon.train.data import load_image_data
+
+        data = load_image_data(cfg.data, cfg.batch_size, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = build_resnet(cfg.model, data.in_channels, data.num_classes)
+        info = {
+            "train_samples": len(data.x_train),
+            "val_samples": len(data.x_val),
+            "classes": data.num_classes,
+        }
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    return data, model, info
+
+
+def _loss(model, task: str, x, y):
+    if task == "lm":
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)), None
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y), logits
+
+
+@torch.no_grad()
+def evaluate(model, data, task: str, device, amp, max_batches: int) -> dict:
+    was_training = model.training
+    model.eval()
+    total, n, correct = 0.0, 0, 0
+    for x, y in data.val_batches(max_batches):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, logits = _loss(model, task, x, y)
+        k = y.numel()
+        total += float(loss) * k
+        n += k
+        if logits is not None:
+            correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    loss = total / max(n, 1)
+    out = {"loss": loss}
+    if task == "lm":
+        out["ppl"] = math.exp(min(loss, 50.0))
+    else:
+        out["acc"] = correct / max(n, 1)
+    return out
+
+
+class Metrics:
+    """metrics.jsonl + metrics.csv (+ TensorBoard); on resume, records after the checkpoint go."""
+
+    def __init__(self, out: Path, keep_until_step: int | None, tensorboard: bool):
+        self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
+        kept = []
+        if keep_until_step is not None and self.jsonl.exists():
+            kept = [r for r in read_metrics(self.jsonl) if r["step"] <= keep_until_step]
+        self.records = kept
+        atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        with open(self.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, METRIC_COLUMNS)
+            w.writeheader()
+            w.writerows(kept)
+        self._fj = open(self.jsonl, "a")
+        self._fc = open(self.csv, "a", newline="")
+        self._w = csv.DictWriter(self._fc, METRIC_COLUMNS)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, rec: dict) -> None:
+        self.records.append(rec)
+        self._fj.write(json.dumps(rec) + "\n")
+        self._fj.flush()
+        self._w.writerow(rec)
+        self._fc.flush()
+        if self.tb is not None:
+            for k in ("loss", "ppl", "acc", "lr", "grad_norm", "tokens_per_s"):
+                if k in rec:
+                    self.tb.add_scalar(f"{rec['kind']}/{k}", rec[k], rec["step"])
+
+    def close(self) -> None:
+        self._fj.close()
+        self._fc.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _NoMetrics:
+    """Metrics on ranks other than 0 under torchrun: kept in memory, never written."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write(self, rec: dict) -> None:
+        self.records.append(rec)
+
+    def close(self) -> None:
+        pass
+
+
+def read_metrics(path: Path) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a kill: drop it
+                    continue
+    return out
+
+
+class _Progress:
+    def __init__(self, mode: str, total: int, start: int, label: str):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.label, self.bar = mode, label, None
+        if mode == "bar":
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.mode = "log"
+            else:
+                self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True)
+
+    def update(self, step: int, total: int, loss: float, tps: float, log: bool, val: dict | None) -> None:
+        if self.bar is not None:
+            post = {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"}
+            if val:
+                post["val"] = f"{val['loss']:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        elif self.mode == "log" and (log or val):
+            msg = f"{self.label} step {step}/{total} | loss {loss:.4f} | {tps:,.0f} tok/s"
+            if val:
+                extra = f" ppl {val['ppl']:.2f}" if "ppl" in val else f" acc {val['acc']:.4f}"
+                msg += f" | val {val['loss']:.4f}{extra}"
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def mean_alpha(model) -> float | None:
+    """Mean layer-wise power-law alpha (htmuon.diagnostics), or None where it is not installed."""
+    try:
+        from htmuon.diagnostics import analyze
+    except ImportError:
+        return None
+    return float(analyze(model, fit="ks").mean_alpha)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    preset_lrs: dict[str, float] | None = None,
+    argv: list[str] | None = None,
+) -> dict:
+    """Run (or resume) one training run; returns the summary dict (also in summary.json).
+
+    ``stop_after``: write a checkpoint after this step and return, as if the run were killed
+    there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
+    """
+    cfg = resolve_config(cfg, preset_lrs)
+    try:  # under torchrun: join the process group (every rank runs this function)
+        par = parallel.from_env(cfg.parallel, pick_device(cfg)[0])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.batch_size % par.world:
+        raise UserError(f"batch_size {cfg.batch_size} does not divide among {par.world} processes")
+    out = Path(cfg.out_dir).expanduser()
+    ckpt_path = out / checkpoint.CKPT_NAME
+    payload = None
+    if resume and ckpt_path.exists():
+        payload = checkpoint.load(ckpt_path)
+        saved = from_dict(payload["config"], where=f" in checkpoint {ckpt_path}")
+        diff = identity_diff(saved, cfg)
+        if diff:
+            what = ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff[:4])
+            raise UserError(
+                f"checkpoint '{ckpt_path}' was written by another config ({what}); nothing changed"
+            )
+    elif resume and (out / "config.json").exists():
+        # killed before its first checkpoint: start over, but only if it is the same run
+        try:
+            saved = from_dict(
+                json.loads((out / "config.json").read_text()), where=f" in {out / 'config.json'}"
+            )
+        except json.JSONDecodeError:
+            raise UserError(f"'{out / 'config.json'}' is not valid JSON; nothing changed") from None
+        diff = identity_diff(saved, cfg)
+        if diff:
+            what = ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff[:4])
+            raise UserError(f"run folder '{out}' holds a run of another config ({what}); nothing changed")
+    elif not resume and ((out / "config.json").exists() or ckpt_path.exists()):
+        raise UserError(
+            f"run folder '{out}' already holds a run; pass --resume to continue it or pick another --out-dir"
+        )
+    if payload is not None and payload["step"] >= cfg.steps and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    parallel.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, amp = pick_device(cfg)
+    if device.type == "cuda" and par.world > 1:
+        device = torch.device("cuda", par.local_rank)
+    task = model_task(cfg.model)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
+    with parallel.main_first(par):  # rank 0 fills the token cache, the others read it
+        data, model, info = build_data_and_model(cfg)
+    model.to(device)
+    model.train()
+    module = parallel.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
+    opt = build_optimizer(model, cfg, process_group=par.process_group)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    start, elapsed, wall, step_times = 0, 0.0, 0.0, []
+    if payload is not None:
+        parallel.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
+        data.sampler.load_state_dict(payload["loader"])
+        checkpoint.set_rng_state(payload["rng"])
+        start, elapsed, wall = int(payload["step"]), float(payload["elapsed_s"]), float(payload["wall_s"])
+        step_times = list(payload["step_times"])
+    vers = versions()
+    if par.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if payload is None:
+        if par.is_main:
+            atomic_write_bytes(out / "config.json", (json.dumps(to_dict(cfg), indent=2) + "\n").encode())
+        run_info = {"seed": cfg.seed, "versions": vers, "argv": argv, "device": str(device), "data": info}
+        run_info["amp"] = str(amp) if amp else None
+        run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        run_info["resumed_from_steps"] = []
+        run_info["parallel"] = {"mode": par.mode, "processes": par.world}
+    else:
+        run_info = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        run_info.setdefault("resumed_from_steps", []).append(start)
+    if par.is_main:
+        atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
+    if par.is_main:
+        metrics = Metrics(out, start if payload is not None else None, cfg.tensorboard)
+    else:
+        metrics = _NoMetrics()
+
+    def save_ckpt(step: int) -> None:
+        model_sd, opt_sd = parallel.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
+        if not par.is_main:
+            parallel.barrier(par)
+            return
+        checkpoint.save(
+            ckpt_path,
+            {
+                "step": step,
+                "elapsed_s": elapsed,
+                "wall_s": wall,
+                "step_times": list(step_times),
+                "config": to_dict(cfg),
+                "versions": vers,
+                "seed": cfg.seed,
+                "model": model_sd,
+                "optimizer": opt_sd,
+                "loader": data.sampler.state_dict(),
+                "rng": checkpoint.rng_state(),
+            },
+        )
+        parallel.barrier(par)
+
+    label = f"{cfg.optimizer}/seed{cfg.seed}"
+    progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
+    diverged, stopped, last_val = False, False, None
+    tokens_per_step = data.tokens_per_batch * cfg.grad_accum
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            factor = lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * factor
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = (parallel.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, _ = _loss(module, task, x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            loss_val = parallel.mean_across(loss_sum / cfg.grad_accum, par)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                diverged = True
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            step_times.append(dt)
+            tps = tokens_per_step / dt
+            log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps or diverged
+            if log:
+                metrics.write(
+                    {
+                        "step": step,
+                        "kind": "train",
+                        "loss": loss_val,
+                        "lr": opt.param_groups[0]["lr"],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tps,
+                        "step_ms": dt * 1e3,
+                        "elapsed_s": elapsed,
+                    }
+                )
+            val = None
+            if step % cfg.eval_every == 0 or step == cfg.steps or diverged:
+                val = evaluate(model, data, task, device, amp, cfg.eval_batches) if not diverged else {}
+                if val:
+                    last_val = val
+                    metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
+            progress.update(step, cfg.steps, loss_val, tps, log, val)
+            if diverged:
+                print(
+                    f"{label}: training diverged at step {step} (loss {loss_val}); stopping", file=sys.stderr
+                )
+                break
+            wall += time.perf_counter() - t0
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or step == stop_after:
+                save_ckpt(step)
+            if stop_after is not None and step >= stop_after and step < cfg.steps:
+                stopped = True
+                break
+    finally:
+        progress.close()
+        metrics.close()
+
+    summary = summarize(out, cfg, metrics.records, last_val, diverged, stopped, info, step_times)
+    summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
+    if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
+        summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
+    parallel.barrier(par)
+    if not stopped and par.is_main:
+        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times) -> dict:
+    train_recs = [r for r in records if r["kind"] == "train"]
+    val_recs = [r for r in records if r["kind"] == "val"]
+    step_ms = sorted(t * 1e3 for t in step_times[1:])  # all steps but the first (warm-up)
+    final = last_val or (
+        {k: val_recs[-1][k] for k in ("loss", "ppl", "acc") if k in val_recs[-1]} if val_recs else None
+    )
+    return {
+        "run_dir": str(out),
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "data": cfg.data,
+        "steps_done": train_recs[-1]["step"] if train_recs else 0,
+        "steps": cfg.steps,
+        "finished": not stopped and not diverged,
+        "stopped": stopped,
+        "diverged": diverged,
+        "final_val_loss": float("inf") if diverged or not final else final["loss"],
+        "final_val_ppl": (float("inf") if diverged else final.get("ppl")) if final else None,
+        "final_val_acc": (final.get("acc") if final and not diverged else None),
+        "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
+        "ms_per_step": step_ms[len(step_ms) // 2] if step_ms else None,  # median step time
+        "elapsed_s": train_recs[-1]["elapsed_s"] if train_recs else 0.0,
+        "info": info,
+    }

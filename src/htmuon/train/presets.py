@@ -1,0 +1,188 @@
+"""Named model shapes and run presets.
+
+Model presets (``TrainConfig.model``): the paper's LLaMA shapes (PAPER.md, "The paper's
+training setup") and tiny ones sized for a 2-core CPU; ResNets for image classification.
+
+Run presets (``--preset``): a set of config overrides plus, for ``htmuon compare``, the grid
+of optimizers x seeds (x learning rates). ``lrs`` holds each optimizer's learning rate in the
+preset (the matrix-part lr for the Muon family; AdamW's lr for adamw), picked for the tiny CPU
+presets by the sweep recorded in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# name -> LlamaConfig fields (vocab_size comes from the tokenizer)
+LLAMA_PRESETS: dict[str, dict] = {
+    # the paper's shapes (hidden / intermediate / layers / heads)
+    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "llama-135m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "llama-350m": dict(
+        hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16
+    ),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
+    # tiny shapes for CPU (same architecture, intermediate ~ 8/3 * hidden as in the paper's shapes)
+    "llama-tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4),
+    "llama-micro": dict(hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=2),
+}
+
+# name -> (stage widths, blocks per stage); BasicBlock ResNets (models.ResNet)
+RESNET_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "resnet-micro": ((8, 16), (1, 1)),
+    "resnet-tiny": ((16, 32, 64), (1, 1, 1)),
+    "resnet18": ((64, 128, 256, 512), (2, 2, 2, 2)),
+    "resnet34": ((64, 128, 256, 512), (3, 4, 6, 3)),
+}
+
+MODEL_PRESETS = sorted([*LLAMA_PRESETS, *RESNET_PRESETS])
+
+
+def model_task(model: str) -> str:
+    return "lm" if model in LLAMA_PRESETS else "image"
+
+
+@dataclass(frozen=True)
+class RunPreset:
+    description: str
+    config: dict
+    optimizers: tuple[str, ...] = ("adamw", "muon", "htmuon")
+    seeds: tuple[int, ...] = (0,)
+    lrs: dict[str, float] = field(default_factory=dict)  # per-optimizer lr used by this preset
+    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # optional grid search
+
+
+_QUICK = dict(
+    model="llama-tiny",
+    data="shakespeare",
+    vocab_size=2048,
+    seq_len=128,
+    batch_size=8,
+    steps=250,
+    warmup_steps=25,
+    eval_every=50,
+    eval_batches=10,
+    ckpt_every=50,
+    weight_decay=0.1,
+    # one thread: on a 2-core machine shared with anything else, two OpenMP threads make the
+    # small matrix products of this model 3-10x slower (measured); one thread is robust
+    threads=1,
+)
+# chosen by an lr sweep of this preset at its full 250 steps, seed 0 (RESULTS.md, "Learning
+# rates"): AdamW 3e-3 of {1e-3, 3e-3, 1e-2}; Muon 0.01 of {0.01, 0.02, 0.04}; HTMuon 0.08 of
+# {0.04, 0.08, 0.16, 0.32}. HTMuon in the paper's "raw" scale needs a larger lr than Muon: s^p of
+# the small raw singular values of these gradients gives updates ~0.4-0.6x Muon's RMS (measured
+# at init). The interval and plug-in variants were not swept: htmuon-interval takes plain Muon
+# steps between corrections and htmuon-normuon renormalises, so they keep Muon's lr.
+_QUICK_LRS = {
+    "adamw": 3e-3,
+    "muon": 0.01,
+    "htmuon": 0.08,
+    "htmuon-interval": 0.01,
+    "normuon": 0.01,
+    "htmuon-normuon": 0.01,
+}
+
+RUN_PRESETS: dict[str, RunPreset] = {
+    "quick": RunPreset(
+        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~5 min, 2 cores)",
+        _QUICK,
+        lrs=_QUICK_LRS,
+    ),
+    "quick-seeds": RunPreset(
+        "the quick preset over 3 seeds (~15 min on 2 CPU cores)",
+        _QUICK,
+        seeds=(0, 1, 2),
+        lrs=_QUICK_LRS,
+    ),
+    "quick-lr": RunPreset(
+        "the quick preset with a learning-rate grid per optimizer (best lr picked on validation)",
+        _QUICK,
+        lrs=_QUICK_LRS,
+        lr_grid={"adamw": (1e-3, 3e-3, 1e-2), "muon": (0.01, 0.02, 0.04), "htmuon": (0.04, 0.08, 0.16, 0.32)},
+    ),
+    "smoke": RunPreset(
+        "a seconds-long end-to-end check (LLaMA-micro, 20 steps)",
+        dict(
+            model="llama-micro",
+            data="shakespeare",
+            vocab_size=512,
+            seq_len=32,
+            batch_size=4,
+            steps=20,
+            warmup_steps=2,
+            eval_every=10,
+            eval_batches=2,
+            ckpt_every=10,
+        ),
+        lrs=_QUICK_LRS,
+    ),
+    "gpu-60m": RunPreset(
+        "LLaMA-60M shapes (the paper's smallest), 2000 steps of 128x256 tokens; needs a GPU",
+        dict(
+            model="llama-60m",
+            vocab_size=32000,
+            seq_len=256,
+            batch_size=64,
+            grad_accum=2,
+            steps=2000,
+            warmup_steps=200,
+            eval_every=200,
+            eval_batches=50,
+            ckpt_every=500,
+            weight_decay=0.1,
+            routing="paper",
+            dtype="auto",
+        ),
+        # the paper's learning rates (PAPER.md): AdamW part 1e-3, Muon 0.01, HTMuon 0.03
+        lrs={"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03},
+        optimizers=("adamw", "muon", "htmuon"),
+    ),
+    "digits": RunPreset(
+        "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon, 3 seeds (~1 min on CPU)",
+        dict(
+            model="resnet-tiny",
+            data="digits",
+            batch_size=64,
+            steps=200,
+            warmup_steps=20,
+            eval_every=25,
+            eval_batches=0,
+            ckpt_every=100,
+            weight_decay=0.0,
+            threads=1,
+        ),
+        seeds=(0, 1, 2),
+        lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+    ),
+    "cifar10": RunPreset(
+        "ResNet-18 on CIFAR-10 (pickle batches: --data cifar10:DIR); needs a GPU for a useful budget",
+        dict(
+            model="resnet18",
+            data="cifar10:",
+            batch_size=128,
+            steps=4000,
+            warmup_steps=200,
+            eval_every=500,
+            eval_batches=0,
+            ckpt_every=1000,
+            weight_decay=5e-4,
+        ),
+        lrs={"adamw": 1e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+    ),
+    "cifar100": RunPreset(
+        "ResNet-18 on CIFAR-100 (pickle batches: --data cifar100:DIR); needs a GPU for a useful budget",
+        dict(
+            model="resnet18",
+            data="cifar100:",
+            batch_size=128,
+            steps=4000,
+            warmup_steps=200,
+            eval_every=500,
+            eval_batches=0,
+            ckpt_every=1000,
+            weight_decay=5e-4,
+        ),
+        lrs={"adamw": 1e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+    ),
+}

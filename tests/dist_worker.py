@@ -1,0 +1,412 @@
+"""One rank of the distributed parity tests (launched by tests/test_distributed.py, 2 CPU processes, gloo).
+
+Usage: ``python tests/dist_worker.py RANK WORLD RENDEZVOUS_FILE OUT_DIR [SCENARIO ...]``
+
+Every rank runs the single-process reference itself (same process, same thread count, so the
+comparison is exact where it should be), then the distributed run, and writes
+``OUT_DIR/rank{RANK}.json``: scenario -> {"max_abs_diff": ..., ...}. Any failure exits non-zero
+with the traceback on stderr.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import htmuon
+from htmuon.distributed import ShardLayout
+
+STEPS = 3
+
+# name -> HTMuon options for the matrix group; every variant runs under DDP and FSDP2
+VARIANTS: dict[str, dict] = {
+    "svd": dict(p=0.125, weight_decay=0.1),
+    "ns_interval_normuon": dict(p=0.125, method="ns", interval=2, plugin="normuon"),
+    "eigh_muonrms_adamuon": dict(p=0.25, method="eigh", scale="muon_rms", plugin="adamuon", weight_decay=0.1),
+    "rank_adamwrms_plain": dict(p=0.5, spectrum="rank", lr_adjust="adamw_rms", nesterov=False),
+    "bf16_normuon": dict(p=0.125, plugin="normuon", dtype=torch.bfloat16),  # bfloat16 parameters
+}
+
+
+class Batched(nn.Module):
+    """A 3-D parameter: a stack of matrices (HTMuon treats it as a batch with batch_3d=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, 6) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,kij->bj", x[:, :4], self.w)[:, :6].sum(-1, keepdim=True) + x[:, :1]
+
+
+class Net(nn.Module):
+    """Uneven shards on 2 ranks: 7 rows (4 + 3), 1 row (1 + 0: an empty shard), a conv kernel, a 3-D stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.fc1 = nn.Linear(6, 7)
+        self.norm = nn.LayerNorm(7)
+        self.fc2 = nn.Linear(7, 9, bias=False)
+        self.conv = nn.Conv2d(1, 5, 3, padding=1)
+        self.stack = Batched()
+        self.head = nn.Linear(9, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens).mean(1)  # (b, 6)
+        h = torch.tanh(self.norm(self.fc1(h)))
+        h = self.fc2(h)  # (b, 9)
+        img = self.conv(h.view(-1, 1, 3, 3)).mean(1).flatten(1)  # (b, 9)
+        return self.head(img).squeeze(-1) + self.stack(h).squeeze(-1)
+
+
+def make_data(step: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 11, (batch, 5), generator=g), torch.randn(batch, generator=g)
+
+
+def loss_fn(model: nn.Module, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (model(tokens) - target).square().mean()
+
+
+def make_net(options: dict) -> nn.Module:
+    return Net().to(options.get("dtype", torch.float32))
+
+
+def make_opt(model: nn.Module, options: dict, **kw) -> htmuon.HTMuon:
+    options = {k: v for k, v in options.items() if k != "dtype"}
+    groups = htmuon.param_groups(model, routing="paper", adamw_lr=1e-2, lr=0.02, **options)
+    return htmuon.HTMuon(groups, **kw)
+
+
+def reference(options: dict, steps: int = STEPS) -> tuple[nn.Module, htmuon.HTMuon, list]:
+    """Single-process run on the global batch; returns the model, the optimizer and every step's grads."""
+    torch.manual_seed(0)
+    model = make_net(options)
+    opt = make_opt(model, options)
+    grads = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss_fn(model, *make_data(step)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+    return model, opt, grads
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if htmuon.distributed.is_dtensor(t) else t
+
+
+def max_diff(model: nn.Module, ref: nn.Module) -> float:
+    ref_params = dict(ref.named_parameters())
+    return max(
+        (full(p.detach()) - full(ref_params[n].detach())).abs().max().item()
+        for n, p in model.named_parameters()
+    )
+
+
+def max_rel_diff(model: nn.Module, ref: nn.Module) -> float:
+    """Max over parameters of max |difference| / max |reference| (in units of the largest entry)."""
+    ref_params = dict(ref.named_parameters())
+    return max(
+        (
+            (full(p.detach()) - full(ref_params[n].detach())).abs().max() / full(ref_params[n]).abs().max()
+        ).item()
+        for n, p in model.named_parameters()
+    )
+
+
+def state_diff(opt: htmuon.HTMuon, model: nn.Module, ref_opt: htmuon.HTMuon, ref: nn.Module) -> float:
+    """Max |difference| over every optimizer state tensor (momentum, second moments, AdamW moments)."""
+    ref_params = dict(ref.named_parameters())
+    worst = 0.0
+    for n, p in model.named_parameters():
+        mine, theirs = opt.state[p], ref_opt.state[ref_params[n]]
+        assert mine.keys() == theirs.keys(), (n, mine.keys(), theirs.keys())
+        for key, value in theirs.items():
+            if isinstance(value, torch.Tensor):
+                worst = max(worst, (full(mine[key]) - full(value)).abs().max().item())
+            else:
+                assert mine[key] == value, (n, key, mine[key], value)
+    return worst
+
+
+def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The DTensor with ``param``'s layout holding ``whole`` (this rank's piece of it, no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    mesh = param.device_mesh
+    sharded = [k for k, pl in enumerate(param.placements) if hasattr(pl, "dim")]
+    k = sharded[0] if sharded else 0
+    dim = param.placements[k].dim if sharded else None
+    layout = ShardLayout(tuple(whole.shape), dim, mesh.size(k))
+    piece = whole[layout.index(mesh.get_coordinate()[k])].contiguous()
+    return DTensor.from_local(
+        piece, param.device_mesh, param.placements, run_check=False, shape=whole.shape, stride=whole.stride()
+    )
+
+
+def fsdp_model(seed: int = 0, options: dict | None = None, mesh_shape: tuple[int, ...] = ()) -> nn.Module:
+    """fully_shard on the world (FSDP2), or on a (replicate, shard) mesh of ``mesh_shape`` (HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = make_net(options or {})
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else None
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+# ---------------------------------------------------------------------------------------- scenarios
+
+
+def ddp_exact(options: dict) -> dict:
+    """Plain replicated parameters, the same (global-batch) gradients on every rank, work divided."""
+    ref, ref_opt, grads = reference(options)
+    torch.manual_seed(0)
+    model = make_net(options)
+    opt = make_opt(model, options, process_group=dist.group.WORLD)
+    for step in range(STEPS):
+        for n, p in model.named_parameters():
+            p.grad = grads[step][n].clone()
+        opt.step()
+    stats = opt._dist.stats
+    return {
+        "max_abs_diff": max_diff(model, ref),
+        "state_diff": state_diff(opt, model, ref_opt, ref),
+        "bytes_received": stats.bytes_received,
+    }
+
+
+def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
+    """FSDP2 (DTensor) parameters given the single-process gradients, sharded: must match bit for bit."""
+    ref, ref_opt, grads = reference(options)
+    model = fsdp_model(0, options, mesh_shape)
+    opt = make_opt(model, options)
+    for step in range(STEPS):
+        for n, p in model.named_parameters():
+            p.grad = shard_like(grads[step][n], p)
+        opt.step()
+    return {
+        "max_abs_diff": max_diff(model, ref),
+        "max_rel_diff": max_rel_diff(model, ref),
+        "state_diff": state_diff(opt, model, ref_opt, ref),
+        "bytes_received": opt._dist.stats.bytes_received,
+    }
+
+
+def half_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, target = make_data(step)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = tokens.size(0) // world
+    return tokens[rank * per : (rank + 1) * per], target[rank * per : (rank + 1) * per]
+
+
+def ddp_training(options: dict) -> dict:
+    """End to end: DistributedDataParallel, each rank half of the global batch (gradients averaged)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref, _, _ = reference(options)
+    models = []
+    for process_group in (dist.group.WORLD, None):  # work divided / every rank computing everything
+        torch.manual_seed(0)
+        model = Net()
+        ddp = DDP(model)
+        opt = make_opt(model, options, process_group=process_group)
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss_fn(ddp, *half_batch(step)).backward()
+            opt.step()
+        models.append(model)
+    return {"max_abs_diff": max_diff(models[0], ref), "divided_vs_naive": max_diff(models[0], models[1])}
+
+
+def fsdp_training(options: dict) -> dict:
+    """End to end: fully_shard, each rank half of the global batch (gradients reduce-scattered)."""
+    ref, _, _ = reference(options)
+    model = fsdp_model()
+    opt = make_opt(model, options)
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_fn(model, *half_batch(step)).backward()
+        opt.step()
+    return {"max_abs_diff": max_diff(model, ref)}
+
+
+def fsdp_checkpoint(options: dict, directory: str) -> dict:
+    """DCP save of model + optimizer under FSDP2 after 3 steps; a fresh model/optimizer loads it and the
+    next 3 steps equal the uninterrupted run's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def train(model: nn.Module, opt: htmuon.HTMuon, steps: range) -> None:
+        for step in steps:
+            opt.zero_grad()
+            loss_fn(model, *half_batch(step)).backward()
+            opt.step()
+
+    model = fsdp_model()
+    opt = make_opt(model, options)
+    train(model, opt, range(3))
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=directory)
+    train(model, opt, range(3, 6))
+
+    fresh = fsdp_model(seed=123)
+    fresh_opt = make_opt(fresh, options)
+    state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(state, checkpoint_id=directory)
+    set_model_state_dict(fresh, state["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
+    train(fresh, fresh_opt, range(3, 6))
+    return {"max_abs_diff": max_diff(fresh, model), "state_diff": state_diff(fresh_opt, fresh, opt, model)}
+
+
+def parallel_helpers(options: dict, mode: str) -> dict:
+    """htmuon.parallel (what the harness uses under torchrun): wrap, slice the global batch, train;
+    full state dicts after 3 steps, reloaded into a fresh wrapped model, continue exactly; the FSDP2
+    state dicts also load into a single-process model and optimizer."""
+    from htmuon import parallel
+
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    par = parallel.from_env(mode)
+    assert (par.mode, par.world, par.rank) == (mode, dist.get_world_size(), dist.get_rank()), par
+
+    def build(seed: int, p: parallel.Parallel = par) -> tuple[nn.Module, nn.Module, htmuon.HTMuon]:
+        torch.manual_seed(seed)
+        model = Net()
+        module = parallel.wrap_model(model, p)
+        return model, module, make_opt(model, options, process_group=p.process_group)
+
+    def train(module: nn.Module, opt: htmuon.HTMuon, steps: range, p: parallel.Parallel = par) -> float:
+        for step in steps:
+            tokens, target = make_data(step)
+            opt.zero_grad()
+            loss = loss_fn(module, parallel.batch_slice(tokens, p), parallel.batch_slice(target, p))
+            loss.backward()
+            opt.step()
+        return parallel.mean_across(loss.item(), p)
+
+    ref, _, _ = reference(options)
+    model, module, opt = build(0)
+    train(module, opt, range(STEPS))
+    out = {"max_abs_diff": max_diff(model, ref)}
+    model_sd, opt_sd = copy.deepcopy(parallel.state_dicts(model, opt, par))
+    train(module, opt, range(STEPS, STEPS + 2))
+
+    fresh, fresh_module, fresh_opt = build(7)
+    parallel.load_state_dicts(fresh, fresh_opt, model_sd, opt_sd, par)
+    train(fresh_module, fresh_opt, range(STEPS, STEPS + 2))
+    out["resume_diff"] = max_diff(fresh, model)
+    if mode == "fsdp":  # the gathered FSDP2 state continues in a single process
+        single = parallel.Parallel()
+        alone, alone_module, alone_opt = build(7, single)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        alone.load_state_dict(model_sd)
+        set_optimizer_state_dict(alone, alone_opt, opt_sd, options=StateDictOptions(full_state_dict=True))
+        train(alone_module, alone_opt, range(STEPS, STEPS + 2), single)
+        out["single_resume_diff"] = max_diff(alone, model)
+    return out
+
+
+def bad_inputs() -> dict:
+    """Clear errors: a process group that is not the mesh's; a group mixing DTensors and plain tensors;
+    a non-finite gradient on one rank's shard makes every rank refuse the step (no hang)."""
+    out = {}
+    model = fsdp_model()
+    sub = dist.new_group([0])
+    try:
+        make_opt(model, {}, process_group=sub if dist.get_rank() == 0 else dist.group.WORLD)
+        if dist.get_rank() == 0:
+            out["mesh_mismatch"] = "no error"
+    except ValueError as e:
+        out["mesh_mismatch"] = str(e)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh2d = init_device_mesh("cpu", (1, 2))
+    tp = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh2d, [Shard(0), Shard(1)]))
+    try:
+        htmuon.HTMuon([tp])
+        out["two_sharded_dims"] = "no error"
+    except ValueError as e:
+        out["two_sharded_dims"] = str(e)
+    plain = nn.Linear(3, 3)
+    try:
+        htmuon.HTMuon([model.fc1.weight, plain.weight])
+        out["mixed"] = "no error"
+    except ValueError as e:
+        out["mixed"] = str(e)
+    opt = make_opt(model, {})
+    opt.zero_grad()
+    loss_fn(model, *half_batch(0)).backward()
+    if dist.get_rank() == 1:
+        model.fc1.weight.grad.to_local()[0, 0] = float("nan")
+    before = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    try:
+        opt.step()
+        out["nonfinite"] = "no error"
+    except htmuon.NonFiniteGradientError as e:
+        out["nonfinite"] = str(e)
+    out["nonfinite_unchanged"] = all(
+        torch.equal(full(p.detach()), before[n]) for n, p in model.named_parameters()
+    ) and not any(opt.state.values())
+    return out
+
+
+def main() -> int:
+    rank, world, rendezvous, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    wanted = sys.argv[5:]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    results: dict[str, dict] = {}
+    try:
+        jobs = {}
+        for name, options in VARIANTS.items():
+            jobs[f"ddp_exact/{name}"] = (ddp_exact, options)
+            jobs[f"fsdp_exact/{name}"] = (fsdp_exact, options)
+        for shape in ((1, 2), (2, 1)):  # HSDP: 1 replica of 2 shards, 2 replicas of 1 shard
+            jobs[f"hsdp_exact/{shape[0]}x{shape[1]}"] = (
+                lambda o, shape=shape: fsdp_exact(o, shape),
+                VARIANTS["ns_interval_normuon"],
+            )
+        jobs["ddp_training"] = (ddp_training, VARIANTS["svd"])
+        jobs["fsdp_training"] = (fsdp_training, VARIANTS["ns_interval_normuon"])
+        ckpt_dir = os.path.join(out_dir, "dcp")
+        jobs["fsdp_checkpoint"] = (lambda o: fsdp_checkpoint(o, ckpt_dir), VARIANTS["ns_interval_normuon"])
+        jobs["parallel_ddp"] = (lambda o: parallel_helpers(o, "ddp"), VARIANTS["ns_interval_normuon"])
+        jobs["parallel_fsdp"] = (lambda o: parallel_helpers(o, "fsdp"), VARIANTS["ns_interval_normuon"])
+        jobs["bad_inputs"] = (lambda o: bad_inputs(), {})
+        for name, (fn, options) in jobs.items():
+            if wanted and not any(name.startswith(w) for w in wanted):
+                continue
+            results[name] = fn(copy.deepcopy(options))
+            dist.barrier()
+    except Exception:
+        traceback.print_exc()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        return 1
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

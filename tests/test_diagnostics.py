@@ -1,0 +1,494 @@
+"""htmuon.diagnostics: power-law fits, layer selection, report, tracker, CLI, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from htmuon.diagnostics import (
+    COLUMNS,
+    FITS,
+    AlphaTracker,
+    ESDReport,
+    analyze,
+    fit_powerlaw,
+    layer_eigenvalues,
+)
+from htmuon.diagnostics import powerlaw as pl_mod
+
+F64 = torch.float64
+
+
+def matrix_with_spectrum(sv: torch.Tensor, m: int, seed: int = 0) -> torch.Tensor:
+    """An m x n float64 matrix (m >= n) with singular values ``sv`` and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    n = sv.numel()
+    U, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return U @ torch.diag(sv.to(F64)) @ V.T
+
+
+def power_spectrum(n: int, s: float, s1: float = 10.0) -> torch.Tensor:
+    """s_k = s1 * k^-s: the ESD's power-law exponent is alpha = 1 + 1 / (2 s)."""
+    return s1 * torch.arange(1, n + 1, dtype=F64) ** -s
+
+
+# ----------------------------------------------------------------------------- reference fit
+
+
+def naive_fit(evals, thresh=1e-5):
+    """The WeightWatcher 0.7.7 fit written out from its definition, one candidate at a time."""
+    x = sorted(float(e) for e in evals if e > thresh)
+    N = len(x)
+    small = N < 20
+    best = None
+    for i in range(N - 1):
+        n = N - i
+        s = sum(math.log(x[j] / x[i]) for j in range(i, N))
+        if small and (n < 8 or s <= 1e-12):
+            continue
+        alpha = 1 + (n - 1 if small else n) / s if s > 0 else math.inf
+        if alpha > 1:
+            D = max(abs(1 - (x[j] / x[i]) ** (1 - alpha) - (j - i) / n) for j in range(i, N))
+        else:
+            D = 1.0
+        if best is None or D < best[0]:
+            best = (D, alpha, x[i], (alpha - 1) / math.sqrt(n))
+    return best
+
+
+@pytest.mark.parametrize("n", [12, 19, 20, 57, 300])
+def test_ks_fit_matches_definition(n):
+    g = torch.Generator().manual_seed(n)
+    evals = torch.rand(n, generator=g, dtype=F64) ** -1.3 * 0.1  # Pareto-like
+    D, alpha, xmin, sigma = naive_fit(evals.tolist())
+    fit = fit_powerlaw(evals, "ks")
+    assert fit.alpha == pytest.approx(alpha, rel=1e-10)
+    assert fit.D == pytest.approx(D, rel=1e-10)
+    assert fit.xmin == pytest.approx(xmin, rel=1e-12)
+    assert fit.sigma == pytest.approx(sigma, rel=1e-10)
+    assert fit.xmax == pytest.approx(float(evals.max()), rel=1e-12)
+    assert fit.num_evals == n and fit.status == "ok"
+
+
+def test_ks_chunking_does_not_change_result(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    evals = torch.rand(700, generator=g, dtype=F64) ** -2.0
+    ref = fit_powerlaw(evals, "ks")
+    monkeypatch.setattr(pl_mod, "_KS_CHUNK_ELEMS", 997)  # many small, uneven chunks
+    assert fit_powerlaw(evals, "ks") == ref
+
+
+def test_thresh_drops_small_eigenvalues():
+    evals = torch.cat(
+        [torch.zeros(100, dtype=F64), torch.full((5,), 1e-6, dtype=F64), power_spectrum(200, 0.5) ** 2]
+    )
+    fit = fit_powerlaw(evals, "ks")
+    assert fit.num_evals == 200
+    assert fit == fit_powerlaw(power_spectrum(200, 0.5) ** 2, "ks")
+
+
+def test_median_fit_uses_upper_half():
+    ev = power_spectrum(101, 0.5) ** 2
+    fit = fit_powerlaw(ev, "median")
+    x = torch.sort(ev).values
+    assert fit.xmin == float(x[50]) and fit.n_tail == 51
+    n = 51
+    alpha = 1 + n / float(torch.log(x[50:] / x[50]).sum())
+    assert fit.alpha == pytest.approx(alpha, rel=1e-12)
+
+
+def test_fix_finger_ignores_a_finger():
+    """A few huge outliers drag the KS xmin up (alpha large); fix-finger keeps xmin near the peak."""
+    g = torch.Generator().manual_seed(3)
+    bulk = 1.0 + torch.rand(1000, generator=g, dtype=F64) ** -0.8  # heavy tail, peak near 1
+    finger = torch.tensor([400.0, 410.0, 420.0, 430.0, 440.0], dtype=F64)
+    ev = torch.cat([bulk, finger])
+    ff = fit_powerlaw(ev, "fix-finger")
+    lo, hi = pl_mod._finger_window(torch.sort(ev).values)
+    assert lo <= ff.xmin <= hi
+    assert ff.status == "ok"
+    # the search window is the only difference from "ks": same alpha formula at that xmin
+    x = torch.sort(ev).values
+    i = int((x == ff.xmin).nonzero()[0])
+    n = x.numel() - i
+    assert ff.alpha == pytest.approx(1 + n / float(torch.log(x[i:] / x[i]).sum()), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- synthetic recovery
+
+
+#: Recovery tolerance on alpha, as a fraction of (alpha - 1), for n = 512 singular values.
+#: Measured: 0.8% for ks / fix-finger, 1.5% for median (the deterministic spectrum's O(log n / n) bias).
+RECOVERY_TOL = {"ks": 0.02, "median": 0.03, "fix-finger": 0.02}
+
+
+@pytest.mark.parametrize("s", [0.25, 0.5, 0.75, 1.0])
+def test_recovers_known_power_law(s):
+    """s_k = s_1 k^-s gives alpha = 1 + 1/(2s); every fit recovers it within RECOVERY_TOL."""
+    W = matrix_with_spectrum(power_spectrum(512, s), 600, seed=int(s * 100))
+    alpha_true = 1 + 1 / (2 * s)
+    for fit, tol in RECOVERY_TOL.items():
+        row = analyze(W, fit=fit).rows[0]
+        assert abs(row["alpha"] - alpha_true) <= tol * (alpha_true - 1), (fit, row["alpha"], alpha_true)
+        assert row["fit"] == fit
+
+
+def test_recovers_pareto_sample():
+    """i.i.d. Pareto(alpha) samples: the MLE is within a few standard errors."""
+    g = torch.Generator().manual_seed(7)
+    for alpha in (2.0, 3.5):
+        x = 0.5 * torch.rand(2000, generator=g, dtype=F64) ** (-1 / (alpha - 1))
+        fit = fit_powerlaw(x, "ks")
+        assert abs(fit.alpha - alpha) < 4 * (alpha - 1) / math.sqrt(fit.n_tail) + 0.02
+
+
+def test_invariances():
+    W = matrix_with_spectrum(power_spectrum(128, 0.6), 300, seed=2)
+    base = analyze(W).rows[0]
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=F64))
+    for other in (Q @ W, W.T, 3.0 * W):
+        row = analyze(other).rows[0]
+        assert row["alpha"] == pytest.approx(base["alpha"], rel=1e-9)
+        assert row["D"] == pytest.approx(base["D"], rel=1e-7, abs=1e-12)
+    assert analyze(3.0 * W).rows[0]["xmin"] == pytest.approx(9.0 * base["xmin"], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- eigenvalues, layers
+
+
+def test_gram_and_svd_agree_and_match_svdvals():
+    W = torch.randn(300, 120, dtype=torch.float32)
+    ref = torch.sort(torch.linalg.svdvals(W.double()) ** 2).values
+    for method in ("svd", "gram"):
+        ev = layer_eigenvalues(W, method=method)
+        assert ev.dtype == F64
+        torch.testing.assert_close(ev, ref, rtol=1e-10, atol=1e-10)
+    a = analyze(W, method="svd").rows[0]
+    b = analyze(W, method="gram").rows[0]
+    for c in ("alpha", "D", "xmin", "log_norm", "stable_rank", "entropy", "matrix_rank", "num_pl_spikes"):
+        assert a[c] == pytest.approx(b[c], rel=1e-9), c
+
+
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_matrix_rank_of_low_rank_matrix(method):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(128, 10, generator=g, dtype=F64) @ torch.randn(10, 64, generator=g, dtype=F64)
+    row = analyze(W, method=method).rows[0]
+    assert row["matrix_rank"] == 10
+    assert row["num_evals"] == 64
+
+
+def test_conv2d_convention():
+    """Conv2d: the kh*kw slices W[:, :, i, j], eigenvalues pooled and scaled by 0.5."""
+    conv = nn.Conv2d(8, 16, (3, 2))
+    W = conv.weight.detach().double()
+    slices = [W[:, :, i, j] for i in range(3) for j in range(2)]
+    ref = torch.sort(torch.cat([torch.linalg.svdvals(s) ** 2 for s in slices]) * 0.5).values
+    torch.testing.assert_close(layer_eigenvalues(conv.weight), ref, rtol=1e-10, atol=1e-12)
+    row = analyze(nn.Sequential(conv)).rows[0]
+    assert (row["kind"], row["N"], row["M"], row["rf"], row["num_evals"]) == ("conv2d", 16, 8, 6, 48)
+    unscaled = layer_eigenvalues(conv.weight, conv2d_norm=False)
+    torch.testing.assert_close(unscaled, 2 * ref, rtol=1e-10, atol=1e-12)
+
+
+def test_conv1d_modes():
+    conv = nn.Conv1d(16, 24, 9)
+    W = conv.weight.detach().double()
+    slices = torch.sort(torch.cat([torch.linalg.svdvals(W[:, :, t]) ** 2 for t in range(9)])).values
+    torch.testing.assert_close(layer_eigenvalues(conv.weight), slices, rtol=1e-10, atol=1e-12)
+    ww = torch.sort(torch.linalg.svdvals(W).flatten() ** 2).values[-9:]  # batched over out, top min(shape)
+    torch.testing.assert_close(layer_eigenvalues(conv.weight, conv1d="ww"), ww, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_equals_one_at_a_time():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(96, 160) for _ in range(5)], nn.Conv2d(8, 12, 3), nn.Conv2d(8, 12, 3))
+    rep = analyze(model)
+    for (name, mod), row in zip([(n, m) for n, m in model.named_modules() if n], rep.rows):
+        assert row["name"] == name
+        single = analyze(mod.weight).rows[0]
+        for c in ("alpha", "D", "xmin", "entropy", "log_norm"):
+            assert row[c] == pytest.approx(single[c], rel=1e-12), (name, c)
+
+
+def test_layer_selection_rules():
+    model = nn.Sequential()
+    model.add_module("tiny", nn.Linear(5, 3))  # M*rf = 3 < 8
+    model.add_module("conv1x1", nn.Conv2d(3, 16, 1))  # M*rf = 3 < 8
+    model.add_module("conv3x3", nn.Conv2d(3, 16, 3))  # M*rf = 27
+    model.add_module("norm", nn.LayerNorm(16))  # not a layer kind
+    model.add_module("emb", nn.Embedding(100, 16))
+    model.add_module("fc", nn.Linear(16, 32))
+    rep = analyze(model)
+    assert [r["name"] for r in rep.rows] == ["conv3x3", "emb", "fc"]
+    assert [r["kind"] for r in rep.rows] == ["conv2d", "embedding", "linear"]
+    assert dict(rep.skipped) == {"tiny": "M*rf=3 < min_evals=8", "conv1x1": "M*rf=3 < min_evals=8"}
+    huge = {
+        "big.weight": torch.zeros(1).expand(16001, 15001),
+        "wide.weight": torch.zeros(1).expand(60000, 16),
+    }
+    huge["ok.weight"] = torch.randn(40, 20)
+    rep = analyze(huge)
+    assert [r["name"] for r in rep.rows] == ["ok"]
+    assert dict(rep.skipped) == {"big": "M*rf=15001 > max_evals=15000", "wide": "N=60000 > max_N=50000"}
+
+
+def test_class_name_rule_like_weightwatcher():
+    class MyConv1D(nn.Module):  # Hugging Face GPT-2 style: a 2-D weight, class name says conv1d
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 96))
+
+    rep = analyze(nn.ModuleDict({"c_attn": MyConv1D()}))
+    assert rep.rows[0]["kind"] == "conv1d" and rep.rows[0]["shape"] == (64, 96) and rep.rows[0]["rf"] == 1
+
+
+def test_layers_filter():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    assert [r["name"] for r in analyze(model, layers=r"^[02]$").rows] == ["0", "2"]
+    assert [r["name"] for r in analyze(model, layers=["1"]).rows] == ["1"]
+    assert [r["name"] for r in analyze(model, layers=lambda n: n != "0").rows] == ["1", "2"]
+
+
+def test_inputs_module_state_dict_path_tensor(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.LayerNorm(8))
+    ref = analyze(model).alphas
+    sd = model.state_dict()
+    assert analyze(sd).alphas == ref
+    torch.save(sd, tmp_path / "sd.pt")
+    torch.save({"model": sd, "step": 3, "config": {"lr": 0.1}}, tmp_path / "ckpt.pth")
+    assert analyze(tmp_path / "sd.pt").alphas == ref
+    assert analyze(str(tmp_path / "ckpt.pth")).alphas == ref
+    # a training checkpoint: config, step and RNG states (numpy arrays) beside the model
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()  # noqa: NPY002 -- the legacy state is what checkpoints hold
+    rng = {"numpy": np_state, "python": random.getstate(), "torch": torch.get_rng_state()}
+    torch.save({"model": sd, "rng": rng, "config": {"lr": 0.1}}, tmp_path / "train.pt")
+    assert analyze(tmp_path / "train.pt").alphas == ref
+
+    import datetime  # an arbitrary pickled object is refused, with a way out
+
+    torch.save({"model": sd, "extra": datetime.date(2026, 1, 1)}, tmp_path / "opaque.pt")
+    with pytest.raises(ValueError, match="weights_only=True.*datetime.date.*weights_only=False"):
+        analyze(tmp_path / "opaque.pt")
+    assert analyze(model[0].weight).alphas == {"tensor": ref["0"]}
+    assert analyze(model[2].weight).rows[0]["kind"] == "conv2d"
+
+
+def test_float32_dtype_close_to_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128))
+    a = analyze(model)
+    b = analyze(model, dtype=torch.float32)
+    assert b.meta["dtype"] == "float32" and b.meta["method"] == "svd"
+    assert a.meta["dtype"] == "float64" and a.meta["method"] == "gram"
+    for ra, rb in zip(a.rows, b.rows):
+        assert rb["alpha"] == pytest.approx(ra["alpha"], rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.Conv2d(16, 32, 3))
+    cpu = analyze(model)
+    gpu = analyze(model.cuda(), dtype=torch.float64)
+    for ra, rb in zip(cpu.rows, gpu.rows):
+        assert rb["alpha"] == pytest.approx(ra["alpha"], rel=1e-9)
+    assert analyze(model).meta["dtype"] == "float32"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_columns_csv_markdown(tmp_path):
+    torch.manual_seed(0)
+    rep = analyze(nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64)), fit="median")
+    assert isinstance(rep, ESDReport) and rep.fit == "median"
+    for r in rep.rows:
+        assert tuple(r) == COLUMNS
+        assert r["alpha_weighted"] == pytest.approx(r["alpha"] * math.log10(r["spectral_norm"]))
+        assert r["stable_rank"] == pytest.approx(10 ** r["log_norm"] / r["spectral_norm"])
+        assert 0 < r["entropy"] <= 1 and r["matrix_rank"] == 64 and r["num_evals"] == 64
+        assert r["xmax"] == r["spectral_norm"]
+    assert rep.mean_alpha == pytest.approx(sum(rep.alphas.values()) / 2)
+    path = rep.to_csv(tmp_path / "esd.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["0", "1"] and rows[0]["shape"] == "128x64"
+    assert float(rows[1]["alpha"]) == pytest.approx(rep.rows[1]["alpha"], rel=1e-12)
+    md = rep.to_markdown()
+    assert "`median`" in md and "| 0 | linear | 128x64 |" in md and f"{rep.mean_alpha:.4f}" in md
+    assert rep.column("alpha") == [r["alpha"] for r in rep.rows]
+
+
+def test_failed_fit_is_reported_not_raised():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    nn.init.zeros_(model[1].weight)  # zero-initialised output projection: no eigenvalue above 1e-5
+    rep = analyze(model)
+    assert math.isnan(rep.rows[1]["alpha"]) and rep.rows[1]["status"].startswith("failed")
+    assert rep.mean_alpha == rep.rows[0]["alpha"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        analyze(torch.randn(5))
+    with pytest.raises(ValueError, match="nothing to analyze.*no Linear"):
+        analyze(nn.Sequential())
+    with pytest.raises(ValueError, match="nothing to analyze.*no Linear"):
+        analyze(nn.Sequential(nn.LayerNorm(8), nn.ReLU()))
+    with pytest.raises(ValueError, match="every candidate layer was skipped.*min_evals"):
+        analyze(nn.Linear(4, 3))
+    bad = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with torch.no_grad():
+        bad[1].weight[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '1' has 1 non-finite"):
+        analyze(bad)
+    with pytest.raises(ValueError, match="Invalid fit: 'hill'.*'ks', 'median', 'fix-finger'"):
+        analyze(nn.Linear(16, 16), fit="hill")
+    with pytest.raises(ValueError, match="Invalid method"):
+        analyze(nn.Linear(16, 16), method="qr")
+    with pytest.raises(ValueError, match="Invalid device: 'toaster'"):
+        analyze(nn.Linear(16, 16), device="toaster")
+    with pytest.raises(ValueError, match="Invalid dtype"):
+        analyze(nn.Linear(16, 16), dtype=torch.float16)
+    with pytest.raises(ValueError, match="Invalid layers regex"):
+        analyze(nn.Linear(16, 16), layers="(")
+    with pytest.raises(TypeError, match="got int"):
+        analyze(3)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        analyze(tmp_path / "nope.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list, not a state_dict"):
+        analyze(tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="1-D"):
+        fit_powerlaw(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_powerlaw(torch.tensor([1.0, float("nan"), 2.0]))
+
+
+# ----------------------------------------------------------------------------- tracker
+
+
+def test_alpha_tracker():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    seen = []
+    tracker = AlphaTracker(every=3, fit="median", callback=seen.append)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = []
+    for step in range(7):
+        loss = model(torch.randn(8, 32)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(tracker(model, step))
+    assert [r is None for r in out] == [False, True, True, False, True, True, False]
+    assert [r["step"] for r in tracker.history] == [0, 3, 6] and seen == tracker.history
+    last = tracker.history[-1]
+    assert set(last) == {"step", "mean_alpha", "alphas"} and set(last["alphas"]) == {"0", "2"}
+    assert last["mean_alpha"] == pytest.approx(analyze(model, fit="median").mean_alpha)
+    assert tracker.last_report.fit == "median"
+    assert tracker.mean_alphas()[0][0] == 0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="Invalid every"):
+            AlphaTracker(every=bad)
+    with pytest.raises(ValueError, match="Invalid fit"):
+        AlphaTracker(fit="mle")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(argv):
+    from htmuon.diagnostics import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return cli.main(parser.parse_args(argv))
+
+
+def test_cli_esd(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 48))
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
+    assert _cli([str(tmp_path / "ckpt.pt"), "--fit", "median", "--csv", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "`median`" in out and "| 0 | linear | 96x48 |" in out
+    assert (tmp_path / "t.csv").read_text().startswith("name,kind,shape,N,M")
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(30, 50), nn.Tanh(), nn.Linear(50, 30))
+
+
+def test_cli_esd_model_factory(capsys):
+    from htmuon.cli import UserError
+
+    assert _cli([f"{__name__}:small_model", "--layers", "^2$"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | linear | 30x50 |" in out and "| 0 |" not in out
+    with pytest.raises(UserError, match="nothing to analyze"):
+        _cli(["torch.nn:Identity"])
+
+    with pytest.raises(UserError, match="no such checkpoint file"):
+        _cli(["/nonexistent/ckpt.pt"])
+    with pytest.raises(UserError, match="cannot import module"):
+        _cli(["no_such_module_xyz:make"])
+    with pytest.raises(UserError, match="no attribute"):
+        _cli(["math:nothing_here"])
+    with pytest.raises(UserError, match="not an nn.Module"):
+        _cli(["math:pi"])
+
+
+def test_cli_registered():
+    from htmuon.cli import SUBCOMMANDS
+
+    assert SUBCOMMANDS["esd"][0] == "htmuon.diagnostics.cli"
+
+
+@pytest.mark.parametrize("fit", FITS)
+def test_cli_through_main_entry_point(tmp_path, capsys, fit):
+    pytest.importorskip("htmuon.demo")  # the lead's subcommand; the dispatcher imports every module
+    from htmuon.cli import main
+
+    torch.save(nn.Linear(40, 60).state_dict(), tmp_path / "w.pt")
+    assert main(["esd", str(tmp_path / "w.pt"), "--fit", fit]) == 0
+    assert f"`{fit}`" in capsys.readouterr().out
+    assert main(["esd", str(tmp_path / "missing.pt")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_import_is_light():
+    """Importing the package (and its CLI module) does not import matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, htmuon.diagnostics, htmuon.diagnostics.cli, htmuon.diagnostics.plots; "
+        "sys.exit('matplotlib' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], env=_subprocess_env()).returncode == 0
+
+
+def _subprocess_env():
+    import os
+
+    import htmuon
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(htmuon.__file__)))
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -1,0 +1,75 @@
+"""htmuon.diagnostics.plots: PNGs are written, paths returned, no pyplot state left behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("matplotlib")
+
+from htmuon.diagnostics import analyze  # noqa: E402
+from htmuon.diagnostics.plots import plot_esd, plot_layer_alpha, plot_update_spectra  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC
+
+
+def _no_pyplot_figures() -> bool:
+    import matplotlib.pyplot as plt
+
+    return plt.get_fignums() == []
+
+
+@pytest.fixture(scope="module")
+def reports():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64), nn.Conv2d(8, 16, 3))
+    b = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    return {"Muon": analyze(a), "HTMuon": analyze(b, fit="ks")}
+
+
+def test_plot_layer_alpha(tmp_path, reports):
+    out = plot_layer_alpha(reports, tmp_path / "sub" / "alpha.png")
+    assert out == str(tmp_path / "sub" / "alpha.png") and _is_png(out)
+    assert _no_pyplot_figures()
+
+
+def test_plot_esd_from_matrix_and_eigenvalues(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 200, generator=g)
+    for fit in ("ks", "median", "fix-finger"):
+        assert _is_png(plot_esd(W, tmp_path / f"esd_{fit}.png", fit=fit))
+    ev = torch.linalg.svdvals(W.double()) ** 2
+    assert _is_png(plot_esd(ev.numpy(), tmp_path / "esd_np.png"))
+    assert _is_png(plot_esd(nn.Conv2d(16, 32, 3).weight, tmp_path / "esd_conv.png"))
+    assert _no_pyplot_figures()
+
+
+def test_plot_update_spectra(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(128, 64, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(G)
+    spectra = {"Muon": torch.ones(64), "HTMuon p=0.125": s**0.125, "momentum (matrix)": G}
+    assert _is_png(plot_update_spectra(spectra, tmp_path / "upd.png"))
+    assert _is_png(plot_update_spectra({"a": s.tolist()}, tmp_path / "upd_norm.png", normalize=True))
+    assert _no_pyplot_figures()
+
+
+def test_plot_bad_input(tmp_path, reports):
+    with pytest.raises(ValueError, match="non-empty dict"):
+        plot_layer_alpha({}, tmp_path / "x.png")
+    with pytest.raises(TypeError, match="not an ESDReport"):
+        plot_layer_alpha({"a": [1, 2]}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="at least 2 eigenvalues"):
+        plot_esd(torch.tensor([1.0, 0.0]), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="NaN"):
+        plot_esd([1.0, float("nan"), 3.0], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="non-empty dict"):
+        plot_update_spectra({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="expected singular values or a matrix"):
+        plot_update_spectra({"a": torch.ones(2, 2, 2)}, tmp_path / "x.png")

@@ -1,0 +1,113 @@
+"""The torchtitan adapter (skipped where torchtitan is not installed; see docs/distributed.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import htmuon
+
+pytest.importorskip("torchtitan.components.optimizer", reason="torchtitan is not installed")
+
+from htmuon.integrations.torchtitan import (  # noqa: E402
+    HTMuonOptimizersContainer,
+    htmuon_optimizer_config,
+)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(torch.tanh(self.wq(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(d)
+        self.attention = Attention(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attention(self.attention_norm(x))
+
+
+class TinyLlama(nn.Module):
+    """torchtitan's LLaMA parameter names: tok_embeddings, layers.N.*, norm, output."""
+
+    def __init__(self, vocab: int = 13, d: int = 8) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleDict({"0": Block(d), "1": Block(d)})
+        self.norm = nn.LayerNorm(d)
+        self.output = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h)
+        return self.output(self.norm(h))
+
+
+def train(model: nn.Module, opt, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        tokens = torch.randint(0, 13, (4, 6), generator=g)
+        opt.zero_grad()
+        logits = model(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+
+
+def test_config_builds_one_htmuon_with_standard_routing():
+    torch.manual_seed(0)
+    model = TinyLlama()
+    config = htmuon_optimizer_config(lr=0.02, adamw_lr=1e-3, p=0.25, method="eigh", plugin="normuon")
+    container = config.build(model_parts=[model])
+    assert isinstance(container, HTMuonOptimizersContainer)
+    (opt,) = container.optimizers
+    assert isinstance(opt, htmuon.HTMuon)
+    adamw, matrices = opt.param_groups
+    assert adamw["algorithm"] == "adamw" and adamw["lr"] == 1e-3
+    assert set(adamw["param_names"]) == {
+        "tok_embeddings.weight",
+        "layers.0.attention_norm.weight",
+        "layers.0.attention_norm.bias",
+        "layers.1.attention_norm.weight",
+        "layers.1.attention_norm.bias",
+        "norm.weight",
+        "norm.bias",
+        "output.weight",
+    }
+    assert matrices["algorithm"] == "htmuon" and matrices["p"] == 0.25 and matrices["plugin"] == "normuon"
+    assert len(matrices["params"]) == 4 and "fused" not in matrices
+    before = model.layers["0"].attention.wq.weight.detach().clone()
+    train(model, container, range(2))
+    assert not torch.equal(before, model.layers["0"].attention.wq.weight)
+
+
+def test_flat_checkpoint_round_trip_resumes_exactly():
+    torch.manual_seed(0)
+    model = TinyLlama()
+    config = htmuon_optimizer_config(interval=2, plugin="normuon")
+    container = config.build(model_parts=[model])
+    train(model, container, range(3))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_optim = {
+        k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in container.state_dict().items()
+    }
+    assert any(k.endswith("second_moment") for k in saved_optim)
+    train(model, container, range(3, 5))
+
+    torch.manual_seed(1)
+    fresh = TinyLlama()
+    fresh.load_state_dict(saved_model)
+    fresh_container = config.build(model_parts=[fresh])
+    fresh_container.load_state_dict(saved_optim)
+    train(fresh, fresh_container, range(3, 5))
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,396 @@
+"""The training harness: corpus, split, tokenizer, loop, checkpoints, exact resume, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from htmuon.cli import UserError  # noqa: E402
+from htmuon.cli import main as cli_main  # noqa: E402
+from htmuon.train import checkpoint  # noqa: E402
+from htmuon.train.config import TrainConfig, make_config  # noqa: E402
+from htmuon.train.data import (  # noqa: E402
+    BlockSampler,
+    builtin_corpus_path,
+    chunk_document,
+    load_image_data,
+    split_documents,
+    text_splits,
+)
+from htmuon.train.loop import lr_factor, read_metrics, train  # noqa: E402
+from htmuon.train.optimizers import OPTIMIZERS  # noqa: E402
+from htmuon.train.tokenizer import prepare_tokens, train_tokenizer  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path_factory.getbasetemp() / "htmuon-cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """The first ~150 kB of the built-in corpus: real English text, fast to tokenize."""
+    with gzip.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
+        text = f.read(150_000)
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny(corpus_file: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        model="llama-micro",
+        data=str(corpus_file),
+        vocab_size=320,
+        seq_len=16,
+        batch_size=2,
+        steps=6,
+        warmup_steps=2,
+        eval_every=3,
+        eval_batches=2,
+        log_every=1,
+        ckpt_every=3,
+        threads=1,
+        progress="none",
+        alpha=False,
+        out_dir=str(out),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ----------------------------------------------------------------------------- corpus and data
+
+
+def test_builtin_corpus_is_real_clean_text_with_attribution():
+    path = builtin_corpus_path()
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    assert len(text.encode()) > 1_000_000
+    assert "HAMLET" in text and "To be, or not to be" in text
+    low = text.lower()
+    for licence_word in ("project gutenberg", "small print", "copyright"):
+        assert licence_word not in low
+    attribution = (path.parent / "ATTRIBUTION.md").read_text()
+    assert "public domain" in attribution and "Gutenberg" in attribution
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    a = text_splits("shakespeare", 0.05)
+    b = text_splits("shakespeare", 0.05)
+    assert a.train == b.train and a.val == b.val
+    tr = sum(len(c) for d in a.train for c in d)
+    va = sum(len(c) for d in a.val for c in d)
+    assert 0.03 < va / (tr + va) < 0.07
+    val_chunks = {c for d in a.val for c in d}
+    assert not val_chunks & {c for d in a.train for c in d}
+
+
+def test_chunking_keeps_text_and_splits_every_kth():
+    doc = "".join(f"line {i}\n" for i in range(5000))
+    chunks = chunk_document(doc, 100)
+    assert "".join(chunks) == doc and all(c.endswith("\n") for c in chunks)
+    train, val = split_documents([doc], 0.25)
+    assert len(val[0]) == len(chunk_document(doc)) // 4
+
+
+def test_block_sampler_resumes_and_covers_each_epoch():
+    s = BlockSampler(10, 3, seed=7)
+    first = [s.next_indices() for _ in range(3)]
+    state = s.state_dict()
+    rest = [s.next_indices() for _ in range(4)]
+    s2 = BlockSampler(10, 3, seed=7)
+    s2.load_state_dict(state)
+    assert all((x == y).all() for x, y in zip(rest, [s2.next_indices() for _ in range(4)]))
+    epoch0 = np.concatenate(first + rest)[:10]
+    assert sorted(epoch0.tolist()) == list(range(10))
+
+
+def test_tokenizer_training_is_deterministic_and_cached(corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    splits = text_splits(str(corpus_file), 0.1)
+    t1 = train_tokenizer(splits.train, 400)
+    t2 = train_tokenizer(splits.train, 400)
+    assert t1.to_str() == t2.to_str() and t1.get_vocab_size() == 400
+    tok, tr, va, d = prepare_tokens(splits, 400)
+    assert tok.to_str() == t1.to_str()
+    assert tok.decode(tr[:50].tolist()) == "".join(splits.train[0])[: len(tok.decode(tr[:50].tolist()))]
+    assert sorted(p.name for p in d.iterdir()) == ["tokenizer.json", "train.npy", "val.npy"]  # no temp files
+    tok2, tr2, va2, d2 = prepare_tokens(splits, 400)  # a cache hit
+    assert d2 == d and (tr2 == tr).all() and (va2 == va).all()
+    _, _, _, d3 = prepare_tokens(splits, 500)
+    assert d3 != d
+
+
+def test_user_text_sources(tmp_path):
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": f"document {i} " * 50}) for i in range(40)) + "\n")
+    s = text_splits(str(jl), 0.1)
+    assert len(s.train) + len(s.val) == 40 and len(s.val) == 4
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text(f"text number {i}\n" * 2000)
+    s = text_splits(str(folder), 0.1)
+    assert len(s.val) >= 1
+    with pytest.raises(UserError, match="field 'body'"):
+        text_splits(str(jl), 0.1, text_field="body")
+
+
+def test_image_data_digits_and_cifar_pickles(tmp_path):
+    d = load_image_data("digits", 32, seed=0)
+    assert d.x_train.shape[1:] == (1, 8, 8) and d.num_classes == 10
+    assert len(d.x_train) + len(d.x_val) == 1797
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    c = load_image_data(f"cifar10:{tmp_path}", 8, seed=0)
+    assert c.x_train.shape == (20, 3, 32, 32) and c.x_val.shape == (4, 3, 32, 32)
+    with pytest.raises(UserError, match="cifar100 folder"):
+        load_image_data(f"cifar100:{tmp_path / 'nope'}", 8, seed=0)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    f = [lr_factor(s, 10, 100, 0.1) for s in range(1, 101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_tiny_end_to_end_run_each_optimizer(optimizer, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    s = train(tiny(corpus_file, out, optimizer=optimizer))
+    assert s["finished"] and s["steps_done"] == 6 and math.isfinite(s["final_val_loss"])
+    assert s["final_val_ppl"] == pytest.approx(math.exp(s["final_val_loss"]))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optimizer"] == optimizer and cfg["lr"] == OPTIMIZERS[optimizer]["lr"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 0 and run["versions"]["torch"] == torch.__version__
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 7))
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [3, 6]
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,kind,loss")
+    ck = checkpoint.load(out / "ckpt.pt")
+    assert ck["step"] == 6 and ck["config"]["optimizer"] == optimizer and ck["versions"]["torch"]
+
+
+def test_resnet_on_digits_with_htmuon(tmp_path):
+    cfg = TrainConfig(
+        model="resnet-micro",
+        optimizer="htmuon",
+        steps=4,
+        warmup_steps=1,
+        batch_size=16,
+        eval_every=4,
+        eval_batches=2,
+        threads=1,
+        progress="none",
+        alpha=False,
+        out_dir=str(tmp_path / "r"),
+    )
+    s = train(cfg)
+    assert s["finished"] and s["data"] == "digits" and 0.0 <= s["final_val_acc"] <= 1.0
+
+
+def _params(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "ckpt.pt")["model"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "htmuon", "htmuon-interval"])
+def test_exact_resume_after_interruption(optimizer, corpus_file, tmp_path):
+    kw = dict(
+        optimizer=optimizer, steps=9, ckpt_every=2, interval=3 if optimizer == "htmuon-interval" else None
+    )
+    full = train(tiny(corpus_file, tmp_path / "full", **kw))
+    # "killed" after step 5: the checkpoint holds step 5; metrics after it must go on resume
+    stopped = train(tiny(corpus_file, tmp_path / "cut", **kw), stop_after=5)
+    assert stopped["stopped"] and not (tmp_path / "cut" / "summary.json").exists()
+    (tmp_path / "cut" / ".ckpt.pt.tmp999").write_bytes(b"torn write of a killed run")
+    resumed = train(tiny(corpus_file, tmp_path / "cut", **kw), resume=True)
+    assert resumed["finished"]
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(d):
+        return [(r["step"], r["kind"], r["loss"]) for r in read_metrics(d / "metrics.jsonl")]
+
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+    assert full["final_val_loss"] == resumed["final_val_loss"]
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_steps"] == [5]
+
+
+@pytest.mark.slow
+def test_resume_from_killed_subprocess(corpus_file, tmp_path):
+    """A real kill (SIGKILL) of `htmuon train` after a checkpoint, then --resume: no gap, no repeat."""
+    out = tmp_path / "run"
+    steps = 40
+    args = [
+        sys.executable, "-m", "htmuon.cli", "train", "--model", "llama-micro", "--data", str(corpus_file),
+        "--vocab-size", "320", "--seq-len", "32", "--batch-size", "8", "--steps", str(steps),
+        "--warmup-steps", "2", "--eval-every", "1000", "--eval-batches", "1", "--ckpt-every", "2",
+        "--log-every", "1", "--threads", "1", "--progress", "none", "--alpha", "false", "--optimizer", "muon",
+        "--out-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    with open(tmp_path / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None:
+                if (out / "ckpt.pt").exists() and checkpoint.load(out / "ckpt.pt")["step"] >= 2:
+                    break
+                time.sleep(0.02)
+            proc.kill()
+        finally:
+            proc.wait()
+    step = checkpoint.load(out / "ckpt.pt")["step"]
+    assert 2 <= step < steps, (tmp_path / "stderr.txt").read_text()
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))  # no duplicates, no gaps
+    assert json.loads((out / "run.json").read_text())["resumed_from_steps"] == [step]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    rc = cli_main(list(argv))
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--optimizer", "sgdx"], "unknown optimizer 'sgdx'"),
+        (["--model", "gpt5"], "unknown model preset 'gpt5'"),
+        (["--data", "/no/such/file.txt"], "data source '/no/such/file.txt' not found"),
+        (["--data", "mnist"], "data source 'mnist' not found"),
+        (["--model", "resnet-micro", "--data", "imagenet:/x"], "use --data digits"),
+        (["--steps", "ten"], "config key 'steps' must be an integer, got 'ten'"),
+        (["--lr", "-1"], "config key 'lr' must be > 0"),
+        (["--routing", "sideways"], "config key 'routing' must be one of"),
+        (["--config", "/no/such.toml"], "config file '/no/such.toml' not found"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path):
+    rc, err = _cli(capsys, "train", "--out-dir", str(tmp_path / "r"), "--progress", "none", *argv)
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_data_file_and_bad_config_file(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    rc, err = _cli(capsys, "train", "--data", str(empty), "--out-dir", str(tmp_path / "r"))
+    assert rc == 2 and "is empty" in err
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"steps": "100"}))
+    rc, err = _cli(capsys, "train", "--config", str(cfg), "--out-dir", str(tmp_path / "r"))
+    assert rc == 2 and "config key 'steps' must be an integer, got '100' in" in err
+    cfg.write_text(json.dumps({"stepz": 100}))
+    rc, err = _cli(capsys, "train", "--config", str(cfg))
+    assert rc == 2 and "unknown config key 'stepz'" in err
+    toml = tmp_path / "run.toml"
+    toml.write_text('optimizer = "muon"\nsteps = 70\nlr = 0.05\n')
+    c = make_config({"steps": 3, "seed": 4}, str(toml), {"lr": "0.01"}, strings=True)
+    assert (c.optimizer, c.steps, c.lr, c.seed) == ("muon", 70, 0.01, 4)
+
+
+def test_checkpoint_of_another_config_is_refused_and_nothing_overwritten(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out, steps=4), stop_after=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="another config.*lr=0.03 vs 0.05"):
+        train(tiny(corpus_file, out, steps=4, lr=0.05), resume=True)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny(corpus_file, out, steps=4))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_cli_user_error_has_no_traceback_in_a_real_process(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "htmuon.cli",
+            "train",
+            "--optimizer",
+            "lion",
+            "--out-dir",
+            str(tmp_path / "x"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == "htmuon train: error: unknown optimizer 'lion' (choose from " + ", ".join(OPTIMIZERS) + ")"
+    )
+
+
+def test_hf_dataset_on_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": [f"train document {i}. " * 30 for i in range(20)]}),
+            "validation": datasets.Dataset.from_dict({"text": [f"held out {i}. " * 30 for i in range(3)]}),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "ds"))
+    s = text_splits(f"hf-disk:{tmp_path / 'ds'}", 0.05)
+    assert (len(s.train), len(s.val)) == (20, 3) and "held out 0" in s.val[0][0]
+    with pytest.raises(UserError, match="no field 'body'"):
+        text_splits(f"hf-disk:{tmp_path / 'ds'}", 0.05, text_field="body")
+
+
+@pytest.mark.parametrize("routing", ["standard", "paper"])
+def test_optimizer_routing_and_weight_decay_groups(routing):
+    from htmuon.train.models import build_llama
+    from htmuon.train.optimizers import build_optimizer, resolve
+
+    model = build_llama("llama-micro", 320, 16)
+    cfg = resolve(TrainConfig(optimizer="htmuon", routing=routing, weight_decay=0.1, adamw_lr=2e-3))
+    opt = build_optimizer(model, cfg)
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    q, norm = model.model.layers[0].self_attn.q_proj.weight, model.model.norm.weight
+    assert by_id[id(q)]["algorithm"] == "htmuon" and by_id[id(q)]["lr"] == cfg.lr == 0.03
+    want = "adamw" if routing == "standard" else "htmuon"
+    assert by_id[id(emb)]["algorithm"] == want and by_id[id(head)]["algorithm"] == want
+    assert by_id[id(emb)]["weight_decay"] == 0.1 and by_id[id(head)]["weight_decay"] == 0.1
+    assert by_id[id(norm)]["algorithm"] == "adamw" and by_id[id(norm)]["weight_decay"] == 0.0
+    assert by_id[id(norm)]["lr"] == 2e-3
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

@@ -1,0 +1,164 @@
+"""htmuon compare: the grid, the table (mean ± std over seeds, best lr), the plots."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from htmuon.cli import main as cli_main  # noqa: E402
+from htmuon.train.compare import aggregate, markdown_table, mean_std, parse_spec  # noqa: E402
+from htmuon.train.data import builtin_corpus_path  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path_factory.getbasetemp() / "htmuon-cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    with gzip.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
+        text = f.read(100_000)
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+TINY = [
+    "--model", "llama-micro", "--vocab-size", "320", "--seq-len", "16", "--batch-size", "2", "--steps", "4",
+    "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2", "--threads", "1", "--progress", "none",
+]  # fmt: skip
+
+
+def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon,htmuon:method=eigh",
+        "--seeds",
+        "0,1",
+        "--lr-grid",
+        "muon=0.01,0.02",
+    ]
+    argv += ["--data", str(corpus_file), "--out-dir", str(out), *TINY]
+    assert cli_main(argv) == 0
+    md = (out / "results.md").read_text()
+    assert "| optimizer | lr | seeds | val loss | val ppl | ms/step | time vs muon | mean alpha |" in md
+    main_table = md.split("All learning rates")[0]
+    rows = [ln for ln in main_table.splitlines() if ln.startswith("| muon |") or ln.startswith("| htmuon:")]
+    assert len(rows) == 2 and all(" ± " in r for r in rows)
+    assert "All learning rates" in md and md.count("**") == 4  # two best cells in bold
+    assert (out / "val_curves.png").read_bytes()[:8] == PNG
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 6 and {r["spec"] for r in res["runs"]} == {"muon", "htmuon:method=eigh"}
+    best_muon = res["best"]["muon"]
+    losses = {
+        lr: [r["final_val_loss"] for r in res["runs"] if r["spec"] == "muon" and r["lr"] == lr]
+        for lr in (0.01, 0.02)
+    }
+    assert best_muon["lr"] == min(losses, key=lambda lr: sum(losses[lr]))
+    cfg = json.loads((out / "htmuon__method=eigh" / "lr0.03" / "seed1" / "config.json").read_text())
+    assert (cfg["method"], cfg["seed"], cfg["p"]) == ("eigh", 1, 0.125)
+    # a second call reuses the finished runs (their files are untouched) and rewrites the report
+    ckpt = out / "muon" / "lr0.01" / "seed0" / "ckpt.pt"
+    before = ckpt.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    assert ckpt.stat().st_mtime_ns == before
+    assert "| muon |" in capsys.readouterr().out
+
+
+def test_compare_image_task_reports_accuracy(tmp_path):
+    out = tmp_path / "img"
+    argv = ["compare", "--optimizers", "adamw,htmuon", "--model", "resnet-micro", "--steps", "3"]
+    argv += ["--warmup-steps", "1", "--batch-size", "16", "--eval-every", "3", "--eval-batches", "2"]
+    argv += ["--threads", "1", "--progress", "none", "--alpha", "false", "--out-dir", str(out)]
+    assert cli_main(argv) == 0
+    md = (out / "results.md").read_text()
+    assert "val acc (%)" in md and "| htmuon |" in md
+    assert (out / "val_curves.png").read_bytes()[:8] == PNG
+
+
+def test_aggregate_mean_std_and_best_lr():
+    runs = [
+        {"spec": "a", "lr": 0.1, "seed": s, "final_val_loss": v, "final_val_acc": None, "ms_per_step": 2.0,
+         "run_dir": "x"}
+        for s, v in ((0, 3.0), (1, 3.2))
+    ] + [
+        {"spec": "a", "lr": 0.2, "seed": 0, "final_val_loss": math.inf, "final_val_acc": None,
+         "ms_per_step": 2.0, "run_dir": "y", "diverged": True}
+    ]  # fmt: skip
+    agg = aggregate(runs)
+    best = agg["best"]["a"]
+    assert best["lr"] == 0.1 and best["val_loss"][0] == pytest.approx(3.1)
+    assert best["val_loss"][1] == pytest.approx(math.sqrt(0.02))
+    assert best["val_ppl"][0] == pytest.approx((math.exp(3.0) + math.exp(3.2)) / 2)
+    table = markdown_table(agg)
+    assert "3.1000 ± 0.1414" in table and "diverged" in table
+    assert mean_std([1.0]) == (1.0, None)
+
+
+def test_bad_grid_input(capsys, tmp_path):
+    for argv, msg in (
+        (["--optimizers", "muon,lamb"], "unknown optimizer 'lamb'"),
+        (["--optimizers", "muon", "--seeds", "0,x"], "--seeds must be a comma-separated list"),
+        (["--optimizers", "htmuon:p"], "expected key=value"),
+        (["--optimizers", "htmuon:q=1"], "unknown config key 'q'"),
+        (["--optimizers", "htmuon:p=abc"], "config key 'p' must be a number or null, got 'abc'"),
+        (["--optimizers", "muon", "--lr-grid", "muon=-1"], "learning rates must be > 0"),
+        ([], "give --preset"),
+    ):
+        assert cli_main(["compare", "--out-dir", str(tmp_path / "g"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "g").exists()
+    assert parse_spec("htmuon:method=ns,p=0.25") == ("htmuon", {"method": "ns", "p": "0.25"})
+
+
+def test_compare_uses_diagnostics_for_alpha_when_present(corpus_file, tmp_path, monkeypatch):
+    """With htmuon.diagnostics importable (a stand-in here), the table gets mean alpha and alpha.png."""
+    import sys
+    import types
+
+    class Report:
+        def __init__(self, model):
+            self.mean_alpha = 2.0 + sum(p.numel() for p in model.parameters()) % 7 / 10
+
+    def plot_layer_alpha(reports, path):
+        assert set(reports) == {"muon", "htmuon"} and all(isinstance(r, Report) for r in reports.values())
+        Path(path).write_bytes(PNG + b"stand-in")
+
+    diag = types.ModuleType("htmuon.diagnostics")
+    diag.analyze = lambda model, fit="ks": Report(model)
+    plots = types.ModuleType("htmuon.diagnostics.plots")
+    plots.plot_layer_alpha = plot_layer_alpha
+    monkeypatch.setitem(sys.modules, "htmuon.diagnostics", diag)
+    monkeypatch.setitem(sys.modules, "htmuon.diagnostics.plots", plots)
+    out = tmp_path / "alpha"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon,htmuon",
+        "--data",
+        str(corpus_file),
+        "--out-dir",
+        str(out),
+        *TINY,
+    ]
+    assert cli_main(argv) == 0
+    md = (out / "results.md").read_text()
+    assert "![alpha.png](alpha.png)" in md and (out / "alpha.png").read_bytes()[:8] == PNG
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert all(r["mean_alpha"] is not None and r["mean_alpha"] >= 2.0 for r in runs)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| htmuon |"))
+    assert row.rstrip(" |").split("|")[-1].strip() == f"{runs[1]['mean_alpha']:.3f}"
