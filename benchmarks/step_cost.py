@@ -28,6 +28,11 @@ Rows:
   ... interval 5  amortised cost of the correction on every 5th step, Muon's NS5 otherwise:
                   (t_backend + 4 t_muon) / 5 from the same run's measurements
 
+Threads: 1 by default. On a small shared machine, two OpenMP threads make every parallel
+elementwise op wait for a scheduling slice (measured here: ~8 ms for any 1M-element add, 0.17 ms
+on one thread), which swamps the ratios; one thread measures the arithmetic. ``--threads 0``
+keeps torch's default.
+
 Slow combinations are skipped on CPU (bfloat16 matmul is ~25x slower than float32 there): svd
 and eigh run in float32/float64 whatever the dtype, and the paper NS path is run in float32 only.
 """
@@ -235,7 +240,15 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=5, help="interval k for the amortised rows")
     parser.add_argument("--skip", nargs="*", default=[], help="backend labels to leave out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: see the module docstring; 0 = torch's)",
+    )
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.blocks < 1 or args.repeats < 1:
         parser.error("--blocks and --repeats must be >= 1")
 

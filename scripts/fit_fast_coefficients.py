@@ -19,14 +19,19 @@ of ``R_p`` at its optimal ``w`` needs no derivative of the solve. The bound keep
 ``[-1.25, 1.25]`` (bounded in bfloat16, no blow-up for singular values slightly above 1).
 
 The search, deterministic for a given seed:
-1. initial point: the best *self-similar* composition (one step repeated T times, ``a + b + c = 1``)
-   on a grid ``a`` in [2.5, 9] x ``c`` in [0, 16] (step 0.25);
-2. run 0: L-BFGS-B (scipy) from it; run k >= 1: from it with every coefficient multiplied by
-   ``1 + 0.1 N(0, 1)`` drawn from ``numpy.random.default_rng([seed, k])`` (each run independent);
-3. the constants are the best run's result; its index is recorded in their provenance, so a single
-   run (``--runs K`` re-runs only run K) reproduces them -- this is what the test suite does.
+1. starting points: the DEFAULT_STARTS best *self-similar* compositions (one step repeated T times,
+   ``a + b + c = 1``) on a grid ``a`` in [2.5, 9] x ``c`` in [0, 16] (step 0.25), scored on the
+   first continuation level;
+2. run k: from starting point k (run k >= DEFAULT_STARTS: starting point k mod DEFAULT_STARTS with
+   every coefficient multiplied by ``1 + 0.1 N(0, 1)`` from ``numpy.random.default_rng([seed, k])``),
+   L-BFGS-B (scipy) on the domain ``[lo, 1]`` for lo = 1e-2, 3e-3, 1e-3 and finally FAST_DOMAIN_LO,
+   each warm-started from the previous (a continuation from the easy, narrow problem to the target);
+3. the constants are the best run's result; its index is recorded in their provenance
+   (``htmuon.fast.FAST_FIT_PROVENANCE``), so that a single run (``--runs K``) reproduces them --
+   this is the small setting the test suite runs.
 
-Needs scipy (``pip install 'htmuon[dev]'``). A full fit takes about a minute on one CPU core.
+Needs scipy (``pip install 'htmuon[dev]'``). The full fit (12 runs x 2 step counts) takes about
+five minutes on one CPU core; one run about 10-30 s.
 """
 
 from __future__ import annotations
@@ -51,9 +56,12 @@ BOUND_PENALTY = 100.0
 CLIP = 3.0
 #: Relative perturbation of the restarts.
 RESTART_SIGMA = 0.1
-DEFAULT_RUNS = 24
+DEFAULT_RUNS = 12
 #: Self-similar starting points (the best of the coarse grid); runs beyond them perturb them.
 DEFAULT_STARTS = 12
+#: Continuation: each run fits on [lo, 1] for these lower ends in turn, ending at FAST_DOMAIN_LO
+#: (a wide-to-narrow homotopy: the easy problem first; far fewer runs end in a poor local minimum).
+CONTINUATION = (1e-2, 3e-3, 1e-3)
 
 
 @dataclass
@@ -70,9 +78,9 @@ class FitResult:
 class Objective:
     """``J(theta)`` and its exact gradient for ``theta = (a_1, b_1, c_1, ..., a_T, b_T, c_T)``."""
 
-    def __init__(self, steps: int, exponents=FIT_EXPONENTS):
+    def __init__(self, steps: int, exponents=FIT_EXPONENTS, lo: float = fast.FAST_DOMAIN_LO):
         self.steps = steps
-        self.x = fast.fit_grid()
+        self.x = fast.fit_grid(lo)
         self.exponents = tuple(exponents)
         self.xd = np.linspace(0.0, BOUND_GRID_TOP, BOUND_GRID_POINTS)
 
@@ -177,12 +185,16 @@ def fit_coefficients(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise SystemExit("the fit needs scipy: pip install 'htmuon[dev]'") from e
     t0 = time.perf_counter()
+    levels = [Objective(steps, lo=lo) for lo in CONTINUATION if lo > fast.FAST_DOMAIN_LO]
     obj = Objective(steps)
-    start_points = self_similar_starts(obj, starts)
+    levels.append(obj)
+    start_points = self_similar_starts(levels[0], starts)
     best: tuple[float, np.ndarray | None, int] = (np.inf, None, -1)
     scores: dict[int, float] = {}
     for k in runs:
-        theta, J = local_fit(obj, start_point(start_points, k, seed))
+        theta = start_point(start_points, k, seed)
+        for level in levels:
+            theta, J = local_fit(level, theta)
         scores[k] = J
         if verbose:
             print(f"  steps {steps} run {k}: J = {J:.6f} ({time.perf_counter() - t0:.1f}s)", flush=True)

@@ -1,4 +1,4 @@
-"""The matmul-only "fast" backends (htmuon.fast), "auto", and the reproducibility of their fitted constants."""
+"""The matmul-only "fast" backends (htmuon.fast), "auto", and the reproducibility of their constants."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import exact_power, log_spectrum, matrix_with_spectrum, rel_err, reference_htmuon
 
+from helpers import exact_power, log_spectrum, matrix_with_spectrum, reference_htmuon, rel_err
 from htmuon import HTMuon, polar, spectral_power
 from htmuon import fast as fastmod
 from htmuon.spectral import AUTO_DEFAULT, BACKENDS, resolve_method
@@ -145,7 +145,7 @@ def test_output_weights_are_cached_and_fit_the_target():
         assert w is fastmod.output_weights(p, fastmod.FAST6_COEFFICIENTS)  # lru_cache
         f = fastmod.scalar_iterates(fastmod.FAST6_COEFFICIENTS, x) @ np.array(w)
         rel = f / x**p - 1
-        assert np.sqrt(np.mean(rel**2)) < 0.025 and np.abs(rel).max() < 0.1, p
+        assert np.sqrt(np.mean(rel**2)) < 0.025 and np.abs(rel).max() < 0.12, p  # max: at x = 7e-4
         assert np.abs(w).sum() < 1.5, p  # no cancellation to amplify rounding
     w1 = fastmod.output_weights(1.0, fastmod.FAST6_COEFFICIENTS)
     assert abs(w1[0] - 1) < 1e-6 and max(map(abs, w1[1:])) < 1e-6

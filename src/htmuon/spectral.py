@@ -264,13 +264,27 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     dtype = compute_dtype or torch.float64
     Xc = X.to(dtype)
     lam, Q = torch.linalg.eigh(Xc @ Xc.mT)
+    if not bool(torch.isfinite(lam).all()):
+        raise torch.linalg.LinAlgError(
+            f"eigh of the Gram matrix of a {tuple(X.shape)} {X.dtype} batch gave non-finite eigenvalues; "
+            "is the input finite?"
+        )
     lam, Q = lam.flip(-1), Q.flip(-1)  # descending, to match the SVD's order (rank spectrum)
     s = lam.clamp_min(0).sqrt()
-    # An eigenvalue of the Gram matrix carries an absolute error of about eps * lam_max.
-    tol = (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt()
+    # An eigenvalue of the Gram matrix carries an absolute error of about eps * lam_max; and singular
+    # values below the input's own rounding level (as the SVD backend's rule) are noise, not signal:
+    # a float32 gradient's null space would otherwise get weight (1e-7)^p.
+    tol = torch.maximum(
+        (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt(),
+        _rank_tolerance(s[..., :1], X.size(-2), X.size(-1), torch.promote_types(X.dtype, torch.float32)),
+    )
     w = spectrum_weights(s, p, spectrum, tol)
     coeff = torch.where(w > 0, w / s.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
-    return (Q * coeff.unsqueeze(-2)) @ (Q.mT @ Xc)
+    # M = Q diag(w / s) Q^T on the small side (m^3), then one m x m x n product in X's precision
+    # (float32 unless X is float64): the Gram matrix and eigh need float64, the product does not.
+    M = (Q * coeff.unsqueeze(-2)) @ Q.mT
+    out_dtype = torch.float64 if torch.float64 in (X.dtype, compute_dtype) else torch.float32
+    return M.to(out_dtype) @ X.to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
