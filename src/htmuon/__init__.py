@@ -5,6 +5,7 @@
 >>> opt = htmuon.HTMuon(htmuon.param_groups(model, adamw_lr=1e-3), lr=0.02, p=0.125)
 """
 
+from . import fast as fast  # registers the "fast" and "fast5" spectral backends
 from .optim import HTMuon, NonFiniteGradientError
 from .routing import ROUTINGS, param_groups
 from .spectral import BACKENDS, MUON_NS5_COEFFICIENTS, polar, register_backend, spectral_power

@@ -24,6 +24,7 @@ from .spectral import (
     SPECTRA,
     _check_backend,
     polar,
+    resolve_method,
     spectral_power,
 )
 
@@ -33,6 +34,8 @@ ALGORITHMS = ("auto", "htmuon", "adamw")
 PLUGINS = (None, "normuon", "adamuon")
 LR_ADJUSTS = ("muon", "adamw_rms", "none")
 COMPUTE_DTYPES = (None, torch.float32, torch.float64)
+#: Backends whose matmul iteration runs in the group's ``ns_dtype`` (Newton--Schulz-like).
+NS_DTYPE_METHODS = ("ns", "fast", "fast5")
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -168,7 +171,7 @@ class HTMuon(Optimizer):
         nesterov: bool = True,
         weight_decay: float = 0.0,
         *,
-        method: str = "svd",
+        method: str = "auto",
         spectrum: str = "power",
         scale: str = "raw",
         lr_adjust: str = "muon",
@@ -370,16 +373,18 @@ class HTMuon(Optimizer):
         """The spectral map on a stack of same-shape matrices ``(B, m, n)``."""
         if not corrected:
             return polar(mats, steps=group["ns_steps"], dtype=group["ns_dtype"])
+        method = resolve_method(group["method"], group["spectrum"], mats.device)
         options: dict[str, Any] = {}
         if group["compute_dtype"] is not None:
             options["compute_dtype"] = group["compute_dtype"]
-        if group["method"] == "ns":
-            options["ns_steps"] = group["ns_steps"]
+        if method in NS_DTYPE_METHODS:
             options["ns_dtype"] = group["ns_dtype"]
+        if method == "ns":
+            options["ns_steps"] = group["ns_steps"]
         return spectral_power(
             mats,
             group["p"],
-            method=group["method"],
+            method=method,
             spectrum=group["spectrum"],
             scale=group["scale"],
             **options,

@@ -37,6 +37,7 @@ __all__ = [
     "ns_working_dtype",
     "polar",
     "register_backend",
+    "resolve_method",
     "spectral_power",
     "spectrum_weights",
 ]
@@ -263,13 +264,27 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     dtype = compute_dtype or torch.float64
     Xc = X.to(dtype)
     lam, Q = torch.linalg.eigh(Xc @ Xc.mT)
+    if not bool(torch.isfinite(lam).all()):
+        raise torch.linalg.LinAlgError(
+            f"eigh of the Gram matrix of a {tuple(X.shape)} {X.dtype} batch gave non-finite eigenvalues; "
+            "is the input finite?"
+        )
     lam, Q = lam.flip(-1), Q.flip(-1)  # descending, to match the SVD's order (rank spectrum)
     s = lam.clamp_min(0).sqrt()
-    # An eigenvalue of the Gram matrix carries an absolute error of about eps * lam_max.
-    tol = (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt()
+    # An eigenvalue of the Gram matrix carries an absolute error of about eps * lam_max; and singular
+    # values below the input's own rounding level (as the SVD backend's rule) are noise, not signal:
+    # a float32 gradient's null space would otherwise get weight (1e-7)^p.
+    tol = torch.maximum(
+        (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt(),
+        _rank_tolerance(s[..., :1], X.size(-2), X.size(-1), torch.promote_types(X.dtype, torch.float32)),
+    )
     w = spectrum_weights(s, p, spectrum, tol)
     coeff = torch.where(w > 0, w / s.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
-    return (Q * coeff.unsqueeze(-2)) @ (Q.mT @ Xc)
+    # M = Q diag(w / s) Q^T on the small side (m^3), then one m x m x n product in X's precision
+    # (float32 unless X is float64): the Gram matrix and eigh need float64, the product does not.
+    M = (Q * coeff.unsqueeze(-2)) @ Q.mT
+    out_dtype = torch.float64 if torch.float64 in (X.dtype, compute_dtype) else torch.float32
+    return M.to(out_dtype) @ X.to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +372,40 @@ register_backend(
 # The dispatch
 # --------------------------------------------------------------------------------------------
 
+#: ``method="auto"`` per device type: on CPU ``"eigh"`` (LAPACK's float64 eigh of the small Gram
+#: matrix: exact to ~1e-9 and faster than Muon's float32 Newton--Schulz there); on every other
+#: device :data:`AUTO_DEFAULT`. A spectrum the chosen backend cannot do (``"rank"`` for ``"fast"``)
+#: falls back to ``"eigh"``.
+AUTO_METHODS: dict[str, str] = {"cpu": "eigh"}
+#: ``method="auto"`` on devices not in :data:`AUTO_METHODS` (CUDA, ...): the matmul-only ``"fast"``
+#: backend (``htmuon.fast``), since eigh/SVD are slow on GPUs and bfloat16 matmuls are fast.
+AUTO_DEFAULT = "fast"
+
+
+def resolve_method(method: str, spectrum: str, device: torch.device | str) -> str:
+    """The backend that ``method`` names for a tensor on ``device``: ``"auto"`` is resolved by
+    :data:`AUTO_METHODS` / :data:`AUTO_DEFAULT`; any other name is returned unchanged."""
+    if method != "auto":
+        return method
+    resolved = AUTO_METHODS.get(torch.device(device).type, AUTO_DEFAULT)
+    backend = BACKENDS.get(resolved)
+    if backend is None or spectrum not in backend.spectra:
+        resolved = "eigh"
+    return resolved
+
+
+def _auto_backend(X: Tensor, p: float, spectrum: str, **options) -> Tensor:
+    """``method="auto"``: the backend :func:`resolve_method` picks for X's device."""
+    return BACKENDS[resolve_method("auto", spectrum, X.device)].fn(X, p, spectrum, **options)
+
+
+register_backend(
+    "auto",
+    _auto_backend,
+    spectra=("power", "rank"),
+    description="per device: 'eigh' on CPU, 'fast' elsewhere (see AUTO_METHODS)",
+)
+
 
 def _check_backend(method: str, spectrum: str) -> Backend:
     try:
@@ -392,7 +441,8 @@ def spectral_power(
     Args:
         G: ``(..., m, n)`` tensor (any leading batch).
         p: exponent in [0, 1].
-        method: a key of :data:`BACKENDS` (``"svd"``, ``"eigh"``, ``"ns"``, ...).
+        method: a key of :data:`BACKENDS` (``"svd"``, ``"eigh"``, ``"ns"``, ``"fast"``, ``"fast5"``,
+            or ``"auto"``: per device, see :func:`resolve_method`).
         spectrum: ``"power"`` or ``"rank"``.
         scale: ``"raw"`` or ``"muon_rms"``.
         **options: passed to the backend (e.g. ``compute_dtype=torch.float64``).
@@ -412,7 +462,8 @@ def spectral_power(
         raise ValueError(f"Invalid exponent p: {p!r} (must be a number in [0, 1])")
     if scale not in SCALES:
         raise ValueError(f"Invalid scale: {scale!r}; valid: {SCALES}")
-    backend = _check_backend(method, spectrum)
+    _check_backend(method, spectrum)
+    backend = _check_backend(resolve_method(method, spectrum, G.device), spectrum)
     m, n = G.shape[-2:]
     if G.numel() == 0:
         return torch.zeros_like(G)

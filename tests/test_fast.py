@@ -1,0 +1,234 @@
+"""The matmul-only "fast" backends (htmuon.fast), "auto", and the reproducibility of their constants."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import exact_power, log_spectrum, matrix_with_spectrum, reference_htmuon, rel_err
+from htmuon import HTMuon, polar, spectral_power
+from htmuon import fast as fastmod
+from htmuon.spectral import AUTO_DEFAULT, BACKENDS, resolve_method
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def power_law(k: int) -> torch.Tensor:
+    """``s_i = i^-a`` spanning [1e-3, 1] (a power-law gradient spectrum)."""
+    return torch.arange(1, k + 1, dtype=torch.float64).pow(-3.0 / math.log10(k))
+
+
+def spectra(m: int, n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "log-uniform": matrix_with_spectrum(log_spectrum(m), m, n, seed=1),
+        "power-law": matrix_with_spectrum(power_law(m), m, n, seed=2),
+        "gaussian": torch.randn(m, n, generator=g, dtype=torch.float64),
+    }
+
+
+# ------------------------------------------------------------------ accuracy (documented tolerances)
+
+# (method, p) -> tolerance on the relative Frobenius error vs float64 exact, per working dtype, for
+# spectra spanning three decades (the tolerances docs/backends.md states).
+TOLERANCES = {
+    ("fast", 0.0): {torch.float32: 0.02, torch.bfloat16: 0.09},
+    ("fast", 0.125): {torch.float32: 0.02, torch.bfloat16: 0.07},
+    ("fast", 0.25): {torch.float32: 0.03, torch.bfloat16: 0.06},
+    ("fast", 0.5): {torch.float32: 0.045, torch.bfloat16: 0.05},
+    ("fast5", 0.125): {torch.float32: 0.12, torch.bfloat16: 0.13},
+}
+
+
+@pytest.mark.parametrize(("method", "p"), list(TOLERANCES))
+@pytest.mark.parametrize("shape", [(128, 320), (320, 128), (96, 96)])
+def test_fast_matches_float64_exact(method, p, shape):
+    m, n = shape
+    for name, G in spectra(min(m, n), max(m, n)).items():
+        G = G if m <= n else G.mT
+        ref = exact_power(G, p)
+        for dtype, tol in TOLERANCES[(method, p)].items():
+            O = spectral_power(G.float(), p, method=method, ns_dtype=dtype)
+            assert O.dtype == torch.float32
+            err = rel_err(O, ref)
+            assert err <= tol, f"{method} p={p} {dtype} {name} {shape}: {err:.4f} > {tol}"
+
+
+def test_fast_is_exact_to_rounding_in_float32():
+    """float32 adds nothing visible to the approximation error (float64 working dtype as reference)."""
+    G = spectra(128, 320)["power-law"]
+    e64 = spectral_power(G, 0.125, method="fast", compute_dtype=torch.float64)
+    e32 = spectral_power(G.float(), 0.125, method="fast", ns_dtype=torch.float32)
+    assert rel_err(e32, e64) < 1e-4
+
+
+def test_p0_is_close_to_the_polar_factor_and_closer_than_muon():
+    for name, G in spectra(128, 320).items():
+        ref = exact_power(G, 0.0)
+        err_fast = rel_err(spectral_power(G.float(), 0.0, method="fast"), ref)
+        err_muon = rel_err(polar(G.float(), dtype=torch.float32), ref)
+        assert err_fast < 0.02, name
+        assert err_fast < err_muon / 5, name  # Muon's NS5 is far from exact by design (sigma in ~[0.7, 1.2])
+        O = spectral_power(G.float(), 0.0, method="fast").double()
+        s = torch.linalg.svdvals(O)
+        assert s.min() > 0.85 and s.max() < 1.1, name
+
+
+def test_p1_returns_input_exactly():
+    G = torch.randn(3, 20, 30)
+    assert torch.equal(spectral_power(G, 1.0, method="fast"), G)
+
+
+def test_raw_scale_law_and_muon_rms_mode():
+    """Raw mode: f(cG) = c^p f(G) exactly up to rounding (the normaliser divides out)."""
+    G = spectra(64, 160)["power-law"]
+    p = 0.125
+    base = spectral_power(G, p, method="fast", compute_dtype=torch.float64)
+    for c in (1e-6, 1e-2, 1e3):
+        scaled = spectral_power(c * G, p, method="fast", compute_dtype=torch.float64)
+        assert rel_err(scaled, c**p * base) < 1e-10
+    rms = spectral_power(G.float(), p, method="fast", scale="muon_rms")
+    assert math.isclose(rms.double().norm().item(), math.sqrt(64), rel_tol=1e-5)
+    ref = exact_power(G, p)
+    ref = ref * math.sqrt(64) / ref.norm()
+    assert rel_err(rms, ref) < 0.02
+
+
+def test_transpose_symmetry_batching_and_equivariance():
+    g = torch.Generator().manual_seed(5)
+    G = torch.randn(3, 24, 40, generator=g, dtype=torch.float64)
+    f = lambda X: spectral_power(X, 0.125, method="fast", compute_dtype=torch.float64)  # noqa: E731
+    batched = f(G)
+    torch.testing.assert_close(batched, torch.stack([f(x) for x in G]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f(G.mT), batched.mT, rtol=1e-12, atol=1e-12)
+    Q1, _ = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(f(Q1 @ G @ Q2), Q1 @ batched @ Q2, rtol=1e-9, atol=1e-9)
+
+
+def test_zero_rank_deficient_and_tiny_singular_values_are_damped():
+    Z = torch.zeros(2, 8, 12)
+    for p in (0.0, 0.125, 0.5):
+        assert torch.equal(spectral_power(Z, p, method="fast"), Z)
+    # rank 3: the null space stays null (three singular values see the fit's pointwise error, < 6%)
+    G = matrix_with_spectrum(torch.tensor([1.0, 0.3, 0.1]), 16, 40, seed=4)
+    O = spectral_power(G.float(), 0.125, method="fast").double()
+    assert rel_err(O, exact_power(G, 0.125)) < 0.06
+    assert torch.linalg.svdvals(O)[3:].max() < 1e-4
+    # singular values far below the fitted domain are damped towards 0, never amplified past s^p
+    G = matrix_with_spectrum(torch.tensor([1.0, 1e-7]), 8, 16, seed=5)
+    s = torch.linalg.svdvals(spectral_power(G.float(), 0.125, method="fast").double())
+    assert s[1] < 1e-7**0.125
+
+
+def test_bfloat16_input_and_float64_output_dtypes():
+    G = torch.randn(24, 40)
+    assert spectral_power(G.bfloat16(), 0.125, method="fast").dtype == torch.bfloat16
+    assert spectral_power(G.double(), 0.125, method="fast").dtype == torch.float64
+    out = fastmod.fast_spectral_power(G.unsqueeze(0), 0.125, compute_dtype=torch.float64)
+    assert out.dtype == torch.float64
+
+
+# ------------------------------------------------------------------ output weights and the fit
+
+
+def test_output_weights_are_cached_and_fit_the_target():
+    x = fastmod.fit_grid()
+    for p in (0.0, 1 / 32, 0.125, 0.3, 0.5):
+        w = fastmod.output_weights(p, fastmod.FAST6_COEFFICIENTS)
+        assert w is fastmod.output_weights(p, fastmod.FAST6_COEFFICIENTS)  # lru_cache
+        f = fastmod.scalar_iterates(fastmod.FAST6_COEFFICIENTS, x) @ np.array(w)
+        rel = f / x**p - 1
+        assert np.sqrt(np.mean(rel**2)) < 0.025 and np.abs(rel).max() < 0.12, p  # max: at x = 7e-4
+        assert np.abs(w).sum() < 1.5, p  # no cancellation to amplify rounding
+    w1 = fastmod.output_weights(1.0, fastmod.FAST6_COEFFICIENTS)
+    assert abs(w1[0] - 1) < 1e-6 and max(map(abs, w1[1:])) < 1e-6
+    with pytest.raises(ValueError, match=r"Invalid exponent p: 1\.5"):
+        fastmod.output_weights(1.5, fastmod.FAST6_COEFFICIENTS)
+
+
+def test_iterates_stay_bounded_on_and_slightly_above_the_unit_interval():
+    x = np.linspace(0.0, 1.02, 2001)
+    for coefficients in fastmod.FAST_COEFFICIENTS.values():
+        assert np.abs(fastmod.scalar_iterates(coefficients, x)).max() <= 1.25 + 1e-6
+
+
+def _load_fit_script():
+    pytest.importorskip("scipy")
+    spec = importlib.util.spec_from_file_location(
+        "fit_fast_coefficients", ROOT / "scripts" / "fit_fast_coefficients.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_objective_gradient_is_exact():
+    fit = _load_fit_script()
+    obj = fit.Objective(3)
+    h = 1e-6
+    # inside the bound, and a point whose iterates overshoot (penalty and clipping active)
+    for theta in (np.array([3.5, -7.0, 4.5, 3.2, -6.0, 3.8, 2.9, -4.5, 2.6]), np.tile([3.0, -3.0, 1.5], 3)):
+        _, grad = obj(theta)
+        numeric = np.array(
+            [
+                (obj(theta + h * e, grad=False) - obj(theta - h * e, grad=False)) / (2 * h)
+                for e in np.eye(theta.size)
+            ]
+        )
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fast", "fast5"])
+def test_fit_script_reproduces_the_committed_constants(name):
+    """Re-run the winning run of scripts/fit_fast_coefficients.py (its small setting: one run)."""
+    fit = _load_fit_script()
+    prov = fastmod.FAST_FIT_PROVENANCE[name]
+    result = fit.fit_coefficients(int(prov["steps"]), seed=int(prov["seed"]), runs=[int(prov["run"])])
+    np.testing.assert_allclose(
+        np.array(result.coefficients), np.array(fastmod.FAST_COEFFICIENTS[name]), rtol=1e-6
+    )
+    assert abs(result.objective - prov["objective"]) < 1e-6
+
+
+# ------------------------------------------------------------------ auto and the optimizer
+
+
+def test_auto_resolves_per_device_and_spectrum():
+    assert resolve_method("auto", "power", "cpu") == "eigh"
+    assert resolve_method("auto", "power", "cuda") == AUTO_DEFAULT == "fast"
+    assert resolve_method("auto", "rank", "cuda") == "eigh"  # fast has no rank spectrum
+    assert resolve_method("svd", "power", "cuda") == "svd"
+    assert "auto" in BACKENDS and "fast" in BACKENDS and "fast5" in BACKENDS
+    G = torch.randn(20, 30)
+    torch.testing.assert_close(
+        spectral_power(G, 0.125, method="auto"), spectral_power(G, 0.125, method="eigh")
+    )
+
+
+def test_htmuon_default_method_is_auto():
+    W = torch.nn.Parameter(torch.randn(8, 12))
+    assert HTMuon([W]).param_groups[0]["method"] == "auto"
+
+
+@pytest.mark.parametrize("method", ["fast", "fast5", "auto"])
+def test_htmuon_with_fast_methods_follows_the_reference_update(method):
+    g = torch.Generator().manual_seed(7)
+    W0 = torch.randn(48, 96, generator=g)
+    grads = [matrix_with_spectrum(log_spectrum(48, 1e-2), 48, 96, seed=s).float() for s in range(3)]
+    W = torch.nn.Parameter(W0.clone())
+    opt = HTMuon([W], lr=0.02, p=0.125, method=method, weight_decay=0.1)
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+    ref = reference_htmuon(W0, grads, lr=0.02, p=0.125, weight_decay=0.1)
+    tol = {"fast": 0.02, "fast5": 0.1, "auto": 1e-4}[method]  # auto = eigh on CPU: float32 parameters
+    assert rel_err(W.detach() - W0, ref - W0.double()) < tol
