@@ -68,6 +68,26 @@ def test_fast_is_exact_to_rounding_in_float32():
     assert rel_err(e32, e64) < 1e-4
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5, 6])
+@pytest.mark.parametrize("p", [0.0, 0.125, 0.5])
+def test_matrix_iteration_is_the_scalar_map_on_singular_values(steps, p):
+    """In float64 the matrix iteration (normalisation, folded last step, in-place output sum) is
+    exactly U f(x) V^T with f = sum_t w_t f_t of the scalar iterates and x = s / ||G||_S8."""
+    coefficients = fastmod.FAST6_COEFFICIENTS[:steps]
+    m, n = 24, 40
+    s = log_spectrum(m)
+    G = matrix_with_spectrum(s, m, n, seed=5).unsqueeze(0).repeat(2, 1, 1)
+    G[1] *= 3e-4  # a second matrix of another scale in the same batch: per-matrix normalisation
+    out = fastmod.fast_spectral_power(G, p, coefficients=coefficients, compute_dtype=torch.float64)
+    w = np.asarray(fastmod.output_weights(p, coefficients))
+    for i in range(2):
+        U, sv, Vh = torch.linalg.svd(G[i], full_matrices=False)
+        s8 = sv.pow(8).sum().pow(1 / 8).item()
+        f = fastmod.scalar_iterates(coefficients, (sv / s8).numpy()) @ w
+        ref = (U * torch.from_numpy(f * s8**p)) @ Vh
+        assert rel_err(out[i], ref) < 1e-11, (steps, p, i)
+
+
 def test_p0_is_close_to_the_polar_factor_and_closer_than_muon():
     for name, G in spectra(128, 320).items():
         ref = exact_power(G, 0.0)

@@ -13,19 +13,29 @@ powers" idea). This module holds:
 * :func:`output_weights`: the weights ``w_t`` for a given ``p``, re-solved from those coefficients
   by a small ridge least-squares problem (float64, cached) -- the same solve the fit uses;
 * :func:`fast_spectral_power`: the matrix iteration, registered as the backends ``"fast"`` (6 steps,
-  ~1.2x Muon's matmuls, ~1-2% error) and ``"fast5"`` (5 steps, Muon's matmul count, ~5-8% error).
+  ~1.2x Muon's matmuls, ~1.5% error) and ``"fast5"`` (5 steps, Muon's matmul count, ~5-8% error).
 
-Normalisation. The iteration needs singular values in (0, 1]. ``X0 = G / ||G||_F`` guarantees it;
-then the first step's own products give the Schatten-8 norm for free, ``r = ||A^2||_F^(1/4) =
-(sum x^8)^(1/8)``, a much tighter bound on ``x_max`` (within ``m^(1/8)`` of it instead of ``m^(1/2)``),
-and ``X, A, A^2`` are divided by ``r, r^2, r^4`` (elementwise, no extra matmul). The map sees
-``x = s / c`` with ``c = ||G||_F r``, so the raw spectrum is restored exactly by the factor
-``c**p``: ``U s^p V^T = c^p U x^p V^T``.
+Normalisation. The iteration needs singular values in (0, 1]. As in Muon, ``X / ||X||_F`` is the
+one fresh pass over the matrix; ``A = X X^T`` of it and ``A^2``, both needed by the first step
+anyway, then give the Schatten-8 norm for free: ``r2 = ||A^2||_F^(1/2) = (sum x^8)^(1/4) >=
+x_max^2``, a bound within ``m^(1/8)`` of ``x_max`` instead of the Frobenius norm's ``m^(1/2)``
+(about one decade of spectrum gained); ``X`` is rescaled in place and ``A, A^2`` on the ``m x m``
+side. The map sees ``x = s / ||X||_S8``; the raw spectrum is restored exactly by the factor
+``||X||_S8^p`` (folded into the output weights): ``U s^p V^T = ||X||_S8^p U x^p V^T``.
 
-Accuracy (documented tolerance, checked in ``tests/test_fast.py``; numbers in BENCHMARKS.md): on
-singular values ``x`` in ``[FAST_DOMAIN_LO, 1]`` after normalisation (spectra spanning about three
-decades, ``s_min >= 1e-3 s_max``), the scalar map's RMS relative error over a log grid is about 1.5%
-for ``"fast"``; values below the domain are damped towards 0 (as Muon damps them), never amplified.
+Cost. Beyond Muon's matmuls, one in-place axpy per step accumulates the output (into ``X_0``'s
+buffer, which is not needed after step 1); the last step's ``a X_{T-1}`` term is folded into
+``X_{T-1}``'s weight and its ``B X_{T-1}`` term is added by an in-place ``baddbmm_``, so the last
+iterate is never formed and ``"fast5"`` allocates one ``m x n`` buffer fewer than Muon's NS5.
+
+Accuracy (tolerances checked in ``tests/test_fast.py``, measurements in BENCHMARKS.md and
+``benchmarks/fast_accuracy.py``): on spectra spanning three decades (``s_min >= 1e-3 s_max``),
+``"fast"`` is within ~1.2-1.8% of float64 exact ``U S^p V^T`` in float32 for ``p <= 1/4`` (RMS
+relative error of the scalar map on the fitted domain: 1.4-1.9% for p in [0, 1/2]) and 2.2-6% of
+the exact map of its input with bfloat16 input and matmuls; ``"fast5"`` ~5-8% (float32), 6-9%
+(bfloat16). Rounding a matrix with such a spectrum to bfloat16 alone moves its exact ``U S^p V^T``
+by up to ~9% (small singular directions are lifted by ``s^p``). Singular values below the domain
+(``x < FAST_DOMAIN_LO``) are damped towards 0, as Muon damps them, never amplified past ``s^p``.
 
 References:
     Polar Express (Amsel et al., arXiv 2505.16932) for per-step fitted odd polynomials; CANS
@@ -181,40 +191,67 @@ def fast_spectral_power(
     if p == 1.0:
         return X.to(acc)
     w = output_weights(float(p), tuple(tuple(c) for c in coefficients))
-    m = X.size(-2)
+    T, m = len(coefficients), X.size(-2)
+    fused = dtype == acc  # matmul operands in the carried dtype: a X + B X in one kernel
 
     # The iterate is carried in `acc` (float32/float64); only matmul operands are cast to the working
     # dtype. In bfloat16 this keeps a X_t + B X_t and the output sum from being rounded every step
     # (which roughly doubles the error on spectra with many small singular values).
+    # Normalisation, as Muon's: X0 = X / ||X||_F (the one fresh m x n pass before the iteration).
     Xc = X.to(acc)
-    Xm = Xc.to(dtype)
-    fro2 = torch.linalg.vector_norm(Xc, dim=(-2, -1), keepdim=True).square().clamp_min(torch.finfo(acc).tiny)
-    # Normalise on the small side: A = X0 X0^T for X0 = X / ||X||_F; no pass over the m x n matrix.
-    A = (Xm @ Xm.mT).to(acc) / fro2
-    Am = A.to(dtype)
+    fro = torch.linalg.vector_norm(Xc, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    Xc = Xc / fro
+    Xm = Xc if fused else Xc.to(dtype)
+    A = (Xm @ Xm.mT).to(acc)
+    Am = A if fused else A.to(dtype)
     A2 = (Am @ Am).to(acc)
-    # Schatten-8 bound from the first step's own products: r2 = ||A^2||_F^(1/2) >= x_max^2, and
-    # x_max^2 >= 1/m since sum x^2 = 1 (the floor also keeps a zero matrix at exactly zero).
+    # Schatten-8 bound from the first step's own products: r2 = ||A^2||_F^(1/2) >= x_max^2 (and
+    # x_max^2 >= 1/m since sum x^2 = 1; the floor also keeps a zero matrix at exactly zero). The map
+    # sees x = s / ||X||_S8 in (0, 1]; the output sum times ||X||_S8^p restores the raw spectrum.
     r2 = A2.norm(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1.0 / m)
-    inv_c = (fro2 * r2).rsqrt()  # 1 / ||X||_S8: the map sees x = s * inv_c in (0, 1]
-    # Scaling the output sum by ||X||_S8^p restores the raw spectrum; fold it into the weights.
-    scale = inv_c.pow(-p) if p > 0.0 else torch.ones_like(inv_c)
-
-    # Step 1 on the normalised X0 = X * inv_c, with A / r2, A2 / r2^2 (m x m work only).
-    a, b, c = coefficients[0]
-    B = torch.addcmul(A2 * (c * inv_c / r2.square()), A, b * inv_c / r2)
-    Xc = torch.addcmul((B.to(dtype) @ Xm).to(acc), Xc, a * inv_c)
-    out = torch.addcmul(Xc * (scale * w[1]), X.to(acc), scale * inv_c * w[0])
-    for t, (a, b, c) in enumerate(coefficients[1:], start=2):
+    Xc.mul_(r2.rsqrt())  # in place: X0 = X / ||X||_S8
+    if Xm is not Xc:
         Xm = Xc.to(dtype)
-        A = Xm @ Xm.mT
-        B = _addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        if Xm is Xc:  # working dtype == carried dtype: one fused a X + B X
-            Xc = _addmm(Xc, B, Xc, beta=a)
+    scale = (fro * r2.sqrt()).pow(p) if p > 0.0 else torch.ones_like(r2)
+    # Weight of X_t in the output; the last step's a_T X_{T-1} term is folded into X_{T-1}'s weight
+    # and its B_T X_{T-1} term is added by an in-place (b)addmm, so X_T is never formed.
+    weight = [scale * w[t] for t in range(T + 1)]
+    weight[T - 1] = weight[T - 1] + scale * (w[T] * coefficients[-1][0])
+
+    out = None
+    for t, (a, b, c) in enumerate(coefficients, start=1):
+        if t == 1:  # step 1's A, A^2 are the normalisation's, rescaled on the m x m side
+            B = torch.addcmul(A2 * (c / r2.square()), A, b / r2)
         else:
-            Xc = torch.add(B @ Xm, Xc, alpha=a)
-        out.addcmul_(Xc, scale * w[t])
+            A = Xm @ Xm.mT
+            B = _addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        if t == T:  # the output's last term, in place: out += (w_T scale B_T) X_{T-1}
+            Bt = (B.to(acc) * weight[T]).to(dtype)
+            if out is None:  # a single step
+                out = Xc * weight[0]
+            if fused:
+                _addmm_(out, Bt, Xm)
+            else:
+                out.add_(Bt @ Xm)
+            break
+        if fused:
+            Xn = _addmm(Xc, B, Xc, beta=a)
+        else:
+            Xn = torch.add(B.to(dtype) @ Xm, Xc, alpha=a)
+        if out is None:  # X_0 is not needed any more: it becomes the output sum
+            out = Xc.mul_(weight[0])
+        out.addcmul_(Xn, weight[t])
+        Xc = Xn
+        Xm = Xc if fused else Xc.to(dtype)
     return out
+
+
+def _addmm_(c: Tensor, a: Tensor, b: Tensor) -> None:
+    """``c += a @ b`` in place (2-D or batched)."""
+    if a.ndim == 2:
+        c.addmm_(a, b)
+    else:
+        c.baddbmm_(a, b)
 
 
 register_backend(
