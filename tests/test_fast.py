@@ -252,3 +252,42 @@ def test_htmuon_with_fast_methods_follows_the_reference_update(method):
     ref = reference_htmuon(W0, grads, lr=0.02, p=0.125, weight_decay=0.1)
     tol = {"fast": 0.02, "fast5": 0.1, "auto": 1e-4}[method]  # auto = eigh on CPU: float32 parameters
     assert rel_err(W.detach() - W0, ref - W0.double()) < tol
+
+
+def _train_teacher_student(method: str, seed: int, steps: int = 80) -> float:
+    """Final loss of a 2-layer MLP fitting a fixed random teacher, HTMuon (p = 1/8) on its matrices."""
+    g = torch.Generator().manual_seed(100)
+    teacher = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16))
+    for prm in teacher.parameters():
+        prm.data = torch.randn(prm.shape, generator=g) / math.sqrt(prm.shape[-1])
+    x = torch.randn(512, 32, generator=g)
+    with torch.no_grad():
+        y = teacher(x)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
+    opt = HTMuon(
+        [{"params": [m.weight for m in model[::2]]}, {"params": [m.bias for m in model[::2]], "lr": 3e-3}],
+        lr=0.05,
+        p=0.125,
+        method=method,
+    )
+    batches = torch.randperm(512, generator=torch.Generator().manual_seed(seed)).view(-1, 64)
+    for step in range(steps):
+        idx = batches[step % len(batches)]
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x), y).item()
+
+
+def test_fast_trains_like_svd_within_the_seed_spread():
+    """Training equivalence (issue 3): same seeds, "fast" vs exact "svd": the mean final loss differs by
+    less than the seed spread, and no seed moves by more than a few percent."""
+    seeds = range(4)
+    svd = np.array([_train_teacher_student("svd", s) for s in seeds])
+    fast = np.array([_train_teacher_student("fast", s) for s in seeds])
+    spread = svd.std(ddof=1)
+    assert abs(fast.mean() - svd.mean()) < spread, (svd, fast)
+    assert np.all(np.abs(fast / svd - 1) < 0.05), (svd, fast)
