@@ -162,3 +162,24 @@ def test_compare_uses_diagnostics_for_alpha_when_present(corpus_file, tmp_path, 
     assert all(r["mean_alpha"] is not None and r["mean_alpha"] >= 2.0 for r in runs)
     row = next(ln for ln in md.splitlines() if ln.startswith("| htmuon |"))
     assert row.rstrip(" |").split("|")[-1].strip() == f"{runs[1]['mean_alpha']:.3f}"
+
+
+def test_alpha_every_records_alpha_during_training_and_plots_it(corpus_file, tmp_path):
+    """--alpha-every N: "alpha" records every N steps (the real diagnostics), the last one equal to the
+    summary's end-of-run alpha, and a curve plot over training in the report."""
+    out = tmp_path / "alpha-every"
+    argv = ["compare", "--optimizers", "muon,htmuon:method=eigh", "--alpha-every", "2"]
+    argv += ["--data", str(corpus_file), "--out-dir", str(out), *TINY]
+    assert cli_main(argv) == 0
+    for spec in ("muon", "htmuon__method=eigh"):
+        run = next((out / spec).glob("lr*/seed0"))
+        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        alpha = [r for r in recs if r["kind"] == "alpha"]
+        assert [r["step"] for r in alpha] == [2, 4]
+        assert all(math.isfinite(r["mean_alpha"]) and r["mean_alpha"] > 1 for r in alpha)
+        summary = json.loads((run / "summary.json").read_text())
+        assert alpha[-1]["mean_alpha"] == pytest.approx(summary["mean_alpha"], rel=1e-12)
+        assert "mean_alpha" in (run / "metrics.csv").read_text().splitlines()[0]
+    md = (out / "results.md").read_text()
+    assert "![alpha_curves.png](alpha_curves.png)" in md
+    assert (out / "alpha_curves.png").read_bytes()[:8] == PNG

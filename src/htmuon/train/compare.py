@@ -12,7 +12,8 @@ rates the best one per optimizer is picked by mean final validation loss over se
 for image models), as the paper's grid search does; the table reports that lr.
 
 Writes OUT/results.md (the table), OUT/results.json, OUT/val_curves.png and, when
-``htmuon.diagnostics`` is available, OUT/alpha.png (layer-wise alpha per optimizer).
+``htmuon.diagnostics`` is available, OUT/alpha.png (layer-wise alpha per optimizer) and, for runs
+with ``--alpha-every N``, OUT/alpha_curves.png (mean alpha over training).
 """
 
 from __future__ import annotations
@@ -357,6 +358,47 @@ def plot_curves(agg: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_alpha_curves(agg: dict, path: Path) -> bool:
+    """Mean layer-wise alpha over training (runs with ``alpha_every``), mean ± std over seeds.
+
+    Returns False (and writes nothing) when no run recorded alpha during training."""
+    import numpy as np
+
+    from htmuon.train.loop import read_metrics
+
+    series = {}
+    for spec, row in agg["best"].items():
+        curves = []
+        for d in row["run_dirs"]:
+            recs = read_metrics(Path(d) / "metrics.jsonl")
+            c = {
+                r["step"]: r["mean_alpha"]
+                for r in recs
+                if r["kind"] == "alpha" and r.get("mean_alpha") is not None
+            }
+            if c:
+                curves.append(c)
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            series[spec] = (row, steps, np.array([[c[s] for s in steps] for c in curves], dtype=float))
+    if not series:
+        return False
+    fig, (ax,) = _figure(1, 1)
+    for spec, (row, steps, y) in series.items():
+        mean = y.mean(0)
+        (line,) = ax.plot(steps, mean, label=f"{spec} (lr {row['lr']:g})", lw=1.5, marker="o", ms=3)
+        if len(y) > 1:
+            sd = y.std(0, ddof=1)
+            ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+    n = max(len(y) for _, _, y in series.values())
+    band = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+    ax.set(title=f"mean layer-wise alpha during training ({band})", xlabel="step", ylabel="mean alpha")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
 def _figure(rows: int, cols: int):
     try:
         import matplotlib
@@ -417,6 +459,8 @@ def write_report(summaries, out: Path, name: str, command: str, wall_s: float, p
         reports = alpha_reports(agg)
         if reports and plot_alpha(reports, out / "alpha.png"):
             files.append("alpha.png")
+        if plot_alpha_curves(agg, out / "alpha_curves.png"):
+            files.append("alpha_curves.png")
     cfg0 = json.loads((Path(summaries[0]["run_dir"]) / "config.json").read_text())
     train_s = sum(s.get("wall_s") or s["elapsed_s"] for s in summaries)
     md = [

@@ -66,6 +66,7 @@ class TrainConfig:
     progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log | none
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
     alpha: bool = True  # mean layer-wise alpha at the end (needs htmuon.diagnostics)
+    alpha_every: int = 0  # also record the mean layer-wise alpha every N steps (0 = off)
 
 
 # fields that may differ between a checkpoint and the run resuming it
@@ -86,6 +87,7 @@ NON_NEGATIVE = (
     "max_docs",
     "eval_batches",
     "ckpt_every",
+    "alpha_every",
     "threads",
     "grad_clip",
     "weight_decay",

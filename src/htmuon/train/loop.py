@@ -5,6 +5,7 @@
     clip the global gradient norm, optimizer.step()
     every eval_every steps: validation loss (+ perplexity / accuracy) on the held-out split
     every ckpt_every steps: an atomic checkpoint that a killed run resumes from bit-exactly
+    every alpha_every steps (if set): the weights' mean layer-wise power-law alpha ("alpha" records)
 
 A run folder holds config.json, run.json (versions, seed, command), metrics.jsonl,
 metrics.csv, ckpt.pt and, once finished, summary.json.
@@ -46,6 +47,7 @@ METRIC_COLUMNS = [
     "tokens_per_s",
     "step_ms",
     "elapsed_s",
+    "mean_alpha",
 ]
 
 
@@ -216,7 +218,7 @@ class Metrics:
         self._w.writerow(rec)
         self._fc.flush()
         if self.tb is not None:
-            for k in ("loss", "ppl", "acc", "lr", "grad_norm", "tokens_per_s"):
+            for k in ("loss", "ppl", "acc", "lr", "grad_norm", "tokens_per_s", "mean_alpha"):
                 if k in rec:
                     self.tb.add_scalar(f"{rec['kind']}/{k}", rec[k], rec["step"])
 
@@ -414,6 +416,9 @@ def train(
         )
         parallel.barrier(par)
 
+    # alpha during training: on the main process (under DDP every rank holds the whole model; under
+    # FSDP2 the weights are sharded, so it is left out there, as at the end of the run)
+    track_alpha = cfg.alpha_every > 0 and par.mode != "fsdp" and par.is_main
     label = f"{cfg.optimizer}/seed{cfg.seed}"
     progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
     diverged, stopped, last_val = False, False, None
@@ -466,6 +471,9 @@ def train(
                 if val:
                     last_val = val
                     metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
+            if track_alpha and not diverged and step % cfg.alpha_every == 0:
+                # the weights' layer-wise alpha (outside the timed step, like evaluation)
+                metrics.write({"step": step, "kind": "alpha", "mean_alpha": mean_alpha(model)})
             progress.update(step, cfg.steps, loss_val, tps, log, val)
             if diverged:
                 print(
