@@ -83,6 +83,26 @@ _QUICK_LRS = {
     "htmuon-normuon": 0.01,
 }
 
+
+def _cifar_preset(name: str, title: str) -> RunPreset:
+    """ResNet-18 on CIFAR-10/100 pickle batches (the paper's image setting, GPU-sized budget)."""
+    return RunPreset(
+        f"ResNet-18 on {title} (pickle batches: --data {name}:DIR); needs a GPU for a useful budget",
+        dict(
+            model="resnet18",
+            data=f"{name}:",
+            batch_size=128,
+            steps=4000,
+            warmup_steps=200,
+            eval_every=500,
+            eval_batches=0,
+            ckpt_every=1000,
+            weight_decay=5e-4,
+        ),
+        lrs={"adamw": 1e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+    )
+
+
 RUN_PRESETS: dict[str, RunPreset] = {
     "quick": RunPreset(
         "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~5 min, 2 cores)",
@@ -155,34 +175,8 @@ RUN_PRESETS: dict[str, RunPreset] = {
         seeds=(0, 1, 2),
         lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
     ),
-    "cifar10": RunPreset(
-        "ResNet-18 on CIFAR-10 (pickle batches: --data cifar10:DIR); needs a GPU for a useful budget",
-        dict(
-            model="resnet18",
-            data="cifar10:",
-            batch_size=128,
-            steps=4000,
-            warmup_steps=200,
-            eval_every=500,
-            eval_batches=0,
-            ckpt_every=1000,
-            weight_decay=5e-4,
-        ),
-        lrs={"adamw": 1e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
-    ),
-    "cifar100": RunPreset(
-        "ResNet-18 on CIFAR-100 (pickle batches: --data cifar100:DIR); needs a GPU for a useful budget",
-        dict(
-            model="resnet18",
-            data="cifar100:",
-            batch_size=128,
-            steps=4000,
-            warmup_steps=200,
-            eval_every=500,
-            eval_batches=0,
-            ckpt_every=1000,
-            weight_decay=5e-4,
-        ),
-        lrs={"adamw": 1e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
-    ),
+    **{
+        name: _cifar_preset(name, classes)
+        for name, classes in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"))
+    },
 }
