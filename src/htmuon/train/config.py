@@ -71,7 +71,17 @@ class TrainConfig:
 
 # fields that may differ between a checkpoint and the run resuming it
 RESUMABLE_CHANGES = frozenset(
-    {"out_dir", "log_every", "ckpt_every", "progress", "tensorboard", "threads", "device"}
+    {
+        "out_dir",
+        "log_every",
+        "ckpt_every",
+        "progress",
+        "tensorboard",
+        "threads",
+        "device",
+        "alpha",
+        "alpha_every",
+    }
 )
 
 CHOICES = {
