@@ -1,5 +1,7 @@
+import gzip
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,3 +16,21 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _htmuon_cache(tmp_path_factory, monkeypatch):
+    """Tokenizers and token streams are cached in the session's temp folder, never in ~/.cache."""
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path_factory.getbasetemp() / "htmuon-cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """The first ~150 kB of the built-in corpus: real English text, fast to tokenize."""
+    from htmuon.train.data import builtin_corpus_path
+
+    with gzip.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
+        text = f.read(150_000)
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -23,7 +22,6 @@ if "parallel" not in TrainConfig.__dataclass_fields__:  # pragma: no cover - unt
     pytest.skip(
         "the harness has no 'parallel' key yet (apply docs/harness-torchrun.patch)", allow_module_level=True
     )
-from htmuon.train.data import builtin_corpus_path  # noqa: E402
 from htmuon.train.loop import train  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -49,15 +47,6 @@ RUN = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    with gzip.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
-        text = f.read(150_000)
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def torchrun(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "htmuon.cli", "train", *args]
@@ -74,12 +63,12 @@ def flags(config: dict) -> list[str]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_train_matches_single_process(mode, corpus, tmp_path, monkeypatch):
+def test_torchrun_train_matches_single_process(mode, corpus_file, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("HTMUON_CACHE", str(cache))
-    single = train(TrainConfig(**RUN, data=str(corpus), out_dir=str(tmp_path / "single")))
+    single = train(TrainConfig(**RUN, data=str(corpus_file), out_dir=str(tmp_path / "single")))
     out = tmp_path / mode
-    proc = torchrun(flags({**RUN, "data": corpus, "parallel": mode, "out_dir": out}), cache)
+    proc = torchrun(flags({**RUN, "data": corpus_file, "parallel": mode, "out_dir": out}), cache)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert proc.stdout.count("done: htmuon-normuon") == 1  # rank 0 reports, the other stays quiet
     summary = json.loads((out / "summary.json").read_text())

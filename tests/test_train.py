@@ -38,21 +38,6 @@ from htmuon.train.tokenizer import prepare_tokens, train_tokenizer  # noqa: E402
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path_factory.getbasetemp() / "htmuon-cache"))
-
-
-@pytest.fixture(scope="session")
-def corpus_file(tmp_path_factory) -> Path:
-    """The first ~150 kB of the built-in corpus: real English text, fast to tokenize."""
-    with gzip.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
-        text = f.read(150_000)
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def tiny(corpus_file: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         model="llama-micro",

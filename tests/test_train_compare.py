@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -14,23 +13,8 @@ pytest.importorskip("matplotlib")
 
 from htmuon.cli import main as cli_main  # noqa: E402
 from htmuon.train.compare import aggregate, markdown_table, mean_std, parse_spec  # noqa: E402
-from htmuon.train.data import builtin_corpus_path  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path_factory.getbasetemp() / "htmuon-cache"))
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    with gzip.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
-        text = f.read(100_000)
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 TINY = [
