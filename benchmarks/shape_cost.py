@@ -1,0 +1,82 @@
+"""Per-shape cost of the spectral maps against Muon's NS5, and CPU bfloat16 vs float32 matmul cost.
+
+    PYTHONPATH=src python benchmarks/shape_cost.py                     # the LLaMA-135M batches
+    PYTHONPATH=src python benchmarks/shape_cost.py --shapes 4x512x512 2x1376x512 1x512x1376
+    PYTHONPATH=src python benchmarks/shape_cost.py --matmul            # bf16 vs fp32 matmul only
+
+``benchmarks/step_cost.py`` times whole ``HTMuon.step()`` calls; this script isolates the spectral
+map: for each batch shape ``BxMxN`` it times ``polar(X)`` (Muon's NS5, float32) and
+``spectral_power(X, p, method=...)`` for each method, interleaved round-robin in one process
+(``--repeats`` rounds, median kept), and prints the ratio to Muon's time. ``--matmul`` times one
+``(m x m) @ (m x n)`` product in float32 and in bfloat16 on the current device (why CPU runs keep
+``ns_dtype="auto"`` = float32). One torch thread by default, as in step_cost.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from htmuon import polar, spectral_power
+
+# LLaMA-135M (hidden 768, intermediate 2048): q/k/v/o batched, gate/up (tall) batched, down (wide)
+DEFAULT_SHAPES = ["4x768x768", "2x2048x768", "1x768x2048"]
+
+
+def timed(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, interleaved round-robin after one warm-up call."""
+    for f in fns.values():  # warm-up
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="batches as BxMxN")
+    parser.add_argument("--methods", nargs="+", default=["fast", "fast5"])
+    parser.add_argument("--p", type=float, default=0.125)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    parser.add_argument("--matmul", action="store_true", help="only time fp32 vs bf16 matmuls")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    if args.matmul:
+        print("| product | float32 ms | bfloat16 ms | bf16 / fp32 |")
+        print("|---|---:|---:|---:|")
+        for m, n in ((256, 256), (512, 1376), (768, 2048)):
+            ops = {
+                dt: (torch.randn(m, m, dtype=dt), torch.randn(m, n, dtype=dt))
+                for dt in (torch.float32, torch.bfloat16)
+            }
+            t = timed({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in ops.items()}, max(1, args.repeats // 2))
+            f32, b16 = t[torch.float32], t[torch.bfloat16]
+            print(f"| {m}x{m} @ {m}x{n} | {1e3 * f32:.2f} | {1e3 * b16:.1f} | {b16 / f32:.0f}x |", flush=True)
+        return
+    print("| batch | " + " | ".join(f"{m} ms | {m} x Muon" for m in args.methods) + " | Muon NS5 ms |")
+    print("|---|" + "---:|---:|" * len(args.methods) + "---:|")
+    for shape in args.shapes:
+        B, m, n = (int(v) for v in shape.split("x"))
+        X = torch.randn(B, m, n, generator=torch.Generator().manual_seed(0))
+        fns = {"muon": lambda X=X: polar(X, dtype=torch.float32)}
+        for method in args.methods:
+            fns[method] = lambda X=X, method=method: spectral_power(
+                X, args.p, method=method, ns_dtype=torch.float32
+            )
+        t = timed(fns, args.repeats)
+        cells = [f"{1e3 * t[k]:.0f} | {t[k] / t['muon']:.2f}" for k in args.methods]
+        print(f"| {shape} | " + " | ".join(cells) + f" | {1e3 * t['muon']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
