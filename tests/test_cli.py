@@ -18,8 +18,9 @@ def test_demo_runs(capsys):
     ]
     assert [r[0] for r in rows] == ["adamw", "muon", "htmuon"]
     for r in rows:
-        assert 0.0 < float(r[1]) < 2.5  # train loss below chance (ln 10 = 2.30) after one epoch or near it
-        assert 10.0 < float(r[2].rstrip("%")) <= 100.0
+        assert 0.0 < float(r[1]) < 2.5  # train loss: loose (HTMuon's raw scale starts slowly)
+        # held-out accuracy far above chance (10%): measured 89-94% after one epoch
+        assert 60.0 < float(r[2].rstrip("%")) <= 100.0
 
 
 def test_user_error_is_one_line_exit_2():

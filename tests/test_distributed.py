@@ -67,10 +67,23 @@ def test_shard_layout_matches_torch_chunk(size, world):
     assert replicated.local_shape(1) == (size, 5) and replicated.sends(1, 0) is False
 
 
-@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4), (5, 3, 3, 3), (4, 2, 3)])
-@pytest.mark.parametrize("batch_3d", [True, False])
-def test_matrix_shape_agrees_with_matrix_view(shape, batch_3d):
-    assert matrix_shape(shape, batch_3d) == tuple(matrix_view(torch.zeros(shape), batch_3d).shape)
+@pytest.mark.parametrize(
+    ("shape", "batch_3d", "want"),
+    [
+        ((3, 4), True, (1, 3, 4)),
+        ((2, 3, 4), True, (2, 3, 4)),
+        ((2, 3, 4), False, (1, 2, 12)),
+        ((5, 3, 3, 3), True, (1, 5, 27)),
+    ],
+)
+def test_matrix_shape_and_matrix_view(shape, batch_3d, want):
+    """The matrix-batch rule, and matrix_view is a view: in-place updates reach the parameter."""
+    assert matrix_shape(shape, batch_3d) == want
+    t = torch.zeros(shape).mT if len(shape) == 2 else torch.zeros(shape)  # non-contiguous 2-D too
+    v = matrix_view(t, batch_3d)
+    assert tuple(v.shape) == (want if len(shape) != 2 else (1, *t.shape))
+    v.add_(1.0)
+    assert bool((t == 1.0).all())
 
 
 def test_single_process_path_is_untouched():

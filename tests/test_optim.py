@@ -198,3 +198,19 @@ def test_auto_algorithm_routes_by_shape():
     opt.step()
     assert set(opt.state[model.weight]) == {"step", "momentum_buffer"}
     assert set(opt.state[model.bias]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_tensor_hyperparameters_step_like_floats():
+    """p, lr and momentum given as 1-element tensors (accepted by validation) give the float step."""
+    W0 = torch.randn(12, 20)
+    out = []
+    for kw in (
+        dict(p=0.125, lr=0.02, momentum=0.9),
+        dict(p=torch.tensor(0.125), lr=torch.tensor(0.02), momentum=torch.tensor(0.9)),
+    ):
+        W = torch.nn.Parameter(W0.clone())
+        opt = HTMuon([W], method="eigh", **kw)
+        W.grad = torch.ones_like(W0) + torch.linspace(0, 1, 240).view(12, 20)
+        opt.step()
+        out.append(W.detach().clone())
+    torch.testing.assert_close(out[0], out[1])

@@ -229,6 +229,13 @@ def test_exact_resume_after_interruption(optimizer, corpus_file, tmp_path):
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_steps"] == [5]
 
 
+def test_stop_on_an_unlogged_step_reports_that_step(corpus_file, tmp_path):
+    """steps_done is the loop's count, not the last logged step (log_every=10, stop after step 3)."""
+    out = train(tiny(corpus_file, tmp_path / "r", log_every=10, steps=6), stop_after=3)
+    assert out["stopped"] and out["steps_done"] == 3
+    assert out["elapsed_s"] > 0
+
+
 @pytest.mark.slow
 def test_resume_from_killed_subprocess(corpus_file, tmp_path):
     """A real kill (SIGKILL) of `htmuon train` after a checkpoint, then --resume: no gap, no repeat."""

@@ -75,7 +75,7 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def matrix_shape(shape: Sequence[int], batch_3d: bool = True) -> tuple[int, int, int]:
-    """The ``(B, m, n)`` shape :func:`htmuon.optim.matrix_view` gives a tensor of ``shape``."""
+    """The ``(B, m, n)`` matrix-batch shape of a parameter of ``shape`` (:func:`htmuon.optim.matrix_view`)."""
     if len(shape) == 2:
         return (1, shape[0], shape[1])
     if len(shape) == 3 and batch_3d:

@@ -53,11 +53,7 @@ def matrix_view(t: Tensor, batch_3d: bool = True) -> Tensor:
     2-D: one matrix. 3-D: a batch of stacked matrices (``batch_3d=True``) or a Conv1d kernel
     flattened to ``out x (in * k)``. 4-D and more: a conv kernel flattened to ``out x (in * kh * kw)``.
     """
-    if t.ndim == 2:
-        return t.unsqueeze(0)
-    if t.ndim == 3 and batch_3d:
-        return t
-    return t.reshape(1, t.size(0), -1)
+    return t.reshape(_distributed.matrix_shape(t.shape, batch_3d))
 
 
 def lr_scale(m: int, n: int, rule: str) -> float:
@@ -86,7 +82,7 @@ def second_moment_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, kind
     stat = sq.mean(dim=-1, keepdim=True) if kind == "normuon" else sq
     v.lerp_(stat.to(v.dtype), 1.0 - beta2)
     normalized = O / (v.to(O.dtype) + eps).sqrt()
-    ratio = O.norm(dim=(-2, -1), keepdim=True) / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(
+    ratio = sq.sum(dim=(-2, -1), keepdim=True).sqrt() / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(
         torch.finfo(O.dtype).tiny
     )
     return normalized * ratio
@@ -383,7 +379,7 @@ class HTMuon(Optimizer):
             options["ns_steps"] = group["ns_steps"]
         return spectral_power(
             mats,
-            group["p"],
+            float(group["p"]),  # a 1-element tensor passes validation
             method=method,
             spectrum=group["spectrum"],
             scale=group["scale"],
@@ -395,8 +391,8 @@ class HTMuon(Optimizer):
     ) -> list[Tensor]:
         """Spectral map for every matrix batch of a group, batching same-shape matrices.
 
-        This is the single place that does the expensive work; the distributed variant divides
-        it among ranks by overriding this method.
+        This is the single place that does the expensive work; under DDP,
+        ``DistributedStep.compute_directions`` calls it on each rank's share of the matrices.
         """
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (x, c) in enumerate(zip(mats, corrected)):
@@ -405,11 +401,8 @@ class HTMuon(Optimizer):
         for (_, _, _, c), idx in buckets.items():
             stack = mats[idx[0]] if len(idx) == 1 else torch.cat([mats[i] for i in idx])
             result = self._direction(group, stack, c)
-            offsets = [0]
-            for i in idx:
-                offsets.append(offsets[-1] + mats[i].size(0))
-            for k, i in enumerate(idx):
-                out[i] = result[offsets[k] : offsets[k + 1]]
+            for i, part in zip(idx, result.split([mats[i].size(0) for i in idx])):
+                out[i] = part
         return out  # type: ignore[return-value]
 
     def _htmuon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:

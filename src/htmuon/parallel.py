@@ -34,7 +34,6 @@ __all__ = [
     "load_state_dicts",
     "main_first",
     "mean_across",
-    "shutdown",
     "state_dicts",
     "wrap_model",
 ]
@@ -217,12 +216,3 @@ def main_first(par: Parallel) -> Iterator[None]:
     finally:
         if par.is_main:
             barrier(par)
-
-
-def shutdown(par: Parallel) -> None:
-    """Leave the process group (at the end of a torchrun run)."""
-    if par.world > 1 or par.mode != "none":
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -296,6 +296,14 @@ def mean_alpha(model) -> float | None:
     return float(analyze(model, fit="ks").mean_alpha)
 
 
+def _check_same_run(saved: TrainConfig, cfg: TrainConfig, where: str) -> None:
+    """UserError naming up to four differing keys unless ``saved`` and ``cfg`` describe the same run."""
+    diff = identity_diff(saved, cfg)
+    if diff:
+        what = ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff[:4])
+        raise UserError(f"{where} another config ({what}); nothing changed")
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -310,8 +318,9 @@ def train(
     there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
     """
     cfg = resolve_config(cfg, preset_lrs)
+    device, amp = pick_device(cfg)
     try:  # under torchrun: join the process group (every rank runs this function)
-        par = parallel.from_env(cfg.parallel, pick_device(cfg)[0])
+        par = parallel.from_env(cfg.parallel, device)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.batch_size % par.world:
@@ -322,12 +331,7 @@ def train(
     if resume and ckpt_path.exists():
         payload = checkpoint.load(ckpt_path)
         saved = from_dict(payload["config"], where=f" in checkpoint {ckpt_path}")
-        diff = identity_diff(saved, cfg)
-        if diff:
-            what = ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff[:4])
-            raise UserError(
-                f"checkpoint '{ckpt_path}' was written by another config ({what}); nothing changed"
-            )
+        _check_same_run(saved, cfg, f"checkpoint '{ckpt_path}' was written by")
     elif resume and (out / "config.json").exists():
         # killed before its first checkpoint: start over, but only if it is the same run
         try:
@@ -336,10 +340,7 @@ def train(
             )
         except json.JSONDecodeError:
             raise UserError(f"'{out / 'config.json'}' is not valid JSON; nothing changed") from None
-        diff = identity_diff(saved, cfg)
-        if diff:
-            what = ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff[:4])
-            raise UserError(f"run folder '{out}' holds a run of another config ({what}); nothing changed")
+        _check_same_run(saved, cfg, f"run folder '{out}' holds a run of")
     elif not resume and ((out / "config.json").exists() or ckpt_path.exists()):
         raise UserError(
             f"run folder '{out}' already holds a run; pass --resume to continue it or pick another --out-dir"
@@ -350,7 +351,6 @@ def train(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, amp = pick_device(cfg)
     if device.type == "cuda" and par.world > 1:
         device = torch.device("cuda", par.local_rank)
     task = model_task(cfg.model)
@@ -388,7 +388,6 @@ def train(
         run_info.setdefault("resumed_from_steps", []).append(start)
     if par.is_main:
         atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
-    if par.is_main:
         metrics = Metrics(out, start if payload is not None else None, cfg.tensorboard)
     else:
         metrics = _NoMetrics()
@@ -422,23 +421,24 @@ def train(
     label = f"{cfg.optimizer}/seed{cfg.seed}"
     progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
     diverged, stopped, last_val = False, False, None
+    steps_done = start
     tokens_per_step = data.tokens_per_batch * cfg.grad_accum
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             factor = lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * factor
-            loss_sum = 0.0
+            loss_sum = 0.0  # becomes a tensor: one host sync per step, not per micro-batch
             for _ in range(cfg.grad_accum):
                 x, y = (parallel.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, _ = _loss(module, task, x, y)
                 (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
-            loss_val = parallel.mean_across(loss_sum / cfg.grad_accum, par)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                loss_sum = loss_sum + loss.detach().float()
+            loss_val = parallel.mean_across(float(loss_sum) / cfg.grad_accum, par)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 diverged = True
@@ -450,6 +450,7 @@ def train(
             dt = time.perf_counter() - t0
             elapsed += dt
             step_times.append(dt)
+            steps_done = step
             tps = tokens_per_step / dt
             log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps or diverged
             if log:
@@ -490,7 +491,10 @@ def train(
         progress.close()
         metrics.close()
 
-    summary = summarize(out, cfg, metrics.records, last_val, diverged, stopped, info, step_times)
+    # steps_done is the loop's own count: a stop or divergence step need not be a logged one
+    summary = summarize(
+        out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
+    )
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
         summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
@@ -500,7 +504,7 @@ def train(
     return summary
 
 
-def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times) -> dict:
+def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times, steps_done, elapsed) -> dict:
     train_recs = [r for r in records if r["kind"] == "train"]
     val_recs = [r for r in records if r["kind"] == "val"]
     step_ms = sorted(t * 1e3 for t in step_times[1:])  # all steps but the first (warm-up)
@@ -514,7 +518,7 @@ def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times) 
         "seed": cfg.seed,
         "model": cfg.model,
         "data": cfg.data,
-        "steps_done": train_recs[-1]["step"] if train_recs else 0,
+        "steps_done": steps_done,
         "steps": cfg.steps,
         "finished": not stopped and not diverged,
         "stopped": stopped,
@@ -524,6 +528,6 @@ def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times) 
         "final_val_acc": (final.get("acc") if final and not diverged else None),
         "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
         "ms_per_step": step_ms[len(step_ms) // 2] if step_ms else None,  # median step time
-        "elapsed_s": train_recs[-1]["elapsed_s"] if train_recs else 0.0,
+        "elapsed_s": elapsed,
         "info": info,
     }

@@ -110,7 +110,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs=_QUICK_LRS,
     ),
     "quick-seeds": RunPreset(
-        "the quick preset over 3 seeds (~15 min on 2 CPU cores)",
+        "the quick preset over 3 seeds (~13 min on 2 CPU cores)",
         _QUICK,
         seeds=(0, 1, 2),
         lrs=_QUICK_LRS,
