@@ -386,3 +386,22 @@ def test_optimizer_routing_and_weight_decay_groups(routing):
     assert by_id[id(norm)]["algorithm"] == "adamw" and by_id[id(norm)]["weight_decay"] == 0.0
     assert by_id[id(norm)]["lr"] == 2e-3
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """checkpoint.save goes through atomic_write: an error while writing keeps the old file intact
+    and removes the temp file."""
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, {"step": 1, "w": torch.arange(4.0)})
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(path, {"step": 2, "w": torch.zeros(4)})
+    monkeypatch.undo()
+    loaded = checkpoint.load(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -9,7 +9,6 @@ file. Only plain containers and tensors are stored, so it loads with ``weights_o
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from htmuon.cli import UserError
+from htmuon.train.data import atomic_write
 
 FORMAT = "htmuon-train-checkpoint-v1"
 CKPT_NAME = "ckpt.pt"
@@ -56,25 +56,7 @@ def set_rng_state(state: dict) -> None:
 def save(path: Path, payload: dict) -> None:
     """torch.save to a temp file beside ``path``, fsync, os.replace (atomic on POSIX and Windows)."""
     payload = {"format": FORMAT, **payload}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename durable too
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load(path: Path, map_location="cpu") -> dict:

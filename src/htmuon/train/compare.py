@@ -414,9 +414,9 @@ def _figure(rows: int, cols: int):
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    from htmuon.train.data import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def alpha_reports(agg: dict) -> dict | None:
