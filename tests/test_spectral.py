@@ -266,6 +266,37 @@ def test_register_backend_refuses_duplicates():
         htmuon.register_backend("svd", lambda X, p, spectrum: X)
 
 
+def test_htmuon_passes_a_backend_exactly_its_declared_options():
+    """The registry, not the optimizer, says which group options reach a backend."""
+    from htmuon.spectral import BACKENDS
+
+    seen = []
+
+    def plain(X, p, spectrum):
+        seen.append(("plain", {}))
+        return X
+
+    def steps(X, p, spectrum, *, ns_steps, ns_dtype):
+        seen.append(("steps", {"ns_steps": ns_steps, "ns_dtype": ns_dtype}))
+        return X
+
+    htmuon.register_backend("test-plain", plain)
+    htmuon.register_backend("test-steps", steps, options=("ns_steps", "ns_dtype"))
+    try:
+        for method in ("test-plain", "test-steps"):
+            W = torch.nn.Parameter(torch.randn(6, 8))
+            W.grad = torch.randn(6, 8)
+            htmuon.HTMuon(
+                [W], method=method, ns_steps=3, ns_dtype=torch.float32, compute_dtype=torch.float64
+            ).step()
+        assert seen == [("plain", {}), ("steps", {"ns_steps": 3, "ns_dtype": torch.float32})]
+        with pytest.raises(ValueError, match="unknown options"):
+            htmuon.register_backend("test-bad", plain, options=("lr",))
+    finally:
+        for name in ("test-plain", "test-steps"):
+            BACKENDS.pop(name, None)
+
+
 def test_no_warnings_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -258,11 +258,13 @@ register_backend(
     "fast",
     functools.partial(fast_spectral_power, coefficients=FAST6_COEFFICIENTS),
     spectra=("power",),
+    options=("compute_dtype", "ns_dtype"),
     description="6 fitted quintic Newton-Schulz steps, output = weighted sum of iterates (~1.2x Muon)",
 )
 register_backend(
     "fast5",
     functools.partial(fast_spectral_power, coefficients=FAST5_COEFFICIENTS),
     spectra=("power",),
+    options=("compute_dtype", "ns_dtype"),
     description="5 fitted quintic Newton-Schulz steps, weighted sum of iterates (Muon's matmul count)",
 )

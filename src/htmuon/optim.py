@@ -34,8 +34,6 @@ ALGORITHMS = ("auto", "htmuon", "adamw")
 PLUGINS = (None, "normuon", "adamuon")
 LR_ADJUSTS = ("muon", "adamw_rms", "none")
 COMPUTE_DTYPES = (None, torch.float32, torch.float64)
-#: Backends whose matmul iteration runs in the group's ``ns_dtype`` (Newton--Schulz-like).
-NS_DTYPE_METHODS = ("ns", "fast", "fast5")
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -370,13 +368,7 @@ class HTMuon(Optimizer):
         if not corrected:
             return polar(mats, steps=group["ns_steps"], dtype=group["ns_dtype"])
         method = resolve_method(group["method"], group["spectrum"], mats.device)
-        options: dict[str, Any] = {}
-        if group["compute_dtype"] is not None:
-            options["compute_dtype"] = group["compute_dtype"]
-        if method in NS_DTYPE_METHODS:
-            options["ns_dtype"] = group["ns_dtype"]
-        if method == "ns":
-            options["ns_steps"] = group["ns_steps"]
+        options = {k: group[k] for k in BACKENDS[method].options}  # what the backend declares
         return spectral_power(
             mats,
             float(group["p"]),  # a 1-element tensor passes validation

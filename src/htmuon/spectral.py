@@ -65,16 +65,21 @@ class Backend:
     """A spectral backend: ``fn(X, p, spectrum, **options) -> U diag(w) V^T``.
 
     ``X`` is a wide batch ``(B, m, n)``, ``m <= n``; the result has X's shape and is
-    computed in the backend's working precision (the caller casts it back).
+    computed in the backend's working precision (the caller casts it back). ``options`` names the
+    keyword options ``fn`` accepts among :data:`BACKEND_OPTIONS`; :class:`htmuon.HTMuon` passes
+    exactly those from the parameter group.
     """
 
     name: str
     fn: Callable[..., Tensor]
     spectra: tuple[str, ...]
     description: str
+    options: tuple[str, ...] = ()
 
 
 BACKENDS: dict[str, Backend] = {}
+#: The per-group HTMuon options a backend may declare (same names as HTMuon's keywords).
+BACKEND_OPTIONS = ("compute_dtype", "ns_dtype", "ns_steps")
 
 
 def register_backend(
@@ -83,15 +88,20 @@ def register_backend(
     *,
     spectra: tuple[str, ...] = ("power",),
     description: str = "",
+    options: tuple[str, ...] = (),
     replace: bool = False,
 ) -> None:
-    """Register a spectral backend under ``name`` (see :class:`Backend` for the signature)."""
+    """Register a spectral backend under ``name`` (see :class:`Backend` for the signature and
+    ``options``: which of :data:`BACKEND_OPTIONS` ``fn`` takes as keywords)."""
     if name in BACKENDS and not replace:
         raise ValueError(f"spectral backend {name!r} is already registered")
     unknown = set(spectra) - set(SPECTRA)
     if unknown:
         raise ValueError(f"unknown spectra {sorted(unknown)} for backend {name!r}; valid: {SPECTRA}")
-    BACKENDS[name] = Backend(name, fn, tuple(spectra), description)
+    bad = set(options) - set(BACKEND_OPTIONS)
+    if bad:
+        raise ValueError(f"unknown options {sorted(bad)} for backend {name!r}; valid: {BACKEND_OPTIONS}")
+    BACKENDS[name] = Backend(name, fn, tuple(spectra), description, tuple(options))
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,18 +363,21 @@ register_backend(
     _svd_backend,
     spectra=("power", "rank"),
     description="exact thin SVD (float32, or float64 with compute_dtype=torch.float64)",
+    options=("compute_dtype",),
 )
 register_backend(
     "eigh",
     _eigh_backend,
     spectra=("power", "rank"),
     description="eigh of the small Gram matrix (float64 by default), then Q diag(s^(p-1)) Q^T G",
+    options=("compute_dtype",),
 )
 register_backend(
     "ns",
     _ns_backend,
     spectra=("power",),
     description="paper's NS path generalised: NS5 polar x Gram power from nested NS square roots",
+    options=("compute_dtype", "ns_dtype", "ns_steps"),
 )
 
 
