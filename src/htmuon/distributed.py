@@ -123,10 +123,6 @@ class ShardLayout:
     dim: int | None
     world: int
 
-    @property
-    def replicated(self) -> bool:
-        return self.dim is None
-
     def bounds(self, rank: int) -> tuple[int, int]:
         """``[start, stop)`` of ``rank``'s piece along ``dim`` (the whole extent if replicated)."""
         if self.dim is None:
@@ -182,7 +178,7 @@ def check_group(group: dict[str, Any], index: int) -> None:
     kinds = [is_dtensor(p) for p in params]
     if any(kinds) and not all(kinds):
         d, t = kinds.index(True), kinds.index(False)
-        names = group.get("param_names") or []
+        names = group.get("param_names", group.get("names")) or []  # torch's key, or param_groups()'s
 
         def label(i: int) -> str:
             return repr(names[i]) if i < len(names) else f"{i}"

@@ -267,8 +267,6 @@ class BlockSampler:
 class TokenData:
     """Train/val token streams for a causal LM; batches of (input, target) of length seq_len."""
 
-    task = "lm"
-
     def __init__(
         self, train_tokens: np.ndarray, val_tokens: np.ndarray, seq_len: int, batch_size: int, seed: int
     ):
@@ -304,13 +302,11 @@ class TokenData:
 class ImageData:
     """In-memory image classification data (N, C, H, W) float32, normalised per channel."""
 
-    task = "image"
-
     def __init__(self, x_train, y_train, x_val, y_val, num_classes: int, batch_size: int, seed: int):
         self.x_train, self.y_train = x_train, y_train
         self.x_val, self.y_val = x_val, y_val
         self.num_classes, self.batch_size = num_classes, batch_size
-        self.in_channels, self.image_size = x_train.shape[1], x_train.shape[2]
+        self.in_channels = x_train.shape[1]
         self.sampler = BlockSampler(len(x_train), batch_size, seed)
 
     def next_batch(self):
@@ -351,7 +347,11 @@ def _normalise(x_train: np.ndarray, x_val: np.ndarray) -> tuple[torch.Tensor, to
     )
 
 
-def load_image_data(source: str, batch_size: int, seed: int, val_fraction: float = 0.2) -> ImageData:
+#: Held-out share of scikit-learn's digits (a fixed split, independent of the run's seed).
+DIGITS_VAL_FRACTION = 0.2
+
+
+def load_image_data(source: str, batch_size: int, seed: int) -> ImageData:
     name, path = parse_image_source(source)
     if name == "digits":
         try:
@@ -363,7 +363,7 @@ def load_image_data(source: str, batch_size: int, seed: int, val_fraction: float
         y = d.target.astype(np.int64)
         # fixed split, independent of the run's seed
         perm = np.random.default_rng(12345).permutation(len(x))
-        n_val = round(len(x) * val_fraction)
+        n_val = round(len(x) * DIGITS_VAL_FRACTION)
         vi, ti = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         xt, xv = _normalise(x[ti], x[vi])
         return ImageData(xt, torch.from_numpy(y[ti]), xv, torch.from_numpy(y[vi]), 10, batch_size, seed)

@@ -8,7 +8,7 @@
     every alpha_every steps (if set): the weights' mean layer-wise power-law alpha ("alpha" records)
 
 A run folder holds config.json, run.json (versions, seed, command), metrics.jsonl,
-metrics.csv, ckpt.pt and, once finished, summary.json.
+metrics.csv, ckpt.pt, tb/ (with tensorboard) and, once finished or diverged, summary.json.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from htmuon.cli import UserError
 from htmuon.train import checkpoint
 from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
 from htmuon.train.data import atomic_write_bytes
-from htmuon.train.models import check_model_name
+from htmuon.train.models import check_model_name, count_parameters
 from htmuon.train.optimizers import build_optimizer, check_optimizer_name, resolve
 from htmuon.train.presets import model_task
 
@@ -148,7 +148,7 @@ def build_data_and_model(cfg: TrainConfig):
             "val_samples": len(data.x_val),
             "classes": data.num_classes,
         }
-    info["parameters"] = sum(p.numel() for p in model.parameters())
+    info["parameters"] = count_parameters(model)
     return data, model, info
 
 

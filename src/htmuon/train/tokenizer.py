@@ -85,25 +85,24 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def prepare_tokens(splits: TextSplits, vocab_size: int, use_cache: bool = True):
+def prepare_tokens(splits: TextSplits, vocab_size: int):
     """Return (tokenizer, train_ids, val_ids, cache_path), training/encoding only on a cache miss."""
     tk = _require_tokenizers()
     key = corpus_key(splits, vocab_size)
     d = cache_dir() / "tokens" / key
     tok_path, tr_path, va_path = d / "tokenizer.json", d / "train.npy", d / "val.npy"
-    if use_cache and tok_path.exists() and tr_path.exists() and va_path.exists():
+    if tok_path.exists() and tr_path.exists() and va_path.exists():
         tok = tk.Tokenizer.from_file(str(tok_path))
         return tok, np.load(tr_path), np.load(va_path), d
     tok = train_tokenizer(splits.train, vocab_size)
     tr = encode_docs(tok, splits.train)
     va = encode_docs(tok, splits.val)
-    if use_cache:
-        try:
-            atomic_write_bytes(tok_path, tok.to_str().encode("utf-8"))
-            atomic_write_bytes(tr_path, _npy_bytes(tr))
-            atomic_write_bytes(va_path, _npy_bytes(va))
-        except OSError as e:
-            raise UserError(
-                f"cannot write the token cache under '{d}': {e.strerror} (set HTMUON_CACHE)"
-            ) from None
+    try:
+        atomic_write_bytes(tok_path, tok.to_str().encode("utf-8"))
+        atomic_write_bytes(tr_path, _npy_bytes(tr))
+        atomic_write_bytes(va_path, _npy_bytes(va))
+    except OSError as e:
+        raise UserError(
+            f"cannot write the token cache under '{d}': {e.strerror} (set HTMUON_CACHE)"
+        ) from None
     return tok, tr, va, d
