@@ -383,7 +383,7 @@ class DistributedStep:
             owned = [i for i, o in enumerate(owners) if o == r]
             if r == rank:
                 for i, d in zip(owned, dirs):
-                    out[i] = d if d.dtype in (torch.float32, torch.float64) else d.float()
+                    out[i] = d
                 continue
             header, offset = gathered[r][: len(owned)].tolist(), len(owned)
             for i, code in zip(owned, header):
@@ -437,7 +437,6 @@ class DistributedStep:
         mats = [_optim.matrix_view(wholes[i][0], batch_3d) for i in mine]
         directions = opt._compute_directions(group, mats, [items[i].corrected for i in mine])
         for i, O in zip(mine, directions):
-            O = O.float() if O.dtype not in (torch.float32, torch.float64) else O
             if plugin is not None:  # on the whole matrix, with the whole second moment (updated in place)
                 O = _optim.second_moment_normalize(
                     O, wholes[i][1], group["beta2"], group["plugin_eps"], plugin

@@ -384,7 +384,8 @@ class HTMuon(Optimizer):
         """Spectral map for every matrix batch of a group, batching same-shape matrices.
 
         This is the single place that does the expensive work; under DDP,
-        ``DistributedStep.compute_directions`` calls it on each rank's share of the matrices.
+        ``DistributedStep.compute_directions`` calls it on each rank's share of the matrices. Directions
+        come back in float32 (float64 for float64 work), whatever the working dtype.
         """
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (x, c) in enumerate(zip(mats, corrected)):
@@ -393,6 +394,8 @@ class HTMuon(Optimizer):
         for (_, _, _, c), idx in buckets.items():
             stack = mats[idx[0]] if len(idx) == 1 else torch.cat([mats[i] for i in idx])
             result = self._direction(group, stack, c)
+            if result.dtype not in (torch.float32, torch.float64):  # e.g. bfloat16 Newton--Schulz
+                result = result.float()
             for i, part in zip(idx, result.split([mats[i].size(0) for i in idx])):
                 out[i] = part
         return out  # type: ignore[return-value]
@@ -408,7 +411,6 @@ class HTMuon(Optimizer):
             directions = self._dist.compute_directions(self, group, mats, corrected)
         lr, wd = group["lr"], group["weight_decay"]
         for param, O in zip(params, directions):
-            O = O.float() if O.dtype not in (torch.float32, torch.float64) else O
             if group["plugin"] is not None:
                 O = self._apply_plugin(group, param, O)
             m, n = O.shape[-2:]
