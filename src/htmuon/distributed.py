@@ -153,7 +153,8 @@ class ShardLayout:
         return self.dim is not None or src == owner
 
 
-def _second_moment_shape(mshape: tuple[int, int, int], plugin: str) -> tuple[int, int, int]:
+def second_moment_shape(mshape: tuple[int, int, int], plugin: str) -> tuple[int, int, int]:
+    """Shape of the NorMuon (one entry per row) or AdaMuon (element-wise) second moment."""
     return (mshape[0], mshape[1], 1) if plugin == "normuon" else mshape
 
 
@@ -464,11 +465,8 @@ class DistributedStep:
                 offsets[src] += n
             if it.second_moment is not None:
                 it.second_moment.copy_(received[1])
-            if wd != 0.0:
-                it.local.mul_(1.0 - lr * wd)
-            it.local.add_(
-                received[0], alpha=-lr * _optim.lr_scale(it.mshape[1], it.mshape[2], group["lr_adjust"])
-            )
+            scale = _optim.lr_scale(it.mshape[1], it.mshape[2], group["lr_adjust"])
+            _optim.decoupled_update(it.local, received[0], lr, wd, scale)
 
     @staticmethod
     def _prepare(
@@ -476,10 +474,7 @@ class DistributedStep:
     ) -> _ShardedItem:
         """Lazy state, step count and momentum of one DTensor parameter, on its local shard."""
         state = opt.state[p]
-        if not state:
-            state["step"] = 0
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
+        _optim.count_step(state, p)
         grad, local = local_tensor(p.grad), local_tensor(p)
         if grad.shape != local.shape:
             raise RuntimeError(
@@ -497,7 +492,7 @@ class DistributedStep:
         item = _ShardedItem(p, local, update, layout, mshape, opt._is_corrected(group, p))
         plugin = group["plugin"]
         if plugin is not None:
-            vshape = _second_moment_shape(mshape, plugin)
+            vshape = second_moment_shape(mshape, plugin)
             vdim = _second_moment_dim(shape, dim, group["batch_3d"])
             if vdim is not None and vshape[vdim] != shape[dim]:
                 vdim = None

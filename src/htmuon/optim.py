@@ -63,6 +63,22 @@ def lr_scale(m: int, n: int, rule: str) -> float:
     return 1.0
 
 
+def decoupled_update(param: Tensor, O: Tensor, lr: float, wd: float, scale: float) -> None:
+    """``param <- (1 - lr wd) param - lr scale O`` in place (decoupled weight decay, then the step)."""
+    if wd != 0.0:
+        param.mul_(1.0 - lr * wd)
+    param.add_(O, alpha=-lr * scale)
+
+
+def count_step(state: dict[str, Any], param: Tensor) -> int:
+    """Create a matrix parameter's state on first use (step 0, zero momentum), then count the step."""
+    if not state:
+        state["step"] = 0
+        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["step"] += 1
+    return state["step"]
+
+
 def nesterov_momentum(grad: Tensor, buf: Tensor, beta: float, nesterov: bool) -> Tensor:
     """``buf <- beta buf + (1 - beta) grad`` in place; return ``N_t`` (Nesterov) or ``buf``."""
     buf.lerp_(grad, 1.0 - beta)
@@ -352,10 +368,7 @@ class HTMuon(Optimizer):
     def _momentum(self, group: dict[str, Any], param: Tensor) -> Tensor:
         """Update the momentum buffer; return the (Nesterov) direction ``N_t`` as a matrix batch."""
         state = self.state[param]
-        if not state:
-            state["step"] = 0
-            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["step"] += 1
+        count_step(state, param)
         update = nesterov_momentum(param.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
         return matrix_view(update, group["batch_3d"])
 
@@ -414,14 +427,14 @@ class HTMuon(Optimizer):
             if group["plugin"] is not None:
                 O = self._apply_plugin(group, param, O)
             m, n = O.shape[-2:]
-            if wd != 0.0:
-                param.mul_(1.0 - lr * wd)
-            param.add_(O.reshape(param.shape).to(param.dtype), alpha=-lr * lr_scale(m, n, group["lr_adjust"]))
+            decoupled_update(
+                param, O.reshape(param.shape).to(param.dtype), lr, wd, lr_scale(m, n, group["lr_adjust"])
+            )
 
     def _apply_plugin(self, group: dict[str, Any], param: Tensor, O: Tensor) -> Tensor:
         state = self.state[param]
         if "second_moment" not in state:
-            shape = O.shape[:-1] + (1,) if group["plugin"] == "normuon" else O.shape
+            shape = _distributed.second_moment_shape(tuple(O.shape), group["plugin"])
             state["second_moment"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
         return second_moment_normalize(
             O, state["second_moment"], group["beta2"], group["plugin_eps"], group["plugin"]
