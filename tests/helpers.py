@@ -44,3 +44,30 @@ def reference_htmuon(W0, grads, *, lr, p, momentum=0.95, nesterov=True, weight_d
         O = exact_power(N, p) * math.sqrt(max(1.0, m / n))
         W = W * (1 - lr * weight_decay) - lr * O
     return W
+
+
+#: The smallest useful training run (LLaMA-micro, 6 steps, one thread, quiet): the base of the
+#: harness tests' configs, which override what they exercise.
+TINY_RUN = dict(
+    model="llama-micro",
+    vocab_size=320,
+    seq_len=16,
+    batch_size=2,
+    steps=6,
+    warmup_steps=2,
+    eval_every=3,
+    eval_batches=2,
+    log_every=1,
+    ckpt_every=3,
+    threads=1,
+    progress="none",
+    alpha=False,
+)
+
+
+def flags(config: dict) -> list[str]:
+    """Config keys as ``htmuon train`` / ``compare`` command-line flags."""
+    out = []
+    for key, value in config.items():
+        out += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return out

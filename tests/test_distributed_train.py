@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from helpers import TINY_RUN, flags  # noqa: E402
 from htmuon.train import checkpoint  # noqa: E402
 from htmuon.train.config import TrainConfig  # noqa: E402
 from htmuon.train.loop import train  # noqa: E402
@@ -23,22 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: the global batch: the same math, rounded differently (measured ~2e-7 / ~3e-7 after 6 steps).
 TOL = 1e-5
 
-RUN = dict(
-    model="llama-micro",
-    vocab_size=320,
-    seq_len=16,
-    batch_size=4,
-    steps=6,
-    warmup_steps=2,
-    eval_every=3,
-    eval_batches=2,
-    log_every=1,
-    ckpt_every=3,
-    threads=1,
-    progress="none",
-    alpha=False,
-    optimizer="htmuon-normuon",
-)
+RUN = {**TINY_RUN, "batch_size": 4, "optimizer": "htmuon-normuon"}  # 4 rows: 2 per rank
 
 
 def torchrun(args: list[str], cache: Path) -> subprocess.CompletedProcess:
@@ -46,13 +32,6 @@ def torchrun(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     cmd += ["-m", "htmuon.cli", "train", *args]
     env = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def flags(config: dict) -> list[str]:
-    out = []
-    for key, value in config.items():
-        out += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
-    return out
 
 
 @pytest.mark.distributed

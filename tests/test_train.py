@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from helpers import TINY_RUN  # noqa: E402
 from htmuon.cli import UserError  # noqa: E402
 from htmuon.cli import main as cli_main  # noqa: E402
 from htmuon.train import checkpoint  # noqa: E402
@@ -39,25 +40,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def tiny(corpus_file: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        model="llama-micro",
-        data=str(corpus_file),
-        vocab_size=320,
-        seq_len=16,
-        batch_size=2,
-        steps=6,
-        warmup_steps=2,
-        eval_every=3,
-        eval_batches=2,
-        log_every=1,
-        ckpt_every=3,
-        threads=1,
-        progress="none",
-        alpha=False,
-        out_dir=str(out),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**{**TINY_RUN, "data": str(corpus_file), "out_dir": str(out), **kw})
 
 
 # ----------------------------------------------------------------------------- corpus and data

@@ -11,16 +11,16 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
+from helpers import TINY_RUN, flags  # noqa: E402
 from htmuon.cli import main as cli_main  # noqa: E402
 from htmuon.train.compare import aggregate, markdown_table, mean_std, parse_spec  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-TINY = [
-    "--model", "llama-micro", "--vocab-size", "320", "--seq-len", "16", "--batch-size", "2", "--steps", "4",
-    "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2", "--threads", "1", "--progress", "none",
-]  # fmt: skip
+# the tiny run, 4 steps, every flag the grid may take (alpha stays on: the alpha tests need it)
+_GRID = ("model", "vocab_size", "seq_len", "batch_size", "eval_batches", "threads", "progress")
+TINY = flags({**{k: TINY_RUN[k] for k in _GRID}, "steps": 4, "warmup_steps": 1, "eval_every": 2})
 
 
 def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, capsys):
