@@ -33,7 +33,7 @@ elementwise op wait for a scheduling slice (measured here: ~8 ms for any 1M-elem
 on one thread), which swamps the ratios; one thread measures the arithmetic. ``--threads 0``
 keeps torch's default.
 
-Slow combinations are skipped on CPU (bfloat16 matmul is ~25x slower than float32 there): svd
+Slow combinations are skipped on CPU (bfloat16 matmul is 30-180x slower than float32 there): svd
 and eigh run in float32/float64 whatever the dtype, and the paper NS path is run in float32 only.
 """
 
@@ -130,7 +130,7 @@ def configs(dtype_name: str, p: float, skip: set[str]) -> list[tuple[str, dict]]
             continue
         if kw.pop("_paper", False):
             if dtype_name != "fp32" or abs(p - 0.125) > 1e-12:
-                continue  # bf16 matmul on CPU: ~25x; the paper path only exists for p = 1/8
+                continue  # bf16 matmul on CPU: 30-180x; the paper path only exists for p = 1/8
         if dtype_name != "fp32" and label in ("eigh", "svd"):
             continue  # they do not use the working dtype: same numbers as the fp32 table
         out.append((label, kw))

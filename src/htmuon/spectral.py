@@ -118,7 +118,7 @@ def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float = 1.0) 
 
 def ns_working_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
     """Resolve a Newton--Schulz working dtype: ``"auto"`` is bfloat16 on CUDA (Muon's choice, fast on
-    tensor cores) and float32 elsewhere (bfloat16 matmul is ~25x slower than float32 on AVX2 CPUs)."""
+    tensor cores) and float32 elsewhere (bfloat16 matmul is 30-180x slower than float32 on AVX2 CPUs)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype is not None and not isinstance(dtype, torch.dtype):
