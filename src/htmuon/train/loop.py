@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htmuon import parallel
+from htmuon import torchrun
 from htmuon.cli import UserError
 from htmuon.train import checkpoint
 from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
@@ -320,7 +320,7 @@ def train(
     cfg = resolve_config(cfg, preset_lrs)
     device, amp = pick_device(cfg)
     try:  # under torchrun: join the process group (every rank runs this function)
-        par = parallel.from_env(cfg.parallel, device)
+        par = torchrun.from_env(cfg.parallel, device)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.batch_size % par.world:
@@ -347,7 +347,7 @@ def train(
         )
     if payload is not None and payload["step"] >= cfg.steps and (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
-    parallel.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
+    torchrun.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -356,18 +356,18 @@ def train(
     task = model_task(cfg.model)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
-    with parallel.main_first(par):  # rank 0 fills the token cache, the others read it
+    with torchrun.main_first(par):  # rank 0 fills the token cache, the others read it
         data, model, info = build_data_and_model(cfg)
     model.to(device)
     model.train()
-    module = parallel.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
+    module = torchrun.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
     opt = build_optimizer(model, cfg, process_group=par.process_group)
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for p in model.parameters() if p.requires_grad]
 
     start, elapsed, wall, step_times = 0, 0.0, 0.0, []
     if payload is not None:
-        parallel.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
+        torchrun.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
         data.sampler.load_state_dict(payload["loader"])
         checkpoint.set_rng_state(payload["rng"])
         start, elapsed, wall = int(payload["step"]), float(payload["elapsed_s"]), float(payload["wall_s"])
@@ -393,9 +393,9 @@ def train(
         metrics = _NoMetrics()
 
     def save_ckpt(step: int) -> None:
-        model_sd, opt_sd = parallel.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
+        model_sd, opt_sd = torchrun.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
         if not par.is_main:
-            parallel.barrier(par)
+            torchrun.barrier(par)
             return
         checkpoint.save(
             ckpt_path,
@@ -413,7 +413,7 @@ def train(
                 "rng": checkpoint.rng_state(),
             },
         )
-        parallel.barrier(par)
+        torchrun.barrier(par)
 
     # alpha during training: on the main process (under DDP every rank holds the whole model; under
     # FSDP2 the weights are sharded, so it is left out there, as at the end of the run)
@@ -432,13 +432,13 @@ def train(
                 g["lr"] = base * factor
             loss_sum = 0.0  # becomes a tensor: one host sync per step, not per micro-batch
             for _ in range(cfg.grad_accum):
-                x, y = (parallel.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
+                x, y = (torchrun.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, _ = _loss(module, task, x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum = loss_sum + loss.detach().float()
-            loss_val = parallel.mean_across(float(loss_sum) / cfg.grad_accum, par)
+            loss_val = torchrun.mean_across(float(loss_sum) / cfg.grad_accum, par)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 diverged = True
@@ -498,7 +498,7 @@ def train(
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
         summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
-    parallel.barrier(par)
+    torchrun.barrier(par)
     if not stopped and par.is_main:
         atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
