@@ -15,11 +15,20 @@ Every rank draws the same global batch and trains on its slice of the rows, so a
 sees the data a single process sees (global batch = union of the ranks' slices); only float
 rounding of the gradient average differs. Without ``torchrun`` (no ``RANK`` in the environment)
 everything is a no-op and the loop is the single-process loop.
+
+A hung or dead rank ends the job: every collective waits at most the process group's timeout
+(``timeout_s``; default :data:`DEFAULT_TIMEOUT_S`, or the ``HTMUON_DIST_TIMEOUT`` environment
+variable, in seconds), and :func:`collective_errors` turns the failure into a one-line
+:class:`~htmuon.errors.CollectiveError` on every surviving rank. With gloo (CPU) the timeout fires
+in the waiting collective itself (a dead peer fails it at once: connection reset); with NCCL,
+torch's watchdog aborts the communicator after it (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,11 +37,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from htmuon.errors import CollectiveError
+
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "PARALLEL_MODES",
+    "TIMEOUT_ENV",
     "Parallel",
     "barrier",
     "batch_slice",
+    "collective_errors",
+    "collective_timeout",
     "from_env",
     "load_state_dicts",
     "main_first",
@@ -44,6 +59,11 @@ __all__ = [
 #: "auto": DDP under torchrun with more than one process, else single-process; "none": never
 #: wrap; "ddp": DistributedDataParallel; "fsdp": FSDP2 (fully_shard, DTensor parameters).
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+#: Seconds a collective waits for the other ranks before the job fails (torch's own default for
+#: gloo is 30 min; 10 min still covers a slow checkpoint write or evaluation on rank 0).
+DEFAULT_TIMEOUT_S = 600.0
+#: Environment variable overriding :data:`DEFAULT_TIMEOUT_S` (seconds, > 0).
+TIMEOUT_ENV = "HTMUON_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,7 @@ class Parallel:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def is_main(self) -> bool:
@@ -71,14 +92,40 @@ class Parallel:
         return dist.group.WORLD
 
 
-def from_env(mode: str = "auto", device: torch.device | str = "cpu") -> Parallel:
+def collective_timeout(timeout_s: float | None = None) -> float:
+    """``timeout_s`` if given, else ``$HTMUON_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`; a
+    ValueError naming the value unless it is a finite number of seconds > 0."""
+    where = "timeout_s"
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT_S
+        where = TIMEOUT_ENV
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
+    if not (0 < timeout_s < float("inf")):
+        raise ValueError(f"{where} must be a number of seconds > 0, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+def from_env(
+    mode: str = "auto", device: torch.device | str = "cpu", timeout_s: float | None = None
+) -> Parallel:
     """Join the process group torchrun set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``).
 
     gloo on CPU, NCCL on CUDA (each process then uses GPU ``LOCAL_RANK``). Without torchrun, only
-    ``mode`` "auto" or "none" is valid and nothing is initialised.
+    ``mode`` "auto" or "none" is valid and nothing is initialised. ``timeout_s``: how long a
+    collective (and the group's start) waits for the other ranks (:func:`collective_timeout`).
+
+    Raises:
+        ValueError: a bad mode or timeout, or a parallel mode without torchrun.
+        CollectiveError: the other ranks did not join within the timeout.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"Invalid parallel mode: {mode!r}; valid: {PARALLEL_MODES}")
+    timeout_s = collective_timeout(timeout_s)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if mode in ("ddp", "fsdp"):
             raise ValueError(
@@ -97,9 +144,43 @@ def from_env(mode: str = "auto", device: torch.device | str = "cpu") -> Parallel
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
+    par = Parallel("ddp" if mode == "auto" else mode, rank, world, local_rank, timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Parallel("ddp" if mode == "auto" else mode, rank, world, local_rank)
+        with collective_errors(par, "the process group did not form"):
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            )
+    return par
+
+
+#: Failures of a collective as gloo / NCCL / the TCP store report them (torch raises RuntimeError or a
+#: subclass, torch.distributed.DistError, whose text names the cause).
+_COLLECTIVE_FAILURE = re.compile(
+    r"gloo|nccl|timed out|timeout|connection (reset|closed|refused)|broken pipe|socket|peer", re.IGNORECASE
+)
+
+
+@contextmanager
+def collective_errors(par: Parallel, what: str = "a collective failed") -> Iterator[None]:
+    """Under torchrun, turn a failed collective into a one-line :class:`CollectiveError` on this rank.
+
+    A rank that hangs (stopped, deadlocked) makes the others' next collective fail after
+    ``par.timeout_s``; a rank that dies fails it at once. Everything else passes through unchanged,
+    as does everything in a single process.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        import torch.distributed as dist
+
+        dist_error = getattr(dist, "DistError", ())
+        if par.world == 1 or not (isinstance(e, dist_error) or _COLLECTIVE_FAILURE.search(str(e))):
+            raise
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+        raise CollectiveError(
+            f"rank {par.rank} of {par.world}: {what}: another rank hung or died (waited up to "
+            f"{par.timeout_s:g} s; set {TIMEOUT_ENV} to change it): {detail[:200]}"
+        ) from None
 
 
 def wrap_model(model: nn.Module, par: Parallel, device: torch.device | str | None = None) -> nn.Module:
@@ -219,3 +300,21 @@ def main_first(par: Parallel) -> Iterator[None]:
     finally:
         if par.is_main:
             barrier(par)
+
+
+def finish() -> int:
+    """End a torchrun job: a barrier (no rank tears gloo down while a peer still has collectives in
+    flight), then destroy the process group. Returns this process's rank (0 without torchrun).
+
+    Raises:
+        CollectiveError: another rank hung or died before reaching the barrier.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with collective_errors(Parallel("ddp", rank, world, timeout_s=collective_timeout())):
+        dist.barrier()
+    dist.destroy_process_group()
+    return rank
