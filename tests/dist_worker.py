@@ -276,44 +276,44 @@ def fsdp_checkpoint(options: dict, directory: str) -> dict:
 
 
 def parallel_helpers(options: dict, mode: str) -> dict:
-    """htmuon.parallel (what the harness uses under torchrun): wrap, slice the global batch, train;
+    """htmuon.torchrun (what the harness uses under torchrun): wrap, slice the global batch, train;
     full state dicts after 3 steps, reloaded into a fresh wrapped model, continue exactly; the FSDP2
     state dicts also load into a single-process model and optimizer."""
-    from htmuon import parallel
+    from htmuon import torchrun
 
     os.environ.setdefault("RANK", str(dist.get_rank()))
     os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-    par = parallel.from_env(mode)
+    par = torchrun.from_env(mode)
     assert (par.mode, par.world, par.rank) == (mode, dist.get_world_size(), dist.get_rank()), par
 
-    def build(seed: int, p: parallel.Parallel = par) -> tuple[nn.Module, nn.Module, htmuon.HTMuon]:
+    def build(seed: int, p: torchrun.Parallel = par) -> tuple[nn.Module, nn.Module, htmuon.HTMuon]:
         torch.manual_seed(seed)
         model = Net()
-        module = parallel.wrap_model(model, p)
+        module = torchrun.wrap_model(model, p)
         return model, module, make_opt(model, options, process_group=p.process_group)
 
-    def train(module: nn.Module, opt: htmuon.HTMuon, steps: range, p: parallel.Parallel = par) -> float:
+    def train(module: nn.Module, opt: htmuon.HTMuon, steps: range, p: torchrun.Parallel = par) -> float:
         for step in steps:
             tokens, target = make_data(step)
             opt.zero_grad()
-            loss = loss_fn(module, parallel.batch_slice(tokens, p), parallel.batch_slice(target, p))
+            loss = loss_fn(module, torchrun.batch_slice(tokens, p), torchrun.batch_slice(target, p))
             loss.backward()
             opt.step()
-        return parallel.mean_across(loss.item(), p)
+        return torchrun.mean_across(loss.item(), p)
 
     ref, _, _ = reference(options)
     model, module, opt = build(0)
     train(module, opt, range(STEPS))
     out = {"max_abs_diff": max_diff(model, ref)}
-    model_sd, opt_sd = copy.deepcopy(parallel.state_dicts(model, opt, par))
+    model_sd, opt_sd = copy.deepcopy(torchrun.state_dicts(model, opt, par))
     train(module, opt, range(STEPS, STEPS + 2))
 
     fresh, fresh_module, fresh_opt = build(7)
-    parallel.load_state_dicts(fresh, fresh_opt, model_sd, opt_sd, par)
+    torchrun.load_state_dicts(fresh, fresh_opt, model_sd, opt_sd, par)
     train(fresh_module, fresh_opt, range(STEPS, STEPS + 2))
     out["resume_diff"] = max_diff(fresh, model)
     if mode == "fsdp":  # the gathered FSDP2 state continues in a single process
-        single = parallel.Parallel()
+        single = torchrun.Parallel()
         alone, alone_module, alone_opt = build(7, single)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -74,6 +74,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    from . import BACKENDS
+
+    if args.method not in BACKENDS:  # before any training, not as a traceback from the third run
+        raise UserError(f"unknown --method '{args.method}' (choose from {', '.join(BACKENDS)})")
     print(f"digits (scikit-learn), MLP 64-256-256-10, {args.epochs} epochs, seed {args.seed}")
     print(f"{'optimizer':<10} {'train loss':>11} {'test acc':>9} {'time':>7}")
     for name in ("adamw", "muon", "htmuon"):

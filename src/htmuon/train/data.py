@@ -408,10 +408,22 @@ def _load_cifar(name: str, root: Path):
     return xt, yt, xv, yv, k
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], backup: Path | None = None) -> None:
     """``write(f)`` into a temp file beside ``path``, fsync, ``os.replace`` (atomic on POSIX and
     Windows), then fsync the folder so the rename is durable. A crash at any point leaves the old
-    file or the new one, never a torn one; the temp file is removed on error."""
+    file or the new one, never a torn one; the temp file is removed on error (a killed process
+    leaves it: ``.NAME.tmpPID``, see :func:`stale_temp_files`).
+
+    Args:
+        path: the file to (re)place.
+        write: called once with the temp file, opened ``"wb"``.
+        backup: if given and ``path`` exists, the old ``path`` becomes ``backup`` just before the new
+            one replaces it (a hard link, so ``path`` is never missing; a rename where the file
+            system has no hard links).
+
+    Raises:
+        OSError: the folder cannot be created or written (e.g. ``ENOSPC``, ``EROFS``, ``EACCES``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -419,18 +431,52 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if backup is not None and path.exists():
+            _keep_as(path, backup)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _keep_as(path: Path, backup: Path) -> None:
+    """Make ``backup`` a copy of ``path`` atomically, leaving ``path`` in place where possible."""
+    link = backup.with_name(f".{backup.name}.tmp{os.getpid()}")
     try:
-        fd = os.open(path.parent, os.O_RDONLY)
+        os.link(path, link)
+    except OSError:  # no hard links here (some network / FAT file systems): move it instead
+        os.replace(path, backup)
+        return
+    try:
+        os.replace(link, backup)
+    finally:
+        if link.exists():
+            link.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:  # no directory fsync on this platform
         pass
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files that :func:`atomic_write` left in ``folder`` when its process was killed
+    (``.NAME.tmpPID``; up to a whole checkpoint each)."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.glob(".*.tmp*"):
+        head, _, pid = p.name.rpartition(".tmp")
+        if head and pid.isdigit() and p.is_file():
+            out.append(p)
+    return sorted(out)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

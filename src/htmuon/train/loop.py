@@ -8,7 +8,9 @@
     every alpha_every steps (if set): the weights' mean layer-wise power-law alpha ("alpha" records)
 
 A run folder holds config.json, run.json (versions, seed, command), metrics.jsonl,
-metrics.csv, ckpt.pt, tb/ (with tensorboard) and, once finished or diverged, summary.json.
+metrics.csv, ckpt.pt and ckpt.prev.pt (the checkpoint before), tb/ (with tensorboard) and, once
+finished or diverged, summary.json. An error of the user or the environment (an unwritable run
+folder, a full disk, a corrupt file, a hung rank) is a one-line ``UserError`` naming the file.
 """
 
 from __future__ import annotations
@@ -17,21 +19,24 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htmuon import parallel
+from htmuon import torchrun
 from htmuon.cli import UserError
 from htmuon.train import checkpoint
 from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
-from htmuon.train.data import atomic_write_bytes
+from htmuon.train.data import atomic_write_bytes, stale_temp_files
 from htmuon.train.models import check_model_name, count_parameters
 from htmuon.train.optimizers import build_optimizer, check_optimizer_name, resolve
 from htmuon.train.presets import model_task
@@ -189,44 +194,99 @@ class Metrics:
 
     def __init__(self, out: Path, keep_until_step: int | None, tensorboard: bool):
         self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
+        self._fj = self._fc = self.tb = None
         kept = []
         if keep_until_step is not None and self.jsonl.exists():
             kept = [r for r in read_metrics(self.jsonl) if r["step"] <= keep_until_step]
         self.records = kept
-        atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        with open(self.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, METRIC_COLUMNS)
-            w.writeheader()
-            w.writerows(kept)
-        self._fj = open(self.jsonl, "a")
-        self._fc = open(self.csv, "a", newline="")
+        write_run_file(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        with _file_errors(self.csv):
+            with open(self.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, METRIC_COLUMNS)
+                w.writeheader()
+                w.writerows(kept)
+            self._fj = open(self.jsonl, "a")
+            self._fc = open(self.csv, "a", newline="")
         self._w = csv.DictWriter(self._fc, METRIC_COLUMNS)
-        self.tb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from None
-            self.tb = SummaryWriter(str(out / "tb"))
+            SummaryWriter = require_tensorboard()
+            with _file_errors(out / "tb"):
+                self.tb = SummaryWriter(str(out / "tb"))
 
     def write(self, rec: dict) -> None:
         self.records.append(rec)
-        self._fj.write(json.dumps(rec) + "\n")
-        self._fj.flush()
-        self._w.writerow(rec)
-        self._fc.flush()
+        with _file_errors(self.jsonl):
+            self._fj.write(json.dumps(rec) + "\n")
+            self._fj.flush()
+        with _file_errors(self.csv):
+            self._w.writerow(rec)
+            self._fc.flush()
         if self.tb is not None:
             for k in ("loss", "ppl", "acc", "lr", "grad_norm", "tokens_per_s", "mean_alpha"):
                 if k in rec:
                     self.tb.add_scalar(f"{rec['kind']}/{k}", rec[k], rec["step"])
 
     def close(self) -> None:
-        self._fj.close()
-        self._fc.close()
-        if self.tb is not None:
-            self.tb.close()
+        for f in (self._fj, self._fc, self.tb):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:  # a full disk: the write that failed already reported it
+                    pass
+
+
+def require_tensorboard():
+    """torch's ``SummaryWriter``, or a UserError where the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+@contextmanager
+def _file_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` (disk full, read-only, no permission) into a UserError naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """Atomically write a text file of the run folder; a UserError naming it if that fails."""
+    with _file_errors(path):
+        atomic_write_bytes(path, text.encode())
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from the run folder, or a UserError naming the file (``what``: its role)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror or e}); nothing changed") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason}"
+        raise UserError(
+            f"{what} '{path}' is not valid JSON ({why}); fix or delete it; nothing changed"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} '{path}' is not a JSON object; fix or delete it; nothing changed")
+    return obj
+
+
+def check_out_dir(out: Path) -> None:
+    """A UserError unless the run folder ``out`` exists as a writable folder or can be created."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:  # the nearest existing ancestor
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == out else f" ('{probe}' is a file)"
+        raise UserError(f"--out-dir '{out}' is not a folder{where}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        ro = os.statvfs(probe).f_flag & os.ST_RDONLY if hasattr(os, "statvfs") else 0
+        why = "on a read-only file system" if ro else "not writable"
+        raise UserError(f"--out-dir '{out}': '{probe}' is {why}")
 
 
 class _NoMetrics:
@@ -307,47 +367,82 @@ def _check_same_run(saved: TrainConfig, cfg: TrainConfig, where: str) -> None:
 def train(
     cfg: TrainConfig,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     stop_after: int | None = None,
     preset_lrs: dict[str, float] | None = None,
     argv: list[str] | None = None,
 ) -> dict:
     """Run (or resume) one training run; returns the summary dict (also in summary.json).
 
-    ``stop_after``: write a checkpoint after this step and return, as if the run were killed
-    there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
+    Args:
+        cfg: the run's config (``auto`` fields are resolved here).
+        resume: False: start a new run (refused if ``out_dir`` holds one); True: continue the run
+            in ``out_dir`` from its newest usable checkpoint, or start it if there is none (what
+            ``htmuon compare`` does per cell); ``"required"``: continue, and refuse when ``out_dir``
+            holds no run (``htmuon train --resume``).
+        stop_after: write a checkpoint after this step and return, as if the run were killed
+            there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
+        preset_lrs: the preset's per-optimizer learning rates (used when ``cfg.lr`` is None).
+        argv: the command line, recorded in run.json.
+
+    Raises:
+        UserError: bad config, an unusable run folder or file, or (under torchrun) a rank that hung
+            or died (after the collective timeout, ``HTMUON_DIST_TIMEOUT``).
     """
+    if resume not in (False, True, "required"):
+        raise ValueError(f"resume must be False, True or 'required', got {resume!r}")
     cfg = resolve_config(cfg, preset_lrs)
     device, amp = pick_device(cfg)
     try:  # under torchrun: join the process group (every rank runs this function)
-        par = parallel.from_env(cfg.parallel, device)
+        par = torchrun.from_env(cfg.parallel, device)
     except ValueError as e:
         raise UserError(str(e)) from None
+    with torchrun.collective_errors(par):  # a hung or dead peer: one line on every rank, not a hang
+        return _train(cfg, par, device, amp, resume, stop_after, argv)
+
+
+def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     if cfg.batch_size % par.world:
         raise UserError(f"batch_size {cfg.batch_size} does not divide among {par.world} processes")
     out = Path(cfg.out_dir).expanduser()
+    check_out_dir(out)  # before any work: a run folder under a file, read-only or not writable
+    if cfg.tensorboard:
+        require_tensorboard()  # before anything is written, so a failed start leaves nothing behind
     ckpt_path = out / checkpoint.CKPT_NAME
-    payload = None
-    if resume and ckpt_path.exists():
-        payload = checkpoint.load(ckpt_path)
-        saved = from_dict(payload["config"], where=f" in checkpoint {ckpt_path}")
-        _check_same_run(saved, cfg, f"checkpoint '{ckpt_path}' was written by")
+    holds_run = any((out / n).exists() for n in ("config.json", checkpoint.CKPT_NAME, checkpoint.PREV_NAME))
+    if resume == "required" and not holds_run:
+        why = "the folder does not exist" if not out.exists() else "no config.json or checkpoint there"
+        raise UserError(f"--resume: no run to continue in '{out}' ({why}); drop --resume to start one")
+    payload, notes, fell_back = None, [], False
+    if resume:
+        payload, used, notes = checkpoint.load_latest(out)
+    if payload is not None:
+        fell_back = used.name == checkpoint.PREV_NAME and ckpt_path.is_file()  # ckpt.pt is damaged
+        saved = from_dict(payload["config"], where=f" in checkpoint {used}")
+        _check_same_run(saved, cfg, f"checkpoint '{used}' was written by")
     elif resume and (out / "config.json").exists():
         # killed before its first checkpoint: start over, but only if it is the same run
-        try:
-            saved = from_dict(
-                json.loads((out / "config.json").read_text()), where=f" in {out / 'config.json'}"
-            )
-        except json.JSONDecodeError:
-            raise UserError(f"'{out / 'config.json'}' is not valid JSON; nothing changed") from None
+        saved = from_dict(read_json(out / "config.json", "run config"), where=f" in {out / 'config.json'}")
         _check_same_run(saved, cfg, f"run folder '{out}' holds a run of")
-    elif not resume and ((out / "config.json").exists() or ckpt_path.exists()):
+    elif not resume and holds_run:
         raise UserError(
             f"run folder '{out}' already holds a run; pass --resume to continue it or pick another --out-dir"
         )
     if payload is not None and payload["step"] >= cfg.steps and (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
-    parallel.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
+        return read_json(out / "summary.json", "run summary")
+    old_run_info = None
+    if payload is not None and (out / "run.json").exists():
+        old_run_info = read_json(out / "run.json", "run record")
+    torchrun.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
+    if par.is_main:
+        for note in notes:
+            print(f"htmuon: {note}", file=sys.stderr, flush=True)
+        if fell_back:
+            with _file_errors(ckpt_path):
+                bad = checkpoint.set_aside_corrupt(out)
+            print(f"htmuon: the damaged checkpoint is kept as '{bad}'", file=sys.stderr, flush=True)
+        for stale in stale_temp_files(out):  # left by writes that a kill interrupted
+            stale.unlink(missing_ok=True)
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -356,46 +451,41 @@ def train(
     task = model_task(cfg.model)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
-    with parallel.main_first(par):  # rank 0 fills the token cache, the others read it
+    with torchrun.main_first(par):  # rank 0 fills the token cache, the others read it
         data, model, info = build_data_and_model(cfg)
     model.to(device)
     model.train()
-    module = parallel.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
+    module = torchrun.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
     opt = build_optimizer(model, cfg, process_group=par.process_group)
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for p in model.parameters() if p.requires_grad]
 
     start, elapsed, wall, step_times = 0, 0.0, 0.0, []
     if payload is not None:
-        parallel.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
+        torchrun.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
         data.sampler.load_state_dict(payload["loader"])
         checkpoint.set_rng_state(payload["rng"])
         start, elapsed, wall = int(payload["step"]), float(payload["elapsed_s"]), float(payload["wall_s"])
         step_times = list(payload["step_times"])
     vers = versions()
-    if par.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     if payload is None:
-        if par.is_main:
-            atomic_write_bytes(out / "config.json", (json.dumps(to_dict(cfg), indent=2) + "\n").encode())
         run_info = {"seed": cfg.seed, "versions": vers, "argv": argv, "device": str(device), "data": info}
         run_info["amp"] = str(amp) if amp else None
         run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         run_info["resumed_from_steps"] = []
         run_info["parallel"] = {"mode": par.mode, "processes": par.world}
     else:
-        run_info = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        run_info = old_run_info or {}
         run_info.setdefault("resumed_from_steps", []).append(start)
     if par.is_main:
-        atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
-        metrics = Metrics(out, start if payload is not None else None, cfg.tensorboard)
+        metrics = _start_run_folder(out, cfg, run_info, start if payload is not None else None)
     else:
         metrics = _NoMetrics()
 
     def save_ckpt(step: int) -> None:
-        model_sd, opt_sd = parallel.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
+        model_sd, opt_sd = torchrun.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
         if not par.is_main:
-            parallel.barrier(par)
+            torchrun.barrier(par)
             return
         checkpoint.save(
             ckpt_path,
@@ -413,7 +503,7 @@ def train(
                 "rng": checkpoint.rng_state(),
             },
         )
-        parallel.barrier(par)
+        torchrun.barrier(par)
 
     # alpha during training: on the main process (under DDP every rank holds the whole model; under
     # FSDP2 the weights are sharded, so it is left out there, as at the end of the run)
@@ -432,13 +522,13 @@ def train(
                 g["lr"] = base * factor
             loss_sum = 0.0  # becomes a tensor: one host sync per step, not per micro-batch
             for _ in range(cfg.grad_accum):
-                x, y = (parallel.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
+                x, y = (torchrun.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, _ = _loss(module, task, x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum = loss_sum + loss.detach().float()
-            loss_val = parallel.mean_across(float(loss_sum) / cfg.grad_accum, par)
+            loss_val = torchrun.mean_across(float(loss_sum) / cfg.grad_accum, par)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 diverged = True
@@ -498,10 +588,33 @@ def train(
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
         summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
-    parallel.barrier(par)
+    torchrun.barrier(par)
     if not stopped and par.is_main:
-        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        write_run_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _start_run_folder(out: Path, cfg: TrainConfig, run_info: dict, keep_until_step: int | None) -> Metrics:
+    """Write config.json (a new run), run.json and the metrics files; if that fails, remove what this
+    call created, so a retry is not refused as "already holds a run"."""
+    existed = out.exists()
+    new_run = keep_until_step is None and not (out / "config.json").exists()  # nothing here to keep
+    try:
+        with _file_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is None:  # a new run, or one killed before its first checkpoint
+            write_run_file(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+        write_run_file(out / "run.json", json.dumps(run_info, indent=2) + "\n")
+        return Metrics(out, keep_until_step, cfg.tensorboard)
+    except BaseException:
+        if new_run:
+            for name in ("config.json", "run.json", "metrics.jsonl", "metrics.csv"):
+                (out / name).unlink(missing_ok=True)
+            if not existed:
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times, steps_done, elapsed) -> dict:
