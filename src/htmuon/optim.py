@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from . import distributed as _distributed
 from . import functional as F
 from .functional import NonFiniteGradientError
+from .routing import route_params
 from .spectral import BACKENDS, MUON_NS_STEPS, SCALES, SPECTRA, _check_backend
 
 __all__ = ["HTMuon", "NonFiniteGradientError"]
@@ -99,12 +100,21 @@ class HTMuon(Optimizer):
         W_t &= (1 - \eta\lambda) W_{t-1} - \eta \sqrt{\max(1, m/n)}\, O_t
         \end{aligned}
 
-    ``p = 0`` is Muon; ``p = 1`` is (Nesterov) SGD-momentum. Every other parameter (norm gains,
-    biases, or any group with ``algorithm="adamw"``) is updated by AdamW with ``adamw_betas``,
-    ``adamw_eps`` and the group's ``lr`` and ``weight_decay``.
+    ``p = 0`` is Muon; ``p = 1`` is (Nesterov) SGD-momentum. Every other parameter is updated by
+    AdamW with ``adamw_betas``, ``adamw_eps`` and the group's ``lr`` and ``weight_decay``.
+
+    **Routing** (:mod:`htmuon.routing`): each ``algorithm="auto"`` group is split at construction into
+    an ``"htmuon"`` and an ``"adamw"`` group. With names (``model.named_parameters()``) the hidden
+    matrices go to HTMuon and embeddings, the output head, norms and biases to AdamW, as
+    :func:`htmuon.param_groups` does (``routing="paper"``: embeddings and head to HTMuon too). With
+    bare tensors (``model.parameters()``) only shapes are known: every ``ndim >= 2`` tensor, embedding
+    and head included, goes to HTMuon. A group's ``use_muon`` (True / False) is read as ``algorithm``
+    (``"htmuon"`` / ``"adamw"``), ``betas`` / ``eps`` as ``adamw_betas`` / ``adamw_eps``; a group key
+    that looks like a misspelt option is a ``ValueError``.
 
     Args:
-        params: parameters or param groups; every keyword below may be set per group.
+        params: parameters, ``(name, parameter)`` pairs or param groups; every keyword below except
+            ``process_group`` may be set per group.
         lr: learning rate (matrix part; give the AdamW group its own ``lr``).
         p: spectral exponent in [0, 1]; the paper's default is 0.125.
         momentum: momentum coefficient ``beta`` in [0, 1).
@@ -138,6 +148,9 @@ class HTMuon(Optimizer):
             process group, the parameters being replicated on it (DDP); ``None``: every rank
             does all of it. DTensor (FSDP2) parameters are detected and always divided among
             the ranks of their device mesh (see :mod:`htmuon.distributed`). Not per group.
+        routing: ``"standard"`` or ``"paper"``: where named embeddings and heads go (above).
+        adamw_lr, adamw_weight_decay: ``lr`` and ``weight_decay`` of the AdamW groups that routing
+            creates and of AdamW groups that set none (``None``: ``lr`` / ``weight_decay``).
 
     Guarantees (a refused step changes nothing):
         * Before anything changes, every step re-validates every group's hyperparameters (values
@@ -157,9 +170,19 @@ class HTMuon(Optimizer):
           group's timeout (``init_process_group(timeout=...)``).
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        >>> opt = HTMuon(model.parameters(), lr=0.02)   # matrices: HTMuon, biases: AdamW
-        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> nn = torch.nn
+        >>> model = nn.ModuleDict(
+        ...     {"embed": nn.Embedding(100, 16), "mlp": nn.Linear(16, 16), "lm_head": nn.Linear(16, 100)}
+        ... )
+        >>> opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3)  # names: routed like param_groups
+        >>> [(g["algorithm"], g["param_names"]) for g in opt.param_groups]
+        [('htmuon', ['mlp.weight']),
+         ('adamw', ['embed.weight', 'mlp.bias', 'lm_head.weight', 'lm_head.bias'])]
+        >>> [g["algorithm"] for g in HTMuon(model.parameters()).param_groups]  # bare tensors: by ndim
+        ['htmuon', 'adamw']
+        >>> tokens = torch.randint(0, 100, (4, 8))
+        >>> logits = model["lm_head"](torch.relu(model["mlp"](model["embed"](tokens))))
+        >>> torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
         >>> opt.step()
     """
 
@@ -193,6 +216,9 @@ class HTMuon(Optimizer):
         check_finite: bool = True,
         chunk_bytes: int = F.DEFAULT_CHUNK_BYTES,
         process_group: Any = None,
+        routing: str = "standard",
+        adamw_lr: float | None = None,
+        adamw_weight_decay: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -219,6 +245,9 @@ class HTMuon(Optimizer):
             chunk_bytes=chunk_bytes,
         )
         self._validate(defaults, where="")
+        params = route_params(
+            params, defaults, routing=routing, adamw_lr=adamw_lr, adamw_weight_decay=adamw_weight_decay
+        )
         super().__init__(params, defaults)
         self._process_group = process_group
         self._dist = _distributed.setup(self.param_groups, process_group)
