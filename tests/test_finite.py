@@ -175,3 +175,17 @@ def test_eigh_p0_on_subnormal_entries():
     ref = _exact(G.double(), 0.0)
     # the input's subnormal rounding leaves ~2-3 significant digits per entry: the polar factor of it
     assert (O.double() - ref).norm() / ref.norm() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["svd", "eigh", "ns", "fast", "fast5", "auto"])
+def test_htmuon_step_is_finite_at_extreme_gradient_scales(method):
+    """The issue's reproduction, small: one HTMuon step from W = 0 with ||G||_F from 1e-30 to 1e30."""
+    from htmuon import HTMuon
+
+    G = torch.randn(32, 48)
+    for scale in (1e-30, 1e-9, 1e12, 1e30):
+        W = torch.nn.Parameter(torch.zeros(32, 48))
+        W.grad = G / G.norm() * scale
+        for p in (0.0, 0.125):
+            HTMuon([W], lr=0.01, p=p, method=method).step()
+            assert torch.isfinite(W).all(), (method, scale, p)
