@@ -514,8 +514,9 @@ class HTMuon(Optimizer):
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
             try:
+                sizes = [len(chunk) for chunk in window]
                 pending = self._compute_window(
-                    group, [params[i] for i in items], [corrected[i] for i in items]
+                    group, [params[i] for i in items], [corrected[i] for i in items], sizes
                 )
             except Exception as exc:
                 if applied:
@@ -529,9 +530,10 @@ class HTMuon(Optimizer):
             applied += len(items)
 
     def _compute_window(
-        self, group: dict[str, Any], params: list[Tensor], corrected: list[bool]
+        self, group: dict[str, Any], params: list[Tensor], corrected: list[bool], chunks: list[int]
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
-        """Directions (and new plug-in moments) of a window's parameters; nothing is changed."""
+        """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
+        (DDP: each rank's owned share of the window at once); nothing is changed."""
         beta, nesterov, batch_3d = _number(group["momentum"]), group["nesterov"], group["batch_3d"]
         bufs = []
         mats = []
@@ -545,7 +547,12 @@ class HTMuon(Optimizer):
             bufs.append(buf)
             mats.append(F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d))
         if self._dist is None:
-            directions = F.compute_directions(mats, corrected, group)
+            directions, start = [], 0
+            for size in chunks:  # one backend call per chunk of the plan
+                directions += F.compute_directions(
+                    mats[start : start + size], corrected[start : start + size], group
+                )
+                start += size
         else:  # replicated (DDP) parameters: each rank computes its share, then all share
             directions = self._dist.compute_directions(group, mats, corrected)
         del mats
