@@ -9,6 +9,7 @@ set per group. The math is in :mod:`htmuon.functional`; this module validates, p
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -371,6 +372,12 @@ class HTMuon(Optimizer):
         group sizes, invalid hyperparameters, state whose keys or shapes do not fit the parameters,
         non-finite state. Old checkpoints whose ``step`` is a Python int still load.
         """
+        if isinstance(state_dict, dict):  # the pre-hooks may rewrite it (as in torch), then it is checked
+            state_dict = state_dict.copy()
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                out = hook(self, state_dict)
+                if out is not None:
+                    state_dict = out
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -408,7 +415,14 @@ class HTMuon(Optimizer):
                 if isinstance(value, Tensor) and value.is_floating_point():
                     if not bool(torch.isfinite(_distributed.local_tensor(value)).all()):
                         raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf")
-        super().load_state_dict(state_dict)
+        hooks, self._optimizer_load_state_dict_pre_hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            OrderedDict(),
+        )
+        try:  # the pre-hooks already ran above
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         for state in self.state.values():
             # a fresh counter each: an old checkpoint's int becomes torch.optim's tensor, and a loaded
             # tensor is not shared with the caller's dict (counting in place would change it there)
