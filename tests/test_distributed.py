@@ -212,6 +212,32 @@ def test_bad_input_errors(results):
 
 @pytest.mark.distributed
 @distributed
+@pytest.mark.parametrize(
+    ("case", "rank0", "rank1"),
+    [
+        (
+            "nonfinite",
+            "NonFiniteGradientError: non-finite gradient",
+            "NonFiniteGradientError: non-finite gradient",
+        ),
+        ("grad_none", "has a gradient on 1 of 2 ranks", "has a gradient on 1 of 2 ranks"),
+        ("check", "other rank(s) refused this step", "Invalid method in param group 0: 'bogus'"),
+        ("backend", "rank(s) [1] failed computing", "RuntimeError: backend failure on rank 1"),
+    ],
+)
+def test_ddp_ranks_refuse_together_and_change_nothing(results, case, rank0, rank1):
+    """A NaN on one rank only, a gradient on one rank only, a refused check or a backend failure on one
+    rank: both ranks refuse the same step (none waits in a collective), nothing changes, and the next
+    good steps pair their collectives and equal the single-process run."""
+    for rank, want in ((0, rank0), (1, rank1)):
+        r = results[rank]["ddp_refusals"]
+        assert want in r[case], (rank, r[case])
+        assert r[f"{case}_unchanged"] is True, rank
+        assert r["after_diff"] == 0.0 and r["after_state_diff"] == 0.0, r
+
+
+@pytest.mark.distributed
+@distributed
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_parallel_helpers_train_and_resume(results, mode):
     """htmuon.torchrun: wrap, slice the global batch, train; full state dicts reload exactly (and the

@@ -9,6 +9,7 @@ set per group. The math is in :mod:`htmuon.functional`; this module validates, p
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -400,6 +401,12 @@ class HTMuon(Optimizer):
         group sizes, invalid hyperparameters, state whose keys or shapes do not fit the parameters,
         non-finite state. Old checkpoints whose ``step`` is a Python int still load.
         """
+        if isinstance(state_dict, dict):  # the pre-hooks may rewrite it (as in torch), then it is checked
+            state_dict = state_dict.copy()
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                out = hook(self, state_dict)
+                if out is not None:
+                    state_dict = out
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -437,7 +444,14 @@ class HTMuon(Optimizer):
                 if isinstance(value, Tensor) and value.is_floating_point():
                     if not bool(torch.isfinite(_distributed.local_tensor(value)).all()):
                         raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf")
-        super().load_state_dict(state_dict)
+        hooks, self._optimizer_load_state_dict_pre_hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            OrderedDict(),
+        )
+        try:  # the pre-hooks already ran above
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         for state in self.state.values():
             # a fresh counter each: an old checkpoint's int becomes torch.optim's tensor, and a loaded
             # tensor is not shared with the caller's dict (counting in place would change it there)
@@ -543,8 +557,9 @@ class HTMuon(Optimizer):
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
             try:
+                sizes = [len(chunk) for chunk in window]
                 pending = self._compute_window(
-                    group, [params[i] for i in items], [corrected[i] for i in items]
+                    group, [params[i] for i in items], [corrected[i] for i in items], sizes
                 )
             except Exception as exc:
                 if applied:
@@ -558,9 +573,10 @@ class HTMuon(Optimizer):
             applied += len(items)
 
     def _compute_window(
-        self, group: dict[str, Any], params: list[Tensor], corrected: list[bool]
+        self, group: dict[str, Any], params: list[Tensor], corrected: list[bool], chunks: list[int]
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
-        """Directions (and new plug-in moments) of a window's parameters; nothing is changed."""
+        """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
+        (DDP: each rank's owned share of the window at once); nothing is changed."""
         beta, nesterov, batch_3d = _number(group["momentum"]), group["nesterov"], group["batch_3d"]
         bufs = []
         mats = []
@@ -574,7 +590,12 @@ class HTMuon(Optimizer):
             bufs.append(buf)
             mats.append(F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d))
         if self._dist is None:
-            directions = F.compute_directions(mats, corrected, group)
+            directions, start = [], 0
+            for size in chunks:  # one backend call per chunk of the plan
+                directions += F.compute_directions(
+                    mats[start : start + size], corrected[start : start + size], group
+                )
+                start += size
         else:  # replicated (DDP) parameters: each rank computes its share, then all share
             directions = self._dist.compute_directions(group, mats, corrected)
         del mats
