@@ -1,20 +1,105 @@
-"""Routing a model's parameters between the HTMuon part and the AdamW part of :class:`HTMuon`."""
+"""Routing a model's parameters between the HTMuon part and the AdamW part of :class:`HTMuon`.
+
+Two entry points share one rule:
+
+* :func:`param_groups` (a model): hidden matrices -> HTMuon; embeddings, the output head, norms and
+  biases -> AdamW, judged from module types *and* names.
+* :func:`route_params` (what was passed to ``HTMuon(params, ...)``): every ``algorithm="auto"`` group
+  is split into an ``"htmuon"`` and an ``"adamw"`` group. With names (``model.named_parameters()``,
+  torch's ``param_names``) the split is by name (:func:`kind_from_name`) and equals
+  :func:`param_groups` on the usual models; with bare tensors only the shape is known, so it is by
+  ``ndim`` (matrices -> HTMuon, the rest -> AdamW).
+
+Names decide embeddings and heads as follows (``name`` = ``"owner.module.leaf"``): an
+**embedding** is a matrix whose owning module's name, or its own leaf name when it is not
+``weight``, contains ``embed`` or is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``);
+a **head** is a matrix whose owning module's name is in :data:`DEFAULT_HEAD_NAMES`. Names cannot
+tell an ``nn.Embedding`` called ``0`` in an ``nn.Sequential`` from a linear layer: pass the model to
+:func:`param_groups` for such models.
+"""
 
 from __future__ import annotations
 
+import difflib
+import math
+from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["ROUTINGS", "param_groups", "classify_parameters"]
+__all__ = [
+    "DEFAULT_HEAD_NAMES",
+    "EMBEDDING_NAMES",
+    "ROUTINGS",
+    "classify_parameters",
+    "kind_from_name",
+    "param_groups",
+    "route_params",
+]
 
 #: "standard": hidden matrices -> HTMuon; embeddings, output head, norms, biases -> AdamW (what most
 #: Muon libraries do). "paper": the paper's LLaMA runs: embeddings and the LM head go to HTMuon too.
 ROUTINGS = ("standard", "paper")
-#: Last name components that mark an output head / classifier.
+#: Last name components that mark an output head / classifier (Hugging Face ``lm_head``, timm
+#: ``head``, ``classifier``, torchtitan ``output``, torchvision ``fc``).
 DEFAULT_HEAD_NAMES = ("lm_head", "head", "classifier", "output", "fc")
+#: Module names of embeddings that do not contain "embed" (GPT-2's token and position tables, T5's
+#: shared table); any name containing "embed" counts too (embed_tokens, word_embeddings, pos_embed,
+#: GPT-NeoX's embed_in and its head embed_out).
+EMBEDDING_NAMES = ("wte", "wpe", "shared")
+#: Per-group keys of the routing itself (consumed before the groups reach torch).
+ROUTING_KEYS = ("use_muon", "routing", "adamw_lr", "adamw_weight_decay")
+#: Group keys of other optimizers' conventions, read as HTMuon's AdamW options.
+ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps"}
+#: Group keys others put there (torch, LR schedulers, torchtitan, user labels): never typo candidates.
+FOREIGN_KEYS = frozenset(
+    {
+        "name",
+        "initial_lr",
+        "max_lr",
+        "min_lr",
+        "base_lr",
+        "max_momentum",
+        "base_momentum",
+        "lr_scale",
+        "fused",
+        "foreach",
+        "capturable",
+        "differentiable",
+        "maximize",
+    }
+)
+#: difflib similarity above which an unknown group key is taken for a misspelt option.
+TYPO_CUTOFF = 0.8
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_KINDS_TO_HTMUON = {"standard": frozenset({"matrix"}), "paper": frozenset({"matrix", "embedding", "head"})}
+
+
+def _is_embedding_name(component: str) -> bool:
+    low = component.lower()
+    return "embed" in low or low in EMBEDDING_NAMES
+
+
+def kind_from_name(name: str, ndim: int, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> str:
+    """The routing kind of a parameter known only by its dotted name and ``ndim``.
+
+    Returns ``"vector"`` (``ndim < 2``: norm gains, biases), ``"embedding"``, ``"head"`` or
+    ``"matrix"`` (any other parameter with ``ndim >= 2``); see the module docstring for the rule.
+
+    Example:
+        >>> kind_from_name("model.embed_tokens.weight", 2), kind_from_name("lm_head.weight", 2)
+        ('embedding', 'head')
+    """
+    if ndim < 2:
+        return "vector"
+    owner, _, leaf = name.rpartition(".")
+    module = owner.rpartition(".")[2]
+    if _is_embedding_name(module) or (leaf != "weight" and _is_embedding_name(leaf)):
+        return "embedding"
+    if module in tuple(head_names):
+        return "head"
+    return "matrix"
 
 
 def classify_parameters(
@@ -22,9 +107,8 @@ def classify_parameters(
 ) -> list[tuple[str, nn.Parameter, str]]:
     """``(name, parameter, kind)`` for every trainable parameter, each once (tied weights included).
 
-    ``kind`` is ``"embedding"`` (a weight of an ``nn.Embedding``), ``"head"`` (a matrix of a module
-    whose last name component is in ``head_names``), ``"matrix"`` (any other parameter with
-    ``ndim >= 2``) or ``"vector"`` (norm gains, biases, scalars).
+    ``kind`` is :func:`kind_from_name`'s, except that every weight of an ``nn.Embedding`` /
+    ``nn.EmbeddingBag`` is an ``"embedding"`` whatever its name.
     """
     seen: set[int] = set()
     out: list[tuple[str, nn.Parameter, str]] = []
@@ -34,14 +118,9 @@ def classify_parameters(
                 continue
             seen.add(id(param))
             full = f"{module_name}.{pname}" if module_name else pname
-            if param.ndim < 2:
-                kind = "vector"
-            elif isinstance(module, _EMBEDDINGS):
+            kind = kind_from_name(full, param.ndim, head_names)
+            if kind != "vector" and isinstance(module, _EMBEDDINGS):
                 kind = "embedding"
-            elif module_name.rsplit(".", 1)[-1] in head_names:
-                kind = "head"
-            else:
-                kind = "matrix"
             out.append((full, param, kind))
     return out
 
@@ -64,7 +143,8 @@ def param_groups(
         routing: ``"standard"`` (hidden matrices -> HTMuon; embeddings, head, norms, biases -> AdamW)
             or ``"paper"`` (embeddings and head -> HTMuon too, as in the paper's LLaMA runs).
         lr, weight_decay: for the HTMuon group (``None``: the optimizer's defaults).
-        adamw_lr, adamw_weight_decay: for the AdamW group (``None``: the optimizer's defaults).
+        adamw_lr, adamw_weight_decay: for the AdamW group (``None``: the optimizer's ``adamw_lr`` /
+            ``adamw_weight_decay``, else its ``lr`` / ``weight_decay``).
         head_names: last name components marking an output head.
         **htmuon_options: further per-group options for the HTMuon group (``p``, ``method``, ...).
 
@@ -75,9 +155,8 @@ def param_groups(
     Example:
         >>> opt = HTMuon(param_groups(model, adamw_lr=1e-3), lr=0.02)
     """
-    if routing not in ROUTINGS:
-        raise ValueError(f"Invalid routing: {routing!r}; valid: {ROUTINGS}")
-    to_htmuon = {"matrix"} if routing == "standard" else {"matrix", "embedding", "head"}
+    _check_routing(routing, "")
+    to_htmuon = _KINDS_TO_HTMUON[routing]
     hgroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "htmuon", **htmuon_options}
     agroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "adamw"}
     for name, param, kind in classify_parameters(model, head_names):
@@ -93,3 +172,174 @@ def param_groups(
     if not groups:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters")
     return groups
+
+
+# --------------------------------------------------------------------------------------------
+# Routing what HTMuon(params, ...) was given
+# --------------------------------------------------------------------------------------------
+
+
+def _check_routing(routing: Any, where: str) -> None:
+    if routing not in ROUTINGS:
+        raise ValueError(f"Invalid routing{where}: {routing!r}; valid: {ROUTINGS}")
+
+
+def _check_optional_number(key: str, value: Any, where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"Invalid {key}{where}: {value!r} (must be a number >= 0, or None)")
+
+
+def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> None:
+    """A key that is no option but close to one is a misspelling that would be silently ignored."""
+    for key in group:
+        if key in known or key in FOREIGN_KEYS or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise ValueError(
+                f"Unknown option {key!r}{where}: did you mean {close[0]!r}? "
+                "(an unknown key would be silently ignored)"
+            )
+
+
+def _apply_aliases(group: dict[str, Any], where: str) -> None:
+    """``betas`` / ``eps`` (torch.optim.AdamW's, MuonWithAuxAdam's) -> ``adamw_betas`` / ``adamw_eps``."""
+    for alias, key in ALIASES.items():
+        if alias not in group:
+            continue
+        value = group.pop(alias)
+        if key in group and group[key] != value:
+            raise ValueError(f"{alias}={value!r} contradicts {key}={group[key]!r}{where}")
+        group[key] = tuple(value) if alias == "betas" and isinstance(value, list) else value
+
+
+def _apply_use_muon(group: dict[str, Any], where: str) -> None:
+    """``use_muon`` (MuonWithAuxAdam's, pytorch-optimizer's): True -> "htmuon", False -> "adamw"."""
+    if "use_muon" not in group:
+        return
+    use_muon = group.pop("use_muon")
+    if not isinstance(use_muon, bool):
+        raise ValueError(f"Invalid use_muon{where}: {use_muon!r} (must be True or False)")
+    want = "htmuon" if use_muon else "adamw"
+    if group.get("algorithm", "auto") not in ("auto", want):
+        raise ValueError(f"use_muon={use_muon} contradicts algorithm={group['algorithm']!r}{where}")
+    group["algorithm"] = want
+
+
+def _names_and_tensors(group: dict[str, Any]) -> tuple[list[Tensor], list[str] | None, str | None]:
+    """The group's tensors, their names (from ``(name, tensor)`` pairs, ``param_names`` or ``names``)
+    and the key the names go back under (``None`` without names)."""
+    params = group["params"]
+    items = [params] if isinstance(params, Tensor) else list(params)
+    if items and all(isinstance(x, tuple) and len(x) == 2 for x in items):
+        return [t for _, t in items], [str(n) for n, _ in items], "param_names"
+    for key in ("param_names", "names"):
+        names = group.get(key)
+        if names is not None and len(names) == len(items):
+            return items, [str(n) for n in names], key
+    return items, None, None
+
+
+def _adamw_defaults(
+    group: dict[str, Any], lr: float | None, weight_decay: float | None, *, overwrite: bool
+) -> dict[str, Any]:
+    """Set the AdamW part's lr / weight decay (``overwrite``: also over the group's own keys)."""
+    for key, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if value is not None and (overwrite or key not in group):
+            group[key] = value
+    return group
+
+
+def route_params(
+    params: Any,
+    defaults: dict[str, Any],
+    *,
+    routing: str = "standard",
+    adamw_lr: float | None = None,
+    adamw_weight_decay: float | None = None,
+    head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+) -> Any:
+    """The param groups :class:`htmuon.HTMuon` hands to ``torch.optim.Optimizer``, routed.
+
+    Each group (bare tensors, ``(name, tensor)`` pairs or dicts, as torch accepts) is read as:
+
+    * ``use_muon`` -> ``algorithm`` (True: ``"htmuon"``, False: ``"adamw"``; contradicting an explicit
+      ``algorithm`` is an error); ``betas`` / ``eps`` -> ``adamw_betas`` / ``adamw_eps``;
+    * ``algorithm="auto"`` (explicit or the default) -> an ``"htmuon"`` and an ``"adamw"`` group:
+      by name (:func:`kind_from_name`, ``routing``) when names are known, by ``ndim`` otherwise;
+    * every AdamW group gets ``lr = adamw_lr`` and ``weight_decay = adamw_weight_decay`` (the group's
+      own ``adamw_lr`` / ``adamw_weight_decay`` first) unless it is an explicit AdamW group with its
+      own ``lr`` / ``weight_decay``; ``None`` leaves the group's / optimizer's ``lr`` / ``weight_decay``;
+    * a key that is no option but within difflib ratio :data:`TYPO_CUTOFF` of one is an error.
+
+    Args:
+        params: what ``HTMuon`` was given. A tensor or anything else torch refuses is returned as is,
+            for torch's own error.
+        defaults: the optimizer's defaults (their keys are the valid options; ``algorithm`` is read).
+        routing: ``"standard"`` or ``"paper"``; a group may set its own.
+        adamw_lr, adamw_weight_decay: the AdamW part's defaults; a group may set its own.
+        head_names: last name components marking an output head.
+
+    Returns:
+        A list of group dicts without routing keys (empty halves left out), or ``params`` unchanged.
+    """
+    _check_routing(routing, "")
+    _check_optional_number("adamw_lr", adamw_lr, "")
+    _check_optional_number("adamw_weight_decay", adamw_weight_decay, "")
+    if isinstance(params, Tensor):
+        return params
+    items = list(params)
+    if not items:
+        return items
+    if not all(isinstance(g, dict) for g in items):
+        if any(isinstance(g, dict) for g in items):
+            return items  # torch: "param_group must be a dict"
+        items = [{"params": items}]
+    known = frozenset({"params", "param_names", "names", *defaults, *ROUTING_KEYS, *ALIASES})
+    out: list[dict[str, Any]] = []
+    for index, user_group in enumerate(items):
+        group = dict(user_group)
+        where = f" in param group {index}" if len(items) > 1 or isinstance(user_group, dict) else ""
+        _check_keys(group, where, known)
+        _apply_aliases(group, where)
+        _apply_use_muon(group, where)
+        group_routing = group.pop("routing", routing)
+        _check_routing(group_routing, where)
+        own_lr = group.pop("adamw_lr", None)
+        own_wd = group.pop("adamw_weight_decay", None)
+        _check_optional_number("adamw_lr", own_lr, where)
+        _check_optional_number("adamw_weight_decay", own_wd, where)
+        a_lr = own_lr if own_lr is not None else adamw_lr
+        a_wd = own_wd if own_wd is not None else adamw_weight_decay
+        algorithm = group.get("algorithm", defaults.get("algorithm", "auto"))
+        if algorithm == "adamw":
+            out.append(_adamw_defaults(group, a_lr, a_wd, overwrite=False))
+            continue
+        if algorithm != "auto":  # "htmuon", or an invalid value for HTMuon's own check
+            if own_lr is not None or own_wd is not None:
+                raise ValueError(
+                    f"adamw_lr / adamw_weight_decay set nothing{where}: its algorithm is {algorithm!r}"
+                )
+            out.append(group)
+            continue
+        tensors, names, names_key = _names_and_tensors(group)
+        if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+            out.append(group)  # empty, or something torch will refuse with its own message
+            continue
+        if names is None:
+            kinds = ["matrix" if t.ndim >= 2 else "vector" for t in tensors]
+        else:
+            kinds = [kind_from_name(n, t.ndim, head_names) for n, t in zip(names, tensors)]
+        to_htmuon = _KINDS_TO_HTMUON[group_routing]
+        rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "names")}
+        for half in ("htmuon", "adamw"):
+            picked = [i for i, kind in enumerate(kinds) if (kind in to_htmuon) == (half == "htmuon")]
+            if not picked:
+                continue
+            part = {**rest, "params": [tensors[i] for i in picked], "algorithm": half}
+            if names_key is not None:
+                part[names_key] = [names[i] for i in picked]  # type: ignore[index]
+            out.append(_adamw_defaults(part, a_lr, a_wd, overwrite=True) if half == "adamw" else part)
+    return out

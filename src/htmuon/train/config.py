@@ -44,10 +44,13 @@ class TrainConfig:
     momentum: float = 0.95  # Muon-family momentum (Nesterov)
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.95
-    weight_decay: float = 0.1  # decoupled, on matrices (the paper: 0.1)
+    weight_decay: float = 0.1  # decoupled, on matrices (the paper: 0.1); see wd_mode
+    wd_mode: str = "lr"  # lr (torch: decay lr x wd per step) | independent (wd per step at peak, x schedule)
     # --- schedule and budget ----------------------------------------------------------------
     steps: int = 300  # optimizer steps
     warmup_steps: int = 30  # linear warmup, then cosine decay ...
+    warmup_fraction: float | None = None  # warmup as a share of steps (the paper's 0.1); wins over warmup_steps
+    tokens_per_param: float = 0.0  # > 0: steps = this x parameters / tokens per step (a size-scan budget)
     min_lr_ratio: float = 0.1  # ... to this fraction of the peak (the paper's 0.1x)
     batch_size: int = 16  # sequences (images) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -59,7 +62,8 @@ class TrainConfig:
     seed: int = 0
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 50  # validation loss/perplexity every N steps (and at the end)
-    eval_batches: int = 16  # validation batches per evaluation (0 = the whole held-out split)
+    eval_batches: int = 16  # validation batches per evaluation, a window rotating over the split (0 = all)
+    final_eval_batches: int = 0  # validation batches of the evaluation at the end (0 = the whole split)
     log_every: int = 10  # train-loss records / log lines every N steps
     ckpt_every: int = 100  # checkpoint every N steps (and at the end); 0 = only at the end
     out_dir: str = "auto"  # the run folder (auto = runs/MODEL-OPTIMIZER-seedSEED)
@@ -86,6 +90,7 @@ RESUMABLE_CHANGES = frozenset(
 
 CHOICES = {
     "scale": ("raw", "muon_rms"),
+    "wd_mode": ("lr", "independent"),
     "routing": ("standard", "paper"),
     "dtype": ("auto", "fp32", "bf16"),
     "progress": ("auto", "bar", "log", "none"),
@@ -96,6 +101,8 @@ NON_NEGATIVE = (
     "warmup_steps",
     "max_docs",
     "eval_batches",
+    "final_eval_batches",
+    "tokens_per_param",
     "ckpt_every",
     "alpha_every",
     "threads",
@@ -180,7 +187,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)!r}")
-    if cfg.warmup_steps > cfg.steps:
+    if cfg.warmup_fraction is not None and not 0.0 <= cfg.warmup_fraction <= 1.0:
+        raise UserError(f"config key 'warmup_fraction' must be in [0, 1], got {cfg.warmup_fraction!r}")
+    if cfg.warmup_fraction is None and cfg.tokens_per_param == 0 and cfg.warmup_steps > cfg.steps:
         raise UserError(f"warmup_steps ({cfg.warmup_steps}) must not exceed steps ({cfg.steps})")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise UserError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio!r}")

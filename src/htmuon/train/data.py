@@ -286,11 +286,13 @@ class TokenData:
     def next_batch(self):
         return self._blocks(self.train_tokens, self.sampler.next_indices())
 
-    def val_batches(self, max_batches: int = 0):
+    def val_batches(self, max_batches: int = 0, window: int = 0):
+        """Held-out batches: all, or ``max_batches`` from window number ``window`` (wrapping around)."""
         n = (len(self.val_tokens) - 1) // self.seq_len
         starts = np.arange(n)
         if max_batches:
-            starts = starts[: max_batches * self.batch_size]
+            k = min(n, max_batches * self.batch_size)
+            starts = np.roll(starts, -((window * k) % n))[:k]
         for i in range(0, len(starts), self.batch_size):
             yield self._blocks(self.val_tokens, starts[i : i + self.batch_size])
 
@@ -313,12 +315,16 @@ class ImageData:
         idx = torch.as_tensor(self.sampler.next_indices(), dtype=torch.long)
         return self.x_train[idx], self.y_train[idx]
 
-    def val_batches(self, max_batches: int = 0):
+    def val_batches(self, max_batches: int = 0, window: int = 0):
+        """Held-out batches: all, or ``max_batches`` from window number ``window`` (wrapping around)."""
         n = len(self.x_val)
+        idx = torch.arange(n)
         if max_batches:
-            n = min(n, max_batches * self.batch_size)
-        for i in range(0, n, self.batch_size):
-            yield self.x_val[i : i + self.batch_size], self.y_val[i : i + self.batch_size]
+            k = min(n, max_batches * self.batch_size)
+            idx = torch.roll(idx, -((window * k) % n))[:k]
+        for i in range(0, len(idx), self.batch_size):
+            j = idx[i : i + self.batch_size]
+            yield self.x_val[j], self.y_val[j]
 
     @property
     def tokens_per_batch(self) -> int:  # samples per batch (the progress bar's throughput unit)

@@ -3,7 +3,11 @@
     lr(step) = peak * lr_factor(step)         linear warmup, cosine decay to min_lr_ratio x peak
     loss     = mean over grad_accum micro-batches (bf16 autocast on a bf16 GPU)
     clip the global gradient norm, optimizer.step()
-    every eval_every steps: validation loss (+ perplexity / accuracy) on the held-out split
+    every eval_every steps: validation loss (+ perplexity / accuracy) on eval_batches of the held-out
+        split, a window that moves on at every evaluation (evaluation k reads window k, wrapping)
+    at the end: validation on final_eval_batches (default: the whole held-out split)
+    warmup: warmup_fraction x steps when set (the paper's 10%), else warmup_steps
+    weight decay: torch's lr x wd per step (wd_mode "lr"), or wd x schedule ("independent")
     every ckpt_every steps: an atomic checkpoint that a killed run resumes from bit-exactly
     every alpha_every steps (if set): the weights' mean layer-wise power-law alpha ("alpha" records)
 
@@ -64,6 +68,43 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def budget_steps(cfg: TrainConfig) -> int:
+    """Steps for a ``tokens_per_param`` budget: ceil(tokens_per_param x parameters / tokens per step).
+
+    The parameters are counted on a model built on the meta device with the configured vocabulary."""
+    if model_task(cfg.model) == "lm":
+        from htmuon.train.models import build_llama
+
+        with torch.device("meta"):
+            n_params = count_parameters(build_llama(cfg.model, cfg.vocab_size, cfg.seq_len))
+        per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    else:
+        raise UserError(f"tokens_per_param is for language models; model '{cfg.model}' is an image model")
+    return max(1, math.ceil(cfg.tokens_per_param * n_params / per_step))
+
+
+def schedule_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill the budget (``tokens_per_param``) and the warmup (``warmup_fraction``) into steps/warmup_steps."""
+    if cfg.tokens_per_param > 0:
+        cfg = dataclasses.replace(cfg, steps=budget_steps(cfg))
+    if cfg.warmup_fraction is not None:
+        cfg = dataclasses.replace(cfg, warmup_steps=round(cfg.warmup_fraction * cfg.steps))
+    if cfg.warmup_steps > cfg.steps:
+        raise UserError(f"warmup_steps ({cfg.warmup_steps}) must not exceed steps ({cfg.steps})")
+    return cfg
+
+
+def independent_weight_decay(opt: torch.optim.Optimizer) -> None:
+    """wd_mode "independent": divide each group's weight decay by its peak lr, once, before training.
+
+    torch's optimizers (and HTMuon) decay by lr x wd per step; with lr = peak x schedule(t) the
+    per-step decay becomes wd x schedule(t), whatever the peak lr. Saved in the optimizer state,
+    so a resumed run keeps it."""
+    for g in opt.param_groups:
+        if g.get("weight_decay"):
+            g["weight_decay"] = g["weight_decay"] / g["lr"]
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "platform": platform.platform()}
     out["torch"] = str(torch.__version__)
@@ -103,7 +144,7 @@ def resolve_config(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None)
         raise UserError(
             f"model '{cfg.model}' is an image classifier; use --data digits, cifar10:DIR or cifar100:DIR"
         )
-    cfg = resolve(dataclasses.replace(cfg, data=data), preset_lrs)
+    cfg = schedule_config(resolve(dataclasses.replace(cfg, data=data), preset_lrs))
     if cfg.out_dir == "auto":
         cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.model}-{cfg.optimizer}-seed{cfg.seed}")
     return cfg
@@ -166,11 +207,12 @@ def _loss(model, task: str, x, y):
 
 
 @torch.no_grad()
-def evaluate(model, data, task: str, device, amp, max_batches: int) -> dict:
+def evaluate(model, data, task: str, device, amp, max_batches: int, window: int = 0) -> dict:
+    """Validation loss (+ ppl / accuracy) on ``max_batches`` of window ``window`` (0 batches: all)."""
     was_training = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
-    for x, y in data.val_batches(max_batches):
+    for x, y in data.val_batches(max_batches, window):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, logits = _loss(model, task, x, y)
@@ -457,6 +499,8 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     model.train()
     module = torchrun.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
     opt = build_optimizer(model, cfg, process_group=par.process_group)
+    if cfg.wd_mode == "independent":
+        independent_weight_decay(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -510,7 +554,7 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     track_alpha = cfg.alpha_every > 0 and par.mode != "fsdp" and par.is_main
     label = f"{cfg.optimizer}/seed{cfg.seed}"
     progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
-    diverged, stopped, last_val = False, False, None
+    diverged, stopped, last_val, final_eval_s = False, False, None, None
     steps_done = start
     tokens_per_step = data.tokens_per_batch * cfg.grad_accum
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -557,11 +601,16 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
                     }
                 )
             val = None
-            if step % cfg.eval_every == 0 or step == cfg.steps or diverged:
-                val = evaluate(model, data, task, device, amp, cfg.eval_batches) if not diverged else {}
-                if val:
-                    last_val = val
-                    metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
+            if step == cfg.steps and not diverged:  # the end: the whole held-out split by default
+                t_eval = time.perf_counter()
+                val = evaluate(model, data, task, device, amp, cfg.final_eval_batches)
+                final_eval_s = time.perf_counter() - t_eval
+            elif step % cfg.eval_every == 0 or diverged:
+                window = step // cfg.eval_every  # evaluation k reads window k of the split
+                val = evaluate(model, data, task, device, amp, cfg.eval_batches, window) if not diverged else {}
+            if val:
+                last_val = val
+                metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
             if track_alpha and not diverged and step % cfg.alpha_every == 0:
                 # the weights' layer-wise alpha (outside the timed step, like evaluation)
                 metrics.write({"step": step, "kind": "alpha", "mean_alpha": mean_alpha(model)})
@@ -586,6 +635,7 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
         out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
     )
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
+    summary["final_eval_s"] = final_eval_s
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
         summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
     torchrun.barrier(par)

@@ -1,0 +1,205 @@
+"""Routing: HTMuon(model.named_parameters()) routes as htmuon.param_groups(model); the conventions of
+other Muon libraries (use_muon, betas/eps, adamw_lr) are honoured; misspelt group keys are errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from htmuon import HTMuon, param_groups
+from htmuon.routing import kind_from_name
+from htmuon.train.models import ResNet
+
+
+def by_algorithm(groups) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for g in groups:
+        out.setdefault(g["algorithm"], set()).update(id(p) for p in g["params"])
+    return out
+
+
+def tiny_llama(tied: bool) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+MODELS = {
+    "llama": lambda: tiny_llama(tied=False),
+    "llama-tied": lambda: tiny_llama(tied=True),
+    "gpt2": tiny_gpt2,
+    "resnet": lambda: ResNet((8, 16), (1, 1), in_channels=3, num_classes=10),
+    "sequential": lambda: nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.LayerNorm(16)),
+}
+
+
+@pytest.mark.parametrize("routing", ["standard", "paper"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_named_parameters_route_like_param_groups(name, routing):
+    model = MODELS[name]()
+    by_names = by_algorithm(HTMuon(model.named_parameters(), routing=routing).param_groups)
+    by_module = by_algorithm(param_groups(model, routing=routing))
+    assert by_names == by_module
+
+
+def test_named_routing_of_a_llama():
+    model = tiny_llama(tied=False)
+    opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=3e-3, weight_decay=0.1, adamw_weight_decay=0.0)
+    hgroup, agroup = opt.param_groups
+    assert (hgroup["algorithm"], hgroup["lr"], hgroup["weight_decay"]) == ("htmuon", 0.02, 0.1)
+    assert (agroup["algorithm"], agroup["lr"], agroup["weight_decay"]) == ("adamw", 3e-3, 0.0)
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(agroup["param_names"])
+    assert all(p.ndim == 2 for p in hgroup["params"]) and len(hgroup["params"]) == 2 * 7
+    assert "model.layers.0.self_attn.q_proj.weight" in hgroup["param_names"]
+    paper = HTMuon(model.named_parameters(), routing="paper").param_groups
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(paper[0]["param_names"])
+
+
+def test_bare_tensors_route_by_ndim():
+    model = tiny_llama(tied=False)
+    hgroup, agroup = HTMuon(model.parameters()).param_groups
+    assert hgroup["algorithm"] == "htmuon" and "param_names" not in hgroup
+    assert any(p is model.model.embed_tokens.weight for p in hgroup["params"])  # documented: by ndim
+    assert any(p is model.lm_head.weight for p in hgroup["params"])
+    assert all(p.ndim < 2 for p in agroup["params"])
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("model.embed_tokens.weight", "embedding"),
+        ("transformer.wte.weight", "embedding"),
+        ("transformer.wpe.weight", "embedding"),
+        ("shared.weight", "embedding"),
+        ("pos_embed", "embedding"),
+        ("gpt_neox.embed_out.weight", "embedding"),  # GPT-NeoX's output head
+        ("lm_head.weight", "head"),
+        ("fc.weight", "head"),
+        ("blocks.0.mlp.fc1.weight", "matrix"),
+        ("patch_embed.proj.weight", "matrix"),  # a conv stem, not a table
+        ("encoder.layer.0.output.dense.weight", "matrix"),
+        ("0.weight", "matrix"),
+    ],
+)
+def test_kind_from_name(name, kind):
+    assert kind_from_name(name, 2) == kind
+    assert kind_from_name(name.replace("weight", "bias"), 1) == "vector"
+
+
+def test_use_muon_groups_as_in_muon_with_aux_adam():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    hidden, head = model[0], model[1]
+    opt = HTMuon(
+        [
+            {"params": [hidden.weight], "use_muon": True, "lr": 0.02, "weight_decay": 0.0},
+            {"params": [hidden.bias, *head.parameters()], "use_muon": False, "lr": 3e-3, "betas": (0.8, 0.9),
+             "eps": 1e-8, "weight_decay": 0.1},
+        ]
+    )  # fmt: skip
+    assert [g["algorithm"] for g in opt.param_groups] == ["htmuon", "adamw"]
+    assert opt.param_groups[1]["adamw_betas"] == (0.8, 0.9) and opt.param_groups[1]["adamw_eps"] == 1e-8
+    assert "use_muon" not in opt.param_groups[0] and "betas" not in opt.param_groups[1]
+    # the use_muon=False group is plain AdamW: equal to torch's with the same settings
+    ref_params = [p.detach().clone().requires_grad_() for p in opt.param_groups[1]["params"]]
+    ref = torch.optim.AdamW(ref_params, lr=3e-3, betas=(0.8, 0.9), eps=1e-8, weight_decay=0.1)
+    for _ in range(3):
+        model(torch.randn(5, 6)).square().mean().backward()
+        for p, q in zip(opt.param_groups[1]["params"], ref_params):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+    for p, q in zip(opt.param_groups[1]["params"], ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_use_muon_errors():
+    w = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"use_muon=False contradicts algorithm='htmuon' in param group 0"):
+        HTMuon([{"params": [w], "use_muon": False, "algorithm": "htmuon"}])
+    with pytest.raises(ValueError, match=r"Invalid use_muon in param group 0: 'yes'"):
+        HTMuon([{"params": [w], "use_muon": "yes"}])
+    with pytest.raises(ValueError, match=r"algorithm='htmuon' but parameter 0 has shape \(4,\)"):
+        HTMuon([{"params": [nn.Parameter(torch.randn(4))], "use_muon": True}])
+
+
+def test_adamw_options_at_construction():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    # routed groups: adamw_lr / adamw_weight_decay beat the group's generic lr / weight_decay
+    groups = HTMuon(
+        [{"params": model.parameters(), "lr": 0.05}], adamw_lr=1e-3, adamw_weight_decay=0.0, weight_decay=0.1
+    ).param_groups
+    assert [(g["algorithm"], g["lr"], g["weight_decay"]) for g in groups] == [
+        ("htmuon", 0.05, 0.1),
+        ("adamw", 1e-3, 0.0),
+    ]
+    # a group's own adamw_lr beats the optimizer's
+    groups = HTMuon([{"params": model.parameters(), "adamw_lr": 2e-3}], adamw_lr=1e-3).param_groups
+    assert groups[1]["lr"] == 2e-3 and "adamw_lr" not in groups[1]
+    # explicit AdamW groups keep their own lr; those without one get adamw_lr
+    explicit = HTMuon(param_groups(model, adamw_lr=5e-4), adamw_lr=1e-3).param_groups
+    assert explicit[1]["lr"] == 5e-4
+    assert HTMuon(param_groups(model), adamw_lr=1e-3, lr=0.03).param_groups[1]["lr"] == 1e-3
+    # no adamw_lr: the AdamW part shares lr (as before)
+    assert [g["lr"] for g in HTMuon(model.parameters(), lr=0.03).param_groups] == [0.03, 0.03]
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: -0\.1"):
+        HTMuon(model.parameters(), adamw_lr=-0.1)
+    with pytest.raises(ValueError, match=r"Invalid routing: 'llama'"):
+        HTMuon(model.parameters(), routing="llama")
+    with pytest.raises(ValueError, match=r"adamw_lr / adamw_weight_decay set nothing in param group 0"):
+        HTMuon([{"params": [model[0].weight], "algorithm": "htmuon", "adamw_lr": 1e-3}])
+
+
+def test_misspelt_group_keys_are_errors():
+    w = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(
+        ValueError, match=r"Unknown option 'momentm' in param group 0: did you mean 'momentum'"
+    ):
+        HTMuon([{"params": [w], "momentm": 0.9}])
+    with pytest.raises(ValueError, match=r"'weight_decy' in param group 1: did you mean 'weight_decay'"):
+        HTMuon([{"params": [w]}, {"params": [nn.Parameter(torch.randn(3))], "weight_decy": 0.0}])
+    with pytest.raises(ValueError, match=r"'adam_lr' in param group 0: did you mean 'adamw_lr'"):
+        HTMuon([{"params": [w], "adam_lr": 1e-3}])
+    # labels and scheduler keys that are no typos pass
+    opt = HTMuon([{"params": [w], "name": "hidden", "initial_lr": 0.02, "my_tag": 3}])
+    assert opt.param_groups[0]["my_tag"] == 3
+
+
+def test_named_groups_resume_exactly():
+    torch.manual_seed(0)
+    model = tiny_llama(tied=False)
+    tokens = torch.randint(0, 64, (2, 9))
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+
+    opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3)
+    step(model, opt)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert saved_opt["param_groups"][1]["param_names"][0] == "model.embed_tokens.weight"
+    step(model, opt)
+    resumed = tiny_llama(tied=False)
+    resumed.load_state_dict(saved_model)
+    opt2 = HTMuon(resumed.named_parameters(), lr=0.02, adamw_lr=1e-3)
+    opt2.load_state_dict(saved_opt)
+    step(resumed, opt2)
+    for (n, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
