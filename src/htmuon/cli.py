@@ -9,6 +9,7 @@ one-line error (``htmuon: error: ...``) with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -26,8 +27,27 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to read more, no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unrecognized(self, extra: list[str]) -> None:
+        """Refuse unknown arguments, suggesting the closest option of this (sub)command."""
+        options = [s for a in self._actions for s in a.option_strings]
+        closes = []
+        for token in extra:
+            if token.startswith("-"):
+                closes += difflib.get_close_matches(token.split("=")[0], options, n=1)
+        hint = f" (did you mean {', '.join(closes)}?)" if closes else ""
+        if any(token.lower() in ("true", "false", "yes", "no", "on", "off") for token in extra):
+            hint += " (a boolean key is a switch without a value: --KEY / --no-KEY)"
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="htmuon", description="HTMuon optimizer toolkit")
+    parser = Parser(prog="htmuon", description="HTMuon optimizer toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -40,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].unrecognized(extra)
     module = importlib.import_module(args._module)
     try:
         return int(module.main(args) or 0)
