@@ -69,5 +69,9 @@ def flags(config: dict) -> list[str]:
     """Config keys as ``htmuon train`` / ``compare`` command-line flags."""
     out = []
     for key, value in config.items():
-        out += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):  # a switch: --key / --no-key
+            out.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            out += [f"--{flag}", str(value)]
     return out

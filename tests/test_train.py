@@ -264,7 +264,7 @@ def test_resume_from_killed_subprocess(corpus_file, tmp_path):
         sys.executable, "-m", "htmuon.cli", "train", "--model", "llama-micro", "--data", str(corpus_file),
         "--vocab-size", "320", "--seq-len", "32", "--batch-size", "8", "--steps", str(steps),
         "--warmup-steps", "2", "--eval-every", "1000", "--eval-batches", "1", "--ckpt-every", "2",
-        "--log-every", "1", "--threads", "1", "--progress", "none", "--alpha", "false", "--optimizer", "muon",
+        "--log-every", "1", "--threads", "1", "--progress", "none", "--no-alpha", "--optimizer", "muon",
         "--out-dir", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(SRC)}

@@ -66,7 +66,7 @@ def test_compare_image_task_reports_accuracy(tmp_path):
     out = tmp_path / "img"
     argv = ["compare", "--optimizers", "adamw,htmuon", "--model", "resnet-micro", "--steps", "3"]
     argv += ["--warmup-steps", "1", "--batch-size", "16", "--eval-every", "3", "--eval-batches", "2"]
-    argv += ["--threads", "1", "--progress", "none", "--alpha", "false", "--out-dir", str(out)]
+    argv += ["--threads", "1", "--progress", "none", "--no-alpha", "--out-dir", str(out)]
     assert cli_main(argv) == 0
     md = (out / "results.md").read_text()
     assert "val acc (%)" in md and "| htmuon |" in md

@@ -10,6 +10,7 @@ one-line error (``htmuon COMMAND: error: ...``) with exit code 2, never a traceb
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -27,10 +28,29 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to read more, no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unrecognized(self, extra: list[str]) -> None:
+        """Refuse unknown arguments, suggesting the closest option of this (sub)command."""
+        options = [s for a in self._actions for s in a.option_strings]
+        closes = []
+        for token in extra:
+            if token.startswith("-"):
+                closes += difflib.get_close_matches(token.split("=")[0], options, n=1)
+        hint = f" (did you mean {', '.join(closes)}?)" if closes else ""
+        if any(token.lower() in ("true", "false", "yes", "no", "on", "off") for token in extra):
+            hint += " (a boolean key is a switch without a value: --KEY / --no-KEY)"
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="htmuon", description="HTMuon optimizer toolkit")
+    parser = Parser(prog="htmuon", description="HTMuon optimizer toolkit")
     parser.add_argument("--version", action="version", version=f"htmuon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -44,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].unrecognized(extra)
     module = importlib.import_module(args._module)
     try:
         return int(module.main(args) or 0)

@@ -5,53 +5,54 @@
     htmuon train --out-dir runs/mine --resume        # continue a killed run exactly
 
 Every config key (``htmuon.train.config.TrainConfig``) is a flag: ``lr`` -> ``--lr``,
-``weight_decay`` -> ``--weight-decay``. Precedence: defaults < --preset < --config < flags.
+``weight_decay`` -> ``--weight-decay``, a boolean ``tensorboard`` -> ``--tensorboard`` /
+``--no-tensorboard``; its ``--help`` text is the field's. Precedence: defaults < --preset <
+--config < flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import fields
-from pathlib import Path
-
-
-def _field_help() -> dict[str, str]:
-    """The trailing comment of each field in config.py's commented block, as its --help text."""
-    src = (Path(__file__).resolve().parent / "config.py").read_text(encoding="utf-8")
-    out = {}
-    for m in re.finditer(r"^    (\w+): [^=\n]+= [^#\n]+#\s*(.*)$", src, flags=re.M):
-        out[m.group(1)] = m.group(2).replace("%", "%%")
-    return out
 
 
 def _metavar(name: str) -> str:
     from htmuon.train.config import _base_type
 
     typ, _ = _base_type(name)
-    return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(typ, "STR")
+    return {int: "INT", float: "FLOAT"}.get(typ, "STR")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    from htmuon.train.config import TrainConfig
+    """One flag per ``TrainConfig`` field, its help from the field's ``metadata["help"]``.
 
-    helps = _field_help()
+    Values stay strings here (``config.coerce`` converts and checks them, with the same one-line
+    errors as for config files); a boolean key is a switch pair ``--key`` / ``--no-key``.
+    """
+    from htmuon.train.config import TrainConfig, _base_type
+
     group = parser.add_argument_group("config keys (override the preset and --config file)")
     for f in fields(TrainConfig):
         if f.name in exclude:
             continue
-        default = f.default
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=argparse.SUPPRESS,
-            metavar=_metavar(f.name),
-            help=f"{helps.get(f.name, '')} [default: {default}]",
-        )
+        help_text = f"{f.metadata['help']} [default: {f.default}]".replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        if _base_type(f.name)[0] is bool:
+            group.add_argument(
+                flag,
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag, dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(f.name), help=help_text
+            )
 
 
-def config_overrides(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+def config_overrides(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, str | bool]:
     from htmuon.train.config import TrainConfig
 
     return {

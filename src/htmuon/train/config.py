@@ -1,4 +1,4 @@
-"""The run configuration: every default in one commented block (nanoGPT spirit).
+"""The run configuration: every default, with its help text, in one block (nanoGPT spirit).
 
 A config is built as: these defaults < a run preset (``--preset``) < a JSON/TOML file
 (``--config``) < command-line flags (``--steps 500``). A wrong key or type is a ``UserError``
@@ -13,64 +13,82 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from htmuon.cli import UserError
 
 
+def _key(default, help: str):
+    """A config key: its default and its one-line ``--help`` text (the field's ``metadata["help"]``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # --- model ------------------------------------------------------------------------------
-    model: str = "llama-tiny"  # llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34
+    model: str = _key("llama-tiny", "llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34")
     # --- data -------------------------------------------------------------------------------
-    data: str = "auto"  # auto | shakespeare | FILE.txt | FILE.jsonl | DIR | hf:NAME[:CONFIG] | hf-disk:PATH
-    #                     | digits | cifar10:DIR | cifar100:DIR  (auto: shakespeare / digits)
-    text_field: str = "text"  # JSONL / datasets field holding the text
-    max_docs: int = 0  # read at most this many documents (0 = all; set it for hub datasets)
-    val_fraction: float = 0.05  # held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)
-    vocab_size: int = 4096  # BPE vocabulary trained on the train split
-    seq_len: int = 128  # tokens per sequence
+    data: str = _key(
+        "auto",
+        "auto | shakespeare | FILE.txt | FILE.jsonl | DIR | hf:NAME[:CONFIG] | hf-disk:PATH | digits | "
+        "cifar10:DIR | cifar100:DIR (auto: shakespeare for LLaMA, digits for ResNets)",
+    )
+    text_field: str = _key("text", "JSONL / datasets field holding the text")
+    max_docs: int = _key(0, "read at most this many documents (0 = all; set it for hub datasets)")
+    val_fraction: float = _key(0.05, "held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)")
+    vocab_size: int = _key(4096, "BPE vocabulary trained on the train split")
+    seq_len: int = _key(128, "tokens per sequence")
     # --- optimizer --------------------------------------------------------------------------
-    optimizer: str = "htmuon"  # adamw | muon | htmuon | htmuon-interval | normuon | htmuon-normuon
-    lr: float | None = None  # matrix-part lr (AdamW: its lr); None = the preset's/optimizer's default
-    adamw_lr: float = 1e-3  # lr of the AdamW part (norms, biases; embeddings + head under "standard")
-    p: float | None = None  # spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)
-    method: str | None = None  # svd | ns | eigh | fast | auto; None = the optimizer's (ns for muon, svd)
-    spectrum: str | None = None  # power | rank (the paper's "HT"); None = the optimizer's
-    scale: str = "raw"  # raw (the paper's, faithful) | muon_rms (scale-invariant)
-    interval: int | None = None  # spectral correction every k-th step (None = the optimizer's)
-    routing: str = "standard"  # standard (embeddings + head -> AdamW) | paper (-> HTMuon, as the paper)
-    momentum: float = 0.95  # Muon-family momentum (Nesterov)
-    adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.95
-    weight_decay: float = 0.1  # decoupled, on matrices (the paper: 0.1); see wd_mode
-    wd_mode: str = "lr"  # lr (torch: decay lr x wd per step) | independent (wd per step at peak, x schedule)
+    optimizer: str = _key("htmuon", "adamw | muon | htmuon | htmuon-interval | normuon | htmuon-normuon")
+    lr: float | None = _key(None, "matrix-part lr (AdamW: its lr); None = the preset's/optimizer's default")
+    adamw_lr: float = _key(1e-3, 'lr of the AdamW part (norms, biases; embeddings + head under "standard")')
+    p: float | None = _key(None, "spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)")
+    method: str | None = _key(
+        None, "auto | svd | eigh | fast | fast5 | ns; None = the optimizer's (ns for muon, else auto)"
+    )
+    spectrum: str | None = _key(None, "power | rank (the paper's \"HT\"); None = the optimizer's")
+    scale: str = _key("raw", "raw (the paper's, faithful) | muon_rms (scale-invariant)")
+    interval: int | None = _key(None, "spectral correction every k-th step (None = the optimizer's)")
+    routing: str = _key("standard", "standard (embeddings + head -> AdamW) | paper (-> HTMuon, as the paper)")
+    momentum: float = _key(0.95, "Muon-family momentum (Nesterov)")
+    adamw_beta1: float = _key(0.9, "AdamW (and the AdamW part's) beta1")
+    adamw_beta2: float = _key(0.95, "AdamW (and the AdamW part's) beta2")
+    weight_decay: float = _key(0.1, "decoupled, on matrices (the paper: 0.1); see wd_mode")
+    wd_mode: str = _key(
+        "lr", "lr (torch: decay lr x wd per step) | independent (wd per step at peak, x schedule)"
+    )
     # --- schedule and budget ----------------------------------------------------------------
-    steps: int = 300  # optimizer steps
-    warmup_steps: int = 30  # linear warmup, then cosine decay ...
-    warmup_fraction: float | None = None  # warmup as a share of steps (the paper's 0.1); wins over warmup_steps
-    tokens_per_param: float = 0.0  # > 0: steps = this x parameters / tokens per step (a size-scan budget)
-    min_lr_ratio: float = 0.1  # ... to this fraction of the peak (the paper's 0.1x)
-    batch_size: int = 16  # sequences (images) per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    dtype: str = "auto"  # auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    parallel: str = "auto"  # under torchrun: auto (DDP if > 1 process) | none | ddp | fsdp (FSDP2)
-    seed: int = 0
+    steps: int = _key(300, "optimizer steps")
+    warmup_steps: int = _key(30, "linear warmup, then cosine decay to min_lr_ratio of the peak")
+    warmup_fraction: float | None = _key(
+        None, "warmup as a share of steps (the paper's 0.1); wins over warmup_steps"
+    )
+    tokens_per_param: float = _key(
+        0.0, "> 0: steps = this x parameters / tokens per step (a size-scan budget)"
+    )
+    min_lr_ratio: float = _key(0.1, "the cosine's floor, a fraction of the peak lr (the paper's 0.1x)")
+    batch_size: int = _key(16, "sequences (images) per micro-batch")
+    grad_accum: int = _key(1, "micro-batches per optimizer step")
+    grad_clip: float = _key(1.0, "max global gradient norm (0 = off)")
+    dtype: str = _key("auto", "auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16")
+    device: str = _key("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = _key(0, "torch CPU threads (0 = torch's default)")
+    parallel: str = _key("auto", "under torchrun: auto (DDP if > 1 process) | none | ddp | fsdp (FSDP2)")
+    seed: int = _key(0, "seed of the model's initialisation and the data order")
     # --- evaluation, logging, checkpoints ---------------------------------------------------
-    eval_every: int = 50  # validation loss/perplexity every N steps (and at the end)
-    eval_batches: int = 16  # validation batches per evaluation, a window rotating over the split (0 = all)
-    final_eval_batches: int = 0  # validation batches of the evaluation at the end (0 = the whole split)
-    log_every: int = 10  # train-loss records / log lines every N steps
-    ckpt_every: int = 100  # checkpoint every N steps (and at the end); 0 = only at the end
-    out_dir: str = "auto"  # the run folder (auto = runs/MODEL-OPTIMIZER-seedSEED)
-    progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log | none
-    tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
-    alpha: bool = True  # mean layer-wise alpha at the end (needs htmuon.diagnostics)
-    alpha_every: int = 0  # also record the mean layer-wise alpha every N steps (0 = off)
+    eval_every: int = _key(50, "validation loss/perplexity every N steps (and at the end)")
+    eval_batches: int = _key(
+        16, "validation batches per evaluation, a window rotating over the split (0 = all)"
+    )
+    final_eval_batches: int = _key(0, "validation batches of the evaluation at the end (0 = the whole split)")
+    log_every: int = _key(10, "train-loss records / log lines every N steps")
+    ckpt_every: int = _key(100, "checkpoint every N steps (and at the end); 0 = only at the end")
+    out_dir: str = _key("auto", "the run folder (auto = runs/MODEL-OPTIMIZER-seedSEED)")
+    progress: str = _key("auto", "auto (bar on a terminal, log lines otherwise) | bar | log | none")
+    tensorboard: bool = _key(False, "also write TensorBoard events (needs the tensorboard package)")
+    alpha: bool = _key(True, "mean layer-wise alpha at the end (needs htmuon.diagnostics)")
+    alpha_every: int = _key(0, "also record the mean layer-wise alpha every N steps (0 = off)")
 
 
 # fields that may differ between a checkpoint and the run resuming it
