@@ -135,8 +135,8 @@ def main() -> None:
     print(header(info))
     print(
         f"# counted on one block x depth; GPU bound: max(matmul FLOPs / peak, bytes / "
-        f"{args.bandwidth / 1e12:.1f} TB/s), peaks bf16 {args.peak_bf16 / 1e12:.0f}, fp32 {args.peak_fp32 / 1e12:.0f}, "
-        f"fp64 {args.peak_fp64 / 1e12:.0f} TFLOP/s; factorizations apart"
+        f"{args.bandwidth / 1e12:.1f} TB/s), peaks bf16 {args.peak_bf16 / 1e12:.0f}, "
+        f"fp32 {args.peak_fp32 / 1e12:.0f}, fp64 {args.peak_fp64 / 1e12:.0f} TFLOP/s; factorizations apart"
     )
     results = []
     for model in args.models:
