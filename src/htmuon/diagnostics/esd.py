@@ -59,6 +59,7 @@ __all__ = [
     "KINDS",
     "METHODS",
     "ESDReport",
+    "alpha_table",
     "analyze",
     "layer_eigenvalues",
 ]
@@ -198,6 +199,48 @@ class ESDReport:
                 f"skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped),
             ]
         return "\n".join(lines)
+
+
+def alpha_table(reports: Mapping[str, ESDReport], digits: int = 4) -> str:
+    """Side-by-side markdown: one row per layer, one alpha column per report, then the mean alpha.
+
+    Layers are in the order of the first report (layers only in later reports follow); a layer a
+    report lacks is blank.
+
+    Args:
+        reports: ``{label: ESDReport}``, e.g. one per run.
+        digits: significant digits.
+
+    Returns:
+        The table, with a header line naming the fit(s).
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+        >>> print(alpha_table({"a": analyze(m), "b": analyze(m)}).splitlines()[2])
+        | layer | a | b |
+    """
+    if not isinstance(reports, Mapping) or not reports:
+        raise ValueError("reports must be a non-empty dict {label: ESDReport}")
+    for label, rep in reports.items():
+        if not isinstance(rep, ESDReport):
+            raise TypeError(f"reports[{label!r}] is a {type(rep).__name__}, not an ESDReport")
+    alphas = {label: rep.alphas for label, rep in reports.items()}
+    names = list(dict.fromkeys(n for a in alphas.values() for n in a))
+    labels = [str(lab).replace("|", "\\|") for lab in reports]
+    fits = ", ".join(f"`{f}`" for f in dict.fromkeys(rep.fit for rep in reports.values()))
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.{digits}g}"
+
+    lines = [
+        f"ESD power-law alpha per layer (fit: {fits}); {len(names)} layers, {len(reports)} targets",
+        "",
+        "| layer | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    lines += ["| " + n + " | " + " | ".join(fmt(a.get(n)) for a in alphas.values()) + " |" for n in names]
+    lines.append("| **mean** | " + " | ".join(fmt(rep.mean_alpha) for rep in reports.values()) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- layers
