@@ -37,7 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="xmin rule: 'ks' (WeightWatcher's default), 'median' (the paper's), 'fix-finger'; default ks",
     )
     parser.add_argument(
-        "--csv", metavar="F", help="write the full per-layer table (with a 'target' column) to this CSV file"
+        "--csv",
+        metavar="F",
+        help="write the full per-layer table to this CSV file (several targets: with a 'target' column)",
     )
     parser.add_argument(
         "--plot",

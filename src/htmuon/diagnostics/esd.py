@@ -1,6 +1,7 @@
 """Layer-wise empirical spectral densities (ESDs) and their heavy-tail metrics.
 
-:func:`analyze` takes a model, a state_dict, a checkpoint path or a single tensor, picks the
+:func:`analyze` takes a model, a state_dict, a checkpoint file or folder (:mod:`.readers`; read
+one batch of layers at a time) or a single tensor, picks the
 weight matrices WeightWatcher would analyse, computes their eigenvalues batched by shape on the
 weights' device, fits the power-law exponent ``alpha`` (:mod:`.powerlaw`) and returns an
 :class:`ESDReport` with WeightWatcher's columns.
@@ -620,9 +621,12 @@ def analyze(
                                                          (p = lambda / sum lambda)
 
     Args:
-        obj: an ``nn.Module``; a state_dict (name -> tensor); a path to a ``.pt``/``.pth`` file
-            holding a state_dict, or a dict with one under ``"model"`` (or ``"state_dict"``); or one
-            weight tensor (2-D linear, 3-D conv1d, 4-D conv2d).
+        obj: an ``nn.Module``; a state_dict (name -> tensor); a checkpoint file or folder path
+            (Hugging Face safetensors or ``pytorch_model.bin``, sharded or not; DCP; Lightning
+            ``.ckpt``; a ``.pt``/``.pth`` state_dict or a dict with one under ``"model"``) or a
+            :class:`~.readers.Checkpoint` (:func:`~.readers.open_checkpoint`), whose weights are
+            read one batch of layers at a time; or one weight tensor (2-D linear, 3-D conv1d,
+            4-D conv2d).
         fit: xmin rule, one of ``"ks"`` (WeightWatcher's default), ``"median"`` (the paper's
             estimator default), ``"fix-finger"``; see :mod:`htmuon.diagnostics.powerlaw`.
         layers: keep only these layers: a regex (``re.search`` on the name), a collection of

@@ -259,8 +259,9 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
             raise ValueError(f"cannot read {path!r} as a torch checkpoint: {type(e).__name__}: {e}") from e
     names: list[str] = []
     try:
-        if mmap:
-            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        if mmap and unsafe is not None:
+            names = list(unsafe(path))
         stubs = [(type(n, (_Opaque,), {"qualname": n}), n) for n in names]
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
