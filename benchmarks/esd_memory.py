@@ -136,7 +136,8 @@ def main() -> None:
             continue
         r = measure(fmt, path)
         print(
-            f"| {fmt} | {folder_size(path) / 2**20:.0f} | {r['VmHWM']} | {r['RssAnon']} | {r['RssFile']} "
+            f"| {fmt} | {'-' if fmt == 'import only' else f'{folder_size(path) / 2**20:.0f}'} "
+            f"| {r['VmHWM']} | {r['RssAnon']} | {r['RssFile']} "
             f"| {r['s']:.1f} | {r['mean_alpha']:.4f} |"
         )
 
