@@ -1,6 +1,7 @@
 """Layer-wise empirical spectral densities (ESDs) and their heavy-tail metrics.
 
-:func:`analyze` takes a model, a state_dict, a checkpoint path or a single tensor, picks the
+:func:`analyze` takes a model, a state_dict, a checkpoint file or folder (:mod:`.readers`; read
+one batch of layers at a time) or a single tensor, picks the
 weight matrices WeightWatcher would analyse, computes their eigenvalues batched by shape on the
 weights' device, fits the power-law exponent ``alpha`` (:mod:`.powerlaw`) and returns an
 :class:`ESDReport` with WeightWatcher's columns.
@@ -59,6 +60,7 @@ __all__ = [
     "KINDS",
     "METHODS",
     "ESDReport",
+    "alpha_table",
     "analyze",
     "layer_eigenvalues",
 ]
@@ -198,6 +200,48 @@ class ESDReport:
                 f"skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped),
             ]
         return "\n".join(lines)
+
+
+def alpha_table(reports: Mapping[str, ESDReport], digits: int = 4) -> str:
+    """Side-by-side markdown: one row per layer, one alpha column per report, then the mean alpha.
+
+    Layers are in the order of the first report (layers only in later reports follow); a layer a
+    report lacks is blank.
+
+    Args:
+        reports: ``{label: ESDReport}``, e.g. one per run.
+        digits: significant digits.
+
+    Returns:
+        The table, with a header line naming the fit(s).
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+        >>> print(alpha_table({"a": analyze(m), "b": analyze(m)}).splitlines()[2])
+        | layer | a | b |
+    """
+    if not isinstance(reports, Mapping) or not reports:
+        raise ValueError("reports must be a non-empty dict {label: ESDReport}")
+    for label, rep in reports.items():
+        if not isinstance(rep, ESDReport):
+            raise TypeError(f"reports[{label!r}] is a {type(rep).__name__}, not an ESDReport")
+    alphas = {label: rep.alphas for label, rep in reports.items()}
+    names = list(dict.fromkeys(n for a in alphas.values() for n in a))
+    labels = [str(lab).replace("|", "\\|") for lab in reports]
+    fits = ", ".join(f"`{f}`" for f in dict.fromkeys(rep.fit for rep in reports.values()))
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.{digits}g}"
+
+    lines = [
+        f"ESD power-law alpha per layer (fit: {fits}); {len(names)} layers, {len(reports)} targets",
+        "",
+        "| layer | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    lines += ["| " + n + " | " + " | ".join(fmt(a.get(n)) for a in alphas.values()) + " |" for n in names]
+    lines.append("| **mean** | " + " | ".join(fmt(rep.mean_alpha) for rep in reports.values()) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -577,9 +621,12 @@ def analyze(
                                                          (p = lambda / sum lambda)
 
     Args:
-        obj: an ``nn.Module``; a state_dict (name -> tensor); a path to a ``.pt``/``.pth`` file
-            holding a state_dict, or a dict with one under ``"model"`` (or ``"state_dict"``); or one
-            weight tensor (2-D linear, 3-D conv1d, 4-D conv2d).
+        obj: an ``nn.Module``; a state_dict (name -> tensor); a checkpoint file or folder path
+            (Hugging Face safetensors or ``pytorch_model.bin``, sharded or not; DCP; Lightning
+            ``.ckpt``; a ``.pt``/``.pth`` state_dict or a dict with one under ``"model"``) or a
+            :class:`~.readers.Checkpoint` (:func:`~.readers.open_checkpoint`), whose weights are
+            read one batch of layers at a time; or one weight tensor (2-D linear, 3-D conv1d,
+            4-D conv2d).
         fit: xmin rule, one of ``"ks"`` (WeightWatcher's default), ``"median"`` (the paper's
             estimator default), ``"fix-finger"``; see :mod:`htmuon.diagnostics.powerlaw`.
         layers: keep only these layers: a regex (``re.search`` on the name), a collection of

@@ -12,8 +12,9 @@ Formats (a folder is searched in this order):
   ``*.index.json``. safetensors files are opened per load with ``safe_open`` (one tensor read at a
   time, nothing executed).
 * torch.distributed.checkpoint (DCP): a folder with a ``.metadata`` file. The metadata is a pickle;
-  it is read with an unpickler that admits only DCP's own metadata classes. Tensor keys under
-  ``model.`` are used (prefix removed) when there are any, else all tensor keys.
+  it is read with an unpickler that admits only DCP's own metadata classes. When every weight is
+  under ``model.`` and the checkpoint holds other entries too (``{"model": ..., "step": ...}``), the
+  tensors under ``model.`` are used with that prefix removed; otherwise all tensors.
 * ``torch.save`` files (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``; htmuon's run folder
   ``ckpt.pt``): a state_dict, or a dict with one under ``"model"`` (htmuon, most training loops)
   or ``"state_dict"`` (Lightning). Loaded with ``weights_only=True`` and ``mmap=True`` (zip format):
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -176,6 +178,10 @@ def _safe_open(path: str):
         raise ValueError(f"cannot read {path!r} as safetensors: {e}") from e
 
 
+def _natural_key(name: str) -> list[Any]:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
 class _SafetensorsCheckpoint(Checkpoint):
     format = "safetensors"
 
@@ -196,7 +202,8 @@ class _SafetensorsCheckpoint(Checkpoint):
             raise ValueError(
                 f"{path!r}: the index lists {missing[0]!r} in {files[missing[0]]!r}, which lacks it"
             )
-        names, notes = _strip_prefixes(list(entries), lightning=False)
+        # safetensors stores keys sorted as strings; put "layers.10" after "layers.9"
+        names, notes = _strip_prefixes(sorted(entries, key=_natural_key), lightning=False)
         super().__init__(path, {n: entries[k] for n, k in names.items()}, notes)
         self._where = {n: (keys[k], k) for n, k in names.items()}
 
@@ -252,8 +259,9 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
             raise ValueError(f"cannot read {path!r} as a torch checkpoint: {type(e).__name__}: {e}") from e
     names: list[str] = []
     try:
-        if mmap:
-            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        if mmap and unsafe is not None:
+            names = list(unsafe(path))
         stubs = [(type(n, (_Opaque,), {"qualname": n}), n) for n in names]
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
@@ -424,9 +432,14 @@ class _DCPCheckpoint(Checkpoint):
             raise ValueError(f"{meta_path!r} is not torch.distributed.checkpoint metadata")
         tensors = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
         notes = []
-        under_model = {k[len("model.") :]: k for k in tensors if k.startswith("model.")}
-        if under_model:
-            keys = under_model
+        # {"model": state_dict, "step": ..., "optimizer": ...} saved by DCP: keys "model.<name>"
+        weights = [k for k in tensors if k.endswith("weight")]
+        if (
+            weights
+            and all(k.startswith("model.") for k in weights)
+            and any(not k.startswith("model.") for k in md)
+        ):
+            keys = {k[len("model.") :]: k for k in tensors if k.startswith("model.")}
             notes.append("tensors under 'model.' (prefix removed)")
         else:
             keys = {k: k for k in tensors}
