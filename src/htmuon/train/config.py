@@ -49,9 +49,11 @@ class TrainConfig:
     # --- schedule and budget ----------------------------------------------------------------
     steps: int = 300  # optimizer steps
     warmup_steps: int = 30  # linear warmup, then cosine decay ...
-    warmup_fraction: float | None = None  # warmup as a share of steps (the paper's 0.1); wins over warmup_steps
-    tokens_per_param: float = 0.0  # > 0: steps = this x parameters / tokens per step (a size-scan budget)
     min_lr_ratio: float = 0.1  # ... to this fraction of the peak (the paper's 0.1x)
+    warmup_fraction: float | None = (
+        None  # warmup as a share of steps (paper: 0.1); set, it wins over warmup_steps
+    )
+    tokens_per_param: float = 0.0  # > 0: steps = this x parameters / tokens per step (a size-scan budget)
     batch_size: int = 16  # sequences (images) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
