@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import TINY_RUN  # noqa: E402
+from helpers import TINY_RUN, flags  # noqa: E402
 from htmuon.train import checkpoint  # noqa: E402
 from htmuon.train import compare as cmp  # noqa: E402
 from htmuon.train.config import TrainConfig, make_config, to_dict  # noqa: E402
@@ -285,3 +285,27 @@ def test_wd_mode_independent_in_a_run_saves_scaled_groups(corpus_file, tmp_path)
     wds = sorted({round(g["weight_decay"], 9) for g in groups})
     assert wds == [0.0, round(0.1 / 0.02, 9), round(0.1 / 0.004, 9)]
     assert json.loads((tmp_path / "r" / "config.json").read_text())["wd_mode"] == "independent"
+
+
+# ----------------------------------------------------------------------------- size scan
+
+
+def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_path):
+    from htmuon.cli import main as cli_main
+
+    out = tmp_path / "scan"
+    keys = ("vocab_size", "seq_len", "batch_size", "eval_batches", "threads", "progress")
+    argv = ["compare", "--optimizers", "muon,htmuon:method=eigh", "--models", "llama-micro,llama-tiny"]
+    argv += ["--seeds", "0,1", "--data", str(corpus_file), "--out-dir", str(out), "--alpha", "false"]
+    argv += flags({**{k: TINY_RUN[k] for k in keys}, "steps": 3, "warmup_fraction": 0.34, "eval_every": 3})
+    assert cli_main(argv) == 0
+    for model in ("llama-micro", "llama-tiny"):
+        res = json.loads((out / model / "results.json").read_text())
+        assert {r["model"] for r in res["runs"]} == {model} and len(res["runs"]) == 4
+    md = (out / "size_scan.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| llama-")]
+    assert [r.split("|")[1].strip() for r in rows] == ["llama-micro", "llama-tiny"]  # by size
+    n_micro, n_tiny = (float(r.split("|")[2].split()[0]) for r in rows)
+    assert n_tiny > 4 * n_micro
+    assert all(" ± " in r.split("|")[5] for r in rows)  # htmuon - muon, paired over 2 seeds
+    assert (out / "gap_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -94,6 +94,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="up to N rounds adding an lr beyond a best value at the edge of its grid [default: 0]",
     )
     parser.add_argument(
+        "--models",
+        metavar="LIST",
+        help="a size scan: the whole protocol once per model preset in OUT/MODEL, then gap_vs_params.png",
+    )
+    parser.add_argument(
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
     )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
@@ -275,7 +280,7 @@ def plan_grid(args: argparse.Namespace) -> Plan:
         else:
             plan.adamw_lrs[spec] = list(alrs) if alrs and "adamw_lr" not in spec_over else [None]
     plan.notes = untuned_notes(plan)
-    extend_note = f", extended up to {extend}x at an edge" if extend else ""
+    extend_note = f" (up to {extend} round(s) of extension at a grid edge)" if extend else ""
     if plan.tune_seeds:
         plan.notes.insert(
             0,
@@ -1017,8 +1022,120 @@ def _jsonable(row: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
 
 
+def size_scan_rows(per_model: dict[str, dict]) -> list[dict]:
+    """Per model, by size: parameters, steps and each spec's paired difference to Muon."""
+    rows = []
+    for model, rep in per_model.items():
+        agg = rep["agg"]
+        ref = reference_spec(agg)
+        run0 = next(r for r in rep["runs"] if r["spec"] == ref)
+        rows.append(
+            {
+                "model": model,
+                "parameters": (run0.get("info") or {}).get("parameters"),
+                "steps": run0.get("steps"),
+                "ref": ref,
+                "ref_loss": agg["best"][ref]["val_loss"],
+                "diffs": {k: v["mean_std"] for k, v in paired_differences(agg, ref).items()},
+                "per_seed": {k: v["per_seed"] for k, v in paired_differences(agg, ref).items()},
+            }
+        )
+    return sorted(rows, key=lambda r: r["parameters"] or 0)
+
+
+def size_scan_table(rows: list[dict]) -> str:
+    specs = list(dict.fromkeys(k for r in rows for k in r["diffs"]))
+    ref = rows[0]["ref"]
+    head = (
+        "| model | parameters | steps | " + f"{ref} val loss | " + " | ".join(f"{s} − {ref}" for s in specs)
+    )
+    lines = [head + " |", "|" + "---|" * (4 + len(specs))]
+    for r in rows:
+        cells = []
+        for spec in specs:
+            m, sd = r["diffs"].get(spec, (None, None))
+            cells.append("-" if m is None else f"{m:+.4f}" + ("" if sd is None else f" ± {sd:.4f}"))
+        n = r["parameters"]
+        lines.append(
+            f"| {r['model']} | {n / 1e6:.2f} M | {r['steps']} | {fmt(*r['ref_loss'], digits=4)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
+    """Paired difference to Muon (final validation loss, mean ± std over seeds) against parameters."""
+    fig, (ax,) = _figure(1, 1)
+    specs = list(dict.fromkeys(k for r in rows for k in r["diffs"]))
+    for spec in specs:
+        pts = [
+            (r["parameters"], *r["diffs"][spec]) for r in rows if r["diffs"].get(spec, (None,))[0] is not None
+        ]
+        if pts:
+            x, m, sd = zip(*pts)
+            ax.errorbar(x, m, yerr=[v or 0.0 for v in sd], marker="o", capsize=3, label=spec)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="parameters",
+        ylabel=f"val loss − {rows[0]['ref']}'s (paired by seed)",
+        title="gap to Muon vs model size (mean ± std over seeds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def main_models(args: argparse.Namespace) -> int:
+    """``--models``: the protocol once per model in OUT/MODEL, then OUT/size_scan.md and gap_vs_params.png."""
+    from htmuon.train.data import atomic_write_bytes
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    name = args.preset or "custom"
+    root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
+    per_model, status = {}, 0
+    for model in models:
+        sub = argparse.Namespace(
+            **{**vars(args), "model": model, "compare_out": str(root / model), "models": None}
+        )
+        status |= main(sub)
+        res = json.loads((root / model / "results.json").read_text())
+        per_model[model] = {"agg": aggregate(_report_runs(res)), "runs": res["runs"]}
+    rows = size_scan_rows(per_model)
+    table = size_scan_table(rows)
+    md = [
+        f"# htmuon compare size scan: {name}",
+        "",
+        f"Models: {', '.join(models)} (each: MODEL/results.md).",
+        "",
+    ]
+    md += ["Paired differences of the final validation loss to Muon at each model's best cells:", "", table]
+    files = []
+    if not args.no_plots:
+        plot_gap_vs_params(rows, root / "gap_vs_params.png")
+        files.append("gap_vs_params.png")
+        md.append("![gap vs parameters](gap_vs_params.png)")
+    atomic_write_bytes(root / "size_scan.md", ("\n".join(md) + "\n").encode())
+    print(table)
+    print(f"wrote {root / 'size_scan.md'}" + "".join(f", {root / f}" for f in files))
+    return status
+
+
+def _report_runs(res: dict) -> list[dict]:
+    """The reported runs of a results.json: the report phase's, else the best cells' (shared seeds)."""
+    runs = res["runs"]
+    report = [r for r in runs if r.get("phase") == "report"]
+    if report:
+        return report
+    best = {(b["spec"], b["lr"], b.get("adamw_lr")) for b in res["best"].values()}
+    return [r for r in runs if (r["spec"], r["lr"], r.get("adamw_lr")) in best]
+
+
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    if getattr(args, "models", None):
+        return main_models(args)
     plan = plan_grid(args)
     plan.out.mkdir(parents=True, exist_ok=True)
     for note in plan.notes:
