@@ -202,6 +202,9 @@ def test_warmup_fraction_scales_with_steps_and_step_count_stays_possible():
         assert cfg.warmup_steps == want
     cfg = resolve_config(make_config(overrides=dict(steps=1000, warmup_steps=40)))
     assert cfg.warmup_steps == 40 and cfg.warmup_fraction is None
+    # a step count given after a preset's fraction wins (defaults < preset < file < flags)
+    cfg = make_config({"warmup_fraction": 0.1, "steps": 250}, None, {"warmup_steps": "7"}, strings=True)
+    assert resolve_config(cfg).warmup_steps == 7
     # a fraction does not trip the step-count check of the (unused) default warmup_steps
     assert resolve_config(make_config(overrides=dict(steps=20, warmup_fraction=0.5))).warmup_steps == 10
     from htmuon.cli import UserError
