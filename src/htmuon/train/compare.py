@@ -764,7 +764,7 @@ def plot_curves(agg: dict, path: Path) -> None:
                 continue
             y = np.array([[c[s] for s in steps] for c in curves], dtype=float)
             mean = y.mean(0)
-            (line,) = ax.plot(steps, mean, label=f"{spec} (lr {row['lr']:g})", lw=1.5)
+            (line,) = ax.plot(steps, mean, label=_label(spec, row), lw=1.5)
             if len(curves) > 1:
                 sd = y.std(0, ddof=1)
                 ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
@@ -819,7 +819,7 @@ def plot_alpha_curves(agg: dict, path: Path) -> bool:
     fig, (ax,) = _figure(1, 1)
     for spec, (row, steps, y) in series.items():
         mean = y.mean(0)
-        (line,) = ax.plot(steps, mean, label=f"{spec} (lr {row['lr']:g})", lw=1.5, marker="o", ms=3)
+        (line,) = ax.plot(steps, mean, label=_label(spec, row), lw=1.5, marker="o", ms=3)
         if len(y) > 1:
             sd = y.std(0, ddof=1)
             ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
@@ -886,6 +886,11 @@ def plot_p_grid(agg: dict, path: Path) -> bool:
     ax.legend(fontsize=7)
     _save(fig, path)
     return True
+
+
+def _label(spec: str, row: dict) -> str:
+    alr = "" if row.get("adamw_lr") is None else f", AdamW part {row['adamw_lr']:g}"
+    return f"{spec} (lr {row['lr']:g}{alr})"
 
 
 def _figure(rows: int, cols: int):
