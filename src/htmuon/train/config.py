@@ -269,6 +269,8 @@ def make_config(
         ("", overrides or {}, strings),
     ):
         where = source if source.startswith(" in ") else ""
+        if "warmup_steps" in items and "warmup_fraction" not in items:
+            values.pop("warmup_fraction", None)  # a later step count beats an earlier fraction
         for k, v in items.items():
             values[k] = coerce(k, v, from_string=from_string, where=where)
     return validate(TrainConfig(**values))

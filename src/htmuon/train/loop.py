@@ -605,11 +605,9 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
                 t_eval = time.perf_counter()
                 val = evaluate(model, data, task, device, amp, cfg.final_eval_batches)
                 final_eval_s = time.perf_counter() - t_eval
-            elif step % cfg.eval_every == 0 or diverged:
+            elif step % cfg.eval_every == 0 and not diverged:
                 window = step // cfg.eval_every  # evaluation k reads window k of the split
-                val = (
-                    evaluate(model, data, task, device, amp, cfg.eval_batches, window) if not diverged else {}
-                )
+                val = evaluate(model, data, task, device, amp, cfg.eval_batches, window)
             if val:
                 last_val = val
                 metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})

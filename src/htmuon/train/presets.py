@@ -22,7 +22,10 @@ LLAMA_PRESETS: dict[str, dict] = {
         hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16
     ),
     "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
-    # tiny shapes for CPU (same architecture, intermediate ~ 8/3 * hidden as in the paper's shapes)
+    # tiny shapes for CPU (same architecture, intermediate ~ 8/3 * hidden as in the paper's shapes);
+    # tiny / mini / small span 17x in parameters at vocabulary 2048 (1.3 M / 5.8 M / 22.9 M): the size scan
+    "llama-small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6),
+    "llama-mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4),
     "llama-tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4),
     "llama-micro": dict(hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=2),
 }
@@ -50,6 +53,8 @@ class RunPreset:
     seeds: tuple[int, ...] = (0,)
     lrs: dict[str, float] = field(default_factory=dict)  # per-optimizer lr used by this preset
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # optional grid search
+    # the config keys ``lrs`` were tuned at; compare warns when they are reused under other values
+    tuned_at: dict = field(default_factory=dict)
 
 
 _QUICK = dict(
@@ -59,7 +64,7 @@ _QUICK = dict(
     seq_len=128,
     batch_size=8,
     steps=250,
-    warmup_steps=25,
+    warmup_fraction=0.1,  # 25 steps at 250 (the paper's 10%)
     eval_every=50,
     eval_batches=10,
     ckpt_every=50,
@@ -82,6 +87,39 @@ _QUICK_LRS = {
     "normuon": 0.01,
     "htmuon-normuon": 0.01,
 }
+# where _QUICK_LRS were tuned (one seed, the AdamW-part lr not swept; issue 14)
+_QUICK_TUNED_AT = dict(model="llama-tiny", steps=250, routing="standard", adamw_lr=1e-3)
+
+# The size scan: LLaMA tiny / mini / small on Shakespeare at a fixed budget of tokens per parameter
+# (0.2: the quick preset's 256 k tokens for llama-tiny's 1.3 M parameters), Muon vs HTMuon at
+# p = 1/32, 1/16, 1/8, 3 seeds, each with a matrix-lr x AdamW-part-lr grid. Run one model at a time
+# (``--model llama-mini``) or all (``--models llama-tiny,llama-mini,llama-small``: a gap-vs-parameters
+# plot). On one CPU thread llama-small at 0.2 tokens/param is ~4.6 M tokens (~1100 steps): hours.
+_SIZE_SCAN = {**{k: v for k, v in _QUICK.items() if k != "steps"}, "tokens_per_param": 0.2}
+_SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.04, 0.08, 0.16)}
+
+# The paper's LLaMA setup (PAPER.md): vocab 32000, seq 256, total batch 512 sequences, warmup 10%,
+# cosine to 0.1x, weight decay 0.1, bf16, embeddings and head in the spectral group (routing
+# "paper"), lrs AdamW part 1e-3 / Muon 0.01 / HTMuon 0.03. 60M: 10k steps; 135M: 20k steps.
+_PAPER_LRS = {"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03}
+
+
+def _gpu_llama(model: str, steps: int, batch_size: int) -> dict:
+    return dict(
+        model=model,
+        vocab_size=32000,
+        seq_len=256,
+        batch_size=batch_size,
+        grad_accum=512 // batch_size,
+        steps=steps,
+        warmup_fraction=0.1,
+        eval_every=max(1, steps // 20),
+        eval_batches=50,
+        ckpt_every=max(1, steps // 10),
+        weight_decay=0.1,
+        routing="paper",
+        dtype="auto",
+    )
 
 
 def _cifar_preset(name: str, title: str) -> RunPreset:
@@ -108,18 +146,30 @@ RUN_PRESETS: dict[str, RunPreset] = {
         "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~5 min, 2 cores)",
         _QUICK,
         lrs=_QUICK_LRS,
+        tuned_at=_QUICK_TUNED_AT,
     ),
     "quick-seeds": RunPreset(
         "the quick preset over 3 seeds (~13 min on 2 CPU cores)",
         _QUICK,
         seeds=(0, 1, 2),
         lrs=_QUICK_LRS,
+        tuned_at=_QUICK_TUNED_AT,
     ),
     "quick-lr": RunPreset(
         "the quick preset with a learning-rate grid per optimizer (best lr picked on validation)",
         _QUICK,
         lrs=_QUICK_LRS,
         lr_grid={"adamw": (1e-3, 3e-3, 1e-2), "muon": (0.01, 0.02, 0.04), "htmuon": (0.04, 0.08, 0.16, 0.32)},
+        tuned_at=_QUICK_TUNED_AT,
+    ),
+    "size-scan": RunPreset(
+        "Muon vs HTMuon p=1/32,1/16,1/8 at 0.2 tokens/param, 3 seeds, lr grid; --models for the scan (CPU)",
+        _SIZE_SCAN,
+        optimizers=("muon", "htmuon:p=0.03125", "htmuon:p=0.0625", "htmuon"),
+        seeds=(0, 1, 2),
+        lrs=_QUICK_LRS,
+        lr_grid=_SIZE_SCAN_GRID,
+        tuned_at=_QUICK_TUNED_AT,
     ),
     "smoke": RunPreset(
         "a seconds-long end-to-end check (LLaMA-micro, 20 steps)",
@@ -138,25 +188,18 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs=_QUICK_LRS,
     ),
     "gpu-60m": RunPreset(
-        "LLaMA-60M shapes (the paper's smallest), 2000 steps of 128x256 tokens; needs a GPU",
-        dict(
-            model="llama-60m",
-            vocab_size=32000,
-            seq_len=256,
-            batch_size=64,
-            grad_accum=2,
-            steps=2000,
-            warmup_steps=200,
-            eval_every=200,
-            eval_batches=50,
-            ckpt_every=500,
-            weight_decay=0.1,
-            routing="paper",
-            dtype="auto",
-        ),
-        # the paper's learning rates (PAPER.md): AdamW part 1e-3, Muon 0.01, HTMuon 0.03
-        lrs={"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03},
+        "the paper's LLaMA-60M run: 10k steps of 512x256 tokens, warmup 10%, routing paper; needs a GPU",
+        _gpu_llama("llama-60m", 10_000, 128),
+        lrs=_PAPER_LRS,
         optimizers=("adamw", "muon", "htmuon"),
+        tuned_at=dict(model="llama-60m", steps=10_000, routing="paper", adamw_lr=1e-3),
+    ),
+    "gpu-135m": RunPreset(
+        "the paper's LLaMA-135M run: 20k steps of 512x256 tokens, warmup 10%, routing paper; needs a GPU",
+        _gpu_llama("llama-135m", 20_000, 64),
+        lrs=_PAPER_LRS,
+        optimizers=("adamw", "muon", "htmuon"),
+        tuned_at=dict(model="llama-135m", steps=20_000, routing="paper", adamw_lr=1e-3),
     ),
     "digits": RunPreset(
         "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon, 3 seeds (~1 min on CPU)",
