@@ -32,7 +32,7 @@ class TrainConfig:
     vocab_size: int = 4096  # BPE vocabulary trained on the train split
     seq_len: int = 128  # tokens per sequence
     # --- optimizer --------------------------------------------------------------------------
-    optimizer: str = "htmuon"  # adamw | muon | htmuon | htmuon-interval | normuon | htmuon-normuon
+    optimizer: str = "htmuon"  # adamw | muon | htmuon | mars | soap | cosmos | ... (docs/harness.md: all)
     lr: float | None = None  # matrix-part lr (AdamW: its lr); None = the preset's/optimizer's default
     adamw_lr: float = 1e-3  # lr of the AdamW part (norms, biases; embeddings + head under "standard")
     p: float | None = None  # spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)
