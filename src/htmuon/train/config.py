@@ -22,14 +22,15 @@ from htmuon.cli import UserError
 @dataclass
 class TrainConfig:
     # --- model ------------------------------------------------------------------------------
-    model: str = "llama-tiny"  # llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34
+    model: str = "llama-tiny"  # llama-*, gpt2-*, resnet-*, resnet18/34/50, vit-* (docs/harness.md: all)
     # --- data -------------------------------------------------------------------------------
-    data: str = "auto"  # auto | shakespeare | FILE.txt | FILE.jsonl | DIR | hf:NAME[:CONFIG] | hf-disk:PATH
-    #                     | digits | cifar10:DIR | cifar100:DIR  (auto: shakespeare / digits)
+    data: str = "auto"  # auto | shakespeare | FILE.txt/.jsonl | DIR | hf[-cache]:NAME[:CFG] | hf-disk:PATH
+    #                     | digits | cifar10:DIR | cifar100:DIR | imagenet:DIR  (auto: shakespeare / digits)
     text_field: str = "text"  # JSONL / datasets field holding the text
     max_docs: int = 0  # read at most this many documents (0 = all; set it for hub datasets)
     val_fraction: float = 0.05  # held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)
-    vocab_size: int = 4096  # BPE vocabulary trained on the train split
+    vocab_size: int = 4096  # BPE vocabulary trained on the train split (unused with --tokenizer)
+    tokenizer: str = ""  # a local Hugging Face tokenizer folder (e.g. T5's); "" = train the local BPE
     seq_len: int = 128  # tokens per sequence
     # --- optimizer --------------------------------------------------------------------------
     optimizer: str = "htmuon"  # adamw | muon | htmuon | mars | soap | cosmos | ... (docs/harness.md: all)

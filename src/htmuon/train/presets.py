@@ -39,7 +39,7 @@ MODEL_PRESETS = sorted([*LLAMA_PRESETS, *RESNET_PRESETS])
 
 
 def model_task(model: str) -> str:
-    return "lm" if model in LLAMA_PRESETS else "image"
+    return "lm" if model in LLAMA_PRESETS or model in GPT2_PRESETS else "image"
 
 
 @dataclass(frozen=True)
@@ -180,3 +180,37 @@ RUN_PRESETS: dict[str, RunPreset] = {
         for name, classes in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"))
     },
 }
+
+
+# ----------------------------------------------------------------------------- the paper's other models
+# GPT-2 (Hugging Face GPT2Config fields; vocab_size from the tokenizer), bottleneck ResNets (CIFAR
+# stem) and ViTs (Hugging Face ViTConfig fields; image size from the data), each with CPU siblings.
+
+GPT2_PRESETS: dict[str, dict] = {
+    "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),  # 124M with 50257 tokens
+    "gpt2-tiny": dict(n_embd=128, n_layer=4, n_head=4, n_positions=256),
+    "gpt2-micro": dict(n_embd=32, n_layer=2, n_head=2, n_positions=64),
+}
+
+# name -> (stage widths, blocks per stage); Bottleneck blocks (1x1, 3x3, 1x1 x4 expansion)
+BOTTLENECK_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "resnet50": ((64, 128, 256, 512), (3, 4, 6, 3)),
+    "resnet50-tiny": ((16, 32, 64), (1, 1, 1)),
+    "resnet50-micro": ((4, 8), (1, 1)),
+}
+
+VIT_PRESETS: dict[str, dict] = {
+    # ViT-Tiny (DeiT-Ti shape): 192 wide, 12 layers, 3 heads, MLP 768, 16x16 patches (224x224 images)
+    "vit-tiny": dict(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16
+    ),
+    # CIFAR-sized (32x32, 4x4 patches) and digits-sized (8x8, 2x2 patches) siblings
+    "vit-tiny-cifar": dict(
+        hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, patch_size=4
+    ),
+    "vit-micro": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=2
+    ),
+}
+
+MODEL_PRESETS = sorted([*MODEL_PRESETS, *GPT2_PRESETS, *BOTTLENECK_PRESETS, *VIT_PRESETS])
