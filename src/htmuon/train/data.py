@@ -40,7 +40,7 @@ from htmuon.cli import UserError
 
 BUILTIN_CORPORA = {"shakespeare": "shakespeare.txt.gz"}
 CHUNK_CHARS = 8192
-IMAGE_SOURCES = ("digits", "cifar10", "cifar100")
+IMAGE_SOURCES = ("digits", "cifar10", "cifar100", "imagenet")
 
 
 def builtin_corpus_path(name: str = "shakespeare") -> Path:
@@ -346,11 +346,16 @@ class ImageData:
 def parse_image_source(source: str) -> tuple[str, str | None]:
     name, _, path = source.partition(":")
     if name not in IMAGE_SOURCES:
-        raise UserError(f"unknown image dataset '{source}' (choose digits, cifar10:DIR or cifar100:DIR)")
+        raise UserError(
+            f"unknown image dataset '{source}' "
+            "(choose digits, cifar10:DIR, cifar100:DIR or imagenet:DIR[@SIZE])"
+        )
     if name == "digits":
         return name, None
     if not path:
         raise UserError(f"image dataset '{name}' needs a local folder: --data {name}:DIR")
+    if name == "imagenet":
+        return name, path
     if not Path(path).expanduser().is_dir():
         raise UserError(f"{name} folder '{path}' not found (the python-pickle batches are expected there)")
     return name, str(Path(path).expanduser())
@@ -369,7 +374,10 @@ def _normalise(x_train: np.ndarray, x_val: np.ndarray) -> tuple[torch.Tensor, to
 DIGITS_VAL_FRACTION = 0.2
 
 
-def load_image_data(source: str, batch_size: int, seed: int) -> ImageData:
+def load_image_data(source: str, batch_size: int, seed: int) -> ImageData | ImageFolderData:
+    if source.partition(":")[0] == "imagenet":
+        root, size = parse_imagenet_source(source)
+        return ImageFolderData(root, size, batch_size, seed)
     name, path = parse_image_source(source)
     if name == "digits":
         try:
@@ -894,3 +902,158 @@ def load_token_data(cfg) -> tuple[TokenData, int, dict]:
         "tokenizer": cfg.tokenizer or "local BPE",
     }
     return data, streams.vocab_size, info
+
+
+# ----------------------------------------------------------------------------- ImageNet (ImageFolder)
+
+#: ImageNet's channel statistics (RGB, [0, 1] scale), the usual normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Training / evaluation resolution for ``imagenet:DIR`` (``imagenet:DIR@SIZE`` changes it).
+IMAGENET_SIZE = 224
+#: Evaluation: resize the shorter side to SIZE / this, then centre-crop SIZE (224 <- 256).
+EVAL_CROP_FRACTION = 0.875
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def parse_imagenet_source(source: str) -> tuple[Path, int]:
+    """``imagenet:DIR[@SIZE]`` -> (DIR, SIZE); DIR holds ``train/CLASS/*`` and ``val/CLASS/*``."""
+    _, _, rest = source.partition(":")
+    path, size = rest, IMAGENET_SIZE
+    head, sep, tail = rest.rpartition("@")
+    if sep and tail.isdigit():
+        path, size = head, int(tail)
+    if not path:
+        raise UserError("image dataset 'imagenet' needs a local folder: --data imagenet:DIR[@SIZE]")
+    if size < 1:
+        raise UserError(f"imagenet image size must be >= 1, got {size}")
+    root = Path(path).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(
+                f"imagenet folder '{root}' lacks '{split}/' (an ImageFolder tree: {split}/CLASS/IMAGE)"
+            )
+    return root, size
+
+
+def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes = classes if classes is not None else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"'{folder}' has classes not in train/: {', '.join(unknown[:5])}")
+    index = {c: i for i, c in enumerate(classes)}
+    items = [
+        (f, index[c])
+        for c in found
+        for f in sorted((folder / c).iterdir())
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise UserError(
+            f"image folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)} in CLASS/ folders)"
+        )
+    return classes, items
+
+
+class ImageFolderData:
+    """An ImageNet-style folder tree, decoded batch by batch (never all in memory).
+
+    Training images: a random resized crop (area 8-100 %, aspect 3/4-4/3) to SIZE x SIZE and a
+    random horizontal flip, drawn from ``(seed, epoch, position)`` so a resumed run sees the same
+    pixels; validation: the shorter side resized to SIZE / 0.875 and a centre crop. Both normalised
+    with ImageNet's mean and std. Decoding runs on a thread pool (PIL releases the GIL).
+    """
+
+    def __init__(self, root: Path, image_size: int, batch_size: int, seed: int, workers: int = 0):
+        try:
+            from PIL import Image
+        except ImportError:
+            raise UserError("imagenet:DIR needs Pillow: pip install htmuon[images]") from None
+        self._Image = Image
+        self.classes, self.train_items = _image_files(root / "train", None)
+        _, self.val_items = _image_files(root / "val", self.classes)
+        self.num_classes, self.in_channels = len(self.classes), 3
+        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+        self.sampler = BlockSampler(len(self.train_items), batch_size, seed)
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+        self._std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_items)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val_items)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size
+
+    def _open(self, path: Path):
+        try:
+            with self._Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise UserError(f"cannot decode image '{path}': {type(e).__name__}: {e}") from None
+
+    def _train_image(self, path: Path, rng: np.random.Generator) -> np.ndarray:
+        im = self._open(path)
+        w, h = im.size
+        box = (0, 0, w, h)
+        for _ in range(10):  # random resized crop, as torchvision's (fallback: the whole image)
+            area = w * h * rng.uniform(0.08, 1.0)
+            aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+            cw, ch = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                box = (x0, y0, x0 + cw, y0 + ch)
+                break
+        flip = rng.random() < 0.5
+        im = im.resize((self.image_size, self.image_size), self._Image.BILINEAR, box=box)
+        if flip:
+            im = im.transpose(self._Image.FLIP_LEFT_RIGHT)
+        return self._to_array(im)
+
+    def _val_image(self, path: Path) -> np.ndarray:
+        im = self._open(path)
+        w, h = im.size
+        short = max(self.image_size, round(self.image_size / EVAL_CROP_FRACTION))
+        scale = short / min(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), self._Image.BILINEAR)
+        w, h = im.size
+        x0, y0 = (w - self.image_size) // 2, (h - self.image_size) // 2
+        return self._to_array(im.crop((x0, y0, x0 + self.image_size, y0 + self.image_size)))
+
+    def _to_array(self, im) -> np.ndarray:
+        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (x - self._mean) / self._std
+
+    def _decode(self, fn, args) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.workers > 1 and len(args) > 1:
+            with ThreadPoolExecutor(self.workers) as pool:
+                arrays = list(pool.map(lambda a: fn(*a), args))
+        else:
+            arrays = [fn(*a) for a in args]
+        return torch.from_numpy(np.stack(arrays))
+
+    def next_batch(self):
+        epoch, position = self.sampler.epoch, self.sampler.index
+        idx = self.sampler.next_indices()
+        rngs = [np.random.default_rng([self.seed, epoch, position + i]) for i in range(len(idx))]
+        x = self._decode(self._train_image, [(self.train_items[j][0], r) for j, r in zip(idx, rngs)])
+        y = torch.as_tensor([self.train_items[j][1] for j in idx], dtype=torch.long)
+        return x, y
+
+    def val_batches(self, max_batches: int = 0):
+        n = len(self.val_items)
+        if max_batches:
+            n = min(n, max_batches * self.batch_size)
+        for i in range(0, n, self.batch_size):
+            items = self.val_items[i : i + self.batch_size]
+            x = self._decode(self._val_image, [(f,) for f, _ in items])
+            yield x, torch.as_tensor([c for _, c in items], dtype=torch.long)

@@ -94,8 +94,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> t
     check_optimizer_name(cfg.optimizer)
     betas = (cfg.adamw_beta1, cfg.adamw_beta2)
     if cfg.optimizer == "adamw":
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        decay = [p for p in model.parameters() if p.requires_grad and _is_matrix(p)]
+        no_decay = [p for p in model.parameters() if p.requires_grad and not _is_matrix(p)]
         groups = [
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -111,7 +111,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> t
         ) from None
     spec = OPTIMIZERS[cfg.optimizer]
     groups = []
-    for g in param_groups(model, routing=cfg.routing, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay):
+    routed = param_groups(model, routing=cfg.routing, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay)
+    for g in _tables_to_adamw(model, routed, cfg.adamw_lr):
         if g["algorithm"] != "adamw":
             groups.append(g)
             continue
@@ -119,7 +120,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> t
         # as in the adamw baseline
         for want_matrix, wd in ((True, cfg.weight_decay), (False, 0.0)):
             names = g.get("names") or [""] * len(g["params"])
-            sel = [(n, p) for n, p in zip(names, g["params"]) if (p.ndim >= 2) == want_matrix]
+            sel = [(n, p) for n, p in zip(names, g["params"]) if _is_matrix(p) == want_matrix]
             if sel:
                 part = {**g, "params": [p for _, p in sel], "weight_decay": wd}
                 if "names" in g:
@@ -145,6 +146,42 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> t
         raise UserError(f"optimizer '{cfg.optimizer}': {e}") from None
 
 
+def _is_table(param: torch.Tensor) -> bool:
+    """A learned token / position table stored with a leading batch axis (a ViT's 1 x 1 x d class
+    token, its 1 x tokens x d position embeddings): not a weight matrix with output channels."""
+    return param.ndim >= 3 and param.shape[0] == 1
+
+
+def _is_matrix(param: torch.Tensor) -> bool:
+    """What weight decay applies to: matrices and conv kernels, not vectors or tables."""
+    return param.ndim >= 2 and not _is_table(param)
+
+
+def _tables_to_adamw(model: nn.Module, groups: list[dict], adamw_lr: float) -> list[dict]:
+    """Move :func:`_is_table` parameters from the HTMuon group to the AdamW group (flattened to
+    1 x (tokens * d), they would get a rank-1 "polar factor": a normalised gradient)."""
+    tables = {id(p) for p in model.parameters() if _is_table(p)}
+    if not tables:
+        return groups
+    moved: list[tuple[str, torch.Tensor]] = []
+    for g in groups:
+        if g["algorithm"] == "adamw":
+            continue
+        names = g.get("names") or [""] * len(g["params"])
+        keep = [(n, p) for n, p in zip(names, g["params"]) if id(p) not in tables]
+        moved += [(n, p) for n, p in zip(names, g["params"]) if id(p) in tables]
+        g["params"], g["names"] = [p for _, p in keep], [n for n, _ in keep]
+    adamw = next((g for g in groups if g["algorithm"] == "adamw"), None)
+    if adamw is None:
+        adamw = {"params": [], "names": [], "algorithm": "adamw", "lr": adamw_lr}
+        groups.append(adamw)
+    adamw["params"] = adamw["params"] + [p for _, p in moved]
+    adamw["names"] = list(adamw.get("names") or [""] * (len(adamw["params"]) - len(moved))) + [
+        n for n, _ in moved
+    ]
+    return [g for g in groups if g["params"]]
+
+
 # ----------------------------------------------------------------------------- the other baselines
 
 
@@ -166,6 +203,8 @@ def _parts(model: nn.Module, routing: str) -> tuple[list, list, list]:
     hidden_kinds = {"matrix"} if routing == "standard" else {"matrix", "embedding", "head"}
     hidden, other, vectors = [], [], []
     for _, param, kind in classify_parameters(model):
+        if _is_table(param):  # a ViT's class token / position table: with the vectors (no decay: 1-D rule)
+            kind = "vector"
         (vectors if kind == "vector" else hidden if kind in hidden_kinds else other).append(param)
     return hidden, other, vectors
 
@@ -173,8 +212,8 @@ def _parts(model: nn.Module, routing: str) -> tuple[list, list, list]:
 def _decay_groups(params: list, weight_decay: float, **extra) -> list[dict]:
     """Weight decay on matrices, none on vectors (the adamw baseline's rule); empty groups left out."""
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra},
+        {"params": [p for p in params if _is_matrix(p)], "weight_decay": weight_decay, **extra},
+        {"params": [p for p in params if not _is_matrix(p)], "weight_decay": 0.0, **extra},
     ]
     return [g for g in groups if g["params"]]
 
