@@ -316,3 +316,69 @@ def test_vit_trains_on_imagenet_folder_and_cifar100_pickles(tmp_path):
         )
     )
     assert out["finished"] and out["info"]["classes"] == 100
+
+
+def test_cifar_training_batches_are_padded_crops_and_flips(tmp_path):
+    from htmuon.train.data import ImageData
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    data = load_image_data(f"cifar10:{tmp_path}", 8, seed=0)
+    plain = ImageData(data.x_train, data.y_train, data.x_val, data.y_val, 10, 8, seed=0)
+    state = data.sampler.state_dict()
+    x, y = data.next_batch()
+    xp, yp = plain.next_batch()
+    assert torch.equal(y, yp) and not torch.equal(x, xp)
+    for a, o in zip(x, xp):  # each image: a 4-pixel-padded crop of its source, maybe mirrored
+        padded = torch.nn.functional.pad(o, (4, 4, 4, 4))
+        crops = [padded[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
+        assert any(torch.equal(a, c) or torch.equal(a, c.flip(-1)) for c in crops)
+    data.sampler.load_state_dict(state)
+    assert torch.equal(data.next_batch()[0], x)  # resumed: the same crops
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _plan(argv):
+    import argparse
+
+    from htmuon.train import compare
+
+    parser = argparse.ArgumentParser()
+    compare.configure(parser)
+    return compare.plan_grid(parser.parse_args(argv))
+
+
+def test_gpu_presets_lay_out_the_papers_experiments(tmp_path):
+    cells, _, _, _ = _plan(["--preset", "gpu-vit-tiny", "--out-dir", str(tmp_path)])
+    by_spec: dict = {}
+    for spec, lr, _, cfg in cells:
+        by_spec.setdefault(spec, []).append((lr, cfg))
+    assert set(by_spec) == {"adamw", "muon", "htmuon:p=0.03125"}
+    assert sorted(lr for lr, _ in by_spec["htmuon:p=0.03125"]) == [0.003, 0.004, 0.005]
+    cfg = by_spec["htmuon:p=0.03125"][0][1]
+    assert (cfg.p, cfg.model, cfg.batch_size * cfg.grad_accum) == (0.03125, "vit-tiny", 1024)
+    assert by_spec["muon"][0][1].p == 0.0
+    cells, _, _, _ = _plan(["--preset", "gpu-gpt2", "--out-dir", str(tmp_path)])
+    cfg = cells[0][3]
+    assert (cfg.model, cfg.seq_len, cfg.batch_size * cfg.grad_accum) == ("gpt2-small", 1024, 480)
+    cells, _, _, _ = _plan(["--preset", "gpu-resnet50-cifar100", "--out-dir", str(tmp_path)])
+    assert {c[3].model for c in cells} == {"resnet50"} and {c[2] for c in cells} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("preset", ["gpt2-cpu", "resnet50-cpu", "vit-cpu"])
+def test_cpu_siblings_run(preset, corpus_file, tmp_path):
+    from htmuon.cli import main as cli_main
+
+    argv = ["compare", "--preset", preset, "--seeds", "0", "--steps", "2", "--warmup-steps", "1"]
+    argv += ["--eval-every", "2", "--eval-batches", "1", "--progress", "none", "--alpha", "false"]
+    if preset == "gpt2-cpu":
+        argv += ["--data", str(corpus_file), "--vocab-size", "320", "--seq-len", "16", "--batch-size", "2"]
+    assert cli_main([*argv, "--out-dir", str(tmp_path / preset)]) == 0
+    assert (tmp_path / preset / "results.md").exists()

@@ -305,19 +305,54 @@ class TokenData:
         return self.batch_size * self.seq_len
 
 
-class ImageData:
-    """In-memory image classification data (N, C, H, W) float32, normalised per channel."""
+#: CIFAR augmentation: zero padding (the mean, after normalisation) before the random crop.
+CIFAR_CROP_PADDING = 4
 
-    def __init__(self, x_train, y_train, x_val, y_val, num_classes: int, batch_size: int, seed: int):
+
+class ImageData:
+    """In-memory image classification data (N, C, H, W) float32, normalised per channel.
+
+    With ``augment`` (CIFAR), each training image is randomly cropped from its 4-pixel zero-padded
+    version and flipped horizontally with probability 1/2 (the standard CIFAR augmentation), drawn
+    from ``(seed, epoch, position)`` so a resumed run sees the same pixels.
+    """
+
+    def __init__(
+        self,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        num_classes: int,
+        batch_size: int,
+        seed: int,
+        augment: bool = False,
+    ):
         self.x_train, self.y_train = x_train, y_train
         self.x_val, self.y_val = x_val, y_val
         self.num_classes, self.batch_size = num_classes, batch_size
         self.in_channels = x_train.shape[1]
+        self.seed, self.augment = seed, augment
         self.sampler = BlockSampler(len(x_train), batch_size, seed)
 
     def next_batch(self):
+        epoch, position = self.sampler.epoch, self.sampler.index
         idx = torch.as_tensor(self.sampler.next_indices(), dtype=torch.long)
-        return self.x_train[idx], self.y_train[idx]
+        x = self.x_train[idx]
+        if self.augment:
+            x = self._crop_and_flip(x, np.random.default_rng([self.seed, epoch, position]))
+        return x, self.y_train[idx]
+
+    @staticmethod
+    def _crop_and_flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        pad = CIFAR_CROP_PADDING
+        b, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy, dx = rng.integers(0, 2 * pad + 1, size=(2, b))
+        flips = rng.random(b) < 0.5
+        out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+        out[torch.from_numpy(flips)] = out[torch.from_numpy(flips)].flip(-1)
+        return out
 
     def val_batches(self, max_batches: int = 0):
         n = len(self.x_val)
@@ -395,7 +430,9 @@ def load_image_data(source: str, batch_size: int, seed: int) -> ImageData | Imag
         return ImageData(xt, torch.from_numpy(y[ti]), xv, torch.from_numpy(y[vi]), 10, batch_size, seed)
     xt, yt, xv, yv, k = _load_cifar(name, Path(path))
     xt_t, xv_t = _normalise(xt.astype(np.float64) / 255.0, xv.astype(np.float64) / 255.0)
-    return ImageData(xt_t, torch.from_numpy(yt), xv_t, torch.from_numpy(yv), k, batch_size, seed)
+    return ImageData(
+        xt_t, torch.from_numpy(yt), xv_t, torch.from_numpy(yv), k, batch_size, seed, augment=True
+    )
 
 
 def _unpickle(path: Path) -> dict:
