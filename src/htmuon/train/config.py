@@ -27,20 +27,23 @@ def _key(default, help: str):
 @dataclass
 class TrainConfig:
     # --- model ------------------------------------------------------------------------------
-    model: str = _key("llama-tiny", "llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34")
+    model: str = _key("llama-tiny", "llama-*, gpt2-*, resnet-*, resnet18/34/50, vit-* (docs/harness.md: all)")
     # --- data -------------------------------------------------------------------------------
     data: str = _key(
         "auto",
-        "auto | shakespeare | FILE.txt | FILE.jsonl | DIR | hf:NAME[:CONFIG] | hf-disk:PATH | digits | "
-        "cifar10:DIR | cifar100:DIR (auto: shakespeare for LLaMA, digits for ResNets)",
+        "auto | shakespeare | FILE.txt/.jsonl | DIR | hf[-cache]:NAME[:CFG] | hf-disk:PATH | digits | "
+        "cifar10:DIR | cifar100:DIR | imagenet:DIR (auto: shakespeare for LLaMA, digits for ResNets)",
     )
     text_field: str = _key("text", "JSONL / datasets field holding the text")
     max_docs: int = _key(0, "read at most this many documents (0 = all; set it for hub datasets)")
     val_fraction: float = _key(0.05, "held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)")
-    vocab_size: int = _key(4096, "BPE vocabulary trained on the train split")
+    vocab_size: int = _key(4096, "BPE vocabulary trained on the train split (unused with --tokenizer)")
+    tokenizer: str = _key("", "a local Hugging Face tokenizer folder (e.g. T5's); '' = train the local BPE")
     seq_len: int = _key(128, "tokens per sequence")
     # --- optimizer --------------------------------------------------------------------------
-    optimizer: str = _key("htmuon", "adamw | muon | htmuon | htmuon-interval | normuon | htmuon-normuon")
+    optimizer: str = _key(
+        "htmuon", "adamw | muon | htmuon | mars | soap | cosmos | ... (docs/harness.md: all)"
+    )
     lr: float | None = _key(None, "matrix-part lr (AdamW: its lr); None = the preset's/optimizer's default")
     adamw_lr: float = _key(1e-3, 'lr of the AdamW part (norms, biases; embeddings + head under "standard")')
     p: float | None = _key(None, "spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)")

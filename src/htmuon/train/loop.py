@@ -142,7 +142,8 @@ def resolve_config(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None)
         raise UserError(f"model '{cfg.model}' is a language model; data '{data}' is an image dataset")
     if task == "image" and not is_image_source:
         raise UserError(
-            f"model '{cfg.model}' is an image classifier; use --data digits, cifar10:DIR or cifar100:DIR"
+            f"model '{cfg.model}' is an image classifier; use --data digits, cifar10:DIR, cifar100:DIR or "
+            "imagenet:DIR"
         )
     cfg = schedule_config(resolve(dataclasses.replace(cfg, data=data), preset_lrs))
     if cfg.out_dir == "auto":
@@ -171,29 +172,21 @@ def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
 
 def build_data_and_model(cfg: TrainConfig):
     """(data, model, info) for a resolved config; the model is initialised from torch's RNG."""
-    from htmuon.train.models import build_llama, build_resnet
+    from htmuon.train.models import build_image_model, build_lm
 
     if model_task(cfg.model) == "lm":
-        from htmuon.train.data import TokenData, text_splits
-        from htmuon.train.tokenizer import prepare_tokens
+        from htmuon.train.data import load_token_data
 
-        splits = text_splits(cfg.data, cfg.val_fraction, cfg.text_field, cfg.max_docs)
-        tok, tr, va, cache = prepare_tokens(splits, cfg.vocab_size)
-        data = TokenData(tr, va, cfg.seq_len, cfg.batch_size, cfg.seed)
+        data, vocab_size, info = load_token_data(cfg)  # streamed into a memmapped token cache
         torch.manual_seed(cfg.seed)
-        model = build_llama(cfg.model, tok.get_vocab_size(), cfg.seq_len)
-        info = {"train_tokens": int(len(tr)), "val_tokens": int(len(va)), "token_cache": str(cache)}
+        model = build_lm(cfg.model, vocab_size, cfg.seq_len)
     else:
         from htmuon.train.data import load_image_data
 
         data = load_image_data(cfg.data, cfg.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = build_resnet(cfg.model, data.in_channels, data.num_classes)
-        info = {
-            "train_samples": len(data.x_train),
-            "val_samples": len(data.x_val),
-            "classes": data.num_classes,
-        }
+        model = build_image_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
+        info = {"train_samples": data.n_train, "val_samples": data.n_val, "classes": data.num_classes}
     info["parameters"] = count_parameters(model)
     return data, model, info
 
