@@ -13,7 +13,9 @@ import time
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--method", default="svd", help="HTMuon spectral backend (default svd)")
+    parser.add_argument(
+        "--method", default="auto", help="HTMuon spectral backend (default auto, the library's: eigh on CPU)"
+    )
 
 
 def load_digits_split(seed: int = 0):
@@ -37,7 +39,7 @@ def load_digits_split(seed: int = 0):
     return x[tr], y[tr], x[te], y[te]
 
 
-def run_one(name: str, seed: int, epochs: int, method: str = "svd") -> dict[str, float]:
+def run_one(name: str, seed: int, epochs: int, method: str = "auto") -> dict[str, float]:
     import torch
     from torch import nn
 
@@ -74,7 +76,11 @@ def main(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    from .spectral import resolve_method
+
+    backend = resolve_method(args.method, "power", "cpu")
     print(f"digits (scikit-learn), MLP 64-256-256-10, {args.epochs} epochs, seed {args.seed}")
+    print(f"muon: NS5 polar factor; htmuon: method {args.method!r} ({backend} on this CPU)")
     print(f"{'optimizer':<10} {'train loss':>11} {'test acc':>9} {'time':>7}")
     for name in ("adamw", "muon", "htmuon"):
         r = run_one(name, args.seed, args.epochs, args.method)
