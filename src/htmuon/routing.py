@@ -326,6 +326,11 @@ def route_params(
                 )
             out.append(group)
             continue
+        if "params" not in group:
+            out.append(group)  # torch's own error
+            continue
+        if not isinstance(group["params"], Tensor):
+            group["params"] = list(group["params"])  # a generator is read once
         tensors, names, names_key = _names_and_tensors(group)
         if not tensors or not all(isinstance(t, Tensor) for t in tensors):
             out.append(group)  # empty, or something torch will refuse with its own message
