@@ -149,6 +149,9 @@ def test_adamw_options_at_construction():
         ("htmuon", 0.05, 0.1),
         ("adamw", 1e-3, 0.0),
     ]
+    # pytorch-optimizer's adamw_wd is adamw_weight_decay
+    groups = HTMuon([{"params": model.parameters(), "adamw_wd": 0.05}], weight_decay=0.1).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.05]
     # a group's own adamw_lr beats the optimizer's
     groups = HTMuon([{"params": model.parameters(), "adamw_lr": 2e-3}], adamw_lr=1e-3).param_groups
     assert groups[1]["lr"] == 2e-3 and "adamw_lr" not in groups[1]

@@ -13,7 +13,11 @@ import time
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--method", default="svd", help="HTMuon spectral backend (default svd)")
+    parser.add_argument(
+        "--method",
+        default="auto",
+        help="HTMuon spectral backend (default auto: the library's choice for this hardware)",
+    )
 
 
 def load_digits_split(seed: int = 0):
@@ -37,7 +41,7 @@ def load_digits_split(seed: int = 0):
     return x[tr], y[tr], x[te], y[te]
 
 
-def run_one(name: str, seed: int, epochs: int, method: str = "svd") -> dict[str, float]:
+def run_one(name: str, seed: int, epochs: int, method: str = "auto") -> dict[str, float]:
     import torch
     from torch import nn
 
@@ -78,7 +82,11 @@ def main(args: argparse.Namespace) -> int:
 
     if args.method not in BACKENDS:  # before any training, not as a traceback from the third run
         raise UserError(f"unknown --method '{args.method}' (choose from {', '.join(BACKENDS)})")
+    from .spectral import resolve_method
+
+    backend = resolve_method(args.method, "power", "cpu")
     print(f"digits (scikit-learn), MLP 64-256-256-10, {args.epochs} epochs, seed {args.seed}")
+    print(f"muon: NS5 polar factor; htmuon: method {args.method!r} ({backend} on this CPU)")
     print(f"{'optimizer':<10} {'train loss':>11} {'test acc':>9} {'time':>7}")
     for name in ("adamw", "muon", "htmuon"):
         r = run_one(name, args.seed, args.epochs, args.method)

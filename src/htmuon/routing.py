@@ -49,8 +49,9 @@ DEFAULT_HEAD_NAMES = ("lm_head", "head", "classifier", "output", "fc")
 EMBEDDING_NAMES = ("wte", "wpe", "shared")
 #: Per-group keys of the routing itself (consumed before the groups reach torch).
 ROUTING_KEYS = ("use_muon", "routing", "adamw_lr", "adamw_weight_decay")
-#: Group keys of other optimizers' conventions, read as HTMuon's AdamW options.
-ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps"}
+#: Group keys of other optimizers' conventions, read as HTMuon's AdamW options (torch's AdamW,
+#: MuonWithAuxAdam: betas, eps; pytorch-optimizer's Muon: adamw_wd).
+ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "adamw_wd": "adamw_weight_decay"}
 #: Group keys others put there (torch, LR schedulers, torchtitan, user labels): never typo candidates.
 FOREIGN_KEYS = frozenset(
     {
@@ -205,7 +206,7 @@ def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> Non
 
 
 def _apply_aliases(group: dict[str, Any], where: str) -> None:
-    """``betas`` / ``eps`` (torch.optim.AdamW's, MuonWithAuxAdam's) -> ``adamw_betas`` / ``adamw_eps``."""
+    """Other optimizers' names (:data:`ALIASES`) -> HTMuon's (``betas`` -> ``adamw_betas``, ...)."""
     for alias, key in ALIASES.items():
         if alias not in group:
             continue
@@ -266,7 +267,8 @@ def route_params(
     Each group (bare tensors, ``(name, tensor)`` pairs or dicts, as torch accepts) is read as:
 
     * ``use_muon`` -> ``algorithm`` (True: ``"htmuon"``, False: ``"adamw"``; contradicting an explicit
-      ``algorithm`` is an error); ``betas`` / ``eps`` -> ``adamw_betas`` / ``adamw_eps``;
+      ``algorithm`` is an error); ``betas`` / ``eps`` / ``adamw_wd`` -> ``adamw_betas`` /
+      ``adamw_eps`` / ``adamw_weight_decay``;
     * ``algorithm="auto"`` (explicit or the default) -> an ``"htmuon"`` and an ``"adamw"`` group:
       by name (:func:`kind_from_name`, ``routing``) when names are known, by ``ndim`` otherwise;
     * every AdamW group gets ``lr = adamw_lr`` and ``weight_decay = adamw_weight_decay`` (the group's
@@ -324,6 +326,11 @@ def route_params(
                 )
             out.append(group)
             continue
+        if "params" not in group:
+            out.append(group)  # torch's own error
+            continue
+        if not isinstance(group["params"], Tensor):
+            group["params"] = list(group["params"])  # a generator is read once
         tensors, names, names_key = _names_and_tensors(group)
         if not tensors or not all(isinstance(t, Tensor) for t in tensors):
             out.append(group)  # empty, or something torch will refuse with its own message

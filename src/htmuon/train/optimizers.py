@@ -5,7 +5,7 @@ trains what is not routed to the spectral update.
 |-----------------|-------------------------------------------------------------------|
 | adamw           | torch.optim.AdamW (betas 0.9/0.95; weight decay on matrices only) |
 | muon            | HTMuon p=0, method "ns": Muon (Newton-Schulz polar factor)        |
-| htmuon          | HTMuon p=0.125 (method from ``--method``, default "svd")          |
+| htmuon          | HTMuon p=0.125 (method from ``--method``, default "auto")         |
 | htmuon-interval | HTMuon p=0.125, correction every 5th step, plain Muon otherwise   |
 | normuon         | HTMuon p=0, "ns", plugin "normuon": NorMuon                       |
 | htmuon-normuon  | the paper's HT + NorMuon plug-in: rank spectrum i^-p, then NorMuon |
@@ -29,6 +29,10 @@ Routing (``--routing``): "standard" sends embeddings, the LM head / classifier, 
 biases to the AdamW part (what most Muon libraries do); "paper" also puts the token embedding
 and the LM head in the HTMuon group, as the paper's LLaMA runs did. The default is "standard";
 the gpu-60m preset uses "paper" to match the paper's setup.
+
+Backend: the HTMuon names use the library default ``method="auto"`` (``eigh`` on CPU: the exact
+update to a few 1e-6, cheaper than Muon's NS5 there; ``fast`` on GPUs), as ``htmuon.HTMuon`` does;
+``--method svd`` gives the paper's exact-SVD path (``htmuon compare --optimizers htmuon:method=svd``).
 """
 
 from __future__ import annotations
@@ -47,12 +51,12 @@ from htmuon.train.config import TrainConfig
 OPTIMIZERS: dict[str, dict] = {
     "adamw": dict(lr=1e-3),
     "muon": dict(lr=0.02, p=0.0, method="ns", spectrum="power", interval=1),
-    "htmuon": dict(lr=0.03, p=0.125, method="svd", spectrum="power", interval=1),
-    "htmuon-interval": dict(lr=0.03, p=0.125, method="svd", spectrum="power", interval=5),
+    "htmuon": dict(lr=0.03, p=0.125, method="auto", spectrum="power", interval=1),
+    "htmuon-interval": dict(lr=0.03, p=0.125, method="auto", spectrum="power", interval=5),
     "normuon": dict(lr=0.02, p=0.0, method="ns", spectrum="power", interval=1, plugin="normuon"),
-    "htmuon-normuon": dict(lr=0.03, p=0.125, method="svd", spectrum="rank", interval=1, plugin="normuon"),
+    "htmuon-normuon": dict(lr=0.03, p=0.125, method="auto", spectrum="rank", interval=1, plugin="normuon"),
     "adamuon": dict(lr=0.02, p=0.0, method="ns", spectrum="power", interval=1, plugin="adamuon"),
-    "htmuon-adamuon": dict(lr=0.03, p=0.125, method="svd", spectrum="rank", interval=1, plugin="adamuon"),
+    "htmuon-adamuon": dict(lr=0.03, p=0.125, method="auto", spectrum="rank", interval=1, plugin="adamuon"),
     # baselines outside HTMuon (lr: the library's / paper's default for the matrix part)
     "mars": dict(lr=3e-3, library="pytorch_optimizer"),
     "soap": dict(lr=3e-3, library="pytorch_optimizer"),

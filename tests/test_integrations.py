@@ -1,0 +1,225 @@
+"""One tested recipe per training stack (docs/integrations.md): a plain loop, Hugging Face Trainer
+(``optimizers=`` and ``optimizer_cls_and_kwargs=``), Lightning (scheduler + exact resume from a
+``.ckpt``) and accelerate (``prepare`` / ``save_state`` / ``load_state``). Real libraries, tiny
+LLaMA on CPU; each library's tests skip when it is not installed (``pip install htmuon[integrations]``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import htmuon
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+STANDARD_ADAMW = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+
+
+def tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def batches(n: int, batch: int = 2, seq: int = 9) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+def routed(opt: torch.optim.Optimizer) -> dict[str, set[str]]:
+    """algorithm -> parameter names (the names without a wrapper's prefix)."""
+    out: dict[str, set[str]] = {}
+    for g in opt.param_groups:
+        names = {re.sub(r"^(model\.)?(?=model\.|lm_head)", "", n) for n in g["param_names"]}
+        out.setdefault(g["algorithm"], set()).update(names)
+    return out
+
+
+def assert_standard_routing(opt: torch.optim.Optimizer) -> None:
+    groups = routed(opt)
+    assert STANDARD_ADAMW <= groups["adamw"]
+    assert "model.layers.0.mlp.down_proj.weight" in groups["htmuon"]
+    assert not any("embed" in n or "lm_head" in n or "norm" in n for n in groups["htmuon"])
+
+
+# --------------------------------------------------------------------------------------------
+# plain loop: the README's Quick start, as written
+# --------------------------------------------------------------------------------------------
+
+
+def test_readme_quick_start_runs_and_routes(capsys):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"## Quick start\s+```python\n(.*?)```", text, flags=re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md (Quick start)", "exec"), scope)
+    opt = scope["opt"]
+    by_algorithm = {g["algorithm"]: g for g in opt.param_groups}
+    assert by_algorithm["htmuon"]["param_names"] == ["mlp.0.weight", "mlp.2.weight"]
+    assert set(by_algorithm["adamw"]["param_names"]) == {
+        "embed.weight", "mlp.0.bias", "mlp.2.bias", "norm.weight", "norm.bias", "lm_head.weight",
+    }  # fmt: skip
+    assert by_algorithm["adamw"]["lr"] == 1e-3 and by_algorithm["htmuon"]["lr"] == 0.02
+    assert all(opt.state[p]["step"] == 10 for g in opt.param_groups for p in g["params"])
+    assert "htmuon 0.02 ['mlp.0.weight', 'mlp.2.weight']" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face Trainer
+# --------------------------------------------------------------------------------------------
+
+
+def unwrap(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (what the Trainer holds)."""
+    return getattr(opt, "optimizer", opt)
+
+
+def hf_trainer(tmp_path: Path, model, **kwargs):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer needs it
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    data = [{"input_ids": t, "labels": t} for t in torch.cat(batches(3))]
+    return transformers.Trainer(model=model, args=args, train_dataset=data, **kwargs)
+
+
+def test_hf_trainer_optimizers(tmp_path):
+    model = tiny_llama()
+    opt = htmuon.HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    trainer = hf_trainer(tmp_path, model, optimizers=(opt, sched))
+    trainer.train()
+    assert unwrap(trainer.optimizer) is opt
+    assert_standard_routing(opt)
+    assert opt.state[model.lm_head.weight]["step"] == 3 and "exp_avg" in opt.state[model.lm_head.weight]
+    assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_hf_trainer_optimizer_cls_and_kwargs(tmp_path):
+    model = tiny_llama()
+    kwargs = {"params": model.named_parameters(), "lr": 0.02, "adamw_lr": 1e-3, "weight_decay": 0.1}
+    trainer = hf_trainer(tmp_path, model, optimizer_cls_and_kwargs=(htmuon.HTMuon, kwargs))
+    trainer.train()
+    opt = unwrap(trainer.optimizer)
+    assert isinstance(opt, htmuon.HTMuon)
+    assert_standard_routing(opt)
+    assert {g["lr"] for g in opt.param_groups if g["algorithm"] == "adamw"} <= {1e-3, 0.0}
+
+
+def test_hf_trainer_without_names_routes_by_ndim(tmp_path):
+    """What the docs warn about: the Trainer's own groups carry no names, so only shapes count."""
+    model = tiny_llama()
+    trainer = hf_trainer(tmp_path, model, optimizer_cls_and_kwargs=(htmuon.HTMuon, {"lr": 0.02}))
+    opt = unwrap(trainer.create_optimizer())
+    htmuon_ids = {id(p) for g in opt.param_groups if g["algorithm"] == "htmuon" for p in g["params"]}
+    assert id(model.model.embed_tokens.weight) in htmuon_ids and id(model.lm_head.weight) in htmuon_ids
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning: configure_optimizers with a scheduler; resume from a .ckpt equals an uninterrupted run
+# --------------------------------------------------------------------------------------------
+
+
+def lightning_run(epochs: int, ckpt_path: Path | None = None, save: Path | None = None):
+    L = pytest.importorskip("lightning")
+
+    class LitLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            opt = htmuon.HTMuon(self.named_parameters(), lr=0.02, adamw_lr=1e-3, weight_decay=0.1)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8, eta_min=2e-3)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module = LitLM()
+    loader = torch.utils.data.DataLoader(torch.cat(batches(4)), batch_size=2)  # 4 steps an epoch
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return module, trainer
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # lightning 2.6 on torch 2.13's pytree
+def test_lightning_scheduler_and_exact_resume(tmp_path):
+    full, trainer = lightning_run(epochs=2)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, htmuon.HTMuon) and trainer.global_step == 8
+    assert_standard_routing(opt)
+    assert [g["lr"] for g in opt.param_groups] != [0.02, 1e-3]  # the scheduler moved both lrs
+    lightning_run(epochs=1, save=tmp_path / "epoch1.ckpt")
+    resumed, trainer = lightning_run(epochs=2, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert trainer.global_step == 8
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------------
+# accelerate: prepare / save_state / load_state
+# --------------------------------------------------------------------------------------------
+
+
+def test_accelerate_save_and_load_state(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    data = batches(4)
+
+    def setup():
+        model = tiny_llama()
+        opt = htmuon.HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3, weight_decay=0.1)
+        accelerator = accelerate.Accelerator(cpu=True)
+        model, opt = accelerator.prepare(model, opt)
+        return accelerator, model, opt
+
+    def train(accelerator, model, opt, steps):
+        for tokens in steps:
+            opt.zero_grad()
+            accelerator.backward(model(input_ids=tokens, labels=tokens).loss)
+            opt.step()
+
+    accelerator, model, opt = setup()
+    assert_standard_routing(unwrap(opt))
+    train(accelerator, model, opt, data[:2])
+    accelerator.save_state(str(tmp_path / "state"))
+    train(accelerator, model, opt, data[2:])
+
+    accelerator2, model2, opt2 = setup()
+    accelerator2.load_state(str(tmp_path / "state"))
+    train(accelerator2, model2, opt2, data[2:])
+    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), name
