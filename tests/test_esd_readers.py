@@ -360,6 +360,17 @@ def corrupt_inputs(tmp_path: Path, llama) -> dict[str, Path]:
     shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
     shards[1].unlink()
     bad["index with a missing shard"] = tmp_path / "hf"
+    import torch.distributed.checkpoint as dcp
+
+    for name in ("dcp-data", "dcp-meta"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": sd}, checkpoint_id=tmp_path / name, no_dist=True)
+    data = next((tmp_path / "dcp-data").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:1000])
+    bad["truncated DCP data"] = tmp_path / "dcp-data"
+    (tmp_path / "dcp-meta" / ".metadata").write_bytes(b"\x80\x04garbage")
+    bad["corrupt DCP metadata"] = tmp_path / "dcp-meta"
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "model.safetensors.index.json").write_text("{not json")
     bad["corrupt index"] = tmp_path / "idx"
