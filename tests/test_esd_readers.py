@@ -226,6 +226,31 @@ def test_htmuon_run_folder_and_plain_state_dicts(llama, tmp_path):
     assert_same(analyze(tmp_path / "legacy.pt"), ref)
 
 
+class CopyFile:
+    """Pickles as a call that writes a file: proof of whether unpickling ran code from the file."""
+
+    def __init__(self, src, dst):
+        self.args = (str(src), str(dst))
+
+    def __reduce__(self):
+        import shutil
+
+        return (shutil.copyfile, self.args)
+
+
+def test_code_in_a_checkpoint_never_runs_without_allow_pickle(llama, tmp_path):
+    _, sd, ref = llama
+    marker = tmp_path / "ran"
+    (tmp_path / "src.txt").write_text("x")
+    torch.save({"model": sd, "payload": CopyFile(tmp_path / "src.txt", marker)}, tmp_path / "ckpt.pt")
+    rep = analyze(tmp_path / "ckpt.pt")  # the weights are read; the call became an inert placeholder
+    assert_same(rep, ref)
+    assert not marker.exists() and "shutil.copyfile" in " ".join(rep.meta["notes"])
+    with open_checkpoint(tmp_path / "ckpt.pt", allow_pickle=True):  # the opt-in does run it
+        pass
+    assert marker.exists()
+
+
 def test_full_model_pickle_needs_allow_pickle(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))

@@ -266,10 +266,11 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((ln for ln in first if "GLOBAL" in ln or "Can only" in ln), first[-1] if first else "")
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
+        why = lines[0] if lines else "objects the weights-only unpickler refuses"
         raise ValueError(
-            f"cannot read {path!r} with weights_only=True ({why.strip()}); loading it would execute "
+            f"cannot read {path!r} with weights_only=True ({why}); loading it would execute "
             "code from the file: if you trust it, pass allow_pickle=True (htmuon esd --allow-pickle)"
         ) from e
     except Exception as e:  # zip/format errors come in many types
