@@ -427,3 +427,24 @@ def test_unwritable_outputs_are_one_line_errors_before_the_analysis(tmp_path, ca
             rc, out, err = run_cli([tmp_path / "w.pt", flag, out_path], capsys)
             assert rc == 2 and out == "", (flag, out_path)
             assert err.strip().count("\n") == 0 and flag in err and str(out_path) in err and why in err
+
+
+def test_write_failures_after_the_analysis_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """Disk full / read-only while writing (after the up-front check passed): one line naming the path."""
+    import errno
+
+    from htmuon.diagnostics import plots
+    from htmuon.diagnostics.esd import ESDReport
+
+    torch.save(nn.Linear(32, 48).state_dict(), tmp_path / "w.pt")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ESDReport, "to_csv", full)
+    monkeypatch.setattr(plots, "_save", full)
+    for flag in ("--csv", "--plot"):
+        out_path = tmp_path / f"out{flag}.x"
+        rc, out, err = run_cli([tmp_path / "w.pt", flag, out_path], capsys)
+        assert rc == 2 and err.strip().count("\n") == 0, err
+        assert f"cannot write {flag} '{out_path}': No space left on device" in err
