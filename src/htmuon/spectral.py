@@ -164,7 +164,10 @@ def _times_pow2(X: Tensor, k: Tensor) -> Tensor:
     top = _max_exponent(X.dtype)
     k1 = k.clamp(-top, top)
     Y = X * pow2(k1, X.dtype)
-    if bool((k1 != k).any()):  # only for matrices of subnormal numbers
+    # The second factor is 1 except for matrices of subnormal (or near-overflow) numbers. On CPU, eager,
+    # a check skips that pass; compiled (a data-dependent branch would break the graph) or on an
+    # accelerator (the check would wait for the device) the exact second multiply always runs.
+    if torch.compiler.is_compiling() or X.device.type != "cpu" or bool((k1 != k).any()):
         Y = Y * pow2(k - k1, X.dtype)
     return Y
 
