@@ -14,7 +14,15 @@ import torch
 from helpers import exact_power, log_spectrum, matrix_with_spectrum, reference_htmuon, rel_err
 from htmuon import HTMuon, polar, spectral_power
 from htmuon import fast as fastmod
-from htmuon.spectral import AUTO_DEFAULT, BACKENDS, resolve_method
+from htmuon.spectral import (
+    BACKENDS,
+    Capability,
+    decide,
+    device_capability,
+    ns_working_dtype,
+    parse_cpu_flags,
+    resolve_method,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,8 +46,8 @@ def spectra(m: int, n: int) -> dict[str, torch.Tensor]:
 # (method, p) -> tolerance on the relative Frobenius error vs float64 exact, per working dtype, for
 # spectra spanning three decades (the tolerances docs/backends.md states).
 TOLERANCES = {
-    ("fast", 0.0): {torch.float32: 0.02, torch.bfloat16: 0.09},
-    ("fast", 0.125): {torch.float32: 0.02, torch.bfloat16: 0.07},
+    ("fast", 0.0): {torch.float32: 0.02, torch.bfloat16: 0.13},
+    ("fast", 0.125): {torch.float32: 0.02, torch.bfloat16: 0.09},
     ("fast", 0.25): {torch.float32: 0.03, torch.bfloat16: 0.06},
     ("fast", 0.5): {torch.float32: 0.045, torch.bfloat16: 0.05},
     ("fast5", 0.125): {torch.float32: 0.12, torch.bfloat16: 0.13},
@@ -58,6 +66,16 @@ def test_fast_matches_float64_exact(method, p, shape):
             assert O.dtype == torch.float32
             err = rel_err(O, ref)
             assert err <= tol, f"{method} p={p} {dtype} {name} {shape}: {err:.4f} > {tol}"
+
+
+@pytest.mark.parametrize(("m", "n"), [(256, 640), (640, 256)])
+def test_fast_meets_the_power_law_targets(m, n):
+    """Issue 11's targets on a power-law spectrum (three decades), p = 1/8: <= 2% with float32 work,
+    <= 6% with bfloat16 work (iterate in bfloat16, as Muon), against float64 exact."""
+    G = matrix_with_spectrum(power_law(min(m, n)), m, n, seed=11)
+    ref = exact_power(G, 0.125)
+    assert rel_err(spectral_power(G.float(), 0.125, method="fast", ns_dtype=torch.float32), ref) <= 0.02
+    assert rel_err(spectral_power(G.float(), 0.125, method="fast", ns_dtype=torch.bfloat16), ref) <= 0.06
 
 
 def test_fast_is_exact_to_rounding_in_float32():
@@ -91,11 +109,11 @@ def test_matrix_iteration_is_the_scalar_map_on_singular_values(steps, p):
 def test_p0_is_close_to_the_polar_factor_and_closer_than_muon():
     for name, G in spectra(128, 320).items():
         ref = exact_power(G, 0.0)
-        err_fast = rel_err(spectral_power(G.float(), 0.0, method="fast"), ref)
+        err_fast = rel_err(spectral_power(G.float(), 0.0, method="fast", ns_dtype=torch.float32), ref)
         err_muon = rel_err(polar(G.float(), dtype=torch.float32), ref)
         assert err_fast < 0.02, name
         assert err_fast < err_muon / 5, name  # Muon's NS5 is far from exact by design (sigma in ~[0.7, 1.2])
-        O = spectral_power(G.float(), 0.0, method="fast").double()
+        O = spectral_power(G.float(), 0.0, method="fast", ns_dtype=torch.float32).double()
         s = torch.linalg.svdvals(O)
         assert s.min() > 0.85 and s.max() < 1.1, name
 
@@ -113,7 +131,7 @@ def test_raw_scale_law_and_muon_rms_mode():
     for c in (1e-6, 1e-2, 1e3):
         scaled = spectral_power(c * G, p, method="fast", compute_dtype=torch.float64)
         assert rel_err(scaled, c**p * base) < 1e-10
-    rms = spectral_power(G.float(), p, method="fast", scale="muon_rms")
+    rms = spectral_power(G.float(), p, method="fast", scale="muon_rms", ns_dtype=torch.float32)
     assert math.isclose(rms.double().norm().item(), math.sqrt(64), rel_tol=1e-5)
     ref = exact_power(G, p)
     ref = ref * math.sqrt(64) / ref.norm()
@@ -136,14 +154,16 @@ def test_zero_rank_deficient_and_tiny_singular_values_are_damped():
     Z = torch.zeros(2, 8, 12)
     for p in (0.0, 0.125, 0.5):
         assert torch.equal(spectral_power(Z, p, method="fast"), Z)
-    # rank 3: the null space stays null (three singular values see the fit's pointwise error, < 6%)
+    # rank 3, float32 work: the null space stays null (three singular values see the fit's pointwise
+    # error, < 6%). With bfloat16 work the iterate's rounding fills it with noise that the iteration
+    # amplifies, as in torch.optim.Muon's bfloat16 NS5 (null singular values up to ~0.3-0.5)
     G = matrix_with_spectrum(torch.tensor([1.0, 0.3, 0.1]), 16, 40, seed=4)
-    O = spectral_power(G.float(), 0.125, method="fast").double()
+    O = spectral_power(G.float(), 0.125, method="fast", ns_dtype=torch.float32).double()
     assert rel_err(O, exact_power(G, 0.125)) < 0.06
     assert torch.linalg.svdvals(O)[3:].max() < 1e-4
     # singular values far below the fitted domain are damped towards 0, never amplified past s^p
     G = matrix_with_spectrum(torch.tensor([1.0, 1e-7]), 8, 16, seed=5)
-    s = torch.linalg.svdvals(spectral_power(G.float(), 0.125, method="fast").double())
+    s = torch.linalg.svdvals(spectral_power(G.float(), 0.125, method="fast", ns_dtype=torch.float32).double())
     assert s[1] < 1e-7**0.125
 
 
@@ -234,16 +254,58 @@ def test_fit_script_refit_reaches_the_committed_objective(name, capsys):
 # ------------------------------------------------------------------ auto and the optimizer
 
 
+AVX2_FLAGS = "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 fma avx avx2 bmi2"
+AVX512_BF16_FLAGS = AVX2_FLAGS + " avx512f avx512bw avx512_vnni avx512_bf16"  # Cooper Lake, Zen 4
+AMX_FLAGS = AVX512_BF16_FLAGS + " amx_tile amx_int8 amx_bf16"  # Sapphire Rapids and later
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        (Capability.from_cpu_flags(parse_cpu_flags(AVX2_FLAGS)), ("eigh", torch.float32)),
+        (Capability.from_cpu_flags(parse_cpu_flags(AVX512_BF16_FLAGS)), ("fast", torch.bfloat16)),
+        (Capability.from_cpu_flags(parse_cpu_flags(AMX_FLAGS)), ("fast", torch.bfloat16)),
+        (Capability("cuda", True), ("fast", torch.bfloat16)),
+        (Capability("mps", False), ("fast", torch.float32)),
+    ],
+    ids=["avx2-cpu", "avx512bf16-cpu", "amx-cpu", "cuda", "mps"],
+)
+def test_decide_per_hardware_kind(capability, expected):
+    assert decide(capability) == expected
+
+
+def test_cpu_flags_parsing():
+    assert parse_cpu_flags(AVX2_FLAGS) == frozenset()
+    assert parse_cpu_flags("processor : 0\n" + AMX_FLAGS + "\n") == {"amx_bf16", "avx512_bf16"}
+    assert parse_cpu_flags("no flags here") == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("env", "method", "dtype"), [("0", "eigh", torch.float32), ("1", "fast", torch.bfloat16)]
+)
+def test_probe_env_override_drives_auto(monkeypatch, env, method, dtype):
+    monkeypatch.setenv("HTMUON_CPU_BF16", env)
+    assert device_capability("cpu") == Capability("cpu", env == "1")
+    assert resolve_method("auto", "power", "cpu") == method
+    assert ns_working_dtype("auto", torch.device("cpu")) == dtype
+    assert resolve_method("auto", "rank", "cpu") == "eigh"  # fast has no rank spectrum
+    G = torch.randn(20, 30)
+    opts = {"ns_dtype": dtype} if method == "fast" else {}
+    torch.testing.assert_close(
+        spectral_power(G, 0.125, method="auto"), spectral_power(G, 0.125, method=method, **opts)
+    )
+    monkeypatch.setenv("HTMUON_CPU_BF16", "maybe")
+    with pytest.raises(ValueError, match="HTMUON_CPU_BF16='maybe'"):
+        device_capability("cpu")
+
+
 def test_auto_resolves_per_device_and_spectrum():
-    assert resolve_method("auto", "power", "cpu") == "eigh"
-    assert resolve_method("auto", "power", "cuda") == AUTO_DEFAULT == "fast"
-    assert resolve_method("auto", "rank", "cuda") == "eigh"  # fast has no rank spectrum
+    assert device_capability("cuda") == Capability("cuda", True)  # by device type: no GPU needed
+    assert resolve_method("auto", "power", "cuda") == "fast"
+    assert ns_working_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_method("auto", "rank", "cuda") == "eigh"
     assert resolve_method("svd", "power", "cuda") == "svd"
     assert "auto" in BACKENDS and "fast" in BACKENDS and "fast5" in BACKENDS
-    G = torch.randn(20, 30)
-    torch.testing.assert_close(
-        spectral_power(G, 0.125, method="auto"), spectral_power(G, 0.125, method="eigh")
-    )
 
 
 def test_htmuon_default_method_is_auto():
@@ -262,7 +324,9 @@ def test_htmuon_with_fast_methods_follows_the_reference_update(method):
         W.grad = G.clone()
         opt.step()
     ref = reference_htmuon(W0, grads, lr=0.02, p=0.125, weight_decay=0.1)
-    tol = {"fast": 0.02, "fast5": 0.1, "auto": 1e-4}[method]  # auto = eigh on CPU: float32 parameters
+    resolved = resolve_method(method, "power", "cpu")  # auto: eigh (exact) or fast, by this CPU
+    bf16 = ns_working_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    tol = {"fast": 0.06 if bf16 else 0.02, "fast5": 0.1, "eigh": 1e-4}[resolved]
     assert rel_err(W.detach() - W0, ref - W0.double()) < tol
 
 

@@ -22,7 +22,9 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +34,11 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "Capability",
     "MUON_NS5_COEFFICIENTS",
     "Backend",
+    "decide",
+    "device_capability",
     "ns_working_dtype",
     "polar",
     "register_backend",
@@ -154,7 +159,7 @@ def pow2_exponent(X: Tensor, *, representable: bool = True) -> Tensor:
     Returns:
         ``(..., 1, 1)`` int32 tensor.
     """
-    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    amax = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True)  # no |X| temporary
     e = torch.frexp(amax).exponent
     return e.clamp_min(-_max_exponent(X.dtype)) if representable else e
 
@@ -205,11 +210,105 @@ def _restore_raw_scale(O: Tensor, e: Tensor, p: float, dtype: torch.dtype) -> Te
     return O * factor.clamp_max(torch.finfo(O.dtype).max).to(O.dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# Defaults chosen by what the hardware does fast
+# --------------------------------------------------------------------------------------------
+
+#: CPU flags (``/proc/cpuinfo``) of instructions that make bfloat16 matrix products faster than
+#: float32 ones: AMX tiles (Sapphire Rapids and later: 4-7x) and AVX-512 BF16 dot products (Cooper
+#: Lake, Zen 4: ~2x). Without them (AVX2-only CPUs) a bfloat16 product is 30-180x *slower*.
+FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+#: Environment variable overriding the CPU probe: ``1`` (bfloat16 matmuls are fast) or ``0``.
+CPU_BF16_ENV = "HTMUON_CPU_BF16"
+#: Device types whose matrix units run bfloat16 fast (tensor cores and the like).
+FAST_BF16_DEVICES = ("cuda", "xpu", "hpu", "xla")
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a device does fast, as far as the backend defaults care (see :func:`decide`).
+
+    Attributes:
+        device_type: ``torch.device.type`` (``"cpu"``, ``"cuda"``, ``"mps"``, ...).
+        fast_bf16: bfloat16 matrix products are at least as fast as float32 ones there.
+    """
+
+    device_type: str
+    fast_bf16: bool
+
+    @classmethod
+    def from_cpu_flags(cls, flags) -> Capability:
+        """A CPU's capability from its ``/proc/cpuinfo`` flags (any of :data:`FAST_BF16_CPU_FLAGS`)."""
+        return cls("cpu", any(flag in FAST_BF16_CPU_FLAGS for flag in flags))
+
+
+def decide(capability: Capability) -> tuple[str, torch.dtype]:
+    """The ``(method, ns_dtype)`` that ``method="auto"`` / ``ns_dtype="auto"`` mean on a device.
+
+    * bfloat16 matmuls fast (CUDA and other accelerators; CPUs with AMX-BF16 or AVX-512-BF16):
+      ``("fast", torch.bfloat16)`` -- ``U S^p V^T`` from Newton--Schulz matmuls in bfloat16, at
+      ~1.2x Muon's matmul count, as ``torch.optim.Muon`` works.
+    * CPU without them (AVX2): ``("eigh", torch.float32)`` -- LAPACK's float64 eigendecomposition of
+      the small Gram matrix is exact and cheaper there than float32 Newton--Schulz, and Muon's
+      in-between steps (``interval``) run in float32 (bfloat16 would be 30-180x slower).
+    * other devices without fast bfloat16 (MPS, ...): ``("fast", torch.float32)`` (no LAPACK there).
+
+    A pure function of ``capability``; :func:`device_capability` builds it for a real device.
+    """
+    if capability.fast_bf16:
+        return "fast", torch.bfloat16
+    if capability.device_type == "cpu":
+        return "eigh", torch.float32
+    return "fast", torch.float32
+
+
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The flags of :data:`FAST_BF16_CPU_FLAGS` in the text of ``/proc/cpuinfo`` (first ``flags`` line)."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split()) & frozenset(FAST_BF16_CPU_FLAGS)
+    return frozenset()
+
+
+def cpu_matmul_flags() -> frozenset[str]:
+    """The flags of :data:`FAST_BF16_CPU_FLAGS` this machine's CPU reports (empty if unreadable).
+
+    ``torch.backends.cpu.get_cpu_capability()`` reports only ``"AVX512"`` on AMX machines, so the
+    flags are read from ``/proc/cpuinfo`` (Linux; elsewhere the set is empty: no fast bfloat16).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return parse_cpu_flags(f.read())
+    except OSError:
+        return frozenset()
+
+
+@functools.cache
+def _device_capability(device_type: str, env: str | None) -> Capability:
+    if device_type == "cpu":
+        if env is not None:
+            if env not in ("0", "1"):
+                raise ValueError(f"Invalid {CPU_BF16_ENV}={env!r} (must be 0 or 1)")
+            return Capability("cpu", env == "1")
+        return Capability.from_cpu_flags(cpu_matmul_flags())
+    return Capability(device_type, device_type in FAST_BF16_DEVICES)
+
+
+def device_capability(device: torch.device | str) -> Capability:
+    """The :class:`Capability` of ``device`` (cached per device type and ``HTMUON_CPU_BF16`` value).
+
+    On CPU: ``fast_bf16`` if the CPU has AMX-BF16 or AVX-512-BF16 (:func:`cpu_matmul_flags`), unless
+    the environment variable ``HTMUON_CPU_BF16`` is ``0`` or ``1``. Elsewhere: by device type
+    (:data:`FAST_BF16_DEVICES`).
+    """
+    return _device_capability(torch.device(device).type, os.environ.get(CPU_BF16_ENV))
+
+
 def ns_working_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
-    """Resolve a Newton--Schulz working dtype: ``"auto"`` is bfloat16 on CUDA (Muon's choice, fast on
-    tensor cores) and float32 elsewhere (bfloat16 matmul is 30-180x slower than float32 on AVX2 CPUs)."""
+    """Resolve a Newton--Schulz working dtype: ``"auto"`` is bfloat16 where bfloat16 matmuls are fast
+    (CUDA, CPUs with AMX/AVX-512-BF16) and float32 elsewhere (see :func:`decide`)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return decide(device_capability(device))[1]
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"Invalid Newton-Schulz dtype: {dtype!r} (a torch.dtype, 'auto' or None)")
     return dtype
@@ -512,22 +611,20 @@ register_backend(
 # The dispatch
 # --------------------------------------------------------------------------------------------
 
-#: ``method="auto"`` per device type: on CPU ``"eigh"`` (LAPACK's float64 eigh of the small Gram
-#: matrix: exact up to float32 rounding, 3e-7 - 4e-6, and faster than Muon's float32
-#: Newton--Schulz there); on every other device :data:`AUTO_DEFAULT`. A spectrum the chosen
-#: backend cannot do (``"rank"`` for ``"fast"``) falls back to ``"eigh"``.
-AUTO_METHODS: dict[str, str] = {"cpu": "eigh"}
-#: ``method="auto"`` on devices not in :data:`AUTO_METHODS` (CUDA, ...): the matmul-only ``"fast"``
-#: backend (``htmuon.fast``), since eigh/SVD are slow on GPUs and bfloat16 matmuls are fast.
-AUTO_DEFAULT = "fast"
+#: ``method="auto"`` overrides per device type (e.g. ``AUTO_METHODS["cpu"] = "svd"``); device types
+#: not in it use :func:`decide` on the device's :func:`device_capability`. Empty by default.
+AUTO_METHODS: dict[str, str] = {}
 
 
 def resolve_method(method: str, spectrum: str, device: torch.device | str) -> str:
     """The backend that ``method`` names for a tensor on ``device``: ``"auto"`` is resolved by
-    :data:`AUTO_METHODS` / :data:`AUTO_DEFAULT`; any other name is returned unchanged."""
+    :data:`AUTO_METHODS`, else by :func:`decide` (``"fast"`` where bfloat16 matmuls are fast, ``"eigh"``
+    on other CPUs); a spectrum the choice cannot do (``"rank"`` for ``"fast"``) falls back to
+    ``"eigh"``. Any other name is returned unchanged."""
     if method != "auto":
         return method
-    resolved = AUTO_METHODS.get(torch.device(device).type, AUTO_DEFAULT)
+    device = torch.device(device)
+    resolved = AUTO_METHODS.get(device.type) or decide(device_capability(device))[0]
     backend = BACKENDS.get(resolved)
     if backend is None or spectrum not in backend.spectra:
         resolved = "eigh"
@@ -543,7 +640,7 @@ register_backend(
     "auto",
     _auto_backend,
     spectra=("power", "rank"),
-    description="per device: 'eigh' on CPU, 'fast' elsewhere (see AUTO_METHODS)",
+    description="per device: 'fast' where bfloat16 matmuls are fast, else 'eigh' on CPU (see decide)",
 )
 
 
