@@ -8,34 +8,46 @@
 map: for each batch shape ``BxMxN`` it times ``polar(X)`` (Muon's NS5, float32) and
 ``spectral_power(X, p, method=...)`` for each method, interleaved round-robin in one process
 (``--repeats`` rounds, median kept), and prints the ratio to Muon's time. ``--matmul`` times one
-``(m x m) @ (m x n)`` product in float32 and in bfloat16 on the current device (why CPU runs keep
-``ns_dtype="auto"`` = float32). One torch thread by default, as in step_cost.py.
+``(m x m) @ (m x n)`` product in float32 and in bfloat16 on the current device: on AVX2-only CPUs
+bfloat16 is 30-180x slower, on AVX-512-BF16 / AMX CPUs several times faster (the header names the
+CPU's matmul ISA). Times are CPU time of the process (``time.process_time``, robust to other jobs
+on a shared machine), each call repeated until it lasts >= 20 ms. One torch thread by default, as
+in step_cost.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from htmuon import polar, spectral_power
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from htmuon import polar, spectral_power  # noqa: E402
+from machine import describe, header  # noqa: E402
 
 # LLaMA-135M (hidden 768, intermediate 2048): q/k/v/o batched, gate/up (tall) batched, down (wide)
 DEFAULT_SHAPES = ["4x768x768", "2x2048x768", "1x768x2048"]
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, interleaved round-robin after one warm-up call."""
-    for f in fns.values():  # warm-up
+    """Median CPU seconds per call of each function, interleaved round-robin after a warm-up call;
+    a short function is called ``n`` times per measurement so that each lasts >= 20 ms."""
+    calls = {}
+    for k, f in fns.items():  # warm-up, and the calls per measurement
+        t0 = time.process_time()
         f()
+        calls[k] = max(1, min(1000, int(0.02 / max(time.process_time() - t0, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+            t0 = time.process_time()
+            for _ in range(calls[k]):
+                f()
+            times[k].append((time.process_time() - t0) / calls[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -50,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(header(describe()) + f", median of {args.repeats}")
     if args.matmul:
         print("| product | float32 ms | bfloat16 ms | bf16 / fp32 |")
         print("|---|---:|---:|---:|")
@@ -61,7 +73,7 @@ def main() -> None:
             }
             t = timed({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in ops.items()}, max(1, args.repeats // 2))
             f32, b16 = t[torch.float32], t[torch.bfloat16]
-            print(f"| {m}x{m} @ {m}x{n} | {1e3 * f32:.2f} | {1e3 * b16:.1f} | {b16 / f32:.0f}x |", flush=True)
+            print(f"| {m}x{m} @ {m}x{n} | {1e3 * f32:.2f} | {1e3 * b16:.2f} | {b16 / f32:.2f}x |", flush=True)
         return
     print("| batch | " + " | ".join(f"{m} ms | {m} x Muon" for m in args.methods) + " | Muon NS5 ms |")
     print("|---|" + "---:|---:|" * len(args.methods) + "---:|")

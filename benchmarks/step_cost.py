@@ -1,54 +1,62 @@
-"""Step cost and accuracy of HTMuon's spectral backends on the LLaMA-60M / LLaMA-135M matrix shapes.
+"""Optimizer step cost against torch.optim.Muon on the LLaMA-60M / LLaMA-135M matrix sets (issue 11).
 
-    PYTHONPATH=src python benchmarks/step_cost.py                       # fp32 and bf16, both models
-    PYTHONPATH=src python benchmarks/step_cost.py --models 60m --dtypes fp32 --repeats 2
+    PYTHONPATH=src python benchmarks/step_cost.py                                  # the default run
+    PYTHONPATH=src python benchmarks/step_cost.py --paper-code /tmp/paper_htmuon/muon.py
+    PYTHONPATH=src python benchmarks/step_cost.py --models 60m --rounds 5 --budget-s 0
 
-For each model size and working dtype it builds the hidden matrices of ``--blocks`` transformer
-blocks (q, k, v, o: h x h; gate, up: i x h; down: h x i -- the "standard" routing; ``--routing
-paper`` adds the 32000 x h embedding and LM head), gives them random gradients, and times
-``HTMuon.step()`` for every backend, interleaved round-robin in one process (``--repeats`` rounds;
-the median is kept), so that the ratios to Muon's NS5 step come from the same run on the same,
-possibly shared, machine. Times are per optimizer step, extrapolated to the full depth
-(``layers / blocks`` x the measured blocks, plus the embedding and head once): every block has
-the same shapes and the backends batch same-shape matrices, so the cost is linear in depth.
+What is timed: ``opt.step()`` on every hidden matrix of the model at once (``layers`` x (q, k, v,
+o: h x h; gate, up: i x h; down: h x i), PAPER.md's shapes; ``--routing paper`` adds the 32000 x h
+embedding and LM head), float32 parameters, fixed Gaussian gradients, lr 0.02, momentum 0.95,
+weight decay 0.1, one torch thread (``--threads``). Every optimizer takes one warm-up step (state
+allocation), then the rows are timed interleaved round-robin (the order rotates each round), so a
+row's ratio to torch.optim.Muon comes from the same round on the same, possibly shared, machine; the
+table gives the median over rounds of the per-round ratio and its min-max spread, in CPU time
+(``time.process_time``: what the step costs, whatever else runs on the machine) and wall time.
 
-Errors are the relative Frobenius error of the spectral map (the direction before the learning
-rate) against float64 exact ``U S^p V^T`` (Muon: against the exact polar factor ``U V^T``), the
-largest over the measured matrices, for two gradient families: power-law spectra ``s_k = k^-a``
-with ``a`` chosen so that s spans [1e-3, 1] of s_max, and Gaussian matrices.
+Rows (``--rows`` picks some; keys in brackets):
+  [muon]       torch.optim.Muon: bfloat16 Newton--Schulz (5 quintic steps), the reference
+  [p0]         HTMuon p=0, method="ns": HTMuon's own Muon step (NS5 in ns_dtype="auto")
+  [default]    HTMuon() defaults: method="auto", ns_dtype="auto"
+  [fast_fp32]  method="fast", ns_dtype=float32     [fast_bf16] method="fast", ns_dtype=bfloat16
+  [fast5]      method="fast5" (ns_dtype="auto")
+  [eigh], [svd] the exact backends
+  [interval5]  HTMuon(interval=5) (default method): 5 consecutive steps per round, one corrected and
+               four plain Muon steps, reported per step
+  [paper], [paper_interval5]  only with ``--paper-code PATH``: the paper's own optimizer file
+               (muon.py of github.com/TDCSZ327/HTmuon, kept OUTSIDE this repository), classes
+               HTMuonWithAuxAdam (float32 SVD per matrix) and HTMuonIntervalWithAuxAdam(interval=5),
+               power 0.125; they need torch.distributed, so a 1-process gloo group is started
 
-Rows:
-  muon NS5        HTMuon(p=0, method="ns"): Muon's Newton--Schulz polar factor (the reference cost)
-  fast / fast5    the matmul-only backends of htmuon.fast (6 / 5 quintic steps)
-  eigh            float64 eigh of the small Gram matrix (CPU's exact path)
-  svd             float32 thin SVD (the paper's exact path)
-  paper NS        the paper's HTMuon-NS path, as published: NS5 polar x (G^T G)^(1/16) from four
-                  nested coupled Newton--Schulz square roots (5 iterations each) on the LARGE Gram
-                  side (defined here; the library's "ns" backend works on the small side)
-  ... interval 5  amortised cost of the correction on every 5th step, Muon's NS5 otherwise:
-                  (t_backend + 4 t_muon) / 5 from the same run's measurements
+Errors (``--no-errors`` skips them): relative Frobenius error of each row's direction against float64
+exact ``U S^p V^T`` (p = 0 rows: the exact polar factor), the largest over one matrix of each shape
+with a power-law spectrum ``s_k = k^-a`` spanning [1e-3, 1] of s_max; the direction is read off one
+step of a fresh optimizer with lr 1, momentum 0 and no weight decay from a zero parameter.
 
-Threads: 1 by default. On a small shared machine, two OpenMP threads make every parallel
-elementwise op wait for a scheduling slice (measured here: ~8 ms for any 1M-element add, 0.17 ms
-on one thread), which swamps the ratios; one thread measures the arithmetic. ``--threads 0``
-keeps torch's default.
-
-Slow combinations are skipped on CPU (bfloat16 matmul is 30-180x slower than float32 there): svd
-and eigh run in float32/float64 whatever the dtype, and the paper NS path is run in float32 only.
+``--budget-s`` (default 540) bounds the whole run: a model stops starting rounds when the next would
+end past its share of the budget (shares by parameter count), keeping at least one timed round, so
+the default run ends within ~10 minutes once the rows are near Muon's cost (on slow code it keeps
+one round). ``--json`` writes every per-round time; the printed header names the CPU, its matmul ISA
+and the torch version.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
-import platform
 import statistics
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from htmuon import HTMuon, polar, register_backend, spectral_power
-from htmuon.spectral import BACKENDS, _coupled_ns_sqrt
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from htmuon import HTMuon  # noqa: E402
+from machine import describe, header, write_json  # noqa: E402
 
 MODELS = {
     # hidden, intermediate, layers (PAPER.md); vocabulary 32000
@@ -56,218 +64,350 @@ MODELS = {
     "135m": (768, 2048, 12),
 }
 VOCAB = 32000
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PAPER_NS_ROOTS = 4  # (G^T G)^(1/16): p = 1/8 only
-PAPER_NS_ROOT_ITERS = 5
+LR, MOMENTUM, WEIGHT_DECAY = 0.02, 0.95, 0.1
+P = 0.125
+INTERVAL = 5
+PAPER_POWER = 0.125
+#: The issue-11 targets: (row key, largest ratio to torch.optim.Muon, largest power-law error or None).
+TARGETS = (
+    ("default", 1.3, None),
+    ("fast_fp32", 1.3, 0.02),
+    ("fast_bf16", 1.3, 0.06),
+    ("fast5", 1.1, None),
+    ("interval5", 1.1, None),
+)
+PAPER_SPEEDUP_TARGET = 4.0  # HTMuon default >= 4x faster than the paper's HTMuon-SVD code
+
+Factory = Callable[[list[torch.Tensor], float, float, float], torch.optim.Optimizer]
 
 
-# ------------------------------------------------------------------ the paper's NS path (baseline)
+@dataclass
+class Row:
+    key: str
+    label: str
+    make: Factory  # (params, lr, momentum, weight_decay) -> optimizer
+    steps: int = 1  # consecutive steps timed per round
+    exact_p: float | None = P  # the map the direction approximates: s^p (0: polar; None: no error)
 
 
-def paper_ns_direction(X: torch.Tensor, p: float, spectrum: str, *, ns_dtype=torch.float32) -> torch.Tensor:
-    """The paper's HTMuon-NS map for p = 1/8: ``polar(G) @ (G^T G)^(1/16)`` with the Gram matrix on
-    the large side (n x n for a wide m x n batch) and four nested coupled-NS square roots."""
-    if abs(p - 0.125) > 1e-12:
-        raise ValueError(f"the paper's NS path computes p = 1/8 only, got p = {p}")
-    P = polar(X, dtype=ns_dtype)
-    Xc = X.to(ns_dtype)
-    root = Xc.mT @ Xc  # n x n: the large side, as in the paper's implementation
-    for _ in range(PAPER_NS_ROOTS):
-        root = _coupled_ns_sqrt(root, PAPER_NS_ROOT_ITERS)
-    return (P @ root).float()
+def htmuon_row(key: str, label: str, steps: int = 1, **kw) -> Row:
+    def make(params, lr, momentum, wd):
+        return HTMuon(params, lr=lr, momentum=momentum, weight_decay=wd, **kw)
+
+    return Row(key, label, make, steps, None if steps > 1 else kw.get("p", P))
 
 
-if "paper_ns" not in BACKENDS:
-    register_backend("paper_ns", paper_ns_direction, description="benchmark baseline: the paper's NS path")
+def muon_row() -> Row:
+    def make(params, lr, momentum, wd):
+        return torch.optim.Muon(params, lr=lr, momentum=momentum, weight_decay=wd)
+
+    return Row("muon", "torch.optim.Muon (bf16 NS5)", make, 1, 0.0)
+
+
+def load_paper_module(path: str):
+    """Import the paper's optimizer file (muon.py of TDCSZ327/HTmuon) from ``path`` (file or folder)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "muon.py"
+    if not file.is_file():
+        raise SystemExit(f"--paper-code: no such file: {file}")
+    spec = importlib.util.spec_from_file_location("paper_htmuon_muon", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("HTMuonWithAuxAdam", "HTMuonIntervalWithAuxAdam"):
+        if not hasattr(module, name):
+            raise SystemExit(f"--paper-code: {file} has no class {name}")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # their step calls dist.get_world_size() / all_gather
+        store = tempfile.NamedTemporaryFile(prefix="paper_htmuon_store_", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    return module
+
+
+def paper_rows(module) -> list[Row]:
+    def group(params, lr, momentum, wd):
+        return [dict(params=list(params), use_muon=True, lr=lr, momentum=momentum, weight_decay=wd)]
+
+    def svd(params, lr, momentum, wd):
+        return module.HTMuonWithAuxAdam(group(params, lr, momentum, wd), PAPER_POWER)
+
+    def interval(params, lr, momentum, wd):
+        return module.HTMuonIntervalWithAuxAdam(group(params, lr, momentum, wd), PAPER_POWER, INTERVAL)
+
+    return [
+        Row("paper", "paper code, HTMuonWithAuxAdam (fp32 SVD)", svd, 1, PAPER_POWER),
+        Row(
+            "paper_interval5", f"paper code, HTMuonIntervalWithAuxAdam({INTERVAL})", interval, INTERVAL, None
+        ),
+    ]
+
+
+def all_rows(paper_module=None) -> list[Row]:
+    rows = [
+        muon_row(),
+        htmuon_row("p0", "HTMuon p=0 (own NS5, ns_dtype auto)", p=0.0, method="ns"),
+        htmuon_row("default", "HTMuon default (auto, auto)"),
+        htmuon_row("fast_fp32", "fast, ns_dtype fp32", method="fast", ns_dtype=torch.float32),
+        htmuon_row("fast_bf16", "fast, ns_dtype bf16", method="fast", ns_dtype=torch.bfloat16),
+        htmuon_row("fast5", "fast5 (ns_dtype auto)", method="fast5"),
+        htmuon_row("eigh", "eigh", method="eigh"),
+        htmuon_row("svd", "svd", method="svd"),
+        htmuon_row(
+            "interval5",
+            f"interval={INTERVAL} (default method, {INTERVAL}-step run)",
+            INTERVAL,
+            interval=INTERVAL,
+        ),
+    ]
+    if paper_module is not None:
+        rows += paper_rows(paper_module)
+    return rows
 
 
 # ------------------------------------------------------------------ matrices
 
 
-def model_shapes(
-    model: str, blocks: int, routing: str
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(block matrices for ``blocks`` blocks, once-per-model matrices) as (out, in) shapes."""
-    h, i, _ = MODELS[model]
+def matrix_set(model: str, routing: str = "standard", layers: int | None = None) -> list[tuple[int, int]]:
+    """The (out, in) shapes of every matrix HTMuon updates in the model."""
+    h, i, depth = MODELS[model]
     per_block = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
     once = [(VOCAB, h), (VOCAB, h)] if routing == "paper" else []
-    return per_block * blocks, once
+    return per_block * (depth if layers is None else layers) + once
 
 
-def gradient(shape: tuple[int, int], kind: str, g: torch.Generator) -> torch.Tensor:
+def power_law_matrix(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """A float64 matrix with singular values ``k^-a`` spanning [1e-3, 1] and random singular vectors."""
     m, n = shape
-    if kind == "gaussian":
-        return torch.randn(m, n, generator=g, dtype=torch.float64)
     k = min(m, n)
-    a = 3.0 / math.log10(k)  # s_k = k^-a spans [1e-3, 1]
+    a = 3.0 / math.log10(k)
     U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     s = torch.arange(1, k + 1, dtype=torch.float64).pow(-a)
     return (U * s) @ V.T
 
 
-def exact(G: torch.Tensor, p: float) -> torch.Tensor:
+def exact_map(G: torch.Tensor, p: float) -> torch.Tensor:
     U, s, Vh = torch.linalg.svd(G, full_matrices=False)
     return (U * s.pow(p)) @ Vh
 
 
-# ------------------------------------------------------------------ configurations
+def direction_error(row: Row, G: torch.Tensor, device: torch.device) -> float:
+    """Relative error of the direction ``row`` applies to G vs the exact map (one step, lr 1, from 0)."""
+    m, n = G.shape
+    param = torch.nn.Parameter(torch.zeros(m, n, device=device))
+    param.grad = G.float().to(device)
+    row.make([param], 1.0, 0.0, 0.0).step()
+    O = -param.detach().double().cpu() / math.sqrt(max(1.0, m / n))  # every row scales by Muon's rule
+    R = exact_map(G, row.exact_p)
+    return ((O - R).norm() / R.norm()).item()
 
 
-def configs(dtype_name: str, p: float, skip: set[str]) -> list[tuple[str, dict]]:
-    dt = DTYPES[dtype_name]
-    rows = [
-        ("muon NS5", dict(p=0.0, method="ns", ns_dtype=dt)),
-        ("fast", dict(p=p, method="fast", ns_dtype=dt)),
-        ("fast5", dict(p=p, method="fast5", ns_dtype=dt)),
-        ("eigh", dict(p=p, method="eigh")),
-        ("svd", dict(p=p, method="svd")),
-        ("paper NS", dict(p=p, method="paper_ns", _paper=True)),
-    ]
-    out = []
-    for label, kw in rows:
-        if label in skip:
-            continue
-        if kw.pop("_paper", False):
-            if dtype_name != "fp32" or abs(p - 0.125) > 1e-12:
-                continue  # bf16 matmul on CPU: 30-180x; the paper path only exists for p = 1/8
-        if dtype_name != "fp32" and label in ("eigh", "svd"):
-            continue  # they do not use the working dtype: same numbers as the fp32 table
-        out.append((label, kw))
-    return out
+# ------------------------------------------------------------------ timing
 
 
-def direction(G: torch.Tensor, kw: dict) -> torch.Tensor:
-    """The spectral map a config applies (no momentum, no lr)."""
-    kw = dict(kw)
-    p, method = kw.pop("p"), kw.pop("method")
-    if method == "ns" and p == 0.0:
-        return polar(G, dtype=kw["ns_dtype"]).float()
-    if method == "paper_ns":
-        return spectral_power(G, p, method=method)
-    return spectral_power(G, p, method=method, **kw)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-# ------------------------------------------------------------------ the run
-
-
-def run(model: str, dtype_name: str, args) -> list[dict]:
-    _, _, layers = MODELS[model]
+def run_model(model: str, rows: list[Row], args, device: torch.device, deadline: float) -> dict:
+    shapes = matrix_set(model, args.routing, args.layers)
     g = torch.Generator().manual_seed(args.seed)
-    block, once = model_shapes(model, args.blocks, args.routing)
-    shapes = block + once
-    grads = {kind: [gradient(s, kind, g) for s in shapes] for kind in ("power", "gaussian")}
-    reference = {kind: [] for kind in grads}
-    cfgs = configs(dtype_name, args.p, set(args.skip))
-
-    # Timing: one optimizer per config over the same parameters' shapes; round-robin repeats.
-    timed: dict[str, list[float]] = {label: [] for label, _ in cfgs}
+    params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
+    for prm in params:
+        prm.grad = torch.randn(prm.shape, generator=g).to(device)
     opts = {}
-    for label, kw in cfgs:
-        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-        for prm, G in zip(params, grads["power"]):
-            prm.grad = G.float()
-        opts[label] = (HTMuon(params, lr=1e-3, check_finite=False, **kw), len(block))
-    for opt, _ in opts.values():  # warm-up (allocations, lazy state)
-        opt.step()
-    for _ in range(args.repeats):
-        for label, (opt, _) in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            timed[label].append(time.perf_counter() - t0)
-    # per-block vs once-per-model split, to extrapolate to full depth: time the "once" matrices alone
-    once_time: dict[str, float] = {}
-    if once:
-        for label, kw in cfgs:
-            params = [torch.nn.Parameter(torch.zeros(s)) for s in once]
-            for prm, G in zip(params, grads["power"][len(block) :]):
-                prm.grad = G.float()
-            opt = HTMuon(params, lr=1e-3, check_finite=False, **kw)
-            opt.step()
-            t0 = time.perf_counter()
-            opt.step()
-            once_time[label] = time.perf_counter() - t0
+    for row in rows:
+        if row.key.startswith("paper"):  # the paper's step modifies the gradients in place: own copies
+            own = [torch.nn.Parameter(prm.detach().clone()) for prm in params]
+            for o, prm in zip(own, params):
+                o.grad = prm.grad.clone()
+            opts[row.key] = row.make(own, LR, MOMENTUM, WEIGHT_DECAY)
+        else:
+            opts[row.key] = row.make(params, LR, MOMENTUM, WEIGHT_DECAY)
+    t_start = time.perf_counter()
+    for row in rows:  # warm-up: state allocation, first-call kernel setup
+        opts[row.key].step()
+    sync(device)
+    warmup_s = time.perf_counter() - t_start
 
-    # Errors vs float64 exact.
-    errors: dict[str, dict[str, float]] = {label: {} for label, _ in cfgs}
-    for kind, Gs in grads.items():
-        refs_p = [exact(G, args.p) for G in Gs]
-        refs_0 = [exact(G, 0.0) for G in Gs]
-        reference[kind] = refs_p
-        for label, kw in cfgs:
-            refs = refs_0 if kw["p"] == 0.0 else refs_p
-            worst = 0.0
-            for G, R in zip(Gs, refs):
-                O = direction(G.float(), kw).double()
-                worst = max(worst, ((O - R).norm() / R.norm()).item())
-            errors[label][kind] = worst
+    cpu: dict[str, list[float]] = {r.key: [] for r in rows}
+    wall: dict[str, list[float]] = {r.key: [] for r in rows}
+    rounds = 0
+    while rounds < args.rounds:
+        t_round = time.perf_counter()
+        order = rows[rounds % len(rows) :] + rows[: rounds % len(rows)]
+        for row in order:
+            opt = opts[row.key]
+            sync(device)
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(row.steps):
+                opt.step()
+            sync(device)
+            cpu[row.key].append((time.process_time() - c0) / row.steps)
+            wall[row.key].append((time.perf_counter() - w0) / row.steps)
+        rounds += 1
+        last = time.perf_counter() - t_round
+        if args.budget_s > 0 and time.perf_counter() + last > deadline:
+            break
+    del opts
 
-    rows = []
-    for label, _ in cfgs:
-        t = statistics.median(timed[label])
-        t_once = once_time.get(label, 0.0)
-        full = (t - t_once) * layers / args.blocks + t_once
-        rows.append(dict(model=model, dtype=dtype_name, backend=label, ms=1e3 * full, errors=errors[label]))
-    muon = next(r for r in rows if r["backend"] == "muon NS5")["ms"]
-    for r in rows:
-        r["ratio"] = r["ms"] / muon
-    for label in ("fast", "svd", "paper NS", "eigh"):
-        r = next((r for r in rows if r["backend"] == label), None)
-        if r is not None and args.interval > 1:
-            k = args.interval
-            ms = (r["ms"] + (k - 1) * muon) / k
-            rows.append(
-                dict(
-                    model=model,
-                    dtype=dtype_name,
-                    backend=f"{label}, interval {k}",
-                    ms=ms,
-                    ratio=ms / muon,
-                    errors={kind: float("nan") for kind in grads},
-                )
+    errors: dict[str, float] = {}
+    if args.errors:
+        ge = torch.Generator().manual_seed(args.seed + 1)
+        distinct = sorted(set(shapes), key=shapes.index)
+        mats = [power_law_matrix(s, ge) for s in distinct]
+        for row in rows:
+            if row.exact_p is not None:  # interval rows: one step says nothing about the schedule
+                errors[row.key] = max(direction_error(row, G, device) for G in mats)
+
+    out_rows = []
+    for row in rows:
+        r_cpu = [c / m for c, m in zip(cpu[row.key], cpu["muon"])]
+        r_wall = [w / m for w, m in zip(wall[row.key], wall["muon"])]
+        entry = dict(
+            key=row.key,
+            label=row.label,
+            steps_per_round=row.steps,
+            cpu_s=cpu[row.key],
+            wall_s=wall[row.key],
+            ratio_cpu=r_cpu,
+            ratio_wall=r_wall,
+            ratio_cpu_median=statistics.median(r_cpu),
+            ratio_wall_median=statistics.median(r_wall),
+            error_power_law=errors.get(row.key),
+        )
+        if "p0" in cpu:
+            entry["ratio_p0_cpu_median"] = statistics.median(c / m for c, m in zip(cpu[row.key], cpu["p0"]))
+        out_rows.append(entry)
+    n_params = sum(a * b for a, b in shapes)
+    return dict(
+        model=model,
+        matrices=len(shapes),
+        matrix_params=n_params,
+        rounds=rounds,
+        warmup_s=warmup_s,
+        rows=out_rows,
+    )
+
+
+# ------------------------------------------------------------------ report
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else "-"
+
+
+def print_table(res: dict) -> None:
+    print(
+        f"\n## {res['model']}: {res['matrices']} matrices, {res['matrix_params'] / 1e6:.1f}M parameters, "
+        f"{res['rounds']} round(s) after a warm-up step (warm-up {res['warmup_s']:.0f} s)\n"
+    )
+    print(
+        "| row | CPU ms / step | wall ms / step | x Muon (CPU) | spread (CPU) | x Muon (wall) "
+        "| x HTMuon p=0 (CPU) | err power-law |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for r in res["rows"]:
+        err = "-" if r["error_power_law"] is None else f"{100 * r['error_power_law']:.2f}%"
+        p0 = r.get("ratio_p0_cpu_median")
+        print(
+            f"| {r['label']} | {1e3 * statistics.median(r['cpu_s']):.0f} | "
+            f"{1e3 * statistics.median(r['wall_s']):.0f} | {r['ratio_cpu_median']:.2f} | "
+            f"{spread(r['ratio_cpu'])} | {r['ratio_wall_median']:.2f} | "
+            f"{'-' if p0 is None else f'{p0:.2f}'} | {err} |",
+            flush=True,
+        )
+
+
+def target_verdicts(res: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for the issue-11 targets present in a model's result (CPU ratios)."""
+    by_key = {r["key"]: r for r in res["rows"]}
+    out = []
+    for key, limit, err_limit in TARGETS:
+        r = by_key.get(key)
+        if r is None:
+            continue
+        ratio = r["ratio_cpu_median"]
+        text, met = f"{ratio:.2f}x", ratio <= limit
+        target = f"{r['label']} <= {limit}x Muon"
+        if err_limit is not None and r["error_power_law"] is not None:
+            target += f", error <= {100 * err_limit:.0f}%"
+            text += f", error {100 * r['error_power_law']:.2f}%"
+            met = met and r["error_power_law"] <= err_limit
+        out.append((target, text, met))
+    if "paper" in by_key and "default" in by_key:
+        speedup = by_key["paper"]["ratio_cpu_median"] / by_key["default"]["ratio_cpu_median"]
+        out.append(
+            (
+                f"default >= {PAPER_SPEEDUP_TARGET:.0f}x faster than the paper's code",
+                f"{speedup:.2f}x",
+                speedup >= PAPER_SPEEDUP_TARGET,
             )
-    return rows
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--p", type=float, default=0.125)
-    parser.add_argument("--blocks", type=int, default=1, help="transformer blocks measured (default 1)")
+    parser.add_argument("--rows", nargs="+", default=None, help="row keys (default all; muon always)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds at most (default 3)")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="wall budget, 0: none")
     parser.add_argument("--routing", default="standard", choices=("standard", "paper"))
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median kept; default 3)")
-    parser.add_argument("--interval", type=int, default=5, help="interval k for the amortised rows")
-    parser.add_argument("--skip", nargs="*", default=[], help="backend labels to leave out")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the model's)")
+    parser.add_argument("--paper-code", default=None, help="path of the paper's muon.py (outside this repo)")
+    parser.add_argument("--no-errors", dest="errors", action="store_false", help="skip the error column")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: see the module docstring; 0 = torch's)",
-    )
+    parser.add_argument("--json", default="results/step_cost.json", help="where to write the per-round data")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.blocks < 1 or args.repeats < 1:
-        parser.error("--blocks and --repeats must be >= 1")
+    device = torch.device(args.device)
 
+    paper = load_paper_module(args.paper_code) if args.paper_code else None
+    rows = all_rows(paper)
+    if args.rows is not None:
+        known = {r.key for r in rows}
+        bad = set(args.rows) - known
+        if bad:
+            parser.error(f"unknown --rows {sorted(bad)}; valid: {sorted(known)}")
+        rows = [r for r in rows if r.key == "muon" or r.key in args.rows]
+
+    info = describe(args.device)
+    print(header(info))
     print(
-        f"# torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}, "
-        f"{torch.get_num_threads()} threads, p = {args.p}, {args.blocks} block(s) measured, "
-        f"routing {args.routing}, median of {args.repeats}"
+        f"# {len(rows)} rows, fp32 parameters, Gaussian gradients, lr {LR}, momentum {MOMENTUM}, "
+        f"weight decay {WEIGHT_DECAY}, p {P}; ratios: median over rounds of the per-round ratio"
     )
-    print("| model | dtype | backend | ms / step | x Muon NS5 | err power-law | err Gaussian |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    start = time.perf_counter()
+    sizes = {m: sum(a * b for a, b in matrix_set(m, args.routing, args.layers)) for m in args.models}
+    results, used = [], 0.0
     for model in args.models:
-        for dtype_name in args.dtypes:
-            for r in run(model, dtype_name, args):
-                e = r["errors"]
-                errs = " | ".join(
-                    "-" if math.isnan(e[k]) else f"{100 * e[k]:.2f}%" for k in ("power", "gaussian")
-                )
-                head = f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['ms']:.0f} | {r['ratio']:.2f}"
-                print(f"{head} | {errs} |", flush=True)
+        share = sizes[model] / sum(sizes.values())
+        used += share
+        deadline = start + args.budget_s * used
+        res = run_model(model, rows, args, device, deadline)
+        print_table(res)
+        verdicts = target_verdicts(res)
+        if verdicts:
+            print("\n| target | measured (CPU) | met |\n|---|---|---|")
+            for target, text, met in verdicts:
+                print(f"| {target} | {text} | {'met' if met else 'NOT met'} |")
+        res["targets"] = [dict(target=t, measured=x, met=m) for t, x, m in verdicts]
+        results.append(res)
+    info["elapsed_s"] = time.perf_counter() - start
+    if args.json:
+        payload = dict(machine=info, args=vars(args), results=results)
+        write_json(args.json, payload)
+        print(f"\n# {info['elapsed_s']:.0f} s; per-round data in {args.json}")
 
 
 if __name__ == "__main__":

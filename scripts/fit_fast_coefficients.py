@@ -1,7 +1,7 @@
 """Fit the quintic step coefficients of the ``"fast"`` / ``"fast5"`` spectral backends (htmuon.fast).
 
     python scripts/fit_fast_coefficients.py                 # fit 6 and 5 steps, print the constants
-    python scripts/fit_fast_coefficients.py --check         # re-fit and compare with htmuon.fast
+    python scripts/fit_fast_coefficients.py --check         # re-fit; compare objectives with htmuon.fast
     python scripts/fit_fast_coefficients.py --steps 6 --runs 3   # only run 3 of the 6-step fit
 
 The problem. T odd quintic steps ``f_t = a_t f + b_t f^3 + c_t f^5`` (``f_0 = x``) and, for each ``p``,
@@ -26,9 +26,16 @@ The search, deterministic for a given seed:
    every coefficient multiplied by ``1 + 0.1 N(0, 1)`` from ``numpy.random.default_rng([seed, k])``),
    L-BFGS-B (scipy) on the domain ``[lo, 1]`` for lo = 1e-2, 3e-3, 1e-3 and finally FAST_DOMAIN_LO,
    each warm-started from the previous (a continuation from the easy, narrow problem to the target);
-3. the constants are the best run's result; its index is recorded in their provenance
-   (``htmuon.fast.FAST_FIT_PROVENANCE``), so that a single run (``--runs K``) reproduces them --
-   this is the small setting the test suite runs.
+3. the constants are the best run's result; its index and objective are recorded in their
+   provenance (``htmuon.fast.FAST_FIT_PROVENANCE``).
+
+Reproducibility. The fit is non-convex and L-BFGS-B's path depends on the last bits of BLAS/LAPACK
+results, so another CPU or numpy/scipy version lands on *other* coefficients from the same start
+(measured: the winning 6-step run reaches J = 0.0187 on an Intel Xeon with AVX-512, numpy 2.4,
+against the committed 0.01703). What is checked instead (``--check``, and ``tests/test_fast.py``):
+the committed constants achieve their recorded objective (:func:`objective_of`, to
+:data:`RECORDED_OBJECTIVE_RTOL`), and a re-fit reaches an objective within
+:data:`REFIT_OBJECTIVE_RTOL` of it (not above ``(1 + REFIT_OBJECTIVE_RTOL) * recorded``).
 
 Needs scipy (``pip install 'htmuon[dev]'``). The full fit (12 runs x 2 step counts) takes about
 five minutes on one CPU core; one run about 10-30 s.
@@ -62,6 +69,12 @@ DEFAULT_STARTS = 12
 #: Continuation: each run fits on [lo, 1] for these lower ends in turn, ending at FAST_DOMAIN_LO
 #: (a wide-to-narrow homotopy: the easy problem first; far fewer runs end in a poor local minimum).
 CONTINUATION = (1e-2, 3e-3, 1e-3)
+#: The committed constants must evaluate to their recorded objective (6 significant digits) to this.
+RECORDED_OBJECTIVE_RTOL = 1e-4
+#: A re-fit (``--check``) passes when its objective is at most ``(1 + this) *`` the recorded one: the
+#: fit is non-convex and machine-dependent (see the module docstring), so a re-fit may land in another
+#: local minimum of similar quality (measured: 8-10% above the committed objective on a second CPU).
+REFIT_OBJECTIVE_RTOL = 0.25
 
 
 @dataclass
@@ -226,14 +239,39 @@ def report(result: FitResult) -> str:
     return "\n".join(lines)
 
 
-def compare(result: FitResult, rtol: float = 1e-6) -> bool:
-    committed = fast.FAST_COEFFICIENTS["fast" if result.steps == 6 else f"fast{result.steps}"]
-    a = np.array(result.coefficients)
-    b = np.array(committed)
-    ok = a.shape == b.shape and np.allclose(a, b, rtol=rtol, atol=0.0)
-    diff = np.abs(a - b).max() if a.shape == b.shape else float("inf")
-    print(f"steps {result.steps}: max |refit - committed| = {diff:.2e} -> {'OK' if ok else 'MISMATCH'}")
-    return ok
+def committed_name(steps: int) -> str:
+    """The backend whose constants a ``steps``-step fit reproduces (``"fast"`` / ``"fast5"``)."""
+    return "fast" if steps == 6 else f"fast{steps}"
+
+
+def objective_of(coefficients) -> float:
+    """The fit's objective ``J`` (on the final domain) of given step coefficients."""
+    coefficients = np.asarray(coefficients, dtype=np.float64)
+    return float(Objective(len(coefficients))(coefficients.ravel(), grad=False))
+
+
+def compare(result: FitResult) -> bool:
+    """Check a re-fit against the committed constants by objective, not by coefficients.
+
+    Passes when the committed constants achieve their recorded objective (to
+    :data:`RECORDED_OBJECTIVE_RTOL`) and the re-fit's objective is at most
+    ``(1 + REFIT_OBJECTIVE_RTOL)`` times the recorded one.
+    """
+    name = committed_name(result.steps)
+    if name not in fast.FAST_COEFFICIENTS:
+        print(f"steps {result.steps}: no committed constants to compare with")
+        return False
+    recorded = fast.FAST_FIT_PROVENANCE[name]["objective"]
+    achieved = objective_of(fast.FAST_COEFFICIENTS[name])
+    ok_committed = abs(achieved - recorded) <= RECORDED_OBJECTIVE_RTOL * recorded
+    ok_refit = result.objective <= (1.0 + REFIT_OBJECTIVE_RTOL) * recorded
+    print(
+        f"steps {result.steps}: committed constants J = {achieved:.6f} (recorded {recorded:.6f}) -> "
+        f"{'OK' if ok_committed else 'MISMATCH'}; re-fit J = {result.objective:.6f} "
+        f"({result.objective / recorded - 1:+.1%}, tolerance +{REFIT_OBJECTIVE_RTOL:.0%}) -> "
+        f"{'OK' if ok_refit else 'WORSE'}"
+    )
+    return ok_committed and ok_refit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=int, nargs="+", default=None, help="which runs (default all)")
-    parser.add_argument("--check", action="store_true", help="compare with the constants in htmuon.fast")
+    parser.add_argument(
+        "--check", action="store_true", help="compare the objective with the constants in htmuon.fast"
+    )
     args = parser.parse_args(argv)
     ok = True
     for steps in args.steps:

@@ -276,44 +276,44 @@ def fsdp_checkpoint(options: dict, directory: str) -> dict:
 
 
 def parallel_helpers(options: dict, mode: str) -> dict:
-    """htmuon.parallel (what the harness uses under torchrun): wrap, slice the global batch, train;
+    """htmuon.torchrun (what the harness uses under torchrun): wrap, slice the global batch, train;
     full state dicts after 3 steps, reloaded into a fresh wrapped model, continue exactly; the FSDP2
     state dicts also load into a single-process model and optimizer."""
-    from htmuon import parallel
+    from htmuon import torchrun
 
     os.environ.setdefault("RANK", str(dist.get_rank()))
     os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-    par = parallel.from_env(mode)
+    par = torchrun.from_env(mode)
     assert (par.mode, par.world, par.rank) == (mode, dist.get_world_size(), dist.get_rank()), par
 
-    def build(seed: int, p: parallel.Parallel = par) -> tuple[nn.Module, nn.Module, htmuon.HTMuon]:
+    def build(seed: int, p: torchrun.Parallel = par) -> tuple[nn.Module, nn.Module, htmuon.HTMuon]:
         torch.manual_seed(seed)
         model = Net()
-        module = parallel.wrap_model(model, p)
+        module = torchrun.wrap_model(model, p)
         return model, module, make_opt(model, options, process_group=p.process_group)
 
-    def train(module: nn.Module, opt: htmuon.HTMuon, steps: range, p: parallel.Parallel = par) -> float:
+    def train(module: nn.Module, opt: htmuon.HTMuon, steps: range, p: torchrun.Parallel = par) -> float:
         for step in steps:
             tokens, target = make_data(step)
             opt.zero_grad()
-            loss = loss_fn(module, parallel.batch_slice(tokens, p), parallel.batch_slice(target, p))
+            loss = loss_fn(module, torchrun.batch_slice(tokens, p), torchrun.batch_slice(target, p))
             loss.backward()
             opt.step()
-        return parallel.mean_across(loss.item(), p)
+        return torchrun.mean_across(loss.item(), p)
 
     ref, _, _ = reference(options)
     model, module, opt = build(0)
     train(module, opt, range(STEPS))
     out = {"max_abs_diff": max_diff(model, ref)}
-    model_sd, opt_sd = copy.deepcopy(parallel.state_dicts(model, opt, par))
+    model_sd, opt_sd = copy.deepcopy(torchrun.state_dicts(model, opt, par))
     train(module, opt, range(STEPS, STEPS + 2))
 
     fresh, fresh_module, fresh_opt = build(7)
-    parallel.load_state_dicts(fresh, fresh_opt, model_sd, opt_sd, par)
+    torchrun.load_state_dicts(fresh, fresh_opt, model_sd, opt_sd, par)
     train(fresh_module, fresh_opt, range(STEPS, STEPS + 2))
     out["resume_diff"] = max_diff(fresh, model)
     if mode == "fsdp":  # the gathered FSDP2 state continues in a single process
-        single = parallel.Parallel()
+        single = torchrun.Parallel()
         alone, alone_module, alone_opt = build(7, single)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -369,6 +369,82 @@ def bad_inputs() -> dict:
     return out
 
 
+def ddp_refusals() -> dict:
+    """Under process_group (DDP): a NaN on one rank only, a parameter with a gradient on one rank only,
+    a failed check on one rank, a backend failure on one rank -- every rank refuses the same step with
+    a clear error and changes nothing (no rank waits in a collective another skipped); afterwards
+    good steps still pair their collectives and equal the single-process run."""
+    from htmuon.spectral import BACKENDS, register_backend
+
+    rank = dist.get_rank()
+
+    def failing(X, p, spectrum, **_):
+        if rank == 1:
+            raise RuntimeError("backend failure on rank 1")
+        return BACKENDS["svd"].fn(X, p, spectrum)
+
+    register_backend("test_fail_rank1", failing, replace=True)
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    opt = make_opt(model, {}, process_group=dist.group.WORLD)
+    ref_opt = make_opt(ref, {})
+
+    def backward(step: int) -> None:
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss_fn(m, *make_data(step)).backward()
+
+    backward(0)
+    opt.step()
+    ref_opt.step()
+    group = opt.param_groups[0]
+
+    def nan() -> None:
+        if rank == 1:
+            model.fc1.weight.grad[0, 0] = float("nan")
+
+    def grad_none() -> None:
+        if rank == 0:
+            model.fc2.weight.grad = None
+
+    def check() -> None:
+        if rank == 1:
+            group["method"] = "bogus"
+
+    def backend() -> None:
+        group["method"] = "test_fail_rank1"
+
+    out: dict = {}
+    for name, spoil in (("nonfinite", nan), ("grad_none", grad_none), ("check", check), ("backend", backend)):
+        backward(1)
+        spoil()
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state = copy.deepcopy(opt.state_dict()["state"])
+        try:
+            opt.step()
+            out[name] = "no error"
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            out[name] = f"{type(e).__name__}: {e}"
+        group["method"] = "auto"
+        after = opt.state_dict()["state"]
+        out[f"{name}_unchanged"] = all(
+            torch.equal(p, params[n]) for n, p in model.named_parameters()
+        ) and all(
+            torch.equal(torch.as_tensor(v), torch.as_tensor(after[i][k]))
+            for i, s in state.items()
+            for k, v in s.items()
+        )
+    BACKENDS.pop("test_fail_rank1")
+    for step in (1, 2):
+        backward(step)
+        opt.step()
+        ref_opt.step()
+    out["after_diff"] = max_diff(model, ref)
+    out["after_state_diff"] = state_diff(opt, model, ref_opt, ref)
+    return out
+
+
 def main() -> int:
     rank, world, rendezvous, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     wanted = sys.argv[5:]
@@ -392,6 +468,7 @@ def main() -> int:
         jobs["parallel_ddp"] = (lambda o: parallel_helpers(o, "ddp"), VARIANTS["ns_interval_normuon"])
         jobs["parallel_fsdp"] = (lambda o: parallel_helpers(o, "fsdp"), VARIANTS["ns_interval_normuon"])
         jobs["bad_inputs"] = (lambda o: bad_inputs(), {})
+        jobs["ddp_refusals"] = (lambda o: ddp_refusals(), {})
         for name, (fn, options) in jobs.items():
             if wanted and not any(name.startswith(w) for w in wanted):
                 continue

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from htmuon.cli import main
 
@@ -33,3 +38,120 @@ def test_user_error_is_one_line_exit_2():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "htmuon demo: error: --epochs must be >= 1, got 0"
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- user and environment errors
+# Each: exit code 2, one line `htmuon COMMAND: error: ...` naming the bad value or file, no traceback.
+
+
+def one_line_error(capsys, argv: list[str], command: str = "train") -> str:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"htmuon {command}: error: "), err
+    return err
+
+
+def tiny_train(corpus_file, out, **kw) -> list[str]:
+    pytest.importorskip("transformers")
+    from helpers import TINY_RUN, flags
+
+    return ["train", *flags({**TINY_RUN, "data": corpus_file, "out_dir": out, **kw})]
+
+
+def test_version(capsys):
+    from htmuon import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"htmuon {__version__}"
+
+
+def test_demo_unknown_method(capsys):
+    err = one_line_error(capsys, ["demo", "--epochs", "1", "--method", "nope"], "demo")
+    assert "unknown --method 'nope'" in err and "svd" in err
+
+
+def test_out_dir_under_a_file(corpus_file, tmp_path, capsys):
+    (tmp_path / "f").write_text("a file")
+    err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "f" / "run"))
+    assert f"--out-dir '{tmp_path / 'f' / 'run'}' is not a folder ('{tmp_path / 'f'}' is a file)" in err
+    err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "f"))
+    assert f"--out-dir '{tmp_path / 'f'}' is not a folder" in err
+
+
+def test_out_dir_not_writable(corpus_file, tmp_path, capsys, monkeypatch):
+    """(os.access stands in for a read-only mount or another user's folder: tests may run as root.)"""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "run"))
+    assert f"--out-dir '{tmp_path / 'run'}': '{tmp_path}' is not writable" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_only_file_system_while_starting_leaves_nothing(corpus_file, tmp_path, capsys, monkeypatch):
+    """The writes fail (EROFS, as on a read-only mount): one line naming the file, and the retry is not
+    refused as "already holds a run"."""
+    from htmuon.train import data
+
+    out = tmp_path / "run"
+
+    def read_only_open(file, mode="r", *args, **kw):
+        if "w" in mode and Path(file).name.startswith(".run.json"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return open(file, mode, *args, **kw)
+
+    monkeypatch.setattr(data, "open", read_only_open, raising=False)
+    err = one_line_error(capsys, tiny_train(corpus_file, out))
+    assert f"cannot write '{out / 'run.json'}': Read-only file system" in err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main([str(a) for a in tiny_train(corpus_file, out, steps=2)]) == 0
+
+
+def test_failed_start_without_tensorboard_leaves_nothing(corpus_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    err = one_line_error(capsys, tiny_train(corpus_file, out, tensorboard=True))
+    assert "--tensorboard needs the tensorboard package" in err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main([str(a) for a in tiny_train(corpus_file, out, steps=2)]) == 0
+
+
+def test_resume_of_a_missing_run_is_an_error(corpus_file, tmp_path, capsys):
+    out = tmp_path / "nope"
+    err = one_line_error(capsys, [*tiny_train(corpus_file, out), "--resume"])
+    assert f"--resume: no run to continue in '{out}' (the folder does not exist)" in err
+    assert not out.exists()
+    out.mkdir()
+    err = one_line_error(capsys, [*tiny_train(corpus_file, out), "--resume"])
+    assert "(no config.json or checkpoint there)" in err
+
+
+@pytest.mark.parametrize("name", ["run.json", "config.json"])
+def test_corrupt_run_file_on_resume(name, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_train(corpus_file, out, ckpt_every=0)
+    assert main([*map(str, args), "--stop-after", "2" if name == "run.json" else "1"]) == 0
+    if name == "config.json":
+        (out / "ckpt.pt").unlink()  # killed before its first checkpoint: config.json decides
+        (out / "ckpt.prev.pt").unlink(missing_ok=True)
+    before = (out / name).read_bytes()
+    (out / name).write_bytes(before[: len(before) // 2])
+    capsys.readouterr()
+    err = one_line_error(capsys, [*args, "--resume"])
+    assert f"'{out / name}' is not valid JSON" in err
+
+
+@pytest.mark.parametrize("victim", ["tokenizer.json", "train.npy", "val.npy"])
+def test_corrupt_token_cache_names_the_file(victim, corpus_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    assert main([str(a) for a in tiny_train(corpus_file, tmp_path / "a", steps=2)]) == 0
+    (path,) = (tmp_path / "cache").rglob(victim)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    capsys.readouterr()
+    err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "b", steps=2))
+    assert f"token cache file '{path}' is unusable" in err and "to rebuild it" in err

@@ -277,11 +277,14 @@ def test_inputs_module_state_dict_path_tensor(tmp_path):
     torch.save({"model": sd, "rng": rng, "config": {"lr": 0.1}}, tmp_path / "train.pt")
     assert analyze(tmp_path / "train.pt").alphas == ref
 
-    import datetime  # an arbitrary pickled object is refused, with a way out
+    import datetime  # other pickled objects beside the weights: inert placeholders, weights read
 
     torch.save({"model": sd, "extra": datetime.date(2026, 1, 1)}, tmp_path / "opaque.pt")
-    with pytest.raises(ValueError, match="weights_only=True.*datetime.date.*weights_only=False"):
-        analyze(tmp_path / "opaque.pt")
+    rep = analyze(tmp_path / "opaque.pt")
+    assert rep.alphas == ref and "datetime.date" in rep.meta["notes"][0]
+    torch.save(model, tmp_path / "full.pt")  # a pickled model: refused, with the way out
+    with pytest.raises(ValueError, match="full.pt.*Sequential.*execute code.*allow_pickle=True"):
+        analyze(tmp_path / "full.pt")
     assert analyze(model[0].weight).alphas == {"tensor": ref["0"]}
     assert analyze(model[2].weight).rows[0]["kind"] == "conv2d"
 

@@ -8,7 +8,7 @@ from torch import nn
 
 pytest.importorskip("matplotlib")
 
-from htmuon.diagnostics import analyze  # noqa: E402
+from htmuon.diagnostics import ESDReport, analyze  # noqa: E402
 from htmuon.diagnostics.plots import plot_esd, plot_layer_alpha, plot_update_spectra  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,6 +37,24 @@ def test_plot_layer_alpha(tmp_path, reports):
     out = plot_layer_alpha(reports, tmp_path / "sub" / "alpha.png")
     assert out == str(tmp_path / "sub" / "alpha.png") and _is_png(out)
     assert _no_pyplot_figures()
+
+
+def test_plot_layer_alpha_series_follow_the_shared_layer_order(tmp_path, reports, monkeypatch):
+    """A report listing its layers in another order (safetensors sorts names) is drawn left to right."""
+    from htmuon.diagnostics import plots
+
+    first = reports["Muon"]
+    shuffled = ESDReport(rows=list(reversed(first.rows)), fit=first.fit)
+    seen = {}
+    real_save = plots._save
+
+    def save(fig, path):
+        seen["x"] = [list(line.get_xdata()) for line in fig.axes[0].lines if len(line.get_xdata()) > 2]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    plot_layer_alpha({"a": first, "b": shuffled}, tmp_path / "order.png")
+    assert seen["x"] == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_plot_esd_from_matrix_and_eigenvalues(tmp_path):

@@ -212,9 +212,35 @@ def test_bad_input_errors(results):
 
 @pytest.mark.distributed
 @distributed
+@pytest.mark.parametrize(
+    ("case", "rank0", "rank1"),
+    [
+        (
+            "nonfinite",
+            "NonFiniteGradientError: non-finite gradient",
+            "NonFiniteGradientError: non-finite gradient",
+        ),
+        ("grad_none", "has a gradient on 1 of 2 ranks", "has a gradient on 1 of 2 ranks"),
+        ("check", "other rank(s) refused this step", "Invalid method in param group 0: 'bogus'"),
+        ("backend", "rank(s) [1] failed computing", "RuntimeError: backend failure on rank 1"),
+    ],
+)
+def test_ddp_ranks_refuse_together_and_change_nothing(results, case, rank0, rank1):
+    """A NaN on one rank only, a gradient on one rank only, a refused check or a backend failure on one
+    rank: both ranks refuse the same step (none waits in a collective), nothing changes, and the next
+    good steps pair their collectives and equal the single-process run."""
+    for rank, want in ((0, rank0), (1, rank1)):
+        r = results[rank]["ddp_refusals"]
+        assert want in r[case], (rank, r[case])
+        assert r[f"{case}_unchanged"] is True, rank
+        assert r["after_diff"] == 0.0 and r["after_state_diff"] == 0.0, r
+
+
+@pytest.mark.distributed
+@distributed
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_parallel_helpers_train_and_resume(results, mode):
-    """htmuon.parallel: wrap, slice the global batch, train; full state dicts reload exactly (and the
+    """htmuon.torchrun: wrap, slice the global batch, train; full state dicts reload exactly (and the
     gathered FSDP2 state continues in a single process)."""
     for rank in range(WORLD):
         r = results[rank][f"parallel_{mode}"]
@@ -224,27 +250,40 @@ def test_parallel_helpers_train_and_resume(results, mode):
 
 
 def test_parallel_without_torchrun_is_single_process(monkeypatch):
-    from htmuon import parallel
+    from htmuon import torchrun
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    par = parallel.from_env("auto")
-    assert par == parallel.Parallel() and par.is_main and par.process_group is None
+    par = torchrun.from_env("auto")
+    assert par == torchrun.Parallel() and par.is_main and par.process_group is None
     model = torch.nn.Linear(3, 2)
-    assert parallel.wrap_model(model, par) is model
+    assert torchrun.wrap_model(model, par) is model
     x = torch.arange(6)
-    assert parallel.batch_slice(x, par) is x and parallel.mean_across(2.5, par) == 2.5
+    assert torchrun.batch_slice(x, par) is x and torchrun.mean_across(2.5, par) == 2.5
     with pytest.raises(ValueError, match="needs a torchrun launch"):
-        parallel.from_env("fsdp")
+        torchrun.from_env("fsdp")
     with pytest.raises(ValueError, match="Invalid parallel mode: 'dp'"):
-        parallel.from_env("dp")
+        torchrun.from_env("dp")
 
 
 def test_batch_slice_splits_rows_evenly():
-    from htmuon import parallel
+    from htmuon import torchrun
 
     x = torch.arange(12).reshape(6, 2)
-    parts = [parallel.batch_slice(x, parallel.Parallel("ddp", r, 3)) for r in range(3)]
+    parts = [torchrun.batch_slice(x, torchrun.Parallel("ddp", r, 3)) for r in range(3)]
     assert torch.equal(torch.cat(parts), x)
     with pytest.raises(ValueError, match="global batch of 6 rows does not divide among 4 processes"):
-        parallel.batch_slice(x, parallel.Parallel("ddp", 0, 4))
+        torchrun.batch_slice(x, torchrun.Parallel("ddp", 0, 4))
+
+
+def test_old_parallel_module_name_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    from htmuon import torchrun
+
+    sys.modules.pop("htmuon.parallel", None)
+    with pytest.warns(DeprecationWarning, match="renamed htmuon.torchrun"):
+        old = importlib.import_module("htmuon.parallel")
+    assert old.from_env is torchrun.from_env and old.Parallel is torchrun.Parallel
+    assert set(old.__all__) == set(torchrun.__all__)

@@ -67,3 +67,100 @@ def test_parallel_mode_without_torchrun_is_a_one_line_error(capsys, monkeypatch,
     assert rc == 2 and "parallel='fsdp' needs a torchrun launch" in err and "Traceback" not in err
     rc = cli_main(["train", "--parallel", "dp", "--out-dir", str(tmp_path / "y")])
     assert rc == 2 and "config key 'parallel' must be one of" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_a_hung_rank_ends_the_job_with_one_line(corpus_file, tmp_path, monkeypatch):
+    """Two ranks (launched as torchrun would: RANK, WORLD_SIZE, MASTER_*), a 30 s collective timeout; once
+    training runs, rank 1 is stopped (SIGSTOP). Rank 0 must exit with code 2 and one line naming the
+    cause -- before, it waited in the collective forever (an outer timeout killed it). (A killed rank
+    fails the peer's collective at once, "Connection reset by peer": the same path, checked by hand and
+    by the unit test below; torchrun itself also stops the job when a worker dies.)
+
+    30 s, not less: the ranks' legitimate waits for each other (start-up imports, rank 0 building the
+    model while rank 1 waits) must stay well inside it on a loaded machine; the token cache is filled
+    beforehand so rank 1 does not wait for the tokenizer."""
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HTMUON_CACHE", str(cache))
+    warm = {**RUN, "steps": 2, "warmup_steps": 1, "data": str(corpus_file), "out_dir": str(tmp_path / "w")}
+    train(TrainConfig(**warm))
+    run = {**RUN, "steps": 5000, "eval_every": 5000, "ckpt_every": 0, "data": corpus_file, "parallel": "ddp"}
+    args = [sys.executable, "-m", "htmuon.cli", "train", *flags({**run, "out_dir": tmp_path / "run"})]
+    base = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    base["HTMUON_DIST_TIMEOUT"] = "30"
+    procs, logs = [], []
+    try:
+        for rank in (0, 1):
+            logs.append(open(tmp_path / f"rank{rank}.err", "w+"))
+            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        # wait (no deadline a slow machine could hit; the outer guard only catches a hang) until both
+        # ranks train: rank 0 has logged a step, which needed rank 1's gradients
+        guard = time.monotonic() + 1800
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "rank0.err").read_text()
+            assert time.monotonic() < guard
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGSTOP)
+        rc = procs[0].wait(timeout=600)  # without the timeout this waits forever
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    err = (tmp_path / "rank0.err").read_text().strip()
+    assert rc == 2, err[-3000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("htmuon train: error: rank 0 of 2: a collective failed: another rank hung or died")
+    assert "waited up to 30 s; set HTMUON_DIST_TIMEOUT" in last and "Traceback" not in err
+
+
+def test_collective_timeout_setting(monkeypatch):
+    from htmuon import torchrun
+
+    monkeypatch.delenv("HTMUON_DIST_TIMEOUT", raising=False)
+    assert torchrun.collective_timeout() == torchrun.DEFAULT_TIMEOUT_S == 600
+    assert torchrun.collective_timeout(12) == 12.0
+    monkeypatch.setenv("HTMUON_DIST_TIMEOUT", "7.5")
+    assert torchrun.collective_timeout() == 7.5
+    for bad in ("0", "-3", "soon", "inf"):
+        monkeypatch.setenv("HTMUON_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="HTMUON_DIST_TIMEOUT must be a number of seconds > 0, got"):
+            torchrun.collective_timeout()
+
+
+def test_collective_errors_only_convert_collective_failures():
+    from htmuon import torchrun
+    from htmuon.errors import CollectiveError
+
+    two = torchrun.Parallel("ddp", 1, 2, timeout_s=9)
+    with pytest.raises(
+        CollectiveError, match=r"^rank 1 of 2: a collective failed: .*waited up to 9 s.*: Timed out waiting"
+    ):
+        with torchrun.collective_errors(two):
+            raise RuntimeError("[third_party/gloo/pair.cc:1] Timed out waiting 9000ms for recv operation")
+    with pytest.raises(CollectiveError, match=r"^rank 1 of 2: .*: Read error .*Connection reset by peer"):
+        with torchrun.collective_errors(two):  # a dead peer
+            raise RuntimeError(
+                "[gloo/transport/tcp/pair.cc:537] Read error [::1]:1: Connection reset by peer"
+            )
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not a collective failure: unchanged
+        with torchrun.collective_errors(two):
+            raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="Timed out"):  # a single process: unchanged
+        with torchrun.collective_errors(torchrun.Parallel()):
+            raise RuntimeError("Timed out")

@@ -14,7 +14,7 @@ from htmuon import HTMuon, NonFiniteGradientError, param_groups
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"lr": -0.1}, r"Invalid lr: -0\.1 \(learning rate must be >= 0\)"),
+        ({"lr": -0.1}, r"Invalid lr: -0\.1 \(learning rate must be >= 0 and finite\)"),
         ({"p": 1.2}, r"Invalid p: 1\.2 \(must be in \[0, 1\]"),
         ({"p": -0.5}, r"Invalid p: -0\.5"),
         ({"momentum": 1.0}, r"Invalid momentum: 1\.0 \(must be in \[0, 1\)\)"),
@@ -92,8 +92,8 @@ def test_non_finite_gradient_changes_nothing(bad):
     for pid, s in state["state"].items():
         for key, value in s.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["state"][pid][key])), key
-    # the documented switch turns the check off: NaN flows on (ns), or the SVD itself refuses
-    with pytest.raises(torch.linalg.LinAlgError, match="is the input finite"):
+    # the documented switch turns the check off: NaN flows on (ns), or the SVD refuses (nothing changed)
+    with pytest.raises(NonFiniteGradientError, match="non-finite momentum direction"):
         HTMuon(param_groups(model), check_finite=False).step()
     HTMuon(param_groups(model), check_finite=False, method="ns").step()
     assert not torch.isfinite(model[2].weight).all()
@@ -114,3 +114,234 @@ def test_rank_deficient_gradient():
     HTMuon([W], lr=1.0, momentum=0.0).step()
     assert torch.isfinite(W).all()
     assert torch.linalg.matrix_rank(W.detach()) == 1
+
+
+# ------------------------------------------------------------------ a refused step changes nothing
+
+
+def _trained(seed=0, **kw):
+    """A small model and optimizer after two good steps, with a third gradient waiting."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = HTMuon(param_groups(model), lr=0.05, **kw)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 6)).square().sum().backward()
+        if _ < 2:
+            opt.step()
+    return model, opt
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(model, opt, snap):
+    params, state = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    after = opt.state_dict()
+    assert after["state"].keys() == state["state"].keys()
+    for pid, s in state["state"].items():
+        assert after["state"][pid].keys() == s.keys()
+        for key, value in s.items():
+            got = torch.as_tensor(after["state"][pid][key])
+            torch.testing.assert_close(got, torch.as_tensor(value), rtol=0, atol=0, equal_nan=True)
+    assert str(after["param_groups"]) == str(state["param_groups"])
+
+
+def test_tensor_lr_as_torch_optim():
+    """A 1-element tensor lr (any number of dims) steps as the float; other tensor lrs are refused."""
+    W0, G = torch.randn(6, 10), torch.randn(6, 10)
+    out = []
+    for lr in (0.02, torch.tensor(0.02), torch.tensor([0.02]), torch.tensor([[0.02]])):
+        W = nn.Parameter(W0.clone())
+        b = nn.Parameter(torch.ones(3))
+        opt = HTMuon([W, b], lr=lr)
+        W.grad, b.grad = G.clone(), torch.ones(3)
+        opt.step()
+        out.append((W.detach().clone(), b.detach().clone()))
+    for W, b in out[1:]:
+        assert torch.equal(W, out[0][0]) and torch.equal(b, out[0][1])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        HTMuon([nn.Parameter(W0.clone())], lr=torch.tensor([0.01, 0.02]))
+
+
+@pytest.mark.parametrize(("key", "value"), [("lr", float("inf")), ("weight_decay", float("inf"))])
+def test_infinite_lr_and_weight_decay_are_refused(key, value):
+    with pytest.raises(ValueError, match=rf"Invalid {key}: inf"):
+        HTMuon([nn.Parameter(torch.randn(4, 4))], **{key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("method", "bogus", r"Invalid method in param group 0: 'bogus'"),
+        ("lr", torch.tensor([1e-3, 2e-3]), r"Tensor lr must be 1-element"),
+        ("lr", float("nan"), r"Invalid lr in param group 1: nan"),
+        ("plugin", "adam", r"Invalid plugin in param group 0: 'adam'"),
+        ("check_finite", None, r"Invalid check_finite in param group 1"),
+    ],
+)
+def test_group_value_edited_after_construction_is_refused_before_anything_changes(key, value, match):
+    model, opt = _trained()
+    gi = 0 if key in ("method", "plugin") else 1  # 1: the AdamW group, stepped after the matrices
+    opt.param_groups[gi][key] = value
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+
+
+def test_first_step_refused_creates_no_state():
+    model, opt = nn.Linear(4, 3), None
+    opt = HTMuon(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    model.bias.grad[0] = float("nan")
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+def _failing_backend(fail_on: set):
+    """A backend that raises (or returns NaN) on matrix batches of the shapes in ``fail_on``."""
+    from htmuon.spectral import BACKENDS
+
+    def fn(X, p, spectrum, **_):
+        if tuple(X.shape[-2:]) in fail_on:
+            if "nan" in fail_on:
+                return torch.full_like(X, float("nan"))
+            raise ValueError(f"backend failure on {tuple(X.shape)}")
+        return BACKENDS["svd"].fn(X, p, spectrum)
+
+    return fn
+
+
+@pytest.fixture
+def failing_backend():
+    from htmuon.spectral import BACKENDS, register_backend
+
+    made = []
+
+    def make(fail_on):
+        """The backend's name and the set of failing shapes (empty until the test fills it)."""
+        failing = set()
+        register_backend("test_failing", _failing_backend(failing), replace=True)
+        made.append(1)
+        return "test_failing", lambda: failing.update(fail_on)
+
+    yield make
+    BACKENDS.pop("test_failing", None)
+
+
+def test_backend_exception_mid_step_changes_nothing(failing_backend):
+    """The second bucket's backend call raises: the first bucket's direction was computed, but nothing
+    (parameter, momentum, step count, AdamW part) was changed."""
+    method, arm = failing_backend({(2, 8)})  # the last layer, after the 8x6 and 8x8 buckets
+    model, opt = _trained(method=method)
+    arm()
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"backend failure on \(1, 2, 8\)"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+
+
+def test_non_finite_direction_falls_back_to_the_exact_rule(failing_backend):
+    method, arm = failing_backend({(2, 8), "nan"})
+    model, opt = _trained(method=method, momentum=0.0, nesterov=False)
+    arm()
+    ref, ref_opt = _trained(method="svd", momentum=0.0, nesterov=False)
+    ref_opt.step()
+    with pytest.warns(RuntimeWarning, match=r"'test_failing' returned NaN or Inf .* exact float64 SVD"):
+        opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_windows_bounded_by_chunk_bytes_report_what_was_applied(failing_backend):
+    """With chunk_bytes too small for one window, earlier windows are applied and the error says so."""
+    method, arm = failing_backend({(2, 8)})
+    model, opt = _trained(method=method, chunk_bytes=1)
+    arm()
+    first = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"2 matrix parameter\(s\) of this group were already updated"):
+        opt.step()
+    assert not torch.equal(first, model[0].weight)
+
+
+def test_nan_momentum_in_state_refuses_the_step():
+    model, opt = _trained(method="ns")  # ns would let NaN flow through without the check
+    opt.state[model[2].weight]["momentum_buffer"][0, 0] = float("nan")
+    snap = _snapshot(model, opt)
+    with pytest.raises(NonFiniteGradientError, match=r"momentum buffer holds NaN"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+
+
+def _load_refused(sd, match):
+    model, opt = _trained()
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    _assert_unchanged(model, opt, snap)
+    opt.step()  # still works
+
+
+def test_load_state_dict_refuses_non_finite_state():
+    model, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["momentum_buffer"][0, 0] = float("nan")
+    _load_refused(sd, r"parameter '0\.weight': momentum_buffer holds NaN or Inf")
+
+
+@pytest.mark.parametrize("other", ["adamw", "muon"])
+def test_load_state_dict_refuses_a_foreign_optimizer(other):
+    model, _ = _trained()
+    groups = [
+        {"params": [p for p in model.parameters() if p.ndim == 2]},
+        {"params": [p for p in model.parameters() if p.ndim == 1]},
+    ]
+    foreign = torch.optim.AdamW(groups) if other == "adamw" else torch.optim.Muon(groups[:1])
+    if other == "muon":
+        foreign.add_param_group({"params": groups[1]["params"]})  # Muon refuses vectors only at step
+    model(torch.randn(2, 6)).sum().backward()
+    if other == "adamw":
+        foreign.step()
+    _load_refused(
+        foreign.state_dict(), r"not an HTMuon state dict: loaded param group 0 lacks the keys \['p'"
+    )
+
+
+def test_load_state_dict_refuses_mismatched_state():
+    model, opt = _trained()
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["momentum_buffer"] = torch.zeros(3, 3)
+    _load_refused(bad, r"parameter '0\.weight': momentum_buffer has shape \(3, 3\), expected \(8, 6\)")
+    bad = copy.deepcopy(sd)
+    del bad["state"][0]["momentum_buffer"]
+    _load_refused(
+        bad, r"parameter '0\.weight' \(shape \(8, 6\), HTMuon matrix part\) lacks \['momentum_buffer'\]"
+    )
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["params"] = bad["param_groups"][0]["params"][:2]
+    _load_refused(bad, r"loaded param group 0 has 2 parameters, this optimizer's has 3")
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["p"] = 7.0
+    _load_refused(bad, r"Invalid p in loaded param group 0: 7\.0")
+
+
+def test_old_checkpoint_with_int_steps_loads_and_continues_exactly():
+    model, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(sd)
+    for s in old["state"].values():
+        s["step"] = int(s["step"])
+    twin, twin_opt = _trained()
+    opt.load_state_dict(sd)
+    twin_opt.load_state_dict(old)
+    opt.step()
+    twin_opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert all(isinstance(s["step"], torch.Tensor) for s in twin_opt.state.values())

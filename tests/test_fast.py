@@ -206,17 +206,29 @@ def test_fit_objective_gradient_is_exact():
         np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["fast", "fast5"])
+def test_committed_constants_achieve_their_recorded_objective(name):
+    fit = _load_fit_script()
+    prov = fastmod.FAST_FIT_PROVENANCE[name]
+    achieved = fit.objective_of(fastmod.FAST_COEFFICIENTS[name])
+    assert abs(achieved - prov["objective"]) <= fit.RECORDED_OBJECTIVE_RTOL * prov["objective"], achieved
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fast", "fast5"])
-def test_fit_script_reproduces_the_committed_constants(name):
-    """Re-run the winning run of scripts/fit_fast_coefficients.py (its small setting: one run)."""
+def test_fit_script_refit_reaches_the_committed_objective(name, capsys):
+    """Re-run the winning run of scripts/fit_fast_coefficients.py (its small setting: one run). The fit
+    is non-convex and machine-dependent, so the objective is compared (within the script's stated
+    REFIT_OBJECTIVE_RTOL), not the coefficients."""
     fit = _load_fit_script()
     prov = fastmod.FAST_FIT_PROVENANCE[name]
     result = fit.fit_coefficients(int(prov["steps"]), seed=int(prov["seed"]), runs=[int(prov["run"])])
-    np.testing.assert_allclose(
-        np.array(result.coefficients), np.array(fastmod.FAST_COEFFICIENTS[name]), rtol=1e-6
-    )
-    assert abs(result.objective - prov["objective"]) < 1e-6
+    assert result.objective <= (1 + fit.REFIT_OBJECTIVE_RTOL) * prov["objective"], result.objective
+    assert fit.compare(result)
+    # the check refuses a worse fit (here: a start point alone, without the continuation and L-BFGS)
+    start = fit.self_similar_starts(fit.Objective(result.steps, lo=fit.CONTINUATION[0]), 1)[0]
+    worse = fit.FitResult(result.steps, result.coefficients, fit.objective_of(start.reshape(-1, 3)), 0, 0)
+    assert not fit.compare(worse)
 
 
 # ------------------------------------------------------------------ auto and the optimizer

@@ -10,6 +10,7 @@ from torch import nn
 
 from helpers import exact_power, reference_htmuon, rel_err
 from htmuon import HTMuon, param_groups, polar, spectral_power
+from htmuon import functional as F
 
 
 def _run(opt_factory, W0, grads, dtype=torch.float32):
@@ -214,3 +215,113 @@ def test_tensor_hyperparameters_step_like_floats():
         opt.step()
         out.append(W.detach().clone())
     torch.testing.assert_close(out[0], out[1])
+
+
+# ------------------------------------------------------------------ the AdamW part is torch's AdamW
+
+
+def test_adamw_part_is_torch_adamw_numbers_and_state():
+    """Same hyperparameters, same gradients: parameters and state equal torch.optim.AdamW's (the same
+    functional kernel), and the state has torch's layout (float32 step tensor, exp_avg, exp_avg_sq)."""
+    torch.manual_seed(0)
+    shapes = [(37,), (5,), (3, 4)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    kw = dict(lr=3e-3, weight_decay=0.05)
+    ps_t = [nn.Parameter(x.clone()) for x in init]
+    ps_h = [nn.Parameter(x.clone()) for x in init]
+    theirs = torch.optim.AdamW(ps_t, betas=(0.9, 0.99), eps=1e-8, **kw)
+    ours = HTMuon([{"params": ps_h, "algorithm": "adamw"}], adamw_betas=(0.9, 0.99), adamw_eps=1e-8, **kw)
+    for gs in grads:
+        for p, q, g in zip(ps_t, ps_h, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        theirs.step()
+        ours.step()
+    for p, q in zip(ps_t, ps_h):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+        st, sh = theirs.state[p], ours.state[q]
+        assert st.keys() == sh.keys()
+        for key in st:
+            assert sh[key].dtype == st[key].dtype and sh[key].shape == st[key].shape, key
+            torch.testing.assert_close(sh[key], st[key], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ bounded working memory
+
+#: LLaMA matrix sets (benchmarks/step_cost.py MODELS): hidden, intermediate, layers.
+LLAMA = {"60m": (512, 1376, 8), "135m": (768, 2048, 12)}
+
+
+def llama_matrices(h, i, layers):
+    """q, k, v, o: h x h; gate, up: i x h; down: h x i -- per layer."""
+    return [(1, h, h)] * 4 * layers + [(1, i, h)] * 2 * layers + [(1, h, i)] * layers
+
+
+def muon_peak_bytes(shapes):
+    """torch.optim.Muon's transient bytes on its largest matrix: the float32 Nesterov update, and the
+    bfloat16 Newton--Schulz iterates X, B X, the new X (m x n) and A, B (k x k)."""
+    return max(4 * m * n + 2 * (3 * m * n + 2 * min(m, n) ** 2) for _, m, n in shapes)
+
+
+def plan_for(shapes, budget=F.DEFAULT_CHUNK_BYTES):
+    keys = [s[1:] for s in shapes]
+    return F.plan_step(keys, shapes, [4] * len(shapes), budget)
+
+
+@pytest.mark.parametrize("model", ["135m"])
+def test_memory_plan_stays_within_muon_plus_ten_percent_and_does_not_grow_with_depth(model):
+    h, i, layers = LLAMA[model]
+    shapes = llama_matrices(h, i, layers)
+    param_bytes = 4 * sum(b * m * n for b, m, n in shapes)
+    bound = muon_peak_bytes(shapes) + 0.1 * param_bytes
+    plan = plan_for(shapes)
+    assert plan.peak_bytes <= bound, (plan.peak_bytes / 2**20, bound / 2**20)
+    assert plan_for(llama_matrices(h, i, 3 * layers)).peak_bytes == plan.peak_bytes  # depth-free
+    items = sorted(j for w in plan.windows for c in w for j in c)
+    assert items == list(range(len(shapes)))  # every matrix exactly once
+    for w in plan.windows:
+        for c in w:
+            assert len({shapes[j] for j in c}) == 1  # a chunk is one shape
+    # the old step (every same-shape matrix stacked at once) breaks the bound on this set
+    assert plan_for(shapes, budget=2**62).peak_bytes > bound
+
+
+def test_memory_plan_chunks_within_budget():
+    shapes = [(1, 64, 64)] * 10 + [(1, 32, 64)] * 3
+    one = F.chunk_work_bytes((1, 64, 64))
+    plan = plan_for(shapes, budget=3 * sum(one))
+    chunks = [c for w in plan.windows for c in w]
+    assert [len(c) for c in chunks] == [3, 3, 3, 1, 3]
+    assert plan.peak_bytes <= 3 * sum(one)
+    assert plan_for(shapes, budget=1).peak_bytes == max(sum(F.chunk_work_bytes(s)) for s in shapes)
+
+
+def test_step_follows_the_plan_and_chunking_does_not_change_the_result():
+    from htmuon.spectral import BACKENDS, register_backend
+
+    seen = []
+
+    def recording(X, p, spectrum, **options):
+        seen.append(X.shape[0])
+        return BACKENDS["svd"].fn(X, p, spectrum, **options)
+
+    register_backend("test_recording", recording, options=("compute_dtype",), replace=True)
+    try:
+        torch.manual_seed(0)
+        W0 = [torch.randn(64, 64) for _ in range(7)]
+        G = [torch.randn(64, 64) for _ in range(7)]
+        out = {}
+        budget = 2 * sum(F.chunk_work_bytes((1, 64, 64))) + 1
+        for name, chunk_bytes in (("whole", F.DEFAULT_CHUNK_BYTES), ("chunked", budget)):
+            seen.clear()
+            ps = [nn.Parameter(w.clone()) for w in W0]
+            opt = HTMuon(ps, method="test_recording", chunk_bytes=chunk_bytes)
+            for p, g in zip(ps, G):
+                p.grad = g.clone()
+            opt.step()
+            out[name] = (list(seen), [p.detach().clone() for p in ps])
+    finally:
+        BACKENDS.pop("test_recording", None)
+    assert out["whole"][0] == [7] and out["chunked"][0] == [2, 2, 2, 1]
+    for a, b in zip(out["whole"][1], out["chunked"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

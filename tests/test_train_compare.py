@@ -37,13 +37,21 @@ def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, c
     argv += ["--data", str(corpus_file), "--out-dir", str(out), *TINY]
     assert cli_main(argv) == 0
     md = (out / "results.md").read_text()
-    assert "| optimizer | lr | seeds | val loss | val ppl | ms/step | time vs muon | mean alpha |" in md
-    main_table = md.split("All learning rates")[0]
+    assert (
+        "| optimizer | lr (tried) | AdamW-part lr (tried) | decay/step (matrix; AdamW part) | seeds |" in md
+    )
+    main_table = md.split("Paired differences")[0]
     rows = [ln for ln in main_table.splitlines() if ln.startswith("| muon |") or ln.startswith("| htmuon:")]
     assert len(rows) == 2 and all(" ± " in r for r in rows)
-    assert "All learning rates" in md and md.count("**") == 4  # two best cells in bold
+    # the lrs tried are listed, the untuned ones said so; muon's best is at an edge of {0.01, 0.02}
+    assert "(0.01/0.02) **EDGE" in rows[0] and "0.001 (0.001) (fixed)" in rows[0]
+    assert "| htmuon:method=eigh | s0: " in md and "selection and report share seeds 0,1" in md
+    assert "htmuon:method=eigh: lr 0.03 is the optimizer's default, never tuned" in md
+    tried = md.split("All cells tried")[1]
+    assert tried.count("**") == 4  # two best cells in bold
     assert (out / "val_curves.png").read_bytes()[:8] == PNG
     res = json.loads((out / "results.json").read_text())
+    assert (out / "lr_grid.png").read_bytes()[:8] == PNG
     assert len(res["runs"]) == 6 and {r["spec"] for r in res["runs"]} == {"muon", "htmuon:method=eigh"}
     best_muon = res["best"]["muon"]
     losses = {
@@ -51,10 +59,10 @@ def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, c
         for lr in (0.01, 0.02)
     }
     assert best_muon["lr"] == min(losses, key=lambda lr: sum(losses[lr]))
-    cfg = json.loads((out / "htmuon__method=eigh" / "lr0.03" / "seed1" / "config.json").read_text())
+    cfg = json.loads((out / "htmuon__method=eigh" / "lr0.03-alr0.001" / "seed1" / "config.json").read_text())
     assert (cfg["method"], cfg["seed"], cfg["p"]) == ("eigh", 1, 0.125)
     # a second call reuses the finished runs (their files are untouched) and rewrites the report
-    ckpt = out / "muon" / "lr0.01" / "seed0" / "ckpt.pt"
+    ckpt = out / "muon" / "lr0.01-alr0.001" / "seed0" / "ckpt.pt"
     before = ckpt.stat().st_mtime_ns
     capsys.readouterr()
     assert cli_main(argv) == 0
@@ -88,7 +96,7 @@ def test_aggregate_mean_std_and_best_lr():
     assert best["val_loss"][1] == pytest.approx(math.sqrt(0.02))
     assert best["val_ppl"][0] == pytest.approx((math.exp(3.0) + math.exp(3.2)) / 2)
     table = markdown_table(agg)
-    assert "3.1000 ± 0.1414" in table and "diverged" in table
+    assert "3.1000 ± 0.1414" in table and "diverged" in table and "**EDGE (low)**" in table
     assert mean_std([1.0]) == (1.0, None)
 
 
@@ -101,6 +109,9 @@ def test_bad_grid_input(capsys, tmp_path):
         (["--optimizers", "htmuon:p=abc"], "config key 'p' must be a number or null, got 'abc'"),
         (["--optimizers", "muon", "--lr-grid", "muon=-1"], "learning rates must be > 0"),
         ([], "give --preset"),
+        (["--optimizers", "adamw", "--adamw-lr-grid", "adamw=0.01"], "adamw has no AdamW part"),
+        (["--optimizers", "muon", "--lr-grid", "htmuon=0.01"], "lr grid for 'htmuon', which is not among"),
+        (["--optimizers", "muon", "--seeds", "0,1", "--tune-seeds", "1,2"], "overlap"),
     ):
         assert cli_main(["compare", "--out-dir", str(tmp_path / "g"), *argv]) == 2
         err = capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 Each subcommand lives in its own module exposing ``configure(parser)`` (add the
 arguments; keep the module's top-level imports light) and ``main(args) -> int``
-(do the work; import heavy dependencies there). A user mistake is reported as a
-one-line error (``htmuon: error: ...``) with exit code 2, never a traceback.
+(do the work; import heavy dependencies there). A user mistake or an environment
+failure (a full disk, a read-only folder, a corrupt file, a hung torchrun rank) is reported as a
+one-line error (``htmuon COMMAND: error: ...``) with exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = Parser(prog="htmuon", description="HTMuon optimizer toolkit")
+    parser.add_argument("--version", action="version", version=f"htmuon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as e:
         print(f"htmuon {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment (disk full, read-only, permissions) where no UserError named it
+        where = f"'{e.filename}': " if e.filename else ""
+        print(f"htmuon {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"htmuon {args.command}: interrupted", file=sys.stderr)

@@ -76,6 +76,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    from . import BACKENDS
+
+    if args.method not in BACKENDS:  # before any training, not as a traceback from the third run
+        raise UserError(f"unknown --method '{args.method}' (choose from {', '.join(BACKENDS)})")
     from .spectral import resolve_method
 
     backend = resolve_method(args.method, "power", "cpu")

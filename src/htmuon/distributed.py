@@ -22,6 +22,13 @@ distributed step is the single-process step plus explicit communication around t
 Each owner's result reaches the other ranks unchanged, so with the same gradients the parameters
 equal the single-process run's bit for bit.
 
+**Agreement.** A step starts with one small ``all_reduce`` (:meth:`DistributedStep.agree`) of which
+parameters have gradients, whether they are finite, and whether any rank refused the step while
+checking it, so the ranks refuse together; a failure while computing directions travels in the
+header of the ``all_gather`` (DDP) or in one more small ``all_reduce`` (FSDP2), before anything is
+applied. No rank leaves a collective out that another rank enters. Collectives wait at most the
+process group's timeout (``torch.distributed.init_process_group(timeout=...)``).
+
 Nothing here imports ``torch.distributed.tensor`` unless DTensors already exist, so the
 single-process optimizer pays nothing for it.
 """
@@ -31,14 +38,15 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import optim as _optim
+from . import functional as F
+from .functional import matrix_shape, second_moment_shape
 
 __all__ = [
     "DistributedStep",
@@ -72,15 +80,6 @@ def is_dtensor(t: Any) -> bool:
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (sharing its storage, so in-place updates stick), else ``t``."""
     return t.to_local() if is_dtensor(t) else t
-
-
-def matrix_shape(shape: Sequence[int], batch_3d: bool = True) -> tuple[int, int, int]:
-    """The ``(B, m, n)`` matrix-batch shape of a parameter of ``shape`` (:func:`htmuon.optim.matrix_view`)."""
-    if len(shape) == 2:
-        return (1, shape[0], shape[1])
-    if len(shape) == 3 and batch_3d:
-        return (shape[0], shape[1], shape[2])
-    return (1, shape[0], math.prod(shape[1:]))
 
 
 def matrix_cost(shape: Sequence[int]) -> int:
@@ -151,11 +150,6 @@ class ShardLayout:
     def sends(self, src: int, owner: int) -> bool:
         """Whether ``src`` sends its piece to ``owner`` to assemble the whole (replicated: owner has it)."""
         return self.dim is not None or src == owner
-
-
-def second_moment_shape(mshape: tuple[int, int, int], plugin: str) -> tuple[int, int, int]:
-    """Shape of the NorMuon (one entry per row) or AdaMuon (element-wise) second moment."""
-    return (mshape[0], mshape[1], 1) if plugin == "normuon" else mshape
 
 
 def _second_moment_dim(param_shape: tuple[int, ...], dim: int | None, batch_3d: bool) -> int | None:
@@ -328,17 +322,64 @@ class DistributedStep:
         self.mesh_dim = mesh_dim
         self.stats = CommStats()
 
-    # ------------------------------------------------------------ finiteness
+    # ------------------------------------------------------------ agreement
 
-    def finite_flags(self, grads: list[Tensor]) -> Tensor:
-        """One bool per gradient, ``True`` where finite on *every* rank (shards are checked locally)."""
-        flags = torch.stack([torch.isfinite(local_tensor(g)).all() for g in grads])
-        if self.mesh_group is not None:  # shards differ: agree, so that every rank refuses together
-            agreed = flags.to(torch.int32)
-            self._dist.all_reduce(agreed, op=self._dist.ReduceOp.MIN, group=self.mesh_group)
+    def _agree_group(self) -> Any:
+        return self.replicated_group if self.replicated_group is not None else self.mesh_group
+
+    def agree(self, groups: list[dict[str, Any]], error: BaseException | None) -> Tensor:
+        """Agree among the ranks, before anything changes, on a step: one ``all_reduce``.
+
+        Args:
+            groups: the optimizer's param groups.
+            error: this rank's refusal of the step while checking it, or ``None``.
+
+        Returns:
+            One bool per parameter (groups flattened in order): ``True`` unless the gradient holds
+            NaN/Inf on some rank (checked where the group has ``check_finite``).
+
+        Raises:
+            ``error`` on the rank that refused, a RuntimeError on the others; a RuntimeError on every
+            rank if some parameter has a gradient on some ranks and ``None`` on others.
+        """
+        params = [(g, p) for g in groups for p in g["params"]]
+        has = [p.grad is not None for _, p in params]
+        finite = []
+        for (g, p), h in zip(params, has):
+            if h and g.get("check_finite", True) and not p.grad.is_sparse:
+                finite.append(torch.isfinite(local_tensor(p.grad)).all())
+            else:
+                finite.append(torch.ones((), dtype=torch.bool))
+        device = next((local_tensor(p).device for _, p in params), torch.device("cpu"))
+        vec = torch.cat(
+            [
+                torch.tensor([0 if error is None else 1] + [int(h) for h in has], dtype=torch.int32),
+                torch.stack(finite).to(torch.int32).cpu() if finite else torch.zeros(0, dtype=torch.int32),
+            ]
+        ).to(device)
+        pg = self._agree_group()
+        world = self._dist.get_world_size(pg)
+        if world > 1:
+            self._dist.all_reduce(vec, op=self._dist.ReduceOp.SUM, group=pg)
             self.stats.collectives += 1
-            flags = agreed.bool()
-        return flags
+        counts = vec.cpu().tolist()
+        if counts[0]:
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"{counts[0]} other rank(s) refused this step while checking it (see their error); "
+                "the step was refused on every rank and nothing was changed"
+            )
+        n = len(params)
+        for i, c in enumerate(counts[1 : 1 + n]):
+            if 0 < c < world:
+                shape = tuple(params[i][1].shape)
+                raise RuntimeError(
+                    f"parameter {i} (shape {shape}) has a gradient on {c} of {world} ranks and none on the "
+                    "others; under a process group every rank must step the same parameters (zero the "
+                    "gradient instead of leaving it None); the step was refused on every rank"
+                )
+        return torch.tensor([c == world for c in counts[1 + n :]], dtype=torch.bool)
 
     # ------------------------------------------------------------ DDP
 
@@ -348,28 +389,38 @@ class DistributedStep:
         return bool(params) and is_dtensor(params[0])
 
     def compute_directions(
-        self, opt: Any, group: dict[str, Any], mats: list[Tensor], corrected: list[bool]
+        self, group: dict[str, Any], mats: list[Tensor], corrected: list[bool]
     ) -> list[Tensor]:
-        """Spectral map of replicated matrices: each rank computes its owned share, one all_gather."""
+        """Spectral map of replicated matrices: each rank computes its owned share, one all_gather.
+
+        Each rank's part starts with a status (0: computed, 1: failed), so a failure on one rank
+        reaches every rank in the same collective and all of them refuse the step.
+        """
         pg = self.replicated_group
         world = 1 if pg is None else self._dist.get_world_size(pg)
         if world == 1:
-            return opt._compute_directions(group, mats, corrected)
+            return F.compute_directions(mats, corrected, group)
         rank = self._dist.get_rank(pg)
         owners = assign_owners([matrix_cost(x.shape) for x in mats], world)
         mine = [i for i, o in enumerate(owners) if o == rank]
-        dirs = opt._compute_directions(group, [mats[i] for i in mine], [corrected[i] for i in mine])
+        error: BaseException | None = None
+        try:
+            dirs = F.compute_directions([mats[i] for i in mine], [corrected[i] for i in mine], group)
+        except Exception as exc:  # shared below, so that no rank waits for this one
+            error = exc
+            dirs = [torch.zeros_like(mats[i], dtype=torch.float32) for i in mine]
         # The single-process chain continues in float32 (float64 kept) and on the direction's own
         # memory layout (a transposed view for tall matrices; reductions in the plug-in depend on
         # it), so a one-number header per matrix says which dtype and whether transposed.
         wire = torch.float64 if any(x.dtype == torch.float64 for x in mats) else torch.float32
         device = mats[0].device
-        sizes = [0] * world
+        sizes = [1] * world
         for i, o in enumerate(owners):
             sizes[o] += 1 + mats[i].numel()
         width = max(sizes)
         transposed = [not d.is_contiguous() and d.mT.is_contiguous() for d in dirs]
-        codes = [float(d.dtype == torch.float64) + 2.0 * t for d, t in zip(dirs, transposed)]
+        codes = [float(error is not None)]
+        codes += [float(d.dtype == torch.float64) + 2.0 * t for d, t in zip(dirs, transposed)]
         parts = [torch.tensor(codes, dtype=wire, device=device)]
         parts += [(d.mT if t else d).reshape(-1).to(wire) for d, t in zip(dirs, transposed)]
         parts.append(torch.zeros(width - sizes[rank], dtype=wire, device=device))
@@ -379,6 +430,14 @@ class DistributedStep:
         self.stats.bytes_sent += (world - 1) * width * item
         self.stats.bytes_received += (world - 1) * width * item
         self.stats.collectives += 1
+        failed = [r for r in range(world) if gathered[r][0].item() != 0.0]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(
+                f"rank(s) {failed} failed computing their share of the directions (see their error); "
+                "the step was refused on every rank"
+            )
         out: list[Tensor | None] = [None] * len(mats)
         for r in range(world):
             owned = [i for i, o in enumerate(owners) if o == r]
@@ -386,7 +445,7 @@ class DistributedStep:
                 for i, d in zip(owned, dirs):
                     out[i] = d
                 continue
-            header, offset = gathered[r][: len(owned)].tolist(), len(owned)
+            header, offset = gathered[r][1 : 1 + len(owned)].tolist(), 1 + len(owned)
             for i, code in zip(owned, header):
                 shape = mats[i].shape
                 n = mats[i].numel()
@@ -435,11 +494,25 @@ class DistributedStep:
                             layout.local_shape(src)
                         )
                         offset += n
-        mats = [_optim.matrix_view(wholes[i][0], batch_3d) for i in mine]
-        directions = opt._compute_directions(group, mats, [items[i].corrected for i in mine])
+        mats = [F.matrix_view(wholes[i][0], batch_3d) for i in mine]
+        error: BaseException | None = None
+        try:
+            directions = F.compute_directions(mats, [items[i].corrected for i in mine], group)
+        except Exception as exc:  # agreed below, so that no rank waits for this one
+            error, directions = exc, [torch.zeros_like(x) for x in mats]
+        status = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+        self._dist.all_reduce(status, op=self._dist.ReduceOp.SUM, group=self.mesh_group)
+        self.stats.collectives += 1
+        if error is not None:
+            raise error
+        if status.item():
+            raise RuntimeError(
+                f"{status.item()} other rank(s) failed computing their directions (see their error); "
+                "the step was refused on every rank"
+            )
         for i, O in zip(mine, directions):
-            if plugin is not None:  # on the whole matrix, with the whole second moment (updated in place)
-                O = _optim.second_moment_normalize(
+            if plugin is not None:  # on the whole matrix, with the whole second moment
+                O, wholes[i][1] = F.second_moment_normalize(
                     O, wholes[i][1], group["beta2"], group["plugin_eps"], plugin
                 )
             wholes[i][0] = O.reshape(items[i].layout.shape).to(items[i].param.dtype)
@@ -454,8 +527,9 @@ class DistributedStep:
             sizes[owner] += sum(l.numel(rank) for l in it.layouts())
         recv = self._all_to_all(send, sizes, wire, device, rank)
 
-        # 4) the update on the local shards, as in the single-process step
-        lr, wd = group["lr"], group["weight_decay"]
+        # 4) store the state and update the local shards, as in the single-process step
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        beta = float(group["momentum"])
         offsets = [0] * world
         for it, src in zip(items, owners):
             received = []
@@ -463,33 +537,40 @@ class DistributedStep:
                 n = layout.numel(rank)
                 received.append(recv[src][offsets[src] : offsets[src] + n].view(t.shape).to(it.param.dtype))
                 offsets[src] += n
+            state = opt.state[it.param]
+            state.update(it.new_state)
+            F.commit_momentum_(local_tensor(state["momentum_buffer"]), local_tensor(it.param.grad), beta)
+            state["step"] += 1
             if it.second_moment is not None:
                 it.second_moment.copy_(received[1])
-            scale = _optim.lr_scale(it.mshape[1], it.mshape[2], group["lr_adjust"])
-            _optim.decoupled_update(it.local, received[0], lr, wd, scale)
+            scale = F.lr_scale(it.mshape[1], it.mshape[2], group["lr_adjust"])
+            F.decoupled_update_(it.local, received[0], lr, wd, scale)
 
     @staticmethod
     def _prepare(
         opt: Any, group: dict[str, Any], p: Tensor, world: int, rank: int, mesh_dim: int
     ) -> _ShardedItem:
-        """Lazy state, step count and momentum of one DTensor parameter, on its local shard."""
-        state = opt.state[p]
-        _optim.count_step(state, p)
+        """Momentum direction of one DTensor parameter on its local shard; state to create is kept aside."""
+        state = opt.state.get(p) or {}
+        new_state: dict[str, Any] = {}
+        if not state:
+            new_state = {"step": torch.tensor(0.0), "momentum_buffer": torch.zeros_like(p)}
         grad, local = local_tensor(p.grad), local_tensor(p)
         if grad.shape != local.shape:
             raise RuntimeError(
                 f"gradient shard of shape {tuple(grad.shape)} does not match the parameter shard "
                 f"{tuple(local.shape)} (placements {p.grad.placements} vs {p.placements})"
             )
-        update = _optim.nesterov_momentum(
-            grad, local_tensor(state["momentum_buffer"]), group["momentum"], group["nesterov"]
-        )
+        buf = local_tensor((state or new_state)["momentum_buffer"])
+        update = F.momentum_direction(grad, buf, float(group["momentum"]), group["nesterov"])
         shape = tuple(p.shape)
         dim = _placement_dim(p, mesh_dim, f"parameter of shape {shape}")
         layout = ShardLayout(shape, dim, world)
         assert layout.local_shape(rank) == tuple(local.shape), (layout, tuple(local.shape))
         mshape = matrix_shape(shape, group["batch_3d"])
-        item = _ShardedItem(p, local, update, layout, mshape, opt._is_corrected(group, p))
+        step = int(state["step"]) + 1 if state else 1
+        item = _ShardedItem(p, local, update, layout, mshape, F.is_corrected(step, group["interval"]))
+        item.new_state = new_state
         plugin = group["plugin"]
         if plugin is not None:
             vshape = second_moment_shape(mshape, plugin)
@@ -498,7 +579,7 @@ class DistributedStep:
                 vdim = None
             if "second_moment" not in state:  # a DTensor laid out like the rows it belongs to
                 dtm = _dtensor_module()
-                state["second_moment"] = dtm.zeros(
+                new_state["second_moment"] = dtm.zeros(
                     vshape,
                     dtype=p.dtype,
                     device_mesh=p.device_mesh,
@@ -507,7 +588,8 @@ class DistributedStep:
                         for k in range(p.device_mesh.ndim)
                     ],
                 )
-            item.second_moment = local_tensor(state["second_moment"])
+            v = new_state["second_moment"] if "second_moment" in new_state else state["second_moment"]
+            item.second_moment = local_tensor(v)
             item.second_moment_layout = ShardLayout(vshape, vdim, world)
         return item
 
@@ -544,6 +626,7 @@ class _ShardedItem:
     corrected: bool
     second_moment: Tensor | None = None  # this rank's piece of the plug-in's second moment
     second_moment_layout: ShardLayout | None = None
+    new_state: dict[str, Any] = field(default_factory=dict)  # state to create when the step is applied
 
     def pieces(self) -> list[tuple[Tensor, ShardLayout]]:
         """(local piece, layout) of what an owner needs: the direction's input, then the second moment."""

@@ -15,13 +15,16 @@ powers" idea). This module holds:
 * :func:`fast_spectral_power`: the matrix iteration, registered as the backends ``"fast"`` (6 steps,
   ~1.2x Muon's matmuls, ~1.5% error) and ``"fast5"`` (5 steps, Muon's matmul count, ~5-8% error).
 
-Normalisation. The iteration needs singular values in (0, 1]. As in Muon, ``X / ||X||_F`` is the
-one fresh pass over the matrix; ``A = X X^T`` of it and ``A^2``, both needed by the first step
-anyway, then give the Schatten-8 norm for free: ``r2 = ||A^2||_F^(1/2) = (sum x^8)^(1/4) >=
+Normalisation. The iteration needs singular values in (0, 1]. One fresh pass over the matrix
+scales it by a power of two to ``max |X_ij|`` in [1/2, 1) (exact, and safe for every finite input:
+no norm or product can over- or underflow); ``A = X X^T`` of it and ``A^2``, both needed by the
+first step anyway, then give the Frobenius norm (the trace of ``A``) and the Schatten-8 norm for
+free: ``r2 = ||A^2||_F^(1/2) = (sum x^8)^(1/4) >=
 x_max^2``, a bound within ``m^(1/8)`` of ``x_max`` instead of the Frobenius norm's ``m^(1/2)``
 (about one decade of spectrum gained); ``X`` is rescaled in place and ``A, A^2`` on the ``m x m``
 side. The map sees ``x = s / ||X||_S8``; the raw spectrum is restored exactly by the factor
-``||X||_S8^p`` (folded into the output weights): ``U s^p V^T = ||X||_S8^p U x^p V^T``.
+``||X||_S8^p`` (folded into the output weights, computed in float64 from the power of two):
+``U s^p V^T = ||X||_S8^p U x^p V^T``.
 
 Cost. Beyond Muon's matmuls, one in-place axpy per step accumulates the output (into ``X_0``'s
 buffer, which is not needed after step 1); the last step's ``a X_{T-1}`` term is folded into
@@ -52,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .spectral import _addmm, ns_working_dtype, register_backend
+from .spectral import _addmm, ns_working_dtype, pow2, pow2_exponent, register_backend
 
 __all__ = [
     "FAST5_COEFFICIENTS",
@@ -82,7 +85,8 @@ FAST_RIDGE = 1e-6
 # end 1e-2 -> 3e-3 -> 1e-3 -> 7e-4; the best run is kept), for the fit definition above (domain,
 # grid, ridge) and the script's FIT_EXPONENTS = (0, 1/16, 1/8, 1/4, 1/2), iterate bound 1.25.
 # `python scripts/fit_fast_coefficients.py --steps 6 --runs 9 --check` re-runs the winning run
-# alone; tests/test_fast.py does so and compares.
+# alone and compares *objectives* (the fit is non-convex: another CPU or BLAS lands on other
+# coefficients of similar quality); tests/test_fast.py does so.
 #: How each set was obtained: the winning run of the fit and its objective (mean RMS relative error).
 FAST_FIT_PROVENANCE: dict[str, dict[str, float]] = {
     "fast": {"steps": 6, "seed": 0, "run": 9, "objective": 0.017032},
@@ -197,22 +201,33 @@ def fast_spectral_power(
     # The iterate is carried in `acc` (float32/float64); only matmul operands are cast to the working
     # dtype. In bfloat16 this keeps a X_t + B X_t and the output sum from being rounded every step
     # (which roughly doubles the error on spectra with many small singular values).
-    # Normalisation, as Muon's: X0 = X / ||X||_F (the one fresh m x n pass before the iteration).
-    Xc = X.to(acc)
-    fro = torch.linalg.vector_norm(Xc, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    Xc = Xc / fro
+    # Normalisation, safe for any finite X: an exact power-of-two scaling to max |X_ij| in [1/2, 1)
+    # (the one fresh m x n pass before the iteration; it replaces Muon's X / ||X||_F), then the
+    # Frobenius and Schatten-8 norms from the first step's own products on the m x m side.
+    e = pow2_exponent(X)
+    if torch.finfo(X.dtype).max <= torch.finfo(acc).max:
+        Xc = X.to(acc) * pow2(-e, acc)
+    else:  # float64 input, float32 work: scale before the cast
+        Xc = (X * pow2(-e, X.dtype)).to(acc)
     Xm = Xc if fused else Xc.to(dtype)
     A = (Xm @ Xm.mT).to(acc)
+    fro2 = A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(torch.finfo(acc).tiny)
+    A = A / fro2  # the Gram matrix of X / ||X||_F
     Am = A if fused else A.to(dtype)
     A2 = (Am @ Am).to(acc)
     # Schatten-8 bound from the first step's own products: r2 = ||A^2||_F^(1/2) >= x_max^2 (and
     # x_max^2 >= 1/m since sum x^2 = 1; the floor also keeps a zero matrix at exactly zero). The map
-    # sees x = s / ||X||_S8 in (0, 1]; the output sum times ||X||_S8^p restores the raw spectrum.
+    # sees x = s / ||X||_S8 in (0, 1]; the output sum times ||X||_S8^p restores the raw spectrum,
+    # ||X||_S8 = 2^e sqrt(fro2 r2), in float64 (2^e may be far outside float32's range).
     r2 = A2.norm(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1.0 / m)
-    Xc.mul_(r2.rsqrt())  # in place: X0 = X / ||X||_S8
+    Xc.mul_((fro2 * r2).rsqrt())  # in place: X0 = X / ||X||_S8
     if Xm is not Xc:
         Xm = Xc.to(dtype)
-    scale = (fro * r2.sqrt()).pow(p) if p > 0.0 else torch.ones_like(r2)
+    if p > 0.0:
+        log2_norm = e.to(torch.float64) + 0.5 * torch.log2((fro2 * r2).to(torch.float64))
+        scale = torch.exp2(p * log2_norm).clamp_max(torch.finfo(acc).max).to(acc)
+    else:
+        scale = torch.ones_like(r2)
     # Weight of X_t in the output; the last step's a_T X_{T-1} term is folded into X_{T-1}'s weight
     # and its B_T X_{T-1} term is added by an in-place (b)addmm, so X_T is never formed.
     weight = [scale * w[t] for t in range(T + 1)]
@@ -259,6 +274,7 @@ register_backend(
     functools.partial(fast_spectral_power, coefficients=FAST6_COEFFICIENTS),
     spectra=("power",),
     options=("compute_dtype", "ns_dtype"),
+    scale_safe=True,
     description="6 fitted quintic Newton-Schulz steps, output = weighted sum of iterates (~1.2x Muon)",
 )
 register_backend(
@@ -266,5 +282,6 @@ register_backend(
     functools.partial(fast_spectral_power, coefficients=FAST5_COEFFICIENTS),
     spectra=("power",),
     options=("compute_dtype", "ns_dtype"),
+    scale_safe=True,
     description="5 fitted quintic Newton-Schulz steps, weighted sum of iterates (Muon's matmul count)",
 )

@@ -1,14 +1,15 @@
 """The HTMuon optimizer: one ``torch.optim.Optimizer`` for a whole model.
 
 Matrix parameters get the HTMuon update (momentum -> spectral map -> optional second-moment
-plug-in -> shape scaling -> decoupled weight decay); every other parameter gets AdamW in the
-same object. Each variant of the paper is a choice of piece in that chain, set per group.
+plug-in -> shape scaling -> decoupled weight decay); every other parameter gets AdamW (torch's own
+functional kernel) in the same object. Each variant of the paper is a choice of piece in that chain,
+set per group. The math is in :mod:`htmuon.functional`; this module validates, plans and applies.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,17 +18,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed as _distributed
+from . import functional as F
+from .functional import NonFiniteGradientError
 from .routing import route_params
-from .spectral import (
-    BACKENDS,
-    MUON_NS_STEPS,
-    SCALES,
-    SPECTRA,
-    _check_backend,
-    polar,
-    resolve_method,
-    spectral_power,
-)
+from .spectral import BACKENDS, MUON_NS_STEPS, SCALES, SPECTRA, _check_backend
 
 __all__ = ["HTMuon", "NonFiniteGradientError"]
 
@@ -35,72 +29,38 @@ ALGORITHMS = ("auto", "htmuon", "adamw")
 PLUGINS = (None, "normuon", "adamuon")
 LR_ADJUSTS = ("muon", "adamw_rms", "none")
 COMPUTE_DTYPES = (None, torch.float32, torch.float64)
+#: Group keys every HTMuon param group carries (a loaded state dict must have them all).
+GROUP_KEYS = (
+    "lr",
+    "p",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "method",
+    "spectrum",
+    "scale",
+    "lr_adjust",
+    "interval",
+    "plugin",
+    "beta2",
+    "plugin_eps",
+    "ns_steps",
+    "ns_dtype",
+    "compute_dtype",
+    "adamw_betas",
+    "adamw_eps",
+    "algorithm",
+    "batch_3d",
+    "check_finite",
+    "chunk_bytes",
+)
+MATRIX_STATE = ("step", "momentum_buffer")
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
-
-class NonFiniteGradientError(RuntimeError):
-    """A gradient holds NaN or Inf; the step was refused and nothing was changed."""
-
-
-# --------------------------------------------------------------------------------------------
-# Pieces of the matrix update, each a small pure function (or an in-place state update)
-# --------------------------------------------------------------------------------------------
-
-
-def matrix_view(t: Tensor, batch_3d: bool = True) -> Tensor:
-    """View a parameter-shaped tensor as a batch of matrices ``(B, m, n)``.
-
-    2-D: one matrix. 3-D: a batch of stacked matrices (``batch_3d=True``) or a Conv1d kernel
-    flattened to ``out x (in * k)``. 4-D and more: a conv kernel flattened to ``out x (in * kh * kw)``.
-    """
-    return t.reshape(_distributed.matrix_shape(t.shape, batch_3d))
-
-
-def lr_scale(m: int, n: int, rule: str) -> float:
-    """Per-matrix learning-rate multiplier for an ``m x n`` (out x in) matrix."""
-    if rule == "muon":  # Muon's: sqrt(max(1, m / n))
-        return math.sqrt(max(1.0, m / n))
-    if rule == "adamw_rms":  # Moonshot's "match AdamW RMS": 0.2 sqrt(max(m, n))
-        return 0.2 * math.sqrt(max(m, n))
-    return 1.0
-
-
-def decoupled_update(param: Tensor, O: Tensor, lr: float, wd: float, scale: float) -> None:
-    """``param <- (1 - lr wd) param - lr scale O`` in place (decoupled weight decay, then the step)."""
-    if wd != 0.0:
-        param.mul_(1.0 - lr * wd)
-    param.add_(O, alpha=-lr * scale)
-
-
-def count_step(state: dict[str, Any], param: Tensor) -> int:
-    """Create a matrix parameter's state on first use (step 0, zero momentum), then count the step."""
-    if not state:
-        state["step"] = 0
-        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    state["step"] += 1
-    return state["step"]
-
-
-def nesterov_momentum(grad: Tensor, buf: Tensor, beta: float, nesterov: bool) -> Tensor:
-    """``buf <- beta buf + (1 - beta) grad`` in place; return ``N_t`` (Nesterov) or ``buf``."""
-    buf.lerp_(grad, 1.0 - beta)
-    return grad.lerp(buf, beta) if nesterov else buf
-
-
-def second_moment_normalize(O: Tensor, v: Tensor, beta2: float, eps: float, kind: str) -> Tensor:
-    r"""The NorMuon / AdaMuon plug-in applied to a direction ``O`` of shape ``(B, m, n)``.
-
-    ``normuon``: ``v <- beta2 v + (1 - beta2) mean_row(O^2)`` (one entry per output neuron, i.e. per
-    row); ``adamuon``: the same EMA element-wise. Then ``O <- O / sqrt(v + eps)`` rescaled to keep
-    ``||O||_F``. ``v`` is updated in place.
-    """
-    sq = O.square()
-    stat = sq.mean(dim=-1, keepdim=True) if kind == "normuon" else sq
-    v.lerp_(stat.to(v.dtype), 1.0 - beta2)
-    normalized = O / (v.to(O.dtype) + eps).sqrt()
-    ratio = sq.sum(dim=(-2, -1), keepdim=True).sqrt() / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(
-        torch.finfo(O.dtype).tiny
-    )
-    return normalized * ratio
+# The math lives in htmuon.functional; these names stay importable from here.
+matrix_view = F.matrix_view
+lr_scale = F.lr_scale
+second_moment_normalize = F.second_moment_normalize
 
 
 def _default_names(groups: list[dict]) -> Callable[[int, int], str]:
@@ -111,6 +71,20 @@ def _default_names(groups: list[dict]) -> Callable[[int, int], str]:
         return f"param_groups[{gi}]['params'][{pi}]"
 
     return name
+
+
+def _scalar(v: Any) -> Any:
+    """A 1-element tensor hyperparameter as torch.optim uses it (``_to_scalar``: a 0-dim tensor)."""
+    return v.squeeze() if isinstance(v, Tensor) and v.dim() != 0 else v
+
+
+def _number(v: Any) -> float:
+    return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
+def _new_step() -> Tensor:
+    """A fresh step counter, as torch.optim keeps it: a float32 0-dim CPU tensor (exact to 2**24 steps)."""
+    return torch.tensor(0.0, dtype=torch.float32)
 
 
 class HTMuon(Optimizer):
@@ -166,7 +140,11 @@ class HTMuon(Optimizer):
         batch_3d: treat 3-D parameters as a batch of matrices (``True``) or flatten them as
             Conv1d kernels (``False``). 4-D+ parameters are always flattened conv kernels.
         check_finite: refuse a step whose gradients hold NaN/Inf (raises
-            :class:`NonFiniteGradientError`, changes nothing); ``False`` skips the check for speed.
+            :class:`NonFiniteGradientError`, changes nothing) and check every direction; ``False``
+            skips both checks for speed.
+        chunk_bytes: memory budget of a step's transient tensors (default
+            :data:`htmuon.functional.DEFAULT_CHUNK_BYTES`, 32 MiB): same-shape matrices are batched
+            in chunks, and chunks are applied in windows, within it (see *Guarantees*).
         process_group: divide the spectral work among the ranks of this ``torch.distributed``
             process group, the parameters being replicated on it (DDP); ``None``: every rank
             does all of it. DTensor (FSDP2) parameters are detected and always divided among
@@ -174,6 +152,23 @@ class HTMuon(Optimizer):
         routing: ``"standard"`` or ``"paper"``: where named embeddings and heads go (above).
         adamw_lr, adamw_weight_decay: ``lr`` and ``weight_decay`` of the AdamW groups that routing
             creates and of AdamW groups that set none (``None``: ``lr`` / ``weight_decay``).
+
+    Guarantees (a refused step changes nothing):
+        * Before anything changes, every step re-validates every group's hyperparameters (values
+          edited after construction included), the optimizer state of the parameters it will touch
+          (keys, shapes), and, with ``check_finite``, the gradients (a NaN/Inf anywhere: nothing
+          changes, :class:`NonFiniteGradientError`). :meth:`load_state_dict` refuses a foreign or
+          mismatched state dict, or non-finite state, and leaves the optimizer as it was.
+        * Directions are computed before they are applied, window by window (:func:`htmuon.functional.
+          plan_step`). A backend that raises ``LinAlgError`` or returns a non-finite direction on
+          finite input is replaced, for that chunk, by the exact float64 SVD rule (a ``RuntimeWarning``
+          says so). Any other failure refuses the step: if the step's directions fit in one window
+          (``chunk_bytes``; every model whose matrices need at most that much), nothing has changed;
+          otherwise the windows before it are applied and the error says how many parameters.
+        * Under ``process_group`` the checks, the set of parameters with gradients, and any failure
+          are agreed among the ranks in the step's collectives, so the ranks refuse together
+          (nobody waits in a collective another rank skipped); collectives run under the process
+          group's timeout (``init_process_group(timeout=...)``).
 
     Example:
         >>> nn = torch.nn
@@ -198,7 +193,7 @@ class HTMuon(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.02,
+        lr: float | Tensor = 0.02,
         p: float = 0.125,
         momentum: float = 0.95,
         nesterov: bool = True,
@@ -220,6 +215,7 @@ class HTMuon(Optimizer):
         algorithm: str = "auto",
         batch_3d: bool = True,
         check_finite: bool = True,
+        chunk_bytes: int = F.DEFAULT_CHUNK_BYTES,
         process_group: Any = None,
         routing: str = "standard",
         adamw_lr: float | None = None,
@@ -247,6 +243,7 @@ class HTMuon(Optimizer):
             algorithm=algorithm,
             batch_3d=batch_3d,
             check_finite=check_finite,
+            chunk_bytes=chunk_bytes,
         )
         self._validate(defaults, where="")
         params = route_params(
@@ -260,35 +257,50 @@ class HTMuon(Optimizer):
 
     @staticmethod
     def _validate(g: dict[str, Any], where: str) -> None:
+        """Refuse any invalid hyperparameter of group ``g`` (a ValueError naming it); changes nothing."""
+        missing = [k for k in GROUP_KEYS if k not in g]
+        if missing:
+            raise ValueError(f"param group{where} lacks the HTMuon keys {missing}")
+
         def bad(key: str, valid: str) -> ValueError:
             return ValueError(f"Invalid {key}{where}: {g[key]!r} ({valid})")
 
         def number(key: str) -> float:
             v = g[key]
-            if isinstance(v, Tensor) and v.numel() == 1:
+            if isinstance(v, Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"Tensor {key} must be 1-element{where}: shape {tuple(v.shape)}")
+                if v.is_complex() or v.dtype == torch.bool:
+                    raise bad(key, "must be a real number")
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 raise bad(key, "must be a real number")
             return float(v)
 
-        if not number("lr") >= 0.0:
-            raise bad("lr", "learning rate must be >= 0")
+        if isinstance(g["lr"], Tensor) and g["lr"].numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")  # torch.optim's own message
+        if not 0.0 <= number("lr") < math.inf:
+            raise bad("lr", "learning rate must be >= 0 and finite")
         if not 0.0 <= number("p") <= 1.0:
             raise bad("p", "must be in [0, 1]; 0 = Muon, 1 = momentum")
         if not 0.0 <= number("momentum") < 1.0:
             raise bad("momentum", "must be in [0, 1)")
-        if not number("weight_decay") >= 0.0:
-            raise bad("weight_decay", "must be >= 0")
+        if not 0.0 <= number("weight_decay") < math.inf:
+            raise bad("weight_decay", "must be >= 0 and finite")
         if not 0.0 <= number("beta2") < 1.0:
             raise bad("beta2", "must be in [0, 1)")
-        if not number("plugin_eps") > 0.0:
-            raise bad("plugin_eps", "must be > 0")
-        if not number("adamw_eps") >= 0.0:
-            raise bad("adamw_eps", "must be >= 0")
+        if not 0.0 < number("plugin_eps") < math.inf:
+            raise bad("plugin_eps", "must be > 0 and finite")
+        if not 0.0 <= number("adamw_eps") < math.inf:
+            raise bad("adamw_eps", "must be >= 0 and finite")
         betas = g["adamw_betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        if not (
+            isinstance(betas, (tuple, list))
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+        ):
             raise bad("adamw_betas", "must be two numbers in [0, 1)")
-        if g["method"] not in BACKENDS:
+        if not isinstance(g["method"], str) or g["method"] not in BACKENDS:
             raise bad("method", f"valid methods: {sorted(BACKENDS)}")
         if g["spectrum"] not in SPECTRA:
             raise bad("spectrum", f"valid: {SPECTRA}")
@@ -305,7 +317,7 @@ class HTMuon(Optimizer):
             raise bad("ns_dtype", "valid: 'auto', torch.bfloat16, torch.float16, torch.float32")
         if g["compute_dtype"] not in COMPUTE_DTYPES:
             raise bad("compute_dtype", "valid: None, torch.float32, torch.float64")
-        for key in ("interval", "ns_steps"):
+        for key in ("interval", "ns_steps", "chunk_bytes"):
             v = g[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(key, "must be an integer >= 1")
@@ -338,6 +350,114 @@ class HTMuon(Optimizer):
         algorithm = group["algorithm"]
         return algorithm == "htmuon" or (algorithm == "auto" and param.ndim >= 2)
 
+    def _expected_state(self, group: dict[str, Any], param: Tensor) -> dict[str, tuple[int, ...]]:
+        """State key -> shape that a stepped parameter of this group holds (optional keys included)."""
+        shape = tuple(param.shape)
+        if not self._uses_htmuon(group, param):
+            return {"exp_avg": shape, "exp_avg_sq": shape}
+        want = {"momentum_buffer": shape}
+        if group["plugin"] is not None:
+            mshape = F.matrix_shape(shape, group["batch_3d"])
+            want["second_moment"] = F.second_moment_shape(mshape, group["plugin"])
+        return want
+
+    def _check_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], where: str) -> None:
+        """Refuse state that this group's step could not continue from (missing keys, shapes, types)."""
+        if not state:
+            return
+        want = self._expected_state(group, param)
+        required = ["step", *(k for k in want if k != "second_moment")]
+        missing = [k for k in required if k not in state]
+        if missing:
+            kind = "HTMuon matrix" if self._uses_htmuon(group, param) else "AdamW"
+            raise ValueError(
+                f"optimizer state of {where} (shape {tuple(param.shape)}, {kind} part) lacks {missing}; "
+                f"it has {sorted(state)} (a state dict of another optimizer, or of another routing?)"
+            )
+        step = state["step"]
+        if isinstance(step, Tensor):
+            ok = step.numel() == 1 and not step.is_complex() and bool(torch.isfinite(step).all())
+            ok = ok and float(step) >= 0 and float(step) == int(step)
+        else:
+            ok = isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
+            ok = ok and step >= 0 and float(step) == int(step)
+        if not ok:
+            raise ValueError(f"optimizer state of {where}: invalid step {step!r} (a whole number >= 0)")
+        for key, shape in want.items():
+            if key not in state:
+                continue
+            value = state[key]
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"optimizer state of {where}: {key} has shape {got}, expected {shape}")
+
+    # ---------------------------------------------------------------- state dicts
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict`, after checking it fits this optimizer.
+
+        Refused, with a ValueError naming the problem and the optimizer left as it was: a state dict
+        of another optimizer (``torch.optim.AdamW``, ``Muon``: its groups lack HTMuon's keys), other
+        group sizes, invalid hyperparameters, state whose keys or shapes do not fit the parameters,
+        non-finite state. Old checkpoints whose ``step`` is a Python int still load.
+        """
+        if isinstance(state_dict, dict):  # the pre-hooks may rewrite it (as in torch), then it is checked
+            state_dict = state_dict.copy()
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                out = hook(self, state_dict)
+                if out is not None:
+                    state_dict = out
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        name = _default_names(self.param_groups)
+        lookup: dict[Any, tuple[int, int]] = {}
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(
+                    f"loaded param group {gi} has {len(saved['params'])} parameters, this optimizer's "
+                    f"has {len(mine['params'])}"
+                )
+            missing = [k for k in GROUP_KEYS if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"not an HTMuon state dict: loaded param group {gi} lacks the keys {missing} "
+                    "(a state dict of another optimizer such as torch.optim.AdamW or Muon?)"
+                )
+            self._validate(saved, where=f" in loaded param group {gi}")
+            lookup.update({pid: (gi, pi) for pi, pid in enumerate(saved["params"])})
+        for pid, state in state_dict["state"].items():
+            if pid not in lookup:
+                raise ValueError(
+                    f"loaded state dict has state for parameter id {pid!r}, which no group lists"
+                )
+            gi, pi = lookup[pid]
+            param = self.param_groups[gi]["params"][pi]
+            where = f"parameter {name(gi, pi)}"
+            self._check_state(saved_groups[gi], param, state, where)
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    if not bool(torch.isfinite(_distributed.local_tensor(value)).all()):
+                        raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf")
+        hooks, self._optimizer_load_state_dict_pre_hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            OrderedDict(),
+        )
+        try:  # the pre-hooks already ran above
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+        for state in self.state.values():
+            # a fresh counter each: an old checkpoint's int becomes torch.optim's tensor, and a loaded
+            # tensor is not shared with the caller's dict (counting in place would change it there)
+            if "step" in state:
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+
     # ---------------------------------------------------------------- the step
 
     @torch.no_grad()
@@ -348,11 +468,49 @@ class HTMuon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Gather and check everything before changing anything: a refused step changes nothing.
+        # 1) check everything before changing anything: a refused step changes nothing
+        try:
+            work, finite_checks = self._gather()
+            error = None
+        except (ValueError, RuntimeError) as exc:
+            if self._dist is None:
+                raise
+            work, finite_checks, error = [], [], exc  # refused together with the other ranks below
+        if self._dist is not None:
+            agreed = self._dist.agree(self.param_groups, error)
+            starts = [0]
+            for g in self.param_groups[:-1]:
+                starts.append(starts[-1] + len(g["params"]))
+            flags = agreed[[starts[gi] + pi for _, gi, pi in finite_checks]] if finite_checks else None
+        elif finite_checks:
+            flags = torch.stack([torch.isfinite(g).all() for g, _, _ in finite_checks])
+        else:
+            flags = None
+        if flags is not None and not bool(flags.all()):
+            _, gi, pi = finite_checks[int((~flags).nonzero()[0, 0])]
+            shape = tuple(self.param_groups[gi]["params"][pi].shape)
+            raise NonFiniteGradientError(
+                f"non-finite gradient (NaN or Inf) in parameter {_default_names(self.param_groups)(gi, pi)} "
+                f"of shape {shape}; the step was skipped and no parameter or optimizer state was "
+                "changed (pass check_finite=False to skip this check)"
+            )
+
+        # 2) the matrix part, window by window (compute, check, then apply); 3) the AdamW part
+        for group, hparams, _ in work:
+            if hparams:
+                self._htmuon_step(group, hparams)
+        for group, _, aparams in work:
+            if aparams:
+                self._adamw_step(group, aparams)
+        return loss
+
+    def _gather(self) -> tuple[list[tuple[dict, list[Tensor], list[Tensor]]], list[tuple[Tensor, int, int]]]:
+        """Validate groups, gradients and state; sort parameters into the two parts. Changes nothing."""
         work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] = []
         name = _default_names(self.param_groups)
         finite_checks: list[tuple[Tensor, int, int]] = []
         for gi, group in enumerate(self.param_groups):
+            self._validate(group, where=f" in param group {gi}")
             hparams: list[Tensor] = []
             aparams: list[Tensor] = []
             for pi, param in enumerate(group["params"]):
@@ -369,124 +527,134 @@ class HTMuon(Optimizer):
                         f"HTMuon does not support complex parameters or gradients (parameter "
                         f"{name(gi, pi)}, shape {tuple(param.shape)})"
                     )
+                if grad.shape != param.shape:
+                    raise RuntimeError(
+                        f"gradient of shape {tuple(grad.shape)} for parameter {name(gi, pi)} of shape "
+                        f"{tuple(param.shape)}"
+                    )
+                if param in self.state:
+                    self._check_state(group, param, self.state[param], f"parameter {name(gi, pi)}")
                 if group["check_finite"]:
                     finite_checks.append((grad, gi, pi))
                 (hparams if self._uses_htmuon(group, param) else aparams).append(param)
             work.append((group, hparams, aparams))
-        if finite_checks:
-            if self._dist is None:
-                ok = torch.stack([torch.isfinite(g).all() for g, _, _ in finite_checks])
-            else:  # local shards, agreed among ranks
-                ok = self._dist.finite_flags([g for g, _, _ in finite_checks])
-            if not bool(ok.all()):
-                _, gi, pi = finite_checks[int((~ok).nonzero()[0, 0])]
-                shape = tuple(self.param_groups[gi]["params"][pi].shape)
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or Inf) in parameter {name(gi, pi)} of shape {shape}; "
-                    "the step was skipped and no parameter or optimizer state was changed "
-                    "(pass check_finite=False to skip this check)"
-                )
+        return work, finite_checks
 
-        for group, hparams, aparams in work:
-            if hparams:
-                self._htmuon_step(group, hparams)
-            if aparams:
-                self._adamw_step(group, aparams)
-        return loss
-
-    def _momentum(self, group: dict[str, Any], param: Tensor) -> Tensor:
-        """Update the momentum buffer; return the (Nesterov) direction ``N_t`` as a matrix batch."""
-        state = self.state[param]
-        count_step(state, param)
-        update = nesterov_momentum(param.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
-        return matrix_view(update, group["batch_3d"])
-
-    def _is_corrected(self, group: dict[str, Any], param: Tensor) -> bool:
-        """The interval schedule: the correction runs on steps 1, 1 + k, 1 + 2k, ... of a parameter."""
-        return (self.state[param]["step"] - 1) % group["interval"] == 0
-
-    def _direction(self, group: dict[str, Any], mats: Tensor, corrected: bool) -> Tensor:
-        """The spectral map on a stack of same-shape matrices ``(B, m, n)``."""
-        if not corrected:
-            return polar(mats, steps=group["ns_steps"], dtype=group["ns_dtype"])
-        method = resolve_method(group["method"], group["spectrum"], mats.device)
-        options = {k: group[k] for k in BACKENDS[method].options}  # what the backend declares
-        return spectral_power(
-            mats,
-            float(group["p"]),  # a 1-element tensor passes validation
-            method=method,
-            spectrum=group["spectrum"],
-            scale=group["scale"],
-            **options,
-        )
-
-    def _compute_directions(
-        self, group: dict[str, Any], mats: list[Tensor], corrected: list[bool]
-    ) -> list[Tensor]:
-        """Spectral map for every matrix batch of a group, batching same-shape matrices.
-
-        This is the single place that does the expensive work; under DDP,
-        ``DistributedStep.compute_directions`` calls it on each rank's share of the matrices. Directions
-        come back in float32 (float64 for float64 work), whatever the working dtype.
-        """
-        buckets: dict[tuple, list[int]] = defaultdict(list)
-        for i, (x, c) in enumerate(zip(mats, corrected)):
-            buckets[(tuple(x.shape[-2:]), x.dtype, x.device, c)].append(i)
-        out: list[Tensor | None] = [None] * len(mats)
-        for (_, _, _, c), idx in buckets.items():
-            stack = mats[idx[0]] if len(idx) == 1 else torch.cat([mats[i] for i in idx])
-            result = self._direction(group, stack, c)
-            if result.dtype not in (torch.float32, torch.float64):  # e.g. bfloat16 Newton--Schulz
-                result = result.float()
-            for i, part in zip(idx, result.split([mats[i].size(0) for i in idx])):
-                out[i] = part
-        return out  # type: ignore[return-value]
+    def _step_count(self, param: Tensor) -> int:
+        """Steps this parameter has taken so far (0 if it has no state yet)."""
+        state = self.state.get(param)
+        return int(state["step"]) if state else 0
 
     def _htmuon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if self._dist is not None and self._dist.sharded(params):  # DTensor (FSDP2) parameters
             return self._dist.sharded_htmuon_step(self, group, params)
-        mats = [self._momentum(group, p) for p in params]
-        corrected = [self._is_corrected(group, p) for p in params]
+        batch_3d, interval = group["batch_3d"], group["interval"]
+        mshapes = [F.matrix_shape(p.shape, batch_3d) for p in params]
+        corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
+        keys = [(s[1:], p.dtype, p.device, c) for s, p, c in zip(mshapes, params, corrected)]
+        plan = F.plan_step(keys, mshapes, [p.element_size() for p in params], group["chunk_bytes"])
+        applied = 0
+        for window in plan.windows:
+            items = [i for chunk in window for i in chunk]
+            try:
+                sizes = [len(chunk) for chunk in window]
+                pending = self._compute_window(
+                    group, [params[i] for i in items], [corrected[i] for i in items], sizes
+                )
+            except Exception as exc:
+                if applied:
+                    raise type(exc)(
+                        f"{exc} [this step's directions did not fit in chunk_bytes="
+                        f"{group['chunk_bytes']}: {applied} matrix parameter(s) of this group were already "
+                        "updated before the failure]"
+                    ) from exc
+                raise
+            self._apply_window(group, pending)
+            applied += len(items)
+
+    def _compute_window(
+        self, group: dict[str, Any], params: list[Tensor], corrected: list[bool], chunks: list[int]
+    ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+        """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
+        (DDP: each rank's owned share of the window at once); nothing is changed."""
+        beta, nesterov, batch_3d = _number(group["momentum"]), group["nesterov"], group["batch_3d"]
+        bufs = []
+        mats = []
+        for p in params:
+            state = self.state.get(p)
+            buf = (
+                state["momentum_buffer"]
+                if state
+                else torch.zeros_like(p, memory_format=torch.preserve_format)
+            )
+            bufs.append(buf)
+            mats.append(F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d))
         if self._dist is None:
-            directions = self._compute_directions(group, mats, corrected)
+            directions, start = [], 0
+            for size in chunks:  # one backend call per chunk of the plan
+                directions += F.compute_directions(
+                    mats[start : start + size], corrected[start : start + size], group
+                )
+                start += size
         else:  # replicated (DDP) parameters: each rank computes its share, then all share
-            directions = self._dist.compute_directions(self, group, mats, corrected)
-        lr, wd = group["lr"], group["weight_decay"]
-        for param, O in zip(params, directions):
+            directions = self._dist.compute_directions(group, mats, corrected)
+        del mats
+        out = []
+        for p, buf, O in zip(params, bufs, directions):
+            v_new = None
             if group["plugin"] is not None:
-                O = self._apply_plugin(group, param, O)
+                state = self.state.get(p)
+                v = state.get("second_moment") if state else None
+                if v is None:
+                    shape = F.second_moment_shape(tuple(O.shape), group["plugin"])
+                    v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                O, v_new = F.second_moment_normalize(
+                    O, v, group["beta2"], group["plugin_eps"], group["plugin"]
+                )
+            out.append((p, O, buf, v_new))
+        return out
+
+    def _apply_window(self, group: dict[str, Any], pending: list) -> None:
+        """Store momentum, step count and plug-in moment, then update the parameters (in place)."""
+        lr, wd = _number(group["lr"]), float(group["weight_decay"])
+        beta = _number(group["momentum"])
+        for p, O, buf, v_new in pending:
+            state = self.state[p]
+            if not state:
+                state["step"] = _new_step()
+                state["momentum_buffer"] = buf
+            F.commit_momentum_(state["momentum_buffer"], p.grad, beta)
+            state["step"] += 1
+            if v_new is not None:
+                if "second_moment" in state:
+                    state["second_moment"].copy_(v_new)
+                else:
+                    state["second_moment"] = v_new
             m, n = O.shape[-2:]
-            decoupled_update(
-                param, O.reshape(param.shape).to(param.dtype), lr, wd, lr_scale(m, n, group["lr_adjust"])
+            F.decoupled_update_(
+                p, O.reshape(p.shape).to(p.dtype), lr, wd, F.lr_scale(m, n, group["lr_adjust"])
             )
 
-    def _apply_plugin(self, group: dict[str, Any], param: Tensor, O: Tensor) -> Tensor:
-        state = self.state[param]
-        if "second_moment" not in state:
-            shape = _distributed.second_moment_shape(tuple(O.shape), group["plugin"])
-            state["second_moment"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        return second_moment_normalize(
-            O, state["second_moment"], group["beta2"], group["plugin_eps"], group["plugin"]
-        )
-
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        beta1, beta2 = group["adamw_betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["adamw_eps"]
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
         for param in params:
-            grad = param.grad
             state = self.state[param]
-            if not state:
-                state["step"] = 0
+            if not state:  # as torch.optim.AdamW lays it out
+                state["step"] = _new_step()
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["step"] += 1
-            t = state["step"]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(grad, 1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            bias1 = 1.0 - beta1**t
-            bias2_sqrt = math.sqrt(1.0 - beta2**t)
-            if wd != 0.0:
-                param.mul_(1.0 - lr * wd)
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-            param.addcdiv_(exp_avg, denom, value=-lr / bias1)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        F.adamw(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=_scalar(group["lr"]),
+            betas=tuple(float(b) for b in group["adamw_betas"]),
+            eps=float(group["adamw_eps"]),
+            weight_decay=float(group["weight_decay"]),
+        )

@@ -68,6 +68,12 @@ class Backend:
     computed in the backend's working precision (the caller casts it back). ``options`` names the
     keyword options ``fn`` accepts among :data:`BACKEND_OPTIONS`; :class:`htmuon.HTMuon` passes
     exactly those from the parameter group.
+
+    ``scale_safe=False`` (the default): :func:`spectral_power` hands ``fn`` a copy of the batch
+    rescaled by a power of two to ``max |X_ij|`` in [1/2, 1) per matrix (exact), and restores the raw
+    scale ``2^(e p)`` itself, so ``fn`` never sees extreme magnitudes. ``scale_safe=True``: ``fn``
+    takes any finite ``X`` and returns the raw-scale result without over- or underflow in float32
+    (the dispatch then skips that extra pass, unless the result could exceed the output dtype).
     """
 
     name: str
@@ -75,6 +81,7 @@ class Backend:
     spectra: tuple[str, ...]
     description: str
     options: tuple[str, ...] = ()
+    scale_safe: bool = False
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -90,9 +97,10 @@ def register_backend(
     description: str = "",
     options: tuple[str, ...] = (),
     replace: bool = False,
+    scale_safe: bool = False,
 ) -> None:
-    """Register a spectral backend under ``name`` (see :class:`Backend` for the signature and
-    ``options``: which of :data:`BACKEND_OPTIONS` ``fn`` takes as keywords)."""
+    """Register a spectral backend under ``name`` (see :class:`Backend` for the signature,
+    ``options`` (which of :data:`BACKEND_OPTIONS` ``fn`` takes as keywords) and ``scale_safe``)."""
     if name in BACKENDS and not replace:
         raise ValueError(f"spectral backend {name!r} is already registered")
     unknown = set(spectra) - set(SPECTRA)
@@ -101,7 +109,7 @@ def register_backend(
     bad = set(options) - set(BACKEND_OPTIONS)
     if bad:
         raise ValueError(f"unknown options {sorted(bad)} for backend {name!r}; valid: {BACKEND_OPTIONS}")
-    BACKENDS[name] = Backend(name, fn, tuple(spectra), description, tuple(options))
+    BACKENDS[name] = Backend(name, fn, tuple(spectra), description, tuple(options), scale_safe)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +122,79 @@ def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float = 1.0) 
     if a.ndim == 2:
         return torch.addmm(c, a, b, beta=beta, alpha=alpha)
     return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# Safe scaling: every finite input, whatever its magnitude
+# --------------------------------------------------------------------------------------------
+
+
+def _max_exponent(dtype: torch.dtype) -> int:
+    """``k`` with ``2^k`` the largest power of two representable in ``dtype`` (127 for float32)."""
+    return math.frexp(torch.finfo(dtype).max)[1] - 1
+
+
+def pow2_exponent(X: Tensor, *, representable: bool = True) -> Tensor:
+    r"""Per-matrix binary exponent ``e`` of ``max |X_ij|`` (``max |X_ij| = f 2^e``, ``f`` in [1/2, 1)).
+
+    ``X 2^{-e}`` then has its largest entry in [1/2, 1), exactly (a power-of-two scaling rounds
+    nothing). With ``representable=True``, ``e`` is clamped below so that ``2^{-e}`` is representable
+    in X's dtype (a matrix of subnormal numbers is scaled up by ``2^{k_max}`` only, to ``max |X_ij|
+    >= 2^-21`` in float32); a zero matrix has ``e = 0``.
+
+    Args:
+        X: ``(..., m, n)`` floating-point tensor.
+        representable: clamp ``e`` so that ``2^{-e}`` is representable in X's dtype.
+
+    Returns:
+        ``(..., 1, 1)`` int32 tensor.
+    """
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    e = torch.frexp(amax).exponent
+    return e.clamp_min(-_max_exponent(X.dtype)) if representable else e
+
+
+def _times_pow2(X: Tensor, k: Tensor) -> Tensor:
+    """``X 2^k`` per matrix, exactly, also where ``2^k`` itself is not representable (two factors)."""
+    top = _max_exponent(X.dtype)
+    k1 = k.clamp(-top, top)
+    Y = X * pow2(k1, X.dtype)
+    if bool((k1 != k).any()):  # only for matrices of subnormal numbers
+        Y = Y * pow2(k - k1, X.dtype)
+    return Y
+
+
+def pow2(e: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2^e`` (exact: integer ``e`` with ``2^e`` representable in ``dtype``)."""
+    return torch.pow(2.0, e.to(torch.float64)).to(dtype)
+
+
+def _raw_scale_is_bounded(p: float, dtype: torch.dtype, m: int, n: int) -> bool:
+    """Whether ``U diag(s^p) V^T`` of *every* finite ``(m, n)`` matrix in ``dtype`` fits float32 and
+    ``dtype`` with a margin for the approximate backends (``|O_ij| <= 4 s_max^p``, ``s_max <=
+    sqrt(mn) max |G_ij|``): true for ``p <= 0.9`` in float32/bfloat16 at any practical shape, and
+    for ``p <= 0.6`` in float16 up to ``m n = 2^18``."""
+    top = min(_max_exponent(dtype), _max_exponent(torch.float32))
+    return p * (_max_exponent(dtype) + 1 + 0.5 * math.log2(max(m * n, 1))) + 2 <= top
+
+
+def _restore_raw_scale(O: Tensor, e: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """``O 2^{e p}``: the raw scale of ``U diag(s^p) V^T`` for a batch that was scaled by ``2^{-e}``.
+
+    Computed in the wider of O's dtype and ``dtype``; where the result would exceed ``dtype``'s
+    range (only when the true result itself does, up to the backends' approximation), the factor
+    is capped so that ``max |O_ij|`` is just below ``finfo(dtype).max``: the direction is kept, the
+    output stays finite.
+    """
+    if torch.finfo(dtype).max > torch.finfo(O.dtype).max:
+        O = O.to(dtype)
+    factor = torch.exp2(e.to(torch.float64) * p)
+    m, n = O.shape[-2:]
+    if not _raw_scale_is_bounded(p, dtype, m, n):
+        amax = O.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float64)
+        cap = 0.99 * torch.finfo(dtype).max / amax.clamp_min(torch.finfo(torch.float64).tiny)
+        factor = torch.minimum(factor, cap)
+    return O * factor.clamp_max(torch.finfo(O.dtype).max).to(O.dtype)
 
 
 def ns_working_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
@@ -150,6 +231,14 @@ def polar(
             :func:`ns_working_dtype`), a ``torch.dtype``, or ``None`` to keep G's dtype.
         eps: floor of the Frobenius norm, so a zero matrix maps to zero.
 
+    Any finite G gives a finite result: before the cast to the working dtype and the Frobenius norm,
+    G is scaled by a power of two (:func:`pow2_exponent`) to ``max |G_ij|`` in [1/2, 1). That
+    scaling is exact and commutes with rounding, so the result is bit-identical to the unscaled
+    iteration (and to ``torch.optim.Muon``'s) wherever that one neither over- nor underflows; there
+    it is the polar factor instead of zeros (``torch.optim.Muon``'s norm overflows for ``||G||_F``
+    above ~1.8e19 in float32 and ~65504 in float16). ``eps`` keeps its meaning, a floor on
+    ``||G||_F`` of the unscaled G.
+
     Returns:
         ``(..., m, n)`` tensor in the working dtype.
     """
@@ -159,14 +248,19 @@ def polar(
         raise ValueError(f"Invalid number of Newton-Schulz steps: {steps} (must be >= 0)")
     a, b, c = coefficients
     dtype = ns_working_dtype(dtype, G.device)
-    X = G if dtype is None else G.to(dtype)
+    e = pow2_exponent(G)
+    X = G * pow2(-e, G.dtype)
+    X = X if dtype is None else X.to(dtype)
+    # the floor eps on ||G||_F, in the scaled units (computed in float64: may be inf for tiny G)
+    floor = (eps * pow2(-e, torch.float64)).clamp_max(torch.finfo(X.dtype).max).to(X.dtype)
     batch_shape = X.shape[:-2]
     if X.ndim > 3:
         X = X.reshape(-1, *X.shape[-2:])
+        floor = floor.reshape(-1, 1, 1)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    X = X / torch.maximum(X.norm(dim=(-2, -1), keepdim=True), floor)
     for _ in range(steps):
         A = X @ X.mT
         B = _addmm(A, A, A, beta=b, alpha=c)
@@ -342,7 +436,13 @@ def _ns_backend(
         return P
     dtype = compute_dtype or torch.float32
     Xc = X.to(dtype)
+    # The nested roots apply p' = p truncated to max_roots bits, so the Gram power is taken of the
+    # Frobenius-normalised X (an orthogonally invariant scale) and ||X||_F^p restores the exact scale
+    # law f(cX) = c^p f(X).
     root = Xc @ Xc.mT
+    fro2 = root.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(torch.finfo(dtype).tiny)
+    root = root / fro2
+    fro = fro2.sqrt()
     power: Tensor | None = None
     exponent = p / 2.0
     for k in range(1, max_roots + 1):
@@ -354,8 +454,8 @@ def _ns_backend(
             exponent -= bit
             power = root if power is None else power @ root
     if power is None:  # p/2 < 2**-max_roots: the Gram power is the identity to that precision
-        return P
-    return power @ P.to(dtype)
+        return P * fro.pow(p).to(P.dtype)
+    return (power * fro.pow(p)) @ P.to(dtype)
 
 
 register_backend(
@@ -451,6 +551,12 @@ def spectral_power(
     result scales as ``||G||^p``; ``scale="muon_rms"`` rescales it to Frobenius norm
     ``sqrt(min(m, n))``, the norm of an exact polar factor: scale-invariant, with Muon's RMS.
 
+    Every finite ``G`` gives a finite result, in every dtype and at every magnitude: backends see
+    the batch scaled by a power of two to ``max |G_ij|`` in [1/2, 1) (exact; see
+    :class:`Backend`'s ``scale_safe``), and the raw scale ``2^(e p)`` is restored in float64 where
+    needed. The restored result is capped at the dtype's range only where the true result itself
+    exceeds it (``p`` near 1 with ``||G||_2`` beyond ``finfo(G.dtype).max``).
+
     Args:
         G: ``(..., m, n)`` tensor (any leading batch).
         p: exponent in [0, 1].
@@ -479,14 +585,28 @@ def spectral_power(
     m, n = G.shape[-2:]
     if G.numel() == 0:
         return torch.zeros_like(G)
+    p = float(p)
+    if spectrum == "power" and p == 1.0 and scale == "raw":
+        return G.clone()  # U S V^T = G, exactly
     X = G.reshape(-1, m, n)
     transposed = m > n
     if transposed:
         X = X.mT
-    O = backend.fn(X, float(p), spectrum, **options)
+    if backend.scale_safe and _raw_scale_is_bounded(p, G.dtype, m, n):
+        O = backend.fn(X, p, spectrum, **options)
+    else:
+        # Any finite input: the backend sees max |X_ij| in [1/2, 1) (an exact power-of-two scaling),
+        # so no Gram matrix, norm or root can over- or underflow; the raw scale is restored after.
+        e = pow2_exponent(X, representable=False)
+        O = backend.fn(_times_pow2(X, -e), p, spectrum, **options)
+        if scale == "raw" and spectrum == "power" and p > 0.0:
+            O = _restore_raw_scale(O, e, p, G.dtype)
     if transposed:
         O = O.mT
     if scale == "muon_rms":
-        norm = O.norm(dim=(-2, -1), keepdim=True)
-        O = O * torch.where(norm > 0, math.sqrt(min(m, n)) / norm.clamp_min(torch.finfo(O.dtype).tiny), 0.0)
+        norm = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+        factor = torch.where(
+            norm > 0, math.sqrt(min(m, n)) / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0
+        )
+        O = O * factor.to(O.dtype)
     return O.to(G.dtype).reshape(G.shape)

@@ -1,28 +1,34 @@
-"""``htmuon esd``: layer-wise ESD power-law alpha of a checkpoint or a model.
+"""``htmuon esd``: layer-wise ESD power-law alpha of one or more checkpoints or models.
 
-    htmuon esd CHECKPOINT_OR_MODEL [--fit ks|median|fix-finger] [--csv F] [--plot F]
+    htmuon esd TARGET [TARGET ...] [--fit ks|median|fix-finger] [--csv F] [--plot F] [--allow-pickle]
 
-CHECKPOINT_OR_MODEL is a ``.pt``/``.pth`` file holding a state_dict (or a dict with one under
-``"model"``), or ``package.module:factory``, a callable that takes no arguments and returns an
-``nn.Module`` (e.g. ``torchvision.models:resnet18``). Prints the per-layer table as markdown.
+Each TARGET is a checkpoint file or folder that :func:`~htmuon.diagnostics.readers.open_checkpoint`
+reads (a Hugging Face model folder with safetensors or ``pytorch_model.bin``, sharded or not; a
+torch.distributed.checkpoint folder; an htmuon run folder or ``ckpt.pt``; a Lightning ``.ckpt``; a
+``.pt``/``.pth`` state_dict), or ``package.module:factory``, a callable that takes no arguments and
+returns an ``nn.Module`` (e.g. ``torchvision.models:resnet18``). One target: its per-layer table as
+markdown. Several: one alpha column per target, side by side, labelled by the run or folder name.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import os
 import sys
 
-from .esd import METHODS
+from .esd import COLUMNS, METHODS
 from .powerlaw import FITS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "target",
-        metavar="CHECKPOINT_OR_MODEL",
-        help="a .pt/.pth state_dict checkpoint, or package.module:factory returning an nn.Module",
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="a checkpoint file or folder (Hugging Face, DCP, htmuon run, Lightning .ckpt, .pt state_dict), "
+        "or package.module:factory returning an nn.Module; several targets are compared side by side",
     )
     parser.add_argument(
         "--fit",
@@ -30,19 +36,52 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="ks",
         help="xmin rule: 'ks' (WeightWatcher's default), 'median' (the paper's), 'fix-finger'; default ks",
     )
-    parser.add_argument("--csv", metavar="F", help="write the full per-layer table to this CSV file")
-    parser.add_argument("--plot", metavar="F", help="write a PNG of layer-wise alpha (needs matplotlib)")
+    parser.add_argument(
+        "--csv",
+        metavar="F",
+        help="write the full per-layer table to this CSV file (several targets: with a 'target' column)",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="F",
+        help="write a PNG of layer-wise alpha, one series per target (needs matplotlib)",
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="the label of a target in the table and plot, once per target in order "
+        "(default: the run or folder name)",
+    )
     parser.add_argument("--layers", metavar="REGEX", help="analyse only layers whose name matches REGEX")
     parser.add_argument("--device", default=None, help="compute device (default: where the weights are)")
     parser.add_argument("--method", choices=METHODS, default="auto", help="eigenvalue method (default auto)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load files that pickle Python objects (torch.save(model)); this EXECUTES CODE from "
+        "the file: only for files you trust",
+    )
 
 
-def _load_target(target: str):
-    from htmuon.cli import UserError
+def _is_factory(target: str) -> bool:
+    return (
+        ":" in target and not os.path.exists(target) and not target.endswith((".pt", ".pth", ".bin", ".ckpt"))
+    )
+
+
+def _load_target(target: str, allow_pickle: bool = False):
+    """A :class:`~.readers.Checkpoint` for a path, or the ``nn.Module`` a factory returns."""
+    from htmuon.errors import UserError
+
+    from .readers import open_checkpoint
 
     if os.path.exists(target):
-        return target
-    if ":" in target and not target.endswith((".pt", ".pth", ".bin")):
+        try:
+            return open_checkpoint(target, allow_pickle=allow_pickle)
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from e
+    if _is_factory(target):
         mod_name, _, attr = target.partition(":")
         try:
             module = importlib.import_module(mod_name)
@@ -57,28 +96,133 @@ def _load_target(target: str):
         if not isinstance(obj, torch.nn.Module):
             raise UserError(f"{target!r} gave a {type(obj).__name__}, not an nn.Module")
         return obj
-    raise UserError(f"no such checkpoint file: {target!r} (or give package.module:factory for a model)")
+    raise UserError(
+        f"no such checkpoint file or folder: {target!r} (or give package.module:factory for a model)"
+    )
+
+
+def target_labels(targets: list[str]) -> list[str]:
+    """One distinct label per target: a folder's name, a file's folder name (the run; ``run/file``
+    when several files of one folder are given), a factory as given; equal labels get their parent
+    folders until they differ, then ``#k``.
+
+    Example:
+        >>> target_labels(["runs/a/ckpt.pt", "runs/b/ckpt.pt", "hf/llama"])
+        ['a', 'b', 'llama']
+    """
+    paths = [None if _is_factory(t) else os.path.abspath(t) for t in targets]
+    files = [p for p in paths if p is not None and not os.path.isdir(p)]
+    chains: list[list[str]] = []
+    for t, p in zip(targets, paths):
+        if p is None:
+            chains.append([t])
+            continue
+        parts = [x for x in p.split(os.sep) if x] or [p]
+        if p in files and len(parts) > 1:
+            shared = sum(os.path.dirname(f) == os.path.dirname(p) for f in files) > 1
+            parts = parts if shared else parts[:-1]  # the run folder; with its siblings, the file too
+            first = len(parts) - (2 if shared else 1)
+        else:
+            first = len(parts) - 1
+        chains.append(["/".join(parts[i:]) for i in range(first, -1, -1)])
+    level = [0] * len(targets)
+    while True:
+        labels = [c[min(k, len(c) - 1)] for c, k in zip(chains, level)]
+        dup = [i for i, lab in enumerate(labels) if labels.count(lab) > 1 and level[i] < len(chains[i]) - 1]
+        if not dup:
+            break
+        for i in dup:
+            level[i] += 1
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if labels.count(lab) == 1 else f"{lab}#{seen[lab]}")
+    return out
+
+
+def _check_output(path: str, flag: str) -> None:
+    """Fail before the analysis if ``path`` cannot be written (folders are created as needed)."""
+    from htmuon.errors import UserError
+
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {flag} {path!r}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {flag} {path!r}: {folder!r} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {flag} {path!r}: permission denied")
+
+
+def _write_csv(reports: dict, path: str) -> str:
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    if len(reports) == 1:
+        return next(iter(reports.values())).to_csv(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["target", *COLUMNS])
+        w.writeheader()
+        for label, rep in reports.items():
+            for r in rep.rows:
+                w.writerow({"target": label, **r, "shape": "x".join(map(str, r["shape"]))})
+    return path
 
 
 def main(args: argparse.Namespace) -> int:
-    from htmuon.cli import UserError
+    from htmuon.errors import UserError
 
-    from .esd import analyze
+    from .esd import alpha_table, analyze
 
-    obj = _load_target(args.target)
-    try:
-        report = analyze(obj, fit=args.fit, layers=args.layers, device=args.device, method=args.method)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        raise UserError(str(e)) from e
-    print(report.to_markdown())
+    targets = list(args.targets)
+    if args.label is not None and len(args.label) != len(targets):
+        raise UserError(
+            f"--label given {len(args.label)} times for {len(targets)} targets; give one per target"
+        )
+    labels = list(args.label) if args.label is not None else target_labels(targets)
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--label values must differ, got {labels}")
+    for path, flag in ((args.csv, "--csv"), (args.plot, "--plot")):
+        if path:
+            _check_output(path, flag)
+
+    reports = {}
+    for target, label in zip(targets, labels):
+        obj = _load_target(target, args.allow_pickle)
+        try:
+            report = analyze(obj, fit=args.fit, layers=args.layers, device=args.device, method=args.method)
+        except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+            msg = " ".join(str(e).strip("'\"").splitlines())
+            raise UserError(msg if target in msg else f"{target}: {msg}") from e
+        finally:
+            if hasattr(obj, "close"):
+                obj.close()
+        for note in report.meta.get("notes", []):
+            print(f"{label}: {note}", file=sys.stderr)
+        reports[label] = report
+
+    if len(reports) == 1:
+        print(next(iter(reports.values())).to_markdown())
+    else:
+        print(alpha_table(reports))
+        print()
+        for (label, rep), target in zip(reports.items(), targets):
+            print(f"- {label}: {target} ({rep.meta['source'].split(' ')[0]}), {len(rep)} layers", end="")
+            print(f", skipped {len(rep.skipped)}" if rep.skipped else "")
     if args.csv:
-        print(f"wrote {report.to_csv(args.csv)}", file=sys.stderr)
+        try:
+            print(f"wrote {_write_csv(reports, args.csv)}", file=sys.stderr)
+        except OSError as e:
+            raise UserError(f"cannot write --csv {args.csv!r}: {e.strerror or e}") from e
     if args.plot:
         try:
             from .plots import plot_layer_alpha
 
-            label = os.path.basename(args.target) if isinstance(obj, str) else args.target
-            print(f"wrote {plot_layer_alpha({label: report}, args.plot)}", file=sys.stderr)
+            print(f"wrote {plot_layer_alpha(reports, args.plot)}", file=sys.stderr)
         except ImportError as e:
             raise UserError(str(e)) from e
+        except OSError as e:
+            raise UserError(f"cannot write --plot {args.plot!r}: {e.strerror or e}") from e
     return 0

@@ -1,6 +1,7 @@
 """Layer-wise empirical spectral densities (ESDs) and their heavy-tail metrics.
 
-:func:`analyze` takes a model, a state_dict, a checkpoint path or a single tensor, picks the
+:func:`analyze` takes a model, a state_dict, a checkpoint file or folder (:mod:`.readers`; read
+one batch of layers at a time) or a single tensor, picks the
 weight matrices WeightWatcher would analyse, computes their eigenvalues batched by shape on the
 weights' device, fits the power-law exponent ``alpha`` (:mod:`.powerlaw`) and returns an
 :class:`ESDReport` with WeightWatcher's columns.
@@ -38,10 +39,8 @@ Differences from WeightWatcher, all deliberate:
 from __future__ import annotations
 
 import csv
-import importlib
 import math
 import os
-import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .powerlaw import EVALS_THRESH, FITS, _check_fit, fit_powerlaw
+from .readers import Checkpoint, TensorMeta, open_checkpoint
 
 __all__ = [
     "COLUMNS",
@@ -60,6 +60,7 @@ __all__ = [
     "KINDS",
     "METHODS",
     "ESDReport",
+    "alpha_table",
     "analyze",
     "layer_eigenvalues",
 ]
@@ -83,6 +84,9 @@ UNDER_TRAINED_ALPHA = 6.0
 ENTROPY_EPS = 1e-10
 #: Upper bound on the elements stacked into one eigenvalue batch (memory, not speed).
 _BATCH_ELEMS = 1 << 25
+#: The same bound when weights are read from a checkpoint file batch by batch (32 MiB in float64):
+#: peak memory then follows this, not the checkpoint's size.
+_STREAM_BATCH_ELEMS = 1 << 22
 
 #: Columns of :attr:`ESDReport.rows`, in order.
 COLUMNS = (
@@ -198,6 +202,48 @@ class ESDReport:
         return "\n".join(lines)
 
 
+def alpha_table(reports: Mapping[str, ESDReport], digits: int = 4) -> str:
+    """Side-by-side markdown: one row per layer, one alpha column per report, then the mean alpha.
+
+    Layers are in the order of the first report (layers only in later reports follow); a layer a
+    report lacks is blank.
+
+    Args:
+        reports: ``{label: ESDReport}``, e.g. one per run.
+        digits: significant digits.
+
+    Returns:
+        The table, with a header line naming the fit(s).
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+        >>> print(alpha_table({"a": analyze(m), "b": analyze(m)}).splitlines()[2])
+        | layer | a | b |
+    """
+    if not isinstance(reports, Mapping) or not reports:
+        raise ValueError("reports must be a non-empty dict {label: ESDReport}")
+    for label, rep in reports.items():
+        if not isinstance(rep, ESDReport):
+            raise TypeError(f"reports[{label!r}] is a {type(rep).__name__}, not an ESDReport")
+    alphas = {label: rep.alphas for label, rep in reports.items()}
+    names = list(dict.fromkeys(n for a in alphas.values() for n in a))
+    labels = [str(lab).replace("|", "\\|") for lab in reports]
+    fits = ", ".join(f"`{f}`" for f in dict.fromkeys(rep.fit for rep in reports.values()))
+
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.{digits}g}"
+
+    lines = [
+        f"ESD power-law alpha per layer (fit: {fits}); {len(names)} layers, {len(reports)} targets",
+        "",
+        "| layer | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    lines += ["| " + n + " | " + " | ".join(fmt(a.get(n)) for a in alphas.values()) + " |" for n in names]
+    lines.append("| **mean** | " + " | ".join(fmt(rep.mean_alpha) for rep in reports.values()) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -205,13 +251,17 @@ class ESDReport:
 class _Layer:
     name: str
     kind: str
-    weight: Tensor
-    N: int = 0
-    M: int = 0
-    rf: int = 1
-    mats: Tensor | None = None  # (B, a, b): the matrices whose eigenvalues are pooled
+    shape: tuple[int, ...]
+    N: int
+    M: int
+    rf: int
+    layout: str  # how the weight becomes the matrices: "matrix", "conv2d", "conv1d-slices", "conv1d-ww"
+    mats_shape: tuple[int, int, int]  # (B, a, b): the matrices whose eigenvalues are pooled
     keep_top: int | None = None  # keep only the largest keep_top eigenvalues (conv1d="ww")
     scale: float = 1.0  # eigenvalue scale (0.5 for Conv2d slices)
+    weight: Tensor | None = None  # in memory; None: read from the checkpoint when its batch is computed
+    key: str = ""  # the tensor's name in the checkpoint
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def _module_kind(module: nn.Module) -> str | None:
@@ -235,67 +285,35 @@ def _module_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _shape_kind(t: Tensor) -> str | None:
-    return {2: "linear", 3: "conv1d", 4: "conv2d"}.get(t.ndim)
+def _shape_kind(t: Tensor | TensorMeta) -> str | None:
+    return {2: "linear", 3: "conv1d", 4: "conv2d"}.get(len(t.shape))
 
 
-def _resolve_global(qualname: str) -> Any:
-    module, _, attr = qualname.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+#: A candidate layer: (name, kind or None, weight -- a tensor, a checkpoint's TensorMeta, or None --,
+#: the tensor's key in the checkpoint).
+_Cand = tuple[str, "str | None", "Tensor | TensorMeta | None", str]
 
 
-def _torch_load(path: str) -> Any:
-    """``torch.load(weights_only=True)``, also admitting the numpy arrays a training checkpoint's
-    RNG state holds (numpy's array/dtype reconstruction only: no arbitrary code runs)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-        names = unsafe(path) if unsafe is not None else []
-        if names and all(n.startswith("numpy.") for n in names):
-            try:
-                objs = [_resolve_global(n) for n in names]
-                import numpy.dtypes  # the dtype classes (UInt32DType, ...) arrays are rebuilt with
-
-                objs += [c for c in vars(numpy.dtypes).values() if isinstance(c, type)]
-            except (ImportError, AttributeError):
-                objs = None
-            if objs is not None:
-                with torch.serialization.safe_globals(objs):
-                    return torch.load(path, map_location="cpu", weights_only=True)
-        what = ", ".join(names) or "other objects"
-        raise ValueError(
-            f"cannot load {path!r} with weights_only=True (it pickles {what}); "
-            "if you trust the file, load it yourself and pass its state_dict: "
-            "analyze(torch.load(path, weights_only=False)['model'])"
-        ) from e
-    except Exception as e:  # zip/format errors come in many types
-        raise ValueError(f"cannot read {path!r} as a torch checkpoint (.pt/.pth state_dict): {e}") from e
+def _state_dict_cands(items: Iterable[tuple[str, Tensor | TensorMeta]]) -> list[_Cand]:
+    """Floating 2-4-D tensors whose key ends in ``weight`` (biases, norms and buffers are not layers)."""
+    cands = []
+    for key, t in items:
+        if not (t.is_floating_point() if isinstance(t, Tensor) else t.is_floating_point):
+            continue
+        if not str(key).endswith("weight"):
+            continue
+        kind = _shape_kind(t)
+        if kind is None:
+            continue  # 1-D weights: norms, not matrices
+        name = str(key)[: -len(".weight")] if str(key).endswith(".weight") else str(key)
+        cands.append((name, kind, t, str(key)))
+    return cands
 
 
-def _load_path(path: str | os.PathLike) -> Mapping[str, Tensor]:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    obj = _torch_load(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if isinstance(obj, Tensor):
-        return {"tensor": obj}
-    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(
-            f"{path!r} holds a {type(obj).__name__}, not a state_dict (name -> tensor) "
-            "or a dict with one under 'model'"
-        )
-    return obj
-
-
-def _collect(obj: Any) -> tuple[list[tuple[str, str | None, Tensor | None]], str]:
-    """Candidate layers as ``(name, kind or None, weight or None)`` and a description of obj."""
-    if isinstance(obj, (str, os.PathLike)):
-        obj = _load_path(obj)
+def _collect(obj: Any) -> tuple[list[_Cand], str]:
+    """Candidate layers and a description of obj (a module, a state_dict, a tensor or a Checkpoint)."""
+    if isinstance(obj, Checkpoint) and obj.module is not None:
+        obj = obj.module
     if isinstance(obj, nn.Module):
         cands = []
         for name, m in obj.named_modules():
@@ -303,7 +321,7 @@ def _collect(obj: Any) -> tuple[list[tuple[str, str | None, Tensor | None]], str
             if kind is None:
                 continue
             w = getattr(m, "weight", None)
-            cands.append((name or type(m).__name__, kind, w if isinstance(w, Tensor) else None))
+            cands.append((name or type(m).__name__, kind, w if isinstance(w, Tensor) else None, ""))
         return cands, f"model {type(obj).__name__}"
     if isinstance(obj, Tensor):
         if obj.ndim not in (2, 3, 4):
@@ -311,46 +329,59 @@ def _collect(obj: Any) -> tuple[list[tuple[str, str | None, Tensor | None]], str
                 f"expected a weight tensor with 2 (linear), 3 (conv1d) or 4 (conv2d) dims, "
                 f"got shape {tuple(obj.shape)}"
             )
-        return [("tensor", _shape_kind(obj), obj)], "tensor"
+        return [("tensor", _shape_kind(obj), obj, "")], "tensor"
+    if isinstance(obj, Checkpoint):
+        return _state_dict_cands(obj.entries.items()), f"{obj.format} checkpoint {obj.path!r}"
     if isinstance(obj, Mapping):
-        cands = []
-        for key, t in obj.items():
-            if not (isinstance(t, Tensor) and t.is_floating_point() and str(key).endswith("weight")):
-                continue
-            kind = _shape_kind(t)
-            if kind is None:
-                continue  # 1-D weights: norms, not matrices
-            name = str(key)[: -len(".weight")] if str(key).endswith(".weight") else str(key)
-            cands.append((name, kind, t))
-        return cands, "state_dict"
+        return _state_dict_cands((k, t) for k, t in obj.items() if isinstance(t, Tensor)), "state_dict"
     raise TypeError(
-        f"analyze() takes an nn.Module, a state_dict, a checkpoint path or a tensor, got {type(obj).__name__}"
+        "analyze() takes an nn.Module, a state_dict, a checkpoint path or Checkpoint, or a tensor, "
+        f"got {type(obj).__name__}"
     )
 
 
 def _prepare(
     name: str,
     kind: str,
-    w: Tensor,
+    w: Tensor | TensorMeta,
     conv1d: str,
     conv2d_norm: bool,
+    key: str = "",
 ) -> _Layer | str:
-    """Shape the weight into matrices; return a skip reason (str) if the layer can't be used."""
-    w = w.detach()
-    if kind == "conv2d" and w.ndim == 4:
-        out, inp, kh, kw = w.shape
-        mats = w.permute(2, 3, 0, 1).reshape(kh * kw, out, inp)
-        return _Layer(name, kind, w, max(out, inp), min(out, inp), kh * kw, mats, None,
-                      CONV2D_NORM if conv2d_norm else 1.0)  # fmt: skip
-    if kind == "conv1d" and w.ndim == 3:
-        out, inp, k = w.shape
+    """The layer's geometry from its weight's shape; a skip reason (str) if the layer can't be used."""
+    shape = tuple(w.shape)
+    weight = w.detach() if isinstance(w, Tensor) else None
+    dev = weight.device if weight is not None else torch.device("cpu")
+    common = {"weight": weight, "key": key, "device": dev}
+    if kind == "conv2d" and len(shape) == 4:
+        out, inp, kh, kw = shape
+        return _Layer(name, kind, shape, max(out, inp), min(out, inp), kh * kw, "conv2d", (kh * kw, out, inp),
+                      scale=CONV2D_NORM if conv2d_norm else 1.0, **common)  # fmt: skip
+    if kind == "conv1d" and len(shape) == 3:
+        out, inp, k = shape
         if conv1d == "slices":
-            return _Layer(name, kind, w, max(out, inp), min(out, inp), k, w.permute(2, 0, 1))
+            return _Layer(
+                name, kind, shape, max(out, inp), min(out, inp), k, "conv1d-slices", (k, out, inp), **common
+            )
         # WeightWatcher 0.7.7 + SciPy >= 1.15: batched over out of (in x k), top min(shape) values
-        return _Layer(name, kind, w, max(w.shape), min(w.shape), 1, w, keep_top=min(w.shape))
-    if w.ndim == 2:  # linear, embedding, and 2-D "conv1d" (Hugging Face GPT-2 Conv1D)
-        return _Layer(name, kind, w, max(w.shape), min(w.shape), 1, w.unsqueeze(0))
-    return f"{kind} weight has {w.ndim} dims {tuple(w.shape)}"
+        return _Layer(
+            name, kind, shape, max(shape), min(shape), 1, "conv1d-ww", shape, keep_top=min(shape), **common
+        )
+    if len(shape) == 2:  # linear, embedding, and 2-D "conv1d" (Hugging Face GPT-2 Conv1D)
+        return _Layer(name, kind, shape, max(shape), min(shape), 1, "matrix", (1, *shape), **common)
+    return f"{kind} weight has {len(shape)} dims {shape}"
+
+
+def _matrices(L: _Layer, w: Tensor) -> Tensor:
+    """The ``(B, a, b)`` matrices of a layer's weight (views where possible)."""
+    w = w.detach()
+    if L.layout == "conv2d":
+        return w.permute(2, 3, 0, 1).reshape(L.mats_shape)
+    if L.layout == "conv1d-slices":
+        return w.permute(2, 0, 1)
+    if L.layout == "conv1d-ww":
+        return w
+    return w.unsqueeze(0)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -389,23 +420,43 @@ def _eigs(mats: Tensor, method: str) -> Tensor:
     return torch.linalg.eigvalsh(g).clamp_min(0.0)
 
 
-def _batched_eigenvalues(layers: list[_Layer], device_of, dtype, method) -> list[Tensor]:
-    """Sorted (ascending) pooled eigenvalues per layer, batched over same-shape matrices."""
+def _batched_eigenvalues(
+    layers: list[_Layer],
+    device: torch.device | None,
+    dtype: torch.dtype,
+    method: str,
+    source: Checkpoint | None = None,
+    batch_elems: int = _BATCH_ELEMS,
+) -> list[Tensor]:
+    """Sorted (ascending) pooled eigenvalues per layer, batched over same-shape matrices.
+
+    Layers without an in-memory weight are read from ``source`` one batch at a time (at most
+    ``batch_elems`` elements, or one layer), checked for non-finite entries, and dropped after it.
+    """
     groups: dict[tuple, list[int]] = {}
     for i, L in enumerate(layers):
-        dev = device_of(L.weight)
-        groups.setdefault((str(dev), tuple(L.mats.shape)), []).append(i)
+        groups.setdefault((str(device or L.device), L.mats_shape), []).append(i)
     out: list[Tensor | None] = [None] * len(layers)
     for (_, shape), ids in groups.items():
-        per = max(1, _BATCH_ELEMS // max(1, math.prod(shape)))
+        per = max(1, batch_elems // max(1, math.prod(shape)))
         for a in range(0, len(ids), per):
             chunk = ids[a : a + per]
-            dev = device_of(layers[chunk[0]].weight)
-            parts = [layers[i].mats.to(device=dev) for i in chunk]
+            dev = device or layers[chunk[0]].device
+            lazy = [layers[i] for i in chunk if layers[i].weight is None]
+            loaded = source.load([L.key for L in lazy]) if lazy else {}
+            for L in lazy:
+                _check_finite(L.name, loaded[L.key])
+            parts = [
+                _matrices(L, L.weight if L.weight is not None else loaded[L.key]).to(device=dev)
+                for L in (layers[i] for i in chunk)
+            ]
+            del loaded
             if len({p.dtype for p in parts}) > 1:
                 parts = [p.to(dtype) for p in parts]
             mats = torch.stack(parts).to(dtype)  # stack in the weights' dtype, convert once
+            del parts
             ev = _eigs(mats.reshape(-1, *shape[-2:]), method).reshape(len(chunk), -1)
+            del mats
             ev = torch.sort(ev, dim=1).values
             for j, i in enumerate(chunk):
                 e = ev[j]
@@ -454,7 +505,7 @@ def layer_eigenvalues(
         raise ValueError(L)
     dev = _resolve_device(device) or weight.device
     dt = _resolve_dtype(dev, dtype)
-    return _batched_eigenvalues([L], lambda _: dev, dt, _resolve_method(method, dt))[0]
+    return _batched_eigenvalues([L], dev, dt, _resolve_method(method, dt))[0]
 
 
 def _check_finite(name: str, w: Tensor) -> None:
@@ -514,7 +565,7 @@ def _row(L: _Layer, ev: Tensor, fit: str, thresh: float, method: str) -> dict[st
     return {
         "name": L.name,
         "kind": L.kind,
-        "shape": tuple(L.weight.shape),
+        "shape": L.shape,
         "N": L.N,
         "M": L.M,
         "rf": L.rf,
@@ -570,9 +621,12 @@ def analyze(
                                                          (p = lambda / sum lambda)
 
     Args:
-        obj: an ``nn.Module``; a state_dict (name -> tensor); a path to a ``.pt``/``.pth`` file
-            holding a state_dict, or a dict with one under ``"model"`` (or ``"state_dict"``); or one
-            weight tensor (2-D linear, 3-D conv1d, 4-D conv2d).
+        obj: an ``nn.Module``; a state_dict (name -> tensor); a checkpoint file or folder path
+            (Hugging Face safetensors or ``pytorch_model.bin``, sharded or not; DCP; Lightning
+            ``.ckpt``; a ``.pt``/``.pth`` state_dict or a dict with one under ``"model"``) or a
+            :class:`~.readers.Checkpoint` (:func:`~.readers.open_checkpoint`), whose weights are
+            read one batch of layers at a time; or one weight tensor (2-D linear, 3-D conv1d,
+            4-D conv2d).
         fit: xmin rule, one of ``"ks"`` (WeightWatcher's default), ``"median"`` (the paper's
             estimator default), ``"fix-finger"``; see :mod:`htmuon.diagnostics.powerlaw`.
         layers: keep only these layers: a regex (``re.search`` on the name), a collection of
@@ -606,21 +660,32 @@ def analyze(
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"Invalid {k}: {v!r}; expected an int >= 0 (0 = no limit)")
     keep = _layer_filter(layers)
-    cands, what = _collect(obj)
     dev = _resolve_device(device)
-    first = next((w.device for _, _, w in cands if w is not None), torch.device("cpu"))
+    if isinstance(obj, (str, os.PathLike)):
+        with open_checkpoint(obj) as ckpt:
+            return _analyze(ckpt, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, conv1d,
+                            conv2d_norm, thresh)  # fmt: skip
+    return _analyze(
+        obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, conv1d, conv2d_norm, thresh
+    )
+
+
+def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, conv1d, conv2d_norm, thresh):
+    cands, what = _collect(obj)
+    source = obj if isinstance(obj, Checkpoint) and obj.module is None else None
+    first = next((w.device for _, _, w, _ in cands if isinstance(w, Tensor)), torch.device("cpu"))
     dt = _resolve_dtype(dev or first, dtype)
     meth = _resolve_method(method, dt)
 
     todo: list[_Layer] = []
     skipped: list[tuple[str, str]] = []
-    for name, kind, w in cands:
+    for name, kind, w, key in cands:
         if not keep(name):
             continue
         if w is None:
             skipped.append((name, "no weight"))
             continue
-        L = _prepare(name, kind, w, conv1d, conv2d_norm)
+        L = _prepare(name, kind, w, conv1d, conv2d_norm, key)
         if isinstance(L, str):
             skipped.append((name, L))
             continue
@@ -632,7 +697,8 @@ def analyze(
         elif max_N and L.N > max_N:
             skipped.append((name, f"N={L.N} > max_N={max_N}"))
         else:
-            _check_finite(name, L.weight)
+            if L.weight is not None:  # a checkpoint's weights are checked when read
+                _check_finite(name, L.weight)
             todo.append(L)
 
     if not todo:
@@ -643,8 +709,8 @@ def analyze(
         why = "; ".join(f"{n}: {r}" for n, r in skipped) or "no layer matched the `layers` filter"
         raise ValueError(f"nothing to analyze in the {what}: every candidate layer was skipped ({why})")
 
-    device_of = (lambda w: dev) if dev is not None else (lambda w: w.device)
-    evs = _batched_eigenvalues(todo, device_of, dt, meth)
+    budget = _STREAM_BATCH_ELEMS if source is not None else _BATCH_ELEMS
+    evs = _batched_eigenvalues(todo, dev, dt, meth, source, budget)
     rows = [_row(L, ev, fit, thresh, meth) for L, ev in zip(todo, evs)]
     meta = {
         "source": what,
@@ -659,4 +725,6 @@ def analyze(
         "conv2d_norm": conv2d_norm,
         "fits": FITS,
     }
+    if isinstance(obj, Checkpoint) and obj.notes:
+        meta["notes"] = list(obj.notes)
     return ESDReport(rows=rows, fit=fit, skipped=skipped, meta=meta)

@@ -71,8 +71,9 @@ def plot_layer_alpha(
 ) -> str:
     """Layer-wise power-law alpha, one line per report (e.g. per optimizer), side by side.
 
-    Layers are placed in the order of the first report (layers only in later reports follow);
-    a dashed line marks each report's mean alpha, given in the legend.
+    Layers are placed in the order of the first report (layers only in later reports follow), and
+    every series is drawn in that order; a dashed line marks each report's mean alpha, given in the
+    legend.
 
     Args:
         reports: ``{label: ESDReport}``, e.g. ``{"Muon": analyze(m1), "HTMuon": analyze(m2)}``.
@@ -101,8 +102,10 @@ def plot_layer_alpha(
     ax = fig.add_subplot()
     for k, (label, rep) in enumerate(reports.items()):
         color = f"C{k % 10}"
-        xs = [pos[r["name"]] for r in rep.rows if math.isfinite(r["alpha"])]
-        ys = [r["alpha"] for r in rep.rows if math.isfinite(r["alpha"])]
+        # in the shared layer order, so a report that lists its layers in another order (safetensors
+        # sorts names) is drawn left to right, not back and forth
+        pts = sorted((pos[r["name"]], r["alpha"]) for r in rep.rows if math.isfinite(r["alpha"]))
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
         ax.plot(
             xs, ys, marker="o", ms=3.5, lw=1.0, color=color, label=f"{label} (mean α = {rep.mean_alpha:.2f})"
         )

@@ -100,12 +100,6 @@ def list_presets() -> None:
     print("model presets (--model): " + ", ".join(MODEL_PRESETS))
 
 
-def torch_distributed_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def main(args: argparse.Namespace) -> int:
     from htmuon.cli import UserError
     from htmuon.train.config import make_config
@@ -120,19 +114,15 @@ def main(args: argparse.Namespace) -> int:
     cfg = make_config(preset.config if preset else None, args.config, config_overrides(args), strings=True)
     summary = train(
         cfg,
-        resume=args.resume,
+        resume="required" if args.resume else False,  # --resume of a folder without a run: an error
         stop_after=args.stop_after,
         preset_lrs=preset.lrs if preset else None,
         argv=sys.argv,
     )
-    if torch_distributed_initialized():  # under torchrun: rank 0 reports
-        import torch.distributed as dist
+    from htmuon import torchrun
 
-        rank = dist.get_rank()
-        dist.barrier()  # no rank tears gloo down while a peer still has collectives in flight
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    if torchrun.finish() != 0:  # under torchrun: rank 0 reports
+        return 0
     if summary["stopped"]:
         print(
             f"stopped after step {summary['steps_done']}; "

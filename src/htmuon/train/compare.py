@@ -1,19 +1,38 @@
-"""``htmuon compare``: a grid of optimizers x seeds (x learning rates) and its report.
+"""``htmuon compare``: a grid of optimizers x seeds x learning rates, tuned fairly, and its report.
 
     htmuon compare --preset quick                       # AdamW, Muon, HTMuon; 1 seed
     htmuon compare --preset quick --seeds 0,1,2 --optimizers muon,htmuon,htmuon:method=ns
-    htmuon compare --preset quick --lr-grid muon=0.01,0.02,0.04 htmuon=0.01,0.02,0.04
+    htmuon compare --preset quick --lr-grid muon=0.005,0.01,0.02 htmuon=0.04,0.08,0.16 \
+        --adamw-lr-grid muon=1e-3,3e-3,1e-2 htmuon=1e-3,3e-3,1e-2 --tune-seeds 100 --seeds 0,1,2 \
+        --extend-edges 2
 
 An optimizer spec is a name (``htmuon.train.optimizers.OPTIMIZERS``) with optional config
 overrides, ``name:key=value,key=value`` (e.g. ``htmuon:method=ns,p=0.25``). Every cell is an
-ordinary ``htmuon train`` run in OUT/SPEC/lrLR/seedSEED; a finished cell is reused and a
-killed one resumed, so re-running the same command continues the grid. With several learning
-rates the best one per optimizer is picked by mean final validation loss over seeds (accuracy
-for image models), as the paper's grid search does; the table reports that lr.
+ordinary ``htmuon train`` run in OUT/SPEC/lrLR[-alrLR]/seedSEED; a finished cell is reused and
+a killed one resumed, so re-running the same command continues the grid. A cell is locked
+(``cell.lock``, O_EXCL, holding the pid) while it runs, so two ``compare`` processes on one
+folder share the grid instead of running a cell twice; a lock left by a dead process is taken over.
 
-Writes OUT/results.md (the table), OUT/results.json, OUT/val_curves.png and, when
-``htmuon.diagnostics`` is available, OUT/alpha.png (layer-wise alpha per optimizer) and, for runs
-with ``--alpha-every N``, OUT/alpha_curves.png (mean alpha over training).
+The protocol:
+
+- the grid is the matrix lr (``--lr-grid``; AdamW's own lr for ``adamw``) x the AdamW-part lr
+  (``--adamw-lr-grid``, the Muon family only: embeddings, head, norms under routing "standard");
+- the best cell per optimizer is the lowest mean final validation loss (highest accuracy for
+  image models) over the *selection* seeds: ``--tune-seeds`` when given, and the best cell is then
+  re-run on ``--seeds`` for the reported numbers; without ``--tune-seeds`` selection and report
+  share the seeds, and the report says so;
+- a best value at the edge of what was tried is flagged in the table; ``--extend-edges N`` adds
+  up to N values beyond such an edge (the grid's own ratio) and runs them, on the selection seeds;
+- seeds are paired across optimizers (same initialisation and batches), so the report gives the
+  per-seed differences to Muon, mean ± std;
+- a learning rate not tuned by this grid (the preset's or the optimizer's default) is said to
+  be so, with a warning when the preset's lr was tuned at another steps/routing/model.
+
+Writes OUT/results.md (the tables and notes), OUT/results.json, OUT/val_curves.png,
+OUT/lr_grid.png (loss against each lr tried, Fig. 12 style), OUT/p_grid.png (loss against p
+when the specs differ in p, Fig. 8 style) and, when ``htmuon.diagnostics`` is available,
+OUT/alpha.png (layer-wise alpha per optimizer) and, for runs with ``--alpha-every N``,
+OUT/alpha_curves.png (mean alpha over training).
 """
 
 from __future__ import annotations
@@ -26,11 +45,15 @@ import os
 import platform
 import re
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
 
 GRID_FIELDS = ("optimizer", "seed", "lr", "out_dir")
+LOCK_NAME = "cell.lock"
+#: how long a compare process waits between looks at cells another process holds
+LOCK_POLL_S = 5.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,12 +68,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="SPECS",
         help="comma-separated optimizer specs, e.g. adamw,muon,htmuon:method=ns",
     )
-    parser.add_argument("--seeds", metavar="LIST", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--seeds", metavar="LIST", help="comma-separated seeds reported, e.g. 0,1,2")
+    parser.add_argument(
+        "--tune-seeds",
+        metavar="LIST",
+        help="seeds the lr grid is run and selected on (not reported); the best cell then runs on --seeds",
+    )
     parser.add_argument(
         "--lr-grid",
         nargs="+",
         metavar="NAME=LR,LR",
-        help="learning rates per optimizer name or spec, e.g. muon=0.01,0.02 htmuon=0.02,0.04",
+        help="matrix lrs (adamw: its lr) per optimizer name or spec, e.g. muon=0.01,0.02 htmuon=0.02,0.04",
+    )
+    parser.add_argument(
+        "--adamw-lr-grid",
+        nargs="+",
+        metavar="NAME=LR,LR",
+        help="AdamW-part lrs per Muon-family name or spec, e.g. muon=1e-3,3e-3 htmuon=1e-3,3e-3",
+    )
+    parser.add_argument(
+        "--extend-edges",
+        type=int,
+        default=0,
+        metavar="N",
+        help="up to N rounds adding an lr beyond a best value at the edge of its grid [default: 0]",
+    )
+    parser.add_argument(
+        "--models",
+        metavar="LIST",
+        help="a size scan: the whole protocol once per model preset in OUT/MODEL, then gap_vs_params.png",
     )
     parser.add_argument(
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
@@ -94,18 +140,18 @@ def parse_list(text: str, kind, what: str) -> list:
     return items
 
 
-def parse_lr_grid(items: list[str] | None) -> dict[str, list[float]]:
+def parse_lr_grid(items: list[str] | None, flag: str = "--lr-grid") -> dict[str, list[float]]:
     from htmuon.cli import UserError
 
     out: dict[str, list[float]] = {}
     for item in items or []:
         key, eq, values = item.partition("=")
         if not eq:
-            raise UserError(f"--lr-grid expects NAME=LR,LR..., got '{item}'")
-        lrs = parse_list(values, float, f"--lr-grid {key}")
+            raise UserError(f"{flag} expects NAME=LR,LR..., got '{item}'")
+        lrs = parse_list(values, float, f"{flag} {key}")
         if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-            raise UserError(f"--lr-grid {key}: learning rates must be > 0, got '{values}'")
-        out[key] = lrs
+            raise UserError(f"{flag} {key}: learning rates must be > 0, got '{values}'")
+        out[key] = sorted(set(lrs))
     return out
 
 
@@ -113,68 +159,374 @@ def safe_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec.replace(":", "__"))
 
 
-def plan_grid(args: argparse.Namespace):
-    """(base config, [(spec, lr, seed, cfg)], preset, out) for the command line."""
-    from htmuon.cli import UserError
-    from htmuon.train.cli import config_overrides, get_preset
-    from htmuon.train.config import make_config
-    from htmuon.train.loop import resolve_config
-
-    preset = get_preset(args.preset)
-    if preset is None and not args.optimizers:
-        raise UserError("give --preset (e.g. quick) or --optimizers")
-    specs = args.optimizers.split(",") if args.optimizers else list(preset.optimizers)
-    specs = [s.strip() for s in specs if s.strip()]
-    # a spec's own overrides contain commas: re-join "name:k=v,k=v" pieces split above
+def split_specs(text: str) -> list[str]:
+    """Comma-separated specs; a spec's own overrides contain commas ("name:k=v,k=v") and are re-joined."""
     joined: list[str] = []
-    for s in specs:
+    for s in (s.strip() for s in text.split(",")):
+        if not s:
+            continue
         if joined and "=" in s and ":" not in s and ":" in joined[-1]:
             joined[-1] += "," + s
         else:
             joined.append(s)
-    specs = joined
+    return joined
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the grid: an optimizer spec at (lr, AdamW-part lr) and a seed."""
+
+    spec: str
+    lr: float
+    adamw_lr: float | None  # None for adamw (it has no separate AdamW part)
+    seed: int
+    cfg: object  # the resolved TrainConfig, out_dir set
+    phase: str  # "select" (the lr grid) or "report" (the best cell on the reported seeds)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a ``compare`` command runs: specs, seeds, lr grids, and how to build a cell."""
+
+    specs: list[str]
+    seeds: list[int]
+    tune_seeds: list[int] | None
+    lrs: dict[str, list[float | None]]  # None: not gridded (the spec's/preset's/default lr)
+    adamw_lrs: dict[str, list[float | None]]  # None: the config's adamw_lr; absent for adamw
+    out: Path
+    name: str
+    preset: object
+    base_overrides: dict[str, str]
+    config_file: str | None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def select_seeds(self) -> list[int]:
+        return self.tune_seeds if self.tune_seeds else self.seeds
+
+    def cell(self, spec: str, lr: float | None, adamw_lr: float | None, seed: int, phase: str) -> Cell:
+        from htmuon.train.config import make_config
+        from htmuon.train.loop import resolve_config
+
+        opt_name, spec_over = parse_spec(spec)
+        over = {**self.base_overrides, **spec_over, "optimizer": opt_name, "seed": str(seed)}
+        if lr is not None:
+            over["lr"] = repr(lr)
+        if adamw_lr is not None:
+            over["adamw_lr"] = repr(adamw_lr)
+        preset = self.preset
+        cfg = make_config(preset.config if preset else None, self.config_file, over, strings=True)
+        cfg = resolve_config(cfg, preset.lrs if preset else None)
+        alr = None if opt_name == "adamw" else cfg.adamw_lr
+        leaf = f"lr{cfg.lr:g}" + ("" if alr is None else f"-alr{alr:g}")
+        run_dir = self.out / safe_name(spec) / leaf / f"seed{seed}"
+        return Cell(spec, cfg.lr, alr, seed, dataclasses.replace(cfg, out_dir=str(run_dir)), phase)
+
+    def select_cells(self) -> list[Cell]:
+        return [
+            self.cell(spec, lr, alr, seed, "select")
+            for spec in self.specs
+            for lr in self.lrs[spec]
+            for alr in self.adamw_lrs.get(spec, [None])
+            for seed in self.select_seeds
+        ]
+
+
+def plan_grid(args: argparse.Namespace) -> Plan:
+    """The Plan for a command line: specs, seeds, grids; notes on what the grid does not tune."""
+    from htmuon.cli import UserError
+    from htmuon.train.cli import config_overrides, get_preset
+
+    preset = get_preset(args.preset)
+    if preset is None and not args.optimizers:
+        raise UserError("give --preset (e.g. quick) or --optimizers")
+    specs = split_specs(args.optimizers) if args.optimizers else list(preset.optimizers)
     if len(set(specs)) != len(specs):
         raise UserError(f"--optimizers lists a spec twice: {','.join(specs)}")
     seeds = parse_list(args.seeds, int, "--seeds") if args.seeds else list(preset.seeds if preset else (0,))
+    tune_seeds = (
+        parse_list(args.tune_seeds, int, "--tune-seeds") if getattr(args, "tune_seeds", None) else None
+    )
+    if tune_seeds and set(tune_seeds) & set(seeds):
+        raise UserError(
+            f"--tune-seeds {args.tune_seeds} and --seeds {','.join(map(str, seeds))} overlap: "
+            "selection seeds must not be reported"
+        )
+    extend = getattr(args, "extend_edges", 0) or 0
+    if extend < 0:
+        raise UserError(f"--extend-edges must be >= 0, got {extend}")
     grid = {k: list(v) for k, v in (preset.lr_grid.items() if preset else [])}
     grid.update(parse_lr_grid(args.lr_grid))
-    base_overrides = config_overrides(args, exclude=GRID_FIELDS)
+    agrid = parse_lr_grid(getattr(args, "adamw_lr_grid", None), "--adamw-lr-grid")
     name = args.preset or "custom"
     out = Path(args.compare_out or f"runs/compare-{name}").expanduser()
-    cells = []
+    plan = Plan(
+        specs, seeds, tune_seeds, {}, {}, out, name, preset,
+        config_overrides(args, exclude=GRID_FIELDS), args.config,
+    )  # fmt: skip
+    for key in [*grid, *agrid]:
+        if key not in specs and key not in {parse_spec(s)[0] for s in specs}:
+            raise UserError(f"lr grid for '{key}', which is not among the optimizers ({','.join(specs)})")
     for spec in specs:
         opt_name, spec_over = parse_spec(spec)
-        lrs = grid.get(spec) or grid.get(opt_name) or [None]
+        lrs = grid.get(spec) or grid.get(opt_name)
         if "lr" in spec_over:
-            lrs = [None]
-        for lr in lrs:
-            for seed in seeds:
-                over = {**base_overrides, **spec_over, "optimizer": opt_name, "seed": str(seed)}
-                if lr is not None:
-                    over["lr"] = repr(lr)
-                cfg = make_config(preset.config if preset else None, args.config, over, strings=True)
-                cfg = resolve_config(cfg, preset.lrs if preset else None)
-                run_dir = out / safe_name(spec) / f"lr{cfg.lr:g}" / f"seed{seed}"
-                cells.append((spec, cfg.lr, seed, dataclasses.replace(cfg, out_dir=str(run_dir))))
-    return cells, preset, out, name
+            lrs = None
+        plan.lrs[spec] = list(lrs) if lrs else [None]
+        alrs = agrid.get(spec) or agrid.get(opt_name)
+        if opt_name == "adamw":
+            if alrs:
+                raise UserError("adamw has no AdamW part: tune its lr with --lr-grid adamw=...")
+        else:
+            plan.adamw_lrs[spec] = list(alrs) if alrs and "adamw_lr" not in spec_over else [None]
+    plan.notes = untuned_notes(plan)
+    extend_note = f" (up to {extend} round(s) of extension at a grid edge)" if extend else ""
+    if plan.tune_seeds:
+        plan.notes.insert(
+            0,
+            f"lrs selected on seeds {_seeds(plan.tune_seeds)}{extend_note}; the reported numbers are the "
+            f"best cells re-run on seeds {_seeds(seeds)} (not used for selection).",
+        )
+    elif any(len(v) > 1 for v in [*plan.lrs.values(), *plan.adamw_lrs.values()]):
+        plan.notes.insert(
+            0,
+            f"selection and report share seeds {_seeds(seeds)}{extend_note}: the best cell's mean is "
+            "optimistic (pass --tune-seeds for selection on separate seeds).",
+        )
+    return plan
 
 
-def run_grid(cells, preset, quiet: bool = False) -> list[dict]:
+def _seeds(seeds) -> str:
+    return ",".join(map(str, seeds))
+
+
+def untuned_notes(plan: Plan) -> list[str]:
+    """One line per spec whose lr (or AdamW-part lr) this grid does not tune, saying where it comes from."""
+    from htmuon.train.optimizers import OPTIMIZERS
+
+    notes = []
+    preset = plan.preset
+    tuned_at = dict(getattr(preset, "tuned_at", None) or {})
+    for spec in plan.specs:
+        opt_name, spec_over = parse_spec(spec)
+        cell = plan.cell(
+            spec, plan.lrs[spec][0], plan.adamw_lrs.get(spec, [None])[0], plan.select_seeds[0], ""
+        )
+        cfg = cell.cfg
+        if plan.lrs[spec] == [None]:
+            if "lr" in spec_over:
+                notes.append(f"{spec}: lr {cfg.lr:g} set in the spec, not tuned here.")
+            elif "lr" in plan.base_overrides:
+                notes.append(f"{spec}: lr {cfg.lr:g} from --lr, not tuned here.")
+            elif preset is not None and opt_name in preset.lrs:
+                differ = [
+                    f"{k}={getattr(cfg, k)!r} (tuned at {v!r})"
+                    for k, v in tuned_at.items()
+                    if getattr(cfg, k) != v
+                ]
+                where = ", ".join(f"{k}={v!r}" for k, v in tuned_at.items()) or "an unrecorded setting"
+                line = f"{spec}: lr {cfg.lr:g} is the preset's, tuned at {where}; not tuned here"
+                if differ:
+                    line += f". WARNING: reused under {', '.join(differ)}: re-tune with --lr-grid"
+                notes.append(line + ".")
+            else:
+                notes.append(
+                    f"{spec}: lr {OPTIMIZERS[opt_name]['lr']:g} is the optimizer's default, never tuned."
+                )
+        if opt_name != "adamw" and plan.adamw_lrs[spec] == [None]:
+            notes.append(
+                f"{spec}: AdamW-part lr {cfg.adamw_lr:g} fixed, not tuned (--adamw-lr-grid {opt_name}=...)."
+            )
+    return notes
+
+
+# ----------------------------------------------------------------------------- cell locks
+
+
+def _lock_owner(path: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except FileNotFoundError:
+        return None
+    except ValueError:  # being written right now, or foreign: treat as held
+        return -1, ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_is_stale(path: Path) -> bool:
+    """True when the lock at ``path`` names a dead process on this host (or is gone)."""
+    owner = _lock_owner(path)
+    if owner is None:
+        return True
+    pid, host = owner
+    return pid > 0 and host == socket.gethostname() and not _alive(pid)
+
+
+def acquire_lock(path: Path) -> bool:
+    """Create ``path`` with O_EXCL holding "PID HOST"; take over a lock of a dead process. False if held.
+
+    A takeover is itself guarded by an O_EXCL "PATH.takeover" file, so two processes that both find
+    a stale lock cannot remove each other's fresh one."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not lock_is_stale(path):
+                return False
+            guard = path.with_name(path.name + ".takeover")
+            if not acquire_lock_plain(guard):
+                return False
+            try:
+                if lock_is_stale(path):
+                    path.unlink(missing_ok=True)
+            finally:
+                guard.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return True
+    return False
+
+
+def acquire_lock_plain(path: Path) -> bool:
+    """O_EXCL create of ``path`` with "PID HOST"; a leftover of a dead process is removed first."""
+    if path.exists() and lock_is_stale(path):
+        path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    return True
+
+
+def release_lock(path: Path) -> None:
+    """Remove ``path`` if this process holds it."""
+    if _lock_owner(path) == (os.getpid(), socket.gethostname()):
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LOCK_POLL_S) -> list[dict]:
+    """Train (or reuse) every cell; a cell locked by another live process is waited for, not run twice."""
     from htmuon.train.loop import train
 
-    summaries = []
-    for i, (spec, lr, seed, cfg) in enumerate(cells, 1):
-        if not quiet:
-            print(
-                f"[{i}/{len(cells)}] {spec} lr={lr:g} seed={seed} -> {cfg.out_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
-        s = train(cfg, resume=True, preset_lrs=preset.lrs if preset else None)
-        if s.get("mean_alpha") is None and s["finished"] and cfg.alpha:
-            s["mean_alpha"] = final_mean_alpha(Path(cfg.out_dir))  # a run finished before diagnostics existed
-        summaries.append({**s, "spec": spec})
-    return summaries
+    done: dict[int, dict] = {}
+    pending = list(range(len(cells)))
+    while pending:
+        waiting = []
+        for i in pending:
+            c = cells[i]
+            run_dir = Path(c.cfg.out_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = run_dir / LOCK_NAME
+            if not acquire_lock(lock):
+                waiting.append(i)
+                continue
+            try:
+                if not quiet:
+                    alr = "" if c.adamw_lr is None else f" adamw_lr={c.adamw_lr:g}"
+                    print(
+                        f"[{len(done) + 1}/{len(cells)}] {c.spec} lr={c.lr:g}{alr} seed={c.seed} "
+                        f"-> {run_dir}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                s = train(c.cfg, resume=True, preset_lrs=preset.lrs if preset else None)
+            finally:
+                release_lock(lock)
+            if s.get("mean_alpha") is None and s["finished"] and c.cfg.alpha:
+                s["mean_alpha"] = final_mean_alpha(run_dir)  # a run finished before diagnostics existed
+            done[i] = {**s, "spec": c.spec, "adamw_lr": c.adamw_lr, "phase": c.phase, "p": c.cfg.p}
+            done[i].update(weight_decay=c.cfg.weight_decay, wd_mode=c.cfg.wd_mode)
+        if waiting and len(waiting) == len(pending):
+            if not quiet:
+                print(f"waiting for {len(waiting)} cell(s) another process runs", file=sys.stderr, flush=True)
+            time.sleep(poll_s)
+        pending = waiting
+    return [done[i] for i in range(len(cells))]
+
+
+def _next_value(values: list[float], high: bool) -> float:
+    """One step beyond the edge of a sorted grid, at the ratio of its two outermost values."""
+    if high:
+        return float(f"{values[-1] * values[-1] / values[-2]:.3g}")
+    return float(f"{values[0] * values[0] / values[1]:.3g}")
+
+
+def edge_flags(rows: list[dict], best: dict) -> dict[str, str | None]:
+    """Per lr dimension of ``best``: "low"/"high" if it is the lowest/highest value tried along its line
+    (the other lr held at the best's), "fixed" if only one value was tried, else None."""
+    out: dict[str, str | None] = {}
+    for dim, other in (("lr", "adamw_lr"), ("adamw_lr", "lr")):
+        if best.get(dim) is None:
+            continue
+        tried = sorted({r[dim] for r in rows if r["spec"] == best["spec"] and r[other] == best[other]})
+        if len(tried) == 1:
+            out[dim] = "fixed"
+        elif best[dim] == tried[0]:
+            out[dim] = "low"
+        elif best[dim] == tried[-1]:
+            out[dim] = "high"
+        else:
+            out[dim] = None
+    return out
+
+
+def extension_cells(plan: Plan, agg: dict) -> list[Cell]:
+    """Cells one step beyond each best value at a low/high edge, on the selection seeds.
+
+    A new value of one lr is paired with every value tried of the other, so the grid stays a full
+    product (each best value then has a whole line of neighbours to be judged against)."""
+    cells = []
+    for spec, best in agg["best"].items():
+        flags = edge_flags(agg["rows"], best)
+        rows = [r for r in agg["rows"] if r["spec"] == spec]
+        for dim, other in (("lr", "adamw_lr"), ("adamw_lr", "lr")):
+            if flags.get(dim) not in ("low", "high"):
+                continue
+            tried = sorted({r[dim] for r in rows if r[other] == best[other]})
+            new = _next_value(tried, flags[dim] == "high")
+            for o in sorted({r[other] for r in rows}, key=lambda v: v or 0.0):
+                lr, alr = (new, o) if dim == "lr" else (o, new)
+                cells += [plan.cell(spec, lr, alr, seed, "select") for seed in plan.select_seeds]
+    return cells
+
+
+def run_plan(plan: Plan, extend_edges: int = 0, quiet: bool = False, poll_s: float = LOCK_POLL_S) -> dict:
+    """Select (grid, edge extensions) then report (best cells on --seeds when --tune-seeds is given)."""
+    select = run_cells(plan.select_cells(), plan.preset, quiet, poll_s)
+    rounds = 0
+    for _ in range(extend_edges):
+        new = extension_cells(plan, aggregate(select))
+        if not new:
+            break
+        rounds += 1
+        select += run_cells(new, plan.preset, quiet, poll_s)
+    if plan.tune_seeds:
+        best = aggregate(select)["best"]
+        cells = [
+            plan.cell(spec, b["lr"], b["adamw_lr"], seed, "report")
+            for spec, b in best.items()
+            for seed in plan.seeds
+        ]
+        report = run_cells(cells, plan.preset, quiet, poll_s)
+    else:
+        report = select
+    return {"select": select, "report": report, "extension_rounds": rounds}
 
 
 def _final_model(run_dir: Path):
@@ -219,16 +571,17 @@ def fmt(m: float | None, s: float | None, digits: int = 3) -> str:
 
 
 def aggregate(summaries: list[dict]) -> dict:
-    """Per (spec, lr): mean ± std over seeds; per spec: the best lr on validation."""
+    """Per (spec, lr, AdamW-part lr): mean ± std over seeds; per spec: the best cell on validation."""
     task = "image" if any(s.get("final_val_acc") is not None for s in summaries) else "lm"
-    cells: dict[tuple[str, float], list[dict]] = {}
+    cells: dict[tuple, list[dict]] = {}
     for s in summaries:
-        cells.setdefault((s["spec"], s["lr"]), []).append(s)
+        cells.setdefault((s["spec"], s["lr"], s.get("adamw_lr")), []).append(s)
     rows = []
-    for (spec, lr), runs in cells.items():
+    for (spec, lr, alr), runs in cells.items():
         loss = [r["final_val_loss"] for r in runs]
-        row = {"spec": spec, "lr": lr, "seeds": [r["seed"] for r in runs], "n": len(runs)}
+        row = {"spec": spec, "lr": lr, "adamw_lr": alr, "seeds": [r["seed"] for r in runs], "n": len(runs)}
         row["val_loss"] = mean_std(loss)
+        row["losses"] = dict(zip(row["seeds"], loss))
         if task == "lm":
             row["val_ppl"] = mean_std(
                 [math.exp(min(v, 50.0)) if math.isfinite(v) else math.inf for v in loss]
@@ -237,11 +590,14 @@ def aggregate(summaries: list[dict]) -> dict:
             row["val_acc"] = mean_std(
                 [r["final_val_acc"] if r["final_val_acc"] is not None else 0.0 for r in runs]
             )
+            row["accs"] = {r["seed"]: r["final_val_acc"] or 0.0 for r in runs}
         ms = [r["ms_per_step"] for r in runs if r.get("ms_per_step")]
         row["ms_per_step"] = mean_std(ms) if ms else (None, None)
         alphas = [r["mean_alpha"] for r in runs if r.get("mean_alpha") is not None]
         row["mean_alpha"] = mean_std(alphas) if alphas else (None, None)
         row["run_dirs"] = [r["run_dir"] for r in runs]
+        for key in ("weight_decay", "wd_mode", "p"):
+            row[key] = runs[0].get(key)
         rows.append(row)
     best: dict[str, dict] = {}
     for row in rows:
@@ -253,14 +609,58 @@ def aggregate(summaries: list[dict]) -> dict:
     return {"task": task, "rows": rows, "best": best}
 
 
-def markdown_table(agg: dict) -> str:
+def paired_differences(agg: dict, ref: str) -> dict[str, dict]:
+    """Per spec: (metric of spec - metric of ``ref``) per shared seed at the best cells, mean ± std.
+
+    The metric is the final validation loss (accuracy for image models); seeds are paired: a seed
+    gives every optimizer the same initial model and the same batches."""
+    key = "accs" if agg["task"] == "image" else "losses"
+    base = agg["best"][ref][key]
+    out = {}
+    for spec, row in agg["best"].items():
+        if spec == ref:
+            continue
+        seeds = [s for s in row[key] if s in base]
+        diffs = {s: row[key][s] - base[s] for s in seeds}
+        finite = [d for d in diffs.values() if math.isfinite(d)]
+        out[spec] = {"per_seed": diffs, "mean_std": mean_std(finite) if finite else (None, None)}
+    return out
+
+
+def reference_spec(agg: dict) -> str:
+    return "muon" if "muon" in agg["best"] else next(iter(agg["best"]))
+
+
+def _tried(values) -> str:
+    return "/".join(f"{v:g}" for v in sorted(values))
+
+
+def _flag(flag: str | None) -> str:
+    return {"low": " **EDGE (low)**", "high": " **EDGE (high)**", "fixed": " (fixed)"}.get(flag or "", "")
+
+
+def decay_per_step(row: dict, lr: float | None) -> float | None:
+    """The weight decay applied per step at peak lr: lr x wd (torch's convention) or wd ("independent")."""
+    wd = row.get("weight_decay")
+    if wd is None or lr is None:
+        return None
+    return wd if row.get("wd_mode") == "independent" else lr * wd
+
+
+def markdown_table(agg: dict, select: dict | None = None) -> str:
+    """The report: per optimizer its best cell (lrs tried, edge flags, decay), paired differences, all cells.
+
+    ``select``: the aggregate of the selection runs when they differ from ``agg`` (``--tune-seeds``)."""
+    select = select or agg
     task, best = agg["task"], agg["best"]
-    ref = best.get("muon") or next(iter(best.values()))
+    ref_spec = reference_spec(agg)
+    ref = best[ref_spec]
     ref_ms = ref["ms_per_step"][0]
     metric = "val ppl" if task == "lm" else "val acc (%)"
     lines = [
-        f"| optimizer | lr | seeds | val loss | {metric} | ms/step | time vs {ref['spec']} | mean alpha |",
-        "|---|---|---|---|---|---|---|---|",
+        "| optimizer | lr (tried) | AdamW-part lr (tried) | decay/step (matrix; AdamW part) | seeds "
+        f"| val loss | {metric} | ms/step | time vs {ref_spec} | mean alpha |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec, row in best.items():
         if task == "lm":
@@ -270,23 +670,56 @@ def markdown_table(agg: dict) -> str:
             m = fmt(a[0] * 100, a[1] * 100 if a[1] is not None else None, digits=2)
         ms = row["ms_per_step"][0]
         rel = f"{ms / ref_ms:.2f}x" if ms and ref_ms else "-"
+        sel_best = select["best"].get(spec, row)
+        flags = edge_flags(select["rows"], sel_best)
+        srows = [r for r in select["rows"] if r["spec"] == spec]
+        lr_cell = f"{row['lr']:g} ({_tried(r['lr'] for r in srows if r['adamw_lr'] == sel_best['adamw_lr'])})"
+        lr_cell += _flag(flags.get("lr"))
+        if row["adamw_lr"] is None:
+            alr_cell = "-"
+        else:
+            alr_cell = (
+                f"{row['adamw_lr']:g} ({_tried(r['adamw_lr'] for r in srows if r['lr'] == sel_best['lr'])})"
+            )
+            alr_cell += _flag(flags.get("adamw_lr"))
+        d_m, d_a = decay_per_step(row, row["lr"]), decay_per_step(row, row["adamw_lr"])
+        decay = "-" if d_m is None else f"{d_m:.2g}" + ("" if d_a is None else f"; {d_a:.2g}")
         lines.append(
-            f"| {spec} | {row['lr']:g} | {row['n']} | {fmt(*row['val_loss'], digits=4)} | {m} | "
+            f"| {spec} | {lr_cell} | {alr_cell} | {decay} | {_seeds(row['seeds'])} | "
+            f"{fmt(*row['val_loss'], digits=4)} | {m} | "
             f"{fmt(*row['ms_per_step'], digits=1)} | {rel} | {fmt(*row['mean_alpha'], digits=3)} |"
         )
-    if len(agg["rows"]) > len(best):
+    diffs = paired_differences(agg, ref_spec)
+    if diffs:
+        what = "val loss" if task == "lm" else "val acc"
         lines += [
             "",
-            "All learning rates (best per optimizer in bold):",
+            f"Paired differences to {ref_spec} ({what} of the optimizer minus {ref_spec}'s, same seed, "
+            "best cells):",
             "",
-            "| optimizer | lr | val loss |",
+            "| optimizer | per seed | mean ± std |",
             "|---|---|---|",
         ]
-        for row in sorted(agg["rows"], key=lambda r: (r["spec"], r["lr"])):
+        for spec, d in diffs.items():
+            per = ", ".join(f"s{s}: {v:+.4f}" for s, v in d["per_seed"].items())
+            m, sd = d["mean_std"]
+            ms_txt = "-" if m is None else (f"{m:+.4f}" + ("" if sd is None else f" ± {sd:.4f}"))
+            lines.append(f"| {spec} | {per} | {ms_txt} |")
+    if len(select["rows"]) > len(select["best"]):
+        seeds = sorted({s for r in select["rows"] for s in r["seeds"]})
+        lines += [
+            "",
+            f"All cells tried (selection seeds {_seeds(seeds)}; best per optimizer in bold):",
+            "",
+            "| optimizer | lr | AdamW-part lr | seeds | val loss |",
+            "|---|---|---|---|---|",
+        ]
+        for row in sorted(select["rows"], key=lambda r: (r["spec"], r["lr"], r["adamw_lr"] or 0.0)):
             cell = fmt(*row["val_loss"], digits=4)
-            if best[row["spec"]] is row:
+            if select["best"][row["spec"]] is row:
                 cell = f"**{cell}**"
-            lines.append(f"| {row['spec']} | {row['lr']:g} | {cell} |")
+            alr = "-" if row["adamw_lr"] is None else f"{row['adamw_lr']:g}"
+            lines.append(f"| {row['spec']} | {row['lr']:g} | {alr} | {row['n']} | {cell} |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +764,7 @@ def plot_curves(agg: dict, path: Path) -> None:
                 continue
             y = np.array([[c[s] for s in steps] for c in curves], dtype=float)
             mean = y.mean(0)
-            (line,) = ax.plot(steps, mean, label=f"{spec} (lr {row['lr']:g})", lw=1.5)
+            (line,) = ax.plot(steps, mean, label=_label(spec, row), lw=1.5)
             if len(curves) > 1:
                 sd = y.std(0, ddof=1)
                 ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
@@ -386,7 +819,7 @@ def plot_alpha_curves(agg: dict, path: Path) -> bool:
     fig, (ax,) = _figure(1, 1)
     for spec, (row, steps, y) in series.items():
         mean = y.mean(0)
-        (line,) = ax.plot(steps, mean, label=f"{spec} (lr {row['lr']:g})", lw=1.5, marker="o", ms=3)
+        (line,) = ax.plot(steps, mean, label=_label(spec, row), lw=1.5, marker="o", ms=3)
         if len(y) > 1:
             sd = y.std(0, ddof=1)
             ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
@@ -397,6 +830,67 @@ def plot_alpha_curves(agg: dict, path: Path) -> bool:
     ax.legend(fontsize=8)
     _save(fig, path)
     return True
+
+
+def plot_lr_grid(agg: dict, path: Path) -> bool:
+    """Final validation loss (accuracy) against each lr tried, per optimizer (the paper's Fig. 12 style).
+
+    Left: against the matrix lr, one line per AdamW-part lr; right: against the AdamW-part lr, one
+    line per matrix lr (Muon family). The best cell is ringed. False (nothing written) for a single cell
+    per optimizer."""
+    if all(sum(r["spec"] == spec for r in agg["rows"]) < 2 for spec in agg["best"]):
+        return False
+    key = "val_acc" if agg["task"] == "image" else "val_loss"
+    fig, axes = _figure(1, 2)
+    for ax, dim, other in ((axes[0], "lr", "adamw_lr"), (axes[1], "adamw_lr", "lr")):
+        for spec, best in agg["best"].items():
+            rows = [r for r in agg["rows"] if r["spec"] == spec and r[dim] is not None]
+            for o in sorted({r[other] for r in rows}, key=lambda v: v or 0.0):
+                line = sorted((r for r in rows if r[other] == o), key=lambda r: r[dim])
+                if len(line) < 2 and o != best[other]:
+                    continue
+                xs = [r[dim] for r in line]
+                ys = [r[key][0] if math.isfinite(r[key][0]) else float("nan") for r in line]
+                label = spec + ("" if o is None else f" ({other.replace('_', '-')} {o:g})")
+                (ln,) = ax.plot(xs, ys, marker="o", ms=4, lw=1.2, label=label)
+                if best[other] == o and best[dim] is not None:
+                    ax.plot([best[dim]], [best[key][0]], "o", mfc="none", mec=ln.get_color(), ms=11)
+        ax.set_xscale("log")
+        ax.set(
+            xlabel="matrix lr (adamw: its lr)" if dim == "lr" else "AdamW-part lr",
+            ylabel=key.replace("_", " "),
+        )
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    axes[0].set_title("final validation vs lr (best ringed)")
+    axes[1].set_title("final validation vs AdamW-part lr")
+    _save(fig, path)
+    return True
+
+
+def plot_p_grid(agg: dict, path: Path) -> bool:
+    """Best final validation loss against the spectral power p (Fig. 8 style; p = 0 is Muon), mean ± std.
+
+    False (nothing written) unless the Muon-family specs span at least two values of p."""
+    pts = [(row["p"], spec, row) for spec, row in agg["best"].items() if row.get("p") is not None]
+    if len({p for p, _, _ in pts}) < 2:
+        return False
+    key = "val_acc" if agg["task"] == "image" else "val_loss"
+    fig, (ax,) = _figure(1, 1)
+    for p, spec, row in sorted(pts, key=lambda t: t[0]):
+        m, sd = row[key]
+        ax.errorbar([p], [m], yerr=[sd or 0.0], fmt="o", capsize=3, label=f"{spec} (p={p:g})")
+    ax.set(xlabel="p (spectral power; 0 = Muon)", ylabel=key.replace("_", " "), title="final validation vs p")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def _label(spec: str, row: dict) -> str:
+    alr = "" if row.get("adamw_lr") is None else f", AdamW part {row['adamw_lr']:g}"
+    return f"{spec} (lr {row['lr']:g}{alr})"
 
 
 def _figure(rows: int, cols: int):
@@ -443,22 +937,48 @@ def plot_alpha(reports: dict, path: Path) -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
-def write_report(summaries, out: Path, name: str, command: str, wall_s: float, plots: bool = True) -> dict:
+def write_report(
+    result: dict, out: Path, name: str, command: str, wall_s: float, plots: bool = True, notes=()
+) -> dict:
+    """results.md / results.json / plots for ``run_plan``'s result (or a plain list of run summaries)."""
     from htmuon.train.data import atomic_write_bytes
 
+    if isinstance(result, list):
+        result = {"select": result, "report": result, "extension_rounds": 0}
+    summaries, select_runs = result["report"], result["select"]
     agg = aggregate(summaries)
-    table = markdown_table(agg)
+    sel = aggregate(select_runs) if select_runs is not summaries else agg
+    table = markdown_table(agg, sel)
     files = []
     if plots:
         plot_curves(agg, out / "val_curves.png")
         files.append("val_curves.png")
+        if plot_lr_grid(sel, out / "lr_grid.png"):
+            files.append("lr_grid.png")
+        if plot_p_grid(agg, out / "p_grid.png"):
+            files.append("p_grid.png")
         reports = alpha_reports(agg)
         if reports and plot_alpha(reports, out / "alpha.png"):
             files.append("alpha.png")
         if plot_alpha_curves(agg, out / "alpha_curves.png"):
             files.append("alpha_curves.png")
     cfg0 = json.loads((Path(summaries[0]["run_dir"]) / "config.json").read_text())
-    train_s = sum(s.get("wall_s") or s["elapsed_s"] for s in summaries)
+    all_runs = {s["run_dir"]: s for s in [*select_runs, *summaries]}.values()
+    train_s = sum(s.get("wall_s") or s["elapsed_s"] for s in all_runs)
+    eval_s = [s["final_eval_s"] for s in all_runs if s.get("final_eval_s")]
+    final_eval = (
+        "the whole held-out split"
+        if not cfg0.get("final_eval_batches")
+        else (f"{cfg0['final_eval_batches']} batches")
+    )
+    wd_txt = (
+        f"weight decay {cfg0['weight_decay']} x lr per step (torch's convention)"
+        if cfg0.get("wd_mode", "lr") == "lr"
+        else f"weight decay {cfg0['weight_decay']} per step at peak lr, x the schedule (independent of lr)"
+    )
+    notes = list(notes)
+    if result.get("extension_rounds"):
+        notes.append(f"{result['extension_rounds']} round(s) of grid extension at an edge were run.")
     md = [
         f"# htmuon compare: {name}",
         "",
@@ -466,46 +986,172 @@ def write_report(summaries, out: Path, name: str, command: str, wall_s: float, p
         "",
         f"Machine: {machine()}",
         "",
-        f"Wall time of this command: {wall_s / 60:.1f} min; training time of all {len(summaries)} runs "
+        f"Wall time of this command: {wall_s / 60:.1f} min; training time of all {len(all_runs)} runs "
         f"(steps and evaluations, summed; reused runs included): {train_s / 60:.1f} min.",
         "",
         f"Model {cfg0['model']}, data {cfg0['data']}, {cfg0['steps']} steps (warmup {cfg0['warmup_steps']}, "
         f"cosine to {cfg0['min_lr_ratio']}x), batch {cfg0['batch_size']}x{cfg0['grad_accum']}"
         + (f", seq_len {cfg0['seq_len']}" if agg["task"] == "lm" else "")
-        + f", routing {cfg0['routing']}, weight decay {cfg0['weight_decay']}, "
-        f"AdamW-part lr {cfg0['adamw_lr']:g}.",
+        + f", routing {cfg0['routing']}, {wd_txt}. Periodic evaluations: {cfg0['eval_batches']} batches, "
+        f"a window moving over the held-out split; final metric: {final_eval}"
+        + (f" (median {sorted(eval_s)[len(eval_s) // 2]:.1f} s per run)." if eval_s else "."),
         "",
-        "Final validation metrics at the best lr per optimizer, mean ± sample std over seeds; "
-        "ms/step is the median time of a training step, eval excluded (mean over seeds).",
+        "Final validation metrics at the best cell per optimizer, mean ± sample std over the seeds listed; "
+        "ms/step is the median time of a training step, eval excluded (mean over seeds). An lr marked "
+        "EDGE is the best at the edge of what was tried: the optimum may lie beyond it.",
         "",
         table,
     ]
+    if notes:
+        md += ["Protocol notes:", "", *[f"- {n}" for n in notes], ""]
     md += [f"![{f}]({f})" for f in files]
     atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())
     serial = {
         "task": agg["task"],
         "best": {k: _jsonable(v) for k, v in agg["best"].items()},
-        "rows": [_jsonable(r) for r in agg["rows"]],
-        "runs": summaries,
+        "rows": [_jsonable(r) for r in sel["rows"]],
+        "paired_differences": {
+            k: _jsonable(v) for k, v in paired_differences(agg, reference_spec(agg)).items()
+        },
+        "notes": notes,
+        "runs": list(all_runs),
         "command": command,
         "machine": machine(),
         "wall_s": wall_s,
     }
     atomic_write_bytes(out / "results.json", (json.dumps(serial, indent=2) + "\n").encode())
-    return {"agg": agg, "table": table, "files": files}
+    return {"agg": agg, "table": table, "files": files, "notes": notes}
 
 
 def _jsonable(row: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
 
 
+def size_scan_rows(per_model: dict[str, dict]) -> list[dict]:
+    """Per model, by size: parameters, steps and each spec's paired difference to Muon."""
+    rows = []
+    for model, rep in per_model.items():
+        agg = rep["agg"]
+        ref = reference_spec(agg)
+        run0 = next(r for r in rep["runs"] if r["spec"] == ref)
+        rows.append(
+            {
+                "model": model,
+                "parameters": (run0.get("info") or {}).get("parameters"),
+                "steps": run0.get("steps"),
+                "ref": ref,
+                "ref_loss": agg["best"][ref]["val_loss"],
+                "diffs": {k: v["mean_std"] for k, v in paired_differences(agg, ref).items()},
+                "per_seed": {k: v["per_seed"] for k, v in paired_differences(agg, ref).items()},
+            }
+        )
+    return sorted(rows, key=lambda r: r["parameters"] or 0)
+
+
+def size_scan_table(rows: list[dict]) -> str:
+    specs = list(dict.fromkeys(k for r in rows for k in r["diffs"]))
+    ref = rows[0]["ref"]
+    head = (
+        "| model | parameters | steps | " + f"{ref} val loss | " + " | ".join(f"{s} − {ref}" for s in specs)
+    )
+    lines = [head + " |", "|" + "---|" * (4 + len(specs))]
+    for r in rows:
+        cells = []
+        for spec in specs:
+            m, sd = r["diffs"].get(spec, (None, None))
+            cells.append("-" if m is None else f"{m:+.4f}" + ("" if sd is None else f" ± {sd:.4f}"))
+        n = r["parameters"]
+        lines.append(
+            f"| {r['model']} | {n / 1e6:.2f} M | {r['steps']} | {fmt(*r['ref_loss'], digits=4)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
+    """Paired difference to Muon (final validation loss, mean ± std over seeds) against parameters."""
+    fig, (ax,) = _figure(1, 1)
+    specs = list(dict.fromkeys(k for r in rows for k in r["diffs"]))
+    for spec in specs:
+        pts = [
+            (r["parameters"], *r["diffs"][spec]) for r in rows if r["diffs"].get(spec, (None,))[0] is not None
+        ]
+        if pts:
+            x, m, sd = zip(*pts)
+            ax.errorbar(x, m, yerr=[v or 0.0 for v in sd], marker="o", capsize=3, label=spec)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="parameters",
+        ylabel=f"val loss − {rows[0]['ref']}'s (paired by seed)",
+        title="gap to Muon vs model size (mean ± std over seeds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def main_models(args: argparse.Namespace) -> int:
+    """``--models``: the protocol once per model in OUT/MODEL, then OUT/size_scan.md and gap_vs_params.png."""
+    from htmuon.train.data import atomic_write_bytes
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    name = args.preset or "custom"
+    root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
+    per_model, status = {}, 0
+    for model in models:
+        sub = argparse.Namespace(
+            **{**vars(args), "model": model, "compare_out": str(root / model), "models": None}
+        )
+        status |= main(sub)
+        res = json.loads((root / model / "results.json").read_text())
+        per_model[model] = {"agg": aggregate(_report_runs(res)), "runs": res["runs"]}
+    rows = size_scan_rows(per_model)
+    table = size_scan_table(rows)
+    md = [
+        f"# htmuon compare size scan: {name}",
+        "",
+        f"Models: {', '.join(models)} (each: MODEL/results.md).",
+        "",
+    ]
+    md += ["Paired differences of the final validation loss to Muon at each model's best cells:", "", table]
+    files = []
+    if not args.no_plots:
+        plot_gap_vs_params(rows, root / "gap_vs_params.png")
+        files.append("gap_vs_params.png")
+        md.append("![gap vs parameters](gap_vs_params.png)")
+    atomic_write_bytes(root / "size_scan.md", ("\n".join(md) + "\n").encode())
+    print(table)
+    print(f"wrote {root / 'size_scan.md'}" + "".join(f", {root / f}" for f in files))
+    return status
+
+
+def _report_runs(res: dict) -> list[dict]:
+    """The reported runs of a results.json: the report phase's, else the best cells' (shared seeds)."""
+    runs = res["runs"]
+    report = [r for r in runs if r.get("phase") == "report"]
+    if report:
+        return report
+    best = {(b["spec"], b["lr"], b.get("adamw_lr")) for b in res["best"].values()}
+    return [r for r in runs if (r["spec"], r["lr"], r.get("adamw_lr")) in best]
+
+
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    cells, preset, out, name = plan_grid(args)
-    out.mkdir(parents=True, exist_ok=True)
-    summaries = run_grid(cells, preset)
+    if getattr(args, "models", None):
+        return main_models(args)
+    plan = plan_grid(args)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for note in plan.notes:
+        print(("warning: " if "WARNING" in note else "note: ") + note, file=sys.stderr)
+    result = run_plan(plan, args.extend_edges)
     command = "htmuon " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = write_report(summaries, out, name, command, time.perf_counter() - t0, plots=not args.no_plots)
+    report = write_report(
+        result, plan.out, plan.name, command, time.perf_counter() - t0, not args.no_plots, plan.notes
+    )
     print(report["table"])
-    print(f"wrote {out / 'results.md'}" + "".join(f", {out / f}" for f in report["files"]))
-    return 1 if all(s["diverged"] for s in summaries) else 0  # (a grid is never empty)
+    for note in report["notes"]:
+        print(f"- {note}")
+    print(f"wrote {plan.out / 'results.md'}" + "".join(f", {plan.out / f}" for f in report["files"]))
+    return 1 if all(s["diverged"] for s in result["report"]) else 0  # (a grid is never empty)

@@ -27,20 +27,23 @@ def _key(default, help: str):
 @dataclass
 class TrainConfig:
     # --- model ------------------------------------------------------------------------------
-    model: str = _key("llama-tiny", "llama-{micro,tiny,60m,135m,350m,1b} | resnet-{micro,tiny} | resnet18/34")
+    model: str = _key("llama-tiny", "llama-*, gpt2-*, resnet-*, resnet18/34/50, vit-* (docs/harness.md: all)")
     # --- data -------------------------------------------------------------------------------
     data: str = _key(
         "auto",
-        "auto | shakespeare | FILE.txt | FILE.jsonl | DIR | hf:NAME[:CONFIG] | hf-disk:PATH | digits | "
-        "cifar10:DIR | cifar100:DIR (auto: shakespeare for LLaMA, digits for ResNets)",
+        "auto | shakespeare | FILE.txt/.jsonl | DIR | hf[-cache]:NAME[:CFG] | hf-disk:PATH | digits | "
+        "cifar10:DIR | cifar100:DIR | imagenet:DIR (auto: shakespeare for LLaMA, digits for ResNets)",
     )
     text_field: str = _key("text", "JSONL / datasets field holding the text")
     max_docs: int = _key(0, "read at most this many documents (0 = all; set it for hub datasets)")
     val_fraction: float = _key(0.05, "held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)")
-    vocab_size: int = _key(4096, "BPE vocabulary trained on the train split")
+    vocab_size: int = _key(4096, "BPE vocabulary trained on the train split (unused with --tokenizer)")
+    tokenizer: str = _key("", "a local Hugging Face tokenizer folder (e.g. T5's); '' = train the local BPE")
     seq_len: int = _key(128, "tokens per sequence")
     # --- optimizer --------------------------------------------------------------------------
-    optimizer: str = _key("htmuon", "adamw | muon | htmuon | htmuon-interval | normuon | htmuon-normuon")
+    optimizer: str = _key(
+        "htmuon", "adamw | muon | htmuon | mars | soap | cosmos | ... (docs/harness.md: all)"
+    )
     lr: float | None = _key(None, "matrix-part lr (AdamW: its lr); None = the preset's/optimizer's default")
     adamw_lr: float = _key(1e-3, 'lr of the AdamW part (norms, biases; embeddings + head under "standard")')
     p: float | None = _key(None, "spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)")
@@ -54,10 +57,19 @@ class TrainConfig:
     momentum: float = _key(0.95, "Muon-family momentum (Nesterov)")
     adamw_beta1: float = _key(0.9, "AdamW (and the AdamW part's) beta1")
     adamw_beta2: float = _key(0.95, "AdamW (and the AdamW part's) beta2")
-    weight_decay: float = _key(0.1, "decoupled, on matrices (the paper: 0.1)")
+    weight_decay: float = _key(0.1, "decoupled, on matrices (the paper: 0.1); see wd_mode")
+    wd_mode: str = _key(
+        "lr", "lr (torch: decay lr x wd per step) | independent (wd per step at peak, x schedule)"
+    )
     # --- schedule and budget ----------------------------------------------------------------
     steps: int = _key(300, "optimizer steps")
     warmup_steps: int = _key(30, "linear warmup, then cosine decay to min_lr_ratio of the peak")
+    warmup_fraction: float | None = _key(
+        None, "warmup as a share of steps (the paper's 0.1); wins over warmup_steps"
+    )
+    tokens_per_param: float = _key(
+        0.0, "> 0: steps = this x parameters / tokens per step (a size-scan budget)"
+    )
     min_lr_ratio: float = _key(0.1, "the cosine's floor, a fraction of the peak lr (the paper's 0.1x)")
     batch_size: int = _key(16, "sequences (images) per micro-batch")
     grad_accum: int = _key(1, "micro-batches per optimizer step")
@@ -69,7 +81,10 @@ class TrainConfig:
     seed: int = _key(0, "seed of the model's initialisation and the data order")
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = _key(50, "validation loss/perplexity every N steps (and at the end)")
-    eval_batches: int = _key(16, "validation batches per evaluation (0 = the whole held-out split)")
+    eval_batches: int = _key(
+        16, "validation batches per evaluation, a window rotating over the split (0 = all)"
+    )
+    final_eval_batches: int = _key(0, "validation batches of the evaluation at the end (0 = the whole split)")
     log_every: int = _key(10, "train-loss records / log lines every N steps")
     ckpt_every: int = _key(100, "checkpoint every N steps (and at the end); 0 = only at the end")
     out_dir: str = _key("auto", "the run folder (auto = runs/MODEL-OPTIMIZER-seedSEED)")
@@ -96,6 +111,7 @@ RESUMABLE_CHANGES = frozenset(
 
 CHOICES = {
     "scale": ("raw", "muon_rms"),
+    "wd_mode": ("lr", "independent"),
     "routing": ("standard", "paper"),
     "dtype": ("auto", "fp32", "bf16"),
     "progress": ("auto", "bar", "log", "none"),
@@ -106,6 +122,8 @@ NON_NEGATIVE = (
     "warmup_steps",
     "max_docs",
     "eval_batches",
+    "final_eval_batches",
+    "tokens_per_param",
     "ckpt_every",
     "alpha_every",
     "threads",
@@ -190,7 +208,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)!r}")
-    if cfg.warmup_steps > cfg.steps:
+    if cfg.warmup_fraction is not None and not 0.0 <= cfg.warmup_fraction <= 1.0:
+        raise UserError(f"config key 'warmup_fraction' must be in [0, 1], got {cfg.warmup_fraction!r}")
+    if cfg.warmup_fraction is None and cfg.tokens_per_param == 0 and cfg.warmup_steps > cfg.steps:
         raise UserError(f"warmup_steps ({cfg.warmup_steps}) must not exceed steps ({cfg.steps})")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise UserError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio!r}")
@@ -252,6 +272,8 @@ def make_config(
         ("", overrides or {}, strings),
     ):
         where = source if source.startswith(" in ") else ""
+        if "warmup_steps" in items and "warmup_fraction" not in items:
+            values.pop("warmup_fraction", None)  # a later step count beats an earlier fraction
         for k, v in items.items():
             values[k] = coerce(k, v, from_string=from_string, where=where)
     return validate(TrainConfig(**values))

@@ -23,9 +23,11 @@ default), ``cifar10:DIR`` and ``cifar100:DIR`` (the standard python-pickle batch
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from htmuon.cli import UserError
 
 BUILTIN_CORPORA = {"shakespeare": "shakespeare.txt.gz"}
 CHUNK_CHARS = 8192
-IMAGE_SOURCES = ("digits", "cifar10", "cifar100")
+IMAGE_SOURCES = ("digits", "cifar10", "cifar100", "imagenet")
 
 
 def builtin_corpus_path(name: str = "shakespeare") -> Path:
@@ -265,32 +267,38 @@ class BlockSampler:
 
 
 class TokenData:
-    """Train/val token streams for a causal LM; batches of (input, target) of length seq_len."""
+    """Train/val token streams for a causal LM; batches of (input, target) of length seq_len.
+
+    The streams may be in-memory arrays or ``np.memmap``s of a token cache on disk (the streaming
+    path, :func:`load_token_data`): only the sampled windows are read and widened to int64.
+    """
 
     def __init__(
         self, train_tokens: np.ndarray, val_tokens: np.ndarray, seq_len: int, batch_size: int, seed: int
     ):
-        self.train_tokens = torch.from_numpy(train_tokens.astype(np.int64))
-        self.val_tokens = torch.from_numpy(val_tokens.astype(np.int64))
+        self.train_tokens = train_tokens
+        self.val_tokens = val_tokens
         self.seq_len, self.batch_size = seq_len, batch_size
         self.sampler = BlockSampler((len(train_tokens) - 1) // seq_len, batch_size, seed)
         if (len(val_tokens) - 1) // seq_len < 1:
             raise UserError("the validation split is smaller than one sequence; use a shorter --seq-len")
 
-    def _blocks(self, tokens: torch.Tensor, starts) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blocks(self, tokens: np.ndarray, starts) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
-        idx = torch.as_tensor(np.asarray(starts), dtype=torch.long)[:, None] * T + torch.arange(T + 1)
-        blk = tokens[idx]
+        idx = np.asarray(starts, dtype=np.int64)[:, None] * T + np.arange(T + 1)
+        blk = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
         return blk[:, :-1].contiguous(), blk[:, 1:].contiguous()
 
     def next_batch(self):
         return self._blocks(self.train_tokens, self.sampler.next_indices())
 
-    def val_batches(self, max_batches: int = 0):
+    def val_batches(self, max_batches: int = 0, window: int = 0):
+        """Held-out batches: all, or ``max_batches`` from window number ``window`` (wrapping around)."""
         n = (len(self.val_tokens) - 1) // self.seq_len
         starts = np.arange(n)
         if max_batches:
-            starts = starts[: max_batches * self.batch_size]
+            k = min(n, max_batches * self.batch_size)
+            starts = np.roll(starts, -((window * k) % n))[:k]
         for i in range(0, len(starts), self.batch_size):
             yield self._blocks(self.val_tokens, starts[i : i + self.batch_size])
 
@@ -299,40 +307,96 @@ class TokenData:
         return self.batch_size * self.seq_len
 
 
-class ImageData:
-    """In-memory image classification data (N, C, H, W) float32, normalised per channel."""
+#: CIFAR augmentation: zero padding (the mean, after normalisation) before the random crop.
+CIFAR_CROP_PADDING = 4
 
-    def __init__(self, x_train, y_train, x_val, y_val, num_classes: int, batch_size: int, seed: int):
+
+class ImageData:
+    """In-memory image classification data (N, C, H, W) float32, normalised per channel.
+
+    With ``augment`` (CIFAR), each training image is randomly cropped from its 4-pixel zero-padded
+    version and flipped horizontally with probability 1/2 (the standard CIFAR augmentation), drawn
+    from ``(seed, epoch, position)`` so a resumed run sees the same pixels.
+    """
+
+    def __init__(
+        self,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        num_classes: int,
+        batch_size: int,
+        seed: int,
+        augment: bool = False,
+    ):
         self.x_train, self.y_train = x_train, y_train
         self.x_val, self.y_val = x_val, y_val
         self.num_classes, self.batch_size = num_classes, batch_size
         self.in_channels = x_train.shape[1]
+        self.seed, self.augment = seed, augment
         self.sampler = BlockSampler(len(x_train), batch_size, seed)
 
     def next_batch(self):
+        epoch, position = self.sampler.epoch, self.sampler.index
         idx = torch.as_tensor(self.sampler.next_indices(), dtype=torch.long)
-        return self.x_train[idx], self.y_train[idx]
+        x = self.x_train[idx]
+        if self.augment:
+            x = self._crop_and_flip(x, np.random.default_rng([self.seed, epoch, position]))
+        return x, self.y_train[idx]
 
-    def val_batches(self, max_batches: int = 0):
+    @staticmethod
+    def _crop_and_flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        pad = CIFAR_CROP_PADDING
+        b, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy, dx = rng.integers(0, 2 * pad + 1, size=(2, b))
+        flips = rng.random(b) < 0.5
+        out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+        out[torch.from_numpy(flips)] = out[torch.from_numpy(flips)].flip(-1)
+        return out
+
+    def val_batches(self, max_batches: int = 0, window: int = 0):
+        """Held-out batches: all, or ``max_batches`` from window number ``window`` (wrapping around)."""
         n = len(self.x_val)
+        idx = torch.arange(n)
         if max_batches:
-            n = min(n, max_batches * self.batch_size)
-        for i in range(0, n, self.batch_size):
-            yield self.x_val[i : i + self.batch_size], self.y_val[i : i + self.batch_size]
+            k = min(n, max_batches * self.batch_size)
+            idx = torch.roll(idx, -((window * k) % n))[:k]
+        for i in range(0, len(idx), self.batch_size):
+            j = idx[i : i + self.batch_size]
+            yield self.x_val[j], self.y_val[j]
 
     @property
     def tokens_per_batch(self) -> int:  # samples per batch (the progress bar's throughput unit)
         return self.batch_size
 
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.x_val)
+
 
 def parse_image_source(source: str) -> tuple[str, str | None]:
     name, _, path = source.partition(":")
     if name not in IMAGE_SOURCES:
-        raise UserError(f"unknown image dataset '{source}' (choose digits, cifar10:DIR or cifar100:DIR)")
+        raise UserError(
+            f"unknown image dataset '{source}' "
+            "(choose digits, cifar10:DIR, cifar100:DIR or imagenet:DIR[@SIZE])"
+        )
     if name == "digits":
         return name, None
     if not path:
         raise UserError(f"image dataset '{name}' needs a local folder: --data {name}:DIR")
+    if name == "imagenet":
+        return name, path
     if not Path(path).expanduser().is_dir():
         raise UserError(f"{name} folder '{path}' not found (the python-pickle batches are expected there)")
     return name, str(Path(path).expanduser())
@@ -351,7 +415,10 @@ def _normalise(x_train: np.ndarray, x_val: np.ndarray) -> tuple[torch.Tensor, to
 DIGITS_VAL_FRACTION = 0.2
 
 
-def load_image_data(source: str, batch_size: int, seed: int) -> ImageData:
+def load_image_data(source: str, batch_size: int, seed: int) -> ImageData | ImageFolderData:
+    if source.partition(":")[0] == "imagenet":
+        root, size = parse_imagenet_source(source)
+        return ImageFolderData(root, size, batch_size, seed)
     name, path = parse_image_source(source)
     if name == "digits":
         try:
@@ -369,7 +436,9 @@ def load_image_data(source: str, batch_size: int, seed: int) -> ImageData:
         return ImageData(xt, torch.from_numpy(y[ti]), xv, torch.from_numpy(y[vi]), 10, batch_size, seed)
     xt, yt, xv, yv, k = _load_cifar(name, Path(path))
     xt_t, xv_t = _normalise(xt.astype(np.float64) / 255.0, xv.astype(np.float64) / 255.0)
-    return ImageData(xt_t, torch.from_numpy(yt), xv_t, torch.from_numpy(yv), k, batch_size, seed)
+    return ImageData(
+        xt_t, torch.from_numpy(yt), xv_t, torch.from_numpy(yv), k, batch_size, seed, augment=True
+    )
 
 
 def _unpickle(path: Path) -> dict:
@@ -408,10 +477,22 @@ def _load_cifar(name: str, root: Path):
     return xt, yt, xv, yv, k
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], backup: Path | None = None) -> None:
     """``write(f)`` into a temp file beside ``path``, fsync, ``os.replace`` (atomic on POSIX and
     Windows), then fsync the folder so the rename is durable. A crash at any point leaves the old
-    file or the new one, never a torn one; the temp file is removed on error."""
+    file or the new one, never a torn one; the temp file is removed on error (a killed process
+    leaves it: ``.NAME.tmpPID``, see :func:`stale_temp_files`).
+
+    Args:
+        path: the file to (re)place.
+        write: called once with the temp file, opened ``"wb"``.
+        backup: if given and ``path`` exists, the old ``path`` becomes ``backup`` just before the new
+            one replaces it (a hard link, so ``path`` is never missing; a rename where the file
+            system has no hard links).
+
+    Raises:
+        OSError: the folder cannot be created or written (e.g. ``ENOSPC``, ``EROFS``, ``EACCES``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -419,12 +500,33 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if backup is not None and path.exists():
+            _keep_as(path, backup)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _keep_as(path: Path, backup: Path) -> None:
+    """Make ``backup`` a copy of ``path`` atomically, leaving ``path`` in place where possible."""
+    link = backup.with_name(f".{backup.name}.tmp{os.getpid()}")
     try:
-        fd = os.open(path.parent, os.O_RDONLY)
+        os.link(path, link)
+    except OSError:  # no hard links here (some network / FAT file systems): move it instead
+        os.replace(path, backup)
+        return
+    try:
+        os.replace(link, backup)
+    finally:
+        if link.exists():
+            link.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -433,6 +535,614 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         pass
 
 
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files that :func:`atomic_write` left in ``folder`` when its process was killed
+    (``.NAME.tmpPID``; up to a whole checkpoint each)."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.glob(".*.tmp*"):
+        head, _, pid = p.name.rpartition(".tmp")
+        if head and pid.isdigit() and p.is_file():
+            out.append(p)
+    return sorted(out)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """:func:`atomic_write` of ``data``."""
     atomic_write(path, lambda f: f.write(data))
+
+
+# ----------------------------------------------------------------------------- streaming LM data
+#
+# The LM data path of the loop: a text source is read document by document (a large text file in
+# blocks), cut into CHUNK_CHARS chunks (the split rule of split_documents), tokenised in batches of
+# chunks and appended to train.bin / val.bin (uint16, or uint32 for vocabularies over 65535) in a
+# temporary folder that is renamed into the cache when complete; training then samples windows of
+# np.memmap views of those files. Neither the corpus nor its tokens are held in memory.
+
+#: Format of the streamed token cache (part of its key).
+TOKEN_STREAM_VERSION = "token-stream-v1"
+#: Chunks tokenised per batch (about 2 MB of text).
+ENCODE_BATCH_CHUNKS = 256
+#: Characters read from a text file at a time.
+READ_BLOCK_CHARS = 1 << 20
+#: The local BPE is trained on at most this many characters of the train split (its first ones).
+BPE_TRAIN_MAX_CHARS = 200_000_000
+#: Files of a data folder that are read (sorted by path).
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name
+    return next((s for s in sorted(TEXT_SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix)
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_file_chunks(path: Path, chunk_chars: int = CHUNK_CHARS, block_chars: int = READ_BLOCK_CHARS):
+    """The chunks of :func:`chunk_document` for one text file (one document), read in blocks."""
+    buf, eof = "", False
+    try:
+        with _open_text(path) as f:
+            while True:
+                while not eof and len(buf) <= chunk_chars:
+                    block = f.read(block_chars)
+                    eof = not block
+                    buf += block
+                if not buf:
+                    return
+                end = min(chunk_chars, len(buf))
+                if end < len(buf):
+                    nl = buf.rfind("\n", 0, end)
+                    if nl > 0:
+                        end = nl + 1
+                yield buf[:end]
+                buf = buf[end:]
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file '{path}' is not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise UserError(f"cannot read data file '{path}': {e.strerror or e}") from None
+
+
+def _iter_jsonl(path: Path, text_field: str):
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                    raise UserError(f"{path}:{lineno}: expected an object with a string field '{text_field}'")
+                yield obj[text_field]
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file '{path}' is not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise UserError(f"cannot read data file '{path}': {e.strerror or e}") from None
+
+
+def _local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"data source '{source}' not found (a built-in corpus {sorted(BUILTIN_CORPORA)}, a .txt/.jsonl "
+            "file (.gz too), a folder of them, hf:NAME, hf-cache:NAME or hf-disk:PATH)"
+        )
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and _suffix(f) in TEXT_SUFFIXES)
+        if not files:
+            raise UserError(f"data folder '{source}' holds no {', '.join(TEXT_SUFFIXES)} files")
+        return files
+    return [path]
+
+
+def iter_documents(source: str, text_field: str = "text", max_docs: int = 0):
+    """Stream a text source: ``(split, chunks)`` per non-empty document, ``split`` None (to be split
+    by :func:`stream_split`) or "train"/"val" (a dataset's own splits); ``chunks`` an iterator of
+    its :data:`CHUNK_CHARS` chunks, to be consumed before the next document is drawn."""
+    if source in BUILTIN_CORPORA:
+        yield None, iter_file_chunks(builtin_corpus_path(source))
+        return
+    if source.startswith(("hf:", "hf-disk:", "hf-cache:")):
+        yield from _iter_hf_documents(source, text_field, max_docs)
+        return
+    n = 0
+    for path in _local_files(source):
+        if _suffix(path) in (".jsonl", ".jsonl.gz", ".json.gz"):
+            docs = (iter(chunk_document(d)) for d in _iter_jsonl(path, text_field) if d.strip())
+        else:
+            docs = iter([iter_file_chunks(path)])
+        for chunks in docs:
+            yield None, chunks
+            n += 1
+            if max_docs and n >= max_docs:
+                return
+
+
+def _iter_hf_documents(source: str, text_field: str, max_docs: int):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"data source '{source}' needs the Hugging Face datasets library: pip install htmuon[datasets]"
+        ) from None
+    kind, _, rest = source.partition(":")
+    try:
+        if kind == "hf-disk":
+            if not Path(rest).exists():
+                raise UserError(f"dataset folder '{rest}' not found")
+            try:
+                ds = datasets.load_from_disk(rest)
+            except FileNotFoundError:
+                ds = datasets.load_dataset(rest)
+        else:
+            name, _, cfg = rest.partition(":")
+            # hf-cache: the datasets cache only (memory-mapped Arrow files, nothing downloaded);
+            # hf: streamed from the hub
+            if kind == "hf-cache":
+                datasets.config.HF_DATASETS_OFFLINE = True
+            ds = datasets.load_dataset(name, cfg or None, streaming=kind == "hf")
+    except UserError:
+        raise
+    except Exception as e:  # network / unknown dataset / not in the cache: a user-facing one-liner
+        raise UserError(
+            f"cannot load dataset '{rest}': {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
+    splits = (
+        dict(ds)
+        if isinstance(ds, (dict, datasets.DatasetDict, datasets.IterableDatasetDict))
+        else {"train": ds}
+    )
+    chosen: list[tuple[str, str]] = []
+    for want, names in (("train", ("train",)), ("val", ("validation", "valid", "val", "test"))):
+        found = next((n for n in names if n in splits), None)
+        if found:
+            chosen.append((want, found))
+    if not chosen or chosen[0][0] != "train":
+        raise UserError(f"dataset '{source}' has no train split (splits: {sorted(splits)})")
+    own_val = len(chosen) == 2
+    for want, split in chosen:
+        n = 0
+        for row in splits[split]:
+            if text_field not in row:
+                raise UserError(f"dataset '{source}' has no field '{text_field}' (use --text-field)")
+            doc = row[text_field]
+            if not isinstance(doc, str) or not doc.strip():
+                continue
+            yield (want if own_val else None), iter(chunk_document(doc))
+            n += 1
+            if max_docs and n >= max_docs:
+                break
+
+
+def stream_split(docs, val_fraction: float, n_chunks_below_k: int | None):
+    """``(split, chunks)`` with each chunk's split decided: the rule of :func:`split_documents`
+    (every k-th chunk of the corpus, k = round(1/val_fraction), to validation; with fewer than k
+    chunks in all, the last one). ``n_chunks_below_k``: the corpus's chunk count when below k, else
+    None. Yields ``(split, chunk)`` and ``(split, None)`` at the end of a document's part in a split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    k = max(2, round(1.0 / val_fraction))
+    i = 0
+    for given, chunks in docs:
+        seen = set()
+        for chunk in chunks:
+            if given is not None:
+                split = given
+            else:
+                last = n_chunks_below_k is not None and i == n_chunks_below_k - 1
+                split = "val" if (i % k == k - 1 or last) else "train"
+                i += 1
+            seen.add(split)
+            yield split, chunk
+        for split in sorted(seen):
+            yield split, None
+
+
+def count_chunks_below(source: str, text_field: str, max_docs: int, k: int) -> int | None:
+    """The number of chunks of a source without its own splits if it is below ``k``, else None
+    (reads at most k chunks)."""
+    n = 0
+    for given, chunks in iter_documents(source, text_field, max_docs):
+        if given is not None:
+            return None
+        for _ in chunks:
+            n += 1
+            if n >= k:
+                return None
+    return n
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder (``AutoTokenizer``, no download): T5's for the
+    paper's C4 runs, GPT-2's for OpenWebText, or any other. Documents end with its EOS token."""
+
+    def __init__(self, path: str):
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"tokenizer folder '{path}' not found (a local Hugging Face tokenizer folder)")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise UserError("--tokenizer needs the transformers library: pip install htmuon[train]") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"cannot load the tokenizer in '{path}': {type(e).__name__}: {first}") from None
+        tok.model_max_length = 1 << 62  # documents are tokenised whole; windows are cut later
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        if eos is None:
+            raise UserError(f"the tokenizer in '{path}' has no EOS or SEP token to end documents with")
+        self.tok, self.eos_id, self.vocab_size, self.folder = tok, int(eos), len(tok), folder
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def identity(self) -> str:
+        """A hash of the folder's files (the cache key's tokenizer part)."""
+        h = hashlib.sha256()
+        for f in sorted(self.folder.rglob("*")):
+            if f.is_file():
+                h.update(str(f.relative_to(self.folder)).encode() + b"\x00" + f.read_bytes())
+        return h.hexdigest()
+
+
+class _BPE:
+    """The local byte-level BPE (htmuon.train.tokenizer) behind HFTokenizer's small interface."""
+
+    def __init__(self, tok):
+        from htmuon.train.tokenizer import EOS
+
+        self.tok, self.eos_id, self.vocab_size = tok, tok.token_to_id(EOS), tok.get_vocab_size()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+
+def _source_identity(source: str, text_field: str, max_docs: int) -> str:
+    """What a source's token cache depends on, without reading it: its files' paths, sizes and
+    modification times (a built-in corpus: its file; a datasets source: its name or folder)."""
+    parts = [source, text_field, str(max_docs)]
+    if source in BUILTIN_CORPORA:
+        files = [builtin_corpus_path(source)]
+    elif source.startswith("hf-disk:"):
+        root = Path(source[len("hf-disk:") :])
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.exists() else []
+    elif source.startswith(("hf:", "hf-cache:")):
+        files = []
+    else:
+        files = _local_files(source)
+    for f in files:
+        st = f.stat()
+        parts.append(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+@dataclass
+class TokenStreams:
+    train: np.ndarray  # np.memmap of the train split's tokens
+    val: np.ndarray
+    vocab_size: int
+    eos_id: int
+    cache: Path
+
+
+def _open_streams(d: Path) -> TokenStreams:
+    meta = json.loads((d / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+
+    def view(name: str) -> np.ndarray:
+        n = meta[f"{name}_tokens"]
+        if n == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(d / f"{name}.bin", dtype=dtype, mode="r", shape=(n,))
+
+    return TokenStreams(view("train"), view("val"), int(meta["vocab_size"]), int(meta["eos_id"]), d)
+
+
+def build_token_streams(
+    source: str,
+    *,
+    vocab_size: int,
+    val_fraction: float,
+    tokenizer: str = "",
+    text_field: str = "text",
+    max_docs: int = 0,
+) -> TokenStreams:
+    """Tokenise a text source into the on-disk token cache (once), streaming; returns memmaps.
+
+    Args:
+        source: a text source (``TrainConfig.data``).
+        vocab_size: the local BPE's vocabulary (ignored with ``tokenizer``).
+        val_fraction: held-out share (:func:`stream_split`).
+        tokenizer: a local Hugging Face tokenizer folder, or "" for the local byte-level BPE trained
+            on (at most :data:`BPE_TRAIN_MAX_CHARS` of) the train split.
+        text_field, max_docs: as for :func:`load_documents`.
+
+    Returns:
+        :class:`TokenStreams` over ``$HTMUON_CACHE/streams/KEY/{train,val}.bin``. The folder is
+        written under a temporary name and renamed when complete, so a killed run leaves no partial
+        cache and concurrent runs are safe.
+    """
+    from htmuon.train.tokenizer import TOKENIZER_VERSION, cache_dir, train_tokenizer
+
+    hf = HFTokenizer(tokenizer) if tokenizer else None
+    k = max(2, round(1.0 / val_fraction)) if 0.0 < val_fraction < 1.0 else 2
+    h = hashlib.sha256()
+    for part in (TOKEN_STREAM_VERSION, _source_identity(source, text_field, max_docs), str(val_fraction)):
+        h.update(part.encode() + b"\x00")
+    h.update((f"hf:{hf.identity()}" if hf else f"{TOKENIZER_VERSION}:{vocab_size}").encode())
+    final = cache_dir() / "streams" / h.hexdigest()[:20]
+    if (final / "meta.json").exists():
+        return _open_streams(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        below = count_chunks_below(source, text_field, max_docs, k)
+
+        def split_chunks():
+            return stream_split(iter_documents(source, text_field, max_docs), val_fraction, below)
+
+        if hf is None:
+
+            def train_text():
+                budget = BPE_TRAIN_MAX_CHARS
+                for split, chunk in split_chunks():
+                    if split == "train" and chunk is not None:
+                        yield chunk
+                        budget -= len(chunk)
+                        if budget <= 0:
+                            return
+
+            bpe = train_tokenizer([train_text()], vocab_size)
+            (tmp / "tokenizer.json").write_text(bpe.to_str(), encoding="utf-8")
+            enc = _BPE(bpe)
+        else:
+            enc = hf
+        dtype = np.dtype(np.uint16 if enc.vocab_size <= 65535 else np.uint32)
+        counts = {"train": 0, "val": 0}
+        files = {s: open(tmp / f"{s}.bin", "wb") for s in counts}
+        try:
+            pending: dict[str, list] = {"train": [], "val": []}  # chunk texts, None = end of document
+
+            def flush(split: str) -> None:
+                items = pending[split]
+                texts = [t for t in items if t is not None]
+                ids = iter(enc.encode_batch(texts)) if texts else iter(())
+                out = []
+                for t in items:
+                    out.append(
+                        np.asarray(next(ids), dtype=dtype)
+                        if t is not None
+                        else np.asarray([enc.eos_id], dtype)
+                    )
+                if out:
+                    arr = np.concatenate(out)
+                    files[split].write(arr.tobytes())
+                    counts[split] += len(arr)
+                items.clear()
+
+            for split, chunk in split_chunks():
+                pending[split].append(chunk)
+                if len(pending[split]) >= ENCODE_BATCH_CHUNKS:
+                    flush(split)
+            for split in pending:
+                flush(split)
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            for f in files.values():
+                f.close()
+        if counts["train"] == 0 or counts["val"] == 0:
+            raise UserError(
+                f"data source '{source}' is empty or too small to split into train and validation"
+            )
+        meta = {
+            "format": TOKEN_STREAM_VERSION,
+            "source": source,
+            "tokenizer": str(hf.folder) if hf else f"local BPE, vocab {vocab_size}",
+            "vocab_size": enc.vocab_size,
+            "eos_id": enc.eos_id,
+            "dtype": dtype.name,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "meta.json").exists():  # not another run finishing first
+                raise
+    except OSError as e:
+        raise UserError(
+            f"cannot write the token cache under '{final.parent}': {e.strerror or e} (set HTMUON_CACHE)"
+        ) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _open_streams(final)
+
+
+def load_token_data(cfg) -> tuple[TokenData, int, dict]:
+    """The LM data of a resolved ``TrainConfig``: (TokenData over the memmapped cache, vocabulary
+    size for the model, info for run.json)."""
+    streams = build_token_streams(
+        cfg.data,
+        vocab_size=cfg.vocab_size,
+        val_fraction=cfg.val_fraction,
+        tokenizer=cfg.tokenizer,
+        text_field=cfg.text_field,
+        max_docs=cfg.max_docs,
+    )
+    data = TokenData(streams.train, streams.val, cfg.seq_len, cfg.batch_size, cfg.seed)
+    info = {
+        "train_tokens": int(len(streams.train)),
+        "val_tokens": int(len(streams.val)),
+        "token_cache": str(streams.cache),
+        "tokenizer": cfg.tokenizer or "local BPE",
+    }
+    return data, streams.vocab_size, info
+
+
+# ----------------------------------------------------------------------------- ImageNet (ImageFolder)
+
+#: ImageNet's channel statistics (RGB, [0, 1] scale), the usual normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Training / evaluation resolution for ``imagenet:DIR`` (``imagenet:DIR@SIZE`` changes it).
+IMAGENET_SIZE = 224
+#: Evaluation: resize the shorter side to SIZE / this, then centre-crop SIZE (224 <- 256).
+EVAL_CROP_FRACTION = 0.875
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def parse_imagenet_source(source: str) -> tuple[Path, int]:
+    """``imagenet:DIR[@SIZE]`` -> (DIR, SIZE); DIR holds ``train/CLASS/*`` and ``val/CLASS/*``."""
+    _, _, rest = source.partition(":")
+    path, size = rest, IMAGENET_SIZE
+    head, sep, tail = rest.rpartition("@")
+    if sep and tail.isdigit():
+        path, size = head, int(tail)
+    if not path:
+        raise UserError("image dataset 'imagenet' needs a local folder: --data imagenet:DIR[@SIZE]")
+    if size < 1:
+        raise UserError(f"imagenet image size must be >= 1, got {size}")
+    root = Path(path).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(
+                f"imagenet folder '{root}' lacks '{split}/' (an ImageFolder tree: {split}/CLASS/IMAGE)"
+            )
+    return root, size
+
+
+def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes = classes if classes is not None else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"'{folder}' has classes not in train/: {', '.join(unknown[:5])}")
+    index = {c: i for i, c in enumerate(classes)}
+    items = [
+        (f, index[c])
+        for c in found
+        for f in sorted((folder / c).iterdir())
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise UserError(
+            f"image folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)} in CLASS/ folders)"
+        )
+    return classes, items
+
+
+class ImageFolderData:
+    """An ImageNet-style folder tree, decoded batch by batch (never all in memory).
+
+    Training images: a random resized crop (area 8-100 %, aspect 3/4-4/3) to SIZE x SIZE and a
+    random horizontal flip, drawn from ``(seed, epoch, position)`` so a resumed run sees the same
+    pixels; validation: the shorter side resized to SIZE / 0.875 and a centre crop. Both normalised
+    with ImageNet's mean and std. Decoding runs on a thread pool (PIL releases the GIL).
+    """
+
+    def __init__(self, root: Path, image_size: int, batch_size: int, seed: int, workers: int = 0):
+        try:
+            from PIL import Image
+        except ImportError:
+            raise UserError("imagenet:DIR needs Pillow: pip install htmuon[images]") from None
+        self._Image = Image
+        self.classes, self.train_items = _image_files(root / "train", None)
+        _, self.val_items = _image_files(root / "val", self.classes)
+        self.num_classes, self.in_channels = len(self.classes), 3
+        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+        self.sampler = BlockSampler(len(self.train_items), batch_size, seed)
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+        self._std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_items)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val_items)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size
+
+    def _open(self, path: Path):
+        try:
+            with self._Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise UserError(f"cannot decode image '{path}': {type(e).__name__}: {e}") from None
+
+    def _train_image(self, path: Path, rng: np.random.Generator) -> np.ndarray:
+        im = self._open(path)
+        w, h = im.size
+        box = (0, 0, w, h)
+        for _ in range(10):  # random resized crop, as torchvision's (fallback: the whole image)
+            area = w * h * rng.uniform(0.08, 1.0)
+            aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+            cw, ch = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                box = (x0, y0, x0 + cw, y0 + ch)
+                break
+        flip = rng.random() < 0.5
+        im = im.resize((self.image_size, self.image_size), self._Image.BILINEAR, box=box)
+        if flip:
+            im = im.transpose(self._Image.FLIP_LEFT_RIGHT)
+        return self._to_array(im)
+
+    def _val_image(self, path: Path) -> np.ndarray:
+        im = self._open(path)
+        w, h = im.size
+        short = max(self.image_size, round(self.image_size / EVAL_CROP_FRACTION))
+        scale = short / min(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), self._Image.BILINEAR)
+        w, h = im.size
+        x0, y0 = (w - self.image_size) // 2, (h - self.image_size) // 2
+        return self._to_array(im.crop((x0, y0, x0 + self.image_size, y0 + self.image_size)))
+
+    def _to_array(self, im) -> np.ndarray:
+        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (x - self._mean) / self._std
+
+    def _decode(self, fn, args) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.workers > 1 and len(args) > 1:
+            with ThreadPoolExecutor(self.workers) as pool:
+                arrays = list(pool.map(lambda a: fn(*a), args))
+        else:
+            arrays = [fn(*a) for a in args]
+        return torch.from_numpy(np.stack(arrays))
+
+    def next_batch(self):
+        epoch, position = self.sampler.epoch, self.sampler.index
+        idx = self.sampler.next_indices()
+        rngs = [np.random.default_rng([self.seed, epoch, position + i]) for i in range(len(idx))]
+        x = self._decode(self._train_image, [(self.train_items[j][0], r) for j, r in zip(idx, rngs)])
+        y = torch.as_tensor([self.train_items[j][1] for j in idx], dtype=torch.long)
+        return x, y
+
+    def val_batches(self, max_batches: int = 0):
+        n = len(self.val_items)
+        if max_batches:
+            n = min(n, max_batches * self.batch_size)
+        for i in range(0, n, self.batch_size):
+            items = self.val_items[i : i + self.batch_size]
+            x = self._decode(self._val_image, [(f,) for f, _ in items])
+            yield x, torch.as_tensor([c for _, c in items], dtype=torch.long)

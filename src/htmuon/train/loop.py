@@ -3,12 +3,18 @@
     lr(step) = peak * lr_factor(step)         linear warmup, cosine decay to min_lr_ratio x peak
     loss     = mean over grad_accum micro-batches (bf16 autocast on a bf16 GPU)
     clip the global gradient norm, optimizer.step()
-    every eval_every steps: validation loss (+ perplexity / accuracy) on the held-out split
+    every eval_every steps: validation loss (+ perplexity / accuracy) on eval_batches of the held-out
+        split, a window that moves on at every evaluation (evaluation k reads window k, wrapping)
+    at the end: validation on final_eval_batches (default: the whole held-out split)
+    warmup: warmup_fraction x steps when set (the paper's 10%), else warmup_steps
+    weight decay: torch's lr x wd per step (wd_mode "lr"), or wd x schedule ("independent")
     every ckpt_every steps: an atomic checkpoint that a killed run resumes from bit-exactly
     every alpha_every steps (if set): the weights' mean layer-wise power-law alpha ("alpha" records)
 
 A run folder holds config.json, run.json (versions, seed, command), metrics.jsonl,
-metrics.csv, ckpt.pt, tb/ (with tensorboard) and, once finished or diverged, summary.json.
+metrics.csv, ckpt.pt and ckpt.prev.pt (the checkpoint before), tb/ (with tensorboard) and, once
+finished or diverged, summary.json. An error of the user or the environment (an unwritable run
+folder, a full disk, a corrupt file, a hung rank) is a one-line ``UserError`` naming the file.
 """
 
 from __future__ import annotations
@@ -17,21 +23,24 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from htmuon import parallel
+from htmuon import torchrun
 from htmuon.cli import UserError
 from htmuon.train import checkpoint
 from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
-from htmuon.train.data import atomic_write_bytes
+from htmuon.train.data import atomic_write_bytes, stale_temp_files
 from htmuon.train.models import check_model_name, count_parameters
 from htmuon.train.optimizers import build_optimizer, check_optimizer_name, resolve
 from htmuon.train.presets import model_task
@@ -57,6 +66,43 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def budget_steps(cfg: TrainConfig) -> int:
+    """Steps for a ``tokens_per_param`` budget: ceil(tokens_per_param x parameters / tokens per step).
+
+    The parameters are counted on a model built on the meta device with the configured vocabulary."""
+    if model_task(cfg.model) == "lm":
+        from htmuon.train.models import build_llama
+
+        with torch.device("meta"):
+            n_params = count_parameters(build_llama(cfg.model, cfg.vocab_size, cfg.seq_len))
+        per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    else:
+        raise UserError(f"tokens_per_param is for language models; model '{cfg.model}' is an image model")
+    return max(1, math.ceil(cfg.tokens_per_param * n_params / per_step))
+
+
+def schedule_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill the budget (``tokens_per_param``) and the warmup (``warmup_fraction``) into steps/warmup_steps."""
+    if cfg.tokens_per_param > 0:
+        cfg = dataclasses.replace(cfg, steps=budget_steps(cfg))
+    if cfg.warmup_fraction is not None:
+        cfg = dataclasses.replace(cfg, warmup_steps=round(cfg.warmup_fraction * cfg.steps))
+    if cfg.warmup_steps > cfg.steps:
+        raise UserError(f"warmup_steps ({cfg.warmup_steps}) must not exceed steps ({cfg.steps})")
+    return cfg
+
+
+def independent_weight_decay(opt: torch.optim.Optimizer) -> None:
+    """wd_mode "independent": divide each group's weight decay by its peak lr, once, before training.
+
+    torch's optimizers (and HTMuon) decay by lr x wd per step; with lr = peak x schedule(t) the
+    per-step decay becomes wd x schedule(t), whatever the peak lr. Saved in the optimizer state,
+    so a resumed run keeps it."""
+    for g in opt.param_groups:
+        if g.get("weight_decay"):
+            g["weight_decay"] = g["weight_decay"] / g["lr"]
 
 
 def versions() -> dict:
@@ -96,9 +142,10 @@ def resolve_config(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None)
         raise UserError(f"model '{cfg.model}' is a language model; data '{data}' is an image dataset")
     if task == "image" and not is_image_source:
         raise UserError(
-            f"model '{cfg.model}' is an image classifier; use --data digits, cifar10:DIR or cifar100:DIR"
+            f"model '{cfg.model}' is an image classifier; use --data digits, cifar10:DIR, cifar100:DIR or "
+            "imagenet:DIR"
         )
-    cfg = resolve(dataclasses.replace(cfg, data=data), preset_lrs)
+    cfg = schedule_config(resolve(dataclasses.replace(cfg, data=data), preset_lrs))
     if cfg.out_dir == "auto":
         cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.model}-{cfg.optimizer}-seed{cfg.seed}")
     return cfg
@@ -125,29 +172,21 @@ def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
 
 def build_data_and_model(cfg: TrainConfig):
     """(data, model, info) for a resolved config; the model is initialised from torch's RNG."""
-    from htmuon.train.models import build_llama, build_resnet
+    from htmuon.train.models import build_image_model, build_lm
 
     if model_task(cfg.model) == "lm":
-        from htmuon.train.data import TokenData, text_splits
-        from htmuon.train.tokenizer import prepare_tokens
+        from htmuon.train.data import load_token_data
 
-        splits = text_splits(cfg.data, cfg.val_fraction, cfg.text_field, cfg.max_docs)
-        tok, tr, va, cache = prepare_tokens(splits, cfg.vocab_size)
-        data = TokenData(tr, va, cfg.seq_len, cfg.batch_size, cfg.seed)
+        data, vocab_size, info = load_token_data(cfg)  # streamed into a memmapped token cache
         torch.manual_seed(cfg.seed)
-        model = build_llama(cfg.model, tok.get_vocab_size(), cfg.seq_len)
-        info = {"train_tokens": int(len(tr)), "val_tokens": int(len(va)), "token_cache": str(cache)}
+        model = build_lm(cfg.model, vocab_size, cfg.seq_len)
     else:
         from htmuon.train.data import load_image_data
 
         data = load_image_data(cfg.data, cfg.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = build_resnet(cfg.model, data.in_channels, data.num_classes)
-        info = {
-            "train_samples": len(data.x_train),
-            "val_samples": len(data.x_val),
-            "classes": data.num_classes,
-        }
+        model = build_image_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
+        info = {"train_samples": data.n_train, "val_samples": data.n_val, "classes": data.num_classes}
     info["parameters"] = count_parameters(model)
     return data, model, info
 
@@ -161,11 +200,12 @@ def _loss(model, task: str, x, y):
 
 
 @torch.no_grad()
-def evaluate(model, data, task: str, device, amp, max_batches: int) -> dict:
+def evaluate(model, data, task: str, device, amp, max_batches: int, window: int = 0) -> dict:
+    """Validation loss (+ ppl / accuracy) on ``max_batches`` of window ``window`` (0 batches: all)."""
     was_training = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
-    for x, y in data.val_batches(max_batches):
+    for x, y in data.val_batches(max_batches, window):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, logits = _loss(model, task, x, y)
@@ -189,44 +229,99 @@ class Metrics:
 
     def __init__(self, out: Path, keep_until_step: int | None, tensorboard: bool):
         self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
+        self._fj = self._fc = self.tb = None
         kept = []
         if keep_until_step is not None and self.jsonl.exists():
             kept = [r for r in read_metrics(self.jsonl) if r["step"] <= keep_until_step]
         self.records = kept
-        atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        with open(self.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, METRIC_COLUMNS)
-            w.writeheader()
-            w.writerows(kept)
-        self._fj = open(self.jsonl, "a")
-        self._fc = open(self.csv, "a", newline="")
+        write_run_file(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        with _file_errors(self.csv):
+            with open(self.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, METRIC_COLUMNS)
+                w.writeheader()
+                w.writerows(kept)
+            self._fj = open(self.jsonl, "a")
+            self._fc = open(self.csv, "a", newline="")
         self._w = csv.DictWriter(self._fc, METRIC_COLUMNS)
-        self.tb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from None
-            self.tb = SummaryWriter(str(out / "tb"))
+            SummaryWriter = require_tensorboard()
+            with _file_errors(out / "tb"):
+                self.tb = SummaryWriter(str(out / "tb"))
 
     def write(self, rec: dict) -> None:
         self.records.append(rec)
-        self._fj.write(json.dumps(rec) + "\n")
-        self._fj.flush()
-        self._w.writerow(rec)
-        self._fc.flush()
+        with _file_errors(self.jsonl):
+            self._fj.write(json.dumps(rec) + "\n")
+            self._fj.flush()
+        with _file_errors(self.csv):
+            self._w.writerow(rec)
+            self._fc.flush()
         if self.tb is not None:
             for k in ("loss", "ppl", "acc", "lr", "grad_norm", "tokens_per_s", "mean_alpha"):
                 if k in rec:
                     self.tb.add_scalar(f"{rec['kind']}/{k}", rec[k], rec["step"])
 
     def close(self) -> None:
-        self._fj.close()
-        self._fc.close()
-        if self.tb is not None:
-            self.tb.close()
+        for f in (self._fj, self._fc, self.tb):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:  # a full disk: the write that failed already reported it
+                    pass
+
+
+def require_tensorboard():
+    """torch's ``SummaryWriter``, or a UserError where the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+@contextmanager
+def _file_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` (disk full, read-only, no permission) into a UserError naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """Atomically write a text file of the run folder; a UserError naming it if that fails."""
+    with _file_errors(path):
+        atomic_write_bytes(path, text.encode())
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from the run folder, or a UserError naming the file (``what``: its role)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror or e}); nothing changed") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason}"
+        raise UserError(
+            f"{what} '{path}' is not valid JSON ({why}); fix or delete it; nothing changed"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} '{path}' is not a JSON object; fix or delete it; nothing changed")
+    return obj
+
+
+def check_out_dir(out: Path) -> None:
+    """A UserError unless the run folder ``out`` exists as a writable folder or can be created."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:  # the nearest existing ancestor
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == out else f" ('{probe}' is a file)"
+        raise UserError(f"--out-dir '{out}' is not a folder{where}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        ro = os.statvfs(probe).f_flag & os.ST_RDONLY if hasattr(os, "statvfs") else 0
+        why = "on a read-only file system" if ro else "not writable"
+        raise UserError(f"--out-dir '{out}': '{probe}' is {why}")
 
 
 class _NoMetrics:
@@ -307,47 +402,82 @@ def _check_same_run(saved: TrainConfig, cfg: TrainConfig, where: str) -> None:
 def train(
     cfg: TrainConfig,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     stop_after: int | None = None,
     preset_lrs: dict[str, float] | None = None,
     argv: list[str] | None = None,
 ) -> dict:
     """Run (or resume) one training run; returns the summary dict (also in summary.json).
 
-    ``stop_after``: write a checkpoint after this step and return, as if the run were killed
-    there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
+    Args:
+        cfg: the run's config (``auto`` fields are resolved here).
+        resume: False: start a new run (refused if ``out_dir`` holds one); True: continue the run
+            in ``out_dir`` from its newest usable checkpoint, or start it if there is none (what
+            ``htmuon compare`` does per cell); ``"required"``: continue, and refuse when ``out_dir``
+            holds no run (``htmuon train --resume``).
+        stop_after: write a checkpoint after this step and return, as if the run were killed
+            there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
+        preset_lrs: the preset's per-optimizer learning rates (used when ``cfg.lr`` is None).
+        argv: the command line, recorded in run.json.
+
+    Raises:
+        UserError: bad config, an unusable run folder or file, or (under torchrun) a rank that hung
+            or died (after the collective timeout, ``HTMUON_DIST_TIMEOUT``).
     """
+    if resume not in (False, True, "required"):
+        raise ValueError(f"resume must be False, True or 'required', got {resume!r}")
     cfg = resolve_config(cfg, preset_lrs)
     device, amp = pick_device(cfg)
     try:  # under torchrun: join the process group (every rank runs this function)
-        par = parallel.from_env(cfg.parallel, device)
+        par = torchrun.from_env(cfg.parallel, device)
     except ValueError as e:
         raise UserError(str(e)) from None
+    with torchrun.collective_errors(par):  # a hung or dead peer: one line on every rank, not a hang
+        return _train(cfg, par, device, amp, resume, stop_after, argv)
+
+
+def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     if cfg.batch_size % par.world:
         raise UserError(f"batch_size {cfg.batch_size} does not divide among {par.world} processes")
     out = Path(cfg.out_dir).expanduser()
+    check_out_dir(out)  # before any work: a run folder under a file, read-only or not writable
+    if cfg.tensorboard:
+        require_tensorboard()  # before anything is written, so a failed start leaves nothing behind
     ckpt_path = out / checkpoint.CKPT_NAME
-    payload = None
-    if resume and ckpt_path.exists():
-        payload = checkpoint.load(ckpt_path)
-        saved = from_dict(payload["config"], where=f" in checkpoint {ckpt_path}")
-        _check_same_run(saved, cfg, f"checkpoint '{ckpt_path}' was written by")
+    holds_run = any((out / n).exists() for n in ("config.json", checkpoint.CKPT_NAME, checkpoint.PREV_NAME))
+    if resume == "required" and not holds_run:
+        why = "the folder does not exist" if not out.exists() else "no config.json or checkpoint there"
+        raise UserError(f"--resume: no run to continue in '{out}' ({why}); drop --resume to start one")
+    payload, notes, fell_back = None, [], False
+    if resume:
+        payload, used, notes = checkpoint.load_latest(out)
+    if payload is not None:
+        fell_back = used.name == checkpoint.PREV_NAME and ckpt_path.is_file()  # ckpt.pt is damaged
+        saved = from_dict(payload["config"], where=f" in checkpoint {used}")
+        _check_same_run(saved, cfg, f"checkpoint '{used}' was written by")
     elif resume and (out / "config.json").exists():
         # killed before its first checkpoint: start over, but only if it is the same run
-        try:
-            saved = from_dict(
-                json.loads((out / "config.json").read_text()), where=f" in {out / 'config.json'}"
-            )
-        except json.JSONDecodeError:
-            raise UserError(f"'{out / 'config.json'}' is not valid JSON; nothing changed") from None
+        saved = from_dict(read_json(out / "config.json", "run config"), where=f" in {out / 'config.json'}")
         _check_same_run(saved, cfg, f"run folder '{out}' holds a run of")
-    elif not resume and ((out / "config.json").exists() or ckpt_path.exists()):
+    elif not resume and holds_run:
         raise UserError(
             f"run folder '{out}' already holds a run; pass --resume to continue it or pick another --out-dir"
         )
     if payload is not None and payload["step"] >= cfg.steps and (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
-    parallel.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
+        return read_json(out / "summary.json", "run summary")
+    old_run_info = None
+    if payload is not None and (out / "run.json").exists():
+        old_run_info = read_json(out / "run.json", "run record")
+    torchrun.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
+    if par.is_main:
+        for note in notes:
+            print(f"htmuon: {note}", file=sys.stderr, flush=True)
+        if fell_back:
+            with _file_errors(ckpt_path):
+                bad = checkpoint.set_aside_corrupt(out)
+            print(f"htmuon: the damaged checkpoint is kept as '{bad}'", file=sys.stderr, flush=True)
+        for stale in stale_temp_files(out):  # left by writes that a kill interrupted
+            stale.unlink(missing_ok=True)
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -356,46 +486,43 @@ def train(
     task = model_task(cfg.model)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
-    with parallel.main_first(par):  # rank 0 fills the token cache, the others read it
+    with torchrun.main_first(par):  # rank 0 fills the token cache, the others read it
         data, model, info = build_data_and_model(cfg)
     model.to(device)
     model.train()
-    module = parallel.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
+    module = torchrun.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
     opt = build_optimizer(model, cfg, process_group=par.process_group)
+    if cfg.wd_mode == "independent":
+        independent_weight_decay(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for p in model.parameters() if p.requires_grad]
 
     start, elapsed, wall, step_times = 0, 0.0, 0.0, []
     if payload is not None:
-        parallel.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
+        torchrun.load_state_dicts(model, opt, payload["model"], payload["optimizer"], par)
         data.sampler.load_state_dict(payload["loader"])
         checkpoint.set_rng_state(payload["rng"])
         start, elapsed, wall = int(payload["step"]), float(payload["elapsed_s"]), float(payload["wall_s"])
         step_times = list(payload["step_times"])
     vers = versions()
-    if par.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     if payload is None:
-        if par.is_main:
-            atomic_write_bytes(out / "config.json", (json.dumps(to_dict(cfg), indent=2) + "\n").encode())
         run_info = {"seed": cfg.seed, "versions": vers, "argv": argv, "device": str(device), "data": info}
         run_info["amp"] = str(amp) if amp else None
         run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         run_info["resumed_from_steps"] = []
         run_info["parallel"] = {"mode": par.mode, "processes": par.world}
     else:
-        run_info = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        run_info = old_run_info or {}
         run_info.setdefault("resumed_from_steps", []).append(start)
     if par.is_main:
-        atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
-        metrics = Metrics(out, start if payload is not None else None, cfg.tensorboard)
+        metrics = _start_run_folder(out, cfg, run_info, start if payload is not None else None)
     else:
         metrics = _NoMetrics()
 
     def save_ckpt(step: int) -> None:
-        model_sd, opt_sd = parallel.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
+        model_sd, opt_sd = torchrun.state_dicts(model, opt, par)  # whole tensors (FSDP2: gathered)
         if not par.is_main:
-            parallel.barrier(par)
+            torchrun.barrier(par)
             return
         checkpoint.save(
             ckpt_path,
@@ -413,14 +540,14 @@ def train(
                 "rng": checkpoint.rng_state(),
             },
         )
-        parallel.barrier(par)
+        torchrun.barrier(par)
 
     # alpha during training: on the main process (under DDP every rank holds the whole model; under
     # FSDP2 the weights are sharded, so it is left out there, as at the end of the run)
     track_alpha = cfg.alpha_every > 0 and par.mode != "fsdp" and par.is_main
     label = f"{cfg.optimizer}/seed{cfg.seed}"
     progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
-    diverged, stopped, last_val = False, False, None
+    diverged, stopped, last_val, final_eval_s = False, False, None, None
     steps_done = start
     tokens_per_step = data.tokens_per_batch * cfg.grad_accum
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -432,13 +559,13 @@ def train(
                 g["lr"] = base * factor
             loss_sum = 0.0  # becomes a tensor: one host sync per step, not per micro-batch
             for _ in range(cfg.grad_accum):
-                x, y = (parallel.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
+                x, y = (torchrun.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, _ = _loss(module, task, x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum = loss_sum + loss.detach().float()
-            loss_val = parallel.mean_across(float(loss_sum) / cfg.grad_accum, par)
+            loss_val = torchrun.mean_across(float(loss_sum) / cfg.grad_accum, par)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 diverged = True
@@ -467,11 +594,16 @@ def train(
                     }
                 )
             val = None
-            if step % cfg.eval_every == 0 or step == cfg.steps or diverged:
-                val = evaluate(model, data, task, device, amp, cfg.eval_batches) if not diverged else {}
-                if val:
-                    last_val = val
-                    metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
+            if step == cfg.steps and not diverged:  # the end: the whole held-out split by default
+                t_eval = time.perf_counter()
+                val = evaluate(model, data, task, device, amp, cfg.final_eval_batches)
+                final_eval_s = time.perf_counter() - t_eval
+            elif step % cfg.eval_every == 0 and not diverged:
+                window = step // cfg.eval_every  # evaluation k reads window k of the split
+                val = evaluate(model, data, task, device, amp, cfg.eval_batches, window)
+            if val:
+                last_val = val
+                metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
             if track_alpha and not diverged and step % cfg.alpha_every == 0:
                 # the weights' layer-wise alpha (outside the timed step, like evaluation)
                 metrics.write({"step": step, "kind": "alpha", "mean_alpha": mean_alpha(model)})
@@ -496,12 +628,36 @@ def train(
         out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
     )
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
+    summary["final_eval_s"] = final_eval_s
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
         summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
-    parallel.barrier(par)
+    torchrun.barrier(par)
     if not stopped and par.is_main:
-        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        write_run_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _start_run_folder(out: Path, cfg: TrainConfig, run_info: dict, keep_until_step: int | None) -> Metrics:
+    """Write config.json (a new run), run.json and the metrics files; if that fails, remove what this
+    call created, so a retry is not refused as "already holds a run"."""
+    existed = out.exists()
+    new_run = keep_until_step is None and not (out / "config.json").exists()  # nothing here to keep
+    try:
+        with _file_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is None:  # a new run, or one killed before its first checkpoint
+            write_run_file(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+        write_run_file(out / "run.json", json.dumps(run_info, indent=2) + "\n")
+        return Metrics(out, keep_until_step, cfg.tensorboard)
+    except BaseException:
+        if new_run:
+            for name in ("config.json", "run.json", "metrics.jsonl", "metrics.csv"):
+                (out / name).unlink(missing_ok=True)
+            if not existed:
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times, steps_done, elapsed) -> dict:

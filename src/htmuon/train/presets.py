@@ -22,7 +22,10 @@ LLAMA_PRESETS: dict[str, dict] = {
         hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16
     ),
     "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
-    # tiny shapes for CPU (same architecture, intermediate ~ 8/3 * hidden as in the paper's shapes)
+    # tiny shapes for CPU (same architecture, intermediate ~ 8/3 * hidden as in the paper's shapes);
+    # tiny / mini / small span 17x in parameters at vocabulary 2048 (1.3 M / 5.8 M / 22.9 M): the size scan
+    "llama-small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6),
+    "llama-mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4),
     "llama-tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4),
     "llama-micro": dict(hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=2),
 }
@@ -39,7 +42,7 @@ MODEL_PRESETS = sorted([*LLAMA_PRESETS, *RESNET_PRESETS])
 
 
 def model_task(model: str) -> str:
-    return "lm" if model in LLAMA_PRESETS else "image"
+    return "lm" if model in LLAMA_PRESETS or model in GPT2_PRESETS else "image"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class RunPreset:
     seeds: tuple[int, ...] = (0,)
     lrs: dict[str, float] = field(default_factory=dict)  # per-optimizer lr used by this preset
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # optional grid search
+    # the config keys ``lrs`` were tuned at; compare warns when they are reused under other values
+    tuned_at: dict = field(default_factory=dict)
 
 
 _QUICK = dict(
@@ -59,7 +64,7 @@ _QUICK = dict(
     seq_len=128,
     batch_size=8,
     steps=250,
-    warmup_steps=25,
+    warmup_fraction=0.1,  # 25 steps at 250 (the paper's 10%)
     eval_every=50,
     eval_batches=10,
     ckpt_every=50,
@@ -82,6 +87,39 @@ _QUICK_LRS = {
     "normuon": 0.01,
     "htmuon-normuon": 0.01,
 }
+# where _QUICK_LRS were tuned (one seed, the AdamW-part lr not swept; issue 14)
+_QUICK_TUNED_AT = dict(model="llama-tiny", steps=250, routing="standard", adamw_lr=1e-3)
+
+# The size scan: LLaMA tiny / mini / small on Shakespeare at a fixed budget of tokens per parameter
+# (0.2: the quick preset's 256 k tokens for llama-tiny's 1.3 M parameters), Muon vs HTMuon at
+# p = 1/32, 1/16, 1/8, 3 seeds, each with a matrix-lr x AdamW-part-lr grid. Run one model at a time
+# (``--model llama-mini``) or all (``--models llama-tiny,llama-mini,llama-small``: a gap-vs-parameters
+# plot). On one CPU thread llama-small at 0.2 tokens/param is ~4.6 M tokens (~1100 steps): hours.
+_SIZE_SCAN = {**{k: v for k, v in _QUICK.items() if k != "steps"}, "tokens_per_param": 0.2}
+_SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.04, 0.08, 0.16)}
+
+# The paper's LLaMA setup (PAPER.md): vocab 32000, seq 256, total batch 512 sequences, warmup 10%,
+# cosine to 0.1x, weight decay 0.1, bf16, embeddings and head in the spectral group (routing
+# "paper"), lrs AdamW part 1e-3 / Muon 0.01 / HTMuon 0.03. 60M: 10k steps; 135M: 20k steps.
+_PAPER_LRS = {"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03}
+
+
+def _gpu_llama(model: str, steps: int, batch_size: int) -> dict:
+    return dict(
+        model=model,
+        vocab_size=32000,
+        seq_len=256,
+        batch_size=batch_size,
+        grad_accum=512 // batch_size,
+        steps=steps,
+        warmup_fraction=0.1,
+        eval_every=max(1, steps // 20),
+        eval_batches=50,
+        ckpt_every=max(1, steps // 10),
+        weight_decay=0.1,
+        routing="paper",
+        dtype="auto",
+    )
 
 
 def _cifar_preset(name: str, title: str) -> RunPreset:
@@ -108,18 +146,30 @@ RUN_PRESETS: dict[str, RunPreset] = {
         "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~5 min, 2 cores)",
         _QUICK,
         lrs=_QUICK_LRS,
+        tuned_at=_QUICK_TUNED_AT,
     ),
     "quick-seeds": RunPreset(
         "the quick preset over 3 seeds (~13 min on 2 CPU cores)",
         _QUICK,
         seeds=(0, 1, 2),
         lrs=_QUICK_LRS,
+        tuned_at=_QUICK_TUNED_AT,
     ),
     "quick-lr": RunPreset(
         "the quick preset with a learning-rate grid per optimizer (best lr picked on validation)",
         _QUICK,
         lrs=_QUICK_LRS,
         lr_grid={"adamw": (1e-3, 3e-3, 1e-2), "muon": (0.01, 0.02, 0.04), "htmuon": (0.04, 0.08, 0.16, 0.32)},
+        tuned_at=_QUICK_TUNED_AT,
+    ),
+    "size-scan": RunPreset(
+        "Muon vs HTMuon p=1/32,1/16,1/8 at 0.2 tokens/param, 3 seeds, lr grid; --models for the scan (CPU)",
+        _SIZE_SCAN,
+        optimizers=("muon", "htmuon:p=0.03125", "htmuon:p=0.0625", "htmuon"),
+        seeds=(0, 1, 2),
+        lrs=_QUICK_LRS,
+        lr_grid=_SIZE_SCAN_GRID,
+        tuned_at=_QUICK_TUNED_AT,
     ),
     "smoke": RunPreset(
         "a seconds-long end-to-end check (LLaMA-micro, 20 steps)",
@@ -138,25 +188,18 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs=_QUICK_LRS,
     ),
     "gpu-60m": RunPreset(
-        "LLaMA-60M shapes (the paper's smallest), 2000 steps of 128x256 tokens; needs a GPU",
-        dict(
-            model="llama-60m",
-            vocab_size=32000,
-            seq_len=256,
-            batch_size=64,
-            grad_accum=2,
-            steps=2000,
-            warmup_steps=200,
-            eval_every=200,
-            eval_batches=50,
-            ckpt_every=500,
-            weight_decay=0.1,
-            routing="paper",
-            dtype="auto",
-        ),
-        # the paper's learning rates (PAPER.md): AdamW part 1e-3, Muon 0.01, HTMuon 0.03
-        lrs={"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03},
+        "the paper's LLaMA-60M run: 10k steps of 512x256 tokens, warmup 10%, routing paper; needs a GPU",
+        _gpu_llama("llama-60m", 10_000, 128),
+        lrs=_PAPER_LRS,
         optimizers=("adamw", "muon", "htmuon"),
+        tuned_at=dict(model="llama-60m", steps=10_000, routing="paper", adamw_lr=1e-3),
+    ),
+    "gpu-135m": RunPreset(
+        "the paper's LLaMA-135M run: 20k steps of 512x256 tokens, warmup 10%, routing paper; needs a GPU",
+        _gpu_llama("llama-135m", 20_000, 64),
+        lrs=_PAPER_LRS,
+        optimizers=("adamw", "muon", "htmuon"),
+        tuned_at=dict(model="llama-135m", steps=20_000, routing="paper", adamw_lr=1e-3),
     ),
     "digits": RunPreset(
         "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon, 3 seeds (~1 min on CPU)",
@@ -180,3 +223,157 @@ RUN_PRESETS: dict[str, RunPreset] = {
         for name, classes in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"))
     },
 }
+
+
+# ----------------------------------------------------------------------------- the paper's other models
+# GPT-2 (Hugging Face GPT2Config fields; vocab_size from the tokenizer), bottleneck ResNets (CIFAR
+# stem) and ViTs (Hugging Face ViTConfig fields; image size from the data), each with CPU siblings.
+
+GPT2_PRESETS: dict[str, dict] = {
+    "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),  # 124M with 50257 tokens
+    "gpt2-tiny": dict(n_embd=128, n_layer=4, n_head=4, n_positions=256),
+    "gpt2-micro": dict(n_embd=32, n_layer=2, n_head=2, n_positions=64),
+}
+
+# name -> (stage widths, blocks per stage); Bottleneck blocks (1x1, 3x3, 1x1 x4 expansion)
+BOTTLENECK_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "resnet50": ((64, 128, 256, 512), (3, 4, 6, 3)),
+    "resnet50-tiny": ((16, 32, 64), (1, 1, 1)),
+    "resnet50-micro": ((4, 8), (1, 1)),
+}
+
+VIT_PRESETS: dict[str, dict] = {
+    # ViT-Tiny (DeiT-Ti shape): 192 wide, 12 layers, 3 heads, MLP 768, 16x16 patches (224x224 images)
+    "vit-tiny": dict(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16
+    ),
+    # CIFAR-sized (32x32, 4x4 patches) and digits-sized (8x8, 2x2 patches) siblings
+    "vit-tiny-cifar": dict(
+        hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, patch_size=4
+    ),
+    "vit-micro": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=2
+    ),
+}
+
+MODEL_PRESETS = sorted([*MODEL_PRESETS, *GPT2_PRESETS, *BOTTLENECK_PRESETS, *VIT_PRESETS])
+
+
+# ----------------------------------------------------------------------------- the paper's other experiments
+# Each GPU preset lays out one of the paper's experiments at its scale (PAPER.md; where the paper
+# gives no setting, the source of the choice is named) and has a CPU-scale sibling (same data kind,
+# model family and optimizer set, sized to run here). The dataset folders are the user's:
+# --data PATH (OpenWebText JSONL / hf-cache:NAME), cifar100:DIR, imagenet:DIR.
+
+#: The optimizers of the paper's image experiments; for ViT-Tiny HTMuon runs at p = 1/32 (PAPER.md).
+_VIT_HTMUON = "htmuon:p=0.03125"
+
+RUN_PRESETS.update(
+    {
+        "gpu-gpt2": RunPreset(
+            "GPT-2 small (124M) on OpenWebText, 1024-token sequences, 480 per step (nanoGPT / MARS setup); "
+            "needs a GPU, --data OPENWEBTEXT and --tokenizer GPT2_TOKENIZER_DIR",
+            dict(
+                model="gpt2-small",
+                data="hf-cache:Skylion007/openwebtext",
+                vocab_size=50257,  # the local BPE's size when no --tokenizer is given
+                seq_len=1024,
+                batch_size=16,
+                grad_accum=30,
+                steps=10000,
+                warmup_steps=1000,
+                eval_every=500,
+                eval_batches=50,
+                ckpt_every=500,
+                weight_decay=0.1,
+                val_fraction=0.005,
+                dtype="auto",
+            ),
+            # AdamW 6e-4 (GPT-2 small, nanoGPT/MARS); Muon 0.01, HTMuon 0.03 as in the paper's LLaMA runs
+            # (the paper gives no GPT-2 learning rates)
+            lrs={"adamw": 6e-4, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03},
+            optimizers=("adamw", "muon", "htmuon"),
+        ),
+        "gpt2-cpu": RunPreset(
+            "the gpu-gpt2 layout at CPU scale: GPT-2-tiny on the built-in corpus (~5 min, 2 cores)",
+            {**_QUICK, "model": "gpt2-tiny"},
+            lrs=_QUICK_LRS,
+            optimizers=("adamw", "muon", "htmuon"),
+        ),
+        "gpu-resnet50-cifar100": RunPreset(
+            "ResNet-50 (bottleneck, CIFAR stem) on CIFAR-100, 200 epochs of batch 128 with crop + flip "
+            "augmentation (the usual CIFAR recipe); needs a GPU and --data cifar100:DIR",
+            dict(
+                model="resnet50",
+                data="cifar100:",
+                batch_size=128,
+                steps=78200,  # 200 epochs x 391 steps
+                warmup_steps=782,
+                eval_every=3910,
+                eval_batches=0,
+                ckpt_every=3910,
+                weight_decay=5e-4,
+                dtype="auto",
+            ),
+            lrs={"adamw": 1e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+            optimizers=("adamw", "muon", "htmuon"),
+            seeds=(0, 1, 2),
+        ),
+        "resnet50-cpu": RunPreset(
+            "the gpu-resnet50-cifar100 layout at CPU scale: ResNet-50-tiny (bottleneck) on digits, 3 seeds",
+            dict(
+                model="resnet50-tiny",
+                data="digits",
+                batch_size=64,
+                steps=200,
+                warmup_steps=20,
+                eval_every=25,
+                eval_batches=0,
+                ckpt_every=100,
+                weight_decay=0.0,
+                threads=1,
+            ),
+            lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+            optimizers=("adamw", "muon", "htmuon"),
+            seeds=(0, 1, 2),
+        ),
+        "gpu-vit-tiny": RunPreset(
+            "ViT-Tiny on ImageNet-1K at 224x224, batch 1024, HTMuon p = 1/32, lr grid {0.003, 0.004, "
+            "0.005} (PAPER.md), 300 epochs (DeiT-Ti's budget); needs GPUs and --data imagenet:DIR",
+            dict(
+                model="vit-tiny",
+                data="imagenet:",
+                batch_size=256,
+                grad_accum=4,  # 1024 images per step
+                steps=375300,  # 300 epochs x 1251 steps
+                warmup_steps=6255,  # 5 epochs
+                eval_every=6255,
+                eval_batches=0,
+                ckpt_every=1251,
+                weight_decay=0.05,
+                dtype="auto",
+            ),
+            lrs={"adamw": 1e-3, "muon": 0.004, "htmuon": 0.004},
+            lr_grid={"muon": (0.003, 0.004, 0.005), _VIT_HTMUON: (0.003, 0.004, 0.005)},
+            optimizers=("adamw", "muon", _VIT_HTMUON),
+        ),
+        "vit-cpu": RunPreset(
+            "the gpu-vit-tiny layout at CPU scale: ViT-micro on digits, HTMuon p = 1/32, 3 seeds (~2 min)",
+            dict(
+                model="vit-micro",
+                data="digits",
+                batch_size=64,
+                steps=200,
+                warmup_steps=20,
+                eval_every=25,
+                eval_batches=0,
+                ckpt_every=100,
+                weight_decay=0.05,
+                threads=1,
+            ),
+            lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02},
+            optimizers=("adamw", "muon", _VIT_HTMUON),
+            seeds=(0, 1, 2),
+        ),
+    }
+)

@@ -85,6 +85,35 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _corrupt(path: Path, why: str | Exception) -> UserError:
+    if isinstance(why, Exception):
+        text = str(why).strip()
+        why = f"{type(why).__name__}: {text.splitlines()[0][:120]}" if text else type(why).__name__
+    return UserError(
+        f"token cache file '{path}' is unusable ({why}); delete its folder '{path.parent}' to rebuild it"
+    )
+
+
+def _load_tokenizer(tk, path: Path):
+    try:
+        return tk.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a plain Exception on bad JSON
+        raise _corrupt(path, e) from None
+
+
+def _load_ids(path: Path, vocab_size: int) -> np.ndarray:
+    """A cached token stream: a 1-D int32 .npy array of ids below ``vocab_size``."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise _corrupt(path, e) from None
+    if ids.ndim != 1 or ids.dtype != np.int32:
+        raise _corrupt(path, f"expected a 1-D int32 array, got {ids.ndim}-D {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise _corrupt(path, f"token ids outside [0, {vocab_size})")
+    return ids
+
+
 def prepare_tokens(splits: TextSplits, vocab_size: int):
     """Return (tokenizer, train_ids, val_ids, cache_path), training/encoding only on a cache miss."""
     tk = _require_tokenizers()
@@ -92,8 +121,9 @@ def prepare_tokens(splits: TextSplits, vocab_size: int):
     d = cache_dir() / "tokens" / key
     tok_path, tr_path, va_path = d / "tokenizer.json", d / "train.npy", d / "val.npy"
     if tok_path.exists() and tr_path.exists() and va_path.exists():
-        tok = tk.Tokenizer.from_file(str(tok_path))
-        return tok, np.load(tr_path), np.load(va_path), d
+        tok = _load_tokenizer(tk, tok_path)
+        vocab = tok.get_vocab_size()
+        return tok, _load_ids(tr_path, vocab), _load_ids(va_path, vocab), d
     tok = train_tokenizer(splits.train, vocab_size)
     tr = encode_docs(tok, splits.train)
     va = encode_docs(tok, splits.val)

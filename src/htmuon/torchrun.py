@@ -1,0 +1,320 @@
+"""Data-parallel training under ``torchrun``: the few pieces a training loop needs (DDP or FSDP2).
+
+(The sharded optimizer step these runs use is :mod:`htmuon.distributed`; this module launches and
+wires the processes around it.)
+
+    par = torchrun.from_env("auto", device)             # reads torchrun's RANK / WORLD_SIZE
+    module = torchrun.wrap_model(model, par, device)     # DDP(model) / fully_shard(model) / model
+    opt = htmuon.HTMuon(groups, process_group=par.process_group)   # DDP: divide the spectral work
+    x = torchrun.batch_slice(x, par)                     # this rank's rows of the global batch
+    loss = torchrun.mean_across(float(loss), par)        # for logging
+    model_sd, opt_sd = torchrun.state_dicts(model, opt, par)     # full tensors (checkpoint on rank 0)
+    torchrun.load_state_dicts(model, opt, model_sd, opt_sd, par)
+
+Every rank draws the same global batch and trains on its slice of the rows, so a run on N processes
+sees the data a single process sees (global batch = union of the ranks' slices); only float
+rounding of the gradient average differs. Without ``torchrun`` (no ``RANK`` in the environment)
+everything is a no-op and the loop is the single-process loop.
+
+A hung or dead rank ends the job: every collective waits at most the process group's timeout
+(``timeout_s``; default :data:`DEFAULT_TIMEOUT_S`, or the ``HTMUON_DIST_TIMEOUT`` environment
+variable, in seconds), and :func:`collective_errors` turns the failure into a one-line
+:class:`~htmuon.errors.CollectiveError` on every surviving rank. With gloo (CPU) the timeout fires
+in the waiting collective itself (a dead peer fails it at once: connection reset); with NCCL,
+torch's watchdog aborts the communicator after it (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from htmuon.errors import CollectiveError
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "PARALLEL_MODES",
+    "TIMEOUT_ENV",
+    "Parallel",
+    "barrier",
+    "batch_slice",
+    "collective_errors",
+    "collective_timeout",
+    "from_env",
+    "load_state_dicts",
+    "main_first",
+    "mean_across",
+    "state_dicts",
+    "wrap_model",
+]
+
+#: "auto": DDP under torchrun with more than one process, else single-process; "none": never
+#: wrap; "ddp": DistributedDataParallel; "fsdp": FSDP2 (fully_shard, DTensor parameters).
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+#: Seconds a collective waits for the other ranks before the job fails (torch's own default for
+#: gloo is 30 min; 10 min still covers a slow checkpoint write or evaluation on rank 0).
+DEFAULT_TIMEOUT_S = 600.0
+#: Environment variable overriding :data:`DEFAULT_TIMEOUT_S` (seconds, > 0).
+TIMEOUT_ENV = "HTMUON_DIST_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Where this process stands: the mode actually used and its rank among ``world`` processes."""
+
+    mode: str = "none"
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def process_group(self) -> Any:
+        """``HTMuon(process_group=...)``: the world group under DDP (divide the spectral work), else None
+        (FSDP2's DTensor parameters bring their own mesh)."""
+        if self.mode != "ddp":
+            return None
+        import torch.distributed as dist
+
+        return dist.group.WORLD
+
+
+def collective_timeout(timeout_s: float | None = None) -> float:
+    """``timeout_s`` if given, else ``$HTMUON_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`; a
+    ValueError naming the value unless it is a finite number of seconds > 0."""
+    where = "timeout_s"
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT_S
+        where = TIMEOUT_ENV
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
+    if not (0 < timeout_s < float("inf")):
+        raise ValueError(f"{where} must be a number of seconds > 0, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+def from_env(
+    mode: str = "auto", device: torch.device | str = "cpu", timeout_s: float | None = None
+) -> Parallel:
+    """Join the process group torchrun set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``).
+
+    gloo on CPU, NCCL on CUDA (each process then uses GPU ``LOCAL_RANK``). Without torchrun, only
+    ``mode`` "auto" or "none" is valid and nothing is initialised. ``timeout_s``: how long a
+    collective (and the group's start) waits for the other ranks (:func:`collective_timeout`).
+
+    Raises:
+        ValueError: a bad mode or timeout, or a parallel mode without torchrun.
+        CollectiveError: the other ranks did not join within the timeout.
+    """
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"Invalid parallel mode: {mode!r}; valid: {PARALLEL_MODES}")
+    timeout_s = collective_timeout(timeout_s)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if mode in ("ddp", "fsdp"):
+            raise ValueError(
+                f"parallel={mode!r} needs a torchrun launch (e.g. torchrun --nproc_per_node=2 ...); "
+                "RANK / WORLD_SIZE are not set"
+            )
+        return Parallel()
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if mode == "none" or (mode == "auto" and world == 1):
+        if world > 1:
+            raise ValueError(f"parallel='none' but torchrun started {world} processes")
+        return Parallel()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    par = Parallel("ddp" if mode == "auto" else mode, rank, world, local_rank, timeout_s)
+    if not dist.is_initialized():
+        with collective_errors(par, "the process group did not form"):
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            )
+    return par
+
+
+#: Failures of a collective as gloo / NCCL / the TCP store report them (torch raises RuntimeError or a
+#: subclass, torch.distributed.DistError, whose text names the cause).
+_COLLECTIVE_FAILURE = re.compile(
+    r"gloo|nccl|timed out|timeout|connection (reset|closed|refused)|broken pipe|socket|peer", re.IGNORECASE
+)
+
+
+@contextmanager
+def collective_errors(par: Parallel, what: str = "a collective failed") -> Iterator[None]:
+    """Under torchrun, turn a failed collective into a one-line :class:`CollectiveError` on this rank.
+
+    A rank that hangs (stopped, deadlocked) makes the others' next collective fail after
+    ``par.timeout_s``; a rank that dies fails it at once. Everything else passes through unchanged,
+    as does everything in a single process.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        import torch.distributed as dist
+
+        dist_error = getattr(dist, "DistError", ())
+        if par.world == 1 or not (isinstance(e, dist_error) or _COLLECTIVE_FAILURE.search(str(e))):
+            raise
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+        raise CollectiveError(
+            f"rank {par.rank} of {par.world}: {what}: another rank hung or died (waited up to "
+            f"{par.timeout_s:g} s; set {TIMEOUT_ENV} to change it): {detail[:200]}"
+        ) from None
+
+
+def wrap_model(model: nn.Module, par: Parallel, device: torch.device | str | None = None) -> nn.Module:
+    """The module to run forward/backward through.
+
+    ddp: ``DistributedDataParallel(model)``; fsdp: ``fully_shard`` on every element of every
+    ``nn.ModuleList`` (the transformer blocks / stages), then on the root -- in place, so ``model``'s
+    parameters become DTensors (build the optimizer afterwards); none: ``model`` itself.
+    """
+    if par.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = torch.device(device) if device is not None else None
+        ids = (
+            [device.index if device.index is not None else par.local_rank]
+            if device and device.type == "cuda"
+            else None
+        )
+        return DistributedDataParallel(model, device_ids=ids)
+    if par.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in list(model.modules()):
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+def batch_slice(x: Tensor, par: Parallel) -> Tensor:
+    """This rank's rows of a global batch (dim 0), which must divide evenly among the ranks."""
+    if par.world == 1:
+        return x
+    n = x.size(0)
+    if n % par.world:
+        raise ValueError(f"global batch of {n} rows does not divide among {par.world} processes")
+    per = n // par.world
+    return x[par.rank * per : (par.rank + 1) * per]
+
+
+def mean_across(value: float, par: Parallel) -> float:
+    """The mean of a Python number over the ranks (a collective: every rank calls it)."""
+    if par.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / par.world
+
+
+def state_dicts(model: nn.Module, opt: torch.optim.Optimizer, par: Parallel) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with whole tensors, for a checkpoint that rank 0 writes.
+
+    Under FSDP2 the shards are gathered (a collective: every rank calls it); the optimizer state is
+    then keyed by parameter name (``torch.distributed.checkpoint.state_dict`` format). Otherwise the
+    plain ``state_dict()``s (under DDP every rank holds the complete state).
+    """
+    if par.mode != "fsdp":
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+
+
+def load_state_dicts(
+    model: nn.Module, opt: torch.optim.Optimizer, model_sd: dict, opt_sd: dict, par: Parallel
+) -> None:
+    """Inverse of :func:`state_dicts` (every rank passes the whole dicts, e.g. each loads the file)."""
+    if par.mode != "fsdp":
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(opt_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)  # (these replace the dicts' values: pass copies)
+    set_model_state_dict(model, _copy_containers(model_sd), options=options)
+    set_optimizer_state_dict(model, opt, _copy_containers(opt_sd), options=options)
+
+
+def _copy_containers(obj: Any) -> Any:
+    """A copy of nested dicts / lists / tuples sharing the leaves (tensors are not copied)."""
+    if isinstance(obj, dict):
+        return {k: _copy_containers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_containers(v) for v in obj)
+    return obj
+
+
+def barrier(par: Parallel) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if par.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextmanager
+def main_first(par: Parallel) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the others (e.g. filling a cache they then read)."""
+    if not par.is_main:
+        barrier(par)
+    try:
+        yield
+    finally:
+        if par.is_main:
+            barrier(par)
+
+
+def finish() -> int:
+    """End a torchrun job: a barrier (no rank tears gloo down while a peer still has collectives in
+    flight), then destroy the process group. Returns this process's rank (0 without torchrun).
+
+    Raises:
+        CollectiveError: another rank hung or died before reaching the barrier.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with collective_errors(Parallel("ddp", rank, world, timeout_s=collective_timeout())):
+        dist.barrier()
+    dist.destroy_process_group()
+    return rank

@@ -1,0 +1,188 @@
+"""COSMOS (Liu et al., 2025, arXiv 2502.17410), written here: no maintained library ships it.
+
+COSMOS splits each matrix's update between a tracked rank-``r`` eigen-subspace of the gradient's
+second moment ``E[G^T G]``, where it runs Adam in that basis (SOAP-like), and the orthogonal
+complement, where it takes a Muon (Newton-Schulz) step. Everything else is trained by AdamW. The
+algorithm follows the paper and the authors' published version of it (lliu606/COSMOS,
+``COSMOS_optim.py``); the differences are named in :class:`COSMOS`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from htmuon.spectral import polar
+
+#: The weight of the Muon part relative to the Adam part (the authors' code: 0.2 sqrt(mn)).
+COSMOS_MUON_WEIGHT = 0.2
+#: Matrices with more rows than this are trained by AdamW (the authors' rule: embeddings / LM heads
+#: of a 32k-50k vocabulary).
+COSMOS_MAX_ROWS = 10000
+
+
+class COSMOS(Optimizer):
+    r"""COSMOS: Adam in a tracked eigen-subspace plus Muon on the rest, for matrices; AdamW otherwise.
+
+    For a matrix ``W`` (m x n, m <= ``max_rows``) with gradient ``G_t`` and basis ``U`` (n x r),
+    ``r = min(rank, n)``:
+
+    .. math::
+        M_t &= \beta_1 M_{t-1} + G_t \\
+        U_t &= \operatorname{QR}(\beta_2 U_{t-1} S_{t-1} + (1 - \beta_2) G_t^T G_t U_{t-1})
+              \quad (U_1: \text{top-}r \text{ eigenvectors of } G_1^T G_1) \\
+        S_t &= \beta_2 T^T S_{t-1} T + (1 - \beta_2) (G_t U_t)^T (G_t U_t), \quad T = U_{t-1}^T U_t \\
+        V_t &= \beta_2 V_{t-1} + (1 - \beta_2) (G_t U_t)^{\odot 2} \\
+        N_t &= (G_t + \beta_1 M_t) / (1 + \beta_1 c_t), \quad c_t = (1 - \beta_1^t) / (1 - \beta_1) \\
+        A_t &= \big[(N_t U_t) / (\sqrt{V_t / (1 - \beta_2^t)} + \epsilon)\big] U_t^T \\
+        B_t &= \operatorname{NS}_5(N_t - N_t U_t U_t^T), \quad B_t \leftarrow B_t / \|B_t\|_F \\
+        D_t &= A_t + \gamma \sqrt{mn}\, B_t \\
+        W &\leftarrow W (1 - \mathrm{lr}\cdot \mathrm{wd}) - \mathrm{lr} \sqrt{mn}\, D_t / \|D_t\|_F
+
+    so a matrix step has entry RMS ``lr``. Groups with ``algorithm="adamw"``, parameters that are not
+    2-D and matrices with more than ``max_rows`` rows get AdamW (bias-corrected, decoupled decay).
+
+    Differences from the authors' code: their group lr is the AdamW lr and matrices use
+    ``lr * lr_ratio``; here each group carries its own lr (the harness gives the matrix group
+    ``lr`` = their ``lr * lr_ratio`` and the AdamW group ``adamw_lr``). Their weight decay on
+    matrices is ``lr * wd`` with the AdamW lr; here it is the matrix group's lr. The rank is capped
+    at ``n`` (their code fails when ``n < rank``); with ``r = n`` there is no Muon part (the
+    complement is empty; normalising its rounding noise would give it unit norm); the gradient is not
+    modified in place.
+
+    Args:
+        params: parameters or groups; a group may set ``algorithm`` to ``"cosmos"`` (default) or
+            ``"adamw"``.
+        lr: learning rate (the entry RMS of a matrix step; AdamW's lr for AdamW groups).
+        betas: ``(beta1, beta2)`` for the COSMOS part (the authors': 0.9, 0.95).
+        rank: dimension of the Adam subspace (the authors': 64).
+        gamma: weight of the Muon part (:data:`COSMOS_MUON_WEIGHT`).
+        eps: added to the Adam denominators and norms.
+        weight_decay: decoupled, ``W <- W (1 - lr wd)``.
+        adamw_betas: betas of the AdamW part.
+        max_rows: matrices with more rows go to AdamW (:data:`COSMOS_MAX_ROWS`).
+
+    Example:
+        >>> opt = COSMOS([{"params": hidden}, {"params": rest, "algorithm": "adamw", "lr": 1e-3}], lr=1e-4)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        rank: int = 64,
+        gamma: float = COSMOS_MUON_WEIGHT,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        max_rows: int = COSMOS_MAX_ROWS,
+    ):
+        if not lr > 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        for name, b in (("betas", betas), ("adamw_betas", adamw_betas)):
+            if len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
+                raise ValueError(f"Invalid {name}: {b} (two numbers in [0, 1))")
+        if rank < 1:
+            raise ValueError(f"Invalid rank: {rank} (must be >= 1)")
+        if gamma < 0.0 or eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"Invalid gamma/eps/weight_decay: {gamma}/{eps}/{weight_decay} (must be >= 0)")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            rank=rank,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            adamw_betas=tuple(adamw_betas),
+            max_rows=max_rows,
+            algorithm="cosmos",
+        )
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            if g["algorithm"] not in ("cosmos", "adamw"):
+                raise ValueError(f"Invalid algorithm: {g['algorithm']!r}; valid: ('cosmos', 'adamw')")
+
+    def _uses_cosmos(self, group: dict[str, Any], p: Tensor) -> bool:
+        return group["algorithm"] == "cosmos" and p.ndim == 2 and p.shape[0] <= group["max_rows"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.is_complex():
+                    raise RuntimeError("COSMOS does not support sparse gradients or complex parameters")
+                if self._uses_cosmos(group, p):
+                    self._cosmos_step(group, p)
+                else:
+                    self._adamw_step(group, p)
+        return loss
+
+    def _adamw_step(self, group: dict[str, Any], p: Tensor) -> None:
+        beta1, beta2 = group["adamw_betas"]
+        lr, wd, grad, state = group["lr"], group["weight_decay"], p.grad, self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        state["exp_avg"].lerp_(grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        if wd:
+            p.mul_(1.0 - lr * wd)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2**t)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1**t))
+
+    def _cosmos_step(self, group: dict[str, Any], p: Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        eps, state = group["eps"], self.state[p]
+        G = p.grad.float()
+        m, n = G.shape
+        r = min(group["rank"], n)
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(G)
+            state["basis"] = torch.zeros(n, r, device=G.device)
+            state["basis_moment"] = torch.zeros(r, r, device=G.device)
+            state["exp_avg_sq"] = torch.zeros(m, r, device=G.device)
+        state["step"] += 1
+        t = state["step"]
+        M, U, S, V = state["exp_avg"], state["basis"], state["basis_moment"], state["exp_avg_sq"]
+        M.mul_(beta1).add_(G)
+        if t == 1:
+            _, vecs = torch.linalg.eigh(G.T @ G)
+            U_new = vecs.flip(-1)[:, :r]
+            GU = G @ U_new
+            S_new = (1.0 - beta2) * (GU.T @ GU)
+        else:
+            U_new, _ = torch.linalg.qr(beta2 * (U @ S) + (1.0 - beta2) * (G.T @ (G @ U)))
+            T = U.T @ U_new
+            GU = G @ U_new
+            S_new = beta2 * (T.T @ S @ T) + (1.0 - beta2) * (GU.T @ GU)
+        U.copy_(U_new)
+        S.copy_(S_new)
+        V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
+        c = (1.0 - beta1**t) / (1.0 - beta1)
+        N = (G + beta1 * M) / (1.0 + beta1 * c)
+        NU = N @ U
+        A = (NU / ((V / (1.0 - beta2**t)).sqrt_().add_(eps))) @ U.T
+        scale = math.sqrt(m * n)
+        D = A
+        if r < n:  # r = n: the complement is empty (only rounding noise, which normalising would blow up)
+            B = polar(N - NU @ U.T).float()
+            D = A.add_(B / (B.norm() + eps), alpha=group["gamma"] * scale)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            p.mul_(1.0 - lr * wd)
+        p.add_((D / (D.norm() + eps)).to(p.dtype), alpha=-lr * scale)

@@ -1,0 +1,265 @@
+"""The paper's baselines in the harness: AdaMuon / NorMuon plug-ins, MARS, SOAP, Cautious AdamW,
+GaLore, COSMOS: each runs end to end and resumes exactly; routing; a clear error without the extra;
+COSMOS's update checked against its definition."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from helpers import TINY_RUN, flags  # noqa: E402
+from htmuon.cli import UserError  # noqa: E402
+from htmuon.cli import main as cli_main  # noqa: E402
+from htmuon.train import checkpoint  # noqa: E402
+from htmuon.train.config import TrainConfig  # noqa: E402
+from htmuon.train.cosmos import COSMOS  # noqa: E402
+from htmuon.train.loop import read_metrics, train  # noqa: E402
+from htmuon.train.optimizers import HTMUON_NAMES, OPTIMIZERS, build_optimizer, resolve  # noqa: E402
+
+LIBRARY = {name: spec.get("library") for name, spec in OPTIMIZERS.items()}
+NEW = ["adamuon", "htmuon-adamuon", "mars", "soap", "cadamw", "galore", "cosmos"]
+
+
+def _skip_without_library(name: str) -> None:
+    if LIBRARY.get(name):
+        pytest.importorskip(LIBRARY[name])
+
+
+def tiny(corpus_file, out, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY_RUN, "data": str(corpus_file), "out_dir": str(out), **kw})
+
+
+def test_every_paper_baseline_has_a_name():
+    assert set(NEW) | {"adamw", "muon", "normuon", "htmuon-normuon"} <= set(OPTIMIZERS)
+    assert OPTIMIZERS["adamuon"]["plugin"] == "adamuon" and OPTIMIZERS["adamuon"]["p"] == 0.0
+    assert OPTIMIZERS["htmuon-adamuon"]["plugin"] == "adamuon" and OPTIMIZERS["htmuon-adamuon"]["p"] > 0
+    assert {"mars", "soap", "cadamw", "galore", "cosmos"}.isdisjoint(HTMUON_NAMES)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_baseline_trains_and_resumes_exactly(name, corpus_file, tmp_path):
+    """12 steps straight vs. stopped after 5 and resumed: the same weights and losses (the optimizer's
+    state_dict round-trips through a weights_only checkpoint; SOAP refreshes its basis at step 10)."""
+    _skip_without_library(name)
+    kw = dict(optimizer=name, steps=12, warmup_steps=2, eval_every=6, ckpt_every=4)
+    full = train(tiny(corpus_file, tmp_path / "full", **kw))
+    assert full["finished"] and math.isfinite(full["final_val_loss"])
+    assert train(tiny(corpus_file, tmp_path / "cut", **kw), stop_after=5)["stopped"]
+    resumed = train(tiny(corpus_file, tmp_path / "cut", **kw), resume=True)
+    a = checkpoint.load(tmp_path / "full" / "ckpt.pt")["model"]
+    b = checkpoint.load(tmp_path / "cut" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["final_val_loss"] == resumed["final_val_loss"]
+
+    def losses(d):
+        return [r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train"]
+
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+    # the loss went down from its start (the optimizer does optimise)
+    assert losses(tmp_path / "full")[-1] < losses(tmp_path / "full")[0]
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert cfg["optimizer"] == name and cfg["lr"] == OPTIMIZERS[name]["lr"]
+
+
+def test_compare_accepts_every_baseline(corpus_file, tmp_path):
+    names = [n for n in NEW if not LIBRARY.get(n) or importlib.util.find_spec(LIBRARY[n])]
+    grid = ("model", "vocab_size", "seq_len", "batch_size", "eval_batches", "threads", "progress", "alpha")
+    tiny_flags = flags({**{k: TINY_RUN[k] for k in grid}, "steps": 2, "warmup_steps": 1, "eval_every": 2})
+    out = tmp_path / "grid"
+    argv = ["compare", "--optimizers", ",".join(["muon", *names]), "--data", str(corpus_file)]
+    assert cli_main([*argv, "--out-dir", str(out), *tiny_flags]) == 0
+    md = (out / "results.md").read_text()
+    assert all(f"| {n} |" in md for n in names)
+
+
+def _resnet_cfg(name: str) -> TrainConfig:
+    return resolve(TrainConfig(model="resnet-micro", optimizer=name))
+
+
+def _tiny_lm():
+    from htmuon.train.models import build_llama
+
+    return build_llama("llama-micro", 300, 16)
+
+
+def test_mars_routes_matrices_to_mars_and_vectors_to_its_adamw():
+    pytest.importorskip("pytorch_optimizer")
+    model = _tiny_lm()
+    opt = build_optimizer(model, resolve(TrainConfig(model="llama-micro", optimizer="mars")))
+    (group,) = opt.param_groups
+    assert group["mars_type"] == "adamw" and not group["optimize_1d"] and group["weight_decay_1d"] == 0.0
+    assert group["lr_1d"] == TrainConfig().adamw_lr and group["gamma"] == 0.025
+
+
+def test_galore_projects_hidden_2d_weights_only():
+    pytest.importorskip("pytorch_optimizer")
+    model = _tiny_lm()
+    opt = build_optimizer(model, resolve(TrainConfig(model="llama-micro", optimizer="galore")))
+    projected = [g for g in opt.param_groups if "rank" in g]
+    assert len(projected) == 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    pnames = [names[id(p)] for p in projected[0]["params"]]
+    assert pnames and all(("self_attn" in n or "mlp" in n) and n.endswith("weight") for n in pnames)
+    assert projected[0]["rank"] == 32 // 4  # hidden 32 -> rank 8
+    model(input_ids=torch.randint(0, 300, (2, 16))).logits.sum().backward()
+    opt.step()
+    for p in projected[0]["params"]:  # Adam moments in the rank-8 space
+        assert min(opt.state[p]["exp_avg"].shape) == 8
+    emb = model.model.embed_tokens.weight
+    assert opt.state[emb]["exp_avg"].shape == emb.shape
+    # the state_dict is tensors and plain values: a weights_only load accepts it, and the projector
+    # comes back with the same projection matrix
+    first = projected[0]["params"][0]
+    before = opt.state[first]["projector"].ortho_matrix.clone()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(opt.state[first]["projector"].ortho_matrix, before)
+    assert opt.state[first]["projector"].rank == 8
+
+
+def test_cosmos_routing_conv_kernels_and_embeddings_to_adamw():
+    model = _tiny_lm()
+    opt = build_optimizer(model, resolve(TrainConfig(model="llama-micro", optimizer="cosmos")))
+    cosmos = [g for g in opt.param_groups if g["algorithm"] == "cosmos"]
+    assert len(cosmos) == 1 and all(p.ndim == 2 for p in cosmos[0]["params"])
+    in_cosmos = {id(p) for p in cosmos[0]["params"]}
+    assert id(model.model.embed_tokens.weight) not in in_cosmos and id(model.lm_head.weight) not in in_cosmos
+    adamw_lrs = {g["lr"] for g in opt.param_groups if g["algorithm"] == "adamw"}
+    assert adamw_lrs == {TrainConfig().adamw_lr}
+
+
+@pytest.mark.parametrize("name", ["mars", "soap", "cadamw", "galore", "cosmos"])
+def test_baselines_train_conv_nets(name):
+    _skip_without_library(name)
+    from htmuon.train.models import build_resnet
+
+    model = build_resnet("resnet-micro", 1, 10)
+    opt = build_optimizer(model, _resnet_cfg(name))
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):  # SOAP's first step only sets up its preconditioner
+        nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.arange(4)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_missing_library_is_one_line_naming_the_extra(monkeypatch):
+    real = importlib.import_module
+
+    def no_baselines(name, *args):
+        if name in ("pytorch_optimizer", "heavyball"):
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_baselines)
+    for name, package in (
+        ("mars", "pytorch-optimizer"),
+        ("soap", "pytorch-optimizer"),
+        ("cadamw", "heavyball"),
+    ):
+        with pytest.raises(
+            UserError, match=rf"'{name}' needs the {package} package: pip install htmuon\[baselines\]"
+        ):
+            build_optimizer(nn.Linear(4, 4), _resnet_cfg(name))
+
+
+def test_cautious_adamw_masks_disagreeing_coordinates():
+    """heavyball's AdamW(caution=True) against C-AdamW written out: Adam's direction zeroed where its
+    sign disagrees with the gradient's, rescaled by (number of entries) / (number kept)."""
+    pytest.importorskip("heavyball")
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 5))
+    cfg = resolve(TrainConfig(model="resnet-micro", optimizer="cadamw", weight_decay=0.0))
+    opt = build_optimizer(nn.ParameterList([w]), cfg)
+    g1, g2 = torch.randn(6, 5), torch.randn(6, 5)
+    b1, b2, lr = cfg.adamw_beta1, cfg.adamw_beta2, cfg.lr
+    ref = w.detach().double().clone()
+    m = torch.zeros_like(ref)
+    v = torch.zeros_like(ref)
+    for t, g in enumerate((g1, g2), 1):
+        w.grad = g.clone()
+        opt.step()
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + 1e-8)
+        keep = (u * g > 0).double()
+        ref -= lr * u * keep * (keep.numel() / keep.sum())
+    assert torch.allclose(w.detach().double(), ref, rtol=0, atol=1e-6)
+    assert (w.detach().double() - ref).abs().max() < 1e-6
+
+
+# ----------------------------------------------------------------------------- COSMOS
+
+
+def test_cosmos_full_rank_first_step_is_sign_of_adam_in_the_eigenbasis():
+    """rank = n: no Muon part; at step 1 Adam in the eigenbasis U of G^T G gives sign(G U) U^T, so the
+    step is -lr sign(G U) U^T (entry RMS exactly lr)."""
+    torch.manual_seed(1)
+    m, n, lr = 7, 5, 1e-2
+    W = nn.Parameter(torch.randn(m, n, dtype=torch.float32))
+    W0 = W.detach().clone()
+    G = torch.randn(m, n)
+    opt = COSMOS([W], lr=lr, rank=n, eps=0.0)
+    W.grad = G.clone()
+    opt.step()
+    _, vecs = torch.linalg.eigh((G.T @ G).double())
+    U = vecs.flip(-1)
+    expected = -lr * torch.sign(G.double() @ U) @ U.T
+    assert torch.allclose((W.detach() - W0).double(), expected, atol=1e-5)
+
+
+def test_cosmos_step_has_entry_rms_lr_and_decays_weights():
+    torch.manual_seed(2)
+    m, n, lr, wd = 16, 12, 3e-3, 0.1
+    W = nn.Parameter(torch.randn(m, n))
+    opt = COSMOS([W], lr=lr, rank=4, weight_decay=wd)
+    for _ in range(3):
+        W0 = W.detach().clone()
+        W.grad = torch.randn(m, n)
+        opt.step()
+        step = W.detach() - W0 * (1 - lr * wd)
+        assert step.norm() / math.sqrt(m * n) == pytest.approx(lr, rel=1e-4)
+
+
+def test_cosmos_tracks_the_leading_right_subspace():
+    """Gradients G_t = X_t diag(s) V^T with a fixed V and a decaying spectrum: the tracked basis
+    converges to the top-r right singular vectors."""
+    torch.manual_seed(3)
+    m, n, r = 40, 20, 3
+    V, _ = torch.linalg.qr(torch.randn(n, n))
+    s = torch.tensor([10.0, 8.0, 6.0] + [0.5] * (n - 3))
+    W = nn.Parameter(torch.zeros(m, n))
+    opt = COSMOS([W], lr=1e-3, rank=r)
+    for _ in range(30):
+        W.grad = torch.randn(m, n) @ torch.diag(s) @ V.T
+        opt.step()
+    U = opt.state[W]["basis"]
+    top = V[:, :r]
+    # the sines of the principal angles between span(U) and span(top) are small
+    sines = torch.linalg.svdvals(top - U @ (U.T @ top))
+    assert sines.max() < 0.2
+    assert torch.allclose(U.T @ U, torch.eye(r), atol=1e-5)
+
+
+def test_cosmos_validates_its_arguments():
+    w = [nn.Parameter(torch.zeros(2, 2))]
+    for kw, word in (
+        (dict(lr=0.0), "learning rate"),
+        (dict(rank=0), "rank"),
+        (dict(betas=(1.0, 0.9)), "betas"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            COSMOS(w, **kw)
+    with pytest.raises(ValueError, match="algorithm"):
+        COSMOS([{"params": w, "algorithm": "sgd"}])

@@ -1,0 +1,124 @@
+"""The benchmarks' pure helpers: machine description, allocation peak, matrix sets, direction error.
+
+The benchmarks themselves (timings) are not part of the test run.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import machine  # noqa: E402
+import memory  # noqa: E402
+import step_cost  # noqa: E402
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile
+processor\t: 1
+model name\t: something else
+flags\t\t: fpu
+"""
+
+
+def test_parse_cpuinfo_reads_the_first_processor():
+    model, flags = machine.parse_cpuinfo(CPUINFO)
+    assert model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert {"avx2", "avx512_bf16", "amx_bf16"} <= flags and "fpu" in flags
+    assert machine.parse_cpuinfo("") == ("", frozenset())
+
+
+@pytest.mark.parametrize(
+    "flags, isa",
+    [
+        ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "amx_bf16"),
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, "avx512_bf16"),
+        ({"avx2", "fma", "avx512f"}, "avx512"),
+        ({"avx2", "fma"}, "avx2"),  # AMD EPYC (Zen 2/3) style: bf16 matmul is slow there
+        ({"sse2"}, "other"),
+        ({"amx_bf16"}, "other"),  # AMX without tile support is not usable
+    ],
+)
+def test_matmul_isa_names_the_best_level(flags, isa):
+    assert machine.matmul_isa(flags) == isa
+
+
+def test_describe_and_header_name_the_machine(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text(CPUINFO)
+    info = machine.describe("cpu", cpuinfo=str(f))
+    assert info["isa"] == "amx_bf16" and info["torch"] == torch.__version__
+    line = machine.header(info)
+    assert line.startswith("# CPU Intel(R) Xeon(R) Platinum 8480+") and "amx_bf16" in line
+    missing = machine.describe("cpu", cpuinfo=str(tmp_path / "absent"))
+    assert missing["isa"] == "other" and missing["cpu"]
+
+
+def test_allocation_peak_is_the_running_maximum_in_time_order():
+    events = [(3, -100), (1, 100), (2, 50), (4, 30)]  # out of order on purpose
+    assert memory.allocation_peak(events) == (150, 80)
+    assert memory.allocation_peak([(1, -10)]) == (0, -10)  # frees of older tensors only
+    assert memory.allocation_peak([]) == (0, 0)
+
+
+def test_profiler_allocations_see_what_is_held_at_once():
+    from torch.profiler import ProfilerActivity, profile
+
+    mib = 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a, b
+        c = torch.empty(mib, dtype=torch.uint8)
+    peak, final = memory.allocation_peak(memory.profiler_allocations(prof))
+    assert 3 * mib <= peak < 3 * mib + 64 * 1024  # a and b together, not a + b + c
+    assert mib <= final < mib + 64 * 1024  # c is still held
+    del c
+
+
+def test_matrix_sets_have_the_paper_shapes():
+    shapes = step_cost.matrix_set("60m")
+    assert len(shapes) == 8 * 7 and shapes[:7] == [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]
+    assert len(step_cost.matrix_set("135m")) == 12 * 7
+    assert sum(a * b for a, b in step_cost.matrix_set("135m")) == 12 * (4 * 768**2 + 3 * 768 * 2048)
+    assert step_cost.matrix_set("60m", "paper", layers=1)[-2:] == [(32000, 512)] * 2
+
+
+def test_direction_error_reads_the_map_off_one_step():
+    g = torch.Generator().manual_seed(0)
+    G = step_cost.power_law_matrix((48, 32), g)
+    s = torch.linalg.svdvals(G)
+    assert math.isclose(s[0].item(), 1.0, rel_tol=1e-9) and math.isclose(s[-1].item(), 1e-3, rel_tol=1e-6)
+    rows = {r.key: r for r in step_cost.all_rows()}
+    assert step_cost.direction_error(rows["svd"], G, torch.device("cpu")) < 1e-4  # exact backend
+    assert step_cost.direction_error(rows["eigh"], G, torch.device("cpu")) < 1e-4
+    # Muon's NS5 is a rough polar factor by design (singular values in ~[0.7, 1.2]), not the s^p map
+    assert step_cost.direction_error(rows["muon"], G, torch.device("cpu")) > 0.05
+    assert rows["interval5"].exact_p is None and rows["interval5"].steps == step_cost.INTERVAL
+
+
+def test_target_verdicts_apply_the_issue_limits():
+    def row(key, ratio, err=None):
+        return dict(key=key, label=key, ratio_cpu_median=ratio, error_power_law=err)
+
+    res = dict(
+        rows=[
+            row("muon", 1.0),
+            row("default", 1.2),
+            row("fast_fp32", 1.2, 0.03),
+            row("fast5", 1.2),
+            row("paper", 6.0),
+        ]
+    )
+    *per_row, paper = step_cost.target_verdicts(res)
+    assert {t.split(" ")[0]: met for t, _, met in per_row} == {
+        "default": True,
+        "fast_fp32": False,
+        "fast5": False,
+    }
+    assert "paper" in paper[0] and paper[1] == "5.00x" and paper[2] is True  # 6.0 / 1.2

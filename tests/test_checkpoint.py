@@ -1,0 +1,164 @@
+"""Training checkpoints: checksum at load, the previous checkpoint kept and used as a fallback, stale
+temp files removed, a full disk reported as one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from htmuon.cli import main as cli_main
+from htmuon.train import checkpoint, data
+from htmuon.train.checkpoint import CheckpointError
+
+
+def payload(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {
+        "step": step,
+        "model": {"w": torch.randn(64, 48, generator=g), "b": torch.randn(48, generator=g)},
+        "optimizer": {"state": {0: {"momentum_buffer": torch.randn(64, 48, generator=g)}}, "lr": 0.02},
+    }
+
+
+def same(a: dict, b: dict) -> bool:
+    return a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def flip(path: Path, offset: int, mask: int = 0xFF, length: int = 1) -> None:
+    raw = bytearray(path.read_bytes())
+    for i in range(offset, offset + length):
+        raw[i] ^= mask
+    path.write_bytes(bytes(raw))
+
+
+def test_round_trip_and_plain_torch_load_still_reads_it(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, payload(3))
+    assert checkpoint.verify(path) is True
+    assert same(checkpoint.load(path), payload(3))
+    raw = path.read_bytes()
+    assert raw[-checkpoint.TRAILER_LEN :].startswith(checkpoint.TRAILER_MAGIC)
+    assert same(torch.load(path, weights_only=True), payload(3))  # the trailer does not hide the archive
+
+
+# where a flip lands: the archive's start, inside it (tensor data, pickle, directory), its last byte,
+# the trailer's magic, the digest, the trailer's final newline
+WHERE = {
+    "first byte": lambda n: 0,
+    "quarter": lambda n: n // 4,
+    "middle": lambda n: n // 2,
+    "three quarters": lambda n: 3 * n // 4,
+    "archive end": lambda n: n - checkpoint.TRAILER_LEN - 1,
+    "trailer magic": lambda n: n - checkpoint.TRAILER_LEN + 3,
+    "digest": lambda n: n - 30,
+    "last byte": lambda n: n - 1,
+}
+
+
+@pytest.mark.parametrize("where", list(WHERE))
+@pytest.mark.parametrize("kind", ["byte", "bit", "64 bytes"])
+def test_any_flipped_byte_or_bit_is_detected(where, kind, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, payload(1))
+    n = path.stat().st_size
+    at = WHERE[where](n)
+    if kind == "64 bytes":
+        flip(path, min(at, n - 64), length=64)
+    else:
+        flip(path, at, mask=0x10 if kind == "bit" else 0xFF)
+    with pytest.raises(CheckpointError, match=str(path)):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("keep", [0, 1000, -1])
+def test_a_truncated_checkpoint_is_detected(keep, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, payload(1))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: keep if keep >= 0 else len(raw) + keep])
+    with pytest.raises(CheckpointError, match="truncated|damaged"):
+        checkpoint.load(path)
+
+
+def test_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    for step in (1, 2, 3):
+        checkpoint.save(path, payload(step))
+    assert same(checkpoint.load(path), payload(3))
+    assert same(checkpoint.load(tmp_path / checkpoint.PREV_NAME), payload(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.prev.pt", "ckpt.pt"]  # no temp files
+
+
+def test_load_latest_falls_back_to_the_previous_and_names_the_bad_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    assert checkpoint.load_latest(tmp_path) == (None, None, [])
+    checkpoint.save(path, payload(1))
+    checkpoint.save(path, payload(2))
+    flip(path, path.stat().st_size // 2)
+    got, used, notes = checkpoint.load_latest(tmp_path)
+    assert same(got, payload(1)) and used == tmp_path / checkpoint.PREV_NAME
+    assert len(notes) == 1 and str(path) in notes[0] and "previous checkpoint" in notes[0]
+    flip(tmp_path / checkpoint.PREV_NAME, 100)
+    with pytest.raises(CheckpointError, match="ckpt.pt.*ckpt.prev.pt.*no usable checkpoint"):
+        checkpoint.load_latest(tmp_path)
+
+
+def test_a_checkpoint_without_checksum_loads_with_a_note(tmp_path):
+    """Checkpoints written before the checksum (a bare torch.save archive) are accepted, unverified."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": checkpoint.FORMAT, **payload(5)}, path)
+    assert checkpoint.verify(path) is False
+    got, used, notes = checkpoint.load_latest(tmp_path)
+    assert same(got, payload(5)) and used == path
+    assert len(notes) == 1 and "no checksum" in notes[0] and str(path) in notes[0]
+
+
+def test_stale_temp_files_are_found(tmp_path):
+    for name in (".ckpt.pt.tmp123", ".metrics.jsonl.tmp9", ".ckpt.pt.tmpX", "ckpt.pt", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    got = [p.name for p in data.stale_temp_files(tmp_path)]
+    assert got == [".ckpt.pt.tmp123", ".metrics.jsonl.tmp9"]
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def full_disk_for(prefix: str):
+    def fake_open(file, mode="r", *args, **kw):
+        f = open(file, mode, *args, **kw)
+        return _FullDisk(f) if Path(file).name.startswith(prefix) and "w" in mode else f
+
+    return fake_open
+
+
+def test_disk_full_while_checkpointing_is_one_line(corpus_file, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    from helpers import TINY_RUN, flags
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(data, "open", full_disk_for(".ckpt.pt.tmp"), raising=False)
+    rc = cli_main(["train", *flags({**TINY_RUN, "data": corpus_file, "out_dir": out})])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err == f"htmuon train: error: cannot write checkpoint '{out / 'ckpt.pt'}': No space left on device"
+    assert not (out / "ckpt.pt").exists() and not data.stale_temp_files(out)

@@ -1,0 +1,393 @@
+"""htmuon esd reads real checkpoints: files made by the real libraries give the in-memory alphas.
+
+Hugging Face folders (safetensors single and sharded, pytorch_model.bin single and sharded),
+torch.distributed.checkpoint folders, Lightning .ckpt, htmuon run folders, plain .pt state_dicts,
+trusted full-model pickles; batch-by-batch reading; several targets in one call; one-line errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from htmuon.cli import main
+from htmuon.diagnostics import analyze, esd, open_checkpoint
+from htmuon.diagnostics.cli import target_labels
+
+safetensors = pytest.importorskip("safetensors")
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, sd, analyze(sd)
+
+
+def assert_same(report, ref):
+    """Same layers, shapes and alphas (safetensors lists layers in natural name order, not the model's)."""
+    assert sorted(report.alphas) == sorted(ref.alphas)
+    for name, a in ref.alphas.items():
+        assert report.alphas[name] == pytest.approx(a, rel=1e-12, abs=0), name
+    assert {r["name"]: r["shape"] for r in report.rows} == {r["name"]: r["shape"] for r in ref.rows}
+
+
+def run_cli(argv, capsys):
+    rc = main(["esd", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_hf_folder_safetensors_single_and_sharded(llama, tmp_path):
+    model, _, ref = llama
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "single" / "model.safetensors").is_file()
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3  # really sharded
+    for folder in ("single", "sharded"):
+        rep = analyze(tmp_path / folder)
+        assert_same(rep, ref)
+        assert rep.meta["source"].startswith("safetensors checkpoint")
+    # the index file and one shard file can be given directly too
+    assert_same(analyze(tmp_path / "sharded" / "model.safetensors.index.json"), ref)
+    shard = sorted((tmp_path / "sharded").glob("model-0000*.safetensors"))[0]
+    with open_checkpoint(shard) as ck:
+        assert set(ck.entries) < set(ref.alphas) | {k for k in llama[1]}
+
+
+def test_hf_folder_pytorch_model_bin_single_and_sharded(llama, tmp_path):
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    _, sd, ref = llama
+    (tmp_path / "single").mkdir()
+    torch.save(sd, tmp_path / "single" / "pytorch_model.bin")
+    split = split_torch_state_dict_into_shards(
+        sd, filename_pattern="pytorch_model{suffix}.bin", max_shard_size="40KB"
+    )
+    assert split.is_sharded and len(split.filename_to_tensors) > 3
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for fname, keys in split.filename_to_tensors.items():
+        torch.save({k: sd[k] for k in keys}, folder / fname)
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    for f in ("single", "sharded"):
+        rep = analyze(tmp_path / f)
+        assert_same(rep, ref)
+        assert rep.meta["source"].startswith("torch checkpoint")
+
+
+def test_dcp_folder(llama, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model, sd, ref = llama
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": the single-process intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model.state_dict(), "step": 7}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+        dcp.save(model.state_dict(), checkpoint_id=tmp_path / "flat", no_dist=True)  # top-level keys
+    assert (tmp_path / "dcp" / ".metadata").is_file()
+    rep = analyze(tmp_path / "dcp")
+    assert_same(rep, ref)
+    assert rep.meta["source"].startswith("dcp checkpoint")
+    assert_same(analyze(tmp_path / "flat"), ref)
+
+
+def test_dcp_metadata_is_not_unpickled_blindly(tmp_path):
+    """A .metadata pickle that names anything but DCP's metadata classes is refused: its code never runs."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(
+        ValueError, match=r"\.metadata.*pathlib.Path.touch|\.metadata.*not a DCP metadata class"
+    ):
+        analyze(tmp_path / "dcp")
+    assert not marker.exists()
+
+
+@dataclass
+class Hparams:  # a user's config object pickled in Lightning's hyper_parameters
+    lr: float = 0.02
+    name: str = "run"
+
+
+def lightning_ckpt(sd, path, attr="model"):
+    """A checkpoint in Lightning's format (the keys Trainer.save_checkpoint writes)."""
+    torch.save(
+        {
+            "epoch": 1,
+            "global_step": 10,
+            "pytorch-lightning_version": "2.6.6",
+            "state_dict": {f"{attr}.{k}": v for k, v in sd.items()},
+            "loops": {"fit_loop": {"state_dict": {}}},
+            "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_score": None}},
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}],
+            "lr_schedulers": [],
+            "hparams_name": "kwargs",
+            "hyper_parameters": {"cfg": Hparams(), "lr": 0.02},
+        },
+        path,
+    )
+
+
+def test_lightning_ckpt_dict_format(llama, tmp_path):
+    _, sd, ref = llama
+    lightning_ckpt(sd, tmp_path / "epoch=1-step=10.ckpt")
+    rep = analyze(tmp_path / "epoch=1-step=10.ckpt")
+    assert_same(rep, ref)  # the LightningModule's 'model.' prefix is removed: names match the HF ones
+    notes = " ".join(rep.meta["notes"])
+    assert "Hparams" in notes and "'model.'" in notes
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+def test_lightning_trainer_checkpoint(tmp_path):
+    try:
+        import lightning as L
+    except Exception as e:  # not installed, or broken by a mismatched torchvision
+        pytest.skip(f"lightning unavailable: {type(e).__name__}: {str(e)[:80]}")
+
+    class Module(L.LightningModule):
+        def __init__(self, width: int = 32):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 16))
+
+        def training_step(self, batch, _):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 16)), batch_size=8)
+    module = Module()
+    trainer = L.Trainer(
+        max_steps=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    rep = analyze(tmp_path / "last.ckpt")
+    assert rep.alphas == pytest.approx(analyze(module.net.state_dict()).alphas, rel=1e-12)
+
+
+def test_htmuon_run_folder_and_plain_state_dicts(llama, tmp_path):
+    from htmuon.train import checkpoint
+
+    _, sd, ref = llama
+    run = tmp_path / "run-a"
+    run.mkdir()
+    checkpoint.save(
+        run / checkpoint.CKPT_NAME, {"step": 3, "model": sd, "optimizer": {}, "rng": checkpoint.rng_state()}
+    )
+    assert_same(analyze(run), ref)
+    assert_same(analyze(run / "ckpt.pt"), ref)
+    # DDP / torch.compile wrappers' prefixes are removed when every key has them
+    torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, tmp_path / "wrapped.pt")
+    assert_same(analyze(tmp_path / "wrapped.pt"), ref)
+    # the legacy (non-zip) torch.save format is read too (without mmap)
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert_same(analyze(tmp_path / "legacy.pt"), ref)
+
+
+def test_full_model_pickle_needs_allow_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    torch.save(model, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"model\.pt.*Sequential.*execute code.*allow_pickle=True"):
+        open_checkpoint(tmp_path / "model.pt")
+    with open_checkpoint(tmp_path / "model.pt", allow_pickle=True) as ck:
+        assert ck.format == "module"
+        rep = analyze(ck)
+    ref = analyze(model)
+    assert rep.alphas == ref.alphas and rep.rows[0]["kind"] == "embedding"  # the module's kinds
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+
+def test_weights_are_read_batch_by_batch(llama, tmp_path, monkeypatch):
+    """Each read asks for at most the batch budget (or one layer), never the whole checkpoint."""
+    model, sd, ref = llama
+    model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    budget = 64 * 128 + 1  # elements: one or two of the larger matrices per read
+    monkeypatch.setattr(esd, "_STREAM_BATCH_ELEMS", budget)
+    reads: list[list[str]] = []
+    ck = open_checkpoint(tmp_path / "hf")
+    real = ck._read
+
+    def spy(names):
+        reads.append(names)
+        return real(names)
+
+    ck._read = spy
+    rep = analyze(ck)
+    assert_same(rep, ref)
+    sizes = [sum(sd[n].numel() for n in names) for names in reads]
+    assert len(reads) >= 5 and all(s <= budget or len(n) == 1 for s, n in zip(sizes, reads)), sizes
+    assert sum(len(n) for n in reads) == len(ref.rows)  # each analysed weight read once, nothing else
+
+
+def test_layers_filter_reads_only_selected(llama, tmp_path):
+    model, _, ref = llama
+    model.save_pretrained(tmp_path / "hf")
+    ck = open_checkpoint(tmp_path / "hf")
+    read: list[str] = []
+    real = ck._read
+    ck._read = lambda names: (read.extend(names), real(names))[1]
+    rep = analyze(ck, layers=r"layers\.1\.mlp")
+    assert set(rep.alphas) == {f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert sorted(read) == sorted(f"{n}.weight" for n in rep.alphas)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_several_targets_side_by_side(llama, tmp_path, capsys):
+    from htmuon.train import checkpoint
+
+    model, sd, ref = llama
+    other = tiny_llama(seed=1)
+    for name, m in (("run-a", model), ("run-b", other)):
+        (tmp_path / name).mkdir()
+        checkpoint.save(tmp_path / name / "ckpt.pt", {"step": 1, "model": m.state_dict()})
+    other.save_pretrained(tmp_path / "hf-b", max_shard_size="40KB")
+    args = [tmp_path / "run-a", tmp_path / "run-b" / "ckpt.pt", tmp_path / "hf-b"]
+    rc, out, err = run_cli(
+        [*args, "--plot", tmp_path / "out" / "cmp.png", "--csv", tmp_path / "out" / "all.csv"], capsys
+    )
+    assert rc == 0, err
+    assert "| layer | run-a | run-b | hf-b |" in out
+    ref_b = analyze(other.state_dict())
+    row = next(ln for ln in out.splitlines() if ln.startswith("| model.layers.0.self_attn.q_proj |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    a_q, b_q = ref.alphas["model.layers.0.self_attn.q_proj"], ref_b.alphas["model.layers.0.self_attn.q_proj"]
+    assert cells[1:] == [f"{a_q:.4g}", f"{b_q:.4g}", f"{b_q:.4g}"]
+    assert "| **mean** |" in out
+    with (tmp_path / "out" / "all.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["target"] for r in rows} == {"run-a", "run-b", "hf-b"} and len(rows) == 3 * len(ref.rows)
+    assert (tmp_path / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_target_labels(tmp_path):
+    for d in ("x/run", "y/run", "z/run"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "ckpt.pt").write_bytes(b"")
+    (tmp_path / "z/run/last.ckpt").write_bytes(b"")
+    p = str(tmp_path)
+    assert target_labels([f"{p}/x/run/ckpt.pt", f"{p}/y/run"]) == ["x/run", "y/run"]
+    assert target_labels([f"{p}/x/run/ckpt.pt", f"{p}/z/run/"]) == ["x/run", "z/run"]
+    assert target_labels([f"{p}/z/run/ckpt.pt", f"{p}/z/run/last.ckpt"]) == ["run/ckpt.pt", "run/last.ckpt"]
+    assert target_labels([f"{p}/x/run", f"{p}/x/run"]) == [f"{p[1:]}/x/run#1", f"{p[1:]}/x/run#2"]
+    assert target_labels(["torch.nn:Identity", f"{p}/x/run"]) == ["torch.nn:Identity", "run"]
+
+
+def test_cli_allow_pickle_and_labels(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    rc, out, err = run_cli([tmp_path / "model.pt"], capsys)
+    assert rc == 2 and "--allow-pickle" in err and "model.pt" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = run_cli(
+        [tmp_path / "model.pt", tmp_path / "sd.pt", "--allow-pickle", "--label", "full", "--label", "sd"],
+        capsys,
+    )
+    assert rc == 0, err
+    assert "| layer | full | sd |" in out
+    rc, out, err = run_cli([tmp_path / "sd.pt", "--label", "a", "--label", "b"], capsys)
+    assert rc == 2 and "--label given 2 times for 1 targets" in err
+
+
+def corrupt_inputs(tmp_path: Path, llama) -> dict[str, Path]:
+    model, sd, _ = llama
+    model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    bad = {}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    bad["empty folder"] = tmp_path / "empty"
+    bad["missing"] = tmp_path / "nope" / "ckpt.pt"
+    st = tmp_path / "trunc.safetensors"
+    model.save_pretrained(tmp_path / "one")
+    data = (tmp_path / "one" / "model.safetensors").read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    bad["truncated safetensors"] = st
+    pt = tmp_path / "trunc.pt"
+    torch.save(sd, pt)
+    pt.write_bytes(pt.read_bytes()[:2000])
+    bad["truncated zip"] = pt
+    (tmp_path / "junk.pt").write_bytes(
+        os.urandom(64).replace(b"PK", b"xx").replace(b"\x80", b"\x00") + b"junk"
+    )
+    bad["junk bytes"] = tmp_path / "junk.pt"
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    shards[1].unlink()
+    bad["index with a missing shard"] = tmp_path / "hf"
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "model.safetensors.index.json").write_text("{not json")
+    bad["corrupt index"] = tmp_path / "idx"
+    return bad
+
+
+def test_errors_are_one_line_naming_the_path(llama, tmp_path, capsys):
+    bad = corrupt_inputs(tmp_path, llama)
+    capsys.readouterr()  # save_pretrained's progress bars
+    for what, path in bad.items():
+        rc, out, err = run_cli([path], capsys)
+        assert rc == 2, what
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("htmuon esd: error:"), (what, err)
+        named = str(path) if what != "index with a missing shard" else "model-0000"
+        assert named in lines[0], (what, lines[0])
+        assert "Traceback" not in err
+
+
+def test_unwritable_outputs_are_one_line_errors_before_the_analysis(tmp_path, capsys):
+    torch.save(nn.Linear(32, 48).state_dict(), tmp_path / "w.pt")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    for flag in ("--plot", "--csv"):
+        for out_path, why in (
+            (tmp_path / "afile" / "x.out", "is not a folder"),
+            (tmp_path / "adir", "is a folder"),
+        ):
+            rc, out, err = run_cli([tmp_path / "w.pt", flag, out_path], capsys)
+            assert rc == 2 and out == "", (flag, out_path)
+            assert err.strip().count("\n") == 0 and flag in err and str(out_path) in err and why in err

@@ -1,0 +1,384 @@
+"""The paper's other models (GPT-2, ResNet-50, ViT-Tiny) and data sources (streamed text into a
+memmapped token cache, local Hugging Face tokenizers, CIFAR pickles, ImageNet folders)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from helpers import TINY_RUN  # noqa: E402
+from htmuon.cli import UserError  # noqa: E402
+from htmuon.train.config import TrainConfig  # noqa: E402
+from htmuon.train.data import (  # noqa: E402
+    ImageFolderData,
+    TokenData,
+    build_token_streams,
+    chunk_document,
+    iter_file_chunks,
+    load_image_data,
+    parse_imagenet_source,
+    text_splits,
+)
+from htmuon.train.loop import train  # noqa: E402
+from htmuon.train.models import build_gpt2, build_image_model, build_lm, build_resnet, build_vit  # noqa: E402
+from htmuon.train.optimizers import build_optimizer, resolve  # noqa: E402
+from htmuon.train.presets import MODEL_PRESETS, model_task  # noqa: E402
+from htmuon.train.tokenizer import encode_docs, prepare_tokens  # noqa: E402
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_gpt2_uses_linear_layers_equal_to_hf_conv1d():
+    """GPT-2's Conv1D (in x out) layers become nn.Linear (out x in) computing the same function."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = build_gpt2("gpt2-micro", 300, 16)
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, as GPT-2
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, torch.nn.Linear) and c_fc.weight.shape == (4 * 32, 32)  # out x in
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    ref.eval(), model.eval()
+    x = torch.randint(0, 300, (2, 16))
+    assert torch.allclose(model(input_ids=x).logits, ref(input_ids=x).logits, atol=1e-5)
+
+
+def test_gpt2_small_has_124m_parameters():
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_gpt2("gpt2-small", 50257, 1024)
+    assert count(model) == 124_439_808
+
+
+def test_resnet50_is_the_bottleneck_resnet():
+    with torch.device("meta"):
+        model = build_resnet("resnet50", 3, 10)
+    assert count(model) == 23_520_842  # the CIFAR ResNet-50 (3x3 stem), 10 classes
+    assert len(model.layers) == 3 + 4 + 6 + 3
+    block = model.layers[0]
+    assert [c.kernel_size for c in (block.conv1, block.conv2, block.conv3)] == [(1, 1), (3, 3), (1, 1)]
+    assert model.fc.in_features == 2048
+    micro = build_resnet("resnet50-micro", 1, 10)
+    assert micro(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_vit_tiny_has_the_deit_tiny_shape():
+    with torch.device("meta"):
+        model = build_vit("vit-tiny", 3, 1000, 224)
+    assert count(model) == 5_717_416  # DeiT-Ti / ViT-Ti/16 with a 1000-class head
+    micro = build_image_model("vit-micro", 1, 10, 8)
+    assert micro(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(UserError, match="do not tile 7x7"):
+        build_vit("vit-micro", 1, 10, 7)
+
+
+def test_model_presets_are_known_and_tasked():
+    for name in ("gpt2-small", "gpt2-tiny", "gpt2-micro"):
+        assert name in MODEL_PRESETS and model_task(name) == "lm"
+    for name in ("resnet50", "resnet50-tiny", "resnet50-micro", "vit-tiny", "vit-tiny-cifar", "vit-micro"):
+        assert name in MODEL_PRESETS and model_task(name) == "image"
+    assert build_lm("gpt2-micro", 300, 16).config.n_embd == 32
+
+
+def test_vit_tokens_and_positions_go_to_adamw():
+    """The class token (1x1xd) and position table (1xNxd) are not weight matrices: AdamW part, no decay."""
+    model = build_image_model("vit-micro", 1, 10, 8)
+    for name in ("htmuon", "galore", "cosmos"):
+        if name == "galore":
+            pytest.importorskip("pytorch_optimizer")
+        opt = build_optimizer(model, resolve(TrainConfig(model="vit-micro", optimizer=name)))
+        emb = model.model.vit.embeddings
+        for table in (emb.cls_token, emb.position_embeddings):
+            (group,) = [g for g in opt.param_groups if any(p is table for p in g["params"])]
+            assert group["weight_decay"] == 0.0
+            assert group.get("algorithm", "adamw") == "adamw"
+            assert name != "galore" or "rank" not in group  # not projected
+
+
+@pytest.mark.parametrize("model", ["gpt2-micro", "resnet50-micro", "vit-micro"])
+def test_new_models_train_end_to_end(model, corpus_file, tmp_path):
+    data = str(corpus_file) if model_task(model) == "lm" else "digits"
+    cfg = TrainConfig(**{**TINY_RUN, "model": model, "data": data, "out_dir": str(tmp_path / "r")})
+    out = train(cfg)
+    assert out["finished"] and np.isfinite(out["final_val_loss"])
+    if model_task(model) == "image":  # digits: 1 channel, 10 classes, 8x8
+        assert out["info"]["parameters"] == count(build_image_model(model, 1, 10, 8))
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+
+def test_file_chunks_stream_equals_chunk_document(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta\n", "gamma delta", "\n\n", "é" * 7, "x" * 90]
+    text = "".join(rng.choice(words) for _ in range(3000))
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    for chunk_chars, block in ((100, 37), (100, 1000), (8192, 333)):
+        assert list(iter_file_chunks(path, chunk_chars, block)) == chunk_document(text, chunk_chars)
+    gz = tmp_path / "t.txt.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(text)
+    assert "".join(iter_file_chunks(gz)) == text
+
+
+def test_streamed_tokens_equal_the_in_memory_path(corpus_file):
+    """Same split rule, same BPE, same token streams as text_splits + prepare_tokens."""
+    streams = build_token_streams(str(corpus_file), vocab_size=400, val_fraction=0.1)
+    tok, tr, va, _ = prepare_tokens(text_splits(str(corpus_file), 0.1), 400)
+    assert isinstance(streams.train, np.memmap) and streams.train.dtype == np.uint16
+    assert np.array_equal(np.asarray(streams.train), tr) and np.array_equal(np.asarray(streams.val), va)
+    assert streams.vocab_size == tok.get_vocab_size()
+
+
+def test_small_corpus_holds_out_its_last_chunk(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text(("to be or not to be\n" * 500)[:9000])  # two chunks < k = 20
+    streams = build_token_streams(str(path), vocab_size=300, val_fraction=0.05)
+    tok, tr, va, _ = prepare_tokens(text_splits(str(path), 0.05), 300)
+    assert np.array_equal(np.asarray(streams.train), tr) and np.array_equal(np.asarray(streams.val), va)
+
+
+def test_token_cache_is_reused_and_never_left_partial(corpus_file, tmp_path, monkeypatch):
+    import htmuon.train.data as data_mod
+
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    calls = {"n": 0}
+    real = data_mod._BPE.encode_batch
+
+    def failing(self, texts):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # a run killed while tokenising
+        return real(self, texts)
+
+    monkeypatch.setattr(data_mod, "ENCODE_BATCH_CHUNKS", 4)
+    monkeypatch.setattr(data_mod._BPE, "encode_batch", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
+    assert not list((tmp_path / "cache" / "streams").iterdir())  # no cache, no temp folder left
+    monkeypatch.setattr(data_mod._BPE, "encode_batch", real)
+    first = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
+    mtime = (first.cache / "train.bin").stat().st_mtime_ns
+    monkeypatch.setattr(data_mod._BPE, "encode_batch", failing)  # a cache hit tokenises nothing
+    calls["n"] = 1
+    again = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
+    assert again.cache == first.cache and (again.cache / "train.bin").stat().st_mtime_ns == mtime
+
+
+def test_token_data_reads_windows_of_a_memmap(tmp_path):
+    arr = np.arange(1000, dtype=np.uint16)
+    arr.tofile(tmp_path / "t.bin")
+    mm = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="r", shape=(1000,))
+    data = TokenData(mm, mm, seq_len=10, batch_size=4, seed=0)
+    x, y = data.next_batch()
+    assert x.dtype == torch.int64 and x.shape == (4, 10)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y - x, torch.ones_like(x))
+    assert all(int(r[0]) % 10 == 0 for r in x)  # non-overlapping blocks
+
+
+def _hf_tokenizer_folder(tmp_path, corpus_file):
+    from transformers import PreTrainedTokenizerFast
+
+    from htmuon.train.tokenizer import EOS, train_tokenizer
+
+    text = corpus_file.read_text()
+    tok = train_tokenizer([[text[:50000]]], 350)
+    folder = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(str(folder))
+    return folder, tok
+
+
+def test_hf_tokenizer_from_a_local_folder(corpus_file, tmp_path):
+    folder, tok = _hf_tokenizer_folder(tmp_path, corpus_file)
+    streams = build_token_streams(str(corpus_file), vocab_size=999, val_fraction=0.1, tokenizer=str(folder))
+    train_docs = text_splits(str(corpus_file), 0.1).train
+    assert np.array_equal(np.asarray(streams.train), encode_docs(tok, train_docs))
+    assert streams.vocab_size == tok.get_vocab_size()
+    cfg = TrainConfig(**{**TINY_RUN, "data": str(corpus_file), "tokenizer": str(folder)})
+    out = train(TrainConfig(**{**vars(cfg), "out_dir": str(tmp_path / "run")}))
+    assert out["finished"] and out["info"]["tokenizer"] == str(folder)
+    with pytest.raises(UserError, match="tokenizer folder '.*nope' not found"):
+        build_token_streams(
+            str(corpus_file), vocab_size=300, val_fraction=0.1, tokenizer=str(tmp_path / "nope")
+        )
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot load the tokenizer in"):
+        build_token_streams(
+            str(corpus_file), vocab_size=300, val_fraction=0.1, tokenizer=str(tmp_path / "bad")
+        )
+
+
+def test_jsonl_gz_folder_and_datasets_sources(corpus_file, tmp_path):
+    text = corpus_file.read_text()
+    docs = [text[i : i + 3000] for i in range(0, 90000, 3000)]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(3):
+        with gzip.open(folder / f"c4-train.{k:05d}.json.gz", "wt", encoding="utf-8") as f:
+            for d in docs[k::3]:
+                f.write(json.dumps({"text": d, "url": "x"}) + "\n")
+    s = build_token_streams(str(folder), vocab_size=300, val_fraction=0.1)
+    assert len(s.train) > 5 * len(s.val) > 0
+    limited = build_token_streams(str(folder), vocab_size=300, val_fraction=0.1, max_docs=5)
+    assert len(limited.train) + len(limited.val) < (len(s.train) + len(s.val)) / 3
+    with pytest.raises(UserError, match="expected an object with a string field 'body'"):
+        build_token_streams(str(folder), vocab_size=300, val_fraction=0.1, text_field="body")
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": docs[:20]}),
+            "validation": datasets.Dataset.from_dict({"text": docs[20:23]}),
+        }
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    d = build_token_streams(f"hf-disk:{tmp_path / 'ds'}", vocab_size=300, val_fraction=0.1)
+    assert 0 < len(d.val) < len(d.train)  # the dataset's own validation split
+    # hf-cache: a dataset the datasets library can load offline (here a local json folder)
+    c = build_token_streams(f"hf-cache:{folder}", vocab_size=300, val_fraction=0.1)
+    assert len(c.train) + len(c.val) == len(s.train) + len(s.val)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _png_tree(root, n_per_class=3, size=(12, 10)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n_per_class):
+                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+
+
+def test_imagenet_folder_batches_are_deterministic_and_resumable(tmp_path):
+    pytest.importorskip("PIL")
+    _png_tree(tmp_path / "inet")
+    root, size = parse_imagenet_source(f"imagenet:{tmp_path / 'inet'}@8")
+    assert size == 8
+    a = ImageFolderData(root, 8, batch_size=4, seed=0)
+    assert (a.num_classes, a.n_train, a.n_val, a.in_channels) == (2, 6, 6, 3)
+    x, y = a.next_batch()
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and set(y.tolist()) <= {0, 1}
+    state = a.sampler.state_dict()
+    x2, _ = a.next_batch()
+    b = ImageFolderData(root, 8, batch_size=4, seed=0)
+    b.sampler.load_state_dict(state)
+    assert torch.equal(b.next_batch()[0], x2)  # resumed: the same crops and flips
+    vx, vy = next(iter(a.val_batches()))
+    assert vx.shape == (4, 3, 8, 8) and vy.tolist() == [0, 0, 0, 1]
+    with pytest.raises(UserError, match="lacks 'val/'"):
+        (tmp_path / "empty" / "train").mkdir(parents=True)
+        parse_imagenet_source(f"imagenet:{tmp_path / 'empty'}")
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    c = ImageFolderData(root, 8, batch_size=7, seed=0)
+    with pytest.raises(UserError, match="cannot decode image '.*broken.png'"):
+        c.next_batch()
+
+
+def test_vit_trains_on_imagenet_folder_and_cifar100_pickles(tmp_path):
+    pytest.importorskip("PIL")
+    _png_tree(tmp_path / "inet")
+    base = {**TINY_RUN, "model": "vit-micro", "batch_size": 4, "eval_batches": 1}
+    out = train(TrainConfig(**base, data=f"imagenet:{tmp_path / 'inet'}@8", out_dir=str(tmp_path / "a")))
+    assert out["finished"] and out["info"]["classes"] == 2
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 40), ("test", 10)):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": list(range(n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    data = load_image_data(f"cifar100:{tmp_path}", 8, seed=0)
+    assert (data.num_classes, data.image_size, data.n_train) == (100, 32, 40)
+    out = train(
+        TrainConfig(
+            **{**base, "model": "resnet50-micro"}, data=f"cifar100:{tmp_path}", out_dir=str(tmp_path / "b")
+        )
+    )
+    assert out["finished"] and out["info"]["classes"] == 100
+
+
+def test_cifar_training_batches_are_padded_crops_and_flips(tmp_path):
+    from htmuon.train.data import ImageData
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    data = load_image_data(f"cifar10:{tmp_path}", 8, seed=0)
+    plain = ImageData(data.x_train, data.y_train, data.x_val, data.y_val, 10, 8, seed=0)
+    state = data.sampler.state_dict()
+    x, y = data.next_batch()
+    xp, yp = plain.next_batch()
+    assert torch.equal(y, yp) and not torch.equal(x, xp)
+    for a, o in zip(x, xp):  # each image: a 4-pixel-padded crop of its source, maybe mirrored
+        padded = torch.nn.functional.pad(o, (4, 4, 4, 4))
+        crops = [padded[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
+        assert any(torch.equal(a, c) or torch.equal(a, c.flip(-1)) for c in crops)
+    data.sampler.load_state_dict(state)
+    assert torch.equal(data.next_batch()[0], x)  # resumed: the same crops
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _plan(argv):
+    import argparse
+
+    from htmuon.train import compare
+
+    parser = argparse.ArgumentParser()
+    compare.configure(parser)
+    return compare.plan_grid(parser.parse_args(argv))
+
+
+def test_gpu_presets_lay_out_the_papers_experiments(tmp_path):
+    cells, _, _, _ = _plan(["--preset", "gpu-vit-tiny", "--out-dir", str(tmp_path)])
+    by_spec: dict = {}
+    for spec, lr, _, cfg in cells:
+        by_spec.setdefault(spec, []).append((lr, cfg))
+    assert set(by_spec) == {"adamw", "muon", "htmuon:p=0.03125"}
+    assert sorted(lr for lr, _ in by_spec["htmuon:p=0.03125"]) == [0.003, 0.004, 0.005]
+    cfg = by_spec["htmuon:p=0.03125"][0][1]
+    assert (cfg.p, cfg.model, cfg.batch_size * cfg.grad_accum) == (0.03125, "vit-tiny", 1024)
+    assert by_spec["muon"][0][1].p == 0.0
+    cells, _, _, _ = _plan(["--preset", "gpu-gpt2", "--out-dir", str(tmp_path)])
+    cfg = cells[0][3]
+    assert (cfg.model, cfg.seq_len, cfg.batch_size * cfg.grad_accum) == ("gpt2-small", 1024, 480)
+    cells, _, _, _ = _plan(["--preset", "gpu-resnet50-cifar100", "--out-dir", str(tmp_path)])
+    assert {c[3].model for c in cells} == {"resnet50"} and {c[2] for c in cells} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("preset", ["gpt2-cpu", "resnet50-cpu", "vit-cpu"])
+def test_cpu_siblings_run(preset, corpus_file, tmp_path):
+    from htmuon.cli import main as cli_main
+
+    argv = ["compare", "--preset", preset, "--seeds", "0", "--steps", "2", "--warmup-steps", "1"]
+    argv += ["--eval-every", "2", "--eval-batches", "1", "--progress", "none", "--alpha", "false"]
+    if preset == "gpt2-cpu":
+        argv += ["--data", str(corpus_file), "--vocab-size", "320", "--seq-len", "16", "--batch-size", "2"]
+    assert cli_main([*argv, "--out-dir", str(tmp_path / preset)]) == 0
+    assert (tmp_path / preset / "results.md").exists()

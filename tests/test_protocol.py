@@ -1,0 +1,314 @@
+"""The fair-comparison protocol of ``htmuon compare`` and the loop (issue 14): edge flags, grid
+extension, selection seeds, cell locks, warmup fraction, token budget, whole-split evaluation,
+weight decay independent of the lr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from helpers import TINY_RUN, flags  # noqa: E402
+from htmuon.train import checkpoint  # noqa: E402
+from htmuon.train import compare as cmp  # noqa: E402
+from htmuon.train.config import TrainConfig, make_config, to_dict  # noqa: E402
+from htmuon.train.loop import budget_steps, evaluate, independent_weight_decay, resolve_config, train  # noqa: E402
+
+# ----------------------------------------------------------------------------- edge flags
+
+
+def _row(spec, lr, alr, loss):
+    return {"spec": spec, "lr": lr, "adamw_lr": alr, "val_loss": (loss, None)}
+
+
+def test_edge_flags_along_the_best_line():
+    rows = [_row("m", lr, alr, 5.0) for lr in (0.01, 0.02, 0.04) for alr in (1e-3, 3e-3, 1e-2)]
+    best = next(r for r in rows if (r["lr"], r["adamw_lr"]) == (0.02, 1e-2))  # interior lr, top AdamW lr
+    assert cmp.edge_flags(rows, best) == {"lr": None, "adamw_lr": "high"}
+    low = _row("m", 0.01, 1e-3, 0.0)
+    assert cmp.edge_flags(rows, low) == {"lr": "low", "adamw_lr": "low"}
+    single = [_row("a", 0.003, None, 4.0)]
+    assert cmp.edge_flags(single, single[0]) == {"lr": "fixed"}  # one value: untuned, not an edge
+    assert cmp._next_value([0.01, 0.02, 0.04], high=True) == 0.08
+    assert cmp._next_value([1e-3, 3e-3], high=False) == pytest.approx(3.33e-4)
+
+
+# ----------------------------------------------------------------------------- the plan (a stand-in train)
+
+
+def _args(**kw):
+    base = dict(
+        preset=None, config=None, optimizers="muon,htmuon", seeds="0,1", tune_seeds=None, lr_grid=None,
+        adamw_lr_grid=None, extend_edges=0, compare_out=None, no_plots=True, alpha="false",
+    )  # fmt: skip
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _fake_train(calls, optimum=0.05, aopt=3e-3):
+    """A stand-in for loop.train: a bowl in log lr (minimum at ``optimum``, ``aopt``) plus a seed term."""
+
+    def fake(cfg, resume=False, preset_lrs=None):
+        cfg = resolve_config(cfg, preset_lrs)
+        calls.append((cfg.optimizer, cfg.lr, cfg.adamw_lr, cfg.seed, cfg.out_dir))
+        (Path(cfg.out_dir) / "config.json").write_text(json.dumps(to_dict(cfg)))
+        loss = 4.0 + math.log(cfg.lr / optimum) ** 2 + 0.5 * math.log(cfg.adamw_lr / aopt) ** 2
+        loss += 0.01 * cfg.seed + (0.1 if cfg.optimizer == "htmuon" else 0.0)
+        return {
+            "run_dir": cfg.out_dir, "optimizer": cfg.optimizer, "lr": cfg.lr, "seed": cfg.seed,
+            "final_val_loss": loss, "final_val_acc": None, "ms_per_step": 1.0, "finished": True,
+            "diverged": False, "mean_alpha": None, "elapsed_s": 1.0, "wall_s": 1.0,
+        }  # fmt: skip
+
+    return fake
+
+
+def test_extend_edges_follows_the_optimum_and_is_bounded(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    args = _args(
+        optimizers="muon", seeds="0", lr_grid=["muon=0.005,0.01"], adamw_lr_grid=["muon=1e-3,3e-3,1e-2"],
+        compare_out=str(tmp_path / "g"),
+    )  # fmt: skip
+    plan = cmp.plan_grid(args)
+    res = cmp.run_plan(plan, extend_edges=2, quiet=True)
+    lrs = sorted({c[1] for c in calls})
+    # 0.01 is the high edge -> 0.02, then 0.04; a third round would reach 0.08 but only 2 are allowed
+    assert lrs == [0.005, 0.01, 0.02, 0.04] and res["extension_rounds"] == 2
+    assert len(calls) == 4 * 3  # each new lr with every AdamW-part lr: the grid stays a full product
+    best = cmp.aggregate(res["select"])["best"]["muon"]
+    assert (best["lr"], best["adamw_lr"]) == (0.04, 3e-3)
+    assert cmp.edge_flags(cmp.aggregate(res["select"])["rows"], best) == {"lr": "high", "adamw_lr": None}
+    # no extension: the best stays at the edge and the table says so
+    calls.clear()
+    res0 = cmp.run_plan(cmp.plan_grid(args), extend_edges=0, quiet=True)
+    table = cmp.markdown_table(cmp.aggregate(res0["report"]))
+    assert "0.01 (0.005/0.01) **EDGE (high)**" in table
+    assert "0.003 (0.001/0.003/0.01) |" in table
+
+
+def test_tune_seeds_select_then_report_on_other_seeds_paired(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    args = _args(
+        seeds="0,1,2", tune_seeds="7", lr_grid=["muon=0.02,0.05,0.1", "htmuon=0.02,0.05,0.1"],
+        compare_out=str(tmp_path / "g"),
+    )  # fmt: skip
+    plan = cmp.plan_grid(args)
+    assert "selected on seeds 7" in plan.notes[0]
+    res = cmp.run_plan(plan, quiet=True)
+    assert {c[3] for c in calls if c[1] != 0.05} == {7}  # the grid ran on the tune seed only
+    assert sorted((c[0], c[3]) for c in calls if c[3] != 7) == [
+        (o, s) for o in ("htmuon", "muon") for s in (0, 1, 2)
+    ]
+    assert all(c[1] == 0.05 for c in calls if c[3] != 7)  # the reported seeds ran the best lr only
+    agg = cmp.aggregate(res["report"])
+    diffs = cmp.paired_differences(agg, "muon")["htmuon"]
+    assert diffs["per_seed"] == pytest.approx({0: 0.1, 1: 0.1, 2: 0.1})
+    assert diffs["mean_std"][0] == pytest.approx(0.1) and diffs["mean_std"][1] == pytest.approx(
+        0.0, abs=1e-12
+    )
+    out = cmp.write_report(res, plan.out, "t", "htmuon compare ...", 1.0, plots=False, notes=plan.notes)
+    md = (plan.out / "results.md").read_text()
+    assert "| htmuon | s0: +0.1000, s1: +0.1000, s2: +0.1000 | +0.1000 ± 0.0000 |" in md
+    assert "selection seeds 7" in md and "0,1,2" in out["table"]
+
+
+def test_preset_lr_reused_at_another_horizon_is_flagged():
+    plan = cmp.plan_grid(_args(preset="quick", optimizers="muon,htmuon", seeds="0", steps="1000"))
+    text = "\n".join(plan.notes)
+    assert "muon: lr 0.01 is the preset's, tuned at model='llama-tiny', steps=250" in text
+    assert "WARNING: reused under steps=1000 (tuned at 250)" in text
+    same = cmp.plan_grid(_args(preset="quick", optimizers="muon", seeds="0"))
+    assert not any("WARNING" in n for n in same.notes)
+    assert any("AdamW-part lr 0.001 fixed, not tuned" in n for n in same.notes)
+
+
+# ----------------------------------------------------------------------------- cell locks
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_cell_lock_exclusive_released_and_stale_taken_over(tmp_path):
+    lock = tmp_path / "cell.lock"
+    assert cmp.acquire_lock(lock)
+    assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
+    assert not cmp.acquire_lock(lock)  # held by a live process (this one)
+    cmp.release_lock(lock)
+    assert not lock.exists()
+    lock.write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # left by a killed compare
+    assert cmp.lock_is_stale(lock) and cmp.acquire_lock(lock)
+    assert lock.read_text().split()[0] == str(os.getpid())
+    cmp.release_lock(lock)
+    lock.write_text(f"{_dead_pid()} another-host\n")  # a pid on another host cannot be checked: held
+    assert not cmp.acquire_lock(lock)
+    lock.write_text("")  # being written by its owner: held
+    assert not cmp.acquire_lock(lock)
+
+
+def test_run_cells_waits_for_a_cell_another_process_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    plan = cmp.plan_grid(_args(optimizers="muon", seeds="0,1", compare_out=str(tmp_path / "g")))
+    cells = plan.select_cells()
+    held = os.path.join(cells[0].cfg.out_dir, cmp.LOCK_NAME)
+    os.makedirs(cells[0].cfg.out_dir)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(held, "w") as f:
+            f.write(f"{other.pid} {socket.gethostname()}\n")
+        order = []
+
+        def finish_other():
+            time.sleep(0.5)
+            order.append("other done")
+            os.remove(held)  # the other process finishes its cell and releases the lock
+
+        t = threading.Thread(target=finish_other)
+        t.start()
+        res = cmp.run_cells(cells, None, quiet=True, poll_s=0.05)
+        t.join()
+    finally:
+        other.kill()
+        other.wait()
+    # seed 1 ran at once; seed 0 only after the other process released it, and exactly once
+    assert [c[3] for c in calls] == [1, 0] and order == ["other done"]
+    assert [r["seed"] for r in res] == [0, 1]
+    assert not any(p.name == cmp.LOCK_NAME for p in (tmp_path / "g").rglob("*"))
+
+
+# ----------------------------------------------------------------------------- schedule and budget
+
+
+def test_warmup_fraction_scales_with_steps_and_step_count_stays_possible():
+    for steps, want in ((250, 25), (1000, 100), (7, 1)):
+        cfg = resolve_config(make_config(overrides=dict(steps=steps, warmup_fraction=0.1)))
+        assert cfg.warmup_steps == want
+    cfg = resolve_config(make_config(overrides=dict(steps=1000, warmup_steps=40)))
+    assert cfg.warmup_steps == 40 and cfg.warmup_fraction is None
+    # a step count given after a preset's fraction wins (defaults < preset < file < flags)
+    cfg = make_config({"warmup_fraction": 0.1, "steps": 250}, None, {"warmup_steps": "7"}, strings=True)
+    assert resolve_config(cfg).warmup_steps == 7
+    # a fraction does not trip the step-count check of the (unused) default warmup_steps
+    assert resolve_config(make_config(overrides=dict(steps=20, warmup_fraction=0.5))).warmup_steps == 10
+    from htmuon.cli import UserError
+
+    with pytest.raises(UserError, match="warmup_fraction"):
+        make_config(overrides=dict(warmup_fraction=1.5))
+
+
+def test_tokens_per_param_budget_sets_steps():
+    from htmuon.train.models import build_llama, count_parameters
+
+    cfg = make_config(overrides=dict(model="llama-micro", vocab_size=320, seq_len=16, batch_size=2))
+    n = count_parameters(build_llama("llama-micro", 320, 16))
+    cfg = resolve_config(
+        make_config(overrides={**vars(cfg), "tokens_per_param": 0.5, "warmup_fraction": 0.1})
+    )
+    assert cfg.steps == math.ceil(0.5 * n / 32) == budget_steps(cfg)
+    assert cfg.warmup_steps == round(0.1 * cfg.steps)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_periodic_evaluations_rotate_over_the_split_and_the_final_one_reads_it_all(corpus_file, tmp_path):
+    from htmuon.train.loop import build_data_and_model
+
+    cfg = TrainConfig(
+        **{**TINY_RUN, "data": str(corpus_file), "eval_batches": 1, "out_dir": str(tmp_path / "r")}
+    )
+    cfg = resolve_config(cfg)
+    data, _, _ = build_data_and_model(cfg)
+    n = (len(data.val_tokens) - 1) // cfg.seq_len
+    assert n > 2 * cfg.batch_size  # several windows
+    firsts = [next(data.val_batches(1, w))[0][0] for w in range(n)]
+    # window w starts at sequence (w * batch) mod n: consecutive evaluations read other sequences
+    assert not torch.equal(firsts[0], firsts[1])
+    seen = {tuple(x.tolist()) for w in range(n) for xb, _ in data.val_batches(1, w) for x in xb}
+    assert len(seen) == len({tuple(x.tolist()) for xb, _ in data.val_batches(0) for x in xb})
+    assert sum(len(xb) for xb, _ in data.val_batches(0)) == n
+
+    s = train(cfg)
+    ck = checkpoint.load(tmp_path / "r" / "ckpt.pt")
+    _, model, _ = build_data_and_model(cfg)
+    model.load_state_dict(ck["model"])
+    whole = evaluate(model, data, "lm", torch.device("cpu"), None, 0)["loss"]
+    first = evaluate(model, data, "lm", torch.device("cpu"), None, 1)["loss"]
+    assert s["final_val_loss"] == pytest.approx(whole, rel=1e-5)
+    assert abs(whole - first) > 1e-4  # (so the check above tells the two apart)
+    assert s["final_eval_s"] is not None and s["final_eval_s"] >= 0
+
+
+# ----------------------------------------------------------------------------- weight decay
+
+
+def test_independent_weight_decay_does_not_scale_with_lr():
+    for lr in (0.01, 0.1):
+        w = torch.nn.Parameter(torch.ones(4, 4))
+        opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.05}], lr=lr)
+        independent_weight_decay(opt)
+        w.grad = torch.zeros_like(w)  # Adam's step is 0: only the decay moves the weights
+        opt.step()
+        assert torch.allclose(w.detach(), torch.full((4, 4), 0.95))  # 1 - wd, whatever the lr
+
+
+def test_wd_mode_independent_in_a_run_saves_scaled_groups(corpus_file, tmp_path):
+    cfg = TrainConfig(
+        **{
+            **TINY_RUN,
+            "steps": 2,
+            "data": str(corpus_file),
+            "optimizer": "muon",
+            "lr": 0.02,
+            "adamw_lr": 0.004,
+        },
+        wd_mode="independent",
+        weight_decay=0.1,
+        out_dir=str(tmp_path / "r"),
+    )
+    train(cfg)
+    groups = checkpoint.load(tmp_path / "r" / "ckpt.pt")["optimizer"]["param_groups"]
+    wds = sorted({round(g["weight_decay"], 9) for g in groups})
+    assert wds == [0.0, round(0.1 / 0.02, 9), round(0.1 / 0.004, 9)]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["wd_mode"] == "independent"
+
+
+# ----------------------------------------------------------------------------- size scan
+
+
+def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_path):
+    from htmuon.cli import main as cli_main
+
+    out = tmp_path / "scan"
+    keys = ("vocab_size", "seq_len", "batch_size", "eval_batches", "threads", "progress")
+    argv = ["compare", "--optimizers", "muon,htmuon:method=eigh", "--models", "llama-micro,llama-tiny"]
+    argv += ["--seeds", "0,1", "--data", str(corpus_file), "--out-dir", str(out), "--alpha", "false"]
+    argv += flags({**{k: TINY_RUN[k] for k in keys}, "steps": 3, "warmup_fraction": 0.34, "eval_every": 3})
+    assert cli_main(argv) == 0
+    for model in ("llama-micro", "llama-tiny"):
+        res = json.loads((out / model / "results.json").read_text())
+        assert {r["model"] for r in res["runs"]} == {model} and len(res["runs"]) == 4
+    md = (out / "size_scan.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| llama-")]
+    assert [r.split("|")[1].strip() for r in rows] == ["llama-micro", "llama-tiny"]  # by size
+    n_micro, n_tiny = (float(r.split("|")[2].split()[0]) for r in rows)
+    assert n_tiny > 4 * n_micro
+    assert all(" ± " in r.split("|")[5] for r in rows)  # htmuon - muon, paired over 2 seeds
+    assert (out / "gap_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

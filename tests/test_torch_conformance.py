@@ -1,0 +1,340 @@
+"""HTMuon through the generic behaviours torch.optim's own suite checks of every optimizer.
+
+torch ships the descriptions (``torch/testing/_internal/common_optimizers.py``: ``OptimizerInfo``,
+``get_error_inputs_for_all_optims``, Muon's ``optim_error_inputs_func_muon``) but its harness needs
+``expecttest`` and the test runner, so the checks are written out here, for Muon as HTMuon
+(``p=0, method="ns"``) and for the default HTMuon. Like torch.optim.Muon's ``OptimizerInfo``:
+no complex support (refused at step), no ``foreach``/``fused``/``capturable``/``differentiable``
+or ``maximize`` flags (the AdamW part picks torch's foreach / fused kernel itself).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from htmuon import HTMuon
+
+VARIANTS = {"muon": dict(p=0.0, method="ns"), "default": {}}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def kw(request):
+    return dict(VARIANTS[request.param])
+
+
+def make_params(seed=0):
+    """Two matrices and a vector (the AdamW part), torch's usual small sizes."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        nn.Parameter(torch.randn(10, 5, generator=g)),
+        nn.Parameter(torch.randn(5, 5, generator=g)),
+        nn.Parameter(torch.randn(5, generator=g)),
+    ]
+
+
+def grads_for(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def run(params, opt, steps, start=0):
+    for t in range(start, start + steps):
+        for p, g in zip(params, grads_for(params, t)):
+            p.grad = g
+        opt.step()
+
+
+def assert_same_params(a, b, exact=True):
+    for x, y in zip(a, b):
+        if exact:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y)
+
+
+# ------------------------------------------------------------------ error inputs (all optimizers + Muon)
+
+
+def test_error_inputs_for_all_optims(kw):
+    p1, p2 = nn.Parameter(torch.randn(1, 1)), nn.Parameter(torch.randn(1, 1))
+    with pytest.raises(TypeError, match="params argument given to the optimizer should be an iterable"):
+        HTMuon(p1, **kw)
+    with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):
+        HTMuon([p1, p1], **kw)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        HTMuon([{"params": p1}, {"params": p1}], **kw)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        HTMuon([p1], lr=torch.tensor([0.001, 0.001]), **kw)
+    with pytest.raises(ValueError, match="all optimizer params should be with/without names"):
+        HTMuon([("weight", p1), p2], **kw)
+    with pytest.raises(ValueError, match="all optimizer param groups should be with/without names"):
+        HTMuon([{"params": [("weight", p1)]}, {"params": [p2]}], **kw)
+
+
+def test_muon_error_inputs(kw):
+    complex_param = torch.rand(2, 3, dtype=torch.complex64)
+    complex_param.grad = torch.rand_like(complex_param)
+    opt = HTMuon([complex_param], **kw)  # like Muon: refused at step
+    with pytest.raises(RuntimeError, match="does not support complex parameters"):
+        opt.step()
+    with pytest.raises(ValueError, match="Invalid lr_adjust: 'arbitrary'"):
+        HTMuon([nn.Parameter(torch.rand(2, 3))], lr_adjust="arbitrary", **kw)
+    # Muon refuses non-2-D parameters; HTMuon routes them: 3-D is a batch, 1-D goes to AdamW
+    params = [nn.Parameter(torch.rand(2, 3, 4)), nn.Parameter(torch.rand(4))]
+    opt = HTMuon(params, **kw)
+    for p in params:
+        p.grad = torch.rand_like(p)
+    opt.step()
+    assert set(opt.state[params[0]]) == {"step", "momentum_buffer"}
+    assert set(opt.state[params[1]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+# ------------------------------------------------------------------ tensor lr
+
+
+@pytest.mark.parametrize("dims", [0, 1, 2])
+def test_tensor_lr(kw, dims):
+    ref = make_params()
+    opt_ref = HTMuon(ref, lr=0.01, **kw)
+    run(ref, opt_ref, 3)
+    lr = torch.tensor(0.01).reshape([1] * dims)
+    params = make_params()
+    opt = HTMuon(params, lr=lr, **kw)
+    run(params, opt, 3)
+    assert_same_params(params, ref)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # schedulers drive it too
+    run(params, opt, 1, start=3)
+    sched.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.005)
+
+
+# ------------------------------------------------------------------ state dicts
+
+
+def test_state_dict_deterministic(kw):
+    """Loaded into a fresh optimizer, the state continues exactly, and round-trips unchanged."""
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 2)
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    opt_twin = HTMuon(twin, **kw)
+    opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    sd, sd_twin = opt.state_dict(), opt_twin.state_dict()
+    assert sd["param_groups"] == sd_twin["param_groups"]
+    for pid in sd["state"]:
+        for key, value in sd["state"][pid].items():
+            assert torch.equal(value, sd_twin["state"][pid][key]), key
+    run(params, opt, 2, start=2)
+    run(twin, opt_twin, 2, start=2)
+    assert_same_params(params, twin)
+
+
+def test_state_dict_survives_torch_save_and_weights_only_load(kw):
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 2)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    opt2 = HTMuon([nn.Parameter(p.detach().clone()) for p in params], **kw)
+    opt2.load_state_dict(loaded)
+    assert all(isinstance(s["step"], torch.Tensor) for s in opt2.state.values())
+
+
+def test_load_nontensor_step(kw):
+    """torch's test_load_nontensor_step: a state dict whose steps are Python numbers loads."""
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        s["step"] = float(s["step"])
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    opt_twin = HTMuon(twin, **kw)
+    opt_twin.load_state_dict(sd)
+    run(params, opt, 1, start=2)
+    run(twin, opt_twin, 1, start=2)
+    assert_same_params(params, twin)
+
+
+def test_named_parameters_state_dict(kw):
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    opt = HTMuon(model.named_parameters(), **kw)
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    model(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    assert opt.state_dict()["param_groups"][0]["param_names"] == opt.param_groups[0]["param_names"]
+
+
+# ------------------------------------------------------------------ hooks
+
+
+def test_step_hooks(kw):
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    calls = []
+    h1 = opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    h2 = opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    h3 = register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global_pre"))
+    h4 = register_optimizer_step_post_hook(lambda o, a, k: calls.append("global_post"))
+    try:
+        run(params, opt, 2)
+    finally:
+        for h in (h1, h2, h3, h4):
+            h.remove()
+    assert calls == ["global_pre", "pre", "post", "global_post"] * 2
+    run(params, opt, 1)
+    assert len(calls) == 8
+
+
+def test_state_dict_hooks(kw):
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 1)
+    opt.register_state_dict_pre_hook(lambda o: o.__dict__.setdefault("_pre_called", True))
+
+    def post(o, sd):
+        sd["extra"] = 7
+        return sd
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert opt._pre_called and sd["extra"] == 7
+
+
+def test_load_state_dict_hooks(kw):
+    """A pre-hook may rewrite the dict before it is checked (here: an old name of the momentum key);
+    the post-hook sees the loaded optimizer."""
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        if "momentum_buffer" in s:
+            s["momentum"] = s.pop("momentum_buffer")
+
+    def rename(o, state_dict):
+        for s in state_dict["state"].values():
+            if "momentum" in s:
+                s["momentum_buffer"] = s.pop("momentum")
+        return state_dict
+
+    seen = []
+    opt2 = HTMuon([nn.Parameter(p.detach().clone()) for p in params], **kw)
+    with pytest.raises(ValueError, match="lacks \\['momentum_buffer'\\]"):
+        opt2.load_state_dict(copy.deepcopy(sd))
+    opt2.register_load_state_dict_pre_hook(rename)
+    opt2.register_load_state_dict_post_hook(lambda o: seen.append(len(o.state)))
+    opt2.load_state_dict(sd)
+    assert seen == [3]
+    assert "momentum_buffer" in opt2.state[opt2.param_groups[0]["params"][0]]
+
+
+# ------------------------------------------------------------------ copies
+
+
+def test_deepcopy_and_pickle(kw):
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert type(clone) is HTMuon
+        assert {k: v for k, v in clone.defaults.items() if k != "differentiable"} == opt.defaults
+        cparams = clone.param_groups[0]["params"]
+        assert all(c is not p and torch.equal(c, p) for c, p in zip(cparams, params))
+        run(cparams, clone, 1, start=2)
+    run(params, opt, 1, start=2)
+    assert_same_params(params, cparams)
+    assert "HTMuon (" in repr(opt)
+
+
+# ------------------------------------------------------------------ steps and gradients
+
+
+def test_step_counts(kw):
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 3)
+    params[1].grad = None  # a parameter without a gradient is not stepped (nor counted)
+    params[0].grad = torch.randn(10, 5)
+    params[2].grad = torch.randn(5)
+    opt.step()
+    assert [int(opt.state[p]["step"]) for p in params] == [4, 3, 4]
+    assert all(opt.state[p]["step"].dtype == torch.float32 for p in params)
+
+
+def test_step_is_noop_when_params_have_no_grad(kw):
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    opt = HTMuon(params, weight_decay=0.1, **kw)
+    opt.step()
+    assert_same_params(params, before)
+    assert len(opt.state) == 0
+
+
+def test_step_is_noop_for_zero_grads(kw):
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    opt = HTMuon(params, **kw)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert_same_params(params, before)
+    assert all(int(opt.state[p]["step"]) == 1 for p in params)
+
+
+def test_zero_grad_and_non_empty_state(kw):
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 1)
+    assert all(opt.state[p] for p in params)
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad(set_to_none=False)
+
+
+def test_param_groups_lr_and_weight_decay(kw):
+    """Per-group lr / weight decay, and a group added later, as torch's test_param_groups_* check."""
+    params = make_params()
+    opt = HTMuon([{"params": params[:1], "lr": 0.0}, {"params": params[1:], "weight_decay": 0.5}], **kw)
+    extra = nn.Parameter(torch.randn(3, 3))
+    opt.add_param_group({"params": [extra], "lr": 0.1})
+    before = [p.detach().clone() for p in (*params, extra)]
+    for p in (*params, extra):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert torch.equal(params[0], before[0])  # lr 0
+    assert not torch.equal(params[1], before[1]) and not torch.equal(extra, before[3])
+    assert opt.param_groups[1]["weight_decay"] == 0.5 and opt.param_groups[2]["p"] == opt.defaults["p"]
+
+
+def test_goes_right_direction_with_scheduler(kw):
+    """torch's test_forloop_goes_right_direction / ..._with_lrscheduler: a least-squares problem."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(4, 6))
+    b = nn.Parameter(torch.randn(4))
+    X, Y = torch.randn(32, 6), torch.randn(32, 4)
+    opt = HTMuon([W, b], lr=0.02, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+
+    def loss():
+        return (X @ W.T + b - Y).square().mean()
+
+    first = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+        sched.step()
+    assert loss().item() < first
