@@ -8,8 +8,9 @@ tokenizer folder; each size is then a fresh process that writes a JSONL corpus o
 built-in corpus's paragraphs in a seeded random order, ~2 kB documents), calls
 ``htmuon.train.data.build_token_streams`` with ``tokenizer=FOLDER`` into an empty cache, and draws
 200 batches of 64 x 256 tokens from the memmapped streams. It reports the tokenise-and-pack rate
-(tokens/s), the sampling rate, and the process's peak resident memory (``ru_maxrss``) - which stays
-flat if nothing holds the corpus or its tokens in memory. One thread for the tokenizer
+(tokens/s), the sampling rate, and the process's peak resident memory (``ru_maxrss``) after packing
+and after sampling - flat if nothing holds the corpus or its tokens in memory (sampling adds the
+memmapped file pages it touches, which count as resident). One thread for the tokenizer
 (``RAYON_NUM_THREADS=1``, ``TOKENIZERS_PARALLELISM=false``) unless ``--threads`` says otherwise.
 """
 
@@ -71,6 +72,7 @@ def one_size(mb: float, tokenizer: str, work: Path) -> dict:
     t0 = time.perf_counter()
     streams = build_token_streams(str(corpus), vocab_size=0, val_fraction=0.005, tokenizer=tokenizer)
     t_build = time.perf_counter() - t0
+    rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n_tokens = len(streams.train) + len(streams.val)
     data = TokenData(streams.train, streams.val, 256, 64, seed=0)
     t0 = time.perf_counter()
@@ -84,6 +86,7 @@ def one_size(mb: float, tokenizer: str, work: Path) -> dict:
         "tokens_per_s": n_tokens / t_build,
         "batches_per_s": 200 / t_sample,
         "peak_rss_mb_before": rss0 / 1024,
+        "peak_rss_mb_build": rss_build / 1024,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cache_mb": sum(f.stat().st_size for f in streams.cache.iterdir()) / 1e6,
     }
@@ -105,8 +108,8 @@ def main() -> None:
         work = Path(tmp)
         make_tokenizer(work / "tok")
         print("| corpus (MB) | tokens | tokenise + pack (s) | tokens/s | batches/s (64x256) |", end="")
-        print(" peak RSS (MB) |")
-        print("|---|---|---|---|---|---|")
+        print(" peak RSS after packing (MB) | peak RSS after sampling (MB) |")
+        print("|---|---|---|---|---|---|---|")
         for mb in args.sizes_mb:
             cmd = [sys.executable, __file__, "--one", str(mb), "--tokenizer", str(work / "tok")]
             cmd += ["--work", tmp]
@@ -114,7 +117,7 @@ def main() -> None:
             r = json.loads(out.strip().splitlines()[-1])
             print(
                 f"| {r['corpus_mb']:.0f} | {r['tokens']:,} | {r['build_s']:.1f} | {r['tokens_per_s']:,.0f} "
-                f"| {r['batches_per_s']:,.0f} | {r['peak_rss_mb']:.0f} |",
+                f"| {r['batches_per_s']:,.0f} | {r['peak_rss_mb_build']:.0f} | {r['peak_rss_mb']:.0f} |",
                 flush=True,
             )
             for f in work.glob(f"corpus_{mb:g}mb.jsonl"):

@@ -145,7 +145,7 @@ def test_corrupt_run_file_on_resume(name, corpus_file, tmp_path, capsys):
     assert f"'{out / name}' is not valid JSON" in err
 
 
-@pytest.mark.parametrize("victim", ["tokenizer.json", "train.npy", "val.npy"])
+@pytest.mark.parametrize("victim", ["meta.json", "train.bin", "val.bin"])
 def test_corrupt_token_cache_names_the_file(victim, corpus_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
     assert main([str(a) for a in tiny_train(corpus_file, tmp_path / "a", steps=2)]) == 0

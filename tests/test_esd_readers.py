@@ -226,6 +226,31 @@ def test_htmuon_run_folder_and_plain_state_dicts(llama, tmp_path):
     assert_same(analyze(tmp_path / "legacy.pt"), ref)
 
 
+class CopyFile:
+    """Pickles as a call that writes a file: proof of whether unpickling ran code from the file."""
+
+    def __init__(self, src, dst):
+        self.args = (str(src), str(dst))
+
+    def __reduce__(self):
+        import shutil
+
+        return (shutil.copyfile, self.args)
+
+
+def test_code_in_a_checkpoint_never_runs_without_allow_pickle(llama, tmp_path):
+    _, sd, ref = llama
+    marker = tmp_path / "ran"
+    (tmp_path / "src.txt").write_text("x")
+    torch.save({"model": sd, "payload": CopyFile(tmp_path / "src.txt", marker)}, tmp_path / "ckpt.pt")
+    rep = analyze(tmp_path / "ckpt.pt")  # the weights are read; the call became an inert placeholder
+    assert_same(rep, ref)
+    assert not marker.exists() and "shutil.copyfile" in " ".join(rep.meta["notes"])
+    with open_checkpoint(tmp_path / "ckpt.pt", allow_pickle=True):  # the opt-in does run it
+        pass
+    assert marker.exists()
+
+
 def test_full_model_pickle_needs_allow_pickle(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
@@ -360,6 +385,17 @@ def corrupt_inputs(tmp_path: Path, llama) -> dict[str, Path]:
     shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
     shards[1].unlink()
     bad["index with a missing shard"] = tmp_path / "hf"
+    import torch.distributed.checkpoint as dcp
+
+    for name in ("dcp-data", "dcp-meta"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": sd}, checkpoint_id=tmp_path / name, no_dist=True)
+    data = next((tmp_path / "dcp-data").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:1000])
+    bad["truncated DCP data"] = tmp_path / "dcp-data"
+    (tmp_path / "dcp-meta" / ".metadata").write_bytes(b"\x80\x04garbage")
+    bad["corrupt DCP metadata"] = tmp_path / "dcp-meta"
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "model.safetensors.index.json").write_text("{not json")
     bad["corrupt index"] = tmp_path / "idx"
@@ -391,3 +427,24 @@ def test_unwritable_outputs_are_one_line_errors_before_the_analysis(tmp_path, ca
             rc, out, err = run_cli([tmp_path / "w.pt", flag, out_path], capsys)
             assert rc == 2 and out == "", (flag, out_path)
             assert err.strip().count("\n") == 0 and flag in err and str(out_path) in err and why in err
+
+
+def test_write_failures_after_the_analysis_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """Disk full / read-only while writing (after the up-front check passed): one line naming the path."""
+    import errno
+
+    from htmuon.diagnostics import plots
+    from htmuon.diagnostics.esd import ESDReport
+
+    torch.save(nn.Linear(32, 48).state_dict(), tmp_path / "w.pt")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ESDReport, "to_csv", full)
+    monkeypatch.setattr(plots, "_save", full)
+    for flag in ("--csv", "--plot"):
+        out_path = tmp_path / f"out{flag}.x"
+        rc, out, err = run_cli([tmp_path / "w.pt", flag, out_path], capsys)
+        assert rc == 2 and err.strip().count("\n") == 0, err
+        assert f"cannot write {flag} '{out_path}': No space left on device" in err

@@ -356,20 +356,19 @@ def _plan(argv):
 
 
 def test_gpu_presets_lay_out_the_papers_experiments(tmp_path):
-    cells, _, _, _ = _plan(["--preset", "gpu-vit-tiny", "--out-dir", str(tmp_path)])
+    cells = _plan(["--preset", "gpu-vit-tiny", "--out-dir", str(tmp_path)]).select_cells()
     by_spec: dict = {}
-    for spec, lr, _, cfg in cells:
-        by_spec.setdefault(spec, []).append((lr, cfg))
+    for c in cells:
+        by_spec.setdefault(c.spec, []).append((c.lr, c.cfg))
     assert set(by_spec) == {"adamw", "muon", "htmuon:p=0.03125"}
     assert sorted(lr for lr, _ in by_spec["htmuon:p=0.03125"]) == [0.003, 0.004, 0.005]
     cfg = by_spec["htmuon:p=0.03125"][0][1]
     assert (cfg.p, cfg.model, cfg.batch_size * cfg.grad_accum) == (0.03125, "vit-tiny", 1024)
     assert by_spec["muon"][0][1].p == 0.0
-    cells, _, _, _ = _plan(["--preset", "gpu-gpt2", "--out-dir", str(tmp_path)])
-    cfg = cells[0][3]
+    cfg = _plan(["--preset", "gpu-gpt2", "--out-dir", str(tmp_path)]).select_cells()[0].cfg
     assert (cfg.model, cfg.seq_len, cfg.batch_size * cfg.grad_accum) == ("gpt2-small", 1024, 480)
-    cells, _, _, _ = _plan(["--preset", "gpu-resnet50-cifar100", "--out-dir", str(tmp_path)])
-    assert {c[3].model for c in cells} == {"resnet50"} and {c[2] for c in cells} == {0, 1, 2}
+    cells = _plan(["--preset", "gpu-resnet50-cifar100", "--out-dir", str(tmp_path)]).select_cells()
+    assert {c.cfg.model for c in cells} == {"resnet50"} and {c.seed for c in cells} == {0, 1, 2}
 
 
 @pytest.mark.parametrize("preset", ["gpt2-cpu", "resnet50-cpu", "vit-cpu"])
@@ -377,7 +376,7 @@ def test_cpu_siblings_run(preset, corpus_file, tmp_path):
     from htmuon.cli import main as cli_main
 
     argv = ["compare", "--preset", preset, "--seeds", "0", "--steps", "2", "--warmup-steps", "1"]
-    argv += ["--eval-every", "2", "--eval-batches", "1", "--progress", "none", "--alpha", "false"]
+    argv += ["--eval-every", "2", "--eval-batches", "1", "--progress", "none", "--no-alpha"]
     if preset == "gpt2-cpu":
         argv += ["--data", str(corpus_file), "--vocab-size", "320", "--seq-len", "16", "--batch-size", "2"]
     assert cli_main([*argv, "--out-dir", str(tmp_path / preset)]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -325,3 +326,62 @@ def test_step_follows_the_plan_and_chunking_does_not_change_the_result():
     assert out["whole"][0] == [7] and out["chunked"][0] == [2, 2, 2, 1]
     for a, b in zip(out["whole"][1], out["chunked"][1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ torch.compile(opt.step)
+
+
+def _compile_case(**kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    return model, HTMuon(param_groups(model, adamw_lr=1e-2), lr=0.02, weight_decay=0.1, **kw)
+
+
+@pytest.mark.parametrize(
+    ("backend", "kw"),
+    [
+        ("eager", dict(method="ns")),
+        pytest.param("aot_eager", dict(p=0.0, method="ns"), marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_step_is_one_graph_without_recompiles_and_equals_eager(backend, kw):
+    """fullgraph=True: no graph break anywhere (the finite check included); after the first step (which
+    creates the state) no recompile; parameters and state equal the eager run's within rounding.
+    Dynamo's ``eager`` / ``aot_eager`` backends keep the test fast (graph breaks and recompiles are
+    dynamo's; aot_eager also functionalizes the in-place updates); inductor is timed and compared in
+    benchmarks/compile_step.py."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_model, eager_opt = _compile_case(**kw)
+    model, opt = _compile_case(**kw)
+    step = torch.compile(opt.step, backend=backend, fullgraph=True)
+    X = torch.randn(16, 6)
+    for _ in range(10):
+        for m, o, s in ((eager_model, eager_opt, eager_opt.step), (model, opt, step)):
+            o.zero_grad()
+            m(X).square().mean().backward()
+            s()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(
+        counters["stats"]
+    )  # step 1 (creates state), then one
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        for key, value in eager_opt.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=1e-5, atol=1e-6)
+    assert int(opt.skipped_steps) == 0
+
+    # a non-finite gradient: the compiled step is skipped on-device (no raise, no host sync)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.zero_grad()
+    model(X).square().mean().backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    step()
+    assert int(opt.skipped_steps) == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(v, after[i][k]) for i, s in state.items() for k, v in s.items())
+    assert counters["stats"]["unique_graphs"] <= 2

@@ -299,7 +299,7 @@ def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_p
     out = tmp_path / "scan"
     keys = ("vocab_size", "seq_len", "batch_size", "eval_batches", "threads", "progress")
     argv = ["compare", "--optimizers", "muon,htmuon:method=eigh", "--models", "llama-micro,llama-tiny"]
-    argv += ["--seeds", "0,1", "--data", str(corpus_file), "--out-dir", str(out), "--alpha", "false"]
+    argv += ["--seeds", "0,1", "--data", str(corpus_file), "--out-dir", str(out), "--no-alpha"]
     argv += flags({**{k: TINY_RUN[k] for k in keys}, "steps": 3, "warmup_fraction": 0.34, "eval_every": 3})
     assert cli_main(argv) == 0
     for model in ("llama-micro", "llama-tiny"):

@@ -209,6 +209,57 @@ def test_zero_and_rank_deficient(method):
         assert torch.linalg.matrix_rank(O.double(), rtol=1e-4) == 2
 
 
+# ------------------------------------------------------------------ the rank rule (issue 10 item 3)
+
+#: Seeds of 512 x 512 Gaussian matrices whose smallest singular value is below the old rank cut-off
+#: max(m, n) * eps * s_max (s_min / s_max = 404 and 165 float32 eps): resolved, and must be kept.
+SMALL_SMIN_SEEDS = (10, 54)
+
+
+@pytest.mark.parametrize("seed", SMALL_SMIN_SEEDS)
+def test_exact_backends_keep_resolved_small_singular_values(seed):
+    G = torch.randn(512, 512, generator=torch.Generator().manual_seed(seed))
+    s = torch.linalg.svdvals(G.double())
+    assert s[-1] / s[0] < 512 * torch.finfo(torch.float32).eps  # the old rule zeroed it
+    for p in (0.0, 0.125):
+        expected = exact_power(G, p)  # the float64 rule on the same float32 matrix
+        for method in EXACT:
+            assert rel_err(spectral_power(G, p, method=method), expected) <= 1e-4, (method, p)
+
+
+def _exactly_rank_deficient(m: int, n: int, k: int, seed: int) -> torch.Tensor:
+    """A float32 matrix of rank exactly k: k random rows; the others exact (negated) copies or zeros."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(k, n, generator=g) * torch.logspace(0, -2, k).unsqueeze(1)
+    pick = torch.randint(0, k, (m - k,), generator=g)
+    copies = rows[pick] * torch.randint(-1, 2, (m - k, 1), generator=g).float()  # -1, 0 or +1
+    return torch.cat([rows, copies])[torch.randperm(m, generator=g)]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(64, 96, 20), (256, 256, 100), (300, 120, 40), (96, 512, 95)])
+def test_exact_backends_zero_exactly_the_null_space(m, n, k):
+    """Exact zero singular values (to working precision) get zero weight: the rank is right, and the
+    result is the float64 rule's."""
+    G = _exactly_rank_deficient(m, n, k, seed=m + k)
+    assert torch.linalg.matrix_rank(G.double()) == k
+    for p in (0.0, 0.125):
+        expected = exact_power(G, p)
+        for method in EXACT:
+            O = spectral_power(G, p, method=method).double()
+            assert rel_err(O, expected) <= 1e-4, (method, p)
+            s = torch.linalg.svdvals(O)
+            assert s[k - 1] > 0.5 * s[0] * 1e-2**p and s[k:].max() < 1e-5 * s[0], (method, p)
+
+
+def test_rank_tolerance_is_the_working_precision():
+    from htmuon.spectral import _rank_tolerance
+
+    one = torch.ones(1)
+    eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    assert _rank_tolerance(one, 512, 1376, torch.float32).item() == pytest.approx(math.sqrt(1376) * eps32)
+    assert _rank_tolerance(2 * one, 64, 64, torch.float64).item() == pytest.approx(2 * 8 * eps64)
+
+
 def test_empty_matrix():
     assert spectral_power(torch.zeros(0, 5), 0.125).shape == (0, 5)
 

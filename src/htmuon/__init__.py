@@ -6,6 +6,7 @@
 """
 
 from . import fast as fast  # registers the "fast" and "fast5" spectral backends
+from . import functional as functional
 from .optim import HTMuon, NonFiniteGradientError
 from .routing import ROUTINGS, param_groups
 from .spectral import BACKENDS, MUON_NS5_COEFFICIENTS, polar, register_backend, spectral_power

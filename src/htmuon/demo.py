@@ -14,7 +14,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--method", default="auto", help="HTMuon spectral backend (default auto, the library's: eigh on CPU)"
+        "--method",
+        default="auto",
+        help="HTMuon spectral backend (default auto: the library's choice for this hardware)",
     )
 
 

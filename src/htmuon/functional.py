@@ -29,6 +29,7 @@ __all__ = [
     "compute_directions",
     "StepPlan",
     "adamw",
+    "adamw_masked",
     "chunk_work_bytes",
     "commit_momentum_",
     "decoupled_update_",
@@ -162,6 +163,8 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
         NonFiniteGradientError: ``mats`` itself holds NaN/Inf (e.g. a corrupted momentum buffer).
         RuntimeError: the exact rule fails too.
     """
+    if torch.compiler.is_compiling():  # no host reads: the compiled step masks on isfinite instead
+        return direction(mats, group, corrected)
     try:
         out = direction(mats, group, corrected)
         reason = "returned NaN or Inf"
@@ -276,6 +279,36 @@ def adamw(
         differentiable=False,
         has_complex=False,
     )
+
+
+def adamw_masked(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    ok: Tensor,
+    *,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    r"""AdamW as :func:`adamw` computes it, applied only where the bool tensor ``ok`` is ``True``.
+
+    For compiled steps (``torch.compile(opt.step)``): a non-finite step is skipped on the device,
+    without the host reading a flag (a graph break), which torch's own kernels only offer in the
+    fused variant (which the compiler does not trace). Same math, rounding may differ by an ulp.
+    """
+    beta1, beta2 = betas
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        t.add_(ok.to(t.dtype))
+        m.copy_(torch.where(ok, m.lerp(g, 1.0 - beta1), m))
+        v.copy_(torch.where(ok, v * beta2 + (1.0 - beta2) * g * g, v))
+        bias1 = 1.0 - beta1**t
+        bias2_sqrt = (1.0 - beta2**t).sqrt()
+        update = m / (v.sqrt() / bias2_sqrt + eps) * (lr / bias1)
+        p.copy_(torch.where(ok, p * (1.0 - lr * weight_decay) - update, p))
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,6 +170,14 @@ class HTMuon(Optimizer):
           (nobody waits in a collective another rank skipped); collectives run under the process
           group's timeout (``init_process_group(timeout=...)``).
 
+    ``torch.compile(opt.step)`` (optional; single process): the step counters are tensors, so no
+    recompile per step (one after the first step, which creates the state), and the finite check
+    does not break the graph: a compiled step with a non-finite gradient or direction is skipped on
+    the device (``torch.where`` masks every update; the AdamW part then uses the same math written
+    with masks) and counted in :attr:`skipped_steps` instead of raising, as a raise needs the host to
+    read the flag. ``interval > 1`` reads the step count on the host (a graph break per step); the
+    backends decide their own graph breaks (``ns`` has none).
+
     Example:
         >>> nn = torch.nn
         >>> model = nn.ModuleDict(
@@ -252,6 +260,13 @@ class HTMuon(Optimizer):
         super().__init__(params, defaults)
         self._process_group = process_group
         self._dist = _distributed.setup(self.param_groups, process_group)
+        #: Steps skipped on-device under ``torch.compile`` because a gradient or direction was not finite
+        #: (eager steps raise :class:`NonFiniteGradientError` instead).
+        self.skipped_steps = torch.zeros((), dtype=torch.int64)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
 
     # ---------------------------------------------------------------- validation
 
@@ -375,7 +390,9 @@ class HTMuon(Optimizer):
                 f"it has {sorted(state)} (a state dict of another optimizer, or of another routing?)"
             )
         step = state["step"]
-        if isinstance(step, Tensor):
+        if isinstance(step, Tensor) and torch.compiler.is_compiling():
+            ok = step.numel() == 1  # reading the value would need the host (a graph break)
+        elif isinstance(step, Tensor):
             ok = step.numel() == 1 and not step.is_complex() and bool(torch.isfinite(step).all())
             ok = ok and float(step) >= 0 and float(step) == int(step)
         else:
@@ -486,7 +503,10 @@ class HTMuon(Optimizer):
             flags = torch.stack([torch.isfinite(g).all() for g, _, _ in finite_checks])
         else:
             flags = None
-        if flags is not None and not bool(flags.all()):
+        ok = None  # under torch.compile: the on-device "step is good" flag that masks every update
+        if flags is not None and torch.compiler.is_compiling():
+            ok = flags.all()
+        elif flags is not None and not bool(flags.all()):
             _, gi, pi = finite_checks[int((~flags).nonzero()[0, 0])]
             shape = tuple(self.param_groups[gi]["params"][pi].shape)
             raise NonFiniteGradientError(
@@ -498,10 +518,12 @@ class HTMuon(Optimizer):
         # 2) the matrix part, window by window (compute, check, then apply); 3) the AdamW part
         for group, hparams, _ in work:
             if hparams:
-                self._htmuon_step(group, hparams)
+                ok = self._htmuon_step(group, hparams, ok)
         for group, _, aparams in work:
             if aparams:
-                self._adamw_step(group, aparams)
+                self._adamw_step(group, aparams, ok)
+        if ok is not None:
+            self.skipped_steps.add_((~ok).to(self.skipped_steps.dtype))
         return loss
 
     def _gather(self) -> tuple[list[tuple[dict, list[Tensor], list[Tensor]]], list[tuple[Tensor, int, int]]]:
@@ -545,9 +567,11 @@ class HTMuon(Optimizer):
         state = self.state.get(param)
         return int(state["step"]) if state else 0
 
-    def _htmuon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _htmuon_step(self, group: dict[str, Any], params: list[Tensor], ok: Tensor | None) -> Tensor | None:
+        """The matrix part of one group; returns ``ok`` (compiled: and-ed with the directions' check)."""
         if self._dist is not None and self._dist.sharded(params):  # DTensor (FSDP2) parameters
-            return self._dist.sharded_htmuon_step(self, group, params)
+            self._dist.sharded_htmuon_step(self, group, params)
+            return ok
         batch_3d, interval = group["batch_3d"], group["interval"]
         mshapes = [F.matrix_shape(p.shape, batch_3d) for p in params]
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
@@ -569,8 +593,11 @@ class HTMuon(Optimizer):
                         "updated before the failure]"
                     ) from exc
                 raise
-            self._apply_window(group, pending)
+            if ok is not None:  # compiled: a non-finite direction masks this window and the rest
+                ok = ok & torch.stack([torch.isfinite(O).all() for _, O, _, _ in pending]).all()
+            self._apply_window(group, pending, ok)
             applied += len(items)
+        return ok
 
     def _compute_window(
         self, group: dict[str, Any], params: list[Tensor], corrected: list[bool], chunks: list[int]
@@ -614,10 +641,16 @@ class HTMuon(Optimizer):
             out.append((p, O, buf, v_new))
         return out
 
-    def _apply_window(self, group: dict[str, Any], pending: list) -> None:
-        """Store momentum, step count and plug-in moment, then update the parameters (in place)."""
+    def _apply_window(self, group: dict[str, Any], pending: list, ok: Tensor | None = None) -> None:
+        """Store momentum, step count and plug-in moment, then update the parameters (in place).
+
+        ``ok`` (compiled steps only): a bool tensor; where ``False`` nothing changes (``torch.where``),
+        so no host synchronisation is needed to skip a bad step.
+        """
         lr, wd = _number(group["lr"]), float(group["weight_decay"])
         beta = _number(group["momentum"])
+        if ok is not None:
+            return self._apply_window_masked(group, pending, ok, lr, wd, beta)
         for p, O, buf, v_new in pending:
             state = self.state[p]
             if not state:
@@ -635,7 +668,28 @@ class HTMuon(Optimizer):
                 p, O.reshape(p.shape).to(p.dtype), lr, wd, F.lr_scale(m, n, group["lr_adjust"])
             )
 
-    def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _apply_window_masked(
+        self, group: dict[str, Any], pending: list, ok: Tensor, lr: float, wd: float, beta: float
+    ) -> None:
+        for p, O, buf, v_new in pending:
+            state = self.state[p]
+            if not state:
+                state["step"] = _new_step()
+                state["momentum_buffer"] = buf
+            m_buf = state["momentum_buffer"]
+            m_buf.copy_(torch.where(ok, m_buf.lerp(p.grad, 1.0 - beta), m_buf))
+            state["step"].add_(ok.to(state["step"].dtype))
+            if v_new is not None:
+                if "second_moment" not in state:
+                    state["second_moment"] = torch.zeros_like(v_new)
+                state["second_moment"].copy_(torch.where(ok, v_new, state["second_moment"]))
+            m, n = O.shape[-2:]
+            new = p.mul(1.0 - lr * wd).add_(
+                O.reshape(p.shape).to(p.dtype), alpha=-lr * F.lr_scale(m, n, group["lr_adjust"])
+            )
+            p.copy_(torch.where(ok, new, p))
+
+    def _adamw_step(self, group: dict[str, Any], params: list[Tensor], ok: Tensor | None = None) -> None:
         grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
         for param in params:
             state = self.state[param]
@@ -647,6 +701,20 @@ class HTMuon(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        if ok is not None:  # compiled, checked step: the same math, masked on-device
+            F.adamw_masked(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                ok,
+                lr=_scalar(group["lr"]),
+                betas=tuple(float(b) for b in group["adamw_betas"]),
+                eps=float(group["adamw_eps"]),
+                weight_decay=float(group["weight_decay"]),
+            )
+            return
         F.adamw(
             params,
             grads,

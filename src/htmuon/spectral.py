@@ -56,6 +56,11 @@ NS_ROOT_ITERS = 5
 #: exponent is then exact to ``2**-NS_MAX_ROOTS``.
 NS_MAX_ROOTS = 10
 
+#: The ``"eigh"`` backend forms its float32 result as ``(Q diag(w/s) Q^T) X`` while the relative error
+#: this adds (``eps_fp32 * max(w/s) * s_max / max(w)``) stays below this; above, ``Q^T X`` is taken in
+#: the working dtype (float64) first (one more ``m x m x n`` float64 product).
+EIGH_FP32_PRODUCT_LIMIT = 1e-4
+
 SPECTRA = ("power", "rank")
 SCALES = ("raw", "muon_rms")
 
@@ -276,16 +281,28 @@ def polar(
 
 
 def _rank_tolerance(s_max: Tensor, m: int, n: int, dtype: torch.dtype) -> Tensor:
-    """Singular values at or below this are numerically zero (the usual matrix-rank rule)."""
-    return s_max * max(m, n) * torch.finfo(dtype).eps
+    r"""Singular values at or below this are zero to the working precision of an SVD in ``dtype``.
+
+    .. math::  \tau = \sqrt{\max(m, n)}\, \epsilon\, s_{max}
+
+    A backward-stable SVD computes the exact singular values of ``G + E`` with ``||E||_2`` a small
+    multiple of ``eps * s_max``, so a zero singular value comes out as noise of that size (measured
+    in float32: 2-8 ``eps * s_max`` on exactly rank-deficient matrices from 64 x 96 to 1376 x 512),
+    while every singular value above it is resolved. The common ``max(m, n) * eps`` rule (numpy's
+    ``matrix_rank``) is far more conservative: it zeroes real singular values of square Gaussian
+    matrices (``s_min / s_max ~ 1 / (2n)``, down to ~165 ``eps`` for 512 x 512).
+    """
+    return s_max * math.sqrt(max(m, n)) * torch.finfo(dtype).eps
 
 
 def spectrum_weights(s: Tensor, p: float, spectrum: str, tol: Tensor) -> Tensor:
     """The new singular values ``w`` for singular values ``s`` sorted in descending order.
 
     ``spectrum="power"``: ``w_i = s_i**p``; ``spectrum="rank"``: ``w_i = i**-p`` (1-based rank).
-    Directions with ``s_i <= tol`` (numerically zero) get ``w_i = 0``, so a zero or rank-deficient
-    matrix never gains spurious directions (and ``0**0`` never appears).
+    Directions with ``s_i <= tol`` (zero to the working precision of the decomposition: see
+    :func:`_rank_tolerance` and the ``"eigh"`` backend) get ``w_i = 0``, so a zero or rank-deficient
+    matrix never gains spurious directions (and ``0**0`` never appears); every resolved singular
+    value keeps its weight.
     """
     keep = s > tol
     if spectrum == "power":
@@ -358,12 +375,14 @@ def _svd_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dty
 def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dtype | None = None) -> Tensor:
     """``U w V^T = Q diag(w / s) Q^T X`` from ``eigh`` of the small Gram matrix ``X X^T = Q s^2 Q^T``.
 
-    The Gram matrix squares G's condition number: in a working dtype with unit roundoff ``eps``,
-    singular values below about ``sqrt(m * eps) * s_max`` drown in rounding noise and are treated
-    as zero. In float32 that is ~1e-2 * s_max, which discards most of a power-law spectrum (80%
-    error on s_k = 1/k, 512 x 1376), so the default working dtype is float64 (resolves down to
-    ~1e-6 * s_max; on CPU about the cost of Muon's float32 Newton--Schulz). ``compute_dtype=
-    torch.float32`` is the fast, rough option for well-conditioned inputs.
+    The Gram matrix squares G's condition number: in a working dtype with unit roundoff ``eps``, an
+    eigenvalue of the Gram matrix carries an absolute error of up to about ``m * eps * s_max^2``, so
+    singular values at or below ``sqrt(m * eps) * s_max`` are zero to working precision and get zero
+    weight; all others are resolved. In float32 that is ~1e-2 * s_max, which discards most of a
+    power-law spectrum (80% error on s_k = 1/k, 512 x 1376), so the default working dtype is
+    float64 (resolves down to ~3e-7 * s_max; on CPU about the cost of Muon's float32
+    Newton--Schulz). ``compute_dtype=torch.float32`` is the fast, rough option for well-conditioned
+    inputs.
     """
     dtype = compute_dtype or torch.float64
     Xc = X.to(dtype)
@@ -375,19 +394,24 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
         )
     lam, Q = lam.flip(-1), Q.flip(-1)  # descending, to match the SVD's order (rank spectrum)
     s = lam.clamp_min(0).sqrt()
-    # An eigenvalue of the Gram matrix carries an absolute error of about eps * lam_max; and singular
-    # values below the input's own rounding level (as the SVD backend's rule) are noise, not signal:
-    # a float32 gradient's null space would otherwise get weight (1e-7)^p.
-    tol = torch.maximum(
-        (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt(),
-        _rank_tolerance(s[..., :1], X.size(-2), X.size(-1), torch.promote_types(X.dtype, torch.float32)),
-    )
+    # The sqrt-precision limit of the Gram route: an eigenvalue of X X^T carries an absolute error of
+    # up to ~ m eps lam_max (measured on exactly rank-deficient float32 inputs with a float64 Gram:
+    # zero singular values come out at ~0.2 eps_fp32 s_max, below this tolerance; resolved ones above).
+    tol = (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt()
     w = spectrum_weights(s, p, spectrum, tol)
     coeff = torch.where(w > 0, w / s.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
+    out_dtype = torch.float64 if torch.float64 in (X.dtype, compute_dtype) else torch.float32
+    if out_dtype != dtype:
+        # The product M X in float32 errs by ~ eps_fp32 * max(w / s) * s_max in the spectral norm:
+        # harmless unless a tiny kept singular value gets a huge coefficient (p near 0, s_min near the
+        # resolution limit). Then Q^T X runs in the working dtype and only Q (Y) in float32.
+        gain = (coeff.amax(-1) * s[..., 0] / w.amax(-1).clamp_min(torch.finfo(dtype).tiny)).max()
+        if float(gain) * torch.finfo(out_dtype).eps > EIGH_FP32_PRODUCT_LIMIT:
+            Y = (Q.mT @ Xc) * coeff.unsqueeze(-1)
+            return Q.to(out_dtype) @ Y.to(out_dtype)
     # M = Q diag(w / s) Q^T on the small side (m^3), then one m x m x n product in X's precision
     # (float32 unless X is float64): the Gram matrix and eigh need float64, the product does not.
     M = (Q * coeff.unsqueeze(-2)) @ Q.mT
-    out_dtype = torch.float64 if torch.float64 in (X.dtype, compute_dtype) else torch.float32
     return M.to(out_dtype) @ X.to(out_dtype)
 
 

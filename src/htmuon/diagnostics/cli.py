@@ -107,11 +107,13 @@ def target_labels(targets: list[str]) -> list[str]:
     folders until they differ, then ``#k``.
 
     Example:
-        >>> target_labels(["runs/a/ckpt.pt", "runs/b/ckpt.pt", "hf/llama"])
+        >>> target_labels(["runs/a/ckpt.pt", "runs/b/ckpt.pt", "hf/llama/"])
         ['a', 'b', 'llama']
     """
     paths = [None if _is_factory(t) else os.path.abspath(t) for t in targets]
-    files = [p for p in paths if p is not None and not os.path.isdir(p)]
+    files = [
+        p for p, t in zip(paths, targets) if p is not None and not (os.path.isdir(p) or t.endswith(os.sep))
+    ]
     chains: list[list[str]] = []
     for t, p in zip(targets, paths):
         if p is None:

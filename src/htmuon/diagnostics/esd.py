@@ -1,10 +1,10 @@
 """Layer-wise empirical spectral densities (ESDs) and their heavy-tail metrics.
 
 :func:`analyze` takes a model, a state_dict, a checkpoint file or folder (:mod:`.readers`; read
-one batch of layers at a time) or a single tensor, picks the
-weight matrices WeightWatcher would analyse, computes their eigenvalues batched by shape on the
-weights' device, fits the power-law exponent ``alpha`` (:mod:`.powerlaw`) and returns an
-:class:`ESDReport` with WeightWatcher's columns.
+one batch of layers at a time) or a single tensor, picks the weight matrices WeightWatcher would
+analyse, computes their eigenvalues batched by shape on the weights' device, fits the power-law
+exponent ``alpha`` (:mod:`.powerlaw`) and returns an :class:`ESDReport` with WeightWatcher's
+columns. :func:`alpha_table` puts several reports side by side.
 
 Conventions (WeightWatcher 0.7.7, measured and read from its source; no normalisation):
 

@@ -266,10 +266,11 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((ln for ln in first if "GLOBAL" in ln or "Can only" in ln), first[-1] if first else "")
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
+        why = lines[0] if lines else "objects the weights-only unpickler refuses"
         raise ValueError(
-            f"cannot read {path!r} with weights_only=True ({why.strip()}); loading it would execute "
+            f"cannot read {path!r} with weights_only=True ({why}); loading it would execute "
             "code from the file: if you trust it, pass allow_pickle=True (htmuon esd --allow-pickle)"
         ) from e
     except Exception as e:  # zip/format errors come in many types
@@ -454,6 +455,7 @@ class _DCPCheckpoint(Checkpoint):
 
     def _read(self, names: list[str]) -> dict[str, Tensor]:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         meta = self._meta
 
@@ -468,9 +470,11 @@ class _DCPCheckpoint(Checkpoint):
                     "ignore", message=".*torch.distributed is disabled", category=UserWarning
                 )
                 dcp.load(sd, storage_reader=_Reader(self.path), no_dist=True)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            last = [ln.strip() for ln in str(e).splitlines() if ln.strip()]  # its text ends a traceback
+            why = last[-1] if last else type(e).__name__
             raise ValueError(
-                f"cannot read tensors from the DCP folder {self.path!r}: {type(e).__name__}: {e}"
+                f"cannot read tensors from the DCP folder {self.path!r} (corrupt or truncated?): {why}"
             ) from e
         return {n: sd[self._key[n]] for n in names}
 
@@ -503,8 +507,9 @@ def _open_file(path: str, allow_pickle: bool) -> Checkpoint:
         return _TorchCheckpoint(path, files, allow_pickle)
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and not head.startswith(_ZIP_MAGIC):
-        return _SafetensorsCheckpoint(path, {})  # 8-byte header length, then the JSON header
+    header_len = int.from_bytes(head[:8], "little")  # safetensors: 8-byte header length, JSON header
+    if len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= os.path.getsize(path) - 8:
+        return _SafetensorsCheckpoint(path, {})
     if path.endswith(".safetensors"):
         raise ValueError(
             f"cannot read {path!r} as safetensors: the file does not start with a safetensors header"

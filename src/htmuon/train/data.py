@@ -836,16 +836,30 @@ class TokenStreams:
 
 
 def _open_streams(d: Path) -> TokenStreams:
-    meta = json.loads((d / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
+    """Open a finished token cache, checking it first: a damaged ``meta.json`` or a ``.bin`` file whose
+    size is not the recorded token count is a one-line error naming the file (never a silent misread)."""
+    from htmuon.train.tokenizer import _corrupt
+
+    meta_path = d / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        dtype = np.dtype(meta["dtype"])
+        counts = {name: int(meta[f"{name}_tokens"]) for name in ("train", "val")}
+        vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _corrupt(meta_path, e) from None
 
     def view(name: str) -> np.ndarray:
-        n = meta[f"{name}_tokens"]
+        n, path = counts[name], d / f"{name}.bin"
+        size = path.stat().st_size if path.is_file() else -1
+        if size != n * dtype.itemsize:
+            found = "missing" if size < 0 else f"{size} bytes"
+            raise _corrupt(path, f"{found}, expected {n} {dtype.name} tokens = {n * dtype.itemsize} bytes")
         if n == 0:
             return np.zeros(0, dtype=dtype)
-        return np.memmap(d / f"{name}.bin", dtype=dtype, mode="r", shape=(n,))
+        return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
-    return TokenStreams(view("train"), view("val"), int(meta["vocab_size"]), int(meta["eos_id"]), d)
+    return TokenStreams(view("train"), view("val"), vocab, eos, d)
 
 
 def build_token_streams(
@@ -1138,11 +1152,14 @@ class ImageFolderData:
         y = torch.as_tensor([self.train_items[j][1] for j in idx], dtype=torch.long)
         return x, y
 
-    def val_batches(self, max_batches: int = 0):
-        n = len(self.val_items)
+    def val_batches(self, max_batches: int = 0, window: int = 0):
+        """Held-out batches: all, or ``max_batches`` from window number ``window`` (wrapping around)."""
+        items = self.val_items
         if max_batches:
-            n = min(n, max_batches * self.batch_size)
-        for i in range(0, n, self.batch_size):
-            items = self.val_items[i : i + self.batch_size]
-            x = self._decode(self._val_image, [(f,) for f, _ in items])
-            yield x, torch.as_tensor([c for _, c in items], dtype=torch.long)
+            k = min(len(items), max_batches * self.batch_size)
+            start = (window * k) % len(items) if items else 0
+            items = (items[start:] + items[:start])[:k]
+        for i in range(0, len(items), self.batch_size):
+            batch = items[i : i + self.batch_size]
+            x = self._decode(self._val_image, [(f,) for f, _ in batch])
+            yield x, torch.as_tensor([c for _, c in batch], dtype=torch.long)

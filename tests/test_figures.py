@@ -1,0 +1,92 @@
+"""htmuon.train.figures: update spectra (Muon-SVD flat, Muon-NS not, HTMuon s^p), layer norms,
+the interval-overhead timing, and the PNGs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from helpers import TINY_RUN  # noqa: E402
+from htmuon import HTMuon  # noqa: E402
+from htmuon.train.figures import UpdateRecorder, interval_overhead, layer_norms, main  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _one_step(**kw) -> torch.Tensor:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(24, 16, dtype=torch.float64))
+    G = torch.randn(24, 16, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 16, dtype=torch.float64))
+    opt = HTMuon([w], lr=0.05, weight_decay=0.1, **kw)
+    rec = UpdateRecorder(opt, [("w", w)], steps=[1])
+    w.grad = G.clone()
+    rec.before(1)
+    opt.step()
+    rec.after(1)
+    return rec.spectra[1]["w"], G
+
+
+def test_muon_svd_update_is_exactly_flat_and_ns_is_not():
+    s, _ = _one_step(p=0.0, method="svd")
+    assert torch.allclose(s, s[0].expand_as(s), rtol=1e-4)  # decay taken out; the SVD is float32
+    s_ns, _ = _one_step(p=0.0, method="ns")
+    assert (s_ns.max() - s_ns.min()) / s_ns.max() > 0.05
+
+
+def test_htmuon_update_spectrum_is_s_to_the_p():
+    s, G = _one_step(p=0.5, method="svd")
+    beta = 0.95
+    N = (1 - beta) * G + beta * (1 - beta) * G  # Nesterov momentum after one step
+    expected = torch.linalg.svdvals(N).pow(0.5) * (24 / 16) ** 0.5  # Muon's shape scale
+    assert torch.allclose(s, expected, rtol=1e-4)  # a float32 SVD
+
+
+def test_layer_norms_are_the_matrix_norms():
+    from htmuon.train.models import build_llama
+
+    model = build_llama("llama-micro", 300, 16)
+    rows = layer_norms(model)
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().double()
+    first = rows[0]
+    assert first["name"].endswith("layers.0.self_attn.q_proj.weight")
+    assert first["spectral"] == pytest.approx(float(torch.linalg.svdvals(q)[0]), rel=1e-9)
+    assert first["frobenius"] == pytest.approx(float(q.pow(2).sum().sqrt()), rel=1e-9)
+    assert all("embed" not in r["name"] and "lm_head" not in r["name"] for r in rows)
+
+
+def test_interval_overhead_times_every_configuration():
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))
+    times = interval_overhead(model, intervals=(1, 5), steps=5, repeats=1)
+    assert set(times) == {"muon", "htmuon-svd k=1", "htmuon-svd k=5", "htmuon-ns k=1", "htmuon-ns k=5"}
+    assert all(t > 0 for t in times.values())
+
+
+def test_figures_command_writes_pngs(corpus_file, tmp_path):
+    keys = ("vocab_size", "seq_len", "batch_size", "threads", "progress", "alpha")
+    sets = [f"{k}={str(TINY_RUN[k]).lower()}" for k in keys]
+    argv = ["--out", str(tmp_path), "--model", "llama-micro", "--data", str(corpus_file), "--steps", "3"]
+    argv += [
+        "--record",
+        "1,3",
+        "--layers",
+        "2",
+        "--optimizer",
+        "muon",
+        "--optimizer",
+        "htmuon:p=0,method=svd",
+    ]
+    assert main([*argv, "--no-overhead", "--set", *sets]) == 0
+    for name in ("update_spectra_muon.png", "update_spectra_htmuon__p=0_method=svd.png", "layer_norms.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    res = json.loads((tmp_path / "figures.json").read_text())
+    flat = res["spectra"]["htmuon:p=0,method=svd"]["3"]
+    for values in flat.values():
+        nonzero = [v for v in values if v > 1e-3 * values[0]]
+        assert max(nonzero) / min(nonzero) < 1 + 1e-4  # Muon-SVD: flat (float32 weights)
+    assert main(["--out", str(tmp_path), "--set", "nokey"]) == 2
