@@ -87,6 +87,9 @@ def test_bare_tensors_route_by_ndim():
         ("transformer.wpe.weight", "embedding"),
         ("shared.weight", "embedding"),
         ("pos_embed", "embedding"),
+        ("cls_token", "embedding"),  # timm ViT: a bare 1 x 1 x d parameter
+        ("vit.embeddings.cls_token", "embedding"),
+        ("register_tokens", "embedding"),
         ("gpt_neox.embed_out.weight", "embedding"),  # GPT-NeoX's output head
         ("lm_head.weight", "head"),
         ("fc.weight", "head"),

@@ -12,7 +12,8 @@ Two entry points share one rule:
 
 Names decide embeddings and heads as follows (``name`` = ``"owner.module.leaf"``): an
 **embedding** is a matrix whose owning module's name, or its own leaf name when it is not
-``weight``, contains ``embed`` or is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``);
+``weight``, contains ``embed`` or is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``),
+or whose leaf name ends in ``token`` / ``tokens`` (a ViT's ``cls_token``);
 a **head** is a matrix whose owning module's name is in :data:`DEFAULT_HEAD_NAMES`. Names cannot
 tell an ``nn.Embedding`` called ``0`` in an ``nn.Sequential`` from a linear layer: pass the model to
 :func:`param_groups` for such models.
@@ -47,6 +48,9 @@ DEFAULT_HEAD_NAMES = ("lm_head", "head", "classifier", "output", "fc")
 #: shared table); any name containing "embed" counts too (embed_tokens, word_embeddings, pos_embed,
 #: GPT-NeoX's embed_in and its head embed_out).
 EMBEDDING_NAMES = ("wte", "wpe", "shared")
+#: Endings of a bare parameter's own name that mark learned tokens (cls_token, mask_token,
+#: register_tokens): lookup rows, not weight matrices.
+LEARNED_TOKEN_SUFFIXES = ("token", "tokens")
 #: Per-group keys of the routing itself (consumed before the groups reach torch).
 ROUTING_KEYS = ("use_muon", "routing", "adamw_lr", "adamw_weight_decay")
 #: Group keys of other optimizers' conventions, read as HTMuon's AdamW options (torch's AdamW,
@@ -97,6 +101,8 @@ def kind_from_name(name: str, ndim: int, head_names: Iterable[str] = DEFAULT_HEA
     owner, _, leaf = name.rpartition(".")
     module = owner.rpartition(".")[2]
     if _is_embedding_name(module) or (leaf != "weight" and _is_embedding_name(leaf)):
+        return "embedding"
+    if leaf.lower().endswith(LEARNED_TOKEN_SUFFIXES):  # a ViT's cls_token, DINOv2's register_tokens
         return "embedding"
     if module in tuple(head_names):
         return "head"
