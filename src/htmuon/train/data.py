@@ -1,13 +1,15 @@
 """Data for the harness: text corpora -> train/validation token streams; image datasets.
 
-Text sources (``TrainConfig.data`` for a LLaMA model)::
+Text sources (``TrainConfig.data`` for a language model)::
 
     shakespeare            the built-in corpus (src/htmuon/data/shakespeare.txt.gz; offline, default)
-    PATH.txt / PATH.md     a UTF-8 text file: one document
-    PATH.jsonl             one JSON object per line; the ``text_field`` key holds a document
-    DIR                    every *.txt file under DIR (sorted): one document each
-    hf:NAME[:CONFIG]       a Hugging Face ``datasets`` hub dataset (needs the network and
+    PATH.txt[.gz] / .md    a UTF-8 text file: one document
+    PATH.jsonl[.gz]        one JSON object per line (also .json.gz, as C4's shards); the
+                           ``text_field`` key holds a document
+    DIR                    every .txt/.txt.gz/.jsonl/.jsonl.gz/.json.gz file under DIR (sorted)
+    hf:NAME[:CONFIG]       a Hugging Face ``datasets`` hub dataset, streamed (needs the network and
                            ``pip install htmuon[datasets]``); e.g. ``hf:allenai/c4:en``
+    hf-cache:NAME[:CONFIG] the same from the local ``datasets`` cache only (offline)
     hf-disk:PATH           a dataset saved with ``Dataset.save_to_disk`` / a local dataset folder
 
 Train/validation split (deterministic, independent of the seed): every document is cut into
@@ -15,9 +17,14 @@ chunks of about ``CHUNK_CHARS`` characters at line boundaries; chunks are number
 across the corpus and every ``round(1 / val_fraction)``-th chunk is held out for validation.
 A Hugging Face dataset with its own validation split uses that split instead.
 
-Image sources (for a ResNet model): ``digits`` (scikit-learn's bundled 8x8 digits; offline,
+The training loop's path is the streaming one (:func:`load_token_data`): sources are read
+document by document and tokenised batch by batch into an on-disk token cache that training
+samples through ``np.memmap``; :func:`text_splits` is the same split held in memory.
+
+Image sources (for a ResNet / ViT): ``digits`` (scikit-learn's bundled 8x8 digits; offline,
 default), ``cifar10:DIR`` and ``cifar100:DIR`` (the standard python-pickle batches,
-``cifar-10-batches-py`` / ``cifar-100-python``; the test batch is the validation split).
+``cifar-10-batches-py`` / ``cifar-100-python``; the test batch is the validation split; training
+batches cropped and flipped), ``imagenet:DIR[@SIZE]`` (an ImageFolder tree, decoded per batch).
 """
 
 from __future__ import annotations
