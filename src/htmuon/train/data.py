@@ -100,18 +100,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise UserError(f"{path}:{lineno}: expected an object with a string field '{text_field}'")
-        docs.append(obj[text_field])
-    return docs
+    return list(_iter_jsonl(path, text_field))
 
 
 def _load_hf(source: str, text_field: str, max_docs: int) -> dict[str, list[str]]:
