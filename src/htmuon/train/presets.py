@@ -104,6 +104,22 @@ _SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.04, 0.08, 0.16)}
 _PAPER_LRS = {"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03}
 
 
+#: ResNet on scikit-learn's digits: the CPU image setting (the "digits" preset and ResNet-50's sibling).
+_DIGITS = dict(
+    model="resnet-tiny",
+    data="digits",
+    batch_size=64,
+    steps=200,
+    warmup_steps=20,
+    eval_every=25,
+    eval_batches=0,
+    ckpt_every=100,
+    weight_decay=0.0,
+    threads=1,
+)
+_DIGITS_LRS = {"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02}
+
+
 def _gpu_llama(model: str, steps: int, batch_size: int) -> dict:
     return dict(
         model=model,
@@ -203,20 +219,9 @@ RUN_PRESETS: dict[str, RunPreset] = {
     ),
     "digits": RunPreset(
         "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon, 3 seeds (~1 min on CPU)",
-        dict(
-            model="resnet-tiny",
-            data="digits",
-            batch_size=64,
-            steps=200,
-            warmup_steps=20,
-            eval_every=25,
-            eval_batches=0,
-            ckpt_every=100,
-            weight_decay=0.0,
-            threads=1,
-        ),
+        _DIGITS,
         seeds=(0, 1, 2),
-        lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+        lrs=_DIGITS_LRS,
     ),
     **{
         name: _cifar_preset(name, classes)
@@ -321,19 +326,8 @@ RUN_PRESETS.update(
         ),
         "resnet50-cpu": RunPreset(
             "the gpu-resnet50-cifar100 layout at CPU scale: ResNet-50-tiny (bottleneck) on digits, 3 seeds",
-            dict(
-                model="resnet50-tiny",
-                data="digits",
-                batch_size=64,
-                steps=200,
-                warmup_steps=20,
-                eval_every=25,
-                eval_batches=0,
-                ckpt_every=100,
-                weight_decay=0.0,
-                threads=1,
-            ),
-            lrs={"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02},
+            {**_DIGITS, "model": "resnet50-tiny"},
+            lrs=_DIGITS_LRS,
             optimizers=("adamw", "muon", "htmuon"),
             seeds=(0, 1, 2),
         ),
