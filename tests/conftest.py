@@ -7,6 +7,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The "auto" backend and working dtype depend on the CPU (htmuon.spectral.decide: fast + bfloat16 on
+# AMX / AVX-512-BF16 CPUs, exact eigh + float32 on AVX2 ones). Pin the AVX2 choice so that every
+# machine runs the same numerics (worker processes inherit it); the tests of the per-hardware choice
+# set HTMUON_CPU_BF16 themselves.
+os.environ["HTMUON_CPU_BF16"] = "0"
 # One thread: tests use small matrices, and CI machines are often shared (OpenMP oversubscription
 # slows small kernels by orders of magnitude).
 torch.set_num_threads(1)

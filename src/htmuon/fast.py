@@ -23,20 +23,21 @@ free: ``r2 = ||A^2||_F^(1/2) = (sum x^8)^(1/4) >=
 x_max^2``, a bound within ``m^(1/8)`` of ``x_max`` instead of the Frobenius norm's ``m^(1/2)``
 (about one decade of spectrum gained); ``X`` is rescaled in place and ``A, A^2`` on the ``m x m``
 side. The map sees ``x = s / ||X||_S8``; the raw spectrum is restored exactly by the factor
-``||X||_S8^p`` (folded into the output weights, computed in float64 from the power of two):
+``||X||_S8^p`` (one multiply of the output sum, computed in float64 from the power of two):
 ``U s^p V^T = ||X||_S8^p U x^p V^T``.
 
-Cost. Beyond Muon's matmuls, one in-place axpy per step accumulates the output (into ``X_0``'s
-buffer, which is not needed after step 1); the last step's ``a X_{T-1}`` term is folded into
-``X_{T-1}``'s weight and its ``B X_{T-1}`` term is added by an in-place ``baddbmm_``, so the last
-iterate is never formed and ``"fast5"`` allocates one ``m x n`` buffer fewer than Muon's NS5.
+Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2) X_{t-1}`` (the ``a_t``
+term on the diagonal of the ``m x m`` polynomial), i.e. Muon's three products and no elementwise
+pass over the ``m x n`` iterate; the output sum takes one scalar axpy per step (float32), the raw
+scale one multiply at the end. With bfloat16 work the iterate lives in bfloat16 as in Muon.
 
 Accuracy (tolerances checked in ``tests/test_fast.py``, measurements in BENCHMARKS.md and
 ``benchmarks/fast_accuracy.py``): on spectra spanning three decades (``s_min >= 1e-3 s_max``),
 ``"fast"`` is within ~1.2-1.8% of float64 exact ``U S^p V^T`` in float32 for ``p <= 1/4`` (RMS
-relative error of the scalar map on the fitted domain: 1.4-1.9% for p in [0, 1/2]) and 2.2-6% of
-the exact map of its input with bfloat16 input and matmuls; ``"fast5"`` ~5-8% (float32), 6-9%
-(bfloat16). Rounding a matrix with such a spectrum to bfloat16 alone moves its exact ``U S^p V^T``
+relative error of the scalar map on the fitted domain: 1.4-1.9% for p in [0, 1/2]) and 1.5-7.5%
+with bfloat16 work (power-law spectra: <= 4.8%; log-uniform ones suffer most from the bfloat16
+iterate); ``"fast5"`` ~5-8% (float32), 6-11% (bfloat16).
+Rounding a matrix with such a spectrum to bfloat16 alone moves its exact ``U S^p V^T``
 by up to ~9% (small singular directions are lifted by ``s^p``). Singular values below the domain
 (``x < FAST_DOMAIN_LO``) are damped towards 0, as Muon damps them, never amplified past ``s^p``.
 
@@ -226,9 +227,6 @@ def fast_spectral_power(
     # as in Muon, cast once from that buffer, and only the output sum is float32 (the buffer, reused).
     buf.mul_(k)
     X = buf if fused else buf.to(dtype)
-    squeeze = X.size(0) == 1  # one matrix: 2-D products (CPU: X X^T by mm is ~2x bmm's speed)
-    if squeeze:
-        X, A, A2, r2, buf = X[0], A[0], A2[0], r2[0], buf[0]
 
     # The output sum O = sum_t w_t X_t with the scalar weights w_t (one scalar axpy per step, the
     # cheapest elementwise pass, also in mixed dtypes), times the per-matrix raw scale at the end.
@@ -257,8 +255,6 @@ def fast_spectral_power(
             out = buf.mul_(w[0])  # X_0 (float32/float64) is not needed any more
         out.add_(Xn, alpha=w[t])
         X = Xn
-    if squeeze:
-        out = out.unsqueeze(0)
     return out.mul_(scale) if p > 0.0 else out
 
 
