@@ -8,7 +8,8 @@ the singular values at 1, the rest log-uniform down to 1e-3: the worst case for 
 normalisation). Columns: "bf16 rounding alone" is the exact map of the bfloat16-rounded matrix
 against the exact map of the matrix (what rounding the input costs before any algorithm runs);
 then per backend: float32 (input and matmuls) against exact; "bf16": bfloat16 input (as from a
-bfloat16 momentum buffer) and bfloat16 matmuls against the exact map of that same bfloat16 input
+bfloat16 momentum buffer) and bfloat16 work (matmuls and the iterate, as in Muon; the output sum
+stays float32) against the exact map of that same bfloat16 input
 (the algorithm's own error); "bf16 total": the same output against the exact map of the unrounded
 matrix. Last, p = 0 (the polar factor) for "fast" and for Muon's NS5, float32.
 """
