@@ -132,8 +132,9 @@ class HTMuon(Optimizer):
         beta2: EMA coefficient of the plug-in's second moment.
         plugin_eps: added to the second moment before the square root.
         ns_steps: Newton--Schulz steps of the polar factor (Muon's 5).
-        ns_dtype: Newton--Schulz working dtype: ``"auto"`` (bfloat16 on CUDA as Muon, float32 on CPU,
-            where bfloat16 matmul is slow), or a ``torch.dtype``.
+        ns_dtype: Newton--Schulz working dtype: ``"auto"`` (bfloat16 where bfloat16 matmuls are fast:
+            CUDA and AMX / AVX-512-BF16 CPUs; float32 on AVX2-only CPUs, where they are 30-180x slower;
+            :func:`htmuon.spectral.decide`), or a ``torch.dtype``.
         compute_dtype: backend working dtype (``None``: the backend's default, float32).
         adamw_betas, adamw_eps: AdamW part (the paper's 0.9/0.95 and 1e-10).
         algorithm: ``"auto"`` (matrices -> HTMuon, the rest -> AdamW), ``"htmuon"`` or ``"adamw"``.
