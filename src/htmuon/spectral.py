@@ -22,7 +22,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -283,15 +282,24 @@ def cpu_matmul_flags() -> frozenset[str]:
         return frozenset()
 
 
-@functools.cache
-def _device_capability(device_type: str, env: str | None) -> Capability:
-    if device_type == "cpu":
-        if env is not None:
+@torch.compiler.assume_constant_result
+def _fast_bf16(device_type: str, env: str | None) -> bool:
+    """Whether ``device_type`` does bfloat16 matmuls fast (cached; a compiled step takes the answer
+    as a constant instead of tracing the ``/proc/cpuinfo`` read)."""
+    key = (device_type, env)
+    if key not in _FAST_BF16_CACHE:
+        if device_type != "cpu":
+            _FAST_BF16_CACHE[key] = device_type in FAST_BF16_DEVICES
+        elif env is not None:
             if env not in ("0", "1"):
                 raise ValueError(f"Invalid {CPU_BF16_ENV}={env!r} (must be 0 or 1)")
-            return Capability("cpu", env == "1")
-        return Capability.from_cpu_flags(cpu_matmul_flags())
-    return Capability(device_type, device_type in FAST_BF16_DEVICES)
+            _FAST_BF16_CACHE[key] = env == "1"
+        else:
+            _FAST_BF16_CACHE[key] = Capability.from_cpu_flags(cpu_matmul_flags()).fast_bf16
+    return _FAST_BF16_CACHE[key]
+
+
+_FAST_BF16_CACHE: dict[tuple[str, str | None], bool] = {}
 
 
 def device_capability(device: torch.device | str) -> Capability:
@@ -301,7 +309,8 @@ def device_capability(device: torch.device | str) -> Capability:
     the environment variable ``HTMUON_CPU_BF16`` is ``0`` or ``1``. Elsewhere: by device type
     (:data:`FAST_BF16_DEVICES`).
     """
-    return _device_capability(torch.device(device).type, os.environ.get(CPU_BF16_ENV))
+    device_type = torch.device(device).type
+    return Capability(device_type, _fast_bf16(device_type, os.environ.get(CPU_BF16_ENV)))
 
 
 def ns_working_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
