@@ -37,12 +37,16 @@ def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, c
     argv += ["--data", str(corpus_file), "--out-dir", str(out), *TINY]
     assert cli_main(argv) == 0
     md = (out / "results.md").read_text()
-    assert (
-        "| optimizer | lr (tried) | AdamW-part lr (tried) | decay/step (matrix; AdamW part) | seeds |" in md
-    )
+    header = "| optimizer | backend | lr (tried) | AdamW-part lr (tried) | decay/step (matrix; AdamW part) "
+    header += "| seeds |"
+    assert header in md
     main_table = md.split("Paired differences")[0]
     rows = [ln for ln in main_table.splitlines() if ln.startswith("| muon |") or ln.startswith("| htmuon:")]
     assert len(rows) == 2 and all(" ± " in r for r in rows)
+    # the backend that ran, "auto" resolved on this hardware (tests pin HTMUON_CPU_BF16=0: fp32 NS)
+    assert rows[0].startswith("| muon | ns (NS5 polar), fp32 |") and rows[1].startswith(
+        "| htmuon:method=eigh | eigh |"
+    )
     # the lrs tried are listed, the untuned ones said so; muon's best is at an edge of {0.01, 0.02}
     assert "(0.01/0.02) **EDGE" in rows[0] and "0.001 (0.001) (fixed)" in rows[0]
     assert "| htmuon:method=eigh | s0: " in md and "selection and report share seeds 0,1" in md
@@ -178,3 +182,22 @@ def test_alpha_every_records_alpha_during_training_and_plots_it(corpus_file, tmp
     md = (out / "results.md").read_text()
     assert "![alpha_curves.png](alpha_curves.png)" in md
     assert (out / "alpha_curves.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize(
+    "bf16, optimizer, method, expected",
+    [
+        ("0", "htmuon", "auto", "eigh"),  # an AVX2-only CPU
+        ("1", "htmuon", "auto", "fast, bf16"),  # an AMX / AVX-512-BF16 CPU
+        ("1", "muon", "ns", "ns (NS5 polar), bf16"),
+        ("0", "htmuon", "svd", "svd"),
+        ("0", "adamw", None, None),
+    ],
+)
+def test_backend_label_names_what_auto_resolves_to(bf16, optimizer, method, expected, monkeypatch):
+    from htmuon.train.config import TrainConfig
+    from htmuon.train.optimizers import backend_label, resolve
+
+    monkeypatch.setenv("HTMUON_CPU_BF16", bf16)
+    cfg = resolve(TrainConfig(optimizer=optimizer, method=method))
+    assert backend_label(cfg, "cpu") == expected

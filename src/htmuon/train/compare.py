@@ -598,6 +598,8 @@ def aggregate(summaries: list[dict]) -> dict:
         row["run_dirs"] = [r["run_dir"] for r in runs]
         for key in ("weight_decay", "wd_mode", "p"):
             row[key] = runs[0].get(key)
+        backends = sorted({r.get("backend") or "-" for r in runs})
+        row["backend"] = " / ".join(backends)  # runs made before backends were recorded: "-"
         rows.append(row)
     best: dict[str, dict] = {}
     for row in rows:
@@ -658,9 +660,9 @@ def markdown_table(agg: dict, select: dict | None = None) -> str:
     ref_ms = ref["ms_per_step"][0]
     metric = "val ppl" if task == "lm" else "val acc (%)"
     lines = [
-        "| optimizer | lr (tried) | AdamW-part lr (tried) | decay/step (matrix; AdamW part) | seeds "
-        f"| val loss | {metric} | ms/step | time vs {ref_spec} | mean alpha |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | backend | lr (tried) | AdamW-part lr (tried) | decay/step (matrix; AdamW part) "
+        f"| seeds | val loss | {metric} | ms/step | time vs {ref_spec} | mean alpha |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec, row in best.items():
         if task == "lm":
@@ -685,7 +687,8 @@ def markdown_table(agg: dict, select: dict | None = None) -> str:
         d_m, d_a = decay_per_step(row, row["lr"]), decay_per_step(row, row["adamw_lr"])
         decay = "-" if d_m is None else f"{d_m:.2g}" + ("" if d_a is None else f"; {d_a:.2g}")
         lines.append(
-            f"| {spec} | {lr_cell} | {alr_cell} | {decay} | {_seeds(row['seeds'])} | "
+            f"| {spec} | {row.get('backend') or '-'} | {lr_cell} | {alr_cell} | {decay} | "
+            f"{_seeds(row['seeds'])} | "
             f"{fmt(*row['val_loss'], digits=4)} | {m} | "
             f"{fmt(*row['ms_per_step'], digits=1)} | {rel} | {fmt(*row['mean_alpha'], digits=3)} |"
         )

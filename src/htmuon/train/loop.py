@@ -42,7 +42,7 @@ from htmuon.train import checkpoint
 from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
 from htmuon.train.data import atomic_write_bytes, stale_temp_files
 from htmuon.train.models import check_model_name, count_parameters
-from htmuon.train.optimizers import build_optimizer, check_optimizer_name, resolve
+from htmuon.train.optimizers import backend_label, build_optimizer, check_optimizer_name, resolve
 from htmuon.train.presets import model_task
 
 METRIC_COLUMNS = [
@@ -627,6 +627,7 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     summary = summarize(
         out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
     )
+    summary["backend"] = backend_label(cfg, device)  # what "auto" resolved to on this hardware
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
     summary["final_eval_s"] = final_eval_s
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:

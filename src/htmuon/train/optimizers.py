@@ -93,6 +93,24 @@ def resolve(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None) -> Tra
     )
 
 
+def backend_label(cfg: TrainConfig, device: torch.device | str) -> str | None:
+    """The spectral backend that a resolved HTMuon-family config runs on ``device``, as a report
+    shows it (``"fast, bf16"``, ``"eigh"``, ``"ns, fp32"``): ``method="auto"`` resolved by the hardware
+    decision; ``None`` for AdamW and the other baselines."""
+    if cfg.optimizer not in HTMUON_NAMES:
+        return None
+    from htmuon.spectral import BACKENDS, ns_working_dtype, resolve_method
+
+    method = resolve_method(cfg.method, cfg.spectrum, device)
+    label = method
+    if cfg.p == 0.0 and method == "ns":
+        label = "ns (NS5 polar)"
+    if "ns_dtype" in BACKENDS[method].options:
+        dtype = ns_working_dtype("auto", torch.device(device))
+        label += ", " + {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    return label
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> torch.optim.Optimizer:
     """The optimizer for a resolved config (``resolve`` first); ``process_group``: see ``HTMuon``."""
     check_optimizer_name(cfg.optimizer)
