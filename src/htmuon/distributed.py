@@ -347,7 +347,7 @@ class DistributedStep:
         finite = []
         for (g, p), h in zip(params, has):
             if h and g.get("check_finite", True) and not p.grad.is_sparse:
-                finite.append(torch.isfinite(local_tensor(p.grad)).all())
+                finite.append(F.all_finite(local_tensor(p.grad)))
             else:
                 finite.append(torch.ones((), dtype=torch.bool))
         device = next((local_tensor(p).device for _, p in params), torch.device("cpu"))

@@ -460,7 +460,7 @@ class HTMuon(Optimizer):
             self._check_state(saved_groups[gi], param, state, where)
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.is_floating_point():
-                    if not bool(torch.isfinite(_distributed.local_tensor(value)).all()):
+                    if not bool(F.all_finite(_distributed.local_tensor(value))):
                         raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf")
         hooks, self._optimizer_load_state_dict_pre_hooks = (
             self._optimizer_load_state_dict_pre_hooks,
@@ -501,7 +501,7 @@ class HTMuon(Optimizer):
                 starts.append(starts[-1] + len(g["params"]))
             flags = agreed[[starts[gi] + pi for _, gi, pi in finite_checks]] if finite_checks else None
         elif finite_checks:
-            flags = torch.stack([torch.isfinite(g).all() for g, _, _ in finite_checks])
+            flags = torch.stack([F.all_finite(g) for g, _, _ in finite_checks])
         else:
             flags = None
         ok = None  # under torch.compile: the on-device "step is good" flag that masks every update
@@ -595,7 +595,7 @@ class HTMuon(Optimizer):
                     ) from exc
                 raise
             if ok is not None:  # compiled: a non-finite direction masks this window and the rest
-                ok = ok & torch.stack([torch.isfinite(O).all() for _, O, _, _ in pending]).all()
+                ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
             self._apply_window(group, pending, ok)
             applied += len(items)
         return ok

@@ -158,7 +158,9 @@ def pow2_exponent(X: Tensor, *, representable: bool = True) -> Tensor:
     Returns:
         ``(..., 1, 1)`` int32 tensor.
     """
-    amax = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True)  # no |X| temporary
+    # max |X_ij| as max(max X, -min X): two plain reductions, no |X| temporary (on CPU ~10x faster than
+    # vector_norm(ord=inf), which was the largest elementwise cost of a Muon step here)
+    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
     e = torch.frexp(amax).exponent
     return e.clamp_min(-_max_exponent(X.dtype)) if representable else e
 
