@@ -702,28 +702,13 @@ class HTMuon(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        if ok is not None:  # compiled, checked step: the same math, masked on-device
-            F.adamw_masked(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                ok,
-                lr=_scalar(group["lr"]),
-                betas=tuple(float(b) for b in group["adamw_betas"]),
-                eps=float(group["adamw_eps"]),
-                weight_decay=float(group["weight_decay"]),
-            )
-            return
-        F.adamw(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
+        hyper = dict(
             lr=_scalar(group["lr"]),
             betas=tuple(float(b) for b in group["adamw_betas"]),
             eps=float(group["adamw_eps"]),
             weight_decay=float(group["weight_decay"]),
         )
+        if ok is not None:  # compiled, checked step: the same math, masked on-device
+            F.adamw_masked(params, grads, exp_avgs, exp_avg_sqs, steps, ok, **hyper)
+        else:
+            F.adamw(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
