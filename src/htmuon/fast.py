@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .spectral import _addmm, ns_working_dtype, pow2, pow2_exponent, register_backend
+from .spectral import _addmm, gram, ns_working_dtype, pow2, pow2_exponent, register_backend
 
 __all__ = [
     "FAST5_COEFFICIENTS",
@@ -206,7 +206,7 @@ def fast_spectral_power(
     e = pow2_exponent(X_in)
     buf = _scaled_cast(X_in, pow2(-e, torch.float64), acc)  # exact; contiguous even for a transposed X
     X = buf if fused else buf.to(dtype)
-    A = (X @ X.mT).to(acc)
+    A = gram(X).to(acc)
     fro2 = A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(torch.finfo(acc).tiny)
     A = A / fro2  # the Gram matrix of X / ||X||_F
     Am = A if fused else A.to(dtype)
@@ -238,7 +238,7 @@ def fast_spectral_power(
         if t == 1:  # step 1's A, A^2 are the normalisation's, rescaled on the m x m side
             B = torch.addcmul(A2 * (c / r2.square()), A, b / r2)
         else:
-            A = X @ X.mT
+            A = gram(X)
             B = _addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         B.diagonal(dim1=-2, dim2=-1).add_(a)
         if out is None and t == T:  # a single step: X_0 is still needed, no in-place start

@@ -126,11 +126,32 @@ def register_backend(
 # --------------------------------------------------------------------------------------------
 
 
+def gram(X: Tensor) -> Tensor:
+    """``X X^T`` of a ``(m, n)`` or ``(B, m, n)`` tensor.
+
+    On CPU (eager) one 2-D product per matrix: a batched ``bmm`` against the transposed view is up to
+    5x slower there for small batches (bfloat16 ``1 x 768 x 2048``: 11.4 vs 2.3 ms on an AMX Xeon,
+    one thread), and per-matrix products give each matrix the same bits however the step batches it.
+    """
+    if X.ndim != 3 or X.device.type != "cpu" or torch.compiler.is_compiling():
+        return X @ X.mT
+    out = X.new_empty(X.shape[0], X.shape[1], X.shape[1])
+    for i in range(X.shape[0]):
+        torch.mm(X[i], X[i].T, out=out[i])
+    return out
+
+
 def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
-    """``beta * c + alpha * a @ b`` for 2-D or batched 3-D operands (one fused kernel)."""
+    """``beta * c + alpha * a @ b`` for 2-D or batched 3-D operands (one fused kernel; on CPU, eager,
+    one 2-D ``addmm`` per matrix, for the reasons of :func:`gram`)."""
     if a.ndim == 2:
         return torch.addmm(c, a, b, beta=beta, alpha=alpha)
-    return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+    out = torch.empty(c.shape, dtype=torch.promote_types(a.dtype, c.dtype), device=c.device)
+    for i in range(a.shape[0]):
+        torch.addmm(c[i], a[i], b[i], beta=beta, alpha=alpha, out=out[i])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +401,7 @@ def polar(
         X = X.mT
     X = X / torch.maximum(X.norm(dim=(-2, -1), keepdim=True), floor)
     for _ in range(steps):
-        A = X @ X.mT
+        A = gram(X)
         B = _addmm(A, A, A, beta=b, alpha=c)
         X = _addmm(X, B, X, beta=a)
     if transposed:
@@ -468,7 +489,7 @@ def _robust_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _svd_via_eigh(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of a wide ``X`` from ``eigh(X X^T)`` (last-resort fallback)."""
-    lam, Q = torch.linalg.eigh(X @ X.mT)
+    lam, Q = torch.linalg.eigh(gram(X))
     lam, Q = lam.flip(-1), Q.flip(-1)
     s = lam.clamp_min(0).sqrt()
     inv = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
@@ -499,7 +520,7 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     """
     dtype = compute_dtype or torch.float64
     Xc = X.to(dtype)
-    lam, Q = torch.linalg.eigh(Xc @ Xc.mT)
+    lam, Q = torch.linalg.eigh(gram(Xc))
     if not bool(torch.isfinite(lam).all()):
         raise torch.linalg.LinAlgError(
             f"eigh of the Gram matrix of a {tuple(X.shape)} {X.dtype} batch gave non-finite eigenvalues; "
@@ -576,7 +597,7 @@ def _ns_backend(
     # The nested roots apply p' = p truncated to max_roots bits, so the Gram power is taken of the
     # Frobenius-normalised X (an orthogonally invariant scale) and ||X||_F^p restores the exact scale
     # law f(cX) = c^p f(X).
-    root = Xc @ Xc.mT
+    root = gram(Xc)
     fro2 = root.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(torch.finfo(dtype).tiny)
     root = root / fro2
     fro = fro2.sqrt()
