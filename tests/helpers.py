@@ -75,3 +75,22 @@ def flags(config: dict) -> list[str]:
         else:
             out += [f"--{flag}", str(value)]
     return out
+
+
+def tiny_llama(seed: int = 0, *, tied: bool = False, vocab: int = 64):
+    """A Hugging Face LLaMA of ~10k parameters (hidden 16, 2 layers), built from its config (skips the
+    test when transformers is missing)."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(cfg)

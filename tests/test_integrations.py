@@ -13,25 +13,11 @@ import pytest
 import torch
 
 import htmuon
+from helpers import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 STANDARD_ADAMW = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
-
-
-def tiny_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def batches(n: int, batch: int = 2, seq: int = 9) -> list[torch.Tensor]:

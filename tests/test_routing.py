@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_llama
 from htmuon import HTMuon, param_groups
 from htmuon.routing import kind_from_name
 from htmuon.train.models import ResNet
@@ -17,20 +18,6 @@ def by_algorithm(groups) -> dict[str, set[int]]:
     for g in groups:
         out.setdefault(g["algorithm"], set()).update(id(p) for p in g["params"])
     return out
-
-
-def tiny_llama(tied: bool) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2() -> nn.Module:
