@@ -120,8 +120,10 @@ _DIGITS = dict(
 _DIGITS_LRS = {"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02}
 
 
-def _gpu_llama(model: str, steps: int, batch_size: int) -> dict:
-    return dict(
+def _gpu_llama(model: str, size: str, steps: int, batch_size: int) -> RunPreset:
+    """The paper's LLaMA run at ``size``: ``steps`` of 512 x 256 tokens (``batch_size`` sequences per
+    micro-batch), warmup 10%, routing paper, the paper's lrs; needs a GPU."""
+    config = dict(
         model=model,
         vocab_size=32000,
         seq_len=256,
@@ -135,6 +137,14 @@ def _gpu_llama(model: str, steps: int, batch_size: int) -> dict:
         weight_decay=0.1,
         routing="paper",
         dtype="auto",
+    )
+    return RunPreset(
+        f"the paper's LLaMA-{size} run: {steps // 1000}k steps of 512x256 tokens, warmup 10%, routing paper; "
+        "needs a GPU",
+        config,
+        lrs=_PAPER_LRS,
+        optimizers=("adamw", "muon", "htmuon"),
+        tuned_at=dict(model=model, steps=steps, routing="paper", adamw_lr=1e-3),
     )
 
 
@@ -203,20 +213,8 @@ RUN_PRESETS: dict[str, RunPreset] = {
         ),
         lrs=_QUICK_LRS,
     ),
-    "gpu-60m": RunPreset(
-        "the paper's LLaMA-60M run: 10k steps of 512x256 tokens, warmup 10%, routing paper; needs a GPU",
-        _gpu_llama("llama-60m", 10_000, 128),
-        lrs=_PAPER_LRS,
-        optimizers=("adamw", "muon", "htmuon"),
-        tuned_at=dict(model="llama-60m", steps=10_000, routing="paper", adamw_lr=1e-3),
-    ),
-    "gpu-135m": RunPreset(
-        "the paper's LLaMA-135M run: 20k steps of 512x256 tokens, warmup 10%, routing paper; needs a GPU",
-        _gpu_llama("llama-135m", 20_000, 64),
-        lrs=_PAPER_LRS,
-        optimizers=("adamw", "muon", "htmuon"),
-        tuned_at=dict(model="llama-135m", steps=20_000, routing="paper", adamw_lr=1e-3),
-    ),
+    "gpu-60m": _gpu_llama("llama-60m", "60M", 10_000, 128),
+    "gpu-135m": _gpu_llama("llama-135m", "135M", 20_000, 64),
     "digits": RunPreset(
         "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon, 3 seeds (~1 min on CPU)",
         _DIGITS,
