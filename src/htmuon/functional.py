@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .spectral import BACKENDS, polar, resolve_method, spectral_power
+from .spectral import BACKENDS, polar, resolve_method, spectral_map, spectral_power
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -138,16 +138,19 @@ def commit_momentum_(buf: Tensor, grad: Tensor, beta: float) -> None:
 
 
 def direction(mats: Tensor, group: dict[str, Any], corrected: bool) -> Tensor:
-    """The spectral map on a stack of same-shape matrices ``(B, m, n)``, upcast to float32 (float64 kept).
+    """The spectral map on a stack of same-shape matrices ``(B, m, n)``, in the backend's working dtype.
 
     ``corrected=False`` (an in-between step of ``interval``): Muon's Newton--Schulz polar factor.
+    A bfloat16 (or float16) result is kept as it is, as ``torch.optim.Muon`` keeps its update: adding
+    it to a float32 parameter upcasts it exactly inside the add (:func:`decoupled_update_`), so an
+    upcast copy here would cost a pass over the matrices and change no bit.
     """
     if not corrected:
         out = polar(mats, steps=group["ns_steps"], dtype=group["ns_dtype"])
     else:
         method = resolve_method(group["method"], group["spectrum"], mats.device)
         options = {k: group[k] for k in BACKENDS[method].options}  # what the backend declares
-        out = spectral_power(
+        out = spectral_map(
             mats,
             float(group["p"]),
             method=method,
@@ -155,7 +158,7 @@ def direction(mats: Tensor, group: dict[str, Any], corrected: bool) -> Tensor:
             scale=group["scale"],
             **options,
         )
-    return out if out.dtype in (torch.float32, torch.float64) else out.float()
+    return out
 
 
 def exact_direction(mats: Tensor, group: dict[str, Any], corrected: bool) -> Tensor:
@@ -209,14 +212,19 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
 def compute_directions(mats: list[Tensor], corrected: list[bool], group: dict[str, Any]) -> list[Tensor]:
     """:func:`safe_direction` of every ``(B, m, n)`` item, batching items of equal shape, dtype and schedule.
 
-    Returns float32 directions (float64 for float64 input), one per item, in order. The caller
-    decides how many items to pass at once (:func:`plan_step`).
+    Returns the directions in the backends' working dtypes (bfloat16 for the Newton--Schulz backends
+    where bfloat16 matmuls are fast; float32 or float64 otherwise), one per item, in order. The caller
+    decides how many items to pass at once (:func:`plan_step`). On CPU (eager) the items are not
+    stacked: the backends there take one 2-D product per matrix anyway (see :func:`htmuon.spectral.gram`),
+    so stacking would only add a copy of the chunk.
     """
+    check = bool(group["check_finite"])
+    if mats and not stacks_matrices(mats[0].device):
+        return [safe_direction(x, group, c, check) for x, c in zip(mats, corrected)]
     buckets: dict[tuple, list[int]] = {}
     for i, (x, c) in enumerate(zip(mats, corrected)):
         buckets.setdefault((tuple(x.shape[-2:]), x.dtype, x.device, c), []).append(i)
     out: list[Tensor | None] = [None] * len(mats)
-    check = bool(group["check_finite"])
     for (_, _, _, c), idx in buckets.items():
         stack = mats[idx[0]] if len(idx) == 1 else torch.cat([mats[i] for i in idx])
         result = safe_direction(stack, group, c, check)
@@ -224,6 +232,12 @@ def compute_directions(mats: list[Tensor], corrected: list[bool], group: dict[st
         for i, part in zip(idx, result.split([mats[i].size(0) for i in idx])):
             out[i] = part
     return out  # type: ignore[return-value]
+
+
+def stacks_matrices(device: torch.device) -> bool:
+    """Whether :func:`compute_directions` stacks same-shape matrices into one backend call on ``device``:
+    everywhere but on CPU in eager mode (where every backend loops over the matrices itself)."""
+    return device.type != "cpu" or torch.compiler.is_compiling()
 
 
 def second_moment_normalize(
@@ -238,6 +252,8 @@ def second_moment_normalize(
     Returns:
         ``(O', v')``; ``v`` itself is not changed (store ``v'`` with ``v.copy_(v')``).
     """
+    if O.dtype not in (torch.float32, torch.float64):  # statistics of a bfloat16 direction in float32
+        O = O.float()
     sq = O.square()
     stat = sq.mean(dim=-1, keepdim=True) if kind == "normuon" else sq
     v_new = v.lerp(stat.to(v.dtype), 1.0 - beta2)
@@ -249,7 +265,14 @@ def second_moment_normalize(
 
 
 def decoupled_update_(param: Tensor, O: Tensor, lr: float, wd: float, scale: float) -> None:
-    """``param <- (1 - lr wd) param - lr scale O`` in place (decoupled weight decay, then the step)."""
+    """``param <- (1 - lr wd) param - lr scale O`` in place (decoupled weight decay, then the step).
+
+    ``O`` may have a lower precision than ``param`` (a bfloat16 direction for a float32 parameter, as
+    in ``torch.optim.Muon``): the add upcasts it exactly. A wider ``O`` is rounded to ``param``'s
+    dtype first.
+    """
+    if O.dtype != param.dtype and torch.finfo(O.dtype).bits >= torch.finfo(param.dtype).bits:
+        O = O.to(param.dtype)
     if wd != 0.0:
         param.mul_(1.0 - lr * wd)
     param.add_(O, alpha=-lr * scale)

@@ -665,9 +665,7 @@ class HTMuon(Optimizer):
                 else:
                     state["second_moment"] = v_new
             m, n = O.shape[-2:]
-            F.decoupled_update_(
-                p, O.reshape(p.shape).to(p.dtype), lr, wd, F.lr_scale(m, n, group["lr_adjust"])
-            )
+            F.decoupled_update_(p, O.reshape(p.shape), lr, wd, F.lr_scale(m, n, group["lr_adjust"]))
 
     def _apply_window_masked(
         self, group: dict[str, Any], pending: list, ok: Tensor, lr: float, wd: float, beta: float

@@ -387,6 +387,10 @@ def polar(
         raise ValueError(f"Invalid number of Newton-Schulz steps: {steps} (must be >= 0)")
     a, b, c = coefficients
     dtype = ns_working_dtype(dtype, G.device)
+    if G.device.type == "cpu" and not torch.compiler.is_compiling() and G.numel() > 0:
+        X = _cpu_polar(G, steps, (a, b, c), dtype, eps)
+        if X is not None:
+            return X
     e = pow2_exponent(G)
     X = G * pow2(-e, G.dtype)
     X = X if dtype is None else X.to(dtype)
@@ -407,6 +411,57 @@ def polar(
     if transposed:
         X = X.mT
     return X.reshape(*batch_shape, *X.shape[-2:])
+
+
+#: Largest ``max |X_ij|`` for which the CPU path of :func:`polar` skips the power-of-two prescale: the
+#: squares summed by the Frobenius norm stay below float32's range for any matrix of up to 2^48
+#: entries (2^80 * 2^48 = 2^128 is the first overflow). Tiny entries need no prescale: their squares
+#: underflow only where ``||G||_F`` is far below the ``eps`` floor, which then decides the scaling.
+POLAR_PLAIN_MAX = 2.0**40
+
+
+#: Smallest ``max |X_ij|`` for which :func:`spectral_power` takes the polar factor (``p = 0``, ``"ns"``)
+#: without the prescale: ``||X||_F >= max |X_ij| >= 2^-20`` is above polar's ``eps`` floor (1e-7), so
+#: the floor never acts, as in the prescaled iteration (whose ``||X||_F`` is at least 1/2).
+POLAR_PLAIN_MIN = 2.0**-20
+
+
+def _cpu_polar(
+    G: Tensor,
+    steps: int,
+    coefficients: tuple[float, float, float],
+    dtype: torch.dtype | None,
+    eps: float,
+    min_abs: float = 0.0,
+) -> Tensor | None:
+    """:func:`polar` on CPU (eager) without the prescale pass, or ``None`` where the prescale is needed.
+
+    The cast to the working dtype comes first (as in ``torch.optim.Muon``), then one ``aminmax`` of
+    the cast batch decides: where every entry is at most :data:`POLAR_PLAIN_MAX` in magnitude (or the
+    batch is not finite: the caller's finite check refuses it), the exact power-of-two prescale would
+    change no bit of the result, so the iteration runs on the cast batch as it is -- Muon's own
+    operations, one 2-D product per matrix. This saves the float32 multiply over the whole batch.
+    ``min_abs``: also take the prescaled path where ``max |X_ij|`` is below it.
+    """
+    a, b, c = coefficients
+    X = G if dtype is None or G.dtype == dtype else G.to(dtype)
+    lo, hi = torch.aminmax(X)
+    amax = float(torch.maximum(hi, -lo))
+    if amax > POLAR_PLAIN_MAX or amax < min_abs:  # NaN compares False: the plain path
+        return None
+    m, n = X.shape[-2:]
+    mats = X.reshape(-1, m, n)
+    results = []
+    for i in range(mats.size(0)):
+        Y = mats[i].T if m > n else mats[i]
+        Y = Y / Y.norm().clamp(min=eps)
+        for _ in range(steps):
+            A = Y @ Y.T
+            B = torch.addmm(A, A, A, beta=b, alpha=c)
+            Y = torch.addmm(Y, B, Y, beta=a)
+        results.append(Y.T if m > n else Y)
+    out = results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results)
+    return out.reshape(X.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -731,6 +786,21 @@ def spectral_power(
         >>> O.shape
         torch.Size([64, 32])
     """
+    return spectral_map(G, p, method=method, spectrum=spectrum, scale=scale, **options).to(G.dtype)
+
+
+def spectral_map(
+    G: Tensor,
+    p: float,
+    *,
+    method: str = "svd",
+    spectrum: str = "power",
+    scale: str = "raw",
+    **options,
+) -> Tensor:
+    """:func:`spectral_power` without the final cast: the result in the backend's working dtype
+    (bfloat16 for the Newton--Schulz backends with bfloat16 work, float32 or float64 otherwise), which
+    the optimizer adds to its parameters as it is (the add upcasts it exactly)."""
     if G.ndim < 2:
         raise ValueError(f"spectral_power expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
     if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
@@ -748,7 +818,16 @@ def spectral_power(
     transposed = m > n
     if transposed:
         X = X.mT
-    if backend.scale_safe and _raw_scale_is_bounded(p, G.dtype, m, n):
+    O = None
+    if p == 0.0 and backend.name == "ns" and X.device.type == "cpu" and not torch.compiler.is_compiling():
+        # the polar factor alone: without the prescale pass where it would change no bit (the norm is
+        # above polar's eps floor and far from over- and underflow)
+        dtype = ns_working_dtype(options.get("ns_dtype", "auto"), X.device)
+        steps = options.get("ns_steps", MUON_NS_STEPS)
+        O = _cpu_polar(X, steps, MUON_NS5_COEFFICIENTS, dtype, NS_EPS, min_abs=POLAR_PLAIN_MIN)
+    if O is not None:
+        pass
+    elif backend.scale_safe and _raw_scale_is_bounded(p, G.dtype, m, n):
         O = backend.fn(X, p, spectrum, **options)
     else:
         # Any finite input: the backend sees max |X_ij| in [1/2, 1) (an exact power-of-two scaling),
@@ -765,4 +844,4 @@ def spectral_power(
             norm > 0, math.sqrt(min(m, n)) / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0
         )
         O = O * factor.to(O.dtype)
-    return O.to(G.dtype).reshape(G.shape)
+    return O.reshape(G.shape)
