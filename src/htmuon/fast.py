@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .spectral import _addmm, gram, ns_working_dtype, pow2, pow2_exponent, register_backend
+from .spectral import _addmm, _times_pow2, gram, ns_working_dtype, pow2_exponent, register_backend
 
 __all__ = [
     "FAST5_COEFFICIENTS",
@@ -196,85 +196,187 @@ def fast_spectral_power(
     if p == 1.0:
         return X.to(acc)
     w = output_weights(float(p), tuple(tuple(c) for c in coefficients))
+    if X.ndim == 3 and X.device.type == "cpu" and not torch.compiler.is_compiling():
+        # CPU, eager: one matrix at a time with its scalars on the host (2-D products; mixed-dtype
+        # elementwise kernels with per-matrix tensor factors copy their operands there)
+        outs = [_fast_iteration(x, p, w, coefficients, dtype, acc) for x in X]
+        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+    return _fast_iteration(X, p, w, coefficients, dtype, acc)
+
+
+def _fast_iteration(
+    X: Tensor,
+    p: float,
+    w: tuple[float, ...],
+    coefficients: tuple[tuple[float, float, float], ...],
+    dtype: torch.dtype,
+    acc: torch.dtype,
+) -> Tensor:
+    """The iteration of :func:`fast_spectral_power` on one matrix ``(m, n)`` (its per-matrix factors as
+    Python floats, on the CPU) or a batch ``(B, m, n)`` (factors as ``(B, 1, 1)`` tensors)."""
     T, m = len(coefficients), X.size(-2)
-    fused = dtype == acc  # float32/float64 work: iterate and output sum in one dtype
-    X_in = X
+    host = X.ndim == 2 and X.device.type == "cpu" and not torch.compiler.is_compiling()
 
-    # Normalisation, safe for any finite X: an exact power-of-two scaling to max |X_ij| in [1/2, 1)
-    # (Muon's X / ||X||_F pass), then the Frobenius and Schatten-8 norms from the first step's own
-    # products on the m x m side (A = X X^T and A^2 are step 1's products anyway).
-    e = pow2_exponent(X_in)
-    buf = _scaled_cast(X_in, pow2(-e, torch.float64), acc)  # exact; contiguous even for a transposed X
-    X = buf if fused else buf.to(dtype)
-    A = gram(X).to(acc)
-    fro2 = A.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp_min(torch.finfo(acc).tiny)
-    A = A / fro2  # the Gram matrix of X / ||X||_F
-    Am = A if fused else A.to(dtype)
-    A2 = (Am @ Am).to(acc)
-    # Schatten-8 bound: r2 = ||A^2||_F^(1/2) >= x_max^2 (and x_max^2 >= 1/m since sum x^2 = 1; the floor
-    # also keeps a zero matrix at exactly zero). The map sees x = s / ||X||_S8 in (0, 1]; the output
-    # sum times ||X||_S8^p restores the raw spectrum, ||X||_S8 = 2^e sqrt(fro2 r2), in float64 (2^e
-    # may be far outside float32's range).
-    r2 = A2.norm(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1.0 / m)
-    k = (fro2 * r2).rsqrt()
-    if p > 0.0:
-        log2_norm = e.to(torch.float64) + 0.5 * torch.log2((fro2 * r2).to(torch.float64))
+    # The working copy: X cast to the working dtype (its own layout: a transposed view stays one, as
+    # in torch.optim.Muon). The normalisation below comes from the Gram matrix, so any scale of X
+    # works as long as its products neither over- nor underflow: where max |X_ij| lies in
+    # [FAST_PLAIN_MIN, FAST_PLAIN_MAX] (or X is not finite: the caller's check refuses it) nothing
+    # more is done; elsewhere X is first scaled by an exact power of two to max |X_ij| in [1/2, 1).
+    Xw = X.to(dtype)
+    e = _plain_exponent(Xw, X)
+    if e is not None:
+        Xw = _times_pow2(X, -e).to(dtype)
+
+    # Normalisation on the m x m side, in the working dtype, from the first step's own products:
+    # A = X X^T gives the Frobenius norm (its trace); A_f = A / ||X||_F^2 and A_f^2 give the Schatten-8
+    # bound r2 = ||A_f^2||_F^(1/2) = (sum x^8)^(1/4) >= x_max^2 of X / ||X||_F (and x_max^2 >= 1/m since
+    # sum x^2 = 1; the floor also keeps a zero matrix at zero). The map sees X_0 = k X with
+    # k = 1 / ||X||_S8 = (||X||_F^2 r2)^(-1/2), never formed: k goes into step 1's m x m matrix and into
+    # the output weights; ||X||_S8^p restores the raw spectrum (computed in float64: with the prescale,
+    # the power of two may be far outside float32's range).
+    A = gram(Xw)
+    fro2 = A.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=acc)[..., None, None].clamp_min(torch.finfo(acc).tiny)
+    if host:
+        fro2 = float(fro2)
+    A_f = _scaled(A.to(acc), 1.0 / fro2)
+    Am = A_f.to(dtype)
+    A_f2 = _mm(Am, Am).to(acc)
+    del Am
+    r2 = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True).sqrt().clamp_min(1.0 / m)
+    if host:
+        r2 = float(r2)
+    k = (fro2 * r2) ** -0.5
+    if p == 0.0:
+        scale = 1.0
+    elif host and e is None:
+        scale = min(2.0 ** (0.5 * p * math.log2(fro2 * r2)), torch.finfo(acc).max)
+    else:
+        log2_norm = 0.5 * torch.log2(torch.as_tensor(fro2 * r2, dtype=torch.float64, device=X.device))
+        if e is not None:
+            log2_norm = log2_norm + e.to(torch.float64)
         scale = torch.exp2(p * log2_norm).clamp_max(torch.finfo(acc).max).to(acc)
+        if host:
+            scale = float(scale)
+
+    # Step 1's matrix B_1 = k (a I + b A_0 + c A_0^2) with A_0 = A_f / r2, the Gram matrix of X_0: acts
+    # on X itself (X_1 = B_1 X). Later steps: B_t = a I + b A_{t-1} + c A_{t-1}^2 from their own Gram
+    # matrix. The a term sits on the diagonal, so a step is ONE plain product (cheaper than the
+    # fused-axpy form on CPUs, and no elementwise pass over the iterate).
+    a, b, c = coefficients[0]
+    B = _scaled(A_f2, k * c / (r2 * r2))
+    _axpy_(B, A_f, k * b / r2)
+    _add_diagonal_(B, k * a)
+    B = B.to(dtype)
+    del A, A_f, A_f2
+
+    # The output sum O = scale sum_t w_t X_t, in the working dtype, kept relative to a pivot term
+    # w_j X_j (the first step with w_j != 0): S = X_j + sum_{t != j} (w_t / w_j) X_t. Its first pass also
+    # reads X_0 (no pass of its own; contiguous even where X_0 is a transposed view), each later term is
+    # one scaled add, and the last term and the factor scale w_j go into the sum's product:
+    # O = scale w_j S + scale w_T B_T X_{T-1} (one addmm).
+    X_prev, S, pivot = Xw, None, 0.0
+    for t in range(1, T + 1):
+        if t > 1:
+            a, b, c = coefficients[t - 1]
+            G = gram(X_prev)
+            B = _addmm(G, G, G, beta=b, alpha=c)  # b A + c A^2
+            _add_diagonal_(B, a)
+        if t == T:
+            if S is None:  # no pivot (one step, or w_1..w_{T-1} all zero): X_0's term here
+                S, pivot = _scaled(Xw, k * w[0]), 1.0
+            return _sum_product(S, B, X_prev, scale * pivot, scale * w[T])
+        X_t = _mm(B, X_prev)
+        if S is not None:
+            S.add_(X_t, alpha=w[t] / pivot)
+        elif w[t] != 0.0:
+            pivot = w[t]
+            S = _add_scaled(X_t, Xw, k * (w[0] / pivot))
+        X_prev = X_t
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: Range of ``max |X_ij|`` in which :func:`fast_spectral_power` skips the power-of-two prescale: the
+#: Gram matrix and its square stay far inside float32's (and bfloat16's) range for matrices of up to
+#: 2^48 entries.
+FAST_PLAIN_MIN = 2.0**-24
+FAST_PLAIN_MAX = 2.0**24
+
+
+def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
+    """``None`` where X needs no prescale, else the per-matrix exponent of
+    :func:`htmuon.spectral.pow2_exponent` of X.
+
+    On CPU, eager, one ``aminmax`` of the working copy ``Xw`` decides for the whole batch (a value that
+    the cast to bfloat16 rounded to infinity is looked up in X itself; a NaN or Inf in X takes the
+    plain path, and the caller's finite check refuses it). On accelerators and in compiled steps, where
+    the check would need a host read, X is always prescaled.
+    """
+    if Xw.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(Xw)
+        amax = float(torch.maximum(hi, -lo))
+        if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX:
+            return None
+        if math.isinf(amax) and Xw.dtype != X.dtype:
+            lo, hi = torch.aminmax(X)
+            amax = float(torch.maximum(hi, -lo))
+        return pow2_exponent(X, representable=False) if math.isfinite(amax) else None
+    return pow2_exponent(X, representable=False)
+
+
+def _scaled(x: Tensor, f: float | Tensor) -> Tensor:
+    """``x * f`` in x's dtype (``f`` a float or a per-matrix ``(B, 1, 1)`` tensor)."""
+    if isinstance(f, float):
+        return x * f
+    return torch.mul(x, f, out=torch.empty_like(x))
+
+
+def _axpy_(out: Tensor, x: Tensor, f: float | Tensor) -> None:
+    """``out += f x`` in place (``f`` a float or a per-matrix ``(B, 1, 1)`` tensor)."""
+    if isinstance(f, float):
+        out.add_(x, alpha=f)
     else:
-        scale = torch.ones_like(r2)
-    # X0 = X / ||X||_S8, in place in the float32/float64 buffer (two factors: 2^-e k alone may not be
-    # representable); with low-precision work (bfloat16/float16) the iterate lives in the working dtype,
-    # as in Muon, cast once from that buffer, and only the output sum is float32 (the buffer, reused).
-    buf.mul_(k)
-    X = buf if fused else buf.to(dtype)
-
-    # The output sum O = sum_t w_t X_t with the scalar weights w_t (one scalar axpy per step, the
-    # cheapest elementwise pass, also in mixed dtypes), times the per-matrix raw scale at the end.
-    out = None
-    for t, (a, b, c) in enumerate(coefficients, start=1):
-        # Step t as ONE plain product: X_t = (a I + b A + c A^2) X_{t-1}. The m x m polynomial takes the
-        # a X term on its diagonal, so neither a fused-axpy matmul (1.0-1.2x a plain bfloat16 product on
-        # an AMX CPU) nor an elementwise pass over the m x n iterate is needed.
-        if t == 1:  # step 1's A, A^2 are the normalisation's, rescaled on the m x m side
-            B = torch.addcmul(A2 * (c / r2.square()), A, b / r2)
-        else:
-            A = gram(X)
-            B = _addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        B.diagonal(dim1=-2, dim2=-1).add_(a)
-        if out is None and t == T:  # a single step: X_0 is still needed, no in-place start
-            out = buf * w[0]
-        if t == T:  # the last term, w_T X_T = (w_T B_T) X_{T-1}, straight into the sum
-            Bw = (B * w[T]).to(X.dtype)
-            if fused:
-                _addmm_(out, Bw, X)
-            else:
-                out.add_(Bw @ X)
-            break
-        Xn = B.to(X.dtype) @ X
-        if out is None:  # the output sum starts as w_0 X_0
-            out = buf.mul_(w[0])  # X_0 (float32/float64) is not needed any more
-        out.add_(Xn, alpha=w[t])
-        X = Xn
-    return out.mul_(scale) if p > 0.0 else out
+        out.addcmul_(x, f)
 
 
-def _scaled_cast(X: Tensor, factor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(X * factor).to(dtype)`` for a per-matrix ``factor``, computed in the wider of X's dtype and
-    ``dtype`` (float32 for a bfloat16 X), so that neither the product nor the cast over- or underflows
-    for a factor of safe size."""
-    work = torch.promote_types(X.dtype, dtype)
-    # into a fresh contiguous buffer: a transposed (tall) input would otherwise give every later
-    # product and pass a strided operand
-    buf = torch.empty(X.shape, dtype=work, device=X.device)
-    return torch.mul(X, factor.to(work), out=buf).to(dtype)
+def _add_scaled(x: Tensor, y: Tensor, f: float | Tensor) -> Tensor:
+    """``x + f y`` in x's dtype and layout (``f`` a float or a per-matrix ``(B, 1, 1)`` tensor)."""
+    if isinstance(f, float):
+        return torch.add(x, y, alpha=f)
+    return torch.addcmul(x, y, f, out=torch.empty_like(x))
 
 
-def _addmm_(c: Tensor, a: Tensor, b: Tensor) -> None:
-    """``c += a @ b`` in place (2-D or batched)."""
-    if a.ndim == 2:
-        c.addmm_(a, b)
+def _add_diagonal_(B: Tensor, f: float | Tensor) -> None:
+    """``B += f I`` in place (per matrix)."""
+    diag = B.diagonal(dim1=-2, dim2=-1)
+    if isinstance(f, float):
+        diag.add_(f)
     else:
-        c.baddbmm_(a, b)
+        diag.add_(f.reshape(*f.shape[:-2], 1))
+
+
+def _sum_product(S: Tensor, B: Tensor, X: Tensor, beta: float | Tensor, alpha: float | Tensor) -> Tensor:
+    """``beta S + alpha B X``.
+
+    With host factors: ``beta (S + (alpha / beta) B X)``, one ``addmm`` with ``beta=1`` and then one
+    scaling pass. A per-call ``beta`` in ``addmm`` would be slower: on CPU, oneDNN builds a new kernel for
+    each value of its ``beta`` (~10 ms for a 512 x 1376 bfloat16 product, measured), while ``alpha`` is
+    a runtime argument. Batched (factors as tensors): scaled, then one ``baddbmm``.
+    """
+    if isinstance(beta, float) and isinstance(alpha, float):
+        if beta == 0.0:
+            return _mm(B, X).mul_(alpha)
+        return _addmm(S, B, X, beta=1.0, alpha=alpha / beta).mul_(beta)
+    return _addmm(_scaled(S, beta), _scaled(B, alpha), X, beta=1.0)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for 2-D or batched operands (on CPU, eager, one 2-D product per matrix, as :func:`gram`)."""
+    if a.ndim == 2 or a.device.type != "cpu" or torch.compiler.is_compiling():
+        return a @ b
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[-1], dtype=b.dtype, device=b.device)
+    for i in range(a.shape[0]):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
 
 
 register_backend(
