@@ -81,6 +81,25 @@ def test_polar_matches_torch_muon_iteration():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_polar_without_prescale_changes_no_bit(monkeypatch, dtype):
+    """On CPU polar skips the power-of-two prescale where it would change no bit: the result equals the
+    prescaled iteration's bit for bit; magnitudes beyond the plain range still take the prescale."""
+    import htmuon.spectral as sp
+
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(2, 40, 72, generator=g) * 0.01
+    tall = torch.randn(72, 40, generator=g)
+    plain = polar(G, dtype=dtype), polar(tall, dtype=dtype)
+    monkeypatch.setattr(sp, "_cpu_polar", lambda *a, **k: None)  # the generic (prescaled) path
+    prescaled = polar(G, dtype=dtype), polar(tall, dtype=dtype)
+    for a, b in zip(plain, prescaled):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    huge = polar(G * 2.0**60, dtype=dtype)  # beyond POLAR_PLAIN_MAX: prescaled, finite
+    assert torch.isfinite(huge).all() and rel_err(huge.double(), plain[0].double()) < 1e-2
+
+
 def test_batched_equals_per_matrix():
     G = torch.randn(3, 2, 24, 40)
     for method in ("svd", "eigh", "ns"):

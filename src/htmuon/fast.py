@@ -238,11 +238,10 @@ def _fast_iteration(
     fro2 = A.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=acc)[..., None, None].clamp_min(torch.finfo(acc).tiny)
     if host:
         fro2 = float(fro2)
-    A_f = _scaled(A.to(acc), 1.0 / fro2)
-    Am = A_f.to(dtype)
-    A_f2 = _mm(Am, Am).to(acc)
-    del Am
-    r2 = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True).sqrt().clamp_min(1.0 / m)
+    A_f = _scaled(A, 1.0 / fro2)  # working dtype, for the product
+    A_f2 = _mm(A_f, A_f)
+    del A_f
+    r2 = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True, dtype=acc).sqrt().clamp_min(1.0 / m)
     if host:
         r2 = float(r2)
     k = (fro2 * r2) ** -0.5
@@ -262,12 +261,14 @@ def _fast_iteration(
     # on X itself (X_1 = B_1 X). Later steps: B_t = a I + b A_{t-1} + c A_{t-1}^2 from their own Gram
     # matrix. The a term sits on the diagonal, so a step is ONE plain product (cheaper than the
     # fused-axpy form on CPUs, and no elementwise pass over the iterate).
+    # It is formed in float32 and rounded once: its terms cancel (e.g. 4.8 - 12.0 x^2 + 7.8 x^4 for
+    # fast5), so a bfloat16 sum would lose the small eigenvalues near x = 1.
     a, b, c = coefficients[0]
-    B = _scaled(A_f2, k * c / (r2 * r2))
-    _axpy_(B, A_f, k * b / r2)
+    B = _scaled(A_f2.to(acc), k * c / (r2 * r2))
+    _axpy_(B, _scaled(A.to(acc), 1.0 / fro2), k * b / r2)
     _add_diagonal_(B, k * a)
     B = B.to(dtype)
-    del A, A_f, A_f2
+    del A, A_f2
 
     # The output sum O = scale sum_t w_t X_t, in the working dtype, kept relative to a pivot term
     # w_j X_j (the first step with w_j != 0): S = X_j + sum_{t != j} (w_t / w_j) X_t. Its first pass also

@@ -604,11 +604,14 @@ class HTMuon(Optimizer):
         self, group: dict[str, Any], params: list[Tensor], corrected: list[bool], chunks: list[int]
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
         """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
-        (DDP: each rank's owned share of the window at once); nothing is changed."""
+        (DDP: each rank's owned share of the window at once; on CPU, eager: one at a time, each right
+        after its momentum direction, so that only the directions stay alive); nothing is changed."""
         beta, nesterov, batch_3d = _number(group["momentum"]), group["nesterov"], group["batch_3d"]
         bufs = []
         mats = []
-        for p in params:
+        pipelined = self._dist is None and bool(params) and not F.stacks_matrices(params[0].device)
+        directions = []
+        for p, c in zip(params, corrected):
             state = self.state.get(p)
             buf = (
                 state["momentum_buffer"]
@@ -616,15 +619,20 @@ class HTMuon(Optimizer):
                 else torch.zeros_like(p, memory_format=torch.preserve_format)
             )
             bufs.append(buf)
-            mats.append(F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d))
-        if self._dist is None:
-            directions, start = [], 0
+            N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
+            if pipelined:  # CPU, eager: each direction at once, so only the directions stay alive
+                directions += F.compute_directions([N], [c], group)
+            else:
+                mats.append(N)
+            del N
+        if not pipelined and self._dist is None:
+            start = 0
             for size in chunks:  # one backend call per chunk of the plan
                 directions += F.compute_directions(
                     mats[start : start + size], corrected[start : start + size], group
                 )
                 start += size
-        else:  # replicated (DDP) parameters: each rank computes its share, then all share
+        elif not pipelined:  # replicated (DDP) parameters: each rank computes its share, then all share
             directions = self._dist.compute_directions(group, mats, corrected)
         del mats
         out = []

@@ -452,9 +452,10 @@ def _cpu_polar(
     m, n = X.shape[-2:]
     mats = X.reshape(-1, m, n)
     results = []
+    fresh = X is not G  # the cast is ours: normalise it in place, as torch.optim.Muon does
     for i in range(mats.size(0)):
         Y = mats[i].T if m > n else mats[i]
-        Y = Y / Y.norm().clamp(min=eps)
+        Y = Y.div_(Y.norm().clamp(min=eps)) if fresh else Y / Y.norm().clamp(min=eps)
         for _ in range(steps):
             A = Y @ Y.T
             B = torch.addmm(A, A, A, beta=b, alpha=c)
