@@ -579,12 +579,13 @@ class HTMuon(Optimizer):
         keys = [(s[1:], p.dtype, p.device, c) for s, p, c in zip(mshapes, params, corrected)]
         plan = F.plan_step(keys, mshapes, [p.element_size() for p in params], group["chunk_bytes"])
         applied = 0
+        scratch: dict[tuple, Tensor] = {}  # reused across the step's windows
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
             try:
                 sizes = [len(chunk) for chunk in window]
                 pending = self._compute_window(
-                    group, [params[i] for i in items], [corrected[i] for i in items], sizes
+                    group, [params[i] for i in items], [corrected[i] for i in items], sizes, scratch
                 )
             except Exception as exc:
                 if applied:
@@ -601,7 +602,12 @@ class HTMuon(Optimizer):
         return ok
 
     def _compute_window(
-        self, group: dict[str, Any], params: list[Tensor], corrected: list[bool], chunks: list[int]
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        corrected: list[bool],
+        chunks: list[int],
+        scratch: dict[tuple, Tensor] | None = None,
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
         """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
         (DDP: each rank's owned share of the window at once; on CPU, eager: one at a time, each right
@@ -611,6 +617,7 @@ class HTMuon(Optimizer):
         mats = []
         pipelined = self._dist is None and bool(params) and not F.stacks_matrices(params[0].device)
         directions = []
+        scratch = {} if scratch is None else scratch  # pipelined: M_t of one matrix at a time, per shape
         for p, c in zip(params, corrected):
             state = self.state.get(p)
             buf = (
@@ -619,7 +626,13 @@ class HTMuon(Optimizer):
                 else torch.zeros_like(p, memory_format=torch.preserve_format)
             )
             bufs.append(buf)
-            N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
+            work = None
+            if pipelined and nesterov:
+                key = (tuple(p.shape), p.dtype)
+                if key not in scratch:
+                    scratch[key] = torch.empty_like(buf)
+                work = scratch[key]
+            N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov, work), batch_3d)
             if pipelined:  # CPU, eager: each direction at once, so only the directions stay alive
                 directions += F.compute_directions([N], [c], group)
             else:
