@@ -336,6 +336,28 @@ def test_step_follows_the_plan_and_chunking_does_not_change_the_result(monkeypat
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_a_backend_returning_its_input_is_not_overwritten_by_the_next_matrix():
+    """On CPU the step computes each momentum direction N_t into one reused buffer; a backend that
+    returns its input (here: the identity map) must still give every matrix its own direction."""
+    from htmuon.spectral import BACKENDS, register_backend
+
+    register_backend("test_identity", lambda X, p, spectrum: X, replace=True, scale_safe=True)
+    try:
+        torch.manual_seed(0)
+        W0 = [torch.randn(16, 24) for _ in range(3)]
+        G = [torch.randn(16, 24) for _ in range(3)]
+        ps = [nn.Parameter(w.clone()) for w in W0]
+        opt = HTMuon(ps, method="test_identity", lr=0.1, momentum=0.9, weight_decay=0.0, lr_adjust="none")
+        for p, g in zip(ps, G):
+            p.grad = g.clone()
+        opt.step()
+    finally:
+        BACKENDS.pop("test_identity", None)
+    for p, w, g in zip(ps, W0, G):
+        N = g.lerp(torch.zeros_like(g).lerp(g, 0.1), 0.9)  # Nesterov direction of the first step
+        torch.testing.assert_close(p.detach(), w - 0.1 * N)
+
+
 # ------------------------------------------------------------------ torch.compile(opt.step)
 
 

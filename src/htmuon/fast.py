@@ -15,21 +15,27 @@ powers" idea). This module holds:
 * :func:`fast_spectral_power`: the matrix iteration, registered as the backends ``"fast"`` (6 steps,
   ~1.2x Muon's matmuls, ~1.5% error) and ``"fast5"`` (5 steps, Muon's matmul count, ~5-8% error).
 
-Normalisation. The iteration needs singular values in (0, 1]. One fresh pass over the matrix
-scales it by a power of two to ``max |X_ij|`` in [1/2, 1) (exact, and safe for every finite input:
-no norm or product can over- or underflow); ``A = X X^T`` of it and ``A^2``, both needed by the
-first step anyway, then give the Frobenius norm (the trace of ``A``) and the Schatten-8 norm for
-free: ``r2 = ||A^2||_F^(1/2) = (sum x^8)^(1/4) >=
-x_max^2``, a bound within ``m^(1/8)`` of ``x_max`` instead of the Frobenius norm's ``m^(1/2)``
-(about one decade of spectrum gained); ``X`` is rescaled in place and ``A, A^2`` on the ``m x m``
-side. The map sees ``x = s / ||X||_S8``; the raw spectrum is restored exactly by the factor
-``||X||_S8^p`` (one multiply of the output sum, computed in float64 from the power of two):
-``U s^p V^T = ||X||_S8^p U x^p V^T``.
+Normalisation. The iteration needs singular values in (0, 1]. ``A = X X^T`` and ``A^2``, both needed
+by the first step anyway, give the Frobenius norm (the trace of ``A``) and the Schatten-8 norm for
+free: ``r2 = ||A^2||_F^(1/2) = (sum x^8)^(1/4) >= x_max^2``, a bound within ``m^(1/8)`` of ``x_max``
+instead of the Frobenius norm's ``m^(1/2)`` (about one decade of spectrum gained). The map sees
+``x = s / ||X||_S8``; the factor ``1 / ||X||_S8`` is never applied to the ``m x n`` matrix: it goes into
+step 1's ``m x m`` matrix and into the output weights, and the raw spectrum comes back through the
+factor ``||X||_S8^p`` (computed in float64): ``U s^p V^T = ||X||_S8^p U x^p V^T``. Any scale of X works
+as long as the products neither over- nor underflow: where ``max |X_ij|`` is outside
+[``FAST_PLAIN_MIN``, ``FAST_PLAIN_MAX``] (decided by one ``aminmax`` on CPU; always on accelerators
+and in compiled steps) X is first scaled by an exact power of two to ``max |X_ij|`` in [1/2, 1), so
+every finite input is safe.
 
 Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2) X_{t-1}`` (the ``a_t``
 term on the diagonal of the ``m x m`` polynomial), i.e. Muon's three products and no elementwise
-pass over the ``m x n`` iterate; the output sum takes one scalar axpy per step (float32), the raw
-scale one multiply at the end. With bfloat16 work the iterate lives in bfloat16 as in Muon.
+pass over the ``m x n`` iterate. On CPU (one matrix at a time, scalars on the host) the output sum is
+kept in the working dtype relative to its first iterate term, ``S = X_j + sum_t (w_t / w_j) X_t``: the
+first add also reads ``X_0`` (no pass of its own), then one scaled add per step, and the last term
+with the factor ``||X||_S8^p w_j`` goes into one ``addmm`` with ``beta=1`` and one scaling pass (oneDNN
+builds a new kernel for every distinct ``beta`` of a bfloat16 ``addmm``: ~10 ms per call, measured).
+Batched (accelerators, compiled steps) the per-matrix factors are ``(B, 1, 1)`` tensors. With bfloat16
+work the iterate and the output live in bfloat16, as Muon's iterate and update do.
 
 Accuracy (tolerances checked in ``tests/test_fast.py``, measurements in BENCHMARKS.md and
 ``benchmarks/fast_accuracy.py``): on spectra spanning three decades (``s_min >= 1e-3 s_max``),
@@ -183,11 +189,12 @@ def fast_spectral_power(
         spectrum: only ``"power"``.
         coefficients: the quintic steps (:data:`FAST6_COEFFICIENTS` or :data:`FAST5_COEFFICIENTS`).
         compute_dtype: working dtype of the iteration, overriding ``ns_dtype`` (e.g. ``torch.float64``).
-        ns_dtype: working dtype as for :func:`htmuon.polar`: ``"auto"`` (bfloat16 on CUDA, float32
-            elsewhere), a ``torch.dtype``, or ``None`` (X's dtype).
+        ns_dtype: working dtype as for :func:`htmuon.polar`: ``"auto"`` (bfloat16 where bfloat16 matmuls
+            are fast: CUDA, AMX/AVX-512-BF16 CPUs; float32 elsewhere), a ``torch.dtype``, or ``None``.
 
     Returns:
-        ``(B, m, n)``; float32 (float64 when the working dtype is float64).
+        ``(B, m, n)`` in the working dtype (bfloat16 with bfloat16 work, as Muon's update; float32 or
+        float64 otherwise). :func:`htmuon.spectral_power` casts it to the input's dtype.
     """
     if spectrum != "power":  # pragma: no cover - the dispatch checks the backend's spectra
         raise ValueError(f"the fast backend supports spectrum='power' only, got {spectrum!r}")

@@ -122,21 +122,22 @@ def is_corrected(step: int, interval: int) -> bool:
 
 
 def momentum_direction(
-    grad: Tensor, buf: Tensor, beta: float, nesterov: bool, scratch: Tensor | None = None
+    grad: Tensor, buf: Tensor, beta: float, nesterov: bool, out: Tensor | None = None
 ) -> Tensor:
     r"""``N_t`` from the momentum *before* this step, out of place (``buf`` is not changed).
 
     .. math:: M_t = \beta M_{t-1} + (1 - \beta) G_t, \qquad N_t = (1 - \beta) G_t + \beta M_t
 
     (``N_t = M_t`` without Nesterov.) :func:`commit_momentum_` later stores the same ``M_t`` bit for bit.
-    With Nesterov, ``M_t`` is only an intermediate: ``scratch`` (a tensor like ``buf``, reused across
-    matrices of one shape) holds it instead of a fresh allocation, which on CPU costs more than the
-    ``lerp`` itself (new pages are faulted in: ~3x an in-place ``lerp_``, measured).
+    ``out`` (a tensor of ``buf``'s shape and dtype) receives ``M_t`` and then ``N_t``, in place, instead
+    of two fresh allocations: on CPU a fresh allocation costs more than the ``lerp`` itself (new pages
+    are faulted in: an out-of-place ``lerp`` measured ~3x an in-place one inside a step). Same bits.
     """
-    if not nesterov:
-        return buf.lerp(grad, 1.0 - beta)
-    new = buf.lerp(grad, 1.0 - beta) if scratch is None else torch.lerp(buf, grad, 1.0 - beta, out=scratch)
-    return grad.lerp(new, beta)
+    if out is None:
+        new = buf.lerp(grad, 1.0 - beta)
+        return grad.lerp(new, beta) if nesterov else new
+    torch.lerp(buf, grad, 1.0 - beta, out=out)
+    return torch.lerp(grad, out, beta, out=out) if nesterov else out
 
 
 def commit_momentum_(buf: Tensor, grad: Tensor, beta: float) -> None:

@@ -579,7 +579,7 @@ class HTMuon(Optimizer):
         keys = [(s[1:], p.dtype, p.device, c) for s, p, c in zip(mshapes, params, corrected)]
         plan = F.plan_step(keys, mshapes, [p.element_size() for p in params], group["chunk_bytes"])
         applied = 0
-        scratch: dict[tuple, Tensor] = {}  # reused across the step's windows
+        scratch: dict[torch.dtype, Tensor] = {}  # pipelined steps: N_t of one matrix at a time, per dtype
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
             try:
@@ -617,7 +617,7 @@ class HTMuon(Optimizer):
         mats = []
         pipelined = self._dist is None and bool(params) and not F.stacks_matrices(params[0].device)
         directions = []
-        scratch = {} if scratch is None else scratch  # pipelined: M_t of one matrix at a time, per shape
+        scratch = {} if scratch is None else scratch
         for p, c in zip(params, corrected):
             state = self.state.get(p)
             buf = (
@@ -626,16 +626,21 @@ class HTMuon(Optimizer):
                 else torch.zeros_like(p, memory_format=torch.preserve_format)
             )
             bufs.append(buf)
-            work = None
-            if pipelined and nesterov:
-                key = (tuple(p.shape), p.dtype)
-                if key not in scratch:
-                    scratch[key] = torch.empty_like(buf)
-                work = scratch[key]
-            N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov, work), batch_3d)
-            if pipelined:  # CPU, eager: each direction at once, so only the directions stay alive
-                directions += F.compute_directions([N], [c], group)
+            if pipelined:
+                # CPU, eager: each direction right after its N_t, so only the directions stay alive; N_t
+                # in one buffer per dtype, as large as the group's largest matrix, reused by every matrix
+                flat = scratch.get(p.dtype)
+                if flat is None or flat.numel() < p.numel():
+                    numel = max(q.numel() for q in params if q.dtype == p.dtype)
+                    flat = scratch[p.dtype] = torch.empty(numel, dtype=p.dtype, device=p.device)
+                work = flat[: p.numel()].view(p.shape)
+                N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov, out=work), batch_3d)
+                (O,) = F.compute_directions([N], [c], group)
+                if O.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+                    O = O.clone()  # a backend that returned (a view of) its input: keep it out of the buffer
+                directions.append(O)
             else:
+                N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
                 mats.append(N)
             del N
         if not pipelined and self._dist is None:
