@@ -145,6 +145,20 @@ def test_one_lr_baselines_have_no_adamw_part_in_the_plan(tmp_path):
         cmp.plan_grid(_args(optimizers="galore", adamw_lr_grid=["galore=0.01"]))
 
 
+def test_lr_grid_per_spec_with_overrides(tmp_path):
+    """A spec with its own overrides ('htmuon:p=0.25') takes its own grid; others fall back to the name's."""
+    plan = cmp.plan_grid(
+        _args(
+            optimizers="muon,htmuon:p=0.25,htmuon", seeds="0", compare_out=str(tmp_path / "g"),
+            lr_grid=["htmuon=0.02,0.04", "htmuon:p=0.25=0.08,0.16"],
+            adamw_lr_grid=["htmuon:p=0.25=0.01,0.03"],
+        )
+    )  # fmt: skip
+    assert plan.lrs == {"muon": [None], "htmuon:p=0.25": [0.08, 0.16], "htmuon": [0.02, 0.04]}
+    assert plan.adamw_lrs["htmuon:p=0.25"] == [0.01, 0.03] and plan.adamw_lrs["htmuon"] == [None]
+    assert cmp.parse_lr_grid(["muon=0.01,0.02"]) == {"muon": [0.01, 0.02]}
+
+
 def _best(spec, p, loss):
     return {"spec": spec, "p": p, "val_loss": (loss, 0.01)}
 

@@ -78,7 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--lr-grid",
         nargs="+",
         metavar="NAME=LR,LR",
-        help="matrix lrs (adamw: its lr) per optimizer name or spec, e.g. muon=0.01,0.02 htmuon=0.02,0.04",
+        help="matrix lrs (adamw: its lr) per optimizer name or spec, e.g. muon=0.01,0.02 htmuon=0.02,0.04 "
+        "htmuon:p=0.25=0.08,0.16 (a spec's own grid wins over its name's)",
     )
     parser.add_argument(
         "--adamw-lr-grid",
@@ -145,7 +146,8 @@ def parse_lr_grid(items: list[str] | None, flag: str = "--lr-grid") -> dict[str,
 
     out: dict[str, list[float]] = {}
     for item in items or []:
-        key, eq, values = item.partition("=")
+        # the last '=': a spec key has its own ('htmuon:p=0.25=0.08,0.16'), the lr list has none
+        key, eq, values = item.rpartition("=")
         if not eq:
             raise UserError(f"{flag} expects NAME=LR,LR..., got '{item}'")
         lrs = parse_list(values, float, f"{flag} {key}")
