@@ -126,6 +126,59 @@ def test_tune_seeds_select_then_report_on_other_seeds_paired(tmp_path, monkeypat
     assert "selection seeds 7" in md and "0,1,2" in out["table"]
 
 
+def test_one_lr_baselines_have_no_adamw_part_in_the_plan(tmp_path):
+    """soap, cadamw and galore train every parameter at one lr: no AdamW-part lr in their cell, folder or
+    notes (a fixed --adamw-lr would be reported as applied when it is not), and gridding it is refused."""
+    from htmuon.cli import UserError
+
+    plan = cmp.plan_grid(
+        _args(optimizers="muon,soap,cadamw,galore,mars,cosmos", seeds="0", compare_out=str(tmp_path / "g"))
+    )
+    for spec in ("soap", "cadamw", "galore"):
+        cell = plan.cell(spec, None, None, 0, "select")
+        assert cell.adamw_lr is None and "alr" not in cell.cfg.out_dir
+        assert not any(n.startswith(f"{spec}: AdamW-part lr") for n in plan.notes)
+    for spec in ("muon", "mars", "cosmos"):  # these have one: it stays in the cell and the notes
+        assert plan.cell(spec, None, None, 0, "select").adamw_lr is not None
+        assert any(n.startswith(f"{spec}: AdamW-part lr") for n in plan.notes)
+    with pytest.raises(UserError, match="galore has no AdamW part"):
+        cmp.plan_grid(_args(optimizers="galore", adamw_lr_grid=["galore=0.01"]))
+
+
+def test_lr_grid_per_spec_with_overrides(tmp_path):
+    """A spec with its own overrides ('htmuon:p=0.25') takes its own grid; others fall back to the name's."""
+    plan = cmp.plan_grid(
+        _args(
+            optimizers="muon,htmuon:p=0.25,htmuon", seeds="0", compare_out=str(tmp_path / "g"),
+            lr_grid=["htmuon=0.02,0.04", "htmuon:p=0.25=0.08,0.16"],
+            adamw_lr_grid=["htmuon:p=0.25=0.01,0.03"],
+        )
+    )  # fmt: skip
+    assert plan.lrs == {"muon": [None], "htmuon:p=0.25": [0.08, 0.16], "htmuon": [0.02, 0.04]}
+    assert plan.adamw_lrs["htmuon:p=0.25"] == [0.01, 0.03] and plan.adamw_lrs["htmuon"] == [None]
+    assert cmp.parse_lr_grid(["muon=0.01,0.02"]) == {"muon": [0.01, 0.02]}
+
+
+def _best(spec, p, loss):
+    return {"spec": spec, "p": p, "val_loss": (loss, 0.01)}
+
+
+def test_p_grid_plots_muon_and_htmuon_only(tmp_path, monkeypatch):
+    """Fig. 8 is U s^p V^T over p: the plug-ins (their own p) and the other baselines are not points."""
+    plotted = []
+    monkeypatch.setattr(cmp, "_save", lambda fig, path: plotted.append(fig))
+    specs = {
+        "muon": 0.0, "htmuon:p=0.0625": 0.0625, "htmuon": 0.125, "normuon": 0.0,
+        "htmuon-normuon": 0.125, "htmuon-adamuon": 0.25, "mars": None,
+    }  # fmt: skip
+    agg = {"task": "lm", "best": {s: _best(s, p, 4.0) for s, p in specs.items()}}
+    assert cmp.plot_p_grid(agg, tmp_path / "p.png")
+    labels = [t.get_text() for t in plotted[0].axes[0].get_legend().get_texts()]
+    assert labels == ["muon (p=0)", "htmuon:p=0.0625 (p=0.0625)", "htmuon (p=0.125)"]
+    plugins = {s: _best(s, p, 4.0) for s, p in specs.items() if s in ("muon", "normuon", "htmuon-normuon")}
+    assert not cmp.plot_p_grid({"task": "lm", "best": plugins}, tmp_path / "q.png")  # one p of muon/htmuon
+
+
 def test_preset_lr_reused_at_another_horizon_is_flagged():
     plan = cmp.plan_grid(_args(preset="quick", optimizers="muon,htmuon", seeds="0", steps="1000"))
     text = "\n".join(plan.notes)

@@ -78,7 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--lr-grid",
         nargs="+",
         metavar="NAME=LR,LR",
-        help="matrix lrs (adamw: its lr) per optimizer name or spec, e.g. muon=0.01,0.02 htmuon=0.02,0.04",
+        help="matrix lrs (adamw: its lr) per optimizer name or spec, e.g. muon=0.01,0.02 htmuon=0.02,0.04 "
+        "htmuon:p=0.25=0.08,0.16 (a spec's own grid wins over its name's)",
     )
     parser.add_argument(
         "--adamw-lr-grid",
@@ -145,7 +146,8 @@ def parse_lr_grid(items: list[str] | None, flag: str = "--lr-grid") -> dict[str,
 
     out: dict[str, list[float]] = {}
     for item in items or []:
-        key, eq, values = item.partition("=")
+        # the last '=': a spec key has its own ('htmuon:p=0.25=0.08,0.16'), the lr list has none
+        key, eq, values = item.rpartition("=")
         if not eq:
             raise UserError(f"{flag} expects NAME=LR,LR..., got '{item}'")
         lrs = parse_list(values, float, f"{flag} {key}")
@@ -207,6 +209,7 @@ class Plan:
     def cell(self, spec: str, lr: float | None, adamw_lr: float | None, seed: int, phase: str) -> Cell:
         from htmuon.train.config import make_config
         from htmuon.train.loop import resolve_config
+        from htmuon.train.optimizers import NO_ADAMW_PART
 
         opt_name, spec_over = parse_spec(spec)
         over = {**self.base_overrides, **spec_over, "optimizer": opt_name, "seed": str(seed)}
@@ -217,7 +220,7 @@ class Plan:
         preset = self.preset
         cfg = make_config(preset.config if preset else None, self.config_file, over, strings=True)
         cfg = resolve_config(cfg, preset.lrs if preset else None)
-        alr = None if opt_name == "adamw" else cfg.adamw_lr
+        alr = None if opt_name in NO_ADAMW_PART else cfg.adamw_lr
         leaf = f"lr{cfg.lr:g}" + ("" if alr is None else f"-alr{alr:g}")
         run_dir = self.out / safe_name(spec) / leaf / f"seed{seed}"
         return Cell(spec, cfg.lr, alr, seed, dataclasses.replace(cfg, out_dir=str(run_dir)), phase)
@@ -236,6 +239,7 @@ def plan_grid(args: argparse.Namespace) -> Plan:
     """The Plan for a command line: specs, seeds, grids; notes on what the grid does not tune."""
     from htmuon.cli import UserError
     from htmuon.train.cli import config_overrides, get_preset
+    from htmuon.train.optimizers import NO_ADAMW_PART
 
     preset = get_preset(args.preset)
     if preset is None and not args.optimizers:
@@ -274,9 +278,12 @@ def plan_grid(args: argparse.Namespace) -> Plan:
             lrs = None
         plan.lrs[spec] = list(lrs) if lrs else [None]
         alrs = agrid.get(spec) or agrid.get(opt_name)
-        if opt_name == "adamw":
+        if opt_name in NO_ADAMW_PART:
             if alrs:
-                raise UserError("adamw has no AdamW part: tune its lr with --lr-grid adamw=...")
+                raise UserError(
+                    f"{opt_name} has no AdamW part (one lr trains every parameter): "
+                    f"tune its lr with --lr-grid {opt_name}=..."
+                )
         else:
             plan.adamw_lrs[spec] = list(alrs) if alrs and "adamw_lr" not in spec_over else [None]
     plan.notes = untuned_notes(plan)
@@ -302,7 +309,7 @@ def _seeds(seeds) -> str:
 
 def untuned_notes(plan: Plan) -> list[str]:
     """One line per spec whose lr (or AdamW-part lr) this grid does not tune, saying where it comes from."""
-    from htmuon.train.optimizers import OPTIMIZERS
+    from htmuon.train.optimizers import NO_ADAMW_PART, OPTIMIZERS
 
     notes = []
     preset = plan.preset
@@ -333,7 +340,7 @@ def untuned_notes(plan: Plan) -> list[str]:
                 notes.append(
                     f"{spec}: lr {OPTIMIZERS[opt_name]['lr']:g} is the optimizer's default, never tuned."
                 )
-        if opt_name != "adamw" and plan.adamw_lrs[spec] == [None]:
+        if opt_name not in NO_ADAMW_PART and plan.adamw_lrs[spec] == [None]:
             notes.append(
                 f"{spec}: AdamW-part lr {cfg.adamw_lr:g} fixed, not tuned (--adamw-lr-grid {opt_name}=...)."
             )
@@ -872,11 +879,22 @@ def plot_lr_grid(agg: dict, path: Path) -> bool:
     return True
 
 
+#: the optimizer names the p grid plots (p = 0 is Muon)
+P_GRID_NAMES = ("muon", "htmuon")
+
+
 def plot_p_grid(agg: dict, path: Path) -> bool:
     """Best final validation loss against the spectral power p (Fig. 8 style; p = 0 is Muon), mean ± std.
 
-    False (nothing written) unless the Muon-family specs span at least two values of p."""
-    pts = [(row["p"], spec, row) for spec, row in agg["best"].items() if row.get("p") is not None]
+    Only ``muon`` and ``htmuon`` specs (one update rule, U s^p V^T) are points: the plug-ins
+    (NorMuon, AdaMuon, their HT versions: a rank spectrum then a normalisation) and the interval
+    variant are other methods, not other values of p. False (nothing written) unless those specs
+    span at least two values of p."""
+    pts = [
+        (row["p"], spec, row)
+        for spec, row in agg["best"].items()
+        if row.get("p") is not None and parse_spec(spec)[0] in P_GRID_NAMES
+    ]
     if len({p for p, _, _ in pts}) < 2:
         return False
     key = "val_acc" if agg["task"] == "image" else "val_loss"

@@ -66,6 +66,8 @@ OPTIMIZERS: dict[str, dict] = {
 }
 #: names that are one htmuon.HTMuon object (the rest: AdamW and the baselines)
 HTMUON_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if "p" in spec)
+#: names with no separate AdamW part: one lr trains every parameter (``adamw_lr`` is unused)
+NO_ADAMW_PART = ("adamw", "soap", "cadamw", "galore")
 #: the pip package of each library a baseline comes from
 LIBRARY_PACKAGES = {"pytorch_optimizer": "pytorch-optimizer", "heavyball": "heavyball"}
 
