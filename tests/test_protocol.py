@@ -365,3 +365,12 @@ def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_p
     assert n_tiny > 4 * n_micro
     assert all(" ± " in r.split("|")[5] for r in rows)  # htmuon - muon, paired over 2 seeds
     assert (out / "gap_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_machine_line_gives_the_runs_thread_count():
+    """The report's machine line names the runs' torch threads (their config), not the reporting
+    process's own count (issue 13's study found the report saying 2 for 1-thread runs)."""
+    from htmuon.train.compare import machine
+
+    assert "torch threads per run 1;" in machine(1)
+    assert "torch threads per run torch's default" in machine(0)

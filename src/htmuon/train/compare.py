@@ -733,7 +733,9 @@ def markdown_table(agg: dict, select: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
+    """The machine line of a report; ``threads``: the runs' torch threads (their config's ``threads``;
+    0 = torch's default), which the reporting process's own count need not be."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -745,7 +747,12 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    dev = f"{os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}"
+    if threads is None:
+        run_threads = f"torch threads {torch.get_num_threads()}"
+    else:
+        count = str(threads) if threads > 0 else f"torch's default ({torch.get_num_threads()})"
+        run_threads = f"torch threads per run {count}"
+    dev = f"{os.cpu_count()} CPU cores ({cpu}), {run_threads}"
     if torch.cuda.is_available():
         dev += f", GPU {torch.cuda.get_device_name(0)}"
     return f"{dev}; {platform.platform()}; torch {torch.__version__}; python {platform.python_version()}"
@@ -1005,7 +1012,7 @@ def write_report(
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine()}",
+        f"Machine: {machine(cfg0.get('threads'))}",
         "",
         f"Wall time of this command: {wall_s / 60:.1f} min; training time of all {len(all_runs)} runs "
         f"(steps and evaluations, summed; reused runs included): {train_s / 60:.1f} min.",
@@ -1037,7 +1044,7 @@ def write_report(
         "notes": notes,
         "runs": list(all_runs),
         "command": command,
-        "machine": machine(),
+        "machine": machine(cfg0.get("threads")),
         "wall_s": wall_s,
     }
     atomic_write_bytes(out / "results.json", (json.dumps(serial, indent=2) + "\n").encode())
