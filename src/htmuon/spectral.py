@@ -822,15 +822,13 @@ def spectral_map(
     O = None
     if p == 0.0 and backend.name == "ns" and X.device.type == "cpu" and not torch.compiler.is_compiling():
         # the polar factor alone: without the prescale pass where it would change no bit (the norm is
-        # above polar's eps floor and far from over- and underflow)
+        # above polar's eps floor and far from over- and underflow); None where it is needed
         dtype = ns_working_dtype(options.get("ns_dtype", "auto"), X.device)
         steps = options.get("ns_steps", MUON_NS_STEPS)
         O = _cpu_polar(X, steps, MUON_NS5_COEFFICIENTS, dtype, NS_EPS, min_abs=POLAR_PLAIN_MIN)
-    if O is not None:
-        pass
-    elif backend.scale_safe and _raw_scale_is_bounded(p, G.dtype, m, n):
+    if O is None and backend.scale_safe and _raw_scale_is_bounded(p, G.dtype, m, n):
         O = backend.fn(X, p, spectrum, **options)
-    else:
+    elif O is None:
         # Any finite input: the backend sees max |X_ij| in [1/2, 1) (an exact power-of-two scaling),
         # so no Gram matrix, norm or root can over- or underflow; the raw scale is restored after.
         e = pow2_exponent(X, representable=False)
