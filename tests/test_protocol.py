@@ -374,3 +374,21 @@ def test_report_machine_line_gives_the_runs_thread_count():
 
     assert "torch threads per run 1;" in machine(1)
     assert "torch threads per run torch's default" in machine(0)
+
+
+def test_run_cells_reports_the_cells_folder_not_the_one_a_moved_summary_recorded(tmp_path, monkeypatch):
+    """A finished run whose folder was moved keeps its old ``run_dir`` in summary.json; the report must
+    read the cell's actual folder (issue 13's study had to patch a moved run by hand)."""
+    calls = []
+    fake = _fake_train(calls)
+
+    def stale(cfg, resume=False, preset_lrs=None):
+        s = fake(cfg, resume, preset_lrs)
+        return {**s, "run_dir": "/nonexistent/old/place"}
+
+    monkeypatch.setattr("htmuon.train.loop.train", stale)
+    plan = cmp.plan_grid(_args(optimizers="muon", seeds="0", compare_out=str(tmp_path / "g")))
+    cells = plan.select_cells()
+    res = cmp.run_cells(cells, None, quiet=True)
+    assert [r["run_dir"] for r in res] == [c.cfg.out_dir for c in cells]
+    assert (Path(res[0]["run_dir"]) / "config.json").is_file()

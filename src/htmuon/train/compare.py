@@ -457,7 +457,9 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
                 release_lock(lock)
             if s.get("mean_alpha") is None and s["finished"] and c.cfg.alpha:
                 s["mean_alpha"] = final_mean_alpha(run_dir)  # a run finished before diagnostics existed
-            done[i] = {**s, "spec": c.spec, "adamw_lr": c.adamw_lr, "phase": c.phase, "p": c.cfg.p}
+            # the cell's folder, not the one its summary.json recorded (a folder moved after the run)
+            done[i] = {**s, "run_dir": str(run_dir), "spec": c.spec, "adamw_lr": c.adamw_lr}
+            done[i].update(phase=c.phase, p=c.cfg.p)
             done[i].update(weight_decay=c.cfg.weight_decay, wd_mode=c.cfg.wd_mode)
         if waiting and len(waiting) == len(pending):
             if not quiet:
