@@ -189,3 +189,51 @@ def test_htmuon_step_is_finite_at_extreme_gradient_scales(method):
         for p in (0.0, 0.125):
             HTMuon([W], lr=0.01, p=p, method=method).step()
             assert torch.isfinite(W).all(), (method, scale, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aminmax_reads_permuted_views_in_memory_order_with_the_same_result(dtype):
+    """The finite checks and the plain-path decisions reduce a transposed view (how a tall matrix
+    reaches the backends) through its contiguous permutation; every layout gives torch's answer,
+    and NaN / Inf still reach the result wherever they sit."""
+    from htmuon.functional import all_finite
+    from htmuon.spectral import aminmax
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 40, 24, generator=g).to(dtype)
+    views = [
+        base,
+        base.mT,
+        base.permute(2, 0, 1),
+        base[:1].mT,  # a leading size-1 dimension
+        base[:, ::2, :],  # not dense: reduced as it is
+        base[0].T,
+    ]
+    for v in views:
+        lo, hi = aminmax(v)
+        ref_lo, ref_hi = torch.aminmax(v)
+        assert lo.item() == ref_lo.item() and hi.item() == ref_hi.item()
+        assert bool(all_finite(v))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = base.clone()
+        t[2, 39, 0] = bad
+        for v in (t.mT, t.permute(1, 2, 0), t[2].T):
+            assert not bool(all_finite(v))
+
+
+def test_aminmax_of_a_transposed_view_makes_no_copy():
+    """torch.aminmax of a non-contiguous CPU tensor copies it first (2.13); the helper must not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from htmuon.spectral import aminmax
+
+    view = torch.randn(1, 48, 32).to(torch.bfloat16).mT
+
+    def copies(fn) -> set[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(view)
+        return {e.name for e in prof.events()} & {"aten::clone", "aten::contiguous", "aten::copy_"}
+
+    if not copies(torch.aminmax):
+        pytest.skip("this torch reduces a transposed view without copying it")
+    assert not copies(aminmax)

@@ -394,8 +394,8 @@ class HTMuon(Optimizer):
         if isinstance(step, Tensor) and torch.compiler.is_compiling():
             ok = step.numel() == 1  # reading the value would need the host (a graph break)
         elif isinstance(step, Tensor):
-            ok = step.numel() == 1 and not step.is_complex() and bool(torch.isfinite(step).all())
-            ok = ok and float(step) >= 0 and float(step) == int(step)
+            value = step.item() if step.numel() == 1 and not step.is_complex() else math.nan
+            ok = math.isfinite(value) and value >= 0 and value == int(value)
         else:
             ok = isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
             ok = ok and step >= 0 and float(step) == int(step)
@@ -500,6 +500,10 @@ class HTMuon(Optimizer):
             for g in self.param_groups[:-1]:
                 starts.append(starts[-1] + len(g["params"]))
             flags = agreed[[starts[gi] + pi for _, gi, pi in finite_checks]] if finite_checks else None
+        elif finite_checks and not torch.compiler.is_compiling() and all(
+            g.device.type == "cpu" for g, _, _ in finite_checks
+        ):  # CPU, eager: read each check on the host (no 0-d tensor ops; see F.is_finite)
+            flags = torch.tensor([F.is_finite(g) for g, _, _ in finite_checks])
         elif finite_checks:
             flags = torch.stack([F.all_finite(g) for g, _, _ in finite_checks])
         else:

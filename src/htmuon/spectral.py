@@ -141,6 +141,23 @@ def gram(X: Tensor) -> Tensor:
     return out
 
 
+def aminmax(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.aminmax`` of all of ``t``, read in memory order.
+
+    A whole-tensor reduction does not depend on the order of the entries, so a tensor whose dimensions
+    are a permutation of a contiguous layout (a transposed view: how the backends see a tall matrix,
+    and how its direction comes back) is reduced through the permutation that is contiguous. On CPU,
+    ``torch.aminmax`` of a transposed view first copies it: a bfloat16 1376 x 512 matrix measured
+    1.4-1.5 ms against 0.2 ms in memory order (AMX Xeon, one thread), for every tall matrix twice per step.
+    """
+    if not t.is_contiguous() and t.ndim > 1:
+        order = sorted(range(t.ndim), key=lambda d: (-t.stride(d), -t.size(d)))
+        dense = t.permute(order)
+        if dense.is_contiguous():
+            t = dense
+    return torch.aminmax(t)
+
+
 def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
     """``beta * c + alpha * a @ b`` for 2-D or batched 3-D operands (one fused kernel; on CPU, eager,
     one 2-D ``addmm`` per matrix, for the reasons of :func:`gram`)."""
@@ -445,8 +462,8 @@ def _cpu_polar(
     """
     a, b, c = coefficients
     X = G if dtype is None or G.dtype == dtype else G.to(dtype)
-    lo, hi = torch.aminmax(X)
-    amax = float(torch.maximum(hi, -lo))
+    lo, hi = aminmax(X)
+    amax = max(hi.item(), -lo.item())  # a NaN reaches both ends
     if amax > POLAR_PLAIN_MAX or amax < min_abs:  # NaN compares False: the plain path
         return None
     m, n = X.shape[-2:]
