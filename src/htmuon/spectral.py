@@ -579,6 +579,28 @@ def _svd_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dty
     return (U * w.unsqueeze(-2)) @ Vh
 
 
+def _gram_in(X: Tensor, dtype: torch.dtype) -> Tensor:
+    """``X X^T`` of a wide ``(..., m, n)`` X computed in ``dtype`` (float64 for eigh), column block by
+    column block: ``sum_j X_j X_j^T`` over blocks of ``m`` columns, each cast on its own. A float64
+    copy of the whole of X would be the largest tensor of the eigh step (768 x 2048: 12.6 MB, 2.7x
+    the Gram matrix); a block is no larger than the Gram matrix."""
+    m, n = X.shape[-2:]
+    if X.dtype == dtype or n <= m:
+        return gram(X.to(dtype))
+    A = gram(X[..., :m].to(dtype))
+    for j in range(m, n, m):
+        Xb = X[..., j : j + m].to(dtype)
+        if A.ndim == 2:
+            A.addmm_(Xb, Xb.mT)
+        elif A.device.type == "cpu" and not torch.compiler.is_compiling():
+            for i in range(A.shape[0]):  # one 2-D product per matrix, as gram
+                A[i].addmm_(Xb[i], Xb[i].T)
+        else:
+            A.baddbmm_(Xb, Xb.mT)
+        del Xb
+    return A
+
+
 def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dtype | None = None) -> Tensor:
     """``U w V^T = Q diag(w / s) Q^T X`` from ``eigh`` of the small Gram matrix ``X X^T = Q s^2 Q^T``.
 
@@ -592,8 +614,7 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     inputs.
     """
     dtype = compute_dtype or torch.float64
-    Xc = X.to(dtype)
-    lam, Q = torch.linalg.eigh(gram(Xc))
+    lam, Q = torch.linalg.eigh(_gram_in(X, dtype))
     if not bool(torch.isfinite(lam).all()):
         raise torch.linalg.LinAlgError(
             f"eigh of the Gram matrix of a {tuple(X.shape)} {X.dtype} batch gave non-finite eigenvalues; "
@@ -614,7 +635,7 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
         # resolution limit). Then Q^T X runs in the working dtype and only Q (Y) in float32.
         gain = (coeff.amax(-1) * s[..., 0] / w.amax(-1).clamp_min(torch.finfo(dtype).tiny)).max()
         if float(gain) * torch.finfo(out_dtype).eps > EIGH_FP32_PRODUCT_LIMIT:
-            Y = (Q.mT @ Xc) * coeff.unsqueeze(-1)
+            Y = (Q.mT @ X.to(dtype)) * coeff.unsqueeze(-1)
             return Q.to(out_dtype) @ Y.to(out_dtype)
     # M = Q diag(w / s) Q^T on the small side (m^3), then one m x m x n product in X's precision
     # (float32 unless X is float64): the Gram matrix and eigh need float64, the product does not.
