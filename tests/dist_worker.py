@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict] = {
     "eigh_muonrms_adamuon": dict(p=0.25, method="eigh", scale="muon_rms", plugin="adamuon", weight_decay=0.1),
     "rank_adamwrms_plain": dict(p=0.5, spectrum="rank", lr_adjust="adamw_rms", nesterov=False),
     "bf16_normuon": dict(p=0.125, plugin="normuon", dtype=torch.bfloat16),  # bfloat16 parameters
+    # every matrix its own window (the step's memory bound at work), with a second moment to exchange
+    "windows_normuon": dict(p=0.125, plugin="normuon", weight_decay=0.1, chunk_bytes=1),
 }
 
 
@@ -200,6 +202,7 @@ def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
         "max_rel_diff": max_rel_diff(model, ref),
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": opt._dist.stats.bytes_received,
+        "collectives": opt._dist.stats.collectives,
     }
 
 

@@ -142,7 +142,14 @@ def results(tmp_path_factory):
     return _launch(tmp_path_factory.mktemp("dist"))
 
 
-VARIANTS = ["svd", "ns_interval_normuon", "eigh_muonrms_adamuon", "rank_adamwrms_plain", "bf16_normuon"]
+VARIANTS = [
+    "svd",
+    "ns_interval_normuon",
+    "eigh_muonrms_adamuon",
+    "rank_adamwrms_plain",
+    "bf16_normuon",
+    "windows_normuon",
+]
 
 
 @pytest.mark.distributed
@@ -164,6 +171,11 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
         else:
             assert r["max_abs_diff"] == 0.0, (rank, r)
         assert r["bytes_received"] > 0  # the work really was divided
+    if mode == "fsdp_exact" and variant == "windows_normuon":
+        # chunk_bytes=1: each matrix was exchanged, computed and applied in a window of its own (two
+        # all_to_all and one all_reduce per window), not all of the group's matrices at once
+        one_window = results[0]["fsdp_exact/svd"]["collectives"]
+        assert results[0][f"{mode}/{variant}"]["collectives"] > 2 * one_window
 
 
 @pytest.mark.distributed

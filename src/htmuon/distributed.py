@@ -458,10 +458,45 @@ class DistributedStep:
     # ------------------------------------------------------------ FSDP2
 
     def sharded_htmuon_step(self, opt: Any, group: dict[str, Any], params: list[Tensor]) -> None:
-        """The HTMuon step of a group of DTensor parameters (see the module docstring)."""
+        """The HTMuon step of a group of DTensor parameters (see the module docstring), window by window.
+
+        Every parameter is checked first (nothing is changed if one is refused). The matrices are then
+        taken in windows (:func:`htmuon.functional.plan_step` with a budget of ``chunk_bytes`` per
+        rank, i.e. ``world * chunk_bytes`` of whole matrices per window): each window is exchanged,
+        computed by its owners and applied before the next one starts, so the transient memory of a
+        step stays bounded however deep the model is, as in the single-process step.
+        """
         world, rank = self._dist.get_world_size(self.mesh_group), self._dist.get_rank(self.mesh_group)
-        batch_3d, plugin = group["batch_3d"], group["plugin"]
         items = [self._prepare(opt, group, p, world, rank, self.mesh_dim) for p in params]
+        plan = F.plan_step(
+            [(it.mshape[1:], it.param.dtype, it.corrected) for it in items],
+            [it.mshape for it in items],
+            [it.param.element_size() for it in items],
+            int(group["chunk_bytes"]) * world,
+        )
+        beta, nesterov = float(group["momentum"]), group["nesterov"]
+        applied = 0
+        for window in plan.windows:
+            part = [items[i] for chunk in window for i in chunk]
+            try:
+                for it in part:  # N_t of this window only
+                    it.update = F.momentum_direction(it.grad, it.buf, beta, nesterov)
+                self._sharded_window(opt, group, part, world, rank)
+            except Exception as exc:
+                if not applied:
+                    raise
+                raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
+            finally:
+                for it in part:
+                    it.update = None
+            applied += len(part)
+
+    def _sharded_window(
+        self, opt: Any, group: dict[str, Any], items: list[_ShardedItem], world: int, rank: int
+    ) -> None:
+        """Exchange, compute and apply one window of a sharded step (every rank calls it in step)."""
+        batch_3d, plugin = group["batch_3d"], group["plugin"]
+        params = [it.param for it in items]
         owners = assign_owners([matrix_cost(it.mshape) for it in items], world)
         mine = [i for i, o in enumerate(owners) if o == rank]
         wire = _promote([p.dtype for p in params])
@@ -550,7 +585,7 @@ class DistributedStep:
     def _prepare(
         opt: Any, group: dict[str, Any], p: Tensor, world: int, rank: int, mesh_dim: int
     ) -> _ShardedItem:
-        """Momentum direction of one DTensor parameter on its local shard; state to create is kept aside."""
+        """Check one DTensor parameter and lay out its sharded step; state to create is kept aside."""
         state = opt.state.get(p) or {}
         new_state: dict[str, Any] = {}
         if not state:
@@ -562,14 +597,13 @@ class DistributedStep:
                 f"{tuple(local.shape)} (placements {p.grad.placements} vs {p.placements})"
             )
         buf = local_tensor((state or new_state)["momentum_buffer"])
-        update = F.momentum_direction(grad, buf, float(group["momentum"]), group["nesterov"])
         shape = tuple(p.shape)
         dim = _placement_dim(p, mesh_dim, f"parameter of shape {shape}")
         layout = ShardLayout(shape, dim, world)
         assert layout.local_shape(rank) == tuple(local.shape), (layout, tuple(local.shape))
         mshape = matrix_shape(shape, group["batch_3d"])
         step = int(state["step"]) + 1 if state else 1
-        item = _ShardedItem(p, local, update, layout, mshape, F.is_corrected(step, group["interval"]))
+        item = _ShardedItem(p, local, grad, buf, layout, mshape, F.is_corrected(step, group["interval"]))
         item.new_state = new_state
         plugin = group["plugin"]
         if plugin is not None:
@@ -620,13 +654,15 @@ class _ShardedItem:
 
     param: Tensor
     local: Tensor  # this rank's shard of the parameter (updated in place)
-    update: Tensor  # this rank's shard of the momentum direction N_t
+    grad: Tensor  # this rank's shard of the gradient
+    buf: Tensor  # this rank's shard of the momentum buffer (a new zero one on the first step)
     layout: ShardLayout
     mshape: tuple[int, int, int]
     corrected: bool
     second_moment: Tensor | None = None  # this rank's piece of the plug-in's second moment
     second_moment_layout: ShardLayout | None = None
     new_state: dict[str, Any] = field(default_factory=dict)  # state to create when the step is applied
+    update: Tensor | None = None  # this rank's shard of N_t, while the item's window runs
 
     def pieces(self) -> list[tuple[Tensor, ShardLayout]]:
         """(local piece, layout) of what an owner needs: the direction's input, then the second moment."""

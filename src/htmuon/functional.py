@@ -42,6 +42,7 @@ __all__ = [
     "matrix_shape",
     "matrix_view",
     "momentum_direction",
+    "partial_step_error",
     "plan_step",
     "second_moment_normalize",
     "second_moment_shape",
@@ -372,6 +373,22 @@ def adamw_masked(
 # --------------------------------------------------------------------------------------------
 # The memory plan
 # --------------------------------------------------------------------------------------------
+
+
+def partial_step_error(exc: BaseException, applied: int, chunk_bytes: int) -> BaseException:
+    """An error of ``exc``'s type that says ``applied`` matrices were already updated (raised from ``exc``).
+
+    A step whose directions do not fit one ``chunk_bytes`` window applies window by window, so an
+    unexpected error in a later window leaves the earlier windows applied; the message says so.
+    """
+    note = (
+        f"[this step's directions did not fit in chunk_bytes={chunk_bytes}: {applied} matrix "
+        "parameter(s) of this group were already updated before the failure]"
+    )
+    try:
+        return type(exc)(f"{exc} {note}")
+    except Exception:  # an exception type whose constructor takes other arguments
+        return RuntimeError(f"{exc!r} {note}")
 
 
 def chunk_work_bytes(mshape: tuple[int, int, int], itemsize: int = 4) -> tuple[int, int]:

@@ -500,8 +500,10 @@ class HTMuon(Optimizer):
             for g in self.param_groups[:-1]:
                 starts.append(starts[-1] + len(g["params"]))
             flags = agreed[[starts[gi] + pi for _, gi, pi in finite_checks]] if finite_checks else None
-        elif finite_checks and not torch.compiler.is_compiling() and all(
-            g.device.type == "cpu" for g, _, _ in finite_checks
+        elif (
+            finite_checks
+            and not torch.compiler.is_compiling()
+            and all(g.device.type == "cpu" for g, _, _ in finite_checks)
         ):  # CPU, eager: read each check on the host (no 0-d tensor ops; see F.is_finite)
             flags = torch.tensor([F.is_finite(g) for g, _, _ in finite_checks])
         elif finite_checks:
@@ -592,13 +594,9 @@ class HTMuon(Optimizer):
                     group, [params[i] for i in items], [corrected[i] for i in items], sizes, scratch
                 )
             except Exception as exc:
-                if applied:
-                    raise type(exc)(
-                        f"{exc} [this step's directions did not fit in chunk_bytes="
-                        f"{group['chunk_bytes']}: {applied} matrix parameter(s) of this group were already "
-                        "updated before the failure]"
-                    ) from exc
-                raise
+                if not applied:
+                    raise
+                raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
             if ok is not None:  # compiled: a non-finite direction masks this window and the rest
                 ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
             self._apply_window(group, pending, ok)
