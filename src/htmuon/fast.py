@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .spectral import _addmm, _times_pow2, aminmax, gram, ns_working_dtype, pow2_exponent, register_backend
+from .spectral import _addmm, _times_pow2, abs_max, gram, ns_working_dtype, pow2_exponent, register_backend
 
 __all__ = [
     "FAST5_COEFFICIENTS",
@@ -320,13 +320,11 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     the check would need a host read, X is always prescaled.
     """
     if Xw.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = aminmax(Xw)
-        amax = max(hi.item(), -lo.item())  # a NaN reaches both ends
+        amax = abs_max(Xw)
         if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX:
             return None
         if math.isinf(amax) and Xw.dtype != X.dtype:
-            lo, hi = aminmax(X)
-            amax = max(hi.item(), -lo.item())  # a NaN reaches both ends
+            amax = abs_max(X)
         return pow2_exponent(X, representable=False) if math.isfinite(amax) else None
     return pow2_exponent(X, representable=False)
 

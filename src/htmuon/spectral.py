@@ -147,8 +147,9 @@ def aminmax(t: Tensor) -> tuple[Tensor, Tensor]:
     A whole-tensor reduction does not depend on the order of the entries, so a tensor whose dimensions
     are a permutation of a contiguous layout (a transposed view: how the backends see a tall matrix,
     and how its direction comes back) is reduced through the permutation that is contiguous. On CPU,
-    ``torch.aminmax`` of a transposed view first copies it: a bfloat16 1376 x 512 matrix measured
-    1.4-1.5 ms against 0.2 ms in memory order (AMX Xeon, one thread), for every tall matrix twice per step.
+    ``torch.aminmax`` of a transposed view first copies it (torch 2.13; a one-off measurement on an AMX
+    Xeon, one thread: 1.4-1.5 ms against 0.2 ms for a bfloat16 1376 x 512 matrix), and a step makes
+    two such reductions per tall matrix.
     """
     if not t.is_contiguous() and t.ndim > 1:
         order = sorted(range(t.ndim), key=lambda d: (-t.stride(d), -t.size(d)))
@@ -156,6 +157,13 @@ def aminmax(t: Tensor) -> tuple[Tensor, Tensor]:
         if dense.is_contiguous():
             t = dense
     return torch.aminmax(t)
+
+
+def abs_max(t: Tensor) -> float:
+    """``max |t_ij|`` read on the host, from one :func:`aminmax` (NaN if ``t`` holds a NaN: it reaches
+    both ends; inf if it holds an Inf)."""
+    lo, hi = aminmax(t)
+    return max(hi.item(), -lo.item())
 
 
 def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
@@ -462,8 +470,7 @@ def _cpu_polar(
     """
     a, b, c = coefficients
     X = G if dtype is None or G.dtype == dtype else G.to(dtype)
-    lo, hi = aminmax(X)
-    amax = max(hi.item(), -lo.item())  # a NaN reaches both ends
+    amax = abs_max(X)
     if amax > POLAR_PLAIN_MAX or amax < min_abs:  # NaN compares False: the plain path
         return None
     m, n = X.shape[-2:]
@@ -590,14 +597,7 @@ def _gram_in(X: Tensor, dtype: torch.dtype) -> Tensor:
     A = gram(X[..., :m].to(dtype))
     for j in range(m, n, m):
         Xb = X[..., j : j + m].to(dtype)
-        if A.ndim == 2:
-            A.addmm_(Xb, Xb.mT)
-        elif A.device.type == "cpu" and not torch.compiler.is_compiling():
-            for i in range(A.shape[0]):  # one 2-D product per matrix, as gram
-                A[i].addmm_(Xb[i], Xb[i].T)
-        else:
-            A.baddbmm_(Xb, Xb.mT)
-        del Xb
+        A = _addmm(A, Xb, Xb.mT, beta=1.0)
     return A
 
 
