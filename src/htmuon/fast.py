@@ -205,9 +205,12 @@ def fast_spectral_power(
     w = output_weights(float(p), tuple(tuple(c) for c in coefficients))
     if X.ndim == 3 and X.device.type == "cpu" and not torch.compiler.is_compiling():
         # CPU, eager: one matrix at a time with its scalars on the host (2-D products; mixed-dtype
-        # elementwise kernels with per-matrix tensor factors copy their operands there)
-        outs = [_fast_iteration(x, p, w, coefficients, dtype, acc) for x in X]
-        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+        # elementwise kernels with per-matrix tensor factors copy their operands there); each
+        # matrix's output sum is built in its slice of the batch's output (no stacking pass)
+        out = torch.empty(X.shape, dtype=dtype, device=X.device)
+        for x, o in zip(X, out):
+            _fast_iteration(x, p, w, coefficients, dtype, acc, out=o)
+        return out
     return _fast_iteration(X, p, w, coefficients, dtype, acc)
 
 
@@ -218,9 +221,11 @@ def _fast_iteration(
     coefficients: tuple[tuple[float, float, float], ...],
     dtype: torch.dtype,
     acc: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The iteration of :func:`fast_spectral_power` on one matrix ``(m, n)`` (its per-matrix factors as
-    Python floats, on the CPU) or a batch ``(B, m, n)`` (factors as ``(B, 1, 1)`` tensors)."""
+    Python floats, on the CPU; the result written into ``out`` where given, a contiguous ``(m, n)`` in
+    the working dtype) or a batch ``(B, m, n)`` (factors as ``(B, 1, 1)`` tensors)."""
     T, m = len(coefficients), X.size(-2)
     host = X.ndim == 2 and X.device.type == "cpu" and not torch.compiler.is_compiling()
 
@@ -245,9 +250,14 @@ def _fast_iteration(
     fro2 = A.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=acc)[..., None, None].clamp_min(torch.finfo(acc).tiny)
     if host:
         fro2 = float(fro2)
-    A_f = _scaled(A, 1.0 / fro2)  # working dtype, for the product
-    A_f2 = _mm(A_f, A_f)
-    del A_f
+        # the factor 1 / ||X||_F^4 goes into the product's float32 accumulator: no scaling pass over A
+        # (FAST_PLAIN_MAX keeps the raw products in range; 0 only for a zero X, where A = 0)
+        inv = 1.0 / (fro2 * fro2) if fro2 > 2.0**-60 else 0.0
+        A_f2 = torch.addmm(A.new_zeros(()), A, A, beta=0.0, alpha=inv)
+    else:
+        A_f = _scaled(A, 1.0 / fro2)  # working dtype, for the product
+        A_f2 = _mm(A_f, A_f)
+        del A_f
     r2 = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True, dtype=acc).sqrt().clamp_min(1.0 / m)
     if host:
         r2 = float(r2)
@@ -271,43 +281,55 @@ def _fast_iteration(
     # It is formed in float32 and rounded once: its terms cancel (e.g. 4.8 - 12.0 x^2 + 7.8 x^4 for
     # fast5), so a bfloat16 sum would lose the small eigenvalues near x = 1.
     a, b, c = coefficients[0]
-    B = _scaled(A_f2.to(acc), k * c / (r2 * r2))
-    _axpy_(B, _scaled(A.to(acc), 1.0 / fro2), k * b / r2)
-    _add_diagonal_(B, k * a)
-    B = B.to(dtype)
+    if host and c != 0.0:
+        # B_1 = s (A_f^2 + (b r2 / (c ||X||_F^2)) A + (a r2^2 / c) I) with s = k c / r2^2: three passes
+        # (the bfloat16 A is read by the float32 add as it is; the last pass scales and rounds)
+        B = A_f2.to(acc)
+        B.add_(A, alpha=b * r2 / (c * fro2))
+        _add_diagonal_(B, a * r2 * r2 / c)
+        B = torch.mul(B, k * c / (r2 * r2), out=torch.empty_like(A))
+    else:
+        B = _scaled(A_f2.to(acc), k * c / (r2 * r2))
+        _axpy_(B, _scaled(A.to(acc), 1.0 / fro2), k * b / r2)
+        _add_diagonal_(B, k * a)
+        B = B.to(dtype)
     del A, A_f2
 
     # The output sum O = scale sum_t w_t X_t, in the working dtype, kept relative to a pivot term
     # w_j X_j (the first step with w_j != 0): S = X_j + sum_{t != j} (w_t / w_j) X_t. Its first pass also
     # reads X_0 (no pass of its own; contiguous even where X_0 is a transposed view), each later term is
-    # one scaled add, and the last term and the factor scale w_j go into the sum's product:
-    # O = scale w_j S + scale w_T B_T X_{T-1} (one addmm).
-    X_prev, S, pivot = Xw, None, 0.0
+    # one scaled add, and the last two terms and the factor scale w_j go into the sum's product:
+    # O = scale w_j S + scale w_T (B_T + (w_{T-1} / w_T) I) X_{T-1} (one addmm; X_{T-1}'s own term rides
+    # on the diagonal of the m x m matrix, where B_T's a_T already sits: no pass of its own).
+    X_prev, S, pivot, fold = Xw, None, 0.0, 0.0
     for t in range(1, T + 1):
         if t > 1:
             a, b, c = coefficients[t - 1]
             G = gram(X_prev)
             B = _addmm(G, G, G, beta=b, alpha=c)  # b A + c A^2
-            _add_diagonal_(B, a)
+            _add_diagonal_(B, a + fold)  # fold != 0 only at t = T
         if t == T:
             if S is None:  # no pivot (one step, or w_1..w_{T-1} all zero): X_0's term here
-                S, pivot = _scaled(Xw, k * w[0]), 1.0
+                S, pivot = _scaled(Xw, k * w[0], out), 1.0
             return _sum_product(S, B, X_prev, scale * pivot, scale * w[T])
         X_t = _mm(B, X_prev)
-        if S is not None:
+        if S is not None and t == T - 1 and w[T] != 0.0:
+            fold = w[t] / w[T]
+        elif S is not None:
             S.add_(X_t, alpha=w[t] / pivot)
         elif w[t] != 0.0:
             pivot = w[t]
-            S = _add_scaled(X_t, Xw, k * (w[0] / pivot))
+            S = _add_scaled(X_t, Xw, k * (w[0] / pivot), out)
         X_prev = X_t
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-#: Range of ``max |X_ij|`` in which :func:`fast_spectral_power` skips the power-of-two prescale: the
-#: Gram matrix and its square stay far inside float32's (and bfloat16's) range for matrices of up to
-#: 2^48 entries.
+#: Range of ``max |X_ij|`` in which :func:`fast_spectral_power` skips the power-of-two prescale. The
+#: CPU path squares the raw Gram matrix in the product's float32 accumulator (entries up to
+#: ``max|X_ij|^4 n^2 m <= 2^48 n^2 m``: in range for ``n^2 m < 2^79``, any matrix that fits in memory);
+#: at the low end the Gram matrix and its square stay above float32's normal range (``>= 2^-96``).
 FAST_PLAIN_MIN = 2.0**-24
-FAST_PLAIN_MAX = 2.0**24
+FAST_PLAIN_MAX = 2.0**12
 
 
 def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
@@ -329,11 +351,11 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     return pow2_exponent(X, representable=False)
 
 
-def _scaled(x: Tensor, f: float | Tensor) -> Tensor:
-    """``x * f`` in x's dtype (``f`` a float or a per-matrix ``(B, 1, 1)`` tensor)."""
-    if isinstance(f, float):
+def _scaled(x: Tensor, f: float | Tensor, out: Tensor | None = None) -> Tensor:
+    """``x * f`` in x's dtype (``f`` a float or a per-matrix ``(B, 1, 1)`` tensor), into ``out`` if given."""
+    if isinstance(f, float) and out is None:
         return x * f
-    return torch.mul(x, f, out=torch.empty_like(x))
+    return torch.mul(x, f, out=torch.empty_like(x) if out is None else out)
 
 
 def _axpy_(out: Tensor, x: Tensor, f: float | Tensor) -> None:
@@ -344,11 +366,12 @@ def _axpy_(out: Tensor, x: Tensor, f: float | Tensor) -> None:
         out.addcmul_(x, f)
 
 
-def _add_scaled(x: Tensor, y: Tensor, f: float | Tensor) -> Tensor:
-    """``x + f y`` in x's dtype and layout (``f`` a float or a per-matrix ``(B, 1, 1)`` tensor)."""
+def _add_scaled(x: Tensor, y: Tensor, f: float | Tensor, out: Tensor | None = None) -> Tensor:
+    """``x + f y`` in x's dtype and layout (``f`` a float or a per-matrix ``(B, 1, 1)`` tensor), into
+    ``out`` if given."""
     if isinstance(f, float):
-        return torch.add(x, y, alpha=f)
-    return torch.addcmul(x, y, f, out=torch.empty_like(x))
+        return torch.add(x, y, alpha=f, out=out)
+    return torch.addcmul(x, y, f, out=torch.empty_like(x) if out is None else out)
 
 
 def _add_diagonal_(B: Tensor, f: float | Tensor) -> None:
@@ -369,6 +392,10 @@ def _sum_product(S: Tensor, B: Tensor, X: Tensor, beta: float | Tensor, alpha: f
     a runtime argument. Batched (factors as tensors): scaled, then one ``baddbmm``.
     """
     if isinstance(beta, float) and isinstance(alpha, float):
+        if S.ndim == 2:  # in place: S is the output's own buffer
+            if beta == 0.0:
+                return torch.mm(B, X, out=S).mul_(alpha)
+            return S.addmm_(B, X, alpha=alpha / beta).mul_(beta)
         if beta == 0.0:
             return _mm(B, X).mul_(alpha)
         return _addmm(S, B, X, beta=1.0, alpha=alpha / beta).mul_(beta)
