@@ -475,18 +475,20 @@ def _cpu_polar(
         return None
     m, n = X.shape[-2:]
     mats = X.reshape(-1, m, n)
-    results = []
     fresh = X is not G  # the cast is ours: normalise it in place, as torch.optim.Muon does
+    # the last step writes each matrix into its slice of the output, wide as the iteration runs (a
+    # tall batch comes back as its transposed view, as a single matrix does): no stacking pass
+    out = torch.empty(mats.size(0), min(m, n), max(m, n), dtype=X.dtype, device=X.device)
     for i in range(mats.size(0)):
         Y = mats[i].T if m > n else mats[i]
         Y = Y.div_(Y.norm().clamp(min=eps)) if fresh else Y / Y.norm().clamp(min=eps)
-        for _ in range(steps):
+        for t in range(steps):
             A = Y @ Y.T
             B = torch.addmm(A, A, A, beta=b, alpha=c)
-            Y = torch.addmm(Y, B, Y, beta=a)
-        results.append(Y.T if m > n else Y)
-    out = results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results)
-    return out.reshape(X.shape)
+            Y = torch.addmm(Y, B, Y, beta=a, out=out[i] if t == steps - 1 else None)
+        if steps == 0:
+            out[i].copy_(Y)
+    return (out.mT if m > n else out).reshape(X.shape)
 
 
 # --------------------------------------------------------------------------------------------
