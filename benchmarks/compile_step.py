@@ -5,23 +5,28 @@
 
 Builds ``--blocks`` transformer blocks of the model's hidden matrices (q, k, v, o: h x h; gate, up:
 i x h; down: h x i) plus a norm gain per block (the AdamW part), gives them fixed random gradients,
-and times ``opt.step()`` eagerly and compiled (inductor, ``fullgraph=True``), interleaved, after a
-warm-up that covers the compilation (reported separately). Prints the median step times, their
-ratio, the compile time, the number of graphs compiled and the largest difference between the
-compiled and the eager parameters. One thread by default (``--threads``).
+and times ``opt.step()`` eagerly and compiled (inductor, ``fullgraph=True``), interleaved with
+``torch.optim.Muon``'s eager step on the same shapes (the reference: every time is also given as a
+ratio to it), after a warm-up that covers the compilation (reported separately). Prints the median
+step times, their ratios, the compile time, the number of graphs compiled and the largest
+difference between the compiled and the eager parameters; ``--json`` writes them with the machine
+(CPU model, matmul ISA). One thread by default (``--threads``).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from htmuon import HTMuon
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from htmuon import HTMuon  # noqa: E402
+from machine import describe, header, write_json  # noqa: E402
 
 MODELS = {"60m": (512, 1376), "135m": (768, 2048)}
 
@@ -44,20 +49,31 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--configs", default="muon,ns", help="muon (p=0, ns), ns (p=0.125, ns)")
+    ap.add_argument(
+        "--configs",
+        default="default,fast5,muon",
+        help="default (p=0.125, auto), fast5 (p=0.125), muon (p=0, ns), ns (p=0.125, ns)",
+    )
+    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     h, i = MODELS[args.model]
-    configs = {"muon": dict(p=0.0, method="ns"), "ns": dict(p=0.125, method="ns")}
-    print(
-        f"CPU: {platform.processor() or platform.machine()}; torch {torch.__version__}; "
-        f"capability {torch.backends.cpu.get_cpu_capability()}; threads {torch.get_num_threads()}"
-    )
+    configs = {
+        "default": dict(p=0.125),
+        "fast5": dict(p=0.125, method="fast5"),
+        "muon": dict(p=0.0, method="ns"),
+        "ns": dict(p=0.125, method="ns"),
+    }
+    info = describe()
+    print(header(info))
     print(f"{args.model} shapes, {args.blocks} block(s), {args.steps} timed steps each")
+    rows = []
     for name in args.configs.split(","):
         kw = configs[name]
         eager_params, comp_params = build(h, i, args.blocks), build(h, i, args.blocks)
+        ref_params = [p for p in build(h, i, args.blocks) if p.ndim == 2]
+        ref = torch.optim.Muon(ref_params, lr=0.02, adjust_lr_fn="match_rms_adamw")
         eager = HTMuon(eager_params, lr=0.02, **kw)
         opt = HTMuon(comp_params, lr=0.02, **kw)
         torch._dynamo.reset()
@@ -71,20 +87,44 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         eager.step()
         eager.step()
-        te, tc = [], []
+        ref.step()
+        te, tc, tr = [], [], []
         for _ in range(args.steps):
-            t = time.perf_counter()
-            eager.step()
-            te.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            step()
-            tc.append(time.perf_counter() - t)
+            for fn, times in ((ref.step, tr), (eager.step, te), (step, tc)):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
         diff = max((a - b).abs().max().item() for a, b in zip(comp_params, eager_params))
-        me, mc = statistics.median(te), statistics.median(tc)
+        me, mc, mr = statistics.median(te), statistics.median(tc), statistics.median(tr)
+        # per-round ratios to the reference, then their median (robust to a noisy host)
+        re_ = statistics.median(e / r for e, r in zip(te, tr))
+        rc = statistics.median(c / r for c, r in zip(tc, tr))
+        graphs = int(counters["stats"]["unique_graphs"])
         print(
-            f"{name:5s} eager {me * 1e3:8.1f} ms  compiled {mc * 1e3:8.1f} ms  ratio {mc / me:5.2f}  "
-            f"compile {compile_s:6.1f} s  graphs {counters['stats']['unique_graphs']}  max |diff| {diff:.2e}"
+            f"{name:7s} torch.optim.Muon {mr * 1e3:7.1f} ms  eager {me * 1e3:7.1f} ms (x{re_:4.2f})  "
+            f"compiled {mc * 1e3:7.1f} ms (x{rc:4.2f})  compiled/eager {mc / me:4.2f}  "
+            f"compile {compile_s:6.1f} s  graphs {graphs}  max |diff| {diff:.2e}"
         )
+        rows.append(
+            dict(
+                config=name,
+                options={k: v for k, v in kw.items()},
+                muon_ms=mr * 1e3,
+                eager_ms=me * 1e3,
+                compiled_ms=mc * 1e3,
+                eager_x_muon=re_,
+                compiled_x_muon=rc,
+                compile_s=compile_s,
+                graphs=graphs,
+                max_abs_diff=diff,
+                eager_s=te,
+                compiled_s=tc,
+                muon_s=tr,
+            )
+        )
+    if args.json:
+        write_json(args.json, dict(machine=info, args=vars(args), results=rows))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

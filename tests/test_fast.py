@@ -215,7 +215,7 @@ def test_output_weights_are_cached_and_fit_the_target():
     x = fastmod.fit_grid()
     for p in (0.0, 1 / 32, 0.125, 0.3, 0.5):
         w = fastmod.output_weights(p, fastmod.FAST6_COEFFICIENTS)
-        assert w is fastmod.output_weights(p, fastmod.FAST6_COEFFICIENTS)  # lru_cache
+        assert w is fastmod.output_weights(p, fastmod.FAST6_COEFFICIENTS)  # cached
         f = fastmod.scalar_iterates(fastmod.FAST6_COEFFICIENTS, x) @ np.array(w)
         rel = f / x**p - 1
         assert np.sqrt(np.mean(rel**2)) < 0.025 and np.abs(rel).max() < 0.12, p  # max: at x = 7e-4

@@ -371,6 +371,8 @@ def _compile_case(**kw):
     ("backend", "kw"),
     [
         ("eager", dict(method="ns")),
+        ("eager", dict()),  # the default, method "auto" (eigh here: the tests run as on an AVX2 CPU)
+        ("eager", dict(method="fast")),  # what "auto" is where bfloat16 matmuls are fast
         pytest.param("aot_eager", dict(p=0.0, method="ns"), marks=pytest.mark.slow),
     ],
 )

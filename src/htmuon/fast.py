@@ -152,14 +152,25 @@ def solve_output_weights(basis: np.ndarray, x: np.ndarray, p: float, ridge: floa
     return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
 
 
-@functools.lru_cache(maxsize=1024)
+# Solved once per (p, coefficients) in float64 NumPy and kept (a plain dict, not functools.lru_cache:
+# Dynamo ignores that wrapper and would trace the NumPy solve); a pure function of its hashable
+# arguments, so a compiled step calls it at trace time and bakes the weights in as constants.
+_OUTPUT_WEIGHTS: dict[tuple, tuple[float, ...]] = {}
+
+
+@torch.compiler.assume_constant_result
 def output_weights(p: float, coefficients: tuple[tuple[float, float, float], ...]) -> tuple[float, ...]:
     """Weights ``w_0..w_T`` with ``sum_t w_t f_t(x) ~ x**p`` on ``[FAST_DOMAIN_LO, 1]`` (cached per ``p``)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"Invalid exponent p: {p!r} (must be in [0, 1])")
-    x = fit_grid()
-    w = solve_output_weights(scalar_iterates(coefficients, x), x, p)
-    return tuple(float(v) for v in w)
+    key = (p, coefficients)
+    w = _OUTPUT_WEIGHTS.get(key)
+    if w is None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Invalid exponent p: {p!r} (must be in [0, 1])")
+        x = fit_grid()
+        w = tuple(float(v) for v in solve_output_weights(scalar_iterates(coefficients, x), x, p))
+        if len(_OUTPUT_WEIGHTS) < 1024:
+            _OUTPUT_WEIGHTS[key] = w
+    return w
 
 
 # --------------------------------------------------------------------------------------------

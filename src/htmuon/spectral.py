@@ -616,8 +616,17 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     inputs.
     """
     dtype = compute_dtype or torch.float64
-    lam, Q = torch.linalg.eigh(_gram_in(X, dtype))
-    if not bool(torch.isfinite(lam).all()):
+    # compiled steps read nothing on the host and cannot raise: a non-finite Gram matrix (LAPACK
+    # would raise) is swapped for the identity, its result set to NaN, and the step masks itself
+    compiling = torch.compiler.is_compiling()
+    A = _gram_in(X, dtype)
+    finite = None
+    if compiling:
+        finite = torch.isfinite(A).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+        A = torch.where(finite, A, torch.eye(A.size(-1), dtype=A.dtype, device=A.device))
+    lam, Q = torch.linalg.eigh(A)
+    del A
+    if not compiling and not bool(torch.isfinite(lam).all()):
         raise torch.linalg.LinAlgError(
             f"eigh of the Gram matrix of a {tuple(X.shape)} {X.dtype} batch gave non-finite eigenvalues; "
             "is the input finite?"
@@ -635,14 +644,20 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
         # The product M X in float32 errs by ~ eps_fp32 * max(w / s) * s_max in the spectral norm:
         # harmless unless a tiny kept singular value gets a huge coefficient (p near 0, s_min near the
         # resolution limit). Then Q^T X runs in the working dtype and only Q (Y) in float32.
+        # (compiled: always, as the choice would need a host read)
         gain = (coeff.amax(-1) * s[..., 0] / w.amax(-1).clamp_min(torch.finfo(dtype).tiny)).max()
-        if float(gain) * torch.finfo(out_dtype).eps > EIGH_FP32_PRODUCT_LIMIT:
+        if compiling or float(gain) * torch.finfo(out_dtype).eps > EIGH_FP32_PRODUCT_LIMIT:
             Y = (Q.mT @ X.to(dtype)) * coeff.unsqueeze(-1)
-            return Q.to(out_dtype) @ Y.to(out_dtype)
+            return _masked(Q.to(out_dtype) @ Y.to(out_dtype), finite)
     # M = Q diag(w / s) Q^T on the small side (m^3), then one m x m x n product in X's precision
     # (float32 unless X is float64): the Gram matrix and eigh need float64, the product does not.
     M = (Q * coeff.unsqueeze(-2)) @ Q.mT
-    return M.to(out_dtype) @ X.to(out_dtype)
+    return _masked(M.to(out_dtype) @ X.to(out_dtype), finite)
+
+
+def _masked(out: Tensor, finite: Tensor | None) -> Tensor:
+    """``out`` with NaN for the matrices whose ``finite`` flag is False (``None``: all kept)."""
+    return out if finite is None else torch.where(finite, out, torch.full_like(out, float("nan")))
 
 
 # --------------------------------------------------------------------------------------------
