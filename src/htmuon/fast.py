@@ -31,9 +31,13 @@ Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2)
 term on the diagonal of the ``m x m`` polynomial), i.e. Muon's three products and no elementwise
 pass over the ``m x n`` iterate. On CPU (one matrix at a time, scalars on the host) the output sum is
 kept in the working dtype relative to its first iterate term, ``S = X_j + sum_t (w_t / w_j) X_t``: the
-first add also reads ``X_0`` (no pass of its own), then one scaled add per step, and the last term
-with the factor ``||X||_S8^p w_j`` goes into one ``addmm`` with ``beta=1`` and one scaling pass (oneDNN
-builds a new kernel for every distinct ``beta`` of a bfloat16 ``addmm``: ~10 ms per call, measured).
+first add also reads ``X_0`` (no pass of its own) and writes into the output's buffer, then one
+scaled add per step; the last two terms (``X_{T-1}``'s weight on the diagonal of the last ``m x m``
+matrix) and the factor ``||X||_S8^p w_j`` go into one in-place ``addmm_`` with ``beta=1`` and one
+scaling pass (oneDNN builds a new kernel for every distinct ``beta`` of a bfloat16 ``addmm``: ~10 ms
+per call, measured). Step 1's ``m x m`` matrix takes three passes: ``1/||X||_F^4`` rides on the
+float32 accumulator of the ``A A`` product (``alpha``), and its float32 sum is scaled and rounded in
+one pass.
 Batched (accelerators, compiled steps) the per-matrix factors are ``(B, 1, 1)`` tensors. With bfloat16
 work the iterate and the output live in bfloat16, as Muon's iterate and update do.
 
