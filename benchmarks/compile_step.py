@@ -108,7 +108,7 @@ def main() -> None:
         rows.append(
             dict(
                 config=name,
-                options={k: v for k, v in kw.items()},
+                options=dict(kw),
                 muon_ms=mr * 1e3,
                 eager_ms=me * 1e3,
                 compiled_ms=mc * 1e3,
