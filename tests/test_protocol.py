@@ -367,6 +367,74 @@ def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_p
     assert (out / "gap_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_carried_grids_center_each_specs_matrix_lr_and_keep_its_adamw_lr():
+    best = {
+        "muon": {"lr": 0.01, "adamw_lr": 0.111},
+        "htmuon:method=fast,p=0.03125": {"lr": 0.04, "adamw_lr": 0.0333},
+        "adamw": {"lr": 0.003, "adamw_lr": None},
+    }
+    g = cmp.carried_grids(best)
+    assert g["lr_grid"] == [
+        "muon=0.005,0.01,0.02",
+        "htmuon:method=fast,p=0.03125=0.02,0.04,0.08",
+        "adamw=0.0015,0.003,0.006",
+    ]
+    assert g["adamw_lr_grid"] == [
+        "muon=0.111",
+        "htmuon:method=fast,p=0.03125=0.0333",
+    ]  # adamw has no AdamW part
+    # the items parse back to the same grids, full spec as the key
+    assert cmp.parse_lr_grid(g["lr_grid"])["htmuon:method=fast,p=0.03125"] == [0.02, 0.04, 0.08]
+
+
+def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monkeypatch):
+    """``--models A,B --carry-lrs``: B's cells are 1/2, 1, 2 x A's best matrix lr (extended past an edge)
+    at A's best AdamW-part lr alone, and B's report says the lrs were carried."""
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    optima = {"llama-micro": 0.01, "llama-tiny": 0.04}  # the bigger model wants a larger lr here
+
+    def fake(cfg, resume=False, preset_lrs=None):
+        s = _fake_train(calls, optimum=optima[cfg.model])(cfg, resume, preset_lrs)
+        return {
+            **s,
+            "model": cfg.model,
+            "steps": cfg.steps,
+            "info": {"parameters": {"llama-micro": 1, "llama-tiny": 8}[cfg.model]},
+        }
+
+    monkeypatch.setattr("htmuon.train.loop.train", fake)
+    out = tmp_path / "scan"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon",
+        "--models",
+        "llama-micro,llama-tiny",
+        "--carry-lrs",
+        "--seeds",
+        "0",
+    ]
+    argv += [
+        "--lr-grid",
+        "muon=0.005,0.01,0.02",
+        "--adamw-lr-grid",
+        "muon=1e-3,3e-3,1e-2",
+        "--extend-edges",
+        "1",
+    ]
+    argv += ["--out-dir", str(out), "--no-plots", "--no-alpha"]
+    assert cli_main(argv) == 0
+    tiny = [(lr, alr) for _, lr, alr, _, d in calls if "llama-tiny" in d]
+    micro = [(lr, alr) for _, lr, alr, _, d in calls if "llama-micro" in d]
+    assert len(micro) == 9 and {a for _, a in micro} == {1e-3, 3e-3, 1e-2}  # the full grid first
+    # micro's best is (0.01, 3e-3): tiny tries 0.005, 0.01, 0.02 at 3e-3 only, then 0.04 past the high edge
+    assert tiny == [(0.005, 3e-3), (0.01, 3e-3), (0.02, 3e-3), (0.04, 3e-3)]
+    assert "lrs carried from llama-micro" in (out / "llama-tiny" / "results.md").read_text()
+    assert "carried" not in (out / "llama-micro" / "results.md").read_text()
+
+
 def test_report_machine_line_gives_the_runs_thread_count():
     """The report's machine line names the runs' torch threads (their config), not the reporting
     process's own count (issue 13's study found the report saying 2 for 1-thread runs)."""

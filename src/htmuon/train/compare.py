@@ -100,6 +100,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="a size scan: the whole protocol once per model preset in OUT/MODEL, then gap_vs_params.png",
     )
     parser.add_argument(
+        "--carry-lrs",
+        action="store_true",
+        help="with --models: each model after the first tunes every optimizer's matrix lr on "
+        "{1/2, 1, 2} x its best on the model before, and keeps that model's AdamW-part lr (a cheaper scan)",
+    )
+    parser.add_argument(
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
     )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
@@ -287,6 +293,8 @@ def plan_grid(args: argparse.Namespace) -> Plan:
         else:
             plan.adamw_lrs[spec] = list(alrs) if alrs and "adamw_lr" not in spec_over else [None]
     plan.notes = untuned_notes(plan)
+    if getattr(args, "carry_note", None):
+        plan.notes.insert(0, args.carry_note)
     extend_note = f" (up to {extend} round(s) of extension at a grid edge)" if extend else ""
     if plan.tune_seeds:
         plan.notes.insert(
@@ -1122,6 +1130,23 @@ def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def carried_grids(best: dict[str, dict]) -> dict[str, list[str]]:
+    """``--carry-lrs``: the next model's grids from a smaller model's best cells (results.json "best").
+
+    Per spec the matrix lr is tried at 1/2, 1 and 2 x its best there (three values, so that an edge is
+    seen and ``--extend-edges`` can go past it) and the AdamW-part lr is kept. Returned as
+    ``--lr-grid`` / ``--adamw-lr-grid`` items keyed by the full spec (a spec's grid wins over its
+    name's)."""
+    lr_grid, adamw_grid = [], []
+    for spec, row in best.items():
+        lr = row["lr"]
+        lrs = sorted({float(f"{lr * f:.3g}") for f in (0.5, 1.0, 2.0)})
+        lr_grid.append(f"{spec}=" + ",".join(f"{v:g}" for v in lrs))
+        if row.get("adamw_lr") is not None:
+            adamw_grid.append(f"{spec}={row['adamw_lr']:g}")
+    return {"lr_grid": lr_grid, "adamw_lr_grid": adamw_grid}
+
+
 def main_models(args: argparse.Namespace) -> int:
     """``--models``: the protocol once per model in OUT/MODEL, then OUT/size_scan.md and gap_vs_params.png."""
     from htmuon.train.data import atomic_write_bytes
@@ -1130,13 +1155,20 @@ def main_models(args: argparse.Namespace) -> int:
     name = args.preset or "custom"
     root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
     per_model, status = {}, 0
+    carried: dict = {}
     for model in models:
         sub = argparse.Namespace(
-            **{**vars(args), "model": model, "compare_out": str(root / model), "models": None}
+            **{**vars(args), "model": model, "compare_out": str(root / model), "models": None, **carried}
         )
         status |= main(sub)
         res = json.loads((root / model / "results.json").read_text())
         per_model[model] = {"agg": aggregate(_report_runs(res)), "runs": res["runs"]}
+        if getattr(args, "carry_lrs", False):
+            carried = carried_grids(res["best"])
+            carried["carry_note"] = (
+                f"lrs carried from {model} (--carry-lrs): each matrix lr tuned on 1/2, 1, 2 x its best "
+                "there, the AdamW-part lr kept from there, not tuned at this size."
+            )
     rows = size_scan_rows(per_model)
     table = size_scan_table(rows)
     md = [

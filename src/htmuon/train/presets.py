@@ -94,9 +94,13 @@ _QUICK_TUNED_AT = dict(model="llama-tiny", steps=250, routing="standard", adamw_
 # (0.2: the quick preset's 256 k tokens for llama-tiny's 1.3 M parameters), Muon vs HTMuon at
 # p = 1/32, 1/16, 1/8, 3 seeds, each with a matrix-lr x AdamW-part-lr grid. Run one model at a time
 # (``--model llama-mini``) or all (``--models llama-tiny,llama-mini,llama-small``: a gap-vs-parameters
-# plot). On one CPU thread llama-small at 0.2 tokens/param is ~4.6 M tokens (~1100 steps): hours.
+# plot; ``--carry-lrs`` tunes each larger model around the smaller one's best). HTMuon is pinned to
+# the ``fast`` backend so that a scan continued on another machine runs the same algorithm (its
+# working dtype still follows the hardware). The steps are 258 / 1132 / 4457; on one thread of a
+# Xeon (AMX) llama-mini takes ~0.75 s per step (~14 min per cell), llama-small ~2.5 s (~3 h per cell).
 _SIZE_SCAN = {**{k: v for k, v in _QUICK.items() if k != "steps"}, "tokens_per_param": 0.2}
-_SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.04, 0.08, 0.16)}
+# htmuon: the p grid with an lr per p (RESULTS.md) found p = 1/32, 1/16, 1/8 best at 0.02-0.04 on llama-tiny
+_SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.02, 0.04, 0.08)}
 
 # The paper's LLaMA setup (PAPER.md): vocab 32000, seq 256, total batch 512 sequences, warmup 10%,
 # cosine to 0.1x, weight decay 0.1, bf16, embeddings and head in the spectral group (routing
@@ -191,7 +195,12 @@ RUN_PRESETS: dict[str, RunPreset] = {
     "size-scan": RunPreset(
         "Muon vs HTMuon p=1/32,1/16,1/8 at 0.2 tokens/param, 3 seeds, lr grid; --models for the scan (CPU)",
         _SIZE_SCAN,
-        optimizers=("muon", "htmuon:p=0.03125", "htmuon:p=0.0625", "htmuon"),
+        optimizers=(
+            "muon",
+            "htmuon:method=fast,p=0.03125",
+            "htmuon:method=fast,p=0.0625",
+            "htmuon:method=fast",
+        ),
         seeds=(0, 1, 2),
         lrs=_QUICK_LRS,
         lr_grid=_SIZE_SCAN_GRID,
