@@ -264,9 +264,25 @@ def test_windows_bounded_by_chunk_bytes_report_what_was_applied(failing_backend)
     model, opt = _trained(method=method, chunk_bytes=1)
     arm()
     first = model[0].weight.detach().clone()
-    with pytest.raises(ValueError, match=r"2 matrix parameter\(s\) of this group were already updated"):
+    with pytest.raises(ValueError, match=r"2 parameter\(s\) were already updated by this step"):
         opt.step()
     assert not torch.equal(first, model[0].weight)
+
+
+def test_failure_in_a_later_group_says_what_earlier_groups_applied(failing_backend):
+    """Groups are applied in turn: a backend failing in group 2 leaves group 1 stepped, and the error
+    says so (a caller must not simply retry the step)."""
+    method, arm = failing_backend({(4, 4)})
+    torch.manual_seed(0)
+    A, B = nn.Parameter(torch.randn(3, 5)), nn.Parameter(torch.randn(4, 4))
+    opt = HTMuon([{"params": [A], "method": "svd"}, {"params": [B], "method": method}])
+    arm()
+    A.grad, B.grad = torch.randn(3, 5), torch.randn(4, 4)
+    A0, B0 = A.detach().clone(), B.detach().clone()
+    with pytest.raises(ValueError, match=r"1 parameter\(s\) were already updated by this step"):
+        opt.step()
+    assert not torch.equal(A, A0) and torch.equal(B, B0)
+    assert float(opt.state[A]["step"]) == 1.0 and B not in opt.state
 
 
 def test_nan_momentum_in_state_refuses_the_step():

@@ -417,3 +417,45 @@ def test_compiled_step_is_one_graph_without_recompiles_and_equals_eager(backend,
     after = opt.state_dict()["state"]
     assert all(torch.equal(v, after[i][k]) for i, s in state.items() for k, v in s.items())
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Detected call of `lr_scheduler.step\\(\\)` before"
+)  # step taken unwrapped
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_compiled_step_with_a_scheduled_tensor_lr_is_one_graph_and_equals_eager(check_finite):
+    """torch's advice for compiled optimizers: a tensor lr, which a scheduler changes in place. Then the
+    step reads no lr on the host (no graph break under fullgraph, no recompile as it changes), equals
+    eager, and (with the check) still skips a non-finite step on the device."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cases = []
+    for _ in range(2):
+        model, opt = _compile_case(method="ns", check_finite=check_finite)
+        for g in opt.param_groups:
+            g["lr"] = torch.tensor(float(g["lr"]))
+        # the step is compiled before the scheduler wraps opt.step (dynamo skips that wrapper's file)
+        run = torch.compile(opt.step, backend="eager", fullgraph=True) if cases else opt.step
+        cases.append((model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t)), run))
+    (eager_model, eager_opt, eager_sched, eager_step), (model, opt, sched, step) = cases
+    X = torch.randn(16, 6)
+    for _ in range(6):
+        for m, o, s, run in ((eager_model, eager_opt, eager_sched, eager_step), (model, opt, sched, step)):
+            o.zero_grad()
+            m(X).square().mean().backward()
+            run()
+            s.step()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.02 / 7)
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if check_finite:
+        params = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        model(X).square().mean().backward()
+        model[2].weight.grad[0, 0] = float("nan")
+        step()
+        assert int(opt.skipped_steps) == 1
+        assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))

@@ -196,3 +196,68 @@ def test_named_groups_resume_exactly():
     step(resumed, opt2)
     for (n, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), n
+
+
+# ------------------------------------------------------------------ groups added later, sets, shared tensors
+
+
+def test_add_param_group_routes_and_checks_as_the_constructor():
+    """A group added after construction gets the constructor's handling: use_muon, betas/eps aliases,
+    adamw_lr, misspelt keys, names (an embedding added by name goes to AdamW)."""
+    W, V, b = (nn.Parameter(torch.randn(*s)) for s in ((4, 4), (4, 4), (4,)))
+    emb, U = nn.Parameter(torch.randn(10, 4)), nn.Parameter(torch.randn(4, 4))
+    opt = HTMuon([W], lr=0.02, adamw_lr=1e-3)
+    opt.add_param_group({"params": [V], "use_muon": False})
+    opt.add_param_group({"params": [b], "algorithm": "adamw", "betas": (0.5, 0.6)})
+    g_v, g_b = opt.param_groups[1:]
+    assert not opt._uses_htmuon(g_v, V) and g_v["lr"] == 1e-3
+    assert g_b["adamw_betas"] == (0.5, 0.6) and g_b["lr"] == 1e-3 and "betas" not in g_b
+    n = len(opt.param_groups)
+    with pytest.raises(ValueError, match=r"weight_decy.*param group 3"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], "weight_decy": 0.1})
+    assert len(opt.param_groups) == n  # nothing added
+    opt = HTMuon([("layers.0.attn.weight", W)], lr=0.02, adamw_lr=1e-3)  # torch: all groups named, or none
+    n = len(opt.param_groups)
+    opt.add_param_group({"params": [("model.embed_tokens.weight", emb), ("layers.0.mlp.weight", U)]})
+    assert [(g["algorithm"], g["param_names"]) for g in opt.param_groups[n:]] == [
+        ("htmuon", ["layers.0.mlp.weight"]),
+        ("adamw", ["model.embed_tokens.weight"]),
+    ]
+    assert opt.param_groups[-1]["lr"] == 1e-3
+
+
+def test_a_set_of_params_in_a_group_is_refused_as_torch_does():
+    W, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
+    for groups in ([{"params": {W, b}}], [{"params": {W}, "algorithm": "htmuon"}]):
+        with pytest.raises(TypeError, match="ordered collections"):
+            HTMuon(groups)
+
+
+def test_split_groups_do_not_share_a_tensor_lr():
+    """A scheduler changes a tensor lr in place: the two halves of a split group need their own."""
+    model = nn.Linear(4, 4)
+    lr = torch.tensor(0.02)
+    opt = HTMuon(model.parameters(), lr=lr)
+    (g_w, g_b) = opt.param_groups
+    assert g_w["lr"] is not g_b["lr"] and torch.equal(g_w["lr"], g_b["lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.02, 0.002], total_steps=10)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        sched.step()
+    assert float(g_w["lr"]) > 5 * float(g_b["lr"])  # each half follows its own max_lr
+
+
+def test_load_state_dict_and_step_refuse_a_vector_in_an_htmuon_group():
+    W, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
+    X = HTMuon([{"params": [W], "algorithm": "htmuon"}, {"params": [b], "algorithm": "adamw"}])
+    Y = HTMuon([{"params": [b], "algorithm": "adamw"}, {"params": [W], "algorithm": "htmuon"}])
+    before = copy.deepcopy(Y.state_dict())
+    with pytest.raises(ValueError, match=r"loaded param group 0 has algorithm='htmuon'.*shape \(4,\)"):
+        Y.load_state_dict(X.state_dict())
+    assert str(Y.state_dict()) == str(before)
+    Y.param_groups[0]["algorithm"] = "htmuon"  # edited after construction: the step re-checks it
+    W.grad, b.grad = torch.randn(4, 4), torch.randn(4)
+    with pytest.raises(ValueError, match=r"param group 0 has algorithm='htmuon'"):
+        Y.step()
+    assert not Y.state

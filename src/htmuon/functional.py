@@ -375,14 +375,15 @@ def adamw_masked(
 
 
 def partial_step_error(exc: BaseException, applied: int, chunk_bytes: int) -> BaseException:
-    """An error of ``exc``'s type that says ``applied`` matrices were already updated (raised from ``exc``).
+    """An error of ``exc``'s type that says ``applied`` parameters were already updated (raised from ``exc``).
 
-    A step whose directions do not fit one ``chunk_bytes`` window applies window by window, so an
-    unexpected error in a later window leaves the earlier windows applied; the message says so.
+    A step applies param group by param group, and within a group window by window when its
+    directions do not fit one ``chunk_bytes`` window, so an unexpected error in a later group or
+    window leaves the earlier ones applied; the message says so.
     """
     note = (
-        f"[this step's directions did not fit in chunk_bytes={chunk_bytes}: {applied} matrix "
-        "parameter(s) of this group were already updated before the failure]"
+        f"[{applied} parameter(s) were already updated by this step before the failure: the step "
+        f"applies each param group, and each window of chunk_bytes={chunk_bytes}, in turn]"
     )
     try:
         return type(exc)(f"{exc} {note}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -80,6 +80,19 @@ def _scalar(v: Any) -> Any:
 
 def _number(v: Any) -> float:
     return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
+def _check_algorithm_fits(group: dict[str, Any], params: Sequence[Tensor], where: str) -> None:
+    """A ValueError if ``group`` says ``algorithm="htmuon"`` and one of ``params`` is not a matrix."""
+    if group.get("algorithm") != "htmuon":
+        return
+    for i, param in enumerate(params):
+        if param.ndim < 2:
+            raise ValueError(
+                f"{where} has algorithm='htmuon' but parameter {i} has shape {tuple(param.shape)}: "
+                "HTMuon needs matrices (ndim >= 2); put it in an algorithm='adamw' group "
+                "(htmuon.param_groups does this)"
+            )
 
 
 def _new_step() -> Tensor:
@@ -164,8 +177,9 @@ class HTMuon(Optimizer):
           plan_step`). A backend that raises ``LinAlgError`` or returns a non-finite direction on
           finite input is replaced, for that chunk, by the exact float64 SVD rule (a ``RuntimeWarning``
           says so). Any other failure refuses the step: if the step's directions fit in one window
-          (``chunk_bytes``; every model whose matrices need at most that much), nothing has changed;
-          otherwise the windows before it are applied and the error says how many parameters.
+          (``chunk_bytes``; every model whose matrices need at most that much) of one param group,
+          nothing has changed; otherwise the groups and windows before it are applied and the error
+          says how many parameters.
         * Under ``process_group`` the checks, the set of parameters with gradients, and any failure
           are agreed among the ranks in the step's collectives, so the ranks refuse together
           (nobody waits in a collective another rank skipped); collectives run under the process
@@ -176,8 +190,11 @@ class HTMuon(Optimizer):
     does not break the graph: a compiled step with a non-finite gradient or direction is skipped on
     the device (``torch.where`` masks every update; the AdamW part then uses the same math written
     with masks) and counted in :attr:`skipped_steps` instead of raising, as a raise needs the host to
-    read the flag. ``interval > 1`` reads the step count on the host (a graph break per step); the
-    backends decide their own graph breaks (``ns`` has none).
+    read the flag. Give a scheduled lr as a tensor (torch's advice for compiled optimizers; a scheduler
+    then changes it in place): a compiled step reads no lr on the host, so neither a graph break nor a
+    recompile follows a change (a float lr is a constant of the graph: each new value recompiles).
+    ``interval > 1`` reads the step count on the host (a graph break per step); the backends decide
+    their own graph breaks (``ns`` has none).
 
     Example:
         >>> nn = torch.nn
@@ -255,9 +272,9 @@ class HTMuon(Optimizer):
             chunk_bytes=chunk_bytes,
         )
         self._validate(defaults, where="")
-        params = route_params(
-            params, defaults, routing=routing, adamw_lr=adamw_lr, adamw_weight_decay=adamw_weight_decay
-        )
+        #: how groups are routed: at construction and for groups added later (:meth:`add_param_group`)
+        self._route_options = dict(routing=routing, adamw_lr=adamw_lr, adamw_weight_decay=adamw_weight_decay)
+        params = route_params(params, defaults, **self._route_options)
         super().__init__(params, defaults)
         self._process_group = process_group
         self._dist = _distributed.setup(self.param_groups, process_group)
@@ -268,6 +285,9 @@ class HTMuon(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
+        self.__dict__.setdefault(
+            "_route_options", dict(routing="standard", adamw_lr=None, adamw_weight_decay=None)
+        )
 
     # ---------------------------------------------------------------- validation
 
@@ -281,34 +301,32 @@ class HTMuon(Optimizer):
         def bad(key: str, valid: str) -> ValueError:
             return ValueError(f"Invalid {key}{where}: {g[key]!r} ({valid})")
 
-        def number(key: str) -> float:
+        def check(
+            key: str, low: float, high: float, valid: str, open_low: bool = False, open_high: bool = True
+        ):
             v = g[key]
             if isinstance(v, Tensor):
                 if v.numel() != 1:
                     raise ValueError(f"Tensor {key} must be 1-element{where}: shape {tuple(v.shape)}")
                 if v.is_complex() or v.dtype == torch.bool:
                     raise bad(key, "must be a real number")
+                if torch.compiler.is_compiling():  # reading the value needs the host (a graph break): a
+                    return  # tensor (an lr a scheduler changes) is checked by eager steps and construction
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 raise bad(key, "must be a real number")
-            return float(v)
+            if v < low or (open_low and v == low) or v > high or (open_high and v == high):
+                raise bad(key, valid)
 
         if isinstance(g["lr"], Tensor) and g["lr"].numel() != 1:
             raise ValueError("Tensor lr must be 1-element")  # torch.optim's own message
-        if not 0.0 <= number("lr") < math.inf:
-            raise bad("lr", "learning rate must be >= 0 and finite")
-        if not 0.0 <= number("p") <= 1.0:
-            raise bad("p", "must be in [0, 1]; 0 = Muon, 1 = momentum")
-        if not 0.0 <= number("momentum") < 1.0:
-            raise bad("momentum", "must be in [0, 1)")
-        if not 0.0 <= number("weight_decay") < math.inf:
-            raise bad("weight_decay", "must be >= 0 and finite")
-        if not 0.0 <= number("beta2") < 1.0:
-            raise bad("beta2", "must be in [0, 1)")
-        if not 0.0 < number("plugin_eps") < math.inf:
-            raise bad("plugin_eps", "must be > 0 and finite")
-        if not 0.0 <= number("adamw_eps") < math.inf:
-            raise bad("adamw_eps", "must be >= 0 and finite")
+        check("lr", 0.0, math.inf, "learning rate must be >= 0 and finite")
+        check("p", 0.0, 1.0, "must be in [0, 1]; 0 = Muon, 1 = momentum", open_high=False)
+        check("momentum", 0.0, 1.0, "must be in [0, 1)")
+        check("weight_decay", 0.0, math.inf, "must be >= 0 and finite")
+        check("beta2", 0.0, 1.0, "must be in [0, 1)")
+        check("plugin_eps", 0.0, math.inf, "must be > 0 and finite", open_low=True)
+        check("adamw_eps", 0.0, math.inf, "must be >= 0 and finite")
         betas = g["adamw_betas"]
         if not (
             isinstance(betas, (tuple, list))
@@ -342,24 +360,40 @@ class HTMuon(Optimizer):
                 raise bad(key, "must be True or False")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, routed and checked as the constructor does its groups (``use_muon``, ``betas`` /
+        ``eps``, ``adamw_lr``, names, misspelt keys; an ``"auto"`` group may become two groups); on an
+        error no group is added."""
+        if "_dist" not in self.__dict__:  # Optimizer.__init__ adding the groups route_params made
+            return self._add_routed_group(param_group)
+        first = len(self.param_groups)
+        groups = route_params(
+            [param_group] if isinstance(param_group, dict) else param_group,
+            self.defaults,
+            first_index=first,
+            **self._route_options,
+        )
+        try:
+            for group in groups if isinstance(groups, list) else [groups]:
+                self._add_routed_group(group)
+        except Exception:
+            del self.param_groups[first:]
+            raise
+        self._dist = _distributed.setup(self.param_groups, self._process_group)
+
+    def _add_routed_group(self, param_group: Any) -> None:
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
+        for key, value in group.items():  # a tensor default (lr) filled in by torch: one per group, as a
+            if isinstance(value, Tensor) and value is self.defaults.get(key):  # scheduler changes it in place
+                group[key] = value.clone()
         try:
             self._validate(group, where=f" in param group {index}")
-            for i, param in enumerate(group["params"]):
-                if group["algorithm"] == "htmuon" and param.ndim < 2:
-                    raise ValueError(
-                        f"param group {index} has algorithm='htmuon' but parameter {i} has shape "
-                        f"{tuple(param.shape)}: HTMuon needs matrices (ndim >= 2); put it in an "
-                        "algorithm='adamw' group (htmuon.param_groups does this)"
-                    )
+            _check_algorithm_fits(group, group["params"], f"param group {index}")
             _distributed.check_group(group, index)
         except ValueError:
             self.param_groups.pop()
             raise
-        if "_dist" in self.__dict__:  # a group added after construction
-            self._dist = _distributed.setup(self.param_groups, self._process_group)
 
     @staticmethod
     def _uses_htmuon(group: dict[str, Any], param: Tensor) -> bool:
@@ -448,6 +482,7 @@ class HTMuon(Optimizer):
                     "(a state dict of another optimizer such as torch.optim.AdamW or Muon?)"
                 )
             self._validate(saved, where=f" in loaded param group {gi}")
+            _check_algorithm_fits(saved, mine["params"], f"loaded param group {gi}")
             lookup.update({pid: (gi, pi) for pi, pid in enumerate(saved["params"])})
         for pid, state in state_dict["state"].items():
             if pid not in lookup:
@@ -522,13 +557,21 @@ class HTMuon(Optimizer):
                 "changed (pass check_finite=False to skip this check)"
             )
 
-        # 2) the matrix part, window by window (compute, check, then apply); 3) the AdamW part
+        # 2) the matrix part, window by window (compute, check, then apply); 3) the AdamW part. A failure
+        # after some windows (of this group or an earlier one) were applied says how many parameters.
+        applied = 0
         for group, hparams, _ in work:
             if hparams:
-                ok = self._htmuon_step(group, hparams, ok)
+                ok, applied = self._htmuon_step(group, hparams, ok, applied)
         for group, _, aparams in work:
             if aparams:
-                self._adamw_step(group, aparams, ok)
+                try:
+                    self._adamw_step(group, aparams, ok)
+                except Exception as exc:
+                    if not applied:
+                        raise
+                    raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
+                applied += len(aparams)
         if ok is not None:
             self.skipped_steps.add_((~ok).to(self.skipped_steps.dtype))
         return loss
@@ -540,6 +583,7 @@ class HTMuon(Optimizer):
         finite_checks: list[tuple[Tensor, int, int]] = []
         for gi, group in enumerate(self.param_groups):
             self._validate(group, where=f" in param group {gi}")
+            _check_algorithm_fits(group, group["params"], f"param group {gi}")
             hparams: list[Tensor] = []
             aparams: list[Tensor] = []
             for pi, param in enumerate(group["params"]):
@@ -574,17 +618,24 @@ class HTMuon(Optimizer):
         state = self.state.get(param)
         return int(state["step"]) if state else 0
 
-    def _htmuon_step(self, group: dict[str, Any], params: list[Tensor], ok: Tensor | None) -> Tensor | None:
-        """The matrix part of one group; returns ``ok`` (compiled: and-ed with the directions' check)."""
+    def _htmuon_step(
+        self, group: dict[str, Any], params: list[Tensor], ok: Tensor | None, applied: int = 0
+    ) -> tuple[Tensor | None, int]:
+        """The matrix part of one group, after ``applied`` parameters of this step were updated; returns
+        ``ok`` (compiled: and-ed with the directions' check) and the parameters updated so far."""
         if self._dist is not None and self._dist.sharded(params):  # DTensor (FSDP2) parameters
-            self._dist.sharded_htmuon_step(self, group, params)
-            return ok
+            try:
+                self._dist.sharded_htmuon_step(self, group, params)
+            except Exception as exc:
+                if not applied:
+                    raise
+                raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
+            return ok, applied + len(params)
         batch_3d, interval = group["batch_3d"], group["interval"]
         mshapes = [F.matrix_shape(p.shape, batch_3d) for p in params]
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
         keys = [(s[1:], p.dtype, p.device, c) for s, p, c in zip(mshapes, params, corrected)]
         plan = F.plan_step(keys, mshapes, [p.element_size() for p in params], group["chunk_bytes"])
-        applied = 0
         scratch: dict[torch.dtype, Tensor] = {}  # pipelined steps: N_t of one matrix at a time, per dtype
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
@@ -601,7 +652,7 @@ class HTMuon(Optimizer):
                 ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
             self._apply_window(group, pending, ok)
             applied += len(items)
-        return ok
+        return ok, applied
 
     def _compute_window(
         self,
@@ -676,8 +727,14 @@ class HTMuon(Optimizer):
         ``ok`` (compiled steps only): a bool tensor; where ``False`` nothing changes (``torch.where``),
         so no host synchronisation is needed to skip a bad step.
         """
-        lr, wd = _number(group["lr"]), float(group["weight_decay"])
-        beta = _number(group["momentum"])
+        wd, beta = float(group["weight_decay"]), _number(group["momentum"])
+        if (
+            torch.compiler.is_compiling()
+        ):  # a tensor lr (what a scheduler changes) stays a tensor: no host read
+            if ok is None:  # check_finite=False
+                ok = torch.ones((), dtype=torch.bool, device=pending[0][0].device if pending else None)
+            return self._apply_window_masked(group, pending, ok, _scalar(group["lr"]), wd, beta)
+        lr = _number(group["lr"])
         if ok is not None:
             return self._apply_window_masked(group, pending, ok, lr, wd, beta)
         for p, O, buf, v_new in pending:
@@ -696,7 +753,7 @@ class HTMuon(Optimizer):
             F.decoupled_update_(p, O.reshape(p.shape), lr, wd, F.lr_scale(m, n, group["lr_adjust"]))
 
     def _apply_window_masked(
-        self, group: dict[str, Any], pending: list, ok: Tensor, lr: float, wd: float, beta: float
+        self, group: dict[str, Any], pending: list, ok: Tensor, lr: float | Tensor, wd: float, beta: float
     ) -> None:
         for p, O, buf, v_new in pending:
             state = self.state[p]
@@ -711,10 +768,8 @@ class HTMuon(Optimizer):
                     state["second_moment"] = torch.zeros_like(v_new)
                 state["second_moment"].copy_(torch.where(ok, v_new, state["second_moment"]))
             m, n = O.shape[-2:]
-            new = p.mul(1.0 - lr * wd).add_(
-                O.reshape(p.shape).to(p.dtype), alpha=-lr * F.lr_scale(m, n, group["lr_adjust"])
-            )
-            p.copy_(torch.where(ok, new, p))
+            step = O.reshape(p.shape).to(p.dtype) * (lr * F.lr_scale(m, n, group["lr_adjust"]))
+            p.copy_(torch.where(ok, p * (1.0 - lr * wd) - step, p))
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor], ok: Tensor | None = None) -> None:
         grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []

@@ -267,6 +267,7 @@ def route_params(
     adamw_lr: float | None = None,
     adamw_weight_decay: float | None = None,
     head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+    first_index: int = 0,
 ) -> Any:
     """The param groups :class:`htmuon.HTMuon` hands to ``torch.optim.Optimizer``, routed.
 
@@ -289,6 +290,8 @@ def route_params(
         routing: ``"standard"`` or ``"paper"``; a group may set its own.
         adamw_lr, adamw_weight_decay: the AdamW part's defaults; a group may set its own.
         head_names: last name components marking an output head.
+        first_index: the index the first group will have in ``param_groups`` (for error messages;
+            :meth:`HTMuon.add_param_group` routes one group added after construction).
 
     Returns:
         A list of group dicts without routing keys (empty halves left out), or ``params`` unchanged.
@@ -309,7 +312,11 @@ def route_params(
     out: list[dict[str, Any]] = []
     for index, user_group in enumerate(items):
         group = dict(user_group)
-        where = f" in param group {index}" if len(items) > 1 or isinstance(user_group, dict) else ""
+        where = (
+            f" in param group {first_index + index}"
+            if len(items) > 1 or isinstance(user_group, dict) or first_index
+            else ""
+        )
         _check_keys(group, where, known)
         _apply_aliases(group, where)
         _apply_use_muon(group, where)
@@ -335,6 +342,11 @@ def route_params(
         if "params" not in group:
             out.append(group)  # torch's own error
             continue
+        if isinstance(group["params"], set):  # torch's own refusal, before the list below hides the set
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of "
+                "tensors in sets will change between runs. Please use a list instead."
+            )
         if not isinstance(group["params"], Tensor):
             group["params"] = list(group["params"])  # a generator is read once
         tensors, names, names_key = _names_and_tensors(group)
@@ -347,10 +359,14 @@ def route_params(
             kinds = [kind_from_name(n, t.ndim, head_names) for n, t in zip(names, tensors)]
         to_htmuon = _KINDS_TO_HTMUON[group_routing]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "names")}
+        shared = False
         for half in ("htmuon", "adamw"):
             picked = [i for i, kind in enumerate(kinds) if (kind in to_htmuon) == (half == "htmuon")]
             if not picked:
                 continue
+            if shared:  # a tensor hyperparameter (lr) is changed in place by schedulers: one per group
+                rest = {k: v.clone() if isinstance(v, Tensor) else v for k, v in rest.items()}
+            shared = True
             part = {**rest, "params": [tensors[i] for i in picked], "algorithm": half}
             if names_key is not None:
                 part[names_key] = [names[i] for i in picked]  # type: ignore[index]
