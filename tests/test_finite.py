@@ -74,10 +74,14 @@ def _check(method: str, G: torch.Tensor, p: float) -> None:
         return
     if method == "polar" and Gd.norm() < 2 * NS_EPS:  # Muon's floor on ||G||_F: G / eps, not U V^T
         return
-    ref = _scaled(_exact(Gn, p), 0) * torch.exp2(torch.tensor(k * p, dtype=torch.float64))
+    direction = _exact(Gn, p)
+    ref = direction * torch.exp2(torch.tensor(k * p, dtype=torch.float64))
     fi = torch.finfo(G.dtype)
     if not torch.isfinite(ref).all() or ref.abs().max() > fi.max:  # not representable: capped
-        cos = (O.double() * ref).sum() / (O.double().norm() * ref.norm())
+        # compared in direction, both sides brought near 1 first (float64's own range may not hold
+        # the reference: 2^1024 p at the top of float64, or the norm of entries near its max)
+        On = _scaled(O.double(), -round(k * p))
+        cos = (On * direction).sum() / (On.norm() * direction.norm())
         assert cos > 0.9, (method, G.dtype, p, cos.item())
         return
     resolved = resolve_method("auto", "power", G.device) if method == "auto" else method
