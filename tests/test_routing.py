@@ -261,3 +261,15 @@ def test_load_state_dict_and_step_refuse_a_vector_in_an_htmuon_group():
     with pytest.raises(ValueError, match=r"param group 0 has algorithm='htmuon'"):
         Y.step()
     assert not Y.state
+
+
+@pytest.mark.parametrize("flag", ["maximize", "differentiable"])
+def test_torch_flags_htmuon_would_ignore_are_refused_when_set(flag):
+    W = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=rf"{flag}=True in param group 0: HTMuon does not support it"):
+        HTMuon([{"params": [W], flag: True}])
+    HTMuon([{"params": [W], flag: False}])  # a copied group with the flag off is fine
+    opt = HTMuon([W])
+    with pytest.raises(ValueError, match=rf"{flag}=True in param group 1"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], flag: True})
+    assert len(opt.param_groups) == 1

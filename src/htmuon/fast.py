@@ -94,14 +94,17 @@ FAST_RIDGE = 1e-6
 # Provenance: the output of `python scripts/fit_fast_coefficients.py` (seed 0; 12 L-BFGS runs, one
 # from each of the 12 best self-similar starting points, with a continuation of the domain's lower
 # end 1e-2 -> 3e-3 -> 1e-3 -> 7e-4; the best run is kept), for the fit definition above (domain,
-# grid, ridge) and the script's FIT_EXPONENTS = (0, 1/16, 1/8, 1/4, 1/2), iterate bound 1.25.
+# grid, ridge) and the script's FIT_EXPONENTS = (0, 1/16, 1/8, 1/4, 1/2), iterate bound 1.25 and noise
+# amplification bound 10 (TAIL_BOUND: the first 5-step set, fitted without it, amplified bfloat16
+# rounding up to 216x and returned updates ~100x too large on ~0.3% of small power-law matrices; the
+# 6-step set meets the bound as it was fitted, so it is unchanged).
 # `python scripts/fit_fast_coefficients.py --steps 6 --runs 9 --check` re-runs the winning run
 # alone and compares *objectives* (the fit is non-convex: another CPU or BLAS lands on other
 # coefficients of similar quality); tests/test_fast.py does so.
 #: How each set was obtained: the winning run of the fit and its objective (mean RMS relative error).
 FAST_FIT_PROVENANCE: dict[str, dict[str, float]] = {
     "fast": {"steps": 6, "seed": 0, "run": 9, "objective": 0.017032},
-    "fast5": {"steps": 5, "seed": 0, "run": 4, "objective": 0.079287},
+    "fast5": {"steps": 5, "seed": 0, "run": 4, "objective": 0.079190},
 }
 #: 6 steps (the ``"fast"`` backend).
 FAST6_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
@@ -114,11 +117,11 @@ FAST6_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
 )
 #: 5 steps (the ``"fast5"`` backend: Muon's matmul count).
 FAST5_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
-    (4.756645146977647, -11.952616241798026, 7.831277803721966),
-    (4.196662265723349, -7.801429395472532, 3.813228602236863),
-    (4.122974302159154, -7.375818958223743, 3.393623640408844),
-    (3.2119411174162367, -5.182529301854524, 2.33713172128056),
-    (1.9286232356625086, -3.8102859058374157, 2.1090829258546),
+    (4.202868848286102, -10.439192519897427, 6.913889312735641),
+    (4.535627296728332, -10.443569619511278, 6.310854292277833),
+    (3.832220599155633, -7.294857028122793, 3.5685496375657273),
+    (2.5340877362499032, -5.0580119154247765, 2.8060729917305047),
+    (0.8185458333751009, -2.670860422087257, 2.962379132408502),
 )
 #: Backend name -> step coefficients.
 FAST_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {

@@ -74,6 +74,12 @@ FOREIGN_KEYS = frozenset(
         "maximize",
     }
 )
+#: torch.optim flags that would change the update if HTMuon honoured them: set to a true value they
+#: are refused (False / None pass, as from a group copied from another optimizer).
+UNSUPPORTED_FLAGS = {
+    "maximize": "it minimizes: negate the loss",
+    "differentiable": "its step is not differentiable",
+}
 #: difflib similarity above which an unknown group key is taken for a misspelt option.
 TYPO_CUTOFF = 0.8
 
@@ -201,6 +207,11 @@ def _check_optional_number(key: str, value: Any, where: str) -> None:
 def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> None:
     """A key that is no option but close to one is a misspelling that would be silently ignored."""
     for key in group:
+        if key in UNSUPPORTED_FLAGS and group[key]:
+            raise ValueError(
+                f"{key}={group[key]!r}{where}: HTMuon does not support it ({UNSUPPORTED_FLAGS[key]}); "
+                "it would be silently ignored"
+            )
         if key in known or key in FOREIGN_KEYS or not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=TYPO_CUTOFF)
