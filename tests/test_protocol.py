@@ -383,11 +383,13 @@ def test_carried_grids_center_each_specs_matrix_lr_and_keep_its_adamw_lr():
         "muon=0.111",
         "htmuon:method=fast,p=0.03125=0.0333",
     ]  # adamw has no AdamW part
+    assert cmp.carried_grids(best, 1)["lr_grid"][0] == "muon=0.01"
+    assert cmp.carried_grids(best, 5)["lr_grid"][0] == "muon=0.0025,0.005,0.01,0.02,0.04"
     # the items parse back to the same grids, full spec as the key
     assert cmp.parse_lr_grid(g["lr_grid"])["htmuon:method=fast,p=0.03125"] == [0.02, 0.04, 0.08]
 
 
-def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monkeypatch):
+def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monkeypatch, capsys):
     """``--models A,B --carry-lrs``: B's cells are 1/2, 1, 2 x A's best matrix lr (extended past an edge)
     at A's best AdamW-part lr alone, and B's report says the lrs were carried."""
     from htmuon.cli import main as cli_main
@@ -433,6 +435,25 @@ def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monk
     assert tiny == [(0.005, 3e-3), (0.01, 3e-3), (0.02, 3e-3), (0.04, 3e-3)]
     assert "lrs carried from llama-micro" in (out / "llama-tiny" / "results.md").read_text()
     assert "carried" not in (out / "llama-micro" / "results.md").read_text()
+
+    # --carry-lrs 1: the carried cell alone, run on the reported seeds (no selection on --tune-seeds)
+    calls.clear()
+    argv2 = [a for a in argv if a != "--carry-lrs"] + [
+        "--carry-lrs",
+        "1",
+        "--tune-seeds",
+        "10",
+        "--seeds",
+        "0,1",
+    ]
+    argv2[argv2.index("--out-dir") + 1] = str(tmp_path / "scan1")
+    assert cli_main(argv2) == 0
+    tiny = sorted((lr, alr, seed) for _, lr, alr, seed, d in calls if "llama-tiny" in d)
+    micro_best = json.loads((tmp_path / "scan1" / "llama-micro" / "results.json").read_text())["best"]["muon"]
+    assert tiny == [(micro_best["lr"], micro_best["adamw_lr"], s) for s in (0, 1)]
+    assert "--carry-lrs 1" in (tmp_path / "scan1" / "llama-tiny" / "results.md").read_text()
+    assert cli_main(argv2[:-6] + ["--carry-lrs", "2"]) != 0
+    assert "--carry-lrs must be an odd number of lrs (1, 3, 5, ...), got 2" in capsys.readouterr().err
 
 
 def test_report_machine_line_gives_the_runs_thread_count():

@@ -101,9 +101,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--carry-lrs",
-        action="store_true",
-        help="with --models: each model after the first tunes every optimizer's matrix lr on "
-        "{1/2, 1, 2} x its best on the model before, and keeps that model's AdamW-part lr (a cheaper scan)",
+        nargs="?",
+        const=3,
+        default=0,
+        type=int,
+        metavar="N",
+        help="with --models: each model after the first tunes every optimizer's matrix lr on N values "
+        "2^j x its best on the model before (N=3: 1/2, 1, 2; N=1: that lr alone, no selection runs) and "
+        "keeps that model's AdamW-part lr (a cheaper scan) [N default: 3]",
     )
     parser.add_argument(
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
@@ -1130,17 +1135,17 @@ def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def carried_grids(best: dict[str, dict]) -> dict[str, list[str]]:
+def carried_grids(best: dict[str, dict], width: int = 3) -> dict[str, list[str]]:
     """``--carry-lrs``: the next model's grids from a smaller model's best cells (results.json "best").
 
-    Per spec the matrix lr is tried at 1/2, 1 and 2 x its best there (three values, so that an edge is
-    seen and ``--extend-edges`` can go past it) and the AdamW-part lr is kept. Returned as
-    ``--lr-grid`` / ``--adamw-lr-grid`` items keyed by the full spec (a spec's grid wins over its
-    name's)."""
+    Per spec the matrix lr is tried at ``width`` values ``2^j`` x its best there, ``j`` from
+    ``-(width // 2)`` to ``width // 2`` (3: 1/2, 1, 2, so that an edge is seen and ``--extend-edges``
+    can go past it; 1: the best alone), and the AdamW-part lr is kept. Returned as ``--lr-grid`` /
+    ``--adamw-lr-grid`` items keyed by the full spec (a spec's grid wins over its name's)."""
     lr_grid, adamw_grid = [], []
     for spec, row in best.items():
         lr = row["lr"]
-        lrs = sorted({float(f"{lr * f:.3g}") for f in (0.5, 1.0, 2.0)})
+        lrs = sorted({float(f"{lr * 2.0**j:.3g}") for j in range(-(width // 2), width // 2 + 1)})
         lr_grid.append(f"{spec}=" + ",".join(f"{v:g}" for v in lrs))
         if row.get("adamw_lr") is not None:
             adamw_grid.append(f"{spec}={row['adamw_lr']:g}")
@@ -1149,9 +1154,13 @@ def carried_grids(best: dict[str, dict]) -> dict[str, list[str]]:
 
 def main_models(args: argparse.Namespace) -> int:
     """``--models``: the protocol once per model in OUT/MODEL, then OUT/size_scan.md and gap_vs_params.png."""
+    from htmuon.cli import UserError
     from htmuon.train.data import atomic_write_bytes
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    width = getattr(args, "carry_lrs", 0) or 0
+    if width < 0 or (width and width % 2 == 0):
+        raise UserError(f"--carry-lrs must be an odd number of lrs (1, 3, 5, ...), got {width}")
     name = args.preset or "custom"
     root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
     per_model, status = {}, 0
@@ -1163,12 +1172,20 @@ def main_models(args: argparse.Namespace) -> int:
         status |= main(sub)
         res = json.loads((root / model / "results.json").read_text())
         per_model[model] = {"agg": aggregate(_report_runs(res)), "runs": res["runs"]}
-        if getattr(args, "carry_lrs", False):
-            carried = carried_grids(res["best"])
-            carried["carry_note"] = (
-                f"lrs carried from {model} (--carry-lrs): each matrix lr tuned on 1/2, 1, 2 x its best "
-                "there, the AdamW-part lr kept from there, not tuned at this size."
-            )
+        if width:
+            carried = carried_grids(res["best"], width)
+            if width == 1:  # one cell per optimizer: nothing to select
+                carried["tune_seeds"] = None
+                carried["carry_note"] = (
+                    f"lrs carried from {model} (--carry-lrs 1): each optimizer at its best matrix lr and "
+                    "AdamW-part lr there, not tuned at this size."
+                )
+            else:
+                factors = ", ".join(f"{2.0**j:g}" for j in range(-(width // 2), width // 2 + 1))
+                carried["carry_note"] = (
+                    f"lrs carried from {model} (--carry-lrs {width}): each matrix lr tuned on {factors} x "
+                    "its best there, the AdamW-part lr kept from there, not tuned at this size."
+                )
     rows = size_scan_rows(per_model)
     table = size_scan_table(rows)
     md = [
