@@ -110,11 +110,28 @@ def test_load_latest_falls_back_to_the_previous_and_names_the_bad_file(tmp_path)
 def test_a_checkpoint_without_checksum_loads_with_a_note(tmp_path):
     """Checkpoints written before the checksum (a bare torch.save archive) are accepted, unverified."""
     path = tmp_path / "ckpt.pt"
-    torch.save({"format": checkpoint.FORMAT, **payload(5)}, path)
+    torch.save({"format": checkpoint.FORMAT_UNCHECKED, **payload(5)}, path)
     assert checkpoint.verify(path) is False
     got, used, notes = checkpoint.load_latest(tmp_path)
     assert same(got, payload(5)) and used == path
     assert len(notes) == 1 and "no checksum" in notes[0] and str(path) in notes[0]
+
+
+def test_a_checkpoint_whose_trailer_was_cut_off_is_refused(tmp_path):
+    """A file cut exactly before its 80-byte trailer ends like a plain torch.save archive; its format
+    tag says it had a checksum, so it is refused (and load_latest falls back to the previous one),
+    never loaded unverified with a flipped bit inside."""
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, payload(1))
+    checkpoint.save(path, payload(2))
+    data_ = path.read_bytes()
+    path.write_bytes(data_[: -checkpoint.TRAILER_LEN])
+    assert checkpoint.verify(path) is False
+    with pytest.raises(CheckpointError, match="lost its checksum trailer"):
+        checkpoint.load(path)
+    got, used, notes = checkpoint.load_latest(tmp_path)
+    assert same(got, payload(1)) and used == tmp_path / checkpoint.PREV_NAME
+    assert "lost its checksum trailer" in notes[0]
 
 
 def test_stale_temp_files_are_found(tmp_path):

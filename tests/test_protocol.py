@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("transformers")
 
 from helpers import TINY_RUN, flags  # noqa: E402
-from htmuon.train import checkpoint  # noqa: E402
+from htmuon.cli import UserError  # noqa: E402
+from htmuon.train import checkpoint, locks  # noqa: E402
 from htmuon.train import compare as cmp  # noqa: E402
 from htmuon.train.config import TrainConfig, make_config, to_dict  # noqa: E402
 from htmuon.train.loop import budget_steps, evaluate, independent_weight_decay, resolve_config, train  # noqa: E402
@@ -213,9 +214,19 @@ def test_cell_lock_exclusive_released_and_stale_taken_over(tmp_path):
     assert not cmp.acquire_lock(lock)
     lock.write_text("")  # being written by its owner: held
     assert not cmp.acquire_lock(lock)
+    old = time.time() - 2 * locks.UNPARSABLE_STALE_S  # left empty by a kill between create and write
+    os.utime(lock, (old, old))
+    assert cmp.lock_is_stale(lock) and cmp.acquire_lock(lock)
+    cmp.release_lock(lock)
 
 
-def test_run_cells_waits_for_a_cell_another_process_runs(tmp_path, monkeypatch):
+def test_repeated_seeds_are_refused():
+    for kw in (dict(seeds="0,1,0"), dict(seeds="0", tune_seeds="10,10")):
+        with pytest.raises(UserError, match="lists a seed twice"):
+            cmp.plan_grid(_args(**kw))
+
+
+def test_run_cells_waits_for_a_cell_another_process_runs(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
     plan = cmp.plan_grid(_args(optimizers="muon", seeds="0,1", compare_out=str(tmp_path / "g")))
@@ -235,11 +246,16 @@ def test_run_cells_waits_for_a_cell_another_process_runs(tmp_path, monkeypatch):
 
         t = threading.Thread(target=finish_other)
         t.start()
-        res = cmp.run_cells(cells, None, quiet=True, poll_s=0.05)
+        res = cmp.run_cells(cells, None, quiet=False, poll_s=0.05)
         t.join()
     finally:
         other.kill()
         other.wait()
+    # the wait names the lock and its owner
+    assert (
+        f"waiting for 1 cell(s) another process runs: '{held}' (process {other.pid} on"
+        in capsys.readouterr().err
+    )
     # seed 1 ran at once; seed 0 only after the other process released it, and exactly once
     assert [c[3] for c in calls] == [1, 0] and order == ["other done"]
     assert [r["seed"] for r in res] == [0, 1]

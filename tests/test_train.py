@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -314,6 +315,9 @@ def _cli(capsys, *argv) -> tuple[int, str]:
         (["--lr", "-1"], "config key 'lr' must be > 0"),
         (["--routing", "sideways"], "config key 'routing' must be one of"),
         (["--config", "/no/such.toml"], "config file '/no/such.toml' not found"),
+        (["--seed", "-1"], "config key 'seed' must be in [0, 2**32), got -1"),
+        (["--seed", "4294967296"], "config key 'seed' must be in [0, 2**32)"),
+        (["--device", "meta"], "device 'meta' is not supported for training"),
     ],
 )
 def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path):
@@ -339,6 +343,68 @@ def test_empty_data_file_and_bad_config_file(capsys, tmp_path):
     toml.write_text('optimizer = "muon"\nsteps = 70\nlr = 0.05\n')
     c = make_config({"steps": 3, "seed": 4}, str(toml), {"lr": "0.01"}, strings=True)
     assert (c.optimizer, c.steps, c.lr, c.seed) == ("muon", 70, 0.01, 4)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(capsys, tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_bytes(b'{"steps": 3, "note": "\xff\xfe"}')
+    rc, err = _cli(capsys, "train", "--config", str(cfg), "--out-dir", str(tmp_path / "r"))
+    assert rc == 2 and f"config file '{cfg}' is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_is_reused_not_retrained(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train(tiny(corpus_file, out))
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        (out / name).unlink()
+    metrics = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    again = train(tiny(corpus_file, out), resume=True)
+    assert again == first and (out / "metrics.jsonl").read_bytes() == metrics
+    assert "whose checkpoints are gone: reusing its summary" in capsys.readouterr().err
+
+
+def test_resuming_on_changed_data_is_refused(corpus_file, tmp_path):
+    """The run records a digest of its tokens; an edited corpus (retokenised: other tokens at the same
+    count) must not be trained on from the old weights and loader position."""
+    data_file = tmp_path / "corpus.txt"
+    text = corpus_file.read_text(encoding="utf-8")
+    data_file.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    train(tiny(data_file, out), stop_after=3)
+    data_file.write_text(text.replace(" the ", " thy ", 50), encoding="utf-8")
+    with pytest.raises(
+        UserError, match=r"the data of the run in .* changed since it was started \(tokens_digest"
+    ):
+        train(tiny(data_file, out), resume=True)
+    data_file.write_text(text, encoding="utf-8")  # the same text again (a new mtime): resumes
+    assert train(tiny(data_file, out), resume=True)["finished"]
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out), stop_after=3)
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(f"{helper.pid} {socket.gethostname()}\n")
+        with pytest.raises(
+            UserError, match=rf"'{out}' is in use by another training process.*process {helper.pid}"
+        ):
+            train(tiny(corpus_file, out), resume=True)
+    finally:
+        helper.kill()
+        helper.wait()
+    # its process is gone: the lock is stale and taken over; released when the run ends
+    assert train(tiny(corpus_file, out), resume=True)["finished"]
+    assert not (out / "run.lock").exists()
+
+
+def test_metrics_with_garbage_bytes_resume(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out), stop_after=3)
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage \x00\n")
+    assert train(tiny(corpus_file, out), resume=True)["finished"]
 
 
 def test_checkpoint_of_another_config_is_refused_and_nothing_overwritten(corpus_file, tmp_path):

@@ -16,8 +16,9 @@ Writing: to a temp file in the run folder, fsynced, then ``os.replace``d over ``
 before, the old ``ckpt.pt`` becomes ``ckpt.prev.pt``. A run killed at any moment leaves the
 previous checkpoint or the new one, never a torn ``ckpt.pt``; and if ``ckpt.pt`` is later found
 damaged (a disk error, a copy cut short), :func:`load_latest` falls back to ``ckpt.prev.pt``.
-Checkpoints from before the checksum (no trailer: the file ends like a plain ``torch.save``
-archive) are accepted unverified, with a note.
+Checkpoints from before the checksum (format tag v1, no trailer: the file ends like a plain
+``torch.save`` archive) are accepted unverified, with a note; a v2 checkpoint that ends like a plain
+archive lost its trailer (a file cut at exactly that point) and is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ import torch
 from htmuon.errors import UserError
 from htmuon.train.data import atomic_write
 
-FORMAT = "htmuon-train-checkpoint-v1"
+#: the format tag of the checkpoints written now: always followed by the checksum trailer
+FORMAT = "htmuon-train-checkpoint-v2"
+#: the tag of checkpoints written before the checksum existed (loaded unverified, with a note). A v2
+#: file without its trailer is refused: its trailer was cut off, so its content cannot be trusted.
+FORMAT_UNCHECKED = "htmuon-train-checkpoint-v1"
 CKPT_NAME = "ckpt.pt"
 #: the checkpoint before the latest one (the fallback of :func:`load_latest`)
 PREV_NAME = "ckpt.prev.pt"
@@ -168,17 +173,20 @@ def load(path: Path, map_location="cpu") -> dict:
     """
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at '{path}'")
-    verify(path)
-    return _torch_load(path, map_location)
+    return _torch_load(path, map_location, verify(path))
 
 
-def _torch_load(path: Path, map_location) -> dict:
+def _torch_load(path: Path, map_location, verified: bool) -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, FORMAT_UNCHECKED):
         raise CheckpointError(f"'{path}' is not an htmuon training checkpoint")
+    if not verified and payload["format"] == FORMAT:
+        raise CheckpointError(
+            f"checkpoint '{path}' lost its checksum trailer (cut short?): its content cannot be verified"
+        )
     return payload
 
 
@@ -198,7 +206,7 @@ def load_latest(folder: Path, map_location="cpu") -> tuple[dict | None, Path | N
             continue
         try:
             verified = verify(path)
-            payload = _torch_load(path, map_location)
+            payload = _torch_load(path, map_location, verified)
         except CheckpointError as e:
             errors.append(str(e))
             continue

@@ -45,10 +45,19 @@ import os
 import platform
 import re
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
+
+from htmuon.train.locks import (  # noqa: F401 (the cell locks: compare.acquire_lock etc. stay importable)
+    _alive,
+    _lock_owner,
+    acquire_lock,
+    acquire_lock_plain,
+    describe_owner,
+    lock_is_stale,
+    release_lock,
+)
 
 GRID_FIELDS = ("optimizer", "seed", "lr", "out_dir")
 LOCK_NAME = "cell.lock"
@@ -262,6 +271,12 @@ def plan_grid(args: argparse.Namespace) -> Plan:
     tune_seeds = (
         parse_list(args.tune_seeds, int, "--tune-seeds") if getattr(args, "tune_seeds", None) else None
     )
+    for flag, values in (("--seeds", seeds), ("--tune-seeds", tune_seeds or [])):
+        if len(set(values)) != len(values):
+            raise UserError(
+                f"{flag} {','.join(map(str, values))} lists a seed twice: a repeated seed is the same run, "
+                "not another sample"
+            )
     if tune_seeds and set(tune_seeds) & set(seeds):
         raise UserError(
             f"--tune-seeds {args.tune_seeds} and --seeds {','.join(map(str, seeds))} overlap: "
@@ -360,81 +375,7 @@ def untuned_notes(plan: Plan) -> list[str]:
     return notes
 
 
-# ----------------------------------------------------------------------------- cell locks
-
-
-def _lock_owner(path: Path) -> tuple[int, str] | None:
-    try:
-        pid, host = path.read_text().split()
-        return int(pid), host
-    except FileNotFoundError:
-        return None
-    except ValueError:  # being written right now, or foreign: treat as held
-        return -1, ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def lock_is_stale(path: Path) -> bool:
-    """True when the lock at ``path`` names a dead process on this host (or is gone)."""
-    owner = _lock_owner(path)
-    if owner is None:
-        return True
-    pid, host = owner
-    return pid > 0 and host == socket.gethostname() and not _alive(pid)
-
-
-def acquire_lock(path: Path) -> bool:
-    """Create ``path`` with O_EXCL holding "PID HOST"; take over a lock of a dead process. False if held.
-
-    A takeover is itself guarded by an O_EXCL "PATH.takeover" file, so two processes that both find
-    a stale lock cannot remove each other's fresh one."""
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not lock_is_stale(path):
-                return False
-            guard = path.with_name(path.name + ".takeover")
-            if not acquire_lock_plain(guard):
-                return False
-            try:
-                if lock_is_stale(path):
-                    path.unlink(missing_ok=True)
-            finally:
-                guard.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        return True
-    return False
-
-
-def acquire_lock_plain(path: Path) -> bool:
-    """O_EXCL create of ``path`` with "PID HOST"; a leftover of a dead process is removed first."""
-    if path.exists() and lock_is_stale(path):
-        path.unlink(missing_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    return True
-
-
-def release_lock(path: Path) -> None:
-    """Remove ``path`` if this process holds it."""
-    if _lock_owner(path) == (os.getpid(), socket.gethostname()):
-        path.unlink(missing_ok=True)
+# ------------------------------------------------------------------ cell locks: htmuon.train.locks
 
 
 # ----------------------------------------------------------------------------- running
@@ -476,7 +417,13 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
             done[i].update(weight_decay=c.cfg.weight_decay, wd_mode=c.cfg.wd_mode)
         if waiting and len(waiting) == len(pending):
             if not quiet:
-                print(f"waiting for {len(waiting)} cell(s) another process runs", file=sys.stderr, flush=True)
+                held = describe_owner(Path(cells[waiting[0]].cfg.out_dir) / LOCK_NAME)
+                more = f" and {len(waiting) - 1} more" if len(waiting) > 1 else ""
+                print(
+                    f"waiting for {len(waiting)} cell(s) another process runs: {held}{more}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             time.sleep(poll_s)
         pending = waiting
     return [done[i] for i in range(len(cells))]

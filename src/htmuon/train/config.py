@@ -222,6 +222,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"config key 'p' must be in [0, 1], got {cfg.p!r}")
     if cfg.interval is not None and cfg.interval < 1:
         raise UserError(f"config key 'interval' must be >= 1, got {cfg.interval!r}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's legacy seed range (the loop seeds numpy with it)
+        raise UserError(f"config key 'seed' must be in [0, 2**32), got {cfg.seed!r}")
     for key in ("momentum", "adamw_beta1", "adamw_beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)!r}")
@@ -232,7 +234,12 @@ def read_config_file(path: str) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"config file '{path}' not found")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file '{path}': {e.strerror or e}") from None
     if p.suffix == ".toml":
         try:
             import tomllib

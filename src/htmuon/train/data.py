@@ -997,10 +997,33 @@ def load_token_data(cfg) -> tuple[TokenData, int, dict]:
     info = {
         "train_tokens": int(len(streams.train)),
         "val_tokens": int(len(streams.val)),
+        "tokens_digest": tokens_digest(streams.train, streams.val),
         "token_cache": str(streams.cache),
         "tokenizer": cfg.tokenizer or "local BPE",
     }
     return data, streams.vocab_size, info
+
+
+#: Token streams up to this many bytes are hashed whole by :func:`tokens_digest`; larger ones by slices.
+DIGEST_FULL_BYTES = 256 * 2**20
+DIGEST_SLICES, DIGEST_SLICE_BYTES = 4096, 64 * 2**10
+
+
+def tokens_digest(*streams: np.ndarray) -> str:
+    """A SHA-256 of the token streams' content (what a resumed run checks it continues on): whole streams
+    up to :data:`DIGEST_FULL_BYTES`, else :data:`DIGEST_SLICES` evenly spaced slices of each, with the
+    lengths (a re-tokenised or edited corpus shifts or changes tokens everywhere after the edit)."""
+    h = hashlib.sha256()
+    for a in streams:
+        raw = np.asarray(a).view(np.uint8).reshape(-1)
+        h.update(f"{a.dtype}:{len(a)}\x00".encode())
+        if raw.size <= DIGEST_FULL_BYTES:
+            h.update(memoryview(np.ascontiguousarray(raw)))
+            continue
+        step = raw.size // DIGEST_SLICES
+        for start in range(0, raw.size - DIGEST_SLICE_BYTES + 1, step):
+            h.update(memoryview(np.ascontiguousarray(raw[start : start + DIGEST_SLICE_BYTES])))
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- ImageNet (ImageFolder)

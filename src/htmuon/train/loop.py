@@ -159,6 +159,8 @@ def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
             dev = torch.device(cfg.device)
         except RuntimeError:
             raise UserError(f"unknown device '{cfg.device}' (auto, cpu, cuda, cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise UserError(f"device '{cfg.device}' is not supported for training (auto, cpu, cuda, cuda:N)")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device '{cfg.device}' requested but CUDA is not available")
     if cfg.dtype == "fp32":
@@ -339,7 +341,7 @@ class _NoMetrics:
 
 def read_metrics(path: Path) -> list[dict]:
     out = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # garbage bytes: a line that is dropped
         for line in f:
             line = line.strip()
             if line:
@@ -436,11 +438,51 @@ def train(
         return _train(cfg, par, device, amp, resume, stop_after, argv)
 
 
+#: The lock a training run holds on its folder (htmuon.train.locks): a second process that would train
+#: or resume the same folder is refused instead of both writing it.
+RUN_LOCK_NAME = "run.lock"
+
+
+class _RunFolderLock:
+    """``run.lock`` in a run folder, taken as soon as the folder exists (the main process only)."""
+
+    def __init__(self, out: Path, active: bool):
+        self.path, self.active, self.held = out / RUN_LOCK_NAME, active, False
+
+    def take(self) -> None:
+        from htmuon.train.locks import acquire_lock, describe_owner
+
+        if not self.active or self.held or not self.path.parent.is_dir():
+            return
+        if not acquire_lock(self.path):
+            raise UserError(
+                f"run folder '{self.path.parent}' is in use by another training process: lock "
+                f"{describe_owner(self.path)}; wait for it to finish or stop it"
+            )
+        self.held = True
+
+    def release(self) -> None:
+        from htmuon.train.locks import release_lock
+
+        if self.held:
+            release_lock(self.path)
+            self.held = False
+
+
 def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     if cfg.batch_size % par.world:
         raise UserError(f"batch_size {cfg.batch_size} does not divide among {par.world} processes")
     out = Path(cfg.out_dir).expanduser()
     check_out_dir(out)  # before any work: a run folder under a file, read-only or not writable
+    lock = _RunFolderLock(out, par.is_main)
+    try:
+        lock.take()  # an existing folder: before its checkpoints are read
+        return _train_locked(cfg, par, device, amp, resume, stop_after, argv, out, lock)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lock: _RunFolderLock) -> dict:
     if cfg.tensorboard:
         require_tensorboard()  # before anything is written, so a failed start leaves nothing behind
     ckpt_path = out / checkpoint.CKPT_NAME
@@ -459,6 +501,17 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
         # killed before its first checkpoint: start over, but only if it is the same run
         saved = from_dict(read_json(out / "config.json", "run config"), where=f" in {out / 'config.json'}")
         _check_same_run(saved, cfg, f"run folder '{out}' holds a run of")
+        if (out / "summary.json").exists():  # a finished run whose checkpoints were deleted (disk space)
+            summary = read_json(out / "summary.json", "run summary")
+            if summary.get("finished") or summary.get("diverged"):
+                if par.is_main:
+                    print(
+                        f"htmuon: '{out}' holds a finished run (summary.json) whose checkpoints are gone: "
+                        "reusing its summary, not training it again",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return summary
     elif not resume and holds_run:
         raise UserError(
             f"run folder '{out}' already holds a run; pass --resume to continue it or pick another --out-dir"
@@ -488,6 +541,8 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
     with torchrun.main_first(par):  # rank 0 fills the token cache, the others read it
         data, model, info = build_data_and_model(cfg)
+    if payload is not None and old_run_info is not None:
+        _check_same_data(old_run_info.get("data") or {}, info, cfg, out)
     model.to(device)
     model.train()
     module = torchrun.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
@@ -516,6 +571,7 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
         run_info.setdefault("resumed_from_steps", []).append(start)
     if par.is_main:
         metrics = _start_run_folder(out, cfg, run_info, start if payload is not None else None)
+        lock.take()  # a new folder: now that it exists
     else:
         metrics = _NoMetrics()
 
@@ -636,6 +692,28 @@ def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     if not stopped and par.is_main:
         write_run_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+#: What identifies a run's data in run.json's "data": a digest of the tokens' content
+#: (:func:`htmuon.train.data.tokens_digest`; not the cache's key, which follows the files' modification
+#: times) and the split sizes.
+_DATA_IDENTITY = ("tokens_digest", "train_tokens", "val_tokens", "train_samples", "val_samples", "classes")
+
+
+def _check_same_data(then: dict, now: dict, cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run on data other than what it was started on (a changed or re-tokenised file
+    would give the saved weights and loader position other tokens, silently)."""
+    for key in _DATA_IDENTITY:
+        a, b = then.get(key), now.get(key)
+        if a is None or b is None:
+            continue  # not recorded then (an older run) or not this kind of data
+        if a != b:
+            if key == "tokens_digest":
+                a, b = f"{a[:12]}...", f"{b[:12]}..."
+            raise UserError(
+                f"the data of the run in '{out}' changed since it was started ({key}: {a} then, {b} now; "
+                f"data '{cfg.data}'): resume it on the data it started on, or start a new run"
+            )
 
 
 def _start_run_folder(out: Path, cfg: TrainConfig, run_info: dict, keep_until_step: int | None) -> Metrics:
