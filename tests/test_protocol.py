@@ -470,6 +470,10 @@ def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monk
     assert "--carry-lrs 1" in (tmp_path / "scan1" / "llama-tiny" / "results.md").read_text()
     assert cli_main(argv2[:-6] + ["--carry-lrs", "2"]) != 0
     assert "--carry-lrs must be an odd number of lrs (1, 3, 5, ...), got 2" in capsys.readouterr().err
+    single = argv2[:-6] + ["--model", "llama-tiny", "--carry-lrs"]
+    del single[single.index("--models") : single.index("--models") + 2]
+    assert cli_main(single) != 0
+    assert "--carry-lrs carries lrs from one model to the next: it needs --models" in capsys.readouterr().err
 
 
 def test_report_machine_line_gives_the_runs_thread_count():

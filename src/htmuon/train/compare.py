@@ -375,9 +375,6 @@ def untuned_notes(plan: Plan) -> list[str]:
     return notes
 
 
-# ------------------------------------------------------------------ cell locks: htmuon.train.locks
-
-
 # ----------------------------------------------------------------------------- running
 
 
@@ -1114,7 +1111,14 @@ def main_models(args: argparse.Namespace) -> int:
     carried: dict = {}
     for model in models:
         sub = argparse.Namespace(
-            **{**vars(args), "model": model, "compare_out": str(root / model), "models": None, **carried}
+            **{
+                **vars(args),
+                "model": model,
+                "compare_out": str(root / model),
+                "models": None,
+                "carry_lrs": 0,
+                **carried,
+            }
         )
         status |= main(sub)
         res = json.loads((root / model / "results.json").read_text())
@@ -1167,6 +1171,10 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if getattr(args, "models", None):
         return main_models(args)
+    if getattr(args, "carry_lrs", 0):
+        from htmuon.cli import UserError
+
+        raise UserError("--carry-lrs carries lrs from one model to the next: it needs --models")
     plan = plan_grid(args)
     plan.out.mkdir(parents=True, exist_ok=True)
     for note in plan.notes:
