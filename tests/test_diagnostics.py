@@ -456,6 +456,38 @@ def test_cli_esd_model_factory(capsys):
         _cli(["math:nothing_here"])
     with pytest.raises(UserError, match="not an nn.Module"):
         _cli(["math:pi"])
+    with pytest.raises(UserError, match=r"calling Linear\(\) failed \(TypeError"):
+        _cli(["torch.nn:Linear"])  # a class that needs arguments: one line, not a traceback
+    with pytest.raises(ValueError, match="meta tensor holds no values"):
+        analyze(small_model(), device="meta")
+
+
+def test_degenerate_esd_fails_at_every_size():
+    """All eigenvalues equal (an identity, an orthogonal init): a failed fit, never alpha = inf 'ok'."""
+    for n in (16, 64):
+        row = analyze(torch.eye(n)).rows[0]
+        assert math.isnan(row["alpha"]) and row["status"].startswith("failed: degenerate"), (n, row)
+
+
+def test_a_tied_matrix_is_one_layer_in_every_form(tmp_path):
+    """An LM head sharing the embedding's tensor is analysed once, as a checkpoint that stores it once
+    gives it (the mean alpha must not depend on the input form)."""
+    emb = nn.Embedding(120, 40)
+    model = nn.ModuleDict({"embed": emb, "mid": nn.Linear(40, 40), "head": nn.Linear(40, 120, bias=False)})
+    model["head"].weight = emb.weight  # tied
+    once = {"embed.weight": emb.weight.detach().clone(), "mid.weight": model["mid"].weight.detach().clone()}
+    want = analyze(once)
+    for form in (model, model.state_dict()):
+        got = analyze(form)
+        assert sorted(got.alphas) == ["embed", "mid"] and got.mean_alpha == pytest.approx(want.mean_alpha)
+
+
+def test_float8_weights_and_a_file_of_one_tensor(tmp_path):
+    w = torch.randn(64, 32)
+    want = analyze(w.to(torch.float8_e4m3fn).float()).rows[0]["alpha"]
+    assert analyze(w.to(torch.float8_e4m3fn)).rows[0]["alpha"] == pytest.approx(want, rel=1e-6)
+    torch.save(w, tmp_path / "w.pt")  # a file holding one bare weight tensor
+    assert analyze(tmp_path / "w.pt").rows[0]["alpha"] == pytest.approx(analyze(w).rows[0]["alpha"], rel=1e-6)
 
 
 @pytest.mark.parametrize("fit", FITS)

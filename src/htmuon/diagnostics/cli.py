@@ -92,7 +92,16 @@ def _load_target(target: str, allow_pickle: bool = False):
             raise UserError(f"module {mod_name!r} has no attribute {attr!r}")
         import torch
 
-        obj = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+        if callable(factory) and not isinstance(factory, torch.nn.Module):
+            try:
+                obj = factory()
+            except Exception as e:  # a class that needs arguments, a factory that fails
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise UserError(
+                    f"{target!r}: calling {attr}() failed ({type(e).__name__}: {first})"
+                ) from None
+        else:
+            obj = factory
         if not isinstance(obj, torch.nn.Module):
             raise UserError(f"{target!r} gave a {type(obj).__name__}, not an nn.Module")
         return obj

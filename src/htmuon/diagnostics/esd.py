@@ -300,7 +300,7 @@ def _state_dict_cands(items: Iterable[tuple[str, Tensor | TensorMeta]]) -> list[
     for key, t in items:
         if not (t.is_floating_point() if isinstance(t, Tensor) else t.is_floating_point):
             continue
-        if not str(key).endswith("weight"):
+        if not str(key).endswith("weight") and str(key) != "tensor":  # "tensor": a file of one bare tensor
             continue
         kind = _shape_kind(t)
         if kind is None:
@@ -308,6 +308,22 @@ def _state_dict_cands(items: Iterable[tuple[str, Tensor | TensorMeta]]) -> list[
         name = str(key)[: -len(".weight")] if str(key).endswith(".weight") else str(key)
         cands.append((name, kind, t, str(key)))
     return cands
+
+
+def _untied(cands: list[_Cand]) -> list[_Cand]:
+    """One candidate per weight: a tied matrix (an LM head sharing the embedding's tensor) is one layer,
+    under its first name, as a checkpoint that stores it once (``save_pretrained``) gives it."""
+    seen: set[tuple] = set()
+    out = []
+    for cand in cands:
+        w = cand[2]
+        if isinstance(w, Tensor) and w.device.type != "meta" and w.numel():
+            key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(cand)
+    return out
 
 
 def _collect(obj: Any) -> tuple[list[_Cand], str]:
@@ -322,7 +338,7 @@ def _collect(obj: Any) -> tuple[list[_Cand], str]:
                 continue
             w = getattr(m, "weight", None)
             cands.append((name or type(m).__name__, kind, w if isinstance(w, Tensor) else None, ""))
-        return cands, f"model {type(obj).__name__}"
+        return _untied(cands), f"model {type(obj).__name__}"
     if isinstance(obj, Tensor):
         if obj.ndim not in (2, 3, 4):
             raise ValueError(
@@ -333,7 +349,8 @@ def _collect(obj: Any) -> tuple[list[_Cand], str]:
     if isinstance(obj, Checkpoint):
         return _state_dict_cands(obj.entries.items()), f"{obj.format} checkpoint {obj.path!r}"
     if isinstance(obj, Mapping):
-        return _state_dict_cands((k, t) for k, t in obj.items() if isinstance(t, Tensor)), "state_dict"
+        cands = _state_dict_cands((k, t) for k, t in obj.items() if isinstance(t, Tensor))
+        return _untied(cands), "state_dict"
     raise TypeError(
         "analyze() takes an nn.Module, a state_dict, a checkpoint path or Checkpoint, or a tensor, "
         f"got {type(obj).__name__}"
@@ -393,6 +410,8 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
         raise ValueError(f"Invalid device: {device!r} ({e})") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Invalid device: {device!r}: CUDA is not available")
+    if dev.type == "meta":
+        raise ValueError(f"Invalid device: {device!r}: a meta tensor holds no values to analyze")
     return dev
 
 
@@ -509,6 +528,8 @@ def layer_eigenvalues(
 
 
 def _check_finite(name: str, w: Tensor) -> None:
+    if w.dtype.itemsize == 1 and w.is_floating_point():  # float8: isfinite has no kernel; upcast exactly
+        w = w.float()
     if w.numel() and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(

@@ -221,7 +221,13 @@ def fit_powerlaw(evals: Tensor, fit: str = "ks", *, thresh: float = EVALS_THRESH
             status = "ok (fix-finger window empty: used every xmin)"
     n, _, alpha = _candidates(x, logx, idx, bias=0.0)
     D = _ks_distances(x, logx, idx, alpha, n)
-    D = torch.where(alpha > 1.0, D, torch.ones_like(D))
+    # a tail of equal eigenvalues has sum ln(x / xmin) = 0: alpha = inf and a NaN distance, which
+    # argmin would pick over every real candidate; such tails are not power laws
+    valid = (alpha > 1.0) & torch.isfinite(alpha) & torch.isfinite(D)
+    if not bool(valid.any()):
+        why = "failed: degenerate ESD (no tail of distinct eigenvalues to fit)"
+        return PowerLawFit(math.nan, float(x[0]), xmax, math.nan, math.nan, N, N, fit, why)
+    D = torch.where(valid, D, torch.ones_like(D))
     k = int(torch.argmin(D))
     return _result(x, int(idx[k]), float(alpha[k]), float(D[k]), N, fit, status)
 
