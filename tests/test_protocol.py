@@ -395,11 +395,10 @@ def test_carried_grids_center_each_specs_matrix_lr_and_keep_its_adamw_lr():
         "htmuon:method=fast,p=0.03125=0.02,0.04,0.08",
         "adamw=0.0015,0.003,0.006",
     ]
-    assert g["adamw_lr_grid"] == [
-        "muon=0.111",
-        "htmuon:method=fast,p=0.03125=0.0333",
-    ]  # adamw has no AdamW part
+    # every optimizer with an AdamW part on every AdamW-part lr chosen there (adamw has none)
+    assert g["adamw_lr_grid"] == ["muon=0.0333,0.111", "htmuon:method=fast,p=0.03125=0.0333,0.111"]
     assert cmp.carried_grids(best, 1)["lr_grid"][0] == "muon=0.01"
+    assert cmp.carried_grids(best, 1)["adamw_lr_grid"][0] == "muon=0.111"  # no selection: its own
     assert cmp.carried_grids(best, 5)["lr_grid"][0] == "muon=0.0025,0.005,0.01,0.02,0.04"
     # the items parse back to the same grids, full spec as the key
     assert cmp.parse_lr_grid(g["lr_grid"])["htmuon:method=fast,p=0.03125"] == [0.02, 0.04, 0.08]

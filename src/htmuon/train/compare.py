@@ -117,7 +117,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --models: each model after the first tunes every optimizer's matrix lr on N values "
         "2^j x its best on the model before (N=3: 1/2, 1, 2; N=1: that lr alone, no selection runs) and "
-        "keeps that model's AdamW-part lr (a cheaper scan) [N default: 3]",
+        "the AdamW-part lr on the values the optimizers chose there (a cheaper scan) [N default: 3]",
     )
     parser.add_argument(
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
@@ -1084,15 +1084,20 @@ def carried_grids(best: dict[str, dict], width: int = 3) -> dict[str, list[str]]
 
     Per spec the matrix lr is tried at ``width`` values ``2^j`` x its best there, ``j`` from
     ``-(width // 2)`` to ``width // 2`` (3: 1/2, 1, 2, so that an edge is seen and ``--extend-edges``
-    can go past it; 1: the best alone), and the AdamW-part lr is kept. Returned as ``--lr-grid`` /
-    ``--adamw-lr-grid`` items keyed by the full spec (a spec's grid wins over its name's)."""
+    can go past it; 1: the best alone). The AdamW-part lr is tried, for every spec with an AdamW part,
+    at each AdamW-part lr that any spec chose there (``width`` 1: its own): the optimum of that lr moves
+    with the run's length (which grows with the model at a fixed budget of tokens per parameter), and
+    keeping each optimizer's own would compare them at different values of it. Returned as
+    ``--lr-grid`` / ``--adamw-lr-grid`` items keyed by the full spec (a spec's grid wins over its name's)."""
     lr_grid, adamw_grid = [], []
+    shared = sorted({row["adamw_lr"] for row in best.values() if row.get("adamw_lr") is not None})
     for spec, row in best.items():
         lr = row["lr"]
         lrs = sorted({float(f"{lr * 2.0**j:.3g}") for j in range(-(width // 2), width // 2 + 1)})
         lr_grid.append(f"{spec}=" + ",".join(f"{v:g}" for v in lrs))
         if row.get("adamw_lr") is not None:
-            adamw_grid.append(f"{spec}={row['adamw_lr']:g}")
+            alrs = [row["adamw_lr"]] if width == 1 else shared
+            adamw_grid.append(f"{spec}=" + ",".join(f"{v:g}" for v in alrs))
     return {"lr_grid": lr_grid, "adamw_lr_grid": adamw_grid}
 
 
@@ -1135,7 +1140,8 @@ def main_models(args: argparse.Namespace) -> int:
                 factors = ", ".join(f"{2.0**j:g}" for j in range(-(width // 2), width // 2 + 1))
                 carried["carry_note"] = (
                     f"lrs carried from {model} (--carry-lrs {width}): each matrix lr tuned on {factors} x "
-                    "its best there, the AdamW-part lr kept from there, not tuned at this size."
+                    "its best there, the AdamW-part lr on the values the optimizers chose there (every "
+                    "optimizer on all of them)."
                 )
     rows = size_scan_rows(per_model)
     table = size_scan_table(rows)
