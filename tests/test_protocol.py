@@ -201,23 +201,23 @@ def _dead_pid() -> int:
 
 def test_cell_lock_exclusive_released_and_stale_taken_over(tmp_path):
     lock = tmp_path / "cell.lock"
-    assert cmp.acquire_lock(lock)
+    assert locks.acquire_lock(lock)
     assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
-    assert not cmp.acquire_lock(lock)  # held by a live process (this one)
-    cmp.release_lock(lock)
+    assert not locks.acquire_lock(lock)  # held by a live process (this one)
+    locks.release_lock(lock)
     assert not lock.exists()
     lock.write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # left by a killed compare
-    assert cmp.lock_is_stale(lock) and cmp.acquire_lock(lock)
+    assert locks.lock_is_stale(lock) and locks.acquire_lock(lock)
     assert lock.read_text().split()[0] == str(os.getpid())
-    cmp.release_lock(lock)
+    locks.release_lock(lock)
     lock.write_text(f"{_dead_pid()} another-host\n")  # a pid on another host cannot be checked: held
-    assert not cmp.acquire_lock(lock)
+    assert not locks.acquire_lock(lock)
     lock.write_text("")  # being written by its owner: held
-    assert not cmp.acquire_lock(lock)
+    assert not locks.acquire_lock(lock)
     old = time.time() - 2 * locks.UNPARSABLE_STALE_S  # left empty by a kill between create and write
     os.utime(lock, (old, old))
-    assert cmp.lock_is_stale(lock) and cmp.acquire_lock(lock)
-    cmp.release_lock(lock)
+    assert locks.lock_is_stale(lock) and locks.acquire_lock(lock)
+    locks.release_lock(lock)
 
 
 def test_repeated_seeds_are_refused():

@@ -240,6 +240,8 @@ def test_split_groups_do_not_share_a_tensor_lr():
     opt = HTMuon(model.parameters(), lr=lr)
     (g_w, g_b) = opt.param_groups
     assert g_w["lr"] is not g_b["lr"] and torch.equal(g_w["lr"], g_b["lr"])
+    own = HTMuon([{"params": nn.Linear(4, 4).parameters(), "lr": torch.tensor(0.02)}])  # the group's own lr
+    assert own.param_groups[0]["lr"] is not own.param_groups[1]["lr"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.02, 0.002], total_steps=10)
     for _ in range(3):
         model(torch.randn(2, 4)).sum().backward()

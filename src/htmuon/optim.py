@@ -82,11 +82,14 @@ def _number(v: Any) -> float:
     return float(v.item()) if isinstance(v, Tensor) else float(v)
 
 
-def _check_algorithm_fits(group: dict[str, Any], params: Sequence[Tensor], where: str) -> None:
-    """A ValueError if ``group`` says ``algorithm="htmuon"`` and one of ``params`` is not a matrix."""
+def _check_algorithm_fits(
+    group: dict[str, Any], params: Sequence[Tensor], where: str, first: int = 0
+) -> None:
+    """A ValueError if ``group`` says ``algorithm="htmuon"`` and one of ``params`` (numbered from
+    ``first`` in the group) is not a matrix."""
     if group.get("algorithm") != "htmuon":
         return
-    for i, param in enumerate(params):
+    for i, param in enumerate(params, first):
         if param.ndim < 2:
             raise ValueError(
                 f"{where} has algorithm='htmuon' but parameter {i} has shape {tuple(param.shape)}: "
@@ -384,9 +387,15 @@ class HTMuon(Optimizer):
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
-        for key, value in group.items():  # a tensor default (lr) filled in by torch: one per group, as a
-            if isinstance(value, Tensor) and value is self.defaults.get(key):  # scheduler changes it in place
-                group[key] = value.clone()
+        # a tensor hyperparameter (lr) that a scheduler changes in place: one per group, whether torch
+        # filled it in from the defaults or routing split one group into two
+        for key, value in group.items():
+            if isinstance(value, Tensor) and key != "params":
+                shared = value is self.defaults.get(key) or any(
+                    value is g.get(key) for g in self.param_groups[:-1]
+                )
+                if shared:
+                    group[key] = value.clone()
         try:
             self._validate(group, where=f" in param group {index}")
             _check_algorithm_fits(group, group["params"], f"param group {index}")
@@ -583,10 +592,11 @@ class HTMuon(Optimizer):
         finite_checks: list[tuple[Tensor, int, int]] = []
         for gi, group in enumerate(self.param_groups):
             self._validate(group, where=f" in param group {gi}")
-            _check_algorithm_fits(group, group["params"], f"param group {gi}")
             hparams: list[Tensor] = []
             aparams: list[Tensor] = []
             for pi, param in enumerate(group["params"]):
+                if param.ndim < 2 and group["algorithm"] == "htmuon":  # an edited algorithm: refused
+                    _check_algorithm_fits(group, (param,), f"param group {gi}", pi)
                 grad = param.grad
                 if grad is None:
                     continue

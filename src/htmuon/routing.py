@@ -370,14 +370,10 @@ def route_params(
             kinds = [kind_from_name(n, t.ndim, head_names) for n, t in zip(names, tensors)]
         to_htmuon = _KINDS_TO_HTMUON[group_routing]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "names")}
-        shared = False
         for half in ("htmuon", "adamw"):
             picked = [i for i, kind in enumerate(kinds) if (kind in to_htmuon) == (half == "htmuon")]
             if not picked:
                 continue
-            if shared:  # a tensor hyperparameter (lr) is changed in place by schedulers: one per group
-                rest = {k: v.clone() if isinstance(v, Tensor) else v for k, v in rest.items()}
-            shared = True
             part = {**rest, "params": [tensors[i] for i in picked], "algorithm": half}
             if names_key is not None:
                 part[names_key] = [names[i] for i in picked]  # type: ignore[index]

@@ -49,15 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from htmuon.train.locks import (  # noqa: F401 (the cell locks: compare.acquire_lock etc. stay importable)
-    _alive,
-    _lock_owner,
-    acquire_lock,
-    acquire_lock_plain,
-    describe_owner,
-    lock_is_stale,
-    release_lock,
-)
+from htmuon.train.locks import acquire_lock, describe_owner, release_lock
 
 GRID_FIELDS = ("optimizer", "seed", "lr", "out_dir")
 LOCK_NAME = "cell.lock"

@@ -41,6 +41,7 @@ from htmuon.cli import UserError
 from htmuon.train import checkpoint
 from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
 from htmuon.train.data import atomic_write_bytes, stale_temp_files
+from htmuon.train.locks import acquire_lock, describe_owner, release_lock
 from htmuon.train.models import check_model_name, count_parameters
 from htmuon.train.optimizers import backend_label, build_optimizer, check_optimizer_name, resolve
 from htmuon.train.presets import model_task
@@ -450,8 +451,6 @@ class _RunFolderLock:
         self.path, self.active, self.held = out / RUN_LOCK_NAME, active, False
 
     def take(self) -> None:
-        from htmuon.train.locks import acquire_lock, describe_owner
-
         if not self.active or self.held or not self.path.parent.is_dir():
             return
         if not acquire_lock(self.path):
@@ -462,8 +461,6 @@ class _RunFolderLock:
         self.held = True
 
     def release(self) -> None:
-        from htmuon.train.locks import release_lock
-
         if self.held:
             release_lock(self.path)
             self.held = False
