@@ -418,7 +418,7 @@ def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monk
             **s,
             "model": cfg.model,
             "steps": cfg.steps,
-            "info": {"parameters": {"llama-micro": 1, "llama-tiny": 8}[cfg.model]},
+            "info": {"parameters": {"llama-micro": 1, "llama-tiny": 8, "llama-mini": 40}[cfg.model]},
         }
 
     monkeypatch.setattr("htmuon.train.loop.train", fake)
@@ -473,6 +473,38 @@ def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monk
     del single[single.index("--models") : single.index("--models") + 2]
     assert cli_main(single) != 0
     assert "--carry-lrs carries lrs from one model to the next: it needs --models" in capsys.readouterr().err
+
+    # --carry-lrs 3,1: selection around micro's best on tiny, then tiny's best alone on mini (seeds 0, 1)
+    calls.clear()
+    optima["llama-mini"] = 0.04
+    argv3 = [a if a != "llama-micro,llama-tiny" else "llama-micro,llama-tiny,llama-mini" for a in argv2]
+    argv3[argv3.index("--carry-lrs") + 1] = "3,1"
+    argv3[argv3.index("--out-dir") + 1] = str(tmp_path / "scan31")
+    assert cli_main(argv3) == 0
+    tiny_best = json.loads((tmp_path / "scan31" / "llama-tiny" / "results.json").read_text())["best"]["muon"]
+    tiny = {lr for _, lr, _, _, d in calls if d.endswith("seed10") and "llama-tiny" in d}
+    assert tiny == {0.005, 0.01, 0.02, 0.04}  # 1/2, 1, 2 x micro's best, extended past the edge
+    mini = sorted((lr, alr, seed) for _, lr, alr, seed, d in calls if "llama-mini" in d)
+    assert mini == [(tiny_best["lr"], tiny_best["adamw_lr"], s) for s in (0, 1)]
+    capsys.readouterr()
+    for bad, message in (
+        ("3,1,1", "--carry-lrs 3,1,1 gives 3 widths, but 3 models have 2 step(s)"),
+        ("3,x", "--carry-lrs takes odd numbers of lrs such as 3 or 3,1, got '3,x'"),
+    ):
+        argv3[argv3.index("--carry-lrs") + 1] = bad
+        assert cli_main(argv3) != 0
+        assert message in capsys.readouterr().err
+
+
+def test_carry_widths_one_per_step_between_models():
+    assert cmp.carry_widths("3", 3) == [3, 3]
+    assert cmp.carry_widths("3,1", 3) == [3, 1]
+    assert cmp.carry_widths("0", 4) == [0, 0, 0]
+    assert cmp.carry_widths(None, 2) == [0]
+    assert cmp.carry_widths("5", 1) == []
+    for bad in ("2", "3,-1", "3,0"):
+        with pytest.raises(Exception, match="odd number of lrs"):
+            cmp.carry_widths(bad, 3)
 
 
 def test_report_machine_line_gives_the_runs_thread_count():

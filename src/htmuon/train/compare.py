@@ -103,13 +103,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--carry-lrs",
         nargs="?",
-        const=3,
-        default=0,
-        type=int,
+        const="3",
+        default="0",
         metavar="N",
         help="with --models: each model after the first tunes every optimizer's matrix lr on N values "
         "2^j x its best on the model before (N=3: 1/2, 1, 2; N=1: that lr alone, no selection runs) and "
-        "the AdamW-part lr on the values the optimizers chose there (a cheaper scan) [N default: 3]",
+        "the AdamW-part lr on the values the optimizers chose there (a cheaper scan); a list such as 3,1 "
+        "gives one N per step between consecutive models [N default: 3]",
     )
     parser.add_argument(
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
@@ -1093,20 +1093,48 @@ def carried_grids(best: dict[str, dict], width: int = 3) -> dict[str, list[str]]
     return {"lr_grid": lr_grid, "adamw_lr_grid": adamw_grid}
 
 
+def carry_widths(value: str | int | None, n_models: int) -> list[int]:
+    """``--carry-lrs``'s value as one width per step between consecutive models (``n_models - 1``).
+
+    ``"3"`` is 3 at every step; ``"3,1"`` 3 from the first model to the second and 1 from the second
+    to the third (e.g. selection where a cell is cheap, the carried lr alone where it takes hours);
+    ``"0"`` or ``None``: no carrying. Every width is an odd positive number (0 alone means none).
+    """
+    from htmuon.cli import UserError
+
+    text = str(value if value is not None else 0).strip()
+    try:
+        widths = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--carry-lrs takes odd numbers of lrs such as 3 or 3,1, got {text!r}") from None
+    steps = max(n_models - 1, 0)
+    if widths == [0]:
+        return [0] * steps
+    for w in widths:
+        if w <= 0 or w % 2 == 0:
+            raise UserError(f"--carry-lrs must be an odd number of lrs (1, 3, 5, ...), got {w}")
+    if len(widths) == 1:
+        return widths * steps
+    if len(widths) != steps:
+        raise UserError(
+            f"--carry-lrs {text} gives {len(widths)} widths, but {n_models} models have {steps} "
+            "step(s) between them: give one width, or one per step"
+        )
+    return widths
+
+
 def main_models(args: argparse.Namespace) -> int:
     """``--models``: the protocol once per model in OUT/MODEL, then OUT/size_scan.md and gap_vs_params.png."""
     from htmuon.cli import UserError
     from htmuon.train.data import atomic_write_bytes
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    width = getattr(args, "carry_lrs", 0) or 0
-    if width < 0 or (width and width % 2 == 0):
-        raise UserError(f"--carry-lrs must be an odd number of lrs (1, 3, 5, ...), got {width}")
+    widths = carry_widths(getattr(args, "carry_lrs", 0), len(models))
     name = args.preset or "custom"
     root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
     per_model, status = {}, 0
     carried: dict = {}
-    for model in models:
+    for model, width in zip(models, widths + [0]):
         sub = argparse.Namespace(
             **{
                 **vars(args),
@@ -1169,7 +1197,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if getattr(args, "models", None):
         return main_models(args)
-    if getattr(args, "carry_lrs", 0):
+    if str(getattr(args, "carry_lrs", 0) or 0) != "0":
         from htmuon.cli import UserError
 
         raise UserError("--carry-lrs carries lrs from one model to the next: it needs --models")
