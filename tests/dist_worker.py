@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 import htmuon
+import htmuon.functional
 from htmuon.distributed import ShardLayout
 
 STEPS = 3
@@ -34,6 +35,8 @@ VARIANTS: dict[str, dict] = {
     "bf16_normuon": dict(p=0.125, plugin="normuon", dtype=torch.bfloat16),  # bfloat16 parameters
     # every matrix its own window (the step's memory bound at work), with a second moment to exchange
     "windows_normuon": dict(p=0.125, plugin="normuon", weight_decay=0.1, chunk_bytes=1),
+    # float64 directions from float32 matrices: the owner's bits must reach the others (and the plug-in)
+    "svd64_normuon": dict(p=0.125, plugin="normuon", compute_dtype=torch.float64),
 }
 
 
@@ -170,21 +173,42 @@ def fsdp_model(seed: int = 0, options: dict | None = None, mesh_shape: tuple[int
 # ---------------------------------------------------------------------------------------- scenarios
 
 
+class CountComputed:
+    """Counts the matrices this rank passes to the spectral map (``htmuon.functional.compute_directions``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._orig = htmuon.functional.compute_directions
+
+    def __enter__(self) -> CountComputed:
+        def counting(mats, corrected, group):
+            self.count += len(mats)
+            return self._orig(mats, corrected, group)
+
+        htmuon.functional.compute_directions = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        htmuon.functional.compute_directions = self._orig
+
+
 def ddp_exact(options: dict) -> dict:
     """Plain replicated parameters, the same (global-batch) gradients on every rank, work divided."""
     ref, ref_opt, grads = reference(options)
     torch.manual_seed(0)
     model = make_net(options)
     opt = make_opt(model, options, process_group=dist.group.WORLD)
-    for step in range(STEPS):
-        for n, p in model.named_parameters():
-            p.grad = grads[step][n].clone()
-        opt.step()
+    with CountComputed() as counted:
+        for step in range(STEPS):
+            for n, p in model.named_parameters():
+                p.grad = grads[step][n].clone()
+            opt.step()
     stats = opt._dist.stats
     return {
         "max_abs_diff": max_diff(model, ref),
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": stats.bytes_received,
+        "computed": counted.count,
     }
 
 
@@ -193,17 +217,73 @@ def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
     ref, ref_opt, grads = reference(options)
     model = fsdp_model(0, options, mesh_shape)
     opt = make_opt(model, options)
-    for step in range(STEPS):
-        for n, p in model.named_parameters():
-            p.grad = shard_like(grads[step][n], p)
-        opt.step()
+    with CountComputed() as counted:
+        for step in range(STEPS):
+            for n, p in model.named_parameters():
+                p.grad = shard_like(grads[step][n], p)
+            opt.step()
     return {
         "max_abs_diff": max_diff(model, ref),
         "max_rel_diff": max_rel_diff(model, ref),
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": opt._dist.stats.bytes_received,
         "collectives": opt._dist.stats.collectives,
+        "computed": counted.count,
     }
+
+
+def mismatch() -> dict:
+    """Ranks that step different parameters (a count, a shape) or settings (chunk_bytes) under a process
+    group: every rank refuses the step with one message (before: gloo aborted the process, or the
+    replicas drifted apart silently); nothing changes."""
+    rank = dist.get_rank()
+    out = {}
+    for case in ("count", "shape", "chunk"):
+        torch.manual_seed(0)
+        shapes = [(5, 6), (4, 6) if case == "shape" and rank == 1 else (4, 5)]
+        shapes += [(3, 3)] if case == "count" and rank == 1 else []
+        params = [nn.Parameter(torch.randn(*s)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        chunk = 1 if case == "chunk" and rank == 1 else htmuon.functional.DEFAULT_CHUNK_BYTES
+        opt = htmuon.HTMuon(params, process_group=dist.group.WORLD, chunk_bytes=chunk)
+        before = [p.detach().clone() for p in params]
+        try:
+            opt.step()
+            out[case] = "no error"
+        except RuntimeError as e:
+            out[case] = str(e)
+        out[f"{case}_unchanged"] = all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    return out
+
+
+def hsdp_refusal() -> dict:
+    """HSDP with 2 replicas of 1 shard: a backend failure on one replica's rank only -- both replicas
+    refuse the step and change nothing (before: the other replica applied it)."""
+    from htmuon.spectral import BACKENDS, register_backend
+
+    rank = dist.get_rank()
+
+    def failing(X, p, spectrum, **_):
+        if rank == 1:
+            raise RuntimeError("backend failure on rank 1")
+        return BACKENDS["svd"].fn(X, p, spectrum)
+
+    register_backend("test_fail_rank1_hsdp", failing, replace=True)
+    try:
+        model = fsdp_model(0, {}, (2, 1))
+        opt = make_opt(model, {"method": "test_fail_rank1_hsdp"})
+        loss_fn(model, *make_data(0)).backward()
+        before = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+        try:
+            opt.step()
+            error = "no error"
+        except RuntimeError as e:
+            error = str(e)
+        unchanged = all(torch.equal(full(p.detach()), before[n]) for n, p in model.named_parameters())
+    finally:
+        BACKENDS.pop("test_fail_rank1_hsdp")
+    return {"error": error, "unchanged": unchanged and not any(opt.state.values())}
 
 
 def half_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +449,17 @@ def bad_inputs() -> dict:
     out["nonfinite_unchanged"] = all(
         torch.equal(full(p.detach()), before[n]) for n, p in model.named_parameters()
     ) and not any(opt.state.values())
+    # whole tensors (a single-process state dict) loaded into the FSDP2 optimizer: refused at load
+    torch.manual_seed(0)
+    plain = make_net({})
+    plain_opt = make_opt(plain, {})
+    loss_fn(plain, *make_data(0)).backward()
+    plain_opt.step()
+    try:
+        opt.load_state_dict(plain_opt.state_dict())
+        out["plain_state"] = "no error"
+    except ValueError as e:
+        out["plain_state"] = str(e)
     return out
 
 
@@ -472,6 +563,8 @@ def main() -> int:
         jobs["parallel_fsdp"] = (lambda o: parallel_helpers(o, "fsdp"), VARIANTS["ns_interval_normuon"])
         jobs["bad_inputs"] = (lambda o: bad_inputs(), {})
         jobs["ddp_refusals"] = (lambda o: ddp_refusals(), {})
+        jobs["mismatch"] = (lambda o: mismatch(), {})
+        jobs["hsdp_refusal"] = (lambda o: hsdp_refusal(), {})
         for name, (fn, options) in jobs.items():
             if wanted and not any(name.startswith(w) for w in wanted):
                 continue

@@ -13,8 +13,18 @@ import pytest
 import torch
 
 import htmuon
-from htmuon.distributed import ShardLayout, assign_owners, matrix_cost, matrix_shape, setup
+from htmuon import functional as F
+from htmuon.distributed import (
+    ShardLayout,
+    assign_owners,
+    matrix_cost,
+    matrix_shape,
+    plan_owned_windows,
+    setup,
+    step_signature,
+)
 from htmuon.optim import matrix_view
+from htmuon.torchrun import list_elements_innermost_first
 
 HERE = Path(__file__).resolve().parent
 distributed = pytest.mark.skipif(
@@ -42,6 +52,64 @@ def test_assign_owners_is_greedy_lpt_and_deterministic():
     assert max(loads) <= sum(costs) / 2 + max(costs)  # LPT never exceeds the mean load by the largest job
     with pytest.raises(ValueError, match="world size: 0"):
         assign_owners([1.0], 0)
+
+
+def test_owners_are_chosen_for_the_whole_step_and_every_window_keeps_every_rank_busy():
+    """Equal matrices, one per rank and window (a tiny budget): each window has one matrix per rank,
+    while per-window owners gave every window of one matrix to rank 0."""
+    shapes = [(1, 256, 256)] * 6
+    plan, owners = plan_owned_windows(["k"] * 6, shapes, [4] * 6, 1, 3)
+    assert sorted(owners) == [0, 0, 1, 1, 2, 2]
+    assert len(plan.windows) == 2
+    for window in plan.windows:
+        assert len(window) == 3 and sorted(owners[chunk[0]] for chunk in window) == [0, 1, 2]
+        assert all(len({owners[i] for i in chunk}) == 1 for chunk in window)  # a chunk is one rank's
+    assert sorted(i for w in plan.windows for c in w for i in c) == list(range(6))
+    # LLaMA-60M's matrices (q, k, v, o, gate, up, down x 8 blocks) with the default budget on 2 and 4
+    # ranks: every window gives every rank work, and the step's cost is split within 10% of even
+    blocks = [(1, 512, 512)] * 4 + [(1, 1376, 512)] * 2 + [(1, 512, 1376)]
+    shapes = blocks * 8
+    for world in (2, 4):
+        plan, owners = plan_owned_windows(
+            [s[1:] for s in shapes], shapes, [4] * len(shapes), F.DEFAULT_CHUNK_BYTES, world
+        )
+        loads = [sum(matrix_cost(s) for s, o in zip(shapes, owners) if o == r) for r in range(world)]
+        assert max(loads) <= 1.1 * sum(loads) / world, loads
+        for window in plan.windows[:-1]:
+            assert {owners[c[0]] for c in window} == set(range(world)), window
+    # one rank: the single-process plan
+    plan, owners = plan_owned_windows(["k"] * 3, [(1, 8, 8)] * 3, [4] * 3, 2**20, 1)
+    assert owners == [0, 0, 0] and plan == F.plan_step(["k"] * 3, [(1, 8, 8)] * 3, [4] * 3, 2**20)
+
+
+def test_step_signature_sees_shapes_dtypes_and_the_settings_that_shape_collectives():
+    def groups(shape=(4, 5), dtype=torch.float32, **kw):
+        return [{"params": [torch.zeros(3, 3), torch.zeros(shape, dtype=dtype)], "chunk_bytes": 8, **kw}]
+
+    base = step_signature(groups())
+    assert base == step_signature(groups())  # deterministic (not Python's per-process str hash)
+    assert base != step_signature(groups(shape=(5, 4)))
+    assert base != step_signature(groups(dtype=torch.bfloat16))
+    assert base != step_signature([{**groups()[0], "chunk_bytes": 9}])
+    assert base != step_signature([{**groups()[0], "params": groups()[0]["params"][:1]}])
+
+
+def test_fsdp_wrap_order_puts_nested_lists_first():
+    """fully_shard needs children before parents: a block's experts before the block."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block(), Block()])
+    order = list_elements_innermost_first(model)
+    b0, b1 = model.blocks
+    assert order == [*b0.experts, *b1.experts, b0, b1]
+    shared = torch.nn.Linear(2, 2)
+    model.more = torch.nn.ModuleList([shared, shared])
+    assert list_elements_innermost_first(model).count(shared) == 1
 
 
 def test_assign_owners_balances_cost_not_count():
@@ -149,6 +217,7 @@ VARIANTS = [
     "rank_adamwrms_plain",
     "bf16_normuon",
     "windows_normuon",
+    "svd64_normuon",
 ]
 
 
@@ -171,6 +240,11 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
         else:
             assert r["max_abs_diff"] == 0.0, (rank, r)
         assert r["bytes_received"] > 0  # the work really was divided
+    # each matrix computed once, and by both ranks in turn: with chunk_bytes=1 (one matrix per rank
+    # and window) the owners are still chosen for the whole step, not per window (which gave rank 0
+    # every window of one matrix and rank 1 nothing)
+    computed = [results[rank][f"{mode}/{variant}"]["computed"] for rank in range(WORLD)]
+    assert all(c > 0 for c in computed), computed
     if mode == "fsdp_exact" and variant == "windows_normuon":
         # chunk_bytes=1: each matrix was exchanged, computed and applied in a window of its own (two
         # all_to_all and one all_reduce per window), not all of the group's matrices at once
@@ -220,6 +294,8 @@ def test_bad_input_errors(results):
         # the NaN was on rank 1's shard only; both ranks refuse the step, naming the parameter
         assert "non-finite gradient" in r["nonfinite"] and "'fc1.weight'" in r["nonfinite"]
         assert r["nonfinite_unchanged"] is True
+        assert "is a plain tensor but the parameter is a DTensor" in r["plain_state"], r["plain_state"]
+        assert "set_optimizer_state_dict" in r["plain_state"]
 
 
 @pytest.mark.distributed
@@ -246,6 +322,28 @@ def test_ddp_ranks_refuse_together_and_change_nothing(results, case, rank0, rank
         assert want in r[case], (rank, r[case])
         assert r[f"{case}_unchanged"] is True, rank
         assert r["after_diff"] == 0.0 and r["after_state_diff"] == 0.0, r
+
+
+@pytest.mark.distributed
+@distributed
+def test_ranks_stepping_different_parameters_or_settings_refuse_together(results):
+    """A parameter more, another shape or another chunk_bytes on one rank: one message on every rank
+    (not a gloo abort, not silently different replicas), nothing changed."""
+    for rank in range(WORLD):
+        r = results[rank]["mismatch"]
+        for case in ("count", "shape", "chunk"):
+            assert "the ranks step different parameters or settings" in r[case], (rank, case, r[case])
+            assert r[f"{case}_unchanged"] is True, (rank, case)
+        assert "the ranks: 2 to 3" in r["count"], r["count"]
+
+
+@pytest.mark.distributed
+@distributed
+def test_hsdp_replicas_refuse_a_step_together(results):
+    r0, r1 = results[0]["hsdp_refusal"], results[1]["hsdp_refusal"]
+    assert "other rank(s) failed computing" in r0["error"], r0
+    assert "backend failure on rank 1" in r1["error"], r1
+    assert r0["unchanged"] is True and r1["unchanged"] is True
 
 
 @pytest.mark.distributed

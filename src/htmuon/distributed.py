@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -57,7 +58,9 @@ __all__ = [
     "local_tensor",
     "matrix_cost",
     "matrix_shape",
+    "plan_owned_windows",
     "setup",
+    "step_signature",
 ]
 
 
@@ -107,6 +110,49 @@ def assign_owners(costs: Sequence[float], world: int) -> list[int]:
         owners[i] = rank
         loads[rank] += costs[i]
     return owners
+
+
+def plan_owned_windows(
+    keys: Sequence[Any],
+    mshapes: Sequence[tuple[int, int, int]],
+    itemsizes: Sequence[int],
+    budget: int,
+    world: int,
+) -> tuple[F.StepPlan, list[int]]:
+    """Owners for a whole step and windows in which every rank computes a share at the same time.
+
+    The owners come from :func:`assign_owners` over every matrix of the step, not window by window:
+    a window of one matrix (a large matrix fills a window alone) would otherwise always go to rank 0
+    and leave the other ranks idle. Each rank's own matrices are then cut into windows by
+    :func:`htmuon.functional.plan_step` with ``budget`` bytes (its own work and held directions), and
+    window ``k`` of the step is every rank's ``k``-th window, so that within a window all ranks
+    compute. ``peak_bytes`` is the largest of the ranks' own plans.
+
+    Returns:
+        ``(plan, owners)``: ``plan.windows[k]`` lists chunks of item indices (each chunk one rank's),
+        ``owners[i]`` the rank that computes item ``i``.
+
+    Example:
+        >>> plan, owners = plan_owned_windows(["a"] * 4, [(1, 512, 512)] * 4, [4] * 4, 1, 2)
+        >>> owners, plan.windows
+        ([0, 1, 0, 1], (((0,), (1,)), ((2,), (3,))))
+    """
+    owners = assign_owners([matrix_cost(s) for s in mshapes], world)
+    per_rank: list[list[list[tuple[int, ...]]]] = []
+    peak = 0
+    for r in range(world):
+        idx = [i for i, o in enumerate(owners) if o == r]
+        plan = F.plan_step(
+            [keys[i] for i in idx], [mshapes[i] for i in idx], [itemsizes[i] for i in idx], budget
+        )
+        per_rank.append([[tuple(idx[j] for j in chunk) for chunk in window] for window in plan.windows])
+        peak = max(peak, plan.peak_bytes)
+    count = max((len(w) for w in per_rank), default=0)
+    windows = tuple(
+        tuple(chunk for r in range(world) if k < len(per_rank[r]) for chunk in per_rank[r][k])
+        for k in range(count)
+    )
+    return F.StepPlan(windows, peak), owners
 
 
 @dataclass(frozen=True)
@@ -278,7 +324,29 @@ def setup(groups: list[dict[str, Any]], process_group: Any = None) -> Distribute
         mesh_group = mesh.get_group(mesh_dim)  # the ranks holding the shards of one replica
         if mesh.get_coordinate()[mesh_dim] != dist.get_rank(mesh_group):  # pragma: no cover - torch invariant
             raise RuntimeError(f"device mesh coordinate {mesh.get_coordinate()} != group rank")
+        if mesh.ndim > 1:  # HSDP: the replicas agree on a step too (every rank builds the optimizer)
+            whole = (
+                dist.group.WORLD if len(mesh_ranks) == dist.get_world_size() else dist.new_group(mesh_ranks)
+            )
+            return DistributedStep(process_group, mesh_group, mesh_dim, agree_group=whole)
     return DistributedStep(replicated_group=process_group, mesh_group=mesh_group, mesh_dim=mesh_dim)
+
+
+def step_signature(groups: list[dict[str, Any]]) -> int:
+    """A checksum of what shapes a step's collectives: each parameter's shape and dtype, and each
+    group's ``chunk_bytes``, ``batch_3d``, ``interval`` and ``plugin`` (CRC-32; the same on every rank
+    that steps the same parameters with the same settings, across processes)."""
+    keys = [
+        (
+            g.get("chunk_bytes"),
+            g.get("batch_3d"),
+            g.get("interval"),
+            g.get("plugin"),
+            [(tuple(p.shape), str(p.dtype)) for p in g["params"]],
+        )
+        for g in groups
+    ]
+    return zlib.crc32(repr(keys).encode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +366,17 @@ class CommStats:
         self.bytes_sent = self.bytes_received = self.collectives = 0
 
 
+def _direction_wire_dtype(group: dict[str, Any], mats: Sequence[Tensor]) -> torch.dtype:
+    """The dtype in which DDP ranks share directions: float64 wherever an owner's direction may be
+    float64 (a float64 matrix, or a float64 working dtype asked of the backend, which then returns
+    float64 from float32 input), so that every rank continues (plug-in, update) from the owner's
+    bits; float32 otherwise. Decided from the group alone, the same on every rank."""
+    dtypes = (group.get("compute_dtype"), group.get("ns_dtype"))
+    if any(x.dtype == torch.float64 for x in mats) or torch.float64 in dtypes:
+        return torch.float64
+    return torch.float32
+
+
 def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return reduce(torch.promote_types, dtypes)
 
@@ -311,21 +390,48 @@ class DistributedStep:
         mesh_group: the process group of the DTensor parameters' device mesh along its sharded
             dimension ``mesh_dim`` (the whole mesh for FSDP2; one replica's shard group for HSDP,
             each replica doing the same work), or ``None``.
+        agree_group: the group that agrees on each step and on a failure while computing directions
+            (default: ``replicated_group``, else ``mesh_group``; HSDP: the whole mesh, so that the
+            replicas refuse a step together).
     """
 
-    def __init__(self, replicated_group: Any = None, mesh_group: Any = None, mesh_dim: int = 0) -> None:
+    def __init__(
+        self, replicated_group: Any = None, mesh_group: Any = None, mesh_dim: int = 0, agree_group: Any = None
+    ) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.replicated_group = replicated_group
         self.mesh_group = mesh_group
         self.mesh_dim = mesh_dim
+        self.agree_group = agree_group
         self.stats = CommStats()
 
     # ------------------------------------------------------------ agreement
 
     def _agree_group(self) -> Any:
-        return self.replicated_group if self.replicated_group is not None else self.mesh_group
+        if self.replicated_group is not None:
+            return self.replicated_group
+        return self.agree_group if self.agree_group is not None else self.mesh_group
+
+    def _check_same_step(self, groups: list[dict[str, Any]], device: torch.device, pg: Any) -> None:
+        """Refuse, on every rank, a step whose parameters or settings differ between the ranks: one
+        fixed-size ``all_reduce`` (max of the count and :func:`step_signature`, and of their negatives),
+        before any collective whose size depends on them (which would otherwise abort or hang)."""
+        n = sum(len(g["params"]) for g in groups)
+        sig = step_signature(groups)
+        vec = torch.tensor([n, sig, -n, -sig], dtype=torch.int64, device=device)
+        self._dist.all_reduce(vec, op=self._dist.ReduceOp.MAX, group=pg)
+        self.stats.collectives += 1
+        most, sig_max, fewest, sig_min = vec.cpu().tolist()
+        fewest, sig_min = -fewest, -sig_min
+        if most != fewest or sig_max != sig_min:
+            raise RuntimeError(
+                f"the ranks step different parameters or settings (this rank: {n} parameter(s), "
+                f"the ranks: {fewest} to {most}; their shapes, dtypes or chunk_bytes/batch_3d/interval/"
+                "plugin differ): build the optimizer over the same parameters with the same settings on "
+                "every rank; the step was refused on every rank"
+            )
 
     def agree(self, groups: list[dict[str, Any]], error: BaseException | None) -> Tensor:
         """Agree among the ranks, before anything changes, on a step: one ``all_reduce``.
@@ -360,6 +466,7 @@ class DistributedStep:
         pg = self._agree_group()
         world = self._dist.get_world_size(pg)
         if world > 1:
+            self._check_same_step(groups, device, pg)
             self._dist.all_reduce(vec, op=self._dist.ReduceOp.SUM, group=pg)
             self.stats.collectives += 1
         counts = vec.cpu().tolist()
@@ -388,20 +495,46 @@ class DistributedStep:
         """Whether a group's parameters are DTensors (groups are homogeneous, see :func:`check_group`)."""
         return bool(params) and is_dtensor(params[0])
 
+    def divides(self) -> bool:
+        """Whether plain (replicated) parameters' spectral work is divided among more than one rank."""
+        pg = self.replicated_group
+        return pg is not None and self._dist.get_world_size(pg) > 1
+
+    def plan(
+        self,
+        keys: Sequence[Any],
+        mshapes: Sequence[tuple[int, int, int]],
+        itemsizes: Sequence[int],
+        budget: int,
+    ) -> tuple[F.StepPlan, list[int]]:
+        """:func:`plan_owned_windows` for replicated parameters: each rank plans its own matrices
+        within ``budget / world`` bytes, since every rank receives (and holds until the window is
+        applied) the directions of the whole window; so a rank's transient memory stays near
+        ``budget``, as in a single process."""
+        world = self._dist.get_world_size(self.replicated_group)
+        return plan_owned_windows(keys, mshapes, itemsizes, max(budget // world, 1), world)
+
     def compute_directions(
-        self, group: dict[str, Any], mats: list[Tensor], corrected: list[bool]
+        self,
+        group: dict[str, Any],
+        mats: list[Tensor],
+        corrected: list[bool],
+        owners: Sequence[int] | None = None,
     ) -> list[Tensor]:
         """Spectral map of replicated matrices: each rank computes its owned share, one all_gather.
 
-        Each rank's part starts with a status (0: computed, 1: failed), so a failure on one rank
-        reaches every rank in the same collective and all of them refuse the step.
+        ``owners``: the rank computing each matrix (from :meth:`plan`, for the whole step); by default
+        :func:`assign_owners` over ``mats`` alone. Each rank's part starts with a status (0: computed,
+        1: failed), so a failure on one rank reaches every rank in the same collective and all of
+        them refuse the step.
         """
         pg = self.replicated_group
         world = 1 if pg is None else self._dist.get_world_size(pg)
         if world == 1:
             return F.compute_directions(mats, corrected, group)
         rank = self._dist.get_rank(pg)
-        owners = assign_owners([matrix_cost(x.shape) for x in mats], world)
+        if owners is None:
+            owners = assign_owners([matrix_cost(x.shape) for x in mats], world)
         mine = [i for i, o in enumerate(owners) if o == rank]
         error: BaseException | None = None
         try:
@@ -412,7 +545,7 @@ class DistributedStep:
         # The single-process chain continues in float32 (float64 kept) and on the direction's own
         # memory layout (a transposed view for tall matrices; reductions in the plug-in depend on
         # it), so a one-number header per matrix says which dtype and whether transposed.
-        wire = torch.float64 if any(x.dtype == torch.float64 for x in mats) else torch.float32
+        wire = _direction_wire_dtype(group, mats)
         device = mats[0].device
         sizes = [1] * world
         for i, o in enumerate(owners):
@@ -460,28 +593,31 @@ class DistributedStep:
     def sharded_htmuon_step(self, opt: Any, group: dict[str, Any], params: list[Tensor]) -> None:
         """The HTMuon step of a group of DTensor parameters (see the module docstring), window by window.
 
-        Every parameter is checked first (nothing is changed if one is refused). The matrices are then
-        taken in windows (:func:`htmuon.functional.plan_step` with a budget of ``chunk_bytes`` per
-        rank, i.e. ``world * chunk_bytes`` of whole matrices per window): each window is exchanged,
-        computed by its owners and applied before the next one starts, so the transient memory of a
-        step stays bounded however deep the model is, as in the single-process step.
+        Every parameter is checked first (nothing is changed if one is refused). The owners are
+        chosen for the whole step and each rank's matrices taken in windows of ``chunk_bytes``
+        (:func:`plan_owned_windows`: up to ``world * chunk_bytes`` of whole matrices per window, every
+        rank computing a share): each window is exchanged, computed by its owners and applied before
+        the next one starts, so the transient memory of a step stays bounded however deep the model
+        is, as in the single-process step.
         """
         world, rank = self._dist.get_world_size(self.mesh_group), self._dist.get_rank(self.mesh_group)
         items = [self._prepare(opt, group, p, world, rank, self.mesh_dim) for p in params]
-        plan = F.plan_step(
+        plan, owners = plan_owned_windows(
             [(it.mshape[1:], it.param.dtype, it.corrected) for it in items],
             [it.mshape for it in items],
             [it.param.element_size() for it in items],
-            int(group["chunk_bytes"]) * world,
+            int(group["chunk_bytes"]),
+            world,
         )
         beta, nesterov = float(group["momentum"]), group["nesterov"]
         applied = 0
         for window in plan.windows:
-            part = [items[i] for chunk in window for i in chunk]
+            index = [i for chunk in window for i in chunk]
+            part = [items[i] for i in index]
             try:
                 for it in part:  # N_t of this window only
                     it.update = F.momentum_direction(it.grad, it.buf, beta, nesterov)
-                self._sharded_window(opt, group, part, world, rank)
+                self._sharded_window(opt, group, part, world, rank, [owners[i] for i in index])
             except Exception as exc:
                 if not applied:
                     raise
@@ -492,12 +628,18 @@ class DistributedStep:
             applied += len(part)
 
     def _sharded_window(
-        self, opt: Any, group: dict[str, Any], items: list[_ShardedItem], world: int, rank: int
+        self,
+        opt: Any,
+        group: dict[str, Any],
+        items: list[_ShardedItem],
+        world: int,
+        rank: int,
+        owners: Sequence[int],
     ) -> None:
-        """Exchange, compute and apply one window of a sharded step (every rank calls it in step)."""
+        """Exchange, compute and apply one window of a sharded step (every rank calls it in step);
+        ``owners[i]``: the rank that computes ``items[i]`` (see :func:`plan_owned_windows`)."""
         batch_3d, plugin = group["batch_3d"], group["plugin"]
         params = [it.param for it in items]
-        owners = assign_owners([matrix_cost(it.mshape) for it in items], world)
         mine = [i for i, o in enumerate(owners) if o == rank]
         wire = _promote([p.dtype for p in params])
         device = items[0].local.device
@@ -536,7 +678,7 @@ class DistributedStep:
         except Exception as exc:  # agreed below, so that no rank waits for this one
             error, directions = exc, [torch.zeros_like(x) for x in mats]
         status = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
-        self._dist.all_reduce(status, op=self._dist.ReduceOp.SUM, group=self.mesh_group)
+        self._dist.all_reduce(status, op=self._dist.ReduceOp.SUM, group=self._agree_group())
         self.stats.collectives += 1
         if error is not None:
             raise error

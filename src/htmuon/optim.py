@@ -451,6 +451,13 @@ class HTMuon(Optimizer):
             if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"optimizer state of {where}: {key} has shape {got}, expected {shape}")
+            if _distributed.is_dtensor(value) != _distributed.is_dtensor(param):
+                kinds = ("a DTensor", "a plain tensor")
+                raise ValueError(
+                    f"optimizer state of {where}: {key} is {kinds[_distributed.is_dtensor(param)]} but the "
+                    f"parameter is {kinds[not _distributed.is_dtensor(param)]}; load sharded (FSDP2) state "
+                    "with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, opt, ...)"
+                )
 
     # ---------------------------------------------------------------- state dicts
 
@@ -645,14 +652,24 @@ class HTMuon(Optimizer):
         mshapes = [F.matrix_shape(p.shape, batch_3d) for p in params]
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
         keys = [(s[1:], p.dtype, p.device, c) for s, p, c in zip(mshapes, params, corrected)]
-        plan = F.plan_step(keys, mshapes, [p.element_size() for p in params], group["chunk_bytes"])
+        itemsizes = [p.element_size() for p in params]
+        owners = None
+        if self._dist is not None and self._dist.divides():  # DDP: owners for the whole step
+            plan, owners = self._dist.plan(keys, mshapes, itemsizes, group["chunk_bytes"])
+        else:
+            plan = F.plan_step(keys, mshapes, itemsizes, group["chunk_bytes"])
         scratch: dict[torch.dtype, Tensor] = {}  # pipelined steps: N_t of one matrix at a time, per dtype
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
             try:
                 sizes = [len(chunk) for chunk in window]
                 pending = self._compute_window(
-                    group, [params[i] for i in items], [corrected[i] for i in items], sizes, scratch
+                    group,
+                    [params[i] for i in items],
+                    [corrected[i] for i in items],
+                    sizes,
+                    scratch,
+                    None if owners is None else [owners[i] for i in items],
                 )
             except Exception as exc:
                 if not applied:
@@ -671,6 +688,7 @@ class HTMuon(Optimizer):
         corrected: list[bool],
         chunks: list[int],
         scratch: dict[tuple, Tensor] | None = None,
+        owners: list[int] | None = None,
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
         """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
         (DDP: each rank's owned share of the window at once; on CPU, eager: one at a time, each right
@@ -714,7 +732,7 @@ class HTMuon(Optimizer):
                 )
                 start += size
         elif not pipelined:  # replicated (DDP) parameters: each rank computes its share, then all share
-            directions = self._dist.compute_directions(group, mats, corrected)
+            directions = self._dist.compute_directions(group, mats, corrected, owners)
         del mats
         out = []
         for p, buf, O in zip(params, bufs, directions):

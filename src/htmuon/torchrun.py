@@ -49,6 +49,7 @@ __all__ = [
     "collective_errors",
     "collective_timeout",
     "from_env",
+    "list_elements_innermost_first",
     "load_state_dicts",
     "main_first",
     "mean_across",
@@ -183,12 +184,32 @@ def collective_errors(par: Parallel, what: str = "a collective failed") -> Itera
         ) from None
 
 
+def list_elements_innermost_first(model: nn.Module) -> list[nn.Module]:
+    """The elements of every ``nn.ModuleList`` in ``model``, each once, those of a list nested inside
+    an element (a block's experts) before that element (children before parents: FSDP2's order)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+        if isinstance(module, nn.ModuleList):
+            for element in module:
+                if id(element) not in seen:
+                    seen.add(id(element))
+                    out.append(element)
+
+    visit(model)
+    return out
+
+
 def wrap_model(model: nn.Module, par: Parallel, device: torch.device | str | None = None) -> nn.Module:
     """The module to run forward/backward through.
 
     ddp: ``DistributedDataParallel(model)``; fsdp: ``fully_shard`` on every element of every
-    ``nn.ModuleList`` (the transformer blocks / stages), then on the root -- in place, so ``model``'s
-    parameters become DTensors (build the optimizer afterwards); none: ``model`` itself.
+    ``nn.ModuleList`` (the transformer blocks / stages; nested lists such as a block's experts
+    innermost first, as FSDP2 needs), then on the root -- in place, so ``model``'s parameters become
+    DTensors (build the optimizer afterwards); none: ``model`` itself.
     """
     if par.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -203,10 +224,8 @@ def wrap_model(model: nn.Module, par: Parallel, device: torch.device | str | Non
     if par.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for module in list(model.modules()):
-            if isinstance(module, nn.ModuleList):
-                for block in module:
-                    fully_shard(block)
+        for block in list_elements_innermost_first(model):
+            fully_shard(block)
         fully_shard(model)
     return model
 

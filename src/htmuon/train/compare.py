@@ -1125,7 +1125,6 @@ def carry_widths(value: str | int | None, n_models: int) -> list[int]:
 
 def main_models(args: argparse.Namespace) -> int:
     """``--models``: the protocol once per model in OUT/MODEL, then OUT/size_scan.md and gap_vs_params.png."""
-    from htmuon.cli import UserError
     from htmuon.train.data import atomic_write_bytes
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
