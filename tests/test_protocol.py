@@ -76,6 +76,24 @@ def _fake_train(calls, optimum=0.05, aopt=3e-3):
     return fake
 
 
+def test_extend_edges_at_both_lrs_runs_the_corner(tmp_path, monkeypatch):
+    """Both lrs at their high edge in the same round: the new matrix lr and the new AdamW-part lr are
+    also tried together (before, each new value was paired only with the other lr's old values, so
+    the corner was missing and the best stayed flagged at the edge)."""
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls, optimum=0.05, aopt=1e-2))
+    args = _args(
+        optimizers="muon", seeds="0", lr_grid=["muon=0.005,0.01"], adamw_lr_grid=["muon=1e-3,3e-3"],
+        compare_out=str(tmp_path / "g"),
+    )  # fmt: skip
+    res = cmp.run_plan(cmp.plan_grid(args), extend_edges=1, quiet=True)
+    pairs = {(c[1], c[2]) for c in calls}
+    assert pairs == {(lr, alr) for lr in (0.005, 0.01, 0.02) for alr in (1e-3, 3e-3, 9e-3)}
+    assert len(calls) == 9  # the 4 first cells, then the 5 that complete the 3 x 3 product
+    best = cmp.aggregate(res["select"])["best"]["muon"]
+    assert (best["lr"], best["adamw_lr"]) == (0.02, 9e-3)
+
+
 def test_extend_edges_follows_the_optimum_and_is_bounded(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))

@@ -447,20 +447,24 @@ def edge_flags(rows: list[dict], best: dict) -> dict[str, str | None]:
 def extension_cells(plan: Plan, agg: dict) -> list[Cell]:
     """Cells one step beyond each best value at a low/high edge, on the selection seeds.
 
-    A new value of one lr is paired with every value tried of the other, so the grid stays a full
-    product (each best value then has a whole line of neighbours to be judged against)."""
+    The new values join the values tried, and every pair of the resulting product that was not run
+    yet is run, so the grid stays a full product: a new matrix lr with every AdamW-part lr tried,
+    and, where both lrs reached an edge in the same round, the two new values together (the
+    corner, which is where the best then moves if both were right to extend)."""
     cells = []
     for spec, best in agg["best"].items():
         flags = edge_flags(agg["rows"], best)
         rows = [r for r in agg["rows"] if r["spec"] == spec]
+        values = {dim: {r[dim] for r in rows} for dim in ("lr", "adamw_lr")}
         for dim, other in (("lr", "adamw_lr"), ("adamw_lr", "lr")):
-            if flags.get(dim) not in ("low", "high"):
-                continue
-            tried = sorted({r[dim] for r in rows if r[other] == best[other]})
-            new = _next_value(tried, flags[dim] == "high")
-            for o in sorted({r[other] for r in rows}, key=lambda v: v or 0.0):
-                lr, alr = (new, o) if dim == "lr" else (o, new)
-                cells += [plan.cell(spec, lr, alr, seed, "select") for seed in plan.select_seeds]
+            if flags.get(dim) in ("low", "high"):
+                tried = sorted({r[dim] for r in rows if r[other] == best[other]})
+                values[dim].add(_next_value(tried, flags[dim] == "high"))
+        done = {(r["lr"], r["adamw_lr"]) for r in rows}
+        for lr in sorted(values["lr"]):
+            for alr in sorted(values["adamw_lr"], key=lambda v: v or 0.0):
+                if (lr, alr) not in done:
+                    cells += [plan.cell(spec, lr, alr, seed, "select") for seed in plan.select_seeds]
     return cells
 
 
