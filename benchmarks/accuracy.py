@@ -5,16 +5,26 @@
 Prints one row per (shape, spectrum, backend): the relative Frobenius error of spectral_power(G, p)
 against float64 SVD, plus the max |difference| of one step of HTMuon(p=0, method="ns") against
 torch.optim.Muon. Matrices are built as U diag(s) V^T with Haar-random factors and either a Gaussian
-matrix's own spectrum or a power-law spectrum s_k = k^-1 (s spans [1/k, 1]).
+matrix's own spectrum or a power-law spectrum s_k = k^-1 (s spans [1/k, 1]). The Newton--Schulz
+backends (fast, fast5, ns) get a column per working dtype, float32 and bfloat16: their error depends
+on it, and ``ns_dtype="auto"`` picks one by the machine (the header names the machine and that pick).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from htmuon import BACKENDS, HTMuon, spectral_power
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from htmuon import BACKENDS, HTMuon, spectral_power  # noqa: E402
+from htmuon.spectral import ns_working_dtype  # noqa: E402
+from machine import describe, header  # noqa: E402
+
+#: The backends whose error depends on the working dtype: one column per dtype.
+NS_DTYPES = {"fast": ("float32", "bfloat16"), "fast5": ("float32", "bfloat16"), "ns": ("float32", "bfloat16")}
 
 SHAPES = [(512, 512), (512, 1376), (1376, 512), (768, 2048)]
 
@@ -38,10 +48,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     g = torch.Generator().manual_seed(args.seed)
-    methods = [m for m in sorted(BACKENDS) if m != "auto"]
-    print(f"relative error vs float64 exact U S^p V^T, p = {args.p}, torch {torch.__version__}")
-    print("| shape | spectrum | " + " | ".join(f"{m} (fp32 in)" for m in methods) + " | svd fp64 |")
-    print("|---|---|" + "---|" * (len(methods) + 1))
+    columns = []  # (label, method, options)
+    for m in sorted(BACKENDS):
+        if m == "auto":
+            continue
+        for dt in NS_DTYPES.get(m, (None,)):
+            options = {"ns_dtype": getattr(torch, dt)} if dt else {}
+            short = {"float32": "fp32", "bfloat16": "bf16"}.get(dt)
+            columns.append((f"{m} {short}" if short else m, m, options))
+    print(header(describe()))
+    auto = ns_working_dtype("auto", torch.device("cpu"))
+    print(f"relative error vs float64 exact U S^p V^T, p = {args.p}, float32 input; ns_dtype='auto' = {auto}")
+    print("| shape | spectrum | " + " | ".join(label for label, _, _ in columns) + " | svd fp64 |")
+    print("|---|---|" + "---|" * (len(columns) + 1))
     for m, n in SHAPES:
         for label, G in (
             ("gaussian", torch.randn(m, n, generator=g, dtype=torch.float64)),
@@ -49,8 +68,8 @@ def main() -> None:
         ):
             ref = exact(G, args.p)
             errs = []
-            for method in methods:
-                O = spectral_power(G.float(), args.p, method=method).double()
+            for _, method, options in columns:
+                O = spectral_power(G.float(), args.p, method=method, **options).double()
                 errs.append(((O - ref).norm() / ref.norm()).item())
             O64 = spectral_power(G, args.p, compute_dtype=torch.float64)
             errs.append(((O64 - ref).norm() / ref.norm()).item())
@@ -66,7 +85,7 @@ def main() -> None:
             lambda ps: HTMuon(ps, lr=0.02, p=0.0, method="ns", weight_decay=0.1, ns_dtype=torch.bfloat16),
         ),
         (
-            "HTMuon ns_dtype=auto (fp32 on CPU)",
+            f"HTMuon ns_dtype=auto ({auto})",
             lambda ps: HTMuon(ps, lr=0.02, p=0.0, method="ns", weight_decay=0.1),
         ),
     ):

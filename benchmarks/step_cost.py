@@ -5,7 +5,7 @@
     PYTHONPATH=src python benchmarks/step_cost.py --models 60m --rounds 5 --budget-s 0
 
 What is timed: ``opt.step()`` on every hidden matrix of the model at once (``layers`` x (q, k, v,
-o: h x h; gate, up: i x h; down: h x i), PAPER.md's shapes; ``--routing paper`` adds the 32000 x h
+o: h x h; gate, up: i x h; down: h x i), the paper's shapes; ``--routing paper`` adds the 32000 x h
 embedding and LM head), float32 parameters, fixed Gaussian gradients, lr 0.02, momentum 0.95,
 weight decay 0.1, one torch thread (``--threads``). Every optimizer takes one warm-up step (state
 allocation), then the rows are timed interleaved round-robin (the order rotates each round), so a
@@ -59,7 +59,7 @@ from htmuon import HTMuon  # noqa: E402
 from machine import describe, header, write_json  # noqa: E402
 
 MODELS = {
-    # hidden, intermediate, layers (PAPER.md); vocabulary 32000
+    # hidden, intermediate, layers (arXiv 2603.10067); vocabulary 32000
     "60m": (512, 1376, 8),
     "135m": (768, 2048, 12),
 }

@@ -33,7 +33,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reference_htmuon(W0, grads, *, lr, p, momentum=0.95, nesterov=True, weight_decay=0.0):
-    """The update rule of PAPER.md in float64, step by step (no library code)."""
+    """The update rule of the paper (arXiv 2603.10067) in float64, step by step (no library code)."""
     W = W0.double().clone()
     M = torch.zeros_like(W)
     m, n = W.shape

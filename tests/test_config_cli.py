@@ -81,6 +81,26 @@ def test_bad_values_are_one_line_errors(argv, message, capsys):
     assert err.startswith("htmuon train: error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["--seed", "1,1"], "unrecognized arguments: --seed 1,1 (did you mean --seeds?)"),
+        (["--lr", "0.1"], "unrecognized arguments: --lr 0.1 (did you mean --lr-grid?)"),
+        (
+            ["--optimizer", "nosuch"],
+            "unrecognized arguments: --optimizer nosuch (did you mean --optimizers?)",
+        ),
+    ],
+)
+def test_compare_refuses_the_grids_own_keys_not_their_longer_flags(argv, want, capsys):
+    """compare's grid keys are refused (argparse's prefix matching took --seed for --seeds before)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--preset", "smoke", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("htmuon compare: error: ") and want in err and "\n" not in err
+
+
 def test_help_lists_switches(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])

@@ -46,6 +46,23 @@ def assert_standard_routing(opt: torch.optim.Optimizer) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def test_readme_api_signature_is_the_constructors():
+    """README's "API" block is HTMuon.__init__'s signature: every keyword, its default, positional or
+    keyword-only (a keyword was missing before)."""
+    import inspect
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## API\s+```python\n(htmuon\.HTMuon\(.*?\))\n```", text, flags=re.S).group(1)
+    scope: dict = {}
+    exec("def documented" + block[len("htmuon.HTMuon") :] + ": pass", scope)  # the block as a signature
+    doc = inspect.signature(scope["documented"]).parameters
+    code = dict(inspect.signature(htmuon.HTMuon.__init__).parameters)
+    del code["self"]
+    assert list(doc) == list(code), set(doc) ^ set(code)
+    for name, param in code.items():
+        assert (doc[name].kind, doc[name].default) == (param.kind, param.default), name
+
+
 def test_readme_quick_start_runs_and_routes(capsys):
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     code = re.search(r"## Quick start\s+```python\n(.*?)```", text, flags=re.S).group(1)

@@ -1,4 +1,5 @@
-"""HTMuon's step against independent references: PAPER.md's rule, torch.optim.Muon, torch.optim.AdamW."""
+"""HTMuon's step against independent references: the paper's rule (arXiv 2603.10067), torch.optim.Muon,
+torch.optim.AdamW."""
 
 from __future__ import annotations
 

@@ -310,6 +310,13 @@ def test_tokens_per_param_budget_sets_steps():
     )
     assert cfg.steps == math.ceil(0.5 * n / 32) == budget_steps(cfg)
     assert cfg.warmup_steps == round(0.1 * cfg.steps)
+    # a GPT-2 model counts its own parameters (it raised KeyError from the LLaMA builder before)
+    from htmuon.train.models import build_gpt2
+
+    gpt = make_config(overrides=dict(model="gpt2-micro", vocab_size=320, seq_len=16, batch_size=2))
+    n_gpt = count_parameters(build_gpt2("gpt2-micro", 320, 16))
+    gpt = resolve_config(make_config(overrides={**vars(gpt), "tokens_per_param": 0.5}))
+    assert gpt.steps == math.ceil(0.5 * n_gpt / 32) and n_gpt != n
 
 
 # ----------------------------------------------------------------------------- evaluation

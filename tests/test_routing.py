@@ -169,6 +169,9 @@ def test_misspelt_group_keys_are_errors():
         HTMuon([{"params": [w]}, {"params": [nn.Parameter(torch.randn(3))], "weight_decy": 0.0}])
     with pytest.raises(ValueError, match=r"'adam_lr' in param group 0: did you mean 'adamw_lr'"):
         HTMuon([{"params": [w], "adam_lr": 1e-3}])
+    # an optimizer-wide keyword in a group would be ignored there (README: the one not per group)
+    with pytest.raises(ValueError, match=r"process_group in param group 0 is set for the whole optimizer"):
+        HTMuon([{"params": [w], "process_group": "garbage"}])
     # labels and scheduler keys that are no typos pass
     opt = HTMuon([{"params": [w], "name": "hidden", "initial_lr": 0.02, "my_tag": 3}])
     assert opt.param_groups[0]["my_tag"] == 3

@@ -205,7 +205,7 @@ def test_scale_law(seed, p, c, method):
 
 
 def test_raw_scale_law_matches_paper_measurement():
-    # PAPER.md: update RMS at p = 0.125 grows with the gradient scale; Muon's does not.
+    # the paper (arXiv 2603.10067): update RMS at p = 0.125 grows with the gradient scale; Muon's does not.
     G = torch.randn(512, 512)
     rms = [spectral_power(c * G, 0.125).pow(2).mean().sqrt().item() for c in (1e-4, 1e-2, 1.0)]
     assert rms[0] < rms[1] < rms[2]

@@ -50,13 +50,15 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = Parser(prog="htmuon", description="HTMuon optimizer toolkit")
+    # allow_abbrev=False: a prefix of a longer flag is refused, not silently taken for it (compare's
+    # --seed, --lr, --optimizer would otherwise become --seeds, --lr-grid, --optimizers)
+    parser = Parser(prog="htmuon", description="HTMuon optimizer toolkit", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"htmuon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         module.configure(sp)
         sp.set_defaults(_module=module_name)
     return parser

@@ -207,6 +207,11 @@ def _check_optional_number(key: str, value: Any, where: str) -> None:
 def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> None:
     """A key that is no option but close to one is a misspelling that would be silently ignored."""
     for key in group:
+        if key == "process_group":  # accepted as a group key by nothing: it is the optimizer's
+            raise ValueError(
+                f"process_group{where} is set for the whole optimizer: pass it to HTMuon(..., "
+                "process_group=...), not in a param group (where it would be silently ignored)"
+            )
         if key in UNSUPPORTED_FLAGS and group[key]:
             raise ValueError(
                 f"{key}={group[key]!r}{where}: HTMuon does not support it ({UNSUPPORTED_FLAGS[key]}); "

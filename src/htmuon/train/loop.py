@@ -74,10 +74,10 @@ def budget_steps(cfg: TrainConfig) -> int:
 
     The parameters are counted on a model built on the meta device with the configured vocabulary."""
     if model_task(cfg.model) == "lm":
-        from htmuon.train.models import build_llama
+        from htmuon.train.models import build_lm
 
         with torch.device("meta"):
-            n_params = count_parameters(build_llama(cfg.model, cfg.vocab_size, cfg.seq_len))
+            n_params = count_parameters(build_lm(cfg.model, cfg.vocab_size, cfg.seq_len))
         per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     else:
         raise UserError(f"tokens_per_param is for language models; model '{cfg.model}' is an image model")

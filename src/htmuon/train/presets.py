@@ -1,7 +1,7 @@
 """Named model shapes and run presets.
 
-Model presets (``TrainConfig.model``): the paper's LLaMA shapes (PAPER.md, "The paper's
-training setup") and tiny ones sized for a 2-core CPU; ResNets for image classification.
+Model presets (``TrainConfig.model``): the paper's LLaMA shapes (arXiv 2603.10067, its
+training setup) and tiny ones sized for a 2-core CPU; ResNets for image classification.
 
 Run presets (``--preset``): a set of config overrides plus, for ``htmuon compare``, the grid
 of optimizers x seeds (x learning rates). ``lrs`` holds each optimizer's learning rate in the
@@ -102,7 +102,7 @@ _SIZE_SCAN = {**{k: v for k, v in _QUICK.items() if k != "steps"}, "tokens_per_p
 # htmuon: the p grid with an lr per p (RESULTS.md) found p = 1/32, 1/16, 1/8 best at 0.02-0.04 on llama-tiny
 _SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.02, 0.04, 0.08)}
 
-# The paper's LLaMA setup (PAPER.md): vocab 32000, seq 256, total batch 512 sequences, warmup 10%,
+# The paper's LLaMA setup (arXiv 2603.10067): vocab 32000, seq 256, total batch 512 sequences, warmup 10%,
 # cosine to 0.1x, weight decay 0.1, bf16, embeddings and head in the spectral group (routing
 # "paper"), lrs AdamW part 1e-3 / Muon 0.01 / HTMuon 0.03. 60M: 10k steps; 135M: 20k steps.
 _PAPER_LRS = {"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03}
@@ -272,12 +272,12 @@ MODEL_PRESETS = sorted([*MODEL_PRESETS, *GPT2_PRESETS, *BOTTLENECK_PRESETS, *VIT
 
 
 # ----------------------------------------------------------------------------- the paper's other experiments
-# Each GPU preset lays out one of the paper's experiments at its scale (PAPER.md; where the paper
+# Each GPU preset lays out one of the paper's experiments at its scale (arXiv 2603.10067; where the paper
 # gives no setting, the source of the choice is named) and has a CPU-scale sibling (same data kind,
 # model family and optimizer set, sized to run here). The dataset folders are the user's:
 # --data PATH (OpenWebText JSONL / hf-cache:NAME), cifar100:DIR, imagenet:DIR.
 
-#: The optimizers of the paper's image experiments; for ViT-Tiny HTMuon runs at p = 1/32 (PAPER.md).
+#: The optimizers of the paper's image experiments; for ViT-Tiny HTMuon runs at p = 1/32 (arXiv 2603.10067).
 _VIT_HTMUON = "htmuon:p=0.03125"
 
 RUN_PRESETS.update(
@@ -340,7 +340,7 @@ RUN_PRESETS.update(
         ),
         "gpu-vit-tiny": RunPreset(
             "ViT-Tiny on ImageNet-1K at 224x224, batch 1024, HTMuon p = 1/32, lr grid {0.003, 0.004, "
-            "0.005} (PAPER.md), 300 epochs (DeiT-Ti's budget); needs GPUs and --data imagenet:DIR",
+            "0.005} (arXiv 2603.10067), 300 epochs (DeiT-Ti's budget); needs GPUs and --data imagenet:DIR",
             dict(
                 model="vit-tiny",
                 data="imagenet:",
