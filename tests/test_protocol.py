@@ -76,6 +76,20 @@ def _fake_train(calls, optimum=0.05, aopt=3e-3):
     return fake
 
 
+def test_cells_run_seed_by_seed_so_a_partial_grid_is_paired(tmp_path, monkeypatch):
+    """Selection and report cells go seed by seed across the optimizers: a study cut short (a
+    llama-small cell takes hours) has whole seeds of every optimizer, not all seeds of the first."""
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    args = _args(
+        optimizers="muon,htmuon", seeds="0,1", tune_seeds="10,11", lr_grid=["muon=0.01", "htmuon=0.02"],
+        adamw_lr_grid=["muon=3e-3", "htmuon=3e-3"], compare_out=str(tmp_path / "g"),
+    )  # fmt: skip
+    cmp.run_plan(cmp.plan_grid(args), quiet=True)
+    order = [(seed, opt) for opt, _, _, seed, _ in calls]
+    assert order == [(s, o) for s in (10, 11, 0, 1) for o in ("muon", "htmuon")]
+
+
 def test_extend_edges_at_both_lrs_runs_the_corner(tmp_path, monkeypatch):
     """Both lrs at their high edge in the same round: the new matrix lr and the new AdamW-part lr are
     also tried together (before, each new value was paired only with the other lr's old values, so

@@ -238,12 +238,14 @@ class Plan:
         return Cell(spec, cfg.lr, alr, seed, dataclasses.replace(cfg, out_dir=str(run_dir)), phase)
 
     def select_cells(self) -> list[Cell]:
+        """Seed by seed (every spec's cells of a seed before the next seed), so that a grid cut short,
+        or split between processes, has its seeds paired across the optimizers."""
         return [
             self.cell(spec, lr, alr, seed, "select")
+            for seed in self.select_seeds
             for spec in self.specs
             for lr in self.lrs[spec]
             for alr in self.adamw_lrs.get(spec, [None])
-            for seed in self.select_seeds
         ]
 
 
@@ -480,10 +482,10 @@ def run_plan(plan: Plan, extend_edges: int = 0, quiet: bool = False, poll_s: flo
         select += run_cells(new, plan.preset, quiet, poll_s)
     if plan.tune_seeds:
         best = aggregate(select)["best"]
-        cells = [
+        cells = [  # seed by seed, as select_cells
             plan.cell(spec, b["lr"], b["adamw_lr"], seed, "report")
-            for spec, b in best.items()
             for seed in plan.seeds
+            for spec, b in best.items()
         ]
         report = run_cells(cells, plan.preset, quiet, poll_s)
     else:
