@@ -97,7 +97,7 @@ def test_interval_schedule_and_counter_survives_state_dict():
         W.grad = G.clone()
         opt.step()
         update = (before - W.detach()) / 0.05
-        corrected = (t - 1) % 3 == 0  # steps 1, 4, 7
+        corrected = t % 3 == 0  # steps 3, 6: the paper's code (step_idx % interval == 0)
         expected = spectral_power(G, 0.125) if corrected else polar(G)
         assert rel_err(update, expected) < 1e-5, t
         assert opt.state[W]["step"] == t
@@ -127,16 +127,48 @@ def test_second_moment_plugins_match_formula(plugin):
     )
     W, v = W0.double().clone(), None
     for G in grads:
-        O = exact_power(G.double(), 0.125)
+        # AdaMuon maps the sign of the momentum direction and fixes the update's norm (sqrt(min(m, n)))
+        O = exact_power(G.double() if plugin == "normuon" else G.double().sign(), 0.125)
         stat = O.square().mean(1, keepdim=True) if plugin == "normuon" else O.square()
         v = (1 - 0.9) * stat if v is None else 0.9 * v + 0.1 * stat
         On = O / (v + 1e-10).sqrt()
-        On = On * O.norm() / On.norm()
+        On = On * (O.norm() if plugin == "normuon" else math.sqrt(10)) / On.norm()
         W = W - 0.1 * On
     assert rel_err(got - W0, W - W0) < 1e-4
     assert opt.state[next(iter(opt.state))]["second_moment"].shape == (
         (1, 10, 1) if plugin == "normuon" else (1, 10, 16)
     )
+
+
+def test_adamuon_plugin_is_adamuon_as_published():
+    """AdaMuon (Si et al., Algorithm 1; its reference code orthogonalises torch.sign of the Nesterov
+    momentum, keeps an element-wise EMA of the squared result, divides by its root and scales the
+    step to 0.2 sqrt(m n) in Frobenius norm), written out here in float64: HTMuon(p=0,
+    plugin="adamuon", lr_adjust="adamw_rms") takes the same steps. (Before session 19 the plug-in
+    mapped the momentum itself, not its sign: a direction with cosine ~0.13 to AdaMuon's.)"""
+    torch.manual_seed(0)
+    W0 = torch.randn(12, 20, dtype=torch.float64)
+    grads = [torch.randn(12, 20, dtype=torch.float64) for _ in range(4)]
+    lr, beta, beta2, eps = 0.05, 0.95, 0.95, 1e-10
+    W, M, v = W0.clone(), torch.zeros_like(W0), torch.zeros_like(W0)
+    for G in grads:
+        M = beta * M + (1 - beta) * G
+        N = (1 - beta) * G + beta * M
+        U, _, Vh = torch.linalg.svd(N.sign(), full_matrices=False)
+        O = U @ Vh
+        v = beta2 * v + (1 - beta2) * O * O
+        O = O / (v + eps).sqrt()
+        W = W - lr * 0.2 * math.sqrt(12 * 20) * O / O.norm()
+    got, _ = _run(
+        lambda ps: HTMuon(
+            ps, lr=lr, p=0.0, method="svd", compute_dtype=torch.float64, plugin="adamuon",
+            lr_adjust="adamw_rms", beta2=beta2, plugin_eps=eps,
+        ),
+        W0,
+        grads,
+        torch.float64,
+    )  # fmt: skip
+    assert rel_err(got - W0, W - W0) < 1e-9
 
 
 @pytest.mark.parametrize(

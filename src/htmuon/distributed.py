@@ -609,14 +609,14 @@ class DistributedStep:
             int(group["chunk_bytes"]),
             world,
         )
-        beta, nesterov = float(group["momentum"]), group["nesterov"]
+        beta, nesterov, plugin = float(group["momentum"]), group["nesterov"], group["plugin"]
         applied = 0
         for window in plan.windows:
             index = [i for chunk in window for i in chunk]
             part = [items[i] for i in index]
             try:
-                for it in part:  # N_t of this window only
-                    it.update = F.momentum_direction(it.grad, it.buf, beta, nesterov)
+                for it in part:  # N_t of this window only (its sign under AdaMuon: elementwise, per shard)
+                    it.update = F.plugin_input_(F.momentum_direction(it.grad, it.buf, beta, nesterov), plugin)
                 self._sharded_window(opt, group, part, world, rank, [owners[i] for i in index])
             except Exception as exc:
                 if not applied:

@@ -44,6 +44,7 @@ __all__ = [
     "momentum_direction",
     "partial_step_error",
     "plan_step",
+    "plugin_input_",
     "second_moment_normalize",
     "second_moment_shape",
 ]
@@ -125,8 +126,10 @@ def lr_scale(m: int, n: int, rule: str) -> float:
 
 
 def is_corrected(step: int, interval: int) -> bool:
-    """The interval schedule: the correction runs on steps 1, 1 + k, 1 + 2k, ... (``step`` counts from 1)."""
-    return interval == 1 or (step - 1) % interval == 0
+    """The interval schedule: the correction runs on steps k, 2k, 3k, ... (``step`` counts from 1), as
+    in the paper's code (``step_idx += 1; use_generalized = step_idx % interval == 0``); plain Muon
+    steps in between. (Before session 19: steps 1, 1 + k, 1 + 2k, ...)"""
+    return interval == 1 or step % interval == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,14 +264,25 @@ def stacks_matrices(device: torch.device) -> bool:
     return device.type != "cpu" or torch.compiler.is_compiling()
 
 
+def plugin_input_(N: Tensor, plugin: str | None) -> Tensor:
+    """What the spectral map receives under ``plugin``: AdaMuon orthogonalises the *sign* of the
+    momentum direction (Si et al., AdaMuon, Algorithm 1: ``O = NS(sign(M))``), so ``N`` becomes its
+    sign, in place (``N`` is the step's own scratch copy); NorMuon and no plug-in take ``N`` as it is."""
+    return N.sign_() if plugin == "adamuon" else N
+
+
 def second_moment_normalize(
     O: Tensor, v: Tensor, beta2: float, eps: float, kind: str
 ) -> tuple[Tensor, Tensor]:
     r"""The NorMuon / AdaMuon plug-in on a direction ``O`` of shape ``(B, m, n)``, out of place.
 
-    ``normuon``: ``v' = beta2 v + (1 - beta2) mean_row(O^2)`` (one entry per output neuron, i.e. per
-    row); ``adamuon``: the same EMA element-wise. Then ``O' = O / sqrt(v' + eps)`` rescaled to keep
-    ``||O||_F``.
+    ``normuon`` (Li et al.): ``v' = beta2 v + (1 - beta2) mean_row(O^2)`` (one entry per output neuron,
+    i.e. per row), ``O' = O / sqrt(v' + eps)`` rescaled to keep ``||O||_F``.
+
+    ``adamuon`` (Si et al.; ``O`` is the map of ``sign(N_t)``, see :func:`plugin_input_`): the same
+    EMA element-wise, then ``O'`` rescaled to the Frobenius norm ``sqrt(min(m, n))`` of an exact
+    polar factor, so that with ``lr_adjust="adamw_rms"`` (``0.2 sqrt(max(m, n))``) the step is
+    AdaMuon's ``0.2 sqrt(m n) O' / ||O'||_F``.
 
     Returns:
         ``(O', v')``; ``v`` itself is not changed (store ``v'`` with ``v.copy_(v')``).
@@ -279,9 +293,11 @@ def second_moment_normalize(
     stat = sq.mean(dim=-1, keepdim=True) if kind == "normuon" else sq
     v_new = v.lerp(stat.to(v.dtype), 1.0 - beta2)
     normalized = O / (v_new.to(O.dtype) + eps).sqrt()
-    ratio = sq.sum(dim=(-2, -1), keepdim=True).sqrt() / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(
-        torch.finfo(O.dtype).tiny
-    )
+    if kind == "normuon":
+        target = sq.sum(dim=(-2, -1), keepdim=True).sqrt()
+    else:
+        target = math.sqrt(min(O.shape[-2:]))
+    ratio = target / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(O.dtype).tiny)
     return normalized * ratio, v_new
 
 

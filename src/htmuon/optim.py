@@ -144,7 +144,8 @@ class HTMuon(Optimizer):
             or ``"none"``.
         interval: apply the correction on every ``interval``-th step of a parameter (its 1st,
             ``1 + interval``-th, ...); plain Muon (Newton--Schulz polar factor) on the others.
-        plugin: ``None``, ``"normuon"`` (neuron-wise second moment) or ``"adamuon"`` (element-wise).
+        plugin: ``None``, ``"normuon"`` (NorMuon: neuron-wise second moment) or ``"adamuon"`` (AdaMuon:
+            the map of the momentum's sign, an element-wise second moment, a fixed update norm).
         beta2: EMA coefficient of the plug-in's second moment.
         plugin_eps: added to the second moment before the square root.
         ns_steps: Newton--Schulz steps of the polar factor (Muon's 5).
@@ -716,13 +717,13 @@ class HTMuon(Optimizer):
                     flat = scratch[p.dtype] = torch.empty(numel, dtype=p.dtype, device=p.device)
                 work = flat[: p.numel()].view(p.shape)
                 N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov, out=work), batch_3d)
-                (O,) = F.compute_directions([N], [c], group)
+                (O,) = F.compute_directions([F.plugin_input_(N, group["plugin"])], [c], group)
                 if O.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
                     O = O.clone()  # a backend that returned (a view of) its input: keep it out of the buffer
                 directions.append(O)
             else:
                 N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
-                mats.append(N)
+                mats.append(F.plugin_input_(N, group["plugin"]))
             del N
         if not pipelined and self._dist is None:
             start = 0

@@ -8,9 +8,9 @@ trains what is not routed to the spectral update.
 | htmuon          | HTMuon p=0.125 (method from ``--method``, default "auto")         |
 | htmuon-interval | HTMuon p=0.125, correction every 5th step, plain Muon otherwise   |
 | normuon         | HTMuon p=0, "ns", plugin "normuon": NorMuon                       |
-| htmuon-normuon  | the paper's HT + NorMuon plug-in: rank spectrum i^-p, then NorMuon |
-| adamuon         | HTMuon p=0, "ns", plugin "adamuon": AdaMuon                       |
-| htmuon-adamuon  | HT + AdaMuon plug-in: rank spectrum i^-p, then AdaMuon            |
+| htmuon-normuon  | the paper's HT + NorMuon (its scripts): U S^p V^T, then NorMuon   |
+| adamuon         | HTMuon p=0, "ns", plugin "adamuon", lr_adjust "adamw_rms": AdaMuon |
+| htmuon-adamuon  | ours (not in the paper's code): U S^p V^T of sign(N), then AdaMuon |
 
 The paper's other baselines (its Figures 3-4), from maintained libraries behind the ``baselines``
 extra (``pip install htmuon[baselines]``), each with its own paper's parameter routing:
@@ -54,9 +54,21 @@ OPTIMIZERS: dict[str, dict] = {
     "htmuon": dict(lr=0.03, p=0.125, method="auto", spectrum="power", interval=1),
     "htmuon-interval": dict(lr=0.03, p=0.125, method="auto", spectrum="power", interval=5),
     "normuon": dict(lr=0.02, p=0.0, method="ns", spectrum="power", interval=1, plugin="normuon"),
-    "htmuon-normuon": dict(lr=0.03, p=0.125, method="auto", spectrum="rank", interval=1, plugin="normuon"),
-    "adamuon": dict(lr=0.02, p=0.0, method="ns", spectrum="power", interval=1, plugin="adamuon"),
-    "htmuon-adamuon": dict(lr=0.03, p=0.125, method="auto", spectrum="rank", interval=1, plugin="adamuon"),
+    # the paper's HT + NorMuon as its scripts run it (htmuon_normuon: the power spectrum S^p)
+    "htmuon-normuon": dict(lr=0.03, p=0.125, method="auto", spectrum="power", interval=1, plugin="normuon"),
+    # AdaMuon as published: the step's RMS is 0.2 lr (lr_adjust "adamw_rms"), hence an AdamW-scale lr
+    "adamuon": dict(
+        lr=0.005, p=0.0, method="ns", spectrum="power", interval=1, plugin="adamuon", lr_adjust="adamw_rms"
+    ),
+    "htmuon-adamuon": dict(
+        lr=0.005,
+        p=0.125,
+        method="auto",
+        spectrum="power",
+        interval=1,
+        plugin="adamuon",
+        lr_adjust="adamw_rms",
+    ),
     # baselines outside HTMuon (lr: the library's / paper's default for the matrix part)
     "mars": dict(lr=3e-3, library="pytorch_optimizer"),
     "soap": dict(lr=3e-3, library="pytorch_optimizer"),
@@ -163,6 +175,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> t
             scale=cfg.scale,
             interval=cfg.interval,
             plugin=spec.get("plugin"),
+            lr_adjust=spec.get("lr_adjust", "muon"),
             adamw_betas=betas,
             process_group=process_group,
         )
