@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import machine  # noqa: E402
 import matrix_step  # noqa: E402
 import memory  # noqa: E402
+import momentum_accuracy  # noqa: E402
 import step_cost  # noqa: E402
 
 CPUINFO = """processor\t: 0
@@ -93,6 +94,25 @@ def test_matrix_step_times_every_row_on_its_own_matrix():
         before = p.detach().clone()
         make([p]).step()
         assert not torch.equal(p.detach(), before)
+
+
+def test_momentum_accuracy_reads_the_matrix_groups_momenta_from_a_checkpoint(tmp_path):
+    from htmuon import HTMuon
+    from htmuon.train import checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Conv2d(2, 3, 3))
+    opt = HTMuon(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    checkpoint.save(tmp_path / "ckpt.pt", {"step": 1, "optimizer": opt.state_dict()})
+    mats = momentum_accuracy.momenta(tmp_path / "ckpt.pt")
+    assert [tuple(m.shape) for m in mats] == [(5, 6), (3, 18)]  # matrices only, conv flattened
+    assert torch.equal(mats[0], opt.state[model[0].weight]["momentum_buffer"].double())
+    M = mats[0]
+    assert momentum_accuracy.below_domain(M) == 0.0
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    assert torch.allclose(momentum_accuracy.exact(M, 0.5), (U * s.sqrt()) @ Vh)
 
 
 def test_matrix_sets_have_the_paper_shapes():

@@ -40,6 +40,7 @@ def test_round_trip_and_plain_torch_load_still_reads_it(tmp_path):
     checkpoint.save(path, payload(3))
     assert checkpoint.verify(path) is True
     assert same(checkpoint.load(path), payload(3))
+    assert same(checkpoint.load(str(path)), payload(3))  # a string path too (it raised AttributeError)
     raw = path.read_bytes()
     assert raw[-checkpoint.TRAILER_LEN :].startswith(checkpoint.TRAILER_MAGIC)
     assert same(torch.load(path, weights_only=True), payload(3))  # the trailer does not hide the archive

@@ -165,12 +165,13 @@ def verify(path: Path) -> bool:
     return True
 
 
-def load(path: Path, map_location="cpu") -> dict:
-    """The payload of the checkpoint at ``path``, after :func:`verify`.
+def load(path: str | Path, map_location="cpu") -> dict:
+    """The payload of the checkpoint at ``path`` (a path or a string), after :func:`verify`.
 
     Raises:
         CheckpointError: missing, corrupt or not an htmuon training checkpoint.
     """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at '{path}'")
     return _torch_load(path, map_location, verify(path))
