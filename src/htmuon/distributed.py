@@ -6,8 +6,10 @@ distributed step is the single-process step plus explicit communication around t
 
 * **Owners.** Every matrix of a param group gets one owner rank, chosen from the shapes alone (so
   every rank computes the same table without talking): greedy longest-processing-time on the
-  estimated cost ``B m n min(m, n)`` (:func:`assign_owners`). Each rank runs the spectral map only
-  for the matrices it owns -- batched by shape exactly as in a single process.
+  estimated cost ``B m n min(m, n)`` (:func:`assign_owners`), once per step; each rank's matrices
+  are then cut into memory-bounded windows, window ``k`` of the step holding every rank's ``k``-th
+  (:func:`plan_owned_windows`), so every rank computes in every window. Each rank runs the spectral
+  map only for the matrices it owns -- batched by shape exactly as in a single process.
 * **DDP** (plain tensors, identical on every rank; ``HTMuon(..., process_group=pg)``): momentum runs
   everywhere; each rank computes its owned directions, then one ``all_gather`` shares them; the
   plug-in and the update run everywhere, so the optimizer state stays complete on every rank.
@@ -22,9 +24,11 @@ distributed step is the single-process step plus explicit communication around t
 Each owner's result reaches the other ranks unchanged, so with the same gradients the parameters
 equal the single-process run's bit for bit.
 
-**Agreement.** A step starts with one small ``all_reduce`` (:meth:`DistributedStep.agree`) of which
-parameters have gradients, whether they are finite, and whether any rank refused the step while
-checking it, so the ranks refuse together; a failure while computing directions travels in the
+**Agreement.** A step starts with two small ``all_reduce`` (:meth:`DistributedStep.agree`): a
+fixed-size checksum of the parameters' shapes and the settings that shape the collectives (ranks
+that differ refuse the step with one message), then which parameters have gradients, whether they
+are finite, and whether any rank refused the step while checking it, so the ranks refuse together
+(under HSDP over the whole mesh, so the replicas too); a failure while computing directions travels in the
 header of the ``all_gather`` (DDP) or in one more small ``all_reduce`` (FSDP2), before anything is
 applied. No rank leaves a collective out that another rank enters. Collectives wait at most the
 process group's timeout (``torch.distributed.init_process_group(timeout=...)``).
@@ -434,7 +438,7 @@ class DistributedStep:
             )
 
     def agree(self, groups: list[dict[str, Any]], error: BaseException | None) -> Tensor:
-        """Agree among the ranks, before anything changes, on a step: one ``all_reduce``.
+        """Agree among the ranks, before anything changes, on a step: two small ``all_reduce``.
 
         Args:
             groups: the optimizer's param groups.
