@@ -209,6 +209,7 @@ def ddp_exact(options: dict) -> dict:
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": stats.bytes_received,
         "computed": counted.count,
+        "matrices": STEPS * sum(len(g["params"]) for g in opt.param_groups if g["algorithm"] == "htmuon"),
     }
 
 
@@ -229,6 +230,7 @@ def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
         "bytes_received": opt._dist.stats.bytes_received,
         "collectives": opt._dist.stats.collectives,
         "computed": counted.count,
+        "matrices": STEPS * sum(len(g["params"]) for g in opt.param_groups if g["algorithm"] == "htmuon"),
     }
 
 

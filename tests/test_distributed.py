@@ -245,6 +245,7 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
     # every window of one matrix and rank 1 nothing)
     computed = [results[rank][f"{mode}/{variant}"]["computed"] for rank in range(WORLD)]
     assert all(c > 0 for c in computed), computed
+    assert sum(computed) == results[0][f"{mode}/{variant}"]["matrices"], computed  # each once per step
     if mode == "fsdp_exact" and variant == "windows_normuon":
         # chunk_bytes=1: each matrix was exchanged, computed and applied in a window of its own (two
         # all_to_all and one all_reduce per window), not all of the group's matrices at once

@@ -328,11 +328,11 @@ def setup(groups: list[dict[str, Any]], process_group: Any = None) -> Distribute
         mesh_group = mesh.get_group(mesh_dim)  # the ranks holding the shards of one replica
         if mesh.get_coordinate()[mesh_dim] != dist.get_rank(mesh_group):  # pragma: no cover - torch invariant
             raise RuntimeError(f"device mesh coordinate {mesh.get_coordinate()} != group rank")
-        if mesh.ndim > 1:  # HSDP: the replicas agree on a step too (every rank builds the optimizer)
-            whole = (
-                dist.group.WORLD if len(mesh_ranks) == dist.get_world_size() else dist.new_group(mesh_ranks)
-            )
-            return DistributedStep(process_group, mesh_group, mesh_dim, agree_group=whole)
+        if mesh.ndim > 1 and len(mesh_ranks) == dist.get_world_size():
+            # HSDP on every process: the replicas agree on a step too. (On a mesh over some of the
+            # processes the agreement stays within each replica: a group over the mesh would need
+            # every process, mesh or not, to create it.)
+            return DistributedStep(process_group, mesh_group, mesh_dim, agree_group=dist.group.WORLD)
     return DistributedStep(replicated_group=process_group, mesh_group=mesh_group, mesh_dim=mesh_dim)
 
 

@@ -142,8 +142,9 @@ class HTMuon(Optimizer):
         scale: ``"raw"`` (faithful: raw ``s**p``) or ``"muon_rms"`` (scale-invariant, Muon's RMS).
         lr_adjust: ``"muon"`` (``sqrt(max(1, m/n))``), ``"adamw_rms"`` (``0.2 sqrt(max(m, n))``)
             or ``"none"``.
-        interval: apply the correction on every ``interval``-th step of a parameter (its 1st,
-            ``1 + interval``-th, ...); plain Muon (Newton--Schulz polar factor) on the others.
+        interval: apply the correction on every ``interval``-th step of a parameter (its
+            ``interval``-th, ``2 interval``-th, ..., as the paper's code); plain Muon (Newton--Schulz
+            polar factor) on the others.
         plugin: ``None``, ``"normuon"`` (NorMuon: neuron-wise second moment) or ``"adamuon"`` (AdaMuon:
             the map of the momentum's sign, an element-wise second moment, a fixed update norm).
         beta2: EMA coefficient of the plug-in's second moment.

@@ -851,7 +851,7 @@ def plot_p_grid(agg: dict, path: Path) -> bool:
     """Best final validation loss against the spectral power p (Fig. 8 style; p = 0 is Muon), mean ± std.
 
     Only ``muon`` and ``htmuon`` specs (one update rule, U s^p V^T) are points: the plug-ins
-    (NorMuon, AdaMuon, their HT versions: a rank spectrum then a normalisation) and the interval
+    (NorMuon, AdaMuon, their HT versions: U s^p V^T then a normalisation) and the interval
     variant are other methods, not other values of p. False (nothing written) unless those specs
     span at least two values of p."""
     pts = [
