@@ -37,9 +37,9 @@ COLUMNS = (
 )
 
 
-def momenta(path: Path) -> list[torch.Tensor]:
-    """The momentum buffers of a checkpoint's HTMuon (matrix) group, as float64 matrices."""
-    state = checkpoint.load(path)["optimizer"]
+def momenta(payload: dict) -> list[torch.Tensor]:
+    """The momentum buffers of a checkpoint payload's HTMuon (matrix) group, as float64 matrices."""
+    state = payload["optimizer"]
     out = []
     for group in state["param_groups"]:
         if group.get("algorithm") != "htmuon":
@@ -78,8 +78,8 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|" + "---:|" * len(COLUMNS))
     for path in args.checkpoints:
-        mats = momenta(path)
-        step = checkpoint.load(path)["step"]
+        payload = checkpoint.load(path)
+        mats, step = momenta(payload), payload["step"]
         errors = {label: [] for label, _, _ in COLUMNS}
         shares = []
         for M in mats:

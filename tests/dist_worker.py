@@ -173,6 +173,20 @@ def fsdp_model(seed: int = 0, options: dict | None = None, mesh_shape: tuple[int
 # ---------------------------------------------------------------------------------------- scenarios
 
 
+def register_failing_on_rank1(name: str) -> None:
+    """Register backend ``name``: the svd backend, except that it raises on rank 1 (a rank-local failure)."""
+    from htmuon.spectral import BACKENDS, register_backend
+
+    rank = dist.get_rank()
+
+    def failing(X, p, spectrum, **_):
+        if rank == 1:
+            raise RuntimeError("backend failure on rank 1")
+        return BACKENDS["svd"].fn(X, p, spectrum)
+
+    register_backend(name, failing, replace=True)
+
+
 class CountComputed:
     """Counts the matrices this rank passes to the spectral map (``htmuon.functional.compute_directions``)."""
 
@@ -262,16 +276,9 @@ def mismatch() -> dict:
 def hsdp_refusal() -> dict:
     """HSDP with 2 replicas of 1 shard: a backend failure on one replica's rank only -- both replicas
     refuse the step and change nothing (before: the other replica applied it)."""
-    from htmuon.spectral import BACKENDS, register_backend
+    from htmuon.spectral import BACKENDS
 
-    rank = dist.get_rank()
-
-    def failing(X, p, spectrum, **_):
-        if rank == 1:
-            raise RuntimeError("backend failure on rank 1")
-        return BACKENDS["svd"].fn(X, p, spectrum)
-
-    register_backend("test_fail_rank1_hsdp", failing, replace=True)
+    register_failing_on_rank1("test_fail_rank1_hsdp")
     try:
         model = fsdp_model(0, {}, (2, 1))
         opt = make_opt(model, {"method": "test_fail_rank1_hsdp"})
@@ -470,16 +477,10 @@ def ddp_refusals() -> dict:
     a failed check on one rank, a backend failure on one rank -- every rank refuses the same step with
     a clear error and changes nothing (no rank waits in a collective another skipped); afterwards
     good steps still pair their collectives and equal the single-process run."""
-    from htmuon.spectral import BACKENDS, register_backend
+    from htmuon.spectral import BACKENDS
 
     rank = dist.get_rank()
-
-    def failing(X, p, spectrum, **_):
-        if rank == 1:
-            raise RuntimeError("backend failure on rank 1")
-        return BACKENDS["svd"].fn(X, p, spectrum)
-
-    register_backend("test_fail_rank1", failing, replace=True)
+    register_failing_on_rank1("test_fail_rank1")
     torch.manual_seed(0)
     model = Net()
     ref = copy.deepcopy(model)

@@ -16,6 +16,7 @@ import machine  # noqa: E402
 import matrix_step  # noqa: E402
 import memory  # noqa: E402
 import momentum_accuracy  # noqa: E402
+import owner_split  # noqa: E402
 import step_cost  # noqa: E402
 
 CPUINFO = """processor\t: 0
@@ -106,13 +107,26 @@ def test_momentum_accuracy_reads_the_matrix_groups_momenta_from_a_checkpoint(tmp
         p.grad = torch.randn_like(p)
     opt.step()
     checkpoint.save(tmp_path / "ckpt.pt", {"step": 1, "optimizer": opt.state_dict()})
-    mats = momentum_accuracy.momenta(tmp_path / "ckpt.pt")
+    mats = momentum_accuracy.momenta(checkpoint.load(tmp_path / "ckpt.pt"))
     assert [tuple(m.shape) for m in mats] == [(5, 6), (3, 18)]  # matrices only, conv flattened
     assert torch.equal(mats[0], opt.state[model[0].weight]["momentum_buffer"].double())
     M = mats[0]
     assert momentum_accuracy.below_domain(M) == 0.0
     U, s, Vh = torch.linalg.svd(M, full_matrices=False)
     assert torch.allclose(momentum_accuracy.exact(M, 0.5), (U * s.sqrt()) @ Vh)
+
+
+def test_owner_split_reproduces_the_per_window_imbalance_and_its_fix():
+    """The simulation of the step's owner choice: per window (before) a window of one 4096x11008
+    matrix always went to rank 0; per step (now) the ranks share evenly."""
+    shapes = [(1, 4096, 11008)] * 8
+    costs = [owner_split.matrix_cost(s) for s in shapes]
+    before = owner_split.shares(
+        owner_split.per_window(shapes, 4, owner_split.F.DEFAULT_CHUNK_BYTES), costs, 4
+    )
+    assert before == [1.0, 0.0, 0.0, 0.0]
+    _, owners = owner_split.plan_owned_windows([s[1:] for s in shapes], shapes, [4] * 8, 2**20, 4)
+    assert owner_split.shares(owners, costs, 4) == [0.25] * 4
 
 
 def test_matrix_sets_have_the_paper_shapes():

@@ -372,11 +372,11 @@ class CommStats:
 
 def _direction_wire_dtype(group: dict[str, Any], mats: Sequence[Tensor]) -> torch.dtype:
     """The dtype in which DDP ranks share directions: float64 wherever an owner's direction may be
-    float64 (a float64 matrix, or a float64 working dtype asked of the backend, which then returns
-    float64 from float32 input), so that every rank continues (plug-in, update) from the owner's
-    bits; float32 otherwise. Decided from the group alone, the same on every rank."""
-    dtypes = (group.get("compute_dtype"), group.get("ns_dtype"))
-    if any(x.dtype == torch.float64 for x in mats) or torch.float64 in dtypes:
+    float64 (a float64 matrix, or ``compute_dtype=float64``, with which the exact backends return
+    float64 from float32 input; ``ns_dtype`` cannot be float64), so that every rank continues
+    (plug-in, update) from the owner's bits; float32 otherwise. Decided from the group alone, the
+    same on every rank."""
+    if any(x.dtype == torch.float64 for x in mats) or group.get("compute_dtype") == torch.float64:
         return torch.float64
     return torch.float32
 

@@ -446,6 +446,7 @@ class HTMuon(Optimizer):
             ok = ok and step >= 0 and float(step) == int(step)
         if not ok:
             raise ValueError(f"optimizer state of {where}: invalid step {step!r} (a whole number >= 0)")
+        sharded = _distributed.is_dtensor(param)
         for key, shape in want.items():
             if key not in state:
                 continue
@@ -453,12 +454,12 @@ class HTMuon(Optimizer):
             if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"optimizer state of {where}: {key} has shape {got}, expected {shape}")
-            if _distributed.is_dtensor(value) != _distributed.is_dtensor(param):
+            if _distributed.is_dtensor(value) != sharded:
                 kinds = ("a DTensor", "a plain tensor")
                 raise ValueError(
-                    f"optimizer state of {where}: {key} is {kinds[_distributed.is_dtensor(param)]} but the "
-                    f"parameter is {kinds[not _distributed.is_dtensor(param)]}; load sharded (FSDP2) state "
-                    "with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, opt, ...)"
+                    f"optimizer state of {where}: {key} is {kinds[sharded]} but the parameter is "
+                    f"{kinds[not sharded]}; load sharded (FSDP2) state with "
+                    "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, opt, ...)"
                 )
 
     # ---------------------------------------------------------------- state dicts
