@@ -8,9 +8,13 @@ What is timed: ``opt.step()`` on every hidden matrix of the model at once (``lay
 o: h x h; gate, up: i x h; down: h x i), the paper's shapes; ``--routing paper`` adds the 32000 x h
 embedding and LM head), float32 parameters, fixed Gaussian gradients, lr 0.02, momentum 0.95,
 weight decay 0.1, one torch thread (``--threads``). Every optimizer takes one warm-up step (state
-allocation), then the rows are timed interleaved round-robin (the order rotates each round), so a
-row's ratio to torch.optim.Muon comes from the same round on the same, possibly shared, machine; the
-table gives the median over rounds of the per-round ratio and its min-max spread, in CPU time
+allocation), then the rows are timed interleaved round-robin (the order rotates each round). With
+``--pairing adjacent`` (the default) every row is timed next to its own torch.optim.Muon steps (as
+many steps as the row takes; Muon first in even rounds, last in odd ones), and its ratio in a round
+is to those: on a shared host whose speed drifts (Muon's own step varied 1.0-1.5 s within one
+5-round run on an AMX Xeon, and by 2x between runs minutes apart) the two runs of a ratio are
+seconds apart, not a round. ``--pairing round``: the ratio is to the Muon row of the same round.
+The table gives the median over rounds of the per-round ratio and its min-max spread, in CPU time
 (``time.process_time``: what the step costs, whatever else runs on the machine) and wall time.
 
 Rows (``--rows`` picks some; keys in brackets):
@@ -234,19 +238,35 @@ def run_model(model: str, rows: list[Row], args, device: torch.device, deadline:
 
     cpu: dict[str, list[float]] = {r.key: [] for r in rows}
     wall: dict[str, list[float]] = {r.key: [] for r in rows}
+    # --pairing adjacent: each row's own torch.optim.Muon steps, timed right before (even rounds) or
+    # after (odd rounds) it, so its ratio compares two runs seconds apart, not a whole round apart
+    ref_cpu: dict[str, list[float]] = {r.key: [] for r in rows}
+    ref_wall: dict[str, list[float]] = {r.key: [] for r in rows}
+    muon_row = next(r for r in rows if r.key == "muon")
+
+    def timed(opt: torch.optim.Optimizer, steps: int) -> tuple[float, float]:
+        sync(device)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        sync(device)
+        return (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
+
     rounds = 0
     while rounds < args.rounds:
         t_round = time.perf_counter()
         order = rows[rounds % len(rows) :] + rows[: rounds % len(rows)]
         for row in order:
-            opt = opts[row.key]
-            sync(device)
-            c0, w0 = time.process_time(), time.perf_counter()
-            for _ in range(row.steps):
-                opt.step()
-            sync(device)
-            cpu[row.key].append((time.process_time() - c0) / row.steps)
-            wall[row.key].append((time.perf_counter() - w0) / row.steps)
+            if args.pairing == "round" or row.key == "muon":
+                c, w = timed(opts[row.key], row.steps)
+                cpu[row.key].append(c)
+                wall[row.key].append(w)
+                continue
+            pair = [(muon_row, row.key), (row, None)]  # the reference takes as many steps as the row
+            for r, ref_of in pair if rounds % 2 == 0 else pair[::-1]:
+                c, w = timed(opts[r.key], row.steps)
+                (ref_cpu[ref_of] if ref_of else cpu[row.key]).append(c)
+                (ref_wall[ref_of] if ref_of else wall[row.key]).append(w)
         rounds += 1
         last = time.perf_counter() - t_round
         if args.budget_s > 0 and time.perf_counter() + last > deadline:
@@ -263,15 +283,23 @@ def run_model(model: str, rows: list[Row], args, device: torch.device, deadline:
                 errors[row.key] = max(direction_error(row, G, device) for G in mats)
 
     out_rows = []
+    ratios = {}
     for row in rows:
-        r_cpu = [c / m for c, m in zip(cpu[row.key], cpu["muon"])]
-        r_wall = [w / m for w, m in zip(wall[row.key], wall["muon"])]
+        paired = args.pairing == "adjacent" and row.key != "muon"
+        ratios[row.key] = (
+            [c / m for c, m in zip(cpu[row.key], ref_cpu[row.key] if paired else cpu["muon"])],
+            [w / m for w, m in zip(wall[row.key], ref_wall[row.key] if paired else wall["muon"])],
+        )
+    for row in rows:
+        paired = args.pairing == "adjacent" and row.key != "muon"
+        r_cpu, r_wall = ratios[row.key]
         entry = dict(
             key=row.key,
             label=row.label,
             steps_per_round=row.steps,
             cpu_s=cpu[row.key],
             wall_s=wall[row.key],
+            muon_cpu_s=ref_cpu[row.key] if paired else None,
             ratio_cpu=r_cpu,
             ratio_wall=r_wall,
             ratio_cpu_median=statistics.median(r_cpu),
@@ -279,7 +307,7 @@ def run_model(model: str, rows: list[Row], args, device: torch.device, deadline:
             error_power_law=errors.get(row.key),
         )
         if "p0" in cpu:
-            entry["ratio_p0_cpu_median"] = statistics.median(c / m for c, m in zip(cpu[row.key], cpu["p0"]))
+            entry["ratio_p0_cpu_median"] = statistics.median(a / b for a, b in zip(r_cpu, ratios["p0"][0]))
         out_rows.append(entry)
     n_params = sum(a * b for a, b in shapes)
     return dict(
@@ -362,6 +390,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pairing",
+        default="adjacent",
+        choices=("adjacent", "round"),
+        help="adjacent (default): each row's ratio is to torch.optim.Muon steps timed right next to it; "
+        "round: to the Muon row of the same round",
+    )
     parser.add_argument("--json", default="results/step_cost.json", help="where to write the per-round data")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -386,6 +421,7 @@ def main() -> None:
     print(
         f"# {len(rows)} rows, fp32 parameters, Gaussian gradients, lr {LR}, momentum {MOMENTUM}, "
         f"weight decay {WEIGHT_DECAY}, p {P}; ratios: median over rounds of the per-round ratio"
+        + (" to torch.optim.Muon timed adjacent to each row" if args.pairing == "adjacent" else "")
     )
     start = time.perf_counter()
     sizes = {m: sum(a * b for a, b in matrix_set(m, args.routing, args.layers)) for m in args.models}

@@ -170,3 +170,58 @@ def test_target_verdicts_apply_the_issue_limits():
         "fast5": False,
     }
     assert "paper" in paper[0] and paper[1] == "5.00x" and paper[2] is True  # 6.0 / 1.2
+
+
+@pytest.mark.parametrize("pairing", ["adjacent", "round"])
+def test_step_cost_pairs_every_row_with_muon_steps_timed_next_to_it(monkeypatch, pairing):
+    """Stand-in optimizers advance a stand-in clock; the host gets 3x slower from the second row of
+    round 1 on, in the middle of the round. Adjacent pairing times each row next to its own Muon steps,
+    so its ratios stay the true cost ratio; round pairing compares across the slowdown."""
+    clock = [0.0]
+    calls = []
+    slow = {"muon": 1.0, "p0": 1.5, "interval5": 1.2}
+    # round 1 runs p0 (its pair), interval5 (its pair), Muon: slow from interval5 on. Steps before it:
+    # 3 warm-up, round 0 (Muon, p0, 5 interval5; adjacent: + 1 + 5 Muon), round 1's p0 (+ 1 Muon)
+    slow_from = 3 + 7 + 1 + (6 + 1 if pairing == "adjacent" else 0)
+
+    class Opt:
+        def __init__(self, key):
+            self.key = key
+
+        def step(self):
+            calls.append(self.key)
+            late = len(calls) > slow_from
+            clock[0] += slow[self.key] * (3.0 if late else 1.0)
+
+    fake_time = type(
+        "T",
+        (),
+        {"process_time": staticmethod(lambda: clock[0]), "perf_counter": staticmethod(lambda: clock[0])},
+    )
+    monkeypatch.setattr(step_cost, "time", fake_time)
+    rows = [
+        step_cost.Row("muon", "muon", lambda *a: Opt("muon")),
+        step_cost.Row("p0", "p0", lambda *a: Opt("p0")),
+        step_cost.Row("interval5", "interval5", lambda *a: Opt("interval5"), steps=5),
+    ]
+    monkeypatch.setattr(step_cost, "matrix_set", lambda *a: [(2, 2)])
+    args = type(
+        "A",
+        (),
+        dict(routing="standard", layers=None, seed=0, rounds=4, budget_s=0, errors=False, pairing=pairing),
+    )
+    res = step_cost.run_model("60m", rows, args, torch.device("cpu"), deadline=math.inf)
+    by = {r["key"]: r for r in res["rows"]}
+    assert res["rounds"] == 4 and all(len(r["cpu_s"]) == 4 for r in res["rows"])
+    if pairing == "adjacent":
+        assert by["p0"]["ratio_cpu"] == pytest.approx([1.5] * 4)
+        assert by["interval5"]["ratio_cpu"] == pytest.approx([1.2] * 4)
+        assert len(by["p0"]["muon_cpu_s"]) == 4
+        timed = calls[3:]  # after the warm-up step of each row
+        round0 = timed[: 1 + 2 + 10]  # Muon alone, then (Muon, p0), then (5 Muon, 5 interval5)
+        assert round0 == ["muon", "muon", "p0"] + ["muon"] * 5 + ["interval5"] * 5
+        assert timed[13:15] == ["p0", "muon"]  # round 1 starts with p0: the row first, then its Muon
+    else:
+        assert by["p0"]["muon_cpu_s"] is None
+        assert by["p0"]["ratio_cpu"] == pytest.approx([1.5, 0.5, 1.5, 1.5])  # round 1: Muon ran slow
+    assert by["muon"]["ratio_cpu"] == [1.0] * 4
