@@ -30,6 +30,8 @@ from htmuon import HTMuon, NonFiniteGradientError, param_groups
         ({"algorithm": "sgd"}, r"Invalid algorithm: 'sgd'"),
         ({"beta2": 1.0}, r"Invalid beta2: 1\.0"),
         ({"adamw_betas": (0.9, 1.5)}, r"Invalid adamw_betas: \(0\.9, 1\.5\)"),
+        ({"adamw_betas": (0.9, 1.0)}, r"Invalid adamw_betas: \(0\.9, 1\.0\)"),  # 1 - beta^t = 0
+        ({"plugin": "normuon", "plugin_eps": 0.0}, r"Invalid plugin_eps: 0\.0 \(must be > 0"),
         ({"ns_dtype": torch.int32}, r"Invalid ns_dtype: torch\.int32"),
         ({"compute_dtype": torch.float16}, r"Invalid compute_dtype: torch\.float16"),
         ({"lr": "fast"}, r"Invalid lr: 'fast' \(must be a real number\)"),
@@ -294,8 +296,8 @@ def test_nan_momentum_in_state_refuses_the_step():
     _assert_unchanged(model, opt, snap)
 
 
-def _load_refused(sd, match):
-    model, opt = _trained()
+def _load_refused(sd, match, **kw):
+    model, opt = _trained(**kw)
     snap = _snapshot(model, opt)
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
@@ -308,6 +310,46 @@ def test_load_state_dict_refuses_non_finite_state():
     sd = copy.deepcopy(opt.state_dict())
     sd["state"][0]["momentum_buffer"][0, 0] = float("nan")
     _load_refused(sd, r"parameter '0\.weight': momentum_buffer holds NaN or Inf")
+
+
+def test_load_state_dict_refuses_a_non_finite_plugin_moment():
+    model, opt = _trained(plugin="normuon")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["second_moment"][0, 0, 0] = float("nan")
+    _load_refused(sd, r"parameter '0\.weight': second_moment holds NaN or Inf", plugin="normuon")
+
+
+def test_loaded_step_counters_are_fresh_tensors():
+    """Loading never shares a step counter with the caller's dict (the step counts in place), and
+    an integer counter becomes torch.optim's float32 tensor."""
+    model, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    saved = {pid: float(s["step"]) for pid, s in sd["state"].items()}
+    sd["state"][0]["step"] = torch.tensor(2, dtype=torch.int64)
+    twin, twin_opt = _trained()
+    twin_opt.load_state_dict(sd)
+    twin_opt.step()
+    assert {pid: float(s["step"]) for pid, s in sd["state"].items()} == saved
+    assert all(s["step"].dtype == torch.float32 for s in twin_opt.state.values())
+    assert all(float(s["step"]) == 3.0 for s in twin_opt.state.values())
+
+
+def test_state_edited_after_construction_is_refused_before_anything_changes():
+    """State broken in place (not through load_state_dict) is caught by the step's own check, before
+    any parameter of the step changes: a broadcastable wrong-shape buffer would otherwise fail (or
+    broadcast) in the momentum update after earlier parameters were already updated."""
+    model, opt = _trained()
+    opt.state[model[2].weight]["momentum_buffer"] = torch.zeros(1, 8)
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"momentum_buffer has shape \(1, 8\), expected \(8, 8\)"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+    model, opt = _trained()
+    del opt.state[model[2].weight]["step"]
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"lacks \['step'\]"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
 
 
 @pytest.mark.parametrize("other", ["adamw", "muon"])
@@ -342,6 +384,9 @@ def test_load_state_dict_refuses_mismatched_state():
     bad = copy.deepcopy(sd)
     bad["param_groups"][0]["params"] = bad["param_groups"][0]["params"][:2]
     _load_refused(bad, r"loaded param group 0 has 2 parameters, this optimizer's has 3")
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["step"] = torch.tensor(2.5)
+    _load_refused(bad, r"parameter '0\.weight': invalid step tensor\(2\.5000\) \(a whole number >= 0\)")
     bad = copy.deepcopy(sd)
     bad["param_groups"][0]["p"] = 7.0
     _load_refused(bad, r"Invalid p in loaded param group 0: 7\.0")

@@ -335,8 +335,9 @@ AMX_FLAGS = AVX512_BF16_FLAGS + " amx_tile amx_int8 amx_bf16"  # Sapphire Rapids
         (Capability.from_cpu_flags(parse_cpu_flags(AMX_FLAGS)), ("fast", torch.bfloat16)),
         (Capability("cuda", True), ("fast", torch.bfloat16)),
         (Capability("mps", False), ("fast", torch.float32)),
+        (Capability("privateuseone", False), ("fast", torch.float32)),  # no LAPACK assumed off the CPU
     ],
-    ids=["avx2-cpu", "avx512bf16-cpu", "amx-cpu", "cuda", "mps"],
+    ids=["avx2-cpu", "avx512bf16-cpu", "amx-cpu", "cuda", "mps", "other-device"],
 )
 def test_decide_per_hardware_kind(capability, expected):
     assert decide(capability) == expected

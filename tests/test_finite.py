@@ -241,3 +241,19 @@ def test_aminmax_of_a_transposed_view_makes_no_copy():
     if not copies(torch.aminmax):
         pytest.skip("this torch reduces a transposed view without copying it")
     assert not copies(aminmax)
+
+
+def test_prescaled_polar_on_subnormal_input_is_finite(monkeypatch):
+    """The prescaled path (accelerators and compiled steps take it always; CPU eager only for huge
+    entries) on a matrix of subnormal float32 numbers: the power-of-two prescale is clamped to what
+    float32 can represent, so the result is finite and equals the CPU path's (``G / eps`` here)."""
+    import htmuon.spectral as S
+
+    torch.manual_seed(0)
+    G = torch.randn(8, 16) * 2.0**-140
+    assert G.abs().max() < torch.finfo(torch.float32).tiny  # subnormal
+    direct = polar(G, dtype=torch.float32)
+    monkeypatch.setattr(S, "_cpu_polar", lambda *a, **k: None)
+    prescaled = polar(G, dtype=torch.float32)
+    assert torch.isfinite(prescaled).all() and prescaled.abs().max() > 0
+    assert (prescaled - direct).norm() <= 1e-3 * direct.norm()

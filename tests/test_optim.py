@@ -135,9 +135,9 @@ def test_second_moment_plugins_match_formula(plugin):
         On = On * (O.norm() if plugin == "normuon" else math.sqrt(10)) / On.norm()
         W = W - 0.1 * On
     assert rel_err(got - W0, W - W0) < 1e-4
-    assert opt.state[next(iter(opt.state))]["second_moment"].shape == (
-        (1, 10, 1) if plugin == "normuon" else (1, 10, 16)
-    )
+    stored = opt.state[next(iter(opt.state))]["second_moment"]
+    assert stored.shape == ((1, 10, 1) if plugin == "normuon" else (1, 10, 16))
+    torch.testing.assert_close(stored.double().squeeze(0), v, rtol=1e-4, atol=1e-12)
 
 
 def test_adamuon_plugin_is_adamuon_as_published():
@@ -491,3 +491,104 @@ def test_compiled_step_with_a_scheduled_tensor_lr_is_one_graph_and_equals_eager(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if check_finite:
         _assert_nan_step_skipped(model, opt, step, X)
+
+
+def test_fallback_on_an_uncorrected_step_is_the_polar_factor(monkeypatch):
+    """An in-between step of ``interval`` is Muon's step; if its Newton--Schulz returns NaN on finite
+    input, the exact fallback must give the polar factor ``U V^T`` (p = 0), not the group's ``U S^p V^T``."""
+    monkeypatch.setattr(F, "polar", lambda G, **kw: torch.full_like(G, float("nan")))
+    torch.manual_seed(0)
+    G = torch.randn(12, 20)
+    W = nn.Parameter(torch.zeros(12, 20))
+    opt = HTMuon([W], lr=0.1, p=0.5, interval=2, momentum=0.0, nesterov=False, weight_decay=0.0, method="svd")
+    W.grad = G.clone()
+    with pytest.warns(RuntimeWarning, match=r"'ns \(polar\)' returned NaN or Inf"):
+        opt.step()  # step 1: uncorrected under interval=2
+    d = -W.detach().double()
+    polar_exact = exact_power(G.double(), 0.0)
+    assert rel_err(d / d.norm(), polar_exact / polar_exact.norm()) < 1e-5
+    assert rel_err(d / d.norm(), exact_power(G.double(), 0.5) / exact_power(G.double(), 0.5).norm()) > 0.05
+
+
+def test_chunk_work_bytes_scales_with_the_batch():
+    one = F.chunk_work_bytes((1, 64, 32))
+    assert F.chunk_work_bytes((8, 64, 32)) == tuple(8 * x for x in one)
+    shapes = [(8, 64, 64)] * 3
+    budget = 2 * sum(F.chunk_work_bytes((8, 64, 64)))
+    plan = plan_for(shapes, budget=budget)
+    assert [len(c) for w in plan.windows for c in w] == [2, 1]
+    assert plan.peak_bytes <= budget
+
+
+def test_masked_apply_and_adamw_equal_the_plain_ones_when_good_and_change_nothing_when_not():
+    """The masked forms (what a compiled step runs: ``torch.where`` on an on-device flag) give the
+    eager step's numbers where the flag is true and change nothing where it is false."""
+    torch.manual_seed(0)
+    params = [torch.randn(6, 4), torch.randn(4)]
+    grads = [torch.randn_like(p) for p in params]
+
+    def fresh():
+        return (
+            [p.clone() for p in params],
+            [torch.randn_like(p) * 0.1 for p in params],
+            [torch.rand_like(p) * 0.1 for p in params],
+            [torch.tensor(3.0) for _ in params],
+        )
+
+    torch.manual_seed(1)
+    plain = fresh()
+    torch.manual_seed(1)
+    masked = fresh()
+    torch.manual_seed(1)
+    refused = fresh()
+    before = copy.deepcopy(refused)
+    hyper = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    F.adamw(plain[0], grads, plain[1], plain[2], plain[3], **hyper)
+    F.adamw_masked(masked[0], grads, masked[1], masked[2], masked[3], torch.tensor(True), **hyper)
+    F.adamw_masked(refused[0], grads, refused[1], refused[2], refused[3], torch.tensor(False), **hyper)
+    for a, b in zip(plain, masked):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    for a, b in zip(before, refused):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+    # the matrix part: _apply_window_masked against _apply_window on the same pending directions
+    def opt_with_pending():
+        torch.manual_seed(2)
+        W = nn.Parameter(torch.randn(6, 10))
+        W.grad = torch.randn(6, 10)
+        opt = HTMuon([W], lr=0.05, weight_decay=0.1, method="svd")
+        opt.step()
+        W.grad = torch.randn(6, 10)
+        group = opt.param_groups[0]
+        pending = opt._compute_window(group, [W], [True], [1])
+        return W, opt, group, pending
+
+    with torch.no_grad():  # as inside step()
+        W1, opt1, g1, pend1 = opt_with_pending()
+        opt1._apply_window(g1, pend1)
+        W2, opt2, g2, pend2 = opt_with_pending()
+        opt2._apply_window_masked(g2, pend2, torch.tensor(True), 0.05, 0.1, 0.95)
+        W3, opt3, g3, pend3 = opt_with_pending()
+        snap = (W3.detach().clone(), copy.deepcopy(opt3.state_dict()))
+        opt3._apply_window_masked(g3, pend3, torch.tensor(False), 0.05, 0.1, 0.95)
+    torch.testing.assert_close(W2, W1, rtol=1e-6, atol=1e-7)
+    for key in ("momentum_buffer", "step"):
+        torch.testing.assert_close(opt2.state[W2][key], opt1.state[W1][key], rtol=1e-6, atol=1e-7)
+    assert torch.equal(W3.detach(), snap[0])
+    for key, value in snap[1]["state"][0].items():
+        assert torch.equal(torch.as_tensor(opt3.state[W3][key]), torch.as_tensor(value)), key
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_direction_in_place_and_out_of_place_agree(nesterov):
+    torch.manual_seed(0)
+    grad, buf = torch.randn(5, 7), torch.randn(5, 7)
+    kept = buf.clone()
+    fresh = F.momentum_direction(grad, buf, 0.9, nesterov)
+    into = F.momentum_direction(grad, buf, 0.9, nesterov, out=torch.empty(5, 7))
+    assert torch.equal(fresh, into) and torch.equal(buf, kept)  # the buffer is not changed
+    M = 0.9 * kept.double() + 0.1 * grad.double()
+    expected = 0.1 * grad.double() + 0.9 * M if nesterov else M
+    torch.testing.assert_close(fresh.double(), expected, rtol=1e-6, atol=1e-6)

@@ -46,6 +46,42 @@ def test_edge_flags_along_the_best_line():
     assert cmp._next_value([1e-3, 3e-3], high=False) == pytest.approx(3.33e-4)
 
 
+def test_edge_flags_read_only_the_line_through_the_best_cell():
+    """A grid that is not a full product (an extension ran along one line only): the flag looks at the
+    cells with the other lr held at the best's, not at every lr tried."""
+    rows = [_row("m", lr, 1e-3, 5.0) for lr in (0.01, 0.02, 0.04)]
+    rows += [_row("m", lr, 3e-3, 5.0) for lr in (0.01, 0.02)]
+    best = next(r for r in rows if (r["lr"], r["adamw_lr"]) == (0.02, 3e-3))
+    assert cmp.edge_flags(rows, best) == {"lr": "high", "adamw_lr": "high"}
+
+
+def _summary(spec, lr, seed, loss, acc=None, alr=None):
+    return {
+        "spec": spec, "lr": lr, "adamw_lr": alr, "seed": seed, "final_val_loss": loss,
+        "final_val_acc": acc, "ms_per_step": 1.0, "mean_alpha": None, "run_dir": f"{spec}/{lr}/{seed}",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_best_cell_is_never_a_non_finite_loss(order):
+    rows = [_summary("m", 0.1, 0, 3.0), _summary("m", 0.2, 0, math.nan), _summary("m", 0.4, 0, math.inf)]
+    assert cmp.aggregate(rows[::order])["best"]["m"]["lr"] == 0.1
+
+
+def test_image_task_selects_the_highest_accuracy():
+    rows = [_summary("m", 0.1, 0, 1.0, acc=0.5), _summary("m", 0.2, 0, 1.2, acc=0.7)]
+    agg = cmp.aggregate(rows)
+    assert agg["task"] == "image" and agg["best"]["m"]["lr"] == 0.2
+
+
+def test_paired_differences_leave_a_diverged_seed_out_of_the_mean():
+    rows = [_summary("muon", 0.01, 0, 3.0), _summary("muon", 0.01, 1, 3.1)]
+    rows += [_summary("htmuon", 0.04, 0, 2.9), _summary("htmuon", 0.04, 1, math.inf)]
+    diffs = cmp.paired_differences(cmp.aggregate(rows), "muon")["htmuon"]
+    assert diffs["mean_std"][0] == pytest.approx(-0.1) and diffs["mean_std"][1] is None
+    assert diffs["per_seed"][1] == math.inf
+
+
 # ----------------------------------------------------------------------------- the plan (a stand-in train)
 
 
