@@ -11,9 +11,9 @@ weight decay 0.1, one torch thread (``--threads``). Every optimizer takes one wa
 allocation), then the rows are timed interleaved round-robin (the order rotates each round). With
 ``--pairing adjacent`` (the default) every row is timed next to its own torch.optim.Muon steps (as
 many steps as the row takes; Muon first in even rounds, last in odd ones), and its ratio in a round
-is to those: on a shared host whose speed drifts (Muon's own step varied 1.0-1.5 s within one
-5-round run on an AMX Xeon, and by 2x between runs minutes apart) the two runs of a ratio are
-seconds apart, not a round. ``--pairing round``: the ratio is to the Muon row of the same round.
+is to those: on a shared host whose speed drifts (Muon's own step on the LLaMA-60M set varied
+0.75-1.56 s within one run on an AMX Xeon: BENCHMARKS.md §A-5) the two runs of a ratio are seconds
+apart, not a round. ``--pairing round``: the ratio is to the Muon row of the same round.
 The table gives the median over rounds of the per-round ratio and its min-max spread, in CPU time
 (``time.process_time``: what the step costs, whatever else runs on the machine) and wall time.
 
