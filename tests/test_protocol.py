@@ -458,6 +458,38 @@ def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_p
     assert (out / "gap_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_size_scan_table_is_written_after_each_model(tmp_path, monkeypatch):
+    """A scan cut short (here the third model's training fails) still has the table of the models done,
+    saying which are left; the completed scan's table has no such line."""
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    sizes = {"llama-micro": 1, "llama-tiny": 8, "llama-mini": 40}
+
+    def fake(cfg, resume=False, preset_lrs=None):
+        if cfg.model == "llama-mini" and fail[0]:
+            raise RuntimeError("the machine went away")
+        s = _fake_train(calls)(cfg, resume, preset_lrs)
+        return {**s, "model": cfg.model, "steps": cfg.steps, "info": {"parameters": sizes[cfg.model]}}
+
+    fail = [True]
+    monkeypatch.setattr("htmuon.train.loop.train", fake)
+    out = tmp_path / "scan"
+    argv = ["compare", "--optimizers", "muon,htmuon", "--models", "llama-micro,llama-tiny,llama-mini"]
+    argv += ["--seeds", "0,1", "--out-dir", str(out), "--no-plots", "--no-alpha"]
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        cli_main(argv)
+    md = (out / "size_scan.md").read_text()
+    rows = [ln.split("|")[1].strip() for ln in md.splitlines() if ln.startswith("| llama-")]
+    assert rows == ["llama-micro", "llama-tiny"]
+    assert "Done so far: llama-micro, llama-tiny; still to run: llama-mini." in md
+    fail[0] = False
+    assert cli_main(argv) == 0  # run again: now the third model trains too
+    md = (out / "size_scan.md").read_text()
+    rows = [ln.split("|")[1].strip() for ln in md.splitlines() if ln.startswith("| llama-")]
+    assert rows == ["llama-micro", "llama-tiny", "llama-mini"] and "still to run" not in md
+
+
 def test_carried_grids_center_each_specs_matrix_lr_and_keep_its_adamw_lr():
     best = {
         "muon": {"lr": 0.01, "adamw_lr": 0.111},

@@ -1130,9 +1130,8 @@ def carry_widths(value: str | int | None, n_models: int) -> list[int]:
 
 
 def main_models(args: argparse.Namespace) -> int:
-    """``--models``: the protocol once per model in OUT/MODEL, then OUT/size_scan.md and gap_vs_params.png."""
-    from htmuon.train.data import atomic_write_bytes
-
+    """``--models``: the protocol once per model in OUT/MODEL, and after each OUT/size_scan.md and
+    gap_vs_params.png for the models done so far."""
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     widths = carry_widths(getattr(args, "carry_lrs", 0), len(models))
     name = args.preset or "custom"
@@ -1168,24 +1167,38 @@ def main_models(args: argparse.Namespace) -> int:
                     "its best there, the AdamW-part lr on the values the optimizers chose there (every "
                     "optimizer on all of them)."
                 )
+        # after every model, so a scan cut short (a larger model takes hours) has its table and plot
+        write_size_scan(root, name, models, per_model, args.no_plots, final=model == models[-1])
+    return status
+
+
+def write_size_scan(
+    root: Path, name: str, models: list[str], per_model: dict, no_plots: bool, final: bool = True
+) -> None:
+    """OUT/size_scan.md (and gap_vs_params.png) for the models done so far, ``models`` in all."""
+    from htmuon.train.data import atomic_write_bytes
+
     rows = size_scan_rows(per_model)
     table = size_scan_table(rows)
+    done = list(per_model)
     md = [
         f"# htmuon compare size scan: {name}",
         "",
         f"Models: {', '.join(models)} (each: MODEL/results.md).",
         "",
     ]
+    if not final:
+        left = [m for m in models if m not in per_model]
+        md += [f"Done so far: {', '.join(done)}; still to run: {', '.join(left)}.", ""]
     md += ["Paired differences of the final validation loss to Muon at each model's best cells:", "", table]
     files = []
-    if not args.no_plots:
+    if not no_plots:
         plot_gap_vs_params(rows, root / "gap_vs_params.png")
         files.append("gap_vs_params.png")
         md.append("![gap vs parameters](gap_vs_params.png)")
     atomic_write_bytes(root / "size_scan.md", ("\n".join(md) + "\n").encode())
     print(table)
     print(f"wrote {root / 'size_scan.md'}" + "".join(f", {root / f}" for f in files))
-    return status
 
 
 def _report_runs(res: dict) -> list[dict]:
