@@ -1168,28 +1168,25 @@ def main_models(args: argparse.Namespace) -> int:
                     "optimizer on all of them)."
                 )
         # after every model, so a scan cut short (a larger model takes hours) has its table and plot
-        write_size_scan(root, name, models, per_model, args.no_plots, final=model == models[-1])
+        write_size_scan(root, name, models, per_model, args.no_plots)
     return status
 
 
-def write_size_scan(
-    root: Path, name: str, models: list[str], per_model: dict, no_plots: bool, final: bool = True
-) -> None:
+def write_size_scan(root: Path, name: str, models: list[str], per_model: dict, no_plots: bool) -> None:
     """OUT/size_scan.md (and gap_vs_params.png) for the models done so far, ``models`` in all."""
     from htmuon.train.data import atomic_write_bytes
 
     rows = size_scan_rows(per_model)
     table = size_scan_table(rows)
-    done = list(per_model)
+    left = [m for m in models if m not in per_model]
     md = [
         f"# htmuon compare size scan: {name}",
         "",
         f"Models: {', '.join(models)} (each: MODEL/results.md).",
         "",
     ]
-    if not final:
-        left = [m for m in models if m not in per_model]
-        md += [f"Done so far: {', '.join(done)}; still to run: {', '.join(left)}.", ""]
+    if left:
+        md += [f"Done so far: {', '.join(per_model)}; still to run: {', '.join(left)}.", ""]
     md += ["Paired differences of the final validation loss to Muon at each model's best cells:", "", table]
     files = []
     if not no_plots:
