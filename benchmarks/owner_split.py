@@ -9,10 +9,11 @@ For the LLaMA-60M hidden matrices (8 blocks x q, k, v, o 512x512, gate, up 1376x
 * ``per window`` -- the step before session 19: the matrices cut into windows of ``chunk_bytes``
   first, owners chosen by :func:`htmuon.distributed.assign_owners` within each window (a window of
   one matrix always went to rank 0);
-* ``per step`` -- today's DDP plan (:meth:`htmuon.distributed.DistributedStep.plan`): owners for the
-  whole step, each rank's matrices cut into its own windows of ``chunk_bytes / world``.
+* ``per step`` -- today's DDP plan (:func:`htmuon.distributed.plan_replicated_step`, what
+  ``DistributedStep.plan`` calls): owners for the whole step, each rank's matrices cut into its own
+  windows of ``chunk_bytes / world``.
 
-The same functions as the step (``plan_step``, ``assign_owners``, ``plan_owned_windows``), so the
+The same functions as the step (``plan_step``, ``assign_owners``, ``plan_replicated_step``), so the
 shares are the step's; tests/test_distributed.py counts the matrices each rank computes in real
 2-process runs.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 
 from htmuon import functional as F
-from htmuon.distributed import assign_owners, matrix_cost, plan_owned_windows
+from htmuon.distributed import assign_owners, matrix_cost, plan_replicated_step
 
 SETS = {
     "LLaMA-60M matrices": ([(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]) * 8,
@@ -33,6 +34,10 @@ SETS = {
 def shares(owners: list[int], costs: list[int], world: int) -> list[float]:
     total = sum(costs)
     return [sum(c for c, o in zip(costs, owners) if o == r) / total for r in range(world)]
+
+
+def percent(values: list[float]) -> str:
+    return " / ".join(f"{x:.1%}" for x in values)
 
 
 def per_window(shapes: list[tuple[int, int, int]], world: int, budget: int) -> list[int]:
@@ -58,12 +63,11 @@ def main() -> None:
         costs = [matrix_cost(s) for s in shapes]
         for world in args.worlds:
             before = shares(per_window(shapes, world, args.chunk_bytes), costs, world)
-            _, owners = plan_owned_windows(
-                [s[1:] for s in shapes], shapes, [4] * len(shapes), max(args.chunk_bytes // world, 1), world
+            _, owners = plan_replicated_step(
+                [s[1:] for s in shapes], shapes, [4] * len(shapes), args.chunk_bytes, world
             )
             now = shares(owners, costs, world)
-            fmt = lambda v: " / ".join(f"{x:.1%}" for x in v)  # noqa: E731
-            print(f"| {name} | {world} | {fmt(before)} | {fmt(now)} |")
+            print(f"| {name} | {world} | {percent(before)} | {percent(now)} |")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,11 @@ def register_failing_on_rank1(name: str) -> None:
     register_backend(name, failing, replace=True)
 
 
+def matrices_stepped(opt) -> int:
+    """How many matrices the spectral map had to see over the scenario: each HTMuon matrix once a step."""
+    return STEPS * sum(len(g["params"]) for g in opt.param_groups if g["algorithm"] == "htmuon")
+
+
 class CountComputed:
     """Counts the matrices this rank passes to the spectral map (``htmuon.functional.compute_directions``)."""
 
@@ -223,7 +228,7 @@ def ddp_exact(options: dict) -> dict:
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": stats.bytes_received,
         "computed": counted.count,
-        "matrices": STEPS * sum(len(g["params"]) for g in opt.param_groups if g["algorithm"] == "htmuon"),
+        "matrices": matrices_stepped(opt),
     }
 
 
@@ -244,7 +249,7 @@ def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
         "bytes_received": opt._dist.stats.bytes_received,
         "collectives": opt._dist.stats.collectives,
         "computed": counted.count,
-        "matrices": STEPS * sum(len(g["params"]) for g in opt.param_groups if g["algorithm"] == "htmuon"),
+        "matrices": matrices_stepped(opt),
     }
 
 

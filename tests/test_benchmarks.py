@@ -125,7 +125,7 @@ def test_owner_split_reproduces_the_per_window_imbalance_and_its_fix():
         owner_split.per_window(shapes, 4, owner_split.F.DEFAULT_CHUNK_BYTES), costs, 4
     )
     assert before == [1.0, 0.0, 0.0, 0.0]
-    _, owners = owner_split.plan_owned_windows([s[1:] for s in shapes], shapes, [4] * 8, 2**20, 4)
+    _, owners = owner_split.plan_replicated_step([s[1:] for s in shapes], shapes, [4] * 8, 2**22, 4)
     assert owner_split.shares(owners, costs, 4) == [0.25] * 4
 
 

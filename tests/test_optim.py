@@ -546,9 +546,9 @@ def test_masked_apply_and_adamw_equal_the_plain_ones_when_good_and_change_nothin
     F.adamw(plain[0], grads, plain[1], plain[2], plain[3], **hyper)
     F.adamw_masked(masked[0], grads, masked[1], masked[2], masked[3], torch.tensor(True), **hyper)
     F.adamw_masked(refused[0], grads, refused[1], refused[2], refused[3], torch.tensor(False), **hyper)
-    for a, b in zip(plain, masked):
+    for a, b in zip(plain, masked):  # the same math, other kernels: equal up to float32 rounding
         for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     for a, b in zip(before, refused):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
@@ -573,9 +573,9 @@ def test_masked_apply_and_adamw_equal_the_plain_ones_when_good_and_change_nothin
         W3, opt3, g3, pend3 = opt_with_pending()
         snap = (W3.detach().clone(), copy.deepcopy(opt3.state_dict()))
         opt3._apply_window_masked(g3, pend3, torch.tensor(False), 0.05, 0.1, 0.95)
-    torch.testing.assert_close(W2, W1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(W2, W1, rtol=1e-5, atol=1e-6)
     for key in ("momentum_buffer", "step"):
-        torch.testing.assert_close(opt2.state[W2][key], opt1.state[W1][key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt2.state[W2][key], opt1.state[W1][key], rtol=1e-5, atol=1e-6)
     assert torch.equal(W3.detach(), snap[0])
     for key, value in snap[1]["state"][0].items():
         assert torch.equal(torch.as_tensor(opt3.state[W3][key]), torch.as_tensor(value)), key

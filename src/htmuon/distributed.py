@@ -63,6 +63,7 @@ __all__ = [
     "matrix_cost",
     "matrix_shape",
     "plan_owned_windows",
+    "plan_replicated_step",
     "setup",
     "step_signature",
 ]
@@ -157,6 +158,20 @@ def plan_owned_windows(
         for k in range(count)
     )
     return F.StepPlan(windows, peak), owners
+
+
+def plan_replicated_step(
+    keys: Sequence[Any],
+    mshapes: Sequence[tuple[int, int, int]],
+    itemsizes: Sequence[int],
+    chunk_bytes: int,
+    world: int,
+) -> tuple[F.StepPlan, list[int]]:
+    """:func:`plan_owned_windows` for replicated (DDP) parameters: each rank plans its own matrices
+    within ``chunk_bytes / world`` bytes, since every rank receives (and holds until the window is
+    applied) the directions of the whole window; so a rank's transient memory stays near
+    ``chunk_bytes``, as in a single process."""
+    return plan_owned_windows(keys, mshapes, itemsizes, max(chunk_bytes // world, 1), world)
 
 
 @dataclass(frozen=True)
@@ -511,12 +526,9 @@ class DistributedStep:
         itemsizes: Sequence[int],
         budget: int,
     ) -> tuple[F.StepPlan, list[int]]:
-        """:func:`plan_owned_windows` for replicated parameters: each rank plans its own matrices
-        within ``budget / world`` bytes, since every rank receives (and holds until the window is
-        applied) the directions of the whole window; so a rank's transient memory stays near
-        ``budget``, as in a single process."""
+        """:func:`plan_replicated_step` over this step's replicated group."""
         world = self._dist.get_world_size(self.replicated_group)
-        return plan_owned_windows(keys, mshapes, itemsizes, max(budget // world, 1), world)
+        return plan_replicated_step(keys, mshapes, itemsizes, budget, world)
 
     def compute_directions(
         self,
