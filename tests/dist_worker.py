@@ -28,7 +28,8 @@ STEPS = 3
 
 # name -> HTMuon options for the matrix group; every variant runs under DDP and FSDP2
 VARIANTS: dict[str, dict] = {
-    "svd": dict(p=0.125, weight_decay=0.1),
+    # method="auto": eigh on a CPU in the tests (conftest sets HTMUON_CPU_BF16=0)
+    "default": dict(p=0.125, weight_decay=0.1),
     "ns_interval_normuon": dict(p=0.125, method="ns", interval=2, plugin="normuon"),
     "eigh_muonrms_adamuon": dict(p=0.25, method="eigh", scale="muon_rms", plugin="adamuon", weight_decay=0.1),
     "rank_adamwrms_plain": dict(p=0.5, spectrum="rank", lr_adjust="adamw_rms", nesterov=False),
@@ -563,7 +564,7 @@ def main() -> int:
                 lambda o, shape=shape: fsdp_exact(o, shape),
                 VARIANTS["ns_interval_normuon"],
             )
-        jobs["ddp_training"] = (ddp_training, VARIANTS["svd"])
+        jobs["ddp_training"] = (ddp_training, VARIANTS["default"])
         jobs["fsdp_training"] = (fsdp_training, VARIANTS["ns_interval_normuon"])
         ckpt_dir = os.path.join(out_dir, "dcp")
         jobs["fsdp_checkpoint"] = (lambda o: fsdp_checkpoint(o, ckpt_dir), VARIANTS["ns_interval_normuon"])

@@ -33,9 +33,12 @@ distributed = pytest.mark.skipif(
 )
 WORLD = 2
 #: End-to-end runs average the ranks' gradients (DDP all-reduce, FSDP2 reduce-scatter) where the
-#: single process averages over the global batch at once: same math, other float32 rounding
-#: (measured: ~3e-7 under DDP, ~7e-7 under FSDP2 after 3 steps on parameters of size ~0.5).
-TRAINING_TOL = 1e-5
+#: single process averages over the global batch at once: same math, other float32 rounding, which
+#: the iterative backends amplify by a factor that depends on the CPU (measured after 3 steps on
+#: parameters of size ~0.5, lr 0.02: DDP with eigh 3.3e-7 on an AVX2 CPU and 1.6e-7 on an AMD EPYC
+#: with AVX-512-BF16; FSDP2 and htmuon.torchrun with the `ns` backend 7.0e-7 and 4.6e-6). A wrong
+#: owner, a lost exchange or a missing average moves parameters by ~lr = 2e-2.
+TRAINING_TOL = 5e-5
 
 
 # ------------------------------------------------------------------------------- in process
@@ -211,7 +214,7 @@ def results(tmp_path_factory):
 
 
 VARIANTS = [
-    "svd",
+    "default",
     "ns_interval_normuon",
     "eigh_muonrms_adamuon",
     "rank_adamwrms_plain",
@@ -249,7 +252,7 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
     if mode == "fsdp_exact" and variant == "windows_normuon":
         # chunk_bytes=1: each matrix was exchanged, computed and applied in a window of its own (two
         # all_to_all and one all_reduce per window), not all of the group's matrices at once
-        one_window = results[0]["fsdp_exact/svd"]["collectives"]
+        one_window = results[0]["fsdp_exact/default"]["collectives"]
         assert results[0][f"{mode}/{variant}"]["collectives"] > 2 * one_window
 
 

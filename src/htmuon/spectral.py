@@ -511,14 +511,28 @@ def _rank_tolerance(s_max: Tensor, m: int, n: int, dtype: torch.dtype) -> Tensor
     return s_max * math.sqrt(max(m, n)) * torch.finfo(dtype).eps
 
 
+def _input_floor(s_max: Tensor, m: int, n: int, input_dtype: torch.dtype) -> Tensor:
+    """The :func:`_rank_tolerance` of a float32 (or lower-precision) input, even when the decomposition
+    runs in float64: singular values that far below ``s_max`` are float32 rounding of the input's
+    entries, not directions of the matrix. Lifting them (``s**p`` of ``1e-7 s_max`` is ``0.13 s_max**p``
+    at p = 1/8) gave two float32 computations of the same momentum, which differ by rounding (a
+    gradient averaged over ranks or over the whole batch at once), directions 10% apart. With the
+    floor the float64 backends (eigh, ``compute_dtype=torch.float64``) zero the same singular values
+    as the float32 SVD. A float64 input has no floor beyond its own working precision; 16-bit inputs
+    get the float32 floor (their own rounding would zero most of a power-law spectrum)."""
+    if input_dtype == torch.float64:
+        return torch.zeros_like(s_max)
+    return _rank_tolerance(s_max, m, n, torch.float32)
+
+
 def spectrum_weights(s: Tensor, p: float, spectrum: str, tol: Tensor) -> Tensor:
     """The new singular values ``w`` for singular values ``s`` sorted in descending order.
 
     ``spectrum="power"``: ``w_i = s_i**p``; ``spectrum="rank"``: ``w_i = i**-p`` (1-based rank).
-    Directions with ``s_i <= tol`` (zero to the working precision of the decomposition: see
-    :func:`_rank_tolerance` and the ``"eigh"`` backend) get ``w_i = 0``, so a zero or rank-deficient
-    matrix never gains spurious directions (and ``0**0`` never appears); every resolved singular
-    value keeps its weight.
+    Directions with ``s_i <= tol`` (zero to the working precision of the decomposition or of the
+    input: see :func:`_rank_tolerance`, :func:`_input_floor` and the ``"eigh"`` backend) get
+    ``w_i = 0``, so a zero or rank-deficient matrix never gains spurious directions (and ``0**0``
+    never appears); every resolved singular value keeps its weight.
     """
     keep = s > tol
     if spectrum == "power":
@@ -583,7 +597,8 @@ def _svd_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dty
     dtype = compute_dtype or torch.float32
     Xc = X.to(dtype)
     U, s, Vh = _robust_svd(Xc)
-    tol = _rank_tolerance(s[..., :1], X.size(-2), X.size(-1), dtype)
+    m, n = X.shape[-2:]
+    tol = torch.maximum(_rank_tolerance(s[..., :1], m, n, dtype), _input_floor(s[..., :1], m, n, X.dtype))
     w = spectrum_weights(s, p, spectrum, tol)
     return (U * w.unsqueeze(-2)) @ Vh
 
@@ -613,7 +628,7 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     power-law spectrum (80% error on s_k = 1/k, 512 x 1376), so the default working dtype is
     float64 (resolves down to ~3e-7 * s_max; on CPU about the cost of Muon's float32
     Newton--Schulz). ``compute_dtype=torch.float32`` is the fast, rough option for well-conditioned
-    inputs.
+    inputs. A float32 input is also zeroed below its own rounding (:func:`_input_floor`).
     """
     dtype = compute_dtype or torch.float64
     # compiled steps read nothing on the host and cannot raise: a non-finite Gram matrix (LAPACK
@@ -637,6 +652,7 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     # up to ~ m eps lam_max (measured on exactly rank-deficient float32 inputs with a float64 Gram:
     # zero singular values come out at ~0.2 eps_fp32 s_max, below this tolerance; resolved ones above).
     tol = (lam[..., :1].clamp_min(0) * X.size(-2) * torch.finfo(dtype).eps).sqrt()
+    tol = torch.maximum(tol, _input_floor(s[..., :1], X.size(-2), X.size(-1), X.dtype))
     w = spectrum_weights(s, p, spectrum, tol)
     coeff = torch.where(w > 0, w / s.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(w))
     out_dtype = torch.float64 if torch.float64 in (X.dtype, compute_dtype) else torch.float32
