@@ -68,6 +68,17 @@ def test_best_cell_is_never_a_non_finite_loss(order):
     assert cmp.aggregate(rows[::order])["best"]["m"]["lr"] == 0.1
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_equal_losses_select_the_smaller_lrs_whatever_the_order(order):
+    """Ties go to the smaller matrix lr, then the smaller AdamW-part lr (before: the cell read first)."""
+    rows = [_summary("m", 0.04, 0, 3.0), _summary("m", 0.02, 0, 3.0), _summary("m", 0.08, 0, 3.5)]
+    assert cmp.aggregate(rows[::order])["best"]["m"]["lr"] == 0.02
+    rows = [_summary("m", 0.02, 0, 3.0, alr=0.1), _summary("m", 0.02, 0, 3.0, alr=0.03)]
+    assert cmp.aggregate(rows[::order])["best"]["m"]["adamw_lr"] == 0.03
+    rows = [_summary("m", 0.02, 0, 1.0, acc=0.7), _summary("m", 0.01, 0, 1.2, acc=0.7)]
+    assert cmp.aggregate(rows[::order])["best"]["m"]["lr"] == 0.01
+
+
 def test_image_task_selects_the_highest_accuracy():
     rows = [_summary("m", 0.1, 0, 1.0, acc=0.5), _summary("m", 0.2, 0, 1.2, acc=0.7)]
     agg = cmp.aggregate(rows)

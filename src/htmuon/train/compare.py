@@ -18,7 +18,8 @@ The protocol:
 - the grid is the matrix lr (``--lr-grid``; AdamW's own lr for ``adamw``) x the AdamW-part lr
   (``--adamw-lr-grid``, the Muon family only: embeddings, head, norms under routing "standard");
 - the best cell per optimizer is the lowest mean final validation loss (highest accuracy for
-  image models) over the *selection* seeds: ``--tune-seeds`` when given, and the best cell is then
+  image models; between equal ones, the smaller matrix lr, then the smaller AdamW-part lr) over the
+  *selection* seeds: ``--tune-seeds`` when given, and the best cell is then
   re-run on ``--seeds`` for the reported numbers; without ``--tune-seeds`` selection and report
   share the seeds, and the report says so;
 - a best value at the edge of what was tried is flagged in the table; ``--extend-edges N`` adds
@@ -567,12 +568,23 @@ def aggregate(summaries: list[dict]) -> dict:
         rows.append(row)
     best: dict[str, dict] = {}
     for row in rows:
-        key = (-row["val_acc"][0]) if task == "image" else row["val_loss"][0]
         cur = best.get(row["spec"])
-        cur_key = None if cur is None else ((-cur["val_acc"][0]) if task == "image" else cur["val_loss"][0])
-        if cur is None or (math.isfinite(key) and not (key >= cur_key)):
+        if cur is None or _rank(row, task) < _rank(cur, task):
             best[row["spec"]] = row
     return {"task": task, "rows": rows, "best": best}
+
+
+def _rank(row: dict, task: str) -> tuple:
+    """Sort key of a cell, best first: finite metric before NaN/inf, then the metric (lowest loss,
+    highest accuracy), then, between equal metrics, the smaller matrix lr and the smaller AdamW-part
+    lr (the cautious choice; it does not depend on the order the cells were run or read in)."""
+    metric = -row["val_acc"][0] if task == "image" else row["val_loss"][0]
+    finite = math.isfinite(metric)
+
+    def lr(value: float | None) -> float:
+        return math.inf if value is None else value
+
+    return (not finite, metric if finite else 0.0, lr(row["lr"]), lr(row["adamw_lr"]))
 
 
 def paired_differences(agg: dict, ref: str) -> dict[str, dict]:
