@@ -20,6 +20,7 @@ from htmuon.distributed import (
     matrix_cost,
     matrix_shape,
     plan_owned_windows,
+    plan_replicated_step,
     setup,
     step_signature,
 )
@@ -95,6 +96,29 @@ def test_step_signature_sees_shapes_dtypes_and_the_settings_that_shape_collectiv
     assert base != step_signature(groups(dtype=torch.bfloat16))
     assert base != step_signature([{**groups()[0], "chunk_bytes": 9}])
     assert base != step_signature([{**groups()[0], "params": groups()[0]["params"][:1]}])
+    # the group settings that change which collectives a step runs (a rank that differs would hang)
+    settled = groups(batch_3d=True, interval=1, plugin=None)
+    for key, value in (("interval", 2), ("plugin", "normuon"), ("batch_3d", False)):
+        assert step_signature(settled) != step_signature([{**settled[0], key: value}]), key
+
+
+def test_every_matrix_is_in_one_window_when_ranks_own_different_numbers_of_windows():
+    """3 equal matrices on 2 ranks, one per window: rank 0 owns 2 windows' worth, rank 1 one; the
+    last window has rank 0's matrix alone, and no matrix is left out (or stepped twice)."""
+    plan, owners = plan_owned_windows(["k"] * 3, [(1, 256, 256)] * 3, [4] * 3, 1, 2)
+    assert sorted(owners) == [0, 0, 1]
+    assert sorted(i for w in plan.windows for c in w for i in c) == [0, 1, 2]
+    assert len(plan.windows) == 2 and sorted(len(w) for w in plan.windows) == [1, 2]
+
+
+def test_replicated_step_gives_each_rank_its_share_of_the_budget():
+    """DDP: every rank holds the whole window's directions, so each plans within chunk_bytes / world."""
+    shapes = [(1, 256, 256)] * 8
+    two = 2 * sum(F.chunk_work_bytes(shapes[0]))  # room for two matrices' work and directions
+    plan, owners = plan_replicated_step(["k"] * 8, shapes, [4] * 8, 2 * two, 2)
+    assert (plan, owners) == plan_owned_windows(["k"] * 8, shapes, [4] * 8, two, 2)
+    assert [[len(c) for c in w] for w in plan.windows] == [[2, 2], [2, 2]]  # 2 matrices per rank and window
+    assert plan != plan_owned_windows(["k"] * 8, shapes, [4] * 8, 2 * two, 2)[0]  # the whole budget each
 
 
 def test_fsdp_wrap_order_puts_nested_lists_first():

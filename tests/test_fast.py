@@ -436,3 +436,36 @@ def test_fast_trains_like_svd_within_the_seed_spread():
     spread = svd.std(ddof=1)
     assert abs(fast.mean() - svd.mean()) < spread, (svd, fast)
     assert np.all(np.abs(fast / svd - 1) < 0.05), (svd, fast)
+
+
+# ------------------------------------------------------------------ the range and p = 1 (a mutation pass)
+
+
+def test_p1_is_x_itself_also_where_the_backend_is_called_directly():
+    """p = 1 returns X exactly from the backend (spectral_power short-cuts p = 1 only for scale="raw";
+    with "muon_rms" it reaches the backend, which must not approximate the identity map)."""
+    G = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fastmod.fast_spectral_power(G, 1.0, ns_dtype=torch.float32), G)
+    O = spectral_power(G, 1.0, method="fast", scale="muon_rms")
+    assert rel_err(O, G.double() * math.sqrt(8) / G.double().norm(dim=(-2, -1), keepdim=True)) < 1e-6
+
+
+def test_compiled_and_accelerator_path_prescales_huge_inputs(monkeypatch):
+    """Under torch.compile (and on accelerators) the prescale is always applied: entries ~2^64 give
+    the eager result, not inf/NaN. The branch is reached on the CPU by reporting compilation."""
+    X = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(3)) * 2.0**64
+    eager = fastmod.fast_spectral_power(X, 0.125, ns_dtype=torch.float32)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    O = fastmod.fast_spectral_power(X, 0.125, ns_dtype=torch.float32)
+    assert torch.isfinite(O).all() and rel_err(O, eager.double()) < 1e-4
+
+
+@pytest.mark.parametrize("scale", [2.0**11, 2.0**13, 2.0**30])
+def test_large_matrices_just_inside_and_outside_the_unscaled_range(scale):
+    """Entries on both sides of FAST_PLAIN_MAX (2^12) on a 64 x 1024 matrix: the raw products stay in
+    float32's range inside it, the prescale takes over outside; finite and within 5% of exact."""
+    S = torch.randint(0, 2, (1, 64, 1024), generator=torch.Generator().manual_seed(4)).float() * 2 - 1
+    X = S * scale
+    O = fastmod.fast_spectral_power(X, 0.125, ns_dtype=torch.float32)
+    assert torch.isfinite(O).all()
+    assert rel_err(O, exact_power(X.double(), 0.125)) < 0.05
