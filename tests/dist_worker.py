@@ -482,7 +482,8 @@ def ddp_refusals() -> dict:
     """Under process_group (DDP): a NaN on one rank only, a parameter with a gradient on one rank only,
     a failed check on one rank, a backend failure on one rank -- every rank refuses the same step with
     a clear error and changes nothing (no rank waits in a collective another skipped); afterwards
-    good steps still pair their collectives and equal the single-process run."""
+    good steps still pair their collectives and equal the single-process run, also when a parameter
+    has a gradient on no rank (skipped, as in a single process)."""
     from htmuon.spectral import BACKENDS
 
     rank = dist.get_rank()
@@ -541,6 +542,8 @@ def ddp_refusals() -> dict:
     BACKENDS.pop("test_fail_rank1")
     for step in (1, 2):
         backward(step)
+        if step == 2:  # no gradient on any rank (a frozen or unused parameter): skipped, as in one process
+            model.fc2.weight.grad = ref.fc2.weight.grad = None
         opt.step()
         ref_opt.step()
     out["after_diff"] = max_diff(model, ref)
