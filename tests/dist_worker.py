@@ -423,7 +423,8 @@ def parallel_helpers(options: dict, mode: str) -> dict:
 
 
 def bad_inputs() -> dict:
-    """Clear errors: a process group that is not the mesh's; a group mixing DTensors and plain tensors;
+    """Clear errors: a process group that is not the mesh's; a rank outside its process group; a group
+    mixing DTensors and plain tensors;
     a non-finite gradient on one rank's shard makes every rank refuse the step (no hang)."""
     out = {}
     model = fsdp_model()
@@ -434,6 +435,11 @@ def bad_inputs() -> dict:
             out["mesh_mismatch"] = "no error"
     except ValueError as e:
         out["mesh_mismatch"] = str(e)
+    try:  # rank 1 is not in sub: a plain (DDP-style) optimizer on it is refused, not run as rank -1
+        htmuon.HTMuon([nn.Parameter(torch.randn(4, 4))], process_group=sub)
+        out["not_member"] = "no error"
+    except ValueError as e:
+        out["not_member"] = str(e)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 

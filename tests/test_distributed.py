@@ -316,6 +316,8 @@ def test_hsdp_matches_single_process_exactly(results, mesh):
 def test_bad_input_errors(results):
     r0, r1 = results[0]["bad_inputs"], results[1]["bad_inputs"]
     assert "process_group has ranks [0]" in r0["mesh_mismatch"] and "device mesh" in r0["mesh_mismatch"]
+    assert r0["not_member"] == "no error"
+    assert "this rank (1) is not a member of process_group" in r1["not_member"], r1["not_member"]
     for r in (r0, r1):
         assert "sharded along mesh dimensions [0, 1]" in r["two_sharded_dims"]
         assert "mixes DTensor parameters" in r["mixed"] and "(3, 3)" in r["mixed"]
