@@ -251,6 +251,11 @@ def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
         "collectives": opt._dist.stats.collectives,
         "computed": counted.count,
         "matrices": matrices_stepped(opt),
+        "second_moment_placements": {
+            n: str(tuple(opt.state[p]["second_moment"].placements))
+            for n, p in model.named_parameters()
+            if "second_moment" in opt.state[p]
+        },
     }
 
 

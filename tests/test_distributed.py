@@ -278,6 +278,12 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
         # all_to_all and one all_reduce per window), not all of the group's matrices at once
         one_window = results[0]["fsdp_exact/default"]["collectives"]
         assert results[0][f"{mode}/{variant}"]["collectives"] > 2 * one_window
+    if mode == "fsdp_exact" and variant.endswith("normuon"):
+        # the row second moment (B, m, 1) is sharded like the rows it belongs to: a linear weight's
+        # and a conv kernel's output rows (dim 0 of the parameter, dim 1 of the moment), not replicated
+        placements = results[0][f"{mode}/{variant}"]["second_moment_placements"]
+        for name in ("fc1.weight", "fc2.weight", "conv.weight"):
+            assert placements[name] == "(Shard(dim=1),)", (variant, name, placements)
 
 
 @pytest.mark.distributed
