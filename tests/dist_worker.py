@@ -228,6 +228,7 @@ def ddp_exact(options: dict) -> dict:
         "max_abs_diff": max_diff(model, ref),
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": stats.bytes_received,
+        "bytes_sent": stats.bytes_sent,
         "computed": counted.count,
         "matrices": matrices_stepped(opt),
     }
@@ -248,6 +249,7 @@ def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
         "max_rel_diff": max_rel_diff(model, ref),
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": opt._dist.stats.bytes_received,
+        "bytes_sent": opt._dist.stats.bytes_sent,
         "collectives": opt._dist.stats.collectives,
         "computed": counted.count,
         "matrices": matrices_stepped(opt),

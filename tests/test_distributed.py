@@ -271,6 +271,9 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
     # and window) the owners are still chosen for the whole step, not per window (which gave rank 0
     # every window of one matrix and rank 1 nothing)
     computed = [results[rank][f"{mode}/{variant}"]["computed"] for rank in range(WORLD)]
+    # the traffic counters count what goes between ranks: all sent is all received (no self-copies)
+    sent = sum(results[rank][f"{mode}/{variant}"]["bytes_sent"] for rank in range(WORLD))
+    assert sent == sum(results[rank][f"{mode}/{variant}"]["bytes_received"] for rank in range(WORLD))
     assert all(c > 0 for c in computed), computed
     assert sum(computed) == results[0][f"{mode}/{variant}"]["matrices"], computed  # each once per step
     if mode == "fsdp_exact" and variant == "windows_normuon":
@@ -315,6 +318,7 @@ def test_hsdp_matches_single_process_exactly(results, mesh):
         r = results[rank][f"hsdp_exact/{mesh}"]
         assert r["max_abs_diff"] == 0.0 and r["state_diff"] == 0.0, (rank, r)
         assert (r["bytes_received"] > 0) == (mesh == "1x2")  # 1 shard per replica: nothing to exchange
+        assert (r["bytes_sent"] > 0) == (mesh == "1x2")
 
 
 @pytest.mark.distributed
