@@ -650,3 +650,38 @@ def test_run_cells_reports_the_cells_folder_not_the_one_a_moved_summary_recorded
     res = cmp.run_cells(cells, None, quiet=True)
     assert [r["run_dir"] for r in res] == [c.cfg.out_dir for c in cells]
     assert (Path(res[0]["run_dir"]) / "config.json").is_file()
+
+
+def _merge_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "merge_size_scan.py"
+    spec = importlib.util.spec_from_file_location("merge_size_scan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merge_size_scan_pairs_each_model_with_its_one_reference(tmp_path):
+    """scripts/merge_size_scan.py: one model's optimizers from two results.json (a SPEC filter picks
+    one optimizer of the second); paired to the single Muon; a spec found in two files is refused."""
+
+    def results(path, runs):
+        for r in runs:
+            r.update(phase="report", steps=100, info={"parameters": 1000})
+        best = {r["spec"]: r for r in runs}
+        path.write_text(json.dumps({"runs": runs, "best": best}))
+        return str(path)
+
+    a = results(tmp_path / "a.json", [_summary("muon", 0.01, s, 3.0 + s) for s in (0, 1)])
+    a_rows = [_summary("muon", 0.01, s, 9.0) for s in (0, 1)] + [
+        _summary("ht", 0.02, s, 3.1 + s) for s in (0, 1)
+    ]
+    b = results(tmp_path / "b.json", a_rows)
+    merge = _merge_script()
+    assert merge.main(["--out", str(tmp_path / "out"), "--add", "m", a, "--add", "m", f"{b}:ht"]) == 0
+    md = (tmp_path / "out" / "size_scan.md").read_text()
+    assert "| 3.5000 ± 0.7071 | +0.1000 ± 0.0000 |" in md, md  # b's Muon (9.0) was left out
+    assert f"- m: ht from `{b}`" in md and (tmp_path / "out" / "gap_vs_params.png").is_file()
+    with pytest.raises(SystemExit, match="comes from both"):
+        merge.main(["--out", str(tmp_path / "o2"), "--add", "m", a, "--add", "m", b])
