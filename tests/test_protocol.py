@@ -674,10 +674,10 @@ def test_merge_size_scan_pairs_each_model_with_its_one_reference(tmp_path):
         return str(path)
 
     a = results(tmp_path / "a.json", [_summary("muon", 0.01, s, 3.0 + s) for s in (0, 1)])
-    a_rows = [_summary("muon", 0.01, s, 9.0) for s in (0, 1)] + [
+    b_rows = [_summary("muon", 0.01, s, 9.0) for s in (0, 1)] + [
         _summary("ht", 0.02, s, 3.1 + s) for s in (0, 1)
     ]
-    b = results(tmp_path / "b.json", a_rows)
+    b = results(tmp_path / "b.json", b_rows)
     merge = _merge_script()
     assert merge.main(["--out", str(tmp_path / "out"), "--add", "m", a, "--add", "m", f"{b}:ht"]) == 0
     md = (tmp_path / "out" / "size_scan.md").read_text()

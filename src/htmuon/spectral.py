@@ -516,7 +516,7 @@ def _input_floor(s_max: Tensor, m: int, n: int, input_dtype: torch.dtype) -> Ten
     runs in float64: singular values that far below ``s_max`` are float32 rounding of the input's
     entries, not directions of the matrix. Lifting them (``s**p`` of ``1e-7 s_max`` is ``0.13 s_max**p``
     at p = 1/8) gave two float32 computations of the same momentum, which differ by rounding (a
-    gradient averaged over ranks or over the whole batch at once), directions 10% apart. With the
+    gradient averaged over ranks or over the whole batch at once), directions 8-23% apart. With the
     floor the float64 backends (eigh, ``compute_dtype=torch.float64``) zero the same singular values
     as the float32 SVD. A float64 input has no floor beyond its own working precision; 16-bit inputs
     get the float32 floor (their own rounding would zero most of a power-law spectrum)."""
@@ -626,9 +626,9 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     singular values at or below ``sqrt(m * eps) * s_max`` are zero to working precision and get zero
     weight; all others are resolved. In float32 that is ~1e-2 * s_max, which discards most of a
     power-law spectrum (80% error on s_k = 1/k, 512 x 1376), so the default working dtype is
-    float64 (resolves down to ~3e-7 * s_max; on CPU about the cost of Muon's float32
+    float64 (resolves a float64 input down to ~3e-7 * s_max; on CPU about the cost of Muon's float32
     Newton--Schulz). ``compute_dtype=torch.float32`` is the fast, rough option for well-conditioned
-    inputs. A float32 input is also zeroed below its own rounding (:func:`_input_floor`).
+    inputs. A float32 input is resolved down to its own rounding only (:func:`_input_floor`).
     """
     dtype = compute_dtype or torch.float64
     # compiled steps read nothing on the host and cannot raise: a non-finite Gram matrix (LAPACK

@@ -569,12 +569,12 @@ def aggregate(summaries: list[dict]) -> dict:
     best: dict[str, dict] = {}
     for row in rows:
         cur = best.get(row["spec"])
-        if cur is None or _rank(row, task) < _rank(cur, task):
+        if cur is None or _selection_key(row, task) < _selection_key(cur, task):
             best[row["spec"]] = row
     return {"task": task, "rows": rows, "best": best}
 
 
-def _rank(row: dict, task: str) -> tuple:
+def _selection_key(row: dict, task: str) -> tuple:
     """Sort key of a cell, best first: finite metric before NaN/inf, then the metric (lowest loss,
     highest accuracy), then, between equal metrics, the smaller matrix lr and the smaller AdamW-part
     lr (the cautious choice; it does not depend on the order the cells were run or read in)."""
