@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from htmuon.train.compare import _report_runs, aggregate, write_size_scan
+from htmuon.train.data import atomic_write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     md = args.out / "size_scan.md"
     lines = ["", "Sources (each spec's reported runs):", ""]
     lines += [f"- {m}: {s} from `{p}`" for m, specs in sources.items() for s, p in specs.items()]
-    md.write_text(md.read_text(encoding="utf-8") + "\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_bytes(md, (md.read_text(encoding="utf-8") + "\n".join(lines) + "\n").encode())
     return 0
 
 
