@@ -239,6 +239,21 @@ def test_lr_grid_per_spec_with_overrides(tmp_path):
     assert cmp.parse_lr_grid(["muon=0.01,0.02"]) == {"muon": [0.01, 0.02]}
 
 
+def test_a_presets_grid_for_an_optimizer_not_run_is_ignored(tmp_path):
+    """The size-scan preset grids muon and htmuon; running only HTMuon specs from it is allowed (the
+    preset's muon grid is not an error), while a grid the command line names for an absent optimizer is."""
+    from htmuon.cli import UserError
+
+    spec = "htmuon:method=fast,p=0.0625"
+    plan = cmp.plan_grid(
+        _args(preset="size-scan", optimizers=spec, seeds="0", compare_out=str(tmp_path / "g"),
+              lr_grid=[f"{spec}=0.005,0.01"])
+    )  # fmt: skip
+    assert plan.specs == [spec] and plan.lrs[spec] == [0.005, 0.01]
+    with pytest.raises(UserError, match="lr grid for 'muon', which is not among"):
+        cmp.plan_grid(_args(preset="size-scan", optimizers=spec, seeds="0", lr_grid=["muon=0.01"]))
+
+
 def _best(spec, p, loss):
     return {"spec": spec, "p": p, "val_loss": (loss, 0.01)}
 

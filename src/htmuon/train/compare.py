@@ -280,8 +280,10 @@ def plan_grid(args: argparse.Namespace) -> Plan:
     extend = getattr(args, "extend_edges", 0) or 0
     if extend < 0:
         raise UserError(f"--extend-edges must be >= 0, got {extend}")
+    given = parse_lr_grid(args.lr_grid)
+    # the preset's grids for optimizers not run are ignored; a grid the command line names must match one
     grid = {k: list(v) for k, v in (preset.lr_grid.items() if preset else [])}
-    grid.update(parse_lr_grid(args.lr_grid))
+    grid.update(given)
     agrid = parse_lr_grid(getattr(args, "adamw_lr_grid", None), "--adamw-lr-grid")
     name = args.preset or "custom"
     out = Path(args.compare_out or f"runs/compare-{name}").expanduser()
@@ -289,7 +291,7 @@ def plan_grid(args: argparse.Namespace) -> Plan:
         specs, seeds, tune_seeds, {}, {}, out, name, preset,
         config_overrides(args, exclude=GRID_FIELDS), args.config,
     )  # fmt: skip
-    for key in [*grid, *agrid]:
+    for key in [*given, *agrid]:
         if key not in specs and key not in {parse_spec(s)[0] for s in specs}:
             raise UserError(f"lr grid for '{key}', which is not among the optimizers ({','.join(specs)})")
     for spec in specs:
