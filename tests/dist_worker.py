@@ -159,15 +159,30 @@ def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     )
 
 
-def fsdp_model(seed: int = 0, options: dict | None = None, mesh_shape: tuple[int, ...] = ()) -> nn.Module:
-    """fully_shard on the world (FSDP2), or on a (replicate, shard) mesh of ``mesh_shape`` (HSDP)."""
+def mesh_size(mesh) -> int:
+    return mesh.size(mesh.ndim - 1) if mesh is not None else dist.get_world_size()
+
+
+def fsdp_model(
+    seed: int = 0, options: dict | None = None, mesh_shape: tuple[int, ...] = (), columns: bool = False
+) -> nn.Module:
+    """fully_shard on the world (FSDP2), or on a (replicate, shard) mesh of ``mesh_shape`` (HSDP);
+    ``columns``: every parameter of 2+ dims whose dim 1 divides evenly sharded along it
+    (``shard_placement_fn``), not along its rows."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
     torch.manual_seed(seed)
     model = make_net(options or {})
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else None
-    fully_shard(model, mesh=mesh)
+    # FSDP2 shards dims other than 0 only evenly: fc1 (7, 6) -> 3 + 3 columns, the stack (3, 4, 6) -> 2 + 2
+    placement = (
+        (lambda p: Shard(1) if p.ndim >= 2 and p.shape[1] % mesh_size(mesh) == 0 else Shard(0))
+        if columns
+        else None
+    )
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     return model
 
 
@@ -234,10 +249,10 @@ def ddp_exact(options: dict) -> dict:
     }
 
 
-def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = ()) -> dict:
+def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = (), columns: bool = False) -> dict:
     """FSDP2 (DTensor) parameters given the single-process gradients, sharded: must match bit for bit."""
     ref, ref_opt, grads = reference(options)
-    model = fsdp_model(0, options, mesh_shape)
+    model = fsdp_model(0, options, mesh_shape, columns)
     opt = make_opt(model, options)
     with CountComputed() as counted:
         for step in range(STEPS):
@@ -580,6 +595,8 @@ def main() -> int:
                 lambda o, shape=shape: fsdp_exact(o, shape),
                 VARIANTS["ns_interval_normuon"],
             )
+        for name in ("ns_interval_normuon", "eigh_muonrms_adamuon"):  # Shard(1): columns split
+            jobs[f"fsdp_columns/{name}"] = (lambda o: fsdp_exact(o, columns=True), VARIANTS[name])
         jobs["ddp_training"] = (ddp_training, VARIANTS["default"])
         jobs["fsdp_training"] = (fsdp_training, VARIANTS["ns_interval_normuon"])
         ckpt_dir = os.path.join(out_dir, "dcp")

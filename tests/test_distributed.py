@@ -323,6 +323,27 @@ def test_hsdp_matches_single_process_exactly(results, mesh):
 
 @pytest.mark.distributed
 @distributed
+@pytest.mark.parametrize("variant", ["ns_interval_normuon", "eigh_muonrms_adamuon"])
+def test_fsdp_column_shards_match_single_process_exactly(results, variant):
+    """fully_shard with ``shard_placement_fn`` putting matrices on Shard(1) (columns split: fc1 (7, 6) ->
+    3 + 3, the 3-D stack (3, 4, 6) -> 2 + 2; FSDP2 refuses uneven splits off dim 0, so the rest stay on
+    rows): equal to the single process bit for bit. A plug-in's second moment follows the columns where
+    it has them (AdaMuon's elementwise (1, 7, 6): Shard(2)) and stays replicated where it does not
+    (NorMuon's per-row (1, 7, 1)); a stack's rows are the moment's dim 1 either way."""
+    for rank in range(WORLD):
+        r = results[rank][f"fsdp_columns/{variant}"]
+        assert r["max_abs_diff"] == 0.0 and r["state_diff"] == 0.0, (rank, r)
+        assert r["bytes_received"] > 0, (rank, r)
+    placements = results[0][f"fsdp_columns/{variant}"]["second_moment_placements"]
+    assert placements["fc1.weight"] == (
+        "(Shard(dim=2),)" if variant.endswith("adamuon") else "(Replicate(),)"
+    )
+    assert placements["stack.w"] == "(Shard(dim=1),)", placements
+    assert placements["fc2.weight"] == "(Shard(dim=1),)", placements  # rows, as in fsdp_exact
+
+
+@pytest.mark.distributed
+@distributed
 def test_bad_input_errors(results):
     r0, r1 = results[0]["bad_inputs"], results[1]["bad_inputs"]
     assert "process_group has ranks [0]" in r0["mesh_mismatch"] and "device mesh" in r0["mesh_mismatch"]
