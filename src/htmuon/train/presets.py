@@ -23,7 +23,7 @@ LLAMA_PRESETS: dict[str, dict] = {
     ),
     "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
     # tiny shapes for CPU (same architecture, intermediate ~ 8/3 * hidden as in the paper's shapes);
-    # tiny / mini / small span 17x in parameters at vocabulary 2048 (1.3 M / 5.8 M / 22.9 M): the size scan
+    # tiny / mini / small span 17x in parameters at vocabulary 2048 (1.3 M / 5.8 M / 22.8 M): the size scan
     "llama-small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6),
     "llama-mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4),
     "llama-tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4),
