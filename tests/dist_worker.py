@@ -159,10 +159,6 @@ def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     )
 
 
-def mesh_size(mesh) -> int:
-    return mesh.size(mesh.ndim - 1) if mesh is not None else dist.get_world_size()
-
-
 def fsdp_model(
     seed: int = 0, options: dict | None = None, mesh_shape: tuple[int, ...] = (), columns: bool = False
 ) -> nn.Module:
@@ -177,10 +173,9 @@ def fsdp_model(
     model = make_net(options or {})
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")) if mesh_shape else None
     # FSDP2 shards dims other than 0 only evenly: fc1 (7, 6) -> 3 + 3 columns, the stack (3, 4, 6) -> 2 + 2
+    shards = mesh.size(mesh.ndim - 1) if mesh is not None else dist.get_world_size()
     placement = (
-        (lambda p: Shard(1) if p.ndim >= 2 and p.shape[1] % mesh_size(mesh) == 0 else Shard(0))
-        if columns
-        else None
+        (lambda p: Shard(1) if p.ndim >= 2 and p.shape[1] % shards == 0 else Shard(0)) if columns else None
     )
     fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     return model

@@ -329,7 +329,7 @@ def test_fsdp_column_shards_match_single_process_exactly(results, variant):
     3 + 3, the 3-D stack (3, 4, 6) -> 2 + 2; FSDP2 refuses uneven splits off dim 0, so the rest stay on
     rows): equal to the single process bit for bit. A plug-in's second moment follows the columns where
     it has them (AdaMuon's elementwise (1, 7, 6): Shard(2)) and stays replicated where it does not
-    (NorMuon's per-row (1, 7, 1)); a stack's rows are the moment's dim 1 either way."""
+    (NorMuon's per-row (1, 7, 1)); a stack's rows are its moment's dim 1 under both plug-ins."""
     for rank in range(WORLD):
         r = results[rank][f"fsdp_columns/{variant}"]
         assert r["max_abs_diff"] == 0.0 and r["state_diff"] == 0.0, (rank, r)
