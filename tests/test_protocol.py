@@ -356,6 +356,145 @@ def test_run_cells_waits_for_a_cell_another_process_runs(tmp_path, monkeypatch, 
     assert not any(p.name == cmp.LOCK_NAME for p in (tmp_path / "g").rglob("*"))
 
 
+# ----------------------------------------------------------------------------- --status
+
+
+def _recording_train(calls, optimum=0.05, model_params=None):
+    """:func:`_fake_train` that also leaves a finished run's summary.json, as loop.train does."""
+    fake = _fake_train(calls, optimum=optimum)
+
+    def train(cfg, resume=False, preset_lrs=None):
+        s = fake(cfg, resume, preset_lrs)
+        s.update(model=cfg.model, steps=cfg.steps, steps_done=cfg.steps)
+        s["info"] = {"parameters": (model_params or {}).get(cfg.model, 1)}
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(s))
+        return s
+
+    return train
+
+
+def _log_steps(run_dir: Path, steps, step_ms: float, val_loss: float) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recs = [{"step": s, "kind": "train", "loss": 6.0, "step_ms": step_ms} for s in steps]
+    recs.append({"step": steps[-1], "kind": "val", "loss": val_loss})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 9')
+
+
+def test_status_gives_each_cells_state_and_time_left_and_trains_nothing(tmp_path, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("--status must not train")
+
+    monkeypatch.setattr("htmuon.train.loop.train", no_training)
+    args = _args(
+        seeds="0,1", lr_grid=["muon=0.01", "htmuon=0.02"], adamw_lr_grid=["muon=3e-3", "htmuon=3e-3"],
+        compare_out=str(tmp_path / "g"),
+    )  # fmt: skip
+    plan = cmp.plan_grid(args)
+    done, running, stopped, fresh = (Path(c.cfg.out_dir) for c in plan.select_cells())
+    steps = plan.select_cells()[0].cfg.steps
+    done.mkdir(parents=True)
+    summary = {
+        "finished": True,
+        "diverged": False,
+        "steps_done": steps,
+        "final_val_loss": 3.5,
+        "ms_per_step": 500.0,
+    }
+    (done / "summary.json").write_text(json.dumps(summary))
+    _log_steps(running, [10, 20], 2000.0, 6.1)
+    (running / cmp.LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process
+    _log_steps(stopped, [50, 100], 1000.0, 5.2)  # a torn last line (a kill) is skipped
+    (stopped / cmp.LOCK_NAME).write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # left by a kill
+    result, text = cmp.plan_status(plan)
+    assert result is None  # not every cell is finished
+    lines = text.splitlines()
+    assert lines[0] == f"{plan.out}: 4 cell(s) so far (1 done, 1 running, 1 stopped, 1 not started)"
+    me = f"process {os.getpid()} on {socket.gethostname()}"
+    expected = [
+        f"muon/lr0.01-alr0.003/seed0  done, step {steps}/{steps}, final val loss 3.5000, 0.50 s/step",
+        f"htmuon/lr0.02-alr0.003/seed0  running ({me}), step 20/{steps}, last val loss 6.1000, 2.00 s/step, "
+        f"~{round((steps - 20) * 2 / 60)} min left",
+        f"muon/lr0.01-alr0.003/seed1  stopped, step 100/{steps}, last val loss 5.2000, 1.00 s/step, "
+        f"~{round((steps - 100) / 60)} min left",
+        f"htmuon/lr0.02-alr0.003/seed1  not started, ~{round(steps / 60)} min left",  # the median speed
+    ]
+    assert [" ".join(line.split()) for line in lines[1:5]] == [" ".join(e.split()) for e in expected]
+    left = (steps - 20) * 2 + (steps - 100) + steps
+    assert lines[5] == f"~{left / 60:.0f} min of one process left for the cells listed"
+    assert len(lines) == 6  # no tune seeds, no extension: these are all the cells
+
+    # nothing to read: every cell "not started", and the folder is not created
+    empty = cmp.plan_grid(_args(compare_out=str(tmp_path / "none")))
+    result, text = cmp.plan_status(empty)
+    assert result is None and "(4 not started)" in text and "time left unknown" in text
+    assert not (tmp_path / "none").exists()
+
+
+def test_status_follows_the_plan_from_selection_to_the_report_cells(tmp_path, monkeypatch):
+    """The cells --status lists are the ones the command would run: after a finished selection, the
+    best cell on the reported seeds; once those are finished, the plan's result."""
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _recording_train(calls))
+    args = _args(
+        optimizers="muon", seeds="0,1", tune_seeds="7", lr_grid=["muon=0.02,0.05,0.1"],
+        adamw_lr_grid=["muon=3e-3"], compare_out=str(tmp_path / "g"),
+    )  # fmt: skip
+    plan = cmp.plan_grid(args)
+    result, text = cmp.plan_status(plan)
+    assert result is None and text.count("[select]") == 3 and "[report]" not in text
+    assert "cells after these (the best cells on the reported seeds) are listed once these finish" in text
+    cmp.run_cells(plan.select_cells(), None, quiet=True)
+    result, text = cmp.plan_status(plan)
+    assert result is None and "5 cell(s) so far (3 done, 2 not started)" in text
+    assert "listed once these finish" not in text  # the report is the last phase
+    report = [line.split()[1] for line in text.splitlines() if "[report]" in line]
+    assert report == ["muon/lr0.05-alr0.003/seed0", "muon/lr0.05-alr0.003/seed1"]  # the best lr, 0.05
+    ran = cmp.run_plan(plan, quiet=True)
+    calls.clear()
+    result, text = cmp.plan_status(plan)
+    assert calls == [] and text.endswith(
+        "every cell is finished: the command writes (or has written) the report"
+    )
+    assert [(r["lr"], r["seed"]) for r in result["report"]] == [(r["lr"], r["seed"]) for r in ran["report"]]
+
+
+def test_status_of_a_size_scan_stops_where_the_next_models_lrs_are_not_known(tmp_path, monkeypatch, capsys):
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    params = {"llama-micro": 1, "llama-tiny": 8}
+    monkeypatch.setattr("htmuon.train.loop.train", _recording_train(calls, optimum=0.01, model_params=params))
+    out = tmp_path / "scan"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon",
+        "--models",
+        "llama-micro,llama-tiny",
+        "--carry-lrs",
+        "--seeds",
+        "0",
+    ]
+    argv += ["--lr-grid", "muon=0.005,0.01,0.02", "--adamw-lr-grid", "muon=3e-3", "--out-dir", str(out)]
+    argv += ["--no-plots", "--no-alpha"]
+    assert cli_main([*argv, "--status"]) == 0
+    text = capsys.readouterr().out
+    assert f"llama-micro: {out / 'llama-micro'}: 3 cell(s) so far (3 not started)" in text
+    assert (
+        "llama-tiny: their lrs are carried from llama-micro's best cells; listed once it is finished" in text
+    )
+    assert calls == [] and not out.exists()
+    subargs = [a if a != "llama-micro,llama-tiny" else "llama-micro" for a in argv]
+    subargs.remove("--carry-lrs")
+    assert cli_main(subargs) == 0  # the first model alone: its best matrix lr is 0.01
+    capsys.readouterr()
+    assert cli_main([*argv, "--status"]) == 0
+    text = capsys.readouterr().out
+    assert "llama-micro: " in text and "(3 done)" in text
+    tiny = [line.split()[0] for line in text.splitlines() if "not started" in line and "seed0" in line]
+    assert tiny == [f"muon/lr{lr}-alr0.003/seed0" for lr in ("0.005", "0.01", "0.02")]  # 1/2, 1, 2 x 0.01
+
+
 # ----------------------------------------------------------------------------- schedule and budget
 
 

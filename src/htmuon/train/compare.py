@@ -12,6 +12,8 @@ ordinary ``htmuon train`` run in OUT/SPEC/lrLR[-alrLR]/seedSEED; a finished cell
 a killed one resumed, so re-running the same command continues the grid. A cell is locked
 (``cell.lock``, O_EXCL, holding the pid) while it runs, so two ``compare`` processes on one
 folder share the grid instead of running a cell twice; a lock left by a dead process is taken over.
+``--status`` trains nothing: it lists the cells the command would run so far with each one's state
+(done, running, stopped at step N, not started) and the time left.
 
 The protocol:
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -50,7 +53,7 @@ import sys
 import time
 from pathlib import Path
 
-from htmuon.train.locks import acquire_lock, describe_owner, release_lock
+from htmuon.train.locks import acquire_lock, describe_owner, lock_holder, release_lock
 
 GRID_FIELDS = ("optimizer", "seed", "lr", "out_dir")
 LOCK_NAME = "cell.lock"
@@ -116,6 +119,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
     )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="train nothing: list every cell of the command so far (done, running, stopped at step N, "
+        "not started) with its last validation loss and the time left",
+    )
     add_config_flags(parser, exclude=GRID_FIELDS)
 
 
@@ -405,10 +414,7 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
                 release_lock(lock)
             if s.get("mean_alpha") is None and s["finished"] and c.cfg.alpha:
                 s["mean_alpha"] = final_mean_alpha(run_dir)  # a run finished before diagnostics existed
-            # the cell's folder, not the one its summary.json recorded (a folder moved after the run)
-            done[i] = {**s, "run_dir": str(run_dir), "spec": c.spec, "adamw_lr": c.adamw_lr}
-            done[i].update(phase=c.phase, p=c.cfg.p)
-            done[i].update(weight_decay=c.cfg.weight_decay, wd_mode=c.cfg.wd_mode)
+            done[i] = cell_record(c, s)
         if waiting and len(waiting) == len(pending):
             if not quiet:
                 held = describe_owner(Path(cells[waiting[0]].cfg.out_dir) / LOCK_NAME)
@@ -421,6 +427,14 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
             time.sleep(poll_s)
         pending = waiting
     return [done[i] for i in range(len(cells))]
+
+
+def cell_record(c: Cell, summary: dict) -> dict:
+    """A cell's row for :func:`aggregate`: its run's summary and the grid's view of it."""
+    # the cell's folder, not the one its summary.json recorded (a folder moved after the run)
+    rec = {**summary, "run_dir": str(c.cfg.out_dir), "spec": c.spec, "adamw_lr": c.adamw_lr}
+    rec.update(phase=c.phase, p=c.cfg.p, weight_decay=c.cfg.weight_decay, wd_mode=c.cfg.wd_mode)
+    return rec
 
 
 def _next_value(values: list[float], high: bool) -> float:
@@ -473,16 +487,23 @@ def extension_cells(plan: Plan, agg: dict) -> list[Cell]:
     return cells
 
 
-def run_plan(plan: Plan, extend_edges: int = 0, quiet: bool = False, poll_s: float = LOCK_POLL_S) -> dict:
-    """Select (grid, edge extensions) then report (best cells on --seeds when --tune-seeds is given)."""
-    select = run_cells(plan.select_cells(), plan.preset, quiet, poll_s)
+def run_plan(
+    plan: Plan, extend_edges: int = 0, quiet: bool = False, poll_s: float = LOCK_POLL_S, runner=None
+) -> dict:
+    """Select (grid, edge extensions) then report (best cells on --seeds when --tune-seeds is given).
+
+    ``runner(cells) -> records`` runs a batch of cells (default :func:`run_cells`); ``--status`` passes
+    one that only reads their folders, so that the cells it lists are the ones this function runs."""
+    if runner is None:
+        runner = functools.partial(run_cells, preset=plan.preset, quiet=quiet, poll_s=poll_s)
+    select = runner(plan.select_cells())
     rounds = 0
     for _ in range(extend_edges):
         new = extension_cells(plan, aggregate(select))
         if not new:
             break
         rounds += 1
-        select += run_cells(new, plan.preset, quiet, poll_s)
+        select += runner(new)
     if plan.tune_seeds:
         best = aggregate(select)["best"]
         cells = [  # seed by seed, as select_cells
@@ -490,10 +511,127 @@ def run_plan(plan: Plan, extend_edges: int = 0, quiet: bool = False, poll_s: flo
             for seed in plan.seeds
             for spec, b in best.items()
         ]
-        report = run_cells(cells, plan.preset, quiet, poll_s)
+        report = runner(cells)
     else:
         report = select
     return {"select": select, "report": report, "extension_rounds": rounds}
+
+
+# ----------------------------------------------------------------------------- status
+
+
+class _Undecided(Exception):
+    """The status runner met unfinished cells: the cells after them depend on their results."""
+
+
+def cell_state(c: Cell) -> dict:
+    """What a cell's folder says, read without training or loading its checkpoint.
+
+    ``state``: "done", "diverged", "running" (its lock is held by a live process), "stopped" (a run
+    that ``compare`` resumes from its last checkpoint) or "not started"; ``step`` the last step logged
+    (a stopped run resumes from its last checkpoint, at most ``ckpt_every`` steps before it);
+    ``val_loss`` the final or, before the end, the last validation loss; ``s_per_step`` the median of
+    the last 20 logged step times; ``owner`` who holds the lock; ``summary`` the finished run's."""
+    from htmuon.train.locks import lock_is_stale
+    from htmuon.train.loop import read_json, read_metrics
+
+    run_dir = Path(c.cfg.out_dir)
+    st = dict(cell=c, state="not started", step=0, steps=c.cfg.steps, val_loss=None, s_per_step=None)
+    st.update(owner=None, summary=None)
+    if (run_dir / "summary.json").is_file():
+        summary = read_json(run_dir / "summary.json", "run summary")
+        if summary.get("finished") or summary.get("diverged"):
+            ms = summary.get("ms_per_step")
+            st.update(state="diverged" if summary.get("diverged") else "done", summary=summary)
+            st.update(step=summary.get("steps_done", c.cfg.steps), val_loss=summary.get("final_val_loss"))
+            st.update(s_per_step=ms / 1e3 if ms else None)
+            return st
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    train = [r for r in records if r.get("kind") == "train" and "step" in r]
+    val = [r for r in records if r.get("kind") == "val" and "loss" in r]
+    if train:
+        st["step"] = int(train[-1]["step"])
+        times = sorted(r["step_ms"] for r in train[-20:] if r.get("step_ms"))
+        st["s_per_step"] = times[len(times) // 2] / 1e3 if times else None
+    if val:
+        st["val_loss"] = val[-1]["loss"]
+    for name in (LOCK_NAME, "run.lock"):  # compare's cell lock; htmuon train's own run lock
+        lock = run_dir / name
+        if lock.exists() and not lock_is_stale(lock):
+            st.update(state="running", owner=lock_holder(lock))
+            return st
+    if records or any(run_dir.glob("ckpt*.pt")) or (run_dir / "config.json").is_file():
+        st["state"] = "stopped"
+    return st
+
+
+def _status_runner(states: list[dict]):
+    """A ``run_plan`` runner that reads cells instead of running them; it stops the plan (raises
+    :class:`_Undecided`) at the first batch not all finished."""
+
+    def runner(cells: list[Cell]) -> list[dict]:
+        batch = [cell_state(c) for c in cells]
+        states.extend(batch)
+        if any(st["summary"] is None for st in batch):
+            raise _Undecided
+        return [cell_record(st["cell"], st["summary"]) for st in batch]
+
+    return runner
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def plan_status(plan: Plan, extend_edges: int = 0) -> tuple[dict | None, str]:
+    """``--status``: every cell ``run_plan`` would run so far, with its state, as text; and the plan's
+    result when every cell is finished (None while later cells are undecided)."""
+    states: list[dict] = []
+    try:
+        result = run_plan(plan, extend_edges, runner=_status_runner(states))
+    except _Undecided:
+        result = None
+    speeds = [st["s_per_step"] for st in states if st["s_per_step"]]
+    typical = sorted(speeds)[len(speeds) // 2] if speeds else None  # for cells not started yet
+    lines, counts, left, unknown = [], {}, 0.0, 0
+    width = max((len(str(Path(st["cell"].cfg.out_dir).relative_to(plan.out))) for st in states), default=0)
+    for st in states:
+        c = st["cell"]
+        counts[st["state"]] = counts.get(st["state"], 0) + 1
+        where = str(Path(c.cfg.out_dir).relative_to(plan.out))
+        parts = [st["state"] + (f" ({st['owner']})" if st["owner"] else "")]
+        if st["state"] != "not started":
+            parts.append(f"step {st['step']}/{st['steps']}")
+        if st["val_loss"] is not None:
+            parts.append(f"{'final' if st['summary'] else 'last'} val loss {st['val_loss']:.4f}")
+        if st["s_per_step"]:
+            parts.append(f"{st['s_per_step']:.2f} s/step")
+        if st["summary"] is None:
+            speed = st["s_per_step"] or typical
+            if speed:
+                todo = (st["steps"] - st["step"]) * speed
+                left += todo
+                parts.append(f"~{_hours(todo)} left")
+            else:
+                unknown += 1
+        phase = f"[{c.phase}] " if plan.tune_seeds else ""  # without --tune-seeds every cell is reported
+        lines.append(f"  {phase}{where:<{width}}  " + ", ".join(parts))
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    head = f"{plan.out}: {len(states)} cell(s) so far ({summary})"
+    tail = []
+    if result is None:
+        if left:
+            more = f" (and {unknown} cell(s) of unknown speed)" if unknown else ""
+            tail.append(f"~{_hours(left)} of one process left for the cells listed{more}")
+        elif unknown:
+            tail.append("time left unknown: no cell listed has logged a step yet")
+        later = ["edge extensions"] if extend_edges else []
+        later += ["the best cells on the reported seeds"] if plan.tune_seeds else []
+        if later and not any(st["cell"].phase == "report" for st in states):
+            tail.append(f"cells after these ({' and '.join(later)}) are listed once these finish")
+    else:
+        tail.append("every cell is finished: the command writes (or has written) the report")
+    return result, "\n".join([head, *lines, *tail])
 
 
 def _final_model(run_dir: Path):
@@ -1113,6 +1251,26 @@ def carried_grids(best: dict[str, dict], width: int = 3) -> dict[str, list[str]]
     return {"lr_grid": lr_grid, "adamw_lr_grid": adamw_grid}
 
 
+def carry_args(model: str, width: int, best: dict[str, dict]) -> dict:
+    """The next model's ``compare`` arguments under ``--carry-lrs`` ``width``: its grids from ``model``'s
+    best cells (:func:`carried_grids`) and the note its report gives about them."""
+    carried: dict = carried_grids(best, width)
+    if width == 1:  # one cell per optimizer: nothing to select
+        carried["tune_seeds"] = None
+        carried["carry_note"] = (
+            f"lrs carried from {model} (--carry-lrs 1): each optimizer at its best matrix lr and "
+            "AdamW-part lr there, not tuned at this size."
+        )
+    else:
+        factors = ", ".join(f"{2.0**j:g}" for j in range(-(width // 2), width // 2 + 1))
+        carried["carry_note"] = (
+            f"lrs carried from {model} (--carry-lrs {width}): each matrix lr tuned on {factors} x "
+            "its best there, the AdamW-part lr on the values the optimizers chose there (every "
+            "optimizer on all of them)."
+        )
+    return carried
+
+
 def carry_widths(value: str | int | None, n_models: int) -> list[int]:
     """``--carry-lrs``'s value as one width per step between consecutive models (``n_models - 1``).
 
@@ -1152,6 +1310,7 @@ def main_models(args: argparse.Namespace) -> int:
     root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
     per_model, status = {}, 0
     carried: dict = {}
+    status_only = getattr(args, "status", False)  # --status: list the cells, train nothing
     for model, width in zip(models, widths + [0]):
         sub = argparse.Namespace(
             **{
@@ -1163,24 +1322,23 @@ def main_models(args: argparse.Namespace) -> int:
                 **carried,
             }
         )
-        status |= main(sub)
-        res = json.loads((root / model / "results.json").read_text())
-        per_model[model] = {"agg": aggregate(_report_runs(res)), "runs": res["runs"]}
+        if status_only:
+            result, text = plan_status(plan_grid(sub), args.extend_edges)
+            print(f"{model}: {text}")
+            if result is None and width:
+                later = ", ".join(models[models.index(model) + 1 :])
+                print(f"{later}: their lrs are carried from {model}'s best cells; listed once it is finished")
+                return 0
+            best = aggregate(result["report"])["best"] if result else {}
+        else:
+            status |= main(sub)
+            res = json.loads((root / model / "results.json").read_text())
+            per_model[model] = {"agg": aggregate(_report_runs(res)), "runs": res["runs"]}
+            best = res["best"]
         if width:
-            carried = carried_grids(res["best"], width)
-            if width == 1:  # one cell per optimizer: nothing to select
-                carried["tune_seeds"] = None
-                carried["carry_note"] = (
-                    f"lrs carried from {model} (--carry-lrs 1): each optimizer at its best matrix lr and "
-                    "AdamW-part lr there, not tuned at this size."
-                )
-            else:
-                factors = ", ".join(f"{2.0**j:g}" for j in range(-(width // 2), width // 2 + 1))
-                carried["carry_note"] = (
-                    f"lrs carried from {model} (--carry-lrs {width}): each matrix lr tuned on {factors} x "
-                    "its best there, the AdamW-part lr on the values the optimizers chose there (every "
-                    "optimizer on all of them)."
-                )
+            carried = carry_args(model, width, best)
+        if status_only:
+            continue
         # after every model, so a scan cut short (a larger model takes hours) has its table and plot
         write_size_scan(root, name, models, per_model, args.no_plots)
     return status
@@ -1231,6 +1389,9 @@ def main(args: argparse.Namespace) -> int:
 
         raise UserError("--carry-lrs carries lrs from one model to the next: it needs --models")
     plan = plan_grid(args)
+    if getattr(args, "status", False):
+        print(plan_status(plan, args.extend_edges)[1])
+        return 0
     plan.out.mkdir(parents=True, exist_ok=True)
     for note in plan.notes:
         print(("warning: " if "WARNING" in note else "note: ") + note, file=sys.stderr)

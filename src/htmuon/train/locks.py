@@ -53,13 +53,18 @@ def lock_is_stale(path: Path) -> bool:
     return pid > 0 and host == socket.gethostname() and not _alive(pid)
 
 
-def describe_owner(path: Path) -> str:
-    """Who holds the lock at ``path``, for a message."""
+def lock_holder(path: Path) -> str:
+    """Who holds the lock at ``path``: "process PID on HOST", "unreadable" or "released"."""
     owner = _lock_owner(path)
     if owner is None:
-        return f"'{path}' (released)"
+        return "released"
     pid, host = owner
-    return f"'{path}' (unreadable)" if pid == -1 else f"'{path}' (process {pid} on {host})"
+    return "unreadable" if pid == -1 else f"process {pid} on {host}"
+
+
+def describe_owner(path: Path) -> str:
+    """The lock at ``path`` and who holds it, for a message."""
+    return f"'{path}' ({lock_holder(path)})"
 
 
 def acquire_lock(path: Path) -> bool:
