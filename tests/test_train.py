@@ -214,6 +214,37 @@ def test_exact_resume_after_interruption(optimizer, corpus_file, tmp_path):
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_steps"] == [5]
 
 
+def test_a_run_resumed_where_auto_resolves_otherwise_records_and_names_the_switch(
+    corpus_file, tmp_path, monkeypatch, capsys
+):
+    """A run stopped on one machine and resumed on another kind (a study built up over sessions):
+    "auto" may resolve to another working dtype there. The run goes on, but not silently: a warning,
+    run.json's "backends" records from which step each backend ran, and the summary names both."""
+    import htmuon.train.loop as loop
+
+    kw = dict(optimizer="muon", steps=6, ckpt_every=3)
+    for name, second in (("same", "ns (NS5 polar), bf16"), ("switched", "ns (NS5 polar), fp32")):
+        monkeypatch.setattr(loop, "backend_label", lambda cfg, device: "ns (NS5 polar), bf16")
+        train(tiny(corpus_file, tmp_path / name, **kw), stop_after=3)
+        capsys.readouterr()
+        monkeypatch.setattr(loop, "backend_label", lambda cfg, device, second=second: second)
+        s = train(tiny(corpus_file, tmp_path / name, **kw), resume=True)
+        err = capsys.readouterr().err
+        backends = json.loads((tmp_path / name / "run.json").read_text())["backends"]
+        if name == "same":
+            assert "warning" not in err and backends == [[0, "ns (NS5 polar), bf16"]]
+            assert s["backend"] == "ns (NS5 polar), bf16"
+        else:
+            assert (
+                f"htmuon: warning: '{tmp_path / name}' ran up to step 3 on backend 'ns (NS5 polar), bf16', "
+                "which resolves to 'ns (NS5 polar), fp32' on this machine" in err
+            )
+            assert backends == [[0, "ns (NS5 polar), bf16"], [3, "ns (NS5 polar), fp32"]]
+            assert s["backend"] == "ns (NS5 polar), bf16; ns (NS5 polar), fp32 from step 3"
+            summary = json.loads((tmp_path / name / "summary.json").read_text())
+            assert summary["backend"] == s["backend"]
+
+
 def test_stop_on_an_unlogged_step_reports_that_step(corpus_file, tmp_path):
     """steps_done is the loop's count, not the last logged step (log_every=10, stop after step 3)."""
     out = train(tiny(corpus_file, tmp_path / "r", log_every=10, steps=6), stop_after=3)

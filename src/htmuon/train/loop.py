@@ -557,15 +557,28 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
         start, elapsed, wall = int(payload["step"]), float(payload["elapsed_s"]), float(payload["wall_s"])
         step_times = list(payload["step_times"])
     vers = versions()
+    backend = backend_label(cfg, device)  # what "auto" resolves to on this hardware
     if payload is None:
         run_info = {"seed": cfg.seed, "versions": vers, "argv": argv, "device": str(device), "data": info}
         run_info["amp"] = str(amp) if amp else None
         run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         run_info["resumed_from_steps"] = []
         run_info["parallel"] = {"mode": par.mode, "processes": par.world}
+        run_info["backends"] = [[0, backend]]
     else:
         run_info = old_run_info or {}
         run_info.setdefault("resumed_from_steps", []).append(start)
+        history = run_info.setdefault("backends", [])  # (runs from before it was recorded: from here)
+        if not history or history[-1][1] != backend:
+            if history and par.is_main:
+                print(
+                    f"htmuon: warning: '{out}' ran up to step {start} on backend '{history[-1][1]}', which "
+                    f"resolves to '{backend}' on this machine: it continues on '{backend}' (run.json "
+                    "'backends' records the switch and the summary names both)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            history.append([start, backend])
     if par.is_main:
         metrics = _start_run_folder(out, cfg, run_info, start if payload is not None else None)
         lock.take()  # a new folder: now that it exists
@@ -680,7 +693,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     summary = summarize(
         out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
     )
-    summary["backend"] = backend_label(cfg, device)  # what "auto" resolved to on this hardware
+    summary["backend"] = backend_history_label(run_info.get("backends") or [[0, backend]])
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
     summary["final_eval_s"] = final_eval_s
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
@@ -689,6 +702,17 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     if not stopped and par.is_main:
         write_run_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def backend_history_label(history: list) -> str | None:
+    """The backend of a run as its summary names it, from run.json's ``backends`` ([[from_step, label],
+    ...]): the label, or, for a run resumed on hardware that resolves "auto" differently, each label
+    with the step it took over (``"ns, bf16; ns, fp32 from step 1200"``)."""
+    labels = [label for _, label in history]
+    if len(set(labels)) <= 1:
+        return labels[0] if labels else None
+    first, *rest = history
+    return "; ".join([str(first[1])] + [f"{label} from step {step}" for step, label in rest])
 
 
 #: What identifies a run's data in run.json's "data": a digest of the tokens' content
