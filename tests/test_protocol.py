@@ -386,48 +386,88 @@ def test_status_gives_each_cells_state_and_time_left_and_trains_nothing(tmp_path
 
     monkeypatch.setattr("htmuon.train.loop.train", no_training)
     args = _args(
-        seeds="0,1", lr_grid=["muon=0.01", "htmuon=0.02"], adamw_lr_grid=["muon=3e-3", "htmuon=3e-3"],
+        seeds="0,1,2", lr_grid=["muon=0.01", "htmuon=0.02"], adamw_lr_grid=["muon=3e-3", "htmuon=3e-3"],
         compare_out=str(tmp_path / "g"),
     )  # fmt: skip
     plan = cmp.plan_grid(args)
-    done, running, stopped, fresh = (Path(c.cfg.out_dir) for c in plan.select_cells())
+    done, running, stopped, by_train, diverged, pruned = (Path(c.cfg.out_dir) for c in plan.select_cells())
     steps = plan.select_cells()[0].cfg.steps
-    done.mkdir(parents=True)
-    summary = {
-        "finished": True,
-        "diverged": False,
-        "steps_done": steps,
-        "final_val_loss": 3.5,
-        "ms_per_step": 500.0,
-    }
-    (done / "summary.json").write_text(json.dumps(summary))
+    finished = dict(finished=True, diverged=False, steps_done=steps, final_val_loss=3.5, ms_per_step=500.0)
+    for folder, summary in (
+        (done, {**finished, "elapsed_s": 100.0, "wall_s": 150.0}),  # evaluations: 1.5x the step time
+        (
+            diverged,
+            {**finished, "finished": False, "diverged": True, "steps_done": 40, "final_val_loss": math.inf},
+        ),
+        (pruned, finished),  # summary.json alone: not a run that loop.train reuses
+    ):
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        if folder is not pruned:
+            (folder / "config.json").write_text("{}")
     _log_steps(running, [10, 20], 2000.0, 6.1)
     (running / cmp.LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process
     _log_steps(stopped, [50, 100], 1000.0, 5.2)  # a torn last line (a kill) is skipped
     (stopped / cmp.LOCK_NAME).write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # left by a kill
+    _log_steps(by_train, [10], 1000.0, 6.5)
+    (by_train / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # htmuon train runs it
     result, text = cmp.plan_status(plan)
     assert result is None  # not every cell is finished
     lines = text.splitlines()
-    assert lines[0] == f"{plan.out}: 4 cell(s) so far (1 done, 1 running, 1 stopped, 1 not started)"
+    assert (
+        lines[0] == f"{plan.out}: 6 cell(s) so far (1 done, 2 running, 1 stopped, 1 diverged, 1 not started)"
+    )
     me = f"process {os.getpid()} on {socket.gethostname()}"
+
+    def mins(seconds):
+        return f"~{seconds / 60:.0f} min left"
+
     expected = [
-        f"muon/lr0.01-alr0.003/seed0  done, step {steps}/{steps}, final val loss 3.5000, 0.50 s/step",
-        f"htmuon/lr0.02-alr0.003/seed0  running ({me}), step 20/{steps}, last val loss 6.1000, 2.00 s/step, "
-        f"~{round((steps - 20) * 2 / 60)} min left",
-        f"muon/lr0.01-alr0.003/seed1  stopped, step 100/{steps}, last val loss 5.2000, 1.00 s/step, "
-        f"~{round((steps - 100) / 60)} min left",
-        f"htmuon/lr0.02-alr0.003/seed1  not started, ~{round(steps / 60)} min left",  # the median speed
+        f"muon/lr0.01-alr0.003/seed0 done, step {steps}/{steps}, final val loss 3.5000, 0.50 s/step",
+        f"htmuon/lr0.02-alr0.003/seed0 running ({me}), step 20/{steps}, last val loss 6.1000, 2.00 s/step, "
+        + mins((steps - 20) * 2.0 * 1.5),
+        f"muon/lr0.01-alr0.003/seed1 stopped, step 100/{steps}, last val loss 5.2000, 1.00 s/step, "
+        + mins((steps - 100) * 1.0 * 1.5),
+        f"htmuon/lr0.02-alr0.003/seed1 running (htmuon train, {me}), step 10/{steps}, last val loss 6.5000, "
+        f"1.00 s/step, " + mins((steps - 10) * 1.0 * 1.5),
+        "muon/lr0.01-alr0.003/seed2 diverged, step 40/" + f"{steps}, final val loss inf, 0.50 s/step",
+        # the median speed of the cells listed (0.5, 2, 1, 1, 0.5 s/step)
+        "htmuon/lr0.02-alr0.003/seed2 not started, " + mins(steps * 1.0 * 1.5),
     ]
-    assert [" ".join(line.split()) for line in lines[1:5]] == [" ".join(e.split()) for e in expected]
-    left = (steps - 20) * 2 + (steps - 100) + steps
-    assert lines[5] == f"~{left / 60:.0f} min of one process left for the cells listed"
-    assert len(lines) == 6  # no tune seeds, no extension: these are all the cells
+    assert [" ".join(line.split()) for line in lines[1:7]] == expected
+    left = ((steps - 20) * 2 + (steps - 100) + (steps - 10) + steps) * 1.5
+    assert lines[7] == (
+        f"~{left / 60:.0f} min of one process left for the cells listed "
+        "(evaluations included at 1.50x the step time, as in the finished cells)"
+    )
+    assert len(lines) == 8  # no tune seeds, no extension: these are all the cells
 
     # nothing to read: every cell "not started", and the folder is not created
     empty = cmp.plan_grid(_args(compare_out=str(tmp_path / "none")))
     result, text = cmp.plan_status(empty)
     assert result is None and "(4 not started)" in text and "time left unknown" in text
     assert not (tmp_path / "none").exists()
+
+
+def test_status_on_the_command_line_trains_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _recording_train(calls))
+    argv = ["compare", "--optimizers", "muon", "--seeds", "0", "--lr-grid", "muon=0.02,0.05"]
+    argv += ["--out-dir", str(tmp_path / "g"), "--no-plots", "--no-alpha", "--extend-edges", "1"]
+    assert cli_main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [] and not (tmp_path / "g").exists()
+    assert "2 cell(s) so far (2 not started)" in out
+    assert "cells after these (edge extensions) are listed once these finish" in out
+    assert cli_main(argv[:-2]) == 0 and len(calls) == 2  # the grid, no extension: 0.05 is at its edge
+    capsys.readouterr()
+    assert cli_main([*argv, "--status"]) == 0  # with --extend-edges 1: the extension round, listed
+    out = capsys.readouterr().out
+    assert "3 cell(s) so far (2 done, 1 not started)" in out and "muon/lr0.125-alr" in out
+    assert "edge extensions" not in out  # its one round is listed: nothing more comes after it
+    assert len(calls) == 2
 
 
 def test_status_follows_the_plan_from_selection_to_the_report_cells(tmp_path, monkeypatch):

@@ -244,6 +244,62 @@ def test_a_run_resumed_where_auto_resolves_otherwise_records_and_names_the_switc
             summary = json.loads((tmp_path / name / "summary.json").read_text())
             assert summary["backend"] == s["backend"]
 
+    # resumed on B, killed before B's first checkpoint, resumed on A: B's record goes with its steps
+    out = tmp_path / "back"
+    monkeypatch.setattr(loop, "backend_label", lambda cfg, device: "ns (NS5 polar), bf16")
+    train(tiny(corpus_file, out, **kw), stop_after=3)
+    run_json = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(
+        json.dumps({**run_json, "backends": [[0, "ns (NS5 polar), bf16"], [3, "x"]]})
+    )
+    s = train(tiny(corpus_file, out, **kw), resume=True)
+    assert json.loads((out / "run.json").read_text())["backends"] == [[0, "ns (NS5 polar), bf16"]]
+    assert s["backend"] == "ns (NS5 polar), bf16" and "warning" not in capsys.readouterr().err
+
+
+def test_backend_history_label_names_each_backend_and_a_start_not_recorded():
+    from htmuon.train.loop import backend_history_label
+
+    assert backend_history_label([[0, "fast, bf16"]]) == "fast, bf16"
+    assert (
+        backend_history_label([[0, "fast, bf16"], [40, "fast, fp32"]])
+        == "fast, bf16; fast, fp32 from step 40"
+    )
+    # a run made before backends were recorded, resumed at step 1200: its first steps are not claimed
+    assert backend_history_label([[1200, "ns, fp32"]]) == "not recorded; ns, fp32 from step 1200"
+    assert backend_history_label([[0, None]]) is None and backend_history_label([]) is None  # AdamW
+
+
+def test_a_run_that_diverged_after_its_checkpoint_is_not_trained_again(
+    corpus_file, tmp_path, monkeypatch, capsys
+):
+    """Resuming (compare re-run, --resume) a diverged run reuses its summary: going back to its last
+    checkpoint would re-run the same steps to the same divergence (it used to, every time)."""
+    import htmuon.train.loop as loop
+
+    real, calls = loop._loss, []
+
+    def nan_from_step_5(model, task, x, y):
+        loss, logits = real(model, task, x, y)
+        if model.training:
+            calls.append(1)
+            if len(calls) >= 5:
+                loss = loss * float("nan")
+        return loss, logits
+
+    monkeypatch.setattr(loop, "_loss", nan_from_step_5)
+    out = tmp_path / "d"
+    first = train(tiny(corpus_file, out, optimizer="muon", steps=6, ckpt_every=3))
+    assert first["diverged"] and first["steps_done"] == 5
+    calls.clear()
+    capsys.readouterr()
+    again = train(tiny(corpus_file, out, optimizer="muon", steps=6, ckpt_every=3), resume=True)
+    assert calls == [] and again["diverged"] and again["steps_done"] == 5
+    assert again["run_dir"] == first["run_dir"] and again["elapsed_s"] == first["elapsed_s"]
+    err = capsys.readouterr().err
+    assert f"'{out}' holds a run that diverged at step 5 (summary.json): reusing its summary" in err
+    assert "not running steps 4-5 again" in err
+
 
 def test_stop_on_an_unlogged_step_reports_that_step(corpus_file, tmp_path):
     """steps_done is the loop's count, not the last logged step (log_every=10, stop after step 3)."""

@@ -49,6 +49,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -538,7 +539,10 @@ def cell_state(c: Cell) -> dict:
     run_dir = Path(c.cfg.out_dir)
     st = dict(cell=c, state="not started", step=0, steps=c.cfg.steps, val_loss=None, s_per_step=None)
     st.update(owner=None, summary=None)
-    if (run_dir / "summary.json").is_file():
+    # what loop.train reuses: a finished or diverged run's summary beside its config or checkpoint (a
+    # summary.json alone is not a run there: the cell would be trained again)
+    holds_run = (run_dir / "config.json").is_file() or any(run_dir.glob("ckpt*.pt"))
+    if (run_dir / "summary.json").is_file() and holds_run:
         summary = read_json(run_dir / "summary.json", "run summary")
         if summary.get("finished") or summary.get("diverged"):
             ms = summary.get("ms_per_step")
@@ -555,23 +559,24 @@ def cell_state(c: Cell) -> dict:
         st["s_per_step"] = times[len(times) // 2] / 1e3 if times else None
     if val:
         st["val_loss"] = val[-1]["loss"]
-    for name in (LOCK_NAME, "run.lock"):  # compare's cell lock; htmuon train's own run lock
+    for name, who in ((LOCK_NAME, ""), ("run.lock", "htmuon train, ")):  # compare's lock; train's own
         lock = run_dir / name
         if lock.exists() and not lock_is_stale(lock):
-            st.update(state="running", owner=lock_holder(lock))
+            st.update(state="running", owner=who + lock_holder(lock))
             return st
-    if records or any(run_dir.glob("ckpt*.pt")) or (run_dir / "config.json").is_file():
+    if records or holds_run:
         st["state"] = "stopped"
     return st
 
 
-def _status_runner(states: list[dict]):
+def _status_runner(states: list[dict], batches: list[int]):
     """A ``run_plan`` runner that reads cells instead of running them; it stops the plan (raises
-    :class:`_Undecided`) at the first batch not all finished."""
+    :class:`_Undecided`) at the first batch not all finished. ``batches``: each batch's size."""
 
     def runner(cells: list[Cell]) -> list[dict]:
         batch = [cell_state(c) for c in cells]
         states.extend(batch)
+        batches.append(len(batch))
         if any(st["summary"] is None for st in batch):
             raise _Undecided
         return [cell_record(st["cell"], st["summary"]) for st in batch]
@@ -587,12 +592,21 @@ def plan_status(plan: Plan, extend_edges: int = 0) -> tuple[dict | None, str]:
     """``--status``: every cell ``run_plan`` would run so far, with its state, as text; and the plan's
     result when every cell is finished (None while later cells are undecided)."""
     states: list[dict] = []
+    batches: list[int] = []  # the selection grid, each extension round, the report
     try:
-        result = run_plan(plan, extend_edges, runner=_status_runner(states))
+        result = run_plan(plan, extend_edges, runner=_status_runner(states, batches))
     except _Undecided:
         result = None
     speeds = [st["s_per_step"] for st in states if st["s_per_step"]]
-    typical = sorted(speeds)[len(speeds) // 2] if speeds else None  # for cells not started yet
+    typical = statistics.median(speeds) if speeds else None  # for cells not started yet
+    # training steps are what the logs time; evaluations and checkpoints come on top: finished cells
+    # say how much (wall_s / elapsed_s); without one, the estimate is of the training steps alone
+    ratios = [
+        st["summary"]["wall_s"] / st["summary"]["elapsed_s"]
+        for st in states
+        if st["summary"] and st["summary"].get("wall_s") and st["summary"].get("elapsed_s")
+    ]
+    overhead = statistics.median(ratios) if ratios else 1.0
     lines, counts, left, unknown = [], {}, 0.0, 0
     width = max((len(str(Path(st["cell"].cfg.out_dir).relative_to(plan.out))) for st in states), default=0)
     for st in states:
@@ -609,7 +623,7 @@ def plan_status(plan: Plan, extend_edges: int = 0) -> tuple[dict | None, str]:
         if st["summary"] is None:
             speed = st["s_per_step"] or typical
             if speed:
-                todo = (st["steps"] - st["step"]) * speed
+                todo = (st["steps"] - st["step"]) * speed * overhead
                 left += todo
                 parts.append(f"~{_hours(todo)} left")
             else:
@@ -622,10 +636,16 @@ def plan_status(plan: Plan, extend_edges: int = 0) -> tuple[dict | None, str]:
     if result is None:
         if left:
             more = f" (and {unknown} cell(s) of unknown speed)" if unknown else ""
-            tail.append(f"~{_hours(left)} of one process left for the cells listed{more}")
+            how = (
+                f"evaluations included at {overhead:.2f}x the step time, as in the finished cells"
+                if ratios
+                else "training steps only: evaluations add to it"
+            )
+            tail.append(f"~{_hours(left)} of one process left for the cells listed ({how}){more}")
         elif unknown:
             tail.append("time left unknown: no cell listed has logged a step yet")
-        later = ["edge extensions"] if extend_edges else []
+        rounds_listed = len(batches) - 1  # the batches after the grid (no report cells among them)
+        later = ["edge extensions"] if extend_edges > rounds_listed else []
         later += ["the best cells on the reported seeds"] if plan.tune_seeds else []
         if later and not any(st["cell"].phase == "report" for st in states):
             tail.append(f"cells after these ({' and '.join(later)}) are listed once these finish")

@@ -513,8 +513,22 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
         raise UserError(
             f"run folder '{out}' already holds a run; pass --resume to continue it or pick another --out-dir"
         )
-    if payload is not None and payload["step"] >= cfg.steps and (out / "summary.json").exists():
-        return read_json(out / "summary.json", "run summary")
+    if payload is not None and (out / "summary.json").exists():
+        summary = read_json(out / "summary.json", "run summary")
+        if payload["step"] >= cfg.steps:
+            return summary
+        if summary.get("diverged") and summary.get("steps_done", 0) > payload["step"]:
+            # it diverged after its last checkpoint: resuming would re-run the same steps to the same end
+            if par.is_main:
+                done = summary["steps_done"]
+                print(
+                    f"htmuon: '{out}' holds a run that diverged at step {done} (summary.json): reusing "
+                    f"its summary, not running steps {payload['step'] + 1}-{done} again "
+                    "(delete summary.json to resume it from its checkpoint)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return summary
     old_run_info = None
     if payload is not None and (out / "run.json").exists():
         old_run_info = read_json(out / "run.json", "run record")
@@ -569,6 +583,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
         run_info = old_run_info or {}
         run_info.setdefault("resumed_from_steps", []).append(start)
         history = run_info.setdefault("backends", [])  # (runs from before it was recorded: from here)
+        history[:] = [h for h in history if h[0] < start]  # steps after the checkpoint are undone
         if not history or history[-1][1] != backend:
             if history and par.is_main:
                 print(
@@ -707,10 +722,15 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
 def backend_history_label(history: list) -> str | None:
     """The backend of a run as its summary names it, from run.json's ``backends`` ([[from_step, label],
     ...]): the label, or, for a run resumed on hardware that resolves "auto" differently, each label
-    with the step it took over (``"ns, bf16; ns, fp32 from step 1200"``)."""
+    with the step it took over (``"ns, bf16; ns, fp32 from step 1200"``; a run started before the
+    record existed: ``"not recorded; ns, fp32 from step 1200"``)."""
     labels = [label for _, label in history]
-    if len(set(labels)) <= 1:
-        return labels[0] if labels else None
+    if not labels or all(label is None for label in labels):  # AdamW and the other baselines
+        return None
+    if history[0][0] > 0:  # a run started before backends were recorded
+        history = [[0, "not recorded"], *history]
+    elif len(set(labels)) == 1:
+        return labels[0]
     first, *rest = history
     return "; ".join([str(first[1])] + [f"{label} from step {step}" for step, label in rest])
 

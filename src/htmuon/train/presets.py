@@ -97,7 +97,8 @@ _QUICK_TUNED_AT = dict(model="llama-tiny", steps=250, routing="standard", adamw_
 # plot; ``--carry-lrs`` tunes each larger model around the smaller one's best). HTMuon is pinned to
 # the ``fast`` backend so that a scan continued on another machine runs the same algorithm (its
 # working dtype still follows the hardware). The steps are 258 / 1132 / 4457; on one thread of a
-# Xeon (AMX) llama-mini takes ~0.75 s per step (~14 min per cell), llama-small ~2.5 s (~3 h per cell).
+# Xeon (AMX) llama-mini takes ~0.75 s per step (~14 min per cell), llama-small ~2.5 s (~3 h per cell);
+# on an AMD EPYC (Zen 4, two runs at once) ~0.8 s and ~3.4 s (~4.2 h per cell).
 _SIZE_SCAN = {**{k: v for k, v in _QUICK.items() if k != "steps"}, "tokens_per_param": 0.2}
 # htmuon: the p grid with an lr per p (RESULTS.md) found p = 1/32, 1/16, 1/8 best at 0.02-0.04 on llama-tiny
 _SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.02, 0.04, 0.08)}
