@@ -40,6 +40,36 @@ def test_user_error_is_one_line_exit_2():
     assert "Traceback" not in proc.stderr
 
 
+def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
+    """`htmuon compare --status | head -1`: the reader goes away; no "error: Broken pipe", no traceback,
+    exit 141 as for a command stopped by a closed pipe."""
+    read, write = os.pipe()
+    os.close(read)  # a reader that has already gone
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "htmuon", "compare", "--optimizers", "muon", "--seeds", "0"]
+            + ["--out-dir", str(tmp_path / "g"), "--status"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_reported(monkeypatch, capsys):
+    import htmuon.demo
+
+    def broken(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(htmuon.demo, "main", broken)
+    assert main(["demo"]) == 2  # stdout here is pytest's capture, not a pipe
+    assert capsys.readouterr().err.strip() == "htmuon demo: error: Broken pipe"
+
+
 # ----------------------------------------------------------------------------- user and environment errors
 # Each: exit code 2, one line `htmuon COMMAND: error: ...` naming the bad value or file, no traceback.
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
+import stat
 import sys
 
 from .errors import UserError
@@ -64,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no real stdout (pytest's capture, a closed one)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -77,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"htmuon {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment (disk full, read-only, permissions) where no UserError named it
+        if isinstance(e, BrokenPipeError) and _stdout_is_a_pipe():
+            # the reader of the output went away (`htmuon compare --status | head`): not an error;
+            # stdout goes to /dev/null so that the interpreter's last flush does not report it either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
         where = f"'{e.filename}': " if e.filename else ""
         print(f"htmuon {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
