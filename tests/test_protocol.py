@@ -360,11 +360,13 @@ def test_run_cells_waits_for_a_cell_another_process_runs(tmp_path, monkeypatch, 
 
 
 def _recording_train(calls, optimum=0.05, model_params=None):
-    """:func:`_fake_train` that also leaves a finished run's summary.json, as loop.train does."""
-    fake = _fake_train(calls, optimum=optimum)
+    """:func:`_fake_train` that also leaves a finished run's summary.json, as loop.train does, and
+    records the model and its parameter count (``model_params``); ``optimum`` may be per model (read
+    at each call, so a test can change it between commands)."""
 
     def train(cfg, resume=False, preset_lrs=None):
-        s = fake(cfg, resume, preset_lrs)
+        opt = optimum[cfg.model] if isinstance(optimum, dict) else optimum
+        s = _fake_train(calls, optimum=opt)(cfg, resume, preset_lrs)
         s.update(model=cfg.model, steps=cfg.steps, steps_done=cfg.steps)
         s["info"] = {"parameters": (model_params or {}).get(cfg.model, 1)}
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(s))
@@ -498,14 +500,9 @@ def test_status_follows_the_plan_from_selection_to_the_report_cells(tmp_path, mo
     assert [(r["lr"], r["seed"]) for r in result["report"]] == [(r["lr"], r["seed"]) for r in ran["report"]]
 
 
-def test_status_of_a_size_scan_stops_where_the_next_models_lrs_are_not_known(tmp_path, monkeypatch, capsys):
-    from htmuon.cli import main as cli_main
-
-    calls = []
-    params = {"llama-micro": 1, "llama-tiny": 8}
-    monkeypatch.setattr("htmuon.train.loop.train", _recording_train(calls, optimum=0.01, model_params=params))
-    out = tmp_path / "scan"
-    argv = [
+def _scan_argv() -> list[str]:
+    """``compare``: Muon, seed 0, llama-micro then llama-tiny, lrs carried (grids and folder to add)."""
+    return [
         "compare",
         "--optimizers",
         "muon",
@@ -515,7 +512,23 @@ def test_status_of_a_size_scan_stops_where_the_next_models_lrs_are_not_known(tmp
         "--seeds",
         "0",
     ]
-    argv += ["--lr-grid", "muon=0.005,0.01,0.02", "--adamw-lr-grid", "muon=3e-3", "--out-dir", str(out)]
+
+
+def test_status_of_a_size_scan_stops_where_the_next_models_lrs_are_not_known(tmp_path, monkeypatch, capsys):
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    params = {"llama-micro": 1, "llama-tiny": 8}
+    monkeypatch.setattr("htmuon.train.loop.train", _recording_train(calls, optimum=0.01, model_params=params))
+    out = tmp_path / "scan"
+    argv = _scan_argv() + [
+        "--lr-grid",
+        "muon=0.005,0.01,0.02",
+        "--adamw-lr-grid",
+        "muon=3e-3",
+        "--out-dir",
+        str(out),
+    ]
     argv += ["--no-plots", "--no-alpha"]
     assert cli_main([*argv, "--status"]) == 0
     text = capsys.readouterr().out
@@ -723,28 +736,10 @@ def test_carry_lrs_tunes_the_next_model_around_the_last_ones_best(tmp_path, monk
 
     calls = []
     optima = {"llama-micro": 0.01, "llama-tiny": 0.04}  # the bigger model wants a larger lr here
-
-    def fake(cfg, resume=False, preset_lrs=None):
-        s = _fake_train(calls, optimum=optima[cfg.model])(cfg, resume, preset_lrs)
-        return {
-            **s,
-            "model": cfg.model,
-            "steps": cfg.steps,
-            "info": {"parameters": {"llama-micro": 1, "llama-tiny": 8, "llama-mini": 40}[cfg.model]},
-        }
-
-    monkeypatch.setattr("htmuon.train.loop.train", fake)
+    params = {"llama-micro": 1, "llama-tiny": 8, "llama-mini": 40}
+    monkeypatch.setattr("htmuon.train.loop.train", _recording_train(calls, optima, model_params=params))
     out = tmp_path / "scan"
-    argv = [
-        "compare",
-        "--optimizers",
-        "muon",
-        "--models",
-        "llama-micro,llama-tiny",
-        "--carry-lrs",
-        "--seeds",
-        "0",
-    ]
+    argv = _scan_argv()
     argv += [
         "--lr-grid",
         "muon=0.005,0.01,0.02",
