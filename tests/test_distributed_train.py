@@ -129,6 +129,58 @@ def test_a_hung_rank_ends_the_job_with_one_line(corpus_file, tmp_path, monkeypat
     assert "waited up to 30 s; set HTMUON_DIST_TIMEOUT" in last and "Traceback" not in err
 
 
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(corpus_file, tmp_path, monkeypatch):
+    """A preemption signal may reach only some ranks. The ranks agree on it in the step's one collective
+    (the logged loss's all-reduce): all stop after the same step, rank 0 writes the checkpoint, and
+    every rank exits 143. Without the agreement, the signalled rank would stop alone and the other
+    would wait in the next step's collective."""
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HTMUON_CACHE", str(cache))
+    warm = {**RUN, "steps": 2, "warmup_steps": 1, "data": str(corpus_file), "out_dir": str(tmp_path / "w")}
+    train(TrainConfig(**warm))  # the token cache, so that rank 1 does not wait for the tokenizer
+    run = {**RUN, "steps": 5000, "eval_every": 5000, "ckpt_every": 0, "data": corpus_file, "parallel": "ddp"}
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "htmuon.cli", "train", *flags({**run, "out_dir": out})]
+    base = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs, logs = [], []
+    try:
+        for rank in (0, 1):
+            logs.append(open(tmp_path / f"rank{rank}.err", "w+"))
+            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
+        metrics = out / "metrics.jsonl"
+        guard = time.monotonic() + 1800  # only catches a hang
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "rank0.err").read_text()
+            assert time.monotonic() < guard
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    err0 = (tmp_path / "rank0.err").read_text().strip()
+    assert codes == [143, 143], err0[-3000:]
+    last = err0.splitlines()[-1]
+    prefix = "htmuon train: stopped by a signal to another rank after step "
+    assert last.startswith(prefix) and last.endswith(
+        f", with a checkpoint; continue with --resume --out-dir {out}"
+    )
+    step = int(last[len(prefix) :].split(",")[0])
+    assert checkpoint.load(out / "ckpt.pt")["step"] == step
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert max(logged) == step  # log_every 1: the last step logged is the one the checkpoint holds
+    assert "Traceback" not in err0 and "Traceback" not in (tmp_path / "rank1.err").read_text()
+
+
 def test_collective_timeout_setting(monkeypatch):
     from htmuon import torchrun
 

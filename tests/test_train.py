@@ -214,6 +214,99 @@ def test_exact_resume_after_interruption(optimizer, corpus_file, tmp_path):
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_steps"] == [5]
 
 
+def _signal_at_step(monkeypatch, at: int, *signals: int) -> None:
+    """Send this process ``signals`` as step ``at`` begins (from the lr schedule, which the loop calls
+    first in every step), as a scheduler or Ctrl-C would while the step runs."""
+    from htmuon.train import loop
+
+    real = loop.lr_factor
+
+    def schedule(step, *a):
+        if step == at:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return real(step, *a)
+
+    monkeypatch.setattr(loop, "lr_factor", schedule)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(
+    corpus_file, tmp_path, monkeypatch
+):
+    import signal
+
+    kw = dict(optimizer="htmuon", steps=7, ckpt_every=0)  # no periodic checkpoint before the end
+    full = train(tiny(corpus_file, tmp_path / "full", **kw))
+    before = signal.getsignal(signal.SIGTERM)
+    _signal_at_step(monkeypatch, 4, signal.SIGTERM)
+    cut = train(tiny(corpus_file, tmp_path / "cut", **kw))
+    monkeypatch.undo()
+    # the step that was running finished, its checkpoint was written, and the run returned stopped
+    assert cut["stopped"] and not cut["finished"] and cut["signal"] == "SIGTERM" and cut["steps_done"] == 4
+    assert checkpoint.load(tmp_path / "cut" / "ckpt.pt")["step"] == 4
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler from before is back
+    resumed = train(tiny(corpus_file, tmp_path / "cut", **kw), resume=True)
+    assert resumed["finished"] and "signal" not in resumed
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["final_val_loss"] == resumed["final_val_loss"]
+
+
+def test_a_second_signal_stops_at_once(corpus_file, tmp_path, monkeypatch):
+    import signal
+
+    _signal_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # Python's own SIGINT handler, restored by the first one
+        train(tiny(corpus_file, tmp_path / "r", steps=6, ckpt_every=0))
+    assert not (tmp_path / "r" / "ckpt.pt").exists()  # no checkpoint: it did not wait for the step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_under_torchrun_a_repeated_signal_is_ignored(capfd):
+    """A launcher passes on signals its workers had already (torchrun forwards Ctrl-C's SIGINT, srun
+    signals every process): a rank must not take the repeat as "stop at once"."""
+    import signal
+
+    from htmuon.train.loop import StopOnSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal(alone=False) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # (with the handler from before, the process would end here)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    err = capfd.readouterr().err
+    assert err.count("htmuon: SIGTERM: stopping after this step, with a checkpoint (every rank;") == 1
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(corpus_file, tmp_path, monkeypatch):
+    import signal
+
+    _signal_at_step(monkeypatch, 6, signal.SIGTERM)
+    s = train(tiny(corpus_file, tmp_path / "r", steps=6))
+    assert s["finished"] and not s["stopped"] and s["signal"] == "SIGTERM"
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["finished"]
+
+
+def test_train_cli_stopped_by_sigterm_exits_143_and_says_how_to_resume(
+    corpus_file, tmp_path, monkeypatch, capsys
+):
+    import signal
+
+    out = tmp_path / "r"
+    argv = ["train", *flags({**TINY_RUN, "data": corpus_file, "out_dir": out, "ckpt_every": 0})]
+    _signal_at_step(monkeypatch, 2, signal.SIGTERM)
+    assert cli_main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = "htmuon train: stopped by SIGTERM after step 2, with a checkpoint; continue with --resume"
+    assert err == f"{expected} --out-dir {out}"
+    monkeypatch.undo()
+    assert cli_main([*argv, "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())["resumed_from_steps"] == [2]
+
+
 def test_a_run_resumed_where_auto_resolves_otherwise_records_and_names_the_switch(
     corpus_file, tmp_path, monkeypatch, capsys
 ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,50 @@ def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, c
     assert cli_main(argv) == 0
     assert ckpt.stat().st_mtime_ns == before
     assert "| muon |" in capsys.readouterr().out
+
+
+def test_compare_stopped_by_sigterm_keeps_the_cell_and_goes_on_when_run_again(
+    corpus_file, tmp_path, monkeypatch, capsys
+):
+    import signal
+
+    from htmuon.train import loop
+
+    out = tmp_path / "grid"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon",
+        "--seeds",
+        "0,1",
+        "--data",
+        str(corpus_file),
+        "--out-dir",
+        str(out),
+    ]
+    argv += [*TINY, "--ckpt-every", "0"]
+    real = loop.lr_factor
+
+    def schedule(step, *a):  # SIGTERM while the first cell's step 3 runs
+        if step == 3 and not (out / "muon" / "lr0.02-alr0.001" / "seed0" / "ckpt.pt").exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *a)
+
+    monkeypatch.setattr(loop, "lr_factor", schedule)
+    assert cli_main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    cell = out / "muon" / "lr0.02-alr0.001" / "seed0"
+    assert err == (
+        "htmuon compare: stopped by SIGTERM: the cell muon lr=0.02 seed=0 stopped after step 3 "
+        f"(checkpoint in {cell}); run the same command again to go on"
+    )
+    assert not (cell / "cell.lock").exists() and not (cell / "summary.json").exists()
+    assert not (out / "muon" / "lr0.02-alr0.001" / "seed1").exists()  # the next cell was not started
+    assert not (out / "results.md").exists()
+    monkeypatch.undo()
+    assert cli_main(argv) == 0  # the same command: resumes the cell from step 3, runs the rest
+    assert json.loads((cell / "run.json").read_text())["resumed_from_steps"] == [3]
+    assert json.loads((out / "results.json").read_text())["best"]["muon"]["n"] == 2
 
 
 def test_compare_image_task_reports_accuracy(tmp_path):

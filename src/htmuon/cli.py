@@ -16,7 +16,7 @@ import os
 import stat
 import sys
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"'{e.filename}': " if e.filename else ""
         print(f"htmuon {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # stopped by a signal, with a checkpoint
+        print(f"htmuon {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"htmuon {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,3 +9,22 @@ class UserError(Exception):
 class CollectiveError(UserError):
     """Under torchrun: a collective (or the process group's start) failed because another rank hung
     past the collective timeout or died; every surviving rank raises it instead of waiting forever."""
+
+
+class Interrupted(Exception):
+    """A run that a signal stopped after writing its checkpoint (``htmuon train``, ``htmuon compare``):
+    the CLI prints the message as one line and exits with ``exit_code``, 128 + the signal's number, as
+    a shell reports a process the signal ended (SIGTERM 143, SIGINT 130)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def signal_exit_code(name: str) -> int:
+    """128 + the number of the signal named in a summary's "signal" (SIGTERM's for one that came to
+    another rank and is not named)."""
+    import signal
+
+    sig = signal.Signals.__members__.get(name, signal.SIGTERM)
+    return 128 + int(sig)

@@ -8,6 +8,7 @@ wires the processes around it.)
     opt = htmuon.HTMuon(groups, process_group=par.process_group)   # DDP: divide the spectral work
     x = torchrun.batch_slice(x, par)                     # this rank's rows of the global batch
     loss = torchrun.mean_across(float(loss), par)        # for logging
+    loss, stop = torchrun.mean_and_any(float(loss), stop, par)   # ... and a stop all ranks agree on
     model_sd, opt_sd = torchrun.state_dicts(model, opt, par)     # full tensors (checkpoint on rank 0)
     torchrun.load_state_dicts(model, opt, model_sd, opt_sd, par)
 
@@ -53,6 +54,7 @@ __all__ = [
     "load_state_dicts",
     "main_first",
     "mean_across",
+    "mean_and_any",
     "state_dicts",
     "wrap_model",
 ]
@@ -252,6 +254,22 @@ def mean_across(value: float, par: Parallel) -> float:
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item()) / par.world
+
+
+def mean_and_any(value: float, flag: bool, par: Parallel) -> tuple[float, bool]:
+    """The mean of a Python number over the ranks and whether any rank's flag is set, in one
+    collective (every rank calls it). The training loop sends its loss and "a stop was requested"
+    (a signal, which may reach only some ranks), so that every rank stops after the same step."""
+    if par.world == 1:
+        return value, bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value), float(bool(flag))], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    total, votes = t.tolist()
+    return total / par.world, votes > 0
 
 
 def state_dicts(model: nn.Module, opt: torch.optim.Optimizer, par: Parallel) -> tuple[dict, dict]:

@@ -120,8 +120,19 @@ def main(args: argparse.Namespace) -> int:
         argv=sys.argv,
     )
     from htmuon import torchrun
+    from htmuon.errors import Interrupted, signal_exit_code
 
-    if torchrun.finish() != 0:  # under torchrun: rank 0 reports
+    rank = torchrun.finish()
+    if summary["stopped"] and summary.get("signal"):  # every rank ends with the signal's exit code
+        code = signal_exit_code(summary["signal"])
+        if rank != 0:
+            return code
+        raise Interrupted(
+            f"stopped by {summary['signal']} after step {summary['steps_done']}, with a checkpoint; "
+            f"continue with --resume --out-dir {summary['run_dir']}",
+            code,
+        )
+    if rank != 0:  # under torchrun: rank 0 reports
         return 0
     if summary["stopped"]:
         print(

@@ -413,6 +413,15 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
                 s = train(c.cfg, resume=True, preset_lrs=preset.lrs if preset else None)
             finally:
                 release_lock(lock)
+            if s.get("signal"):  # SIGTERM / Ctrl-C: the cell has its checkpoint; no next cell
+                from htmuon.errors import Interrupted, signal_exit_code
+
+                state = f"stopped after step {s['steps_done']}" if s["stopped"] else "finished its run"
+                raise Interrupted(
+                    f"stopped by {s['signal']}: the cell {c.spec} lr={c.lr:g} seed={c.seed} {state} "
+                    f"(checkpoint in {run_dir}); run the same command again to go on",
+                    signal_exit_code(s["signal"]),
+                )
             if s.get("mean_alpha") is None and s["finished"] and c.cfg.alpha:
                 s["mean_alpha"] = final_mean_alpha(run_dir)  # a run finished before diagnostics existed
             done[i] = cell_record(c, s)

@@ -9,6 +9,8 @@
     warmup: warmup_fraction x steps when set (the paper's 10%), else warmup_steps
     weight decay: torch's lr x wd per step (wd_mode "lr"), or wd x schedule ("independent")
     every ckpt_every steps: an atomic checkpoint that a killed run resumes from bit-exactly
+    SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C): the step finishes, a checkpoint is written,
+        the run returns stopped (to a lone process, a second signal acts at once)
     every alpha_every steps (if set): the weights' mean layer-wise power-law alpha ("alpha" records)
 
 A run folder holds config.json, run.json (versions, seed, command), metrics.jsonl,
@@ -26,7 +28,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -420,6 +424,9 @@ def train(
             holds no run (``htmuon train --resume``).
         stop_after: write a checkpoint after this step and return, as if the run were killed
             there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
+            SIGTERM or SIGINT while training does the same after the current step (see
+            :class:`StopOnSignal`); the summary then names it (``summary["signal"]``, also set when
+            the signal came during the last step and the run finished).
         preset_lrs: the preset's per-optimizer learning rates (used when ``cfg.lr`` is None).
         argv: the command line, recorded in run.json.
 
@@ -632,7 +639,10 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     steps_done = start
     tokens_per_step = data.tokens_per_batch * cfg.grad_accum
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    stop = StopOnSignal(alone=par.world == 1, quiet=not par.is_main)
+    peer_stop = False  # another rank was signalled (under torchrun)
     try:
+        stop.__enter__()
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             factor = lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
@@ -646,7 +656,11 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                     loss, _ = _loss(module, task, x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum = loss_sum + loss.detach().float()
-            loss_val = torchrun.mean_across(float(loss_sum) / cfg.grad_accum, par)
+            # one collective: the loss for the log, and whether any rank was asked to stop (so that every
+            # rank stops after this same step)
+            signalled = stop.signum is not None
+            loss_val, stop_now = torchrun.mean_and_any(float(loss_sum) / cfg.grad_accum, signalled, par)
+            peer_stop = stop_now and not signalled
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 diverged = True
@@ -695,12 +709,14 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                 )
                 break
             wall += time.perf_counter() - t0
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or step == stop_after:
+            stop_here = stop_now or (stop_after is not None and step >= stop_after)
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or stop_here:
                 save_ckpt(step)
-            if stop_after is not None and step >= stop_after and step < cfg.steps:
+            if stop_here and step < cfg.steps:
                 stopped = True
                 break
     finally:
+        stop.__exit__()
         progress.close()
         metrics.close()
 
@@ -710,6 +726,8 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     )
     summary["backend"] = backend_history_label(run_info.get("backends") or [[0, backend]])
     summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
+    if stop.signum is not None or peer_stop:  # stopped by it, or (during the last step) finished anyway
+        summary["signal"] = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
     summary["final_eval_s"] = final_eval_s
     if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
         summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
@@ -717,6 +735,51 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     if not stopped and par.is_main:
         write_run_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class StopOnSignal:
+    """While a run trains: SIGTERM (a scheduler's preemption, ``kill``, torchrun passing on its own) or
+    SIGINT (Ctrl-C) is noted, not acted on at once; the loop finishes the step, writes a checkpoint and
+    returns the run stopped, so that nothing since the last periodic checkpoint is lost.
+
+    A second signal to a single process gets the handler from before (SIGINT: KeyboardInterrupt;
+    SIGTERM: the process ends), for a user who will not wait. Under torchrun (``alone=False``) repeats
+    are ignored: a launcher passes on the signal its workers may have had already (Ctrl-C in a
+    terminal reaches torchrun and every worker, and torchrun sends it to them again; srun signals every
+    process of the job step), so a repeat says nothing about the user; torchrun's SIGKILL after its
+    grace period, or ``kill -9``, ends a rank at once. Installed only in the main thread (where Python
+    delivers signals); elsewhere a no-op."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, *, alone: bool = True, quiet: bool = False) -> None:
+        self.signum: int | None = None
+        self.alone, self.quiet = alone, quiet
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # a repeat under torchrun (alone, the handler is gone by now)
+            return
+        self.signum = signum
+        name = signal.Signals(signum).name
+        if self.alone:
+            self.__exit__()  # the next one acts at once
+            then = f"{name} again to stop at once, from the last periodic checkpoint"
+        else:
+            then = "every rank; kill -9 to stop at once, from the last periodic checkpoint"
+        if not self.quiet:  # os.write: a print here could re-enter the progress line's print
+            os.write(2, f"\nhtmuon: {name}: stopping after this step, with a checkpoint ({then})\n".encode())
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def backend_history_label(history: list) -> str | None:
