@@ -147,6 +147,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(corpus_file, t
     args = [sys.executable, "-m", "htmuon.cli", "train", *flags({**run, "out_dir": out})]
     base = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    base["HTMUON_DIST_TIMEOUT"] = "60"  # ranks that disagreed would fail (exit 2) within a minute
     procs, logs = [], []
     try:
         for rank in (0, 1):

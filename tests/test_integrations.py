@@ -145,7 +145,9 @@ def test_hf_trainer_without_names_routes_by_ndim(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def lightning_run(epochs: int, ckpt_path: Path | None = None, save: Path | None = None):
+def lightning_run(ckpt_path: Path | None = None, stop_after_epoch: Path | None = None):
+    """Two epochs of 4 steps with the docs' recipe (docs/integrations.md); with ``stop_after_epoch``
+    the run stops after its first epoch (as an interrupted job would) and saves a checkpoint there."""
     L = pytest.importorskip("lightning")
 
     class LitLM(L.LightningModule):
@@ -158,13 +160,19 @@ def lightning_run(epochs: int, ckpt_path: Path | None = None, save: Path | None 
 
         def configure_optimizers(self):
             opt = htmuon.HTMuon(self.named_parameters(), lr=0.02, adamw_lr=1e-3, weight_decay=0.1)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8, eta_min=2e-3)
+            steps = self.trainer.estimated_stepping_batches  # max_steps is -1 when max_epochs is given
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=2e-3)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    class StopAfterFirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
 
     module = LitLM()
     loader = torch.utils.data.DataLoader(torch.cat(batches(4)), batch_size=2)  # 4 steps an epoch
     trainer = L.Trainer(
-        max_epochs=epochs,
+        max_epochs=2,
+        callbacks=[StopAfterFirstEpoch()] if stop_after_epoch else [],
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -173,21 +181,23 @@ def lightning_run(epochs: int, ckpt_path: Path | None = None, save: Path | None 
         enable_model_summary=False,
     )
     trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
-    if save is not None:
-        trainer.save_checkpoint(save)
+    if stop_after_epoch is not None:
+        trainer.save_checkpoint(stop_after_epoch)
     return module, trainer
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # lightning 2.6 on torch 2.13's pytree
 def test_lightning_scheduler_and_exact_resume(tmp_path):
-    full, trainer = lightning_run(epochs=2)
+    full, trainer = lightning_run()
     opt = trainer.optimizers[0]
     assert isinstance(opt, htmuon.HTMuon) and trainer.global_step == 8
     assert_standard_routing(opt)
-    assert [g["lr"] for g in opt.param_groups] != [0.02, 1e-3]  # the scheduler moved both lrs
-    lightning_run(epochs=1, save=tmp_path / "epoch1.ckpt")
-    resumed, trainer = lightning_run(epochs=2, ckpt_path=tmp_path / "epoch1.ckpt")
+    # the cosine ran its whole course over the run's 8 steps: both lrs end at eta_min
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-3])
+    _, trainer = lightning_run(stop_after_epoch=tmp_path / "epoch1.ckpt")
+    assert trainer.global_step == 4
+    resumed, trainer = lightning_run(ckpt_path=tmp_path / "epoch1.ckpt")
     assert trainer.global_step == 8
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name

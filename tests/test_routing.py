@@ -172,6 +172,11 @@ def test_misspelt_group_keys_are_errors():
     # an optimizer-wide keyword in a group would be ignored there (README: the one not per group)
     with pytest.raises(ValueError, match=r"process_group in param group 0 is set for the whole optimizer"):
         HTMuon([{"params": [w], "process_group": "garbage"}])
+    # a group without its tensors (torch itself says only "KeyError: 'params'"), also one added later
+    with pytest.raises(ValueError, match=r"no 'params' in param group 1: .* got keys \['lr'\]"):
+        HTMuon([{"params": [w]}, {"lr": 0.02}])
+    with pytest.raises(ValueError, match=r"no 'params' in param group 1"):
+        HTMuon([w]).add_param_group({"lr": 0.02})
     # labels and scheduler keys that are no typos pass
     opt = HTMuon([{"params": [w], "name": "hidden", "initial_lr": 0.02, "my_tag": 3}])
     assert opt.param_groups[0]["my_tag"] == 3

@@ -236,8 +236,9 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(
     import signal
 
     kw = dict(optimizer="htmuon", steps=7, ckpt_every=0)  # no periodic checkpoint before the end
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     full = train(tiny(corpus_file, tmp_path / "full", **kw))
-    before = signal.getsignal(signal.SIGTERM)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # put back
     _signal_at_step(monkeypatch, 4, signal.SIGTERM)
     cut = train(tiny(corpus_file, tmp_path / "cut", **kw))
     monkeypatch.undo()
@@ -245,7 +246,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(
     assert cut["stopped"] and not cut["finished"] and cut["signal"] == "SIGTERM" and cut["steps_done"] == 4
     assert checkpoint.load(tmp_path / "cut" / "ckpt.pt")["step"] == 4
     assert not (tmp_path / "cut" / "summary.json").exists()
-    assert signal.getsignal(signal.SIGTERM) == before  # the handler from before is back
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     resumed = train(tiny(corpus_file, tmp_path / "cut", **kw), resume=True)
     assert resumed["finished"] and "signal" not in resumed
     a, b = _params(tmp_path / "full"), _params(tmp_path / "cut")
@@ -270,13 +271,19 @@ def test_under_torchrun_a_repeated_signal_is_ignored(capfd):
 
     from htmuon.train.loop import StopOnSignal
 
-    before = signal.getsignal(signal.SIGTERM)
-    with StopOnSignal(alone=False) as stop:
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with StopOnSignal(alone=False) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGTERM
+        assert seen == []  # no repeat reached the handler from before
         os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)  # (with the handler from before, the process would end here)
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == before
+        assert seen == [signal.SIGTERM]  # which is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     err = capfd.readouterr().err
     assert err.count("htmuon: SIGTERM: stopping after this step, with a checkpoint (every rank;") == 1
 
@@ -287,7 +294,48 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(corpus_file, tmp_path
     _signal_at_step(monkeypatch, 6, signal.SIGTERM)
     s = train(tiny(corpus_file, tmp_path / "r", steps=6))
     assert s["finished"] and not s["stopped"] and s["signal"] == "SIGTERM"
-    assert json.loads((tmp_path / "r" / "summary.json").read_text())["finished"]
+    saved = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert saved["finished"] and "signal" not in saved  # a later call that reuses it was not signalled
+
+
+def test_a_signal_during_an_evaluation_stops_after_that_step(corpus_file, tmp_path, monkeypatch):
+    import signal
+
+    from htmuon.train import loop
+
+    real = loop.evaluate
+
+    def evaluate(*a, **k):  # TINY_RUN evaluates at step 3: the signal comes after the step's vote
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    s = train(tiny(corpus_file, tmp_path / "r", ckpt_every=0))
+    assert s["stopped"] and s["steps_done"] == 3 and s["signal"] == "SIGTERM"
+    assert checkpoint.load(tmp_path / "r" / "ckpt.pt")["step"] == 3
+
+
+def test_an_ignored_signal_stays_ignored(corpus_file, tmp_path, monkeypatch):
+    """SIGINT is ignored in a background job of a non-interactive shell (`cmd &` in a script)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _signal_at_step(monkeypatch, 2, signal.SIGINT)
+        s = train(tiny(corpus_file, tmp_path / "r"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert s["finished"] and "signal" not in s
+
+
+def test_resume_at_or_past_stop_after_trains_nothing(corpus_file, tmp_path):
+    out = tmp_path / "r"
+    train(tiny(corpus_file, out, ckpt_every=0), stop_after=4)
+    records = (out / "metrics.jsonl").read_text()
+    s = train(tiny(corpus_file, out, ckpt_every=0), resume=True, stop_after=2)
+    assert s["stopped"] and s["steps_done"] == 4
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 4 and (out / "metrics.jsonl").read_text() == records
 
 
 def test_train_cli_stopped_by_sigterm_exits_143_and_says_how_to_resume(

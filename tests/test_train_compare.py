@@ -119,6 +119,45 @@ def test_compare_stopped_by_sigterm_keeps_the_cell_and_goes_on_when_run_again(
     assert json.loads((out / "results.json").read_text())["best"]["muon"]["n"] == 2
 
 
+def test_compare_signalled_in_a_cells_last_step_stops_once(corpus_file, tmp_path, monkeypatch, capsys):
+    """The cell finishes (a signal in the last step is too late to stop it) and compare stops before the
+    next cell; run again, compare reuses that cell and goes on: the signal is not kept with it."""
+    import signal
+
+    from htmuon.train import loop
+
+    out = tmp_path / "grid"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon",
+        "--seeds",
+        "0,1",
+        "--data",
+        str(corpus_file),
+        "--out-dir",
+        str(out),
+    ]
+    argv += TINY
+    real = loop.lr_factor
+    sent = []
+
+    def schedule(step, *a):  # SIGTERM in the first cell's last step (4)
+        if step == 4 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *a)
+
+    monkeypatch.setattr(loop, "lr_factor", schedule)
+    assert cli_main(argv) == 128 + signal.SIGTERM
+    assert "the cell muon lr=0.02 seed=0 finished its run" in capsys.readouterr().err
+    cell = out / "muon" / "lr0.02-alr0.001" / "seed0"
+    assert json.loads((cell / "summary.json").read_text())["finished"]
+    assert not (out / "muon" / "lr0.02-alr0.001" / "seed1").exists()
+    assert cli_main(argv) == 0  # (the patch is still there: it sends nothing more)
+    assert json.loads((out / "results.json").read_text())["best"]["muon"]["n"] == 2
+
+
 def test_compare_image_task_reports_accuracy(tmp_path):
     out = tmp_path / "img"
     argv = ["compare", "--optimizers", "adamw,htmuon", "--model", "resnet-micro", "--steps", "3"]

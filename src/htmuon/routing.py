@@ -333,6 +333,10 @@ def route_params(
             if len(items) > 1 or isinstance(user_group, dict) or first_index
             else ""
         )
+        if "params" not in group:  # (torch would say only KeyError: 'params')
+            raise ValueError(
+                f"no 'params'{where}: a param group needs the tensors it holds, got keys {sorted(group)}"
+            )
         _check_keys(group, where, known)
         _apply_aliases(group, where)
         _apply_use_muon(group, where)
@@ -354,9 +358,6 @@ def route_params(
                     f"adamw_lr / adamw_weight_decay set nothing{where}: its algorithm is {algorithm!r}"
                 )
             out.append(group)
-            continue
-        if "params" not in group:
-            out.append(group)  # torch's own error
             continue
         if isinstance(group["params"], set):  # torch's own refusal, before the list below hides the set
             raise TypeError(

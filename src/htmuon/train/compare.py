@@ -416,7 +416,13 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
             if s.get("signal"):  # SIGTERM / Ctrl-C: the cell has its checkpoint; no next cell
                 from htmuon.errors import Interrupted, signal_exit_code
 
-                state = f"stopped after step {s['steps_done']}" if s["stopped"] else "finished its run"
+                state = (
+                    f"stopped after step {s['steps_done']}"
+                    if s["stopped"]
+                    else f"diverged at step {s['steps_done']}"
+                    if s["diverged"]
+                    else "finished its run"
+                )
                 raise Interrupted(
                     f"stopped by {s['signal']}: the cell {c.spec} lr={c.lr:g} seed={c.seed} {state} "
                     f"(checkpoint in {run_dir}); run the same command again to go on",

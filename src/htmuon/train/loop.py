@@ -425,8 +425,9 @@ def train(
         stop_after: write a checkpoint after this step and return, as if the run were killed
             there (``summary["stopped"]`` is True); resume it later with ``resume=True``.
             SIGTERM or SIGINT while training does the same after the current step (see
-            :class:`StopOnSignal`); the summary then names it (``summary["signal"]``, also set when
-            the signal came during the last step and the run finished).
+            :class:`StopOnSignal`); the returned summary then names it (``summary["signal"]``, also
+            when the signal came too late to stop the run and it finished; not saved in
+            summary.json, which a later call reuses).
         preset_lrs: the preset's per-optimizer learning rates (used when ``cfg.lr`` is None).
         argv: the command line, recorded in run.json.
 
@@ -639,108 +640,115 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     steps_done = start
     tokens_per_step = data.tokens_per_batch * cfg.grad_accum
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    stop = StopOnSignal(alone=par.world == 1, quiet=not par.is_main)
     peer_stop = False  # another rank was signalled (under torchrun)
-    try:
-        stop.__enter__()
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            factor = lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * factor
-            loss_sum = 0.0  # becomes a tensor: one host sync per step, not per micro-batch
-            for _ in range(cfg.grad_accum):
-                x, y = (torchrun.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, _ = _loss(module, task, x, y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum = loss_sum + loss.detach().float()
-            # one collective: the loss for the log, and whether any rank was asked to stop (so that every
-            # rank stops after this same step)
-            signalled = stop.signum is not None
-            loss_val, stop_now = torchrun.mean_and_any(float(loss_sum) / cfg.grad_accum, signalled, par)
-            peer_stop = stop_now and not signalled
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                diverged = True
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            step_times.append(dt)
-            steps_done = step
-            tps = tokens_per_step / dt
-            log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps or diverged
-            if log:
-                metrics.write(
-                    {
-                        "step": step,
-                        "kind": "train",
-                        "loss": loss_val,
-                        "lr": opt.param_groups[0]["lr"],
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tps,
-                        "step_ms": dt * 1e3,
-                        "elapsed_s": elapsed,
-                    }
-                )
-            val = None
-            if step == cfg.steps and not diverged:  # the end: the whole held-out split by default
-                t_eval = time.perf_counter()
-                val = evaluate(model, data, task, device, amp, cfg.final_eval_batches)
-                final_eval_s = time.perf_counter() - t_eval
-            elif step % cfg.eval_every == 0 and not diverged:
-                window = step // cfg.eval_every  # evaluation k reads window k of the split
-                val = evaluate(model, data, task, device, amp, cfg.eval_batches, window)
-            if val:
-                last_val = val
-                metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
-            if track_alpha and not diverged and step % cfg.alpha_every == 0:
-                # the weights' layer-wise alpha (outside the timed step, like evaluation)
-                metrics.write({"step": step, "kind": "alpha", "mean_alpha": mean_alpha(model)})
-            progress.update(step, cfg.steps, loss_val, tps, log, val)
-            if diverged:
-                print(
-                    f"{label}: training diverged at step {step} (loss {loss_val}); stopping", file=sys.stderr
-                )
-                break
-            wall += time.perf_counter() - t0
-            stop_here = stop_now or (stop_after is not None and step >= stop_after)
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or stop_here:
-                save_ckpt(step)
-            if stop_here and step < cfg.steps:
-                stopped = True
-                break
-    finally:
-        stop.__exit__()
-        progress.close()
-        metrics.close()
+    # noted until the summary is written: a signal after the last step lets the run finish, and is
+    # reported (not saved: a reused summary must not stop `compare` again)
+    with StopOnSignal(alone=par.world == 1, quiet=not par.is_main) as stop:
+        steps = range(start + 1, cfg.steps + 1)
+        if stop_after is not None and stop_after <= start < cfg.steps:
+            steps, stopped = range(0), True  # resumed at or past stop_after: nothing to train
+        try:
+            for step in steps:
+                t0 = time.perf_counter()
+                factor = lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = base * factor
+                loss_sum = 0.0  # becomes a tensor: one host sync per step, not per micro-batch
+                for _ in range(cfg.grad_accum):
+                    x, y = (torchrun.batch_slice(t, par) for t in data.next_batch())  # this rank's rows
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        loss, _ = _loss(module, task, x, y)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum = loss_sum + loss.detach().float()
+                # one collective: the loss for the log, and whether any rank was asked to stop (so that every
+                # rank stops after this same step)
+                signalled = stop.signum is not None
+                loss_val, stop_now = torchrun.mean_and_any(float(loss_sum) / cfg.grad_accum, signalled, par)
+                peer_stop = stop_now and not signalled
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                    diverged = True
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                step_times.append(dt)
+                steps_done = step
+                tps = tokens_per_step / dt
+                log = step % cfg.log_every == 0 or step == 1 or step == cfg.steps or diverged
+                if log:
+                    metrics.write(
+                        {
+                            "step": step,
+                            "kind": "train",
+                            "loss": loss_val,
+                            "lr": opt.param_groups[0]["lr"],
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": tps,
+                            "step_ms": dt * 1e3,
+                            "elapsed_s": elapsed,
+                        }
+                    )
+                val = None
+                if step == cfg.steps and not diverged:  # the end: the whole held-out split by default
+                    t_eval = time.perf_counter()
+                    val = evaluate(model, data, task, device, amp, cfg.final_eval_batches)
+                    final_eval_s = time.perf_counter() - t_eval
+                elif step % cfg.eval_every == 0 and not diverged:
+                    window = step // cfg.eval_every  # evaluation k reads window k of the split
+                    val = evaluate(model, data, task, device, amp, cfg.eval_batches, window)
+                if val:
+                    last_val = val
+                    metrics.write({"step": step, "kind": "val", **val, "elapsed_s": elapsed})
+                if track_alpha and not diverged and step % cfg.alpha_every == 0:
+                    # the weights' layer-wise alpha (outside the timed step, like evaluation)
+                    metrics.write({"step": step, "kind": "alpha", "mean_alpha": mean_alpha(model)})
+                progress.update(step, cfg.steps, loss_val, tps, log, val)
+                if diverged:
+                    print(
+                        f"{label}: training diverged at step {step} (loss {loss_val}); stopping",
+                        file=sys.stderr,
+                    )
+                    break
+                wall += time.perf_counter() - t0
+                if par.world == 1:  # alone, a signal that came later in the step counts too
+                    stop_now = stop.signum is not None
+                stop_here = stop_now or (stop_after is not None and step >= stop_after)
+                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or stop_here:
+                    save_ckpt(step)
+                if stop_here and step < cfg.steps:
+                    stopped = True
+                    break
+        finally:
+            progress.close()
+            metrics.close()
 
-    # steps_done is the loop's own count: a stop or divergence step need not be a logged one
-    summary = summarize(
-        out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
-    )
-    summary["backend"] = backend_history_label(run_info.get("backends") or [[0, backend]])
-    summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
-    if stop.signum is not None or peer_stop:  # stopped by it, or (during the last step) finished anyway
+        # steps_done is the loop's own count: a stop or divergence step need not be a logged one
+        summary = summarize(
+            out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
+        )
+        summary["backend"] = backend_history_label(run_info.get("backends") or [[0, backend]])
+        summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
+        summary["final_eval_s"] = final_eval_s
+        if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
+            summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
+        torchrun.barrier(par)
+        if not stopped and par.is_main:
+            write_run_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if stop.signum is not None or peer_stop:  # stopped by it, or (after the last step's vote) finished
         summary["signal"] = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
-    summary["final_eval_s"] = final_eval_s
-    if not stopped and not diverged and cfg.alpha and par.mode != "fsdp" and par.is_main:
-        summary["mean_alpha"] = mean_alpha(model)  # (not under FSDP2: the weights are sharded)
-    torchrun.barrier(par)
-    if not stopped and par.is_main:
-        write_run_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 class StopOnSignal:
     """While a run trains: SIGTERM (a scheduler's preemption, ``kill``, torchrun passing on its own) or
     SIGINT (Ctrl-C) is noted, not acted on at once; the loop finishes the step, writes a checkpoint and
-    returns the run stopped, so that nothing since the last periodic checkpoint is lost.
+    returns the run stopped, so that nothing since the last periodic checkpoint is lost. A signal the
+    process ignores (``SIG_IGN``: SIGINT in a background job of a non-interactive shell) stays ignored.
 
     A second signal to a single process gets the handler from before (SIGINT: KeyboardInterrupt;
     SIGTERM: the process ends), for a user who will not wait. Under torchrun (``alone=False``) repeats
@@ -760,7 +768,8 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._note)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # one the process ignores stays ignored
+                    self._previous[sig] = signal.signal(sig, self._note)
         return self
 
     def _note(self, signum: int, frame: object) -> None:
