@@ -22,7 +22,7 @@ from htmuon.train import checkpoint  # noqa: E402
 from htmuon.train.config import TrainConfig  # noqa: E402
 from htmuon.train.cosmos import COSMOS  # noqa: E402
 from htmuon.train.loop import read_metrics, train  # noqa: E402
-from htmuon.train.optimizers import HTMUON_NAMES, OPTIMIZERS, build_optimizer, resolve  # noqa: E402
+from htmuon.train.optimizers import DEFAULT_ADAMW_LR, HTMUON_NAMES, OPTIMIZERS, build_optimizer, resolve  # noqa: E402
 
 LIBRARY = {name: spec.get("library") for name, spec in OPTIMIZERS.items()}
 NEW = ["adamuon", "htmuon-adamuon", "mars", "soap", "cadamw", "galore", "cosmos"]
@@ -96,7 +96,7 @@ def test_mars_routes_matrices_to_mars_and_vectors_to_its_adamw():
     opt = build_optimizer(model, resolve(TrainConfig(model="llama-micro", optimizer="mars")))
     (group,) = opt.param_groups
     assert group["mars_type"] == "adamw" and not group["optimize_1d"] and group["weight_decay_1d"] == 0.0
-    assert group["lr_1d"] == TrainConfig().adamw_lr and group["gamma"] == 0.025
+    assert group["lr_1d"] == DEFAULT_ADAMW_LR and group["gamma"] == 0.025
 
 
 def test_galore_projects_hidden_2d_weights_only():
@@ -135,7 +135,7 @@ def test_cosmos_routing_conv_kernels_and_embeddings_to_adamw():
     in_cosmos = {id(p) for p in cosmos[0]["params"]}
     assert id(model.model.embed_tokens.weight) not in in_cosmos and id(model.lm_head.weight) not in in_cosmos
     adamw_lrs = {g["lr"] for g in opt.param_groups if g["algorithm"] == "adamw"}
-    assert adamw_lrs == {TrainConfig().adamw_lr}
+    assert adamw_lrs == {DEFAULT_ADAMW_LR}
 
 
 @pytest.mark.parametrize("name", ["mars", "soap", "cadamw", "galore", "cosmos"])

@@ -279,9 +279,19 @@ def test_preset_lr_reused_at_another_horizon_is_flagged():
     text = "\n".join(plan.notes)
     assert "muon: lr 0.01 is the preset's, tuned at model='llama-tiny', steps=250" in text
     assert "WARNING: reused under steps=1000 (tuned at 250)" in text
+    assert "htmuon: AdamW-part lr 0.0333 is the preset's, tuned at model='llama-tiny', steps=250" in text
+    assert "re-tune with --adamw-lr-grid" in text
     same = cmp.plan_grid(_args(preset="quick", optimizers="muon", seeds="0"))
     assert not any("WARNING" in n for n in same.notes)
-    assert any("AdamW-part lr 0.001 fixed, not tuned" in n for n in same.notes)
+    where = "tuned at model='llama-tiny', steps=250, routing='standard'; not tuned here."
+    assert f"muon: AdamW-part lr 0.111 is the preset's, {where}" in same.notes
+    # the preset's lrs were tuned with each other: another AdamW-part lr is warned about on the matrix lr
+    other = cmp.plan_grid(_args(preset="quick", optimizers="muon", seeds="0", adamw_lr="0.01"))
+    text = "\n".join(other.notes)
+    assert "muon: lr 0.01 is the preset's" in text and "reused under adamw_lr=0.01 (tuned at 0.111)" in text
+    assert "muon: AdamW-part lr 0.01 fixed, not tuned" in text
+    bare = cmp.plan_grid(_args(optimizers="muon", seeds="0"))  # no preset: the default, said so
+    assert "muon: AdamW-part lr 0.001 (the default) fixed, not tuned" in "\n".join(bare.notes)
 
 
 # ----------------------------------------------------------------------------- cell locks

@@ -117,6 +117,7 @@ def main(args: argparse.Namespace) -> int:
         resume="required" if args.resume else False,  # --resume of a folder without a run: an error
         stop_after=args.stop_after,
         preset_lrs=preset.lrs if preset else None,
+        preset_adamw_lrs=preset.adamw_lrs if preset else None,
         argv=sys.argv,
     )
     from htmuon import torchrun

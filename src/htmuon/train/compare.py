@@ -242,7 +242,7 @@ class Plan:
             over["adamw_lr"] = repr(adamw_lr)
         preset = self.preset
         cfg = make_config(preset.config if preset else None, self.config_file, over, strings=True)
-        cfg = resolve_config(cfg, preset.lrs if preset else None)
+        cfg = resolve_config(cfg, preset.lrs if preset else None, preset.adamw_lrs if preset else None)
         alr = None if opt_name in NO_ADAMW_PART else cfg.adamw_lr
         leaf = f"lr{cfg.lr:g}" + ("" if alr is None else f"-alr{alr:g}")
         run_dir = self.out / safe_name(spec) / leaf / f"seed{seed}"
@@ -342,43 +342,59 @@ def _seeds(seeds) -> str:
     return ",".join(map(str, seeds))
 
 
+def _preset_lr_note(spec: str, cfg, tuned: dict, key: str) -> str:
+    """The note for an lr (``key``: "lr" or "adamw_lr") taken from the preset: where it was tuned, and a
+    warning naming each setting of this run that differs from there."""
+    at = {k: v for k, v in tuned.items() if k != key}
+    where = ", ".join(f"{k}={v!r}" for k, v in at.items()) or "an unrecorded setting"
+    differ = [f"{k}={getattr(cfg, k)!r} (tuned at {v!r})" for k, v in at.items() if getattr(cfg, k) != v]
+    what = "lr" if key == "lr" else "AdamW-part lr"
+    line = f"{spec}: {what} {getattr(cfg, key):g} is the preset's, tuned at {where}; not tuned here"
+    if differ:
+        flag = "--lr-grid" if key == "lr" else "--adamw-lr-grid"
+        line += f". WARNING: reused under {', '.join(differ)}: re-tune with {flag}"
+    return line + "."
+
+
 def untuned_notes(plan: Plan) -> list[str]:
     """One line per spec whose lr (or AdamW-part lr) this grid does not tune, saying where it comes from."""
-    from htmuon.train.optimizers import NO_ADAMW_PART, OPTIMIZERS
+    from htmuon.train.optimizers import DEFAULT_ADAMW_LR, NO_ADAMW_PART, OPTIMIZERS
 
     notes = []
     preset = plan.preset
     tuned_at = dict(getattr(preset, "tuned_at", None) or {})
+    preset_lrs = getattr(preset, "lrs", None) or {}
+    preset_alrs = getattr(preset, "adamw_lrs", None) or {}
     for spec in plan.specs:
         opt_name, spec_over = parse_spec(spec)
         cell = plan.cell(
             spec, plan.lrs[spec][0], plan.adamw_lrs.get(spec, [None])[0], plan.select_seeds[0], ""
         )
         cfg = cell.cfg
+        # where this optimizer's preset lrs were tuned (its own AdamW-part lr, if the preset has one)
+        tuned = {**tuned_at, **({"adamw_lr": preset_alrs[opt_name]} if opt_name in preset_alrs else {})}
+
         if plan.lrs[spec] == [None]:
             if "lr" in spec_over:
                 notes.append(f"{spec}: lr {cfg.lr:g} set in the spec, not tuned here.")
             elif "lr" in plan.base_overrides:
                 notes.append(f"{spec}: lr {cfg.lr:g} from --lr, not tuned here.")
-            elif preset is not None and opt_name in preset.lrs:
-                differ = [
-                    f"{k}={getattr(cfg, k)!r} (tuned at {v!r})"
-                    for k, v in tuned_at.items()
-                    if getattr(cfg, k) != v
-                ]
-                where = ", ".join(f"{k}={v!r}" for k, v in tuned_at.items()) or "an unrecorded setting"
-                line = f"{spec}: lr {cfg.lr:g} is the preset's, tuned at {where}; not tuned here"
-                if differ:
-                    line += f". WARNING: reused under {', '.join(differ)}: re-tune with --lr-grid"
-                notes.append(line + ".")
+            elif opt_name in preset_lrs:
+                notes.append(_preset_lr_note(spec, cfg, tuned, "lr"))
             else:
                 notes.append(
                     f"{spec}: lr {OPTIMIZERS[opt_name]['lr']:g} is the optimizer's default, never tuned."
                 )
         if opt_name not in NO_ADAMW_PART and plan.adamw_lrs[spec] == [None]:
-            notes.append(
-                f"{spec}: AdamW-part lr {cfg.adamw_lr:g} fixed, not tuned (--adamw-lr-grid {opt_name}=...)."
-            )
+            given = "adamw_lr" in spec_over or "adamw_lr" in plan.base_overrides
+            if not given and opt_name in preset_alrs and cfg.adamw_lr == preset_alrs[opt_name]:
+                notes.append(_preset_lr_note(spec, cfg, tuned, "adamw_lr"))
+            else:
+                source = "" if given or cfg.adamw_lr != DEFAULT_ADAMW_LR else " (the default)"
+                notes.append(
+                    f"{spec}: AdamW-part lr {cfg.adamw_lr:g}{source} fixed, not tuned "
+                    f"(--adamw-lr-grid {opt_name}=...)."
+                )
     return notes
 
 
@@ -410,7 +426,7 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
                         file=sys.stderr,
                         flush=True,
                     )
-                s = train(c.cfg, resume=True, preset_lrs=preset.lrs if preset else None)
+                s = train(c.cfg, resume=True)  # (c.cfg is resolved: the preset's lrs are in it)
             finally:
                 release_lock(lock)
             if s.get("signal"):  # SIGTERM / Ctrl-C: the cell has its checkpoint; no next cell

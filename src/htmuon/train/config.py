@@ -45,7 +45,10 @@ class TrainConfig:
         "htmuon", "adamw | muon | htmuon | mars | soap | cosmos | ... (docs/harness.md: all)"
     )
     lr: float | None = _key(None, "matrix-part lr (AdamW: its lr); None = the preset's/optimizer's default")
-    adamw_lr: float = _key(1e-3, 'lr of the AdamW part (norms, biases; embeddings + head under "standard")')
+    adamw_lr: float | None = _key(
+        None,
+        'lr of the AdamW part (norms, biases; embeddings + head under "standard"); None = preset\'s, or 1e-3',
+    )
     p: float | None = _key(None, "spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)")
     method: str | None = _key(
         None, "auto | svd | eigh | fast | fast5 | ns; None = the optimizer's (ns for muon, else auto)"
@@ -216,7 +219,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio!r}")
     if cfg.lr is not None and cfg.lr <= 0:
         raise UserError(f"config key 'lr' must be > 0, got {cfg.lr!r}")
-    if cfg.adamw_lr <= 0:
+    if cfg.adamw_lr is not None and cfg.adamw_lr <= 0:
         raise UserError(f"config key 'adamw_lr' must be > 0, got {cfg.adamw_lr!r}")
     if cfg.p is not None and not 0.0 <= cfg.p <= 1.0:
         raise UserError(f"config key 'p' must be in [0, 1], got {cfg.p!r}")

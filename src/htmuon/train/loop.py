@@ -132,7 +132,11 @@ def versions() -> dict:
     return out
 
 
-def resolve_config(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None) -> TrainConfig:
+def resolve_config(
+    cfg: TrainConfig,
+    preset_lrs: dict[str, float] | None = None,
+    preset_adamw_lrs: dict[str, float] | None = None,
+) -> TrainConfig:
     """Check the names and fill every 'auto'/None field that decides what runs."""
     check_model_name(cfg.model)
     check_optimizer_name(cfg.optimizer)
@@ -150,7 +154,7 @@ def resolve_config(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None)
             f"model '{cfg.model}' is an image classifier; use --data digits, cifar10:DIR, cifar100:DIR or "
             "imagenet:DIR"
         )
-    cfg = schedule_config(resolve(dataclasses.replace(cfg, data=data), preset_lrs))
+    cfg = schedule_config(resolve(dataclasses.replace(cfg, data=data), preset_lrs, preset_adamw_lrs))
     if cfg.out_dir == "auto":
         cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.model}-{cfg.optimizer}-seed{cfg.seed}")
     return cfg
@@ -413,6 +417,7 @@ def train(
     stop_after: int | None = None,
     preset_lrs: dict[str, float] | None = None,
     argv: list[str] | None = None,
+    preset_adamw_lrs: dict[str, float] | None = None,
 ) -> dict:
     """Run (or resume) one training run; returns the summary dict (also in summary.json).
 
@@ -429,6 +434,7 @@ def train(
             when the signal came too late to stop the run and it finished; not saved in
             summary.json, which a later call reuses).
         preset_lrs: the preset's per-optimizer learning rates (used when ``cfg.lr`` is None).
+        preset_adamw_lrs: the preset's per-optimizer AdamW-part lrs (when ``cfg.adamw_lr`` is None).
         argv: the command line, recorded in run.json.
 
     Raises:
@@ -437,7 +443,7 @@ def train(
     """
     if resume not in (False, True, "required"):
         raise ValueError(f"resume must be False, True or 'required', got {resume!r}")
-    cfg = resolve_config(cfg, preset_lrs)
+    cfg = resolve_config(cfg, preset_lrs, preset_adamw_lrs)
     device, amp = pick_device(cfg)
     try:  # under torchrun: join the process group (every rank runs this function)
         par = torchrun.from_env(cfg.parallel, device)

@@ -78,6 +78,9 @@ OPTIMIZERS: dict[str, dict] = {
 }
 #: names that are one htmuon.HTMuon object (the rest: AdamW and the baselines)
 HTMUON_NAMES = tuple(name for name, spec in OPTIMIZERS.items() if "p" in spec)
+#: the AdamW part's lr when neither the config nor the run's preset sets one
+DEFAULT_ADAMW_LR = 1e-3
+
 #: names with no separate AdamW part: one lr trains every parameter (``adamw_lr`` is unused)
 NO_ADAMW_PART = ("adamw", "soap", "cadamw", "galore")
 #: the pip package of each library a baseline comes from
@@ -89,17 +92,26 @@ def check_optimizer_name(name: str) -> None:
         raise UserError(f"unknown optimizer '{name}' (choose from {', '.join(OPTIMIZERS)})")
 
 
-def resolve(cfg: TrainConfig, preset_lrs: dict[str, float] | None = None) -> TrainConfig:
+def resolve(
+    cfg: TrainConfig,
+    preset_lrs: dict[str, float] | None = None,
+    preset_adamw_lrs: dict[str, float] | None = None,
+) -> TrainConfig:
     """Fill the optimizer's unset (None) fields with concrete values, so a saved config says
-    exactly what ran: lr from the preset's table, else the optimizer's default."""
+    exactly what ran: lr and AdamW-part lr from the preset's tables, else the optimizer's default
+    (AdamW part: :data:`DEFAULT_ADAMW_LR`)."""
     check_optimizer_name(cfg.optimizer)
     spec = OPTIMIZERS[cfg.optimizer]
     lr = cfg.lr if cfg.lr is not None else (preset_lrs or {}).get(cfg.optimizer, spec["lr"])
+    alr = cfg.adamw_lr
+    if alr is None:
+        alr = (preset_adamw_lrs or {}).get(cfg.optimizer, DEFAULT_ADAMW_LR)
     if cfg.optimizer not in HTMUON_NAMES:
-        return dataclasses.replace(cfg, lr=lr)
+        return dataclasses.replace(cfg, lr=lr, adamw_lr=alr)
     return dataclasses.replace(
         cfg,
         lr=lr,
+        adamw_lr=alr,
         p=spec["p"] if cfg.p is None else cfg.p,
         method=spec["method"] if cfg.method is None else cfg.method,
         spectrum=spec["spectrum"] if cfg.spectrum is None else cfg.spectrum,
