@@ -158,7 +158,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = all_rows(load_paper_module(args.paper_code) if args.paper_code else None)
+    rows = all_rows(load_paper_module(args.paper_code, args.device) if args.paper_code else None)
     if args.rows is not None:
         known = {r.key for r in rows}
         if set(args.rows) - known:

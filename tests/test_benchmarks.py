@@ -151,8 +151,10 @@ def test_direction_error_reads_the_map_off_one_step():
 
 
 def test_target_verdicts_apply_the_issue_limits():
-    def row(key, ratio, err=None):
-        return dict(key=key, label=key, ratio_cpu_median=ratio, error_power_law=err)
+    def row(key, ratio, err=None):  # the wall ratios (read on a GPU) are the CPU ones halved
+        return dict(
+            key=key, label=key, ratio_cpu_median=ratio, ratio_wall_median=ratio / 2, error_power_law=err
+        )
 
     res = dict(
         rows=[
@@ -170,6 +172,8 @@ def test_target_verdicts_apply_the_issue_limits():
         "fast5": False,
     }
     assert "paper" in paper[0] and paper[1] == "5.00x" and paper[2] is True  # 6.0 / 1.2
+    wall = step_cost.target_verdicts(res, "wall")  # 0.6x: every time target met, the error one not
+    assert [met for _, _, met in wall[:-1]] == [True, False, True] and wall[0][1] == "0.60x"
 
 
 @pytest.mark.parametrize("pairing", ["adjacent", "round"])

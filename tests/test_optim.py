@@ -320,6 +320,48 @@ def test_memory_plan_stays_within_muon_plus_ten_percent_and_does_not_grow_with_d
     assert plan_for(shapes, budget=2**62).peak_bytes > bound
 
 
+def test_chunk_bytes_auto_is_decided_by_the_device_type():
+    """'auto' (the default): 32 MiB on CPU, 512 MiB on accelerators, where a chunk's cost is its fixed
+    number of launches; on the 135M set the CPU budget would make one chunk per matrix."""
+    assert F.default_chunk_bytes("cpu") == F.DEFAULT_CHUNK_BYTES == 32 * 2**20
+    for device_type in ("cuda", "xpu", "mps", "hpu"):
+        assert F.default_chunk_bytes(device_type) == F.ACCELERATOR_CHUNK_BYTES == 512 * 2**20
+    assert F.chunk_budget("auto", torch.device("cpu")) == F.DEFAULT_CHUNK_BYTES
+    assert F.chunk_budget("auto", torch.device("meta")) == F.ACCELERATOR_CHUNK_BYTES
+    assert F.chunk_budget(1234, torch.device("cuda")) == 1234  # an explicit budget wins everywhere
+    h, i, layers = LLAMA["135m"]
+    shapes = llama_matrices(h, i, layers)
+    n_chunks = [
+        sum(len(w) for w in plan_for(shapes, b).windows) for b in (F.DEFAULT_CHUNK_BYTES, 512 * 2**20)
+    ]
+    assert n_chunks == [len(shapes), 8]
+    assert plan_for(llama_matrices(h, i, 3 * layers), 512 * 2**20).peak_bytes <= 512 * 2**20  # depth-free
+    p = nn.Parameter(torch.zeros(4, 4))
+    assert HTMuon([p]).param_groups[0]["chunk_bytes"] == "auto"
+    for bad in ("big", 0, 1.5, True):
+        with pytest.raises(
+            ValueError,
+            match=rf"Invalid chunk_bytes: {bad!r} \(must be an integer >= 1 or 'auto'\)",
+        ):
+            HTMuon([p], chunk_bytes=bad)
+
+
+def test_chunk_bytes_auto_on_cpu_steps_as_the_cpu_budget():
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(24, 16)) for _ in range(3)]
+    grads = [torch.randn_like(p) for p in ps]
+    after = []
+    for chunk_bytes in ("auto", F.DEFAULT_CHUNK_BYTES):
+        qs = [nn.Parameter(p.detach().clone()) for p in ps]
+        opt = HTMuon(qs, lr=0.1, chunk_bytes=chunk_bytes)
+        for q, g in zip(qs, grads):
+            q.grad = g.clone()
+        opt.step()
+        after.append(torch.stack([q.detach() for q in qs]))
+    assert not torch.equal(after[0], torch.stack([p.detach() for p in ps]))
+    assert torch.equal(after[0], after[1])  # the same plan, so the same operations
+
+
 def test_memory_plan_chunks_within_budget():
     shapes = [(1, 64, 64)] * 10 + [(1, 32, 64)] * 3
     one = F.chunk_work_bytes((1, 64, 64))

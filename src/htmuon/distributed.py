@@ -622,7 +622,7 @@ class DistributedStep:
             [(it.mshape[1:], it.param.dtype, it.corrected) for it in items],
             [it.mshape for it in items],
             [it.param.element_size() for it in items],
-            int(group["chunk_bytes"]),
+            F.chunk_budget(group["chunk_bytes"], params[0].device),
             world,
         )
         beta, nesterov, plugin = float(group["momentum"]), group["nesterov"], group["plugin"]

@@ -24,7 +24,10 @@ from torch import Tensor
 from .spectral import BACKENDS, abs_max, aminmax, polar, resolve_method, spectral_map, spectral_power
 
 __all__ = [
+    "ACCELERATOR_CHUNK_BYTES",
     "DEFAULT_CHUNK_BYTES",
+    "chunk_budget",
+    "default_chunk_bytes",
     "all_finite",
     "NonFiniteGradientError",
     "compute_directions",
@@ -49,10 +52,34 @@ __all__ = [
     "second_moment_shape",
 ]
 
-#: Default memory budget of a step's transient tensors (see :func:`plan_step`): 32 MiB. On the
+#: Memory budget of a step's transient tensors on CPU (see :func:`plan_step`): 32 MiB. On the
 #: LLaMA-135M matrix set this keeps HTMuon's peak within torch.optim.Muon's + 10% of the parameter
 #: bytes, whatever the depth (tests/test_optim.py::test_memory_plan_*).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
+#: The budget on an accelerator (CUDA, ...): 512 MiB. There a chunk costs the host ~60 operator
+#: launches (scaling, checks, stacking, the iterations) whatever its size, and the arithmetic of a chunk
+#: of these models is far below that launch time, so small chunks made the step host-bound: on an H200
+#: 32 MiB cut the LLaMA-135M set into 84 chunks, one per matrix (BENCHMARKS.md, the GPU section). 512
+#: MiB makes 3 (60M) and 8 (135M) chunks; the bound still does not grow with depth.
+ACCELERATOR_CHUNK_BYTES = 512 * 2**20
+
+
+def default_chunk_bytes(device_type: str) -> int:
+    """The ``chunk_bytes="auto"`` budget on a device type: :data:`DEFAULT_CHUNK_BYTES` on ``"cpu"``,
+    :data:`ACCELERATOR_CHUNK_BYTES` elsewhere.
+
+    Example:
+        >>> default_chunk_bytes("cpu") // 2**20, default_chunk_bytes("cuda") // 2**20
+        (32, 512)
+    """
+    return DEFAULT_CHUNK_BYTES if device_type == "cpu" else ACCELERATOR_CHUNK_BYTES
+
+
+def chunk_budget(chunk_bytes: int | str, device: torch.device) -> int:
+    """A group's ``chunk_bytes`` in bytes on ``device`` (``"auto"``: :func:`default_chunk_bytes`)."""
+    return default_chunk_bytes(device.type) if chunk_bytes == "auto" else int(chunk_bytes)
+
+
 #: Workspace of a spectral backend, in units of its float32 ``m x n`` input and of the float32
 #: ``k x k`` Gram matrix (``k = min(m, n)``): an upper estimate for the library's backends (eigh works
 #: on a float64 Gram matrix and its eigenvectors, Newton--Schulz holds ~3 iterates).

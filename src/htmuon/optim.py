@@ -161,9 +161,11 @@ class HTMuon(Optimizer):
         check_finite: refuse a step whose gradients hold NaN/Inf (raises
             :class:`NonFiniteGradientError`, changes nothing) and check every direction; ``False``
             skips both checks for speed.
-        chunk_bytes: memory budget of a step's transient tensors (default
-            :data:`htmuon.functional.DEFAULT_CHUNK_BYTES`, 32 MiB): same-shape matrices are batched
-            in chunks, and chunks are applied in windows, within it (see *Guarantees*).
+        chunk_bytes: memory budget of a step's transient tensors, in bytes: same-shape matrices are
+            batched in chunks, and chunks are applied in windows, within it (see *Guarantees*).
+            ``"auto"`` (default): by the parameters' device
+            (:func:`htmuon.functional.default_chunk_bytes`): 32 MiB on CPU, 512 MiB on an accelerator,
+            where each chunk costs a fixed number of kernel launches.
         process_group: divide the spectral work among the ranks of this ``torch.distributed``
             process group, the parameters being replicated on it (DDP); ``None``: every rank
             does all of it. DTensor (FSDP2) parameters are detected and always divided among
@@ -246,7 +248,7 @@ class HTMuon(Optimizer):
         algorithm: str = "auto",
         batch_3d: bool = True,
         check_finite: bool = True,
-        chunk_bytes: int = F.DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | str = "auto",
         process_group: Any = None,
         routing: str = "standard",
         adamw_lr: float | None = None,
@@ -358,8 +360,10 @@ class HTMuon(Optimizer):
             raise bad("compute_dtype", "valid: None, torch.float32, torch.float64")
         for key in ("interval", "ns_steps", "chunk_bytes"):
             v = g[key]
+            if key == "chunk_bytes" and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(key, "must be an integer >= 1")
+                raise bad(key, "must be an integer >= 1" + (" or 'auto'" if key == "chunk_bytes" else ""))
         for key in ("nesterov", "batch_3d", "check_finite"):
             if not isinstance(g[key], bool):
                 raise bad(key, "must be True or False")
@@ -656,11 +660,12 @@ class HTMuon(Optimizer):
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
         keys = [(s[1:], p.dtype, p.device, c) for s, p, c in zip(mshapes, params, corrected)]
         itemsizes = [p.element_size() for p in params]
+        budget = F.chunk_budget(group["chunk_bytes"], params[0].device)
         owners = None
         if self._dist is not None and self._dist.divides():  # DDP: owners for the whole step
-            plan, owners = self._dist.plan(keys, mshapes, itemsizes, group["chunk_bytes"])
+            plan, owners = self._dist.plan(keys, mshapes, itemsizes, budget)
         else:
-            plan = F.plan_step(keys, mshapes, itemsizes, group["chunk_bytes"])
+            plan = F.plan_step(keys, mshapes, itemsizes, budget)
         scratch: dict[torch.dtype, Tensor] = {}  # pipelined steps: N_t of one matrix at a time, per dtype
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]

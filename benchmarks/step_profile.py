@@ -1,0 +1,118 @@
+"""Where one optimizer step's time goes: operator counts, host syncs and Python hot spots (issue 11).
+
+    PYTHONPATH=src python benchmarks/step_profile.py --device cuda --model 60m --rows muon p0 default
+
+On a GPU a step over small matrices is bound by the host (Python and one kernel launch per operator),
+not by the GPU's arithmetic, and every read of a device value on the host (``.item()``, ``bool(t)``,
+``nonzero``) waits for all queued work. So for each row (the keys of ``step_cost.py``) this prints
+the wall time per step, the operators the step dispatches (top-level ``aten::`` calls: each is at
+least one kernel launch on a GPU), the host syncs among them (on CUDA also where in the code they
+are, from ``torch.cuda.set_sync_debug_mode``), and the busiest operators; with
+``--python ROW``, also the Python functions with the most own time in that row's steps (cProfile).
+Same matrices as step_cost.py: every hidden matrix of the LLaMA-60M / 135M model, fp32 parameters,
+Gaussian gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import io
+import pstats
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, header  # noqa: E402
+from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, all_rows, matrix_set  # noqa: E402
+
+#: Operators that read a device value on the host (a sync on a GPU).
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", choices=sorted(MODELS), default="60m")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--rows", nargs="+", default=["muon", "p0", "default"])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per row (after two warm-up steps)")
+    ap.add_argument("--top", type=int, default=12, help="operators / functions listed per row")
+    ap.add_argument("--python", nargs="*", default=["default"], help="rows whose Python hot spots are listed")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    print(header(describe(args.device)))
+    shapes = matrix_set(args.model, "standard", args.layers)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+    rows = {r.key: r for r in all_rows()}
+    print(f"# {args.model}: {len(shapes)} matrices\n")
+    for key in args.rows:
+        row = rows[key]
+        params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        opt = row.make(params, LR, MOMENTUM, WEIGHT_DECAY)
+        for _ in range(2):
+            opt.step()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            opt.step()
+        sync(device)
+        ms = (time.perf_counter() - t) / args.steps * 1e3
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            opt.step()
+            sync(device)
+        ops = [e for e in prof.events() if e.name.startswith("aten::")]
+        top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+        counts = collections.Counter(e.name for e in top)
+        syncs = sum(counts[n] for n in SYNC_OPS)
+        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(
+            f"## {row.label}: {ms:.1f} ms/step, {len(top)} operators, {syncs} host syncs, "
+            f"{kernels} GPU kernels"
+        )
+        print("   " + ", ".join(f"{n[6:]} {c}" for n, c in counts.most_common(args.top)))
+        if device.type == "cuda":  # where the host syncs come from: torch warns at each one
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            where = collections.Counter(
+                f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+            )
+            if where:
+                print("   host syncs at: " + ", ".join(f"{k} x{c}" for k, c in where.most_common(args.top)))
+        if key in args.python:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(args.steps):
+                opt.step()
+            sync(device)
+            pr.disable()
+            out = io.StringIO()
+            pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(args.top)
+            lines = [ln for ln in out.getvalue().splitlines() if ln.strip()][-args.top - 1 :]
+            print("   python, own time over", args.steps, "steps:\n   " + "\n   ".join(lines))
+        del opt, params
+        print()
+
+
+if __name__ == "__main__":
+    main()
