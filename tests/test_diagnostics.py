@@ -462,6 +462,23 @@ def test_cli_esd_model_factory(capsys):
         analyze(small_model(), device="meta")
 
 
+def test_cli_esd_model_factory_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    """`htmuon esd mymodels:mlp` next to mymodels.py works from the console script too, whose
+    sys.path[0] is its bin folder, not the current one; sys.path is left as it was."""
+    import sys
+
+    (tmp_path / "esd_cwd_models.py").write_text(
+        "from torch import nn\n\ndef mlp():\n    return nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 20))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    path = [p for p in sys.path if p not in ("", str(tmp_path))]
+    monkeypatch.setattr(sys, "path", path)
+    monkeypatch.delitem(sys.modules, "esd_cwd_models", raising=False)
+    assert _cli(["esd_cwd_models:mlp"]) == 0
+    assert "2 layers" in (out := capsys.readouterr().out) and "| 1 | linear | 20x30 |" in out
+    assert sys.path == path
+
+
 def test_degenerate_esd_fails_at_every_size():
     """All eigenvalues equal (an identity, an orthogonal init): a failed fit, never alpha = inf 'ok'."""
     for n in (16, 64):

@@ -83,10 +83,20 @@ def _load_target(target: str, allow_pickle: bool = False):
             raise UserError(str(e)) from e
     if _is_factory(target):
         mod_name, _, attr = target.partition(":")
+        # the current folder first, as `python -m` and uvicorn's module:attr targets do: the `htmuon`
+        # console script's sys.path[0] is its own bin folder, so `htmuon esd mymodels:mlp` next to
+        # mymodels.py would not find it otherwise
+        cwd = os.getcwd()
+        added = "" not in sys.path and cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(mod_name)
         except ImportError as e:
             raise UserError(f"cannot import module {mod_name!r} from {target!r}: {e}") from e
+        finally:
+            if added:
+                sys.path.remove(cwd)
         factory = getattr(module, attr, None)
         if factory is None:
             raise UserError(f"module {mod_name!r} has no attribute {attr!r}")
