@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_rank_train(corpus_file, tmp_path, monkeypatch, dist_timeout: int) -> tuple[list[str], dict]:
+    """The command and environment of a long 2-rank DDP `htmuon train` into tmp_path/run; the token
+    cache is filled beforehand, so that rank 1 does not wait for the tokenizer."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HTMUON_CACHE", str(cache))
+    warm = {**RUN, "steps": 2, "warmup_steps": 1, "data": str(corpus_file), "out_dir": str(tmp_path / "w")}
+    train(TrainConfig(**warm))
+    run = {**RUN, "steps": 5000, "eval_every": 5000, "ckpt_every": 0, "data": corpus_file, "parallel": "ddp"}
+    args = [sys.executable, "-m", "htmuon.cli", "train", *flags({**run, "out_dir": tmp_path / "run"})]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env["HTMUON_DIST_TIMEOUT"] = str(dist_timeout)
+    return args, env
+
+
+@contextlib.contextmanager
+def _training_ranks(args: list[str], env: dict, tmp_path: Path):
+    """Start ranks 0 and 1 (stderr to tmp_path/rankN.err) and yield them once both train, i.e. once
+    rank 0 has logged a step, which needed rank 1's gradients (no deadline a slow machine could hit:
+    the guard only catches a hang); both are killed at the end."""
+    procs, logs = [], []
+    try:
+        for rank in (0, 1):
+            logs.append(open(tmp_path / f"rank{rank}.err", "w+"))
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen(args, env=rank_env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        guard = time.monotonic() + 1800
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "rank0.err").read_text()
+            assert time.monotonic() < guard
+            time.sleep(0.05)
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+
+
 @pytest.mark.distributed
 def test_a_hung_rank_ends_the_job_with_one_line(corpus_file, tmp_path, monkeypatch):
     """Two ranks (launched as torchrun would: RANK, WORLD_SIZE, MASTER_*), a 30 s collective timeout; once
@@ -88,40 +132,10 @@ def test_a_hung_rank_ends_the_job_with_one_line(corpus_file, tmp_path, monkeypat
     30 s, not less: the ranks' legitimate waits for each other (start-up imports, rank 0 building the
     model while rank 1 waits) must stay well inside it on a loaded machine; the token cache is filled
     beforehand so rank 1 does not wait for the tokenizer."""
-    import signal
-    import time
-
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("HTMUON_CACHE", str(cache))
-    warm = {**RUN, "steps": 2, "warmup_steps": 1, "data": str(corpus_file), "out_dir": str(tmp_path / "w")}
-    train(TrainConfig(**warm))
-    run = {**RUN, "steps": 5000, "eval_every": 5000, "ckpt_every": 0, "data": corpus_file, "parallel": "ddp"}
-    args = [sys.executable, "-m", "htmuon.cli", "train", *flags({**run, "out_dir": tmp_path / "run"})]
-    base = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    base["HTMUON_DIST_TIMEOUT"] = "30"
-    procs, logs = [], []
-    try:
-        for rank in (0, 1):
-            logs.append(open(tmp_path / f"rank{rank}.err", "w+"))
-            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        # wait (no deadline a slow machine could hit; the outer guard only catches a hang) until both
-        # ranks train: rank 0 has logged a step, which needed rank 1's gradients
-        guard = time.monotonic() + 1800
-        while not (metrics.exists() and metrics.read_text().strip()):
-            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "rank0.err").read_text()
-            assert time.monotonic() < guard
-            time.sleep(0.05)
+    args, env = _two_rank_train(corpus_file, tmp_path, monkeypatch, 30)
+    with _training_ranks(args, env, tmp_path) as procs:
         procs[1].send_signal(signal.SIGSTOP)
         rc = procs[0].wait(timeout=600)  # without the timeout this waits forever
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
     err = (tmp_path / "rank0.err").read_text().strip()
     assert rc == 2, err[-3000:]
     last = err.splitlines()[-1]
@@ -135,39 +149,12 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(corpus_file, t
     (the logged loss's all-reduce): all stop after the same step, rank 0 writes the checkpoint, and
     every rank exits 143. Without the agreement, the signalled rank would stop alone and the other
     would wait in the next step's collective."""
-    import signal
-    import time
-
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("HTMUON_CACHE", str(cache))
-    warm = {**RUN, "steps": 2, "warmup_steps": 1, "data": str(corpus_file), "out_dir": str(tmp_path / "w")}
-    train(TrainConfig(**warm))  # the token cache, so that rank 1 does not wait for the tokenizer
-    run = {**RUN, "steps": 5000, "eval_every": 5000, "ckpt_every": 0, "data": corpus_file, "parallel": "ddp"}
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "htmuon.cli", "train", *flags({**run, "out_dir": out})]
-    base = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    base["HTMUON_DIST_TIMEOUT"] = "60"  # ranks that disagreed would fail (exit 2) within a minute
-    procs, logs = [], []
-    try:
-        for rank in (0, 1):
-            logs.append(open(tmp_path / f"rank{rank}.err", "w+"))
-            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
-        metrics = out / "metrics.jsonl"
-        guard = time.monotonic() + 1800  # only catches a hang
-        while not (metrics.exists() and metrics.read_text().strip()):
-            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "rank0.err").read_text()
-            assert time.monotonic() < guard
-            time.sleep(0.05)
+    # ranks that disagreed would fail (exit 2) within a minute
+    args, env = _two_rank_train(corpus_file, tmp_path, monkeypatch, 60)
+    with _training_ranks(args, env, tmp_path) as procs:
         procs[1].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
+    out, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
     err0 = (tmp_path / "rank0.err").read_text().strip()
     assert codes == [143, 143], err0[-3000:]
     last = err0.splitlines()[-1]

@@ -75,6 +75,16 @@ def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, c
     assert "| muon |" in capsys.readouterr().out
 
 
+def _muon_two_seeds(corpus_file, out, *extra: str) -> list[str]:
+    """``htmuon compare`` of Muon on seeds 0 and 1, tiny runs of the corpus, into ``out``."""
+    return ["compare", "--optimizers", "muon", "--seeds", "0,1", "--data", str(corpus_file)] + [
+        "--out-dir",
+        str(out),
+        *TINY,
+        *extra,
+    ]
+
+
 def test_compare_stopped_by_sigterm_keeps_the_cell_and_goes_on_when_run_again(
     corpus_file, tmp_path, monkeypatch, capsys
 ):
@@ -83,18 +93,7 @@ def test_compare_stopped_by_sigterm_keeps_the_cell_and_goes_on_when_run_again(
     from htmuon.train import loop
 
     out = tmp_path / "grid"
-    argv = [
-        "compare",
-        "--optimizers",
-        "muon",
-        "--seeds",
-        "0,1",
-        "--data",
-        str(corpus_file),
-        "--out-dir",
-        str(out),
-    ]
-    argv += [*TINY, "--ckpt-every", "0"]
+    argv = _muon_two_seeds(corpus_file, out, "--ckpt-every", "0")
     real = loop.lr_factor
 
     def schedule(step, *a):  # SIGTERM while the first cell's step 3 runs
@@ -127,18 +126,7 @@ def test_compare_signalled_in_a_cells_last_step_stops_once(corpus_file, tmp_path
     from htmuon.train import loop
 
     out = tmp_path / "grid"
-    argv = [
-        "compare",
-        "--optimizers",
-        "muon",
-        "--seeds",
-        "0,1",
-        "--data",
-        str(corpus_file),
-        "--out-dir",
-        str(out),
-    ]
-    argv += TINY
+    argv = _muon_two_seeds(corpus_file, out)
     real = loop.lr_factor
     sent = []
 
