@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issues 11 and 14 in one command, sized for a ten-minute lease of one GPU:
+# The GPU check of issues 11 and 14 in one command, sized for a 15-minute lease of one GPU:
 #
 #     OUT=gpu-check PAPER_CODE=/path/to/HTmuon/llama_pretraining/muon.py bash benchmarks/gpu_check.sh
 #
@@ -14,7 +14,8 @@
 #    per epoch at this batch, so its losses say nothing about the optimizers.
 # 4. Only when PARTS names it: the llama-small size-scan cells of seed 0 in fp32, one process each,
 #    at the lrs of RESULTS.md's llama-small command, for at most SMALL_S seconds (default 300; a
-#    stopped cell keeps its checkpoint; never run on a GPU so far).
+#    stopped cell keeps its checkpoint there, which the CPU command cannot continue: fp32 on the GPU
+#    is another config than "auto"; never run on a GPU so far).
 #
 # 0. The tests that need CUDA.
 # PARTS (default "0 1 2 3", add 4 for llama-small) picks parts. For a dry run on a CPU: DEVICE=cpu
@@ -90,7 +91,7 @@ if [[ $PARTS == *" 4 "* ]]; then
         name=$(echo "$spec" | tr ':=,' '___')
         timeout "$SMALL_S" $PY -m htmuon compare --preset size-scan --model llama-small --seeds 0 \
             --optimizers "$spec" --lr-grid "$cell" --adamw-lr-grid "$spec=0.0333" --device "$DEVICE" --dtype fp32 \
-            --threads 1 --eval-every 250 ${SMALL_EXTRA:-} --progress log --no-plots --out-dir "$small/$name" \
+            --threads 1 ${SMALL_EXTRA:-} --progress log --no-plots --out-dir "$small/$name" \
             > "$small/$name.log" 2>&1 &
         pids+=($!)
     done

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, header  # noqa: E402
 from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, all_rows, matrix_set  # noqa: E402
 
-#: Operators that read a device value on the host (a sync on a GPU).
+#: Operators that read a tensor's value on the host: a device sync when the tensor is on the GPU (the
+#: count includes reads of CPU tensors; on CUDA ``set_sync_debug_mode`` lists the real syncs).
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
 
 
@@ -82,7 +83,7 @@ def main() -> None:
         syncs = sum(counts[n] for n in SYNC_OPS)
         kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
         print(
-            f"## {row.label}: {ms:.1f} ms/step, {len(top)} operators, {syncs} host syncs, "
+            f"## {row.label}: {ms:.1f} ms/step, {len(top)} operators, {syncs} host reads, "
             f"{kernels} GPU kernels"
         )
         print("   " + ", ".join(f"{n[6:]} {c}" for n, c in counts.most_common(args.top)))

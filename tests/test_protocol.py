@@ -294,6 +294,36 @@ def test_preset_lr_reused_at_another_horizon_is_flagged():
     assert "muon: AdamW-part lr 0.001 (the default) fixed, not tuned" in "\n".join(bare.notes)
 
 
+def test_preset_lr_notes_name_carried_values_other_models_spec_options_and_grids():
+    notes = lambda **kw: "\n".join(cmp.plan_grid(_args(seeds="0", **kw)).notes)  # noqa: E731
+    # values carried from another optimizer are not called tuned
+    text = notes(preset="quick", optimizers="htmuon-normuon,normuon")
+    carried = "carried from another optimizer's value tuned at model='llama-tiny'"
+    assert f"htmuon-normuon: lr 0.01 is the preset's, {carried}" in text
+    assert f"htmuon-normuon: AdamW-part lr 0.0333 is the preset's, {carried}" in text
+    assert f"normuon: AdamW-part lr 0.0333 is the preset's, {carried}" in text
+    assert "normuon: lr 0.01 is the preset's, tuned at" in text  # its matrix lr was tuned
+    # the quick lrs reused on another model (smoke: llama-micro, 20 steps; gpt2-cpu: gpt2-tiny)
+    assert "muon: lr 0.01 is the preset's, tuned at model='llama-tiny'" in (t := notes(preset="smoke"))
+    assert "WARNING: reused under model='llama-micro' (tuned at 'llama-tiny'), steps=20" in t
+    assert "reused under model='gpt2-tiny' (tuned at 'llama-tiny')" in notes(
+        preset="gpt2-cpu", optimizers="muon"
+    )
+    # a spec that changes the update itself reuses the lr of the optimizer's own setting: warned
+    text = notes(preset="quick", optimizers="htmuon:p=0.5")
+    assert "htmuon:p=0.5: lr 0.04 is the preset's" in text and "reused under p=0.5 set in the spec" in text
+    assert "WARNING" not in notes(preset="quick", optimizers="htmuon:method=svd")  # another backend: no
+    # with the AdamW-part lr on a grid, the matrix lr's note does not depend on the grid's order
+    for grid in (["muon=0.0333,0.111"], ["muon=0.111,0.37"]):
+        assert "WARNING" not in notes(preset="quick", optimizers="muon", adamw_lr_grid=grid)
+    # AdamW has no AdamW part: its lr's note does not name one
+    text = notes(preset="gpu-60m", optimizers="adamw", adamw_lr="0.01")
+    assert (
+        "adamw: lr 0.001 is the preset's, tuned at model='llama-60m', steps=10000, routing='paper';" in text
+    )
+    assert "WARNING" not in text
+
+
 # ----------------------------------------------------------------------------- cell locks
 
 

@@ -355,6 +355,43 @@ def test_train_cli_stopped_by_sigterm_exits_143_and_says_how_to_resume(
     assert json.loads((out / "run.json").read_text())["resumed_from_steps"] == [2]
 
 
+def test_train_cli_takes_the_presets_lrs_and_one_step_prints_its_summary(corpus_file, tmp_path, capsys):
+    """`htmuon train --preset` runs the preset's matrix and AdamW-part lrs (the smoke preset carries the
+    quick ones); a 1-step run, whose time per step is not measured, still prints its summary line."""
+    out = tmp_path / "p"
+    argv = ["train", "--preset", "smoke", "--optimizer", "muon", "--data", str(corpus_file), "--steps", "1"]
+    argv += ["--warmup-steps", "0", "--vocab-size", "320", "--eval-batches", "1", "--out-dir", str(out)]
+    assert cli_main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["lr"], cfg["adamw_lr"]) == (0.01, 0.111)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("done: muon lr 0.01 seed 0: val loss ") and "ms/step" not in last
+
+
+def test_resume_keeps_todays_chunk_budget_not_the_checkpoints(corpus_file, tmp_path, monkeypatch):
+    """A checkpoint written before chunk_bytes became "auto" holds 32 MiB; the resumed run steps with
+    the library's budget ("auto"), since no config key sets it."""
+    from htmuon import HTMuon
+
+    cfg = TrainConfig(**{**TINY_RUN, "data": str(corpus_file), "out_dir": str(tmp_path / "r")})
+    train(cfg, stop_after=3)
+    path = tmp_path / "r" / "ckpt.pt"
+    payload = checkpoint.load(path)
+    for g in payload["optimizer"]["param_groups"]:
+        g["chunk_bytes"] = 32 * 2**20
+    checkpoint.save(path, payload)
+    seen = []
+    real = HTMuon.step
+
+    def step(self, *a, **kw):
+        seen.append([g["chunk_bytes"] for g in self.param_groups])
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(HTMuon, "step", step)
+    assert train(cfg, resume=True)["finished"]
+    assert seen and all(c == "auto" for groups in seen for c in groups), seen[:1]
+
+
 def test_a_run_resumed_where_auto_resolves_otherwise_records_and_names_the_switch(
     corpus_file, tmp_path, monkeypatch, capsys
 ):
@@ -639,8 +676,14 @@ def test_checkpoint_of_another_config_is_refused_and_nothing_overwritten(corpus_
     out = tmp_path / "run"
     train(tiny(corpus_file, out, steps=4), stop_after=2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(UserError, match="another config.*lr=0.03 vs 0.05"):
+    with pytest.raises(UserError, match=r"another config.*lr=0.03 vs 0.05.*pass --lr 0.03\)$"):
         train(tiny(corpus_file, out, steps=4, lr=0.05), resume=True)
+    with pytest.raises(
+        UserError, match=r"adamw_lr=0.001 vs 0.0333\); nothing changed \(.*--adamw-lr 0.001\)$"
+    ):
+        train(tiny(corpus_file, out, steps=4, adamw_lr=0.0333), resume=True)  # e.g. a preset's new value
+    with pytest.raises(UserError, match=r"seq_len=16 vs 32\); nothing changed$"):
+        train(tiny(corpus_file, out, steps=4, seq_len=32), resume=True)  # no lr: no hint
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny(corpus_file, out, steps=4))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

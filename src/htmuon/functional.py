@@ -56,11 +56,11 @@ __all__ = [
 #: LLaMA-135M matrix set this keeps HTMuon's peak within torch.optim.Muon's + 10% of the parameter
 #: bytes, whatever the depth (tests/test_optim.py::test_memory_plan_*).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-#: The budget on an accelerator (CUDA, ...): 512 MiB. There a chunk costs the host ~60 operator
-#: launches (scaling, checks, stacking, the iterations) whatever its size, and the arithmetic of a chunk
-#: of these models is far below that launch time, so small chunks made the step host-bound: on an H200
-#: 32 MiB cut the LLaMA-135M set into 84 chunks, one per matrix (BENCHMARKS.md, the GPU section). 512
-#: MiB makes 3 (60M) and 8 (135M) chunks; the bound still does not grow with depth.
+#: The budget on an accelerator (CUDA, ...): 512 MiB. There a chunk costs the host ~70-120 operator
+#: launches (scaling, checks, stacking, the iterations; measured) whatever its size, and the
+#: arithmetic of a chunk of these models is far below that launch time, so small chunks made the
+#: step host-bound: on an H200 32 MiB cut the LLaMA-135M set into 84 chunks, one per matrix
+#: (BENCHMARKS.md §A-7). 512 MiB makes 3 (60M) and 8 (135M) chunks; the bound does not grow with depth.
 ACCELERATOR_CHUNK_BYTES = 512 * 2**20
 
 
@@ -417,16 +417,22 @@ def adamw_masked(
 # --------------------------------------------------------------------------------------------
 
 
-def partial_step_error(exc: BaseException, applied: int, chunk_bytes: int) -> BaseException:
+def partial_step_error(exc: BaseException, applied: int, chunk_bytes: int | str) -> BaseException:
     """An error of ``exc``'s type that says ``applied`` parameters were already updated (raised from ``exc``).
 
     A step applies param group by param group, and within a group window by window when its
     directions do not fit one ``chunk_bytes`` window, so an unexpected error in a later group or
     window leaves the earlier ones applied; the message says so.
     """
+    budget = (
+        f"chunk_bytes='auto' ({DEFAULT_CHUNK_BYTES >> 20} MiB on CPU, {ACCELERATOR_CHUNK_BYTES >> 20} MiB on "
+        "accelerators)"
+        if chunk_bytes == "auto"
+        else f"chunk_bytes={chunk_bytes}"
+    )
     note = (
         f"[{applied} parameter(s) were already updated by this step before the failure: the step "
-        f"applies each param group, and each window of chunk_bytes={chunk_bytes}, in turn]"
+        f"applies each param group, and each window of {budget}, in turn]"
     )
     try:
         return type(exc)(f"{exc} {note}")

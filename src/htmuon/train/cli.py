@@ -153,9 +153,11 @@ def main(args: argparse.Namespace) -> int:
         else f"val acc {summary['final_val_acc']:.4f}"
     )
     alpha = f", mean alpha {summary['mean_alpha']:.3f}" if summary.get("mean_alpha") is not None else ""
+    ms = summary.get("ms_per_step")  # None after one step (the first, warm-up step is not timed)
     print(
         f"done: {summary['optimizer']} lr {summary['lr']:g} seed {summary['seed']}: "
-        f"val loss {summary['final_val_loss']:.4f}, {metric}{alpha}, "
-        f"{summary['ms_per_step']:.1f} ms/step -> {summary['run_dir']}"
+        f"val loss {summary['final_val_loss']:.4f}, {metric}{alpha}"
+        + ("" if ms is None else f", {ms:.1f} ms/step")
+        + f" -> {summary['run_dir']}"
     )
     return 0

@@ -342,14 +342,28 @@ def _seeds(seeds) -> str:
     return ",".join(map(str, seeds))
 
 
-def _preset_lr_note(spec: str, cfg, tuned: dict, key: str) -> str:
-    """The note for an lr (``key``: "lr" or "adamw_lr") taken from the preset: where it was tuned, and a
-    warning naming each setting of this run that differs from there."""
+#: Spec options that change the update itself: a preset lr tuned for the optimizer's own values of
+#: these is flagged when a spec sets them (``method`` is not here: the backends approximate one map).
+_UPDATE_OPTIONS = ("p", "spectrum", "scale", "interval", "plugin", "lr_adjust", "momentum")
+
+
+def _preset_lr_note(
+    spec: str, cfg, tuned: dict, key: str, carried: bool = False, spec_over: dict | None = None
+) -> str:
+    """The note for an lr (``key``: "lr" or "adamw_lr") taken from the preset: where it was tuned (or
+    that it was carried from another optimizer, never tuned for this one), and a warning naming each
+    setting of this run that differs from there, and each update option the spec itself sets."""
     at = {k: v for k, v in tuned.items() if k != key}
     where = ", ".join(f"{k}={v!r}" for k, v in at.items()) or "an unrecorded setting"
     differ = [f"{k}={getattr(cfg, k)!r} (tuned at {v!r})" for k, v in at.items() if getattr(cfg, k) != v]
+    differ += [f"{k}={v} set in the spec" for k, v in (spec_over or {}).items() if k in _UPDATE_OPTIONS]
     what = "lr" if key == "lr" else "AdamW-part lr"
-    line = f"{spec}: {what} {getattr(cfg, key):g} is the preset's, tuned at {where}; not tuned here"
+    origin = (
+        f"carried from another optimizer's value tuned at {where}, never tuned for this one"
+        if carried
+        else f"tuned at {where}"
+    )
+    line = f"{spec}: {what} {getattr(cfg, key):g} is the preset's, {origin}; not tuned here"
     if differ:
         flag = "--lr-grid" if key == "lr" else "--adamw-lr-grid"
         line += f". WARNING: reused under {', '.join(differ)}: re-tune with {flag}"
@@ -371,8 +385,12 @@ def untuned_notes(plan: Plan) -> list[str]:
             spec, plan.lrs[spec][0], plan.adamw_lrs.get(spec, [None])[0], plan.select_seeds[0], ""
         )
         cfg = cell.cfg
-        # where this optimizer's preset lrs were tuned (its own AdamW-part lr, if the preset has one)
+        # where this optimizer's preset lrs were tuned (its own AdamW-part lr, if the preset has one;
+        # none for an optimizer without an AdamW part, nor when this grid tunes the AdamW-part lr)
         tuned = {**tuned_at, **({"adamw_lr": preset_alrs[opt_name]} if opt_name in preset_alrs else {})}
+        if opt_name in NO_ADAMW_PART or len(plan.adamw_lrs.get(spec, [None])) > 1:
+            tuned.pop("adamw_lr", None)
+        carried = getattr(preset, "carried", frozenset())
 
         if plan.lrs[spec] == [None]:
             if "lr" in spec_over:
@@ -380,7 +398,7 @@ def untuned_notes(plan: Plan) -> list[str]:
             elif "lr" in plan.base_overrides:
                 notes.append(f"{spec}: lr {cfg.lr:g} from --lr, not tuned here.")
             elif opt_name in preset_lrs:
-                notes.append(_preset_lr_note(spec, cfg, tuned, "lr"))
+                notes.append(_preset_lr_note(spec, cfg, tuned, "lr", (opt_name, "lr") in carried, spec_over))
             else:
                 notes.append(
                     f"{spec}: lr {OPTIMIZERS[opt_name]['lr']:g} is the optimizer's default, never tuned."
@@ -388,7 +406,11 @@ def untuned_notes(plan: Plan) -> list[str]:
         if opt_name not in NO_ADAMW_PART and plan.adamw_lrs[spec] == [None]:
             given = "adamw_lr" in spec_over or "adamw_lr" in plan.base_overrides
             if not given and opt_name in preset_alrs and cfg.adamw_lr == preset_alrs[opt_name]:
-                notes.append(_preset_lr_note(spec, cfg, tuned, "adamw_lr"))
+                notes.append(
+                    _preset_lr_note(
+                        spec, cfg, tuned, "adamw_lr", (opt_name, "adamw_lr") in carried, spec_over
+                    )
+                )
             else:
                 source = "" if given or cfg.adamw_lr != DEFAULT_ADAMW_LR else " (the default)"
                 notes.append(

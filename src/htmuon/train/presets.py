@@ -56,6 +56,9 @@ class RunPreset:
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # optional grid search
     # the config keys ``lrs`` were tuned at; compare warns when they are reused under other values
     tuned_at: dict = field(default_factory=dict)
+    # (optimizer, "lr" | "adamw_lr") pairs whose preset value was carried from another optimizer's
+    # tuned value, never tuned for this one; compare's notes say so
+    carried: frozenset = frozenset()
 
 
 _QUICK = dict(
@@ -100,6 +103,11 @@ _QUICK_ADAMW_LRS = {
 }
 # where _QUICK_LRS and _QUICK_ADAMW_LRS were tuned
 _QUICK_TUNED_AT = dict(model="llama-tiny", steps=250, routing="standard")
+# the values above that were carried, not tuned (NorMuon's AdamW part was fixed in the baselines study)
+_QUICK_CARRIED = frozenset(
+    {("htmuon-interval", "lr"), ("htmuon-interval", "adamw_lr"), ("htmuon-normuon", "lr")}
+    | {("htmuon-normuon", "adamw_lr"), ("normuon", "adamw_lr")}
+)
 
 # The size scan: LLaMA tiny / mini / small on Shakespeare at a fixed budget of tokens per parameter
 # (0.2: the quick preset's 256 k tokens for llama-tiny's 1.3 M parameters), Muon vs HTMuon at
@@ -190,6 +198,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs=_QUICK_LRS,
         adamw_lrs=_QUICK_ADAMW_LRS,
         tuned_at=_QUICK_TUNED_AT,
+        carried=_QUICK_CARRIED,
     ),
     "quick-seeds": RunPreset(
         "the quick preset over 3 seeds (~13 min on 2 CPU cores)",
@@ -198,6 +207,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         lrs=_QUICK_LRS,
         adamw_lrs=_QUICK_ADAMW_LRS,
         tuned_at=_QUICK_TUNED_AT,
+        carried=_QUICK_CARRIED,
     ),
     "quick-lr": RunPreset(
         "the quick preset with a learning-rate grid per optimizer (best lr picked on validation)",
@@ -206,6 +216,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         adamw_lrs=_QUICK_ADAMW_LRS,
         lr_grid={"adamw": (1e-3, 3e-3, 1e-2), "muon": (0.005, 0.01, 0.02), "htmuon": (0.02, 0.04, 0.08)},
         tuned_at=_QUICK_TUNED_AT,
+        carried=_QUICK_CARRIED,
     ),
     "size-scan": RunPreset(
         "Muon vs HTMuon p=1/32,1/16,1/8 at 0.2 tokens/param, 3 seeds, lr grid; --models for the scan (CPU)",
@@ -221,6 +232,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         adamw_lrs=_QUICK_ADAMW_LRS,
         lr_grid=_SIZE_SCAN_GRID,
         tuned_at=_QUICK_TUNED_AT,
+        carried=_QUICK_CARRIED,
     ),
     "smoke": RunPreset(
         "a seconds-long end-to-end check (LLaMA-micro, 20 steps)",
@@ -238,6 +250,8 @@ RUN_PRESETS: dict[str, RunPreset] = {
         ),
         lrs=_QUICK_LRS,
         adamw_lrs=_QUICK_ADAMW_LRS,
+        tuned_at=_QUICK_TUNED_AT,
+        carried=_QUICK_CARRIED,
     ),
     "gpu-60m": _gpu_llama("llama-60m", "60M", 10_000, 128),
     "gpu-135m": _gpu_llama("llama-135m", "135M", 20_000, 64),
@@ -328,6 +342,8 @@ RUN_PRESETS.update(
             {**_QUICK, "model": "gpt2-tiny"},
             lrs=_QUICK_LRS,
             adamw_lrs=_QUICK_ADAMW_LRS,
+            tuned_at=_QUICK_TUNED_AT,
+            carried=_QUICK_CARRIED,
             optimizers=("adamw", "muon", "htmuon"),
         ),
         "gpu-resnet50-cifar100": RunPreset(
