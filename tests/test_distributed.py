@@ -95,6 +95,11 @@ def test_step_signature_sees_shapes_dtypes_and_the_settings_that_shape_collectiv
     assert base != step_signature(groups(shape=(5, 4)))
     assert base != step_signature(groups(dtype=torch.bfloat16))
     assert base != step_signature([{**groups()[0], "chunk_bytes": 9}])
+    # "auto" is compared by what it resolves to on the group's device (32 MiB on CPU)
+    auto = step_signature([{**groups()[0], "chunk_bytes": "auto"}])
+    assert auto == step_signature([{**groups()[0], "chunk_bytes": F.DEFAULT_CHUNK_BYTES}]) != base
+    meta = [{**groups()[0], "chunk_bytes": "auto", "params": [torch.zeros(3, 3, device="meta")]}]
+    assert step_signature(meta) == step_signature([{**meta[0], "chunk_bytes": F.ACCELERATOR_CHUNK_BYTES}])
     assert base != step_signature([{**groups()[0], "params": groups()[0]["params"][:1]}])
     # the group settings that change which collectives a step runs (a rank that differs would hang)
     settled = groups(batch_3d=True, interval=1, plugin=None)

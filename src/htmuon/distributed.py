@@ -353,11 +353,19 @@ def setup(groups: list[dict[str, Any]], process_group: Any = None) -> Distribute
 
 def step_signature(groups: list[dict[str, Any]]) -> int:
     """A checksum of what shapes a step's collectives: each parameter's shape and dtype, and each
-    group's ``chunk_bytes``, ``batch_3d``, ``interval`` and ``plugin`` (CRC-32; the same on every rank
-    that steps the same parameters with the same settings, across processes)."""
+    group's memory budget (``chunk_bytes`` in bytes, ``"auto"`` resolved on the group's device),
+    ``batch_3d``, ``interval`` and ``plugin`` (CRC-32; the same on every rank that steps the same
+    parameters with the same settings, across processes)."""
+
+    def budget(g: dict[str, Any]) -> Any:
+        chunk_bytes = g.get("chunk_bytes")
+        if chunk_bytes == "auto" and g["params"]:
+            return F.chunk_budget(chunk_bytes, g["params"][0].device)
+        return chunk_bytes
+
     keys = [
         (
-            g.get("chunk_bytes"),
+            budget(g),
             g.get("batch_3d"),
             g.get("interval"),
             g.get("plugin"),
