@@ -229,3 +229,22 @@ def test_step_cost_pairs_every_row_with_muon_steps_timed_next_to_it(monkeypatch,
         assert by["p0"]["muon_cpu_s"] is None
         assert by["p0"]["ratio_cpu"] == pytest.approx([1.5, 0.5, 1.5, 1.5])  # round 1: Muon ran slow
     assert by["muon"]["ratio_cpu"] == [1.0] * 4
+
+
+def test_gpu_check_script_parses_and_its_benchmarks_import():
+    """benchmarks/gpu_check.sh runs only where a GPU is lent (minutes, rarely): a syntax error or a
+    benchmark that no longer imports would be found only then. Both are checked here."""
+    import importlib
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    r = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = script.read_text()
+    for name in ("step_cost", "memory", "chunk_budget", "step_profile"):
+        assert importlib.import_module(name).main  # every benchmark the script (or its docs) names
+    assert all(f"benchmarks/{n}.py" in text for n in ("step_cost", "memory", "chunk_budget"))
