@@ -37,7 +37,16 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, header, write_json  # noqa: E402
-from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, all_rows, load_paper_module, matrix_set  # noqa: E402
+from step_cost import (  # noqa: E402
+    LR,
+    MODELS,
+    MOMENTUM,
+    WEIGHT_DECAY,
+    _chunk_bytes,
+    all_rows,
+    load_paper_module,
+    matrix_set,
+)
 
 MIB = 2**20
 TARGET_FRACTION = 0.10  # transient <= torch.optim.Muon's + 10% of the parameter bytes
@@ -149,6 +158,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the model's)")
     parser.add_argument("--paper-code", default=None, help="path of the paper's muon.py (outside this repo)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--chunk-bytes", type=_chunk_bytes, default="auto", help="HTMuon rows' chunk_bytes: auto or bytes"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="results/memory.json", help="where to write the numbers")
@@ -158,7 +170,9 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = all_rows(load_paper_module(args.paper_code, args.device) if args.paper_code else None)
+    rows = all_rows(
+        load_paper_module(args.paper_code, args.device) if args.paper_code else None, args.chunk_bytes
+    )
     if args.rows is not None:
         known = {r.key for r in rows}
         if set(args.rows) - known:

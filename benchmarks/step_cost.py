@@ -149,21 +149,40 @@ def paper_rows(module) -> list[Row]:
     ]
 
 
-def all_rows(paper_module=None) -> list[Row]:
+def _chunk_bytes(text: str) -> int | str:
+    """``--chunk-bytes``: "auto" or a number of bytes (``33554432``, or ``32MiB``)."""
+    if text == "auto":
+        return text
+    if text.lower().endswith("mib"):
+        return int(text[:-3]) * 2**20
+    return int(text)
+
+
+def all_rows(paper_module=None, chunk_bytes: int | str = "auto") -> list[Row]:
+    """Every row; ``chunk_bytes`` goes to each HTMuon row (BENCHMARKS.md §A-7's left half: 32 MiB)."""
     rows = [
         muon_row(),
-        htmuon_row("p0", "HTMuon p=0 (own NS5, ns_dtype auto)", p=0.0, method="ns"),
-        htmuon_row("default", "HTMuon default (auto, auto)"),
-        htmuon_row("fast_fp32", "fast, ns_dtype fp32", method="fast", ns_dtype=torch.float32),
-        htmuon_row("fast_bf16", "fast, ns_dtype bf16", method="fast", ns_dtype=torch.bfloat16),
-        htmuon_row("fast5", "fast5 (ns_dtype auto)", method="fast5"),
-        htmuon_row("eigh", "eigh", method="eigh"),
-        htmuon_row("svd", "svd", method="svd"),
+        htmuon_row("p0", "HTMuon p=0 (own NS5, ns_dtype auto)", p=0.0, method="ns", chunk_bytes=chunk_bytes),
+        htmuon_row("default", "HTMuon default (auto, auto)", chunk_bytes=chunk_bytes),
+        htmuon_row(
+            "fast_fp32", "fast, ns_dtype fp32", method="fast", ns_dtype=torch.float32, chunk_bytes=chunk_bytes
+        ),
+        htmuon_row(
+            "fast_bf16",
+            "fast, ns_dtype bf16",
+            method="fast",
+            ns_dtype=torch.bfloat16,
+            chunk_bytes=chunk_bytes,
+        ),
+        htmuon_row("fast5", "fast5 (ns_dtype auto)", method="fast5", chunk_bytes=chunk_bytes),
+        htmuon_row("eigh", "eigh", method="eigh", chunk_bytes=chunk_bytes),
+        htmuon_row("svd", "svd", method="svd", chunk_bytes=chunk_bytes),
         htmuon_row(
             "interval5",
             f"interval={INTERVAL} (default method, {INTERVAL}-step run)",
             INTERVAL,
             interval=INTERVAL,
+            chunk_bytes=chunk_bytes,
         ),
     ]
     if paper_module is not None:
@@ -393,6 +412,9 @@ def main() -> None:
     parser.add_argument("--paper-code", default=None, help="path of the paper's muon.py (outside this repo)")
     parser.add_argument("--no-errors", dest="errors", action="store_false", help="skip the error column")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--chunk-bytes", type=_chunk_bytes, default="auto", help="HTMuon rows' chunk_bytes: auto or bytes"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -413,7 +435,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     paper = load_paper_module(args.paper_code, args.device) if args.paper_code else None
-    rows = all_rows(paper)
+    rows = all_rows(paper, args.chunk_bytes)
     if args.rows is not None:
         known = {r.key for r in rows}
         bad = set(args.rows) - known

@@ -248,3 +248,15 @@ def test_gpu_check_script_parses_and_its_benchmarks_import():
     for name in ("step_cost", "memory", "chunk_budget", "step_profile"):
         assert importlib.import_module(name).main  # every benchmark the script (or its docs) names
     assert all(f"benchmarks/{n}.py" in text for n in ("step_cost", "memory", "chunk_budget"))
+
+
+def test_step_cost_rows_take_a_chunk_budget():
+    """``--chunk-bytes`` reproduces BENCHMARKS.md §A-7's 32 MiB rows at a commit whose default is 'auto'."""
+    assert step_cost._chunk_bytes("auto") == "auto"
+    assert step_cost._chunk_bytes("32MiB") == step_cost._chunk_bytes("33554432") == 32 * 2**20
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    for chunk_bytes in ("auto", 4096):
+        rows = [r for r in step_cost.all_rows(chunk_bytes=chunk_bytes) if r.key != "muon"]
+        assert len(rows) == 8
+        for row in rows:
+            assert row.make([p], 0.02, 0.95, 0.0).param_groups[0]["chunk_bytes"] == chunk_bytes, row.key
