@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,18 +25,7 @@ from htmuon import HTMuon  # noqa: E402
 from htmuon import functional as F  # noqa: E402
 from machine import describe, header, write_json  # noqa: E402
 from memory import MIB, measure  # noqa: E402
-from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, matrix_set, muon_row  # noqa: E402
-
-
-def timed(opt, steps: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t) / steps
+from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, matrix_set, muon_row, timed  # noqa: E402
 
 
 def main() -> None:
@@ -65,20 +53,19 @@ def main() -> None:
         muon = muon_row().make(params, LR, MOMENTUM, WEIGHT_DECAY)
         muon.step()
         muon_peak = measure(muon, 1, device)["peak"]
-        keys = [s for s in shapes]
         mshapes = [(1, *s) for s in shapes]
         print(f"\n## {model}: {len(shapes)} matrices; torch.optim.Muon's peak {muon_peak / MIB:.1f} MiB\n")
         print("| chunk_bytes | chunks | wall x Muon | spread | peak MiB | peak x Muon |")
         print("|---:|---:|---:|---|---:|---:|")
         for mib in args.budgets:
-            plan = F.plan_step(keys, mshapes, [4] * len(shapes), mib * MIB)
+            plan = F.plan_step(shapes, mshapes, [4] * len(shapes), mib * MIB)
             opt = HTMuon(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, chunk_bytes=mib * MIB)
             opt.step()
             peak = measure(opt, 1, device)["peak"]
             ratios = []
             for r in range(args.rounds):
                 pair = [muon, opt] if r % 2 == 0 else [opt, muon]
-                t = {id(o): timed(o, args.steps, device) for o in pair}
+                t = {id(o): timed(o, args.steps, device)[1] for o in pair}  # wall time
                 ratios.append(t[id(opt)] / t[id(muon)])
             row = dict(
                 model=model,

@@ -42,8 +42,8 @@ from step_cost import (  # noqa: E402
     MODELS,
     MOMENTUM,
     WEIGHT_DECAY,
-    _chunk_bytes,
     all_rows,
+    chunk_bytes_arg,
     load_paper_module,
     matrix_set,
 )
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--paper-code", default=None, help="path of the paper's muon.py (outside this repo)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--chunk-bytes", type=_chunk_bytes, default="auto", help="HTMuon rows' chunk_bytes: auto or bytes"
+        "--chunk-bytes", type=chunk_bytes_arg, default="auto", help="HTMuon rows' chunk_bytes: auto or bytes"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
     parser.add_argument("--seed", type=int, default=0)

@@ -149,7 +149,7 @@ def paper_rows(module) -> list[Row]:
     ]
 
 
-def _chunk_bytes(text: str) -> int | str:
+def chunk_bytes_arg(text: str) -> int | str:
     """``--chunk-bytes``: "auto" or a number of bytes (``33554432``, or ``32MiB``)."""
     if text == "auto":
         return text
@@ -236,6 +236,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(opt: torch.optim.Optimizer, steps: int, device: torch.device) -> tuple[float, float]:
+    """(CPU, wall) seconds per step of ``steps`` consecutive ``opt.step()`` calls, device synced."""
+    sync(device)
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    sync(device)
+    return (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
+
+
 def run_model(model: str, rows: list[Row], args, device: torch.device, deadline: float) -> dict:
     shapes = matrix_set(model, args.routing, args.layers)
     g = torch.Generator().manual_seed(args.seed)
@@ -265,27 +275,19 @@ def run_model(model: str, rows: list[Row], args, device: torch.device, deadline:
     ref_wall: dict[str, list[float]] = {r.key: [] for r in rows}
     muon_row = next(r for r in rows if r.key == "muon")
 
-    def timed(opt: torch.optim.Optimizer, steps: int) -> tuple[float, float]:
-        sync(device)
-        c0, w0 = time.process_time(), time.perf_counter()
-        for _ in range(steps):
-            opt.step()
-        sync(device)
-        return (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
-
     rounds = 0
     while rounds < args.rounds:
         t_round = time.perf_counter()
         order = rows[rounds % len(rows) :] + rows[: rounds % len(rows)]
         for row in order:
             if args.pairing == "round" or row.key == "muon":
-                c, w = timed(opts[row.key], row.steps)
+                c, w = timed(opts[row.key], row.steps, device)
                 cpu[row.key].append(c)
                 wall[row.key].append(w)
                 continue
             pair = [(muon_row, row.key), (row, None)]  # the reference takes as many steps as the row
             for r, ref_of in pair if rounds % 2 == 0 else pair[::-1]:
-                c, w = timed(opts[r.key], row.steps)
+                c, w = timed(opts[r.key], row.steps, device)
                 (ref_cpu[ref_of] if ref_of else cpu[row.key]).append(c)
                 (ref_wall[ref_of] if ref_of else wall[row.key]).append(w)
         rounds += 1
@@ -413,7 +415,7 @@ def main() -> None:
     parser.add_argument("--no-errors", dest="errors", action="store_false", help="skip the error column")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--chunk-bytes", type=_chunk_bytes, default="auto", help="HTMuon rows' chunk_bytes: auto or bytes"
+        "--chunk-bytes", type=chunk_bytes_arg, default="auto", help="HTMuon rows' chunk_bytes: auto or bytes"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
     parser.add_argument("--seed", type=int, default=0)

@@ -6,8 +6,9 @@ On a GPU a step over small matrices is bound by the host (Python and one kernel 
 not by the GPU's arithmetic, and every read of a device value on the host (``.item()``, ``bool(t)``,
 ``nonzero``) waits for all queued work. So for each row (the keys of ``step_cost.py``) this prints
 the wall time per step, the operators the step dispatches (top-level ``aten::`` calls: each is at
-least one kernel launch on a GPU), the host syncs among them (on CUDA also where in the code they
-are, from ``torch.cuda.set_sync_debug_mode``), and the busiest operators; with
+least one kernel launch on a GPU), the host reads of tensor values among them (a sync when the
+tensor is on the GPU; on CUDA also where in the code the real syncs are, from
+``torch.cuda.set_sync_debug_mode``), and the busiest operators; with
 ``--python ROW``, also the Python functions with the most own time in that row's steps (cProfile).
 Same matrices as step_cost.py: every hidden matrix of the LLaMA-60M / 135M model, fp32 parameters,
 Gaussian gradients.
@@ -21,7 +22,6 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -30,16 +30,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, header  # noqa: E402
-from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, all_rows, matrix_set  # noqa: E402
+from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, all_rows, matrix_set, sync, timed  # noqa: E402
 
 #: Operators that read a tensor's value on the host: a device sync when the tensor is on the GPU (the
 #: count includes reads of CPU tensors; on CUDA ``set_sync_debug_mode`` lists the real syncs).
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -65,14 +60,8 @@ def main() -> None:
         for p, gr in zip(params, grads):
             p.grad = gr
         opt = row.make(params, LR, MOMENTUM, WEIGHT_DECAY)
-        for _ in range(2):
-            opt.step()
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            opt.step()
-        sync(device)
-        ms = (time.perf_counter() - t) / args.steps * 1e3
+        timed(opt, 2, device)  # warm-up: state, first-call setup
+        ms = timed(opt, args.steps, device)[1] * 1e3
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             opt.step()

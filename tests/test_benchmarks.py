@@ -252,8 +252,8 @@ def test_gpu_check_script_parses_and_its_benchmarks_import():
 
 def test_step_cost_rows_take_a_chunk_budget():
     """``--chunk-bytes`` reproduces BENCHMARKS.md §A-7's 32 MiB rows at a commit whose default is 'auto'."""
-    assert step_cost._chunk_bytes("auto") == "auto"
-    assert step_cost._chunk_bytes("32MiB") == step_cost._chunk_bytes("33554432") == 32 * 2**20
+    assert step_cost.chunk_bytes_arg("auto") == "auto"
+    assert step_cost.chunk_bytes_arg("32MiB") == step_cost.chunk_bytes_arg("33554432") == 32 * 2**20
     p = torch.nn.Parameter(torch.zeros(4, 4))
     for chunk_bytes in ("auto", 4096):
         rows = [r for r in step_cost.all_rows(chunk_bytes=chunk_bytes) if r.key != "muon"]

@@ -379,6 +379,7 @@ def untuned_notes(plan: Plan) -> list[str]:
     tuned_at = dict(getattr(preset, "tuned_at", None) or {})
     preset_lrs = getattr(preset, "lrs", None) or {}
     preset_alrs = getattr(preset, "adamw_lrs", None) or {}
+    carried = getattr(preset, "carried", frozenset())
     for spec in plan.specs:
         opt_name, spec_over = parse_spec(spec)
         cell = plan.cell(
@@ -390,7 +391,6 @@ def untuned_notes(plan: Plan) -> list[str]:
         tuned = {**tuned_at, **({"adamw_lr": preset_alrs[opt_name]} if opt_name in preset_alrs else {})}
         if opt_name in NO_ADAMW_PART or len(plan.adamw_lrs.get(spec, [None])) > 1:
             tuned.pop("adamw_lr", None)
-        carried = getattr(preset, "carried", frozenset())
 
         if plan.lrs[spec] == [None]:
             if "lr" in spec_over:

@@ -105,8 +105,17 @@ _QUICK_ADAMW_LRS = {
 _QUICK_TUNED_AT = dict(model="llama-tiny", steps=250, routing="standard")
 # the values above that were carried, not tuned (NorMuon's AdamW part was fixed in the baselines study)
 _QUICK_CARRIED = frozenset(
-    {("htmuon-interval", "lr"), ("htmuon-interval", "adamw_lr"), ("htmuon-normuon", "lr")}
-    | {("htmuon-normuon", "adamw_lr"), ("normuon", "adamw_lr")}
+    {
+        ("htmuon-interval", "lr"),
+        ("htmuon-interval", "adamw_lr"),
+        ("htmuon-normuon", "lr"),
+        ("htmuon-normuon", "adamw_lr"),
+        ("normuon", "adamw_lr"),
+    }
+)
+#: what every preset that reuses the quick study's lrs passes to RunPreset
+_QUICK_TUNING = dict(
+    lrs=_QUICK_LRS, adamw_lrs=_QUICK_ADAMW_LRS, tuned_at=_QUICK_TUNED_AT, carried=_QUICK_CARRIED
 )
 
 # The size scan: LLaMA tiny / mini / small on Shakespeare at a fixed budget of tokens per parameter
@@ -193,30 +202,21 @@ def _cifar_preset(name: str, title: str) -> RunPreset:
 
 RUN_PRESETS: dict[str, RunPreset] = {
     "quick": RunPreset(
-        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (~5 min, 2 cores)",
+        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (5-7 min, 2 cores)",
         _QUICK,
-        lrs=_QUICK_LRS,
-        adamw_lrs=_QUICK_ADAMW_LRS,
-        tuned_at=_QUICK_TUNED_AT,
-        carried=_QUICK_CARRIED,
+        **_QUICK_TUNING,
     ),
     "quick-seeds": RunPreset(
         "the quick preset over 3 seeds (~13 min on 2 CPU cores)",
         _QUICK,
         seeds=(0, 1, 2),
-        lrs=_QUICK_LRS,
-        adamw_lrs=_QUICK_ADAMW_LRS,
-        tuned_at=_QUICK_TUNED_AT,
-        carried=_QUICK_CARRIED,
+        **_QUICK_TUNING,
     ),
     "quick-lr": RunPreset(
         "the quick preset with a learning-rate grid per optimizer (best lr picked on validation)",
         _QUICK,
-        lrs=_QUICK_LRS,
-        adamw_lrs=_QUICK_ADAMW_LRS,
+        **_QUICK_TUNING,
         lr_grid={"adamw": (1e-3, 3e-3, 1e-2), "muon": (0.005, 0.01, 0.02), "htmuon": (0.02, 0.04, 0.08)},
-        tuned_at=_QUICK_TUNED_AT,
-        carried=_QUICK_CARRIED,
     ),
     "size-scan": RunPreset(
         "Muon vs HTMuon p=1/32,1/16,1/8 at 0.2 tokens/param, 3 seeds, lr grid; --models for the scan (CPU)",
@@ -228,11 +228,8 @@ RUN_PRESETS: dict[str, RunPreset] = {
             "htmuon:method=fast",
         ),
         seeds=(0, 1, 2),
-        lrs=_QUICK_LRS,
-        adamw_lrs=_QUICK_ADAMW_LRS,
+        **_QUICK_TUNING,
         lr_grid=_SIZE_SCAN_GRID,
-        tuned_at=_QUICK_TUNED_AT,
-        carried=_QUICK_CARRIED,
     ),
     "smoke": RunPreset(
         "a seconds-long end-to-end check (LLaMA-micro, 20 steps)",
@@ -248,10 +245,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
             eval_batches=2,
             ckpt_every=10,
         ),
-        lrs=_QUICK_LRS,
-        adamw_lrs=_QUICK_ADAMW_LRS,
-        tuned_at=_QUICK_TUNED_AT,
-        carried=_QUICK_CARRIED,
+        **_QUICK_TUNING,
     ),
     "gpu-60m": _gpu_llama("llama-60m", "60M", 10_000, 128),
     "gpu-135m": _gpu_llama("llama-135m", "135M", 20_000, 64),
@@ -340,10 +334,7 @@ RUN_PRESETS.update(
         "gpt2-cpu": RunPreset(
             "the gpu-gpt2 layout at CPU scale: GPT-2-tiny on the built-in corpus (~5 min, 2 cores)",
             {**_QUICK, "model": "gpt2-tiny"},
-            lrs=_QUICK_LRS,
-            adamw_lrs=_QUICK_ADAMW_LRS,
-            tuned_at=_QUICK_TUNED_AT,
-            carried=_QUICK_CARRIED,
+            **_QUICK_TUNING,
             optimizers=("adamw", "muon", "htmuon"),
         ),
         "gpu-resnet50-cifar100": RunPreset(
