@@ -42,7 +42,8 @@ say() { echo "[gpu_check +$(($(date +%s) - t0))s] $*"; }
 
 if [[ $PARTS == *" 0 "* ]]; then
     say "0. the CUDA-only tests"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_diagnostics.py -k cuda 2>&1 | tail -n 5
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_diagnostics.py tests/test_accelerator_paths.py -k cuda 2>&1 |
+        tail -n 8
 fi
 
 paper=()

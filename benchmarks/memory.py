@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/memory.py                          # LLaMA-135M matrix set
     PYTHONPATH=src python benchmarks/memory.py --models 60m 135m --layers 3
     PYTHONPATH=src python benchmarks/memory.py --paper-code /tmp/paper_htmuon/muon.py
+    PYTHONPATH=src python benchmarks/memory.py --models 60m --accelerator-paths --chunk-bytes 512MiB
 
 For each row of ``benchmarks/step_cost.py`` (same optimizers, same matrix set, fp32 parameters,
 Gaussian gradients) it takes one warm-up step (the state -- momentum buffers -- is allocated
@@ -22,11 +23,16 @@ then), and measures the next step (for the interval rows: the next 5 steps, one 
 
 Bytes are reported in MiB and as a fraction of the parameter bytes (fp32 matrices), with the
 issue's target: a step's peak within torch.optim.Muon's + 10% of the parameter bytes.
+
+``--accelerator-paths`` (CPU) measures the code paths a GPU takes
+(:func:`htmuon.spectral.accelerator_paths`: stacked chunks); pass the GPU's budget with
+``--chunk-bytes`` (512MiB is the accelerator default). torch.optim.Muon's row is its CPU step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -34,6 +40,8 @@ from pathlib import Path
 import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
+
+from htmuon.spectral import accelerator_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, header, write_json  # noqa: E402
@@ -162,6 +170,9 @@ def main() -> None:
         "--chunk-bytes", type=chunk_bytes_arg, default="auto", help="HTMuon rows' chunk_bytes: auto or bytes"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
+    parser.add_argument(
+        "--accelerator-paths", action="store_true", help="CPU: take the code paths a GPU takes (see above)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="results/memory.json", help="where to write the numbers")
     args = parser.parse_args()
@@ -182,10 +193,11 @@ def main() -> None:
     print(header(info))
     start = time.perf_counter()
     results = []
-    for model in args.models:
-        res = run_model(model, rows, args, device)
-        print_table(res)
-        results.append(res)
+    with accelerator_paths() if args.accelerator_paths else contextlib.nullcontext():
+        for model in args.models:
+            res = run_model(model, rows, args, device)
+            print_table(res)
+            results.append(res)
     info["elapsed_s"] = time.perf_counter() - start
     if args.json:
         write_json(args.json, dict(machine=info, args=vars(args), results=results))

@@ -12,12 +12,18 @@ tensor is on the GPU; on CUDA also where in the code the real syncs are, from
 ``--python ROW``, also the Python functions with the most own time in that row's steps (cProfile).
 Same matrices as step_cost.py: every hidden matrix of the LLaMA-60M / 135M model, fp32 parameters,
 Gaussian gradients.
+
+``--accelerator-paths`` (CPU) runs the steps on the code paths a GPU takes
+(:func:`htmuon.spectral.accelerator_paths`: stacked chunks, batched products, no host reads but the
+finite checks), so the operators a GPU step dispatches can be counted on a CPU; pass the GPU's
+budget with ``--chunk-bytes`` (512MiB is the accelerator default). Its times are CPU times.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import io
 import pstats
@@ -28,9 +34,21 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from htmuon.spectral import accelerator_paths
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, header  # noqa: E402
-from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, all_rows, matrix_set, sync, timed  # noqa: E402
+from step_cost import (  # noqa: E402
+    LR,
+    MODELS,
+    MOMENTUM,
+    WEIGHT_DECAY,
+    all_rows,
+    chunk_bytes_arg,
+    matrix_set,
+    sync,
+    timed,
+)
 
 #: Operators that read a tensor's value on the host: a device sync when the tensor is on the GPU (the
 #: count includes reads of CPU tensors; on CUDA ``set_sync_debug_mode`` lists the real syncs).
@@ -46,13 +64,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row (after two warm-up steps)")
     ap.add_argument("--top", type=int, default=12, help="operators / functions listed per row")
     ap.add_argument("--python", nargs="*", default=["default"], help="rows whose Python hot spots are listed")
+    ap.add_argument("--chunk-bytes", type=chunk_bytes_arg, default="auto", help="every HTMuon row's budget")
+    ap.add_argument(
+        "--accelerator-paths", action="store_true", help="CPU: take the code paths a GPU takes (see above)"
+    )
     args = ap.parse_args()
+    with accelerator_paths() if args.accelerator_paths else contextlib.nullcontext():
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     print(header(describe(args.device)))
     shapes = matrix_set(args.model, "standard", args.layers)
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=g).to(device) for s in shapes]
-    rows = {r.key: r for r in all_rows()}
+    rows = {r.key: r for r in all_rows(chunk_bytes=args.chunk_bytes)}
     print(f"# {args.model}: {len(shapes)} matrices\n")
     for key in args.rows:
         row = rows[key]

@@ -217,14 +217,25 @@ def test_exact_resume_after_interruption(optimizer, corpus_file, tmp_path):
 def _signal_at_step(monkeypatch, at: int, *signals: int) -> None:
     """Send this process ``signals`` as step ``at`` begins (from the lr schedule, which the loop calls
     first in every step), as a scheduler or Ctrl-C would while the step runs."""
+    import signal
+    import time
+
     from htmuon.train import loop
 
     real = loop.lr_factor
 
     def schedule(step, *a):
         if step == at:
-            for sig in signals:
+            for i, sig in enumerate(signals):
+                handler = signal.getsignal(sig)
                 os.kill(os.getpid(), sig)
+                # before the next one, wait until this one was handled (its handler swaps itself out):
+                # the kernel may hand a signal to any thread, and two pending alike signals merge into one
+                deadline = time.monotonic() + 10
+                while (
+                    i + 1 < len(signals) and signal.getsignal(sig) is handler and time.monotonic() < deadline
+                ):
+                    time.sleep(0.001)
         return real(step, *a)
 
     monkeypatch.setattr(loop, "lr_factor", schedule)

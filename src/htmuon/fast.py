@@ -66,7 +66,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .spectral import _addmm, _times_pow2, abs_max, gram, ns_working_dtype, pow2_exponent, register_backend
+from .spectral import (
+    _addmm,
+    _times_pow2,
+    abs_max,
+    gram,
+    host_path,
+    ns_working_dtype,
+    pow2_exponent,
+    register_backend,
+)
 
 __all__ = [
     "FAST5_COEFFICIENTS",
@@ -221,7 +230,7 @@ def fast_spectral_power(
     if p == 1.0:
         return X.to(acc)
     w = output_weights(float(p), tuple(tuple(c) for c in coefficients))
-    if X.ndim == 3 and X.device.type == "cpu" and not torch.compiler.is_compiling():
+    if X.ndim == 3 and host_path(X.device):
         # CPU, eager: one matrix at a time with its scalars on the host (2-D products; mixed-dtype
         # elementwise kernels with per-matrix tensor factors copy their operands there); each
         # matrix's output sum is built in its slice of the batch's output (no stacking pass)
@@ -245,7 +254,7 @@ def _fast_iteration(
     Python floats, on the CPU; the result written into ``out`` where given, a contiguous ``(m, n)`` in
     the working dtype) or a batch ``(B, m, n)`` (factors as ``(B, 1, 1)`` tensors)."""
     T, m = len(coefficients), X.size(-2)
-    host = X.ndim == 2 and X.device.type == "cpu" and not torch.compiler.is_compiling()
+    host = X.ndim == 2 and host_path(X.device)
 
     # The working copy: X cast to the working dtype (its own layout: a transposed view stays one, as
     # in torch.optim.Muon). The normalisation below comes from the Gram matrix, so any scale of X
@@ -359,7 +368,7 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     plain path, and the caller's finite check refuses it). On accelerators and in compiled steps, where
     the check would need a host read, X is always prescaled.
     """
-    if Xw.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_path(Xw.device):
         amax = abs_max(Xw)
         if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX:
             return None
@@ -422,7 +431,7 @@ def _sum_product(S: Tensor, B: Tensor, X: Tensor, beta: float | Tensor, alpha: f
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for 2-D or batched operands (on CPU, eager, one 2-D product per matrix, as :func:`gram`)."""
-    if a.ndim == 2 or a.device.type != "cpu" or torch.compiler.is_compiling():
+    if a.ndim == 2 or not host_path(a.device):
         return a @ b
     out = torch.empty(a.shape[0], a.shape[1], b.shape[-1], dtype=b.dtype, device=b.device)
     for i in range(a.shape[0]):

@@ -21,7 +21,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .spectral import BACKENDS, abs_max, aminmax, polar, resolve_method, spectral_map, spectral_power
+from .spectral import (
+    BACKENDS,
+    abs_max,
+    aminmax,
+    host_path,
+    polar,
+    resolve_method,
+    spectral_map,
+    spectral_power,
+)
 
 __all__ = [
     "ACCELERATOR_CHUNK_BYTES",
@@ -29,14 +38,17 @@ __all__ = [
     "chunk_budget",
     "default_chunk_bytes",
     "all_finite",
+    "finite_flags",
     "NonFiniteGradientError",
     "compute_directions",
     "StepPlan",
     "adamw",
     "adamw_masked",
     "chunk_work_bytes",
+    "commit_momenta_",
     "commit_momentum_",
     "decoupled_update_",
+    "decoupled_updates_",
     "direction",
     "exact_direction",
     "is_corrected",
@@ -45,6 +57,7 @@ __all__ = [
     "matrix_shape",
     "matrix_view",
     "momentum_direction",
+    "stacked_momentum_directions",
     "partial_step_error",
     "plan_step",
     "plugin_input_",
@@ -109,13 +122,33 @@ def all_finite(t: Tensor) -> Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
+def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
+    """:func:`all_finite` of each tensor, as a bool tensor, screened first by one foreach norm.
+
+    ``torch._foreach_norm`` (the 2-norm, as ``clip_grad_norm_`` uses it) takes every tensor in one
+    call -- on CUDA a few multi-tensor kernels instead of the ~4 operators per tensor of
+    :func:`all_finite`, each a launch -- and a NaN or Inf reaches the norm through the sum of squares
+    whatever its order. Where every norm is finite, so is every entry; else (a NaN or Inf, or a
+    finite tensor whose norm overflows) each tensor is checked exactly. Tensors on several devices
+    are checked one by one. The flags come back on the CPU: one host read (one more on an alarm).
+    """
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    device = tensors[0].device
+    if not all(t.device == device for t in tensors):
+        return torch.stack([all_finite(t).cpu() for t in tensors])
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()):
+        return torch.ones(len(tensors), dtype=torch.bool)
+    return torch.stack([all_finite(t) for t in tensors]).cpu()
+
+
 def is_finite(t: Tensor) -> bool:
     """:func:`all_finite` read on the host (one synchronisation on an accelerator).
 
     On CPU ``max |t_ij|`` is read as a Python float: a step makes two such checks per matrix, and the
     0-d ``torch.isfinite`` ops of :func:`all_finite` cost more dispatch there than the read.
     """
-    if t.device.type != "cpu" or t.numel() == 0:
+    if not host_path(t.device) or t.numel() == 0:
         return bool(all_finite(t))
     return math.isfinite(abs_max(t))
 
@@ -183,9 +216,36 @@ def momentum_direction(
     return torch.lerp(grad, out, beta, out=out) if nesterov else out
 
 
+def stacked_momentum_directions(
+    grads: Sequence[Tensor], bufs: Sequence[Tensor], beta: float, nesterov: bool, batch_3d: bool = True
+) -> Tensor:
+    """:func:`momentum_direction` of same-shape matrices written straight into one ``(sum B, m, n)`` stack
+    (the input of one backend call), each into its slice: no per-matrix ``N_t`` and no stacking copy.
+
+    Same bits as stacking the out-of-place :func:`momentum_direction` of each. The stack has the
+    first buffer's dtype and the first gradient's device; every item must view as the same ``(m, n)``.
+    """
+    shapes = [matrix_shape(g.shape, batch_3d) for g in grads]
+    m, n = shapes[0][1:]
+    if any(s[1:] != (m, n) for s in shapes):
+        raise ValueError(f"stacked_momentum_directions needs same-shape matrices, got {sorted(set(shapes))}")
+    stack = torch.empty(sum(s[0] for s in shapes), m, n, dtype=bufs[0].dtype, device=grads[0].device)
+    start = 0
+    for grad, buf, (b, _, _) in zip(grads, bufs, shapes):
+        momentum_direction(grad, buf, beta, nesterov, out=stack[start : start + b].view(grad.shape))
+        start += b
+    return stack
+
+
 def commit_momentum_(buf: Tensor, grad: Tensor, beta: float) -> None:
     """``buf <- beta buf + (1 - beta) grad`` in place (the ``M_t`` of :func:`momentum_direction`)."""
     buf.lerp_(grad, 1.0 - beta)
+
+
+def commit_momenta_(bufs: list[Tensor], grads: list[Tensor], beta: float) -> None:
+    """:func:`commit_momentum_` of many buffers in one ``torch._foreach_lerp_``: on CUDA a few
+    multi-tensor kernels instead of one launch per buffer; the same lerp, elementwise."""
+    torch._foreach_lerp_(bufs, grads, 1.0 - beta)
 
 
 def direction(mats: Tensor, group: dict[str, Any], corrected: bool) -> Tensor:
@@ -287,8 +347,9 @@ def compute_directions(mats: list[Tensor], corrected: list[bool], group: dict[st
 
 def stacks_matrices(device: torch.device) -> bool:
     """Whether :func:`compute_directions` stacks same-shape matrices into one backend call on ``device``:
-    everywhere but on CPU in eager mode (where every backend loops over the matrices itself)."""
-    return device.type != "cpu" or torch.compiler.is_compiling()
+    everywhere but on the CPU paths (:func:`htmuon.spectral.host_path`: there every backend loops over
+    the matrices itself)."""
+    return not host_path(device)
 
 
 def plugin_input_(N: Tensor, plugin: str | None) -> Tensor:
@@ -340,6 +401,18 @@ def decoupled_update_(param: Tensor, O: Tensor, lr: float, wd: float, scale: flo
     if wd != 0.0:
         param.mul_(1.0 - lr * wd)
     param.add_(O, alpha=-lr * scale)
+
+
+def decoupled_updates_(
+    params: list[Tensor], directions: list[Tensor], lr: float, wd: float, scales: list[float]
+) -> None:
+    """:func:`decoupled_update_` of many parameters: the weight decay of all in one
+    ``torch._foreach_mul_`` (one launch per few tensors on CUDA, not one each), then each step's add
+    (a bfloat16 direction upcast inside the add, as there). ``directions[i]`` has ``params[i]``'s shape."""
+    if wd != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    for param, O, scale in zip(params, directions, scales):
+        decoupled_update_(param, O, lr, 0.0, scale)
 
 
 def adamw(

@@ -21,7 +21,7 @@ from . import distributed as _distributed
 from . import functional as F
 from .functional import NonFiniteGradientError
 from .routing import route_params
-from .spectral import BACKENDS, MUON_NS_STEPS, SCALES, SPECTRA, _check_backend
+from .spectral import BACKENDS, MUON_NS_STEPS, SCALES, SPECTRA, _check_backend, host_path
 
 __all__ = ["HTMuon", "NonFiniteGradientError"]
 
@@ -558,21 +558,24 @@ class HTMuon(Optimizer):
             for g in self.param_groups[:-1]:
                 starts.append(starts[-1] + len(g["params"]))
             flags = agreed[[starts[gi] + pi for _, gi, pi in finite_checks]] if finite_checks else None
-        elif (
-            finite_checks
-            and not torch.compiler.is_compiling()
-            and all(g.device.type == "cpu" for g, _, _ in finite_checks)
+            if flags is not None and not torch.compiler.is_compiling():
+                flags = flags.tolist()
+        elif finite_checks and all(
+            host_path(g.device) for g, _, _ in finite_checks
         ):  # CPU, eager: read each check on the host (no 0-d tensor ops; see F.is_finite)
-            flags = torch.tensor([F.is_finite(g) for g, _, _ in finite_checks])
+            flags = [F.is_finite(g) for g, _, _ in finite_checks]
+        elif finite_checks and not torch.compiler.is_compiling():  # accelerators: one foreach screen
+            flags = F.finite_flags([g for g, _, _ in finite_checks]).tolist()
         elif finite_checks:
             flags = torch.stack([F.all_finite(g) for g, _, _ in finite_checks])
         else:
             flags = None
+        # eager: flags is a list of bools, read on the host once; compiled: a tensor, never read
         ok = None  # under torch.compile: the on-device "step is good" flag that masks every update
         if flags is not None and torch.compiler.is_compiling():
             ok = flags.all()
-        elif flags is not None and not bool(flags.all()):
-            _, gi, pi = finite_checks[int((~flags).nonzero()[0, 0])]
+        elif flags is not None and not all(flags):
+            _, gi, pi = finite_checks[flags.index(False)]
             shape = tuple(self.param_groups[gi]["params"][pi].shape)
             raise NonFiniteGradientError(
                 f"non-finite gradient (NaN or Inf) in parameter {_default_names(self.param_groups)(gi, pi)} "
@@ -728,16 +731,23 @@ class HTMuon(Optimizer):
                 if O.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
                     O = O.clone()  # a backend that returned (a view of) its input: keep it out of the buffer
                 directions.append(O)
-            else:
+                del N
+            elif self._dist is not None:
                 N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
                 mats.append(F.plugin_input_(N, group["plugin"]))
-            del N
+                del N
         if not pipelined and self._dist is None:
-            start = 0
-            for size in chunks:  # one backend call per chunk of the plan
-                directions += F.compute_directions(
-                    mats[start : start + size], corrected[start : start + size], group
+            # accelerators, compiled steps: one backend call per chunk of the plan (same shape and
+            # schedule), its N_t written straight into the stack, built only when the chunk is computed
+            start, check = 0, bool(group["check_finite"])
+            for size in chunks:
+                part = slice(start, start + size)
+                stack = F.stacked_momentum_directions(
+                    [p.grad for p in params[part]], bufs[part], beta, nesterov, batch_3d
                 )
+                O = F.safe_direction(F.plugin_input_(stack, group["plugin"]), group, corrected[start], check)
+                del stack
+                directions += O.split([F.matrix_shape(p.shape, batch_3d)[0] for p in params[part]])
                 start += size
         elif not pipelined:  # replicated (DDP) parameters: each rank computes its share, then all share
             directions = self._dist.compute_directions(group, mats, corrected, owners)
@@ -773,20 +783,26 @@ class HTMuon(Optimizer):
         lr = _number(group["lr"])
         if ok is not None:
             return self._apply_window_masked(group, pending, ok, lr, wd, beta)
-        for p, O, buf, v_new in pending:
-            state = self.state[p]
+        params, states = [p for p, _, _, _ in pending], [self.state[p] for p, _, _, _ in pending]
+        for state, (_, _, buf, v_new) in zip(states, pending):
             if not state:
                 state["step"] = _new_step()
                 state["momentum_buffer"] = buf
-            F.commit_momentum_(state["momentum_buffer"], p.grad, beta)
-            state["step"] += 1
             if v_new is not None:
                 if "second_moment" in state:
                     state["second_moment"].copy_(v_new)
                 else:
                     state["second_moment"] = v_new
-            m, n = O.shape[-2:]
-            F.decoupled_update_(p, O.reshape(p.shape), lr, wd, F.lr_scale(m, n, group["lr_adjust"]))
+        # the window's momenta, step counts and weight decay in one foreach call each (fewer launches)
+        F.commit_momenta_([s["momentum_buffer"] for s in states], [p.grad for p in params], beta)
+        torch._foreach_add_([s["step"] for s in states], 1)
+        F.decoupled_updates_(
+            params,
+            [O.reshape(p.shape) for p, O, _, _ in pending],
+            lr,
+            wd,
+            [F.lr_scale(*O.shape[-2:], group["lr_adjust"]) for _, O, _, _ in pending],
+        )
 
     def _apply_window_masked(
         self, group: dict[str, Any], pending: list, ok: Tensor, lr: float | Tensor, wd: float, beta: float

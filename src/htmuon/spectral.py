@@ -22,10 +22,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ __all__ = [
     "Backend",
     "decide",
     "device_capability",
+    "accelerator_paths",
+    "host_path",
     "ns_working_dtype",
     "polar",
     "register_backend",
@@ -122,6 +125,43 @@ def register_backend(
 
 
 # --------------------------------------------------------------------------------------------
+# Which code path: CPU (eager) or the batched, sync-free one of accelerators and compiled steps
+# --------------------------------------------------------------------------------------------
+
+_SIMULATED_ACCELERATOR = False
+
+
+def host_path(device: torch.device) -> bool:
+    """Whether the CPU code paths run on ``device``: one 2-D product per matrix, scalars read on the
+    host, checks that skip a pass. Elsewhere -- accelerators, compiled steps, and CPU inside
+    :func:`accelerator_paths` -- the batched paths: stacked same-shape matrices, per-matrix factors
+    kept as tensors, no host read but the step's finite checks.
+
+    Every such choice in the library goes through this one function.
+    """
+    return device.type == "cpu" and not _SIMULATED_ACCELERATOR and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def accelerator_paths() -> Iterator[None]:
+    """Run the accelerator code paths on CPU (eager) inside the block: the operators a GPU step
+    dispatches (each one a kernel launch there) can be counted, and their results checked, on a CPU.
+    Tests and ``benchmarks/step_profile.py --accelerator-paths`` use it; it changes no dtype choice.
+
+    Example:
+        >>> with accelerator_paths():
+        ...     host_path(torch.device("cpu"))
+        False
+    """
+    global _SIMULATED_ACCELERATOR
+    before, _SIMULATED_ACCELERATOR = _SIMULATED_ACCELERATOR, True
+    try:
+        yield
+    finally:
+        _SIMULATED_ACCELERATOR = before
+
+
+# --------------------------------------------------------------------------------------------
 # Newton--Schulz polar factor (Muon)
 # --------------------------------------------------------------------------------------------
 
@@ -133,7 +173,7 @@ def gram(X: Tensor) -> Tensor:
     5x slower there for small batches (bfloat16 ``1 x 768 x 2048``: 11.4 vs 2.3 ms on an AMX Xeon,
     one thread), and per-matrix products give each matrix the same bits however the step batches it.
     """
-    if X.ndim != 3 or X.device.type != "cpu" or torch.compiler.is_compiling():
+    if X.ndim != 3 or not host_path(X.device):
         return X @ X.mT
     out = X.new_empty(X.shape[0], X.shape[1], X.shape[1])
     for i in range(X.shape[0]):
@@ -171,7 +211,7 @@ def _addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float = 1.0) 
     one 2-D ``addmm`` per matrix, for the reasons of :func:`gram`)."""
     if a.ndim == 2:
         return torch.addmm(c, a, b, beta=beta, alpha=alpha)
-    if a.device.type != "cpu" or torch.compiler.is_compiling():
+    if not host_path(a.device):
         return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
     out = torch.empty(c.shape, dtype=torch.promote_types(a.dtype, c.dtype), device=c.device)
     for i in range(a.shape[0]):
@@ -219,7 +259,7 @@ def _times_pow2(X: Tensor, k: Tensor) -> Tensor:
     # The second factor is 1 except for matrices of subnormal (or near-overflow) numbers. On CPU, eager,
     # a check skips that pass; compiled (a data-dependent branch would break the graph) or on an
     # accelerator (the check would wait for the device) the exact second multiply always runs.
-    if torch.compiler.is_compiling() or X.device.type != "cpu" or bool((k1 != k).any()):
+    if not host_path(X.device) or bool((k1 != k).any()):
         Y = Y * pow2(k - k1, X.dtype)
     return Y
 
@@ -412,7 +452,7 @@ def polar(
         raise ValueError(f"Invalid number of Newton-Schulz steps: {steps} (must be >= 0)")
     a, b, c = coefficients
     dtype = ns_working_dtype(dtype, G.device)
-    if G.device.type == "cpu" and not torch.compiler.is_compiling() and G.numel() > 0:
+    if host_path(G.device) and G.numel() > 0:
         X = _cpu_polar(G, steps, (a, b, c), dtype, eps)
         if X is not None:
             return X
@@ -891,7 +931,7 @@ def spectral_map(
     if transposed:
         X = X.mT
     O = None
-    if p == 0.0 and backend.name == "ns" and X.device.type == "cpu" and not torch.compiler.is_compiling():
+    if p == 0.0 and backend.name == "ns" and host_path(X.device):
         # the polar factor alone: without the prescale pass where it would change no bit (the norm is
         # above polar's eps floor and far from over- and underflow); None where it is needed
         dtype = ns_working_dtype(options.get("ns_dtype", "auto"), X.device)

@@ -1,0 +1,225 @@
+"""The code paths a GPU step takes, run on CPU (``htmuon.spectral.accelerator_paths``): same results as
+the CPU paths, no host reads but the finite checks, and the batched pieces they are built from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import rel_err
+from htmuon import HTMuon
+from htmuon import functional as F
+from htmuon.spectral import accelerator_paths, host_path
+
+SHAPES = [(48, 32), (48, 32), (32, 80), (48, 32), (3, 16, 24)]  # tall, wide, a 3-D batch; one bucket of 3
+
+
+def _train(kw: dict, accelerator: bool, monkeypatch, steps: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """The updates of ``steps`` steps (weights minus initial weights); checks that the accelerator paths
+    stacked the bucket of three."""
+    seen = []
+    direction = F.safe_direction
+
+    def recording(mats, *args, **kwargs):
+        seen.append(tuple(mats.shape))
+        return direction(mats, *args, **kwargs)
+
+    monkeypatch.setattr(F, "safe_direction", recording)
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    initial = [p.detach().clone() for p in params]
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(steps)]
+    opt = HTMuon(params, lr=0.02, weight_decay=0.1, **kw)
+    with accelerator_paths() if accelerator else torch.no_grad():
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr
+            opt.step()
+    assert ((3, 48, 32) in seen) == accelerator, seen
+    return [p.detach() - w for p, w in zip(params, initial)]
+
+
+def test_host_path_is_the_one_switch():
+    cpu = torch.device("cpu")
+    assert host_path(cpu) and not host_path(torch.device("meta"))
+    with accelerator_paths():
+        assert not host_path(cpu) and F.stacks_matrices(cpu)
+        with accelerator_paths():  # nested: still on until the outer block ends
+            pass
+        assert not host_path(cpu)
+    assert host_path(cpu)
+    with pytest.raises(KeyError), accelerator_paths():
+        raise KeyError("restored on the way out")
+    assert host_path(cpu) and not F.stacks_matrices(cpu)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(p=0.0, method="ns"),
+        dict(method="fast"),
+        dict(method="fast5"),
+        dict(method="eigh"),
+        dict(method="svd"),
+        dict(method="fast", interval=2),
+        dict(method="fast", plugin="normuon"),
+        dict(method="fast", plugin="adamuon", lr_adjust="adamw_rms"),
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_accelerator_paths_give_the_cpu_paths_result(kw, monkeypatch):
+    """float32 work, so that the two paths differ only by the order of float32 roundings (measured up to
+    1.2e-5 on the updates, AdaMuon; 0 for the exact backends and p = 0)."""
+    kw = dict(kw, ns_dtype=torch.float32)
+    if kw["method"] in ("eigh", "svd"):
+        kw.pop("ns_dtype")
+    cpu = _train(kw, False, monkeypatch)
+    acc = _train(kw, True, monkeypatch)
+    for a, b in zip(cpu, acc):
+        assert rel_err(b, a) <= 1e-4
+
+
+def test_accelerator_paths_in_bfloat16_stay_within_bfloat16_rounding(monkeypatch):
+    cpu = _train(dict(method="fast", ns_dtype=torch.bfloat16), False, monkeypatch)
+    acc = _train(dict(method="fast", ns_dtype=torch.bfloat16), True, monkeypatch)
+    for a, b in zip(cpu, acc):
+        assert rel_err(b, a) <= 2e-2  # measured 3.9e-3: bfloat16 roundings in another order (eps 7.8e-3)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of bool values on the host: on a GPU, each is a device synchronisation (the step
+    counters are CPU tensors there, and are floats)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].dtype == torch.bool:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["fast", "ns"])
+def test_accelerator_step_reads_the_host_only_for_its_finite_checks(method):
+    """One read for the gradients (the foreach screen) and one per chunk (its direction's check)."""
+    params = [nn.Parameter(torch.randn(s)) for s in SHAPES]
+    budget = 2 * sum(F.chunk_work_bytes((1, 48, 32))) + 1  # the bucket of three 48 x 32: two chunks
+    opt = HTMuon(params, method=method, chunk_bytes=budget)
+    keys = [(F.matrix_shape(p.shape)[1:], p.dtype, p.device, True) for p in params]
+    mshapes = [F.matrix_shape(p.shape) for p in params]
+    plan = F.plan_step(keys, mshapes, [4] * len(params), budget)
+    chunks = sum(len(w) for w in plan.windows)
+    assert chunks == 4
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with accelerator_paths():
+        opt.step()  # the state is created here
+        with _HostReads() as mode:
+            opt.step()
+    assert mode.reads == 1 + chunks
+
+
+def test_finite_flags_are_exact_behind_the_screen():
+    ok = torch.ones(5)
+    huge = torch.full((4, 4), 1e30)  # finite, but its 2-norm overflows float32: a false alarm, rechecked
+    nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf"), 0.0])
+    assert F.finite_flags([ok, huge]).tolist() == [True, True]
+    assert F.finite_flags([ok, nan, huge, inf]).tolist() == [True, False, True, False]
+    assert F.finite_flags([torch.zeros(0), ok.bfloat16()]).tolist() == [True, True]
+    assert F.finite_flags([]).numel() == 0
+
+
+def test_accelerator_step_refuses_a_nan_gradient_and_takes_an_overflowing_norm():
+    params = [nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = HTMuon(params, method="fast")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[2].grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in params]
+    with accelerator_paths():
+        with pytest.raises(F.NonFiniteGradientError, match=r"\['params'\]\[2\] of shape \(32, 80\)"):
+            opt.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, params)) and not opt.state
+        params[2].grad = torch.full((32, 80), 1e30)  # finite; ||G||_F overflows float32
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not torch.equal(before[2], params[2])
+
+
+def test_stacked_momentum_directions_are_the_stacked_directions_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    shapes = [(16, 24), (2, 16, 24), (16, 24)]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    bufs = [torch.randn(s, generator=g) for s in shapes]
+    for nesterov in (True, False):
+        got = F.stacked_momentum_directions(grads, bufs, 0.95, nesterov)
+        want = torch.cat(
+            [F.matrix_view(F.momentum_direction(gr, b, 0.95, nesterov)) for gr, b in zip(grads, bufs)]
+        )
+        assert got.shape == (4, 16, 24) and torch.equal(got, want)
+    with pytest.raises(ValueError, match="same-shape"):
+        F.stacked_momentum_directions(
+            [torch.zeros(4, 5), torch.zeros(5, 4)], [torch.zeros(4, 5)] * 2, 0.9, True
+        )
+
+
+def test_foreach_commit_and_update_equal_the_per_tensor_ones():
+    g = torch.Generator().manual_seed(2)
+    shapes = [(8, 12), (12, 8), (8, 12)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    dirs = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    bufs = [torch.randn(s, generator=g) for s in shapes]
+    b1, p1 = [b.clone() for b in bufs], [p.clone() for p in params]
+    F.commit_momenta_(b1, grads, 0.95)
+    F.decoupled_updates_(p1, dirs, 0.02, 0.1, [1.0, 1.5, 1.0])
+    for b, p, gr, d, s, nb, np_ in zip(bufs, params, grads, dirs, [1.0, 1.5, 1.0], b1, p1):
+        F.commit_momentum_(b, gr, 0.95)
+        F.decoupled_update_(p, d, 0.02, 0.1, s)
+        assert torch.equal(b, nb) and torch.equal(p, np_)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_is_the_simulated_one_and_syncs_only_for_its_checks(monkeypatch):
+    """On a real GPU: the same updates as the accelerator paths on CPU (float32 work), the foreach
+    screen refuses NaN and Inf and lets an overflowing norm through, and the only device
+    synchronisations are the finite checks (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    kw = dict(method="fast", ns_dtype=torch.float32)
+    cpu = _train(kw, True, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=g).cuda()) for s in SHAPES]
+    initial = [p.detach().clone() for p in params]
+    grads = [[torch.randn(s, generator=g).cuda() for s in SHAPES] for _ in range(3)]
+    opt = HTMuon(params, lr=0.02, weight_decay=0.1, **kw)
+    for i, step in enumerate(grads):
+        for p, gr in zip(params, step):
+            p.grad = gr
+        if i < 2:
+            opt.step()
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1 + 3, [f"{w.filename}:{w.lineno}" for w in syncs]  # the screen; 3 buckets
+    for a, p, w in zip(cpu, params, initial):
+        assert rel_err((p.detach() - w).cpu(), a) <= 1e-4
+    for bad in (float("nan"), float("inf")):
+        params[1].grad = torch.randn(48, 32, device="cuda")
+        params[1].grad[3, 4] = bad
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(F.NonFiniteGradientError, match=r"\['params'\]\[1\]"):
+            opt.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+    params[1].grad = torch.full((48, 32), 1e30, device="cuda")
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
