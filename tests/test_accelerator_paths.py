@@ -223,3 +223,15 @@ def test_cuda_step_is_the_simulated_one_and_syncs_only_for_its_checks(monkeypatc
     params[1].grad = torch.full((48, 32), 1e30, device="cuda")
     opt.step()
     assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def test_a_step_counter_set_as_a_number_keeps_counting():
+    """The window's counters are advanced by one foreach add; a counter set by hand as a Python number
+    (which the state check accepts) becomes the tensor form first."""
+    p = nn.Parameter(torch.randn(8, 6))
+    p.grad = torch.randn(8, 6)
+    opt = HTMuon([p])
+    opt.step()
+    opt.state[p]["step"] = 5
+    opt.step()
+    assert isinstance(opt.state[p]["step"], torch.Tensor) and float(opt.state[p]["step"]) == 6.0

@@ -7,6 +7,7 @@ reference itself never over- or underflows).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from helpers import matrix_with_spectrum
 from htmuon import polar, spectral_power
-from htmuon.spectral import NS_EPS, _restore_raw_scale, pow2, resolve_method
+from htmuon.spectral import NS_EPS, _restore_raw_scale, accelerator_paths, pow2, resolve_method
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 METHODS = ["svd", "eigh", "ns", "fast", "fast5", "auto", "polar"]
@@ -94,9 +95,16 @@ def _check(method: str, G: torch.Tensor, p: float) -> None:
     )
 
 
+@pytest.mark.parametrize("paths", ["cpu", "accelerator"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", METHODS)
-def test_every_magnitude_of_the_dtype_gives_a_finite_accurate_result(method, dtype):
+def test_every_magnitude_of_the_dtype_gives_a_finite_accurate_result(method, dtype, paths):
+    """On the CPU paths and on the accelerators' (always prescaled, batched; run here on CPU)."""
+    with accelerator_paths() if paths == "accelerator" else contextlib.nullcontext():
+        _every_magnitude(method, dtype)
+
+
+def _every_magnitude(method: str, dtype: torch.dtype) -> None:
     lo, hi = _exponent_range(dtype)
     edges = [lo, lo + 3, math.frexp(torch.finfo(dtype).smallest_normal)[1] - 1, -40, -9, 0, 12, 21, 40]
     edges += [hi - 8, hi - 1, hi]

@@ -73,6 +73,7 @@ from .spectral import (
     gram,
     host_path,
     ns_working_dtype,
+    pow2,
     pow2_exponent,
     register_backend,
 )
@@ -261,10 +262,17 @@ def _fast_iteration(
     # works as long as its products neither over- nor underflow: where max |X_ij| lies in
     # [FAST_PLAIN_MIN, FAST_PLAIN_MAX] (or X is not finite: the caller's check refuses it) nothing
     # more is done; elsewhere X is first scaled by an exact power of two to max |X_ij| in [1/2, 1).
-    Xw = X.to(dtype)
-    e = _plain_exponent(Xw, X)
-    if e is not None:
-        Xw = _times_pow2(X, -e).to(dtype)
+    if host:
+        Xw = X.to(dtype)
+        e = _plain_exponent(Xw, X)
+        if e is not None:
+            Xw = _times_pow2(X, -e).to(dtype)
+    else:
+        # accelerators, compiled steps: always prescaled (the range check would need a host read), by one
+        # exact power of two 2^-e with e clamped so that 2^-e is representable in X's dtype: a matrix of
+        # subnormals ends at max |X_ij| >= 2^-22 (float32), inside the range that needs no scaling
+        e = pow2_exponent(X)
+        Xw = (X * pow2(-e, X.dtype)).to(dtype)
 
     # Normalisation on the m x m side, in the working dtype, from the first step's own products:
     # A = X X^T gives the Frobenius norm (its trace); A_f = A / ||X||_F^2 and A_f^2 give the Schatten-8
@@ -365,17 +373,15 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
 
     On CPU, eager, one ``aminmax`` of the working copy ``Xw`` decides for the whole batch (a value that
     the cast to bfloat16 rounded to infinity is looked up in X itself; a NaN or Inf in X takes the
-    plain path, and the caller's finite check refuses it). On accelerators and in compiled steps, where
-    the check would need a host read, X is always prescaled.
+    plain path, and the caller's finite check refuses it). CPU paths only: on accelerators and in
+    compiled steps, where the check would need a host read, X is always prescaled.
     """
-    if host_path(Xw.device):
-        amax = abs_max(Xw)
-        if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX:
-            return None
-        if math.isinf(amax) and Xw.dtype != X.dtype:
-            amax = abs_max(X)
-        return pow2_exponent(X, representable=False) if math.isfinite(amax) else None
-    return pow2_exponent(X, representable=False)
+    amax = abs_max(Xw)
+    if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX:
+        return None
+    if math.isinf(amax) and Xw.dtype != X.dtype:
+        amax = abs_max(X)
+    return pow2_exponent(X, representable=False) if math.isfinite(amax) else None
 
 
 def _scaled(x: Tensor, f: float | Tensor, out: Tensor | None = None) -> Tensor:

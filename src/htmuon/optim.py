@@ -788,6 +788,8 @@ class HTMuon(Optimizer):
             if not state:
                 state["step"] = _new_step()
                 state["momentum_buffer"] = buf
+            elif not isinstance(state["step"], Tensor):  # a number set by hand: the counter's tensor form
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
             if v_new is not None:
                 if "second_moment" in state:
                     state["second_moment"].copy_(v_new)

@@ -135,7 +135,8 @@ def host_path(device: torch.device) -> bool:
     """Whether the CPU code paths run on ``device``: one 2-D product per matrix, scalars read on the
     host, checks that skip a pass. Elsewhere -- accelerators, compiled steps, and CPU inside
     :func:`accelerator_paths` -- the batched paths: stacked same-shape matrices, per-matrix factors
-    kept as tensors, no host read but the step's finite checks.
+    kept as tensors, and in the Newton--Schulz backends no host read but the step's finite checks
+    (``eigh`` still reads its eigenvalue check and its product-precision choice).
 
     Every such choice in the library goes through this one function.
     """
