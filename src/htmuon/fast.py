@@ -24,7 +24,8 @@ step 1's ``m x m`` matrix and into the output weights, and the raw spectrum come
 factor ``||X||_S8^p`` (computed in float64): ``U s^p V^T = ||X||_S8^p U x^p V^T``. Any scale of X works
 as long as the products neither over- nor underflow: where ``max |X_ij|`` is outside
 [``FAST_PLAIN_MIN``, ``FAST_PLAIN_MAX``] (decided by one ``aminmax`` on CPU; always on accelerators
-and in compiled steps) X is first scaled by an exact power of two to ``max |X_ij|`` in [1/2, 1), so
+and in compiled steps) X is first scaled by an exact power of two to ``max |X_ij|`` in [1/2, 1) (on
+accelerators by one representable factor: a matrix of subnormals ends below 1/2, still in range), so
 every finite input is safe.
 
 Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2) X_{t-1}`` (the ``a_t``
@@ -261,7 +262,8 @@ def _fast_iteration(
     # in torch.optim.Muon). The normalisation below comes from the Gram matrix, so any scale of X
     # works as long as its products neither over- nor underflow: where max |X_ij| lies in
     # [FAST_PLAIN_MIN, FAST_PLAIN_MAX] (or X is not finite: the caller's check refuses it) nothing
-    # more is done; elsewhere X is first scaled by an exact power of two to max |X_ij| in [1/2, 1).
+    # more is done; elsewhere X is first scaled by an exact power of two to max |X_ij| in [1/2, 1)
+    # (on accelerators, see below, subnormal matrices end lower).
     if host:
         Xw = X.to(dtype)
         e = _plain_exponent(Xw, X)
@@ -270,7 +272,8 @@ def _fast_iteration(
     else:
         # accelerators, compiled steps: always prescaled (the range check would need a host read), by one
         # exact power of two 2^-e with e clamped so that 2^-e is representable in X's dtype: a matrix of
-        # subnormals ends at max |X_ij| >= 2^-22 (float32), inside the range that needs no scaling
+        # float32 (bfloat16, float16) subnormals ends at max |X_ij| >= 2^-22 (2^-6, 2^-9), inside
+        # [FAST_PLAIN_MIN, 1); float64 ones at >= 2^-51, whose products float64 work still holds
         e = pow2_exponent(X)
         Xw = (X * pow2(-e, X.dtype)).to(dtype)
 

@@ -129,8 +129,9 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     call -- on CUDA a few multi-tensor kernels instead of the ~4 operators per tensor of
     :func:`all_finite`, each a launch -- and a NaN or Inf reaches the norm through the sum of squares
     whatever its order. Where every norm is finite, so is every entry; else (a NaN or Inf, or a
-    finite tensor whose norm overflows) each tensor is checked exactly. Tensors on several devices
-    are checked one by one. The flags come back on the CPU: one host read (one more on an alarm).
+    finite tensor whose norm overflows) each tensor is checked exactly: correct, only slower. (A
+    float16 gradient's norm is float16: above 65504 it alarms on every step.) Tensors on several
+    devices are checked one by one. The flags come back on the CPU: one host read (one more on an alarm).
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
@@ -224,6 +225,9 @@ def stacked_momentum_directions(
 
     Same bits as stacking the out-of-place :func:`momentum_direction` of each. The stack has the
     first buffer's dtype and the first gradient's device; every item must view as the same ``(m, n)``.
+    In a compiled step, an item whose gradient or buffer is not contiguous (``channels_last``, a
+    permuted 3-D parameter) is computed out of place and copied in: ``out=`` into a view of another
+    layout does not trace (functionalization cannot view the result back).
     """
     shapes = [matrix_shape(g.shape, batch_3d) for g in grads]
     m, n = shapes[0][1:]
@@ -231,8 +235,13 @@ def stacked_momentum_directions(
         raise ValueError(f"stacked_momentum_directions needs same-shape matrices, got {sorted(set(shapes))}")
     stack = torch.empty(sum(s[0] for s in shapes), m, n, dtype=bufs[0].dtype, device=grads[0].device)
     start = 0
+    compiling = torch.compiler.is_compiling()
     for grad, buf, (b, _, _) in zip(grads, bufs, shapes):
-        momentum_direction(grad, buf, beta, nesterov, out=stack[start : start + b].view(grad.shape))
+        part = stack[start : start + b].view(grad.shape)
+        if compiling and not (grad.is_contiguous() and buf.is_contiguous()):
+            part.copy_(momentum_direction(grad, buf, beta, nesterov))
+        else:
+            momentum_direction(grad, buf, beta, nesterov, out=part)
         start += b
     return stack
 

@@ -138,7 +138,9 @@ def host_path(device: torch.device) -> bool:
     kept as tensors, and in the Newton--Schulz backends no host read but the step's finite checks
     (``eigh`` still reads its eigenvalue check and its product-precision choice).
 
-    Every such choice in the library goes through this one function.
+    Every choice of code path in the library goes through this one function. What is chosen by the
+    device type itself -- the ``chunk_bytes="auto"`` budget, ``method="auto"`` and the working dtype --
+    is not: inside :func:`accelerator_paths` a CPU keeps its own (pass a GPU's budget explicitly).
     """
     return device.type == "cpu" and not _SIMULATED_ACCELERATOR and not torch.compiler.is_compiling()
 
@@ -236,7 +238,7 @@ def pow2_exponent(X: Tensor, *, representable: bool = True) -> Tensor:
     ``X 2^{-e}`` then has its largest entry in [1/2, 1), exactly (a power-of-two scaling rounds
     nothing). With ``representable=True``, ``e`` is clamped below so that ``2^{-e}`` is representable
     in X's dtype (a matrix of subnormal numbers is scaled up by ``2^{k_max}`` only, to ``max |X_ij|
-    >= 2^-21`` in float32); a zero matrix has ``e = 0``.
+    >= 2^-22`` in float32); a zero matrix has ``e = 0``.
 
     Args:
         X: ``(..., m, n)`` floating-point tensor.
