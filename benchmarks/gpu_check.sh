@@ -5,7 +5,8 @@
 #
 # 1. benchmarks/step_cost.py on CUDA: every row against torch.optim.Muon on the LLaMA-60M and
 #    LLaMA-135M matrix sets (wall-clock ratios; with PAPER_CODE also the paper's own optimizer).
-#    Then benchmarks/chunk_budget.py: step time and memory against chunk_bytes.
+#    Then benchmarks/chunk_budget.py: step time and memory against chunk_bytes, and
+#    benchmarks/step_profile.py: operators, kernels and device syncs per step.
 # 2. benchmarks/memory.py on CUDA: each step's transient memory (torch.cuda.max_memory_allocated).
 # 3. The gpu-60m preset shortened to SHORT_STEPS steps (default 100) of the paper's batch (512 x 256
 #    tokens) for AdamW, Muon and HTMuon: it shows the harness runs on the GPU (bf16 autocast) and
@@ -58,6 +59,10 @@ if [[ $PARTS == *" 1 "* ]]; then
     timeout "${CHUNK_S:-90}" $PY benchmarks/chunk_budget.py --device "$DEVICE" --threads 0 \
         --budgets 32 128 512 --json "$OUT/chunk_budget_gpu.json" 2>&1
     say "chunk budget: exit $?"
+    # operators, kernels and device syncs per step (BENCHMARKS.md §A-8 counted them on a CPU)
+    timeout "${PROFILE_S:-60}" $PY benchmarks/step_profile.py --device "$DEVICE" --model 60m --rows muon p0 default \
+        --steps 3 --python 2>&1 | tee "$OUT/profile_gpu.txt"
+    say "profile: exit $?"
 fi
 
 if [[ $PARTS == *" 2 "* ]]; then

@@ -247,7 +247,23 @@ def test_gpu_check_script_parses_and_its_benchmarks_import():
     text = script.read_text()
     for name in ("step_cost", "memory", "chunk_budget", "step_profile"):
         assert importlib.import_module(name).main  # every benchmark the script (or its docs) names
-    assert all(f"benchmarks/{n}.py" in text for n in ("step_cost", "memory", "chunk_budget"))
+    assert all(f"benchmarks/{n}.py" in text for n in ("step_cost", "memory", "chunk_budget", "step_profile"))
+
+
+def test_step_profile_counts_the_accelerator_path_on_cpu(monkeypatch, capsys):
+    """``step_profile.py --accelerator-paths``: BENCHMARKS.md §A-8's operator counts of the GPU path,
+    on one block of the 60M set; the stacked path dispatches fewer operators than the per-matrix one."""
+    import importlib
+    import re
+
+    step_profile = importlib.import_module("step_profile")
+    counts = {}
+    for flags in ([], ["--accelerator-paths", "--chunk-bytes", "512MiB"]):
+        argv = ["step_profile.py", "--model", "60m", "--layers", "1", "--rows", "p0", "--steps", "1"]
+        monkeypatch.setattr("sys.argv", [*argv, "--python", *flags])
+        step_profile.main()
+        counts[bool(flags)] = int(re.search(r"(\d+) operators", capsys.readouterr().out).group(1))
+    assert 0 < counts[True] < counts[False], counts
 
 
 def test_step_cost_rows_take_a_chunk_budget():
