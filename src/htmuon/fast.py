@@ -285,7 +285,12 @@ def _fast_iteration(
     # the output weights; ||X||_S8^p restores the raw spectrum (computed in float64: with the prescale,
     # the power of two may be far outside float32's range).
     A = gram(Xw)
-    fro2 = A.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=acc)[..., None, None].clamp_min(torch.finfo(acc).tiny)
+    fro2 = (
+        A.diagonal(dim1=-2, dim2=-1)
+        .sum(-1, keepdim=True, dtype=acc)[..., None]
+        .clamp_min(torch.finfo(acc).tiny)
+    )
+    A_n = None  # A / ||X||_F^2 in float32 (per-matrix factors)
     if host:
         fro2 = float(fro2)
         # the factor 1 / ||X||_F^4 goes into the product's float32 accumulator: no scaling pass over A
@@ -293,7 +298,8 @@ def _fast_iteration(
         inv = 1.0 / (fro2 * fro2) if fro2 > 2.0**-60 else 0.0
         A_f2 = torch.addmm(A.new_zeros(()), A, A, beta=0.0, alpha=inv)
     else:
-        A_f = _scaled(A, 1.0 / fro2)  # working dtype, for the product
+        A_n = A.to(acc) / fro2  # for step 1's matrix below; rounded to the working dtype for the product
+        A_f = A_n.to(dtype)
         A_f2 = _mm(A_f, A_f)
         del A_f
     r2 = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True, dtype=acc).sqrt().clamp_min(1.0 / m)
@@ -327,11 +333,13 @@ def _fast_iteration(
         _add_diagonal_(B, a * r2 * r2 / c)
         B = torch.mul(B, k * c / (r2 * r2), out=torch.empty_like(A))
     else:
-        B = _scaled(A_f2.to(acc), k * c / (r2 * r2))
-        _axpy_(B, _scaled(A.to(acc), 1.0 / fro2), k * b / r2)
+        # the same three terms with per-matrix factors: (k c / r2^2) A_f^2 + (k b / r2) A_f + k a I (A_f
+        # normalised first: a factor k b / (r2 ||X||_F^2) alone can overflow float32 where k is large)
+        B = A_f2.to(acc) * (k * c / (r2 * r2))
+        _axpy_(B, A.to(acc) / fro2 if A_n is None else A_n, k * b / r2)
         _add_diagonal_(B, k * a)
         B = B.to(dtype)
-    del A, A_f2
+    del A, A_f2, A_n
 
     # The output sum O = scale sum_t w_t X_t, in the working dtype, kept relative to a pivot term
     # w_j X_j (the first step with w_j != 0): S = X_j + sum_{t != j} (w_t / w_j) X_t. Its first pass also
@@ -349,6 +357,8 @@ def _fast_iteration(
         if t == T:
             if S is None:  # no pivot (one step, or w_1..w_{T-1} all zero): X_0's term here
                 S, pivot = _scaled(Xw, k * w[0], out), 1.0
+            if isinstance(scale, Tensor):  # per-matrix: the product with its host ratio, then one scaling
+                return _addmm(S, B, X_prev, beta=1.0, alpha=w[T] / pivot).mul_(scale * pivot)
             return _sum_product(S, B, X_prev, scale * pivot, scale * w[T])
         X_t = _mm(B, X_prev)
         if S is not None and t == T - 1 and w[T] != 0.0:
@@ -419,23 +429,20 @@ def _add_diagonal_(B: Tensor, f: float | Tensor) -> None:
         diag.add_(f.reshape(*f.shape[:-2], 1))
 
 
-def _sum_product(S: Tensor, B: Tensor, X: Tensor, beta: float | Tensor, alpha: float | Tensor) -> Tensor:
-    """``beta S + alpha B X``.
-
-    With host factors: ``beta (S + (alpha / beta) B X)``, one ``addmm`` with ``beta=1`` and then one
-    scaling pass. A per-call ``beta`` in ``addmm`` would be slower: on CPU, oneDNN builds a new kernel for
-    each value of its ``beta`` (~10 ms for a 512 x 1376 bfloat16 product, measured), while ``alpha`` is
-    a runtime argument. Batched (factors as tensors): scaled, then one ``baddbmm``.
+def _sum_product(S: Tensor, B: Tensor, X: Tensor, beta: float, alpha: float) -> Tensor:
+    """``beta S + alpha B X`` with host factors, as ``beta (S + (alpha / beta) B X)``: one ``addmm`` with
+    ``beta=1`` and then one scaling pass. A per-call ``beta`` in ``addmm`` would be slower: on CPU, oneDNN
+    builds a new kernel for each value of its ``beta`` (~10 ms for a 512 x 1376 bfloat16 product,
+    measured), while ``alpha`` is a runtime argument. (Per-matrix factors: the same form, in
+    :func:`_fast_iteration`.)
     """
-    if isinstance(beta, float) and isinstance(alpha, float):
-        if S.ndim == 2:  # in place: S is the output's own buffer
-            if beta == 0.0:
-                return torch.mm(B, X, out=S).mul_(alpha)
-            return S.addmm_(B, X, alpha=alpha / beta).mul_(beta)
+    if S.ndim == 2:  # in place: S is the output's own buffer
         if beta == 0.0:
-            return _mm(B, X).mul_(alpha)
-        return _addmm(S, B, X, beta=1.0, alpha=alpha / beta).mul_(beta)
-    return _addmm(_scaled(S, beta), _scaled(B, alpha), X, beta=1.0)
+            return torch.mm(B, X, out=S).mul_(alpha)
+        return S.addmm_(B, X, alpha=alpha / beta).mul_(beta)
+    if beta == 0.0:
+        return _mm(B, X).mul_(alpha)
+    return _addmm(S, B, X, beta=1.0, alpha=alpha / beta).mul_(beta)
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
