@@ -72,7 +72,7 @@ def test_host_path_is_the_one_switch():
 )
 def test_accelerator_paths_give_the_cpu_paths_result(kw, monkeypatch):
     """float32 work, so that the two paths differ only by the order of float32 roundings (measured up to
-    1.2e-5 on the updates, AdaMuon; 0 for the exact backends and p = 0)."""
+    9.5e-6 on the updates, AdaMuon; 0 for the exact backends and p = 0)."""
     kw = dict(kw, ns_dtype=torch.float32)
     if kw["method"] in ("eigh", "svd"):
         kw.pop("ns_dtype")
@@ -86,7 +86,7 @@ def test_accelerator_paths_in_bfloat16_stay_within_bfloat16_rounding(monkeypatch
     cpu = _train(dict(method="fast", ns_dtype=torch.bfloat16), False, monkeypatch)
     acc = _train(dict(method="fast", ns_dtype=torch.bfloat16), True, monkeypatch)
     for a, b in zip(cpu, acc):
-        assert rel_err(b, a) <= 2e-2  # measured 3.9e-3: bfloat16 roundings in another order (eps 7.8e-3)
+        assert rel_err(b, a) <= 2e-2  # measured 3.6e-3: bfloat16 roundings in another order (eps 7.8e-3)
 
 
 class _HostReads(TorchDispatchMode):
