@@ -1,6 +1,7 @@
 """Accuracy of the "fast" backends against float64 exact U S^p V^T on constructed spectra, fp32 and bf16.
 
     PYTHONPATH=src python benchmarks/fast_accuracy.py [--shapes 512x1376 768x2048] [--p 0.125]
+    PYTHONPATH=src python benchmarks/fast_accuracy.py --accelerator-paths   # the GPU's batched path, on CPU
 
 Four spectra per shape, each spanning three decades except the Gaussian one: log-uniform on
 [1e-3, 1]; power law s_k = k^-a spanning [1e-3, 1]; a Gaussian matrix's; and "flat+tail" (half
@@ -17,11 +18,13 @@ matrix. Last, p = 0 (the polar factor) for "fast" and for Muon's NS5, float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import torch
 
 from htmuon import polar, spectral_power
+from htmuon.spectral import accelerator_paths
 
 
 def with_spectrum(s: torch.Tensor, m: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -59,7 +62,17 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=0.125)
     parser.add_argument("--methods", nargs="+", default=["fast", "fast5"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--accelerator-paths",
+        action="store_true",
+        help="CPU: the batched code path a GPU takes (BENCHMARKS §A-8)",
+    )
     args = parser.parse_args()
+    with accelerator_paths() if args.accelerator_paths else contextlib.nullcontext():
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     cols = [f"{m} {c}" for m in args.methods for c in ("fp32", "bf16", "bf16 total")]
     print(f"relative error vs float64 exact, p = {args.p} (p = 0 columns: vs the exact polar factor)")

@@ -3,6 +3,8 @@ the CPU paths, no host reads but the finite checks, and the batched pieces they 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ def _train(kw: dict, accelerator: bool, monkeypatch, steps: int = 4, seed: int =
     initial = [p.detach().clone() for p in params]
     grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(steps)]
     opt = HTMuon(params, lr=0.02, weight_decay=0.1, **kw)
-    with accelerator_paths() if accelerator else torch.no_grad():
+    with accelerator_paths() if accelerator else contextlib.nullcontext():
         for i, step in enumerate(grads):
             for j, (p, gr) in enumerate(zip(params, step)):
                 p.grad = None if i == j == 0 and "interval" in kw else gr
