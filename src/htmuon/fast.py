@@ -21,12 +21,13 @@ free: ``r2 = ||A^2||_F^(1/2) = (sum x^8)^(1/4) >= x_max^2``, a bound within ``m^
 instead of the Frobenius norm's ``m^(1/2)`` (about one decade of spectrum gained). The map sees
 ``x = s / ||X||_S8``; the factor ``1 / ||X||_S8`` is never applied to the ``m x n`` matrix: it goes into
 step 1's ``m x m`` matrix and into the output weights, and the raw spectrum comes back through the
-factor ``||X||_S8^p`` (computed in float64): ``U s^p V^T = ||X||_S8^p U x^p V^T``. Any scale of X works
-as long as the products neither over- nor underflow: where ``max |X_ij|`` is outside
-[``FAST_PLAIN_MIN``, ``FAST_PLAIN_MAX``] (decided by one ``aminmax`` on CPU; always on accelerators
-and in compiled steps) X is first scaled by an exact power of two to ``max |X_ij|`` in [1/2, 1) (on
-accelerators by one representable factor: a matrix of subnormals ends below 1/2, still in range), so
-every finite input is safe.
+factor ``||X||_S8^p``: ``U s^p V^T = ||X||_S8^p U x^p V^T``. Any scale of X works as long as the
+products neither over- nor underflow. On CPU, where ``max |X_ij|`` is outside [``FAST_PLAIN_MIN``,
+``FAST_PLAIN_MAX``] (decided by one ``aminmax``), X is first scaled by an exact power of two to
+``max |X_ij|`` in [1/2, 1) and the factor restored in float64. On accelerators and in compiled steps X
+is always scaled, by ``1 / max |X_ij|`` (four kernels; ``max |X_ij|`` clamped at the dtype's smallest
+normal number, so a matrix of subnormals ends below 1, still in range), and the factor comes back as
+``max |X_ij|^p``. So every finite input is safe.
 
 Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2) X_{t-1}`` (the ``a_t``
 term on the diagonal of the ``m x m`` polynomial), i.e. Muon's three products and no elementwise
@@ -74,7 +75,6 @@ from .spectral import (
     gram,
     host_path,
     ns_working_dtype,
-    pow2,
     pow2_exponent,
     register_backend,
 )
@@ -270,20 +270,29 @@ def _fast_iteration(
         if e is not None:
             Xw = _times_pow2(X, -e).to(dtype)
     else:
-        # accelerators, compiled steps: always prescaled (the range check would need a host read), by one
-        # exact power of two 2^-e with e clamped so that 2^-e is representable in X's dtype: a matrix of
-        # float32 (bfloat16, float16) subnormals ends at max |X_ij| >= 2^-22 (2^-6, 2^-9), inside
-        # [FAST_PLAIN_MIN, 1); float64 ones at >= 2^-51, whose products float64 work still holds
-        e = pow2_exponent(X)
-        Xw = (X * pow2(-e, X.dtype)).to(dtype)
+        # accelerators, compiled steps: always prescaled (the range check would need a host read), to
+        # max |X_ij| = 1 by the factor 1 / max |X_ij|, in the accumulation dtype, written straight in the
+        # working dtype (four kernels, no float32 temporary). max |X_ij| is clamped at the smallest normal
+        # number of X's dtype, so the factor is representable and a matrix of subnormals ends at
+        # max |X_ij| >= 2^-23 (float32; bfloat16 too, float16 2^-10), inside [FAST_PLAIN_MIN, 1]; a zero
+        # matrix stays zero. Not a power of two: X_0 is rounded once more (a relative 2^-24 in float32
+        # work, far below the map's error), and the norm below is restored through log2 of the factor.
+        e = None
+        wide = torch.promote_types(X.dtype, acc)
+        x_max = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True, dtype=wide)
+        x_max = x_max.clamp_min(torch.finfo(X.dtype).tiny)
+        if torch.compiler.is_compiling():  # fused there anyway (and a strided out= would break the graph)
+            Xw = (X * x_max.reciprocal()).to(dtype)
+        else:
+            Xw = torch.mul(X, x_max.reciprocal(), out=torch.empty_like(X, dtype=dtype))
 
     # Normalisation on the m x m side, in the working dtype, from the first step's own products:
     # A = X X^T gives the Frobenius norm (its trace); A_f = A / ||X||_F^2 and A_f^2 give the Schatten-8
     # bound r2 = ||A_f^2||_F^(1/2) = (sum x^8)^(1/4) >= x_max^2 of X / ||X||_F (and x_max^2 >= 1/m since
     # sum x^2 = 1; the floor also keeps a zero matrix at zero). The map sees X_0 = k X with
     # k = 1 / ||X||_S8 = (||X||_F^2 r2)^(-1/2), never formed: k goes into step 1's m x m matrix and into
-    # the output weights; ||X||_S8^p restores the raw spectrum (computed in float64: with the prescale,
-    # the power of two may be far outside float32's range).
+    # the output weights; ||X||_S8^p restores the raw spectrum (on the host in float64: with the
+    # prescale, the power of two may be far outside float32's range; batched, from in-range factors).
     A = gram(Xw)
     fro2 = (
         A.diagonal(dim1=-2, dim2=-1)
@@ -305,18 +314,19 @@ def _fast_iteration(
     r2 = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True, dtype=acc).sqrt().clamp_min(1.0 / m)
     if host:
         r2 = float(r2)
-    k = (fro2 * r2) ** -0.5
+    q = fro2 * r2  # ||X_w||_S8^2
+    k = q**-0.5
     if p == 0.0:
         scale = 1.0
-    elif host and e is None:
-        scale = min(2.0 ** (0.5 * p * math.log2(fro2 * r2)), torch.finfo(acc).max)
+    elif not host:
+        # ||X||_S8^p = q^(p/2) max|X_ij|^p, in the accumulation dtype (each factor is in range; where the
+        # product is not, the true result itself exceeds the dtype: capped, as on the host below)
+        scale = (q ** (0.5 * p) * x_max**p).clamp_max(torch.finfo(acc).max).to(acc)
+    elif e is None:
+        scale = min(2.0 ** (0.5 * p * math.log2(q)), torch.finfo(acc).max)
     else:
-        log2_norm = 0.5 * torch.log2(torch.as_tensor(fro2 * r2, dtype=torch.float64, device=X.device))
-        if e is not None:
-            log2_norm = log2_norm + e.to(torch.float64)
-        scale = torch.exp2(p * log2_norm).clamp_max(torch.finfo(acc).max).to(acc)
-        if host:
-            scale = float(scale)
+        log2_norm = 0.5 * math.log2(q) + float(e)  # the prescale's power of two may be far out of range
+        scale = min(2.0 ** min(p * log2_norm, 1023.0), torch.finfo(acc).max)
 
     # Step 1's matrix B_1 = k (a I + b A_0 + c A_0^2) with A_0 = A_f / r2, the Gram matrix of X_0: acts
     # on X itself (X_1 = B_1 X). Later steps: B_t = a I + b A_{t-1} + c A_{t-1}^2 from their own Gram
@@ -357,8 +367,8 @@ def _fast_iteration(
         if t == T:
             if S is None:  # no pivot (one step, or w_1..w_{T-1} all zero): X_0's term here
                 S, pivot = _scaled(Xw, k * w[0], out), 1.0
-            if isinstance(scale, Tensor):  # per-matrix: the product with its host ratio, then one scaling
-                return _addmm(S, B, X_prev, beta=1.0, alpha=w[T] / pivot).mul_(scale * pivot)
+            if isinstance(scale, Tensor):  # per-matrix: the product into S (host ratio), then one scaling
+                return S.baddbmm_(B, X_prev, alpha=w[T] / pivot).mul_(scale * pivot)
             return _sum_product(S, B, X_prev, scale * pivot, scale * w[T])
         X_t = _mm(B, X_prev)
         if S is not None and t == T - 1 and w[T] != 0.0:
@@ -368,6 +378,7 @@ def _fast_iteration(
         elif w[t] != 0.0:
             pivot = w[t]
             S = _add_scaled(X_t, Xw, k * (w[0] / pivot), out)
+            Xw = None  # X_0's last use: its memory is free for the later iterates
         X_prev = X_t
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -436,10 +447,10 @@ def _sum_product(S: Tensor, B: Tensor, X: Tensor, beta: float, alpha: float) -> 
     measured), while ``alpha`` is a runtime argument. (Per-matrix factors: the same form, in
     :func:`_fast_iteration`.)
     """
-    if S.ndim == 2:  # in place: S is the output's own buffer
+    if S.ndim == 2 or not host_path(S.device):  # in place: S is the output's own buffer
         if beta == 0.0:
-            return torch.mm(B, X, out=S).mul_(alpha)
-        return S.addmm_(B, X, alpha=alpha / beta).mul_(beta)
+            return torch.matmul(B, X, out=S).mul_(alpha)
+        return (S.addmm_ if S.ndim == 2 else S.baddbmm_)(B, X, alpha=alpha / beta).mul_(beta)
     if beta == 0.0:
         return _mm(B, X).mul_(alpha)
     return _addmm(S, B, X, beta=1.0, alpha=alpha / beta).mul_(beta)
