@@ -125,14 +125,35 @@ def test_accelerator_step_reads_the_host_only_for_its_finite_checks(method):
     assert mode.reads == 1 + chunks
 
 
-def test_finite_flags_are_exact_behind_the_screen():
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-path", "accelerator-path"])
+def test_finite_flags_are_exact_behind_the_screen(accelerator):
     ok = torch.ones(5)
     huge = torch.full((4, 4), 1e30)  # finite, but its 2-norm overflows float32: a false alarm, rechecked
     nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf"), 0.0])
-    assert F.finite_flags([ok, huge]).tolist() == [True, True]
-    assert F.finite_flags([ok, nan, huge, inf]).tolist() == [True, False, True, False]
-    assert F.finite_flags([torch.zeros(0), ok.bfloat16()]).tolist() == [True, True]
-    assert F.finite_flags([]).numel() == 0
+    with accelerator_paths() if accelerator else contextlib.nullcontext():
+        assert F.finite_flags([ok, huge]).tolist() == [True, True]
+        assert F.finite_flags([ok, nan, huge, inf]).tolist() == [True, False, True, False]
+        assert F.finite_flags([torch.zeros(0), ok.bfloat16()]).tolist() == [True, True]
+        assert F.finite_flags([]).numel() == 0
+
+
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-path", "accelerator-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_finds_every_nan_and_inf(dtype, accelerator):
+    """Both paths' checks (an aminmax on CPU, one inf-norm reduction on accelerators): a NaN or +-Inf
+    anywhere, in any layout, is found; the dtype's largest and smallest finite values are finite."""
+    finfo = torch.finfo(dtype)
+    with accelerator_paths() if accelerator else contextlib.nullcontext():
+        base = torch.zeros(2, 6, 4, dtype=dtype)
+        base[0, 0, 0], base[1, 5, 3], base[1, 2, 1] = finfo.max, -finfo.max, finfo.smallest_normal / 4
+        for view in (base, base.mT, base[1]):
+            assert bool(F.all_finite(view)) and F.is_finite(view)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for idx in ((0, 0, 0), (1, 3, 2), (1, 5, 3)):
+                t = base.clone()
+                t[idx] = bad
+                for view in (t, t.mT):
+                    assert not bool(F.all_finite(view)) and not F.is_finite(view), (bad, idx)
 
 
 def test_accelerator_step_refuses_a_nan_gradient_and_takes_an_overflowing_norm():
