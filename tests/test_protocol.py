@@ -716,6 +716,35 @@ def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_p
     assert (out / "gap_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_size_scan_marks_a_size_of_one_seed(tmp_path):
+    """A size with one seed so far has no spread: the table says "(1 seed)" and the plot draws it hollow
+    and labelled, so it is not read as a mean."""
+    rows = [
+        {
+            "model": "llama-mini",
+            "parameters": 5.8e6,
+            "steps": 10,
+            "ref": "muon",
+            "ref_loss": (3.5, 0.01),
+            "diffs": {"htmuon": (0.05, 0.01)},
+            "per_seed": {"htmuon": {0: 0.04, 1: 0.05, 2: 0.06}},
+        },
+        {
+            "model": "llama-small",
+            "parameters": 2.3e7,
+            "steps": 20,
+            "ref": "muon",
+            "ref_loss": (3.17, None),
+            "diffs": {"htmuon": (0.0476, None)},
+            "per_seed": {"htmuon": {0: 0.0476}},
+        },
+    ]
+    lines = [ln for ln in cmp.size_scan_table(rows).splitlines() if ln.startswith("| llama-")]
+    assert lines[0].endswith("| +0.0500 ± 0.0100 |") and lines[1].endswith("| +0.0476 (1 seed) |")
+    cmp.plot_gap_vs_params(rows, tmp_path / "gap.png")
+    assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_size_scan_table_is_written_after_each_model(tmp_path, monkeypatch):
     """A scan cut short (here the third model's training fails) still has the table of the models done,
     saying which are left; the completed scan's table has no such line."""

@@ -1269,7 +1269,9 @@ def size_scan_table(rows: list[dict]) -> str:
         cells = []
         for spec in specs:
             m, sd = r["diffs"].get(spec, (None, None))
-            cells.append("-" if m is None else f"{m:+.4f}" + ("" if sd is None else f" ± {sd:.4f}"))
+            n_seeds = len(r["per_seed"].get(spec, {}))
+            spread = " (1 seed)" if n_seeds == 1 else ("" if sd is None else f" ± {sd:.4f}")
+            cells.append("-" if m is None else f"{m:+.4f}" + spread)
         n = r["parameters"]
         lines.append(
             f"| {r['model']} | {n / 1e6:.2f} M | {r['steps']} | {fmt(*r['ref_loss'], digits=4)} | "
@@ -1289,7 +1291,12 @@ def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
         ]
         if pts:
             x, m, sd = zip(*pts)
-            ax.errorbar(x, m, yerr=[v or 0.0 for v in sd], marker="o", capsize=3, label=spec)
+            bars = ax.errorbar(x, m, yerr=[v or 0.0 for v in sd], marker="o", capsize=3, label=spec)
+            for r in rows:  # a point of one seed has no spread to show: hollow, and labelled so
+                if len(r["per_seed"].get(spec, {})) == 1 and r["diffs"][spec][0] is not None:
+                    xy = (r["parameters"], r["diffs"][spec][0])
+                    ax.plot(*xy, marker="o", ms=9, mfc="white", color=bars[0].get_color(), zorder=3)
+                    ax.annotate("1 seed", xy, textcoords="offset points", xytext=(6, 6), fontsize=7)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set(
