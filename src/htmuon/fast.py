@@ -25,9 +25,8 @@ factor ``||X||_S8^p``: ``U s^p V^T = ||X||_S8^p U x^p V^T``. Any scale of X work
 products neither over- nor underflow. On CPU, where ``max |X_ij|`` is outside [``FAST_PLAIN_MIN``,
 ``FAST_PLAIN_MAX``] (decided by one ``aminmax``), X is first scaled by an exact power of two to
 ``max |X_ij|`` in [1/2, 1) and the factor restored in float64. On accelerators and in compiled steps X
-is always scaled, by ``1 / max |X_ij|`` (four kernels; ``max |X_ij|`` clamped at the dtype's smallest
-normal number, so a matrix of subnormals ends below 1, still in range), and the factor comes back as
-``max |X_ij|^p``. So every finite input is safe.
+is always scaled so (seven kernels; ``max |X_ij|`` clamped at the dtype's smallest normal number, so
+that a matrix of subnormals ends lower, still in range). So every finite input is safe.
 
 Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2) X_{t-1}`` (the ``a_t``
 term on the diagonal of the ``m x m`` polynomial), i.e. Muon's three products and no elementwise
@@ -270,21 +269,22 @@ def _fast_iteration(
         if e is not None:
             Xw = _times_pow2(X, -e).to(dtype)
     else:
-        # accelerators, compiled steps: always prescaled (the range check would need a host read), to
-        # max |X_ij| = 1 by the factor 1 / max |X_ij|, in the accumulation dtype, written straight in the
-        # working dtype (four kernels, no float32 temporary). max |X_ij| is clamped at the smallest normal
-        # number of X's dtype, so the factor is representable and a matrix of subnormals ends at
-        # max |X_ij| >= 2^-23 (float32; bfloat16 too, float16 2^-10), inside [FAST_PLAIN_MIN, 1]; a zero
-        # matrix stays zero. Not a power of two: X_0 is rounded once more (a relative 2^-24 in float32
-        # work, far below the map's error), and the norm below is restored through log2 of the factor.
-        e = None
+        # accelerators, compiled steps: always prescaled (the range check would need a host read), by the
+        # exact power of two 2^-e with max |X_ij| = f 2^e (f in [1/2, 1)), written straight in the working
+        # dtype: seven kernels, no float32 temporary. Exact, so a bfloat16 X (a bfloat16 momentum) is not
+        # rounded twice. max |X_ij| is clamped at the smallest normal number of X's dtype, so 2^-e is
+        # representable and a matrix of subnormals ends at max |X_ij| >= 2^-24 (float32; bfloat16 2^-8,
+        # float16 2^-11: inside [FAST_PLAIN_MIN, 1); float64 2^-53, whose products float64 work holds);
+        # a zero matrix stays zero. The norm comes back below through the factor 2^(e p).
         wide = torch.promote_types(X.dtype, acc)
         x_max = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True, dtype=wide)
-        x_max = x_max.clamp_min(torch.finfo(X.dtype).tiny)
+        e_wide = torch.frexp(x_max.clamp_min(torch.finfo(X.dtype).tiny)).exponent.to(wide)
+        factor = torch.exp2(e_wide.neg())
         if torch.compiler.is_compiling():  # fused there anyway (and a strided out= would break the graph)
-            Xw = (X * x_max.reciprocal()).to(dtype)
+            Xw = (X * factor).to(dtype)
         else:
-            Xw = torch.mul(X, x_max.reciprocal(), out=torch.empty_like(X, dtype=dtype))
+            Xw = torch.mul(X, factor, out=torch.empty_like(X, dtype=dtype))
+        e = None
 
     # Normalisation on the m x m side, in the working dtype, from the first step's own products:
     # A = X X^T gives the Frobenius norm (its trace); A_f = A / ||X||_F^2 and A_f^2 give the Schatten-8
@@ -319,9 +319,9 @@ def _fast_iteration(
     if p == 0.0:
         scale = 1.0
     elif not host:
-        # ||X||_S8^p = q^(p/2) max|X_ij|^p, in the accumulation dtype (each factor is in range; where the
-        # product is not, the true result itself exceeds the dtype: capped, as on the host below)
-        scale = (q ** (0.5 * p) * x_max**p).clamp_max(torch.finfo(acc).max).to(acc)
+        # ||X||_S8^p = q^(p/2) 2^(e p) (where the product is out of range, so is the true result: capped
+        # at the dtype's largest value, as on the host below)
+        scale = (q ** (0.5 * p) * torch.exp2(e_wide * p)).clamp_max(torch.finfo(acc).max).to(acc)
     elif e is None:
         scale = min(2.0 ** (0.5 * p * math.log2(q)), torch.finfo(acc).max)
     else:
