@@ -113,6 +113,28 @@ def test_accelerator_prescale_does_not_round_a_bfloat16_input_again(method):
     assert rel_err(acc, ref) <= 1.05 * rel_err(cpu, ref) + 1e-3, (rel_err(acc, ref), rel_err(cpu, ref))
 
 
+def test_fast_backend_takes_one_matrix_and_extreme_values_on_the_accelerator_path():
+    """A single (m, n) matrix runs the batched iteration too (as a compiled step may pass it); a float32
+    matrix near the dtype's maximum stays finite also where subnormals are flushed to zero (its
+    prescale factor 2^-e is kept a normal number)."""
+    from htmuon.fast import fast_spectral_power
+
+    X = torch.randn(8, 24, generator=torch.Generator().manual_seed(0))
+    with accelerator_paths():
+        one = fast_spectral_power(X, 0.125, ns_dtype=torch.float32)
+        batch = fast_spectral_power(X[None], 0.125, ns_dtype=torch.float32)[0]
+    assert one.shape == X.shape and rel_err(one, batch) <= 1e-6
+    huge = X.sign() * torch.finfo(torch.float32).max * 0.99
+    flushing = torch.set_flush_denormal(True)
+    try:
+        with accelerator_paths():
+            out = fast_spectral_power(huge[None], 0.125, ns_dtype=torch.float32)
+    finally:
+        torch.set_flush_denormal(False)
+    if flushing:  # the CPU supports flushing (x86 does)
+        assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
 class _HostReads(TorchDispatchMode):
     """Counts reads of bool values on the host: on a GPU, each is a device synchronisation (the step
     counters are CPU tensors there, and are floats)."""

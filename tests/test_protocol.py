@@ -741,6 +741,9 @@ def test_size_scan_marks_a_size_of_one_seed(tmp_path):
     ]
     lines = [ln for ln in cmp.size_scan_table(rows).splitlines() if ln.startswith("| llama-")]
     assert lines[0].endswith("| +0.0500 ± 0.0100 |") and lines[1].endswith("| +0.0476 (1 seed) |")
+    rows[1]["per_seed"]["htmuon"][1] = float("nan")  # a diverged seed does not count as a seed
+    lines = [ln for ln in cmp.size_scan_table(rows).splitlines() if ln.startswith("| llama-")]
+    assert lines[1].endswith("| +0.0476 (1 seed) |")
     cmp.plot_gap_vs_params(rows, tmp_path / "gap.png")
     assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -272,13 +272,16 @@ def _fast_iteration(
         # accelerators, compiled steps: always prescaled (the range check would need a host read), by the
         # exact power of two 2^-e with max |X_ij| = f 2^e (f in [1/2, 1)), written straight in the working
         # dtype: seven kernels, no float32 temporary. Exact, so a bfloat16 X (a bfloat16 momentum) is not
-        # rounded twice. max |X_ij| is clamped at the smallest normal number of X's dtype, so 2^-e is
-        # representable and a matrix of subnormals ends at max |X_ij| >= 2^-24 (float32; bfloat16 2^-8,
-        # float16 2^-11: inside [FAST_PLAIN_MIN, 1); float64 2^-53, whose products float64 work holds);
-        # a zero matrix stays zero. The norm comes back below through the factor 2^(e p).
+        # rounded twice. e is clamped so that 2^-e and 2^e are normal numbers: a matrix of subnormals
+        # ends at max |X_ij| >= 2^-24 (float32; bfloat16 2^-8, float16 2^-11: inside [FAST_PLAIN_MIN, 1);
+        # float64 2^-53, whose products float64 work holds), one near float32's maximum at < 4 (a
+        # subnormal factor would be flushed to zero where denormals are); a zero matrix stays zero. The
+        # norm comes back below through the factor 2^(e p).
         wide = torch.promote_types(X.dtype, acc)
-        x_max = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True, dtype=wide)
-        e_wide = torch.frexp(x_max.clamp_min(torch.finfo(X.dtype).tiny)).exponent.to(wide)
+        x_max = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True)  # exact in X's dtype
+        lo = math.frexp(torch.finfo(X.dtype).tiny)[1]  # the exponent of the smallest normal number
+        hi = 1 - math.frexp(torch.finfo(wide).tiny)[1]  # the largest e with 2^-e normal
+        e_wide = torch.frexp(x_max).exponent.clamp(lo, hi).to(wide)
         factor = torch.exp2(e_wide.neg())
         if torch.compiler.is_compiling():  # fused there anyway (and a strided out= would break the graph)
             Xw = (X * factor).to(dtype)
@@ -368,7 +371,8 @@ def _fast_iteration(
             if S is None:  # no pivot (one step, or w_1..w_{T-1} all zero): X_0's term here
                 S, pivot = _scaled(Xw, k * w[0], out), 1.0
             if isinstance(scale, Tensor):  # per-matrix: the product into S (host ratio), then one scaling
-                return S.baddbmm_(B, X_prev, alpha=w[T] / pivot).mul_(scale * pivot)
+                accumulate_ = S.addmm_ if S.ndim == 2 else S.baddbmm_
+                return accumulate_(B, X_prev, alpha=w[T] / pivot).mul_(scale * pivot)
             return _sum_product(S, B, X_prev, scale * pivot, scale * w[T])
         X_t = _mm(B, X_prev)
         if S is not None and t == T - 1 and w[T] != 0.0:
