@@ -25,8 +25,9 @@ factor ``||X||_S8^p``: ``U s^p V^T = ||X||_S8^p U x^p V^T``. Any scale of X work
 products neither over- nor underflow. On CPU, where ``max |X_ij|`` is outside [``FAST_PLAIN_MIN``,
 ``FAST_PLAIN_MAX``] (decided by one ``aminmax``), X is first scaled by an exact power of two to
 ``max |X_ij|`` in [1/2, 1) and the factor restored in float64. On accelerators and in compiled steps X
-is always scaled so (seven kernels; ``max |X_ij|`` clamped at the dtype's smallest normal number, so
-that a matrix of subnormals ends lower, still in range). So every finite input is safe.
+is always scaled so (seven kernels; the exponent clamped so that the factor is a normal number: a
+matrix of subnormals ends lower, one near float32's maximum higher, both still in range). So every
+finite input is safe.
 
 Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2) X_{t-1}`` (the ``a_t``
 term on the diagonal of the ``m x m`` polynomial), i.e. Muon's three products and no elementwise
@@ -270,13 +271,13 @@ def _fast_iteration(
             Xw = _times_pow2(X, -e).to(dtype)
     else:
         # accelerators, compiled steps: always prescaled (the range check would need a host read), by the
-        # exact power of two 2^-e with max |X_ij| = f 2^e (f in [1/2, 1)), written straight in the working
-        # dtype: seven kernels, no float32 temporary. Exact, so a bfloat16 X (a bfloat16 momentum) is not
-        # rounded twice. e is clamped so that 2^-e and 2^e are normal numbers: a matrix of subnormals
-        # ends at max |X_ij| >= 2^-24 (float32; bfloat16 2^-8, float16 2^-11: inside [FAST_PLAIN_MIN, 1);
-        # float64 2^-53, whose products float64 work holds), one near float32's maximum at < 4 (a
-        # subnormal factor would be flushed to zero where denormals are); a zero matrix stays zero. The
-        # norm comes back below through the factor 2^(e p).
+        # exact power of two 2^-e with max |X_ij| = f 2^e (f in [1/2, 1)), written straight in the
+        # working dtype: seven kernels (on a GPU no float32 temporary). Exact, so a bfloat16 X (a
+        # bfloat16 momentum) is not rounded twice. e is clamped so that 2^-e and 2^e are normal
+        # numbers: a matrix of subnormals ends at max |X_ij| >= 2^-24 (float32; bfloat16 2^-8, float16
+        # 2^-11: inside [FAST_PLAIN_MIN, 1); float64 2^-53, whose products float64 work holds), one
+        # near float32's maximum at < 4 (a subnormal factor would be flushed to zero where denormals
+        # are); a zero matrix stays zero. The norm comes back below through the factor 2^(e p).
         wide = torch.promote_types(X.dtype, acc)
         x_max = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True)  # exact in X's dtype
         lo = math.frexp(torch.finfo(X.dtype).tiny)[1]  # the exponent of the smallest normal number
