@@ -91,14 +91,17 @@ def test_accelerator_paths_in_bfloat16_stay_within_bfloat16_rounding(monkeypatch
         assert rel_err(b, a) <= 2e-2  # measured 3.6e-3: bfloat16 roundings in another order (eps 7.8e-3)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("method", ["fast", "fast5"])
-def test_accelerator_prescale_does_not_round_a_bfloat16_input_again(method):
+def test_accelerator_prescale_does_not_round_a_bfloat16_input_again(method, device):
     """A bfloat16 input (a bfloat16 momentum) is scaled by an exact power of two on the accelerator
     path, so its error against the exact map of that same input is the CPU path's, which takes it as it
     is. A prescale that rounds it again (e.g. by 1 / max |X_ij|) costs up to the error of rounding the
     input (on this heavy-tailed spectrum: `fast` 2.8% -> 4.9% at 512 x 1376, measured)."""
     from htmuon import spectral_power
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     g = torch.Generator().manual_seed(0)
     m, n = 128, 320
     U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
@@ -108,8 +111,8 @@ def test_accelerator_prescale_does_not_round_a_bfloat16_input_again(method):
     u, sv, vh = torch.linalg.svd(G16.double(), full_matrices=False)
     ref = (u * sv.pow(0.125)) @ vh
     cpu = spectral_power(G16, 0.125, method=method, ns_dtype=torch.bfloat16)
-    with accelerator_paths():
-        acc = spectral_power(G16, 0.125, method=method, ns_dtype=torch.bfloat16)
+    with accelerator_paths() if device == "cpu" else contextlib.nullcontext():  # a GPU takes that path
+        acc = spectral_power(G16.to(device), 0.125, method=method, ns_dtype=torch.bfloat16).cpu()
     assert rel_err(acc, ref) <= 1.05 * rel_err(cpu, ref) + 1e-3, (rel_err(acc, ref), rel_err(cpu, ref))
 
 
