@@ -26,7 +26,7 @@ products neither over- nor underflow. On CPU, where ``max |X_ij|`` is outside [`
 ``FAST_PLAIN_MAX``] (decided by one ``aminmax``), X is first scaled by an exact power of two to
 ``max |X_ij|`` in [1/2, 1) and the factor restored in float64. On accelerators and in compiled steps X
 is always scaled so (seven kernels; the exponent clamped so that the factor is a normal number: a
-matrix of subnormals ends lower, one near float32's maximum higher, both still in range). So every
+matrix of subnormals ends lower, one near the dtype's maximum higher, both still in range). So every
 finite input is safe.
 
 Cost. Each step is ONE product of the iterate: ``X_t = (a_t I + b_t A + c_t A^2) X_{t-1}`` (the ``a_t``
@@ -271,18 +271,14 @@ def _fast_iteration(
             Xw = _times_pow2(X, -e).to(dtype)
     else:
         # accelerators, compiled steps: always prescaled (the range check would need a host read), by the
-        # exact power of two 2^-e with max |X_ij| = f 2^e (f in [1/2, 1)), written straight in the
-        # working dtype: seven kernels (on a GPU no float32 temporary). Exact, so a bfloat16 X (a
-        # bfloat16 momentum) is not rounded twice. e is clamped so that 2^-e and 2^e are normal
-        # numbers: a matrix of subnormals ends at max |X_ij| >= 2^-24 (float32; bfloat16 2^-8, float16
-        # 2^-11: inside [FAST_PLAIN_MIN, 1); float64 2^-53, whose products float64 work holds), one
-        # near float32's maximum at < 4 (a subnormal factor would be flushed to zero where denormals
-        # are); a zero matrix stays zero. The norm comes back below through the factor 2^(e p).
+        # exact power of two 2^-e of pow2_exponent (clamped there so that 2^-e is a normal number: a
+        # matrix of float32 (bfloat16, float16) subnormals ends at max |X_ij| >= 2^-22 (2^-6, 2^-9),
+        # inside [FAST_PLAIN_MIN, 1), float64 ones at >= 2^-51, whose products float64 work holds),
+        # applied in the wider of X's and the accumulation dtype and written straight in the working
+        # dtype: seven kernels (on a GPU no float32 temporary). Exact, so a bfloat16 X (a bfloat16
+        # momentum) is not rounded twice. The norm comes back below through the factor 2^(e p).
         wide = torch.promote_types(X.dtype, acc)
-        x_max = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True)  # exact in X's dtype
-        lo = math.frexp(torch.finfo(X.dtype).tiny)[1]  # the exponent of the smallest normal number
-        hi = 1 - math.frexp(torch.finfo(wide).tiny)[1]  # the largest e with 2^-e normal
-        e_wide = torch.frexp(x_max).exponent.clamp(lo, hi).to(wide)
+        e_wide = pow2_exponent(X).to(wide)
         factor = torch.exp2(e_wide.neg())
         if torch.compiler.is_compiling():  # fused there anyway (and a strided out= would break the graph)
             Xw = (X * factor).to(dtype)

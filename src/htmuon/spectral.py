@@ -236,22 +236,29 @@ def pow2_exponent(X: Tensor, *, representable: bool = True) -> Tensor:
     r"""Per-matrix binary exponent ``e`` of ``max |X_ij|`` (``max |X_ij| = f 2^e``, ``f`` in [1/2, 1)).
 
     ``X 2^{-e}`` then has its largest entry in [1/2, 1), exactly (a power-of-two scaling rounds
-    nothing). With ``representable=True``, ``e`` is clamped below so that ``2^{-e}`` is representable
-    in X's dtype (a matrix of subnormal numbers is scaled up by ``2^{k_max}`` only, to ``max |X_ij|
-    >= 2^-22`` in float32); a zero matrix has ``e = 0``.
+    nothing). With ``representable=True``, ``e`` is clamped so that ``2^{-e}`` is representable in
+    X's dtype and a normal number: a matrix of subnormal numbers is scaled up by ``2^{k_max}`` only,
+    to ``max |X_ij| >= 2^-22`` in float32 (bfloat16 ``2^-6``, float16 ``2^-9``, float64 ``2^-51``), and
+    one near the dtype's maximum down to ``max |X_ij|`` in [1/2, 4) (a subnormal factor would be
+    flushed to zero where denormals are); a zero matrix has ``e = 0``.
 
     Args:
         X: ``(..., m, n)`` floating-point tensor.
-        representable: clamp ``e`` so that ``2^{-e}`` is representable in X's dtype.
+        representable: clamp ``e`` so that ``2^{-e}`` is a representable normal number of X's dtype.
 
     Returns:
         ``(..., 1, 1)`` int32 tensor.
     """
-    # max |X_ij| as max(max X, -min X): two plain reductions, no |X| temporary (on CPU ~10x faster than
-    # vector_norm(ord=inf), which was the largest elementwise cost of a Muon step here)
-    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
+    if host_path(X.device):
+        # max |X_ij| as max(max X, -min X): two plain reductions, no |X| temporary (on CPU ~10x faster
+        # than vector_norm(ord=inf), which was the largest elementwise cost of a Muon step here)
+        amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
+    else:  # accelerators, compiled steps: one reduction kernel instead of four launches
+        amax = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True)
     e = torch.frexp(amax).exponent
-    return e.clamp_min(-_max_exponent(X.dtype)) if representable else e
+    if not representable:
+        return e
+    return e.clamp(-_max_exponent(X.dtype), 1 - math.frexp(torch.finfo(X.dtype).tiny)[1])
 
 
 def _times_pow2(X: Tensor, k: Tensor) -> Tensor:

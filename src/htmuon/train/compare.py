@@ -1258,6 +1258,11 @@ def size_scan_rows(per_model: dict[str, dict]) -> list[dict]:
     return sorted(rows, key=lambda r: r["parameters"] or 0)
 
 
+def _finite_seeds(row: dict, spec: str) -> int:
+    """How many seeds of ``spec`` a size-scan row's mean is over (a diverged seed's NaN is left out)."""
+    return sum(math.isfinite(d) for d in row["per_seed"].get(spec, {}).values())
+
+
 def size_scan_table(rows: list[dict]) -> str:
     specs = list(dict.fromkeys(k for r in rows for k in r["diffs"]))
     ref = rows[0]["ref"]
@@ -1269,8 +1274,7 @@ def size_scan_table(rows: list[dict]) -> str:
         cells = []
         for spec in specs:
             m, sd = r["diffs"].get(spec, (None, None))
-            n_seeds = sum(math.isfinite(d) for d in r["per_seed"].get(spec, {}).values())
-            spread = " (1 seed)" if n_seeds == 1 else ("" if sd is None else f" ± {sd:.4f}")
+            spread = " (1 seed)" if _finite_seeds(r, spec) == 1 else ("" if sd is None else f" ± {sd:.4f}")
             cells.append("-" if m is None else f"{m:+.4f}" + spread)
         n = r["parameters"]
         lines.append(
@@ -1293,8 +1297,7 @@ def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
             x, m, sd = zip(*pts)
             bars = ax.errorbar(x, m, yerr=[v or 0.0 for v in sd], marker="o", capsize=3, label=spec)
             for r in rows:  # a point of one seed has no spread to show: hollow, and labelled so
-                finite = [d for d in r["per_seed"].get(spec, {}).values() if math.isfinite(d)]
-                if len(finite) == 1 and r["diffs"][spec][0] is not None:
+                if _finite_seeds(r, spec) == 1 and r["diffs"][spec][0] is not None:
                     xy = (r["parameters"], r["diffs"][spec][0])
                     ax.plot(*xy, marker="o", ms=9, mfc="white", color=bars[0].get_color(), zorder=3)
                     ax.annotate("1 seed", xy, textcoords="offset points", xytext=(6, 6), fontsize=7)
