@@ -3,6 +3,7 @@ the CPU paths, no host reads but the finite checks, and the batched pieces they 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import pytest
@@ -227,12 +228,57 @@ def test_stacked_momentum_directions_are_the_stacked_directions_bit_for_bit():
     shapes = [(16, 24), (2, 16, 24), (16, 24)]
     grads = [torch.randn(s, generator=g) for s in shapes]
     bufs = [torch.randn(s, generator=g) for s in shapes]
+    grads[2] = torch.randn(24, 16, generator=g).T  # a transposed (non-contiguous) gradient
+    before = [b.clone() for b in bufs]
     for nesterov in (True, False):
         got = F.stacked_momentum_directions(grads, bufs, 0.95, nesterov)
         want = torch.cat(
             [F.matrix_view(F.momentum_direction(gr, b, 0.95, nesterov)) for gr, b in zip(grads, bufs)]
         )
         assert got.shape == (4, 16, 24) and torch.equal(got, want)
+        assert all(torch.equal(b, b0) for b, b0 in zip(bufs, before))  # the buffers are not changed
+    # conv kernels flattened to out x (in * kh * kw), one channels_last; only 2-D items: one stack
+    convs = [torch.randn(8, 3, 2, 2, generator=g) for _ in range(4)]
+    convs[1] = convs[1].to(memory_format=torch.channels_last)
+    cbufs = [torch.randn(8, 3, 2, 2, generator=g) for _ in range(4)]
+    flat = [torch.randn(8, 12, generator=g) for _ in range(2)]
+    for grads, bufs in ((convs, cbufs), (flat, [torch.randn(8, 12, generator=g) for _ in range(2)])):
+        got = F.stacked_momentum_directions(grads, bufs, 0.9, True, batch_3d=False)
+        want = torch.cat(
+            [F.matrix_view(F.momentum_direction(gr, b, 0.9, True), False) for gr, b in zip(grads, bufs)]
+        )
+        assert torch.equal(got, want)
+
+
+def _step_operators(n: int, **kw) -> list[str]:
+    """The top-level operators of one accelerator-path step (the second) on ``n`` same-shape matrices."""
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(24, 40, generator=g)) for _ in range(n)]
+    opt = HTMuon(params, lr=0.02, chunk_bytes=2**30, **kw)
+    with accelerator_paths():
+        for step in range(2):
+            for p in params:
+                p.grad = torch.randn(24, 40, generator=g)
+            if step == 0:
+                opt.step()
+                continue
+            with torch.profiler.profile() as prof:
+                opt.step()
+    return [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    ]
+
+
+@pytest.mark.parametrize("kw", [{}, {"p": 0.0, "weight_decay": 0.1}, {"nesterov": False}])
+def test_accelerator_step_operators_do_not_grow_with_the_number_of_matrices(kw):
+    """On a GPU a step is bound by its operator launches (BENCHMARKS.md §A-7): the momentum of a chunk is
+    built from two stacks and the updates are foreach calls, so a chunk of 8 matrices dispatches the
+    operators of a chunk of 2, but for reading each matrix's step counter (a CPU tensor: no launch)."""
+    extra = collections.Counter(_step_operators(8, **kw)) - collections.Counter(_step_operators(2, **kw))
+    assert extra == collections.Counter({"aten::item": 6}), extra
     with pytest.raises(ValueError, match="same-shape"):
         F.stacked_momentum_directions(
             [torch.zeros(4, 5), torch.zeros(5, 4)], [torch.zeros(4, 5)] * 2, 0.9, True

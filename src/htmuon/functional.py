@@ -226,30 +226,37 @@ def momentum_direction(
 def stacked_momentum_directions(
     grads: Sequence[Tensor], bufs: Sequence[Tensor], beta: float, nesterov: bool, batch_3d: bool = True
 ) -> Tensor:
-    """:func:`momentum_direction` of same-shape matrices written straight into one ``(sum B, m, n)`` stack
-    (the input of one backend call), each into its slice: no per-matrix ``N_t`` and no stacking copy.
+    """:func:`momentum_direction` of same-shape matrices as one ``(sum B, m, n)`` stack (the input of one
+    backend call), in four operators whatever the number of matrices.
 
-    Same bits as stacking the out-of-place :func:`momentum_direction` of each. The stack has the
-    first buffer's dtype and the first gradient's device; every item must view as the same ``(m, n)``.
-    In a compiled step, an item whose gradient or buffer is not contiguous (``channels_last``, a
-    permuted 3-D parameter) is computed out of place and copied in: ``out=`` into a view of another
-    layout does not trace (functionalization cannot view the result back).
+    The buffers and the gradients are each stacked once (one copy kernel each), then the two lerps of
+    :func:`momentum_direction` run on the stacks: ``M = stack(bufs).lerp_(stack(grads), 1 - beta)`` and
+    ``N = stack(grads).lerp_(M, beta)``. Per matrix that was four operators (a slice, a view, two
+    lerps), the launches that bound the step on a GPU (BENCHMARKS.md §A-7, §A-10). Same elementwise
+    lerps, so the same bits as stacking the out-of-place :func:`momentum_direction` of each. The
+    gradients' stack is transient: it becomes ``N`` (the buffers' stack is freed), and while both are
+    alive the chunk's spectral map has not started (its workspace is larger, :func:`chunk_work_bytes`).
+    The stack has the first buffer's dtype and the first gradient's device; every item must view as
+    the same ``(m, n)``.
     """
     shapes = [matrix_shape(g.shape, batch_3d) for g in grads]
     m, n = shapes[0][1:]
     if any(s[1:] != (m, n) for s in shapes):
         raise ValueError(f"stacked_momentum_directions needs same-shape matrices, got {sorted(set(shapes))}")
-    stack = torch.empty(sum(s[0] for s in shapes), m, n, dtype=bufs[0].dtype, device=grads[0].device)
-    start = 0
-    compiling = torch.compiler.is_compiling()
-    for grad, buf, (b, _, _) in zip(grads, bufs, shapes):
-        part = stack[start : start + b].view(grad.shape)
-        if compiling and not (grad.is_contiguous() and buf.is_contiguous()):
-            part.copy_(momentum_direction(grad, buf, beta, nesterov))
-        else:
-            momentum_direction(grad, buf, beta, nesterov, out=part)
-        start += b
-    return stack
+    M = _stack_matrices(bufs, shapes)
+    G = _stack_matrices(grads, shapes)
+    M.lerp_(G, 1.0 - beta)
+    if not nesterov:
+        return M
+    return G.lerp_(M, beta)
+
+
+def _stack_matrices(ts: Sequence[Tensor], shapes: Sequence[tuple[int, int, int]]) -> Tensor:
+    """The ``(sum B, m, n)`` stack of parameter-shaped tensors, in one copy (2-D items need no views)."""
+    m, n = shapes[0][1:]
+    if all(t.shape == (m, n) for t in ts):
+        return torch.stack(list(ts))
+    return torch.cat([t.reshape(s) for t, s in zip(ts, shapes)])
 
 
 def commit_momentum_(buf: Tensor, grad: Tensor, beta: float) -> None:
@@ -422,12 +429,22 @@ def decoupled_updates_(
     params: list[Tensor], directions: list[Tensor], lr: float, wd: float, scales: list[float]
 ) -> None:
     """:func:`decoupled_update_` of many parameters: the weight decay of all in one
-    ``torch._foreach_mul_`` (one launch per few tensors on CUDA, not one each), then each step's add
-    (a bfloat16 direction upcast inside the add, as there). ``directions[i]`` has ``params[i]``'s shape."""
+    ``torch._foreach_mul_``, then the steps in one ``torch._foreach_add_`` per lr scale (one Python
+    call, and on CUDA a few multi-tensor kernels where the dtypes agree, instead of one launch each).
+    A bfloat16 direction of a float32 parameter is upcast inside the add, as in :func:`decoupled_update_`
+    (same bits: where dtypes differ, the foreach call runs each tensor's own ``add_``).
+    ``directions[i]`` has ``params[i]``'s shape."""
     if wd != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * wd)
+    by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for param, O, scale in zip(params, directions, scales):
-        decoupled_update_(param, O, lr, 0.0, scale)
+        if O.dtype != param.dtype and torch.finfo(O.dtype).bits >= torch.finfo(param.dtype).bits:
+            O = O.to(param.dtype)
+        ps, os = by_scale.setdefault(float(scale), ([], []))
+        ps.append(param)
+        os.append(O)
+    for scale, (ps, os) in by_scale.items():
+        torch._foreach_add_(ps, os, alpha=-lr * scale)
 
 
 def adamw(

@@ -738,7 +738,8 @@ class HTMuon(Optimizer):
                 del N
         if not pipelined and self._dist is None:
             # accelerators, compiled steps: one backend call per chunk of the plan (same shape and
-            # schedule), its N_t written straight into the stack, built only when the chunk is computed
+            # schedule), its N_t built on the stacked buffers and gradients (four operators per chunk,
+            # whatever its length) only when the chunk is computed
             start, check = 0, bool(group["check_finite"])
             for size in chunks:
                 part = slice(start, start + size)
@@ -747,7 +748,10 @@ class HTMuon(Optimizer):
                 )
                 O = F.safe_direction(F.plugin_input_(stack, group["plugin"]), group, corrected[start], check)
                 del stack
-                directions += O.split([F.matrix_shape(p.shape, batch_3d)[0] for p in params[part]])
+                if group["plugin"] is None and all(p.ndim == 2 for p in params[part]):
+                    directions += O.unbind(0)  # each (m, n): the parameter's shape, no view per matrix
+                else:
+                    directions += O.split([F.matrix_shape(p.shape, batch_3d)[0] for p in params[part]])
                 start += size
         elif not pipelined:  # replicated (DDP) parameters: each rank computes its share, then all share
             directions = self._dist.compute_directions(group, mats, corrected, owners)
@@ -800,7 +804,7 @@ class HTMuon(Optimizer):
         torch._foreach_add_([s["step"] for s in states], 1)
         F.decoupled_updates_(
             params,
-            [O.reshape(p.shape) for p, O, _, _ in pending],
+            [O if O.shape == p.shape else O.reshape(p.shape) for p, O, _, _ in pending],
             lr,
             wd,
             [F.lr_scale(*O.shape[-2:], group["lr_adjust"]) for _, O, _, _ in pending],
