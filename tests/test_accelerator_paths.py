@@ -248,17 +248,21 @@ def test_stacked_momentum_directions_are_the_stacked_directions_bit_for_bit():
             [F.matrix_view(F.momentum_direction(gr, b, 0.9, True), False) for gr, b in zip(grads, bufs)]
         )
         assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="same-shape"):
+        F.stacked_momentum_directions(
+            [torch.zeros(4, 5), torch.zeros(5, 4)], [torch.zeros(4, 5)] * 2, 0.9, True
+        )
 
 
-def _step_operators(n: int, **kw) -> list[str]:
+def _step_operators(n: int, shape: tuple[int, ...] = (24, 40), **kw) -> list[str]:
     """The top-level operators of one accelerator-path step (the second) on ``n`` same-shape matrices."""
     g = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(24, 40, generator=g)) for _ in range(n)]
+    params = [nn.Parameter(torch.randn(shape, generator=g)) for _ in range(n)]
     opt = HTMuon(params, lr=0.02, chunk_bytes=2**30, **kw)
     with accelerator_paths():
         for step in range(2):
             for p in params:
-                p.grad = torch.randn(24, 40, generator=g)
+                p.grad = torch.randn(shape, generator=g)
             if step == 0:
                 opt.step()
                 continue
@@ -272,17 +276,16 @@ def _step_operators(n: int, **kw) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("kw", [{}, {"p": 0.0, "weight_decay": 0.1}, {"nesterov": False}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"p": 0.0, "weight_decay": 0.1}, {"nesterov": False}, {"shape": (2, 24, 40)}]
+)
 def test_accelerator_step_operators_do_not_grow_with_the_number_of_matrices(kw):
     """On a GPU a step is bound by its operator launches (BENCHMARKS.md §A-7): the momentum of a chunk is
-    built from two stacks and the updates are foreach calls, so a chunk of 8 matrices dispatches the
-    operators of a chunk of 2, but for reading each matrix's step counter (a CPU tensor: no launch)."""
+    built from two stacks and the updates are foreach calls, so a chunk of 8 matrices (2-D, or 3-D
+    batches) dispatches the operators of a chunk of 2, but for reading each matrix's step counter (a
+    CPU tensor: no launch)."""
     extra = collections.Counter(_step_operators(8, **kw)) - collections.Counter(_step_operators(2, **kw))
     assert extra == collections.Counter({"aten::item": 6}), extra
-    with pytest.raises(ValueError, match="same-shape"):
-        F.stacked_momentum_directions(
-            [torch.zeros(4, 5), torch.zeros(5, 4)], [torch.zeros(4, 5)] * 2, 0.9, True
-        )
 
 
 def test_foreach_commit_and_update_equal_the_per_tensor_ones():

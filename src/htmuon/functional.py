@@ -233,9 +233,11 @@ def stacked_momentum_directions(
     :func:`momentum_direction` run on the stacks: ``M = stack(bufs).lerp_(stack(grads), 1 - beta)`` and
     ``N = stack(grads).lerp_(M, beta)``. Per matrix that was four operators (a slice, a view, two
     lerps), the launches that bound the step on a GPU (BENCHMARKS.md §A-7, §A-10). Same elementwise
-    lerps, so the same bits as stacking the out-of-place :func:`momentum_direction` of each. The
-    gradients' stack is transient: it becomes ``N`` (the buffers' stack is freed), and while both are
-    alive the chunk's spectral map has not started (its workspace is larger, :func:`chunk_work_bytes`).
+    lerps, so the same bits as stacking the out-of-place :func:`momentum_direction` of each. One of
+    the two stacks is transient (with Nesterov the gradients' stack becomes ``N`` and the buffers' is
+    freed; without, the other way round), and while both are alive the chunk's spectral map has not
+    started (its workspace is larger, :func:`chunk_work_bytes`). Flattened conv kernels (4-D, or 3-D
+    with ``batch_3d=False``) take one view each on the way in.
     The stack has the first buffer's dtype and the first gradient's device; every item must view as
     the same ``(m, n)``.
     """
@@ -252,11 +254,14 @@ def stacked_momentum_directions(
 
 
 def _stack_matrices(ts: Sequence[Tensor], shapes: Sequence[tuple[int, int, int]]) -> Tensor:
-    """The ``(sum B, m, n)`` stack of parameter-shaped tensors, in one copy (2-D items need no views)."""
+    """The ``(sum B, m, n)`` stack of parameter-shaped tensors, in one copy (2-D items and 3-D batches need
+    no views)."""
     m, n = shapes[0][1:]
     if all(t.shape == (m, n) for t in ts):
         return torch.stack(list(ts))
-    return torch.cat([t.reshape(s) for t, s in zip(ts, shapes)])
+    if all(t.shape == s for t, s in zip(ts, shapes)):  # 3-D batches (batch_3d)
+        return torch.cat(list(ts))
+    return torch.cat([t.reshape(s) for t, s in zip(ts, shapes)])  # flattened conv kernels: a view each
 
 
 def commit_momentum_(buf: Tensor, grad: Tensor, beta: float) -> None:
