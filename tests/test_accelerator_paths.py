@@ -302,6 +302,16 @@ def test_foreach_commit_and_update_equal_the_per_tensor_ones():
         F.commit_momentum_(b, gr, 0.95)
         F.decoupled_update_(p, d, 0.02, 0.1, s)
         assert torch.equal(b, nb) and torch.equal(p, np_)
+    # bfloat16 / float16 parameters (with float32, in one call): the decay multiplies as mul_ does. A
+    # foreach multiply on CPU rounds 1 - lr wd to the parameters' dtype first (0.998 -> 0.99609375)
+    for dtype in (torch.bfloat16, torch.float16):
+        params = [torch.randn(64, 64, generator=g).to(dtype), torch.randn(64, 64, generator=g)]
+        dirs = [torch.randn(64, 64, generator=g).to(dtype), torch.randn(64, 64, generator=g).bfloat16()]
+        p1 = [p.clone() for p in params]
+        F.decoupled_updates_(p1, dirs, 0.02, 0.1, [1.0, 1.0])
+        for p, d, np_ in zip(params, dirs, p1):
+            F.decoupled_update_(p, d, 0.02, 0.1, 1.0)
+            assert torch.equal(p, np_), dtype
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -430,6 +430,11 @@ def decoupled_update_(param: Tensor, O: Tensor, lr: float, wd: float, scale: flo
     param.add_(O, alpha=-lr * scale)
 
 
+#: Dtypes whose CPU ``torch._foreach_mul_`` by a Python number rounds the number first (see
+#: :func:`decoupled_updates_`).
+_ROUNDED_SCALAR_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def decoupled_updates_(
     params: list[Tensor], directions: list[Tensor], lr: float, wd: float, scales: list[float]
 ) -> None:
@@ -438,9 +443,22 @@ def decoupled_updates_(
     call, and on CUDA a few multi-tensor kernels where the dtypes agree, instead of one launch each).
     A bfloat16 direction of a float32 parameter is upcast inside the add, as in :func:`decoupled_update_`
     (same bits: where dtypes differ, the foreach call runs each tensor's own ``add_``).
-    ``directions[i]`` has ``params[i]``'s shape."""
+    ``directions[i]`` has ``params[i]``'s shape.
+
+    bfloat16 and float16 parameters on CPU take their weight decay one ``mul_`` each: there
+    ``torch._foreach_mul_`` by a Python number first rounds the number to the list's dtype (1 - 0.002
+    becomes 0.99609375 in bfloat16, twice the decay asked for; torch 2.13), where ``mul_`` multiplies
+    in float32 and rounds once. (CUDA's foreach kernels compute in float32 by design; not checked on a
+    GPU in this project.)"""
     if wd != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * wd)
+        factor, rest = 1.0 - lr * wd, []
+        for p in params:
+            if p.device.type == "cpu" and p.dtype in _ROUNDED_SCALAR_DTYPES:
+                p.mul_(factor)
+            else:
+                rest.append(p)
+        if rest:
+            torch._foreach_mul_(rest, factor)
     by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for param, O, scale in zip(params, directions, scales):
         if O.dtype != param.dtype and torch.finfo(O.dtype).bits >= torch.finfo(param.dtype).bits:
