@@ -204,22 +204,31 @@ def matrices_stepped(opt) -> int:
 
 
 class CountComputed:
-    """Counts the matrices this rank passes to the spectral map (``htmuon.functional.compute_directions``)."""
+    """Counts the matrices this rank passes to the spectral map (``htmuon.functional.compute_directions``)
+    and the momentum directions it builds (``htmuon.functional.momentum_direction``)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.momenta = 0
         self._orig = htmuon.functional.compute_directions
+        self._orig_momentum = htmuon.functional.momentum_direction
 
     def __enter__(self) -> CountComputed:
         def counting(mats, corrected, group):
             self.count += len(mats)
             return self._orig(mats, corrected, group)
 
+        def counting_momentum(*args, **kwargs):
+            self.momenta += 1
+            return self._orig_momentum(*args, **kwargs)
+
         htmuon.functional.compute_directions = counting
+        htmuon.functional.momentum_direction = counting_momentum
         return self
 
     def __exit__(self, *exc) -> None:
         htmuon.functional.compute_directions = self._orig
+        htmuon.functional.momentum_direction = self._orig_momentum
 
 
 def ddp_exact(options: dict) -> dict:
@@ -240,6 +249,7 @@ def ddp_exact(options: dict) -> dict:
         "bytes_received": stats.bytes_received,
         "bytes_sent": stats.bytes_sent,
         "computed": counted.count,
+        "momenta": counted.momenta,
         "matrices": matrices_stepped(opt),
     }
 

@@ -281,6 +281,9 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
     assert sent == sum(results[rank][f"{mode}/{variant}"]["bytes_received"] for rank in range(WORLD))
     assert all(c > 0 for c in computed), computed
     assert sum(computed) == results[0][f"{mode}/{variant}"]["matrices"], computed  # each once per step
+    if mode == "ddp_exact":  # and only its owner builds its momentum direction N_t
+        momenta = [results[rank][f"{mode}/{variant}"]["momenta"] for rank in range(WORLD)]
+        assert sum(momenta) == sum(computed), (momenta, computed)
     if mode == "fsdp_exact" and variant == "windows_normuon":
         # chunk_bytes=1: each matrix was exchanged, computed and applied in a window of its own (two
         # all_to_all and one all_reduce per window), not all of the group's matrices at once

@@ -538,19 +538,27 @@ class DistributedStep:
         world = self._dist.get_world_size(self.replicated_group)
         return plan_replicated_step(keys, mshapes, itemsizes, budget, world)
 
+    def replicated_rank(self) -> int:
+        """This process's rank in the replicated group (0 without one)."""
+        pg = self.replicated_group
+        return 0 if pg is None else self._dist.get_rank(pg)
+
     def compute_directions(
         self,
         group: dict[str, Any],
         mats: list[Tensor],
         corrected: list[bool],
         owners: Sequence[int] | None = None,
+        device: torch.device | None = None,
     ) -> list[Tensor]:
         """Spectral map of replicated matrices: each rank computes its owned share, one all_gather.
 
         ``owners``: the rank computing each matrix (from :meth:`plan`, for the whole step); by default
-        :func:`assign_owners` over ``mats`` alone. Each rank's part starts with a status (0: computed,
-        1: failed), so a failure on one rank reaches every rank in the same collective and all of
-        them refuse the step.
+        :func:`assign_owners` over ``mats`` alone. With ``owners`` given, the matrices this rank does not
+        own are only read for their shape and dtype, so they may be ``meta`` tensors (the optimizer
+        builds no momentum direction for them); ``device`` is then where the exchange runs. Each
+        rank's part starts with a status (0: computed, 1: failed), so a failure on one rank reaches
+        every rank in the same collective and all of them refuse the step.
         """
         pg = self.replicated_group
         world = 1 if pg is None else self._dist.get_world_size(pg)
@@ -570,7 +578,8 @@ class DistributedStep:
         # memory layout (a transposed view for tall matrices; reductions in the plug-in depend on
         # it), so a one-number header per matrix says which dtype and whether transposed.
         wire = _direction_wire_dtype(group, mats)
-        device = mats[0].device
+        if device is None:
+            device = mats[0].device
         sizes = [1] * world
         for i, o in enumerate(owners):
             sizes[o] += 1 + mats[i].numel()

@@ -710,7 +710,8 @@ class HTMuon(Optimizer):
         pipelined = self._dist is None and bool(params) and not F.stacks_matrices(params[0].device)
         directions = []
         scratch = {} if scratch is None else scratch
-        for p, c in zip(params, corrected):
+        rank = self._dist.replicated_rank() if owners is not None else 0
+        for i, (p, c) in enumerate(zip(params, corrected)):
             state = self.state.get(p)
             buf = (
                 state["momentum_buffer"]
@@ -732,6 +733,9 @@ class HTMuon(Optimizer):
                     O = O.clone()  # a backend that returned (a view of) its input: keep it out of the buffer
                 directions.append(O)
                 del N
+            elif owners is not None and owners[i] != rank:
+                # DDP: another rank computes this matrix's direction; only its shape and dtype are read
+                mats.append(torch.empty(F.matrix_shape(p.shape, batch_3d), dtype=p.dtype, device="meta"))
             elif self._dist is not None:
                 N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
                 mats.append(F.plugin_input_(N, group["plugin"]))
@@ -754,7 +758,8 @@ class HTMuon(Optimizer):
                     directions += O.split([F.matrix_shape(p.shape, batch_3d)[0] for p in params[part]])
                 start += size
         elif not pipelined:  # replicated (DDP) parameters: each rank computes its share, then all share
-            directions = self._dist.compute_directions(group, mats, corrected, owners)
+            device = params[0].device if params else None
+            directions = self._dist.compute_directions(group, mats, corrected, owners, device)
         del mats
         out = []
         for p, buf, O in zip(params, bufs, directions):
