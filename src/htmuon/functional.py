@@ -423,11 +423,18 @@ def decoupled_update_(param: Tensor, O: Tensor, lr: float, wd: float, scale: flo
     in ``torch.optim.Muon``): the add upcasts it exactly. A wider ``O`` is rounded to ``param``'s
     dtype first.
     """
-    if O.dtype != param.dtype and torch.finfo(O.dtype).bits >= torch.finfo(param.dtype).bits:
-        O = O.to(param.dtype)
+    O = _update_operand(O, param)
     if wd != 0.0:
         param.mul_(1.0 - lr * wd)
     param.add_(O, alpha=-lr * scale)
+
+
+def _update_operand(O: Tensor, param: Tensor) -> Tensor:
+    """``O`` as the update adds it to ``param``: a narrower direction as it is (upcast inside the add,
+    exactly), one of another dtype at least as wide rounded to ``param``'s dtype first."""
+    if O.dtype != param.dtype and torch.finfo(O.dtype).bits >= torch.finfo(param.dtype).bits:
+        return O.to(param.dtype)
+    return O
 
 
 #: Dtypes whose CPU ``torch._foreach_mul_`` by a Python number rounds the number first (see
@@ -461,11 +468,9 @@ def decoupled_updates_(
             torch._foreach_mul_(rest, factor)
     by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for param, O, scale in zip(params, directions, scales):
-        if O.dtype != param.dtype and torch.finfo(O.dtype).bits >= torch.finfo(param.dtype).bits:
-            O = O.to(param.dtype)
         ps, os = by_scale.setdefault(float(scale), ([], []))
         ps.append(param)
-        os.append(O)
+        os.append(_update_operand(O, param))
     for scale, (ps, os) in by_scale.items():
         torch._foreach_add_(ps, os, alpha=-lr * scale)
 
