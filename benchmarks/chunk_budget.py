@@ -1,6 +1,6 @@
 """Step time and transient memory against ``chunk_bytes``, next to torch.optim.Muon (issue 11).
 
-    PYTHONPATH=src python benchmarks/chunk_budget.py --device cuda --budgets 32 64 128 256 512
+    PYTHONPATH=src python benchmarks/chunk_budget.py --device cuda --budgets 32 48 64 128 256 512
 
 The budget trades memory for the number of chunks a step makes, and each chunk costs a fixed number
 of operator launches (scaling, checks, stacking, the iterations). For each budget (MiB) and model
@@ -32,7 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", nargs="+", default=["60m", "135m"], choices=sorted(MODELS))
-    ap.add_argument("--budgets", nargs="+", type=int, default=[32, 64, 128, 256, 512], help="MiB")
+    ap.add_argument("--budgets", nargs="+", type=int, default=[32, 48, 64, 128, 256, 512], help="MiB")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="steps per timing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's)")
@@ -58,8 +58,9 @@ def main() -> None:
         print("| chunk_bytes | chunks | wall x Muon | spread | peak MiB | peak x Muon |")
         print("|---:|---:|---:|---|---:|---:|")
         for mib in args.budgets:
-            plan = F.plan_step(shapes, mshapes, [4] * len(shapes), mib * MIB)
             opt = HTMuon(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, chunk_bytes=mib * MIB)
+            work = [F.work_itemsize(opt.param_groups[0], True, p) for p in params]  # as the step plans
+            plan = F.plan_step(shapes, mshapes, [4] * len(shapes), mib * MIB, work)
             opt.step()
             peak = measure(opt, 1, device)["peak"]
             ratios = []

@@ -57,7 +57,7 @@ if [[ $PARTS == *" 1 "* ]]; then
         --json "$OUT/step_cost_gpu.json" 2>&1
     say "step cost: exit $?"
     timeout "${CHUNK_S:-90}" $PY benchmarks/chunk_budget.py --device "$DEVICE" --threads 0 \
-        --budgets 32 128 512 --json "$OUT/chunk_budget_gpu.json" 2>&1
+        --budgets 48 128 512 --json "$OUT/chunk_budget_gpu.json" 2>&1
     say "chunk budget: exit $?"
     # operators, kernels and device syncs per step (BENCHMARKS.md §A-8 counted them on a CPU)
     timeout "${PROFILE_S:-60}" $PY benchmarks/step_profile.py --device "$DEVICE" --model 60m --rows muon p0 default \

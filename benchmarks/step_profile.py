@@ -6,7 +6,8 @@ On a GPU a step over small matrices is bound by the host (Python and one kernel 
 not by the GPU's arithmetic, and every read of a device value on the host (``.item()``, ``bool(t)``,
 ``nonzero``) waits for all queued work. So for each row (the keys of ``step_cost.py``) this prints
 the wall time per step, the operators the step dispatches (top-level ``aten::`` calls: each is at
-least one kernel launch on a GPU), the host reads of tensor values among them (a sync when the
+least one kernel launch on a GPU; and, counted below the composite ones, the computing operators,
+about one launch each, and the views, which only cost the host), the host reads of tensor values among them (a sync when the
 tensor is on the GPU; on CUDA also where in the code the real syncs are, from
 ``torch.cuda.set_sync_debug_mode``), and the busiest operators; with
 ``--python ROW``, also the Python functions with the most own time in that row's steps (cProfile).
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from htmuon.spectral import accelerator_paths
 
@@ -49,6 +51,24 @@ from step_cost import (  # noqa: E402
     sync,
     timed,
 )
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the operators that reach the kernels (below composite ops such as ``matmul`` or
+    ``isfinite``, which the profiler's top level counts as one): ``kernels`` are the ones that compute
+    (one launch each on a GPU; ``item`` reads excluded), ``views`` the ones that only make a view
+    (no launch, but a dispatch on the host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        elif func is not torch.ops.aten._local_scalar_dense.default:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
 
 #: Operators that read a tensor's value on the host: a device sync when the tensor is on the GPU (the
 #: count includes reads of CPU tensors; on CUDA ``set_sync_debug_mode`` lists the real syncs).
@@ -98,9 +118,11 @@ def run(args: argparse.Namespace) -> None:
         counts = collections.Counter(e.name for e in top)
         syncs = sum(counts[n] for n in SYNC_OPS)
         kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        with DispatchCount() as dispatched:
+            opt.step()
         print(
             f"## {row.label}: {ms:.1f} ms/step, {len(top)} operators, {syncs} host reads, "
-            f"{kernels} GPU kernels"
+            f"{kernels} GPU kernels; dispatched: {dispatched.kernels} computing ops, {dispatched.views} views"
         )
         print("   " + ", ".join(f"{n[6:]} {c}" for n, c in counts.most_common(args.top)))
         if device.type == "cuda":  # where the host syncs come from: torch warns at each one

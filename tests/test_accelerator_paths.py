@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -286,6 +287,103 @@ def test_accelerator_step_operators_do_not_grow_with_the_number_of_matrices(kw):
     CPU tensor: no launch)."""
     extra = collections.Counter(_step_operators(8, **kw)) - collections.Counter(_step_operators(2, **kw))
     assert extra == collections.Counter({"aten::item": 6}), extra
+
+
+def _allocation_peak(fn) -> int:
+    """The largest total of torch's CPU allocations while ``fn()`` runs, above what was held before."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    total = peak = 0
+    for _, size in sorted(events):
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+@pytest.mark.parametrize("shape", [(64, 160), (160, 64), (96, 96), (3, 48, 80)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"ns_dtype": torch.bfloat16},
+        {"ns_dtype": torch.float32},
+        {"ns_dtype": torch.bfloat16, "method": "fast5", "p": 0.0},
+        {"ns_dtype": torch.bfloat16, "interval": 2},  # a corrected and an in-between (polar) step
+    ],
+)
+def test_the_plan_bounds_what_a_chunk_allocates(shape, kw):
+    """chunk_work_bytes' model of the matmul-only backends (work_itemsize) is an upper bound of what a
+    chunk of 3 matrices allocates on the accelerator path, over a whole step, and within 2x of it.
+    oneDNN is off: its scratch buffers depend on the CPU's kernels, and a GPU has no such buffers."""
+    kw = {"method": "fast", **kw}
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(shape, generator=g)) for _ in range(3)]
+    opt = HTMuon(params, lr=0.01, chunk_bytes=2**40, **kw)
+    mshape = F.matrix_shape(shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # the flags' own
+        with accelerator_paths(), torch.backends.mkldnn.flags(enabled=False):
+            _check_plan_bounds_three_steps(opt, params, shape, mshape, kw, g)
+
+
+def _check_plan_bounds_three_steps(opt, params, shape, mshape, kw, g) -> None:
+    group = opt.param_groups[0]
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(shape, generator=g)
+        corrected = F.is_corrected(step + 1, group["interval"])
+        work = F.work_itemsize(group, corrected, params[0])
+        assert work == (2 if kw["ns_dtype"] == torch.bfloat16 else 4)
+        planned = F.plan_step([0] * 3, [mshape] * 3, [4] * 3, 2**40, [work] * 3).peak_bytes
+        measured = _allocation_peak(opt.step)
+        if step:  # the first step also allocates the momentum buffers
+            assert planned / 2 <= measured <= planned, (step, measured, planned)
+
+
+@pytest.mark.parametrize("accelerator", [True, False], ids=["accelerator-path", "cpu-path"])
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_a_step_of_several_windows_stays_within_its_plan(ns_dtype, accelerator):
+    """A window's directions are freed before the next window is computed, so the step's peak is the
+    plan's (the largest window), not two windows at once (it was 1.03x / 1.08x the plan on the
+    accelerator path before)."""
+    shapes = [(64, 160)] * 6 + [(96, 96)] * 4
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    budget = 3 * sum(F.chunk_work_bytes((1, 64, 160), 4, ns_dtype.itemsize))
+    opt = HTMuon(params, lr=0.01, method="fast", ns_dtype=ns_dtype, chunk_bytes=budget)
+    mshapes = [F.matrix_shape(s) for s in shapes]
+    work = [F.work_itemsize(opt.param_groups[0], True, p) for p in params]
+    plan = F.plan_step([m[1:] for m in mshapes], mshapes, [4] * len(shapes), budget, work)
+    assert len(plan.windows) == 3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # the flags' own
+        with accelerator_paths() if accelerator else contextlib.nullcontext():
+            with torch.backends.mkldnn.flags(enabled=False):
+                for _ in range(3):
+                    for p in params:
+                        p.grad = torch.randn(p.shape, generator=g)
+                    measured = _allocation_peak(opt.step)
+    assert measured <= plan.peak_bytes, (measured, plan.peak_bytes)
+
+
+def test_work_itemsize_is_modelled_only_for_matmul_backends():
+    p = nn.Parameter(torch.zeros(8, 8))
+    group = HTMuon([p], method="fast", ns_dtype=torch.bfloat16).param_groups[0]
+    assert F.work_itemsize(group, True, p) == 2
+    assert F.work_itemsize({**group, "ns_dtype": torch.float32}, False, p) == 4  # polar in between
+    for other in ({"method": "eigh"}, {"method": "svd"}, {"method": "ns"}, {"plugin": "normuon"},
+                  {"scale": "muon_rms"}, {"p": 1.0}):
+        assert F.work_itemsize({**group, **other}, True, p) is None, other
+    # the upper estimate is larger than the model, so a plan without work itemsizes stays valid
+    assert sum(F.chunk_work_bytes((1, 768, 2048), 4, 4)) < sum(F.chunk_work_bytes((1, 768, 2048)))
 
 
 def test_foreach_commit_and_update_equal_the_per_tensor_ones():

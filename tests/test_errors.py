@@ -284,7 +284,7 @@ def test_failure_in_a_later_group_says_what_earlier_groups_applied(failing_backe
     arm()
     A.grad, B.grad = torch.randn(3, 5), torch.randn(4, 4)
     A0, B0 = A.detach().clone(), B.detach().clone()
-    budget = r"each window of chunk_bytes='auto' \(32 MiB on CPU, 512 MiB on accelerators\), in turn"
+    budget = r"each window of chunk_bytes='auto' \(32 MiB on CPU, 48 MiB on accelerators\), in turn"
     with pytest.raises(ValueError, match=r"1 parameter\(s\) were already updated by this step.*" + budget):
         opt.step()
     assert not torch.equal(A, A0) and torch.equal(B, B0)

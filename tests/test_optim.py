@@ -297,9 +297,9 @@ def muon_peak_bytes(shapes):
     return max(4 * m * n + 2 * (3 * m * n + 2 * min(m, n) ** 2) for _, m, n in shapes)
 
 
-def plan_for(shapes, budget=F.DEFAULT_CHUNK_BYTES):
+def plan_for(shapes, budget=F.DEFAULT_CHUNK_BYTES, work=None):
     keys = [s[1:] for s in shapes]
-    return F.plan_step(keys, shapes, [4] * len(shapes), budget)
+    return F.plan_step(keys, shapes, [4] * len(shapes), budget, [work] * len(shapes))
 
 
 @pytest.mark.parametrize("model", ["135m"])
@@ -321,21 +321,26 @@ def test_memory_plan_stays_within_muon_plus_ten_percent_and_does_not_grow_with_d
 
 
 def test_chunk_bytes_auto_is_decided_by_the_device_type():
-    """'auto' (the default): 32 MiB on CPU, 512 MiB on accelerators, where a chunk's cost is its fixed
-    number of launches; on the 135M set the CPU budget would make one chunk per matrix."""
+    """'auto' (the default): 32 MiB on CPU, 48 MiB on accelerators, where a chunk's cost is its fixed
+    number of launches; on the 135M set the CPU budget would make one chunk per matrix. With the
+    bfloat16 work of a GPU, the accelerator budget keeps the plan within torch.optim.Muon's + 10% of the
+    parameter bytes there too, in 30 chunks."""
     assert F.default_chunk_bytes("cpu") == F.DEFAULT_CHUNK_BYTES == 32 * 2**20
     for device_type in ("cuda", "xpu", "mps", "hpu"):
-        assert F.default_chunk_bytes(device_type) == F.ACCELERATOR_CHUNK_BYTES == 512 * 2**20
+        assert F.default_chunk_bytes(device_type) == F.ACCELERATOR_CHUNK_BYTES == 48 * 2**20
     assert F.chunk_budget("auto", torch.device("cpu")) == F.DEFAULT_CHUNK_BYTES
     assert F.chunk_budget("auto", torch.device("meta")) == F.ACCELERATOR_CHUNK_BYTES
     assert F.chunk_budget(1234, torch.device("cuda")) == 1234  # an explicit budget wins everywhere
     h, i, layers = LLAMA["135m"]
     shapes = llama_matrices(h, i, layers)
-    n_chunks = [
-        sum(len(w) for w in plan_for(shapes, b).windows) for b in (F.DEFAULT_CHUNK_BYTES, 512 * 2**20)
-    ]
-    assert n_chunks == [len(shapes), 8]
-    assert plan_for(llama_matrices(h, i, 3 * layers), 512 * 2**20).peak_bytes <= 512 * 2**20  # depth-free
+    gpu = plan_for(shapes, F.ACCELERATOR_CHUNK_BYTES, work=2)
+    assert sum(len(w) for w in plan_for(shapes).windows) == len(shapes)
+    assert sum(len(w) for w in gpu.windows) == 30
+    bound = muon_peak_bytes(shapes) + 0.1 * 4 * sum(b * m * n for b, m, n in shapes)
+    assert gpu.peak_bytes <= bound
+    assert plan_for(shapes, 512 * 2**20, work=2).peak_bytes > bound  # the default before session 29
+    deeper = plan_for(llama_matrices(h, i, 3 * layers), F.ACCELERATOR_CHUNK_BYTES, work=2)
+    assert deeper.peak_bytes == gpu.peak_bytes  # depth-free
     p = nn.Parameter(torch.zeros(4, 4))
     assert HTMuon([p]).param_groups[0]["chunk_bytes"] == "auto"
     for bad in ("big", 0, 1.5, True):
@@ -352,9 +357,9 @@ def test_the_step_plans_within_its_devices_budget(monkeypatch):
     budgets = []
     real = F.plan_step
 
-    def recording(keys, mshapes, itemsizes, budget):
+    def recording(keys, mshapes, itemsizes, budget, work_itemsizes=None):
         budgets.append(budget)
-        return real(keys, mshapes, itemsizes, budget)
+        return real(keys, mshapes, itemsizes, budget, work_itemsizes)
 
     monkeypatch.setattr(F, "plan_step", recording)
     for chunk_bytes, expected in (("auto", F.DEFAULT_CHUNK_BYTES), (4096, 4096)):

@@ -123,6 +123,7 @@ def plan_owned_windows(
     itemsizes: Sequence[int],
     budget: int,
     world: int,
+    work_itemsizes: Sequence[int | None] | None = None,
 ) -> tuple[F.StepPlan, list[int]]:
     """Owners for a whole step and windows in which every rank computes a share at the same time.
 
@@ -148,7 +149,11 @@ def plan_owned_windows(
     for r in range(world):
         idx = [i for i, o in enumerate(owners) if o == r]
         plan = F.plan_step(
-            [keys[i] for i in idx], [mshapes[i] for i in idx], [itemsizes[i] for i in idx], budget
+            [keys[i] for i in idx],
+            [mshapes[i] for i in idx],
+            [itemsizes[i] for i in idx],
+            budget,
+            None if work_itemsizes is None else [work_itemsizes[i] for i in idx],
         )
         per_rank.append([[tuple(idx[j] for j in chunk) for chunk in window] for window in plan.windows])
         peak = max(peak, plan.peak_bytes)
@@ -166,12 +171,13 @@ def plan_replicated_step(
     itemsizes: Sequence[int],
     chunk_bytes: int,
     world: int,
+    work_itemsizes: Sequence[int | None] | None = None,
 ) -> tuple[F.StepPlan, list[int]]:
     """:func:`plan_owned_windows` for replicated (DDP) parameters: each rank plans its own matrices
     within ``chunk_bytes / world`` bytes, since every rank receives (and holds until the window is
     applied) the directions of the whole window; so a rank's transient memory stays near
     ``chunk_bytes``, as in a single process."""
-    return plan_owned_windows(keys, mshapes, itemsizes, max(chunk_bytes // world, 1), world)
+    return plan_owned_windows(keys, mshapes, itemsizes, max(chunk_bytes // world, 1), world, work_itemsizes)
 
 
 @dataclass(frozen=True)
@@ -533,10 +539,11 @@ class DistributedStep:
         mshapes: Sequence[tuple[int, int, int]],
         itemsizes: Sequence[int],
         budget: int,
+        work_itemsizes: Sequence[int | None] | None = None,
     ) -> tuple[F.StepPlan, list[int]]:
         """:func:`plan_replicated_step` over this step's replicated group."""
         world = self._dist.get_world_size(self.replicated_group)
-        return plan_replicated_step(keys, mshapes, itemsizes, budget, world)
+        return plan_replicated_step(keys, mshapes, itemsizes, budget, world, work_itemsizes)
 
     def replicated_rank(self) -> int:
         """This process's rank in the replicated group (0 without one)."""

@@ -307,7 +307,10 @@ def _fast_iteration(
         inv = 1.0 / (fro2 * fro2) if fro2 > 2.0**-60 else 0.0
         A_f2 = torch.addmm(A.new_zeros(()), A, A, beta=0.0, alpha=inv)
     else:
-        A_n = A.to(acc) / fro2  # for step 1's matrix below; rounded to the working dtype for the product
+        # for step 1's matrix below; rounded to the working dtype for the product (divided in place on
+        # A's float32 copy, then A's last use: the same bits, two m x m temporaries fewer)
+        A_n, A = A.to(acc), None
+        A_n.div_(fro2)
         A_f = A_n.to(dtype)
         A_f2 = _mm(A_f, A_f)
         del A_f
@@ -345,8 +348,13 @@ def _fast_iteration(
     else:
         # the same three terms with per-matrix factors: (k c / r2^2) A_f^2 + (k b / r2) A_f + k a I (A_f
         # normalised first: a factor k b / (r2 ||X||_F^2) alone can overflow float32 where k is large)
-        B = A_f2.to(acc) * (k * c / (r2 * r2))
-        _axpy_(B, A.to(acc) / fro2 if A_n is None else A_n, k * b / r2)
+        if A_n is None:  # CPU, c = 0 (host factors)
+            B = A_f2.to(acc) * (k * c / (r2 * r2))
+            _axpy_(B, A.to(acc) / fro2, k * b / r2)
+        else:  # in place on A_n, its last use: no m x m float32 buffer of its own (on CUDA the
+            # bfloat16 A_f^2 is read as it is; on CPU torch copies it to float32 for the kernel)
+            B, A_n = A_n.mul_(k * b / r2), None
+            _axpy_(B, A_f2, k * c / (r2 * r2))
         _add_diagonal_(B, k * a)
         B = B.to(dtype)
     del A, A_f2, A_n
@@ -363,13 +371,14 @@ def _fast_iteration(
             a, b, c = coefficients[t - 1]
             G = gram(X_prev)
             B = _addmm(G, G, G, beta=b, alpha=c)  # b A + c A^2
+            del G  # freed before the product allocates the next iterate
             _add_diagonal_(B, a + fold)  # fold != 0 only at t = T
         if t == T:
             if S is None:  # no pivot (one step, or w_1..w_{T-1} all zero): X_0's term here
-                S, pivot = _scaled(Xw, k * w[0], out), 1.0
+                S, pivot = _scaled(Xw, _factor(k * w[0], Xw), out), 1.0
             if isinstance(scale, Tensor):  # per-matrix: the product into S (host ratio), then one scaling
                 accumulate_ = S.addmm_ if S.ndim == 2 else S.baddbmm_
-                return accumulate_(B, X_prev, alpha=w[T] / pivot).mul_(scale * pivot)
+                return accumulate_(B, X_prev, alpha=w[T] / pivot).mul_(_factor(scale * pivot, S))
             return _sum_product(S, B, X_prev, scale * pivot, scale * w[T])
         X_t = _mm(B, X_prev)
         if S is not None and t == T - 1 and w[T] != 0.0:
@@ -378,7 +387,7 @@ def _fast_iteration(
             S.add_(X_t, alpha=w[t] / pivot)
         elif w[t] != 0.0:
             pivot = w[t]
-            S = _add_scaled(X_t, Xw, k * (w[0] / pivot), out)
+            S = _add_scaled(X_t, Xw, _factor(k * (w[0] / pivot), X_t), out)
             Xw = None  # X_0's last use: its memory is free for the later iterates
         X_prev = X_t
     raise AssertionError("unreachable")  # pragma: no cover
@@ -407,6 +416,22 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     if math.isinf(amax) and Xw.dtype != X.dtype:
         amax = abs_max(X)
     return pow2_exponent(X, representable=False) if math.isfinite(amax) else None
+
+
+def _factor(f: float | Tensor, x: Tensor) -> float | Tensor:
+    """A per-matrix ``(B, 1, 1)`` factor ``f`` in the dtype of the iterate ``x`` it multiplies (a host
+    float as it is).
+
+    A float32 factor on a bfloat16 iterate is a mixed-dtype elementwise kernel. On CUDA it casts in
+    registers, but on CPU (the accelerator path simulated there, compiled steps' fallbacks) torch's
+    TensorIterator first copies every bfloat16 operand, and the output, to float32: three float32
+    copies of the chunk at the step's peak (BENCHMARKS.md §A-11). Rounding the factor instead costs a
+    relative 2^-9 on one term (or on the whole output's scale, like a 0.2% change of lr); the output
+    is in the working dtype anyway.
+    """
+    if isinstance(f, Tensor) and f.dtype != x.dtype:
+        return f.to(x.dtype)
+    return f
 
 
 def _scaled(x: Tensor, f: float | Tensor, out: Tensor | None = None) -> Tensor:
@@ -459,7 +484,9 @@ def _sum_product(S: Tensor, B: Tensor, X: Tensor, beta: float, alpha: float) -> 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for 2-D or batched operands (on CPU, eager, one 2-D product per matrix, as :func:`gram`)."""
-    if a.ndim == 2 or not host_path(a.device):
+    if a.ndim == 3 and not host_path(a.device):
+        return torch.bmm(a, b)  # as ``a @ b`` (the same kernel), without matmul's four views
+    if a.ndim != 3 or not host_path(a.device):
         return a @ b
     out = torch.empty(a.shape[0], a.shape[1], b.shape[-1], dtype=b.dtype, device=b.device)
     for i in range(a.shape[0]):

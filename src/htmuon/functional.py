@@ -26,6 +26,7 @@ from .spectral import (
     abs_max,
     aminmax,
     host_path,
+    ns_working_dtype,
     polar,
     resolve_method,
     spectral_map,
@@ -45,6 +46,8 @@ __all__ = [
     "adamw",
     "adamw_masked",
     "chunk_work_bytes",
+    "MATMUL_BACKENDS",
+    "work_itemsize",
     "commit_momenta_",
     "commit_momentum_",
     "decoupled_update_",
@@ -69,12 +72,16 @@ __all__ = [
 #: LLaMA-135M matrix set this keeps HTMuon's peak within torch.optim.Muon's + 10% of the parameter
 #: bytes, whatever the depth (tests/test_optim.py::test_memory_plan_*).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-#: The budget on an accelerator (CUDA, ...): 512 MiB. There a chunk costs the host ~70-120 operator
-#: launches (scaling, checks, stacking, the iterations; measured) whatever its size, and the
-#: arithmetic of a chunk of these models is far below that launch time, so small chunks made the
-#: step host-bound: on an H200 32 MiB cut the LLaMA-135M set into 84 chunks, one per matrix
-#: (BENCHMARKS.md §A-7). 512 MiB makes 3 (60M) and 8 (135M) chunks; the bound does not grow with depth.
-ACCELERATOR_CHUNK_BYTES = 512 * 2**20
+#: The budget on an accelerator (CUDA, ...): 48 MiB. There a chunk costs the host ~70-90 operator
+#: launches (scaling, checks, stacking, the iterations) whatever its size, so small chunks make the step
+#: host-bound (on an H200, 32 MiB cut the LLaMA-135M set into 84 chunks, one per matrix, at 4.3x
+#: torch.optim.Muon's time: BENCHMARKS.md §A-7). Since the plan models the matmul backends' working
+#: dtype (:func:`work_itemsize`; bfloat16 on GPUs), 48 MiB makes 30 chunks of that set, 2,968 operators
+#: against Muon's 2,400, and a measured peak of 41 MiB, within issue 11's bound (Muon's 14.4 MiB + 10% of
+#: the parameter bytes = 46.8 MiB; counted on a CPU on the GPU's code path, §A-11). 512 MiB (the
+#: default until session 29) makes 3 chunks, 378 operators and a peak near 495 MiB: pass
+#: ``chunk_bytes=512 * 2**20`` where memory is plentiful. The bound does not grow with depth.
+ACCELERATOR_CHUNK_BYTES = 48 * 2**20
 
 
 def default_chunk_bytes(device_type: str) -> int:
@@ -83,7 +90,7 @@ def default_chunk_bytes(device_type: str) -> int:
 
     Example:
         >>> default_chunk_bytes("cpu") // 2**20, default_chunk_bytes("cuda") // 2**20
-        (32, 512)
+        (32, 48)
     """
     return DEFAULT_CHUNK_BYTES if device_type == "cpu" else ACCELERATOR_CHUNK_BYTES
 
@@ -122,8 +129,9 @@ def all_finite(t: Tensor) -> Tensor:
         return torch.ones((), dtype=torch.bool, device=t.device)
     if not host_path(t.device):
         # accelerators, compiled steps: max |t_ij| in one reduction kernel (a NaN propagates, an Inf is
-        # the maximum, a finite maximum cannot overflow), then isfinite: 5 launches instead of 10
-        return torch.isfinite(torch.linalg.vector_norm(t, ord=math.inf))
+        # the maximum, a finite maximum cannot overflow), then one comparison: NaN < inf and inf < inf
+        # are false (torch.isfinite would be four 0-d kernels: abs, ne, eq, mul)
+        return torch.linalg.vector_norm(t, ord=math.inf) < math.inf
     lo, hi = aminmax(t)  # in memory order: a transposed view is not copied first
     return torch.isfinite(lo) & torch.isfinite(hi)
 
@@ -144,7 +152,7 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     device = tensors[0].device
     if not all(t.device == device for t in tensors):
         return torch.stack([all_finite(t).cpu() for t in tensors])
-    if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()):
+    if bool((torch.stack(torch._foreach_norm(list(tensors))) < math.inf).all()):  # NaN, inf: False
         return torch.ones(len(tensors), dtype=torch.bool)
     return torch.stack([all_finite(t) for t in tensors]).cpu()
 
@@ -573,19 +581,71 @@ def partial_step_error(exc: BaseException, applied: int, chunk_bytes: int | str)
         return RuntimeError(f"{exc!r} {note}")
 
 
-def chunk_work_bytes(mshape: tuple[int, int, int], itemsize: int = 4) -> tuple[int, int]:
+def chunk_work_bytes(
+    mshape: tuple[int, int, int], itemsize: int = 4, work_itemsize: int | None = None
+) -> tuple[int, int]:
     """``(work, held)`` bytes of the spectral map on one ``(B, m, n)`` item.
 
-    ``work``: transient while its chunk is computed (the stacked ``N_t`` and the backend workspace,
-    :data:`WORKSPACE_MN` / :data:`WORKSPACE_KK`); ``held``: the float32 direction kept until its
-    window is applied (float64 for float64 parameters).
+    ``work``: transient while its chunk is computed (the stacked ``N_t`` and the backend workspace);
+    ``held``: the direction kept until its window is applied.
+
+    ``work_itemsize=None`` (exact backends, plug-ins, anything not modelled below): an upper estimate
+    for every backend, :data:`WORKSPACE_MN` / :data:`WORKSPACE_KK` in float32 (float64 for float64
+    parameters), the direction held in float32. ``work_itemsize`` given (the bytes of a matmul-only
+    map's working dtype: ``fast``, ``fast5``, the polar factor of ``interval``'s in-between steps; see
+    :func:`work_itemsize`): the stacked ``N_t`` in the parameters' dtype plus the largest of the
+    map's three stages, each an upper bound of what the profiler measures on CPU (BENCHMARKS.md
+    §A-11): the prescale (a float32 temporary on CPU and the working copy), the normalisation
+    (the working copy and the ``k x k`` matrices, in float32 where they are summed) and an iteration
+    (two iterates besides the output sum, and three ``k x k`` matrices); the direction (the output
+    sum) held in the working dtype.
+
+    Example:
+        >>> [x // 2**20 for x in chunk_work_bytes((1, 768, 2048))]  # float32, any backend
+        [39, 6]
+        >>> [x // 2**20 for x in chunk_work_bytes((1, 768, 2048), 4, work_itemsize=2)]  # bfloat16 work
+        [15, 3]
     """
     b, m, n = mshape
     k = min(m, n)
-    elem = max(itemsize, 4)
-    held = b * m * n * elem
-    work = b * (m * n * itemsize + (WORKSPACE_MN * m * n + WORKSPACE_KK * k * k) * elem)
-    return work, held
+    mn, kk = m * n, k * k
+    if work_itemsize is None:
+        elem = max(itemsize, 4)
+        held = b * mn * elem
+        work = b * (mn * itemsize + (WORKSPACE_MN * mn + WORKSPACE_KK * kk) * elem)
+        return work, held
+    w = work_itemsize
+    acc = max(w, 4)  # the float32 (float64) accumulation of the small matrices
+    stage = max(
+        mn * (max(itemsize, acc) + w),  # the prescale: the working copy (and on CPU a float32 temporary)
+        mn * w + kk * (2 * acc + w),  # the normalisation: the working copy and the k x k matrices
+        mn * 2 * w + kk * 3 * w,  # a step: two iterates and three k x k matrices
+    )
+    return b * (mn * itemsize + stage), b * mn * w
+
+
+#: Backends whose work :func:`chunk_work_bytes` models from their working dtype (matrix products on a
+#: few iterates of that dtype); every other backend is planned with the upper estimate.
+MATMUL_BACKENDS = ("fast", "fast5")
+
+
+def work_itemsize(group: dict[str, Any], corrected: bool, param: Tensor) -> int | None:
+    """Bytes per element of the working dtype of ``param``'s spectral map, where :func:`chunk_work_bytes`
+    models it (``fast``, ``fast5``; ``interval``'s in-between polar steps), else ``None``.
+
+    ``None`` also with a plug-in or ``scale="muon_rms"`` (a copy of each direction), and ``p = 1``
+    (the map returns its input's dtype).
+    """
+    if group["plugin"] is not None or group["scale"] != "raw":
+        return None
+    if corrected:
+        method = resolve_method(group["method"], group["spectrum"], param.device)
+        if method not in MATMUL_BACKENDS or float(group["p"]) == 1.0:
+            return None
+        dtype = group.get("compute_dtype") or ns_working_dtype(group["ns_dtype"], param.device)
+    else:
+        dtype = ns_working_dtype(group["ns_dtype"], param.device)
+    return (dtype or param.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -601,7 +661,11 @@ class StepPlan:
 
 
 def plan_step(
-    keys: Sequence[Any], mshapes: Sequence[tuple[int, int, int]], itemsizes: Sequence[int], budget: int
+    keys: Sequence[Any],
+    mshapes: Sequence[tuple[int, int, int]],
+    itemsizes: Sequence[int],
+    budget: int,
+    work_itemsizes: Sequence[int | None] | None = None,
 ) -> StepPlan:
     """Cut a step's matrices into same-shape chunks and windows within ``budget`` bytes.
 
@@ -614,8 +678,10 @@ def plan_step(
     Args:
         keys: a hashable bucket key per item.
         mshapes: the ``(B, m, n)`` shape per item.
-        itemsizes: bytes per element of the item's working dtype.
+        itemsizes: bytes per element of the item's dtype (its parameter's).
         budget: bytes (``chunk_bytes``).
+        work_itemsizes: per item, :func:`work_itemsize` (``None``: the upper estimate of
+            :func:`chunk_work_bytes`, as for all items when not given).
 
     Returns:
         A :class:`StepPlan`.
@@ -627,7 +693,8 @@ def plan_step(
     buckets: dict[Any, list[int]] = {}
     for i, key in enumerate(keys):
         buckets.setdefault(key, []).append(i)
-    costs = [chunk_work_bytes(s, z) for s, z in zip(mshapes, itemsizes)]
+    work_itemsizes = [None] * len(mshapes) if work_itemsizes is None else work_itemsizes
+    costs = [chunk_work_bytes(s, z, w) for s, z, w in zip(mshapes, itemsizes, work_itemsizes)]
     chunks: list[tuple[list[int], int, int]] = []  # (items, work, held)
     for idx in buckets.values():
         cur: list[int] = []

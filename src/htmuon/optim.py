@@ -164,8 +164,9 @@ class HTMuon(Optimizer):
         chunk_bytes: memory budget of a step's transient tensors, in bytes: same-shape matrices are
             batched in chunks, and chunks are applied in windows, within it (see *Guarantees*).
             ``"auto"`` (default): by the parameters' device
-            (:func:`htmuon.functional.default_chunk_bytes`): 32 MiB on CPU, 512 MiB on an accelerator,
-            where each chunk costs a fixed number of kernel launches.
+            (:func:`htmuon.functional.default_chunk_bytes`): 32 MiB on CPU, 48 MiB on an accelerator,
+            where each chunk costs a fixed number of kernel launches (there 512 MiB is about 8x fewer
+            launches on a 135M model, at 10x the memory: BENCHMARKS.md §A-11).
         process_group: divide the spectral work among the ranks of this ``torch.distributed``
             process group, the parameters being replicated on it (DDP); ``None``: every rank
             does all of it. DTensor (FSDP2) parameters are detected and always divided among
@@ -663,12 +664,13 @@ class HTMuon(Optimizer):
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
         keys = [(s[1:], p.dtype, p.device, c) for s, p, c in zip(mshapes, params, corrected)]
         itemsizes = [p.element_size() for p in params]
+        work = [F.work_itemsize(group, c, p) for p, c in zip(params, corrected)]
         budget = F.chunk_budget(group["chunk_bytes"], params[0].device)
         owners = None
         if self._dist is not None and self._dist.divides():  # DDP: owners for the whole step
-            plan, owners = self._dist.plan(keys, mshapes, itemsizes, budget)
+            plan, owners = self._dist.plan(keys, mshapes, itemsizes, budget, work)
         else:
-            plan = F.plan_step(keys, mshapes, itemsizes, budget)
+            plan = F.plan_step(keys, mshapes, itemsizes, budget, work)
         scratch: dict[torch.dtype, Tensor] = {}  # pipelined steps: N_t of one matrix at a time, per dtype
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
@@ -689,6 +691,7 @@ class HTMuon(Optimizer):
             if ok is not None:  # compiled: a non-finite direction masks this window and the rest
                 ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
             self._apply_window(group, pending, ok)
+            del pending  # the window's directions: not alive while the next window is computed
             applied += len(items)
         return ok, applied
 
