@@ -166,7 +166,7 @@ class HTMuon(Optimizer):
             ``"auto"`` (default): by the parameters' device
             (:func:`htmuon.functional.default_chunk_bytes`): 32 MiB on CPU, 48 MiB on an accelerator,
             where each chunk costs a fixed number of kernel launches (there 512 MiB is about 8x fewer
-            launches on a 135M model, at 10x the memory: BENCHMARKS.md §A-11).
+            operators on a 135M model, at 10x the memory: BENCHMARKS.md §A-11).
         process_group: divide the spectral work among the ranks of this ``torch.distributed``
             process group, the parameters being replicated on it (DDP); ``None``: every rank
             does all of it. DTensor (FSDP2) parameters are detected and always divided among
