@@ -7,8 +7,8 @@ not by the GPU's arithmetic, and every read of a device value on the host (``.it
 ``nonzero``) waits for all queued work. So for each row (the keys of ``step_cost.py``) this prints
 the wall time per step, the operators the step dispatches (top-level ``aten::`` calls: each is at
 least one kernel launch on a GPU; and, counted below the composite ones, the computing operators,
-about one launch each, and the views, which only cost the host), the host reads of tensor values among them (a sync when the
-tensor is on the GPU; on CUDA also where in the code the real syncs are, from
+about one launch each, and the views, which only cost the host), the host reads of tensor values
+among them (a sync when the tensor is on the GPU; on CUDA also where in the code the real syncs are, from
 ``torch.cuda.set_sync_debug_mode``), and the busiest operators; with
 ``--python ROW``, also the Python functions with the most own time in that row's steps (cProfile).
 Same matrices as step_cost.py: every hidden matrix of the LLaMA-60M / 135M model, fp32 parameters,
@@ -51,6 +51,7 @@ from step_cost import (  # noqa: E402
     sync,
     timed,
 )
+
 
 class DispatchCount(TorchDispatchMode):
     """Counts the operators that reach the kernels (below composite ops such as ``matmul`` or

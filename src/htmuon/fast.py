@@ -314,22 +314,24 @@ def _fast_iteration(
         A_f = A_n.to(dtype)
         A_f2 = _mm(A_f, A_f)
         del A_f
-    r2 = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True, dtype=acc).sqrt().clamp_min(1.0 / m)
-    if host:
-        r2 = float(r2)
-    q = fro2 * r2  # ||X_w||_S8^2
-    k = q**-0.5
-    if p == 0.0:
-        scale = 1.0
-    elif not host:
-        # ||X||_S8^p = q^(p/2) 2^(e p) (where the product is out of range, so is the true result: capped
-        # at the dtype's largest value, as on the host below)
-        scale = (q ** (0.5 * p) * torch.exp2(e_wide * p)).clamp_max(torch.finfo(acc).max).to(acc)
-    elif e is None:
-        scale = min(2.0 ** (0.5 * p * math.log2(q)), torch.finfo(acc).max)
+    a, b, c = coefficients[0]
+    # the output's pivot w_j: the first of w_1..w_{T-1} that is not 0 (1 where there is none; see below)
+    pivot = next((w[t] for t in range(1, T) if w[t] != 0.0), 1.0)
+    if not host:
+        # per-matrix factors, (B, 1, 1) each, from one exp2 (see _batched_factors)
+        c1, c2, c3, f0, scale = _batched_factors(fro2, A_f2, e_wide, m, p, (a, b, c), w[0], pivot, acc, dtype)
     else:
-        log2_norm = 0.5 * math.log2(q) + float(e)  # the prescale's power of two may be far out of range
-        scale = min(2.0 ** min(p * log2_norm, 1023.0), torch.finfo(acc).max)
+        r2 = float(torch.linalg.vector_norm(A_f2, dim=(-2, -1), dtype=acc).sqrt().clamp_min(1.0 / m))
+        q = fro2 * r2  # ||X_w||_S8^2
+        k = q**-0.5
+        if p == 0.0:
+            scale = 1.0
+        elif e is None:
+            scale = min(2.0 ** (0.5 * p * math.log2(q)), torch.finfo(acc).max)
+        else:
+            log2_norm = 0.5 * math.log2(q) + float(e)  # the prescale's power of two may be far out of range
+            scale = min(2.0 ** min(p * log2_norm, 1023.0), torch.finfo(acc).max)
+        f0 = k * (w[0] / pivot)
 
     # Step 1's matrix B_1 = k (a I + b A_0 + c A_0^2) with A_0 = A_f / r2, the Gram matrix of X_0: acts
     # on X itself (X_1 = B_1 X). Later steps: B_t = a I + b A_{t-1} + c A_{t-1}^2 from their own Gram
@@ -337,7 +339,6 @@ def _fast_iteration(
     # fused-axpy form on CPUs, and no elementwise pass over the iterate).
     # It is formed in float32 and rounded once: its terms cancel (e.g. 4.8 - 12.0 x^2 + 7.8 x^4 for
     # fast5), so a bfloat16 sum would lose the small eigenvalues near x = 1.
-    a, b, c = coefficients[0]
     if host and c != 0.0:
         # B_1 = s (A_f^2 + (b r2 / (c ||X||_F^2)) A + (a r2^2 / c) I) with s = k c / r2^2: three passes
         # (the bfloat16 A is read by the float32 add as it is; the last pass scales and rounds)
@@ -351,11 +352,12 @@ def _fast_iteration(
         if A_n is None:  # CPU, c = 0 (host factors)
             B = A_f2.to(acc) * (k * c / (r2 * r2))
             _axpy_(B, A.to(acc) / fro2, k * b / r2)
+            _add_diagonal_(B, k * a)
         else:  # in place on A_n, its last use: no m x m float32 buffer of its own (on CUDA the
             # bfloat16 A_f^2 is read as it is; on CPU torch copies it to float32 for the kernel)
-            B, A_n = A_n.mul_(k * b / r2), None
-            _axpy_(B, A_f2, k * c / (r2 * r2))
-        _add_diagonal_(B, k * a)
+            B, A_n = A_n.mul_(c2), None
+            _axpy_(B, A_f2, c1)
+            _add_diagonal_(B, c3)
         B = B.to(dtype)
     del A, A_f2, A_n
 
@@ -365,7 +367,7 @@ def _fast_iteration(
     # one scaled add, and the last two terms and the factor scale w_j go into the sum's product:
     # O = scale w_j S + scale w_T (B_T + (w_{T-1} / w_T) I) X_{T-1} (one addmm; X_{T-1}'s own term rides
     # on the diagonal of the m x m matrix, where B_T's a_T already sits: no pass of its own).
-    X_prev, S, pivot, fold = Xw, None, 0.0, 0.0
+    X_prev, S, fold = Xw, None, 0.0
     for t in range(1, T + 1):
         if t > 1:
             a, b, c = coefficients[t - 1]
@@ -375,19 +377,18 @@ def _fast_iteration(
             _add_diagonal_(B, a + fold)  # fold != 0 only at t = T
         if t == T:
             if S is None:  # no pivot (one step, or w_1..w_{T-1} all zero): X_0's term here
-                S, pivot = _scaled(Xw, _factor(k * w[0], Xw), out), 1.0
-            if isinstance(scale, Tensor):  # per-matrix: the product into S (host ratio), then one scaling
-                accumulate_ = S.addmm_ if S.ndim == 2 else S.baddbmm_
-                return accumulate_(B, X_prev, alpha=w[T] / pivot).mul_(_factor(scale * pivot, S))
+                S = _scaled(Xw, f0, out)
+            if isinstance(scale, Tensor):  # per-matrix (already times the pivot): the product into S
+                accumulate_ = S.addmm_ if S.ndim == 2 else S.baddbmm_  # (host ratio), then one scaling
+                return accumulate_(B, X_prev, alpha=w[T] / pivot).mul_(scale)
             return _sum_product(S, B, X_prev, scale * pivot, scale * w[T])
         X_t = _mm(B, X_prev)
         if S is not None and t == T - 1 and w[T] != 0.0:
             fold = w[t] / w[T]
         elif S is not None:
             S.add_(X_t, alpha=w[t] / pivot)
-        elif w[t] != 0.0:
-            pivot = w[t]
-            S = _add_scaled(X_t, Xw, _factor(k * (w[0] / pivot), X_t), out)
+        elif w[t] != 0.0:  # the pivot step
+            S = _add_scaled(X_t, Xw, f0, out)
             Xw = None  # X_0's last use: its memory is free for the later iterates
         X_prev = X_t
     raise AssertionError("unreachable")  # pragma: no cover
@@ -418,20 +419,71 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     return pow2_exponent(X, representable=False) if math.isfinite(amax) else None
 
 
-def _factor(f: float | Tensor, x: Tensor) -> float | Tensor:
-    """A per-matrix ``(B, 1, 1)`` factor ``f`` in the dtype of the iterate ``x`` it multiplies (a host
-    float as it is).
+# Constant tensors of _batched_factors per (constants, p, m, dtype, device): built once, not copied to
+# the device at every chunk (a plain dict, as _OUTPUT_WEIGHTS; compiled steps build them in the graph).
+_FACTOR_CONSTANTS: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    A float32 factor on a bfloat16 iterate is a mixed-dtype elementwise kernel. On CUDA it casts in
-    registers, but on CPU (the accelerator path simulated there, compiled steps' fallbacks) torch's
-    TensorIterator first copies every bfloat16 operand, and the output, to float32: three float32
-    copies of the chunk at the step's peak (BENCHMARKS.md §A-11). Rounding the factor instead costs a
-    relative 2^-9 on one term (or on the whole output's scale, like a 0.2% change of lr); the output
-    is in the working dtype anyway.
+
+def _factor_constants(consts: tuple[float, ...], p: float, m: int, dtype: torch.dtype, device: torch.device):
+    """``(coefficients, log2 |constants|, signs, floors)`` of :func:`_batched_factors`."""
+    key = (consts, p, m, dtype, device)
+    hit = None if torch.compiler.is_compiling() else _FACTOR_CONSTANTS.get(key)
+    if hit is not None:
+        return hit
+    # rows: log2 ||X_w||_F^2, log2 ||A_f^2||_F (= 2 log2 r2), e; columns: k c / r2^2, k b / r2, k a,
+    # k w_0 / w_j and ||X||_S8^p w_j, with log2 k = -(log2 ||X_w||_F^2 + log2 r2) / 2
+    rows = [
+        [-0.5, -0.5, -0.5, -0.5, 0.5 * p],
+        [-1.25, -0.75, -0.25, -0.25, 0.25 * p],
+        [0.0, 0.0, 0.0, 0.0, p],
+    ]
+    coefficients = torch.tensor([row[: len(consts)] for row in rows], dtype=dtype, device=device)
+    logs = torch.tensor([math.log2(abs(x)) if x else -math.inf for x in consts], dtype=dtype, device=device)
+    signs = torch.tensor([math.copysign(1.0, x) if x else 0.0 for x in consts], dtype=dtype, device=device)
+    # r2 >= 1/m: ||A_f^2||_F >= m^-2 (the floor also keeps a zero matrix at zero)
+    floors = torch.tensor([-math.inf, -2.0 * math.log2(m), -math.inf], dtype=dtype, device=device)
+    out = (coefficients, logs, signs, floors)
+    if not torch.compiler.is_compiling() and len(_FACTOR_CONSTANTS) < 1024:
+        _FACTOR_CONSTANTS[key] = out
+    return out
+
+
+def _batched_factors(
+    fro2: Tensor,
+    A_f2: Tensor,
+    e: Tensor,
+    m: int,
+    p: float,
+    abc: tuple[float, float, float],
+    w0: float,
+    pivot: float,
+    acc: torch.dtype,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | float]:
+    """The per-matrix factors of a batch's first step and output, ``(B, 1, 1)`` each (``(1, 1)`` for
+    one matrix).
+
+    Every factor is a signed power of two of a linear form in ``log2 ||X_w||_F^2``, ``log2 r2`` and the
+    prescale's exponent ``e``: ``k c / r2^2``, ``k b / r2``, ``k a`` (for step 1's matrix, in ``acc``),
+    ``k w_0 / w_j`` (the output sum's first term) and ``||X||_S8^p w_j = 2^(p (log2 q) / 2 + p e) w_j``
+    (its final scale; ``1.0`` where ``p = 0``), the last two in the working dtype, in which they
+    multiply the iterates. So they come from one small product and one ``exp2``: about 10 kernels,
+    where taking the products, powers and quotients one by one was about 20, each a launch on a GPU.
+    The log-domain form adds a relative error of about ``1e-6`` to each factor (float32), far below
+    the bfloat16 rounding of the two that meet the iterates, which a mixed-dtype kernel would not
+    save: on CPU it copies each chunk-sized operand to float32 first (BENCHMARKS.md §A-11). A result
+    beyond the dtype's range is capped at its largest value (the true result is out of range too).
     """
-    if isinstance(f, Tensor) and f.dtype != x.dtype:
-        return f.to(x.dtype)
-    return f
+    a, b, c = abc
+    consts = (c, b, a, w0 / pivot) + ((pivot,) if p else ())
+    coefficients, logs, signs, floors = _factor_constants(consts, p, m, acc, fro2.device)
+    norm = torch.linalg.vector_norm(A_f2, dim=(-2, -1), keepdim=True, dtype=acc)
+    L = torch.cat([torch.cat([fro2, norm], dim=-1).log2(), e.to(acc)], dim=-1).view(-1, 3)
+    L = torch.maximum(L, floors)
+    F = torch.addmm(logs, L, coefficients).exp2_().mul_(signs).clamp_max_(torch.finfo(acc).max)
+    F = F.view(*fro2.shape, len(consts))  # (B, 1, 1, K), or (1, 1, K) for one matrix
+    tail = F[..., 3:].to(dtype)
+    return F[..., 0], F[..., 1], F[..., 2], tail[..., 0], tail[..., 1] if p else 1.0
 
 
 def _scaled(x: Tensor, f: float | Tensor, out: Tensor | None = None) -> Tensor:

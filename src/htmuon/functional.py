@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .spectral import (
     BACKENDS,
+    _raw_scale_is_bounded,
     abs_max,
     aminmax,
     host_path,
@@ -72,15 +73,16 @@ __all__ = [
 #: LLaMA-135M matrix set this keeps HTMuon's peak within torch.optim.Muon's + 10% of the parameter
 #: bytes, whatever the depth (tests/test_optim.py::test_memory_plan_*).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-#: The budget on an accelerator (CUDA, ...): 48 MiB. There a chunk costs the host ~70-90 operator
-#: launches (scaling, checks, stacking, the iterations) whatever its size, so small chunks make the step
-#: host-bound (on an H200, 32 MiB cut the LLaMA-135M set into 84 chunks, one per matrix, at 4.3x
-#: torch.optim.Muon's time: BENCHMARKS.md §A-7). Since the plan models the matmul backends' working
-#: dtype (:func:`work_itemsize`; bfloat16 on GPUs), 48 MiB makes 30 chunks of that set, 2,968 operators
-#: against Muon's 2,400, and a measured peak of 41 MiB, within issue 11's bound (Muon's 14.4 MiB + 10% of
-#: the parameter bytes = 46.8 MiB; counted on a CPU on the GPU's code path, §A-11). 512 MiB (the
-#: default until session 29) makes 3 chunks, 378 operators and a peak near 495 MiB: pass
-#: ``chunk_bytes=512 * 2**20`` where memory is plentiful. The bound does not grow with depth.
+#: The budget on an accelerator (CUDA, ...): 48 MiB. There a chunk costs the host ~65 kernel
+#: launches (~95 operators with views: scaling, checks, stacking, the iterations) whatever its size,
+#: so small chunks make the step host-bound (on an H200, 32 MiB cut the LLaMA-135M set into 84 chunks,
+#: one per matrix, at 4.3x torch.optim.Muon's time: BENCHMARKS.md §A-7). Since the plan models the
+#: matmul backends' working dtype (:func:`work_itemsize`; bfloat16 on GPUs), 48 MiB makes 30 chunks
+#: of that set, 2,908 operators (1,959 launches) against Muon's 2,400 (1,934), and a measured peak of
+#: 41 MiB, within issue 11's bound (Muon's 14.4 MiB + 10% of the parameter bytes = 46.8 MiB; counted
+#: on a CPU on the GPU's code path, §A-11). 512 MiB (the default until session 29) makes 3 chunks,
+#: 378 operators and a measured peak of 441 MiB: pass ``chunk_bytes=512 * 2**20`` where memory is
+#: plentiful. The bound does not grow with depth.
 ACCELERATOR_CHUNK_BYTES = 48 * 2**20
 
 
@@ -633,14 +635,19 @@ def work_itemsize(group: dict[str, Any], corrected: bool, param: Tensor) -> int 
     """Bytes per element of the working dtype of ``param``'s spectral map, where :func:`chunk_work_bytes`
     models it (``fast``, ``fast5``; ``interval``'s in-between polar steps), else ``None``.
 
-    ``None`` also with a plug-in or ``scale="muon_rms"`` (a copy of each direction), and ``p = 1``
-    (the map returns its input's dtype).
+    Modelled for float32 parameters only, and only where :func:`htmuon.spectral.spectral_map` hands
+    the batch to the backend as it is (its raw scale cannot overflow: ``p`` up to about 0.9). Elsewhere
+    the map adds a prescaled copy of the chunk in the parameters' dtype and returns the direction in
+    that dtype (float64 parameters, ``p`` near 1), or on CPU the prescale makes two float32 temporaries
+    of a bfloat16 or float16 chunk: a review measured up to 2.5x the model there. ``None`` also with a
+    plug-in or ``scale="muon_rms"`` (a copy of each direction).
     """
-    if group["plugin"] is not None or group["scale"] != "raw":
+    if group["plugin"] is not None or group["scale"] != "raw" or param.dtype != torch.float32:
         return None
     if corrected:
         method = resolve_method(group["method"], group["spectrum"], param.device)
-        if method not in MATMUL_BACKENDS or float(group["p"]) == 1.0:
+        m, n = matrix_shape(param.shape, group["batch_3d"])[1:]
+        if method not in MATMUL_BACKENDS or not _raw_scale_is_bounded(float(group["p"]), param.dtype, m, n):
             return None
         dtype = group.get("compute_dtype") or ns_working_dtype(group["ns_dtype"], param.device)
     else:
