@@ -26,7 +26,8 @@ issue's target: a step's peak within torch.optim.Muon's + 10% of the parameter b
 
 ``--accelerator-paths`` (CPU) measures the code paths a GPU takes
 (:func:`htmuon.spectral.accelerator_paths`: stacked chunks); pass the GPU's budget with
-``--chunk-bytes`` (512MiB is the accelerator default). torch.optim.Muon's row is its CPU step.
+``--chunk-bytes`` (48MiB is the accelerator default since session 29, 512MiB before it).
+torch.optim.Muon's row is its CPU step.
 """
 
 from __future__ import annotations

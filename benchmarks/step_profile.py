@@ -17,7 +17,8 @@ Gaussian gradients.
 ``--accelerator-paths`` (CPU) runs the steps on the code paths a GPU takes
 (:func:`htmuon.spectral.accelerator_paths`: stacked chunks, batched products, no host reads but the
 finite checks), so the operators a GPU step dispatches can be counted on a CPU; pass the GPU's
-budget with ``--chunk-bytes`` (512MiB is the accelerator default). Its times are CPU times.
+budget with ``--chunk-bytes`` (48MiB is the accelerator default since session 29, 512MiB before it).
+Its times are CPU times.
 """
 
 from __future__ import annotations

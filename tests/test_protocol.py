@@ -91,6 +91,27 @@ def test_paired_differences_leave_a_diverged_seed_out_of_the_mean():
     diffs = cmp.paired_differences(cmp.aggregate(rows), "muon")["htmuon"]
     assert diffs["mean_std"][0] == pytest.approx(-0.1) and diffs["mean_std"][1] is None
     assert diffs["per_seed"][1] == math.inf
+    assert diffs["ci95"] is None and (diffs["worse"], diffs["n"]) == (0, 1)  # one finite seed: no interval
+
+
+def test_paired_differences_give_the_t_interval_of_the_mean_and_the_seeds_behind():
+    """Four seeds, HTMuon behind on three: the 95% interval is Student's t with 3 degrees of freedom
+    (t_0.975 = 3.1824, not the normal 1.96), and it holds 0 here; for accuracy, lower is worse."""
+    gaps = [0.01, 0.03, -0.01, 0.05]
+    rows = [_summary("muon", 0.01, s, 3.0 + s) for s in range(4)]
+    rows += [_summary("htmuon", 0.04, s, 3.0 + s + g) for s, g in enumerate(gaps)]
+    d = cmp.paired_differences(cmp.aggregate(rows), "muon")["htmuon"]
+    m, sd = d["mean_std"]
+    half = 3.182446305284263 * sd / 2.0
+    assert d["ci95"] == pytest.approx((m - half, m + half)) and d["ci95"][0] < 0 < d["ci95"][1]
+    assert (d["worse"], d["n"]) == (3, 4)
+    tight = [_summary("muon", 0.01, s, 3.0) for s in range(3)]
+    tight += [_summary("htmuon", 0.04, s, 3.0 + g) for s, g in enumerate([0.02, 0.021, 0.019])]
+    assert cmp.paired_differences(cmp.aggregate(tight), "muon")["htmuon"]["ci95"][0] > 0  # excludes 0
+    acc = [_summary("m", 0.1, s, 1.0, acc=0.9) for s in range(3)]
+    acc += [_summary("h", 0.1, s, 1.0, acc=a) for s, a in enumerate([0.8, 0.95, 0.85])]
+    d = cmp.paired_differences(cmp.aggregate(acc), "m")["h"]
+    assert (d["worse"], d["n"]) == (2, 3)
 
 
 # ----------------------------------------------------------------------------- the plan (a stand-in train)
@@ -202,7 +223,10 @@ def test_tune_seeds_select_then_report_on_other_seeds_paired(tmp_path, monkeypat
     )
     out = cmp.write_report(res, plan.out, "t", "htmuon compare ...", 1.0, plots=False, notes=plan.notes)
     md = (plan.out / "results.md").read_text()
-    assert "| htmuon | s0: +0.1000, s1: +0.1000, s2: +0.1000 | +0.1000 ± 0.0000 |" in md
+    assert (
+        "| htmuon | s0: +0.1000, s1: +0.1000, s2: +0.1000 | +0.1000 ± 0.0000 | [+0.1000, +0.1000] "
+        "| 3 of 3 seeds |" in md
+    )
     assert "selection seeds 7" in md and "0,1,2" in out["table"]
 
 

@@ -740,6 +740,24 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student's t confidence interval of the mean of ``values`` (independent draws, e.g. paired
+    differences over seeds): ``m ± t_((1 + level) / 2, n - 1) s / sqrt(n)``; ``None`` below 2 values.
+
+    Example:
+        >>> [round(x, 4) for x in mean_interval([0.0, 0.1, 0.2])]  # t_(0.975, 2) = 4.3027
+        [-0.1484, 0.3484]
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    from scipy.stats import t  # scipy comes with the train extra (scikit-learn's dependency)
+
+    m, sd = mean_std(values)
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return m - half, m + half
+
+
 def fmt(m: float | None, s: float | None, digits: int = 3) -> str:
     if m is None:
         return "-"
@@ -801,11 +819,14 @@ def _selection_key(row: dict, task: str) -> tuple:
 
 
 def paired_differences(agg: dict, ref: str) -> dict[str, dict]:
-    """Per spec: (metric of spec - metric of ``ref``) per shared seed at the best cells, mean ± std.
+    """Per spec: (metric of spec - metric of ``ref``) per shared seed at the best cells, mean ± std,
+    the 95% interval of the mean (:func:`mean_interval`) and on how many seeds the spec is worse.
 
     The metric is the final validation loss (accuracy for image models); seeds are paired: a seed
-    gives every optimizer the same initial model and the same batches."""
-    key = "accs" if agg["task"] == "image" else "losses"
+    gives every optimizer the same initial model and the same batches, so the differences of one
+    spec are independent draws, one per seed. A diverged seed (NaN) is left out of the statistics."""
+    image = agg["task"] == "image"
+    key = "accs" if image else "losses"
     base = agg["best"][ref][key]
     out = {}
     for spec, row in agg["best"].items():
@@ -814,7 +835,13 @@ def paired_differences(agg: dict, ref: str) -> dict[str, dict]:
         seeds = [s for s in row[key] if s in base]
         diffs = {s: row[key][s] - base[s] for s in seeds}
         finite = [d for d in diffs.values() if math.isfinite(d)]
-        out[spec] = {"per_seed": diffs, "mean_std": mean_std(finite) if finite else (None, None)}
+        out[spec] = {
+            "per_seed": diffs,
+            "mean_std": mean_std(finite) if finite else (None, None),
+            "ci95": mean_interval(finite),
+            "worse": sum((d < 0) if image else (d > 0) for d in finite),
+            "n": len(finite),
+        }
     return out
 
 
@@ -889,14 +916,20 @@ def markdown_table(agg: dict, select: dict | None = None) -> str:
             f"Paired differences to {ref_spec} ({what} of the optimizer minus {ref_spec}'s, same seed, "
             "best cells):",
             "",
-            "| optimizer | per seed | mean ± std |",
-            "|---|---|---|",
+            f"| optimizer | per seed | mean ± std | 95% interval of the mean | worse than {ref_spec} on |",
+            "|---|---|---|---|---|",
         ]
         for spec, d in diffs.items():
             per = ", ".join(f"s{s}: {v:+.4f}" for s, v in d["per_seed"].items())
             m, sd = d["mean_std"]
             ms_txt = "-" if m is None else (f"{m:+.4f}" + ("" if sd is None else f" ± {sd:.4f}"))
-            lines.append(f"| {spec} | {per} | {ms_txt} |")
+            ci = "-" if d["ci95"] is None else "[{:+.4f}, {:+.4f}]".format(*d["ci95"])
+            lines.append(f"| {spec} | {per} | {ms_txt} | {ci} | {d['worse']} of {d['n']} seeds |")
+        lines += [
+            "",
+            "The interval is Student's t over the seeds' paired differences: where it holds 0, the gap "
+            "is within the seed noise at that level; more seeds narrow it as 1/sqrt(n).",
+        ]
     if len(select["rows"]) > len(select["best"]):
         seeds = sorted({s for r in select["rows"] for s in r["seeds"]})
         lines += [
