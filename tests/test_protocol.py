@@ -764,7 +764,8 @@ def test_size_scan_marks_a_size_of_one_seed(tmp_path):
         },
     ]
     lines = [ln for ln in cmp.size_scan_table(rows).splitlines() if ln.startswith("| llama-")]
-    assert lines[0].endswith("| +0.0500 ± 0.0100 |") and lines[1].endswith("| +0.0476 (1 seed) |")
+    assert lines[0].endswith("| +0.0500 ± 0.0100 (3 seeds; 95%: +0.0252 to +0.0748) |")  # t_0.975,2 = 4.30
+    assert lines[1].endswith("| +0.0476 (1 seed) |")
     rows[1]["per_seed"]["htmuon"][1] = float("nan")  # a diverged seed does not count as a seed
     lines = [ln for ln in cmp.size_scan_table(rows).splitlines() if ln.startswith("| llama-")]
     assert lines[1].endswith("| +0.0476 (1 seed) |")
@@ -966,7 +967,8 @@ def test_merge_size_scan_pairs_each_model_with_its_one_reference(tmp_path):
     merge = _merge_script()
     assert merge.main(["--out", str(tmp_path / "out"), "--add", "m", a, "--add", "m", f"{b}:ht"]) == 0
     md = (tmp_path / "out" / "size_scan.md").read_text()
-    assert "| 3.5000 ± 0.7071 | +0.1000 ± 0.0000 |" in md, md  # b's Muon (9.0) was left out
+    # b's Muon (9.0) was left out
+    assert "| 3.5000 ± 0.7071 | +0.1000 ± 0.0000 (2 seeds; 95%: +0.1000 to +0.1000) |" in md, md
     assert f"- m: ht from `{b}`" in md and (tmp_path / "out" / "gap_vs_params.png").is_file()
     with pytest.raises(SystemExit, match="comes from both"):
         merge.main(["--out", str(tmp_path / "o2"), "--add", "m", a, "--add", "m", b])

@@ -1307,7 +1307,14 @@ def size_scan_table(rows: list[dict]) -> str:
         cells = []
         for spec in specs:
             m, sd = r["diffs"].get(spec, (None, None))
-            spread = " (1 seed)" if _finite_seeds(r, spec) == 1 else ("" if sd is None else f" ± {sd:.4f}")
+            finite = [d for d in r["per_seed"].get(spec, {}).values() if math.isfinite(d)]
+            if len(finite) == 1:
+                spread = " (1 seed)"
+            elif len(finite) > 1:  # the spread, and the 95% interval of the mean (see mean_interval)
+                lo, hi = mean_interval(finite)
+                spread = f" ± {sd:.4f} ({len(finite)} seeds; 95%: {lo:+.4f} to {hi:+.4f})"
+            else:
+                spread = "" if sd is None else f" ± {sd:.4f}"
             cells.append("-" if m is None else f"{m:+.4f}" + spread)
         n = r["parameters"]
         lines.append(
