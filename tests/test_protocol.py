@@ -773,6 +773,29 @@ def test_size_scan_marks_a_size_of_one_seed(tmp_path):
     assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gap_plot_draws_each_size_with_its_95_percent_interval(tmp_path, monkeypatch):
+    """The error bars are the t interval of each mean (3 seeds: 4.30 s / sqrt(3), not the std), and a
+    size of one seed has none."""
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def record(ax, x, y, **kw):
+        drawn.append(kw["yerr"])
+        return real(ax, x, y, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", record)
+    rows = [
+        {"model": "a", "parameters": 1e6, "steps": 1, "ref": "muon", "ref_loss": (3.5, 0.01),
+         "diffs": {"h": (0.05, 0.01)}, "per_seed": {"h": {0: 0.04, 1: 0.05, 2: 0.06}}},
+        {"model": "b", "parameters": 2e7, "steps": 2, "ref": "muon", "ref_loss": (3.1, None),
+         "diffs": {"h": (0.02, None)}, "per_seed": {"h": {0: 0.02, 1: math.nan}}},
+    ]  # fmt: skip
+    cmp.plot_gap_vs_params(rows, tmp_path / "gap.png")
+    assert drawn[0] == pytest.approx((4.302652729911275 * 0.01 / math.sqrt(3), 0.0))
+
+
 def test_size_scan_table_is_written_after_each_model(tmp_path, monkeypatch):
     """A scan cut short (here the third model's training fails) still has the table of the models done,
     saying which are left; the completed scan's table has no such line."""

@@ -1325,17 +1325,28 @@ def size_scan_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _half_interval(row: dict, spec: str) -> float:
+    """Half the width of the 95% interval of a size-scan row's mean paired difference (0 for one seed)."""
+    finite = [d for d in row["per_seed"].get(spec, {}).values() if math.isfinite(d)]
+    ci = mean_interval(finite)
+    return 0.0 if ci is None else (ci[1] - ci[0]) / 2
+
+
 def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
-    """Paired difference to Muon (final validation loss, mean ± std over seeds) against parameters."""
+    """Paired difference to Muon (final validation loss) against parameters: the mean over seeds with
+    its 95% interval (:func:`mean_interval`), so that sizes run on different numbers of seeds are
+    drawn with the precision each has."""
     fig, (ax,) = _figure(1, 1)
     specs = list(dict.fromkeys(k for r in rows for k in r["diffs"]))
     for spec in specs:
         pts = [
-            (r["parameters"], *r["diffs"][spec]) for r in rows if r["diffs"].get(spec, (None,))[0] is not None
+            (r["parameters"], r["diffs"][spec][0], _half_interval(r, spec))
+            for r in rows
+            if r["diffs"].get(spec, (None,))[0] is not None
         ]
         if pts:
-            x, m, sd = zip(*pts)
-            bars = ax.errorbar(x, m, yerr=[v or 0.0 for v in sd], marker="o", capsize=3, label=spec)
+            x, m, half = zip(*pts)
+            bars = ax.errorbar(x, m, yerr=half, marker="o", capsize=3, label=spec)
             for r in rows:  # a point of one seed has no spread to show: hollow, and labelled so
                 if _finite_seeds(r, spec) == 1 and r["diffs"][spec][0] is not None:
                     xy = (r["parameters"], r["diffs"][spec][0])
@@ -1343,10 +1354,15 @@ def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
                     ax.annotate("1 seed", xy, textcoords="offset points", xytext=(6, 6), fontsize=7)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter  # matplotlib is there: _figure imported it
+
+    sizes = sorted({r["parameters"] for r in rows if r["parameters"]})
+    ax.set_xticks(sizes, [f"{n / 1e6:.3g} M" for n in sizes])  # each model's size, not log decades
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(
         xlabel="parameters",
         ylabel=f"val loss − {rows[0]['ref']}'s (paired by seed)",
-        title="gap to Muon vs model size (mean ± std over seeds)",
+        title="gap to Muon vs model size (mean over seeds, 95% interval)",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
