@@ -1291,9 +1291,10 @@ def size_scan_rows(per_model: dict[str, dict]) -> list[dict]:
     return sorted(rows, key=lambda r: r["parameters"] or 0)
 
 
-def _finite_seeds(row: dict, spec: str) -> int:
-    """How many seeds of ``spec`` a size-scan row's mean is over (a diverged seed's NaN is left out)."""
-    return sum(math.isfinite(d) for d in row["per_seed"].get(spec, {}).values())
+def _finite_diffs(row: dict, spec: str) -> list[float]:
+    """The paired differences of ``spec`` that a size-scan row's mean is over (a diverged seed's NaN is
+    left out)."""
+    return [d for d in row["per_seed"].get(spec, {}).values() if math.isfinite(d)]
 
 
 def size_scan_table(rows: list[dict]) -> str:
@@ -1307,14 +1308,12 @@ def size_scan_table(rows: list[dict]) -> str:
         cells = []
         for spec in specs:
             m, sd = r["diffs"].get(spec, (None, None))
-            finite = [d for d in r["per_seed"].get(spec, {}).values() if math.isfinite(d)]
-            if len(finite) == 1:
-                spread = " (1 seed)"
-            elif len(finite) > 1:  # the spread, and the 95% interval of the mean (see mean_interval)
+            finite = _finite_diffs(r, spec)
+            if len(finite) > 1:  # the spread, and the 95% interval of the mean (see mean_interval)
                 lo, hi = mean_interval(finite)
                 spread = f" ± {sd:.4f} ({len(finite)} seeds; 95%: {lo:+.4f} to {hi:+.4f})"
             else:
-                spread = "" if sd is None else f" ± {sd:.4f}"
+                spread = " (1 seed)"
             cells.append("-" if m is None else f"{m:+.4f}" + spread)
         n = r["parameters"]
         lines.append(
@@ -1327,8 +1326,7 @@ def size_scan_table(rows: list[dict]) -> str:
 
 def _half_interval(row: dict, spec: str) -> float:
     """Half the width of the 95% interval of a size-scan row's mean paired difference (0 for one seed)."""
-    finite = [d for d in row["per_seed"].get(spec, {}).values() if math.isfinite(d)]
-    ci = mean_interval(finite)
+    ci = mean_interval(_finite_diffs(row, spec))
     return 0.0 if ci is None else (ci[1] - ci[0]) / 2
 
 
@@ -1348,7 +1346,7 @@ def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
             x, m, half = zip(*pts)
             bars = ax.errorbar(x, m, yerr=half, marker="o", capsize=3, label=spec)
             for r in rows:  # a point of one seed has no spread to show: hollow, and labelled so
-                if _finite_seeds(r, spec) == 1 and r["diffs"][spec][0] is not None:
+                if len(_finite_diffs(r, spec)) == 1 and r["diffs"][spec][0] is not None:
                     xy = (r["parameters"], r["diffs"][spec][0])
                     ax.plot(*xy, marker="o", ms=9, mfc="white", color=bars[0].get_color(), zorder=3)
                     ax.annotate("1 seed", xy, textcoords="offset points", xytext=(6, 6), fontsize=7)
