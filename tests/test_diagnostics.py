@@ -488,15 +488,35 @@ def test_degenerate_esd_fails_at_every_size():
 
 def test_a_tied_matrix_is_one_layer_in_every_form(tmp_path):
     """An LM head sharing the embedding's tensor is analysed once, as a checkpoint that stores it once
-    gives it (the mean alpha must not depend on the input form)."""
+    gives it (the mean alpha must not depend on the input form): from the module, its state_dict, a
+    ``torch.save`` file (one storage under two names) and a DCP checkpoint (the data written twice)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
     emb = nn.Embedding(120, 40)
     model = nn.ModuleDict({"embed": emb, "mid": nn.Linear(40, 40), "head": nn.Linear(40, 120, bias=False)})
     model["head"].weight = emb.weight  # tied
     once = {"embed.weight": emb.weight.detach().clone(), "mid.weight": model["mid"].weight.detach().clone()}
     want = analyze(once)
-    for form in (model, model.state_dict()):
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / "tied.pt")  # one storage under two names
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP's single-process warning
+        dcp.save(dict(sd), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)  # the data written twice
+    forms = (model, sd, tmp_path / "tied.pt", tmp_path / "ddp.pt", tmp_path / "dcp")
+    for form in forms:
         got = analyze(form)
-        assert sorted(got.alphas) == ["embed", "mid"] and got.mean_alpha == pytest.approx(want.mean_alpha)
+        assert sorted(got.alphas) == ["embed", "mid"] and got.mean_alpha == pytest.approx(want.mean_alpha), (
+            form
+        )
+        if not isinstance(form, (nn.Module, dict)):
+            assert any("head: the same values as embed" in n for n in got.meta["notes"]), got.meta
+    # two layers that are not the same tensor stay two layers from a checkpoint
+    twin = {"a.weight": torch.randn(50, 30), "b.weight": torch.randn(50, 30)}
+    torch.save(twin, tmp_path / "twin.pt")
+    assert sorted(analyze(tmp_path / "twin.pt").alphas) == ["a", "b"]
 
 
 def test_float8_weights_and_a_file_of_one_tensor(tmp_path):

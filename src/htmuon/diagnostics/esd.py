@@ -39,6 +39,7 @@ Differences from WeightWatcher, all deliberate:
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import re
@@ -446,11 +447,13 @@ def _batched_eigenvalues(
     method: str,
     source: Checkpoint | None = None,
     batch_elems: int = _BATCH_ELEMS,
+    prints: dict[str, tuple] | None = None,
 ) -> list[Tensor]:
     """Sorted (ascending) pooled eigenvalues per layer, batched over same-shape matrices.
 
     Layers without an in-memory weight are read from ``source`` one batch at a time (at most
-    ``batch_elems`` elements, or one layer), checked for non-finite entries, and dropped after it.
+    ``batch_elems`` elements, or one layer), checked for non-finite entries, and dropped after it;
+    their :func:`_fingerprint` goes into ``prints`` (by key) when given.
     """
     groups: dict[tuple, list[int]] = {}
     for i, L in enumerate(layers):
@@ -465,6 +468,8 @@ def _batched_eigenvalues(
             loaded = source.load([L.key for L in lazy]) if lazy else {}
             for L in lazy:
                 _check_finite(L.name, loaded[L.key])
+                if prints is not None:
+                    prints[L.key] = _fingerprint(loaded[L.key])
             parts = [
                 _matrices(L, L.weight if L.weight is not None else loaded[L.key]).to(device=dev)
                 for L in (layers[i] for i in chunk)
@@ -484,6 +489,14 @@ def _batched_eigenvalues(
                     e = e[-L.keep_top :]
                 out[i] = e * L.scale if L.scale != 1.0 else e
     return out  # type: ignore[return-value]
+
+
+def _fingerprint(t: Tensor) -> tuple:
+    """Shape, dtype and a hash of the bytes of a weight read from a checkpoint. A tied matrix that a
+    checkpoint stores once per name (DCP writes each key's data; ``torch.save`` keeps one storage)
+    has the same fingerprint under both names."""
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return (tuple(t.shape), t.dtype, hashlib.blake2b(data, digest_size=16).digest())
 
 
 def layer_eigenvalues(
@@ -731,8 +744,23 @@ def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, co
         raise ValueError(f"nothing to analyze in the {what}: every candidate layer was skipped ({why})")
 
     budget = _STREAM_BATCH_ELEMS if source is not None else _BATCH_ELEMS
-    evs = _batched_eigenvalues(todo, dev, dt, meth, source, budget)
-    rows = [_row(L, ev, fit, thresh, meth) for L, ev in zip(todo, evs)]
+    prints: dict[str, tuple] = {}
+    evs = _batched_eigenvalues(todo, dev, dt, meth, source, budget, prints)
+    # A tied matrix stored under two names in a checkpoint is one layer, under its first name, as
+    # from the module (_untied): the checkpoint lost the sharing, so equal bytes stand for it.
+    first: dict[tuple, str] = {}
+    tied: list[str] = []
+    rows = []
+    for L, ev in zip(todo, evs):
+        fp = prints.get(L.key) if L.weight is None else None
+        if fp is not None and fp in first:
+            tied.append(
+                f"{L.name}: the same values as {first[fp]} (a tied matrix under two names), analysed once"
+            )
+            continue
+        if fp is not None:
+            first[fp] = L.name
+        rows.append(_row(L, ev, fit, thresh, meth))
     meta = {
         "source": what,
         "device": str(dev) if dev is not None else "weights' device",
@@ -746,6 +774,7 @@ def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, co
         "conv2d_norm": conv2d_norm,
         "fits": FITS,
     }
-    if isinstance(obj, Checkpoint) and obj.notes:
-        meta["notes"] = list(obj.notes)
+    notes = (list(obj.notes) if isinstance(obj, Checkpoint) else []) + tied
+    if notes:
+        meta["notes"] = notes
     return ESDReport(rows=rows, fit=fit, skipped=skipped, meta=meta)
