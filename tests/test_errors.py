@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -321,6 +322,34 @@ def test_load_state_dict_refuses_a_non_finite_plugin_moment():
     sd = copy.deepcopy(opt.state_dict())
     sd["state"][0]["second_moment"][0, 0, 0] = float("nan")
     _load_refused(sd, r"parameter '0\.weight': second_moment holds NaN or Inf", plugin="normuon")
+
+
+def test_load_state_dict_checks_state_in_the_dtype_it_is_cast_to():
+    """torch.optim casts loaded state to the parameter's dtype: a float32 momentum beyond float16's
+    range is refused on a float16 parameter (not loaded as Inf); an average of squares that a float16
+    step itself overflows to +Inf (the update is then 0, as in torch.optim.AdamW) reloads, while NaN
+    or -Inf there is still refused."""
+    W = nn.Parameter(torch.randn(4, 4, dtype=torch.float16))
+    b = nn.Parameter(torch.randn(4, dtype=torch.float16))
+    opt = HTMuon([W, b], adamw_lr=1e-3, adamw_betas=(0.9, 0.95))
+    W.grad, b.grad = torch.randn(4, 4, dtype=torch.float16), torch.full((4,), 2000.0, dtype=torch.float16)
+    opt.step()  # 0.05 * 2000**2 = 2e5 > 65504
+    sd = copy.deepcopy(opt.state_dict())
+    assert torch.isinf(sd["state"][1]["exp_avg_sq"]).all()
+    HTMuon([W, b], adamw_lr=1e-3, adamw_betas=(0.9, 0.95)).load_state_dict(copy.deepcopy(sd))  # its own
+    for bad in (float("nan"), -math.inf):
+        broken = copy.deepcopy(sd)
+        broken["state"][1]["exp_avg_sq"][0] = bad
+        with pytest.raises(ValueError, match=r"exp_avg_sq holds NaN or Inf$"):
+            HTMuon([W, b], adamw_lr=1e-3).load_state_dict(broken)
+    wide = copy.deepcopy(sd)
+    wide["state"][0]["momentum_buffer"] = torch.full((4, 4), 1e6)  # float32, finite
+    fresh = HTMuon([W, b], adamw_lr=1e-3)
+    with pytest.raises(
+        ValueError, match=r"momentum_buffer holds NaN or Inf after the cast to the parameter's dtype float16"
+    ):
+        fresh.load_state_dict(wide)
+    assert not fresh.state
 
 
 def test_loaded_step_counters_are_fresh_tensors():

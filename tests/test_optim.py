@@ -491,6 +491,26 @@ def test_compiled_step_is_one_graph_without_recompiles_and_equals_eager(backend,
     assert counters["stats"]["unique_graphs"] <= 2
 
 
+def test_compiled_step_keeps_its_counters_on_the_parameters_device(monkeypatch):
+    """The compiled step adds its on-device "step is good" flag to the step counters and to
+    ``skipped_steps`` in place; on a GPU a CPU counter refuses a CUDA operand (FakeTensor, which traces
+    the compiled step: "wrapped to wrong device"), so they live on the parameters' device there.
+    No GPU needed: the masked code path on "meta" parameters (is_compiling patched) shows where the
+    counters end up, new ones and CPU ones (as a loaded state dict or eager steps leave them)."""
+    params = [nn.Parameter(torch.empty(8, 6, device="meta")), nn.Parameter(torch.empty(8, device="meta"))]
+    opt = HTMuon(params, lr=0.02, method="ns")
+    for p in params:
+        p.grad = torch.empty_like(p)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for _ in range(2):
+        opt.step()
+        assert {s["step"].device.type for s in opt.state.values()} == {"meta"}
+        assert opt.skipped_steps.device.type == "meta"
+        for s in opt.state.values():
+            s["step"] = torch.tensor(1.0)
+        opt.skipped_steps = torch.zeros((), dtype=torch.int64)
+
+
 def _assert_nan_step_skipped(model, opt, step, X):
     """A non-finite gradient: the compiled step is skipped on-device (no raise, no host sync), counted,
     and changes no parameter and no state."""
@@ -641,3 +661,51 @@ def test_momentum_direction_in_place_and_out_of_place_agree(nesterov):
     M = 0.9 * kept.double() + 0.1 * grad.double()
     expected = 0.1 * grad.double() + 0.9 * M if nesterov else M
     torch.testing.assert_close(fresh.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["svd", "eigh", "ns", "fast"])
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4), (2, 0, 3)])
+def test_an_empty_matrix_is_left_out_and_changes_nothing_else(method, shape):
+    """A matrix with no elements (nn.Linear(0, m).weight) beside ordinary ones: nothing to update, so
+    it takes no part in the step (it used to fail the step after other parameters' momenta were
+    committed); the other matrices step exactly as without it, under interval and a plug-in too."""
+    for kw in ({}, {"interval": 2, "plugin": "normuon"}):
+        torch.manual_seed(0)
+        W = nn.Parameter(torch.randn(*shape))
+        V = nn.Parameter(torch.randn(5, 4))
+        V_alone = nn.Parameter(V.detach().clone())
+        with_empty, alone = HTMuon([W, V], method=method, **kw), HTMuon([V_alone], method=method, **kw)
+        for _ in range(3):
+            g = torch.randn(5, 4)
+            W.grad, V.grad, V_alone.grad = torch.ones_like(W), g.clone(), g.clone()
+            with_empty.step()
+            alone.step()
+        assert torch.equal(V, V_alone) and W not in with_empty.state, (shape, kw)
+
+
+def test_numpy_reals_and_tensor_hyperparameters_are_taken_as_torch_optim_takes_them():
+    """torch.optim takes NumPy reals and 1-element tensors (betas included); a tensor ``adamw_lr``
+    (what a compiled step with a scheduler needs, as for ``lr``) gives each AdamW group its own tensor,
+    so a scheduler's in-place change of one group does not reach another."""
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    shared = torch.tensor(1e-3)
+    opt = HTMuon(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+        lr=np.float32(0.02),
+        adamw_lr=shared,
+        adamw_betas=(np.float64(0.9), torch.tensor(0.95)),
+    )
+    adamw = [g for g in opt.param_groups if g["algorithm"] == "adamw"]
+    assert len(adamw) == 2 and all(isinstance(g["lr"], torch.Tensor) for g in adamw)
+    assert adamw[0]["lr"] is not adamw[1]["lr"]
+    adamw[0]["lr"].fill_(5e-4)
+    assert float(adamw[1]["lr"]) == pytest.approx(1e-3)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    for bad in (torch.tensor([1e-3, 2e-3]), torch.tensor(-1.0), torch.tensor(True), np.float32("nan")):
+        with pytest.raises(ValueError, match=r"Invalid adamw_lr"):
+            HTMuon(model.parameters(), adamw_lr=bad)
+    with pytest.raises(ValueError, match=r"Invalid lr"):
+        HTMuon(model.parameters(), lr=np.float64("nan"))

@@ -474,7 +474,7 @@ def test_a_run_that_diverged_after_its_checkpoint_is_not_trained_again(
     monkeypatch.setattr(loop, "_loss", nan_from_step_5)
     out = tmp_path / "d"
     first = train(tiny(corpus_file, out, optimizer="muon", steps=6, ckpt_every=3))
-    assert first["diverged"] and first["steps_done"] == 5
+    assert first["diverged"] and first["steps_done"] == 5 and first["diverged_why"] == "loss nan"
     calls.clear()
     capsys.readouterr()
     again = train(tiny(corpus_file, out, optimizer="muon", steps=6, ckpt_every=3), resume=True)
@@ -483,6 +483,21 @@ def test_a_run_that_diverged_after_its_checkpoint_is_not_trained_again(
     err = capsys.readouterr().err
     assert f"'{out}' holds a run that diverged at step 5 (summary.json): reusing its summary" in err
     assert "not running steps 4-5 again" in err
+
+
+def test_divergence_names_what_was_not_finite(corpus_file, tmp_path, monkeypatch, capsys):
+    """A finite loss with a non-finite gradient norm stops the run too, and the message says which
+    (it used to say "non-finite loss" beside a finite one)."""
+    import torch
+
+    import htmuon.train.loop as loop
+
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(loop.torch.nn.utils, "clip_grad_norm_", lambda *a, **k: real(*a, **k) * float("inf"))
+    s = train(tiny(corpus_file, tmp_path / "g", optimizer="adamw", steps=4))
+    assert s["diverged"] and s["steps_done"] == 1
+    assert s["diverged_why"].startswith("non-finite gradient norm inf at loss ")
+    assert "training diverged at step 1 (non-finite gradient norm inf at loss" in capsys.readouterr().err
 
 
 def test_stop_on_an_unlogged_step_reports_that_step(corpus_file, tmp_path):

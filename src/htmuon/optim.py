@@ -9,6 +9,7 @@ set per group. The math is in :mod:`htmuon.functional`; this module validates, p
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from torch.optim import Optimizer
 from . import distributed as _distributed
 from . import functional as F
 from .functional import NonFiniteGradientError
-from .routing import route_params
+from .routing import _is_real, route_params
 from .spectral import BACKENDS, MUON_NS_STEPS, SCALES, SPECTRA, _check_backend, host_path
 
 __all__ = ["HTMuon", "NonFiniteGradientError"]
@@ -98,9 +99,42 @@ def _check_algorithm_fits(
             )
 
 
+#: State holding averages of squares: a step in a low precision (float16) can overflow them to +Inf
+#: from finite gradients (the update is then 0, as in torch.optim.AdamW), so a checkpoint may hold it.
+_SQUARES = frozenset({"exp_avg_sq", "second_moment"})
+
+
+def _check_loaded_values(key: str, value: Tensor, param: Tensor, where: str) -> None:
+    """A ValueError if loaded state ``key`` holds NaN or Inf (+Inf in :data:`_SQUARES` is allowed),
+    checked in the dtype torch.optim's ``load_state_dict`` casts it to (the parameter's, except
+    ``step``), so that a float32 value beyond a float16 parameter's range is caught, not loaded as Inf."""
+    cast = key != "step" and param.is_floating_point() and value.dtype != param.dtype
+    if cast:
+        value = value.to(param.dtype)
+    if bool(F.all_finite(value)):
+        return
+    if key in _SQUARES and not bool(torch.isnan(value).any()) and not bool((value == -math.inf).any()):
+        return
+    why = f" after the cast to the parameter's dtype {str(param.dtype).replace('torch.', '')}" if cast else ""
+    raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf{why}")
+
+
 def _new_step() -> Tensor:
     """A fresh step counter, as torch.optim keeps it: a float32 0-dim CPU tensor (exact to 2**24 steps)."""
     return torch.tensor(0.0, dtype=torch.float32)
+
+
+def _on_device(state: dict[str, Any], key: str, device: torch.device) -> Tensor:
+    """``state[key]`` (a counter) moved to ``device`` where it is elsewhere, and stored so.
+
+    A compiled step adds its on-device "step is good" flag to the counters without a host round trip,
+    so they live on the parameters' device there (as torch.compile moves torch.optim's ``step``); an
+    in-place add of a CUDA flag into a CPU counter is refused.
+    """
+    t = state[key]
+    if t.device != device:
+        t = state[key] = t.to(device)
+    return t
 
 
 class HTMuon(Optimizer):
@@ -202,7 +236,11 @@ class HTMuon(Optimizer):
     then changes it in place): a compiled step reads no lr on the host, so neither a graph break nor a
     recompile follows a change (a float lr is a constant of the graph: each new value recompiles).
     ``interval > 1`` reads the step count on the host (a graph break per step); the backends decide
-    their own graph breaks (``ns`` has none).
+    their own graph breaks (``ns``, ``eigh`` and the default have none; ``svd`` has one). Where the
+    step breaks the graph, its finite check runs eagerly: a non-finite step raises
+    :class:`NonFiniteGradientError` as in eager (nothing changed), not counted. A compiled step keeps
+    the step counters and :attr:`skipped_steps` on the parameters' device (moving CPU ones there), as
+    torch.compile does with torch.optim's ``step``.
 
     Example:
         >>> nn = torch.nn
@@ -321,7 +359,7 @@ class HTMuon(Optimizer):
                 if torch.compiler.is_compiling():  # reading the value needs the host (a graph break): a
                     return  # tensor (an lr a scheduler changes) is checked by eager steps and construction
                 v = v.item()
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
                 raise bad(key, "must be a real number")
             if v < low or (open_low and v == low) or v > high or (open_high and v == high):
                 raise bad(key, valid)
@@ -339,7 +377,7 @@ class HTMuon(Optimizer):
         if not (
             isinstance(betas, (tuple, list))
             and len(betas) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+            and all(_is_real(b) and 0.0 <= _number(b) < 1.0 for b in betas)
         ):
             raise bad("adamw_betas", "must be two numbers in [0, 1)")
         if not isinstance(g["method"], str) or g["method"] not in BACKENDS:
@@ -519,8 +557,7 @@ class HTMuon(Optimizer):
             self._check_state(saved_groups[gi], param, state, where)
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.is_floating_point():
-                    if not bool(F.all_finite(_distributed.local_tensor(value))):
-                        raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf")
+                    _check_loaded_values(key, _distributed.local_tensor(value), param, where)
         hooks, self._optimizer_load_state_dict_pre_hooks = (
             self._optimizer_load_state_dict_pre_hooks,
             OrderedDict(),
@@ -600,6 +637,8 @@ class HTMuon(Optimizer):
                     raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
                 applied += len(aparams)
         if ok is not None:
+            if self.skipped_steps.device != ok.device:  # see _on_device
+                self.skipped_steps = self.skipped_steps.to(ok.device)
             self.skipped_steps.add_((~ok).to(self.skipped_steps.dtype))
         return loss
 
@@ -637,7 +676,10 @@ class HTMuon(Optimizer):
                     self._check_state(group, param, self.state[param], f"parameter {name(gi, pi)}")
                 if group["check_finite"]:
                     finite_checks.append((grad, gi, pi))
-                (hparams if self._uses_htmuon(group, param) else aparams).append(param)
+                if not self._uses_htmuon(group, param):
+                    aparams.append(param)
+                elif param.numel():  # an empty matrix (nn.Linear(0, m)) has nothing to update: no state
+                    hparams.append(param)
             work.append((group, hparams, aparams))
         return work, finite_checks
 
@@ -796,6 +838,8 @@ class HTMuon(Optimizer):
         if ok is not None:
             return self._apply_window_masked(group, pending, ok, lr, wd, beta)
         params, states = [p for p, _, _, _ in pending], [self.state[p] for p, _, _, _ in pending]
+        # the lr multipliers before anything is committed (a failure here changes nothing)
+        scales = [F.lr_scale(*O.shape[-2:], group["lr_adjust"]) for _, O, _, _ in pending]
         for state, (_, _, buf, v_new) in zip(states, pending):
             if not state:
                 state["step"] = _new_step()
@@ -815,7 +859,7 @@ class HTMuon(Optimizer):
             [O if O.shape == p.shape else O.reshape(p.shape) for p, O, _, _ in pending],
             lr,
             wd,
-            [F.lr_scale(*O.shape[-2:], group["lr_adjust"]) for _, O, _, _ in pending],
+            scales,
         )
 
     def _apply_window_masked(
@@ -828,7 +872,8 @@ class HTMuon(Optimizer):
                 state["momentum_buffer"] = buf
             m_buf = state["momentum_buffer"]
             m_buf.copy_(torch.where(ok, m_buf.lerp(p.grad, 1.0 - beta), m_buf))
-            state["step"].add_(ok.to(state["step"].dtype))
+            counter = _on_device(state, "step", ok.device)
+            counter.add_(ok.to(counter.dtype))
             if v_new is not None:
                 if "second_moment" not in state:
                     state["second_moment"] = torch.zeros_like(v_new)
@@ -848,7 +893,7 @@ class HTMuon(Optimizer):
             grads.append(param.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+            steps.append(state["step"] if ok is None else _on_device(state, "step", ok.device))
         hyper = dict(
             lr=_scalar(group["lr"]),
             betas=tuple(float(b) for b in group["adamw_betas"]),

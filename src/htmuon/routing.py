@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -166,7 +168,11 @@ def param_groups(
         used in error messages; not torch's ``param_names``, so groups added later need no names).
 
     Example:
+        >>> from htmuon import HTMuon
+        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
         >>> opt = HTMuon(param_groups(model, adamw_lr=1e-3), lr=0.02)
+        >>> [(g["algorithm"], g["names"], g["lr"]) for g in opt.param_groups]
+        [('htmuon', ['1.weight'], 0.02), ('adamw', ['0.weight', '1.bias'], 0.001)]
     """
     _check_routing(routing, "")
     to_htmuon = _KINDS_TO_HTMUON[routing]
@@ -197,10 +203,18 @@ def _check_routing(routing: Any, where: str) -> None:
         raise ValueError(f"Invalid routing{where}: {routing!r}; valid: {ROUTINGS}")
 
 
+def _is_real(value: Any) -> bool:
+    """A real number as torch.optim takes one: a Python or NumPy real, or a 1-element real tensor."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_optional_number(key: str, value: Any, where: str) -> None:
+    """None, or a number >= 0 (a tensor too: a compiled step's scheduled lr; one per group, see HTMuon)."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+    if not _is_real(value) or math.isnan(float(value)) or float(value) < 0:
         raise ValueError(f"Invalid {key}{where}: {value!r} (must be a number >= 0, or None)")
 
 

@@ -143,7 +143,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if summary["diverged"]:
         print(
-            f"diverged (non-finite loss) at step {summary['steps_done']}: {summary['run_dir']}",
+            f"diverged ({summary.get('diverged_why', 'non-finite loss')}) at step {summary['steps_done']}: "
+            f"{summary['run_dir']}",
             file=sys.stderr,
         )
         return 1

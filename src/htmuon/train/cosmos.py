@@ -67,6 +67,9 @@ class COSMOS(Optimizer):
         max_rows: matrices with more rows go to AdamW (:data:`COSMOS_MAX_ROWS`).
 
     Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+        >>> hidden = [p for p in model.parameters() if p.ndim == 2]
+        >>> rest = [p for p in model.parameters() if p.ndim < 2]
         >>> opt = COSMOS([{"params": hidden}, {"params": rest, "algorithm": "adamw", "lr": 1e-3}], lr=1e-4)
     """
 

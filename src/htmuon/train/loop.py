@@ -655,6 +655,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     label = f"{cfg.optimizer}/seed{cfg.seed}"
     progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
     diverged, stopped, last_val, final_eval_s = False, False, None, None
+    why = ""  # what diverged: the loss or the gradient norm
     steps_done = start
     tokens_per_step = data.tokens_per_batch * cfg.grad_accum
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -687,6 +688,11 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                     diverged = True
+                    why = (
+                        f"loss {loss_val}"
+                        if not math.isfinite(loss_val)
+                        else f"non-finite gradient norm {grad_norm} at loss {loss_val}"
+                    )
                 else:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -728,7 +734,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                 progress.update(step, cfg.steps, loss_val, tps, log, val)
                 if diverged:
                     print(
-                        f"{label}: training diverged at step {step} (loss {loss_val}); stopping",
+                        f"{label}: training diverged at step {step} ({why}); stopping",
                         file=sys.stderr,
                     )
                     break
@@ -749,6 +755,8 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
         summary = summarize(
             out, cfg, metrics.records, last_val, diverged, stopped, info, step_times, steps_done, elapsed
         )
+        if diverged:
+            summary["diverged_why"] = why
         summary["backend"] = backend_history_label(run_info.get("backends") or [[0, backend]])
         summary["wall_s"] = wall  # steps + evaluations (checkpoint writes excluded)
         summary["final_eval_s"] = final_eval_s
