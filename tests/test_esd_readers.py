@@ -448,3 +448,23 @@ def test_write_failures_after_the_analysis_are_one_line_errors(tmp_path, capsys,
         rc, out, err = run_cli([tmp_path / "w.pt", flag, out_path], capsys)
         assert rc == 2 and err.strip().count("\n") == 0, err
         assert f"cannot write {flag} '{out_path}': No space left on device" in err
+
+
+def test_an_htmuon_training_checkpoint_is_verified_before_its_weights_are_analysed(tmp_path):
+    """A run folder's ckpt.pt carries a SHA-256 trailer: a changed byte in a weight is refused, as
+    resuming refuses it, not analysed into a wrong alpha (it was: the embedding's alpha 3.5 -> 1.0)."""
+    from htmuon.train import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 60), nn.Linear(60, 50))
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint.save(run / checkpoint.CKPT_NAME, {"model": model.state_dict(), "step": 3})
+    want = analyze(run).mean_alpha
+    assert want == pytest.approx(analyze(model).mean_alpha)
+    data = bytearray((run / checkpoint.CKPT_NAME).read_bytes())
+    at = data.index(model[0].weight.detach().numpy().tobytes()[:64]) + 100  # inside the first weight
+    data[at] ^= 0x40
+    (run / checkpoint.CKPT_NAME).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"is corrupt: its content does not match its SHA-256"):
+        analyze(run)

@@ -235,6 +235,29 @@ def test_compare_uses_diagnostics_for_alpha_when_present(corpus_file, tmp_path, 
     assert row.rstrip(" |").split("|")[-1].strip() == f"{runs[1]['mean_alpha']:.3f}"
 
 
+def test_alpha_reports_leave_out_an_optimizer_whose_best_cell_diverged_on_every_seed(tmp_path, monkeypatch):
+    """A grid whose every lr diverged before its first checkpoint has no final model: the report
+    (alpha.png) leaves that optimizer out instead of failing on its missing checkpoint (it failed the
+    whole report, every time compare was run again); another seed of a cell that did not diverge is
+    used where the first diverged."""
+    from htmuon.train import compare
+
+    loaded = []
+    monkeypatch.setattr(compare, "_final_model", lambda run_dir: loaded.append(run_dir.name) or run_dir.name)
+    monkeypatch.setattr("htmuon.diagnostics.analyze", lambda model, fit="ks": f"report of {model}")
+    runs = [
+        {"spec": "muon", "lr": 1e6, "adamw_lr": 0.1, "seed": 0, "final_val_loss": math.inf},
+        {"spec": "muon", "lr": 1e6, "adamw_lr": 0.1, "seed": 1, "final_val_loss": math.inf},
+        {"spec": "adamw", "lr": 1e-3, "adamw_lr": None, "seed": 0, "final_val_loss": math.inf},
+        {"spec": "adamw", "lr": 1e-3, "adamw_lr": None, "seed": 1, "final_val_loss": 5.0},
+    ]
+    for r in runs:
+        r.update(run_dir=str(tmp_path / f"{r['spec']}-seed{r['seed']}"), ms_per_step=None)
+    assert compare.alpha_reports(aggregate(runs)) == {"adamw": "report of adamw-seed1"}
+    assert loaded == ["adamw-seed1"]
+    assert compare.alpha_reports(aggregate(runs[:2])) is None
+
+
 def test_alpha_every_records_alpha_during_training_and_plots_it(corpus_file, tmp_path):
     """--alpha-every N: "alpha" records every N steps (the real diagnostics), the last one equal to the
     summary's end-of-run alpha, and a curve plot over training in the report."""

@@ -277,6 +277,25 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
         raise ValueError(f"cannot read {path!r} as a torch checkpoint: {type(e).__name__}: {e}") from e
 
 
+def _verify_htmuon_checksum(path: str) -> None:
+    """An htmuon training checkpoint (``torch.save``'s archive and a SHA-256 trailer, see
+    :mod:`htmuon.train.checkpoint`) is checked against its checksum before its weights are used; a
+    ValueError names a changed byte. Other files are left to ``torch.load``."""
+    from pathlib import Path
+
+    from htmuon.train import checkpoint
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - checkpoint.TRAILER_LEN))
+        if not f.read().startswith(checkpoint.TRAILER_MAGIC):
+            return
+    try:
+        checkpoint.verify(Path(path))
+    except checkpoint.CheckpointError as e:
+        raise ValueError(str(e)) from None
+
+
 def _find_state_dict(obj: Any) -> tuple[Mapping[str, Any] | nn.Module | None, str | None]:
     """The state_dict (or pickled module) inside a loaded object, and the key it was under."""
     if isinstance(obj, nn.Module):
@@ -343,6 +362,8 @@ class _TorchCheckpoint(Checkpoint):
             return self._cache[file], [], None
         if not os.path.isfile(file):
             raise ValueError(f"cannot read {file!r}: no such file")
+        if first:
+            _verify_htmuon_checksum(file)
         obj, placeholders = _torch_load(file, self._allow_pickle)
         sd, key = _find_state_dict(obj)
         if isinstance(sd, nn.Module):

@@ -1157,15 +1157,19 @@ def _save(fig, path: Path) -> None:
 
 
 def alpha_reports(agg: dict) -> dict | None:
-    """Layer-wise ESD reports of each optimizer's final model (best lr, first seed), or None."""
+    """Layer-wise ESD reports of each optimizer's final model (best lr, its first seed that did not
+    diverge; an optimizer whose best cell diverged on every seed has no final model and is left
+    out), or None."""
     try:
         from htmuon.diagnostics import analyze
     except ImportError:
         return None
-    # analyze runs under torch.no_grad() itself
-    return {
-        spec: analyze(_final_model(Path(row["run_dirs"][0])), fit="ks") for spec, row in agg["best"].items()
-    }
+    reports = {}
+    for spec, row in agg["best"].items():
+        finite = [d for d, seed in zip(row["run_dirs"], row["seeds"]) if math.isfinite(row["losses"][seed])]
+        if finite:  # analyze runs under torch.no_grad() itself
+            reports[spec] = analyze(_final_model(Path(finite[0])), fit="ks")
+    return reports or None
 
 
 def plot_alpha(reports: dict, path: Path) -> bool:
