@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,29 @@ def test_corrupt_run_file_on_resume(name, corpus_file, tmp_path, capsys):
     capsys.readouterr()
     err = one_line_error(capsys, [*args, "--resume"])
     assert f"'{out / name}' is not valid JSON" in err
+
+
+@pytest.mark.parametrize("edit", ["val.bin", "train.bin", "vocab_size"])
+def test_changed_token_cache_content_is_refused(edit, corpus_file, tmp_path, capsys, monkeypatch):
+    """Bytes changed in a token file (size kept) no longer move the reported loss unnoticed, and a
+    vocabulary in meta.json below the tokens' largest id is refused (it was an IndexError traceback)."""
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    assert main([str(a) for a in tiny_train(corpus_file, tmp_path / "a", steps=2)]) == 0
+    (meta,) = (tmp_path / "cache").rglob("meta.json")
+    if edit == "vocab_size":
+        fields = json.loads(meta.read_text())
+        fields["vocab_size"] = fields["max_id"]
+        meta.write_text(json.dumps(fields))
+        path, why = meta, "beyond the vocabulary of"
+    else:
+        path = meta.parent / edit
+        raw = bytearray(path.read_bytes())
+        raw[100:140] = bytes(40)  # 20 tokens set to id 0
+        path.write_bytes(bytes(raw))
+        path, why = meta.parent / "train.bin", "are not those written"
+    capsys.readouterr()
+    err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "b", steps=2))
+    assert f"token cache file '{path}' is unusable" in err and why in err, err
 
 
 @pytest.mark.parametrize("victim", ["meta.json", "train.bin", "val.bin"])

@@ -381,3 +381,22 @@ def test_cpu_siblings_run(preset, corpus_file, tmp_path):
         argv += ["--data", str(corpus_file), "--vocab-size", "320", "--seq-len", "16", "--batch-size", "2"]
     assert cli_main([*argv, "--out-dir", str(tmp_path / preset)]) == 0
     assert (tmp_path / preset / "results.md").exists()
+
+
+def test_a_token_cache_build_shows_progress_when_it_takes_long(corpus_file, tmp_path, monkeypatch, capsys):
+    """A long build (hours for a large corpus) prints progress lines to stderr; a quick one (here,
+    with the default period) prints nothing."""
+    import htmuon.train.data as data_mod
+
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "quiet"))
+    build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "shown"))
+    monkeypatch.setattr(data_mod, "BUILD_PROGRESS_S", 0.0)
+    streams = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
+    lines = capsys.readouterr().err.splitlines()
+    assert any(": training the tokenizer: " in ln for ln in lines)
+    assert any(": tokenising: " in ln for ln in lines)
+    total = len(streams.train) + len(streams.val)
+    assert lines[-1].startswith(f"token cache for '{corpus_file}': tokenised: ")
+    assert f"M characters, {total:,} tokens (" in lines[-1]

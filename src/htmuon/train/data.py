@@ -35,6 +35,8 @@ import json
 import os
 import pickle
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -829,11 +831,41 @@ class TokenStreams:
     vocab_size: int
     eos_id: int
     cache: Path
+    digest: str  # tokens_digest(train, val), checked against meta.json's when the cache was opened
+
+
+#: Building a token cache prints a progress line to stderr every this many seconds; a build that
+#: finishes sooner (the built-in corpus on most machines, the tests) prints nothing.
+BUILD_PROGRESS_S = 10.0
+
+
+class _BuildProgress:
+    """Progress of a token cache build (reading and tokenising a large corpus can take hours)."""
+
+    def __init__(self, source: str):
+        self.source, self.t0, self.shown = source, time.monotonic(), False
+        self.last = self.t0
+
+    def __call__(self, phase: str, chars: int, tokens: int | None = None, final: bool = False) -> None:
+        now = time.monotonic()
+        if (final and not self.shown) or (not final and now - self.last < BUILD_PROGRESS_S):
+            return
+        self.last, self.shown = now, True
+        more = f", {tokens:,} tokens" if tokens is not None else ""
+        print(
+            f"token cache for '{self.source}': {phase}: {chars / 1e6:,.1f} M characters{more} "
+            f"({now - self.t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _open_streams(d: Path) -> TokenStreams:
-    """Open a finished token cache, checking it first: a damaged ``meta.json`` or a ``.bin`` file whose
-    size is not the recorded token count is a one-line error naming the file (never a silent misread)."""
+    """Open a finished token cache, checking it first: a damaged ``meta.json``, a ``.bin`` file whose
+    size is not the recorded token count, tokens whose :func:`tokens_digest` is not the one recorded
+    when the cache was built (a changed byte; above :data:`DIGEST_FULL_BYTES` the digest samples
+    slices), or a largest token id outside the vocabulary is a one-line error naming the file (never a
+    silent misread). Caches built before the digest was recorded are checked by size only."""
     from htmuon.train.tokenizer import _corrupt
 
     meta_path = d / "meta.json"
@@ -842,6 +874,9 @@ def _open_streams(d: Path) -> TokenStreams:
         dtype = np.dtype(meta["dtype"])
         counts = {name: int(meta[f"{name}_tokens"]) for name in ("train", "val")}
         vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+        max_id = int(meta.get("max_id", eos))
+        if not 0 <= max(eos, max_id) < vocab:
+            raise ValueError(f"token ids up to {max(eos, max_id)} beyond the vocabulary of {vocab}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _corrupt(meta_path, e) from None
 
@@ -855,7 +890,15 @@ def _open_streams(d: Path) -> TokenStreams:
             return np.zeros(0, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
-    return TokenStreams(view("train"), view("val"), vocab, eos, d)
+    train, val = view("train"), view("val")
+    digest = tokens_digest(train, val)
+    if meta.get("tokens_digest", digest) != digest:
+        raise _corrupt(
+            d / "train.bin",
+            f"the tokens in train.bin / val.bin are not those written (their digest is "
+            f"{digest[:12]}..., meta.json records {str(meta['tokens_digest'])[:12]}...)",
+        )
+    return TokenStreams(train, val, vocab, eos, d, digest)
 
 
 def build_token_streams(
@@ -901,6 +944,7 @@ def build_token_streams(
         def split_chunks():
             return stream_split(iter_documents(source, text_field, max_docs), val_fraction, below)
 
+        progress = _BuildProgress(source)
         if hf is None:
 
             def train_text():
@@ -909,6 +953,7 @@ def build_token_streams(
                     if split == "train" and chunk is not None:
                         yield chunk
                         budget -= len(chunk)
+                        progress("training the tokenizer", BPE_TRAIN_MAX_CHARS - budget)
                         if budget <= 0:
                             return
 
@@ -919,13 +964,17 @@ def build_token_streams(
             enc = hf
         dtype = np.dtype(np.uint16 if enc.vocab_size <= 65535 else np.uint32)
         counts = {"train": 0, "val": 0}
+        chars = 0
+        max_id = enc.eos_id
         files = {s: open(tmp / f"{s}.bin", "wb") for s in counts}
         try:
             pending: dict[str, list] = {"train": [], "val": []}  # chunk texts, None = end of document
 
             def flush(split: str) -> None:
+                nonlocal max_id, chars
                 items = pending[split]
                 texts = [t for t in items if t is not None]
+                chars += sum(map(len, texts))
                 ids = iter(enc.encode_batch(texts)) if texts else iter(())
                 out = []
                 for t in items:
@@ -938,7 +987,9 @@ def build_token_streams(
                     arr = np.concatenate(out)
                     files[split].write(arr.tobytes())
                     counts[split] += len(arr)
+                    max_id = max(max_id, int(arr.max()))
                 items.clear()
+                progress("tokenising", chars, counts["train"] + counts["val"])
 
             for split, chunk in split_chunks():
                 pending[split].append(chunk)
@@ -946,6 +997,7 @@ def build_token_streams(
                     flush(split)
             for split in pending:
                 flush(split)
+            progress("tokenised", chars, counts["train"] + counts["val"], final=True)
             for f in files.values():
                 f.flush()
                 os.fsync(f.fileno())
@@ -965,6 +1017,10 @@ def build_token_streams(
             "dtype": dtype.name,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
+            "max_id": max_id,
+            "tokens_digest": tokens_digest(
+                *(np.memmap(tmp / f"{s}.bin", dtype=dtype, mode="r", shape=(counts[s],)) for s in counts)
+            ),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
@@ -997,7 +1053,7 @@ def load_token_data(cfg) -> tuple[TokenData, int, dict]:
     info = {
         "train_tokens": int(len(streams.train)),
         "val_tokens": int(len(streams.val)),
-        "tokens_digest": tokens_digest(streams.train, streams.val),
+        "tokens_digest": streams.digest,
         "token_cache": str(streams.cache),
         "tokenizer": cfg.tokenizer or "local BPE",
     }
