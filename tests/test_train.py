@@ -500,6 +500,20 @@ def test_divergence_names_what_was_not_finite(corpus_file, tmp_path, monkeypatch
     assert "training diverged at step 1 (non-finite gradient norm inf at loss" in capsys.readouterr().err
 
 
+def test_resume_without_checkpoints_says_it_starts_over(corpus_file, tmp_path, capsys):
+    """A run whose checkpoints are gone (deleted for disk space) but that logged steps starts over on
+    --resume, and says so (it restarted silently, discarding the logged steps)."""
+    out = tmp_path / "r"
+    train(tiny(corpus_file, out, steps=6, ckpt_every=2), stop_after=4)
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    capsys.readouterr()
+    s = train(tiny(corpus_file, out, steps=6, ckpt_every=2), resume=True)
+    assert s["finished"] and s["steps_done"] == 6
+    err = capsys.readouterr().err
+    assert f"'{out}' has no checkpoint (ckpt.pt, ckpt.prev.pt) although its run logged 4 step(s)" in err
+
+
 def test_stop_on_an_unlogged_step_reports_that_step(corpus_file, tmp_path):
     """steps_done is the loop's count, not the last logged step (log_every=10, stop after step 3)."""
     out = train(tiny(corpus_file, tmp_path / "r", log_every=10, steps=6), stop_after=3)

@@ -1522,6 +1522,35 @@ def _report_runs(res: dict) -> list[dict]:
     return [r for r in runs if (r["spec"], r["lr"], r.get("adamw_lr")) in best]
 
 
+def check_plan(plan: Plan) -> None:
+    """Before any cell trains: each optimizer spec builds its optimizer (on a small stand-in model) and
+    each LM data source exists, so that a misspelt option or path is a one-line error now, not after
+    the cells before it have trained (hours, at scale). Raises the UserError the run would raise."""
+    from torch import nn
+
+    from htmuon.cli import UserError
+    from htmuon.train.data import _source_identity
+    from htmuon.train.optimizers import build_optimizer
+    from htmuon.train.presets import model_task
+
+    checked: set[str] = set()
+    for spec in plan.specs:
+        first = (plan.lrs[spec][0], plan.adamw_lrs.get(spec, [None])[0], plan.select_seeds[0])
+        cfg = plan.cell(spec, *first, "select").cfg
+        if model_task(cfg.model) == "lm" and cfg.data not in checked:
+            _source_identity(cfg.data, cfg.text_field, cfg.max_docs)  # "not found", naming the source
+            checked.add(cfg.data)
+        stand_in = nn.ModuleDict(
+            {"embed": nn.Embedding(8, 4), "mlp": nn.Linear(4, 4), "lm_head": nn.Linear(4, 8)}
+        )
+        try:
+            build_optimizer(stand_in, cfg)
+        except UserError:
+            raise
+        except Exception:  # the stand-in does not fit this optimizer: the real model will tell
+            pass
+
+
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if getattr(args, "models", None):
@@ -1534,6 +1563,7 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "status", False):
         print(plan_status(plan, args.extend_edges)[1])
         return 0
+    check_plan(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     for note in plan.notes:
         print(("warning: " if "WARNING" in note else "note: ") + note, file=sys.stderr)
