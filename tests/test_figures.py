@@ -90,3 +90,13 @@ def test_figures_command_writes_pngs(corpus_file, tmp_path):
         nonzero = [v for v in values if v > 1e-3 * values[0]]
         assert max(nonzero) / min(nonzero) < 1 + 1e-4  # Muon-SVD: flat (float32 weights)
     assert main(["--out", str(tmp_path), "--set", "nokey"]) == 2
+
+
+def test_figures_command_refuses_record_steps_it_would_not_reach(tmp_path, capsys):
+    """--record steps outside 1..--steps were dropped silently (the default 1,50,100 with --steps 6
+    recorded step 1 only); a non-number was a traceback. Both are one-line errors, before training."""
+    for record, msg in (("1,50", "--record steps must lie in 1..--steps (6), got '1,50' (lower them"),
+                        ("a", "--record takes comma-separated step numbers, got 'a'")):  # fmt: skip
+        assert main(["--out", str(tmp_path / "f"), "--steps", "6", "--record", record]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err

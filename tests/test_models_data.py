@@ -217,6 +217,11 @@ def test_hf_tokenizer_from_a_local_folder(corpus_file, tmp_path):
         build_token_streams(
             str(corpus_file), vocab_size=300, val_fraction=0.1, tokenizer=str(tmp_path / "nope")
         )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="tokenizer folder '.*empty' is empty"):
+        build_token_streams(
+            str(corpus_file), vocab_size=300, val_fraction=0.1, tokenizer=str(tmp_path / "empty")
+        )
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load the tokenizer in"):

@@ -661,7 +661,10 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_reused_not_retrained(c
     capsys.readouterr()
     again = train(tiny(corpus_file, out), resume=True)
     assert again == first and (out / "metrics.jsonl").read_bytes() == metrics
-    assert "whose checkpoints are gone: reusing its summary" in capsys.readouterr().err
+    assert (
+        "holds a finished run (summary.json) with no checkpoint left: reusing its summary"
+        in capsys.readouterr().err
+    )
 
 
 def test_resuming_on_changed_data_is_refused(corpus_file, tmp_path):

@@ -188,6 +188,8 @@ def test_bad_grid_input(capsys, tmp_path):
         (["--optimizers", "adamw", "--adamw-lr-grid", "adamw=0.01"], "adamw has no AdamW part"),
         (["--optimizers", "muon", "--lr-grid", "htmuon=0.01"], "lr grid for 'htmuon', which is not among"),
         (["--optimizers", "muon", "--seeds", "0,1", "--tune-seeds", "1,2"], "overlap"),
+        (["--preset", "smoke", "--optimizers", ""], "--optimizers is empty"),
+        (["--preset", "smoke", "--seeds", " "], "--seeds is empty"),
         # checked before any cell trains (they were found when their cell started, after the others)
         (["--optimizers", "muon,htmuon:method=nope", *TINY], "optimizer 'htmuon': Invalid method: 'nope'"),
         (["--optimizers", "muon", *TINY, "--data", str(tmp_path / "none.txt")], "none.txt' not found"),

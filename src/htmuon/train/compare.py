@@ -267,6 +267,12 @@ def plan_grid(args: argparse.Namespace) -> Plan:
     from htmuon.train.optimizers import NO_ADAMW_PART
 
     preset = get_preset(args.preset)
+    for flag in ("optimizers", "seeds", "tune_seeds"):  # given, but empty: not "the preset's"
+        value = getattr(args, flag, None)
+        if value is not None and not str(value).strip(" ,"):
+            raise UserError(
+                f"--{flag.replace('_', '-')} is empty: give a comma-separated list, or leave it out"
+            )
     if preset is None and not args.optimizers:
         raise UserError("give --preset (e.g. quick) or --optimizers")
     specs = split_specs(args.optimizers) if args.optimizers else list(preset.optimizers)

@@ -773,8 +773,13 @@ class HFTokenizer:
         try:
             tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise UserError(f"cannot load the tokenizer in '{path}': {type(e).__name__}: {first}") from None
+            if not any(folder.iterdir()):
+                raise UserError(
+                    f"tokenizer folder '{path}' is empty (a local Hugging Face tokenizer folder)"
+                ) from None
+            text = " ".join(str(e).split())  # one line, whole (its first line can end mid-sentence)
+            text = text if len(text) <= 300 else text[:297] + "..."
+            raise UserError(f"cannot load the tokenizer in '{path}': {type(e).__name__}: {text}") from None
         tok.model_max_length = 1 << 62  # documents are tokenised whole; windows are cut later
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         if eos is None:

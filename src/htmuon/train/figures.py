@@ -241,7 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         specs = args.optimizer or ["muon", "htmuon:p=0,method=svd", "htmuon"]
-        record = sorted({int(s) for s in args.record.split(",") if s.strip()})
+        try:
+            record = sorted({int(s) for s in args.record.split(",") if s.strip()})
+        except ValueError:
+            raise UserError(f"--record takes comma-separated step numbers, got '{args.record}'") from None
+        late = [s for s in record if not 1 <= s <= args.steps]
+        if late or not record:
+            raise UserError(
+                f"--record steps must lie in 1..--steps ({args.steps}), got '{args.record}'"
+                + (" (lower them or raise --steps)" if late else "")
+            )
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         base = {"model": args.model, "data": args.data, "steps": str(args.steps)}

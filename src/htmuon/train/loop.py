@@ -523,7 +523,8 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
             if summary.get("finished") or summary.get("diverged"):
                 if par.is_main:
                     print(
-                        f"htmuon: '{out}' holds a finished run (summary.json) whose checkpoints are gone: "
+                        f"htmuon: '{out}' holds a {'diverged' if summary.get('diverged') else 'finished'} "
+                        "run (summary.json) with no checkpoint left: "
                         "reusing its summary, not training it again",
                         file=sys.stderr,
                         flush=True,
