@@ -993,5 +993,14 @@ def test_merge_size_scan_pairs_each_model_with_its_one_reference(tmp_path):
     # b's Muon (9.0) was left out
     assert "| 3.5000 ± 0.7071 | +0.1000 ± 0.0000 (2 seeds; 95%: +0.1000 to +0.1000) |" in md, md
     assert f"- m: ht from `{b}`" in md and (tmp_path / "out" / "gap_vs_params.png").is_file()
-    with pytest.raises(SystemExit, match="comes from both"):
+    with pytest.raises(SystemExit, match="seed 0 of 'muon' comes from both"):
         merge.main(["--out", str(tmp_path / "o2"), "--add", "m", a, "--add", "m", b])
+    # later seeds of the same cells, from another session's file: one row over all the seeds
+    c = results(tmp_path / "c.json", [_summary("muon", 0.01, 2, 5.0), _summary("ht", 0.02, 2, 5.4)])
+    args = ["--out", str(tmp_path / "o3"), "--add", "m", a, "--add", "m", f"{b}:ht", "--add", "m", c]
+    assert merge.main(args) == 0
+    md = (tmp_path / "o3" / "size_scan.md").read_text()
+    assert "(3 seeds; 95%:" in md and f"- m: ht from `{b}` and `{c}`" in md, md
+    other = results(tmp_path / "d.json", [_summary("ht", 0.04, 3, 5.0)])
+    with pytest.raises(SystemExit, match="'ht' has the cell lr 0.04"):
+        merge.main(["--out", str(tmp_path / "o4"), "--add", "m", f"{b}:ht", "--add", "m", other])
