@@ -468,3 +468,16 @@ def test_an_htmuon_training_checkpoint_is_verified_before_its_weights_are_analys
     (run / checkpoint.CKPT_NAME).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"is corrupt: its content does not match its SHA-256"):
         analyze(run)
+
+
+def test_a_checkpoint_replaced_while_open_is_refused_not_read(tmp_path):
+    """The reader re-opens a torch.save file per batch of layers: a file written over it meanwhile (a
+    training job saving its next checkpoint) is refused, not read unverified as the rest of the layers."""
+    path = tmp_path / "w.pt"
+    torch.save(nn.Linear(40, 60).state_dict(), path)
+    with open_checkpoint(path) as ckpt:
+        other = tmp_path / "next.pt"
+        torch.save(nn.Linear(40, 60).state_dict(), other)
+        os.replace(other, path)
+        with pytest.raises(ValueError, match=r"changed while being read"):
+            analyze(ckpt)

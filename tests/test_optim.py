@@ -689,6 +689,7 @@ def test_numpy_reals_and_tensor_hyperparameters_are_taken_as_torch_optim_takes_t
     so a scheduler's in-place change of one group does not reach another."""
     import numpy as np
 
+    torch._dynamo.reset()  # the compiled step below: no frames left by other tests
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
     shared = torch.tensor(1e-3)
     opt = HTMuon(
@@ -702,8 +703,11 @@ def test_numpy_reals_and_tensor_hyperparameters_are_taken_as_torch_optim_takes_t
     assert adamw[0]["lr"] is not adamw[1]["lr"]
     adamw[0]["lr"].fill_(5e-4)
     assert float(adamw[1]["lr"]) == pytest.approx(1e-3)
+    # kept as Python floats (NumPy scalars would fail a compiled step's checks and weights_only loads)
+    assert type(opt.param_groups[0]["lr"]) is float
+    assert all(type(b) is float for g in opt.param_groups for b in g["adamw_betas"])
     model(torch.randn(4, 6)).sum().backward()
-    opt.step()
+    torch.compile(opt.step, backend="eager", fullgraph=True)()
     for bad in (torch.tensor([1e-3, 2e-3]), torch.tensor(-1.0), torch.tensor(True), np.float32("nan")):
         with pytest.raises(ValueError, match=r"Invalid adamw_lr"):
             HTMuon(model.parameters(), adamw_lr=bad)

@@ -263,6 +263,20 @@ def test_alpha_reports_leave_out_an_optimizer_whose_best_cell_diverged_on_every_
     assert compare.alpha_reports(aggregate(runs[:2])) is None
 
 
+def test_rerunning_a_finished_compare_needs_no_data(corpus_file, tmp_path):
+    """The checks before training cover only cells left to train: a finished grid's tables are rebuilt
+    with its corpus gone (the data check refused it; the alpha plot, which rebuilds the final model,
+    still needs the data: --no-plots)."""
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(corpus_file.read_bytes())
+    argv = ["compare", "--optimizers", "muon", "--data", str(data), "--out-dir", str(tmp_path / "g"), *TINY]
+    argv.append("--no-plots")
+    assert cli_main(argv) == 0
+    data.unlink()
+    (tmp_path / "g" / "results.md").unlink()
+    assert cli_main(argv) == 0 and (tmp_path / "g" / "results.md").is_file()
+
+
 def test_alpha_every_records_alpha_during_training_and_plots_it(corpus_file, tmp_path):
     """--alpha-every N: "alpha" records every N steps (the real diagnostics), the last one equal to the
     summary's end-of-run alpha, and a curve plot over training in the report."""

@@ -359,6 +359,8 @@ class HTMuon(Optimizer):
                 if torch.compiler.is_compiling():  # reading the value needs the host (a graph break): a
                     return  # tensor (an lr a scheduler changes) is checked by eager steps and construction
                 v = v.item()
+            elif type(v) not in (int, float) and isinstance(v, numbers.Real) and not isinstance(v, bool):
+                g[key] = v = float(v)  # a NumPy real: a Python float (compiled steps, weights_only loads)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
                 raise bad(key, "must be a real number")
             if v < low or (open_low and v == low) or v > high or (open_high and v == high):
@@ -374,12 +376,16 @@ class HTMuon(Optimizer):
         check("plugin_eps", 0.0, math.inf, "must be > 0 and finite", open_low=True)
         check("adamw_eps", 0.0, math.inf, "must be >= 0 and finite")
         betas = g["adamw_betas"]
-        if not (
+        if torch.compiler.is_compiling() and isinstance(betas, tuple):
+            pass  # checked, and made Python floats, by construction and eager steps (no host read here)
+        elif not (
             isinstance(betas, (tuple, list))
             and len(betas) == 2
             and all(_is_real(b) and 0.0 <= _number(b) < 1.0 for b in betas)
         ):
             raise bad("adamw_betas", "must be two numbers in [0, 1)")
+        elif any(type(b) is not float for b in betas):  # NumPy reals, tensors, ints: Python floats
+            g["adamw_betas"] = tuple(_number(b) for b in betas)
         if not isinstance(g["method"], str) or g["method"] not in BACKENDS:
             raise bad("method", f"valid methods: {sorted(BACKENDS)}")
         if g["spectrum"] not in SPECTRA:
@@ -543,7 +549,7 @@ class HTMuon(Optimizer):
                     f"not an HTMuon state dict: loaded param group {gi} lacks the keys {missing} "
                     "(a state dict of another optimizer such as torch.optim.AdamW or Muon?)"
                 )
-            self._validate(saved, where=f" in loaded param group {gi}")
+            self._validate(dict(saved), where=f" in loaded param group {gi}")  # (it may convert values)
             _check_algorithm_fits(saved, mine["params"], f"loaded param group {gi}")
             lookup.update({pid: (gi, pi) for pi, pid in enumerate(saved["params"])})
         for pid, state in state_dict["state"].items():

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..routing import kind_from_name
 from .powerlaw import EVALS_THRESH, FITS, _check_fit, fit_powerlaw
 from .readers import Checkpoint, TensorMeta, open_checkpoint
 
@@ -447,13 +448,13 @@ def _batched_eigenvalues(
     method: str,
     source: Checkpoint | None = None,
     batch_elems: int = _BATCH_ELEMS,
-    prints: dict[str, tuple] | None = None,
+    prints: dict[str, tuple | None] | None = None,
 ) -> list[Tensor]:
     """Sorted (ascending) pooled eigenvalues per layer, batched over same-shape matrices.
 
     Layers without an in-memory weight are read from ``source`` one batch at a time (at most
     ``batch_elems`` elements, or one layer), checked for non-finite entries, and dropped after it;
-    their :func:`_fingerprint` goes into ``prints`` (by key) when given.
+    the keys of ``prints`` (when given) get their weight's :func:`_fingerprint` as they are read.
     """
     groups: dict[tuple, list[int]] = {}
     for i, L in enumerate(layers):
@@ -468,7 +469,7 @@ def _batched_eigenvalues(
             loaded = source.load([L.key for L in lazy]) if lazy else {}
             for L in lazy:
                 _check_finite(L.name, loaded[L.key])
-                if prints is not None:
+                if prints is not None and L.key in prints:
                     prints[L.key] = _fingerprint(loaded[L.key])
             parts = [
                 _matrices(L, L.weight if L.weight is not None else loaded[L.key]).to(device=dev)
@@ -491,10 +492,25 @@ def _batched_eigenvalues(
     return out  # type: ignore[return-value]
 
 
+def _drop_tied(todo: list[_Layer], source: Checkpoint | None) -> tuple[list[_Layer], list[str]]:
+    """Leave out a checkpoint's layers that share the tensor of an earlier selected layer
+    (:attr:`Checkpoint.tied`: one storage under two names in a ``torch.save`` file), as
+    :func:`_untied` does for a module; returns the layers kept and a note per layer left out."""
+    ties = source.tied if source is not None else {}
+    keys = {L.key: L.name for L in todo}
+    kept, notes = [], []
+    for L in todo:
+        first = ties.get(L.key)
+        if first in keys and first != L.key:
+            notes.append(f"{L.name}: the same tensor as {keys[first]} (tied), analysed once")
+            continue
+        kept.append(L)
+    return kept, notes
+
+
 def _fingerprint(t: Tensor) -> tuple:
-    """Shape, dtype and a hash of the bytes of a weight read from a checkpoint. A tied matrix that a
-    checkpoint stores once per name (DCP writes each key's data; ``torch.save`` keeps one storage)
-    has the same fingerprint under both names."""
+    """Shape, dtype and a hash of the bytes of a weight read from a checkpoint (a DCP checkpoint
+    writes a tied matrix's data once per name)."""
     data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return (tuple(t.shape), t.dtype, hashlib.blake2b(data, digest_size=16).digest())
 
@@ -743,23 +759,24 @@ def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, co
         why = "; ".join(f"{n}: {r}" for n, r in skipped) or "no layer matched the `layers` filter"
         raise ValueError(f"nothing to analyze in the {what}: every candidate layer was skipped ({why})")
 
+    todo, tied = _drop_tied(todo, source)
     budget = _STREAM_BATCH_ELEMS if source is not None else _BATCH_ELEMS
-    prints: dict[str, tuple] = {}
+    # a DCP checkpoint writes a tied embedding / head under both names and keeps no sign of the
+    # sharing: such a pair with the same bytes is taken as one tied matrix (below)
+    kinds = {L.key: kind_from_name(L.key, 2) for L in todo if source is not None and source.format == "dcp"}
+    prints: dict[str, tuple | None] = {k: None for k, kind in kinds.items() if kind in ("embedding", "head")}
     evs = _batched_eigenvalues(todo, dev, dt, meth, source, budget, prints)
-    # A tied matrix stored under two names in a checkpoint is one layer, under its first name, as
-    # from the module (_untied): the checkpoint lost the sharing, so equal bytes stand for it.
-    first: dict[tuple, str] = {}
-    tied: list[str] = []
+    first: dict[tuple, tuple[str, str]] = {}  # fingerprint -> (layer name, kind)
     rows = []
     for L, ev in zip(todo, evs):
-        fp = prints.get(L.key) if L.weight is None else None
-        if fp is not None and fp in first:
+        fp = prints.get(L.key)
+        if fp is not None and fp in first and first[fp][1] != kinds[L.key]:
             tied.append(
-                f"{L.name}: the same values as {first[fp]} (a tied matrix under two names), analysed once"
+                f"{L.name}: the same values as {first[fp][0]} (a tied matrix written twice), analysed once"
             )
             continue
         if fp is not None:
-            first[fp] = L.name
+            first.setdefault(fp, (L.name, kinds[L.key]))
         rows.append(_row(L, ev, fit, thresh, meth))
     meta = {
         "source": what,

@@ -100,6 +100,8 @@ class Checkpoint:
         entries: ``{name: TensorMeta}`` of the model's tensors (prefixes removed, see module doc).
         module: the ``nn.Module`` of a pickled full model (``allow_pickle=True``), else None.
         notes: what was done to read it (placeholders used, prefixes removed), for the report.
+        tied: ``{name: first name}`` for tensors stored as views of an earlier one's storage (a tied
+            LM head in a ``torch.save`` file); empty where the format keeps no such sharing.
 
     Use as a context manager or call :meth:`close`; :meth:`load` may be called any number of times.
     """
@@ -111,6 +113,7 @@ class Checkpoint:
         self.entries = entries
         self.module: nn.Module | None = None
         self.notes = list(notes)
+        self.tied: dict[str, str] = {}
 
     def load(self, names: Iterable[str]) -> dict[str, Tensor]:
         """Read the named tensors (CPU); only these are loaded. Raises ValueError naming the file."""
@@ -325,9 +328,11 @@ class _TorchCheckpoint(Checkpoint):
         """``files``: a sharded index's ``{stored key: file}``; None for the single file ``path``."""
         self._allow_pickle = allow_pickle
         self._cache: dict[str, Mapping[str, Any]] = {}  # only for files that cannot be mmapped
+        self._seen: dict[str, tuple] = {}  # file -> (inode, size, mtime) when opened (and verified)
         self._lightning = False
         entries: dict[str, TensorMeta] = {}
         keys: dict[str, str] = {}
+        tied: dict[str, str] = {}  # stored key -> the first stored key sharing its tensor
         notes: list[str] = []
         module = None
         for file in dict.fromkeys(files.values()) if files else [path]:
@@ -338,10 +343,21 @@ class _TorchCheckpoint(Checkpoint):
                 )
             if module is not None:
                 break
+            views: dict[tuple, str] = {}  # (storage, offset, shape, stride, dtype) -> first key
             for k, t in sd.items():
                 if isinstance(t, Tensor) and (files is None or files.get(k) == file):
                     entries[k] = TensorMeta(tuple(t.shape), t.dtype)
                     keys[k] = file
+                    if t.numel():  # one storage under two names (torch.save keeps the sharing)
+                        view = (
+                            t.untyped_storage().data_ptr(),
+                            t.storage_offset(),
+                            *t.shape,
+                            t.stride(),
+                            t.dtype,
+                        )
+                        if views.setdefault(view, k) != k:
+                            tied[k] = views[view]
         if files:
             missing = [k for k in files if k not in keys]
             if missing:
@@ -351,6 +367,8 @@ class _TorchCheckpoint(Checkpoint):
         names, strip_notes = _strip_prefixes(list(entries), lightning=self._lightning)
         super().__init__(path, {n: entries[k] for n, k in names.items()}, notes + strip_notes)
         self._where = {n: (keys[k], k) for n, k in names.items()}
+        name_of = {k: n for n, k in names.items()}
+        self.tied = {name_of[k]: name_of[first] for k, first in tied.items()}
         if module is not None:
             self.module = module
             self.format = "module"
@@ -362,8 +380,15 @@ class _TorchCheckpoint(Checkpoint):
             return self._cache[file], [], None
         if not os.path.isfile(file):
             raise ValueError(f"cannot read {file!r}: no such file")
+        st = os.stat(file)
+        seen = (st.st_ino, st.st_size, st.st_mtime_ns)
         if first:
             _verify_htmuon_checksum(file)
+            self._seen[file] = seen
+        elif self._seen.get(file, seen) != seen:  # re-opened per batch: not another file by that name
+            raise ValueError(
+                f"{file!r} changed while being read (a newer checkpoint written over it?): analyse it again"
+            )
         obj, placeholders = _torch_load(file, self._allow_pickle)
         sd, key = _find_state_dict(obj)
         if isinstance(sd, nn.Module):

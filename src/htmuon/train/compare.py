@@ -1528,10 +1528,27 @@ def _report_runs(res: dict) -> list[dict]:
     return [r for r in runs if (r["spec"], r["lr"], r.get("adamw_lr")) in best]
 
 
+def _specs_to_train(plan: Plan) -> list[str]:
+    """The specs with a cell left to train: a selection cell not finished, or (``--tune-seeds``) a
+    reported seed with no finished cell of the spec's grid. A finished grid's report can then be
+    rebuilt without its data or a baseline's package."""
+
+    def finished(cell: Cell) -> bool:
+        return cell_state(cell)["state"] in ("done", "diverged")
+
+    todo = {c.spec for c in plan.select_cells() if not finished(c)}
+    for spec in plan.specs if plan.tune_seeds else ():
+        grid = [(lr, alr) for lr in plan.lrs[spec] for alr in plan.adamw_lrs.get(spec, [None])]
+        if not all(any(finished(plan.cell(spec, *c, seed, "report")) for c in grid) for seed in plan.seeds):
+            todo.add(spec)
+    return [spec for spec in plan.specs if spec in todo]
+
+
 def check_plan(plan: Plan) -> None:
-    """Before any cell trains: each optimizer spec builds its optimizer (on a small stand-in model) and
-    each LM data source exists, so that a misspelt option or path is a one-line error now, not after
-    the cells before it have trained (hours, at scale). Raises the UserError the run would raise."""
+    """Before any cell trains: each optimizer spec with cells left to train builds its optimizer (on a
+    small stand-in model) and each LM data source exists, so that a misspelt option or path is a
+    one-line error now, not after the cells before it have trained (hours, at scale). Raises the
+    UserError the run would raise."""
     from torch import nn
 
     from htmuon.cli import UserError
@@ -1540,7 +1557,7 @@ def check_plan(plan: Plan) -> None:
     from htmuon.train.presets import model_task
 
     checked: set[str] = set()
-    for spec in plan.specs:
+    for spec in _specs_to_train(plan):
         first = (plan.lrs[spec][0], plan.adamw_lrs.get(spec, [None])[0], plan.select_seeds[0])
         cfg = plan.cell(spec, *first, "select").cfg
         if model_task(cfg.model) == "lm" and cfg.data not in checked:

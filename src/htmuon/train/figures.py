@@ -234,13 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="llama-tiny")
     ap.add_argument("--data", default="auto")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--record", default="1,50,100", help="steps whose updates are recorded")
+    ap.add_argument(
+        "--record", default=None, help="steps whose updates are recorded (default: 1, steps / 2, steps)"
+    )
     ap.add_argument("--layers", type=int, default=3, help="recorded matrices, spread over depth")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further config keys")
     ap.add_argument("--no-overhead", action="store_true")
     args = ap.parse_args(argv)
     try:
         specs = args.optimizer or ["muon", "htmuon:p=0,method=svd", "htmuon"]
+        if args.record is None:
+            args.record = ",".join(map(str, sorted({1, max(1, args.steps // 2), max(1, args.steps)})))
         try:
             record = sorted({int(s) for s in args.record.split(",") if s.strip()})
         except ValueError:
