@@ -349,13 +349,8 @@ class _TorchCheckpoint(Checkpoint):
                     entries[k] = TensorMeta(tuple(t.shape), t.dtype)
                     keys[k] = file
                     if t.numel():  # one storage under two names (torch.save keeps the sharing)
-                        view = (
-                            t.untyped_storage().data_ptr(),
-                            t.storage_offset(),
-                            *t.shape,
-                            t.stride(),
-                            t.dtype,
-                        )
+                        storage = t.untyped_storage().data_ptr()
+                        view = (storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
                         if views.setdefault(view, k) != k:
                             tied[k] = views[view]
         if files:
