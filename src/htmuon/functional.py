@@ -195,8 +195,8 @@ def second_moment_shape(mshape: tuple[int, int, int], plugin: str) -> tuple[int,
 
 def lr_scale(m: int, n: int, rule: str) -> float:
     """Per-matrix learning-rate multiplier for an ``m x n`` (out x in) matrix."""
-    if rule == "muon":  # Muon's: sqrt(max(1, m / n)) (an empty m x 0 matrix: 1, its update is empty)
-        return math.sqrt(max(1.0, m / n)) if n else 1.0
+    if rule == "muon":  # Muon's: sqrt(max(1, m / n))
+        return math.sqrt(max(1.0, m / n))
     if rule == "adamw_rms":  # Moonshot's "match AdamW RMS": 0.2 sqrt(max(m, n))
         return 0.2 * math.sqrt(max(m, n))
     return 1.0

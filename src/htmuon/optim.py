@@ -844,8 +844,6 @@ class HTMuon(Optimizer):
         if ok is not None:
             return self._apply_window_masked(group, pending, ok, lr, wd, beta)
         params, states = [p for p, _, _, _ in pending], [self.state[p] for p, _, _, _ in pending]
-        # the lr multipliers before anything is committed (a failure here changes nothing)
-        scales = [F.lr_scale(*O.shape[-2:], group["lr_adjust"]) for _, O, _, _ in pending]
         for state, (_, _, buf, v_new) in zip(states, pending):
             if not state:
                 state["step"] = _new_step()
@@ -865,7 +863,7 @@ class HTMuon(Optimizer):
             [O if O.shape == p.shape else O.reshape(p.shape) for p, O, _, _ in pending],
             lr,
             wd,
-            scales,
+            [F.lr_scale(*O.shape[-2:], group["lr_adjust"]) for _, O, _, _ in pending],
         )
 
     def _apply_window_masked(

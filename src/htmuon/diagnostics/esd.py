@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from ..routing import kind_from_name
 from .powerlaw import EVALS_THRESH, FITS, _check_fit, fit_powerlaw
-from .readers import Checkpoint, TensorMeta, open_checkpoint
+from .readers import Checkpoint, TensorMeta, _storage_view, open_checkpoint
 
 __all__ = [
     "COLUMNS",
@@ -320,7 +320,7 @@ def _untied(cands: list[_Cand]) -> list[_Cand]:
     for cand in cands:
         w = cand[2]
         if isinstance(w, Tensor) and w.device.type != "meta" and w.numel():
-            key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+            key = _storage_view(w)
             if key in seen:
                 continue
             seen.add(key)

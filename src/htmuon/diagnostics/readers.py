@@ -280,6 +280,12 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
         raise ValueError(f"cannot read {path!r} as a torch checkpoint: {type(e).__name__}: {e}") from e
 
 
+def _storage_view(t: Tensor) -> tuple:
+    """Which storage, where in it and how ``t`` looks at it: two names whose tensors give the same key
+    are one tensor (a tied weight), in a module as in a loaded ``torch.save`` file."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def _verify_htmuon_checksum(path: str) -> None:
     """An htmuon training checkpoint (``torch.save``'s archive and a SHA-256 trailer, see
     :mod:`htmuon.train.checkpoint`) is checked against its checksum before its weights are used; a
@@ -349,8 +355,7 @@ class _TorchCheckpoint(Checkpoint):
                     entries[k] = TensorMeta(tuple(t.shape), t.dtype)
                     keys[k] = file
                     if t.numel():  # one storage under two names (torch.save keeps the sharing)
-                        storage = t.untyped_storage().data_ptr()
-                        view = (storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+                        view = _storage_view(t)
                         if views.setdefault(view, k) != k:
                             tied[k] = views[view]
         if files:

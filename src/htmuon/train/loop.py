@@ -530,7 +530,9 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                         flush=True,
                     )
                 return summary
-        logged = _last_logged_step(out / "metrics.jsonl")
+        metrics_path = out / "metrics.jsonl"
+        records = read_metrics(metrics_path) if metrics_path.is_file() else []
+        logged = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
         if logged and par.is_main:
             print(
                 f"htmuon: '{out}' has no checkpoint (ckpt.pt, ckpt.prev.pt) although its run logged "
@@ -885,21 +887,6 @@ def _start_run_folder(out: Path, cfg: TrainConfig, run_info: dict, keep_until_st
 
                 shutil.rmtree(out, ignore_errors=True)
         raise
-
-
-def _last_logged_step(path: Path) -> int:
-    """The largest step in a metrics.jsonl (0 if none, unreadable lines skipped)."""
-    step = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    step = max(step, int(json.loads(line).get("step", 0)))
-                except (ValueError, TypeError, AttributeError):
-                    continue
-    except OSError:
-        return 0
-    return step
 
 
 def summarize(out, cfg, records, last_val, diverged, stopped, info, step_times, steps_done, elapsed) -> dict:
