@@ -171,6 +171,23 @@ def test_host_and_batched_iterations_agree(dtype, scale):
     assert rel_err(host.double(), exact) < (0.03 if dtype == torch.float32 else 0.08)
 
 
+@pytest.mark.parametrize("method", ["fast", "fast5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tall_matrix_through_its_transposed_view_is_the_same_map(method, dtype):
+    """A tall float32 matrix reaches the backend as a transposed (wide) view, as the optimizer's does;
+    on CPU the iteration copies that view to a contiguous buffer before the output sum's first add
+    (torch's elementwise kernels read a transposed operand ~9x slower). The map equals that of the
+    contiguous wide transpose, and float64 exact."""
+    g = torch.Generator().manual_seed(11)
+    G = torch.randn(2, 96, 40, generator=g)
+    tall = spectral_power(G, 0.125, method=method, ns_dtype=dtype)
+    wide = spectral_power(G.mT.contiguous(), 0.125, method=method, ns_dtype=dtype).mT
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: products of other layouts round otherwise
+    assert rel_err(tall.double(), wide.double()) < tol
+    bound = {"fast": 0.03, "fast5": 0.08}[method] * (1.0 if dtype == torch.float32 else 1.25)
+    assert rel_err(tall.double(), exact_power(G.double(), 0.125)) < bound
+
+
 def test_host_first_step_without_a_quartic_term_agrees_with_batched():
     """The host path builds step 1's matrix relative to its A^2 term; coefficients with c_1 = 0 take the
     general form, and both paths still compute the same map, close to the exact one."""
