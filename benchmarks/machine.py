@@ -39,6 +39,23 @@ def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
     return model, flags
 
 
+def cpu_id(text: str) -> str:
+    """``"family F model M"`` of the first processor in a /proc/cpuinfo text ('' if absent): the model
+    name alone does not tell CPU generations apart (``AMD EPYC`` under KVM is Zen 4, family 25, or
+    Zen 5, family 26, whose bfloat16 matmuls differ 2x against float32)."""
+    family = model = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "cpu family" and not family:
+            family = value.strip()
+        elif key == "model" and not model:
+            model = value.strip()
+        elif key == "processor" and (family or model):
+            break  # the next processor: keep the first one's
+    return f"family {family} model {model}" if family and model else ""
+
+
 def matmul_isa(flags: frozenset[str] | set[str]) -> str:
     """The best matmul ISA level in ``flags`` (see :data:`ISA_LEVELS`), or ``"other"``."""
     for name, needed in ISA_LEVELS:
@@ -50,11 +67,13 @@ def matmul_isa(flags: frozenset[str] | set[str]) -> str:
 def describe(device: str = "cpu", cpuinfo: str = "/proc/cpuinfo") -> dict:
     """The machine as a dict: CPU model and ISA, core count, torch version and threads, GPU name."""
     try:
-        model, flags = parse_cpuinfo(Path(cpuinfo).read_text())
+        text = Path(cpuinfo).read_text()
     except OSError:
-        model, flags = "", frozenset()
+        text = ""
+    model, flags = parse_cpuinfo(text)
     info = {
         "cpu": model or platform.processor() or platform.machine(),
+        "cpu_id": cpu_id(text),
         "isa": matmul_isa(flags),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
@@ -73,8 +92,9 @@ def header(info: dict) -> str:
     load = info.get("loadavg")
     load_s = f", load average {load[0]:.1f}" if load else ""
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    ident = f", {info['cpu_id']}" if info.get("cpu_id") else ""
     return (
-        f"# CPU {info['cpu']} ({info['cores']} cores), matmul ISA {info['isa']} "
+        f"# CPU {info['cpu']} ({info['cores']} cores{ident}), matmul ISA {info['isa']} "
         f"(torch capability {info['torch_cpu_capability']}){gpu}, torch {info['torch']}, "
         f"{info['threads']} thread(s){load_s}"
     )

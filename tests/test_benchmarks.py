@@ -21,6 +21,8 @@ import step_cost  # noqa: E402
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
 model name\t: Intel(R) Xeon(R) Platinum 8480+
 flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile
 processor\t: 1
@@ -34,6 +36,14 @@ def test_parse_cpuinfo_reads_the_first_processor():
     assert model == "Intel(R) Xeon(R) Platinum 8480+"
     assert {"avx2", "avx512_bf16", "amx_bf16"} <= flags and "fpu" in flags
     assert machine.parse_cpuinfo("") == ("", frozenset())
+
+
+def test_cpu_id_names_the_first_processors_family_and_model():
+    assert machine.cpu_id(CPUINFO) == "family 6 model 143"
+    zen5 = "processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    zen5 += "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n"
+    assert machine.cpu_id(zen5) == "family 26 model 2"
+    assert machine.cpu_id("model name\t: AMD EPYC\n") == ""  # no family: nothing made up
 
 
 @pytest.mark.parametrize(
@@ -58,6 +68,7 @@ def test_describe_and_header_name_the_machine(tmp_path):
     assert info["isa"] == "amx_bf16" and info["torch"] == torch.__version__
     line = machine.header(info)
     assert line.startswith("# CPU Intel(R) Xeon(R) Platinum 8480+") and "amx_bf16" in line
+    assert "family 6 model 143" in line and info["cpu_id"] == "family 6 model 143"
     missing = machine.describe("cpu", cpuinfo=str(tmp_path / "absent"))
     assert missing["isa"] == "other" and missing["cpu"]
 
