@@ -1004,3 +1004,28 @@ def test_merge_size_scan_pairs_each_model_with_its_one_reference(tmp_path):
     other = results(tmp_path / "d.json", [_summary("ht", 0.04, 3, 5.0)])
     with pytest.raises(SystemExit, match="'ht' has the cell lr 0.04"):
         merge.main(["--out", str(tmp_path / "o4"), "--add", "m", f"{b}:ht", "--add", "m", other])
+
+
+@pytest.mark.parametrize(
+    "preset, model, steps, lrs",
+    [
+        ("gpu-60m", "llama-60m", 10_000, {"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03}),
+        ("gpu-135m", "llama-135m", 20_000, {"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03}),
+        ("gpu-350m", "llama-350m", 60_000, {"adamw": 1e-3, "muon": 5e-3, "htmuon": 5e-3}),
+    ],
+)
+def test_gpu_llama_presets_are_the_papers_setup(preset, model, steps, lrs):
+    """PAPER.md's LLaMA/C4 setup: vocabulary 32000, sequence 256, 512 sequences per step, warmup 10%,
+    weight decay 0.1, embeddings and head in the spectral group, the paper's lrs; no gradient clipping
+    (the paper's script leaves its max norm at 0); 350M: 60k steps, lr 5e-3 from its run scripts."""
+    from htmuon.train.optimizers import resolve as resolve_optimizer
+    from htmuon.train.presets import RUN_PRESETS
+
+    p = RUN_PRESETS[preset]
+    c = p.config
+    assert (c["model"], c["steps"], c["vocab_size"], c["seq_len"]) == (model, steps, 32000, 256)
+    assert c["batch_size"] * c["grad_accum"] == 512
+    assert (c["warmup_fraction"], c["weight_decay"], c["routing"], c["grad_clip"]) == (0.1, 0.1, "paper", 0.0)
+    assert {k: p.lrs[k] for k in lrs} == lrs
+    cfg = resolve_optimizer(make_config(c, overrides={"optimizer": "htmuon"}), p.lrs)
+    assert cfg.grad_clip == 0.0 and cfg.lr == lrs["htmuon"] and cfg.adamw_lr == 1e-3

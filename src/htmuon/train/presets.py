@@ -133,8 +133,12 @@ _SIZE_SCAN_GRID = {"muon": (0.005, 0.01, 0.02), "htmuon": (0.02, 0.04, 0.08)}
 
 # The paper's LLaMA setup (arXiv 2603.10067): vocab 32000, seq 256, total batch 512 sequences, warmup 10%,
 # cosine to 0.1x, weight decay 0.1, bf16, embeddings and head in the spectral group (routing
-# "paper"), lrs AdamW part 1e-3 / Muon 0.01 / HTMuon 0.03. 60M: 10k steps; 135M: 20k steps.
+# "paper"), lrs AdamW part 1e-3 / Muon 0.01 / HTMuon 0.03. 60M: 10k steps; 135M: 20k steps. No
+# gradient clipping (the paper's training script's max norm defaults to 0, off, and none of its run
+# scripts sets it). 350M: 60k steps, and its run scripts (scripts/350M/*.sh of the paper's repository)
+# give Muon and HTMuon lr 5e-3 (AdamW part 1e-3; the paper's tables give no 350M lrs).
 _PAPER_LRS = {"adamw": 1e-3, "muon": 0.01, "htmuon": 0.03, "htmuon-interval": 0.03}
+_PAPER_LRS_350M = {"adamw": 1e-3, "muon": 5e-3, "htmuon": 5e-3, "htmuon-interval": 5e-3}
 
 
 #: ResNet on scikit-learn's digits: the CPU image setting (the "digits" preset and ResNet-50's sibling).
@@ -153,9 +157,11 @@ _DIGITS = dict(
 _DIGITS_LRS = {"adamw": 3e-3, "muon": 0.02, "htmuon": 0.02, "htmuon-interval": 0.02}
 
 
-def _gpu_llama(model: str, size: str, steps: int, batch_size: int) -> RunPreset:
+def _gpu_llama(
+    model: str, size: str, steps: int, batch_size: int, lrs: dict[str, float] = _PAPER_LRS
+) -> RunPreset:
     """The paper's LLaMA run at ``size``: ``steps`` of 512 x 256 tokens (``batch_size`` sequences per
-    micro-batch), warmup 10%, routing paper, the paper's lrs; needs a GPU."""
+    micro-batch), warmup 10%, routing paper, no gradient clipping, the paper's lrs; needs a GPU."""
     config = dict(
         model=model,
         vocab_size=32000,
@@ -168,14 +174,15 @@ def _gpu_llama(model: str, size: str, steps: int, batch_size: int) -> RunPreset:
         eval_batches=50,
         ckpt_every=max(1, steps // 10),
         weight_decay=0.1,
+        grad_clip=0.0,
         routing="paper",
         dtype="auto",
     )
     return RunPreset(
-        f"the paper's LLaMA-{size} run: {steps // 1000}k steps of 512x256 tokens, warmup 10%, routing paper; "
-        "needs a GPU",
+        f"the paper's LLaMA-{size} run: {steps // 1000}k steps of 512x256 tokens, warmup 10%, routing paper, "
+        "no gradient clipping; needs a GPU",
         config,
-        lrs=_PAPER_LRS,
+        lrs=lrs,
         optimizers=("adamw", "muon", "htmuon"),
         tuned_at=dict(model=model, steps=steps, routing="paper", adamw_lr=1e-3),
     )
@@ -249,6 +256,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
     ),
     "gpu-60m": _gpu_llama("llama-60m", "60M", 10_000, 128),
     "gpu-135m": _gpu_llama("llama-135m", "135M", 20_000, 64),
+    "gpu-350m": _gpu_llama("llama-350m", "350M", 60_000, 64, _PAPER_LRS_350M),
     "digits": RunPreset(
         "ResNet-tiny on scikit-learn's digits: AdamW vs Muon vs HTMuon, 3 seeds (~1 min on CPU)",
         _DIGITS,
