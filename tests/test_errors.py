@@ -439,3 +439,34 @@ def test_old_checkpoint_with_int_steps_loads_and_continues_exactly():
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     assert all(isinstance(s["step"], torch.Tensor) for s in twin_opt.state.values())
+
+
+def test_load_state_dict_refuses_parameters_in_another_order():
+    """Two same-shape matrices named in another order: the state would load into the wrong parameter
+    (torch.optim loads it silently). Names differing only by wrapper components (DDP's ``module.``,
+    torch.compile's ``_orig_mod.``) still load."""
+    a, b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(8, 6))
+    opt = HTMuon([("a.weight", a), ("b.weight", b)], lr=0.02)
+    a.grad, b.grad = torch.randn(8, 6), torch.randn(8, 6)
+    opt.step()
+    saved = opt.state_dict()
+    other = HTMuon([("b.weight", b), ("a.weight", a)], lr=0.02)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"'a.weight' at position 0, where this optimizer has 'b.weight'"):
+        other.load_state_dict(saved)
+    assert other.state_dict() == before  # refused: nothing loaded
+    wrapped = HTMuon([("module.a.weight", a), ("module._orig_mod.b.weight", b)], lr=0.02)
+    wrapped.load_state_dict(saved)
+    assert torch.equal(wrapped.state[a]["momentum_buffer"], opt.state[a]["momentum_buffer"])
+
+
+def test_error_messages_name_a_parameter_only_where_the_names_list_the_groups_parameters():
+    """ZeroRedundancyOptimizer keeps a group's keys (its ``param_names``) but gives each rank a part of
+    its parameters: a name at the same position would be another parameter's."""
+    from htmuon.optim import _default_names
+
+    p, q = torch.zeros(2, 2), torch.zeros(2, 2)
+    assert _default_names([{"params": [p, q], "param_names": ["x", "y"]}])(0, 1) == "'y'"
+    assert (
+        _default_names([{"params": [q], "param_names": ["x", "y"]}])(0, 0) == "param_groups[0]['params'][0]"
+    )

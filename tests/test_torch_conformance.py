@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from htmuon import HTMuon
@@ -343,3 +343,73 @@ def test_goes_right_direction_with_scheduler(kw):
         opt.step()
         sched.step()
     assert loss().item() < first
+
+
+@pytest.mark.parametrize("method", ["fast", "fast5", "eigh", "svd", "ns"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_step_inside_autocast_is_the_step_outside(method, dtype):
+    """A whole training loop under ``torch.autocast`` calls ``step`` inside it. The step runs with autocast
+    off, as torch.optim's elementwise steps are unaffected by it: before, float16 autocast made the
+    bfloat16 ``fast`` products fail on mixed operands and bfloat16 autocast rounded the exact backends'
+    products."""
+
+    def run(inside: bool) -> Tensor:
+        g = torch.Generator().manual_seed(3)
+        w = nn.Parameter(torch.randn(24, 40, generator=g))
+        b = nn.Parameter(torch.randn(40, generator=g))
+        opt = HTMuon([w, b], lr=0.02, method=method, adamw_lr=1e-3)
+        for _ in range(2):
+            w.grad, b.grad = torch.randn(24, 40, generator=g), torch.randn(40, generator=g)
+            with torch.autocast("cpu", dtype=dtype, enabled=inside):
+                opt.step()
+                assert torch.is_autocast_enabled("cpu") == inside  # the caller's autocast is restored
+        return torch.cat([w.detach().flatten(), b.detach()])
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_meta_parameters_step_with_the_finite_check_on():
+    """Parameters on the meta device (shape-only dry runs) step as torch.optim's do: the finite checks,
+    which read values, are skipped there."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert all(int(s["step"]) == 1 for s in opt.state.values()) and len(opt.state) == 6
+
+
+def test_grad_scaler_skips_an_inf_step_and_otherwise_equals_the_unscaled_loop():
+    """``torch.amp.GradScaler``: ``scaler.step(opt)`` unscales the gradients (a power of two: exact),
+    skips the step whose gradients hold an Inf (HTMuon's own check never sees it) and halves the
+    scale; the other steps equal a loop without the scaler that skips the same step itself."""
+
+    def run(scaled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+        opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            x = torch.randn(5, 8, generator=g)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            if step == 1:
+                model[0].weight.grad[0, 0] = float("inf")
+                if not scaled:
+                    continue  # the reference skips this step itself
+            scaler.step(opt)
+            scaler.update()
+        return model, opt, scaler
+
+    model, opt, scaler = run(True)
+    ref, ref_opt, _ = run(False)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert {int(s["step"]) for s in opt.state.values()} == {3}
+    assert scaler.get_scale() == 2.0**15  # halved once, at the Inf step
+    assert int(opt.skipped_steps) == 0

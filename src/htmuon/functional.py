@@ -328,7 +328,8 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
         NonFiniteGradientError: ``mats`` itself holds NaN/Inf (e.g. a corrupted momentum buffer).
         RuntimeError: the exact rule fails too.
     """
-    if torch.compiler.is_compiling():  # no host reads: the compiled step masks on isfinite instead
+    if torch.compiler.is_compiling() or mats.device.type == "meta":
+        # compiled: no host reads (the step masks on isfinite instead); meta: no values to check
         return direction(mats, group, corrected)
     try:
         out = direction(mats, group, corrected)

@@ -8,6 +8,7 @@ set per group. The math is in :mod:`htmuon.functional`; this module validates, p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections import OrderedDict
@@ -67,11 +68,49 @@ second_moment_normalize = F.second_moment_normalize
 def _default_names(groups: list[dict]) -> Callable[[int, int], str]:
     def name(gi: int, pi: int) -> str:
         names = groups[gi].get("param_names", groups[gi].get("names"))
-        if names is not None and pi < len(names):
+        # only names that list the group's parameters one to one (ZeroRedundancyOptimizer keeps a
+        # group's other keys but gives each rank a part of its parameters: position pi is another one)
+        if names is not None and len(names) == len(groups[gi]["params"]):
             return repr(names[pi])
         return f"param_groups[{gi}]['params'][{pi}]"
 
     return name
+
+
+#: Components that wrappers insert into parameter names (torch.compile, FSDP1, activation
+#: checkpointing), and DDP's / AveragedModel's leading ``module.``: not part of the model's own names.
+_WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def _plain_name(name: Any) -> Any:
+    """A parameter name without the components wrappers insert (see :data:`_WRAPPER_COMPONENTS`)."""
+    if not isinstance(name, str):
+        return name
+    parts = [c for c in name.split(".") if c not in _WRAPPER_COMPONENTS]
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _autocast_off(groups: list[dict]) -> contextlib.AbstractContextManager:
+    """Autocast disabled for the parameters' device types where it is enabled (a step called inside a
+    ``torch.autocast`` region, as in a whole training loop under it): the step's products then run in
+    the backends' own dtypes, not autocast's (float16 autocast made the bfloat16 ``fast`` products
+    fail on mixed operands; bfloat16 autocast rounded the exact backends' float32 / float64 products)."""
+    types = {p.device.type for g in groups for p in g["params"]}
+    on = []
+    for t in types:
+        try:
+            if torch.is_autocast_enabled(t):
+                on.append(t)
+        except RuntimeError:  # a device type autocast does not know (meta): nothing to disable
+            continue
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for t in on:
+        stack.enter_context(torch.autocast(t, enabled=False))
+    return stack
 
 
 def _scalar(v: Any) -> Any:
@@ -549,6 +588,15 @@ class HTMuon(Optimizer):
                     f"not an HTMuon state dict: loaded param group {gi} lacks the keys {missing} "
                     "(a state dict of another optimizer such as torch.optim.AdamW or Muon?)"
                 )
+            saved_names, my_names = saved.get("param_names"), mine.get("param_names")
+            if saved_names is not None and my_names is not None and len(saved_names) == len(my_names):
+                for pi, (a, b) in enumerate(zip(saved_names, my_names)):
+                    if _plain_name(a) != _plain_name(b):
+                        raise ValueError(
+                            f"loaded param group {gi} lists parameter {a!r} at position {pi}, where this "
+                            f"optimizer has {b!r}: the state would go to the wrong parameter (built in "
+                            "another order?); to load it anyway, delete 'param_names' from its groups"
+                        )
             self._validate(dict(saved), where=f" in loaded param group {gi}")  # (it may convert values)
             _check_algorithm_fits(saved, mine["params"], f"loaded param group {gi}")
             lookup.update({pid: (gi, pi) for pi, pid in enumerate(saved["params"])})
@@ -587,7 +635,12 @@ class HTMuon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with _autocast_off(self.param_groups):
+            self._step()
+        return loss
 
+    def _step(self) -> None:
+        """The step itself (see :meth:`step`), outside autocast."""
         # 1) check everything before changing anything: a refused step changes nothing
         try:
             work, finite_checks = self._gather()
@@ -646,7 +699,6 @@ class HTMuon(Optimizer):
             if self.skipped_steps.device != ok.device:  # see _on_device
                 self.skipped_steps = self.skipped_steps.to(ok.device)
             self.skipped_steps.add_((~ok).to(self.skipped_steps.dtype))
-        return loss
 
     def _gather(self) -> tuple[list[tuple[dict, list[Tensor], list[Tensor]]], list[tuple[Tensor, int, int]]]:
         """Validate groups, gradients and state; sort parameters into the two parts. Changes nothing."""
@@ -680,7 +732,8 @@ class HTMuon(Optimizer):
                     )
                 if param in self.state:
                     self._check_state(group, param, self.state[param], f"parameter {name(gi, pi)}")
-                if group["check_finite"]:
+                # eager meta parameters (shape-only dry runs): no values to read, no check
+                if group["check_finite"] and (grad.device.type != "meta" or torch.compiler.is_compiling()):
                     finite_checks.append((grad, gi, pi))
                 if not self._uses_htmuon(group, param):
                     aparams.append(param)
