@@ -283,3 +283,53 @@ def test_torch_flags_htmuon_would_ignore_are_refused_when_set(flag):
     with pytest.raises(ValueError, match=rf"{flag}=True in param group 1"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], flag: True})
     assert len(opt.param_groups) == 1
+
+
+# ------------------------------------------------------------------ parametrized weights (parametrize)
+
+
+def test_parametrized_weights_route_as_their_module():
+    """torch.nn.utils.parametrize stores ``A.T`` as ``A.parametrizations.T.original[N]`` in a
+    ParametrizationList: routing reads the owner ``A`` and tensor ``T``, by name and by module type."""
+    P = pytest.importorskip("torch.nn.utils.parametrizations")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)  # a telling name
+            self.table = nn.Embedding(32, 16)  # only its type tells
+            self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 16)
+            self.lm_head = nn.Linear(16, 32, bias=False)
+
+    model = Net()
+    P.spectral_norm(model.embed)
+    P.spectral_norm(model.table)
+    P.weight_norm(model.fc1)
+    P.orthogonal(model.fc2)
+    P.weight_norm(model.lm_head)
+    named = dict(model.named_parameters())
+    emb, tab, head, fc1, fc2 = (  # weight_norm: original0 the magnitude, original1 the direction
+        f"{m}.parametrizations.weight.{o}"
+        for m, o in [("embed", "original"), ("table", "original"), ("lm_head", "original1"),
+                     ("fc1", "original1"), ("fc2", "original")]
+    )  # fmt: skip
+    assert {emb, tab, head, fc1, fc2} <= set(named)
+    standard = by_algorithm(HTMuon(model.named_parameters()).param_groups)
+    assert {id(named[emb]), id(named[head])} <= standard["adamw"]
+    assert {id(named[fc1]), id(named[fc2])} <= standard["htmuon"]
+    paper = by_algorithm(HTMuon(model.named_parameters(), routing="paper").param_groups)
+    assert {id(named[emb]), id(named[head])} <= paper["htmuon"]
+    # by module type: the parametrized nn.Embedding called "table" is an embedding too
+    names = {g["algorithm"]: g["names"] for g in param_groups(model)}
+    assert {emb, tab, head} <= set(names["adamw"]) and {fc1, fc2} <= set(names["htmuon"])
+    assert tab not in names["htmuon"]
+    # the name rule alone
+    for name, kind in [
+        ("lm_head.parametrizations.weight.original1", "head"),
+        ("model.embed_tokens.parametrizations.weight.original", "embedding"),
+        ("vit.parametrizations.pos_embed.original", "embedding"),  # a parametrized bare parameter
+        ("blocks.0.fc1.parametrizations.weight.original0", "matrix"),
+        ("parametrizations.weight.original", "matrix"),  # a parametrized root module
+        ("layers.parametrizations.proj.weight", "matrix"),  # a module that happens to be called so
+    ]:
+        assert kind_from_name(name, 2) == kind, name

@@ -17,6 +17,11 @@ or whose leaf name ends in ``token`` / ``tokens`` (a ViT's ``cls_token``);
 a **head** is a matrix whose owning module's name is in :data:`DEFAULT_HEAD_NAMES`. Names cannot
 tell an ``nn.Embedding`` called ``0`` in an ``nn.Sequential`` from a linear layer: pass the model to
 :func:`param_groups` for such models.
+
+A parametrized tensor (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``,
+``orthogonal``) ``T`` of a module ``A`` is stored as ``A.parametrizations.T.original`` (or
+``original0``, ``original1``, ...) in a ``ParametrizationList``: both entry points read it as
+``A.T``, the tensor ``T`` of module ``A`` (:data:`PARAMETRIZATIONS`).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 __all__ = [
     "DEFAULT_HEAD_NAMES",
@@ -50,6 +57,11 @@ DEFAULT_HEAD_NAMES = ("lm_head", "head", "classifier", "output", "fc")
 #: shared table); any name containing "embed" counts too (embed_tokens, word_embeddings, pos_embed,
 #: GPT-NeoX's embed_in and its head embed_out).
 EMBEDDING_NAMES = ("wte", "wpe", "shared")
+#: The components torch.nn.utils.parametrize adds to a parametrized tensor ``A.T``'s name:
+#: ``A.parametrizations.T.original`` (one tensor) or ``.original0``, ``.original1``, ... (several,
+#: as weight_norm's magnitude and direction).
+PARAMETRIZATIONS = "parametrizations"
+_ORIGINAL = re.compile(r"original\d*")
 #: Endings of a bare parameter's own name that mark learned tokens (cls_token, mask_token,
 #: register_tokens): lookup rows, not weight matrices.
 LEARNED_TOKEN_SUFFIXES = ("token", "tokens")
@@ -94,11 +106,21 @@ def _is_embedding_name(component: str) -> bool:
     return "embed" in low or low in EMBEDDING_NAMES
 
 
+def _unparametrized(name: str) -> str:
+    """``A.parametrizations.T.original[N]`` -> ``A.T`` (the name of the tensor it parametrizes); any
+    other name unchanged."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] == PARAMETRIZATIONS and _ORIGINAL.fullmatch(parts[-1]):
+        return ".".join([*parts[:-3], parts[-2]])
+    return name
+
+
 def kind_from_name(name: str, ndim: int, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> str:
     """The routing kind of a parameter known only by its dotted name and ``ndim``.
 
     Returns ``"vector"`` (``ndim < 2``: norm gains, biases), ``"embedding"``, ``"head"`` or
     ``"matrix"`` (any other parameter with ``ndim >= 2``); see the module docstring for the rule.
+    A parametrized tensor's name (``A.parametrizations.T.original0``) is read as ``A.T``.
 
     Example:
         >>> kind_from_name("model.embed_tokens.weight", 2), kind_from_name("lm_head.weight", 2)
@@ -106,7 +128,7 @@ def kind_from_name(name: str, ndim: int, head_names: Iterable[str] = DEFAULT_HEA
     """
     if ndim < 2:
         return "vector"
-    owner, _, leaf = name.rpartition(".")
+    owner, _, leaf = _unparametrized(name).rpartition(".")
     module = owner.rpartition(".")[2]
     if _is_embedding_name(module) or (leaf != "weight" and _is_embedding_name(leaf)):
         return "embedding"
@@ -123,20 +145,30 @@ def classify_parameters(
     """``(name, parameter, kind)`` for every trainable parameter, each once (tied weights included).
 
     ``kind`` is :func:`kind_from_name`'s, except that every weight of an ``nn.Embedding`` /
-    ``nn.EmbeddingBag`` is an ``"embedding"`` whatever its name.
+    ``nn.EmbeddingBag`` is an ``"embedding"`` whatever its name (a parametrized one's too: the
+    module read is the one that owns the parametrization, not its ``ParametrizationList``).
     """
+    return [(name, param, kind) for name, param, kind, _ in _classify(model, head_names)]
+
+
+def _classify(model: nn.Module, head_names: Iterable[str]) -> list[tuple[str, nn.Parameter, str, nn.Module]]:
+    """:func:`classify_parameters`, each with the module that owns the parameter (for a parametrized
+    tensor ``A.parametrizations.T.original[N]``: ``A``)."""
     seen: set[int] = set()
-    out: list[tuple[str, nn.Parameter, str]] = []
+    out: list[tuple[str, nn.Parameter, str, nn.Module]] = []
     for module_name, module in model.named_modules():
+        owner = module
+        if isinstance(module, ParametrizationList):  # named "A.parametrizations.T"
+            owner = model.get_submodule(module_name.rpartition(".")[0].rpartition(".")[0])
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             full = f"{module_name}.{pname}" if module_name else pname
             kind = kind_from_name(full, param.ndim, head_names)
-            if kind != "vector" and isinstance(module, _EMBEDDINGS):
+            if kind != "vector" and isinstance(owner, _EMBEDDINGS):
                 kind = "embedding"
-            out.append((full, param, kind))
+            out.append((full, param, kind, owner))
     return out
 
 
@@ -178,7 +210,7 @@ def param_groups(
     to_htmuon = _KINDS_TO_HTMUON[routing]
     hgroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "htmuon", **htmuon_options}
     agroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "adamw"}
-    for name, param, kind in classify_parameters(model, head_names):
+    for name, param, kind, _ in _classify(model, head_names):
         group = hgroup if kind in to_htmuon else agroup
         group["params"].append(param)
         group["names"].append(name)
