@@ -2,6 +2,7 @@
 other Muon libraries (use_muon, betas/eps, adamw_lr) are honoured; misspelt group keys are errors."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -333,3 +334,64 @@ def test_parametrized_weights_route_as_their_module():
         ("layers.parametrizations.proj.weight", "matrix"),  # a module that happens to be called so
     ]:
         assert kind_from_name(name, 2) == kind, name
+
+
+# ------------------------------------------------------------------ vectors in disguise
+
+
+def test_matrices_with_at_most_one_dimension_above_one_go_to_adamw():
+    """weight_norm's magnitude (out, 1), a (1, d) weight: their spectral update would be the normalised
+    gradient, a step of about lr whatever the gradient's size. Automatic routing sends them to AdamW,
+    by name, by ndim (bare tensors) and in param_groups; explicit marks are honoured."""
+    P = pytest.importorskip("torch.nn.utils.parametrizations")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc1 = nn.Linear(16, 24)
+            self.score = nn.Linear(24, 1)  # weight (1, 24)
+            self.legacy = nn.Linear(24, 16)
+
+    model = Net()
+    P.weight_norm(model.conv)  # magnitude (8, 1, 1, 1)
+    P.weight_norm(model.fc1)  # magnitude (24, 1)
+    with warnings.catch_warnings():  # deprecated for the parametrization (a FutureWarning)
+        warnings.simplefilter("ignore")
+        torch.nn.utils.weight_norm(model.legacy)  # weight_g (16, 1), weight_v (16, 24)
+    named = dict(model.named_parameters())
+    vectors = {
+        "conv.parametrizations.weight.original0",
+        "fc1.parametrizations.weight.original0",
+        "score.weight",
+        "legacy.weight_g",
+    }
+    matrices = {f"{m}.parametrizations.weight.original1" for m in ("conv", "fc1")} | {"legacy.weight_v"}
+    assert {tuple(named[n].shape) for n in vectors} == {(8, 1, 1, 1), (24, 1), (1, 24), (16, 1)}
+    for routing in ("standard", "paper"):
+        for groups in (
+            HTMuon(model.named_parameters(), routing=routing).param_groups,
+            param_groups(model, routing=routing),
+            HTMuon(list(model.parameters()), routing=routing).param_groups,  # bare: by shape
+        ):
+            ids = by_algorithm(groups)
+            assert {id(named[n]) for n in vectors} <= ids["adamw"]
+            assert {id(named[n]) for n in matrices} <= ids["htmuon"]
+    for name, shape, kind in [
+        ("fc1.parametrizations.weight.original0", (24, 1), "vector"),
+        ("fc1.weight_g", (24, 1, 1), "vector"),
+        ("cls_token", (1, 1, 16), "vector"),  # a ViT's class token: a vector either way
+        ("lm_head.weight", (1, 16), "vector"),
+        ("table", (1, 1), "vector"),
+        ("fc1.weight", (24, 16), "matrix"),
+        ("experts.w1", (4, 1, 16), "matrix"),  # two dimensions above 1
+        ("blocks.0.mlp.weight", (4, 0), "matrix"),  # empty: no update at all, routed as before
+        ("lm_head.weight", (32, 16), "head"),
+    ]:
+        assert kind_from_name(name, len(shape), shape=shape) == kind, (name, shape)
+    assert kind_from_name("fc1.weight_g", 2) == "matrix"  # without a shape: by ndim, as before
+    # explicit marks are honoured: the spectral update, as before
+    g = named["fc1.parametrizations.weight.original0"]
+    for group in ({"params": [g], "use_muon": True}, {"params": [g], "algorithm": "htmuon"}):
+        assert [x["algorithm"] for x in HTMuon([group]).param_groups] == ["htmuon"]
+    assert [x["algorithm"] for x in HTMuon([g], algorithm="htmuon").param_groups] == ["htmuon"]

@@ -8,7 +8,13 @@ Two entry points share one rule:
   is split into an ``"htmuon"`` and an ``"adamw"`` group. With names (``model.named_parameters()``,
   torch's ``param_names``) the split is by name (:func:`kind_from_name`) and equals
   :func:`param_groups` on the usual models; with bare tensors only the shape is known, so it is by
-  ``ndim`` (matrices -> HTMuon, the rest -> AdamW).
+  shape (matrices -> HTMuon, the rest -> AdamW).
+
+A non-empty tensor with ``ndim >= 2`` but at most one dimension larger than 1 (weight_norm's
+magnitude ``(out, 1)`` or ``(out, 1, 1, 1)``, a ``(1, d)`` weight) is a vector in disguise: its
+spectral update would be its normalised gradient, a step of about ``lr`` whatever the gradient's
+size. Both entry points route it as a ``"vector"`` (to AdamW), whatever its name; an explicit
+``algorithm="htmuon"`` / ``use_muon=True`` group still gets the spectral update.
 
 Names decide embeddings and heads as follows (``name`` = ``"owner.module.leaf"``): an
 **embedding** is a matrix whose owning module's name, or its own leaf name when it is not
@@ -30,7 +36,7 @@ import difflib
 import math
 import numbers
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -115,18 +121,38 @@ def _unparametrized(name: str) -> str:
     return name
 
 
-def kind_from_name(name: str, ndim: int, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> str:
-    """The routing kind of a parameter known only by its dotted name and ``ndim``.
+def _is_vector_in_disguise(shape: Sequence[int]) -> bool:
+    """``ndim >= 2`` but at most one dimension larger than 1 (and none 0: an empty matrix has no
+    update at all and is left as it was routed)."""
+    return len(shape) >= 2 and 0 not in shape and sum(size > 1 for size in shape) <= 1
 
-    Returns ``"vector"`` (``ndim < 2``: norm gains, biases), ``"embedding"``, ``"head"`` or
-    ``"matrix"`` (any other parameter with ``ndim >= 2``); see the module docstring for the rule.
-    A parametrized tensor's name (``A.parametrizations.T.original0``) is read as ``A.T``.
+
+def _kind_from_shape(shape: Sequence[int]) -> str:
+    """The routing kind of a bare tensor: ``"matrix"`` (``ndim >= 2``, unless a vector in disguise)
+    or ``"vector"``."""
+    return "matrix" if len(shape) >= 2 and not _is_vector_in_disguise(shape) else "vector"
+
+
+def kind_from_name(
+    name: str,
+    ndim: int,
+    head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+    *,
+    shape: Sequence[int] | None = None,
+) -> str:
+    """The routing kind of a parameter known only by its dotted name and ``ndim`` (and ``shape``).
+
+    Returns ``"vector"`` (``ndim < 2``: norm gains, biases; with ``shape``, also a tensor with at
+    most one dimension larger than 1, such as weight_norm's ``(out, 1)`` magnitude),
+    ``"embedding"``, ``"head"`` or ``"matrix"`` (any other parameter with ``ndim >= 2``); see the
+    module docstring for the rule. A parametrized tensor's name (``A.parametrizations.T.original0``)
+    is read as ``A.T``.
 
     Example:
         >>> kind_from_name("model.embed_tokens.weight", 2), kind_from_name("lm_head.weight", 2)
         ('embedding', 'head')
     """
-    if ndim < 2:
+    if ndim < 2 or (shape is not None and _is_vector_in_disguise(shape)):
         return "vector"
     owner, _, leaf = _unparametrized(name).rpartition(".")
     module = owner.rpartition(".")[2]
@@ -165,7 +191,7 @@ def _classify(model: nn.Module, head_names: Iterable[str]) -> list[tuple[str, nn
                 continue
             seen.add(id(param))
             full = f"{module_name}.{pname}" if module_name else pname
-            kind = kind_from_name(full, param.ndim, head_names)
+            kind = kind_from_name(full, param.ndim, head_names, shape=param.shape)
             if kind != "vector" and isinstance(owner, _EMBEDDINGS):
                 kind = "embedding"
             out.append((full, param, kind, owner))
@@ -339,7 +365,8 @@ def route_params(
       ``algorithm`` is an error); ``betas`` / ``eps`` / ``adamw_wd`` -> ``adamw_betas`` /
       ``adamw_eps`` / ``adamw_weight_decay``;
     * ``algorithm="auto"`` (explicit or the default) -> an ``"htmuon"`` and an ``"adamw"`` group:
-      by name (:func:`kind_from_name`, ``routing``) when names are known, by ``ndim`` otherwise;
+      by name (:func:`kind_from_name`, ``routing``) when names are known, by shape otherwise (a
+      tensor with two or more dimensions larger than 1 is a matrix);
     * every AdamW group gets ``lr = adamw_lr`` and ``weight_decay = adamw_weight_decay`` (the group's
       own ``adamw_lr`` / ``adamw_weight_decay`` first) unless it is an explicit AdamW group with its
       own ``lr`` / ``weight_decay``; ``None`` leaves the group's / optimizer's ``lr`` / ``weight_decay``;
@@ -417,9 +444,9 @@ def route_params(
             out.append(group)  # empty, or something torch will refuse with its own message
             continue
         if names is None:
-            kinds = ["matrix" if t.ndim >= 2 else "vector" for t in tensors]
+            kinds = [_kind_from_shape(t.shape) for t in tensors]
         else:
-            kinds = [kind_from_name(n, t.ndim, head_names) for n, t in zip(names, tensors)]
+            kinds = [kind_from_name(n, t.ndim, head_names, shape=t.shape) for n, t in zip(names, tensors)]
         to_htmuon = _KINDS_TO_HTMUON[group_routing]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "names")}
         for half in ("htmuon", "adamw"):
