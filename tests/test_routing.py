@@ -395,3 +395,42 @@ def test_matrices_with_at_most_one_dimension_above_one_go_to_adamw():
     for group in ({"params": [g], "use_muon": True}, {"params": [g], "algorithm": "htmuon"}):
         assert [x["algorithm"] for x in HTMuon([group]).param_groups] == ["htmuon"]
     assert [x["algorithm"] for x in HTMuon([g], algorithm="htmuon").param_groups] == ["htmuon"]
+
+
+# ------------------------------------------------------------------ embedding names
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("tok_emb.weight", "embedding"),  # minGPT, lucidrains
+        ("transformer.pos_emb.weight", "embedding"),
+        ("token_emb.weight", "embedding"),
+        ("emb.weight", "embedding"),
+        ("model.emb_tokens.weight", "embedding"),
+        ("pos_emb", "embedding"),  # minGPT's bare nn.Parameter (1, block_size, d)
+        ("blocks.0.member.weight", "matrix"),  # components, not substrings
+        ("blocks.0.emblem.weight", "matrix"),
+        ("blocks.0.attn.q_emb_proj2.weight", "matrix"),
+    ],
+)
+def test_emb_names_are_embeddings(name, kind):
+    assert kind_from_name(name, 2) == kind
+
+
+def test_a_mingpt_routes_its_emb_tables_to_adamw():
+    class MinGPT(nn.Module):
+        def __init__(self, vocab=32, block=8, d=16):
+            super().__init__()
+            self.tok_emb = nn.Embedding(vocab, d)
+            self.pos_emb = nn.Parameter(torch.zeros(1, block, d))
+            self.blocks = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            self.ln_f = nn.LayerNorm(d)
+            self.head = nn.Linear(d, vocab, bias=False)
+
+    model = MinGPT()
+    for routing in ("standard", "paper"):
+        by_names = by_algorithm(HTMuon(model.named_parameters(), routing=routing).param_groups)
+        assert by_names == by_algorithm(param_groups(model, routing=routing))
+        tables = {id(model.tok_emb.weight), id(model.pos_emb)}
+        assert tables <= by_names["adamw" if routing == "standard" else "htmuon"]

@@ -18,8 +18,10 @@ size. Both entry points route it as a ``"vector"`` (to AdamW), whatever its name
 
 Names decide embeddings and heads as follows (``name`` = ``"owner.module.leaf"``): an
 **embedding** is a matrix whose owning module's name, or its own leaf name when it is not
-``weight``, contains ``embed`` or is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``),
-or whose leaf name ends in ``token`` / ``tokens`` (a ViT's ``cls_token``);
+``weight``, contains ``embed``, is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``),
+or is ``emb``, starts with ``emb_`` or ends with ``_emb`` (:data:`EMBEDDING_ABBREVIATION`: minGPT's
+``tok_emb`` / ``pos_emb``; a whole component, so ``member`` is none), or whose leaf name ends in
+``token`` / ``tokens`` (a ViT's ``cls_token``);
 a **head** is a matrix whose owning module's name is in :data:`DEFAULT_HEAD_NAMES`. Names cannot
 tell an ``nn.Embedding`` called ``0`` in an ``nn.Sequential`` from a linear layer: pass the model to
 :func:`param_groups` for such models.
@@ -45,6 +47,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 __all__ = [
     "DEFAULT_HEAD_NAMES",
+    "EMBEDDING_ABBREVIATION",
     "EMBEDDING_NAMES",
     "ROUTINGS",
     "classify_parameters",
@@ -63,6 +66,9 @@ DEFAULT_HEAD_NAMES = ("lm_head", "head", "classifier", "output", "fc")
 #: shared table); any name containing "embed" counts too (embed_tokens, word_embeddings, pos_embed,
 #: GPT-NeoX's embed_in and its head embed_out).
 EMBEDDING_NAMES = ("wte", "wpe", "shared")
+#: A module (or bare parameter) name that is this, starts with it and "_" or ends with "_" and it
+#: names an embedding (minGPT's and lucidrains' tok_emb, pos_emb, token_emb, emb).
+EMBEDDING_ABBREVIATION = "emb"
 #: The components torch.nn.utils.parametrize adds to a parametrized tensor ``A.T``'s name:
 #: ``A.parametrizations.T.original`` (one tensor) or ``.original0``, ``.original1``, ... (several,
 #: as weight_norm's magnitude and direction).
@@ -108,8 +114,14 @@ _KINDS_TO_HTMUON = {"standard": frozenset({"matrix"}), "paper": frozenset({"matr
 
 
 def _is_embedding_name(component: str) -> bool:
-    low = component.lower()
-    return "embed" in low or low in EMBEDDING_NAMES
+    low, abbr = component.lower(), EMBEDDING_ABBREVIATION
+    return (
+        "embed" in low
+        or low in EMBEDDING_NAMES
+        or low == abbr
+        or low.startswith(f"{abbr}_")
+        or low.endswith(f"_{abbr}")
+    )
 
 
 def _unparametrized(name: str) -> str:
