@@ -434,3 +434,52 @@ def test_a_mingpt_routes_its_emb_tables_to_adamw():
         assert by_names == by_algorithm(param_groups(model, routing=routing))
         tables = {id(model.tok_emb.weight), id(model.pos_emb)}
         assert tables <= by_names["adamw" if routing == "standard" else "htmuon"]
+
+
+# ------------------------------------------------------------------ Conv1d kernels in param_groups
+
+
+def test_param_groups_flatten_conv1d_kernels():
+    """batch_3d=True (stacked experts (E, m, n)) would update an nn.Conv1d kernel (out, in, k) as
+    ``out`` separate in x k matrices; param_groups knows the module types and gives the Conv1d /
+    ConvTranspose1d kernels batch_3d=False (flattened to out x in*k), in a group of their own when
+    other 3-D parameters keep batch_3d=True."""
+    P = pytest.importorskip("torch.nn.utils.parametrizations")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.up = nn.Conv1d(4, 8, 3), nn.ConvTranspose1d(8, 4, 3)
+            self.wn = P.weight_norm(nn.Conv1d(4, 8, 5))  # (8, 4, 5) direction, (8, 1, 1) magnitude
+            self.proj = nn.Linear(8, 8)
+
+    model = Net()
+    kernels = ["conv.weight", "up.weight", "wn.parametrizations.weight.original1"]
+    groups = param_groups(model, lr=0.05)
+    assert [g["algorithm"] for g in groups] == ["htmuon", "adamw"]  # no other 3-D parameter: one group
+    assert groups[0]["batch_3d"] is False and groups[0]["names"] == [*kernels, "proj.weight"]
+    assert groups[0]["lr"] == 0.05
+    model.experts = nn.Parameter(torch.randn(3, 8, 8))  # stacked matrices: batched
+    for options in ({}, {"batch_3d": True}):
+        groups = param_groups(model, lr=0.05, p=0.25, **options)
+        assert [g["algorithm"] for g in groups] == ["htmuon", "htmuon", "adamw"]
+        assert groups[0]["names"] == ["experts", "proj.weight"] and groups[0].get("batch_3d", True) is True
+        assert groups[1]["names"] == kernels and groups[1]["batch_3d"] is False
+        assert groups[1]["lr"] == 0.05 and groups[1]["p"] == 0.25
+    flat = param_groups(model, batch_3d=False)  # all flattened: one group
+    assert [(g["algorithm"], g.get("batch_3d")) for g in flat] == [("htmuon", False), ("adamw", None)]
+    # the step: the kernel's update is its flattened matrix's, the experts' their batch's
+    opt = HTMuon(param_groups(model), lr=0.1, method="svd")
+    conv, experts = model.conv.weight, model.experts
+    refs = {}
+    for p, batch_3d in ((conv, False), (experts, True)):
+        q = nn.Parameter(p.detach().clone())
+        refs[p] = (q, HTMuon([q], lr=0.1, method="svd", batch_3d=batch_3d))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for p, (q, ref) in refs.items():
+        q.grad = p.grad.clone()
+        ref.step()
+    opt.step()
+    for p, (q, _) in refs.items():
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

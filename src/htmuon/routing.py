@@ -3,7 +3,9 @@
 Two entry points share one rule:
 
 * :func:`param_groups` (a model): hidden matrices -> HTMuon; embeddings, the output head, norms and
-  biases -> AdamW, judged from module types *and* names.
+  biases -> AdamW, judged from module types *and* names. Knowing the types, it also flattens
+  ``nn.Conv1d`` / ``nn.ConvTranspose1d`` kernels (``batch_3d=False``) where ``batch_3d=True`` would
+  take them for stacks of matrices.
 * :func:`route_params` (what was passed to ``HTMuon(params, ...)``): every ``algorithm="auto"`` group
   is split into an ``"htmuon"`` and an ``"adamw"`` group. With names (``model.named_parameters()``,
   torch's ``param_names``) the split is by name (:func:`kind_from_name`) and equals
@@ -110,6 +112,8 @@ UNSUPPORTED_FLAGS = {
 TYPO_CUTOFF = 0.8
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+#: Modules whose 3-D weight is a conv kernel (out, in, k), to flatten to out x in*k (``batch_3d=False``).
+_CONV1D = (nn.Conv1d, nn.ConvTranspose1d)
 _KINDS_TO_HTMUON = {"standard": frozenset({"matrix"}), "paper": frozenset({"matrix", "embedding", "head"})}
 
 
@@ -221,7 +225,13 @@ def param_groups(
     head_names: tuple[str, ...] = DEFAULT_HEAD_NAMES,
     **htmuon_options: Any,
 ) -> list[dict[str, Any]]:
-    """Param groups for :class:`htmuon.HTMuon`: an ``algorithm="htmuon"`` and an ``algorithm="adamw"`` group.
+    """Param groups for :class:`htmuon.HTMuon`: ``algorithm="htmuon"`` and ``algorithm="adamw"`` groups.
+
+    ``nn.Conv1d`` / ``nn.ConvTranspose1d`` kernels (3-D, ``(out, in, k)``) are flattened to
+    ``out x in*k`` matrices, never batched as stacked matrices: the HTMuon group gets
+    ``batch_3d=False`` when they are its only 3-D parameters, and they get an HTMuon group of their
+    own with ``batch_3d=False`` when other 3-D parameters (stacked experts) keep ``batch_3d=True``
+    (the default, or as given).
 
     Args:
         model: the model.
@@ -231,11 +241,14 @@ def param_groups(
         adamw_lr, adamw_weight_decay: for the AdamW group (``None``: the optimizer's ``adamw_lr`` /
             ``adamw_weight_decay``, else its ``lr`` / ``weight_decay``).
         head_names: last name components marking an output head.
-        **htmuon_options: further per-group options for the HTMuon group (``p``, ``method``, ...).
+        **htmuon_options: further per-group options for the HTMuon group (``p``, ``method``, ...;
+            ``batch_3d`` applies to the 3-D parameters other than Conv1d kernels).
 
     Returns:
-        A list of group dicts (empty groups left out), each with ``names`` (the parameters' names,
-        used in error messages; not torch's ``param_names``, so groups added later need no names).
+        A list of group dicts (empty groups left out): the HTMuon group, the Conv1d kernels' HTMuon
+        group (only beside other 3-D parameters batched), the AdamW group; each with ``names`` (the
+        parameters' names, used in error messages; not torch's ``param_names``, so groups added later
+        need no names).
 
     Example:
         >>> from htmuon import HTMuon
@@ -246,18 +259,37 @@ def param_groups(
     """
     _check_routing(routing, "")
     to_htmuon = _KINDS_TO_HTMUON[routing]
+    classified = _classify(model, head_names)
+    three_d = [
+        (p, isinstance(owner, _CONV1D))
+        for _, p, kind, owner in classified
+        if kind in to_htmuon and p.ndim == 3
+    ]
+    kernels = {id(p) for p, is_kernel in three_d if is_kernel}
+    # batch_3d is per group: the kernels need a group of their own only beside batched 3-D parameters
+    apart = htmuon_options.get("batch_3d", True) is not False and not all(k for _, k in three_d)
     hgroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "htmuon", **htmuon_options}
+    kgroup: dict[str, Any] = {**hgroup, "params": [], "names": [], "batch_3d": False}
     agroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "adamw"}
-    for name, param, kind, _ in _classify(model, head_names):
-        group = hgroup if kind in to_htmuon else agroup
+    if kernels and not apart:
+        hgroup["batch_3d"] = False
+    for name, param, kind, _ in classified:
+        if kind not in to_htmuon:
+            group = agroup
+        else:
+            group = kgroup if apart and id(param) in kernels else hgroup
         group["params"].append(param)
         group["names"].append(name)
-    for group, group_lr, group_wd in ((hgroup, lr, weight_decay), (agroup, adamw_lr, adamw_weight_decay)):
+    for group, group_lr, group_wd in (
+        (hgroup, lr, weight_decay),
+        (kgroup, lr, weight_decay),
+        (agroup, adamw_lr, adamw_weight_decay),
+    ):
         if group_lr is not None:
             group["lr"] = group_lr
         if group_wd is not None:
             group["weight_decay"] = group_wd
-    groups = [g for g in (hgroup, agroup) if g["params"]]
+    groups = [g for g in (hgroup, kgroup, agroup) if g["params"]]
     if not groups:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters")
     return groups
