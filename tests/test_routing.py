@@ -483,3 +483,72 @@ def test_param_groups_flatten_conv1d_kernels():
     opt.step()
     for p, (q, _) in refs.items():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ a group's own lr / weight_decay
+
+
+def test_an_all_adamw_group_keeps_its_own_lr_and_weight_decay():
+    """nanoGPT / HF-style groups (decay / no decay): a user group all of whose parameters route to
+    AdamW keeps the lr and weight_decay it sets; what it does not set comes from adamw_lr /
+    adamw_weight_decay (its own adamw_lr / adamw_weight_decay first); mixed groups as before. The same
+    at add_param_group and after a state_dict round trip."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    wide = dict(lr=0.02, adamw_lr=1e-3, adamw_weight_decay=0.05)
+
+    def settings(opt):
+        return [(g["algorithm"], len(g["params"]), g["lr"], g["weight_decay"]) for g in opt.param_groups]
+
+    def build():
+        return HTMuon(
+            [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0, "lr": 3e-4}],
+            **wide,
+        )
+
+    opt = build()
+    assert settings(opt) == [("htmuon", 2, 0.02, 0.1), ("adamw", 4, 3e-4, 0.0)]
+    # what the group does not set: from adamw_lr / adamw_weight_decay, as before
+    only_wd = HTMuon([{"params": matrices}, {"params": vectors, "weight_decay": 0.0}], **wide)
+    assert settings(only_wd) == [("htmuon", 2, 0.02, 0.0), ("adamw", 4, 1e-3, 0.0)]
+    # the group's own adamw_lr / adamw_weight_decay beat its lr / weight_decay
+    own = HTMuon(
+        [{"params": vectors, "lr": 3e-4, "adamw_lr": 2e-3, "weight_decay": 0.2, "adamw_wd": 0.01}], **wide
+    )
+    assert settings(own) == [("adamw", 4, 2e-3, 0.01)]
+    # named: an all-AdamW group of embeddings and norms keeps its settings too
+    emb = nn.Embedding(10, 8)
+    named = HTMuon(
+        [{"params": [("embed.weight", emb.weight), ("norm.bias", vectors[0])], "lr": 5e-4}], **wide
+    )
+    assert settings(named) == [("adamw", 2, 5e-4, 0.05)]
+    # a mixed group: its lr / weight_decay are the HTMuon half's, the AdamW half takes adamw_* (as before)
+    mixed = HTMuon([{"params": model.parameters(), "lr": 0.05, "weight_decay": 0.1}], **wide)
+    assert settings(mixed) == [("htmuon", 2, 0.05, 0.1), ("adamw", 4, 1e-3, 0.05)]
+    # add_param_group: the same rule
+    later = HTMuon([{"params": matrices, "weight_decay": 0.1}], **wide)
+    later.add_param_group({"params": vectors, "weight_decay": 0.0, "lr": 3e-4})
+    assert settings(later) == settings(opt)
+    # state_dict round trip: a rebuilt optimizer has the same groups and continues exactly
+    x = torch.randn(5, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert [(g["lr"], g["weight_decay"]) for g in saved_opt["param_groups"]] == [(0.02, 0.1), (3e-4, 0.0)]
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+    model.load_state_dict(saved_model)
+    resumed = build()
+    resumed.load_state_dict(saved_opt)
+    assert settings(resumed) == settings(opt)
+    resumed.zero_grad()
+    model(x).square().mean().backward()
+    resumed.step()
+    for p, q in zip(model.parameters(), expected):
+        assert torch.equal(p, q)

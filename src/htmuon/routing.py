@@ -382,11 +382,11 @@ def _names_and_tensors(group: dict[str, Any]) -> tuple[list[Tensor], list[str] |
 
 
 def _adamw_defaults(
-    group: dict[str, Any], lr: float | None, weight_decay: float | None, *, overwrite: bool
+    group: dict[str, Any], lr: float | None, weight_decay: float | None, *, keep: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """Set the AdamW part's lr / weight decay (``overwrite``: also over the group's own keys)."""
+    """Set the AdamW part's lr / weight decay, except the keys in ``keep`` (the group's own)."""
     for key, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if value is not None and (overwrite or key not in group):
+        if value is not None and key not in keep:
             group[key] = value
     return group
 
@@ -412,8 +412,12 @@ def route_params(
       by name (:func:`kind_from_name`, ``routing``) when names are known, by shape otherwise (a
       tensor with two or more dimensions larger than 1 is a matrix);
     * every AdamW group gets ``lr = adamw_lr`` and ``weight_decay = adamw_weight_decay`` (the group's
-      own ``adamw_lr`` / ``adamw_weight_decay`` first) unless it is an explicit AdamW group with its
-      own ``lr`` / ``weight_decay``; ``None`` leaves the group's / optimizer's ``lr`` / ``weight_decay``;
+      own ``adamw_lr`` / ``adamw_weight_decay`` first), except an ``lr`` / ``weight_decay`` that the
+      user group sets itself (a key in its dict) when the whole group is AdamW: an explicit
+      ``algorithm="adamw"`` group keeps it, and so does an ``"auto"`` group all of whose parameters
+      route to AdamW, unless it also sets its own ``adamw_lr`` / ``adamw_weight_decay``. In a mixed
+      ``"auto"`` group the group's ``lr`` / ``weight_decay`` are the HTMuon half's. ``None`` leaves
+      the group's / optimizer's ``lr`` / ``weight_decay``;
     * a key that is no option but within difflib ratio :data:`TYPO_CUTOFF` of one is an error.
 
     Args:
@@ -467,7 +471,7 @@ def route_params(
         a_wd = own_wd if own_wd is not None else adamw_weight_decay
         algorithm = group.get("algorithm", defaults.get("algorithm", "auto"))
         if algorithm == "adamw":
-            out.append(_adamw_defaults(group, a_lr, a_wd, overwrite=False))
+            out.append(_adamw_defaults(group, a_lr, a_wd, keep=set(group)))
             continue
         if algorithm != "auto":  # "htmuon", or an invalid value for HTMuon's own check
             if own_lr is not None or own_wd is not None:
@@ -493,6 +497,10 @@ def route_params(
             kinds = [kind_from_name(n, t.ndim, head_names, shape=t.shape) for n, t in zip(names, tensors)]
         to_htmuon = _KINDS_TO_HTMUON[group_routing]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "names")}
+        # a group routed to AdamW whole keeps the lr / weight_decay it sets (unless it sets its own
+        # adamw_lr / adamw_weight_decay); in a mixed group they are the HTMuon half's
+        all_adamw = not any(kind in to_htmuon for kind in kinds)
+        keep = [k for k, own in (("lr", own_lr), ("weight_decay", own_wd)) if k in group and own is None]
         for half in ("htmuon", "adamw"):
             picked = [i for i, kind in enumerate(kinds) if (kind in to_htmuon) == (half == "htmuon")]
             if not picked:
@@ -500,5 +508,7 @@ def route_params(
             part = {**rest, "params": [tensors[i] for i in picked], "algorithm": half}
             if names_key is not None:
                 part[names_key] = [names[i] for i in picked]  # type: ignore[index]
-            out.append(_adamw_defaults(part, a_lr, a_wd, overwrite=True) if half == "adamw" else part)
+            if half == "adamw":
+                _adamw_defaults(part, a_lr, a_wd, keep=keep if all_adamw else ())
+            out.append(part)
     return out
