@@ -2,6 +2,7 @@
 other Muon libraries (use_muon, betas/eps, adamw_lr) are honoured; misspelt group keys are errors."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -283,3 +284,271 @@ def test_torch_flags_htmuon_would_ignore_are_refused_when_set(flag):
     with pytest.raises(ValueError, match=rf"{flag}=True in param group 1"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], flag: True})
     assert len(opt.param_groups) == 1
+
+
+# ------------------------------------------------------------------ parametrized weights (parametrize)
+
+
+def test_parametrized_weights_route_as_their_module():
+    """torch.nn.utils.parametrize stores ``A.T`` as ``A.parametrizations.T.original[N]`` in a
+    ParametrizationList: routing reads the owner ``A`` and tensor ``T``, by name and by module type."""
+    P = pytest.importorskip("torch.nn.utils.parametrizations")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)  # a telling name
+            self.table = nn.Embedding(32, 16)  # only its type tells
+            self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 16)
+            self.lm_head = nn.Linear(16, 32, bias=False)
+
+    model = Net()
+    P.spectral_norm(model.embed)
+    P.spectral_norm(model.table)
+    P.weight_norm(model.fc1)
+    P.orthogonal(model.fc2)
+    P.weight_norm(model.lm_head)
+    named = dict(model.named_parameters())
+    emb, tab, head, fc1, fc2 = (  # weight_norm: original0 the magnitude, original1 the direction
+        f"{m}.parametrizations.weight.{o}"
+        for m, o in [("embed", "original"), ("table", "original"), ("lm_head", "original1"),
+                     ("fc1", "original1"), ("fc2", "original")]
+    )  # fmt: skip
+    assert {emb, tab, head, fc1, fc2} <= set(named)
+    standard = by_algorithm(HTMuon(model.named_parameters()).param_groups)
+    assert {id(named[emb]), id(named[head])} <= standard["adamw"]
+    assert {id(named[fc1]), id(named[fc2])} <= standard["htmuon"]
+    paper = by_algorithm(HTMuon(model.named_parameters(), routing="paper").param_groups)
+    assert {id(named[emb]), id(named[head])} <= paper["htmuon"]
+    # by module type: the parametrized nn.Embedding called "table" is an embedding too
+    names = {g["algorithm"]: g["names"] for g in param_groups(model)}
+    assert {emb, tab, head} <= set(names["adamw"]) and {fc1, fc2} <= set(names["htmuon"])
+    assert tab not in names["htmuon"]
+    # the name rule alone
+    for name, kind in [
+        ("lm_head.parametrizations.weight.original1", "head"),
+        ("model.embed_tokens.parametrizations.weight.original", "embedding"),
+        ("vit.parametrizations.pos_embed.original", "embedding"),  # a parametrized bare parameter
+        ("blocks.0.fc1.parametrizations.weight.original0", "matrix"),
+        ("parametrizations.weight.original", "matrix"),  # a parametrized root module
+        ("layers.parametrizations.proj.weight", "matrix"),  # a module that happens to be called so
+    ]:
+        assert kind_from_name(name, 2) == kind, name
+
+
+# ------------------------------------------------------------------ vectors in disguise
+
+
+def test_matrices_with_at_most_one_dimension_above_one_go_to_adamw():
+    """weight_norm's magnitude (out, 1), a (1, d) weight: their spectral update would be the normalised
+    gradient, a step of about lr whatever the gradient's size. Automatic routing sends them to AdamW,
+    by name, by ndim (bare tensors) and in param_groups; explicit marks are honoured."""
+    P = pytest.importorskip("torch.nn.utils.parametrizations")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc1 = nn.Linear(16, 24)
+            self.score = nn.Linear(24, 1)  # weight (1, 24)
+            self.legacy = nn.Linear(24, 16)
+
+    model = Net()
+    P.weight_norm(model.conv)  # magnitude (8, 1, 1, 1)
+    P.weight_norm(model.fc1)  # magnitude (24, 1)
+    with warnings.catch_warnings():  # deprecated for the parametrization (a FutureWarning)
+        warnings.simplefilter("ignore")
+        torch.nn.utils.weight_norm(model.legacy)  # weight_g (16, 1), weight_v (16, 24)
+    named = dict(model.named_parameters())
+    vectors = {
+        "conv.parametrizations.weight.original0",
+        "fc1.parametrizations.weight.original0",
+        "score.weight",
+        "legacy.weight_g",
+    }
+    matrices = {f"{m}.parametrizations.weight.original1" for m in ("conv", "fc1")} | {"legacy.weight_v"}
+    assert {tuple(named[n].shape) for n in vectors} == {(8, 1, 1, 1), (24, 1), (1, 24), (16, 1)}
+    for routing in ("standard", "paper"):
+        for groups in (
+            HTMuon(model.named_parameters(), routing=routing).param_groups,
+            param_groups(model, routing=routing),
+            HTMuon(list(model.parameters()), routing=routing).param_groups,  # bare: by shape
+        ):
+            ids = by_algorithm(groups)
+            assert {id(named[n]) for n in vectors} <= ids["adamw"]
+            assert {id(named[n]) for n in matrices} <= ids["htmuon"]
+    for name, shape, kind in [
+        ("fc1.parametrizations.weight.original0", (24, 1), "vector"),
+        ("fc1.weight_g", (24, 1, 1), "vector"),
+        ("cls_token", (1, 1, 16), "vector"),  # a ViT's class token: a vector either way
+        ("lm_head.weight", (1, 16), "vector"),
+        ("table", (1, 1), "vector"),
+        ("fc1.weight", (24, 16), "matrix"),
+        ("experts.w1", (4, 1, 16), "matrix"),  # two dimensions above 1
+        ("blocks.0.mlp.weight", (4, 0), "matrix"),  # empty: no update at all, routed as before
+        ("lm_head.weight", (32, 16), "head"),
+    ]:
+        assert kind_from_name(name, len(shape), shape=shape) == kind, (name, shape)
+    assert kind_from_name("fc1.weight_g", 2) == "matrix"  # without a shape: by ndim, as before
+    # explicit marks are honoured: the spectral update, as before
+    g = named["fc1.parametrizations.weight.original0"]
+    for group in ({"params": [g], "use_muon": True}, {"params": [g], "algorithm": "htmuon"}):
+        assert [x["algorithm"] for x in HTMuon([group]).param_groups] == ["htmuon"]
+    assert [x["algorithm"] for x in HTMuon([g], algorithm="htmuon").param_groups] == ["htmuon"]
+
+
+# ------------------------------------------------------------------ embedding names
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("tok_emb.weight", "embedding"),  # minGPT, lucidrains
+        ("transformer.pos_emb.weight", "embedding"),
+        ("token_emb.weight", "embedding"),
+        ("emb.weight", "embedding"),
+        ("model.emb_tokens.weight", "embedding"),
+        ("pos_emb", "embedding"),  # minGPT's bare nn.Parameter (1, block_size, d)
+        ("blocks.0.member.weight", "matrix"),  # components, not substrings
+        ("blocks.0.emblem.weight", "matrix"),
+        ("blocks.0.attn.q_emb_proj2.weight", "matrix"),
+    ],
+)
+def test_emb_names_are_embeddings(name, kind):
+    assert kind_from_name(name, 2) == kind
+
+
+def test_a_mingpt_routes_its_emb_tables_to_adamw():
+    class MinGPT(nn.Module):
+        def __init__(self, vocab=32, block=8, d=16):
+            super().__init__()
+            self.tok_emb = nn.Embedding(vocab, d)
+            self.pos_emb = nn.Parameter(torch.zeros(1, block, d))
+            self.blocks = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            self.ln_f = nn.LayerNorm(d)
+            self.head = nn.Linear(d, vocab, bias=False)
+
+    model = MinGPT()
+    for routing in ("standard", "paper"):
+        by_names = by_algorithm(HTMuon(model.named_parameters(), routing=routing).param_groups)
+        assert by_names == by_algorithm(param_groups(model, routing=routing))
+        tables = {id(model.tok_emb.weight), id(model.pos_emb)}
+        assert tables <= by_names["adamw" if routing == "standard" else "htmuon"]
+
+
+# ------------------------------------------------------------------ Conv1d kernels in param_groups
+
+
+def test_param_groups_flatten_conv1d_kernels():
+    """batch_3d=True (stacked experts (E, m, n)) would update an nn.Conv1d kernel (out, in, k) as
+    ``out`` separate in x k matrices; param_groups knows the module types and gives the Conv1d /
+    ConvTranspose1d kernels batch_3d=False (flattened to out x in*k), in a group of their own when
+    other 3-D parameters keep batch_3d=True."""
+    P = pytest.importorskip("torch.nn.utils.parametrizations")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.up = nn.Conv1d(4, 8, 3), nn.ConvTranspose1d(8, 4, 3)
+            self.wn = P.weight_norm(nn.Conv1d(4, 8, 5))  # (8, 4, 5) direction, (8, 1, 1) magnitude
+            self.proj = nn.Linear(8, 8)
+
+    model = Net()
+    kernels = ["conv.weight", "up.weight", "wn.parametrizations.weight.original1"]
+    groups = param_groups(model, lr=0.05)
+    assert [g["algorithm"] for g in groups] == ["htmuon", "adamw"]  # no other 3-D parameter: one group
+    assert groups[0]["batch_3d"] is False and groups[0]["names"] == [*kernels, "proj.weight"]
+    assert groups[0]["lr"] == 0.05
+    model.experts = nn.Parameter(torch.randn(3, 8, 8))  # stacked matrices: batched
+    for options in ({}, {"batch_3d": True}):
+        groups = param_groups(model, lr=0.05, p=0.25, **options)
+        assert [g["algorithm"] for g in groups] == ["htmuon", "htmuon", "adamw"]
+        assert groups[0]["names"] == ["experts", "proj.weight"] and groups[0].get("batch_3d", True) is True
+        assert groups[1]["names"] == kernels and groups[1]["batch_3d"] is False
+        assert groups[1]["lr"] == 0.05 and groups[1]["p"] == 0.25
+    flat = param_groups(model, batch_3d=False)  # all flattened: one group
+    assert [(g["algorithm"], g.get("batch_3d")) for g in flat] == [("htmuon", False), ("adamw", None)]
+    # the step: the kernel's update is its flattened matrix's, the experts' their batch's
+    opt = HTMuon(param_groups(model), lr=0.1, method="svd")
+    conv, experts = model.conv.weight, model.experts
+    refs = {}
+    for p, batch_3d in ((conv, False), (experts, True)):
+        q = nn.Parameter(p.detach().clone())
+        refs[p] = (q, HTMuon([q], lr=0.1, method="svd", batch_3d=batch_3d))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for p, (q, ref) in refs.items():
+        q.grad = p.grad.clone()
+        ref.step()
+    opt.step()
+    for p, (q, _) in refs.items():
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ a group's own lr / weight_decay
+
+
+def test_an_all_adamw_group_keeps_its_own_lr_and_weight_decay():
+    """nanoGPT / HF-style groups (decay / no decay): a user group all of whose parameters route to
+    AdamW keeps the lr and weight_decay it sets; what it does not set comes from adamw_lr /
+    adamw_weight_decay (its own adamw_lr / adamw_weight_decay first); mixed groups as before. The same
+    at add_param_group and after a state_dict round trip."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    wide = dict(lr=0.02, adamw_lr=1e-3, adamw_weight_decay=0.05)
+
+    def settings(opt):
+        return [(g["algorithm"], len(g["params"]), g["lr"], g["weight_decay"]) for g in opt.param_groups]
+
+    def build():
+        return HTMuon(
+            [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0, "lr": 3e-4}],
+            **wide,
+        )
+
+    opt = build()
+    assert settings(opt) == [("htmuon", 2, 0.02, 0.1), ("adamw", 4, 3e-4, 0.0)]
+    # what the group does not set: from adamw_lr / adamw_weight_decay, as before
+    only_wd = HTMuon([{"params": matrices}, {"params": vectors, "weight_decay": 0.0}], **wide)
+    assert settings(only_wd) == [("htmuon", 2, 0.02, 0.0), ("adamw", 4, 1e-3, 0.0)]
+    # the group's own adamw_lr / adamw_weight_decay beat its lr / weight_decay
+    own = HTMuon(
+        [{"params": vectors, "lr": 3e-4, "adamw_lr": 2e-3, "weight_decay": 0.2, "adamw_wd": 0.01}], **wide
+    )
+    assert settings(own) == [("adamw", 4, 2e-3, 0.01)]
+    # named: an all-AdamW group of embeddings and norms keeps its settings too
+    emb = nn.Embedding(10, 8)
+    named = HTMuon(
+        [{"params": [("embed.weight", emb.weight), ("norm.bias", vectors[0])], "lr": 5e-4}], **wide
+    )
+    assert settings(named) == [("adamw", 2, 5e-4, 0.05)]
+    # a mixed group: its lr / weight_decay are the HTMuon half's, the AdamW half takes adamw_* (as before)
+    mixed = HTMuon([{"params": model.parameters(), "lr": 0.05, "weight_decay": 0.1}], **wide)
+    assert settings(mixed) == [("htmuon", 2, 0.05, 0.1), ("adamw", 4, 1e-3, 0.05)]
+    # add_param_group: the same rule
+    later = HTMuon([{"params": matrices, "weight_decay": 0.1}], **wide)
+    later.add_param_group({"params": vectors, "weight_decay": 0.0, "lr": 3e-4})
+    assert settings(later) == settings(opt)
+    # state_dict round trip: a rebuilt optimizer has the same groups and continues exactly
+    x = torch.randn(5, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert [(g["lr"], g["weight_decay"]) for g in saved_opt["param_groups"]] == [(0.02, 0.1), (3e-4, 0.0)]
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+    model.load_state_dict(saved_model)
+    resumed = build()
+    resumed.load_state_dict(saved_opt)
+    assert settings(resumed) == settings(opt)
+    resumed.zero_grad()
+    model(x).square().mean().backward()
+    resumed.step()
+    for p, q in zip(model.parameters(), expected):
+        assert torch.equal(p, q)

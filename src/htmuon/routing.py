@@ -3,20 +3,35 @@
 Two entry points share one rule:
 
 * :func:`param_groups` (a model): hidden matrices -> HTMuon; embeddings, the output head, norms and
-  biases -> AdamW, judged from module types *and* names.
+  biases -> AdamW, judged from module types *and* names. Knowing the types, it also flattens
+  ``nn.Conv1d`` / ``nn.ConvTranspose1d`` kernels (``batch_3d=False``) where ``batch_3d=True`` would
+  take them for stacks of matrices.
 * :func:`route_params` (what was passed to ``HTMuon(params, ...)``): every ``algorithm="auto"`` group
   is split into an ``"htmuon"`` and an ``"adamw"`` group. With names (``model.named_parameters()``,
   torch's ``param_names``) the split is by name (:func:`kind_from_name`) and equals
   :func:`param_groups` on the usual models; with bare tensors only the shape is known, so it is by
-  ``ndim`` (matrices -> HTMuon, the rest -> AdamW).
+  shape (matrices -> HTMuon, the rest -> AdamW).
+
+A non-empty tensor with ``ndim >= 2`` but at most one dimension larger than 1 (weight_norm's
+magnitude ``(out, 1)`` or ``(out, 1, 1, 1)``, a ``(1, d)`` weight) is a vector in disguise: its
+spectral update would be its normalised gradient, a step of about ``lr`` whatever the gradient's
+size. Both entry points route it as a ``"vector"`` (to AdamW), whatever its name; an explicit
+``algorithm="htmuon"`` / ``use_muon=True`` group still gets the spectral update.
 
 Names decide embeddings and heads as follows (``name`` = ``"owner.module.leaf"``): an
 **embedding** is a matrix whose owning module's name, or its own leaf name when it is not
-``weight``, contains ``embed`` or is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``),
-or whose leaf name ends in ``token`` / ``tokens`` (a ViT's ``cls_token``);
+``weight``, contains ``embed``, is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``),
+or is ``emb``, starts with ``emb_`` or ends with ``_emb`` (:data:`EMBEDDING_ABBREVIATION`: minGPT's
+``tok_emb`` / ``pos_emb``; a whole component, so ``member`` is none), or whose leaf name ends in
+``token`` / ``tokens`` (a ViT's ``cls_token``);
 a **head** is a matrix whose owning module's name is in :data:`DEFAULT_HEAD_NAMES`. Names cannot
 tell an ``nn.Embedding`` called ``0`` in an ``nn.Sequential`` from a linear layer: pass the model to
 :func:`param_groups` for such models.
+
+A parametrized tensor (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``,
+``orthogonal``) ``T`` of a module ``A`` is stored as ``A.parametrizations.T.original`` (or
+``original0``, ``original1``, ...) in a ``ParametrizationList``: both entry points read it as
+``A.T``, the tensor ``T`` of module ``A`` (:data:`PARAMETRIZATIONS`).
 """
 
 from __future__ import annotations
@@ -24,14 +39,17 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 __all__ = [
     "DEFAULT_HEAD_NAMES",
+    "EMBEDDING_ABBREVIATION",
     "EMBEDDING_NAMES",
     "ROUTINGS",
     "classify_parameters",
@@ -50,6 +68,14 @@ DEFAULT_HEAD_NAMES = ("lm_head", "head", "classifier", "output", "fc")
 #: shared table); any name containing "embed" counts too (embed_tokens, word_embeddings, pos_embed,
 #: GPT-NeoX's embed_in and its head embed_out).
 EMBEDDING_NAMES = ("wte", "wpe", "shared")
+#: A module (or bare parameter) name that is this, starts with it and "_" or ends with "_" and it
+#: names an embedding (minGPT's and lucidrains' tok_emb, pos_emb, token_emb, emb).
+EMBEDDING_ABBREVIATION = "emb"
+#: The components torch.nn.utils.parametrize adds to a parametrized tensor ``A.T``'s name:
+#: ``A.parametrizations.T.original`` (one tensor) or ``.original0``, ``.original1``, ... (several,
+#: as weight_norm's magnitude and direction).
+PARAMETRIZATIONS = "parametrizations"
+_ORIGINAL = re.compile(r"original\d*")
 #: Endings of a bare parameter's own name that mark learned tokens (cls_token, mask_token,
 #: register_tokens): lookup rows, not weight matrices.
 LEARNED_TOKEN_SUFFIXES = ("token", "tokens")
@@ -86,27 +112,65 @@ UNSUPPORTED_FLAGS = {
 TYPO_CUTOFF = 0.8
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+#: Modules whose 3-D weight is a conv kernel (out, in, k), to flatten to out x in*k (``batch_3d=False``).
+_CONV1D = (nn.Conv1d, nn.ConvTranspose1d)
 _KINDS_TO_HTMUON = {"standard": frozenset({"matrix"}), "paper": frozenset({"matrix", "embedding", "head"})}
 
 
 def _is_embedding_name(component: str) -> bool:
-    low = component.lower()
-    return "embed" in low or low in EMBEDDING_NAMES
+    low, abbr = component.lower(), EMBEDDING_ABBREVIATION
+    return (
+        "embed" in low
+        or low in EMBEDDING_NAMES
+        or low == abbr
+        or low.startswith(f"{abbr}_")
+        or low.endswith(f"_{abbr}")
+    )
 
 
-def kind_from_name(name: str, ndim: int, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> str:
-    """The routing kind of a parameter known only by its dotted name and ``ndim``.
+def _unparametrized(name: str) -> str:
+    """``A.parametrizations.T.original[N]`` -> ``A.T`` (the name of the tensor it parametrizes); any
+    other name unchanged."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] == PARAMETRIZATIONS and _ORIGINAL.fullmatch(parts[-1]):
+        return ".".join([*parts[:-3], parts[-2]])
+    return name
 
-    Returns ``"vector"`` (``ndim < 2``: norm gains, biases), ``"embedding"``, ``"head"`` or
-    ``"matrix"`` (any other parameter with ``ndim >= 2``); see the module docstring for the rule.
+
+def _is_vector_in_disguise(shape: Sequence[int]) -> bool:
+    """``ndim >= 2`` but at most one dimension larger than 1 (and none 0: an empty matrix has no
+    update at all and is left as it was routed)."""
+    return len(shape) >= 2 and 0 not in shape and sum(size > 1 for size in shape) <= 1
+
+
+def _kind_from_shape(shape: Sequence[int]) -> str:
+    """The routing kind of a bare tensor: ``"matrix"`` (``ndim >= 2``, unless a vector in disguise)
+    or ``"vector"``."""
+    return "matrix" if len(shape) >= 2 and not _is_vector_in_disguise(shape) else "vector"
+
+
+def kind_from_name(
+    name: str,
+    ndim: int,
+    head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+    *,
+    shape: Sequence[int] | None = None,
+) -> str:
+    """The routing kind of a parameter known only by its dotted name and ``ndim`` (and ``shape``).
+
+    Returns ``"vector"`` (``ndim < 2``: norm gains, biases; with ``shape``, also a tensor with at
+    most one dimension larger than 1, such as weight_norm's ``(out, 1)`` magnitude),
+    ``"embedding"``, ``"head"`` or ``"matrix"`` (any other parameter with ``ndim >= 2``); see the
+    module docstring for the rule. A parametrized tensor's name (``A.parametrizations.T.original0``)
+    is read as ``A.T``.
 
     Example:
         >>> kind_from_name("model.embed_tokens.weight", 2), kind_from_name("lm_head.weight", 2)
         ('embedding', 'head')
     """
-    if ndim < 2:
+    if ndim < 2 or (shape is not None and _is_vector_in_disguise(shape)):
         return "vector"
-    owner, _, leaf = name.rpartition(".")
+    owner, _, leaf = _unparametrized(name).rpartition(".")
     module = owner.rpartition(".")[2]
     if _is_embedding_name(module) or (leaf != "weight" and _is_embedding_name(leaf)):
         return "embedding"
@@ -123,20 +187,30 @@ def classify_parameters(
     """``(name, parameter, kind)`` for every trainable parameter, each once (tied weights included).
 
     ``kind`` is :func:`kind_from_name`'s, except that every weight of an ``nn.Embedding`` /
-    ``nn.EmbeddingBag`` is an ``"embedding"`` whatever its name.
+    ``nn.EmbeddingBag`` is an ``"embedding"`` whatever its name (a parametrized one's too: the
+    module read is the one that owns the parametrization, not its ``ParametrizationList``).
     """
+    return [(name, param, kind) for name, param, kind, _ in _classify(model, head_names)]
+
+
+def _classify(model: nn.Module, head_names: Iterable[str]) -> list[tuple[str, nn.Parameter, str, nn.Module]]:
+    """:func:`classify_parameters`, each with the module that owns the parameter (for a parametrized
+    tensor ``A.parametrizations.T.original[N]``: ``A``)."""
     seen: set[int] = set()
-    out: list[tuple[str, nn.Parameter, str]] = []
+    out: list[tuple[str, nn.Parameter, str, nn.Module]] = []
     for module_name, module in model.named_modules():
+        owner = module
+        if isinstance(module, ParametrizationList):  # named "A.parametrizations.T"
+            owner = model.get_submodule(module_name.rpartition(".")[0].rpartition(".")[0])
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             full = f"{module_name}.{pname}" if module_name else pname
-            kind = kind_from_name(full, param.ndim, head_names)
-            if kind != "vector" and isinstance(module, _EMBEDDINGS):
+            kind = kind_from_name(full, param.ndim, head_names, shape=param.shape)
+            if kind != "vector" and isinstance(owner, _EMBEDDINGS):
                 kind = "embedding"
-            out.append((full, param, kind))
+            out.append((full, param, kind, owner))
     return out
 
 
@@ -151,7 +225,13 @@ def param_groups(
     head_names: tuple[str, ...] = DEFAULT_HEAD_NAMES,
     **htmuon_options: Any,
 ) -> list[dict[str, Any]]:
-    """Param groups for :class:`htmuon.HTMuon`: an ``algorithm="htmuon"`` and an ``algorithm="adamw"`` group.
+    """Param groups for :class:`htmuon.HTMuon`: ``algorithm="htmuon"`` and ``algorithm="adamw"`` groups.
+
+    ``nn.Conv1d`` / ``nn.ConvTranspose1d`` kernels (3-D, ``(out, in, k)``) are flattened to
+    ``out x in*k`` matrices, never batched as stacked matrices: the HTMuon group gets
+    ``batch_3d=False`` when they are its only 3-D parameters, and they get an HTMuon group of their
+    own with ``batch_3d=False`` when other 3-D parameters (stacked experts) keep ``batch_3d=True``
+    (the default, or as given).
 
     Args:
         model: the model.
@@ -161,11 +241,14 @@ def param_groups(
         adamw_lr, adamw_weight_decay: for the AdamW group (``None``: the optimizer's ``adamw_lr`` /
             ``adamw_weight_decay``, else its ``lr`` / ``weight_decay``).
         head_names: last name components marking an output head.
-        **htmuon_options: further per-group options for the HTMuon group (``p``, ``method``, ...).
+        **htmuon_options: further per-group options for the HTMuon group (``p``, ``method``, ...;
+            ``batch_3d`` applies to the 3-D parameters other than Conv1d kernels).
 
     Returns:
-        A list of group dicts (empty groups left out), each with ``names`` (the parameters' names,
-        used in error messages; not torch's ``param_names``, so groups added later need no names).
+        A list of group dicts (empty groups left out): the HTMuon group, the Conv1d kernels' HTMuon
+        group (only beside other 3-D parameters batched), the AdamW group; each with ``names`` (the
+        parameters' names, used in error messages; not torch's ``param_names``, so groups added later
+        need no names).
 
     Example:
         >>> from htmuon import HTMuon
@@ -176,18 +259,37 @@ def param_groups(
     """
     _check_routing(routing, "")
     to_htmuon = _KINDS_TO_HTMUON[routing]
+    classified = _classify(model, head_names)
+    three_d = [
+        (p, isinstance(owner, _CONV1D))
+        for _, p, kind, owner in classified
+        if kind in to_htmuon and p.ndim == 3
+    ]
+    kernels = {id(p) for p, is_kernel in three_d if is_kernel}
+    # batch_3d is per group: the kernels need a group of their own only beside batched 3-D parameters
+    apart = htmuon_options.get("batch_3d", True) is not False and not all(k for _, k in three_d)
     hgroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "htmuon", **htmuon_options}
+    kgroup: dict[str, Any] = {**hgroup, "params": [], "names": [], "batch_3d": False}
     agroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "adamw"}
-    for name, param, kind in classify_parameters(model, head_names):
-        group = hgroup if kind in to_htmuon else agroup
+    if kernels and not apart:
+        hgroup["batch_3d"] = False
+    for name, param, kind, _ in classified:
+        if kind not in to_htmuon:
+            group = agroup
+        else:
+            group = kgroup if apart and id(param) in kernels else hgroup
         group["params"].append(param)
         group["names"].append(name)
-    for group, group_lr, group_wd in ((hgroup, lr, weight_decay), (agroup, adamw_lr, adamw_weight_decay)):
+    for group, group_lr, group_wd in (
+        (hgroup, lr, weight_decay),
+        (kgroup, lr, weight_decay),
+        (agroup, adamw_lr, adamw_weight_decay),
+    ):
         if group_lr is not None:
             group["lr"] = group_lr
         if group_wd is not None:
             group["weight_decay"] = group_wd
-    groups = [g for g in (hgroup, agroup) if g["params"]]
+    groups = [g for g in (hgroup, kgroup, agroup) if g["params"]]
     if not groups:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters")
     return groups
@@ -280,11 +382,11 @@ def _names_and_tensors(group: dict[str, Any]) -> tuple[list[Tensor], list[str] |
 
 
 def _adamw_defaults(
-    group: dict[str, Any], lr: float | None, weight_decay: float | None, *, overwrite: bool
+    group: dict[str, Any], lr: float | None, weight_decay: float | None, *, keep: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """Set the AdamW part's lr / weight decay (``overwrite``: also over the group's own keys)."""
+    """Set the AdamW part's lr / weight decay, except the keys in ``keep`` (the group's own)."""
     for key, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if value is not None and (overwrite or key not in group):
+        if value is not None and key not in keep:
             group[key] = value
     return group
 
@@ -307,10 +409,15 @@ def route_params(
       ``algorithm`` is an error); ``betas`` / ``eps`` / ``adamw_wd`` -> ``adamw_betas`` /
       ``adamw_eps`` / ``adamw_weight_decay``;
     * ``algorithm="auto"`` (explicit or the default) -> an ``"htmuon"`` and an ``"adamw"`` group:
-      by name (:func:`kind_from_name`, ``routing``) when names are known, by ``ndim`` otherwise;
+      by name (:func:`kind_from_name`, ``routing``) when names are known, by shape otherwise (a
+      tensor with two or more dimensions larger than 1 is a matrix);
     * every AdamW group gets ``lr = adamw_lr`` and ``weight_decay = adamw_weight_decay`` (the group's
-      own ``adamw_lr`` / ``adamw_weight_decay`` first) unless it is an explicit AdamW group with its
-      own ``lr`` / ``weight_decay``; ``None`` leaves the group's / optimizer's ``lr`` / ``weight_decay``;
+      own ``adamw_lr`` / ``adamw_weight_decay`` first), except an ``lr`` / ``weight_decay`` that the
+      user group sets itself (a key in its dict) when the whole group is AdamW: an explicit
+      ``algorithm="adamw"`` group keeps it, and so does an ``"auto"`` group all of whose parameters
+      route to AdamW, unless it also sets its own ``adamw_lr`` / ``adamw_weight_decay``. In a mixed
+      ``"auto"`` group the group's ``lr`` / ``weight_decay`` are the HTMuon half's. ``None`` leaves
+      the group's / optimizer's ``lr`` / ``weight_decay``;
     * a key that is no option but within difflib ratio :data:`TYPO_CUTOFF` of one is an error.
 
     Args:
@@ -364,7 +471,7 @@ def route_params(
         a_wd = own_wd if own_wd is not None else adamw_weight_decay
         algorithm = group.get("algorithm", defaults.get("algorithm", "auto"))
         if algorithm == "adamw":
-            out.append(_adamw_defaults(group, a_lr, a_wd, overwrite=False))
+            out.append(_adamw_defaults(group, a_lr, a_wd, keep=set(group)))
             continue
         if algorithm != "auto":  # "htmuon", or an invalid value for HTMuon's own check
             if own_lr is not None or own_wd is not None:
@@ -385,11 +492,15 @@ def route_params(
             out.append(group)  # empty, or something torch will refuse with its own message
             continue
         if names is None:
-            kinds = ["matrix" if t.ndim >= 2 else "vector" for t in tensors]
+            kinds = [_kind_from_shape(t.shape) for t in tensors]
         else:
-            kinds = [kind_from_name(n, t.ndim, head_names) for n, t in zip(names, tensors)]
+            kinds = [kind_from_name(n, t.ndim, head_names, shape=t.shape) for n, t in zip(names, tensors)]
         to_htmuon = _KINDS_TO_HTMUON[group_routing]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "names")}
+        # a group routed to AdamW whole keeps the lr / weight_decay it sets (unless it sets its own
+        # adamw_lr / adamw_weight_decay); in a mixed group they are the HTMuon half's
+        all_adamw = not any(kind in to_htmuon for kind in kinds)
+        keep = [k for k, own in (("lr", own_lr), ("weight_decay", own_wd)) if k in group and own is None]
         for half in ("htmuon", "adamw"):
             picked = [i for i, kind in enumerate(kinds) if (kind in to_htmuon) == (half == "htmuon")]
             if not picked:
@@ -397,5 +508,7 @@ def route_params(
             part = {**rest, "params": [tensors[i] for i in picked], "algorithm": half}
             if names_key is not None:
                 part[names_key] = [names[i] for i in picked]  # type: ignore[index]
-            out.append(_adamw_defaults(part, a_lr, a_wd, overwrite=True) if half == "adamw" else part)
+            if half == "adamw":
+                _adamw_defaults(part, a_lr, a_wd, keep=keep if all_adamw else ())
+            out.append(part)
     return out
