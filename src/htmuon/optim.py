@@ -197,10 +197,12 @@ class HTMuon(Optimizer):
     an ``"htmuon"`` and an ``"adamw"`` group. With names (``model.named_parameters()``) the hidden
     matrices go to HTMuon and embeddings, the output head, norms and biases to AdamW, as
     :func:`htmuon.param_groups` does (``routing="paper"``: embeddings and head to HTMuon too). With
-    bare tensors (``model.parameters()``) only shapes are known: every ``ndim >= 2`` tensor, embedding
-    and head included, goes to HTMuon. A group's ``use_muon`` (True / False) is read as ``algorithm``
-    (``"htmuon"`` / ``"adamw"``), ``betas`` / ``eps`` as ``adamw_betas`` / ``adamw_eps``; a group key
-    that looks like a misspelt option is a ``ValueError``.
+    bare tensors (``model.parameters()``) only shapes are known: every matrix, embedding and head
+    included, goes to HTMuon. A *vector in disguise* (``ndim >= 2`` but at most one dimension larger
+    than 1, such as weight_norm's ``(out, 1)`` magnitude) goes to AdamW either way. A group's
+    ``use_muon`` (True / False) is read as ``algorithm`` (``"htmuon"`` / ``"adamw"``), ``betas`` /
+    ``eps`` as ``adamw_betas`` / ``adamw_eps``; a group key that looks like a misspelt option is a
+    ``ValueError``.
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or param groups; every keyword below except
@@ -246,7 +248,9 @@ class HTMuon(Optimizer):
             the ranks of their device mesh (see :mod:`htmuon.distributed`). Not per group.
         routing: ``"standard"`` or ``"paper"``: where named embeddings and heads go (above).
         adamw_lr, adamw_weight_decay: ``lr`` and ``weight_decay`` of the AdamW groups that routing
-            creates and of AdamW groups that set none (``None``: ``lr`` / ``weight_decay``).
+            creates and of AdamW groups that set none (``None``: ``lr`` / ``weight_decay``). A group
+            routed to AdamW whole keeps the ``lr`` / ``weight_decay`` it sets itself (a no-decay group
+            of norms and biases); README's ``adamw_lr`` row has the full order.
 
     Guarantees (a refused step changes nothing):
         * Before anything changes, every step re-validates every group's hyperparameters (values
@@ -290,7 +294,7 @@ class HTMuon(Optimizer):
         >>> [(g["algorithm"], g["param_names"]) for g in opt.param_groups]
         [('htmuon', ['mlp.weight']),
          ('adamw', ['embed.weight', 'mlp.bias', 'lm_head.weight', 'lm_head.bias'])]
-        >>> [g["algorithm"] for g in HTMuon(model.parameters()).param_groups]  # bare tensors: by ndim
+        >>> [g["algorithm"] for g in HTMuon(model.parameters()).param_groups]  # bare tensors: by shape
         ['htmuon', 'adamw']
         >>> tokens = torch.randint(0, 100, (4, 8))
         >>> logits = model["lm_head"](torch.relu(model["mlp"](model["embed"](tokens))))
