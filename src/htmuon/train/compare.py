@@ -916,7 +916,7 @@ def markdown_table(agg: dict, select: dict | None = None) -> str:
         )
     diffs = paired_differences(agg, ref_spec)
     if diffs:
-        what = "val loss" if task == "lm" else "val acc"
+        what = "val loss" if task == "lm" else "val accuracy as a fraction, 0.01 = 1 point"
         lines += [
             "",
             f"Paired differences to {ref_spec} ({what} of the optimizer minus {ref_spec}'s, same seed, "
