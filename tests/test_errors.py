@@ -441,23 +441,36 @@ def test_old_checkpoint_with_int_steps_loads_and_continues_exactly():
     assert all(isinstance(s["step"], torch.Tensor) for s in twin_opt.state.values())
 
 
-def test_load_state_dict_refuses_parameters_in_another_order():
-    """Two same-shape matrices named in another order: the state would load into the wrong parameter
-    (torch.optim loads it silently). Names differing only by wrapper components (DDP's ``module.``,
-    torch.compile's ``_orig_mod.``) still load."""
+def test_load_state_dict_warns_of_parameters_in_another_order():
+    """Two same-shape matrices named in another order: a plain state dict loads its state into the
+    wrong parameters (torch.optim does so silently): a warning names them, for torch's
+    ``param_names`` and for ``names`` from ``param_groups``. Only a warning, as DCP's
+    ``set_optimizer_state_dict`` maps by name itself and keeps the saved names. Names differing only
+    by wrapper components (DDP's ``module.``, torch.compile's ``_orig_mod.``) are the same."""
+    import warnings
+
     a, b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(8, 6))
     opt = HTMuon([("a.weight", a), ("b.weight", b)], lr=0.02)
     a.grad, b.grad = torch.randn(8, 6), torch.randn(8, 6)
     opt.step()
     saved = opt.state_dict()
     other = HTMuon([("b.weight", b), ("a.weight", a)], lr=0.02)
-    before = copy.deepcopy(other.state_dict())
-    with pytest.raises(ValueError, match=r"'a.weight' at position 0, where this optimizer has 'b.weight'"):
+    with pytest.warns(UserWarning, match=r"'a.weight' at position 0, where this optimizer has 'b.weight'"):
         other.load_state_dict(saved)
-    assert other.state_dict() == before  # refused: nothing loaded
     wrapped = HTMuon([("module.a.weight", a), ("module._orig_mod.b.weight", b)], lr=0.02)
-    wrapped.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped.load_state_dict(saved)
     assert torch.equal(wrapped.state[a]["momentum_buffer"], opt.state[a]["momentum_buffer"])
+
+    model = nn.ModuleDict({"q": nn.Linear(6, 8), "v": nn.Linear(6, 8)})
+    by_groups = HTMuon(param_groups(model), lr=0.02)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    by_groups.step()
+    swapped = nn.ModuleDict({"v": model["v"], "q": model["q"]})
+    with pytest.warns(UserWarning, match=r"'q\.\w+' at position 0, where this optimizer has 'v\.\w+'"):
+        HTMuon(param_groups(swapped), lr=0.02).load_state_dict(by_groups.state_dict())
 
 
 def test_error_messages_name_a_parameter_only_where_the_names_list_the_groups_parameters():

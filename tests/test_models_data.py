@@ -110,6 +110,19 @@ def test_vit_tokens_and_positions_go_to_adamw():
             assert name != "galore" or "rank" not in group  # not projected
 
 
+def test_vit_tables_keep_their_place_at_the_end_of_the_adamw_group_under_paper_routing():
+    """Routing paper sent the class token and the position table to HTMuon by name and ndim, and the
+    harness moved them to the end of the AdamW group. Since the 1 x 1 x d class token is a vector in
+    disguise (AdamW in param_groups), the harness still puts both last, in the model's order: the
+    group's order, which a run folder's optimizer state follows, is unchanged (--resume of older runs)."""
+    model = build_image_model("vit-micro", 1, 10, 8)
+    opt = build_optimizer(model, resolve(TrainConfig(model="vit-micro", optimizer="htmuon", routing="paper")))
+    emb = model.model.vit.embeddings
+    (adamw,) = [g for g in opt.param_groups if g["algorithm"] == "adamw" and len(g["params"]) > 2]
+    assert adamw["params"][-2] is emb.cls_token and adamw["params"][-1] is emb.position_embeddings
+    assert sum(p is emb.cls_token for g in opt.param_groups for p in g["params"]) == 1
+
+
 @pytest.mark.parametrize("model", ["gpt2-micro", "resnet50-micro", "vit-micro"])
 def test_new_models_train_end_to_end(model, corpus_file, tmp_path):
     data = str(corpus_file) if model_task(model) == "lm" else "digits"

@@ -384,12 +384,25 @@ def test_matrices_with_at_most_one_dimension_above_one_go_to_adamw():
         ("lm_head.weight", (1, 16), "vector"),
         ("table", (1, 1), "vector"),
         ("fc1.weight", (24, 16), "matrix"),
-        ("experts.w1", (4, 1, 16), "matrix"),  # two dimensions above 1
+        ("experts.w1", (4, 1, 16), "vector"),  # batch_3d: four 1 x 16 matrices, rank 1 each
+        ("experts.w2", (4, 2, 16), "matrix"),
+        ("conv.weight", (1, 64, 3, 3), "vector"),  # one output channel: a 1 x 576 matrix
+        ("dwconv.weight", (64, 1, 3, 3), "matrix"),  # depthwise: 64 x 9
         ("blocks.0.mlp.weight", (4, 0), "matrix"),  # empty: no update at all, routed as before
         ("lm_head.weight", (32, 16), "head"),
     ]:
         assert kind_from_name(name, len(shape), shape=shape) == kind, (name, shape)
     assert kind_from_name("fc1.weight_g", 2) == "matrix"  # without a shape: by ndim, as before
+    # as batch_3d=False views it, a 3-D tensor is one flattened matrix (a depthwise Conv1d kernel)
+    assert kind_from_name("dw.weight", 3, shape=(8, 1, 5), batch_3d=False) == "matrix"
+    assert kind_from_name("dw.weight", 3, shape=(8, 1, 5)) == "vector"
+    dw = nn.Sequential(nn.Conv1d(8, 8, 5, groups=8))
+    assert [g["algorithm"] for g in param_groups(dw)] == ["htmuon", "adamw"]  # flattened: 8 x 5
+    assert [g["algorithm"] for g in HTMuon(dw.named_parameters()).param_groups] == ["adamw"]
+    assert [g["algorithm"] for g in HTMuon(dw.named_parameters(), batch_3d=False).param_groups] == [
+        "htmuon",
+        "adamw",
+    ]
     # explicit marks are honoured: the spectral update, as before
     g = named["fc1.parametrizations.weight.original0"]
     for group in ({"params": [g], "use_muon": True}, {"params": [g], "algorithm": "htmuon"}):

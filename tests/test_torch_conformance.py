@@ -368,12 +368,13 @@ def test_step_inside_autocast_is_the_step_outside(method, dtype):
     assert torch.equal(run(True), run(False))
 
 
-def test_meta_parameters_step_with_the_finite_check_on():
-    """Parameters on the meta device (shape-only dry runs) step as torch.optim's do: the finite checks,
-    which read values, are skipped there."""
+@pytest.mark.parametrize("method", ["auto", "eigh", "svd", "fast5", "ns"])
+def test_meta_parameters_step_with_the_finite_check_on(method):
+    """Parameters on the meta device (shape-only dry runs) step as torch.optim's do: the finite checks
+    and the exact backends' checks, which read values, are skipped there."""
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
-    opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3)
+    opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3, method=method)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -413,3 +414,24 @@ def test_grad_scaler_skips_an_inf_step_and_otherwise_equals_the_unscaled_loop():
     assert {int(s["step"]) for s in opt.state.values()} == {3}
     assert scaler.get_scale() == 2.0**15  # halved once, at the Inf step
     assert int(opt.skipped_steps) == 0
+
+
+def test_compiled_step_inside_autocast_is_one_graph_and_the_eager_step():
+    """``torch.compile(opt.step, fullgraph=True)`` called inside ``torch.autocast``: the step's own
+    autocast-off blocks trace (an ExitStack of them did not), and it equals the eager step."""
+    import torch._dynamo
+
+    def run(compiled: bool) -> Tensor:
+        g = torch.Generator().manual_seed(4)
+        w = nn.Parameter(torch.randn(16, 12, generator=g))
+        b = nn.Parameter(torch.randn(12, generator=g))
+        opt = HTMuon([w, b], lr=0.02, method="ns", adamw_lr=1e-3)
+        step = torch.compile(opt.step, backend="eager", fullgraph=True) if compiled else opt.step
+        for _ in range(3):
+            w.grad, b.grad = torch.randn(16, 12, generator=g), torch.randn(12, generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step()
+        return torch.cat([w.detach().flatten(), b.detach()])
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)

@@ -11,7 +11,7 @@ from .optim import HTMuon, NonFiniteGradientError
 from .routing import ROUTINGS, param_groups
 from .spectral import BACKENDS, MUON_NS5_COEFFICIENTS, polar, register_backend, spectral_power
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BACKENDS",

@@ -8,9 +8,9 @@ set per group. The math is in :mod:`htmuon.functional`; this module validates, p
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -77,6 +77,13 @@ def _default_names(groups: list[dict]) -> Callable[[int, int], str]:
     return name
 
 
+#: The hint of a group-count / group-size mismatch in ``load_state_dict``.
+_OTHER_ROUTING = (
+    " (another model, routing or group layout; htmuon 0.2 routes some parameters otherwise than 0.1: "
+    "vectors in disguise such as weight_norm magnitudes, parametrized weights, *_emb tables, and "
+    "param_groups' Conv1d kernels: CHANGELOG.md)"
+)
+
 #: Components that wrappers insert into parameter names (torch.compile, FSDP1, activation
 #: checkpointing), and DDP's / AveragedModel's leading ``module.``: not part of the model's own names.
 _WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
@@ -92,25 +99,41 @@ def _plain_name(name: Any) -> Any:
     return ".".join(parts)
 
 
-def _autocast_off(groups: list[dict]) -> contextlib.AbstractContextManager:
-    """Autocast disabled for the parameters' device types where it is enabled (a step called inside a
-    ``torch.autocast`` region, as in a whole training loop under it): the step's products then run in
-    the backends' own dtypes, not autocast's (float16 autocast made the bfloat16 ``fast`` products
-    fail on mixed operands; bfloat16 autocast rounded the exact backends' float32 / float64 products)."""
-    types = {p.device.type for g in groups for p in g["params"]}
+def _warn_other_names(saved: dict[str, Any], mine: dict[str, Any], gi: int) -> None:
+    """Warn where a loaded group names another parameter at a position than this optimizer's group
+    (torch's ``param_names``, or ``names`` from :func:`htmuon.param_groups`): a state dict saved with
+    ``state_dict()`` by an optimizer built in another order loads its state into the wrong
+    parameters (as torch.optim's do, silently). Only a warning: ``torch.distributed.checkpoint``'s
+    ``set_optimizer_state_dict`` maps the state by name itself, correctly, and keeps the saved names
+    in the saved order. Names differing by wrapper components (:func:`_plain_name`) are the same."""
+    for key in ("param_names", "names"):
+        theirs, ours = saved.get(key), mine.get(key)
+        if theirs is None or ours is None or len(theirs) != len(ours):
+            continue
+        for pi, (a, b) in enumerate(zip(theirs, ours)):
+            if _plain_name(a) != _plain_name(b):
+                warnings.warn(
+                    f"loaded param group {gi} lists parameter {a!r} at position {pi}, where this "
+                    f"optimizer has {b!r}: a state dict from state_dict() of an optimizer built in another "
+                    "order loads its state into the wrong parameters (torch.distributed.checkpoint's "
+                    "set_optimizer_state_dict maps by name and is right)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
+
+
+def _autocast_on(groups: list[dict]) -> list[str]:
+    """The parameters' device types where autocast is enabled (a step called inside a
+    ``torch.autocast`` region, as in a whole training loop under it)."""
     on = []
-    for t in types:
+    for t in sorted({p.device.type for g in groups for p in g["params"]}):
         try:
             if torch.is_autocast_enabled(t):
                 on.append(t)
         except RuntimeError:  # a device type autocast does not know (meta): nothing to disable
             continue
-    if not on:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for t in on:
-        stack.enter_context(torch.autocast(t, enabled=False))
-    return stack
+    return on
 
 
 def _scalar(v: Any) -> Any:
@@ -576,7 +599,7 @@ class HTMuon(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
-                f"{len(self.param_groups)}"
+                f"{len(self.param_groups)}{_OTHER_ROUTING}"
             )
         name = _default_names(self.param_groups)
         lookup: dict[Any, tuple[int, int]] = {}
@@ -584,7 +607,7 @@ class HTMuon(Optimizer):
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(
                     f"loaded param group {gi} has {len(saved['params'])} parameters, this optimizer's "
-                    f"has {len(mine['params'])}"
+                    f"has {len(mine['params'])}{_OTHER_ROUTING}"
                 )
             missing = [k for k in GROUP_KEYS if k not in saved]
             if missing:
@@ -592,15 +615,7 @@ class HTMuon(Optimizer):
                     f"not an HTMuon state dict: loaded param group {gi} lacks the keys {missing} "
                     "(a state dict of another optimizer such as torch.optim.AdamW or Muon?)"
                 )
-            saved_names, my_names = saved.get("param_names"), mine.get("param_names")
-            if saved_names is not None and my_names is not None and len(saved_names) == len(my_names):
-                for pi, (a, b) in enumerate(zip(saved_names, my_names)):
-                    if _plain_name(a) != _plain_name(b):
-                        raise ValueError(
-                            f"loaded param group {gi} lists parameter {a!r} at position {pi}, where this "
-                            f"optimizer has {b!r}: the state would go to the wrong parameter (built in "
-                            "another order?); to load it anyway, delete 'param_names' from its groups"
-                        )
+            _warn_other_names(saved, mine, gi)
             self._validate(dict(saved), where=f" in loaded param group {gi}")  # (it may convert values)
             _check_algorithm_fits(saved, mine["params"], f"loaded param group {gi}")
             lookup.update({pid: (gi, pi) for pi, pid in enumerate(saved["params"])})
@@ -639,12 +654,18 @@ class HTMuon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with _autocast_off(self.param_groups):
-            self._step()
+        self._step(_autocast_on(self.param_groups))
         return loss
 
-    def _step(self) -> None:
-        """The step itself (see :meth:`step`), outside autocast."""
+    def _step(self, autocast_on: list[str]) -> None:
+        """The step itself (see :meth:`step`), with autocast disabled on the device types in
+        ``autocast_on``: the step's products then run in the backends' own dtypes, not autocast's
+        (float16 autocast made the bfloat16 ``fast`` products fail on mixed operands; bfloat16 autocast
+        rounded the exact backends' float32 / float64 products). Nested ``with`` blocks, one per type,
+        which torch.compile traces (a ``contextlib.ExitStack`` of them breaks its graph)."""
+        if autocast_on:
+            with torch.autocast(autocast_on[0], enabled=False):
+                return self._step(autocast_on[1:])
         # 1) check everything before changing anything: a refused step changes nothing
         try:
             work, finite_checks = self._gather()

@@ -12,8 +12,9 @@ Two entry points share one rule:
   :func:`param_groups` on the usual models; with bare tensors only the shape is known, so it is by
   shape (matrices -> HTMuon, the rest -> AdamW).
 
-A non-empty tensor with ``ndim >= 2`` but at most one dimension larger than 1 (weight_norm's
-magnitude ``(out, 1)`` or ``(out, 1, 1, 1)``, a ``(1, d)`` weight) is a vector in disguise: its
+A non-empty tensor with ``ndim >= 2`` whose matrices (as :func:`htmuon.functional.matrix_shape`
+views them with the group's ``batch_3d``) have a side of 1 (weight_norm's magnitude ``(out, 1)``
+or ``(out, 1, 1, 1)``, a ``(1, d)`` weight, a ``(1, c, k, k)`` kernel) is a vector in disguise: its
 spectral update would be its normalised gradient, a step of about ``lr`` whatever the gradient's
 size. Both entry points route it as a ``"vector"`` (to AdamW), whatever its name; an explicit
 ``algorithm="htmuon"`` / ``use_muon=True`` group still gets the spectral update.
@@ -46,6 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
+
+from .functional import matrix_shape
 
 __all__ = [
     "DEFAULT_HEAD_NAMES",
@@ -137,16 +140,21 @@ def _unparametrized(name: str) -> str:
     return name
 
 
-def _is_vector_in_disguise(shape: Sequence[int]) -> bool:
-    """``ndim >= 2`` but at most one dimension larger than 1 (and none 0: an empty matrix has no
-    update at all and is left as it was routed)."""
-    return len(shape) >= 2 and 0 not in shape and sum(size > 1 for size in shape) <= 1
+def _is_vector_in_disguise(shape: Sequence[int], batch_3d: bool = True) -> bool:
+    """``ndim >= 2``, but the matrices the update works on (``matrix_shape``: a 4-D kernel flattened
+    to ``out x in*kh*kw``, a 3-D tensor a batch of matrices with ``batch_3d``) have a side of 1: a
+    ``(out, 1)`` magnitude, a ``(1, d)`` weight, a one-output ``Conv2d`` kernel ``(1, c, k, k)``,
+    ``(E, 1, d)`` stacked rows. None 0: an empty matrix has no update at all and is left as routed."""
+    if len(shape) < 2 or 0 in shape:
+        return False
+    _, m, n = matrix_shape(shape, batch_3d)
+    return min(m, n) == 1
 
 
-def _kind_from_shape(shape: Sequence[int]) -> str:
+def _kind_from_shape(shape: Sequence[int], batch_3d: bool = True) -> str:
     """The routing kind of a bare tensor: ``"matrix"`` (``ndim >= 2``, unless a vector in disguise)
     or ``"vector"``."""
-    return "matrix" if len(shape) >= 2 and not _is_vector_in_disguise(shape) else "vector"
+    return "matrix" if len(shape) >= 2 and not _is_vector_in_disguise(shape, batch_3d) else "vector"
 
 
 def kind_from_name(
@@ -155,11 +163,13 @@ def kind_from_name(
     head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
     *,
     shape: Sequence[int] | None = None,
+    batch_3d: bool = True,
 ) -> str:
     """The routing kind of a parameter known only by its dotted name and ``ndim`` (and ``shape``).
 
-    Returns ``"vector"`` (``ndim < 2``: norm gains, biases; with ``shape``, also a tensor with at
-    most one dimension larger than 1, such as weight_norm's ``(out, 1)`` magnitude),
+    Returns ``"vector"`` (``ndim < 2``: norm gains, biases; with ``shape``, also a tensor whose
+    matrices, as ``batch_3d`` views them, have a side of 1, such as weight_norm's ``(out, 1)``
+    magnitude),
     ``"embedding"``, ``"head"`` or ``"matrix"`` (any other parameter with ``ndim >= 2``); see the
     module docstring for the rule. A parametrized tensor's name (``A.parametrizations.T.original0``)
     is read as ``A.T``.
@@ -168,7 +178,7 @@ def kind_from_name(
         >>> kind_from_name("model.embed_tokens.weight", 2), kind_from_name("lm_head.weight", 2)
         ('embedding', 'head')
     """
-    if ndim < 2 or (shape is not None and _is_vector_in_disguise(shape)):
+    if ndim < 2 or (shape is not None and _is_vector_in_disguise(shape, batch_3d)):
         return "vector"
     owner, _, leaf = _unparametrized(name).rpartition(".")
     module = owner.rpartition(".")[2]
@@ -193,7 +203,9 @@ def classify_parameters(
     return [(name, param, kind) for name, param, kind, _ in _classify(model, head_names)]
 
 
-def _classify(model: nn.Module, head_names: Iterable[str]) -> list[tuple[str, nn.Parameter, str, nn.Module]]:
+def _classify(
+    model: nn.Module, head_names: Iterable[str], batch_3d: bool = True
+) -> list[tuple[str, nn.Parameter, str, nn.Module]]:
     """:func:`classify_parameters`, each with the module that owns the parameter (for a parametrized
     tensor ``A.parametrizations.T.original[N]``: ``A``)."""
     seen: set[int] = set()
@@ -207,7 +219,10 @@ def _classify(model: nn.Module, head_names: Iterable[str]) -> list[tuple[str, nn
                 continue
             seen.add(id(param))
             full = f"{module_name}.{pname}" if module_name else pname
-            kind = kind_from_name(full, param.ndim, head_names, shape=param.shape)
+            # a Conv1d kernel is flattened (param_groups gives it batch_3d=False); other 3-D tensors
+            # are judged as param_groups' own batch_3d option takes them
+            flat = isinstance(owner, _CONV1D) or not batch_3d
+            kind = kind_from_name(full, param.ndim, head_names, shape=param.shape, batch_3d=not flat)
             if kind != "vector" and isinstance(owner, _EMBEDDINGS):
                 kind = "embedding"
             out.append((full, param, kind, owner))
@@ -259,7 +274,7 @@ def param_groups(
     """
     _check_routing(routing, "")
     to_htmuon = _KINDS_TO_HTMUON[routing]
-    classified = _classify(model, head_names)
+    classified = _classify(model, head_names, htmuon_options.get("batch_3d", True) is not False)
     three_d = [
         (p, isinstance(owner, _CONV1D))
         for _, p, kind, owner in classified
@@ -491,10 +506,14 @@ def route_params(
         if not tensors or not all(isinstance(t, Tensor) for t in tensors):
             out.append(group)  # empty, or something torch will refuse with its own message
             continue
+        b3 = group.get("batch_3d", defaults.get("batch_3d", True)) is not False
         if names is None:
-            kinds = [_kind_from_shape(t.shape) for t in tensors]
+            kinds = [_kind_from_shape(t.shape, b3) for t in tensors]
         else:
-            kinds = [kind_from_name(n, t.ndim, head_names, shape=t.shape) for n, t in zip(names, tensors)]
+            kinds = [
+                kind_from_name(n, t.ndim, head_names, shape=t.shape, batch_3d=b3)
+                for n, t in zip(names, tensors)
+            ]
         to_htmuon = _KINDS_TO_HTMUON[group_routing]
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names", "names")}
         # a group routed to AdamW whole keeps the lr / weight_decay it sets (unless it sets its own

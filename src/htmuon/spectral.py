@@ -603,6 +603,8 @@ def _robust_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Order: the default driver; on CUDA the QR-based ``gesvd`` driver; float64; finally an
     eigendecomposition of the small Gram matrix. Each fallback warns once per call.
     """
+    if X.device.type == "meta":  # shapes only: nothing to check
+        return torch.linalg.svd(X, full_matrices=False)
     try:
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
         if torch.isfinite(S).all():
@@ -685,7 +687,8 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     dtype = compute_dtype or torch.float64
     # compiled steps read nothing on the host and cannot raise: a non-finite Gram matrix (LAPACK
     # would raise) is swapped for the identity, its result set to NaN, and the step masks itself
-    compiling = torch.compiler.is_compiling()
+    # (meta tensors, shape-only dry runs, have no values to read either: the same path)
+    compiling = torch.compiler.is_compiling() or X.device.type == "meta"
     A = _gram_in(X, dtype)
     finite = None
     if compiling:

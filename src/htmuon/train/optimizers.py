@@ -160,7 +160,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, process_group=None) -> t
     spec = OPTIMIZERS[cfg.optimizer]
     groups = []
     routed = param_groups(model, routing=cfg.routing, adamw_lr=cfg.adamw_lr, weight_decay=cfg.weight_decay)
-    for g in _tables_to_adamw(model, routed, cfg.adamw_lr):
+    for g in _tables_to_adamw(model, routed, cfg.adamw_lr, cfg.routing):
         if g["algorithm"] != "adamw":
             groups.append(g)
             continue
@@ -206,20 +206,34 @@ def _is_matrix(param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not _is_table(param)
 
 
-def _tables_to_adamw(model: nn.Module, groups: list[dict], adamw_lr: float) -> list[dict]:
-    """Move :func:`_is_table` parameters from the HTMuon group to the AdamW group (flattened to
-    1 x (tokens * d), they would get a rank-1 "polar factor": a normalised gradient)."""
-    tables = {id(p) for p in model.parameters() if _is_table(p)}
+def _tables_to_adamw(
+    model: nn.Module, groups: list[dict], adamw_lr: float, routing: str = "standard"
+) -> list[dict]:
+    """Move :func:`_is_table` parameters from the HTMuon group to the end of the AdamW group (flattened
+    to 1 x (tokens * d), they would get a rank-1 "polar factor": a normalised gradient).
+
+    The tables that routing by name and ``ndim`` alone (htmuon 0.1) sent to HTMuon go to the end even
+    where ``param_groups`` already routes them to AdamW (a 1 x 1 x d class token is a vector in
+    disguise since 0.2), so the AdamW group's order, and with it a run folder's saved optimizer
+    state, is the one earlier versions made (``--resume`` of an older ViT run)."""
+    from htmuon.routing import _KINDS_TO_HTMUON, kind_from_name
+
+    old_htmuon = _KINDS_TO_HTMUON[routing]
+    tables = {
+        id(p)
+        for name, p in model.named_parameters()
+        if _is_table(p) and kind_from_name(name, p.ndim) in old_htmuon
+    }
     if not tables:
         return groups
     moved: list[tuple[str, torch.Tensor]] = []
     for g in groups:
-        if g["algorithm"] == "adamw":
-            continue
         names = g.get("names") or [""] * len(g["params"])
         keep = [(n, p) for n, p in zip(names, g["params"]) if id(p) not in tables]
         moved += [(n, p) for n, p in zip(names, g["params"]) if id(p) in tables]
         g["params"], g["names"] = [p for _, p in keep], [n for n, _ in keep]
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    moved.sort(key=lambda item: order[id(item[1])])  # in the model's order, as they sat in the HTMuon group
     adamw = next((g for g in groups if g["algorithm"] == "adamw"), None)
     if adamw is None:
         adamw = {"params": [], "names": [], "algorithm": "adamw", "lr": adamw_lr}
