@@ -24,35 +24,31 @@ ISA_LEVELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
-    """(model name, flags) of the first processor listed in a /proc/cpuinfo text; ('', {}) if absent."""
-    model, flags = "", frozenset()
+def _first_processor(text: str) -> dict[str, str]:
+    """The ``key: value`` fields of the first processor in a /proc/cpuinfo text: the lines before the
+    second ``processor`` line, each key's first value."""
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = frozenset(value.split())
-        if model and flags:
-            break
-    return model, flags
+        if key == "processor" and fields:
+            break  # the next processor
+        fields.setdefault(key, value.strip())
+    return fields
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first processor listed in a /proc/cpuinfo text; ('', {}) if absent."""
+    fields = _first_processor(text)
+    return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
 
 
 def cpu_id(text: str) -> str:
     """``"family F model M"`` of the first processor in a /proc/cpuinfo text ('' if absent): the model
     name alone does not tell CPU generations apart (``AMD EPYC`` under KVM is Zen 4, family 25, or
     Zen 5, family 26, whose bfloat16 matmuls differ 2x against float32)."""
-    family = model = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "cpu family" and not family:
-            family = value.strip()
-        elif key == "model" and not model:
-            model = value.strip()
-        elif key == "processor" and (family or model):
-            break  # the next processor: keep the first one's
+    fields = _first_processor(text)
+    family, model = fields.get("cpu family", ""), fields.get("model", "")
     return f"family {family} model {model}" if family and model else ""
 
 
