@@ -221,8 +221,9 @@ class HTMuon(Optimizer):
     matrices go to HTMuon and embeddings, the output head, norms and biases to AdamW, as
     :func:`htmuon.param_groups` does (``routing="paper"``: embeddings and head to HTMuon too). With
     bare tensors (``model.parameters()``) only shapes are known: every matrix, embedding and head
-    included, goes to HTMuon. A *vector in disguise* (``ndim >= 2`` but at most one dimension larger
-    than 1, such as weight_norm's ``(out, 1)`` magnitude) goes to AdamW either way. A group's
+    included, goes to HTMuon. A *vector in disguise* (``ndim >= 2``, but the matrices its update
+    works on have a side of 1, such as weight_norm's ``(out, 1)`` magnitude) goes to AdamW either
+    way. A group's
     ``use_muon`` (True / False) is read as ``algorithm`` (``"htmuon"`` / ``"adamw"``), ``betas`` /
     ``eps`` as ``adamw_betas`` / ``adamw_eps``; a group key that looks like a misspelt option is a
     ``ValueError``.
