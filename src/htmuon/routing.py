@@ -425,7 +425,8 @@ def route_params(
       ``adamw_eps`` / ``adamw_weight_decay``;
     * ``algorithm="auto"`` (explicit or the default) -> an ``"htmuon"`` and an ``"adamw"`` group:
       by name (:func:`kind_from_name`, ``routing``) when names are known, by shape otherwise (a
-      tensor with two or more dimensions larger than 1 is a matrix);
+      tensor with ``ndim >= 2`` whose matrices, as the group's ``batch_3d`` views them, have no side
+      of 1 is a matrix);
     * every AdamW group gets ``lr = adamw_lr`` and ``weight_decay = adamw_weight_decay`` (the group's
       own ``adamw_lr`` / ``adamw_weight_decay`` first), except an ``lr`` / ``weight_decay`` that the
       user group sets itself (a key in its dict) when the whole group is AdamW: an explicit
