@@ -354,6 +354,37 @@ def ddp_training(options: dict) -> dict:
     return {"max_abs_diff": max_diff(models[0], ref), "divided_vs_naive": max_diff(models[0], models[1])}
 
 
+def zero_training(options: dict) -> dict:
+    """ZeroRedundancyOptimizer over htmuon.param_groups (docs/integrations.md's recipe) under DDP: each
+    rank steps the whole parameters it was given with its own HTMuon, then broadcasts them; equal to the
+    single-process optimizer. Its state consolidated on rank 0 loads back."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref, _, _ = reference(options)
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DDP(model)
+    options = {k: v for k, v in options.items() if k != "dtype"}
+    groups = htmuon.param_groups(model, routing="paper", adamw_lr=1e-2, lr=0.02, **options)
+    opt = ZeroRedundancyOptimizer(groups, optimizer_class=htmuon.HTMuon)
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_fn(ddp, *half_batch(step)).backward()
+        opt.step()
+    opt.consolidate_state_dict(to=0)
+    loaded = True
+    if dist.get_rank() == 0:
+        state = opt.state_dict()
+        fresh = ZeroRedundancyOptimizer(
+            htmuon.param_groups(model, routing="paper", adamw_lr=1e-2, lr=0.02, **options),
+            optimizer_class=htmuon.HTMuon,
+        )
+        fresh.load_state_dict(state)
+        loaded = len(fresh.optim.state) == len(opt.optim.state)
+    return {"max_abs_diff": max_diff(model, ref), "loaded": loaded}
+
+
 def fsdp_training(options: dict) -> dict:
     """End to end: fully_shard, each rank half of the global batch (gradients reduce-scattered)."""
     ref, _, _ = reference(options)
@@ -604,6 +635,7 @@ def main() -> int:
             jobs[f"fsdp_columns/{name}"] = (lambda o: fsdp_exact(o, columns=True), VARIANTS[name])
         jobs["ddp_training"] = (ddp_training, VARIANTS["default"])
         jobs["fsdp_training"] = (fsdp_training, VARIANTS["ns_interval_normuon"])
+        jobs["zero_training"] = (zero_training, VARIANTS["default"])
         ckpt_dir = os.path.join(out_dir, "dcp")
         jobs["fsdp_checkpoint"] = (lambda o: fsdp_checkpoint(o, ckpt_dir), VARIANTS["ns_interval_normuon"])
         jobs["parallel_ddp"] = (lambda o: parallel_helpers(o, "ddp"), VARIANTS["ns_interval_normuon"])

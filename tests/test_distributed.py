@@ -310,6 +310,17 @@ def test_end_to_end_training_matches_single_process(results, mode):
 
 @pytest.mark.distributed
 @distributed
+def test_zero_redundancy_optimizer_over_param_groups_matches_single_process(results):
+    """torch's ZeroRedundancyOptimizer with optimizer_class=HTMuon over htmuon.param_groups (the recipe
+    in docs/integrations.md): each rank steps the parameters it was given, whole; the training equals
+    the single-process optimizer's, and the consolidated state loads back."""
+    for rank in range(WORLD):
+        assert results[rank]["zero_training"]["max_abs_diff"] < TRAINING_TOL, results[rank]["zero_training"]
+        assert results[rank]["zero_training"]["loaded"]
+
+
+@pytest.mark.distributed
+@distributed
 def test_fsdp_checkpoint_resumes_exactly(results):
     """torch.distributed.checkpoint save of the FSDP2 optimizer state (normuon, interval 2), reloaded
     into a fresh model and optimizer: the next 3 steps equal the uninterrupted run's bit for bit."""
