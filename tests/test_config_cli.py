@@ -90,6 +90,7 @@ def test_bad_values_are_one_line_errors(argv, message, capsys):
             ["--optimizer", "nosuch"],
             "unrecognized arguments: --optimizer nosuch (did you mean --optimizers?)",
         ),
+        (["--resume"], "unrecognized arguments: --resume (compare resumes by itself: run the same command"),
     ],
 )
 def test_compare_refuses_the_grids_own_keys_not_their_longer_flags(argv, want, capsys):

@@ -44,6 +44,11 @@ class Parser(argparse.ArgumentParser):
             if token.startswith("-"):
                 closes += difflib.get_close_matches(token.split("=")[0], options, n=1)
         hint = f" (did you mean {', '.join(closes)}?)" if closes else ""
+        if "--resume" in extra and self.prog.endswith("compare"):
+            hint = (
+                " (compare resumes by itself: run the same command again; finished cells are reused "
+                "and an interrupted one continues from its checkpoint. --resume is htmuon train's)"
+            )
         if any(token.lower() in ("true", "false", "yes", "no", "on", "off") for token in extra):
             hint += " (a boolean key is a switch without a value: --KEY / --no-KEY)"
         self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
