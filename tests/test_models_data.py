@@ -124,11 +124,15 @@ def test_vit_tables_keep_their_place_at_the_end_of_the_adamw_group_under_paper_r
 
 
 @pytest.mark.parametrize("model", ["gpt2-micro", "resnet50-micro", "vit-micro"])
-def test_new_models_train_end_to_end(model, corpus_file, tmp_path):
+def test_new_models_train_end_to_end(model, corpus_file, tmp_path, capsys):
     data = str(corpus_file) if model_task(model) == "lm" else "digits"
-    cfg = TrainConfig(**{**TINY_RUN, "model": model, "data": data, "out_dir": str(tmp_path / "r")})
+    cfg = TrainConfig(
+        **{**TINY_RUN, "model": model, "data": data, "out_dir": str(tmp_path / "r"), "progress": "log"}
+    )
     out = train(cfg)
     assert out["finished"] and np.isfinite(out["final_val_loss"])
+    # the progress lines' throughput: tokens for language models, images for image models
+    assert (" tok/s" if model_task(model) == "lm" else " img/s") in capsys.readouterr().err
     if model_task(model) == "image":  # digits: 1 channel, 10 classes, 8x8
         assert out["info"]["parameters"] == count(build_image_model(model, 1, 10, 8))
 

@@ -362,10 +362,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class _Progress:
-    def __init__(self, mode: str, total: int, start: int, label: str):
+    def __init__(self, mode: str, total: int, start: int, label: str, unit: str = "tok/s"):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
-        self.mode, self.label, self.bar = mode, label, None
+        self.mode, self.label, self.bar, self.unit = mode, label, None, unit
         if mode == "bar":
             try:
                 from tqdm.auto import tqdm
@@ -376,13 +376,13 @@ class _Progress:
 
     def update(self, step: int, total: int, loss: float, tps: float, log: bool, val: dict | None) -> None:
         if self.bar is not None:
-            post = {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"}
+            post = {"loss": f"{loss:.3f}", self.unit: f"{tps:,.0f}"}
             if val:
                 post["val"] = f"{val['loss']:.3f}"
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         elif self.mode == "log" and (log or val):
-            msg = f"{self.label} step {step}/{total} | loss {loss:.4f} | {tps:,.0f} tok/s"
+            msg = f"{self.label} step {step}/{total} | loss {loss:.4f} | {tps:,.0f} {self.unit}"
             if val:
                 extra = f" ppl {val['ppl']:.2f}" if "ppl" in val else f" acc {val['acc']:.4f}"
                 msg += f" | val {val['loss']:.4f}{extra}"
@@ -664,7 +664,8 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     # FSDP2 the weights are sharded, so it is left out there, as at the end of the run)
     track_alpha = cfg.alpha_every > 0 and par.mode != "fsdp" and par.is_main
     label = f"{cfg.optimizer}/seed{cfg.seed}"
-    progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label)
+    unit = "tok/s" if model_task(cfg.model) == "lm" else "img/s"  # tokens_per_batch: samples for images
+    progress = _Progress(cfg.progress if par.is_main else "none", cfg.steps, start, label, unit)
     diverged, stopped, last_val, final_eval_s = False, False, None, None
     why = ""  # what diverged: the loss or the gradient norm
     steps_done = start
