@@ -720,6 +720,8 @@ def test_checkpoint_of_another_config_is_refused_and_nothing_overwritten(corpus_
         UserError, match=r"adamw_lr=0.001 vs 0.0333\); nothing changed \(.*--adamw-lr 0.001\)$"
     ):
         train(tiny(corpus_file, out, steps=4, adamw_lr=0.0333), resume=True)  # e.g. a preset's new value
+    with pytest.raises(UserError, match=r"grad_clip=1.0 vs 0.0\); nothing changed \(.*--grad-clip 1.0\)$"):
+        train(tiny(corpus_file, out, steps=4, grad_clip=0.0), resume=True)  # the GPU presets' change
     with pytest.raises(UserError, match=r"seq_len=16 vs 32\); nothing changed$"):
         train(tiny(corpus_file, out, steps=4, seq_len=32), resume=True)  # no lr: no hint
     with pytest.raises(UserError, match="already holds a run"):

@@ -407,10 +407,13 @@ def _check_same_run(saved: TrainConfig, cfg: TrainConfig, where: str) -> None:
     diff = identity_diff(saved, cfg)
     if diff:
         what = ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in diff[:4])
-        # lrs the run did not set come from the preset, whose values may have changed since (the quick
-        # presets' AdamW-part lr did in session 25): say how to continue the run as it started
+        # lrs and the clipping norm the run did not set come from the preset, whose values may have
+        # changed since (the quick presets' AdamW-part lr did in session 25, the GPU presets' clipping
+        # in session 32): say how to continue the run as it started
         keep = " ".join(
-            f"--{k.replace('_', '-')} {getattr(saved, k)!r}" for k in diff if k in ("lr", "adamw_lr")
+            f"--{k.replace('_', '-')} {getattr(saved, k)!r}"
+            for k in diff
+            if k in ("lr", "adamw_lr", "grad_clip")
         )
         hint = f" (to continue it as it started, pass {keep})" if keep else ""
         raise UserError(f"{where} another config ({what}); nothing changed{hint}")
