@@ -27,6 +27,7 @@ from .spectral import (
     abs_max,
     aminmax,
     host_path,
+    no_host_reads,
     ns_working_dtype,
     polar,
     resolve_method,
@@ -328,8 +329,7 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
         NonFiniteGradientError: ``mats`` itself holds NaN/Inf (e.g. a corrupted momentum buffer).
         RuntimeError: the exact rule fails too.
     """
-    if torch.compiler.is_compiling() or mats.device.type == "meta":
-        # compiled: no host reads (the step masks on isfinite instead); meta: no values to check
+    if no_host_reads(mats):  # compiled: the step masks on isfinite instead; meta: no values to check
         return direction(mats, group, corrected)
     try:
         out = direction(mats, group, corrected)

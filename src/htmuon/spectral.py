@@ -204,6 +204,12 @@ def aminmax(t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.aminmax(t)
 
 
+def no_host_reads(t: Tensor) -> bool:
+    """Whether ``t``'s values must not be read on the host: inside a compiled step (a read would break
+    the graph), or on the meta device (shape-only dry runs: no values)."""
+    return torch.compiler.is_compiling() or t.device.type == "meta"
+
+
 def abs_max(t: Tensor) -> float:
     """``max |t_ij|`` read on the host, from one :func:`aminmax` (NaN if ``t`` holds a NaN: it reaches
     both ends; inf if it holds an Inf)."""
@@ -688,7 +694,7 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
     # compiled steps read nothing on the host and cannot raise: a non-finite Gram matrix (LAPACK
     # would raise) is swapped for the identity, its result set to NaN, and the step masks itself
     # (meta tensors, shape-only dry runs, have no values to read either: the same path)
-    compiling = torch.compiler.is_compiling() or X.device.type == "meta"
+    compiling = no_host_reads(X)
     A = _gram_in(X, dtype)
     finite = None
     if compiling:
