@@ -1,0 +1,40 @@
+"""The repository's documents link only to files that exist (README, RESULTS, BENCHMARKS, CHANGELOG,
+docs/, and the reports under results/, whose plots a reader opens from them)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = sorted(
+    [
+        *(ROOT / name for name in ("README.md", "RESULTS.md", "BENCHMARKS.md", "CHANGELOG.md")),
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "results").rglob("*.md"),
+    ]
+)
+# [text](target) and ![alt](target); a target ends at the first space (a title may follow) or ")"
+LINK = re.compile(r"\]\(([^)\s]+)[^)]*\)")
+
+
+def relative_targets(text: str) -> list[str]:
+    """The link targets of a markdown text that name a file of the repository (no scheme, no bare
+    anchor), without their #anchor."""
+    out = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue
+        out.append(target.split("#", 1)[0])
+    return out
+
+
+def test_relative_targets_reads_links_and_images():
+    text = 'see [a](docs/a.md#x), ![p](p.png), [web](https://x.org/y), [top](#anchor), [t](b.md "title")'
+    assert relative_targets(text) == ["docs/a.md", "p.png", "b.md"]
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_resolves(doc):
+    missing = [t for t in relative_targets(doc.read_text(encoding="utf-8")) if not (doc.parent / t).exists()]
+    assert not missing, f"{doc.relative_to(ROOT)} links to missing files: {missing}"
