@@ -68,13 +68,34 @@ def test_plot_esd_from_matrix_and_eigenvalues(tmp_path):
     assert _no_pyplot_figures()
 
 
-def test_plot_update_spectra(tmp_path):
+def test_plot_update_spectra(tmp_path, monkeypatch):
+    """One line per label: the singular values in descending order against rank 1..k (a matrix's own
+    computed), divided by the largest with normalize=True."""
+    from htmuon.diagnostics import plots
+
     g = torch.Generator().manual_seed(0)
     G = torch.randn(128, 64, generator=g, dtype=torch.float64)
     s = torch.linalg.svdvals(G)
+    seen = []
+    real_save = plots._save
+
+    def save(fig, path):
+        seen.append([(list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].lines])
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
     spectra = {"Muon": torch.ones(64), "HTMuon p=0.125": s**0.125, "momentum (matrix)": G}
     assert _is_png(plot_update_spectra(spectra, tmp_path / "upd.png"))
-    assert _is_png(plot_update_spectra({"a": s.tolist()}, tmp_path / "upd_norm.png", normalize=True))
+    shuffled = s[torch.randperm(64, generator=g)]
+    assert _is_png(
+        plot_update_spectra({"a": (3.0 * shuffled).tolist()}, tmp_path / "upd_norm.png", normalize=True)
+    )
+    (muon, ht, momentum), (norm,) = seen
+    assert all(x == list(range(1, 65)) for x, _ in (muon, ht, momentum, norm))
+    assert muon[1] == [1.0] * 64
+    torch.testing.assert_close(torch.tensor(ht[1], dtype=torch.float64), s**0.125)
+    torch.testing.assert_close(torch.tensor(momentum[1], dtype=torch.float64), s)
+    torch.testing.assert_close(torch.tensor(norm[1], dtype=torch.float64), s / s[0])
     assert _no_pyplot_figures()
 
 

@@ -302,9 +302,11 @@ def plan_for(shapes, budget=F.DEFAULT_CHUNK_BYTES, work=None):
     return F.plan_step(keys, shapes, [4] * len(shapes), budget, [work] * len(shapes))
 
 
-@pytest.mark.parametrize("model", ["135m"])
-def test_memory_plan_stays_within_muon_plus_ten_percent_and_does_not_grow_with_depth(model):
-    h, i, layers = LLAMA[model]
+def test_memory_plan_stays_within_muon_plus_ten_percent_and_does_not_grow_with_depth():
+    """Issue 11's bound on the 135M set (float32 work, the CPU budget). The 60M set's bound is not held
+    at the CPU default (the plan's peak 31 MiB against 17; measured 18.3 MiB against 16.2 on a Zen 5,
+    BENCHMARKS.md §A-13): a user with that little memory passes a smaller chunk_bytes."""
+    h, i, layers = LLAMA["135m"]
     shapes = llama_matrices(h, i, layers)
     param_bytes = 4 * sum(b * m * n for b, m, n in shapes)
     bound = muon_peak_bytes(shapes) + 0.1 * param_bytes
@@ -477,9 +479,8 @@ def test_compiled_step_is_one_graph_without_recompiles_and_equals_eager(backend,
             o.zero_grad()
             m(X).square().mean().backward()
             s()
-    assert counters["stats"]["unique_graphs"] <= 2, dict(
-        counters["stats"]
-    )  # step 1 (creates state), then one
+    # step 1 (creates state), then one; at least one: the step was compiled, not run eagerly
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     for a, b in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for p, q in zip(model.parameters(), eager_model.parameters()):
@@ -488,7 +489,7 @@ def test_compiled_step_is_one_graph_without_recompiles_and_equals_eager(backend,
     assert int(opt.skipped_steps) == 0
 
     _assert_nan_step_skipped(model, opt, step, X)
-    assert counters["stats"]["unique_graphs"] <= 2
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
 
 
 def test_compiled_step_keeps_its_counters_on_the_parameters_device(monkeypatch):
@@ -554,7 +555,7 @@ def test_compiled_step_with_a_scheduled_tensor_lr_is_one_graph_and_equals_eager(
             m(X).square().mean().backward()
             run()
             s.step()
-    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.02 / 7)
     for a, b in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

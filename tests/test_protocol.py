@@ -929,9 +929,13 @@ def test_carry_widths_one_per_step_between_models():
     assert cmp.carry_widths("0", 4) == [0, 0, 0]
     assert cmp.carry_widths(None, 2) == [0]
     assert cmp.carry_widths("5", 1) == []
-    for bad in ("2", "3,-1", "3,0"):
-        with pytest.raises(Exception, match="odd number of lrs"):
+    from htmuon.cli import UserError
+
+    for bad, value in (("2", "2"), ("3,-1", "-1"), ("3,0", "0")):
+        with pytest.raises(UserError, match=f"odd number of lrs .*got {value}$"):
             cmp.carry_widths(bad, 3)
+    with pytest.raises(UserError, match="odd numbers of lrs such as 3 or 3,1, got 'x'"):
+        cmp.carry_widths("x", 3)
 
 
 def test_report_machine_line_gives_the_runs_thread_count():

@@ -169,9 +169,15 @@ def test_load_nontensor_step(kw):
 def test_named_parameters_state_dict(kw):
     model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
     opt = HTMuon(model.named_parameters(), **kw)
-    # names known: routed as htmuon.param_groups would (the last Linear is an output layer -> AdamW)
+    # names known: routed by them as htmuon.param_groups would (no name marks an embedding or an output
+    # head here: both weights get the spectral update, the biases AdamW), each group naming its own
     names = [g["param_names"] for g in opt.param_groups]
-    assert sorted(n for group in names for n in group) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    assert [(g["algorithm"], g["param_names"]) for g in opt.param_groups] == [
+        ("htmuon", ["0.weight", "1.weight"]),
+        ("adamw", ["0.bias", "1.bias"]),
+    ]
+    named = dict(model.named_parameters())
+    assert all(p is named[n] for g in opt.param_groups for p, n in zip(g["params"], g["param_names"]))
     model(torch.randn(2, 5)).sum().backward()
     opt.step()
     assert [g["param_names"] for g in opt.state_dict()["param_groups"]] == names
@@ -420,6 +426,7 @@ def test_compiled_step_inside_autocast_is_one_graph_and_the_eager_step():
     """``torch.compile(opt.step, fullgraph=True)`` called inside ``torch.autocast``: the step's own
     autocast-off blocks trace (an ExitStack of them did not), and it equals the eager step."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     def run(compiled: bool) -> Tensor:
         g = torch.Generator().manual_seed(4)
@@ -434,4 +441,7 @@ def test_compiled_step_inside_autocast_is_one_graph_and_the_eager_step():
         return torch.cat([w.detach().flatten(), b.detach()])
 
     torch._dynamo.reset()
+    counters.clear()
     torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
+    # traced (not run eagerly), one graph after the state-creating first step, no recompile as it runs
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
