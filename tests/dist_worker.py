@@ -118,15 +118,16 @@ def max_diff(model: nn.Module, ref: nn.Module) -> float:
     )
 
 
-def max_rel_diff(model: nn.Module, ref: nn.Module) -> float:
-    """Max over parameters of max |difference| / max |reference| (in units of the largest entry)."""
+def max_ulp_diff(model: nn.Module, ref: nn.Module, floor: float) -> float:
+    """Max over entries of |difference| / (2^-7 max(|reference|, floor)): within one bfloat16 ulp of
+    the entry (2^-7 of it at most), or of ``floor`` (the update's size, the lr) where the entry is
+    smaller than the update that was added to it, where this is <= 1."""
     ref_params = dict(ref.named_parameters())
-    return max(
-        (
-            (full(p.detach()) - full(ref_params[n].detach())).abs().max() / full(ref_params[n]).abs().max()
-        ).item()
-        for n, p in model.named_parameters()
-    )
+    worst = 0.0
+    for n, p in model.named_parameters():
+        a, b = full(p.detach()).double(), full(ref_params[n].detach()).double()
+        worst = max(worst, ((a - b).abs() / (2.0**-7 * b.abs().clamp_min(floor))).max().item())
+    return worst
 
 
 def state_diff(opt: htmuon.HTMuon, model: nn.Module, ref_opt: htmuon.HTMuon, ref: nn.Module) -> float:
@@ -266,7 +267,7 @@ def fsdp_exact(options: dict, mesh_shape: tuple[int, ...] = (), columns: bool = 
             opt.step()
     return {
         "max_abs_diff": max_diff(model, ref),
-        "max_rel_diff": max_rel_diff(model, ref),
+        "max_ulp_diff": max_ulp_diff(model, ref, floor=0.02),  # make_opt's matrix lr
         "state_diff": state_diff(opt, model, ref_opt, ref),
         "bytes_received": opt._dist.stats.bytes_received,
         "bytes_sent": opt._dist.stats.bytes_sent,
@@ -381,7 +382,14 @@ def zero_training(options: dict) -> dict:
             optimizer_class=htmuon.HTMuon,
         )
         fresh.load_state_dict(state)
-        loaded = len(fresh.optim.state) == len(opt.optim.state)
+        # this rank's partition: the same parameters, and every state value equal to the trained one's
+        loaded = set(fresh.optim.state) == set(opt.optim.state) and all(
+            torch.equal(fresh.optim.state[p][k], v)
+            if isinstance(v, torch.Tensor)
+            else fresh.optim.state[p][k] == v
+            for p, s in opt.optim.state.items()
+            for k, v in s.items()
+        )
     return {"max_abs_diff": max_diff(model, ref), "loaded": loaded}
 
 

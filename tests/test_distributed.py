@@ -267,8 +267,10 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
         if mode == "fsdp_exact" and variant == "bf16_normuon":
             # Same directions and state; but torch's bfloat16 `add_(O, alpha=...)` rounds differently
             # when O is strided (a tall matrix's direction is a transposed view in the single
-            # process) than on the contiguous shard that arrives: at most 1 bfloat16 ulp.
-            assert r["max_rel_diff"] <= 2.0**-8, (rank, r)
+            # process) than on the contiguous shard that arrives. Per entry within 2^-7 of the entry
+            # (one bfloat16 ulp is at most that), or of the lr where the entry is smaller than the
+            # update added to it (measured: 1-ulp differences, 0.86 of this bound at worst)
+            assert r["max_ulp_diff"] <= 1.0, (rank, r)
         else:
             assert r["max_abs_diff"] == 0.0, (rank, r)
         assert r["bytes_received"] > 0  # the work really was divided

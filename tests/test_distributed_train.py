@@ -30,22 +30,74 @@ TOL = 1e-5
 RUN = {**TINY_RUN, "batch_size": 4, "optimizer": "htmuon-normuon"}  # 4 rows: 2 per rank
 
 
-def torchrun(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cache: Path, rows_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """``htmuon train ARGS`` on two torchrun ranks; with ``rows_dir``, each rank writes the rows of every
+    training forward to ROWS_DIR/rows{RANK}.jsonl (see :func:`_row_recorder`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "htmuon.cli", "train", *args]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    path = str(SRC)
+    if rows_dir is not None:
+        hook = rows_dir / "hook"
+        hook.mkdir(parents=True)
+        (hook / "sitecustomize.py").write_text(_ROW_RECORDER.format(out=str(rows_dir)))
+        path = f"{hook}{os.pathsep}{path}"
+    env = {**os.environ, "PYTHONPATH": path, "HTMUON_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+#: A sitecustomize for the torchrun children: wraps the training loop's loss so that every training
+#: forward (grad enabled; evaluations run without) appends its input rows to rows{RANK}.jsonl.
+_ROW_RECORDER = """
+import json, os
+import torch
+import htmuon.train.loop as _loop
+
+_inner = _loop._loss
+
+
+def _recording_loss(model, task, x, y):
+    if torch.is_grad_enabled():
+        with open(os.path.join({out!r}, "rows" + os.environ.get("RANK", "0") + ".jsonl"), "a") as f:
+            f.write(json.dumps(x.tolist()) + "\\n")
+    return _inner(model, task, x, y)
+
+
+_loop._loss = _recording_loss
+"""
+
+
+def _recorded_rows(path: Path) -> list[list[list[int]]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_train_matches_single_process(mode, corpus_file, tmp_path, monkeypatch):
+    import htmuon.train.loop as loop
+
     cache = tmp_path / "cache"
     monkeypatch.setenv("HTMUON_CACHE", str(cache))
+    single_rows, inner = [], loop._loss
+
+    def recording_loss(model, task, x, y):
+        if torch.is_grad_enabled():
+            single_rows.append(x.tolist())
+        return inner(model, task, x, y)
+
+    monkeypatch.setattr(loop, "_loss", recording_loss)
     single = train(TrainConfig(**RUN, data=str(corpus_file), out_dir=str(tmp_path / "single")))
+    monkeypatch.undo()
     out = tmp_path / mode
-    proc = torchrun(flags({**RUN, "data": corpus_file, "parallel": mode, "out_dir": out}), cache)
+    proc = torchrun(
+        flags({**RUN, "data": corpus_file, "parallel": mode, "out_dir": out}), cache, tmp_path / "rows"
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
+    # each rank trained on its own half of every global batch: rank 0 the first rows, rank 1 the rest
+    ranks = [_recorded_rows(tmp_path / "rows" / f"rows{r}.jsonl") for r in (0, 1)]
+    assert len(single_rows) == len(ranks[0]) == len(ranks[1]) == 6
+    for whole, first, second in zip(single_rows, *ranks):
+        assert len(first) == len(second) == RUN["batch_size"] // 2
+        assert first + second == whole
     assert proc.stdout.count("done: htmuon-normuon") == 1  # rank 0 reports, the other stays quiet
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and summary["steps_done"] == 6
@@ -69,7 +121,8 @@ def test_parallel_mode_without_torchrun_is_a_one_line_error(capsys, monkeypatch,
     err = capsys.readouterr().err
     assert rc == 2 and "parallel='fsdp' needs a torchrun launch" in err and "Traceback" not in err
     rc = cli_main(["train", "--parallel", "dp", "--out-dir", str(tmp_path / "y")])
-    assert rc == 2 and "config key 'parallel' must be one of" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "config key 'parallel' must be one of" in err and "got 'dp'" in err
 
 
 def _free_port() -> int:
@@ -135,9 +188,14 @@ def test_a_hung_rank_ends_the_job_with_one_line(corpus_file, tmp_path, monkeypat
     args, env = _two_rank_train(corpus_file, tmp_path, monkeypatch, 30)
     with _training_ranks(args, env, tmp_path) as procs:
         procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
         rc = procs[0].wait(timeout=600)  # without the timeout this waits forever
+        waited = time.monotonic() - stopped
     err = (tmp_path / "rank0.err").read_text().strip()
     assert rc == 2, err[-3000:]
+    # ended by the 30 s collective timeout, not by another path (its clock may have started a moment
+    # before the SIGSTOP: rank 0 may already wait in the collective rank 1 was about to join)
+    assert 25.0 <= waited < 300.0, waited
     last = err.splitlines()[-1]
     assert last.startswith("htmuon train: error: rank 0 of 2: a collective failed: another rank hung or died")
     assert "waited up to 30 s; set HTMUON_DIST_TIMEOUT" in last and "Traceback" not in err

@@ -135,6 +135,15 @@ def _trained(seed=0, **kw):
     return model, opt
 
 
+def _fresh_twin(model, **kw):
+    """The same weights and waiting gradient as ``model``, under a new optimizer with no state: what a
+    load must fill (a twin trained alike would already hold the state it "loads")."""
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    return twin, HTMuon(param_groups(twin), lr=0.05, **kw)
+
+
 def _snapshot(model, opt):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
 
@@ -359,8 +368,10 @@ def test_loaded_step_counters_are_fresh_tensors():
     sd = copy.deepcopy(opt.state_dict())
     saved = {pid: float(s["step"]) for pid, s in sd["state"].items()}
     sd["state"][0]["step"] = torch.tensor(2, dtype=torch.int64)
-    twin, twin_opt = _trained()
+    twin, twin_opt = _fresh_twin(model)
     twin_opt.load_state_dict(sd)
+    for p, q in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
+        assert torch.equal(twin_opt.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
     twin_opt.step()
     assert {pid: float(s["step"]) for pid, s in sd["state"].items()} == saved
     assert all(s["step"].dtype == torch.float32 for s in twin_opt.state.values())
@@ -431,8 +442,7 @@ def test_old_checkpoint_with_int_steps_loads_and_continues_exactly():
     old = copy.deepcopy(sd)
     for s in old["state"].values():
         s["step"] = int(s["step"])
-    twin, twin_opt = _trained()
-    opt.load_state_dict(sd)
+    twin, twin_opt = _fresh_twin(model)
     twin_opt.load_state_dict(old)
     opt.step()
     twin_opt.step()

@@ -612,11 +612,14 @@ def _cli(capsys, *argv) -> tuple[int, str]:
         (["--model", "resnet-micro", "--data", "shakespeare"], "use --data digits"),
         (["--model", "resnet-micro", "--data", "imagenet:/x"], "imagenet folder '/x' lacks 'train/'"),
         (["--steps", "ten"], "config key 'steps' must be an integer, got 'ten'"),
-        (["--lr", "-1"], "config key 'lr' must be > 0"),
-        (["--routing", "sideways"], "config key 'routing' must be one of"),
+        (["--lr", "-1"], "config key 'lr' must be > 0, got -1.0"),
+        (
+            ["--routing", "sideways"],
+            "config key 'routing' must be one of ['standard', 'paper'], got 'sideways'",
+        ),
         (["--config", "/no/such.toml"], "config file '/no/such.toml' not found"),
         (["--seed", "-1"], "config key 'seed' must be in [0, 2**32), got -1"),
-        (["--seed", "4294967296"], "config key 'seed' must be in [0, 2**32)"),
+        (["--seed", "4294967296"], "config key 'seed' must be in [0, 2**32), got 4294967296"),
         (["--device", "meta"], "device 'meta' is not supported for training"),
     ],
 )
