@@ -86,6 +86,37 @@ def test_owners_are_chosen_for_the_whole_step_and_every_window_keeps_every_rank_
     assert owners == [0, 0, 0] and plan == F.plan_step(["k"] * 3, [(1, 8, 8)] * 3, [4] * 3, 2**20)
 
 
+def test_step_signatures_name_the_part_that_differs():
+    """The refusal of a step that differs between ranks names what differs: one checksum per part."""
+    from htmuon.distributed import SIGNATURE_PARTS, step_signatures
+
+    def groups(**kw):
+        return [
+            {
+                "params": [torch.zeros(4, 4), torch.zeros(4)],
+                "chunk_bytes": 64,
+                "batch_3d": True,
+                "interval": 1,
+                "plugin": None,
+                **kw,
+            }
+        ]
+
+    base = step_signatures(groups())
+    assert len(base) == len(SIGNATURE_PARTS) and base == step_signatures(groups())
+    changed = {
+        "shapes": groups(params=[torch.zeros(4, 5), torch.zeros(4)]),
+        "dtypes": groups(params=[torch.zeros(4, 4, dtype=torch.bfloat16), torch.zeros(4)]),
+        "chunk_bytes": groups(chunk_bytes=65),
+        "batch_3d": groups(batch_3d=False),
+        "interval": groups(interval=5),
+        "plugin": groups(plugin="normuon"),
+    }
+    for part, other in changed.items():
+        sigs = step_signatures(other)
+        assert [name for name, a, b in zip(SIGNATURE_PARTS, base, sigs) if a != b] == [part]
+
+
 def test_step_signature_sees_shapes_dtypes_and_the_settings_that_shape_collectives():
     def groups(shape=(4, 5), dtype=torch.float32, **kw):
         return [{"params": [torch.zeros(3, 3), torch.zeros(shape, dtype=dtype)], "chunk_bytes": 8, **kw}]
@@ -413,8 +444,10 @@ def test_ranks_stepping_different_parameters_or_settings_refuse_together(results
     (not a gloo abort, not silently different replicas), nothing changed."""
     for rank in range(WORLD):
         r = results[rank]["mismatch"]
-        for case in ("count", "shape", "chunk"):
+        differing = {"count": "the number of parameters", "shape": "shapes", "chunk": "chunk_bytes"}
+        for case, what in differing.items():
             assert "the ranks step different parameters or settings" in r[case], (rank, case, r[case])
+            assert f"; differing: {what}):" in r[case], (rank, case, r[case])
             assert r[f"{case}_unchanged"] is True, (rank, case)
         assert "the ranks: 2 to 3" in r["count"], r["count"]
 

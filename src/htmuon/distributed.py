@@ -66,6 +66,7 @@ __all__ = [
     "plan_replicated_step",
     "setup",
     "step_signature",
+    "step_signatures",
 ]
 
 
@@ -360,26 +361,30 @@ def setup(groups: list[dict[str, Any]], process_group: Any = None) -> Distribute
 def step_signature(groups: list[dict[str, Any]]) -> int:
     """A checksum of what shapes a step's collectives: each parameter's shape and dtype, and each
     group's memory budget (``chunk_bytes`` in bytes, ``"auto"`` resolved on the group's device),
-    ``batch_3d``, ``interval`` and ``plugin`` (CRC-32; the same on every rank that steps the same
-    parameters with the same settings, across processes)."""
+    ``batch_3d``, ``interval`` and ``plugin`` (CRC-32 of :func:`step_signatures`; the same on every rank
+    that steps the same parameters with the same settings, across processes)."""
+    return zlib.crc32(repr(step_signatures(groups)).encode())
 
-    def budget(g: dict[str, Any]) -> Any:
-        chunk_bytes = g.get("chunk_bytes")
-        if chunk_bytes == "auto" and g["params"]:
-            return F.chunk_budget(chunk_bytes, g["params"][0].device)
-        return chunk_bytes
 
-    keys = [
-        (
-            budget(g),
-            g.get("batch_3d"),
-            g.get("interval"),
-            g.get("plugin"),
-            [(tuple(p.shape), str(p.dtype)) for p in g["params"]],
-        )
-        for g in groups
-    ]
-    return zlib.crc32(repr(keys).encode())
+#: What :func:`step_signatures` checks apart, in the order of its values (the names the refusal gives).
+SIGNATURE_PARTS = ("shapes", "dtypes", "chunk_bytes", "batch_3d", "interval", "plugin")
+
+
+def step_signatures(groups: list[dict[str, Any]]) -> list[int]:
+    """:func:`step_signature` taken apart: one CRC-32 per entry of :data:`SIGNATURE_PARTS` (over every
+    group, in order), so that ranks that differ can say in what."""
+    parts = {
+        "shapes": [[tuple(p.shape) for p in g["params"]] for g in groups],
+        "dtypes": [[str(p.dtype) for p in g["params"]] for g in groups],
+        "chunk_bytes": [
+            F.chunk_budget(g["chunk_bytes"], g["params"][0].device)
+            if g.get("chunk_bytes") == "auto" and g["params"]
+            else g.get("chunk_bytes")
+            for g in groups
+        ],
+        **{key: [g.get(key) for g in groups] for key in ("batch_3d", "interval", "plugin")},
+    }
+    return [zlib.crc32(repr(parts[key]).encode()) for key in SIGNATURE_PARTS]
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,21 +454,26 @@ class DistributedStep:
 
     def _check_same_step(self, groups: list[dict[str, Any]], device: torch.device, pg: Any) -> None:
         """Refuse, on every rank, a step whose parameters or settings differ between the ranks: one
-        fixed-size ``all_reduce`` (max of the count and :func:`step_signature`, and of their negatives),
-        before any collective whose size depends on them (which would otherwise abort or hang)."""
+        fixed-size ``all_reduce`` (max of the count and of each of :func:`step_signatures`, and of their
+        negatives), before any collective whose size depends on them (which would otherwise abort or
+        hang). The refusal names what differs."""
         n = sum(len(g["params"]) for g in groups)
-        sig = step_signature(groups)
-        vec = torch.tensor([n, sig, -n, -sig], dtype=torch.int64, device=device)
+        sigs = step_signatures(groups)
+        vec = torch.tensor([n, *sigs, -n, *(-v for v in sigs)], dtype=torch.int64, device=device)
         self._dist.all_reduce(vec, op=self._dist.ReduceOp.MAX, group=pg)
         self.stats.collectives += 1
-        most, sig_max, fewest, sig_min = vec.cpu().tolist()
-        fewest, sig_min = -fewest, -sig_min
-        if most != fewest or sig_max != sig_min:
+        values = vec.cpu().tolist()
+        k = len(sigs) + 1
+        most, fewest = values[0], -values[k]
+        differ = [name for i, name in enumerate(SIGNATURE_PARTS, 1) if values[i] != -values[k + i]]
+        if most != fewest:  # then the lists of shapes and dtypes differ too: not news
+            differ = ["the number of parameters"] + [d for d in differ if d not in ("shapes", "dtypes")]
+        if differ:
+            what = ", ".join(differ)
             raise RuntimeError(
                 f"the ranks step different parameters or settings (this rank: {n} parameter(s), "
-                f"the ranks: {fewest} to {most}; their shapes, dtypes or chunk_bytes/batch_3d/interval/"
-                "plugin differ): build the optimizer over the same parameters with the same settings on "
-                "every rank; the step was refused on every rank"
+                f"the ranks: {fewest} to {most}; differing: {what}): build the optimizer over the same "
+                "parameters with the same settings on every rank; the step was refused on every rank"
             )
 
     def agree(self, groups: list[dict[str, Any]], error: BaseException | None) -> Tensor:
