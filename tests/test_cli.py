@@ -176,14 +176,23 @@ def test_corrupt_run_file_on_resume(name, corpus_file, tmp_path, capsys):
     assert f"'{out / name}' is not valid JSON" in err
 
 
-@pytest.mark.parametrize("edit", ["val.bin", "train.bin", "vocab_size"])
+@pytest.mark.parametrize("edit", ["val.bin", "train.bin", "vocab_size", "val.bin of an older cache"])
 def test_changed_token_cache_content_is_refused(edit, corpus_file, tmp_path, capsys, monkeypatch):
     """Bytes changed in a token file (size kept) no longer move the reported loss unnoticed, and a
-    vocabulary in meta.json below the tokens' largest id is refused (it was an IndexError traceback)."""
+    vocabulary in meta.json below the tokens' largest id is refused (it was an IndexError traceback).
+    The error names the file that changed (each file's digest); a cache without them names both."""
     monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
     assert main([str(a) for a in tiny_train(corpus_file, tmp_path / "a", steps=2)]) == 0
     (meta,) = (tmp_path / "cache").rglob("meta.json")
-    if edit == "vocab_size":
+    if edit.endswith("older cache"):
+        fields = json.loads(meta.read_text())
+        del fields["train_digest"], fields["val_digest"]
+        meta.write_text(json.dumps(fields))
+        raw = bytearray((meta.parent / "val.bin").read_bytes())
+        raw[100:140] = bytes(40)
+        (meta.parent / "val.bin").write_bytes(bytes(raw))
+        path, why = meta.parent / "train.bin", "the tokens in train.bin / val.bin are not those written"
+    elif edit == "vocab_size":
         fields = json.loads(meta.read_text())
         fields["vocab_size"] = fields["max_id"]
         meta.write_text(json.dumps(fields))
@@ -193,7 +202,7 @@ def test_changed_token_cache_content_is_refused(edit, corpus_file, tmp_path, cap
         raw = bytearray(path.read_bytes())
         raw[100:140] = bytes(40)  # 20 tokens set to id 0
         path.write_bytes(bytes(raw))
-        path, why = meta.parent / "train.bin", "are not those written"
+        why = f"the tokens in {edit} are not those written"  # the file that changed, by its own digest
     capsys.readouterr()
     err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "b", steps=2))
     assert f"token cache file '{path}' is unusable" in err and why in err, err

@@ -898,10 +898,23 @@ def _open_streams(d: Path) -> TokenStreams:
     train, val = view("train"), view("val")
     digest = tokens_digest(train, val)
     if meta.get("tokens_digest", digest) != digest:
+        # name the file that changed, from each file's own digest (older caches lack them, and both
+        # files may have changed: then both are named)
+        changed = [
+            (name, found)
+            for name, a in (("train", train), ("val", val))
+            if f"{name}_digest" in meta and (found := tokens_digest(a)) != meta[f"{name}_digest"]
+        ]
+        if len(changed) == 1:
+            ((name, found),) = changed
+            path, what, recorded = d / f"{name}.bin", f"{name}.bin", meta[f"{name}_digest"]
+        else:
+            path, what = d / "train.bin", "train.bin / val.bin"
+            found, recorded = digest, meta["tokens_digest"]
         raise _corrupt(
-            d / "train.bin",
-            f"the tokens in train.bin / val.bin are not those written (their digest is "
-            f"{digest[:12]}..., meta.json records {str(meta['tokens_digest'])[:12]}...)",
+            path,
+            f"the tokens in {what} are not those written (their digest is {found[:12]}..., meta.json "
+            f"records {str(recorded)[:12]}...)",
         )
     return TokenStreams(train, val, vocab, eos, d, digest)
 
@@ -1023,10 +1036,12 @@ def build_token_streams(
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
             "max_id": max_id,
-            "tokens_digest": tokens_digest(
-                *(np.memmap(tmp / f"{s}.bin", dtype=dtype, mode="r", shape=(counts[s],)) for s in counts)
-            ),
         }
+        streams = {s: np.memmap(tmp / f"{s}.bin", dtype=dtype, mode="r", shape=(counts[s],)) for s in counts}
+        meta["tokens_digest"] = tokens_digest(*streams.values())
+        # each file's own, so that a damaged cache names the file that changed
+        meta.update({f"{s}_digest": tokens_digest(a) for s, a in streams.items()})
+        del streams
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
             os.replace(tmp, final)
