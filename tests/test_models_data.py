@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import pickle
 
 import numpy as np
@@ -402,7 +403,19 @@ def test_cpu_siblings_run(preset, corpus_file, tmp_path):
     if preset == "gpt2-cpu":
         argv += ["--data", str(corpus_file), "--vocab-size", "320", "--seq-len", "16", "--batch-size", "2"]
     assert cli_main([*argv, "--out-dir", str(tmp_path / preset)]) == 0
-    assert (tmp_path / preset / "results.md").exists()
+    from htmuon.train.presets import RUN_PRESETS
+
+    # every optimizer of the preset trained its 2 steps on the preset's model and has a finite result
+    res = json.loads((tmp_path / preset / "results.json").read_text())
+    md = (tmp_path / preset / "results.md").read_text()
+    specs = set(RUN_PRESETS[preset].optimizers)
+    assert {r["spec"] for r in res["runs"]} == specs and len(res["runs"]) == len(specs)
+    for r in res["runs"]:
+        assert r["finished"] and not r.get("diverged") and r["steps_done"] == 2, r
+        assert math.isfinite(r["final_val_loss"]), r
+        if preset != "gpt2-cpu":
+            assert 0.0 <= r["final_val_acc"] <= 1.0, r
+        assert f"| {r['spec']} |" in md
 
 
 def test_a_token_cache_build_shows_progress_when_it_takes_long(corpus_file, tmp_path, monkeypatch, capsys):

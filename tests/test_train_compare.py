@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,15 @@ def test_compare_writes_table_and_plots_and_reuses_runs(corpus_file, tmp_path, c
     res = json.loads((out / "results.json").read_text())
     assert (out / "lr_grid.png").read_bytes()[:8] == PNG
     assert len(res["runs"]) == 6 and {r["spec"] for r in res["runs"]} == {"muon", "htmuon:method=eigh"}
+    # each row's numbers are its own best cell's runs: mean ± sample std over the seeds
+    for spec, row in zip(("muon", "htmuon:method=eigh"), rows):
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        best = res["best"][spec]
+        runs = [r for r in res["runs"] if r["spec"] == spec and r["lr"] == best["lr"]]
+        assert len(runs) == 2
+        for col, key, digits in ((6, "final_val_loss", 4), (7, "final_val_ppl", 2), (10, "mean_alpha", 3)):
+            vals = [r[key] for r in runs]
+            assert cells[col] == f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
     best_muon = res["best"]["muon"]
     losses = {
         lr: [r["final_val_loss"] for r in res["runs"] if r["spec"] == "muon" and r["lr"] == lr]
@@ -155,6 +165,16 @@ def test_compare_image_task_reports_accuracy(tmp_path):
     md = (out / "results.md").read_text()
     assert "val acc (%)" in md and "| htmuon |" in md
     assert (out / "val_curves.png").read_bytes()[:8] == PNG
+    # the accuracy column is a percentage: 100 x each optimizer's final validation accuracy (one seed)
+    res = json.loads((out / "results.json").read_text())
+    lines = md.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| optimizer |"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("val acc (%)")
+    for spec in ("adamw", "htmuon"):
+        row = next(ln for ln in lines if ln.startswith(f"| {spec} |"))
+        (run,) = [r for r in res["runs"] if r["spec"] == spec]
+        assert 0.0 <= run["final_val_acc"] <= 1.0
+        assert [c.strip() for c in row.strip("|").split("|")][col] == f"{100 * run['final_val_acc']:.2f}"
 
 
 def test_aggregate_mean_std_and_best_lr():
@@ -202,24 +222,21 @@ def test_bad_grid_input(capsys, tmp_path):
 
 
 def test_compare_uses_diagnostics_for_alpha_when_present(corpus_file, tmp_path, monkeypatch):
-    """With htmuon.diagnostics importable (a stand-in here), the table gets mean alpha and alpha.png."""
-    import sys
-    import types
+    """The table's mean alpha and alpha.png come from htmuon.diagnostics (stand-ins for its analyze and
+    plot_layer_alpha here, whose alpha depends on the trained weights), each row from its own run."""
+    import htmuon.diagnostics
+    import htmuon.diagnostics.plots
 
     class Report:
         def __init__(self, model):
-            self.mean_alpha = 2.0 + sum(p.numel() for p in model.parameters()) % 7 / 10
+            self.mean_alpha = 2.0 + float(sum(p.detach().double().sum() for p in model.parameters())) % 1
 
     def plot_layer_alpha(reports, path):
         assert set(reports) == {"muon", "htmuon"} and all(isinstance(r, Report) for r in reports.values())
         Path(path).write_bytes(PNG + b"stand-in")
 
-    diag = types.ModuleType("htmuon.diagnostics")
-    diag.analyze = lambda model, fit="ks": Report(model)
-    plots = types.ModuleType("htmuon.diagnostics.plots")
-    plots.plot_layer_alpha = plot_layer_alpha
-    monkeypatch.setitem(sys.modules, "htmuon.diagnostics", diag)
-    monkeypatch.setitem(sys.modules, "htmuon.diagnostics.plots", plots)
+    monkeypatch.setattr(htmuon.diagnostics, "analyze", lambda model, fit="ks": Report(model))
+    monkeypatch.setattr(htmuon.diagnostics.plots, "plot_layer_alpha", plot_layer_alpha)
     out = tmp_path / "alpha"
     argv = [
         "compare",
@@ -234,10 +251,12 @@ def test_compare_uses_diagnostics_for_alpha_when_present(corpus_file, tmp_path, 
     assert cli_main(argv) == 0
     md = (out / "results.md").read_text()
     assert "![alpha.png](alpha.png)" in md and (out / "alpha.png").read_bytes()[:8] == PNG
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    assert all(r["mean_alpha"] is not None and r["mean_alpha"] >= 2.0 for r in runs)
-    row = next(ln for ln in md.splitlines() if ln.startswith("| htmuon |"))
-    assert row.rstrip(" |").split("|")[-1].strip() == f"{runs[1]['mean_alpha']:.3f}"
+    runs = {r["spec"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert all(2.0 <= r["mean_alpha"] < 3.0 for r in runs.values())
+    assert f"{runs['muon']['mean_alpha']:.3f}" != f"{runs['htmuon']['mean_alpha']:.3f}"
+    for spec in ("muon", "htmuon"):
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {spec} |"))
+        assert row.rstrip(" |").split("|")[-1].strip() == f"{runs[spec]['mean_alpha']:.3f}"
 
 
 def test_alpha_reports_leave_out_an_optimizer_whose_best_cell_diverged_on_every_seed(tmp_path, monkeypatch):
