@@ -368,11 +368,13 @@ def test_a_step_of_several_windows_stays_within_its_plan(ns_dtype, accelerator):
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # the flags' own
         with accelerator_paths() if accelerator else contextlib.nullcontext():
             with torch.backends.mkldnn.flags(enabled=False):
+                peaks = []
                 for _ in range(3):
                     for p in params:
                         p.grad = torch.randn(p.shape, generator=g)
-                    measured = _allocation_peak(opt.step)
-    assert plan.peak_bytes / 2 <= measured <= plan.peak_bytes, (measured, plan.peak_bytes)
+                    peaks.append(_allocation_peak(opt.step))
+    # steps 2 and 3 (the first also allocates the optimizer state, which stays)
+    assert all(plan.peak_bytes / 2 <= m <= plan.peak_bytes for m in peaks[1:]), (peaks, plan.peak_bytes)
 
 
 @pytest.mark.parametrize(
@@ -399,11 +401,14 @@ def test_maps_outside_the_model_are_planned_with_the_upper_estimate(dtype, kw):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # the flags' own
         with accelerator_paths(), torch.backends.mkldnn.flags(enabled=False):
+            peaks = []
             for _ in range(2):
                 for p in params:
                     p.grad = torch.randn(shape, generator=g).to(dtype)
-                measured = _allocation_peak(opt.step)
-    assert measured <= plan.peak_bytes, (measured, plan.peak_bytes)
+                peaks.append(_allocation_peak(opt.step))
+    # at least one direction in the parameters' dtype was allocated (the hook saw the step), at most the plan
+    one = shape[0] * shape[1] * params[0].element_size()
+    assert all(one <= m <= plan.peak_bytes for m in peaks), (peaks, one, plan.peak_bytes)
 
 
 def test_work_itemsize_is_modelled_only_for_matmul_backends():

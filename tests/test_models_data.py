@@ -405,7 +405,7 @@ def test_cpu_siblings_run(preset, corpus_file, tmp_path):
     assert cli_main([*argv, "--out-dir", str(tmp_path / preset)]) == 0
     from htmuon.train.presets import RUN_PRESETS
 
-    # every optimizer of the preset trained its 2 steps on the preset's model and has a finite result
+    # every optimizer of the preset trained its 2 steps and has a finite result
     res = json.loads((tmp_path / preset / "results.json").read_text())
     md = (tmp_path / preset / "results.md").read_text()
     specs = set(RUN_PRESETS[preset].optimizers)
