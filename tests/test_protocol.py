@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -728,15 +729,21 @@ def test_models_runs_the_protocol_per_model_and_plots_the_gap(corpus_file, tmp_p
     argv += ["--seeds", "0,1", "--data", str(corpus_file), "--out-dir", str(out), "--no-alpha"]
     argv += flags({**{k: TINY_RUN[k] for k in keys}, "steps": 3, "warmup_fraction": 0.34, "eval_every": 3})
     assert cli_main(argv) == 0
+    gaps = {}
     for model in ("llama-micro", "llama-tiny"):
         res = json.loads((out / model / "results.json").read_text())
         assert {r["model"] for r in res["runs"]} == {model} and len(res["runs"]) == 4
+        loss = {(r["spec"], r["seed"]): r["final_val_loss"] for r in res["runs"]}
+        gaps[model] = [loss["htmuon:method=eigh", s] - loss["muon", s] for s in (0, 1)]  # paired by seed
     md = (out / "size_scan.md").read_text()
     rows = [ln for ln in md.splitlines() if ln.startswith("| llama-")]
     assert [r.split("|")[1].strip() for r in rows] == ["llama-micro", "llama-tiny"]  # by size
     n_micro, n_tiny = (float(r.split("|")[2].split()[0]) for r in rows)
     assert n_tiny > 4 * n_micro
-    assert all(" ± " in r.split("|")[5] for r in rows)  # htmuon - muon, paired over 2 seeds
+    for row, model in zip(rows, ("llama-micro", "llama-tiny")):  # htmuon - muon, paired over 2 seeds
+        d = gaps[model]
+        gap = f"{statistics.mean(d):+.4f} ± {statistics.stdev(d):.4f} (2 seeds; 95%: "
+        assert row.split("|")[5].strip().startswith(gap), (row, gap)
     assert (out / "gap_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
