@@ -90,7 +90,9 @@ def _tiny_lm():
     return build_llama("llama-micro", 300, 16)
 
 
-def test_mars_routes_matrices_to_mars_and_vectors_to_its_adamw():
+def test_mars_is_configured_to_leave_vectors_to_its_adamw():
+    """The flags that make pytorch_optimizer's MARS apply its variance-reduced update to matrices only
+    (optimize_1d=False: 1-D parameters take its AdamW at lr_1d); the routing itself is MARS's own."""
     pytest.importorskip("pytorch_optimizer")
     model = _tiny_lm()
     opt = build_optimizer(model, resolve(TrainConfig(model="llama-micro", optimizer="mars")))
