@@ -87,34 +87,42 @@ def test_owners_are_chosen_for_the_whole_step_and_every_window_keeps_every_rank_
 
 
 def test_step_signatures_name_the_part_that_differs():
-    """The refusal of a step that differs between ranks names what differs: one checksum per part."""
-    from htmuon.distributed import SIGNATURE_PARTS, step_signatures
+    """The refusal of a step that differs between ranks names what differs: one checksum per part,
+    compared as the element-wise min and max over the ranks (what the step's all_reduce gives)."""
+    from htmuon.distributed import SIGNATURE_PARTS, signature_difference, step_signatures
 
-    def groups(**kw):
-        return [
-            {
-                "params": [torch.zeros(4, 4), torch.zeros(4)],
-                "chunk_bytes": 64,
-                "batch_3d": True,
-                "interval": 1,
-                "plugin": None,
-                **kw,
-            }
-        ]
+    a, b = torch.zeros(4, 4), torch.zeros(4)
+
+    def groups(params=(a, b), **kw):
+        settings = {"chunk_bytes": 64, "batch_3d": True, "interval": 1, "plugin": None, **kw}
+        return [{"params": list(params), **settings}]
+
+    def difference(*ranks):
+        vectors = [[sum(len(g["params"]) for g in r), *step_signatures(r)] for r in ranks]
+        return signature_difference([min(v) for v in zip(*vectors)], [max(v) for v in zip(*vectors)])
 
     base = step_signatures(groups())
     assert len(base) == len(SIGNATURE_PARTS) and base == step_signatures(groups())
+    assert difference(groups(), groups()) == []
     changed = {
-        "shapes": groups(params=[torch.zeros(4, 5), torch.zeros(4)]),
-        "dtypes": groups(params=[torch.zeros(4, 4, dtype=torch.bfloat16), torch.zeros(4)]),
+        "shapes": groups(params=[torch.zeros(4, 5), b]),
+        "dtypes": groups(params=[torch.zeros(4, 4, dtype=torch.bfloat16), b]),
         "chunk_bytes": groups(chunk_bytes=65),
         "batch_3d": groups(batch_3d=False),
         "interval": groups(interval=5),
         "plugin": groups(plugin="normuon"),
     }
     for part, other in changed.items():
-        sigs = step_signatures(other)
-        assert [name for name, a, b in zip(SIGNATURE_PARTS, base, sigs) if a != b] == [part]
+        assert difference(groups(), other) == [part]
+        assert difference(groups(), groups(), other) == [part]  # three ranks, one differs
+    assert difference(groups(), groups(chunk_bytes=65, plugin="normuon")) == ["chunk_bytes", "plugin"]
+    # the same parameters in other groups (a rank built one more group, or an empty one): the groups
+    split = groups(params=[a]) + groups(params=[b])
+    assert difference(groups(), split) == ["the parameter groups (their number or sizes)"]
+    assert difference(groups(), groups() + groups(params=[])) == [
+        "the parameter groups (their number or sizes)"
+    ]
+    assert difference(groups(), groups(params=[a, b, torch.zeros(3)])) == ["the number of parameters"]
 
 
 def test_step_signature_sees_shapes_dtypes_and_the_settings_that_shape_collectives():

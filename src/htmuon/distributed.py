@@ -54,6 +54,7 @@ from . import functional as F
 from .functional import matrix_shape, second_moment_shape
 
 __all__ = [
+    "SIGNATURE_PARTS",
     "DistributedStep",
     "ShardLayout",
     "assign_owners",
@@ -65,6 +66,7 @@ __all__ = [
     "plan_owned_windows",
     "plan_replicated_step",
     "setup",
+    "signature_difference",
     "step_signature",
     "step_signatures",
 ]
@@ -367,13 +369,14 @@ def step_signature(groups: list[dict[str, Any]]) -> int:
 
 
 #: What :func:`step_signatures` checks apart, in the order of its values (the names the refusal gives).
-SIGNATURE_PARTS = ("shapes", "dtypes", "chunk_bytes", "batch_3d", "interval", "plugin")
+SIGNATURE_PARTS = ("groups", "shapes", "dtypes", "chunk_bytes", "batch_3d", "interval", "plugin")
 
 
 def step_signatures(groups: list[dict[str, Any]]) -> list[int]:
     """:func:`step_signature` taken apart: one CRC-32 per entry of :data:`SIGNATURE_PARTS` (over every
     group, in order), so that ranks that differ can say in what."""
     parts = {
+        "groups": [len(g["params"]) for g in groups],
         "shapes": [[tuple(p.shape) for p in g["params"]] for g in groups],
         "dtypes": [[str(p.dtype) for p in g["params"]] for g in groups],
         "chunk_bytes": [
@@ -385,6 +388,16 @@ def step_signatures(groups: list[dict[str, Any]]) -> list[int]:
         **{key: [g.get(key) for g in groups] for key in ("batch_3d", "interval", "plugin")},
     }
     return [zlib.crc32(repr(parts[key]).encode()) for key in SIGNATURE_PARTS]
+
+
+def signature_difference(low: list[int], high: list[int]) -> list[str]:
+    """What differs between ranks, from the element-wise minimum and maximum over the ranks of
+    ``[parameter count, *step_signatures(groups)]``: ``[]`` where nothing does. Where the count or the
+    groups differ, only that is named (the lists of the other parts then differ too: not news)."""
+    if low[0] != high[0]:
+        return ["the number of parameters"]
+    differ = [name for name, a, b in zip(SIGNATURE_PARTS, low[1:], high[1:]) if a != b]
+    return ["the parameter groups (their number or sizes)"] if "groups" in differ else differ
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,16 +471,14 @@ class DistributedStep:
         negatives), before any collective whose size depends on them (which would otherwise abort or
         hang). The refusal names what differs."""
         n = sum(len(g["params"]) for g in groups)
-        sigs = step_signatures(groups)
-        vec = torch.tensor([n, *sigs, -n, *(-v for v in sigs)], dtype=torch.int64, device=device)
+        mine = [n, *step_signatures(groups)]
+        vec = torch.tensor([*mine, *(-v for v in mine)], dtype=torch.int64, device=device)
         self._dist.all_reduce(vec, op=self._dist.ReduceOp.MAX, group=pg)
         self.stats.collectives += 1
         values = vec.cpu().tolist()
-        k = len(sigs) + 1
-        most, fewest = values[0], -values[k]
-        differ = [name for i, name in enumerate(SIGNATURE_PARTS, 1) if values[i] != -values[k + i]]
-        if most != fewest:  # then the lists of shapes and dtypes differ too: not news
-            differ = ["the number of parameters"] + [d for d in differ if d not in ("shapes", "dtypes")]
+        high, low = values[: len(mine)], [-v for v in values[len(mine) :]]
+        most, fewest = high[0], low[0]
+        differ = signature_difference(low, high)
         if differ:
             what = ", ".join(differ)
             raise RuntimeError(
