@@ -113,10 +113,12 @@ def test_fix_finger_ignores_a_finger():
     import numpy as np
 
     g = torch.Generator().manual_seed(3)
-    bulk = 1.0 + torch.rand(1000, generator=g, dtype=F64) ** -0.8  # heavy tail, peak near 1
+    low = 0.5 + 0.5 * torch.rand(200, generator=g, dtype=F64)  # below the peak: it is not the minimum
+    bulk = 1.0 + torch.rand(1000, generator=g, dtype=F64) ** -0.8  # heavy tail
     finger = torch.tensor([400.0, 410.0, 420.0, 430.0, 440.0], dtype=F64)
-    ev = torch.cat([bulk, finger])
+    ev = torch.cat([low, bulk, finger])
     counts, edges = np.histogram(np.log10(ev.numpy()), bins=100)
+    assert 10 < int(np.argmax(counts)) < 90  # an interior peak (bin 21 of 100: 129 against 97 and 106)
     peak = 10.0 ** edges[int(np.argmax(counts))]
     lo, hi = 0.95 * peak, 1.5 * peak
     D, alpha, xmin, sigma = naive_fit(ev.tolist(), window=(lo, hi))

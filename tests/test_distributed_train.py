@@ -84,9 +84,9 @@ def test_torchrun_train_matches_single_process(mode, corpus_file, tmp_path, monk
             single_rows.append(x.tolist())
         return inner(model, task, x, y)
 
-    monkeypatch.setattr(loop, "_loss", recording_loss)
-    single = train(TrainConfig(**RUN, data=str(corpus_file), out_dir=str(tmp_path / "single")))
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_loss", recording_loss)
+        single = train(TrainConfig(**RUN, data=str(corpus_file), out_dir=str(tmp_path / "single")))
     out = tmp_path / mode
     proc = torchrun(
         flags({**RUN, "data": corpus_file, "parallel": mode, "out_dir": out}), cache, tmp_path / "rows"
@@ -193,9 +193,10 @@ def test_a_hung_rank_ends_the_job_with_one_line(corpus_file, tmp_path, monkeypat
         waited = time.monotonic() - stopped
     err = (tmp_path / "rank0.err").read_text().strip()
     assert rc == 2, err[-3000:]
-    # ended by the 30 s collective timeout, not by another path (its clock may have started a moment
-    # before the SIGSTOP: rank 0 may already wait in the collective rank 1 was about to join)
-    assert 25.0 <= waited < 300.0, waited
+    # ended by the 30 s collective timeout, not by another path (its clock may have started before the
+    # SIGSTOP: rank 0 may already wait in the collective rank 1 was about to join, on a loaded machine
+    # for seconds)
+    assert 20.0 <= waited < 300.0, waited
     last = err.splitlines()[-1]
     assert last.startswith("htmuon train: error: rank 0 of 2: a collective failed: another rank hung or died")
     assert "waited up to 30 s; set HTMUON_DIST_TIMEOUT" in last and "Traceback" not in err

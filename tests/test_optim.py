@@ -303,9 +303,10 @@ def plan_for(shapes, budget=F.DEFAULT_CHUNK_BYTES, work=None):
 
 
 def test_memory_plan_stays_within_muon_plus_ten_percent_and_does_not_grow_with_depth():
-    """Issue 11's bound on the 135M set (float32 work, the CPU budget). The 60M set's bound is not held
-    at the CPU default (the plan's peak 31 MiB against 17; measured 18.3 MiB against 16.2 on a Zen 5,
-    BENCHMARKS.md §A-13): a user with that little memory passes a smaller chunk_bytes."""
+    """Issue 11's bound on the 135M set (the planner's upper estimate, with no working dtype modelled,
+    at the CPU budget). The 60M set's bound is not held at the CPU default (the estimate 31 MiB against
+    17; measured 18.3 MiB against 16.2 on a Zen 5, BENCHMARKS.md §A-13): a user with that little memory
+    passes a smaller chunk_bytes."""
     h, i, layers = LLAMA["135m"]
     shapes = llama_matrices(h, i, layers)
     param_bytes = 4 * sum(b * m * n for b, m, n in shapes)
