@@ -455,7 +455,7 @@ def test_ranks_stepping_different_parameters_or_settings_refuse_together(results
         differing = {"count": "the number of parameters", "shape": "shapes", "chunk": "chunk_bytes"}
         for case, what in differing.items():
             assert "the ranks step different parameters or settings" in r[case], (rank, case, r[case])
-            assert f"; differing: {what}):" in r[case], (rank, case, r[case])
+            assert f"; differing: {what}; rank(s) 1 differ from rank 0):" in r[case], (rank, case, r[case])
             assert r[f"{case}_unchanged"] is True, (rank, case)
         assert "the ranks: 2 to 3" in r["count"], r["count"]
 

@@ -480,10 +480,22 @@ class DistributedStep:
         most, fewest = high[0], low[0]
         differ = signature_difference(low, high)
         if differ:
-            what = ", ".join(differ)
+            # every rank sees the same result, so every rank takes this one more collective: which
+            # ranks differ from the group's first (the error path only)
+            mine_t = vec.new_tensor(mine)
+            rows = [torch.empty_like(mine_t) for _ in range(self._dist.get_world_size(pg))]
+            self._dist.all_gather(rows, mine_t, group=pg)
+            self.stats.collectives += 1
+            rows = [r.cpu().tolist() for r in rows]
+            try:
+                ranks = list(self._dist.get_process_group_ranks(pg))
+            except (AttributeError, RuntimeError, ValueError):  # older torch: ranks within the group
+                ranks = list(range(len(rows)))
+            others = [str(ranks[i]) for i, r in enumerate(rows) if r != rows[0]]
             raise RuntimeError(
                 f"the ranks step different parameters or settings (this rank: {n} parameter(s), "
-                f"the ranks: {fewest} to {most}; differing: {what}): build the optimizer over the same "
+                f"the ranks: {fewest} to {most}; differing: {', '.join(differ)}; rank(s) "
+                f"{', '.join(others)} differ from rank {ranks[0]}): build the optimizer over the same "
                 "parameters with the same settings on every rank; the step was refused on every rank"
             )
 
