@@ -32,7 +32,7 @@ RUN = {**TINY_RUN, "batch_size": 4, "optimizer": "htmuon-normuon"}  # 4 rows: 2 
 
 def torchrun(args: list[str], cache: Path, rows_dir: Path | None = None) -> subprocess.CompletedProcess:
     """``htmuon train ARGS`` on two torchrun ranks; with ``rows_dir``, each rank writes the rows of every
-    training forward to ROWS_DIR/rows{RANK}.jsonl (see :func:`_row_recorder`)."""
+    training forward to ROWS_DIR/rows{RANK}.jsonl (see _ROW_RECORDER)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "htmuon.cli", "train", *args]
     path = str(SRC)
