@@ -10,7 +10,10 @@ and times ``opt.step()`` eagerly and compiled (inductor, ``fullgraph=True``), in
 ratio to it), after a warm-up that covers the compilation (reported separately). Prints the median
 step times, their ratios, the compile time, the number of graphs compiled and the largest
 difference between the compiled and the eager parameters; ``--json`` writes them with the machine
-(CPU model, matmul ISA). One thread by default (``--threads``).
+(CPU model, matmul ISA). One thread by default (``--threads``). ``--profile N`` also profiles N more
+steps of each (torch.profiler, after the timing) and splits a step's operator time into the matrix
+products (``mm``, ``addmm``, ``bmm``, ``baddbmm`` and their in-place forms) and everything else (the
+elementwise passes; compiled, inductor's generated kernels count there): where compiling could save.
 """
 
 from __future__ import annotations
@@ -29,6 +32,32 @@ from htmuon import HTMuon  # noqa: E402
 from machine import describe, header, write_json  # noqa: E402
 
 MODELS = {"60m": (512, 1376), "135m": (768, 2048)}
+
+#: The operators that are matrix products (their own time: ``matmul`` only dispatches to them).
+MATMUL_OPS = frozenset(
+    f"aten::{op}{suffix}" for op in ("mm", "addmm", "bmm", "baddbmm", "matmul") for suffix in ("", "_")
+)
+
+
+def split_matmul(self_times: list[tuple[str, float]], steps: int) -> tuple[float, float]:
+    """``(matmul_ms, other_ms)`` per step from profiler events' ``(name, self time in us)`` over
+    ``steps`` steps: the self times of :data:`MATMUL_OPS` against all the rest (each event's own time
+    counted once, so the two add up to the profiled time)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    mm = sum(t for name, t in self_times if name in MATMUL_OPS)
+    rest = sum(t for name, t in self_times if name not in MATMUL_OPS)
+    return mm / 1e3 / steps, rest / 1e3 / steps
+
+
+def profile_split(fn, steps: int) -> tuple[float, float]:
+    """Profile ``steps`` calls of ``fn`` on the CPU and :func:`split_matmul` them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    return split_matmul([(e.key, e.self_cpu_time_total) for e in prof.key_averages()], steps)
 
 
 def build(h: int, i: int, blocks: int, seed: int = 0) -> list[nn.Parameter]:
@@ -55,6 +84,9 @@ def main() -> None:
         help="default (p=0.125, auto), fast5 (p=0.125), muon (p=0, ns), ns (p=0.125, ns)",
     )
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile N more steps of each: matmul vs the rest"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +137,16 @@ def main() -> None:
             f"compiled {mc * 1e3:7.1f} ms (x{rc:4.2f})  compiled/eager {mc / me:4.2f}  "
             f"compile {compile_s:6.1f} s  graphs {graphs}  max |diff| {diff:.2e}"
         )
+        split = {}
+        if args.profile:
+            for label, fn in (("eager", eager.step), ("compiled", step)):
+                mm, rest = profile_split(fn, args.profile)
+                split[f"{label}_matmul_ms"], split[f"{label}_other_ms"] = mm, rest
+            print(
+                f"{'':7s} profiled ({args.profile} steps), ms per step: "
+                f"eager matmul {split['eager_matmul_ms']:6.1f} other {split['eager_other_ms']:5.1f} | "
+                f"compiled matmul {split['compiled_matmul_ms']:6.1f} other {split['compiled_other_ms']:5.1f}"
+            )
         rows.append(
             dict(
                 config=name,
@@ -120,6 +162,7 @@ def main() -> None:
                 eager_s=te,
                 compiled_s=tc,
                 muon_s=tr,
+                **split,
             )
         )
     if args.json:

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import compile_step  # noqa: E402
 import machine  # noqa: E402
 import matrix_step  # noqa: E402
 import memory  # noqa: E402
@@ -287,3 +288,19 @@ def test_step_cost_rows_take_a_chunk_budget():
         assert len(rows) == 8
         for row in rows:
             assert row.make([p], 0.02, 0.95, 0.0).param_groups[0]["chunk_bytes"] == chunk_bytes, row.key
+
+
+def test_split_matmul_counts_each_product_once_against_the_rest():
+    events = [
+        ("aten::mm", 3000.0),
+        ("aten::addmm_", 1000.0),
+        ("aten::baddbmm", 2000.0),
+        ("aten::matmul", 10.0),  # its own time only: the product is the mm below it
+        ("aten::add_", 400.0),
+        ("## Call CompiledFxGraph abc", 590.0),  # inductor's generated kernels: elementwise
+    ]
+    mm, rest = compile_step.split_matmul(events, steps=2)
+    assert mm == pytest.approx(3.005) and rest == pytest.approx(0.495)
+    assert (mm + rest) * 2 == pytest.approx(sum(t for _, t in events) / 1e3)
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        compile_step.split_matmul(events, steps=0)
