@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/shape_cost.py                     # the LLaMA-135M batches
     PYTHONPATH=src python benchmarks/shape_cost.py --shapes 4x512x512 2x1376x512 1x512x1376
     PYTHONPATH=src python benchmarks/shape_cost.py --matmul            # bf16 vs fp32 matmul only
+    PYTHONPATH=src python benchmarks/shape_cost.py --batched --shapes 4x512x512 2x512x1376
 
 ``benchmarks/step_cost.py`` times whole ``HTMuon.step()`` calls; this script isolates the spectral
 map: for each batch shape ``BxMxN`` it times ``polar(X)`` (Muon's NS5, float32) and
@@ -10,9 +11,12 @@ map: for each batch shape ``BxMxN`` it times ``polar(X)`` (Muon's NS5, float32) 
 (``--repeats`` rounds, median kept), and prints the ratio to Muon's time. ``--matmul`` times one
 ``(m x m) @ (m x n)`` product in float32 and in bfloat16 on the current device: on AVX2-only CPUs
 bfloat16 is 30-180x slower, on AVX-512-BF16 / AMX CPUs several times faster (the header names the
-CPU's matmul ISA). Times are CPU time of the process (``time.process_time``, robust to other jobs
-on a shared machine), each call repeated until it lasts >= 20 ms. One torch thread by default, as
-in step_cost.py.
+CPU's matmul ISA). ``--batched`` times, for each batch shape, the Gram matrices ``X X^T`` as one
+``bmm`` against a loop of per-matrix ``mm`` (what :func:`htmuon.spectral.gram` does on the eager CPU
+path, where a small batched product was up to 5x slower on an AMX Xeon; compiled steps and
+accelerators take the ``bmm``), in float32 and bfloat16. Times are CPU time of the process
+(``time.process_time``, robust to other jobs on a shared machine), each call repeated until it
+lasts >= 20 ms. One torch thread by default, as in step_cost.py.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--matmul", action="store_true", help="only time fp32 vs bf16 matmuls")
+    parser.add_argument("--batched", action="store_true", help="only time bmm vs per-matrix mm Gram matrices")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -74,6 +79,27 @@ def main() -> None:
             t = timed({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in ops.items()}, max(1, args.repeats // 2))
             f32, b16 = t[torch.float32], t[torch.bfloat16]
             print(f"| {m}x{m} @ {m}x{n} | {1e3 * f32:.2f} | {1e3 * b16:.2f} | {b16 / f32:.2f}x |", flush=True)
+        return
+    if args.batched:
+        print("| batch | dtype | per-matrix mm ms | bmm ms | bmm / per-matrix |")
+        print("|---|---|---:|---:|---:|")
+        for shape in args.shapes:
+            B, m, n = (int(v) for v in shape.split("x"))
+            for dt in (torch.float32, torch.bfloat16):
+                X = torch.randn(B, m, n, generator=torch.Generator().manual_seed(0)).to(dt)
+                out = X.new_empty(B, m, m)
+
+                def looped(X=X, out=out):
+                    for i in range(X.shape[0]):
+                        torch.mm(X[i], X[i].T, out=out[i])
+
+                t = timed({"loop": looped, "bmm": lambda X=X: torch.bmm(X, X.mT)}, args.repeats)
+                name = str(dt).removeprefix("torch.")
+                print(
+                    f"| {shape} | {name} | {1e3 * t['loop']:.2f} | {1e3 * t['bmm']:.2f} | "
+                    f"{t['bmm'] / t['loop']:.2f}x |",
+                    flush=True,
+                )
         return
     print("| batch | " + " | ".join(f"{m} ms | {m} x Muon" for m in args.methods) + " | Muon NS5 ms |")
     print("|---|" + "---:|---:|" * len(args.methods) + "---:|")
