@@ -1370,7 +1370,7 @@ def plot_gap_vs_params(rows: list[dict], path: Path) -> None:
     ax.set(
         xlabel="parameters",
         ylabel=f"val loss − {rows[0]['ref']}'s (paired by seed)",
-        title="gap to Muon vs model size (mean over seeds, 95% interval)",
+        title="gap to Muon vs model size\n(mean over seeds, 95% interval)",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
