@@ -174,7 +174,8 @@ def gram(X: Tensor) -> Tensor:
 
     On CPU (eager) one 2-D product per matrix: a batched ``bmm`` against the transposed view is up to
     5x slower there for small batches (bfloat16 ``1 x 768 x 2048``: 11.4 vs 2.3 ms on an AMX Xeon,
-    one thread), and per-matrix products give each matrix the same bits however the step batches it.
+    one thread; on an AMD EPYC Zen 5 the two cost the same, ``benchmarks/shape_cost.py --batched``),
+    and per-matrix products give each matrix the same bits however the step batches it.
     """
     if X.ndim == 3 and not host_path(X.device):
         return torch.bmm(X, X.mT)  # as ``X @ X.mT`` (the same kernel), without matmul's four views
