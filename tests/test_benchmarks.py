@@ -262,6 +262,31 @@ def test_gpu_check_script_parses_and_its_benchmarks_import():
     assert all(f"benchmarks/{n}.py" in text for n in ("step_cost", "memory", "chunk_budget", "step_profile"))
 
 
+def test_cpu_check_script_parses_and_names_each_benchmark_it_runs():
+    """benchmarks/cpu_check.sh (issue 11's CPU measurements for a new CPU kind) runs for ~40 minutes
+    and only when a session lands on such a CPU: its syntax, and that every benchmark it runs exists
+    and imports, are checked here. (A QUICK=1 smoke run of it took ~3 minutes on a Zen 5.)"""
+    import importlib
+    import re
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_check.sh"
+    r = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ran = set(re.findall(r"^\s*\$PY benchmarks/(\w+)\.py", script.read_text(), flags=re.M))
+    assert ran == {"shape_cost", "step_cost", "memory", "chunk_budget", "compile_step"}
+    for name in ran:
+        assert importlib.import_module(name).main
+    rows = set(re.findall(r"rows(?:60|135)(?:\+)?=\(([^)]*)\)", script.read_text()))
+    step_cost = importlib.import_module("step_cost")
+    known = {row.key for row in step_cost.all_rows()} | {"paper", "paper_interval5"}
+    assert rows and all(set(r.split()) <= known for r in rows), rows
+
+
 def test_step_profile_counts_the_accelerator_path_on_cpu(monkeypatch, capsys):
     """``step_profile.py --accelerator-paths``: BENCHMARKS.md §A-8's operator counts of the GPU path,
     on one block of the 60M set; the stacked path dispatches fewer operators than the per-matrix one."""
