@@ -329,3 +329,39 @@ def test_split_matmul_counts_each_product_once_against_the_rest():
     assert (mm + rest) * 2 == pytest.approx(sum(t for _, t in events) / 1e3)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         compile_step.split_matmul(events, steps=0)
+
+
+def test_shape_cost_batched_prints_one_row_per_shape_and_dtype(monkeypatch, capsys):
+    """``shape_cost.py --batched`` (BENCHMARKS.md §A-14): a row per batch shape and dtype, its ratio
+    the quotient of its two times (printed to 0.01 ms: checked where both are >= 0.05 ms, which the
+    float32 2 x 256 x 512 row is on any CPU: 134 MFLOP)."""
+    import importlib
+    import re
+
+    shape_cost = importlib.import_module("shape_cost")
+    argv = [
+        "shape_cost.py",
+        "--batched",
+        "--shapes",
+        "2x256x512",
+        "3x32x32",
+        "--repeats",
+        "1",
+        "--threads",
+        "0",
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    shape_cost.main()
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (\d+x\d+x\d+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$", out, re.M)
+    assert [(shape, dtype) for shape, dtype, *_ in rows] == [
+        ("2x256x512", "float32"),
+        ("2x256x512", "bfloat16"),
+        ("3x32x32", "float32"),
+        ("3x32x32", "bfloat16"),
+    ], out
+    timed = [(float(loop), float(bmm), float(ratio)) for *_, loop, bmm, ratio in rows]
+    assert timed[0][0] >= 0.05 and timed[0][1] >= 0.05, out
+    for loop, bmm, ratio in timed:
+        if loop >= 0.05 and bmm >= 0.05:  # each printed value within 0.005 of the unrounded one
+            assert ratio == pytest.approx(bmm / loop, abs=0.006 + 0.006 * (1 + bmm / loop) / loop), out
