@@ -10,9 +10,10 @@
 #
 # 1. benchmarks/shape_cost.py --matmul and --batched: what bf16 costs against fp32 here (decides
 #    `method="auto"` / `ns_dtype="auto"`), and batched against per-matrix products (`gram`'s choice).
-# 2. benchmarks/step_cost.py: the LLaMA-60M set, every row of issue 11's targets (default, fast
-#    fp32, fast5, interval=5, eigh, HTMuon's own p = 0 step; with PAPER_CODE the paper's optimizer
-#    and its interval variant), 6 rounds; then the LLaMA-135M set, 3 rounds, without errors.
+# 2. benchmarks/step_cost.py: the LLaMA-60M set, every row of issue 11's targets (default, fast in
+#    fp32 and in bf16, fast5, interval=5; also eigh and HTMuon's own p = 0 step; with PAPER_CODE the
+#    paper's optimizer and its interval variant), 6 rounds; then the LLaMA-135M set, 3 rounds,
+#    without errors.
 # 3. benchmarks/memory.py: each step's transient memory against issue 11's bound, both sets.
 # 4. benchmarks/chunk_budget.py: step time and memory at chunk_bytes 8 / 16 / 32 MiB (the CPU
 #    default is 32 MiB; §A-13 found 16 MiB meets the 60M set's bound at the same time on a Zen 5).
@@ -51,14 +52,15 @@ fi
 if [[ $PARTS == *" 1 "* ]]; then
     say "1. bf16 vs fp32 matmul; batched vs per-matrix Gram matrices"
     $PY benchmarks/shape_cost.py --matmul --repeats 5 2>&1 | tee "$OUT/matmul.txt"
-    $PY benchmarks/shape_cost.py --batched --repeats 7 --shapes 4x512x512 8x512x512 2x512x1376 2x1376x512 \
-        4x768x768 2x768x2048 2>&1 | tee "$OUT/batched_gram.txt"
-    say "shape cost: exit ${PIPESTATUS[0]}"
+    say "matmul: exit ${PIPESTATUS[0]}"
+    $PY benchmarks/shape_cost.py --batched --repeats 7 --shapes 1x768x2048 4x512x512 8x512x512 2x512x1376 \
+        2x1376x512 4x768x768 2x768x2048 2>&1 | tee "$OUT/batched_gram.txt"
+    say "batched: exit ${PIPESTATUS[0]}"
 fi
 
 if [[ $PARTS == *" 2 "* ]]; then
     say "2. step cost vs torch.optim.Muon (60M set, then 135M)"
-    rows60=(p0 default fast_fp32 fast5 interval5 eigh)
+    rows60=(p0 default fast_fp32 fast_bf16 fast5 interval5 eigh)
     rows135=(p0 default fast5 interval5)
     if [ -n "${PAPER_CODE:-}" ]; then
         rows60+=(paper paper_interval5)

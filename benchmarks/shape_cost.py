@@ -55,6 +55,12 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def batched_row(shape: str, dtype: torch.dtype, loop_s: float, bmm_s: float) -> str:
+    """One row of the ``--batched`` table: the shape, the dtype, both times in ms and ``bmm / loop``."""
+    name = str(dtype).removeprefix("torch.")
+    return f"| {shape} | {name} | {1e3 * loop_s:.2f} | {1e3 * bmm_s:.2f} | {bmm_s / loop_s:.2f}x |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="batches as BxMxN")
@@ -94,12 +100,7 @@ def main() -> None:
                         torch.mm(X[i], X[i].T, out=out[i])
 
                 t = timed({"loop": looped, "bmm": lambda X=X: torch.bmm(X, X.mT)}, args.repeats)
-                name = str(dt).removeprefix("torch.")
-                print(
-                    f"| {shape} | {name} | {1e3 * t['loop']:.2f} | {1e3 * t['bmm']:.2f} | "
-                    f"{t['bmm'] / t['loop']:.2f}x |",
-                    flush=True,
-                )
+                print(batched_row(shape, dt, t["loop"], t["bmm"]), flush=True)
         return
     print("| batch | " + " | ".join(f"{m} ms | {m} x Muon" for m in args.methods) + " | Muon NS5 ms |")
     print("|---|" + "---:|---:|" * len(args.methods) + "---:|")

@@ -262,7 +262,7 @@ def test_gpu_check_script_parses_and_its_benchmarks_import():
     assert all(f"benchmarks/{n}.py" in text for n in ("step_cost", "memory", "chunk_budget", "step_profile"))
 
 
-def test_cpu_check_script_parses_and_names_each_benchmark_it_runs():
+def test_cpu_check_script_parses_and_names_each_benchmark_it_runs(monkeypatch, capsys):
     """benchmarks/cpu_check.sh (issue 11's CPU measurements for a new CPU kind) runs for ~40 minutes
     and only when a session lands on such a CPU: its syntax, and that every benchmark it runs exists
     and imports, are checked here. (A QUICK=1 smoke run of it took ~3 minutes on a Zen 5.)"""
@@ -285,6 +285,18 @@ def test_cpu_check_script_parses_and_names_each_benchmark_it_runs():
     step_cost = importlib.import_module("step_cost")
     known = {row.key for row in step_cost.all_rows()} | {"paper", "paper_interval5"}
     assert rows and all(set(r.split()) <= known for r in rows), rows
+    # every option the script passes is one its benchmark takes (from the benchmark's own --help)
+    text = script.read_text().replace("\\\n", " ")
+    for name in ran:
+        passed = set()
+        for line in re.findall(rf"\$PY benchmarks/{name}\.py([^\n]*)", text):
+            passed |= set(re.findall(r"(--[a-z][a-z-]*)", line))
+        monkeypatch.setattr("sys.argv", [f"{name}.py", "--help"])
+        with pytest.raises(SystemExit) as exited:
+            importlib.import_module(name).main()
+        assert exited.value.code == 0
+        known_flags = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
+        assert passed and passed <= known_flags, (name, passed - known_flags)
 
 
 def test_step_profile_counts_the_accelerator_path_on_cpu(monkeypatch, capsys):
@@ -365,3 +377,6 @@ def test_shape_cost_batched_prints_one_row_per_shape_and_dtype(monkeypatch, caps
     for loop, bmm, ratio in timed:
         if loop >= 0.05 and bmm >= 0.05:  # each printed value within 0.005 of the unrounded one
             assert ratio == pytest.approx(bmm / loop, abs=0.006 + 0.006 * (1 + bmm / loop) / loop), out
+    # the row itself, on times whose ratio is far from 1 (measured ones are near 1 on some CPUs)
+    row = shape_cost.batched_row("4x8x8", torch.bfloat16, 0.004, 0.001)
+    assert row == "| 4x8x8 | bfloat16 | 4.00 | 1.00 | 0.25x |"
