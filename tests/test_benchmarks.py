@@ -243,50 +243,28 @@ def test_step_cost_pairs_every_row_with_muon_steps_timed_next_to_it(monkeypatch,
     assert by["muon"]["ratio_cpu"] == [1.0] * 4
 
 
-def test_gpu_check_script_parses_and_its_benchmarks_import():
-    """benchmarks/gpu_check.sh runs only where a GPU is lent (minutes, rarely): a syntax error or a
-    benchmark that no longer imports would be found only then. Both are checked here."""
-    import importlib
+def _check_script(name: str) -> str:
+    """The text of ``benchmarks/<name>``, after ``bash -n`` found no syntax error in it."""
     import shutil
     import subprocess
 
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     r = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    text = script.read_text()
-    for name in ("step_cost", "memory", "chunk_budget", "step_profile"):
-        assert importlib.import_module(name).main  # every benchmark the script (or its docs) names
-    assert all(f"benchmarks/{n}.py" in text for n in ("step_cost", "memory", "chunk_budget", "step_profile"))
+    return script.read_text().replace("\\\n", " ")  # continued lines joined
 
 
-def test_cpu_check_script_parses_and_names_each_benchmark_it_runs(monkeypatch, capsys):
-    """benchmarks/cpu_check.sh (issue 11's CPU measurements for a new CPU kind) runs for ~40 minutes
-    and only when a session lands on such a CPU: its syntax, and that every benchmark it runs exists
-    and imports, are checked here. (A QUICK=1 smoke run of it took ~3 minutes on a Zen 5.)"""
+def _benchmarks_run(text: str, monkeypatch, capsys) -> set[str]:
+    """The benchmarks a script runs (``$PY benchmarks/NAME.py ...``), each checked to import and to
+    take every option the script passes it (from the benchmark's own ``--help``: argparse would also
+    take an abbreviation, which a renamed option can silently become)."""
     import importlib
     import re
-    import shutil
-    import subprocess
 
-    bash = shutil.which("bash")
-    if bash is None:
-        pytest.skip("no bash")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_check.sh"
-    r = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    ran = set(re.findall(r"^\s*\$PY benchmarks/(\w+)\.py", script.read_text(), flags=re.M))
-    assert ran == {"shape_cost", "step_cost", "memory", "chunk_budget", "compile_step"}
-    for name in ran:
-        assert importlib.import_module(name).main
-    rows = set(re.findall(r"rows(?:60|135)(?:\+)?=\(([^)]*)\)", script.read_text()))
-    step_cost = importlib.import_module("step_cost")
-    known = {row.key for row in step_cost.all_rows()} | {"paper", "paper_interval5"}
-    assert rows and all(set(r.split()) <= known for r in rows), rows
-    # every option the script passes is one its benchmark takes (from the benchmark's own --help)
-    text = script.read_text().replace("\\\n", " ")
+    ran = set(re.findall(r"\$PY benchmarks/(\w+)\.py", text))
     for name in ran:
         passed = set()
         for line in re.findall(rf"\$PY benchmarks/{name}\.py([^\n]*)", text):
@@ -297,6 +275,37 @@ def test_cpu_check_script_parses_and_names_each_benchmark_it_runs(monkeypatch, c
         assert exited.value.code == 0
         known_flags = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
         assert passed and passed <= known_flags, (name, passed - known_flags)
+    return ran
+
+
+def test_gpu_check_script_parses_and_its_benchmarks_take_its_options(monkeypatch, capsys):
+    """benchmarks/gpu_check.sh runs only where a GPU is lent (minutes, rarely): a syntax error, a
+    benchmark that no longer imports or an option it no longer takes would be found only then."""
+    text = _check_script("gpu_check.sh")
+    assert _benchmarks_run(text, monkeypatch, capsys) == {
+        "step_cost",
+        "memory",
+        "chunk_budget",
+        "step_profile",
+    }
+
+
+def test_cpu_check_script_parses_and_its_benchmarks_take_its_options(monkeypatch, capsys):
+    """benchmarks/cpu_check.sh (issue 11's CPU measurements for a new CPU kind) runs for ~40 minutes
+    and only when a session lands on such a CPU: its syntax, its benchmarks and their options, and
+    the step-cost rows it names are checked here. (A QUICK=1 smoke run took ~3 minutes on a Zen 5.)"""
+    import importlib
+    import re
+
+    text = _check_script("cpu_check.sh")
+    ran = _benchmarks_run(text, monkeypatch, capsys)
+    assert ran == {"shape_cost", "step_cost", "memory", "chunk_budget", "compile_step"}
+    rows = set(re.findall(r"rows(?:60|135)(?:\+)?=\(([^)]*)\)", text))
+    known = {row.key for row in importlib.import_module("step_cost").all_rows()} | {
+        "paper",
+        "paper_interval5",
+    }
+    assert rows and all(set(r.split()) <= known for r in rows), rows
 
 
 def test_step_profile_counts_the_accelerator_path_on_cpu(monkeypatch, capsys):
