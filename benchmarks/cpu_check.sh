@@ -8,8 +8,9 @@
 # About 35-45 minutes of one core on the CPUs measured so far (BENCHMARKS.md §A-12 to §A-14); pause
 # other jobs on the machine while it runs (it does not do so itself).
 #
-# 1. benchmarks/shape_cost.py --matmul and --batched: what bf16 costs against fp32 here (decides
-#    `method="auto"` / `ns_dtype="auto"`), and batched against per-matrix products (`gram`'s choice).
+# 1. benchmarks/shape_cost.py --matmul and --batched: what bf16 costs against fp32 here (what
+#    `method="auto"` / `ns_dtype="auto"` decide from the CPU's flags should agree with it), and
+#    batched against per-matrix products (`gram`'s choice).
 # 2. benchmarks/step_cost.py: the LLaMA-60M set, every row of issue 11's targets (default, fast in
 #    fp32 and in bf16, fast5, interval=5; also eigh and HTMuon's own p = 0 step; with PAPER_CODE the
 #    paper's optimizer and its interval variant), 6 rounds; then the LLaMA-135M set, 3 rounds,
