@@ -1044,3 +1044,50 @@ def test_gpu_llama_presets_are_the_papers_setup(preset, model, steps, lrs):
     assert {k: p.lrs[k] for k in lrs} == lrs
     cfg = resolve_optimizer(make_config(c, overrides={"optimizer": "htmuon"}), p.lrs)
     assert cfg.grad_clip == 0.0 and cfg.lr == lrs["htmuon"] and cfg.adamw_lr == 1e-3
+
+
+def _val_windows_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "val_windows.py"
+    spec = importlib.util.spec_from_file_location("val_windows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_val_windows_pairs_runs_by_step_and_keeps_a_resumed_runs_last_value(tmp_path, capsys):
+    """scripts/val_windows.py (the val_windows.csv of RESULTS.md's llama-small seeds): the steps both
+    runs evaluated at, the last value of a step a resumed run logged twice, train rows ignored; a run
+    without validation rows is named in the error."""
+    vw = _val_windows_script()
+
+    def run(name, rows):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+
+    ref = run("muon=lr", [{"step": s, "kind": "val", "loss": 5.0 - s / 100} for s in (50, 100, 150)])
+    other = run(
+        "ht",
+        [
+            {"step": 50, "kind": "val", "loss": 4.6},
+            {"step": 60, "kind": "train", "loss": 9.0},
+            {"step": 100, "kind": "val", "loss": 9.9},  # logged before the resume ...
+            {"step": 100, "kind": "val", "loss": 4.1},  # ... and after it: this one counts
+            {"step": 125, "kind": "val", "loss": 4.0},  # the reference has no such step
+            {"step": 150, "kind": "val", "loss": 3.45},
+        ],
+    )
+    out = tmp_path / "w.csv"
+    assert vw.main(["--out", str(out), "--every", "100", "--run", "muon", ref, "--run", "p=1/32", other]) == 0
+    assert out.read_text() == "step,muon,p=1/32\n50,4.5000,4.6000\n100,4.0000,4.1000\n150,3.5000,3.4500\n"
+    printed = capsys.readouterr().out
+    assert "step 100: p=1/32 +0.100" in printed and "step 150: p=1/32 -0.050" in printed
+    assert "step 50:" not in printed  # only every 100th step and the last
+
+    empty = run("empty", [{"step": 1, "kind": "train", "loss": 7.0}])
+    assert vw.main(["--out", str(tmp_path / "x.csv"), "--run", "muon", ref, "--run", "e", empty]) == 1
+    assert "empty/metrics.jsonl: no validation rows" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
