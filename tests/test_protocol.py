@@ -976,14 +976,19 @@ def test_run_cells_reports_the_cells_folder_not_the_one_a_moved_summary_recorded
     assert (Path(res[0]["run_dir"]) / "config.json").is_file()
 
 
-def _merge_script():
+def _script(name: str):
+    """``scripts/<name>.py`` imported as a module."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "merge_size_scan.py"
-    spec = importlib.util.spec_from_file_location("merge_size_scan", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _merge_script():
+    return _script("merge_size_scan")
 
 
 def test_merge_size_scan_pairs_each_model_with_its_one_reference(tmp_path):
@@ -1046,21 +1051,11 @@ def test_gpu_llama_presets_are_the_papers_setup(preset, model, steps, lrs):
     assert cfg.grad_clip == 0.0 and cfg.lr == lrs["htmuon"] and cfg.adamw_lr == 1e-3
 
 
-def _val_windows_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "val_windows.py"
-    spec = importlib.util.spec_from_file_location("val_windows", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_val_windows_pairs_runs_by_step_and_keeps_a_resumed_runs_last_value(tmp_path, capsys):
     """scripts/val_windows.py (the val_windows.csv of RESULTS.md's llama-small seeds): the steps both
     runs evaluated at, the last value of a step a resumed run logged twice, train rows ignored; a run
     without validation rows is named in the error."""
-    vw = _val_windows_script()
+    vw = _script("val_windows")
 
     def run(name, rows):
         d = tmp_path / name
