@@ -18,27 +18,19 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 
 from htmuon.train.data import atomic_write_bytes
+from htmuon.train.loop import read_metrics
 
 
 def val_losses(run_dir: Path) -> dict[int, float]:
-    """``{step: validation loss}`` from a run folder's metrics.jsonl (the last value of a step wins)."""
+    """``{step: validation loss}`` from a run folder's metrics.jsonl, read by the harness's own
+    :func:`~htmuon.train.loop.read_metrics` (a line torn by a kill is dropped; the last value of a
+    step wins)."""
     path = run_dir / "metrics.jsonl"
-    out: dict[int, float] = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {n} is not JSON ({exc.msg})") from exc
-            if row.get("kind") == "val":
-                out[int(row["step"])] = float(row["loss"])
+    out = {int(r["step"]): float(r["loss"]) for r in read_metrics(path) if r.get("kind") == "val"}
     if not out:
         raise ValueError(f"{path}: no validation rows (kind 'val')")
     return out
