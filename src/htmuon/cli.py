@@ -16,7 +16,7 @@ import os
 import stat
 import sys
 
-from .errors import Interrupted, UserError
+from .errors import CollectiveError, Interrupted, UserError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as e:
         print(f"htmuon {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, CollectiveError):
+            # a peer hung or died: the process group's threads may still wait in its collective, and
+            # the interpreter's shutdown would then abort (std::terminate, exit -6) instead of exiting 2
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except OSError as e:  # the environment (disk full, read-only, permissions) where no UserError named it
         if isinstance(e, BrokenPipeError) and _stdout_is_a_pipe():
