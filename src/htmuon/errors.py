@@ -8,7 +8,12 @@ class UserError(Exception):
 
 class CollectiveError(UserError):
     """Under torchrun: a collective (or the process group's start) failed because another rank hung
-    past the collective timeout or died; every surviving rank raises it instead of waiting forever."""
+    past the collective timeout or died; every surviving rank raises it instead of waiting forever.
+
+    The process group's threads may still be blocked in the failed collective, and the interpreter's
+    normal shutdown can then abort (``std::terminate``, exit -6): the CLI prints the one line and ends
+    the process with ``os._exit(2)``; a program that catches it under torchrun should end its process
+    the same way rather than return into a normal shutdown."""
 
 
 class Interrupted(Exception):
