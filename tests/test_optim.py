@@ -61,6 +61,30 @@ def test_p0_ns_matches_torch_muon():
         assert torch.equal(o, t)
 
 
+@pytest.mark.parametrize("adjust", [None, "original", "match_rms_adamw"])
+def test_torch_muon_group_keys(adjust):
+    """A param group written for torch.optim.Muon (its ``adjust_lr_fn`` and ``ns_coefficients``) steps
+    as torch.optim.Muon does (bit-identical in its bfloat16 iteration); values HTMuon would not honour
+    are refused with the value named, not silently ignored."""
+    W0, grads = torch.randn(80, 48), [torch.randn(80, 48) for _ in range(2)]
+    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1)
+    keys = dict(adjust_lr_fn=adjust, ns_coefficients=(3.4445, -4.7750, 2.0315))
+    theirs, _ = _run(lambda ps: torch.optim.Muon([dict(params=ps, **keys)], **kw), W0, grads)
+    ours, _ = _run(
+        lambda ps: HTMuon([dict(params=ps, **keys)], p=0.0, method="ns", ns_dtype=torch.bfloat16, **kw),
+        W0,
+        grads,
+    )
+    assert torch.equal(ours, theirs)
+    W = nn.Parameter(W0.clone())
+    with pytest.raises(ValueError, match=r"adjust_lr_fn='unit' in param group 0: .*lr_adjust='none'"):
+        HTMuon([dict(params=[W], adjust_lr_fn="unit")])
+    with pytest.raises(ValueError, match=r"adjust_lr_fn='match_rms_adamw' contradicts lr_adjust='muon'"):
+        HTMuon([dict(params=[W], adjust_lr_fn="match_rms_adamw", lr_adjust="muon")])
+    with pytest.raises(ValueError, match=r"ns_coefficients=\(3\.0, -4\.0, 2\.0\) in param group 0"):
+        HTMuon([dict(params=[W], ns_coefficients=(3.0, -4.0, 2.0))])
+
+
 def test_adamw_part_matches_torch_adamw():
     b0, grads = torch.randn(37), [torch.randn(37) for _ in range(5)]
     kw = dict(lr=1e-2, weight_decay=0.1)
@@ -579,6 +603,21 @@ def test_fallback_on_an_uncorrected_step_is_the_polar_factor(monkeypatch):
     polar_exact = exact_power(G.double(), 0.0)
     assert rel_err(d / d.norm(), polar_exact / polar_exact.norm()) < 1e-5
     assert rel_err(d / d.norm(), exact_power(G.double(), 0.5) / exact_power(G.double(), 0.5).norm()) > 0.05
+
+
+@pytest.mark.parametrize("corrected", [False, True])
+def test_fallback_on_a_low_rank_float32_batch_adds_no_directions(corrected):
+    """The exact fallback zeroes the rounding of a float32 batch as the exact backends do: a rank-2
+    float32 momentum gives a rank-2 direction (it ran its SVD on a float64 copy once, which lifted the
+    float32 rounding to ``s**p``: p = 0 gave 48 unit singular values), and an uncorrected step gets
+    ``U V^T`` with unit singular values, not rescaled to Muon's RMS (which made them 4 here)."""
+    torch.manual_seed(0)
+    G = (torch.randn(32, 2) @ torch.randn(2, 48)).unsqueeze(0)  # rank 2, float32
+    group = {"p": 0.125, "spectrum": "power", "scale": "raw", "method": "svd"}
+    s = torch.linalg.svdvals(F.exact_direction(G, group, corrected).double())[0]
+    want = torch.linalg.svdvals(exact_power(G[0].double(), 0.125 if corrected else 0.0))[:2]
+    assert torch.allclose(s[:2], want, rtol=1e-5)
+    assert s[2:].max() < 1e-5 * s[0]
 
 
 def test_chunk_work_bytes_scales_with_the_batch():

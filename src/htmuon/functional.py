@@ -32,7 +32,6 @@ from .spectral import (
     polar,
     resolve_method,
     spectral_map,
-    spectral_power,
 )
 
 __all__ = [
@@ -311,13 +310,18 @@ def direction(mats: Tensor, group: dict[str, Any], corrected: bool) -> Tensor:
 
 
 def exact_direction(mats: Tensor, group: dict[str, Any], corrected: bool) -> Tensor:
-    """The float64 SVD rule for the same map (the fallback when a fast backend fails on finite input)."""
+    """The float64 SVD rule for the same map (the fallback when a fast backend fails on finite input).
+
+    The SVD runs in float64 on the batch as it is (not on a float64 copy), so singular values at the
+    rounding level of a float32 or 16-bit batch are zeroed as the exact backends zero them
+    (:func:`htmuon.spectral._input_floor`): a low-rank momentum gains no directions from its rounding.
+    An uncorrected step (``interval``) gets the polar factor ``U V^T`` itself (unit singular values on
+    the batch's rank, as Muon's), not rescaled to ``scale``.
+    """
     p = float(group["p"]) if corrected else 0.0
     spectrum = group["spectrum"] if corrected else "power"
-    scale = group["scale"] if corrected else "muon_rms"  # the polar factor: unit singular values
-    out = spectral_power(
-        mats.double(), p, method="svd", spectrum=spectrum, scale=scale, compute_dtype=torch.float64
-    )
+    scale = group["scale"] if corrected else "raw"  # p = 0, raw: U V^T, unit singular values
+    out = spectral_map(mats, p, method="svd", spectrum=spectrum, scale=scale, compute_dtype=torch.float64)
     return out if mats.dtype == torch.float64 else out.float()
 
 

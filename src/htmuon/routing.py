@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from .functional import matrix_shape
+from .spectral import MUON_NS5_COEFFICIENTS
 
 __all__ = [
     "DEFAULT_HEAD_NAMES",
@@ -87,6 +88,12 @@ ROUTING_KEYS = ("use_muon", "routing", "adamw_lr", "adamw_weight_decay")
 #: Group keys of other optimizers' conventions, read as HTMuon's AdamW options (torch's AdamW,
 #: MuonWithAuxAdam: betas, eps; pytorch-optimizer's Muon: adamw_wd).
 ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "adamw_wd": "adamw_weight_decay"}
+#: torch.optim.Muon's ``adjust_lr_fn`` values, as HTMuon's ``lr_adjust`` (the same rules:
+#: ``sqrt(max(1, m / n))`` and ``0.2 sqrt(max(m, n))``).
+TORCH_MUON_LR_ADJUST = {None: "muon", "original": "muon", "match_rms_adamw": "adamw_rms"}
+#: torch.optim.Muon's Newton--Schulz coefficients, which HTMuon's polar factor runs (``ns_coefficients``
+#: in a group is accepted only as these: other ones would be silently ignored).
+TORCH_MUON_NS_COEFFICIENTS = MUON_NS5_COEFFICIENTS
 #: Group keys others put there (torch, LR schedulers, torchtitan, user labels): never typo candidates.
 FOREIGN_KEYS = frozenset(
     {
@@ -369,6 +376,40 @@ def _apply_aliases(group: dict[str, Any], where: str) -> None:
         group[key] = tuple(value) if alias == "betas" and isinstance(value, list) else value
 
 
+def _apply_torch_muon_keys(group: dict[str, Any], where: str) -> None:
+    """torch.optim.Muon's group keys: ``adjust_lr_fn`` -> ``lr_adjust``; ``ns_coefficients`` checked
+    against the coefficients HTMuon runs. (Its ``eps``, the Newton--Schulz epsilon, is an alias of
+    ``adamw_eps`` here, as in torch's AdamW: :data:`ALIASES`.)"""
+    if "adjust_lr_fn" in group:
+        value = group.pop("adjust_lr_fn")
+        if not isinstance(value, (str, type(None))) or value not in TORCH_MUON_LR_ADJUST:
+            raise ValueError(
+                f"adjust_lr_fn={value!r}{where}: torch.optim.Muon's rules are None, 'original' and "
+                "'match_rms_adamw' (HTMuon's lr_adjust 'muon' and 'adamw_rms'; lr_adjust='none' for no "
+                "adjustment)"
+            )
+        key = TORCH_MUON_LR_ADJUST[value]
+        if group.get("lr_adjust", key) != key:
+            raise ValueError(
+                f"adjust_lr_fn={value!r} contradicts lr_adjust={group['lr_adjust']!r}{where} "
+                f"(adjust_lr_fn={value!r} is lr_adjust={key!r})"
+            )
+        group["lr_adjust"] = key
+    if "ns_coefficients" in group:
+        value = group.pop("ns_coefficients")
+        try:
+            same = len(value) == 3 and all(
+                math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(value, TORCH_MUON_NS_COEFFICIENTS)
+            )
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(
+                f"ns_coefficients={value!r}{where}: HTMuon's Newton--Schulz runs Muon's "
+                f"{TORCH_MUON_NS_COEFFICIENTS} only (other coefficients would be silently ignored)"
+            )
+
+
 def _apply_use_muon(group: dict[str, Any], where: str) -> None:
     """``use_muon`` (MuonWithAuxAdam's, pytorch-optimizer's): True -> "htmuon", False -> "adamw"."""
     if "use_muon" not in group:
@@ -461,7 +502,18 @@ def route_params(
         if any(isinstance(g, dict) for g in items):
             return items  # torch: "param_group must be a dict"
         items = [{"params": items}]
-    known = frozenset({"params", "param_names", "names", *defaults, *ROUTING_KEYS, *ALIASES})
+    known = frozenset(
+        {
+            "params",
+            "param_names",
+            "names",
+            *defaults,
+            *ROUTING_KEYS,
+            *ALIASES,
+            "adjust_lr_fn",
+            "ns_coefficients",
+        }
+    )
     out: list[dict[str, Any]] = []
     for index, user_group in enumerate(items):
         group = dict(user_group)
@@ -476,6 +528,7 @@ def route_params(
             )
         _check_keys(group, where, known)
         _apply_aliases(group, where)
+        _apply_torch_muon_keys(group, where)
         _apply_use_muon(group, where)
         group_routing = group.pop("routing", routing)
         _check_routing(group_routing, where)
