@@ -8,9 +8,9 @@ from dataclasses import fields
 
 import pytest
 
-from htmuon.cli import main
+from htmuon.cli import UserError, main
 from htmuon.train.cli import add_config_flags, config_overrides
-from htmuon.train.config import TrainConfig, make_config
+from htmuon.train.config import TrainConfig, from_dict, make_config, to_dict
 
 
 def parse(*argv: str) -> TrainConfig:
@@ -108,3 +108,94 @@ def test_help_lists_switches(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--tensorboard, --no-tensorboard" in out and "--alpha, --no-alpha" in out
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def _train_error(argv, out_dir, capsys) -> str:
+    """The one-line error of ``htmuon train ARGV`` (a UserError: exit status 2; were it accepted, the
+    run would go to OUT_DIR)."""
+    assert main(["train", *argv, "--out-dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("htmuon train: error: ") and "\n" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "keys"),
+    [
+        (
+            "wrapped.json",
+            json.dumps({"config": {"steps": 300}, "stpes": 1, "lr": -5, "optimizer": "nope"}),
+            "top-level keys 'stpes', 'lr', 'optimizer' beside its 'config' object would be ignored",
+        ),
+        ("wrapped.toml", "seed = 3\n[config]\nsteps = 300\n", "top-level key 'seed' beside its 'config'"),
+    ],
+)
+def test_keys_beside_a_config_wrapper_are_refused(tmp_path, name, text, keys):
+    """{"config": {...}} (a run's config as a checkpoint holds it) is read from inside: a key beside it
+    was dropped silently (the file above trained 300 steps of HTMuon, the typo and lr -5 ignored)."""
+    file = tmp_path / name
+    file.write_text(text)
+    with pytest.raises(UserError) as info:
+        make_config(None, str(file), {})
+    err = str(info.value)
+    assert err.startswith(f"config file '{file}': ") and keys in err and "\n" not in err
+    # the wrapper alone is read
+    alone = tmp_path / "alone.json"
+    alone.write_text(json.dumps({"config": {"steps": 300, "alpha": False}}))
+    cfg = make_config(None, str(alone), {})
+    assert (cfg.steps, cfg.alpha) == (300, False)
+
+
+def test_saved_run_configs_load_as_config_files(corpus_file, tmp_path):
+    """What the harness writes still loads with --config: a run folder's config.json (flat), and the
+    same config wrapped as a checkpoint holds it ({"config": ...} alone)."""
+    pytest.importorskip("transformers")
+    from helpers import TINY_RUN
+    from htmuon.train.loop import train
+
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY_RUN, "steps": 2, "data": str(corpus_file), "out_dir": str(out)}))
+    saved = json.loads((out / "config.json").read_text())
+    assert to_dict(make_config(None, str(out / "config.json"), {})) == saved
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"config": saved}))
+    assert to_dict(make_config(None, str(wrapped), {})) == saved
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"steps": -1}, "config key 'steps' must be > 0, got -1 in {file}"),
+        ({"lr": -5.0}, "config key 'lr' must be > 0, got -5.0 in {file}"),
+        (
+            {"routing": "llama"},
+            "config key 'routing' must be one of ['standard', 'paper'], got 'llama' in {file}",
+        ),
+        ({"momentum": 1.0}, "config key 'momentum' must be in [0, 1), got 1.0 in {file}"),
+        ({"steps": 5, "warmup_steps": 9}, "warmup_steps (9) in {file} must not exceed steps (5) in {file}"),
+    ],
+)
+def test_range_errors_of_file_values_name_the_file(tmp_path, capsys, values, message):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps(values))
+    assert message.format(file=file) in _train_error(["--config", str(file)], tmp_path / "run", capsys)
+    # the same values read back from a run's files (resume) name where they were read
+    with pytest.raises(UserError) as info:
+        from_dict(values, where=" in checkpoint ckpt.pt")
+    assert message.format(file="checkpoint ckpt.pt") in str(info.value)
+
+
+def test_range_errors_of_flags_name_only_the_key(tmp_path, capsys):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"steps": 50, "lr": -5.0}))
+    # a flag overriding a file value: its error is the flag's, not the file's
+    err = _train_error(["--config", str(file), "--steps", "-2"], tmp_path / "run", capsys)
+    assert err.endswith("config key 'steps' must be > 0, got -2") and str(file) not in err
+    # a bad file value beside good flags: still the file's
+    err = _train_error(["--config", str(file), "--steps", "40"], tmp_path / "run", capsys)
+    assert err.endswith(f"config key 'lr' must be > 0, got -5.0 in {file}")
+    # a bad file value that a flag overrides is no error
+    assert make_config(None, str(file), {"lr": "0.01"}, strings=True).lr == 0.01

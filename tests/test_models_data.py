@@ -278,6 +278,81 @@ def test_jsonl_gz_folder_and_datasets_sources(corpus_file, tmp_path):
     assert len(c.train) + len(c.val) == len(s.train) + len(s.val)
 
 
+def test_hf_cache_reads_only_the_local_cache_and_never_the_network(tmp_path, monkeypatch):
+    """hf-cache: is strictly offline: a cached dataset loads with every socket blocked; one that is not
+    cached fails at once with a one-line error naming it and the cache (datasets 5 reads
+    config.HF_HUB_OFFLINE, not the HF_DATASETS_OFFLINE that was set: it asked huggingface.co, retrying
+    for ~28 s, and would have downloaded the dataset); the offline switches are restored afterwards."""
+    import socket
+
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants as hub
+
+    from htmuon.train.data import iter_documents
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    for module, flag in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE")):
+        monkeypatch.setattr(module, flag, False)  # a process with the network allowed
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    # fill the cache as a user would (here from a local folder: the cache entry is named 'toy')
+    (tmp_path / "src" / "toy").mkdir(parents=True)
+    for split, n in (("train", 20), ("validation", 3)):
+        rows = "".join(json.dumps({"text": f"{split} document {i}. " * 40}) + "\n" for i in range(n))
+        (tmp_path / "src" / "toy" / f"{split}.jsonl").write_text(rows)
+    datasets.load_dataset(str(tmp_path / "src" / "toy"))
+    monkeypatch.chdir(tmp_path)  # (no folder 'toy' here: the name is a hub name)
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    splits = [split for split, chunks in iter_documents("hf-cache:toy") if list(chunks)]
+    assert splits == ["train"] * 20 + ["val"] * 3  # the dataset's own splits, from the cache
+    assert attempts == []  # (the hub was not asked first)
+    for name, want in (
+        ("htmuon-tests/not-cached", "hf:htmuon-tests/not-cached"),
+        ("toy:nosuchconfig", "Available configs in the cache: ['default']"),
+    ):
+        with pytest.raises(UserError) as info:
+            list(iter_documents(f"hf-cache:{name}"))
+        msg = str(info.value)
+        assert msg.startswith(
+            f"dataset '{name}' is not in the local Hugging Face datasets cache ({tmp_path / 'cache'}): "
+            "hf-cache: reads only that cache, never the network; fill it once"
+        )
+        assert want in msg and "\n" not in msg
+    assert attempts == []
+    # the process is not left offline
+    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE) == (
+        False,
+        False,
+        False,
+    )
+
+
+def test_hf_offline_sets_every_switch_and_restores_it(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants as hub
+
+    from htmuon.train.data import hf_offline
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # a user's own offline setting stays
+    with pytest.raises(RuntimeError), hf_offline():
+        assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE and hub.HF_HUB_OFFLINE
+        raise RuntimeError  # restored on an error too
+    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE) == (
+        False,
+        False,
+        True,
+    )
+
+
 # ----------------------------------------------------------------------------- images
 
 

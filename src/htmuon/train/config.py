@@ -1,9 +1,9 @@
 """The run configuration: every default, with its help text, in one block (nanoGPT spirit).
 
 A config is built as: these defaults < a run preset (``--preset``) < a JSON/TOML file
-(``--config``) < command-line flags (``--steps 500``). A wrong key or type is a ``UserError``
-naming the key and the value. The resolved config is saved as ``config.json`` in the run
-folder and inside every checkpoint.
+(``--config``) < command-line flags (``--steps 500``). A wrong key, type or range is a ``UserError``
+naming the key and the value (and the file, for a value read from one). The resolved config is
+saved as ``config.json`` in the run folder and inside every checkpoint (as its "config" entry).
 """
 
 from __future__ import annotations
@@ -200,36 +200,46 @@ def _type_word(typ: type, optional: bool) -> str:
     return word + (" or null" if optional else "")
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Range checks that do not need the heavy modules (names are checked when resolved)."""
+def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> TrainConfig:
+    """Range checks that do not need the heavy modules (names are checked when resolved).
+    ``origins``: key -> where its value came from (" in FILE"), appended to that key's error."""
+    origins = origins or {}
+
+    def bad(key: str, rule: str) -> UserError:
+        where = origins.get(key, "")
+        return UserError(f"config key '{key}' must be {rule}, got {getattr(cfg, key)!r}{where}")
+
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise UserError(f"config key '{key}' must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+            raise bad(key, f"one of {list(allowed)}")
     for key in POSITIVE:
         if getattr(cfg, key) <= 0:
-            raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)!r}")
+            raise bad(key, "> 0")
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
-            raise UserError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)!r}")
+            raise bad(key, ">= 0")
     if cfg.warmup_fraction is not None and not 0.0 <= cfg.warmup_fraction <= 1.0:
-        raise UserError(f"config key 'warmup_fraction' must be in [0, 1], got {cfg.warmup_fraction!r}")
+        raise bad("warmup_fraction", "in [0, 1]")
     if cfg.warmup_fraction is None and cfg.tokens_per_param == 0 and cfg.warmup_steps > cfg.steps:
-        raise UserError(f"warmup_steps ({cfg.warmup_steps}) must not exceed steps ({cfg.steps})")
+        raise UserError(
+            f"warmup_steps ({cfg.warmup_steps}){origins.get('warmup_steps', '')} must not exceed "
+            f"steps ({cfg.steps}){origins.get('steps', '')}"
+        )
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise UserError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio!r}")
+        raise bad("min_lr_ratio", "in [0, 1]")
     if cfg.lr is not None and cfg.lr <= 0:
-        raise UserError(f"config key 'lr' must be > 0, got {cfg.lr!r}")
+        raise bad("lr", "> 0")
     if cfg.adamw_lr is not None and cfg.adamw_lr <= 0:
-        raise UserError(f"config key 'adamw_lr' must be > 0, got {cfg.adamw_lr!r}")
+        raise bad("adamw_lr", "> 0")
     if cfg.p is not None and not 0.0 <= cfg.p <= 1.0:
-        raise UserError(f"config key 'p' must be in [0, 1], got {cfg.p!r}")
+        raise bad("p", "in [0, 1]")
     if cfg.interval is not None and cfg.interval < 1:
-        raise UserError(f"config key 'interval' must be >= 1, got {cfg.interval!r}")
+        raise bad("interval", ">= 1")
     if not 0 <= cfg.seed < 2**32:  # numpy's legacy seed range (the loop seeds numpy with it)
-        raise UserError(f"config key 'seed' must be in [0, 2**32), got {cfg.seed!r}")
+        raise bad("seed", "in [0, 2**32)")
     for key in ("momentum", "adamw_beta1", "adamw_beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise UserError(f"config key '{key}' must be in [0, 1), got {getattr(cfg, key)!r}")
+            raise bad(key, "in [0, 1)")
     return cfg
 
 
@@ -262,8 +272,17 @@ def read_config_file(path: str) -> dict:
             raise UserError(f"config file '{path}' is not valid JSON: {e.msg} (line {e.lineno})") from None
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a table/object of config keys")
-    # a saved config.json of a run may carry extra sections: only the config itself counts
-    data = data.get("config", data) if isinstance(data.get("config"), dict) else data
+    # a run's config wrapped in an object {"config": {...}} (as a checkpoint holds it) is read
+    # from inside; a key beside it would be ignored, so it is refused
+    if isinstance(data.get("config"), dict):
+        beside = [k for k in data if k != "config"]
+        if beside:
+            names = ", ".join(f"'{k}'" for k in beside)
+            raise UserError(
+                f"config file '{path}': top-level key{'s' if len(beside) > 1 else ''} {names} beside its "
+                "'config' object would be ignored (put config keys inside 'config', or drop the wrapper)"
+            )
+        data = data["config"]
     return data
 
 
@@ -276,17 +295,18 @@ def make_config(
 ) -> TrainConfig:
     """defaults < preset < file < overrides (overrides given as strings when ``strings``)."""
     values: dict = {}
-    for source, items, from_string in (
-        ("preset", preset or {}, False),
+    origins: dict = {}  # key -> " in FILE" for a value from the config file (its errors name the file)
+    for where, items, from_string in (
+        ("", preset or {}, False),
         (f" in {file}" if file else "", read_config_file(file) if file else {}, False),
         ("", overrides or {}, strings),
     ):
-        where = source if source.startswith(" in ") else ""
         if "warmup_steps" in items and "warmup_fraction" not in items:
             values.pop("warmup_fraction", None)  # a later step count beats an earlier fraction
         for k, v in items.items():
             values[k] = coerce(k, v, from_string=from_string, where=where)
-    return validate(TrainConfig(**values))
+            origins[k] = where
+    return validate(TrainConfig(**values), origins)
 
 
 def to_dict(cfg: TrainConfig) -> dict:
@@ -294,7 +314,8 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 
 def from_dict(d: dict, where: str = "") -> TrainConfig:
-    return validate(TrainConfig(**{k: coerce(k, v, where=where) for k, v in d.items()}))
+    cfg = TrainConfig(**{k: coerce(k, v, where=where) for k, v in d.items()})
+    return validate(cfg, dict.fromkeys(d, where))
 
 
 def identity_diff(a: TrainConfig, b: TrainConfig) -> list[str]:

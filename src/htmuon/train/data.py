@@ -29,6 +29,7 @@ batches cropped and flipped), ``imagenet:DIR[@SIZE]`` (an ImageFolder tree, deco
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -664,6 +665,47 @@ def iter_documents(source: str, text_field: str = "text", max_docs: int = 0):
                 return
 
 
+#: The offline switches of the Hugging Face libraries: recent ``datasets`` (5.x) reads
+#: ``datasets.config.HF_HUB_OFFLINE`` (its ``HF_DATASETS_OFFLINE`` is only a backward-compatible
+#: copy), older releases (2.14: pyproject's floor) ``HF_DATASETS_OFFLINE``; huggingface_hub reads
+#: ``huggingface_hub.constants.HF_HUB_OFFLINE``. All are module globals set once from the environment at
+#: import, so setting the environment variables later changes nothing.
+_OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_OFFLINE_PACKAGES = ("datasets", "huggingface_hub")
+
+
+@contextlib.contextmanager
+def hf_offline():
+    """Hugging Face offline mode for the block (no request to the hub: a dataset comes from the local
+    cache or fails at once), then every switch as it was, so that the process is not left offline.
+    Every module of ``datasets`` and ``huggingface_hub`` loaded so far that holds one of
+    :data:`_OFFLINE_FLAGS` as a boolean (the libraries' own and any copy taken by import) is set."""
+    import datasets  # noqa: F401  (loads datasets.config and huggingface_hub.constants)
+
+    saved = []
+    for name, module in list(sys.modules.items()):
+        if module is None or name.partition(".")[0] not in _OFFLINE_PACKAGES:
+            continue
+        own = getattr(module, "__dict__", {})  # (not getattr: a lazy module's __getattr__ would import)
+        saved += [(module, flag, own[flag]) for flag in _OFFLINE_FLAGS if isinstance(own.get(flag), bool)]
+    try:
+        for module, flag, _ in saved:
+            setattr(module, flag, True)
+        yield
+    finally:
+        for module, flag, value in saved:
+            setattr(module, flag, value)
+
+
+def _not_cached(e: BaseException) -> bool:
+    """Whether a load_dataset error under :func:`hf_offline` means "not in the local cache" (the
+    hub was not asked, or the dataset / its config has no cached copy)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(
+        names & {"ConnectionError", "OfflineModeIsEnabled", "FileNotFoundError", "DatasetNotFoundError"}
+    ) or ("Couldn't find cache" in str(e))
+
+
 def _iter_hf_documents(source: str, text_field: str, max_docs: int):
     try:
         import datasets
@@ -678,18 +720,34 @@ def _iter_hf_documents(source: str, text_field: str, max_docs: int):
                 raise UserError(f"dataset folder '{rest}' not found")
             try:
                 ds = datasets.load_from_disk(rest)
-            except FileNotFoundError:
-                ds = datasets.load_dataset(rest)
-        else:
+            except FileNotFoundError:  # a folder of data files: read locally, never the hub
+                with hf_offline():
+                    ds = datasets.load_dataset(rest)
+        elif kind == "hf-cache":
+            # the datasets cache only (memory-mapped Arrow files): strictly offline, nothing downloaded
             name, _, cfg = rest.partition(":")
-            # hf-cache: the datasets cache only (memory-mapped Arrow files, nothing downloaded);
-            # hf: streamed from the hub
-            if kind == "hf-cache":
-                datasets.config.HF_DATASETS_OFFLINE = True
-            ds = datasets.load_dataset(name, cfg or None, streaming=kind == "hf")
+            try:
+                with hf_offline():
+                    ds = datasets.load_dataset(name, cfg or None)
+            except Exception as e:
+                if not _not_cached(e):
+                    raise
+                cache = datasets.config.HF_DATASETS_CACHE
+                fill = f"'{name}'" + (f", '{cfg}'" if cfg else "")
+                why = " ".join(str(e).split())  # (a ConnectionError: the refused hub; nothing more)
+                why = "" if isinstance(e, ConnectionError) else f" ({type(e).__name__}: {why[:200]})"
+                raise UserError(
+                    f"dataset '{rest}' is not in the local Hugging Face datasets cache ({cache}): "
+                    f"hf-cache: reads only that cache, never the network; fill it once on a machine "
+                    f'with a network (python -c "import datasets; datasets.load_dataset({fill})", '
+                    f"HF_DATASETS_CACHE to choose the folder) or stream it with hf:{rest}{why}"
+                ) from None
+        else:  # hf: streamed from the hub
+            name, _, cfg = rest.partition(":")
+            ds = datasets.load_dataset(name, cfg or None, streaming=True)
     except UserError:
         raise
-    except Exception as e:  # network / unknown dataset / not in the cache: a user-facing one-liner
+    except Exception as e:  # network / unknown dataset: a user-facing one-liner
         raise UserError(
             f"cannot load dataset '{rest}': {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from None
