@@ -8,9 +8,11 @@ trusted full-model pickles; batch-by-batch reading; several targets in one call;
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -468,6 +470,61 @@ def test_an_htmuon_training_checkpoint_is_verified_before_its_weights_are_analys
     (run / checkpoint.CKPT_NAME).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"is corrupt: its content does not match its SHA-256"):
         analyze(run)
+
+
+def test_an_htmuon_checkpoint_with_a_damaged_or_cut_trailer_is_refused(tmp_path, capsys):
+    """An htmuon checkpoint whose checksum trailer is damaged (one bit of its magic flipped) or cut
+    (its last 40 bytes, or the whole trailer, gone) is refused as resuming refuses it; it was read
+    unverified, so a weight changed beside the flipped trailer gave a wrong alpha without a word. A
+    checkpoint from before checksums (v1, no trailer) is read with a note; a plain .pt is untouched."""
+    from htmuon.train import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 60), nn.Linear(60, 50))
+    good = tmp_path / "good.pt"
+    checkpoint.save(good, {"model": model.state_dict(), "step": 3})
+    want = analyze(good).mean_alpha
+    data = good.read_bytes()
+    assert data[-checkpoint.TRAILER_LEN :].startswith(checkpoint.TRAILER_MAGIC)
+
+    flipped = bytearray(data)
+    at = flipped.index(model[1].weight.detach().numpy().tobytes()[:64])
+    for i in range(at, at + 60 * 50 * 4, 4):  # scale every weight of the second layer by 2^+-1
+        flipped[i + 3] ^= 0x01
+    flipped[-70] ^= 0x01  # one bit of the trailer's magic
+    cases = {
+        "flipped trailer": bytes(flipped),
+        "last 40 bytes cut": data[:-40],
+        "trailer cut off": data[: -checkpoint.TRAILER_LEN],
+    }
+    assert torch.load(io.BytesIO(cases["flipped trailer"]), weights_only=True)["step"] == 3  # torch reads it
+    why = {
+        "flipped trailer": "is damaged or truncated (no checksum trailer at its end)",
+        "last 40 bytes cut": "is damaged or truncated (no checksum trailer at its end)",
+        "trailer cut off": "lost its checksum trailer (cut short?): its content cannot be verified",
+    }
+    for what, content in cases.items():
+        path = tmp_path / f"{what.replace(' ', '-')}.pt"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"checkpoint '{path}' {why[what]}")):
+            analyze(path)
+        rc, out, err = run_cli([path], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and out == "" and len(lines) == 1, (what, err)
+        assert lines[0].startswith("htmuon esd: error:") and str(path) in lines[0], (what, err)
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(why[what])):  # as resume refuses it
+            checkpoint.load(path)
+    # a v1 checkpoint (before checksums: a bare torch.save archive) is read, and the report says unverified
+    torch.save(
+        {"format": checkpoint.FORMAT_UNCHECKED, "model": model.state_dict(), "step": 3}, tmp_path / "v1.pt"
+    )
+    rep = analyze(tmp_path / "v1.pt")
+    assert rep.mean_alpha == want
+    assert "v1.pt: no checksum (an older htmuon wrote it): read unverified" in rep.meta["notes"]
+    # a plain torch.save file, with or without a "format" key of its own, is no htmuon checkpoint
+    torch.save({"format": "mine", "model": model.state_dict()}, tmp_path / "plain.pt")
+    rep = analyze(tmp_path / "plain.pt")
+    assert rep.mean_alpha == want and not rep.meta.get("notes")
 
 
 def test_a_checkpoint_replaced_while_open_is_refused_not_read(tmp_path):

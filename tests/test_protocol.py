@@ -379,6 +379,126 @@ def test_cell_lock_exclusive_released_and_stale_taken_over(tmp_path):
     locks.release_lock(lock)
 
 
+def test_a_lock_naming_this_process_that_it_did_not_take_is_stale(tmp_path, monkeypatch):
+    """A run killed while it was PID 1 of a container (its entrypoint) leaves "1 HOST"; the restarted
+    container's process is PID 1 again on the same host name and finds its own PID in the lock. It did
+    not take that lock: it is a leftover and is taken over (it used to count as held by a live
+    process, so `train --resume` was refused and `compare` waited for its own cell forever). A lock
+    this process did take stays held, also against itself."""
+    lock = tmp_path / "cell.lock"
+    mine = f"{os.getpid()} {socket.gethostname()}\n"
+    lock.write_text(mine)  # left by the process that had this PID before
+    assert locks.lock_holder(lock) == f"process {os.getpid()} on {socket.gethostname()}"
+    locks.release_lock(lock)  # not taken by this process: not removed by it either
+    assert lock.exists()
+    assert locks.lock_is_stale(lock) and locks.acquire_lock(lock)
+    assert not locks.lock_is_stale(lock) and not locks.acquire_lock(lock)  # now held, by this process
+    assert locks.holds_lock(lock)
+    locks.release_lock(lock)
+    assert not lock.exists() and not locks.holds_lock(lock)
+    lock.write_text(mine)  # a taken lock, released, then the same text again: a leftover again
+    assert locks.lock_is_stale(lock)
+    lock.unlink()
+
+    # compare finds its own PID in a cell's lock: it runs the cell instead of waiting for itself
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+
+    def wait(_s):
+        raise AssertionError("compare waits for a cell whose lock names its own process")
+
+    monkeypatch.setattr(cmp.time, "sleep", wait)
+    cells = cmp.plan_grid(_args(optimizers="muon", seeds="0", compare_out=str(tmp_path / "g"))).select_cells()
+    held = Path(cells[0].cfg.out_dir) / cmp.LOCK_NAME
+    held.parent.mkdir(parents=True)
+    held.write_text(mine)
+    assert [r["seed"] for r in cmp.run_cells(cells, None, quiet=True)] == [0] and len(calls) == 1
+    assert not held.exists()
+
+
+#: A process that takes a lock (argv[1]) with locks.acquire_lock, stopping after each staleness check
+#: until a line on stdin says to go on; it prints each check and, at the end, whether it won.
+_STEPPED_TAKER = r"""
+import sys
+from pathlib import Path
+from htmuon.train import locks
+real = locks.lock_is_stale
+def stepped(path):
+    stale = real(path)
+    print(f"checked {Path(path).name} {stale}", flush=True)
+    sys.stdin.readline()
+    return stale
+locks.lock_is_stale = stepped
+print(f"won {locks.acquire_lock(Path(sys.argv[1]))}", flush=True)
+sys.stdin.readline()  # keeps what it won until the test is done
+"""
+
+
+class _SteppedTaker:
+    def __init__(self, lock: Path, log: Path):
+        src = Path(__file__).resolve().parents[1] / "src"
+        self.err = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _STEPPED_TAKER, str(lock)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+            env={**os.environ, "PYTHONPATH": str(src)},
+        )  # fmt: skip
+        self.lines = [self.proc.stdout.readline().strip()]  # stopped at its first check (or done)
+
+    @property
+    def stopped(self) -> bool:
+        return self.lines[-1].startswith("checked ")
+
+    def step(self) -> None:
+        """Let it go on to its next check or its end."""
+        if self.stopped:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+            self.lines.append(self.proc.stdout.readline().strip())
+
+    def finish(self) -> None:
+        while self.stopped:
+            self.step()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.err):
+            f.close()
+
+
+def test_two_takers_of_a_stale_lock_and_a_stale_takeover_guard_cannot_both_win(tmp_path):
+    """A lock left by a killed process, and beside it the takeover guard of a taker killed during its
+    takeover. Two processes take the lock over at once, in the order that used to let both win: each
+    found the guard stale; the first removed it and made its own, the second then removed the first
+    one's fresh guard (its check and its removal were two steps) and made its own; both removed the
+    lock and each created one, the second one's removed by the first. Exactly one may win, and the
+    lock must name it."""
+    lock = tmp_path / "cell.lock"
+    lock.write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    guard = tmp_path / "cell.lock.takeover"
+    guard.write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    a = b = None
+    try:
+        a = _SteppedTaker(lock, tmp_path / "a.err")
+        a.step()  # the lock is stale; then (the guard checked, or taken) a stops
+        b = _SteppedTaker(lock, tmp_path / "b.err")
+        b.step()  # b finds the lock stale too, and goes on until its next check or its end
+        a.step()  # a goes on: its takeover, up to its next check or its end
+        b.finish()
+        a.finish()
+        won = [t for t in (a, b) if t.lines[-1] == "won True"]
+        log = f"a: {a.lines}, b: {b.lines}"
+        assert all(t.lines[-1] in ("won True", "won False") for t in (a, b)), log
+        assert len(won) == 1, log
+        assert lock.read_text().split() == [str(won[0].proc.pid), socket.gethostname()], log
+        assert not guard.exists(), log
+    finally:
+        for t in (a, b):
+            if t is not None:
+                t.close()
+
+
 def test_repeated_seeds_are_refused():
     for kw in (dict(seeds="0,1,0"), dict(seeds="0", tune_seeds="10,10")):
         with pytest.raises(UserError, match="lists a seed twice"):
@@ -457,7 +577,9 @@ def test_status_gives_each_cells_state_and_time_left_and_trains_nothing(tmp_path
         compare_out=str(tmp_path / "g"),
     )  # fmt: skip
     plan = cmp.plan_grid(args)
-    done, running, stopped, by_train, diverged, pruned = (Path(c.cfg.out_dir) for c in plan.select_cells())
+    cells = plan.select_cells()
+    done, running, stopped, by_train, diverged, pruned = (Path(c.cfg.out_dir) for c in cells)
+    config = {Path(c.cfg.out_dir): json.dumps(to_dict(c.cfg)) for c in cells}  # as loop.train writes it
     steps = plan.select_cells()[0].cfg.steps
     finished = dict(finished=True, diverged=False, steps_done=steps, final_val_loss=3.5, ms_per_step=500.0)
     for folder, summary in (
@@ -471,20 +593,27 @@ def test_status_gives_each_cells_state_and_time_left_and_trains_nothing(tmp_path
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps(summary))
         if folder is not pruned:
-            (folder / "config.json").write_text("{}")
+            (folder / "config.json").write_text(config[folder])
+    # the process that runs two of the cells (a lock naming this process, which did not take it, is
+    # a leftover of a PID reused: see test_a_lock_naming_this_process_that_it_did_not_take_is_stale)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     _log_steps(running, [10, 20], 2000.0, 6.1)
-    (running / cmp.LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process
+    (running / cmp.LOCK_NAME).write_text(f"{live.pid} {socket.gethostname()}\n")  # a live process
     _log_steps(stopped, [50, 100], 1000.0, 5.2)  # a torn last line (a kill) is skipped
     (stopped / cmp.LOCK_NAME).write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # left by a kill
     _log_steps(by_train, [10], 1000.0, 6.5)
-    (by_train / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # htmuon train runs it
-    result, text = cmp.plan_status(plan)
+    (by_train / "run.lock").write_text(f"{live.pid} {socket.gethostname()}\n")  # htmuon train runs it
+    try:
+        result, text = cmp.plan_status(plan)
+    finally:
+        live.kill()
+        live.wait()
     assert result is None  # not every cell is finished
     lines = text.splitlines()
     assert (
         lines[0] == f"{plan.out}: 6 cell(s) so far (1 done, 2 running, 1 stopped, 1 diverged, 1 not started)"
     )
-    me = f"process {os.getpid()} on {socket.gethostname()}"
+    me = f"process {live.pid} on {socket.gethostname()}"
 
     def mins(seconds):
         return f"~{seconds / 60:.0f} min left"

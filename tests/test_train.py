@@ -705,6 +705,64 @@ def test_a_run_folder_in_use_by_another_process_is_refused(corpus_file, tmp_path
     assert not (out / "run.lock").exists()
 
 
+def test_a_second_run_on_the_same_new_folder_is_refused_before_it_writes(corpus_file, tmp_path, monkeypatch):
+    """Two runs started on one new --out-dir: the second one, started while the first one builds its
+    data and model, is refused before it touches the folder, and the first one's files are whole. (The
+    lock used to be taken only once the folder existed, which the first run made after its build: the
+    second one passed the "already holds a run" check too, wrote config.json and run.json and replaced
+    the metrics files, and the first one went on writing to a metrics.jsonl no longer in the folder.)
+    A start that fails after making the folder for its lock leaves no folder behind."""
+    import htmuon.train.loop as loop
+
+    out = tmp_path / "run"
+    real_build = loop.build_data_and_model
+
+    def failing_build(cfg):
+        raise UserError("the data cannot be built")
+
+    monkeypatch.setattr(loop, "build_data_and_model", failing_build)
+    with pytest.raises(UserError, match="the data cannot be built"):
+        train(tiny(corpus_file, out))
+    assert not out.exists()  # the folder made for the lock is removed with it
+
+    second = {}
+
+    def build_while_another_run_starts(cfg):
+        # the first run holds its lock and is building: a second process starts on the same folder
+        # (and ends: refused, or, with the old lock, it trains its whole run first)
+        second["folder"] = sorted(p.name for p in out.iterdir()) if out.exists() else None
+        argv = [sys.executable, "-m", "htmuon.cli", "train"]
+        argv += flags({**TINY_RUN, "data": str(corpus_file), "out_dir": str(out)})
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        second["run"] = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+        second["after"] = sorted(p.name for p in out.iterdir()) if out.exists() else None
+        return real_build(cfg)
+
+    monkeypatch.setattr(loop, "build_data_and_model", build_while_another_run_starts)
+    summary = train(tiny(corpus_file, out), argv=["first"])
+    r = second["run"]
+    assert second["folder"] == ["run.lock"]  # the first run's lock, before anything was built
+    assert r.returncode == 2, r.stderr
+    assert f"run folder '{out}' is in use by another training process" in r.stderr
+    assert second["after"] == ["run.lock"]  # the second one wrote nothing
+    assert summary["finished"]
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [x["step"] for x in recs if x["kind"] == "train"] == list(range(1, TINY_RUN["steps"] + 1))
+    assert json.loads((out / "run.json").read_text())["argv"] == ["first"]  # the first run's record
+    assert not (out / "run.lock").exists()
+
+
+def test_a_run_lock_naming_this_process_from_before_a_restart_is_taken_over(corpus_file, tmp_path):
+    """A run killed while it was PID 1 of a container leaves "1 HOST" in run.lock; after a restart the
+    resumed run is PID 1 again on the same host name. The lock names this process, which did not take
+    it: a leftover, taken over (it used to be refused as "in use by another training process")."""
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out), stop_after=3)
+    (out / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    assert train(tiny(corpus_file, out), resume=True)["finished"]
+    assert not (out / "run.lock").exists()
+
+
 def test_metrics_with_garbage_bytes_resume(corpus_file, tmp_path):
     out = tmp_path / "run"
     train(tiny(corpus_file, out), stop_after=3)

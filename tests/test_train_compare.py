@@ -337,3 +337,76 @@ def test_backend_label_names_what_auto_resolves_to(bf16, optimizer, method, expe
     monkeypatch.setenv("HTMUON_CPU_BF16", bf16)
     cfg = resolve(TrainConfig(optimizer=optimizer, method=method))
     assert backend_label(cfg, "cpu") == expected
+
+
+def _alpha_column(md: str, spec: str) -> str:
+    row = next(ln for ln in md.splitlines() if ln.startswith(f"| {spec} |"))
+    return row.rstrip(" |").split("|")[-1].strip()
+
+
+def test_report_is_written_when_a_finished_cells_checkpoints_were_deleted(corpus_file, tmp_path, capsys):
+    """Deleting a finished cell's checkpoints is supported (docs/harness.md): compare reuses its summary,
+    and its report (alpha.png rebuilds each optimizer's final model) failed with "no checkpoint at
+    .../ckpt.pt" (rc 2, results.md not rewritten). The report is written: the table's mean alpha is the
+    summary's (else the alpha logged at the last step), alpha.png leaves the cell out, and a note names
+    it; a cell whose run recorded no mean alpha at all is named too."""
+    out = tmp_path / "g"
+    argv = ["compare", "--optimizers", "adamw,muon", "--data", str(corpus_file), "--out-dir", str(out), *TINY]
+    assert cli_main(argv) == 0
+    muon = next((out / "muon").glob("lr*/seed0"))
+    cell = str(muon.relative_to(out))
+    summary = json.loads((muon / "summary.json").read_text())
+    assert summary["mean_alpha"] > 1
+    for ckpt in muon.glob("ckpt*.pt"):
+        ckpt.unlink()
+    (out / "results.md").unlink()
+    (out / "alpha.png").unlink()
+    capsys.readouterr()
+
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    md = (out / "results.md").read_text()
+    left_out = (
+        f"alpha.png leaves out the cell(s) {cell}: finished, but their checkpoints were deleted, so their "
+        "final weights are gone"
+    )
+    assert left_out in md and left_out in capsys.readouterr().out
+    assert (out / "alpha.png").read_bytes()[:8] == PNG and "![alpha.png](alpha.png)" in md  # adamw's
+    assert _alpha_column(md, "muon") == f"{summary['mean_alpha']:.3f}"
+    assert "mean alpha not known" not in md
+
+    # a run from before summaries recorded the mean alpha: the alpha logged at its last step is used
+    del summary["mean_alpha"]
+    (muon / "summary.json").write_text(json.dumps(summary))
+    with (muon / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": summary["steps_done"], "kind": "alpha", "mean_alpha": 2.3456}) + "\n")
+    assert cli_main(argv) == 0
+    md = (out / "results.md").read_text()
+    assert _alpha_column(md, "muon") == "2.346" and "mean alpha not known" not in md and left_out in md
+    # ... and where it logged none either, the table has no value and the report says why
+    lines = (muon / "metrics.jsonl").read_text().splitlines()
+    (muon / "metrics.jsonl").write_text("\n".join(ln for ln in lines if '"alpha"' not in ln) + "\n")
+    assert cli_main(argv) == 0
+    md = (out / "results.md").read_text()
+    assert _alpha_column(md, "muon") == "-"
+    assert f"mean alpha not known for the cell(s) {cell}: their summaries record none" in md
+
+
+def test_status_says_a_cell_of_another_config_is_refused_as_the_run_refuses_it(corpus_file, tmp_path, capsys):
+    """A cell's folder name leaves out --steps: the same command with another --steps finds the runs of
+    the first. --status called them "done, step 4/6" and "every cell is finished", and the command then
+    stopped on the first with "written by another config"; it now says the run would refuse them."""
+    out = tmp_path / "g"
+    argv = ["compare", "--optimizers", "adamw", "--data", str(corpus_file), "--out-dir", str(out), *TINY]
+    assert cli_main([*argv, "--no-plots"]) == 0
+    cell = str(next((out / "adamw").glob("lr*/seed0")).relative_to(out))
+    capsys.readouterr()
+    assert cli_main([*argv, "--steps", "4", "--status"]) == 0  # the same config: done
+    assert f"{cell}  done, step 4/4" in capsys.readouterr().out
+    assert cli_main([*argv, "--steps", "6", "--status"]) == 0
+    text = capsys.readouterr().out
+    assert "1 cell(s) so far (1 refused)" in text
+    assert f"{cell}  refused: its folder holds a run of another config (steps=4 vs 6)" in text
+    assert f"the command would stop with an error at {cell}" in text
+    assert "done" not in text and "every cell is finished" not in text
+    assert cli_main([*argv, "--steps", "6", "--no-plots"]) == 2  # what the run does with it
+    assert "was written by another config (steps=4 vs 6)" in capsys.readouterr().err

@@ -18,7 +18,10 @@ Formats (a folder is searched in this order):
 * ``torch.save`` files (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``; htmuon's run folder
   ``ckpt.pt``): a state_dict, or a dict with one under ``"model"`` (htmuon, most training loops)
   or ``"state_dict"`` (Lightning). Loaded with ``weights_only=True`` and ``mmap=True`` (zip format):
-  only the pickle is parsed, tensor bytes are read when used. Objects the weights-only unpickler
+  only the pickle is parsed, tensor bytes are read when used. An htmuon training checkpoint (its
+  payload's ``format`` tag) is checked against its SHA-256 trailer as resuming checks it: a changed
+  byte, or a trailer damaged or cut off, is refused; one from before checksums (v1) is read
+  unverified, with a note. Objects the weights-only unpickler
   refuses (RNG states, config objects, Lightning's hyper-parameters) are replaced by inert
   placeholders -- their code never runs -- since only the tensors are needed. A file whose weights
   are pickled Python objects (``torch.save(model)``) needs ``allow_pickle=True``, which *executes
@@ -286,10 +289,11 @@ def _storage_view(t: Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _verify_htmuon_checksum(path: str) -> None:
-    """An htmuon training checkpoint (``torch.save``'s archive and a SHA-256 trailer, see
-    :mod:`htmuon.train.checkpoint`) is checked against its checksum before its weights are used; a
-    ValueError names a changed byte. Other files are left to ``torch.load``."""
+def _verify_htmuon_checksum(path: str) -> bool:
+    """Check a file that ends with htmuon's checksum trailer (``torch.save``'s archive and a SHA-256
+    trailer, see :mod:`htmuon.train.checkpoint`) before its weights are used: True when it matches; a
+    ValueError names a changed byte. False for a file without that trailer's magic at its end: whether
+    such a file needed one is told by its content (:func:`_check_htmuon_trailer`, after loading)."""
     from pathlib import Path
 
     from htmuon.train import checkpoint
@@ -298,11 +302,39 @@ def _verify_htmuon_checksum(path: str) -> None:
     with open(path, "rb") as f:
         f.seek(max(0, size - checkpoint.TRAILER_LEN))
         if not f.read().startswith(checkpoint.TRAILER_MAGIC):
-            return
+            return False
     try:
-        checkpoint.verify(Path(path))
+        return checkpoint.verify(Path(path))
     except checkpoint.CheckpointError as e:
         raise ValueError(str(e)) from None
+
+
+def _check_htmuon_trailer(path: str, obj: Any, verified: bool) -> str | None:
+    """An htmuon training checkpoint (its payload carries htmuon's ``format`` tag) that was not verified
+    before loading -- its trailer damaged or cut, so its magic was not found -- is refused as resuming
+    refuses it (:func:`htmuon.train.checkpoint.verify`, the same rules); one written before checksums
+    (format v1: the file ends like a plain ``torch.save`` archive) is read unverified and the returned
+    note says so. Other files (not htmuon's) return None: ``torch.load`` read them."""
+    from pathlib import Path
+
+    from htmuon.train import checkpoint
+
+    fmt = obj.get("format") if isinstance(obj, Mapping) else None
+    if verified or fmt not in (checkpoint.FORMAT, checkpoint.FORMAT_UNCHECKED):
+        return None
+    try:
+        has_checksum = checkpoint.verify(Path(path))  # False: ends like a plain archive (no trailer)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    if has_checksum:  # (the trailer is intact after all: the file changed since the first look)
+        raise ValueError(
+            f"{path!r} changed while being read (a newer checkpoint written over it?): analyse it again"
+        )
+    if fmt == checkpoint.FORMAT:
+        raise ValueError(
+            f"checkpoint '{path}' lost its checksum trailer (cut short?): its content cannot be verified"
+        )
+    return f"{os.path.basename(path)}: no checksum (an older htmuon wrote it): read unverified"
 
 
 def _find_state_dict(obj: Any) -> tuple[Mapping[str, Any] | nn.Module | None, str | None]:
@@ -336,6 +368,7 @@ class _TorchCheckpoint(Checkpoint):
         self._cache: dict[str, Mapping[str, Any]] = {}  # only for files that cannot be mmapped
         self._seen: dict[str, tuple] = {}  # file -> (inode, size, mtime) when opened (and verified)
         self._lightning = False
+        self._load_notes: list[str] = []  # what reading the files found (an htmuon file without checksum)
         entries: dict[str, TensorMeta] = {}
         keys: dict[str, str] = {}
         tied: dict[str, str] = {}  # stored key -> the first stored key sharing its tensor
@@ -365,7 +398,9 @@ class _TorchCheckpoint(Checkpoint):
                     f"{path!r}: the index lists {missing[0]!r} in {files[missing[0]]!r}, which lacks it"
                 )
         names, strip_notes = _strip_prefixes(list(entries), lightning=self._lightning)
-        super().__init__(path, {n: entries[k] for n, k in names.items()}, notes + strip_notes)
+        super().__init__(
+            path, {n: entries[k] for n, k in names.items()}, self._load_notes + notes + strip_notes
+        )
         self._where = {n: (keys[k], k) for n, k in names.items()}
         name_of = {k: n for n, k in names.items()}
         self.tied = {name_of[k]: name_of[first] for k, first in tied.items()}
@@ -382,14 +417,19 @@ class _TorchCheckpoint(Checkpoint):
             raise ValueError(f"cannot read {file!r}: no such file")
         st = os.stat(file)
         seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+        verified = False
         if first:
-            _verify_htmuon_checksum(file)
+            verified = _verify_htmuon_checksum(file)
             self._seen[file] = seen
         elif self._seen.get(file, seen) != seen:  # re-opened per batch: not another file by that name
             raise ValueError(
                 f"{file!r} changed while being read (a newer checkpoint written over it?): analyse it again"
             )
         obj, placeholders = _torch_load(file, self._allow_pickle)
+        if first:
+            note = _check_htmuon_trailer(file, obj, verified)
+            if note:
+                self._load_notes.append(note)
         sd, key = _find_state_dict(obj)
         if isinstance(sd, nn.Module):
             return {}, placeholders, sd

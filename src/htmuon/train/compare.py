@@ -13,7 +13,8 @@ a killed one resumed, so re-running the same command continues the grid. A cell 
 (``cell.lock``, O_EXCL, holding the pid) while it runs, so two ``compare`` processes on one
 folder share the grid instead of running a cell twice; a lock left by a dead process is taken over.
 ``--status`` trains nothing: it lists the cells the command would run so far with each one's state
-(done, running, stopped at step N, not started) and the time left.
+(done, running, stopped at step N, not started, or refused: its folder holds a run of another config,
+on which the command would stop with an error) and the time left.
 
 The protocol:
 
@@ -124,7 +125,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--status",
         action="store_true",
         help="train nothing: list every cell of the command so far (done, running, stopped at step N, "
-        "not started) with its last validation loss and the time left",
+        "not started, refused: a run of another config) with its last validation loss and the time left",
     )
     add_config_flags(parser, exclude=GRID_FIELDS)
 
@@ -472,8 +473,11 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
                     f"(checkpoint in {run_dir}); run the same command again to go on",
                     signal_exit_code(s["signal"]),
                 )
-            if s.get("mean_alpha") is None and s["finished"] and c.cfg.alpha:
-                s["mean_alpha"] = final_mean_alpha(run_dir)  # a run finished before diagnostics existed
+            if s.get("mean_alpha") is None and s["finished"] and c.cfg.alpha and _has_diagnostics():
+                # a run finished before diagnostics existed (or while they were not installed)
+                s["mean_alpha"] = final_mean_alpha(run_dir, s.get("steps_done"))
+                if s["mean_alpha"] is None:  # its checkpoint deleted, no alpha logged: the report says so
+                    s["mean_alpha_missing"] = True
             done[i] = cell_record(c, s)
         if waiting and len(waiting) == len(pending):
             if not quiet:
@@ -588,16 +592,22 @@ def cell_state(c: Cell) -> dict:
     """What a cell's folder says, read without training or loading its checkpoint.
 
     ``state``: "done", "diverged", "running" (its lock is held by a live process), "stopped" (a run
-    that ``compare`` resumes from its last checkpoint) or "not started"; ``step`` the last step logged
-    (a stopped run resumes from its last checkpoint, at most ``ckpt_every`` steps before it);
+    that ``compare`` resumes from its last checkpoint), "refused" (the folder holds a run of another
+    config, which the command would stop on, with an error) or "not started"; ``step`` the last step
+    logged (a stopped run resumes from its last checkpoint, at most ``ckpt_every`` steps before it);
     ``val_loss`` the final or, before the end, the last validation loss; ``s_per_step`` the median of
-    the last 20 logged step times; ``owner`` who holds the lock; ``summary`` the finished run's."""
+    the last 20 logged step times; ``owner`` who holds the lock; ``summary`` the finished run's;
+    ``why`` the refusal, in the words of the run's own check."""
     from htmuon.train.locks import lock_is_stale
     from htmuon.train.loop import read_json, read_metrics
 
     run_dir = Path(c.cfg.out_dir)
     st = dict(cell=c, state="not started", step=0, steps=c.cfg.steps, val_loss=None, s_per_step=None)
-    st.update(owner=None, summary=None)
+    st.update(owner=None, summary=None, why=None)
+    why = _refusal(c)
+    if why:
+        st.update(state="refused", why=why)
+        return st
     # what loop.train reuses: a finished or diverged run's summary beside its config or checkpoint (a
     # summary.json alone is not a run there: the cell would be trained again)
     holds_run = (run_dir / "config.json").is_file() or any(run_dir.glob("ckpt*.pt"))
@@ -626,6 +636,29 @@ def cell_state(c: Cell) -> dict:
     if records or holds_run:
         st["state"] = "stopped"
     return st
+
+
+def _refusal(c: Cell) -> str | None:
+    """Why training the cell would be refused, or None: the run in its folder is of another config
+    (a run folder's path leaves out ``steps`` and most other keys). The run's own check
+    (``loop._check_same_run``) on the config the folder's run started with: ``config.json``, written
+    when it started (a resume of another config is refused, so its checkpoints hold the same one)."""
+    from htmuon.errors import UserError
+    from htmuon.train.config import from_dict
+    from htmuon.train.loop import _check_same_run, read_json, resolve_config
+
+    path = Path(c.cfg.out_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = from_dict(read_json(path, "run config"), where=f" in {path}")
+    except UserError as e:  # unreadable: the run reads it only when the folder holds no checkpoint
+        return None if any(path.parent.glob("ckpt*.pt")) else str(e)
+    try:  # (train() resolves the config it is given again: the same here)
+        _check_same_run(saved, resolve_config(c.cfg), "its folder holds a run of")
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def _status_runner(states: list[dict], batches: list[int]):
@@ -673,13 +706,15 @@ def plan_status(plan: Plan, extend_edges: int = 0) -> tuple[dict | None, str]:
         counts[st["state"]] = counts.get(st["state"], 0) + 1
         where = str(Path(c.cfg.out_dir).relative_to(plan.out))
         parts = [st["state"] + (f" ({st['owner']})" if st["owner"] else "")]
-        if st["state"] != "not started":
+        if st["why"]:
+            parts[0] += f": {st['why']}"
+        elif st["state"] != "not started":
             parts.append(f"step {st['step']}/{st['steps']}")
         if st["val_loss"] is not None:
             parts.append(f"{'final' if st['summary'] else 'last'} val loss {st['val_loss']:.4f}")
         if st["s_per_step"]:
             parts.append(f"{st['s_per_step']:.2f} s/step")
-        if st["summary"] is None:
+        if st["summary"] is None and st["state"] != "refused":
             speed = st["s_per_step"] or typical
             if speed:
                 todo = (st["steps"] - st["step"]) * speed * overhead
@@ -692,6 +727,13 @@ def plan_status(plan: Plan, extend_edges: int = 0) -> tuple[dict | None, str]:
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     head = f"{plan.out}: {len(states)} cell(s) so far ({summary})"
     tail = []
+    refused = [st for st in states if st["state"] == "refused"]
+    if refused:
+        first = Path(refused[0]["cell"].cfg.out_dir).relative_to(plan.out)
+        tail.append(
+            f"the command would stop with an error at {first}, the first of {len(refused)} refused "
+            "cell(s): a folder of another config's run needs another --out-dir, or the command it was made by"
+        )
     if result is None:
         if left:
             more = f" (and {unknown} cell(s) of unknown speed)" if unknown else ""
@@ -714,25 +756,49 @@ def plan_status(plan: Plan, extend_edges: int = 0) -> tuple[dict | None, str]:
 
 
 def _final_model(run_dir: Path):
+    """A finished run's final model, rebuilt from its ``ckpt.pt``; None when the run folder has none (a
+    finished cell's checkpoints may be deleted to save disk: its summary is reused). A damaged
+    ``ckpt.pt`` is a CheckpointError, as always."""
     from htmuon.train import checkpoint
     from htmuon.train.config import from_dict
     from htmuon.train.loop import build_data_and_model
 
-    ckpt = checkpoint.load(run_dir / checkpoint.CKPT_NAME)
+    path = run_dir / checkpoint.CKPT_NAME
+    if not path.exists():
+        return None
+    ckpt = checkpoint.load(path)
     _, model, _ = build_data_and_model(from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model
 
 
-def final_mean_alpha(run_dir: Path) -> float | None:
-    """Mean layer-wise alpha of a finished run's final model, or None without htmuon.diagnostics."""
+def _has_diagnostics() -> bool:
     try:
         import htmuon.diagnostics  # noqa: F401
     except ImportError:
-        return None
-    from htmuon.train.loop import mean_alpha
+        return False
+    return True
 
-    return mean_alpha(_final_model(run_dir))
+
+def final_mean_alpha(run_dir: Path, step: int | None = None) -> float | None:
+    """Mean layer-wise alpha of a finished run's final model, or None without htmuon.diagnostics.
+
+    Without its ``ckpt.pt`` (deleted after the run) the value metrics.jsonl logged at the final
+    ``step`` (runs with ``alpha_every``) is used; None when it logged none there."""
+    if not _has_diagnostics():
+        return None
+    from htmuon.train.loop import mean_alpha, read_metrics
+
+    model = _final_model(run_dir)
+    if model is not None:
+        return mean_alpha(model)
+    metrics = run_dir / "metrics.jsonl"
+    logged = [
+        r["mean_alpha"]
+        for r in (read_metrics(metrics) if metrics.is_file() and step is not None else [])
+        if r.get("kind") == "alpha" and r.get("step") == step and r.get("mean_alpha") is not None
+    ]
+    return logged[-1] if logged else None
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -1162,10 +1228,11 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
-def alpha_reports(agg: dict) -> dict | None:
+def alpha_reports(agg: dict, left_out: list[Path] | None = None) -> dict | None:
     """Layer-wise ESD reports of each optimizer's final model (best lr, its first seed that did not
     diverge; an optimizer whose best cell diverged on every seed has no final model and is left
-    out), or None."""
+    out), or None. A finished cell whose checkpoints were deleted (its summary reused) has no final
+    model either: its optimizer is left out and its run folder appended to ``left_out``."""
     try:
         from htmuon.diagnostics import analyze
     except ImportError:
@@ -1173,9 +1240,26 @@ def alpha_reports(agg: dict) -> dict | None:
     reports = {}
     for spec, row in agg["best"].items():
         finite = [d for d, seed in zip(row["run_dirs"], row["seeds"]) if math.isfinite(row["losses"][seed])]
-        if finite:  # analyze runs under torch.no_grad() itself
-            reports[spec] = analyze(_final_model(Path(finite[0])), fit="ks")
+        if not finite:
+            continue
+        model = _final_model(Path(finite[0]))
+        if model is None:
+            if left_out is not None:
+                left_out.append(Path(finite[0]))
+            continue
+        reports[spec] = analyze(model, fit="ks")  # (under torch.no_grad() itself)
     return reports or None
+
+
+def _cell_names(run_dirs, out: Path) -> str:
+    """Run folders as the grid names its cells (SPEC/lrLR.../seedN, relative to ``out``)."""
+    names = []
+    for d in run_dirs:
+        try:
+            names.append(str(Path(d).relative_to(out)))
+        except ValueError:  # a run outside the grid's folder (write_report given plain summaries)
+            names.append(str(d))
+    return ", ".join(names)
 
 
 def plot_alpha(reports: dict, path: Path) -> bool:
@@ -1202,7 +1286,7 @@ def write_report(
     agg = aggregate(summaries)
     sel = aggregate(select_runs) if select_runs is not summaries else agg
     table = markdown_table(agg, sel)
-    files = []
+    files, alpha_notes = [], []
     if plots:
         plot_curves(agg, out / "val_curves.png")
         files.append("val_curves.png")
@@ -1210,9 +1294,17 @@ def write_report(
             files.append("lr_grid.png")
         if plot_p_grid(agg, out / "p_grid.png"):
             files.append("p_grid.png")
-        reports = alpha_reports(agg)
+        no_ckpt: list[Path] = []
+        reports = alpha_reports(agg, no_ckpt)
         if reports and plot_alpha(reports, out / "alpha.png"):
             files.append("alpha.png")
+        if no_ckpt:
+            what = "alpha.png leaves out" if "alpha.png" in files else "no alpha.png: it would show"
+            alpha_notes.append(
+                f"{what} the cell(s) {_cell_names(no_ckpt, out)}: finished, but their "
+                "checkpoints were deleted, so their final weights are gone (the table uses what their "
+                "summaries record)."
+            )
         if plot_alpha_curves(agg, out / "alpha_curves.png"):
             files.append("alpha_curves.png")
     cfg0 = json.loads((Path(summaries[0]["run_dir"]) / "config.json").read_text())
@@ -1230,6 +1322,13 @@ def write_report(
         else f"weight decay {cfg0['weight_decay']} per step at peak lr, x the schedule (independent of lr)"
     )
     notes = list(notes)
+    missing = [s["run_dir"] for s in all_runs if s.get("mean_alpha_missing")]
+    if missing:
+        notes.append(
+            f"mean alpha not known for the cell(s) {_cell_names(missing, out)}: their summaries record "
+            "none (run before it was recorded) and their checkpoints were deleted."
+        )
+    notes += alpha_notes
     if result.get("extension_rounds"):
         notes.append(f"{result['extension_rounds']} round(s) of grid extension at an edge were run.")
     md = [

@@ -3,29 +3,60 @@
 folder at once.
 
 A lock is a file created with ``O_EXCL`` holding ``"PID HOST"``. A lock whose process is dead (on this
-host) is taken over; so is one that cannot be parsed once it is older than :data:`UNPARSABLE_STALE_S`
-(a process killed between creating the file and writing its PID leaves it empty).
+host) is taken over; so is one that names this very process (its PID on this host) but that this
+process did not take: a run killed while it was PID 1 of a container finds its own PID in its lock
+when the container restarts. A lock that cannot be parsed is taken over once it is older than
+:data:`UNPARSABLE_STALE_S` (a process killed between creating the file and writing its PID leaves it
+empty). This process keeps the identity (device, inode) of every lock file it created and still holds.
+
+A takeover (the check that a lock is stale and its removal) is done by one process at a time: it holds
+an exclusive ``flock`` on ``PATH.takeover``, which the kernel releases when its process dies, so a
+taker killed half-way leaves nothing that blocks the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the takeover guard is an O_EXCL file (see _takeover_guard)
+    fcntl = None  # type: ignore[assignment]
 
 #: An empty or garbled lock file older than this (seconds) is a leftover, not a lock being written.
 UNPARSABLE_STALE_S = 30.0
 
+#: (st_dev, st_ino) of each lock file this process created and has not released.
+_taken: set[tuple[int, int]] = set()
 
-def _lock_owner(path: Path) -> tuple[int, str] | None:
+
+def _read(path: Path) -> tuple[int, str, tuple[int, int]] | None:
+    """(PID, HOST, (device, inode)) of the lock at ``path`` from one open of it; PID -1 when it cannot
+    be parsed (being written, or foreign); None when there is no lock."""
     try:
-        pid, host = path.read_text().split()
-        return int(pid), host
+        with open(path, encoding="utf-8", errors="replace") as f:
+            st = os.fstat(f.fileno())
+            text = f.read()
     except FileNotFoundError:
         return None
-    except ValueError:  # being written right now, or foreign: treat as held
-        return -1, ""
+    ident = (st.st_dev, st.st_ino)
+    try:
+        pid, host = text.split()
+        pid = int(pid)
+    except ValueError:
+        return -1, "", ident
+    return (pid, host, ident) if pid > 0 else (-1, "", ident)
+
+
+def _lock_owner(path: Path) -> tuple[int, str] | None:
+    lock = _read(path)
+    return None if lock is None else lock[:2]
 
 
 def _alive(pid: int) -> bool:
@@ -38,19 +69,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def holds_lock(path: Path) -> bool:
+    """True when this process took the lock at ``path`` (:func:`acquire_lock`) and still holds it."""
+    lock = _read(path)
+    return lock is not None and lock[:2] == (os.getpid(), socket.gethostname()) and lock[2] in _taken
+
+
 def lock_is_stale(path: Path) -> bool:
-    """True when the lock at ``path`` names a dead process on this host (or is gone), or cannot be parsed
-    and is older than :data:`UNPARSABLE_STALE_S`."""
-    owner = _lock_owner(path)
-    if owner is None:
+    """True when the lock at ``path`` is gone or left behind: it names a dead process on this host, or
+    this process's own PID on this host although this process did not take it (a PID reused, e.g. a
+    restarted container's PID 1), or it cannot be parsed and is older than :data:`UNPARSABLE_STALE_S`.
+    A lock this process holds is not stale."""
+    lock = _read(path)
+    if lock is None:
         return True
-    pid, host = owner
+    pid, host, ident = lock
     if pid == -1:
         try:
             return time.time() - path.stat().st_mtime > UNPARSABLE_STALE_S
         except FileNotFoundError:
             return True
-    return pid > 0 and host == socket.gethostname() and not _alive(pid)
+    if host != socket.gethostname():
+        return False  # a process on another host cannot be checked: held
+    if pid == os.getpid():
+        return ident not in _taken
+    return not _alive(pid)
 
 
 def lock_holder(path: Path) -> str:
@@ -67,46 +110,121 @@ def describe_owner(path: Path) -> str:
     return f"'{path}' ({lock_holder(path)})"
 
 
-def acquire_lock(path: Path) -> bool:
-    """Create ``path`` with O_EXCL holding "PID HOST"; take over a lock of a dead process. False if held.
-
-    A takeover is itself guarded by an O_EXCL "PATH.takeover" file, so two processes that both find
-    a stale lock cannot remove each other's fresh one."""
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not lock_is_stale(path):
-                return False
-            guard = path.with_name(path.name + ".takeover")
-            if not acquire_lock_plain(guard):
-                return False
-            try:
-                if lock_is_stale(path):
-                    path.unlink(missing_ok=True)
-            finally:
-                guard.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        return True
-    return False
-
-
-def acquire_lock_plain(path: Path) -> bool:
-    """O_EXCL create of ``path`` with "PID HOST"; a leftover of a dead process is removed first."""
-    if path.exists() and lock_is_stale(path):
-        path.unlink(missing_ok=True)
+def _create(path: Path) -> bool:
+    """O_EXCL create of ``path`` holding "PID HOST", recorded as taken; False if it exists."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
+    st = os.fstat(fd)
+    _taken.add((st.st_dev, st.st_ino))
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
     return True
 
 
+#: flock's errors on a file system without locks.
+_NO_FLOCK = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+@contextlib.contextmanager
+def _takeover_guard(path: Path) -> Iterator[bool]:
+    """Yield True while this process alone may take over the lock at ``path`` (False: another process
+    is taking it over right now).
+
+    An exclusive non-blocking ``flock`` on ``PATH.takeover``: the kernel drops it when its holder dies,
+    so a guard is never stale. The file is removed while the flock is held; a process that locked the
+    file just removed (it opened it before the removal) sees that the path no longer names its file
+    and opens it again. Without ``flock`` (not POSIX, or a file system without locks) the guard is the
+    file itself, created with O_EXCL, and one left by a dead process is removed first."""
+    guard = path.with_name(path.name + ".takeover")
+    if fcntl is None:
+        yield from _excl_guard(guard)
+        return
+    for _ in range(3):
+        try:
+            fd, made = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+        except FileExistsError:
+            try:
+                fd, made = os.open(guard, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # removed just now by the taker before this one
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    raise
+                if made:  # this process made the O_EXCL file: it holds the guard
+                    st = os.fstat(fd)
+                    _taken.add((st.st_dev, st.st_ino))
+                    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                    try:
+                        yield True
+                    finally:
+                        release_lock(guard)
+                else:
+                    yield from _excl_guard(guard)
+                return
+            try:
+                same = os.stat(guard).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue  # removed by the taker before this one: open the new file
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            try:
+                yield True
+            finally:
+                guard.unlink(missing_ok=True)  # still under the flock: no other taker is in here
+            return
+        finally:
+            os.close(fd)
+    yield False
+
+
+def _excl_guard(guard: Path) -> Iterator[bool]:
+    """The guard without ``flock``: an O_EXCL file; one left by a dead process is removed first (two
+    takers that both find such a leftover can both win: file systems without locks only)."""
+    if guard.exists() and lock_is_stale(guard):
+        guard.unlink(missing_ok=True)
+    if not _create(guard):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        release_lock(guard)
+
+
+def acquire_lock(path: Path) -> bool:
+    """Create ``path`` with O_EXCL holding "PID HOST"; take over a stale lock (see
+    :func:`lock_is_stale`). False if it is held (by another process, or already by this one).
+
+    A takeover is guarded (:func:`_takeover_guard`), so two processes that both find a stale lock
+    cannot remove each other's fresh one."""
+    for _ in range(3):
+        if _create(path):
+            return True
+        if not lock_is_stale(path):
+            return False
+        with _takeover_guard(path) as alone:
+            if not alone:
+                return False
+            if lock_is_stale(path):  # again, now that no other taker can replace it
+                path.unlink(missing_ok=True)
+    return False
+
+
 def release_lock(path: Path) -> None:
-    """Remove ``path`` if this process holds it."""
-    if _lock_owner(path) == (os.getpid(), socket.gethostname()):
+    """Remove ``path`` if this process took it and holds it; nothing otherwise."""
+    lock = _read(path)
+    if lock is None:
+        return
+    if lock[:2] == (os.getpid(), socket.gethostname()) and lock[2] in _taken:
         path.unlink(missing_ok=True)
+        _taken.discard(lock[2])

@@ -468,48 +468,81 @@ RUN_LOCK_NAME = "run.lock"
 
 
 class _RunFolderLock:
-    """``run.lock`` in a run folder, taken as soon as the folder exists (the main process only)."""
+    """``run.lock`` in a run folder (the main process only), taken before anything in the folder is read,
+    built for or written: :meth:`take` creates the folder if it does not exist, and :meth:`release`
+    removes a folder that it created if the run left it empty (a start that failed), so a failed start
+    leaves nothing behind."""
 
     def __init__(self, out: Path, active: bool):
-        self.path, self.active, self.held = out / RUN_LOCK_NAME, active, False
+        self.path, self.active, self.held, self.created = out / RUN_LOCK_NAME, active, False, False
 
     def take(self) -> None:
-        if not self.active or self.held or not self.path.parent.is_dir():
+        if not self.active or self.held:
             return
-        if not acquire_lock(self.path):
-            raise UserError(
-                f"run folder '{self.path.parent}' is in use by another training process: lock "
-                f"{describe_owner(self.path)}; wait for it to finish or stop it"
-            )
-        self.held = True
+        out = self.path.parent
+        for _ in range(3):
+            if not out.exists():
+                with _file_errors(out):
+                    try:
+                        out.mkdir(parents=True)
+                        self.created = True
+                    except FileExistsError:
+                        pass  # made by another process just now
+            try:
+                self.held = acquire_lock(self.path)
+            except FileNotFoundError:
+                continue  # removed in between by a process whose start failed: make it again
+            except OSError as e:
+                raise UserError(f"cannot write '{self.path}': {e.strerror or e}") from None
+            if not self.held:
+                raise UserError(
+                    f"run folder '{out}' is in use by another training process: lock "
+                    f"{describe_owner(self.path)}; wait for it to finish or stop it"
+                )
+            return
+        raise UserError(f"cannot make run folder '{out}': it keeps being removed")
 
     def release(self) -> None:
         if self.held:
             release_lock(self.path)
             self.held = False
+        if self.created:
+            self.created = False
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass  # not empty: the run wrote there (or another process took it), kept
 
 
 def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
     if cfg.batch_size % par.world:
         raise UserError(f"batch_size {cfg.batch_size} does not divide among {par.world} processes")
+    if cfg.tensorboard:
+        require_tensorboard()  # before anything is written, so a failed start leaves nothing behind
     out = Path(cfg.out_dir).expanduser()
     check_out_dir(out)  # before any work: a run folder under a file, read-only or not writable
+    if resume == "required" and not out.exists():  # refused before the folder is made for the lock
+        raise UserError(_nothing_to_resume(out, "the folder does not exist"))
     lock = _RunFolderLock(out, par.is_main)
     try:
-        lock.take()  # an existing folder: before its checkpoints are read
+        # before anything in the folder is read, built for or written: a second process on the same
+        # folder fails here, before it touches the first one's files
+        lock.take()
         return _train_locked(cfg, par, device, amp, resume, stop_after, argv, out, lock)
     finally:
         lock.release()
 
 
+def _nothing_to_resume(out: Path, why: str) -> str:
+    return f"--resume: no run to continue in '{out}' ({why}); drop --resume to start one"
+
+
 def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lock: _RunFolderLock) -> dict:
-    if cfg.tensorboard:
-        require_tensorboard()  # before anything is written, so a failed start leaves nothing behind
     ckpt_path = out / checkpoint.CKPT_NAME
     holds_run = any((out / n).exists() for n in ("config.json", checkpoint.CKPT_NAME, checkpoint.PREV_NAME))
     if resume == "required" and not holds_run:
         why = "the folder does not exist" if not out.exists() else "no config.json or checkpoint there"
-        raise UserError(f"--resume: no run to continue in '{out}' ({why}); drop --resume to start one")
+        raise UserError(_nothing_to_resume(out, why))
     payload, notes, fell_back = None, [], False
     if resume:
         payload, used, notes = checkpoint.load_latest(out)
@@ -635,8 +668,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                 )
             history.append([start, backend])
     if par.is_main:
-        metrics = _start_run_folder(out, cfg, run_info, start if payload is not None else None)
-        lock.take()  # a new folder: now that it exists
+        metrics = _start_run_folder(out, cfg, run_info, start if payload is not None else None, lock.created)
     else:
         metrics = _NoMetrics()
 
@@ -870,10 +902,13 @@ def _check_same_data(then: dict, now: dict, cfg: TrainConfig, out: Path) -> None
             )
 
 
-def _start_run_folder(out: Path, cfg: TrainConfig, run_info: dict, keep_until_step: int | None) -> Metrics:
+def _start_run_folder(
+    out: Path, cfg: TrainConfig, run_info: dict, keep_until_step: int | None, made: bool = False
+) -> Metrics:
     """Write config.json (a new run), run.json and the metrics files; if that fails, remove what this
-    call created, so a retry is not refused as "already holds a run"."""
-    existed = out.exists()
+    call created, so a retry is not refused as "already holds a run". ``made``: the folder was made
+    for this run (by its lock, which removes it when released empty): then all of it but the lock
+    is removed."""
     new_run = keep_until_step is None and not (out / "config.json").exists()  # nothing here to keep
     try:
         with _file_errors(out):
@@ -886,10 +921,16 @@ def _start_run_folder(out: Path, cfg: TrainConfig, run_info: dict, keep_until_st
         if new_run:
             for name in ("config.json", "run.json", "metrics.jsonl", "metrics.csv"):
                 (out / name).unlink(missing_ok=True)
-            if not existed:
+            if made:
                 import shutil
 
-                shutil.rmtree(out, ignore_errors=True)
+                for p in out.iterdir():
+                    if p.name == RUN_LOCK_NAME:
+                        continue
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
         raise
 
 
