@@ -474,9 +474,10 @@ def test_an_htmuon_training_checkpoint_is_verified_before_its_weights_are_analys
 
 def test_an_htmuon_checkpoint_with_a_damaged_or_cut_trailer_is_refused(tmp_path, capsys):
     """An htmuon checkpoint whose checksum trailer is damaged (one bit of its magic flipped) or cut
-    (its last 40 bytes, or the whole trailer, gone) is refused as resuming refuses it; it was read
-    unverified, so a weight changed beside the flipped trailer gave a wrong alpha without a word. A
-    checkpoint from before checksums (v1, no trailer) is read with a note; a plain .pt is untouched."""
+    (its last 40 bytes gone) is refused as resuming refuses it; it was read unverified, so a weight
+    changed beside the flipped trailer gave a wrong alpha without a word. A whole archive without the
+    trailer (saved again by torch.save, or the trailer cut off exactly) and a checkpoint from before
+    checksums (v1) are read with a note; a plain .pt is untouched."""
     from htmuon.train import checkpoint
 
     torch.manual_seed(0)
@@ -495,13 +496,11 @@ def test_an_htmuon_checkpoint_with_a_damaged_or_cut_trailer_is_refused(tmp_path,
     cases = {
         "flipped trailer": bytes(flipped),
         "last 40 bytes cut": data[:-40],
-        "trailer cut off": data[: -checkpoint.TRAILER_LEN],
     }
     assert torch.load(io.BytesIO(cases["flipped trailer"]), weights_only=True)["step"] == 3  # torch reads it
     why = {
         "flipped trailer": "is damaged or truncated (no checksum trailer at its end)",
         "last 40 bytes cut": "is damaged or truncated (no checksum trailer at its end)",
-        "trailer cut off": "lost its checksum trailer (cut short?): its content cannot be verified",
     }
     for what, content in cases.items():
         path = tmp_path / f"{what.replace(' ', '-')}.pt"
@@ -513,6 +512,23 @@ def test_an_htmuon_checkpoint_with_a_damaged_or_cut_trailer_is_refused(tmp_path,
         assert rc == 2 and out == "" and len(lines) == 1, (what, err)
         assert lines[0].startswith("htmuon esd: error:") and str(path) in lines[0], (what, err)
         with pytest.raises(checkpoint.CheckpointError, match=re.escape(why[what])):  # as resume refuses it
+            checkpoint.load(path)
+    # a whole archive without the trailer (the checkpoint saved again by torch.save, its optimizer state
+    # dropped; or the trailer cut off exactly) is read with a note; resuming refuses it
+    for name, content in (("resaved.pt", None), ("trailer-cut-off.pt", data[: -checkpoint.TRAILER_LEN])):
+        path = tmp_path / name
+        if content is None:
+            torch.save(
+                {k: v for k, v in torch.load(good, weights_only=True).items() if k != "optimizer"}, path
+            )
+        else:
+            path.write_bytes(content)
+        rep = analyze(path)
+        assert rep.mean_alpha == want
+        assert any(
+            f"{name}: an htmuon checkpoint without its checksum trailer" in n for n in rep.meta["notes"]
+        )
+        with pytest.raises(checkpoint.CheckpointError, match="lost its checksum trailer"):
             checkpoint.load(path)
     # a v1 checkpoint (before checksums: a bare torch.save archive) is read, and the report says unverified
     torch.save(

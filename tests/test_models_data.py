@@ -351,6 +351,20 @@ def test_hf_offline_sets_every_switch_and_restores_it(monkeypatch):
         False,
         True,
     )
+    # overlapping blocks (two threads, or nested): offline until the last one leaves, then as before
+    # (the first exit once put the switches back while the other block was still loading, and the
+    # other's exit then "restored" offline for good)
+    a, b = hf_offline(), hf_offline()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE
+    b.__exit__(None, None, None)
+    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE) == (
+        False,
+        False,
+        True,
+    )
 
 
 # ----------------------------------------------------------------------------- images

@@ -416,6 +416,41 @@ def test_a_lock_naming_this_process_that_it_did_not_take_is_stale(tmp_path, monk
     assert not held.exists()
 
 
+@pytest.mark.skipif(locks.fcntl is None, reason="needs flock (POSIX)")
+def test_a_lock_naming_this_pid_held_by_a_live_process_of_another_namespace_is_held(tmp_path):
+    """Two containers on the host's network (one host name) whose entrypoints are both PID 1: the
+    other's live lock names this process's PID and host. Its taker holds the lock file's flock, so it
+    is held (taking it over ran two processes in one folder); once that process is gone, a leftover."""
+    lock = tmp_path / "cell.lock"
+    # the other container's PID 1 took the lock (its text names that PID: ours) and holds its flock
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FLOCK_HOLDER, str(lock), f"{os.getpid()} {socket.gethostname()}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert not locks.lock_is_stale(lock) and not locks.acquire_lock(lock)
+        assert lock.read_text().split()[0] == str(os.getpid()) and not locks.holds_lock(lock)
+    finally:
+        holder.communicate("")  # it ends: the kernel drops its flock
+    assert locks.lock_is_stale(lock) and locks.acquire_lock(lock) and locks.holds_lock(lock)
+    locks.release_lock(lock)
+    assert not lock.exists()
+
+
+#: Creates the lock file argv[1] holding the text argv[2], flocks it, says "holding", waits for stdin.
+_FLOCK_HOLDER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+os.write(fd, (sys.argv[2] + "\n").encode())
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
 #: A process that takes a lock (argv[1]) with locks.acquire_lock, stopping after each staleness check
 #: until a line on stdin says to go on; it prints each check and, at the end, whether it won.
 _STEPPED_TAKER = r"""

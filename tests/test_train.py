@@ -724,6 +724,12 @@ def test_a_second_run_on_the_same_new_folder_is_refused_before_it_writes(corpus_
     with pytest.raises(UserError, match="the data cannot be built"):
         train(tiny(corpus_file, out))
     assert not out.exists()  # the folder made for the lock is removed with it
+    with pytest.raises(UserError, match="the data cannot be built"):
+        train(tiny(corpus_file, tmp_path / "a" / "b" / "run"))
+    assert not (tmp_path / "a").exists()  # and so are the parents made for it
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"'.*link' is a link to '.*nowhere', which does not exist"):
+        train(tiny(corpus_file, tmp_path / "link"))
 
     second = {}
 

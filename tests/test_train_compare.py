@@ -409,4 +409,15 @@ def test_status_says_a_cell_of_another_config_is_refused_as_the_run_refuses_it(c
     assert f"the command would stop with an error at {cell}" in text
     assert "done" not in text and "every cell is finished" not in text
     assert cli_main([*argv, "--steps", "6", "--no-plots"]) == 2  # what the run does with it
-    assert "was written by another config (steps=4 vs 6)" in capsys.readouterr().err
+    assert "its folder holds a run of another config (steps=4 vs 6)" in capsys.readouterr().err
+    # said before anything else is checked: with the data moved away since, the error is still this
+    # (the refused cell once counted as a cell to train, so the data check came first and said
+    # "data source not found")
+    moved = corpus_file.rename(corpus_file.with_name("moved.txt"))
+    try:
+        assert cli_main([*argv, "--steps", "6", "--no-plots"]) == 2
+        err = capsys.readouterr().err
+        assert f"cell '{out / cell}': its folder holds a run of another config (steps=4 vs 6)" in err
+        assert "not found" not in err
+    finally:
+        moved.rename(corpus_file)

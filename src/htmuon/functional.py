@@ -313,8 +313,10 @@ def exact_direction(mats: Tensor, group: dict[str, Any], corrected: bool) -> Ten
     """The float64 SVD rule for the same map (the fallback when a fast backend fails on finite input).
 
     The SVD runs in float64 on the batch as it is (not on a float64 copy), so singular values at the
-    rounding level of a float32 or 16-bit batch are zeroed as the exact backends zero them
-    (:func:`htmuon.spectral._input_floor`): a low-rank momentum gains no directions from its rounding.
+    rounding level of a float32 batch are zeroed as the exact backends zero them
+    (:func:`htmuon.spectral._input_floor`): a low-rank float32 momentum gains no directions from its
+    rounding. (A 16-bit batch gets the float32 floor too, as in the exact backends, so its own coarser
+    rounding is lifted as they lift it.)
     An uncorrected step (``interval``) gets the polar factor ``U V^T`` itself (unit singular values on
     the batch's rank, as Muon's), not rescaled to ``scale``.
     """

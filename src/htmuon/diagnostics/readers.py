@@ -20,12 +20,12 @@ Formats (a folder is searched in this order):
   or ``"state_dict"`` (Lightning). Loaded with ``weights_only=True`` and ``mmap=True`` (zip format):
   only the pickle is parsed, tensor bytes are read when used. An htmuon training checkpoint (its
   payload's ``format`` tag) is checked against its SHA-256 trailer as resuming checks it: a changed
-  byte, or a trailer damaged or cut off, is refused; one from before checksums (v1) is read
-  unverified, with a note. Objects the weights-only unpickler
-  refuses (RNG states, config objects, Lightning's hyper-parameters) are replaced by inert
-  placeholders -- their code never runs -- since only the tensors are needed. A file whose weights
-  are pickled Python objects (``torch.save(model)``) needs ``allow_pickle=True``, which *executes
-  code from the file*: only for files you trust.
+  byte, a damaged trailer or a cut archive is refused; a whole archive without the trailer (from
+  before checksums, v1, or saved again by ``torch.save``) is read unverified, with a note. Objects
+  the weights-only unpickler refuses (RNG states, config objects, Lightning's hyper-parameters) are
+  replaced by inert placeholders -- their code never runs -- since only the tensors are needed. A
+  file whose weights are pickled Python objects (``torch.save(model)``) needs ``allow_pickle=True``,
+  which *executes code from the file*: only for files you trust.
 
 Key prefixes: ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) are removed when every
 tensor key has them; in a Lightning checkpoint the LightningModule's attribute (e.g. ``model.``) is
@@ -312,9 +312,11 @@ def _verify_htmuon_checksum(path: str) -> bool:
 def _check_htmuon_trailer(path: str, obj: Any, verified: bool) -> str | None:
     """An htmuon training checkpoint (its payload carries htmuon's ``format`` tag) that was not verified
     before loading -- its trailer damaged or cut, so its magic was not found -- is refused as resuming
-    refuses it (:func:`htmuon.train.checkpoint.verify`, the same rules); one written before checksums
-    (format v1: the file ends like a plain ``torch.save`` archive) is read unverified and the returned
-    note says so. Other files (not htmuon's) return None: ``torch.load`` read them."""
+    refuses it (:func:`htmuon.train.checkpoint.verify`, the same rules) where the trailer is there but
+    damaged or the archive is cut; one that ends like a whole ``torch.save`` archive (written before
+    checksums, format v1, or saved again by ``torch.save``, e.g. without its optimizer state) is read
+    unverified and the returned note says so (resuming refuses a v2 one: it needs every byte it wrote).
+    Other files (not htmuon's) return None: ``torch.load`` read them."""
     from pathlib import Path
 
     from htmuon.train import checkpoint
@@ -330,9 +332,11 @@ def _check_htmuon_trailer(path: str, obj: Any, verified: bool) -> str | None:
         raise ValueError(
             f"{path!r} changed while being read (a newer checkpoint written over it?): analyse it again"
         )
-    if fmt == checkpoint.FORMAT:
-        raise ValueError(
-            f"checkpoint '{path}' lost its checksum trailer (cut short?): its content cannot be verified"
+    if fmt == checkpoint.FORMAT:  # a whole archive without the trailer: saved again by torch.save (its
+        # optimizer state dropped, say), or the trailer cut off exactly; torch.load read it whole
+        return (
+            f"{os.path.basename(path)}: an htmuon checkpoint without its checksum trailer (saved again "
+            "with torch.save?): read unverified"
         )
     return f"{os.path.basename(path)}: no checksum (an older htmuon wrote it): read unverified"
 

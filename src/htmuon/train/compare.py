@@ -1630,10 +1630,15 @@ def _report_runs(res: dict) -> list[dict]:
 def _specs_to_train(plan: Plan) -> list[str]:
     """The specs with a cell left to train: a selection cell not finished, or (``--tune-seeds``) a
     reported seed with no finished cell of the spec's grid. A finished grid's report can then be
-    rebuilt without its data or a baseline's package."""
+    rebuilt without its data or a baseline's package. A cell whose folder holds a run of another
+    config is the UserError the run would stop on, raised now (before its data is looked for)."""
+    from htmuon.cli import UserError
 
     def finished(cell: Cell) -> bool:
-        return cell_state(cell)["state"] in ("done", "diverged")
+        st = cell_state(cell)
+        if st["state"] == "refused":
+            raise UserError(f"cell '{cell.cfg.out_dir}': {st['why']}")
+        return st["state"] in ("done", "diverged")
 
     todo = {c.spec for c in plan.select_cells() if not finished(c)}
     for spec in plan.specs if plan.tune_seeds else ():

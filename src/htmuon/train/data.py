@@ -37,6 +37,7 @@ import os
 import pickle
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -674,27 +675,41 @@ _OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _OFFLINE_PACKAGES = ("datasets", "huggingface_hub")
 
 
+_offline_lock = threading.Lock()
+_offline_state: dict = {"depth": 0, "saved": []}  # blocks open now, and the switches as they were
+
+
 @contextlib.contextmanager
 def hf_offline():
     """Hugging Face offline mode for the block (no request to the hub: a dataset comes from the local
     cache or fails at once), then every switch as it was, so that the process is not left offline.
     Every module of ``datasets`` and ``huggingface_hub`` loaded so far that holds one of
-    :data:`_OFFLINE_FLAGS` as a boolean (the libraries' own and any copy taken by import) is set."""
+    :data:`_OFFLINE_FLAGS` as a boolean (the libraries' own and any copy taken by import) is set.
+    Blocks may overlap (threads, nesting): the first one in sets the switches, the last one out puts
+    them back (an earlier exit left a later block online, and its exit then restored "offline")."""
     import datasets  # noqa: F401  (loads datasets.config and huggingface_hub.constants)
 
-    saved = []
-    for name, module in list(sys.modules.items()):
-        if module is None or name.partition(".")[0] not in _OFFLINE_PACKAGES:
-            continue
-        own = getattr(module, "__dict__", {})  # (not getattr: a lazy module's __getattr__ would import)
-        saved += [(module, flag, own[flag]) for flag in _OFFLINE_FLAGS if isinstance(own.get(flag), bool)]
+    with _offline_lock:
+        if _offline_state["depth"] == 0:
+            saved = []
+            for name, module in list(sys.modules.items()):
+                if module is None or name.partition(".")[0] not in _OFFLINE_PACKAGES:
+                    continue
+                own = getattr(module, "__dict__", {})  # (not getattr: a lazy module's __getattr__ imports)
+                saved += [(module, f, own[f]) for f in _OFFLINE_FLAGS if isinstance(own.get(f), bool)]
+            for module, flag, _ in saved:
+                setattr(module, flag, True)
+            _offline_state["saved"] = saved
+        _offline_state["depth"] += 1
     try:
-        for module, flag, _ in saved:
-            setattr(module, flag, True)
         yield
     finally:
-        for module, flag, value in saved:
-            setattr(module, flag, value)
+        with _offline_lock:
+            _offline_state["depth"] -= 1
+            if _offline_state["depth"] == 0:
+                for module, flag, value in _offline_state["saved"]:
+                    setattr(module, flag, value)
+                _offline_state["saved"] = []
 
 
 def _not_cached(e: BaseException) -> bool:

@@ -4,8 +4,11 @@ folder at once.
 
 A lock is a file created with ``O_EXCL`` holding ``"PID HOST"``. A lock whose process is dead (on this
 host) is taken over; so is one that names this very process (its PID on this host) but that this
-process did not take: a run killed while it was PID 1 of a container finds its own PID in its lock
-when the container restarts. A lock that cannot be parsed is taken over once it is older than
+process did not take and that no live process holds: a run killed while it was PID 1 of a container
+finds its own PID in its lock when the container restarts. Every taker keeps an ``flock`` on its lock
+file (and the file open, so its inode is not reused) until it releases it; the kernel drops a dead
+process's flock and sees those of every PID namespace, so a live PID 1 of another container on the
+same hostname still holds its lock. A lock that cannot be parsed is taken over once it is older than
 :data:`UNPARSABLE_STALE_S` (a process killed between creating the file and writing its PID leaves it
 empty). This process keeps the identity (device, inode) of every lock file it created and still holds.
 
@@ -32,8 +35,9 @@ except ImportError:  # not POSIX: the takeover guard is an O_EXCL file (see _tak
 #: An empty or garbled lock file older than this (seconds) is a leftover, not a lock being written.
 UNPARSABLE_STALE_S = 30.0
 
-#: (st_dev, st_ino) of each lock file this process created and has not released.
-_taken: set[tuple[int, int]] = set()
+#: (st_dev, st_ino) of each lock file this process created and has not released -> the descriptor on
+#: which it holds an ``flock`` of that file for as long as it holds the lock (None without flock).
+_taken: dict[tuple[int, int], int | None] = {}
 
 
 def _read(path: Path) -> tuple[int, str, tuple[int, int]] | None:
@@ -77,8 +81,9 @@ def holds_lock(path: Path) -> bool:
 
 def lock_is_stale(path: Path) -> bool:
     """True when the lock at ``path`` is gone or left behind: it names a dead process on this host, or
-    this process's own PID on this host although this process did not take it (a PID reused, e.g. a
-    restarted container's PID 1), or it cannot be parsed and is older than :data:`UNPARSABLE_STALE_S`.
+    this process's own PID on this host although this process did not take it and no live process
+    holds its flock (a PID reused, e.g. a restarted container's PID 1: :func:`_unheld`), or it cannot
+    be parsed and is older than :data:`UNPARSABLE_STALE_S`.
     A lock this process holds is not stale."""
     lock = _read(path)
     if lock is None:
@@ -91,9 +96,31 @@ def lock_is_stale(path: Path) -> bool:
             return True
     if host != socket.gethostname():
         return False  # a process on another host cannot be checked: held
-    if pid == os.getpid():
-        return ident not in _taken
+    if pid == os.getpid():  # this PID, on this host: ours, a leftover, or another namespace's process
+        return ident not in _taken and _unheld(path)
     return not _alive(pid)
+
+
+def _unheld(path: Path) -> bool:
+    """True when no process holds the ``flock`` that every lock's taker keeps on it (:func:`_create`):
+    its taker is dead. The kernel drops a dead process's flock, and sees the flocks of processes in
+    every PID namespace, so a live process of another container that reports the same PID and host
+    (PID 1 of two containers on the host's network) still holds its lock. False where it cannot tell
+    (no ``flock`` on this file system): held."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (BlockingIOError), or no flock here: cannot tell, so held
+        return False
+    else:
+        return True
+    finally:
+        os.close(fd)  # (drops the probe's own flock, if it got one)
 
 
 def lock_holder(path: Path) -> str:
@@ -117,7 +144,14 @@ def _create(path: Path) -> bool:
     except FileExistsError:
         return False
     st = os.fstat(fd)
-    _taken.add((st.st_dev, st.st_ino))
+    held = None
+    if fcntl is not None:  # held until release: tells a dead taker from a live one (see _unheld)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.dup(fd)
+        except OSError:
+            held = None  # no flock on this file system: the PID and host alone tell
+    _taken[(st.st_dev, st.st_ino)] = held
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
     return True
@@ -160,7 +194,7 @@ def _takeover_guard(path: Path) -> Iterator[bool]:
                     raise
                 if made:  # this process made the O_EXCL file: it holds the guard
                     st = os.fstat(fd)
-                    _taken.add((st.st_dev, st.st_ino))
+                    _taken[(st.st_dev, st.st_ino)] = None
                     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
                     try:
                         yield True
@@ -227,4 +261,6 @@ def release_lock(path: Path) -> None:
         return
     if lock[:2] == (os.getpid(), socket.gethostname()) and lock[2] in _taken:
         path.unlink(missing_ok=True)
-        _taken.discard(lock[2])
+        held = _taken.pop(lock[2])
+        if held is not None:
+            os.close(held)  # drops the flock

@@ -325,6 +325,10 @@ def check_out_dir(out: Path) -> None:
     """A UserError unless the run folder ``out`` exists as a writable folder or can be created."""
     probe = out
     while not probe.exists() and probe.parent != probe:  # the nearest existing ancestor
+        if probe.is_symlink():  # (mkdir would say "File exists", and the run lock could not be made)
+            raise UserError(
+                f"--out-dir '{out}': '{probe}' is a link to '{os.readlink(probe)}', which does not exist"
+            )
         probe = probe.parent
     if not probe.is_dir():
         where = "" if probe == out else f" ('{probe}' is a file)"
@@ -475,6 +479,7 @@ class _RunFolderLock:
 
     def __init__(self, out: Path, active: bool):
         self.path, self.active, self.held, self.created = out / RUN_LOCK_NAME, active, False, False
+        self.made: list[Path] = []  # the folders take() made, the run folder first, then its new parents
 
     def take(self) -> None:
         if not self.active or self.held:
@@ -483,9 +488,12 @@ class _RunFolderLock:
         for _ in range(3):
             if not out.exists():
                 with _file_errors(out):
+                    new = [out]
+                    while not new[-1].parent.exists():
+                        new.append(new[-1].parent)
                     try:
                         out.mkdir(parents=True)
-                        self.created = True
+                        self.created, self.made = True, new
                     except FileExistsError:
                         pass  # made by another process just now
             try:
@@ -508,10 +516,12 @@ class _RunFolderLock:
             self.held = False
         if self.created:
             self.created = False
-            try:
-                self.path.parent.rmdir()
-            except OSError:
-                pass  # not empty: the run wrote there (or another process took it), kept
+            for folder in self.made:  # the run folder, then the parents made for it, while empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty: the run wrote there (or another process uses it), kept
+            self.made = []
 
 
 def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
