@@ -392,6 +392,84 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         fit_powerlaw(torch.tensor([1.0, float("nan"), 2.0]))
 
 
+def test_non_real_tensors_and_weights_without_values_are_clear_errors():
+    """A complex tensor (once cast to its real part with a ComplexWarning) or an integer one (once
+    analysed as raw codes) is refused; weights on the meta device or a Lazy module's uninitialized
+    parameter (once `Tensor.item() cannot be called on meta tensors`) are one-line errors naming
+    the layer, from a module or a state_dict; a module's non-floating weight is skipped with why."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ComplexWarning on the way to the error
+        for bad, dt in (
+            (torch.randn(64, 32, dtype=torch.complex64), "complex64"),
+            (torch.randint(0, 5, (64, 32)), "int64"),
+        ):
+            for call in (analyze, layer_eigenvalues):
+                with pytest.raises(ValueError, match=f"real floating-point weight tensor, got dtype {dt}"):
+                    call(bad)
+    meta = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32)).to("meta")
+    with pytest.raises(ValueError, match=r"layer '0': its weight is on the meta device.*to_empty"):
+        analyze(meta)
+    with pytest.raises(ValueError, match=r"layer 'l': its weight is on the meta device"):
+        analyze({"l.weight": torch.empty(64, 32, device="meta")})
+    with pytest.raises(ValueError, match=r"layer 'tensor': its weight is on the meta device"):
+        analyze(torch.empty(64, 32, device="meta"))
+    mixed = nn.ModuleDict({"m": nn.Linear(32, 64, device="meta"), "r": nn.Linear(32, 64)})
+    assert list(analyze(mixed, layers=["r"]).alphas) == ["r"]  # a layer left out is not read
+    lazy = nn.Sequential(nn.LazyLinear(16), nn.Linear(16, 16))
+    with pytest.raises(
+        ValueError, match=r"layer '0': its weight is an uninitialized parameter.*forward pass"
+    ):
+        analyze(lazy)
+    lazy(torch.randn(2, 40))  # materialised: analysed
+    assert [r["shape"] for r in analyze(lazy).rows] == [(16, 40), (16, 16)]
+    model = nn.ModuleDict({"c": nn.Linear(32, 48, dtype=torch.complex64), "r": nn.Linear(32, 48)})
+    rep = analyze(model)
+    assert [r["name"] for r in rep.rows] == ["r"]
+    assert rep.skipped == [("c", "weight dtype complex64 is not a real floating-point dtype")]
+
+
+def test_fsdp2_dtensor_weights_are_refused_with_the_way_out(tmp_path):
+    """FSDP2 (fully_shard) holds each weight as a DTensor sharded over ranks; analyze and AlphaTracker
+    do not gather it (a collective one rank alone would hang in) but say what to do, in one line,
+    instead of `Attempted to access the data pointer on an invalid python storage`; the state dict
+    gathered as the error says gives the unsharded model's alphas. A DTensor replicated on every rank
+    is whole there: analysed as its local tensor. (A one-rank gloo group, in this process.)"""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo and no process group already initialised")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+        want = analyze(model).alphas
+        w = model[0].weight.detach().clone()
+        mesh = init_device_mesh("cpu", (1,))
+        assert analyze(distribute_tensor(w, mesh, [Replicate()])).alphas == analyze(w).alphas
+        why = r"its weight is a DTensor sharded over 1 rank\(s\) \(placements \(Shard\(dim=0\),\)"
+        why += r".*FSDP2 fully_shard.*does not gather.*get_model_state_dict.*full_state_dict=True.*rank 0"
+        with pytest.raises(ValueError, match="layer 'tensor': " + why):
+            analyze(distribute_tensor(w, mesh, [Shard(0)]))
+        fully_shard(model)
+        for call in (
+            lambda: analyze(model),
+            lambda: AlphaTracker(every=1)(model, 0),
+            lambda: analyze(model.state_dict()),
+        ):
+            with pytest.raises(ValueError, match="layer '0': " + why) as err:
+                call()
+            assert "\n" not in str(err.value)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        assert analyze(full).alphas == pytest.approx(want, rel=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- tracker
 
 
@@ -488,11 +566,127 @@ def test_cli_esd_model_factory_from_the_current_folder(tmp_path, monkeypatch, ca
     assert sys.path == path
 
 
-def test_degenerate_esd_fails_at_every_size():
-    """All eigenvalues equal (an identity, an orthogonal init): a failed fit, never alpha = inf 'ok'."""
+def _orthogonal(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    w = torch.empty(rows, cols, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    nn.init.orthogonal_(w)  # QR in the tensor's own precision
+    return w.to(dtype)
+
+
+def _is_degenerate_failure(row) -> bool:
+    return (
+        math.isnan(row["alpha"])
+        and math.isnan(row["D"])
+        and row["status"].startswith("failed: degenerate ESD")
+    )
+
+
+@pytest.mark.parametrize("fit", FITS)
+def test_degenerate_esd_fails_at_every_size(fit):
+    """All eigenvalues equal (an identity) or equal to within rounding (an orthogonal init, in the
+    precision of its QR or rounded to bf16): a failed fit under every xmin rule, at every size (the
+    small-sample rule's too), never a huge or infinite alpha marked 'ok'."""
     for n in (16, 64):
-        row = analyze(torch.eye(n)).rows[0]
-        assert math.isnan(row["alpha"]) and row["status"].startswith("failed: degenerate"), (n, row)
+        row = analyze(torch.eye(n), fit=fit).rows[0]
+        assert _is_degenerate_failure(row), (n, row)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for shape in ((12, 12), (16, 10), (128, 128), (256, 128)):
+            for seed in range(2):
+                w = _orthogonal(*shape, dtype, seed)
+                for method in ("gram", "svd"):
+                    for compute in (torch.float64, torch.float32):
+                        row = analyze(w, fit=fit, method=method, dtype=compute).rows[0]
+                        assert _is_degenerate_failure(row), (dtype, shape, seed, method, compute, row)
+
+
+def test_a_degenerate_layer_is_left_out_of_the_mean_alpha():
+    """An orthogonal-initialised layer beside trained-looking ones: its alpha (~1e6 before) is NaN and
+    neither the report's mean alpha nor the tracker's includes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.Linear(128, 128))
+    nn.init.orthogonal_(model[3].weight)
+    rep = analyze(model)
+    a0, a2 = rep.alphas["0"], rep.alphas["2"]
+    assert 1 < a0 < 20 and 1 < a2 < 20 and rep.rows[0]["status"] == rep.rows[1]["status"] == "ok"
+    assert _is_degenerate_failure(rep.rows[2])
+    assert rep.mean_alpha == pytest.approx((a0 + a2) / 2, rel=1e-12)
+    assert AlphaTracker(every=1)(model, 0)["mean_alpha"] == pytest.approx((a0 + a2) / 2, rel=1e-12)
+
+
+def test_degenerate_rule_leaves_gaussian_layers_alone(monkeypatch):
+    """The degenerate-tail tolerance never changes a fit of Gaussian layers, small ones included, in
+    float32, bf16 and fp16 (whose ESDs spread by ~4 sqrt(M / N), far more than rounding): every fit
+    equals the one that takes only exactly equal eigenvalues as equal. (Trained layers: the
+    WeightWatcher comparison in test_diagnostics_ww.py, unchanged at 1e-6.)"""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in ((8, 8), (9, 8), (12, 8), (8, 20), (16, 16), (40, 8), (64, 64), (300, 20), (2048, 8)):
+        for _ in range(4 if max(shape) <= 64 else 1):
+            w = torch.randn(*shape, generator=g)
+            cases += [w, w.bfloat16(), w.half()]
+    got = {fit: [analyze(w, fit=fit).rows[0] for w in cases] for fit in FITS}
+    monkeypatch.setattr(pl_mod, "_tolerance", lambda *args: (0.0, 0.0))  # exact equality only
+    for fit in FITS:
+        for w, row in zip(cases, got[fit]):
+            exact = analyze(w, fit=fit).rows[0]
+            assert row["status"] == exact["status"] == "ok", (fit, w.shape, w.dtype, row["status"])
+            assert row["alpha"] == exact["alpha"] and row["xmin"] == exact["xmin"], (fit, w.shape, w.dtype)
+
+
+def test_degenerate_rtol_scales_with_dtype_and_shape():
+    """Rounding term 4 sqrt(n / N) eps_w plus 8 sqrt(N) (min(eps_w, eps_f32) + eps_c)."""
+    from htmuon.diagnostics.powerlaw import degenerate_rtol
+
+    eps32, eps64, bf16 = (torch.finfo(d).eps for d in (torch.float32, torch.float64, torch.bfloat16))
+    assert degenerate_rtol(128, 128, torch.float32, torch.float64) == pytest.approx(
+        4 * eps32 + 8 * math.sqrt(128) * (eps32 + eps64), rel=1e-12
+    )
+    assert degenerate_rtol(32, 512, torch.bfloat16, torch.float32) == pytest.approx(
+        4 * math.sqrt(32 / 512) * bf16 + 8 * math.sqrt(512) * 2 * eps32, rel=1e-12
+    )
+    assert degenerate_rtol(64) == degenerate_rtol(64, 64, torch.float32, torch.float64)
+    with pytest.raises(ValueError, match="Invalid N: 0"):
+        fit_powerlaw(torch.rand(30), N=0)
+    with pytest.raises(ValueError, match="Invalid weight_dtype"):
+        fit_powerlaw(torch.rand(30), weight_dtype=torch.int8)
+
+
+def test_median_fit_of_a_degenerate_tail_fails_like_the_others():
+    """The median fit's tail (the upper half) all equal, or equal to within rounding: failed, as ks
+    and fix-finger fail on a degenerate ESD, not alpha = inf (or 1e9) with status 'ok'."""
+    for evals in (torch.full((40,), 2.0, dtype=F64), 2.0 + 1e-9 * torch.rand(40, dtype=F64)):
+        for fit in FITS:
+            f = fit_powerlaw(evals, fit)
+            assert (
+                math.isnan(f.alpha) and math.isnan(f.D) and f.status.startswith("failed: degenerate ESD")
+            ), (
+                fit,
+                f,
+            )
+    top_equal = torch.cat([torch.linspace(0.1, 0.5, 50, dtype=F64), torch.ones(50, dtype=F64)])
+    med = fit_powerlaw(top_equal, "median")
+    assert math.isnan(med.alpha) and med.status.startswith("failed: degenerate ESD (its upper half")
+    assert med.xmin == 1.0 and med.n_tail == 50
+    ks = fit_powerlaw(top_equal, "ks")  # a tail that reaches below the equal half is a fit
+    assert ks.status == "ok" and ks.xmin < 1.0 and 1 < ks.alpha < 3
+
+
+@pytest.mark.parametrize("jitter", [0.0, 1e-9])
+def test_fix_finger_window_of_degenerate_tails_falls_back_to_every_xmin(jitter):
+    """The fullest histogram bin is a cluster of equal (or within-rounding) eigenvalues at the top of
+    the ESD: every candidate in the xmin_peak window has a degenerate tail, but the eigenvalues below
+    it give usable tails. The fit falls back to every xmin, as for an empty window (and as
+    WeightWatcher's window, open below, in effect searches): the ks fit, with a status saying so."""
+    g = torch.Generator().manual_seed(0)
+    cluster = 1.0 + jitter * torch.rand(60, generator=g, dtype=F64)
+    ev = torch.cat([torch.linspace(0.04, 0.81, 40, dtype=F64), cluster])
+    ff, ks = fit_powerlaw(ev, "fix-finger"), fit_powerlaw(ev, "ks")
+    assert ff.status == "ok (fix-finger window holds only degenerate tails: used every xmin)"
+    assert ff.alpha == ks.alpha and ff.xmin == ks.xmin and ff.D == ks.D and ks.status == "ok"
+    assert ff.xmin < 0.95 and 1 < ff.alpha < 5
+    if jitter == 0:  # the definition, one candidate at a time (equal tails: alpha = inf, D = (n-1)/n)
+        D, alpha, xmin, _ = naive_fit(ev.tolist())
+        assert ff.alpha == pytest.approx(alpha, rel=1e-10) and ff.xmin == pytest.approx(xmin, rel=1e-12)
 
 
 def test_a_tied_matrix_is_one_layer_in_every_form(tmp_path):

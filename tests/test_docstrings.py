@@ -22,7 +22,7 @@ DOCUMENTED = {
     "htmuon.diagnostics": 4,
     "htmuon.diagnostics.cli": 1,
     "htmuon.diagnostics.esd": 5,
-    "htmuon.diagnostics.powerlaw": 2,
+    "htmuon.diagnostics.powerlaw": 4,
     "htmuon.diagnostics.tracker": 1,
     "htmuon.distributed": 3,
     "htmuon.functional": 4,

@@ -228,6 +228,36 @@ def test_htmuon_run_folder_and_plain_state_dicts(llama, tmp_path):
     assert_same(analyze(tmp_path / "legacy.pt"), ref)
 
 
+def test_pytorch_tutorial_checkpoint_and_which_key_wins(tmp_path, capsys):
+    """The PyTorch tutorial's checkpoint, {"epoch", "model_state_dict", "optimizer_state_dict", "loss"}
+    (a tensor loss beside them), gives the model's alphas (it was refused: "nothing to analyze").
+    'model', 'state_dict', 'model_state_dict' are tried in that order: the first holding weights is
+    analysed, and the notes name any other that holds weights too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    opt = torch.optim.Adam(model.parameters())
+    loss = model(torch.randn(8, 32)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    want = analyze(model).alphas
+    state = {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()}
+    torch.save({"epoch": 3, **state, "loss": loss.detach()}, tmp_path / "tutorial.pt")
+    rep = analyze(tmp_path / "tutorial.pt")
+    assert rep.alphas == pytest.approx(want, rel=1e-12) and "notes" not in rep.meta
+    rc, out, _ = run_cli([tmp_path / "tutorial.pt"], capsys)
+    assert rc == 0 and "| 0 | linear | 64x32 |" in out
+    other = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
+    torch.save({"model": model.state_dict(), "model_state_dict": other.state_dict()}, tmp_path / "both.pt")
+    rep = analyze(tmp_path / "both.pt")
+    assert rep.alphas == pytest.approx(want, rel=1e-12)
+    assert rep.meta["notes"] == [
+        "both.pt: weights under 'model' analysed; 'model_state_dict' also holds weights, not analysed"
+    ]
+    torch.save({"model": "mlp-3", "model_state_dict": model.state_dict()}, tmp_path / "named.pt")
+    rep = analyze(tmp_path / "named.pt")  # 'model' holds no weights here: not a candidate
+    assert rep.alphas == pytest.approx(want, rel=1e-12) and "notes" not in rep.meta
+
+
 class CopyFile:
     """Pickles as a call that writes a file: proof of whether unpickling ran code from the file."""
 

@@ -15,7 +15,8 @@ Conventions (WeightWatcher 0.7.7, measured and read from its source; no normalis
   ``isinstance`` or, like WeightWatcher, by its class name containing ``linear``, ``conv1d``,
   ``conv2d`` or ``embedding`` (so e.g. Hugging Face's GPT-2 ``Conv1D``, a 2-D weight, counts).
 * A layer is skipped when ``M * rf < min_evals`` (8), ``M * rf > max_evals`` (15000) or
-  ``N > max_N`` (50000); skipped layers are listed in :attr:`ESDReport.skipped` with the reason.
+  ``N > max_N`` (50000), or when its weight is not real floating point (a quantized or complex
+  module's); skipped layers are listed in :attr:`ESDReport.skipped` with the reason.
 * Without a module (a state_dict or a tensor) the kind is inferred from the shape: 2-D -> linear,
   3-D -> conv1d, 4-D -> conv2d. In a state_dict only floating tensors whose key ends in
   ``weight`` count (biases, norms and buffers are not layers).
@@ -31,9 +32,25 @@ Differences from WeightWatcher, all deliberate:
   slice when ``out < in``, so for an even number of slices it reports them the other way round).
 * ``method="gram"`` (the default for float64) takes the eigenvalues of the small Gram matrix
   ``W^T W`` rather than singular values: 2-6x faster on CPU, identical to ~1e-13 relative for
-  the eigenvalues the fit uses, but blind below ~1e-7 x the largest singular value, so its
-  ``matrix_rank`` counts ``lambda > lambda_max * N * eps`` (the Gram rounding floor) instead of
-  ``s > s_max * N * eps``. Use ``method="svd"`` for WeightWatcher's exact rank definition.
+  eigenvalues well above its rounding floor ``lambda_max * N * eps``, but blind below it (~1e-7 x
+  the largest singular value), so its ``matrix_rank`` counts ``lambda > lambda_max * N * eps``
+  instead of ``s > s_max * N * eps``. Use ``method="svd"`` for WeightWatcher's exact rank
+  definition, and for a rank-deficient layer with ``lambda_max`` beyond ~1e10 (``lambda_max * eps``
+  near ``thresh = 1e-5``): the Gram route returns its zero eigenvalues as rounding noise of a few
+  ``lambda_max * eps``, above ``thresh``, and the fit uses them.
+* A degenerate ESD -- eigenvalues equal to within rounding, as an orthogonal or identity layer's
+  (``nn.init.orthogonal_``) -- is ``status = "failed: degenerate ESD (...)"`` with ``alpha = nan``
+  under every fit, and a tail of such eigenvalues is never a candidate (:mod:`.powerlaw`,
+  :func:`~.powerlaw.degenerate_rtol`). WeightWatcher reports the Hill estimate of the rounding
+  noise (``~3e6`` for a float32 ``orthogonal_`` 128x128 layer, ``inf`` for an identity), and its
+  KS search can pick such a tail at the top of an otherwise spread ESD.
+* ``nn.Bilinear`` (a 3-D ``out x in1 x in2`` weight) is skipped (``"linear weight has 3 dims"``):
+  there is no one matrix to analyse. WeightWatcher 0.7.7 (its class name contains ``linear``)
+  passes the 3-D weight to SciPy's SVD, as for a Conv1d, and reports the top ``min(shape)``
+  singular values of the ``out`` batched ``in1 x in2`` matrices.
+* A tied matrix (an LM head sharing the embedding's tensor) is one layer, under its first name (as a
+  checkpoint that stores it once gives it); WeightWatcher analyses it under both names, counting
+  it twice in any mean.
 """
 
 from __future__ import annotations
@@ -43,6 +60,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,6 +282,7 @@ class _Layer:
     weight: Tensor | None = None  # in memory; None: read from the checkpoint when its batch is computed
     key: str = ""  # the tensor's name in the checkpoint
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wdtype: torch.dtype | None = None  # the stored weight's dtype (its precision: degenerate_rtol)
 
 
 def _module_kind(module: nn.Module) -> str | None:
@@ -319,13 +338,65 @@ def _untied(cands: list[_Cand]) -> list[_Cand]:
     out = []
     for cand in cands:
         w = cand[2]
-        if isinstance(w, Tensor) and w.device.type != "meta" and w.numel():
+        if isinstance(w, Tensor) and _plain_tensor(w) and w.numel():
             key = _storage_view(w)
             if key in seen:
                 continue
             seen.add(key)
         out.append(cand)
     return out
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor``'s class if torch.distributed.tensor is loaded (no DTensor exists otherwise)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def _plain_tensor(w: Tensor) -> bool:
+    """A tensor with values in local memory: not on the meta device, not a DTensor, not a lazy
+    module's uninitialized parameter."""
+    dt = _dtensor_type()
+    return not (
+        w.device.type == "meta"
+        or (dt is not None and isinstance(w, dt))
+        or isinstance(w, nn.parameter.UninitializedTensorMixin)
+    )
+
+
+def _replicated_local(w: Any) -> Any:
+    """A DTensor replicated on every rank of its mesh is whole on each: its local tensor (no
+    collective). Anything else is returned as it is (a sharded DTensor is refused by _check_weight)."""
+    dt = _dtensor_type()
+    if dt is not None and isinstance(w, dt) and all(p.is_replicate() for p in w.placements):
+        return w.to_local()
+    return w
+
+
+def _check_weight(name: str, w: Tensor) -> None:
+    """A one-line error for a weight that holds no values here: on the meta device, a lazy module's
+    uninitialized parameter, or a DTensor sharded over ranks (FSDP2, tensor parallel)."""
+    if isinstance(w, nn.parameter.UninitializedTensorMixin):
+        raise ValueError(
+            f"layer {name!r}: its weight is an uninitialized parameter (a Lazy module before its first "
+            "forward pass): run one forward pass, then analyze"
+        )
+    if w.device.type == "meta":
+        raise ValueError(
+            f"layer {name!r}: its weight is on the meta device and holds no values (a model built "
+            "under torch.device('meta') or init_empty_weights): materialise it and load its weights "
+            "(model.to_empty(device='cpu'), then load_state_dict) before analyze"
+        )
+    dt = _dtensor_type()
+    if dt is not None and isinstance(w, dt):
+        raise ValueError(
+            f"layer {name!r}: its weight is a DTensor sharded over {w.device_mesh.size()} rank(s) "
+            f"(placements {tuple(w.placements)}: FSDP2 fully_shard or tensor parallel); analyze needs "
+            "whole matrices and does not gather them (a collective every rank must join): on every rank "
+            "call torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+            "StateDictOptions(full_state_dict=True, cpu_offload=True)), then analyze that state_dict on "
+            "rank 0 (the other ranks get an empty one)"
+        )
 
 
 def _collect(obj: Any) -> tuple[list[_Cand], str]:
@@ -339,24 +410,39 @@ def _collect(obj: Any) -> tuple[list[_Cand], str]:
             if kind is None:
                 continue
             w = getattr(m, "weight", None)
-            cands.append((name or type(m).__name__, kind, w if isinstance(w, Tensor) else None, ""))
+            w = _replicated_local(w) if isinstance(w, Tensor) else None
+            cands.append((name or type(m).__name__, kind, w, ""))
         return _untied(cands), f"model {type(obj).__name__}"
     if isinstance(obj, Tensor):
-        if obj.ndim not in (2, 3, 4):
-            raise ValueError(
-                f"expected a weight tensor with 2 (linear), 3 (conv1d) or 4 (conv2d) dims, "
-                f"got shape {tuple(obj.shape)}"
-            )
-        return [("tensor", _shape_kind(obj), obj, "")], "tensor"
+        _check_tensor_arg(obj)
+        return [("tensor", _shape_kind(obj), _replicated_local(obj), "")], "tensor"
     if isinstance(obj, Checkpoint):
         return _state_dict_cands(obj.entries.items()), f"{obj.format} checkpoint {obj.path!r}"
     if isinstance(obj, Mapping):
-        cands = _state_dict_cands((k, t) for k, t in obj.items() if isinstance(t, Tensor))
-        return _untied(cands), "state_dict"
+        items = ((k, _replicated_local(t)) for k, t in obj.items() if isinstance(t, Tensor))
+        return _untied(_state_dict_cands(items)), "state_dict"
     raise TypeError(
         "analyze() takes an nn.Module, a state_dict, a checkpoint path or Checkpoint, or a tensor, "
         f"got {type(obj).__name__}"
     )
+
+
+def _check_tensor_arg(w: Tensor) -> None:
+    """A weight tensor given on its own: 2-4-D and real floating point (a complex tensor would be
+    cast to its real part, an integer one analysed as its raw codes)."""
+    if w.ndim not in (2, 3, 4):
+        raise ValueError(
+            f"expected a weight tensor with 2 (linear), 3 (conv1d) or 4 (conv2d) dims, "
+            f"got shape {tuple(w.shape)}"
+        )
+    if not w.is_floating_point():
+        how = (
+            "analyze its .real or .abs(), whichever the weights are"
+            if w.is_complex()
+            else "dequantize it, or cast it with .float() if its values are the weights"
+        )
+        dtype = str(w.dtype).replace("torch.", "")
+        raise ValueError(f"expected a real floating-point weight tensor, got dtype {dtype}: {how}")
 
 
 def _prepare(
@@ -370,8 +456,10 @@ def _prepare(
     """The layer's geometry from its weight's shape; a skip reason (str) if the layer can't be used."""
     shape = tuple(w.shape)
     weight = w.detach() if isinstance(w, Tensor) else None
+    if weight is not None and not weight.is_floating_point():  # a quantized or complex module weight
+        return f"weight dtype {str(weight.dtype).replace('torch.', '')} is not a real floating-point dtype"
     dev = weight.device if weight is not None else torch.device("cpu")
-    common = {"weight": weight, "key": key, "device": dev}
+    common = {"weight": weight, "key": key, "device": dev, "wdtype": w.dtype}
     if kind == "conv2d" and len(shape) == 4:
         out, inp, kh, kw = shape
         return _Layer(name, kind, shape, max(out, inp), min(out, inp), kh * kw, "conv2d", (kh * kw, out, inp),
@@ -537,11 +625,9 @@ def layer_eigenvalues(
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
-    if weight.ndim not in (2, 3, 4):
-        raise ValueError(
-            f"expected a weight tensor with 2 (linear), 3 (conv1d) or 4 (conv2d) dims, "
-            f"got shape {tuple(weight.shape)}"
-        )
+    _check_tensor_arg(weight)
+    weight = _replicated_local(weight)
+    _check_weight("tensor", weight)
     kind = kind or _shape_kind(weight)
     if kind not in KINDS:
         raise ValueError(f"Invalid kind: {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
@@ -585,7 +671,8 @@ def _layer_filter(layers) -> Callable[[str], bool]:
 
 
 def _row(L: _Layer, ev: Tensor, fit: str, thresh: float, method: str) -> dict[str, Any]:
-    pl = fit_powerlaw(ev, fit, thresh=thresh)
+    # eigenvalues equal to within the weights' precision are equal (a degenerate ESD fails)
+    pl = fit_powerlaw(ev, fit, thresh=thresh, N=L.N, weight_dtype=L.wdtype or ev.dtype)
     e = ev.to(torch.float64) if ev.device.type != "mps" else ev
     lam_max = e[-1]
     total = e.sum()
@@ -694,8 +781,11 @@ def analyze(
         An :class:`ESDReport`.
 
     Raises:
-        ValueError: a bad option, a tensor that is not 2-4-D, non-finite weights (naming the layer),
-            or nothing to analyse (naming why each candidate was skipped).
+        ValueError: a bad option, a tensor that is not 2-4-D or not real floating point, non-finite
+            weights (naming the layer), weights with no values here (on the meta device, a Lazy
+            module's uninitialized parameter, a DTensor sharded by FSDP2 or tensor parallelism:
+            naming the layer and what to do), or nothing to analyse (naming why each candidate was
+            skipped).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -735,6 +825,8 @@ def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, co
         if w is None:
             skipped.append((name, "no weight"))
             continue
+        if isinstance(w, Tensor):
+            _check_weight(name, w)
         L = _prepare(name, kind, w, conv1d, conv2d_norm, key)
         if isinstance(L, str):
             skipped.append((name, L))

@@ -145,12 +145,15 @@ def plot_esd(
     Returns:
         ``path``.
     """
+    shape: dict = {}  # a weight's own precision and size for the degenerate-tail rule (fit_powerlaw)
     if isinstance(matrix_or_eigs, Tensor) and matrix_or_eigs.ndim >= 2:
         evals = layer_eigenvalues(matrix_or_eigs)
+        # (the larger side of each slice analyze takes: out x in for linear and conv weights alike)
+        shape = dict(N=max(matrix_or_eigs.shape[:2]), weight_dtype=matrix_or_eigs.dtype)
     else:
         evals = matrix_or_eigs
     ev = _as_1d(evals, "eigenvalues")
-    pl = fit_powerlaw(ev, fit, thresh=thresh)
+    pl = fit_powerlaw(ev, fit, thresh=thresh, **shape)
     nz = ev[ev > thresh]
     if nz.numel() < 2:
         raise ValueError(f"need at least 2 eigenvalues above {thresh:g} to plot an ESD, got {nz.numel()}")

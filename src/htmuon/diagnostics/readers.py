@@ -16,9 +16,11 @@ Formats (a folder is searched in this order):
   under ``model.`` and the checkpoint holds other entries too (``{"model": ..., "step": ...}``), the
   tensors under ``model.`` are used with that prefix removed; otherwise all tensors.
 * ``torch.save`` files (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``; htmuon's run folder
-  ``ckpt.pt``): a state_dict, or a dict with one under ``"model"`` (htmuon, most training loops)
-  or ``"state_dict"`` (Lightning). Loaded with ``weights_only=True`` and ``mmap=True`` (zip format):
-  only the pickle is parsed, tensor bytes are read when used. An htmuon training checkpoint (its
+  ``ckpt.pt``): a state_dict, or a dict with one under ``"model"`` (htmuon, most training loops),
+  ``"state_dict"`` (Lightning) or ``"model_state_dict"`` (the PyTorch tutorial's checkpoint), tried
+  in that order (the first that holds weights is used; the report's notes name any other). Loaded
+  with ``weights_only=True`` and ``mmap=True`` (zip format): only the pickle is parsed, tensor
+  bytes are read when used. An htmuon training checkpoint (its
   payload's ``format`` tag) is checked against its SHA-256 trailer as resuming checks it: a changed
   byte, a damaged trailer or a cut archive is refused; a whole archive without the trailer (from
   before checksums, v1, or saved again by ``torch.save``) is read unverified, with a note. Objects
@@ -59,8 +61,10 @@ HTMUON_CKPT = "ckpt.pt"
 FOLDER_FILES = (SAFETENSORS_INDEX, SAFETENSORS, BIN_INDEX, BIN, DCP_METADATA, HTMUON_CKPT)
 #: File suffixes taken as a checkpoint when a folder holds exactly one such file.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-#: Keys of a training checkpoint dict that hold the model's state_dict, in the order tried.
-STATE_DICT_KEYS = ("model", "state_dict")
+#: Keys of a training checkpoint dict that hold the model's state_dict, in the order tried: htmuon and
+#: most training loops, Lightning, the PyTorch tutorial's
+#: ``{"model_state_dict": ..., "optimizer_state_dict": ...}``.
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 #: Wrapper prefixes removed when every tensor key has them (DDP, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -341,22 +345,33 @@ def _check_htmuon_trailer(path: str, obj: Any, verified: bool) -> str | None:
     return f"{os.path.basename(path)}: no checksum (an older htmuon wrote it): read unverified"
 
 
+def _holds_weights(v: Any) -> bool:
+    return isinstance(v, nn.Module) or (
+        isinstance(v, Mapping) and any(isinstance(t, Tensor) for t in v.values())
+    )
+
+
 def _find_state_dict(obj: Any) -> tuple[Mapping[str, Any] | nn.Module | None, str | None]:
-    """The state_dict (or pickled module) inside a loaded object, and the key it was under."""
+    """The state_dict (or pickled module) inside a loaded object, and the key it was under: the first
+    of :data:`STATE_DICT_KEYS` that holds one, else the object itself if it holds tensors."""
     if isinstance(obj, nn.Module):
         return obj, None
     if isinstance(obj, Tensor):
         return {"tensor": obj}, None
     if isinstance(obj, Mapping):
         for key in STATE_DICT_KEYS:
-            v = obj.get(key)
-            if isinstance(v, nn.Module) or (
-                isinstance(v, Mapping) and any(isinstance(t, Tensor) for t in v.values())
-            ):
-                return v, key
+            if _holds_weights(obj.get(key)):
+                return obj[key], key
         if any(isinstance(t, Tensor) for t in obj.values()):
             return obj, None
     return None, None
+
+
+def _other_state_dicts(obj: Any, key: str | None) -> list[str]:
+    """The other keys of :data:`STATE_DICT_KEYS` that hold weights too (ignored: the first one is used)."""
+    if key is None or not isinstance(obj, Mapping):
+        return []
+    return [k for k in STATE_DICT_KEYS if k != key and _holds_weights(obj.get(k))]
 
 
 def _is_lightning(obj: Any, key: str | None) -> bool:
@@ -435,6 +450,12 @@ class _TorchCheckpoint(Checkpoint):
             if note:
                 self._load_notes.append(note)
         sd, key = _find_state_dict(obj)
+        others = _other_state_dicts(obj, key) if first else []
+        if others:
+            self._load_notes.append(
+                f"{os.path.basename(file)}: weights under {key!r} analysed; "
+                f"{', '.join(map(repr, others))} also holds weights, not analysed"
+            )
         if isinstance(sd, nn.Module):
             return {}, placeholders, sd
         if sd is None:

@@ -27,6 +27,10 @@ class AlphaTracker:
         callback: called with each record (e.g. a logger's ``log`` function).
         **analyze_kwargs: passed to :func:`~htmuon.diagnostics.analyze` (``layers=``, ``dtype=``, ...).
 
+    A model sharded by FSDP2 (``fully_shard``) or tensor parallelism holds DTensor weights, which
+    :func:`~htmuon.diagnostics.analyze` does not gather (a collective): it raises, saying how to
+    gather a full state dict to analyse on rank 0 instead.
+
     Attributes:
         history: the records so far, oldest first.
         last_report: the full :class:`~htmuon.diagnostics.ESDReport` of the latest record.
