@@ -11,6 +11,7 @@ with the traceback on stderr.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import os
 import sys
@@ -623,11 +624,300 @@ def ddp_refusals() -> dict:
     return out
 
 
+def replicas_equal(tensors: list[torch.Tensor]) -> bool:
+    """Whether every rank holds the same values (plain tensors: DDP replicas)."""
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def attempt(fn) -> str:
+    try:
+        fn()
+        return "no error"
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+
+
+def snapshot(model: nn.Module, opt: htmuon.HTMuon) -> tuple[dict, dict]:
+    """Every parameter and state tensor (whole, also under FSDP2), to compare after a refused step."""
+    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    state = {
+        (n, k): full(v).clone() if isinstance(v, torch.Tensor) else v
+        for n, p in model.named_parameters()
+        for k, v in opt.state.get(p, {}).items()
+    }
+    return params, state
+
+
+def unchanged(model: nn.Module, opt: htmuon.HTMuon, before: tuple[dict, dict]) -> bool:
+    params, state = snapshot(model, opt)
+
+    def same(a, b) -> bool:
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    return all(
+        mine.keys() == theirs.keys() and all(same(mine[k], theirs[k]) for k in mine)
+        for mine, theirs in ((params, before[0]), (state, before[1]))
+    )
+
+
+def agreement() -> dict:
+    """Settings that differ on one rank only (DDP, process_group=WORLD, after a good first step, as a
+    scheduler stepped on one rank would leave them; or a node whose CPU resolves method='auto'
+    otherwise): every rank refuses the step with one message naming the setting, nothing changes, and
+    the next step (the setting made equal again) pairs its collectives. Before: compute_dtype (the
+    all_gather's dtype) and ns_dtype / method='auto' (the windows) aborted gloo (SIGABRT), check_finite
+    hung the other rank, lr and the others let the replicas drift apart silently."""
+    rank = dist.get_rank()
+    out: dict = {}
+    cases = {
+        "compute_dtype": {"compute_dtype": torch.float64},
+        "ns_dtype": {"ns_dtype": torch.float32},  # with method="fast": sizes the windows
+        "lr": {"lr": 0.05},
+        "lr_tensor": {"lr": torch.tensor(0.05)},
+        "p": {"p": 0.5},
+        "weight_decay": {"weight_decay": 0.1},
+        "adamw_betas": {"adamw_betas": (0.9, 0.99)},  # the AdamW group
+        "check_finite": {"check_finite": False},
+        "auto_on_another_cpu": {},  # HTMUON_CPU_BF16=1 on rank 1: method='auto' resolves to 'fast'
+        "explicit_on_another_cpu": {},  # the same with method='eigh' given: nothing differs, it steps
+    }
+    for case, change in cases.items():
+        torch.manual_seed(0)
+        model = Net()
+        base = {
+            "ns_dtype": {"method": "fast", "ns_dtype": torch.bfloat16, "chunk_bytes": 2**14},
+            "explicit_on_another_cpu": {"method": "eigh"},
+            "lr_tensor": {"lr": torch.tensor(0.02)},
+        }.get(case, {})
+        groups = htmuon.param_groups(model, routing="paper", adamw_lr=1e-2, **{"lr": 0.02, **base})
+        opt = htmuon.HTMuon(groups, process_group=dist.group.WORLD)
+        loss_fn(model, *make_data(0)).backward()
+        opt.step()
+        opt.zero_grad()
+        loss_fn(model, *make_data(1)).backward()
+        if case == "check_finite":  # the same (all-reduced) gradient on both ranks, as DDP gives
+            model.fc1.weight.grad[0, 0] = float("nan")
+        saved = [dict(g) for g in opt.param_groups]
+        env = os.environ.get("HTMUON_CPU_BF16")
+        if rank == 1:
+            for g in opt.param_groups:
+                if case != "adamw_betas" or g["algorithm"] == "adamw":
+                    g.update(change)
+            if case.endswith("on_another_cpu"):
+                os.environ["HTMUON_CPU_BF16"] = "1"
+        before = snapshot(model, opt)
+        out[case] = attempt(opt.step)
+        out[f"{case}_unchanged"] = unchanged(model, opt, before)
+        if env is not None:
+            os.environ["HTMUON_CPU_BF16"] = env
+        for g, s in zip(opt.param_groups, saved):
+            g.update({k: v for k, v in s.items() if k != "params"})
+        if case == "check_finite":
+            model.fc1.weight.grad[0, 0] = 0.0
+        out[f"{case}_after"] = attempt(opt.step)
+        out[f"{case}_replicas_equal"] = replicas_equal(list(model.parameters()))
+    # FSDP2: an lr on one rank updated the rows of that rank's shard with it
+    model = fsdp_model()
+    opt = make_opt(model, {})
+    loss_fn(model, *half_batch(0)).backward()
+    if rank == 1:
+        opt.param_groups[0]["lr"] = 0.05
+    before = snapshot(model, opt)
+    out["fsdp_lr"] = attempt(opt.step)
+    out["fsdp_lr_unchanged"] = unchanged(model, opt, before)
+    return out
+
+
+def finite_blind() -> dict:
+    """check_finite=False on rank 1 with a NaN gradient, the checksum made blind to check_finite (the
+    refusal must come from the all-reduced flags alone, the same on every rank): both ranks refuse.
+    Before: rank 0 refused, rank 1 entered the all_gather and waited for the timeout."""
+    from htmuon import distributed as D
+
+    rank = dist.get_rank()
+    settings = getattr(D, "SIGNATURE_SETTINGS", None)
+    parts = D.SIGNATURE_PARTS
+    if settings is not None:
+        D.SIGNATURE_SETTINGS = tuple(k for k in settings if k != "check_finite")
+        D.SIGNATURE_PARTS = tuple(k for k in parts if k != "check_finite")
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        opt = make_opt(model, {"check_finite": rank == 0}, process_group=dist.group.WORLD)
+        loss_fn(model, *make_data(0)).backward()
+        model.fc1.weight.grad[0, 0] = float("nan")
+        before = snapshot(model, opt)
+        out = {"error": attempt(opt.step), "unchanged": unchanged(model, opt, before)}
+    finally:
+        if settings is not None:
+            D.SIGNATURE_SETTINGS, D.SIGNATURE_PARTS = settings, parts
+    return out
+
+
+def failing_on_rank1(module, name: str, calls: int = 1):
+    """Make ``module.name`` raise a simulated out-of-memory error on rank 1 (its first ``calls`` calls);
+    returns a function restoring it."""
+    import inspect
+
+    real = getattr(module, name)
+    static = inspect.getattr_static(module, name)
+    left = [calls]
+
+    def failing(*args, **kwargs):
+        if dist.get_rank() == 1 and left[0] > 0:
+            left[0] -= 1
+            raise torch.OutOfMemoryError(f"simulated: out of memory in {name} on rank 1")
+        return real(*args, **kwargs)
+
+    setattr(module, name, staticmethod(failing) if isinstance(static, staticmethod) else failing)
+    return lambda: setattr(module, name, static)
+
+
+def failures() -> dict:
+    """A failure on rank 1 only (a simulated out-of-memory error) outside the spectral map, after the
+    step's agreement: building N_t (DDP, FSDP2), preparing the parameters or assembling the whole
+    matrices (FSDP2): every rank refuses the step together, nothing changes, and the next step pairs
+    its collectives. Before: rank 1 raised and rank 0 waited in the next collective for the timeout."""
+    from htmuon.distributed import DistributedStep
+
+    out: dict = {}
+    F = htmuon.functional
+    cases = {
+        "ddp_momentum": (False, lambda: failing_on_rank1(F, "momentum_direction")),
+        "fsdp_momentum": (True, lambda: failing_on_rank1(F, "momentum_direction")),
+        "fsdp_prepare": (True, lambda: failing_on_rank1(DistributedStep, "_prepare")),
+        "fsdp_assemble": (True, lambda: failing_on_rank1(F, "matrix_view")),
+    }
+    for case, (sharded, arm) in cases.items():
+        torch.manual_seed(0)
+        model = fsdp_model() if sharded else Net()
+        opt = make_opt(model, {}, **({} if sharded else {"process_group": dist.group.WORLD}))
+        loss_fn(model, *(half_batch(0) if sharded else make_data(0))).backward()
+        before = snapshot(model, opt)
+        restore = arm()
+        try:
+            out[case] = attempt(opt.step)
+        finally:
+            restore()
+        out[f"{case}_unchanged"] = unchanged(model, opt, before)
+        out[f"{case}_after"] = attempt(opt.step)
+        if not sharded:
+            out[f"{case}_replicas_equal"] = replicas_equal(list(model.parameters()))
+    return out
+
+
+def late_failures() -> dict:
+    """Failures on rank 1 after an exchange, so that rank 0 goes on.
+
+    ``plugin``: DDP, NorMuon, one matrix per rank and window (chunk_bytes=1); the plug-in of the first
+    window fails on rank 1 (after the window's all_gather): rank 1 tells the others at the second
+    window's exchange, and both raise (rank 0 saying how many parameters it had updated). Before:
+    rank 1 raised, rank 0 waited in the second window's all_gather for the timeout.
+
+    ``adamw``: the AdamW part (after the step's last exchange) fails on rank 1: rank 0 completes the
+    step, rank 1 raises. Before: the next steps ran on from different replicas, silently.
+
+    Either way the replicas may differ afterwards: the next step is refused on both ranks, until both
+    load a checkpoint; then the steps go on, the replicas equal."""
+    out: dict = {}
+    F = htmuon.functional
+    for case, options, name in (
+        ("plugin", {"plugin": "normuon", "chunk_bytes": 1}, "second_moment_normalize"),
+        ("adamw", {}, "adamw"),
+    ):
+        torch.manual_seed(0)
+        model = Net()
+        opt = make_opt(model, options, process_group=dist.group.WORLD)
+        loss_fn(model, *make_data(0)).backward()
+        opt.step()
+        checkpoint = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        opt.zero_grad()
+        loss_fn(model, *make_data(1)).backward()
+        restore = failing_on_rank1(F, name)
+        try:
+            out[case] = attempt(opt.step)
+        finally:
+            restore()
+        out[f"{case}_next"] = attempt(opt.step)
+        model.load_state_dict(checkpoint[0])
+        opt.load_state_dict(checkpoint[1])
+        out[f"{case}_after_load"] = attempt(opt.step)
+        out[f"{case}_replicas_equal"] = replicas_equal(list(model.parameters()))
+    return out
+
+
+def loading() -> dict:
+    """load_state_dict where one rank's part of the state dict is refused (a NaN in rank 1's shard of
+    an FSDP2 momentum, loaded with set_optimizer_state_dict; a NaN in rank 1's copy under DDP): every
+    rank refuses and none changes anything (another parameter's state, changed in the dict on every
+    rank, is not loaded either), and a good state dict then loads on both. Before: rank 1 refused,
+    rank 0 loaded."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    rank = dist.get_rank()
+    out: dict = {}
+    model = fsdp_model()
+    opt = make_opt(model, {})
+    loss_fn(model, *half_batch(0)).backward()
+    opt.step()
+
+    def spoiled() -> dict:
+        sd = get_optimizer_state_dict(model, opt)
+        sd = {"state": {k: dict(v) for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+        fc1, fc2 = sd["state"]["fc1.weight"], sd["state"]["fc2.weight"]
+        fc1["momentum_buffer"] = buf = fc1["momentum_buffer"].clone()
+        fc2["momentum_buffer"] = fc2["momentum_buffer"] * 2
+        if rank == 1:
+            buf.to_local()[0, 0] = float("nan")
+        return sd
+
+    before = snapshot(model, opt)
+    out["fsdp"] = attempt(lambda: set_optimizer_state_dict(model, opt, spoiled()))
+    out["fsdp_unchanged"] = unchanged(model, opt, before)
+    good = get_optimizer_state_dict(model, opt)
+    good = {"state": {k: dict(v) for k, v in good["state"].items()}, "param_groups": good["param_groups"]}
+    out["fsdp_good"] = attempt(lambda: set_optimizer_state_dict(model, opt, good))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = make_opt(model, {}, process_group=dist.group.WORLD)
+    loss_fn(model, *make_data(0)).backward()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    for state in sd["state"].values():
+        if "momentum_buffer" in state:
+            state["momentum_buffer"].mul_(2)
+    if rank == 1:
+        first = next(s for s in sd["state"].values() if "momentum_buffer" in s)
+        first["momentum_buffer"][0, 0] = float("nan")
+    before = snapshot(model, opt)
+    out["ddp"] = attempt(lambda: opt.load_state_dict(sd))
+    out["ddp_unchanged"] = unchanged(model, opt, before)
+    out["ddp_good"] = attempt(lambda: opt.load_state_dict(copy.deepcopy(opt.state_dict())))
+    return out
+
+
+#: Scenarios run only when named (tests/test_distributed.py runs them in a launch of their own, with a
+#: short process-group timeout: where they would hang or abort, the other scenarios' results stay).
+ON_REQUEST = ("agreement", "finite_blind", "failures", "late_failures", "loading")
+
+
 def main() -> int:
     rank, world, rendezvous, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     wanted = sys.argv[5:]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    timeout = float(os.environ.get("HTMUON_TEST_DIST_TIMEOUT", "1800"))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
     results: dict[str, dict] = {}
     try:
         jobs = {}
@@ -652,8 +942,12 @@ def main() -> int:
         jobs["ddp_refusals"] = (lambda o: ddp_refusals(), {})
         jobs["mismatch"] = (lambda o: mismatch(), {})
         jobs["hsdp_refusal"] = (lambda o: hsdp_refusal(), {})
+        for name in ON_REQUEST:
+            jobs[name] = (lambda o, name=name: globals()[name](), {})
         for name, (fn, options) in jobs.items():
             if wanted and not any(name.startswith(w) for w in wanted):
+                continue
+            if not wanted and name in ON_REQUEST:
                 continue
             results[name] = fn(copy.deepcopy(options))
             dist.barrier()

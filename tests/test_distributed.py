@@ -125,6 +125,75 @@ def test_step_signatures_name_the_part_that_differs():
     assert difference(groups(), groups(params=[a, b, torch.zeros(3)])) == ["the number of parameters"]
 
 
+def test_step_signatures_compare_every_setting_and_what_auto_resolves_to(monkeypatch):
+    """Every hyperparameter of a group is compared (those that size the collectives: a rank that
+    differs aborted gloo or hung; and those of the math: the replicas drifted apart), and what this rank
+    resolves method='auto' / ns_dtype='auto' to (a node with another CPU: 'fast' + bfloat16 where
+    bfloat16 matmuls are fast, 'eigh' elsewhere), by name; the refusal then says to pass them."""
+    from htmuon.distributed import SIGNATURE_SETTINGS, signature_difference, step_signatures
+
+    a, b = torch.zeros(4, 4), torch.zeros(4)
+    base = dict(htmuon.HTMuon([torch.nn.Parameter(a.clone())]).param_groups[0], params=[a, b])
+
+    def difference(*ranks):
+        vectors = [[sum(len(g["params"]) for g in r), *step_signatures(r)] for r in ranks]
+        return signature_difference([min(v) for v in zip(*vectors)], [max(v) for v in zip(*vectors)])
+
+    changed = {
+        "chunk_bytes": 64,
+        "batch_3d": False,
+        "interval": 2,
+        "plugin": "normuon",
+        "compute_dtype": torch.float64,
+        "method": "svd",
+        "ns_dtype": torch.bfloat16,
+        "ns_steps": 6,
+        "p": 0.5,
+        "spectrum": "rank",
+        "scale": "muon_rms",
+        "lr": 0.05,
+        "weight_decay": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "lr_adjust": "adamw_rms",
+        "beta2": 0.9,
+        "plugin_eps": 1e-8,
+        "adamw_betas": (0.9, 0.99),
+        "adamw_eps": 1e-8,
+        "algorithm": "adamw",
+        "check_finite": False,
+    }
+    assert set(changed) == set(SIGNATURE_SETTINGS)
+    for key, value in changed.items():
+        assert difference([base], [{**base, key: value}]) == [key], key
+    # the same value in another form is the same: 0 and 0.0, a 1-element tensor lr and its value (a
+    # float32 tensor of 0.02 holds another number, with which the step computes: it differs)
+    lr64 = torch.tensor([0.02], dtype=torch.float64)
+    assert difference([base], [{**base, "weight_decay": 0}], [{**base, "lr": lr64}]) == []
+    assert difference([base], [{**base, "lr": torch.tensor(0.02)}]) == ["lr"]
+    assert difference([{**base, "lr": torch.tensor(0.02)}], [{**base, "lr": torch.tensor(0.03)}]) == ["lr"]
+    # invalid settings (refused by the step's own check on that rank) give a checksum, not an error
+    for key, value in (("method", "bogus"), ("lr", torch.tensor([1.0, 2.0])), ("ns_dtype", "bogus")):
+        assert difference([base], [{**base, key: value}]) == [key]
+    # another CPU: method='auto' resolves to another backend and working dtype, named as such
+    monkeypatch.setenv("HTMUON_CPU_BF16", "0")
+    eigh = step_signatures([base])
+    monkeypatch.setenv("HTMUON_CPU_BF16", "1")
+    vectors = [[2, *eigh], [2, *step_signatures([base])]]
+    differ = signature_difference([min(v) for v in zip(*vectors)], [max(v) for v in zip(*vectors)])
+    assert (
+        len(differ) == 2
+        and "pass method= explicitly" in differ[0]
+        and "pass ns_dtype= explicitly" in differ[1]
+    )
+    # ... but not where this rank runs no such choice: an explicit exact backend, an AdamW group
+    for group in ({**base, "method": "eigh"}, {**base, "algorithm": "adamw"}):
+        mine = step_signatures([group])
+        monkeypatch.setenv("HTMUON_CPU_BF16", "0")
+        assert step_signatures([group]) == mine
+        monkeypatch.setenv("HTMUON_CPU_BF16", "1")
+
+
 def test_step_signature_sees_shapes_dtypes_and_the_settings_that_shape_collectives():
     def groups(shape=(4, 5), dtype=torch.float32, **kw):
         return [{"params": [torch.zeros(3, 3), torch.zeros(shape, dtype=dtype)], "chunk_bytes": 8, **kw}]
@@ -244,8 +313,10 @@ def test_process_group_without_init_process_group_is_a_clear_error():
 # ------------------------------------------------------------------------------- 2 processes
 
 
-def _launch(out_dir: Path, *scenarios: str) -> dict[str, dict]:
+def _launch(out_dir: Path, *scenarios: str, timeout_s: int | None = None) -> dict[str, dict]:
     env = dict(os.environ)
+    if timeout_s is not None:  # the process group's timeout: a collective that would hang fails then
+        env["HTMUON_TEST_DIST_TIMEOUT"] = str(timeout_s)
     src = str(Path(htmuon.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
@@ -279,6 +350,27 @@ def _launch(out_dir: Path, *scenarios: str) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return _launch(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The worker's on-request scenarios (dist_worker.ON_REQUEST), each in a launch of its own with a
+    120 s process-group timeout: where a step would hang, its collective fails after 120 s instead (and
+    an abort fails only that scenario's test)."""
+    cache: dict[str, list[dict] | str] = {}
+
+    def run(scenario: str) -> list[dict]:
+        if scenario not in cache:
+            try:
+                results = _launch(tmp_path_factory.mktemp(scenario), scenario, timeout_s=120)
+                cache[scenario] = [results[r][scenario] for r in range(WORLD)]
+            except pytest.fail.Exception as exc:  # every test of the scenario fails, none relaunches
+                cache[scenario] = str(exc)
+        if isinstance(cache[scenario], str):
+            pytest.fail(cache[scenario])
+        return cache[scenario]
+
+    return run
 
 
 VARIANTS = [
@@ -431,7 +523,7 @@ def test_bad_input_errors(results):
         ),
         ("grad_none", "has a gradient on 1 of 2 ranks", "has a gradient on 1 of 2 ranks"),
         ("check", "other rank(s) refused this step", "Invalid method in param group 0: 'bogus'"),
-        ("backend", "rank(s) [1] failed computing", "RuntimeError: backend failure on rank 1"),
+        ("backend", "rank(s) [1] failed in this step", "RuntimeError: backend failure on rank 1"),
     ],
 )
 def test_ddp_ranks_refuse_together_and_change_nothing(results, case, rank0, rank1):
@@ -462,9 +554,116 @@ def test_ranks_stepping_different_parameters_or_settings_refuse_together(results
 
 @pytest.mark.distributed
 @distributed
+def test_ranks_that_differ_in_any_setting_refuse_together(alone):
+    """A setting changed on one rank only after a good step (as a scheduler stepped on one rank would),
+    or a node whose CPU resolves method='auto' to another backend: every rank refuses with one message
+    naming the setting, nothing changes, and the next step (settings equal again) goes on with equal
+    replicas. Before: compute_dtype, ns_dtype and the 'auto' backend aborted gloo (SIGABRT:
+    'Received data size doesn't match expected size'), check_finite hung the other rank, and lr, p,
+    weight_decay, adamw_betas were accepted, the replicas (FSDP2: the rows) updated differently."""
+    named = {
+        "compute_dtype": "compute_dtype",
+        "ns_dtype": "ns_dtype",
+        "lr": "lr",
+        "lr_tensor": "lr",
+        "p": "p",
+        "weight_decay": "weight_decay",
+        "adamw_betas": "adamw_betas",
+        "check_finite": "check_finite",
+        "fsdp_lr": "lr",
+        "auto_on_another_cpu": (
+            "the spectral backend that method resolves to on each node (method='auto' follows the "
+            "node's bfloat16 matmul support; pass method= explicitly), the Newton-Schulz working "
+            "dtype that ns_dtype resolves to on each node (ns_dtype='auto' follows the node's "
+            "bfloat16 matmul support; pass ns_dtype= explicitly)"
+        ),
+    }
+    for rank, r in enumerate(alone("agreement")):
+        for case, what in named.items():
+            assert "the ranks step different parameters or settings" in r[case], (rank, case, r[case])
+            assert f"; differing: {what}; rank(s) 1 differ from rank 0)" in r[case], (rank, case, r[case])
+            assert r[f"{case}_unchanged"] is True, (rank, case)
+            if case != "fsdp_lr":
+                assert r[f"{case}_after"] == "no error", (rank, case, r[f"{case}_after"])
+                assert r[f"{case}_replicas_equal"] is True, (rank, case)
+        # method given explicitly: the nodes run the same backend, nothing differs, the step is taken
+        assert r["explicit_on_another_cpu"] == "no error", (rank, r["explicit_on_another_cpu"])
+        assert r["explicit_on_another_cpu_replicas_equal"] is True
+
+
+@pytest.mark.distributed
+@distributed
+def test_a_nan_step_is_refused_from_the_agreed_flags(alone):
+    """check_finite=False on one rank, with the checksum made blind to it: the NaN step is refused on
+    both ranks, because the refusal comes from the all-reduced flags (the same on every rank), not from
+    the checks each rank made. Before: rank 0 refused, rank 1 entered the all_gather and hung."""
+    for rank, r in enumerate(alone("finite_blind")):
+        assert r["error"].startswith("NonFiniteGradientError: non-finite gradient"), (rank, r)
+        assert "'fc1.weight'" in r["error"] and r["unchanged"] is True, (rank, r)
+
+
+@pytest.mark.distributed
+@distributed
+@pytest.mark.parametrize("case", ["ddp_momentum", "fsdp_momentum", "fsdp_prepare", "fsdp_assemble"])
+def test_a_failure_outside_the_spectral_map_is_refused_on_every_rank(alone, case):
+    """A simulated out-of-memory error on rank 1 only while building N_t (DDP, FSDP2), preparing the
+    parameters' state (FSDP2) or assembling the whole matrices on the owner (FSDP2): rank 1 raises it,
+    rank 0 says that rank 1 failed, nothing changes on either, and the next step pairs its collectives.
+    Before: rank 1 raised before the exchange and rank 0 waited in it until the timeout."""
+    r0, r1 = alone("failures")
+    assert r1[case].startswith("OutOfMemoryError: simulated: out of memory"), r1[case]
+    other = (
+        "rank(s) [1] failed in this step" if case.startswith("ddp") else "1 other rank(s) failed in this step"
+    )
+    assert r0[case].startswith(f"RuntimeError: {other}"), r0[case]
+    for r in (r0, r1):
+        assert r[f"{case}_unchanged"] is True and r[f"{case}_after"] == "no error", r
+        assert r.get(f"{case}_replicas_equal", True) is True
+
+
+@pytest.mark.distributed
+@distributed
+@pytest.mark.parametrize("case", ["plugin", "adamw"])
+def test_a_failure_after_an_exchange_is_told_at_the_next_one(alone, case):
+    """A failure on rank 1 after an exchange: the NorMuon plug-in of the first of several windows
+    (DDP), told at the second window's all_gather, where both ranks raise (rank 0 having updated the
+    first window's parameters, as its message says); or the AdamW part, after the step's last exchange:
+    rank 0 completes the step. Either way the replicas may now differ, so the next step is refused on
+    both ranks, until both load a checkpoint. Before: rank 0 hung in the second window's all_gather
+    (plugin), or both went on stepping from different replicas (adamw)."""
+    r0, r1 = alone("late_failures")
+    assert r1[case].startswith("OutOfMemoryError: simulated: out of memory"), r1[case]
+    if case == "plugin":
+        assert r0[case].startswith("RuntimeError: rank(s) [1] failed in this step"), r0[case]
+        assert "[2 parameter(s) were already updated by this step" in r0[case], r0[case]
+    else:
+        assert r0[case] == "no error", r0[case]
+    assert "this rank failed an earlier step after an exchange with the other ranks" in r1[f"{case}_next"]
+    assert "1 other rank(s) refused this step" in r0[f"{case}_next"], r0[f"{case}_next"]
+    for r in (r0, r1):
+        assert r[f"{case}_after_load"] == "no error" and r[f"{case}_replicas_equal"] is True, r
+
+
+@pytest.mark.distributed
+@distributed
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_load_state_dict_is_refused_on_every_rank_together(alone, mode):
+    """A state dict whose part on rank 1 holds a NaN (FSDP2: rank 1's shard of a momentum, loaded with
+    set_optimizer_state_dict; DDP: rank 1's copy): refused on both ranks, and neither changes anything
+    (another parameter's state, changed in the dict on every rank, is not loaded either); a good one then
+    loads on both. Before: rank 1 refused and rank 0 loaded."""
+    r0, r1 = alone("loading")
+    assert "momentum_buffer holds NaN or Inf" in r1[mode], r1[mode]
+    assert r0[mode].startswith("ValueError: rank(s) [1] refused this state dict"), r0[mode]
+    for r in (r0, r1):
+        assert r[f"{mode}_unchanged"] is True and r[f"{mode}_good"] == "no error", r
+
+
+@pytest.mark.distributed
+@distributed
 def test_hsdp_replicas_refuse_a_step_together(results):
     r0, r1 = results[0]["hsdp_refusal"], results[1]["hsdp_refusal"]
-    assert "other rank(s) failed computing" in r0["error"], r0
+    assert "other rank(s) failed in this step" in r0["error"], r0
     assert "backend failure on rank 1" in r1["error"], r1
     assert r0["unchanged"] is True and r1["unchanged"] is True
 

@@ -25,13 +25,18 @@ Each owner's result reaches the other ranks unchanged, so with the same gradient
 equal the single-process run's bit for bit.
 
 **Agreement.** A step starts with two small ``all_reduce`` (:meth:`DistributedStep.agree`): a
-fixed-size checksum of the parameters' shapes and the settings that shape the collectives (ranks
-that differ refuse the step with one message), then which parameters have gradients, whether they
-are finite, and whether any rank refused the step while checking it, so the ranks refuse together
-(under HSDP over the whole mesh, so the replicas too); a failure while computing directions travels in the
-header of the ``all_gather`` (DDP) or in one more small ``all_reduce`` (FSDP2), before anything is
-applied. No rank leaves a collective out that another rank enters. Collectives wait at most the
-process group's timeout (``torch.distributed.init_process_group(timeout=...)``).
+fixed-size checksum of the parameters' shapes and dtypes, every group setting, and what this rank
+resolves ``method="auto"`` / ``ns_dtype="auto"`` to (ranks that differ refuse the step with one
+message naming what differs), then which parameters have gradients, whether they are finite, and
+whether any rank refused the step while checking it, so the ranks refuse together (under HSDP over
+the whole mesh, so the replicas too). A failure of one rank before a window's exchange (momentum
+directions, directions, assembly, plug-in, packing; out of memory included) travels in the header of
+the ``all_gather`` (DDP) or in the small ``all_reduce`` between the two ``all_to_all`` (FSDP2),
+before anything of the window is applied; one after an exchange is told at the rank's next exchange
+(:class:`UnsharedFailure`), or, after the step's last one, makes every later step refused until
+``load_state_dict``. ``load_state_dict`` is agreed too (:meth:`DistributedStep.agree_on_load`). No
+rank leaves a collective out that another rank enters. Collectives wait at most the process group's
+timeout (``torch.distributed.init_process_group(timeout=...)``).
 
 Nothing here imports ``torch.distributed.tensor`` unless DTensors already exist, so the
 single-process optimizer pays nothing for it.
@@ -57,6 +62,7 @@ __all__ = [
     "SIGNATURE_PARTS",
     "DistributedStep",
     "ShardLayout",
+    "UnsharedFailure",
     "assign_owners",
     "check_group",
     "is_dtensor",
@@ -361,31 +367,137 @@ def setup(groups: list[dict[str, Any]], process_group: Any = None) -> Distribute
 
 
 def step_signature(groups: list[dict[str, Any]]) -> int:
-    """A checksum of what shapes a step's collectives: each parameter's shape and dtype, and each
-    group's memory budget (``chunk_bytes`` in bytes, ``"auto"`` resolved on the group's device),
-    ``batch_3d``, ``interval`` and ``plugin`` (CRC-32 of :func:`step_signatures`; the same on every rank
-    that steps the same parameters with the same settings, across processes)."""
+    """A checksum of what a step's collectives and math depend on: each parameter's shape and dtype,
+    and each group's settings (:data:`SIGNATURE_PARTS`; ``chunk_bytes="auto"``, ``method="auto"`` and
+    ``ns_dtype="auto"`` also as this rank resolves them). CRC-32 of :func:`step_signatures`: the same
+    on every rank that steps the same parameters with the same settings, across processes."""
     return zlib.crc32(repr(step_signatures(groups)).encode())
 
 
-#: What :func:`step_signatures` checks apart, in the order of its values (the names the refusal gives).
-SIGNATURE_PARTS = ("groups", "shapes", "dtypes", "chunk_bytes", "batch_3d", "interval", "plugin")
+#: The group settings compared between the ranks (every hyperparameter of a param group: those that
+#: size the collectives -- a rank that differs would abort gloo or hang -- and those that change the
+#: math, which would let the replicas drift apart or update a matrix's rows with different values).
+SIGNATURE_SETTINGS = (
+    "chunk_bytes",
+    "batch_3d",
+    "interval",
+    "plugin",
+    "compute_dtype",
+    "method",
+    "ns_dtype",
+    "ns_steps",
+    "p",
+    "spectrum",
+    "scale",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "lr_adjust",
+    "beta2",
+    "plugin_eps",
+    "adamw_betas",
+    "adamw_eps",
+    "algorithm",
+    "check_finite",
+)
+#: What :func:`step_signatures` checks apart, in the order of its values (the names the refusal gives):
+#: the parameters, the settings, then what this rank resolves ``method`` and the Newton--Schulz working
+#: dtype to (``"auto"`` follows the node's bfloat16 support, so nodes of different CPUs differ there).
+SIGNATURE_PARTS = ("groups", "shapes", "dtypes", *SIGNATURE_SETTINGS, "resolved_method", "resolved_ns_dtype")
+
+#: How the refusal names the resolved parts (the setting itself may be the same on every rank).
+_RESOLVED_NAMES = {
+    "resolved_method": (
+        "the spectral backend that method resolves to on each node (method='auto' follows the node's "
+        "bfloat16 matmul support; pass method= explicitly)"
+    ),
+    "resolved_ns_dtype": (
+        "the Newton-Schulz working dtype that ns_dtype resolves to on each node (ns_dtype='auto' "
+        "follows the node's bfloat16 matmul support; pass ns_dtype= explicitly)"
+    ),
+}
+
+
+def _setting(value: Any) -> Any:
+    """A group setting in a form that compares equal across processes exactly when the step would do the
+    same with it: numbers as floats (``0`` and ``0.0`` alike), a 1-element tensor by its value (read on
+    the host, as the eager step reads it anyway; not under ``torch.compile``, which must not read it:
+    there only that it is a tensor), dtypes by name."""
+    if isinstance(value, Tensor):
+        if torch.compiler.is_compiling() or value.numel() != 1:
+            return ("tensor", str(value.dtype), tuple(value.shape))
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_setting(v) for v in value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    try:
+        return float(value)  # other real numbers (NumPy)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _uses_htmuon(group: dict[str, Any]) -> bool:
+    algorithm = group.get("algorithm", "htmuon")
+    return algorithm == "htmuon" or (algorithm == "auto" and any(p.ndim >= 2 for p in group["params"]))
+
+
+def _resolved(group: dict[str, Any]) -> tuple[Any, Any]:
+    """``(backend, Newton--Schulz working dtype)`` this rank runs for the group's corrected steps and, with
+    ``interval > 1``, its in-between polar steps (``None`` where the group runs none: an AdamW group,
+    a backend that takes no ``ns_dtype``). Never raises: an invalid setting (refused by the step's own
+    check on that rank) gives its ``repr``."""
+    from .spectral import BACKENDS, ns_working_dtype, resolve_method
+
+    if not group.get("params") or not _uses_htmuon(group):
+        return None, None
+    device = group["params"][0].device
+    try:
+        method = resolve_method(group.get("method", "auto"), group.get("spectrum", "power"), device)
+    except Exception as exc:  # noqa: BLE001 - a signature, not a check
+        return repr(exc), None
+    backend = BACKENDS.get(method)
+    uses_ns = group.get("interval", 1) != 1 or (backend is not None and "ns_dtype" in backend.options)
+    if not uses_ns:
+        return method, None
+    try:
+        return method, str(ns_working_dtype(group.get("ns_dtype", "auto"), device))
+    except Exception as exc:  # noqa: BLE001
+        return method, repr(exc)
 
 
 def step_signatures(groups: list[dict[str, Any]]) -> list[int]:
     """:func:`step_signature` taken apart: one CRC-32 per entry of :data:`SIGNATURE_PARTS` (over every
-    group, in order), so that ranks that differ can say in what."""
+    group, in order), so that ranks that differ can say in what. Never raises (it runs before the
+    collective in which a rank that refused the step tells the others so)."""
+
+    def budget(g: dict[str, Any]) -> Any:
+        if g.get("chunk_bytes") == "auto" and g["params"]:
+            return _setting(F.chunk_budget("auto", g["params"][0].device))
+        return _setting(g.get("chunk_bytes"))
+
+    def safely(fn: Any, g: dict[str, Any]) -> Any:
+        try:
+            return fn(g)
+        except Exception as exc:  # noqa: BLE001 - e.g. a 2-element tensor lr: refused by the check
+            return repr(exc)
+
+    def setting(key: str) -> Any:
+        return lambda g: budget(g) if key == "chunk_bytes" else _setting(g.get(key))
+
+    resolved = [safely(_resolved, g) for g in groups]
     parts = {
         "groups": [len(g["params"]) for g in groups],
         "shapes": [[tuple(p.shape) for p in g["params"]] for g in groups],
         "dtypes": [[str(p.dtype) for p in g["params"]] for g in groups],
-        "chunk_bytes": [
-            F.chunk_budget(g["chunk_bytes"], g["params"][0].device)
-            if g.get("chunk_bytes") == "auto" and g["params"]
-            else g.get("chunk_bytes")
-            for g in groups
-        ],
-        **{key: [g.get(key) for g in groups] for key in ("batch_3d", "interval", "plugin")},
+        **{key: [safely(setting(key), g) for g in groups] for key in SIGNATURE_SETTINGS},
+        "resolved_method": [r[0] if isinstance(r, tuple) else r for r in resolved],
+        "resolved_ns_dtype": [r[1] if isinstance(r, tuple) else r for r in resolved],
     }
     return [zlib.crc32(repr(parts[key]).encode()) for key in SIGNATURE_PARTS]
 
@@ -393,16 +505,39 @@ def step_signatures(groups: list[dict[str, Any]]) -> list[int]:
 def signature_difference(low: list[int], high: list[int]) -> list[str]:
     """What differs between ranks, from the element-wise minimum and maximum over the ranks of
     ``[parameter count, *step_signatures(groups)]``: ``[]`` where nothing does. Where the count or the
-    groups differ, only that is named (the lists of the other parts then differ too: not news)."""
+    groups differ, only that is named (the lists of the other parts then differ too: not news); a
+    resolved part is named only where the setting it comes from is the same on every rank."""
     if low[0] != high[0]:
         return ["the number of parameters"]
     differ = [name for name, a, b in zip(SIGNATURE_PARTS, low[1:], high[1:]) if a != b]
-    return ["the parameter groups (their number or sizes)"] if "groups" in differ else differ
+    if "groups" in differ:
+        return ["the parameter groups (their number or sizes)"]
+    sources = {
+        "resolved_method": ("method", "spectrum", "algorithm"),
+        "resolved_ns_dtype": ("ns_dtype", "method", "spectrum", "interval", "algorithm"),
+    }
+    return [
+        _RESOLVED_NAMES.get(name, name)
+        for name in differ
+        if not any(source in differ for source in sources.get(name, ()))
+    ]
 
 
 # --------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------
+
+
+class UnsharedFailure(Exception):
+    """A failure of this rank after the last exchange of a window, so that the other ranks do not
+    know of it (internal: the optimizer carries ``error`` to this rank's next exchange of the step,
+    where every rank refuses the step, or, after the step's last exchange, to its next step's
+    agreement). ``applied``: the parameters this rank had updated in the step by then."""
+
+    def __init__(self, error: BaseException, applied: int = 0) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+        self.applied = applied
 
 
 @dataclass
@@ -457,6 +592,8 @@ class DistributedStep:
         self.mesh_dim = mesh_dim
         self.agree_group = agree_group
         self.stats = CommStats()
+        #: Set where this rank failed after an exchange of a step (:meth:`note_unshared_failure`).
+        self.unshared_failure: str | None = None
 
     # ------------------------------------------------------------ agreement
 
@@ -465,17 +602,24 @@ class DistributedStep:
             return self.replicated_group
         return self.agree_group if self.agree_group is not None else self.mesh_group
 
-    def _check_same_step(self, groups: list[dict[str, Any]], device: torch.device, pg: Any) -> None:
+    def _check_same_step(
+        self, groups: list[dict[str, Any]], device: torch.device, pg: Any, refused: bool = False
+    ) -> None:
         """Refuse, on every rank, a step whose parameters or settings differ between the ranks: one
-        fixed-size ``all_reduce`` (max of the count and of each of :func:`step_signatures`, and of their
-        negatives), before any collective whose size depends on them (which would otherwise abort or
-        hang). The refusal names what differs."""
+        fixed-size ``all_reduce`` (max of whether a rank refused the step while checking it, of the
+        count and of each of :func:`step_signatures`, and of their negatives), before any collective whose
+        size depends on them (which would otherwise abort or hang). The refusal names what differs.
+        Where a rank refused the step already (``refused``), its own error says more: nothing is raised
+        here and :meth:`agree` reports that refusal."""
         n = sum(len(g["params"]) for g in groups)
         mine = [n, *step_signatures(groups)]
-        vec = torch.tensor([*mine, *(-v for v in mine)], dtype=torch.int64, device=device)
+        vec = torch.tensor([int(refused), *mine, *(-v for v in mine)], dtype=torch.int64, device=device)
         self._dist.all_reduce(vec, op=self._dist.ReduceOp.MAX, group=pg)
         self.stats.collectives += 1
         values = vec.cpu().tolist()
+        if values[0]:
+            return
+        values = values[1:]
         high, low = values[: len(mine)], [-v for v in values[len(mine) :]]
         most, fewest = high[0], low[0]
         differ = signature_difference(low, high)
@@ -487,17 +631,22 @@ class DistributedStep:
             self._dist.all_gather(rows, mine_t, group=pg)
             self.stats.collectives += 1
             rows = [r.cpu().tolist() for r in rows]
-            try:
-                ranks = list(self._dist.get_process_group_ranks(pg))
-            except (AttributeError, RuntimeError, ValueError):  # older torch: ranks within the group
-                ranks = list(range(len(rows)))
+            ranks = self._ranks(pg, len(rows))
             others = [str(ranks[i]) for i, r in enumerate(rows) if r != rows[0]]
             raise RuntimeError(
                 f"the ranks step different parameters or settings (this rank: {n} parameter(s), "
                 f"the ranks: {fewest} to {most}; differing: {', '.join(differ)}; rank(s) "
                 f"{', '.join(others)} differ from rank {ranks[0]}): build the optimizer over the same "
-                "parameters with the same settings on every rank; the step was refused on every rank"
+                "parameters with the same settings on every rank (and change its settings, such as a "
+                "scheduled lr, on every rank alike); the step was refused on every rank"
             )
+
+    def _ranks(self, pg: Any, world: int) -> list[int]:
+        """The global ranks of ``pg``'s members, in group order."""
+        try:
+            return list(self._dist.get_process_group_ranks(pg))
+        except (AttributeError, RuntimeError, ValueError):  # older torch: ranks within the group
+            return list(range(world))
 
     def agree(self, groups: list[dict[str, Any]], error: BaseException | None) -> Tensor:
         """Agree among the ranks, before anything changes, on a step: two small ``all_reduce``.
@@ -508,12 +657,15 @@ class DistributedStep:
 
         Returns:
             One bool per parameter (groups flattened in order): ``True`` unless the gradient holds
-            NaN/Inf on some rank (checked where the group has ``check_finite``).
+            NaN/Inf on some rank (checked where the group has ``check_finite``). The same on every rank.
 
         Raises:
             ``error`` on the rank that refused, a RuntimeError on the others; a RuntimeError on every
-            rank if some parameter has a gradient on some ranks and ``None`` on others.
+            rank if some parameter has a gradient on some ranks and ``None`` on others, or if the ranks'
+            parameters or settings differ.
         """
+        if error is None and self.unshared_failure is not None:
+            error = RuntimeError(self.unshared_failure)
         params = [(g, p) for g in groups for p in g["params"]]
         has = [p.grad is not None for _, p in params]
         finite = []
@@ -532,7 +684,7 @@ class DistributedStep:
         pg = self._agree_group()
         world = self._dist.get_world_size(pg)
         if world > 1:
-            self._check_same_step(groups, device, pg)
+            self._check_same_step(groups, device, pg, refused=error is not None)
             self._dist.all_reduce(vec, op=self._dist.ReduceOp.SUM, group=pg)
             self.stats.collectives += 1
         counts = vec.cpu().tolist()
@@ -553,6 +705,42 @@ class DistributedStep:
                     "gradient instead of leaving it None); the step was refused on every rank"
                 )
         return torch.tensor([c == world for c in counts[1 + n :]], dtype=torch.bool)
+
+    def agree_on_load(self, refused: bool, device: torch.device) -> list[int]:
+        """The ranks that refused a ``load_state_dict`` (one small ``all_reduce`` over the group that
+        agrees on steps; none with a group of one rank)."""
+        pg = self._agree_group()
+        world = self._dist.get_world_size(pg)
+        if world == 1:
+            return [self._dist.get_rank()] if refused else []
+        flags = torch.zeros(world, dtype=torch.int32, device=device)
+        flags[self._dist.get_rank(pg)] = int(refused)
+        self._dist.all_reduce(flags, op=self._dist.ReduceOp.SUM, group=pg)
+        self.stats.collectives += 1
+        return [r for r, f in zip(self._ranks(pg, world), flags.tolist()) if f]
+
+    def exchanges(self, params: list[Tensor]) -> bool:
+        """Whether a group of these parameters runs collectives in its step (DTensors, or plain
+        tensors divided among the ranks of ``process_group``); otherwise each rank steps it alone."""
+        return self.sharded(params) or self.divides()
+
+    def others(self) -> bool:
+        """Whether this rank agrees its steps with other ranks (a group of more than one)."""
+        return self._dist.get_world_size(self._agree_group()) > 1
+
+    def note_unshared_failure(self, error: BaseException) -> None:
+        """Remember that this rank failed after an exchange of a step, so that the other ranks may have
+        applied what this rank did not (told at its next exchange, every rank refuses the rest of the
+        step; after the step's last exchange, the others complete it): its next step (and every one
+        after it, until ``load_state_dict`` restores the state) is refused on every rank, rather than
+        the replicas or shards going on from different states."""
+        if self.others():
+            self.unshared_failure = (
+                f"this rank failed an earlier step after an exchange with the other ranks "
+                f"({type(error).__name__}: {error}); they may have applied what this rank did not, so "
+                "the ranks' parameters or optimizer state may differ, and every step is refused until "
+                "a checkpoint is loaded into the model and the optimizer on every rank (load_state_dict)"
+            )
 
     # ------------------------------------------------------------ DDP
 
@@ -590,6 +778,7 @@ class DistributedStep:
         corrected: list[bool],
         owners: Sequence[int] | None = None,
         device: torch.device | None = None,
+        error: BaseException | None = None,
     ) -> list[Tensor]:
         """Spectral map of replicated matrices: each rank computes its owned share, one all_gather.
 
@@ -598,22 +787,26 @@ class DistributedStep:
         own are only read for their shape and dtype, so they may be ``meta`` tensors (the optimizer
         builds no momentum direction for them); ``device`` is then where the exchange runs. Each
         rank's part starts with a status (0: computed, 1: failed), so a failure on one rank reaches
-        every rank in the same collective and all of them refuse the step.
+        every rank in the same collective and all of them refuse the step. ``error``: this rank's
+        failure earlier in the step (building its momentum directions, or a window before: then
+        ``mats`` may all be ``meta``): it computes nothing, sends the failure and raises ``error``.
+
+        Raises:
+            ``error``, or this rank's failure while computing or packing its share, and on the other
+            ranks a RuntimeError naming it: every rank raises together, right after the exchange.
+            :class:`UnsharedFailure` for a failure while unpacking the received directions (after the
+            exchange: the other ranks go on).
         """
         pg = self.replicated_group
         world = 1 if pg is None else self._dist.get_world_size(pg)
         if world == 1:
+            if error is not None:
+                raise error
             return F.compute_directions(mats, corrected, group)
         rank = self._dist.get_rank(pg)
         if owners is None:
             owners = assign_owners([matrix_cost(x.shape) for x in mats], world)
         mine = [i for i, o in enumerate(owners) if o == rank]
-        error: BaseException | None = None
-        try:
-            dirs = F.compute_directions([mats[i] for i in mine], [corrected[i] for i in mine], group)
-        except Exception as exc:  # shared below, so that no rank waits for this one
-            error = exc
-            dirs = [torch.zeros_like(mats[i], dtype=torch.float32) for i in mine]
         # The single-process chain continues in float32 (float64 kept) and on the direction's own
         # memory layout (a transposed view for tall matrices; reductions in the plug-in depend on
         # it), so a one-number header per matrix says which dtype and whether transposed.
@@ -624,57 +817,103 @@ class DistributedStep:
         for i, o in enumerate(owners):
             sizes[o] += 1 + mats[i].numel()
         width = max(sizes)
-        transposed = [not d.is_contiguous() and d.mT.is_contiguous() for d in dirs]
-        codes = [float(error is not None)]
-        codes += [float(d.dtype == torch.float64) + 2.0 * t for d, t in zip(dirs, transposed)]
-        parts = [torch.tensor(codes, dtype=wire, device=device)]
-        parts += [(d.mT if t else d).reshape(-1).to(wire) for d, t in zip(dirs, transposed)]
-        parts.append(torch.zeros(width - sizes[rank], dtype=wire, device=device))
+        dirs: list[Tensor] = []
+        send = None
+        if error is None:
+            try:  # everything this rank does before the exchange: a failure is sent, not raised
+                dirs = F.compute_directions([mats[i] for i in mine], [corrected[i] for i in mine], group)
+                transposed = [not d.is_contiguous() and d.mT.is_contiguous() for d in dirs]
+                codes = [0.0] + [float(d.dtype == torch.float64) + 2.0 * t for d, t in zip(dirs, transposed)]
+                parts = [torch.tensor(codes, dtype=wire, device=device)]
+                parts += [(d.mT if t else d).reshape(-1).to(wire) for d, t in zip(dirs, transposed)]
+                parts.append(torch.zeros(width - sizes[rank], dtype=wire, device=device))
+                send = torch.cat(parts)
+                del parts
+            except Exception as exc:  # shared below, so that no rank waits for this one
+                error = exc
+        if error is not None:
+            dirs, send = [], torch.zeros(width, dtype=wire, device=device)
+            send[0] = 1.0
         gathered = [torch.empty(width, dtype=wire, device=device) for _ in range(world)]
-        self._dist.all_gather(gathered, torch.cat(parts), group=pg)
+        self._dist.all_gather(gathered, send, group=pg)
+        del send
         item = gathered[0].element_size()
         self.stats.bytes_sent += (world - 1) * width * item
         self.stats.bytes_received += (world - 1) * width * item
         self.stats.collectives += 1
-        failed = [r for r in range(world) if gathered[r][0].item() != 0.0]
+        status = torch.stack([g[0] for g in gathered]).tolist()
+        failed = [r for r, s in zip(self._ranks(pg, world), status) if s != 0.0]
         if error is not None:
             raise error
         if failed:
             raise RuntimeError(
-                f"rank(s) {failed} failed computing their share of the directions (see their error); "
-                "the step was refused on every rank"
+                f"rank(s) {failed} failed in this step (see their error); the step was refused on every rank"
             )
-        out: list[Tensor | None] = [None] * len(mats)
-        for r in range(world):
-            owned = [i for i, o in enumerate(owners) if o == r]
-            if r == rank:
-                for i, d in zip(owned, dirs):
-                    out[i] = d
-                continue
-            header, offset = gathered[r][1 : 1 + len(owned)].tolist(), 1 + len(owned)
-            for i, code in zip(owned, header):
-                shape = mats[i].shape
-                n = mats[i].numel()
-                d = gathered[r][offset : offset + n]
-                d = d.view(*shape[:-2], shape[-1], shape[-2]).mT if code >= 2 else d.view(shape)
-                out[i] = d.to(torch.float64 if code % 2 else torch.float32)
-                offset += n
+        try:
+            out: list[Tensor | None] = [None] * len(mats)
+            for r in range(world):
+                owned = [i for i, o in enumerate(owners) if o == r]
+                if r == rank:
+                    for i, d in zip(owned, dirs):
+                        out[i] = d
+                    continue
+                header, offset = gathered[r][1 : 1 + len(owned)].tolist(), 1 + len(owned)
+                for i, code in zip(owned, header):
+                    shape = mats[i].shape
+                    n = mats[i].numel()
+                    d = gathered[r][offset : offset + n]
+                    d = d.view(*shape[:-2], shape[-1], shape[-2]).mT if code >= 2 else d.view(shape)
+                    out[i] = d.to(torch.float64 if code % 2 else torch.float32)
+                    offset += n
+        except Exception as exc:
+            raise UnsharedFailure(exc) from exc
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------ FSDP2
 
-    def sharded_htmuon_step(self, opt: Any, group: dict[str, Any], params: list[Tensor]) -> None:
+    def sharded_htmuon_step(
+        self,
+        opt: Any,
+        group: dict[str, Any],
+        params: list[Tensor],
+        applied: int = 0,
+        failed: BaseException | None = None,
+    ) -> int:
         """The HTMuon step of a group of DTensor parameters (see the module docstring), window by window.
 
-        Every parameter is checked first (nothing is changed if one is refused). The owners are
-        chosen for the whole step and each rank's matrices taken in windows of ``chunk_bytes``
-        (:func:`plan_owned_windows`: up to ``world * chunk_bytes`` of whole matrices per window, every
-        rank computing a share): each window is exchanged, computed by its owners and applied before
-        the next one starts, so the transient memory of a step stays bounded however deep the model
-        is, as in the single-process step.
+        The owners are chosen for the whole step and each rank's matrices taken in windows of
+        ``chunk_bytes`` (:func:`plan_owned_windows`: up to ``world * chunk_bytes`` of whole matrices per
+        window, every rank computing a share): each window is exchanged, computed by its owners and
+        applied before the next one starts, so the transient memory of a step stays bounded however
+        deep the model is, as in the single-process step.
+
+        A failure of this rank before a window's agreement on failures (checking and laying out a
+        parameter, its momentum direction, assembling, computing, the plug-in, packing the results;
+        an out-of-memory error included) does not stop it: it takes part in the window's exchanges with
+        zeros and a failure status, so that every rank refuses the step at that agreement. ``failed``:
+        such a failure earlier in the step (another group), told at this group's first window.
+
+        Args:
+            applied: parameters this rank updated in the step before this group.
+
+        Returns:
+            ``applied`` plus this group's parameters.
+
+        Raises:
+            The failure, on every rank together (said to have followed ``applied`` updated parameters
+            where some were); :class:`UnsharedFailure` where this rank failed after the group's last
+            exchange (applying its last window): the caller tells the others at its next exchange.
         """
         world, rank = self._dist.get_world_size(self.mesh_group), self._dist.get_rank(self.mesh_group)
-        items = [self._prepare(opt, group, p, world, rank, self.mesh_dim) for p in params]
+        error = failed
+        items = None
+        if error is None:
+            try:
+                items = [self._prepare(opt, group, p, world, rank, self.mesh_dim) for p in params]
+            except Exception as exc:  # told at the first window's agreement
+                error = exc
+        if items is None:  # shapes and placements: enough to take part in the exchanges
+            items = [self._layout(opt, group, p, world, self.mesh_dim) for p in params]
         plan, owners = plan_owned_windows(
             [(it.mshape[1:], it.param.dtype, it.corrected) for it in items],
             [it.mshape for it in items],
@@ -683,22 +922,34 @@ class DistributedStep:
             world,
         )
         beta, nesterov, plugin = float(group["momentum"]), group["nesterov"], group["plugin"]
-        applied = 0
         for window in plan.windows:
             index = [i for chunk in window for i in chunk]
             part = [items[i] for i in index]
             try:
-                for it in part:  # N_t of this window only (its sign under AdaMuon: elementwise, per shard)
-                    it.update = F.plugin_input_(F.momentum_direction(it.grad, it.buf, beta, nesterov), plugin)
-                self._sharded_window(opt, group, part, world, rank, [owners[i] for i in index])
-            except Exception as exc:
+                if error is None:
+                    try:  # N_t of this window only (its sign under AdaMuon: elementwise, per shard)
+                        for it in part:
+                            it.update = F.plugin_input_(
+                                F.momentum_direction(it.grad, it.buf, beta, nesterov), plugin
+                            )
+                    except Exception as exc:  # told at this window's agreement
+                        error = exc
+                self._sharded_window(opt, group, part, world, rank, [owners[i] for i in index], error)
+            except UnsharedFailure as exc:  # applying the window: the others applied theirs
+                error, applied = exc.error, applied + exc.applied
+                self.note_unshared_failure(error)
+            except Exception as exc:  # every rank raises it, together
                 if not applied:
                     raise
                 raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
+            else:
+                applied += len(part)
             finally:
                 for it in part:
                     it.update = None
-            applied += len(part)
+        if error is not None:
+            raise UnsharedFailure(error, applied)
+        return applied
 
     def _sharded_window(
         self,
@@ -708,28 +959,117 @@ class DistributedStep:
         world: int,
         rank: int,
         owners: Sequence[int],
+        error: BaseException | None = None,
     ) -> None:
         """Exchange, compute and apply one window of a sharded step (every rank calls it in step);
-        ``owners[i]``: the rank that computes ``items[i]`` (see :func:`plan_owned_windows`)."""
-        batch_3d, plugin = group["batch_3d"], group["plugin"]
-        params = [it.param for it in items]
+        ``owners[i]``: the rank that computes ``items[i]`` (see :func:`plan_owned_windows`). ``error``:
+        this rank's failure so far in the step: it sends zeros and a failure status, and raises it.
+
+        The collectives: an ``all_to_all`` (shards to owners), an ``all_reduce`` that agrees on
+        failures, an ``all_to_all`` (result shards back). Everything that can fail on one rank but the
+        in-place updates comes before the agreement and is caught there (the results are packed, and
+        the buffer they are received in allocated, before it), so every rank raises together; a
+        failure while applying raises :class:`UnsharedFailure` (the others applied theirs)."""
         mine = [i for i, o in enumerate(owners) if o == rank]
-        wire = _promote([p.dtype for p in params])
-        device = items[0].local.device
+        wire = _promote([it.param.dtype for it in items])
+        device = local_tensor(items[0].param).device
+        # the exchanges' sizes, from the layouts alone (the same whatever fails below)
+        owned_by = [[it for it, o in zip(items, owners) if o == r] for r in range(world)]
+        layouts_of = [l for i in mine for l in items[i].layouts()]  # what this rank assembles
+        to_owner = [
+            sum(l.numel(rank) for it in owned_by[r] for l in it.layouts() if l.sends(rank, r))
+            for r in range(world)
+        ]
+        from_src = [sum(l.numel(r) for l in layouts_of if l.sends(r, rank)) for r in range(world)]
+        back_to = [sum(l.numel(r) for l in layouts_of) for r in range(world)]
+        back_from = [sum(l.numel(rank) for it in owned_by[r] for l in it.layouts()) for r in range(world)]
 
         # 1) every owner receives the shards of its matrices (and of their second moments)
-        send: list[list[Tensor]] = [[] for _ in range(world)]
-        for it, owner in zip(items, owners):
-            for t, layout in it.pieces():
-                if layout.sends(rank, owner):
-                    send[owner].append(t.reshape(-1))
-        sizes = [
-            sum(l.numel(src) for i in mine for l in items[i].layouts() if l.sends(src, rank))
-            for src in range(world)
-        ]
-        recv = self._all_to_all(send, sizes, wire, device, rank)
+        sendbuf = None
+        if error is None:
+            try:
+                send = [
+                    [t for it in owned_by[r] for t, l in it.pieces() if l.sends(rank, r)]
+                    for r in range(world)
+                ]
+                sendbuf = self._pack(send, wire, device)
+                del send
+                if sendbuf.numel() != sum(to_owner):  # the state's layout is not the parameter's
+                    raise RuntimeError(
+                        f"rank {rank} would send {sendbuf.numel()} elements where the layouts give "
+                        f"{sum(to_owner)}"
+                    )
+            except Exception as exc:  # agreed below
+                error = exc
+        if error is not None:
+            sendbuf = torch.zeros(sum(to_owner), dtype=wire, device=device)
+        recv = self._all_to_all(sendbuf, to_owner, from_src, device, rank)
+        del sendbuf
 
-        # 2) each owner assembles its whole matrices, runs the spectral map (batched) and the plug-in
+        # 2) each owner assembles its whole matrices, runs the spectral map (batched) and the plug-in,
+        # and packs each rank's shard of the results
+        back = received = None
+        if error is None:
+            try:
+                back = self._compute_owned(group, items, mine, recv, world, rank, wire, device)
+                received = torch.empty(sum(back_from), dtype=wire, device=device)
+            except Exception as exc:  # agreed below, so that no rank waits for this one
+                error, back, received = exc, None, None
+        del recv
+        status = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+        self._dist.all_reduce(status, op=self._dist.ReduceOp.SUM, group=self._agree_group())
+        self.stats.collectives += 1
+        if error is not None:
+            raise error
+        if status.item():
+            raise RuntimeError(
+                f"{status.item()} other rank(s) failed in this step (see their error); "
+                "the step was refused on every rank"
+            )
+
+        # 3) every rank receives its shard of each direction (and of the new second moment)
+        recv = self._all_to_all(back, back_to, back_from, device, rank, received)
+        del back
+
+        # 4) store the state and update the local shards, as in the single-process step
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        beta = float(group["momentum"])
+        offsets = [0] * world
+        done = 0
+        try:
+            for it, src in zip(items, owners):
+                pieces = []
+                for layout in it.layouts():
+                    n = layout.numel(rank)
+                    piece = recv[src][offsets[src] : offsets[src] + n].view(layout.local_shape(rank))
+                    pieces.append(piece.to(it.param.dtype))
+                    offsets[src] += n
+                state = opt.state[it.param]
+                state.update(it.new_state)
+                F.commit_momentum_(local_tensor(state["momentum_buffer"]), local_tensor(it.param.grad), beta)
+                state["step"] += 1
+                if it.second_moment is not None:
+                    it.second_moment.copy_(pieces[1])
+                scale = F.lr_scale(it.mshape[1], it.mshape[2], group["lr_adjust"])
+                F.decoupled_update_(it.local, pieces[0], lr, wd, scale)
+                done += 1
+        except Exception as exc:
+            raise UnsharedFailure(exc, done) from exc
+
+    @staticmethod
+    def _compute_owned(
+        group: dict[str, Any],
+        items: list[_ShardedItem],
+        mine: list[int],
+        recv: list[Tensor],
+        world: int,
+        rank: int,
+        wire: torch.dtype,
+        device: torch.device,
+    ) -> Tensor:
+        """Assemble this rank's whole matrices (and second moments) from the received shards, compute
+        their directions and plug-in, and pack each rank's shard of the results (in rank order)."""
+        batch_3d, plugin = group["batch_3d"], group["plugin"]
         wholes = {
             i: [torch.empty(l.shape, dtype=items[i].param.dtype, device=device) for l in items[i].layouts()]
             for i in mine
@@ -740,121 +1080,110 @@ class DistributedStep:
                 for whole, layout in zip(wholes[i], items[i].layouts()):
                     if layout.sends(src, rank):
                         n = layout.numel(src)
-                        whole[layout.index(src)] = recv[src][offset : offset + n].view(
-                            layout.local_shape(src)
-                        )
+                        piece = recv[src][offset : offset + n]
+                        whole[layout.index(src)] = piece.view(layout.local_shape(src))
                         offset += n
         mats = [F.matrix_view(wholes[i][0], batch_3d) for i in mine]
-        error: BaseException | None = None
-        try:
-            directions = F.compute_directions(mats, [items[i].corrected for i in mine], group)
-        except Exception as exc:  # agreed below, so that no rank waits for this one
-            error, directions = exc, [torch.zeros_like(x) for x in mats]
-        status = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
-        self._dist.all_reduce(status, op=self._dist.ReduceOp.SUM, group=self._agree_group())
-        self.stats.collectives += 1
-        if error is not None:
-            raise error
-        if status.item():
-            raise RuntimeError(
-                f"{status.item()} other rank(s) failed computing their directions (see their error); "
-                "the step was refused on every rank"
-            )
+        directions = F.compute_directions(mats, [items[i].corrected for i in mine], group)
+        del mats
         for i, O in zip(mine, directions):
             if plugin is not None:  # on the whole matrix, with the whole second moment
                 O, wholes[i][1] = F.second_moment_normalize(
                     O, wholes[i][1], group["beta2"], group["plugin_eps"], plugin
                 )
             wholes[i][0] = O.reshape(items[i].layout.shape).to(items[i].param.dtype)
-
-        # 3) every rank receives its shard of each direction (and of the new second moment)
+        del directions
         send = [
-            [whole[l.index(dst)].reshape(-1) for i in mine for whole, l in zip(wholes[i], items[i].layouts())]
+            [whole[l.index(dst)] for i in mine for whole, l in zip(wholes[i], items[i].layouts())]
             for dst in range(world)
         ]
-        sizes = [0] * world
-        for it, owner in zip(items, owners):
-            sizes[owner] += sum(l.numel(rank) for l in it.layouts())
-        recv = self._all_to_all(send, sizes, wire, device, rank)
-
-        # 4) store the state and update the local shards, as in the single-process step
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        beta = float(group["momentum"])
-        offsets = [0] * world
-        for it, src in zip(items, owners):
-            received = []
-            for t, layout in it.pieces():
-                n = layout.numel(rank)
-                received.append(recv[src][offsets[src] : offsets[src] + n].view(t.shape).to(it.param.dtype))
-                offsets[src] += n
-            state = opt.state[it.param]
-            state.update(it.new_state)
-            F.commit_momentum_(local_tensor(state["momentum_buffer"]), local_tensor(it.param.grad), beta)
-            state["step"] += 1
-            if it.second_moment is not None:
-                it.second_moment.copy_(received[1])
-            scale = F.lr_scale(it.mshape[1], it.mshape[2], group["lr_adjust"])
-            F.decoupled_update_(it.local, received[0], lr, wd, scale)
+        return DistributedStep._pack(send, wire, device)
 
     @staticmethod
-    def _prepare(
-        opt: Any, group: dict[str, Any], p: Tensor, world: int, rank: int, mesh_dim: int
-    ) -> _ShardedItem:
-        """Check one DTensor parameter and lay out its sharded step; state to create is kept aside."""
+    def _layout(opt: Any, group: dict[str, Any], p: Tensor, world: int, mesh_dim: int) -> _ShardedItem:
+        """How one DTensor parameter's sharded step is laid out, from its shape, placements and step
+        count alone (nothing allocated, no tensor read: enough to take part in the exchanges)."""
         state = opt.state.get(p) or {}
-        new_state: dict[str, Any] = {}
-        if not state:
-            new_state = {"step": torch.tensor(0.0), "momentum_buffer": torch.zeros_like(p)}
-        grad, local = local_tensor(p.grad), local_tensor(p)
-        if grad.shape != local.shape:
-            raise RuntimeError(
-                f"gradient shard of shape {tuple(grad.shape)} does not match the parameter shard "
-                f"{tuple(local.shape)} (placements {p.grad.placements} vs {p.placements})"
-            )
-        buf = local_tensor((state or new_state)["momentum_buffer"])
         shape = tuple(p.shape)
         dim = _placement_dim(p, mesh_dim, f"parameter of shape {shape}")
-        layout = ShardLayout(shape, dim, world)
-        assert layout.local_shape(rank) == tuple(local.shape), (layout, tuple(local.shape))
         mshape = matrix_shape(shape, group["batch_3d"])
         step = int(state["step"]) + 1 if state else 1
-        item = _ShardedItem(p, local, grad, buf, layout, mshape, F.is_corrected(step, group["interval"]))
-        item.new_state = new_state
+        corrected = F.is_corrected(step, group["interval"])
+        item = _ShardedItem(p, ShardLayout(shape, dim, world), mshape, corrected)
         plugin = group["plugin"]
         if plugin is not None:
             vshape = second_moment_shape(mshape, plugin)
             vdim = _second_moment_dim(shape, dim, group["batch_3d"])
             if vdim is not None and vshape[vdim] != shape[dim]:
                 vdim = None
+            item.second_moment_layout = ShardLayout(vshape, vdim, world)
+        return item
+
+    @staticmethod
+    def _prepare(
+        opt: Any, group: dict[str, Any], p: Tensor, world: int, rank: int, mesh_dim: int
+    ) -> _ShardedItem:
+        """Check one DTensor parameter and lay out its sharded step; state to create is kept aside."""
+        item = DistributedStep._layout(opt, group, p, world, mesh_dim)
+        state = opt.state.get(p) or {}
+        grad, local = local_tensor(p.grad), local_tensor(p)
+        if grad.shape != local.shape:
+            raise RuntimeError(
+                f"gradient shard of shape {tuple(grad.shape)} does not match the parameter shard "
+                f"{tuple(local.shape)} (placements {p.grad.placements} vs {p.placements})"
+            )
+        if item.layout.local_shape(rank) != tuple(local.shape):
+            raise RuntimeError(
+                f"parameter shard of shape {tuple(local.shape)} on rank {rank}, where its placements "
+                f"{p.placements} give {item.layout.local_shape(rank)}"
+            )
+        new_state: dict[str, Any] = {}
+        if not state:
+            new_state = {"step": torch.tensor(0.0), "momentum_buffer": torch.zeros_like(p)}
+        item.local, item.grad = local, grad
+        item.buf = local_tensor((state or new_state)["momentum_buffer"])
+        item.new_state = new_state
+        layout = item.second_moment_layout
+        if layout is not None:
             if "second_moment" not in state:  # a DTensor laid out like the rows it belongs to
                 dtm = _dtensor_module()
                 new_state["second_moment"] = dtm.zeros(
-                    vshape,
+                    layout.shape,
                     dtype=p.dtype,
                     device_mesh=p.device_mesh,
                     placements=[
-                        dtm.Shard(vdim) if k == mesh_dim and vdim is not None else dtm.Replicate()
+                        dtm.Shard(layout.dim) if k == mesh_dim and layout.dim is not None else dtm.Replicate()
                         for k in range(p.device_mesh.ndim)
                     ],
                 )
             v = new_state["second_moment"] if "second_moment" in new_state else state["second_moment"]
             item.second_moment = local_tensor(v)
-            item.second_moment_layout = ShardLayout(vshape, vdim, world)
+            if tuple(item.second_moment.shape) != layout.local_shape(rank):
+                raise RuntimeError(
+                    f"second moment shard of shape {tuple(item.second_moment.shape)} for a parameter of "
+                    f"shape {tuple(p.shape)} (placements {p.placements}); its layout gives "
+                    f"{layout.local_shape(rank)}"
+                )
         return item
+
+    @staticmethod
+    def _pack(send: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> Tensor:
+        """One flat buffer of ``send``'s tensors in order, in ``wire``."""
+        flat = [t.reshape(-1).to(wire) for chunks in send for t in chunks]
+        return torch.cat(flat) if flat else torch.empty(0, dtype=wire, device=device)
 
     def _all_to_all(
         self,
-        send: list[list[Tensor]],
+        sendbuf: Tensor,
+        send_sizes: list[int],
         recv_sizes: list[int],
-        wire: torch.dtype,
         device: torch.device,
         rank: int,
+        recvbuf: Tensor | None = None,
     ) -> list[Tensor]:
         """One ``all_to_all_single`` (uneven splits); returns the received buffer split by source rank."""
-        send_sizes = [sum(t.numel() for t in chunks) for chunks in send]
-        flat = [t.to(wire) for chunks in send for t in chunks]
-        sendbuf = torch.cat(flat) if flat else torch.empty(0, dtype=wire, device=device)
-        recvbuf = torch.empty(sum(recv_sizes), dtype=wire, device=device)
+        if recvbuf is None:
+            recvbuf = torch.empty(sum(recv_sizes), dtype=sendbuf.dtype, device=device)
         self._dist.all_to_all_single(recvbuf, sendbuf, recv_sizes, send_sizes, group=self.mesh_group)
         item = recvbuf.element_size()
         self.stats.bytes_sent += (sum(send_sizes) - send_sizes[rank]) * item
@@ -865,15 +1194,16 @@ class DistributedStep:
 
 @dataclass
 class _ShardedItem:
-    """One DTensor parameter during a sharded step: local views and how the whole is laid out."""
+    """One DTensor parameter during a sharded step: local views and how the whole is laid out (only the
+    layouts where the rank failed before preparing it: it then sends zeros of their sizes)."""
 
     param: Tensor
-    local: Tensor  # this rank's shard of the parameter (updated in place)
-    grad: Tensor  # this rank's shard of the gradient
-    buf: Tensor  # this rank's shard of the momentum buffer (a new zero one on the first step)
     layout: ShardLayout
     mshape: tuple[int, int, int]
     corrected: bool
+    local: Tensor | None = None  # this rank's shard of the parameter (updated in place)
+    grad: Tensor | None = None  # this rank's shard of the gradient
+    buf: Tensor | None = None  # this rank's shard of the momentum buffer (a new zero one on the first step)
     second_moment: Tensor | None = None  # this rank's piece of the plug-in's second moment
     second_moment_layout: ShardLayout | None = None
     new_state: dict[str, Any] = field(default_factory=dict)  # state to create when the step is applied
@@ -882,9 +1212,12 @@ class _ShardedItem:
     def pieces(self) -> list[tuple[Tensor, ShardLayout]]:
         """(local piece, layout) of what an owner needs: the direction's input, then the second moment."""
         out = [(self.update, self.layout)]
-        if self.second_moment is not None:
+        if self.second_moment_layout is not None:
             out.append((self.second_moment, self.second_moment_layout))
-        return out
+        return out  # type: ignore[return-value]
 
     def layouts(self) -> list[ShardLayout]:
-        return [layout for _, layout in self.pieces()]
+        out = [self.layout]
+        if self.second_moment_layout is not None:
+            out.append(self.second_moment_layout)
+        return out

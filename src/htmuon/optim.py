@@ -289,10 +289,12 @@ class HTMuon(Optimizer):
           (``chunk_bytes``; every model whose matrices need at most that much) of one param group,
           nothing has changed; otherwise the groups and windows before it are applied and the error
           says how many parameters.
-        * Under ``process_group`` the checks, the set of parameters with gradients, and any failure
-          are agreed among the ranks in the step's collectives, so the ranks refuse together
-          (nobody waits in a collective another rank skipped); collectives run under the process
-          group's timeout (``init_process_group(timeout=...)``).
+        * Under ``process_group`` (and with DTensor parameters) the checks, the parameters and every
+          group setting, the set of parameters with gradients, and any failure are agreed among the
+          ranks in the step's collectives, so the ranks refuse together (nobody waits in a
+          collective another rank skipped; docs/distributed.md, "Agreement"), and so is
+          :meth:`load_state_dict`; collectives run under the process group's timeout
+          (``init_process_group(timeout=...)``).
 
     ``torch.compile(opt.step)`` (optional; single process): the step counters are tensors, so no
     recompile per step (one after the first step, which creates the state), and the finite check
@@ -499,7 +501,10 @@ class HTMuon(Optimizer):
         except Exception:
             del self.param_groups[first:]
             raise
+        unshared = self._dist.unshared_failure if self._dist is not None else None
         self._dist = _distributed.setup(self.param_groups, self._process_group)
+        if self._dist is not None:
+            self._dist.unshared_failure = unshared
 
     def _add_routed_group(self, param_group: Any) -> None:
         super().add_param_group(param_group)
@@ -587,7 +592,40 @@ class HTMuon(Optimizer):
         of another optimizer (``torch.optim.AdamW``, ``Muon``: its groups lack HTMuon's keys), other
         group sizes, invalid hyperparameters, state whose keys or shapes do not fit the parameters,
         non-finite state. Old checkpoints whose ``step`` is a Python int still load.
+
+        Under a process group or with DTensor (FSDP2) parameters every rank must call it (as
+        ``torch.distributed.checkpoint``'s ``set_optimizer_state_dict`` does): each rank checks what
+        it holds (its shards), then one small ``all_reduce`` agrees on the outcome, so that where one
+        rank refuses (a NaN in its shard, say) every rank refuses and none changes anything.
         """
+        if self._dist is None:
+            return self._load_checked(state_dict, post_hooks=True)
+        before = self.state, self.param_groups
+        error = None
+        try:
+            self._load_checked(state_dict, post_hooks=False)
+        except Exception as exc:  # agreed below, so that the ranks load together or not at all
+            error = exc
+        device = next(
+            (_distributed.local_tensor(p).device for g in self.param_groups for p in g["params"]),
+            torch.device("cpu"),
+        )
+        refused = self._dist.agree_on_load(error is not None, device)
+        if refused:
+            self.state, self.param_groups = before
+            if error is not None:
+                raise error
+            raise ValueError(
+                f"rank(s) {refused} refused this state dict (see their error); it was loaded on no rank "
+                "and the optimizer is as it was"
+            )
+        self._dist.unshared_failure = None  # the state was restored: the ranks agree again
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_checked(self, state_dict: dict[str, Any], post_hooks: bool) -> None:
+        """:meth:`load_state_dict` on this rank: the pre-hooks, the checks, the load (and, with
+        ``post_hooks``, the post-hooks)."""
         if isinstance(state_dict, dict):  # the pre-hooks may rewrite it (as in torch), then it is checked
             state_dict = state_dict.copy()
             for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -632,14 +670,14 @@ class HTMuon(Optimizer):
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.is_floating_point():
                     _check_loaded_values(key, _distributed.local_tensor(value), param, where)
-        hooks, self._optimizer_load_state_dict_pre_hooks = (
-            self._optimizer_load_state_dict_pre_hooks,
-            OrderedDict(),
-        )
-        try:  # the pre-hooks already ran above
+        hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # they already ran above
+        if not post_hooks:  # the caller runs them once the ranks agree
+            self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
             super().load_state_dict(state_dict)
         finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
         for state in self.state.values():
             # a fresh counter each: an old checkpoint's int becomes torch.optim's tensor, and a loaded
             # tensor is not shared with the caller's dict (counting in place would change it there)
@@ -677,12 +715,16 @@ class HTMuon(Optimizer):
             work, finite_checks, error = [], [], exc  # refused together with the other ranks below
         if self._dist is not None:
             agreed = self._dist.agree(self.param_groups, error)
-            starts = [0]
-            for g in self.param_groups[:-1]:
-                starts.append(starts[-1] + len(g["params"]))
-            flags = agreed[[starts[gi] + pi for _, gi, pi in finite_checks]] if finite_checks else None
-            if flags is not None and not torch.compiler.is_compiling():
-                flags = flags.tolist()
+            located = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
+            if torch.compiler.is_compiling():
+                index = {where: i for i, where in enumerate(located)}
+                flags = agreed[[index[gi, pi] for _, gi, pi in finite_checks]] if finite_checks else None
+            else:
+                # eager: refused from the agreed flags alone (the same on every rank), not from the
+                # checks this rank made: a rank that skipped a check must not enter the step's
+                # collectives while the others refuse it
+                flags = agreed.tolist()
+                finite_checks = [(None, gi, pi) for gi, pi in located]
         elif finite_checks and all(
             host_path(g.device) for g, _, _ in finite_checks
         ):  # CPU, eager: read each check on the host (no 0-d tensor ops; see F.is_finite)
@@ -708,15 +750,29 @@ class HTMuon(Optimizer):
 
         # 2) the matrix part, window by window (compute, check, then apply); 3) the AdamW part. A failure
         # after some windows (of this group or an earlier one) were applied says how many parameters.
-        applied = 0
+        # Distributed: a failure of this rank that the others do not know of yet (after an exchange)
+        # is carried to its next exchange in the step, where every rank refuses the step; after the
+        # step's last exchange, to the next step's agreement.
+        applied, failed = 0, None
         for group, hparams, _ in work:
-            if hparams:
-                ok, applied = self._htmuon_step(group, hparams, ok, applied)
+            if not hparams or (failed is not None and not self._dist.exchanges(hparams)):
+                continue
+            try:
+                ok, applied = self._htmuon_step(group, hparams, ok, applied, failed)
+            except _distributed.UnsharedFailure as exc:
+                failed, applied, failed_group = exc.error, exc.applied, group
+                self._dist.note_unshared_failure(failed)
+        if failed is not None:
+            if not applied:
+                raise failed
+            raise F.partial_step_error(failed, applied, failed_group["chunk_bytes"]) from failed
         for group, _, aparams in work:
             if aparams:
                 try:
                     self._adamw_step(group, aparams, ok)
                 except Exception as exc:
+                    if self._dist is not None:  # the other ranks (no collective here) went on
+                        self._dist.note_unshared_failure(exc)
                     if not applied:
                         raise
                     raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
@@ -774,18 +830,23 @@ class HTMuon(Optimizer):
         return int(state["step"]) if state else 0
 
     def _htmuon_step(
-        self, group: dict[str, Any], params: list[Tensor], ok: Tensor | None, applied: int = 0
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        ok: Tensor | None,
+        applied: int = 0,
+        failed: BaseException | None = None,
     ) -> tuple[Tensor | None, int]:
         """The matrix part of one group, after ``applied`` parameters of this step were updated; returns
-        ``ok`` (compiled: and-ed with the directions' check) and the parameters updated so far."""
+        ``ok`` (compiled: and-ed with the directions' check) and the parameters updated so far.
+
+        Distributed: a failure that every rank learns in an exchange is raised on every rank; one of
+        this rank alone after the group's last exchange (or in a group that exchanges nothing) raises
+        :class:`htmuon.distributed.UnsharedFailure`, for the caller to carry to the next exchange.
+        ``failed``: such a failure earlier in the step: the group's first exchange tells the others, and
+        every rank raises."""
         if self._dist is not None and self._dist.sharded(params):  # DTensor (FSDP2) parameters
-            try:
-                self._dist.sharded_htmuon_step(self, group, params)
-            except Exception as exc:
-                if not applied:
-                    raise
-                raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
-            return ok, applied + len(params)
+            return ok, self._dist.sharded_htmuon_step(self, group, params, applied, failed)
         batch_3d, interval = group["batch_3d"], group["interval"]
         mshapes = [F.matrix_shape(p.shape, batch_3d) for p in params]
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
@@ -798,6 +859,8 @@ class HTMuon(Optimizer):
             plan, owners = self._dist.plan(keys, mshapes, itemsizes, budget, work)
         else:
             plan = F.plan_step(keys, mshapes, itemsizes, budget, work)
+        # distributed, but every rank steps this group alone: any failure here is this rank's alone
+        alone = self._dist is not None and owners is None
         scratch: dict[torch.dtype, Tensor] = {}  # pipelined steps: N_t of one matrix at a time, per dtype
         for window in plan.windows:
             items = [i for chunk in window for i in chunk]
@@ -810,16 +873,35 @@ class HTMuon(Optimizer):
                     sizes,
                     scratch,
                     None if owners is None else [owners[i] for i in items],
+                    failed,
                 )
+            except _distributed.UnsharedFailure as exc:  # DDP, after the window's exchange
+                failed = exc.error
+                self._dist.note_unshared_failure(failed)
+                continue
             except Exception as exc:
+                if alone:
+                    raise _distributed.UnsharedFailure(exc, applied) from exc
                 if not applied:
                     raise
                 raise F.partial_step_error(exc, applied, group["chunk_bytes"]) from exc
-            if ok is not None:  # compiled: a non-finite direction masks this window and the rest
-                ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
-            self._apply_window(group, pending, ok)
-            del pending  # the window's directions: not alive while the next window is computed
+            try:
+                if ok is not None:  # compiled: a non-finite direction masks this window and the rest
+                    ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
+                self._apply_window(group, pending, ok)
+            except Exception as exc:
+                if self._dist is None:
+                    raise
+                failed = exc  # this rank's alone: told at the next exchange
+                self._dist.note_unshared_failure(failed)
+                if alone:
+                    break
+                continue
+            finally:
+                del pending  # the window's directions: not alive while the next window is computed
             applied += len(items)
+        if failed is not None:
+            raise _distributed.UnsharedFailure(failed, applied)
         return ok, applied
 
     def _compute_window(
@@ -830,10 +912,16 @@ class HTMuon(Optimizer):
         chunks: list[int],
         scratch: dict[tuple, Tensor] | None = None,
         owners: list[int] | None = None,
+        failed: BaseException | None = None,
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
         """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
         (DDP: each rank's owned share of the window at once; on CPU, eager: one at a time, each right
-        after its momentum direction, so that only the directions stay alive); nothing is changed."""
+        after its momentum direction, so that only the directions stay alive); nothing is changed.
+
+        DDP (``owners`` given): a failure of this rank before the window's exchange (a new momentum
+        buffer, its momentum directions, its share of the directions; or ``failed``, one earlier in
+        the step) is sent in the exchange, after which every rank raises; one after it (unpacking the
+        directions, the plug-in) raises :class:`htmuon.distributed.UnsharedFailure`."""
         beta, nesterov, batch_3d = _number(group["momentum"]), group["nesterov"], group["batch_3d"]
         bufs = []
         mats = []
@@ -841,35 +929,47 @@ class HTMuon(Optimizer):
         directions = []
         scratch = {} if scratch is None else scratch
         rank = self._dist.replicated_rank() if owners is not None else 0
-        for i, (p, c) in enumerate(zip(params, corrected)):
-            state = self.state.get(p)
-            buf = (
-                state["momentum_buffer"]
-                if state
-                else torch.zeros_like(p, memory_format=torch.preserve_format)
-            )
-            bufs.append(buf)
-            if pipelined:
-                # CPU, eager: each direction right after its N_t, so only the directions stay alive; N_t
-                # in one buffer per dtype, as large as the group's largest matrix, reused by every matrix
-                flat = scratch.get(p.dtype)
-                if flat is None or flat.numel() < p.numel():
-                    numel = max(q.numel() for q in params if q.dtype == p.dtype)
-                    flat = scratch[p.dtype] = torch.empty(numel, dtype=p.dtype, device=p.device)
-                work = flat[: p.numel()].view(p.shape)
-                N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov, out=work), batch_3d)
-                (O,) = F.compute_directions([F.plugin_input_(N, group["plugin"])], [c], group)
-                if O.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
-                    O = O.clone()  # a backend that returned (a view of) its input: keep it out of the buffer
-                directions.append(O)
-                del N
-            elif owners is not None and owners[i] != rank:
-                # DDP: another rank computes this matrix's direction; only its shape and dtype are read
-                mats.append(torch.empty(F.matrix_shape(p.shape, batch_3d), dtype=p.dtype, device="meta"))
-            elif self._dist is not None:
-                N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
-                mats.append(F.plugin_input_(N, group["plugin"]))
-                del N
+        error = failed
+        try:
+            for i, (p, c) in enumerate(zip(params, corrected) if error is None else ()):
+                state = self.state.get(p)
+                buf = (
+                    state["momentum_buffer"]
+                    if state
+                    else torch.zeros_like(p, memory_format=torch.preserve_format)
+                )
+                bufs.append(buf)
+                if pipelined:
+                    # CPU, eager: each direction right after its N_t, so only the directions stay alive;
+                    # N_t in one buffer per dtype, as large as the group's largest matrix, reused by
+                    # every matrix
+                    flat = scratch.get(p.dtype)
+                    if flat is None or flat.numel() < p.numel():
+                        numel = max(q.numel() for q in params if q.dtype == p.dtype)
+                        flat = scratch[p.dtype] = torch.empty(numel, dtype=p.dtype, device=p.device)
+                    work = flat[: p.numel()].view(p.shape)
+                    N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov, out=work), batch_3d)
+                    (O,) = F.compute_directions([F.plugin_input_(N, group["plugin"])], [c], group)
+                    if O.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+                        O = O.clone()  # a backend that returned (a view of) its input: out of the buffer
+                    directions.append(O)
+                    del N
+                elif owners is not None and owners[i] != rank:
+                    # DDP: another rank computes this matrix's direction; only its shape and dtype are read
+                    mats.append(torch.empty(F.matrix_shape(p.shape, batch_3d), dtype=p.dtype, device="meta"))
+                elif self._dist is not None:
+                    N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
+                    mats.append(F.plugin_input_(N, group["plugin"]))
+                    del N
+        except Exception as exc:
+            if owners is None:
+                raise
+            error = exc  # DDP: sent in the window's exchange, so that no rank waits for this one
+        if error is not None:  # DDP: only the shapes and dtypes, to take part in the exchange
+            bufs = []
+            mats = [
+                torch.empty(F.matrix_shape(p.shape, batch_3d), dtype=p.dtype, device="meta") for p in params
+            ]
         if not pipelined and self._dist is None:
             # accelerators, compiled steps: one backend call per chunk of the plan (same shape and
             # schedule), its N_t built on the stacked buffers and gradients (four operators per chunk,
@@ -889,8 +989,20 @@ class HTMuon(Optimizer):
                 start += size
         elif not pipelined:  # replicated (DDP) parameters: each rank computes its share, then all share
             device = params[0].device if params else None
-            directions = self._dist.compute_directions(group, mats, corrected, owners, device)
+            directions = self._dist.compute_directions(group, mats, corrected, owners, device, error)
         del mats
+        if owners is None:
+            return self._with_plugin(group, params, bufs, directions)
+        try:
+            return self._with_plugin(group, params, bufs, directions)
+        except Exception as exc:  # after the exchange: this rank's alone
+            raise _distributed.UnsharedFailure(exc) from exc
+
+    def _with_plugin(
+        self, group: dict[str, Any], params: list[Tensor], bufs: list[Tensor], directions: list[Tensor]
+    ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+        """``(parameter, direction, momentum buffer, new plug-in moment)`` per parameter: the plug-in
+        (NorMuon / AdaMuon, if any) applied to its direction, out of place."""
         out = []
         for p, buf, O in zip(params, bufs, directions):
             v_new = None
