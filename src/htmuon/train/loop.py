@@ -478,7 +478,7 @@ class _RunFolderLock:
     leaves nothing behind."""
 
     def __init__(self, out: Path, active: bool):
-        self.path, self.active, self.held, self.created = out / RUN_LOCK_NAME, active, False, False
+        self.path, self.active, self.held = out / RUN_LOCK_NAME, active, False
         self.made: list[Path] = []  # the folders take() made, the run folder first, then its new parents
 
     def take(self) -> None:
@@ -493,7 +493,7 @@ class _RunFolderLock:
                         new.append(new[-1].parent)
                     try:
                         out.mkdir(parents=True)
-                        self.created, self.made = True, new
+                        self.made = new
                     except FileExistsError:
                         pass  # made by another process just now
             try:
@@ -514,14 +514,12 @@ class _RunFolderLock:
         if self.held:
             release_lock(self.path)
             self.held = False
-        if self.created:
-            self.created = False
-            for folder in self.made:  # the run folder, then the parents made for it, while empty
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break  # not empty: the run wrote there (or another process uses it), kept
-            self.made = []
+        for folder in self.made:  # the run folder, then the parents made for it, while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the run wrote there (or another process uses it), kept
+        self.made = []
 
 
 def _train(cfg, par, device, amp, resume, stop_after, argv) -> dict:
@@ -678,7 +676,9 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                 )
             history.append([start, backend])
     if par.is_main:
-        metrics = _start_run_folder(out, cfg, run_info, start if payload is not None else None, lock.created)
+        metrics = _start_run_folder(
+            out, cfg, run_info, start if payload is not None else None, bool(lock.made)
+        )
     else:
         metrics = _NoMetrics()
 
