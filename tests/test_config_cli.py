@@ -175,6 +175,8 @@ def test_saved_run_configs_load_as_config_files(corpus_file, tmp_path):
             "config key 'routing' must be one of ['standard', 'paper'], got 'llama' in {file}",
         ),
         ({"momentum": 1.0}, "config key 'momentum' must be in [0, 1), got 1.0 in {file}"),
+        # every k-th chunk is held out (k >= 2): 0.7 held out 0.5
+        ({"val_fraction": 0.7}, "config key 'val_fraction' must be in (0, 0.5], got 0.7 in {file}"),
         ({"steps": 5, "warmup_steps": 9}, "warmup_steps (9) in {file} must not exceed steps (5) in {file}"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import pathlib
@@ -487,3 +488,32 @@ def test_large_matrices_just_inside_and_outside_the_unscaled_range(scale):
     O = fastmod.fast_spectral_power(X, 0.125, ns_dtype=torch.float32)
     assert torch.isfinite(O).all()
     assert rel_err(O, exact_power(X.double(), 0.125)) < 0.05
+
+
+@pytest.mark.parametrize(("env", "method"), [("0", "eigh"), ("1", "fast")])
+def test_auto_passes_the_chosen_backend_only_its_own_options(monkeypatch, env, method):
+    """method="auto" with Newton-Schulz options works on every CPU: on an AVX2 one (eigh) they were
+    passed to eigh, a TypeError; now only what the chosen backend declares is passed, as HTMuon does."""
+    monkeypatch.setenv("HTMUON_CPU_BF16", env)
+    G = torch.randn(20, 30)
+    got = spectral_power(G, 0.125, method="auto", ns_dtype=torch.float32, ns_steps=5)
+    opts = {"ns_dtype": torch.float32} if method == "fast" else {}
+    torch.testing.assert_close(got, spectral_power(G, 0.125, method=method, **opts))
+
+
+@pytest.mark.parametrize("paths", ["cpu", "accelerator"])
+@pytest.mark.parametrize("method", ["fast", "fast5"])
+def test_float16_work_at_any_gradient_scale(method, paths):
+    """ns_dtype=torch.float16 (which HTMuon accepts): on the CPU path the raw Gram matrix overflowed
+    float16 (NaN) for entries ~100 and the first output factor 1 / ||X||_S8 did not fit it for entries
+    ~1e-6 (a RuntimeError); now float16 work is always prescaled, on both paths."""
+    from htmuon.spectral import accelerator_paths
+
+    G0 = matrix_with_spectrum(log_spectrum(32, 1e-2), 32, 96, seed=5)
+    tol = {"fast": 0.05, "fast5": 0.15}[method]
+    with accelerator_paths() if paths == "accelerator" else contextlib.nullcontext():
+        for scale in (1e-30, 1e-6, 1e-3, 1.0, 100.0, 1e4, 1e30):
+            G = (G0 * scale).float()
+            for X in (G, G.T):
+                O = spectral_power(X, 0.125, method=method, ns_dtype=torch.float16)
+                assert rel_err(O, exact_power(X.double(), 0.125)) < tol, (scale, X.shape)

@@ -265,3 +265,18 @@ def test_prescaled_polar_on_subnormal_input_is_finite(monkeypatch):
     prescaled = polar(G, dtype=torch.float32)
     assert torch.isfinite(prescaled).all() and prescaled.abs().max() > 0
     assert (prescaled - direct).norm() <= 1e-3 * direct.norm()
+
+
+@pytest.mark.parametrize("paths", ["cpu", "accelerator"])
+def test_polar_in_float16_work_is_the_polar_factor_at_any_scale(paths):
+    """polar(G, dtype=torch.float16): on the CPU path the cast batch's Frobenius norm overflowed float16
+    above 65504 (a zero result, as torch.optim.Muon's) and small entries were cast into float16's
+    subnormals before the norm; now float16 work takes the exact prescale first, on every path, so the
+    result is the same at every power-of-two scale (bit for bit) and close to the float32 iteration."""
+    G = torch.randn(2, 24, 40)
+    with accelerator_paths() if paths == "accelerator" else contextlib.nullcontext():
+        base = polar(G, dtype=torch.float16)
+        ref = polar(G, dtype=torch.float32)
+        assert ((base.float() - ref).norm() / ref.norm()).item() < 1e-2
+        for k in (-20, 10, 20, 60):
+            assert torch.equal(polar(G * 2.0**k, dtype=torch.float16), base), k

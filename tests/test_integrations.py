@@ -129,6 +129,7 @@ def test_hf_trainer_optimizer_cls_and_kwargs(tmp_path):
     assert isinstance(opt, htmuon.HTMuon)
     assert_standard_routing(opt)
     assert {g["lr"] for g in opt.param_groups if g["algorithm"] == "adamw"} <= {1e-3, 0.0}
+    assert "params" not in kwargs  # the Trainer pops it: docs/integrations.md, build kwargs per Trainer
 
 
 def test_hf_trainer_without_names_routes_by_ndim(tmp_path):

@@ -261,7 +261,8 @@ def test_jsonl_gz_folder_and_datasets_sources(corpus_file, tmp_path):
     assert len(s.train) > 5 * len(s.val) > 0
     limited = build_token_streams(str(folder), vocab_size=300, val_fraction=0.1, max_docs=5)
     assert len(limited.train) + len(limited.val) < (len(s.train) + len(s.val)) / 3
-    with pytest.raises(UserError, match="expected an object with a string field 'body'"):
+    no_body = r"c4-train.00000.json.gz:1: no field 'body' \(its fields: 'text', 'url'"
+    with pytest.raises(UserError, match=no_body):
         build_token_streams(str(folder), vocab_size=300, val_fraction=0.1, text_field="body")
     datasets = pytest.importorskip("datasets")
     ds = datasets.DatasetDict(
@@ -524,3 +525,205 @@ def test_a_token_cache_build_shows_progress_when_it_takes_long(corpus_file, tmp_
     total = len(streams.train) + len(streams.val)
     assert lines[-1].startswith(f"token cache for '{corpus_file}': tokenised: ")
     assert f"M characters, {total:,} tokens (" in lines[-1]
+
+
+# ----------------------------------------------------------------------------- a user's own data
+
+
+def _streams(path, **kw):
+    s = build_token_streams(str(path), vocab_size=300, val_fraction=0.1, **kw)
+    return np.asarray(s.train), np.asarray(s.val)
+
+
+def test_bom_crlf_and_a_json_file_are_read_as_their_text(corpus_file, tmp_path):
+    """A byte-order mark is not text (it was tokenised into the first document; a JSONL file starting
+    with one failed on line 1), CRLF line ends read as LF, and a single .json file (an uncompressed C4
+    shard) is read as JSON lines (it was tokenised as text, braces and "text": keys included)."""
+    text = corpus_file.read_text()[:40000]
+    (tmp_path / "plain.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    plain = _streams(tmp_path / "plain.txt")
+    for name in ("bom.txt", "crlf.txt"):
+        got = _streams(tmp_path / name)
+        assert all(np.array_equal(a, b) for a, b in zip(got, plain)), name
+    lines = "".join(json.dumps({"text": text[i : i + 4000]}) + "\n" for i in range(0, len(text), 4000))
+    (tmp_path / "docs.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    (tmp_path / "docs.json").write_text(lines, encoding="utf-8")
+    jsonl = _streams(tmp_path / "docs.jsonl")
+    for name in ("bom.jsonl", "docs.json"):
+        got = _streams(tmp_path / name)
+        assert all(np.array_equal(a, b) for a, b in zip(got, jsonl)), name
+
+
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        ('{"body": "x", "id": 3}', r":2: no field 'text' \(its fields: 'body', 'id'; use --text-field\)"),
+        ('{"text": 5}', r":2: field 'text' is a number, not a string"),
+        ('{"text": ["a", "b"]}', r":2: field 'text' is an array, not a string"),
+        ('["a"]', r":2: expected a JSON object, got an array"),
+        ('{"text": "a"', r":2: not valid JSON"),
+    ],
+)
+def test_a_bad_jsonl_line_is_an_error_naming_file_line_and_value(tmp_path, line, error):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"^{path}{error}"):
+        _streams(path)
+
+
+def test_a_data_folder_skips_hidden_files_and_follows_symlinked_folders(corpus_file, tmp_path):
+    """Hidden files and folders are not data: macOS's ._NAME resource forks (binary: the run failed)
+    and .ipynb_checkpoints/ copies (the same text twice, possibly in train and in validation). A
+    symlinked folder is read (it was skipped silently), once even if linked twice or in a loop."""
+    from htmuon.train.data import _local_files
+
+    text = corpus_file.read_text()
+    folder, outside = tmp_path / "data", tmp_path / "elsewhere"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "a.txt").write_text(text[:30000])
+    (folder / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text(text[:30000])
+    (folder / "._a.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X\xff\xfe")
+    (outside / "b.txt").write_text(text[30000:60000])
+    (folder / "more").symlink_to(outside, target_is_directory=True)
+    (outside / "loop").symlink_to(folder, target_is_directory=True)
+    assert _local_files(str(folder)) == [folder / "a.txt", folder / "more" / "b.txt"]
+    tr, va = _streams(folder)
+    (tmp_path / "ab.txt").write_text(text[:60000])
+    one = _streams(tmp_path / "ab.txt")
+    assert len(tr) + len(va) > 0.9 * (len(one[0]) + len(one[1]))  # both files read, each once
+
+
+def test_datasets_rows_whose_text_is_not_a_string_are_an_error(tmp_path):
+    """A text field holding numbers or lists skipped every row silently (then 'empty'); a missing
+    value (None) is skipped."""
+    datasets = pytest.importorskip("datasets")
+    from htmuon.train.data import iter_documents
+
+    ds = datasets.Dataset.from_dict(
+        {"text": ["one document.", None, "another one."], "ids": [[1], [2], [3]], "n": [1, 2, 3]}
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    src = f"hf-disk:{tmp_path / 'ds'}"
+    assert ["".join(c) for _, c in iter_documents(src)] == ["one document.", "another one."]
+    for field, kind in (("ids", "list"), ("n", "int")):
+        bad = f"field '{field}' of row 0 of split 'train' is a {kind}, not text"
+        with pytest.raises(UserError, match=bad):
+            list(iter_documents(src, text_field=field))
+
+
+def _cifar10(root, data, labels):
+    root.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+
+
+@pytest.mark.parametrize(
+    "case, error",
+    [
+        ("hwc", r"'data' has shape \(6, 32, 32, 3\), expected \(N, 3072\)"),
+        ("width", r"'data' has shape \(6, 1000\), expected \(N, 3072\)"),
+        ("empty", r"'data' has shape \(0, 3072\), expected \(N, 3072\), N >= 1"),
+        ("float", r"'data' holds float32 values, expected bytes 0..255"),
+        ("wide", r"'data' holds the value 256, expected bytes 0..255"),
+        ("few", r"'labels' has shape \(4,\) \(int64\), expected 6 integer labels"),
+        ("column", r"'labels' has shape \(6, 1\) \(int64\), expected 6 integer labels"),
+        ("range", r"label 10 in 'labels' is outside 0..9"),
+        ("negative", r"label -1 in 'labels' is outside 0..9"),
+    ],
+)
+def test_cifar_batches_of_another_shape_type_or_labels_are_named_errors(tmp_path, case, error):
+    """The python-pickle batches are checked: an N x 32 x 32 x 3 array was reinterpreted as channels
+    first, floats in [0, 1] cast to bytes (all 0), labels outside the classes or fewer than the images
+    crashed in the middle of training; another width was a traceback."""
+    rng = np.random.default_rng(0)
+    data, labels = rng.integers(0, 256, (6, 3072), dtype=np.uint8), [0, 1, 2, 3, 4, 5]
+    data, labels = {
+        "hwc": (data.reshape(6, 32, 32, 3), labels),
+        "width": (data[:, :1000], labels),
+        "empty": (data[:0], []),
+        "float": (data.astype(np.float32) / 255, labels),
+        "wide": (np.where(np.arange(3072) == 7, 256, data.astype(np.int64)), labels),
+        "few": (data, labels[:4]),
+        "column": (data, np.asarray(labels)[:, None]),
+        "range": (data, [0, 1, 2, 3, 4, 10]),
+        "negative": (data, [0, 1, 2, 3, 4, -1]),
+    }[case]
+    _cifar10(tmp_path / "cifar-10-batches-py", data, labels)
+    with pytest.raises(UserError, match=f"^CIFAR batch '.*data_batch_1': {error}"):
+        load_image_data(f"cifar10:{tmp_path}", 4, seed=0)
+
+
+def test_imagenet_folder_skips_hidden_entries_and_reads_class_folders_recursively(tmp_path):
+    """A hidden folder (.ipynb_checkpoints) became a class (labels shifted, one output more), a ._NAME
+    resource fork an image (a decode error hours into training); images in a class's subfolders were
+    skipped (torchvision's ImageFolder reads them). A train class without images is an error."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    root = tmp_path / "inet"
+    _png_tree(root)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 not a png")
+    (root / "train" / "dog" / "more").mkdir()
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "train" / "dog" / "more" / "x.png")
+    data = ImageFolderData(root, 8, batch_size=7, seed=0)
+    assert (data.classes, data.n_train, data.n_val) == (["cat", "dog"], 7, 6)
+    assert data.train_items[-1] == (root / "train" / "dog" / "more" / "x.png", 1)
+    data.next_batch()  # every training image decodes
+    (root / "train" / "bird").mkdir()
+    with pytest.raises(UserError, match=f"class folder '{root / 'train' / 'bird'}' holds no images"):
+        ImageFolderData(root, 8, batch_size=4, seed=0)
+
+
+def test_a_token_cache_folder_without_its_meta_json_is_named(corpus_file, tmp_path):
+    """A cache folder that lost meta.json (only a complete folder is renamed into place) was reported as
+    'cannot write the token cache ... Directory not empty (set HTMUON_CACHE)' after a full rebuild."""
+    path = tmp_path / "c.txt"
+    path.write_text(corpus_file.read_text()[:30000])
+    s = build_token_streams(str(path), vocab_size=300, val_fraction=0.1)
+    (s.cache / "meta.json").unlink()
+    missing = f"'{s.cache / 'meta.json'}' is unusable \\(missing\\); delete its folder"
+    with pytest.raises(UserError, match=missing):
+        build_token_streams(str(path), vocab_size=300, val_fraction=0.1)
+
+
+def test_a_split_shorter_than_one_sequence_names_its_length():
+    tokens = np.arange(50, dtype=np.uint16)
+    with pytest.raises(
+        UserError, match=r"the validation split \(8 tokens\) is smaller than one sequence of --seq-len 10"
+    ):
+        TokenData(tokens, tokens[:8], seq_len=10, batch_size=4, seed=0)
+    with pytest.raises(
+        UserError, match=r"the training split \(10 tokens\) is smaller than one sequence of --seq-len 10"
+    ):
+        TokenData(tokens[:10], tokens, seq_len=10, batch_size=4, seed=0)
+    assert TokenData(tokens[:11], tokens[:11], seq_len=10, batch_size=4, seed=0).next_batch()[0].shape == (
+        4,
+        10,
+    )
+
+
+@pytest.mark.parametrize("name", ["shard.txt.gz", "shard.jsonl.gz"])
+def test_a_truncated_gz_file_is_an_error_naming_it(corpus_file, tmp_path, name):
+    """A .gz cut short (an interrupted download of a C4 shard) was an EOFError traceback."""
+    text = corpus_file.read_text()[:60000]
+    if name.endswith(".jsonl.gz"):
+        text = "".join(json.dumps({"text": text[i : i + 2000]}) + "\n" for i in range(0, len(text), 2000))
+    packed = gzip.compress(text.encode())
+    (tmp_path / name).write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(UserError, match=f"^data file '.*{name}' is damaged or truncated \\(EOFError: "):
+        _streams(tmp_path / name)
+
+
+def test_a_val_fraction_above_one_half_is_refused(corpus_file):
+    """Every round(1/f)-th chunk is held out, at least every 2nd: 0.7 held out 0.5, silently."""
+    for bad in (0.7, 0.0, 1.0):
+        with pytest.raises(UserError, match=f"val_fraction must be in \\(0, 0.5\\] .*got {bad}"):
+            build_token_streams(str(corpus_file), vocab_size=300, val_fraction=bad)
+    s = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.5)
+    assert abs(len(s.val) / (len(s.train) + len(s.val)) - 0.5) < 0.05

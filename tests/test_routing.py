@@ -565,3 +565,21 @@ def test_an_all_adamw_group_keeps_its_own_lr_and_weight_decay():
     resumed.step()
     for p, q in zip(model.parameters(), expected):
         assert torch.equal(p, q)
+
+
+def test_adamw_flags_that_change_the_update_are_refused():
+    """amsgrad=True and decoupled_weight_decay=False (Adam's L2 penalty) would be silently ignored."""
+    w = nn.Parameter(torch.randn(4))
+    for key, value in (("amsgrad", True), ("decoupled_weight_decay", False)):
+        with pytest.raises(ValueError, match=f"^{key}={value} in param group 0: "):
+            HTMuon([dict(params=[w], use_muon=False, **{key: value})])
+    HTMuon([dict(params=[w], use_muon=False, amsgrad=False, decoupled_weight_decay=True)])
+    # a group copied whole from torch.optim.AdamW is accepted
+    HTMuon([dict(torch.optim.AdamW([w]).param_groups[0], use_muon=False)])
+
+
+@pytest.mark.parametrize("key", ["adamw_lr", "adamw_weight_decay"])
+def test_non_finite_adamw_settings_are_refused_at_construction(key):
+    w = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=f"Invalid {key}: inf"):
+        HTMuon([w], **{key: float("inf")})

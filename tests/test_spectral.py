@@ -397,3 +397,42 @@ def test_no_warnings_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         spectral_power(torch.randn(16, 16), 0.125)
+
+
+# ------------------------------------------------------------------ review 40: dtypes and arguments
+
+
+def test_svd_of_a_float64_input_works_in_float64():
+    """A float64 matrix is decomposed in float64 by default: its small singular directions are kept
+    (a float32 SVD zeroed s <= ~3e-7 s_max and left ~1e-7 errors in the rest), in spectral_power and in
+    an HTMuon step of a float64 parameter; compute_dtype=torch.float32 still asks for float32."""
+    G = matrix_with_spectrum(torch.tensor([1.0, 1e-3, 1e-6, 1e-9]), 6, 9, seed=4)
+    for p in (0.0, 0.125):
+        assert rel_err(spectral_power(G, p, method="svd"), exact_power(G, p)) < 1e-9
+    in_float32 = spectral_power(G, 0.0, method="svd", compute_dtype=torch.float32)
+    assert rel_err(in_float32, exact_power(G, 0.0)) > 0.1
+    W0 = torch.randn(6, 9, dtype=torch.float64)
+    W = torch.nn.Parameter(W0.clone())
+    opt = htmuon.HTMuon([W], lr=0.02, p=0.125, method="svd")
+    W.grad = G.clone()
+    opt.step()
+    expected = W0 - 0.02 * exact_power(0.0975 * G, 0.125)  # first step: N = (1 - beta^2) G
+    assert rel_err(W.detach() - W0, expected - W0) < 1e-6  # float32: the two small directions lost
+
+
+def test_exponent_and_steps_must_be_real_numbers_not_bools():
+    G = torch.randn(5, 7)
+    with pytest.raises(ValueError, match=r"Invalid exponent p: True"):
+        spectral_power(G, True)
+    with pytest.raises(ValueError, match=r"Invalid exponent p: tensor"):
+        spectral_power(G, torch.tensor(0.125))
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(spectral_power(G, np.float32(0.125)), spectral_power(G, 0.125))
+    for steps in (2.5, True):
+        with pytest.raises(ValueError, match=rf"Newton-Schulz steps: {steps}"):
+            polar(G, steps=steps)
+
+
+def test_an_option_a_named_backend_does_not_take_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"method 'svd' takes no option ns_dtype"):
+        spectral_power(torch.randn(5, 7), 0.125, method="svd", ns_dtype=torch.float32)

@@ -268,6 +268,62 @@ def test_deepcopy_and_pickle(kw):
     assert "HTMuon (" in repr(opt)
 
 
+def test_copies_route_added_groups_as_the_original():
+    """deepcopy / pickle keep what torch.optim's ``__getstate__`` drops: how ``add_param_group`` routes
+    (``routing``, ``adamw_lr``) and ``skipped_steps``. Before, a copy added the group unrouted (one
+    ``"auto"`` group, norms at the matrix lr) and counted no skipped steps."""
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "mlp": nn.Linear(4, 4)})
+    opt = HTMuon(model.named_parameters(), lr=0.02, adamw_lr=1e-3, routing="paper")
+    opt.skipped_steps.add_(2)
+    for clone in (opt, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        extra = nn.ModuleDict({"embed2": nn.Embedding(10, 4), "ln": nn.LayerNorm(4)})
+        clone.add_param_group({"params": list(extra.named_parameters())})
+        added = [(g["algorithm"], g["lr"], g["param_names"]) for g in clone.param_groups[2:]]
+        assert added == [("htmuon", 0.02, ["embed2.weight"]), ("adamw", 1e-3, ["ln.weight", "ln.bias"])]
+        assert int(clone.skipped_steps) == 2
+
+
+def test_add_param_group_refused_by_the_dtensor_checks_adds_nothing(tmp_path):
+    """add_param_group's promise (an error adds no group) held for routing and hyperparameters, not
+    for the DTensor checks made after the groups were appended (a parameter sharded along two mesh
+    dimensions: tensor parallelism): the group stayed, stepped without the distributed step.
+    (A one-rank gloo group, in this process.)"""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo and no process group already initialised")
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        params = make_params()
+        opt = HTMuon(params)
+        before = [dict(g) for g in opt.param_groups]
+        mesh = init_device_mesh("cpu", (1, 1))
+        tp = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0), Shard(1)]))
+        with pytest.raises(ValueError, match="sharded along mesh dimensions \\[0, 1\\]"):
+            opt.add_param_group({"params": [tp]})
+        assert opt.param_groups == before and opt._dist is None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("other", ["adamw", "muon"])
+def test_loading_a_torch_optimizers_state_dict_says_so(kw, other):
+    """A one-group torch.optim.AdamW / Muon state dict loaded by mistake is named as another optimizer's,
+    not as a group-count mismatch with a hint about htmuon's routing changes; nothing changes."""
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 1)
+    before = copy.deepcopy(opt.state_dict())
+    foreign = torch.optim.AdamW(params) if other == "adamw" else torch.optim.Muon(params[:2])
+    foreign.step()
+    with pytest.raises(ValueError, match=r"^not an HTMuon state dict: loaded param group 0 lacks the keys"):
+        opt.load_state_dict(foreign.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i, s in before["state"].items() for k, v in s.items())
+
+
 # ------------------------------------------------------------------ steps and gradients
 
 

@@ -413,7 +413,7 @@ FAST_PLAIN_MAX = 2.0**12
 
 def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     """``None`` where X needs no prescale, else the per-matrix exponent of
-    :func:`htmuon.spectral.pow2_exponent` of X.
+    :func:`htmuon.spectral.pow2_exponent` of X (always, with float16 work).
 
     On CPU, eager, one ``aminmax`` of the working copy ``Xw`` decides for the whole batch (a value that
     the cast to bfloat16 rounded to infinity is looked up in X itself; a NaN or Inf in X takes the
@@ -421,7 +421,10 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     compiled steps, where the check would need a host read, X is always prescaled.
     """
     amax = abs_max(Xw)
-    if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX:
+    # float16 work (a range of 2^16): the raw Gram matrix overflows for max |X_ij| ~ 2^8 / sqrt(n) and the
+    # factor 1 / ||X||_S8 of the first output term for ||X||_S8 below 2^-16, so it is always prescaled
+    narrow = torch.finfo(Xw.dtype).max < torch.finfo(torch.float32).max
+    if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX and not narrow:
         return None
     if math.isinf(amax) and Xw.dtype != X.dtype:
         amax = abs_max(X)

@@ -416,6 +416,16 @@ def second_moment_normalize(
     polar factor, so that with ``lr_adjust="adamw_rms"`` (``0.2 sqrt(max(m, n))``) the step is
     AdaMuon's ``0.2 sqrt(m n) O' / ||O'||_F``.
 
+    Against the cited algorithms: neither has a bias correction here, as in both papers (AdaMuon's
+    code divides ``v`` by ``1 - beta2^t``: a uniform factor, which the final rescaling removes; it
+    amounts to ``eps (1 - beta2^t)`` in place of ``eps``). ``eps`` sits inside the root,
+    ``sqrt(v' + eps)`` (the HTMuon paper's plug-in); Li et al.'s and Si et al.'s code add it outside,
+    ``sqrt(v') + eps``. The two differ only where ``v'`` is within a few decades of ``eps`` (entries of
+    ``O`` of ~1e-5 at the default 1e-10: a raw-scale direction of a tiny gradient), where this form
+    normalises less instead of lifting those entries towards the others. NorMuon's Frobenius-preserving
+    rescaling and the shape scaling after it follow Li et al.'s code. The group's ``beta2`` (0.95) is
+    NorMuon's; AdaMuon's code defaults to 0.999.
+
     Returns:
         ``(O', v')``; ``v`` itself is not changed (store ``v'`` with ``v.copy_(v')``).
     """

@@ -246,13 +246,15 @@ class HTMuon(Optimizer):
             polar factor) on the others.
         plugin: ``None``, ``"normuon"`` (NorMuon: neuron-wise second moment) or ``"adamuon"`` (AdaMuon:
             the map of the momentum's sign, an element-wise second moment, a fixed update norm).
-        beta2: EMA coefficient of the plug-in's second moment.
+        beta2: EMA coefficient of the plug-in's second moment (0.95, NorMuon's; AdaMuon's code uses 0.999).
         plugin_eps: added to the second moment before the square root.
         ns_steps: Newton--Schulz steps of the polar factor (Muon's 5).
         ns_dtype: Newton--Schulz working dtype: ``"auto"`` (bfloat16 where bfloat16 matmuls are fast:
             CUDA and AMX / AVX-512-BF16 CPUs; float32 on AVX2-only CPUs, where they are 30-180x slower;
             :func:`htmuon.spectral.decide`), or a ``torch.dtype``.
-        compute_dtype: backend working dtype (``None``: the backend's default, float32).
+        compute_dtype: exact backends' working dtype (``None``: the backend's default: ``svd``
+            float32, float64 for float64 parameters; ``eigh`` float64; the Newton--Schulz backends work
+            in ``ns_dtype``).
         adamw_betas, adamw_eps: AdamW part (the paper's 0.9/0.95 and 1e-10).
         algorithm: ``"auto"`` (matrices -> HTMuon, the rest -> AdamW), ``"htmuon"`` or ``"adamw"``.
         batch_3d: treat 3-D parameters as a batch of matrices (``True``) or flatten them as
@@ -397,12 +399,23 @@ class HTMuon(Optimizer):
         #: (eager steps raise :class:`NonFiniteGradientError` instead).
         self.skipped_steps = torch.zeros((), dtype=torch.int64)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups: a copy (deepcopy, pickle) would lose
+        # how add_param_group routes (routing, adamw_lr, adamw_weight_decay) and the skipped steps
+        return {
+            **super().__getstate__(),
+            "_route_options": self._route_options,
+            "skipped_steps": self.skipped_steps,
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # (also called by load_state_dict, with state and param_groups only)
         self.__dict__.setdefault("skipped_steps", torch.zeros((), dtype=torch.int64))
         self.__dict__.setdefault(
             "_route_options", dict(routing="standard", adamw_lr=None, adamw_weight_decay=None)
         )
+        if "_dist" not in self.__dict__:  # a copy: its own step (a process group is not copied)
+            self._dist = _distributed.setup(self.param_groups, None)
 
     # ---------------------------------------------------------------- validation
 
@@ -498,11 +511,12 @@ class HTMuon(Optimizer):
         try:
             for group in groups if isinstance(groups, list) else [groups]:
                 self._add_routed_group(group)
+            dist_step = _distributed.setup(self.param_groups, self._process_group)  # (DTensor checks)
         except Exception:
             del self.param_groups[first:]
             raise
         unshared = self._dist.unshared_failure if self._dist is not None else None
-        self._dist = _distributed.setup(self.param_groups, self._process_group)
+        self._dist = dist_step
         if self._dist is not None:
             self._dist.unshared_failure = unshared
 
@@ -635,6 +649,13 @@ class HTMuon(Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
+        for gi, saved in enumerate(saved_groups):  # before the layout: its hint would mislead here
+            missing = [k for k in GROUP_KEYS if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"not an HTMuon state dict: loaded param group {gi} lacks the keys {missing} "
+                    "(a state dict of another optimizer such as torch.optim.AdamW or Muon?)"
+                )
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
@@ -647,12 +668,6 @@ class HTMuon(Optimizer):
                 raise ValueError(
                     f"loaded param group {gi} has {len(saved['params'])} parameters, this optimizer's "
                     f"has {len(mine['params'])}{_OTHER_ROUTING}"
-                )
-            missing = [k for k in GROUP_KEYS if k not in saved]
-            if missing:
-                raise ValueError(
-                    f"not an HTMuon state dict: loaded param group {gi} lacks the keys {missing} "
-                    "(a state dict of another optimizer such as torch.optim.AdamW or Muon?)"
                 )
             _warn_other_names(saved, mine, gi)
             self._validate(dict(saved), where=f" in loaded param group {gi}")  # (it may convert values)

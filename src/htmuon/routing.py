@@ -110,6 +110,8 @@ FOREIGN_KEYS = frozenset(
         "capturable",
         "differentiable",
         "maximize",
+        "amsgrad",
+        "decoupled_weight_decay",
     }
 )
 #: torch.optim flags that would change the update if HTMuon honoured them: set to a true value they
@@ -117,6 +119,7 @@ FOREIGN_KEYS = frozenset(
 UNSUPPORTED_FLAGS = {
     "maximize": "it minimizes: negate the loss",
     "differentiable": "its step is not differentiable",
+    "amsgrad": "its AdamW part is plain AdamW, without AMSGrad's running maximum",
 }
 #: difflib similarity above which an unknown group key is taken for a misspelt option.
 TYPO_CUTOFF = 0.8
@@ -338,8 +341,8 @@ def _check_optional_number(key: str, value: Any, where: str) -> None:
     """None, or a number >= 0 (a tensor too: a compiled step's scheduled lr; one per group, see HTMuon)."""
     if value is None:
         return
-    if not _is_real(value) or math.isnan(float(value)) or float(value) < 0:
-        raise ValueError(f"Invalid {key}{where}: {value!r} (must be a number >= 0, or None)")
+    if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0:
+        raise ValueError(f"Invalid {key}{where}: {value!r} (must be a finite number >= 0, or None)")
 
 
 def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> None:
@@ -354,6 +357,11 @@ def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> Non
             raise ValueError(
                 f"{key}={group[key]!r}{where}: HTMuon does not support it ({UNSUPPORTED_FLAGS[key]}); "
                 "it would be silently ignored"
+            )
+        if key == "decoupled_weight_decay" and group[key] is False:  # torch.optim.Adam's L2 penalty
+            raise ValueError(
+                f"decoupled_weight_decay=False{where}: HTMuon's weight decay is decoupled (AdamW's), not "
+                "Adam's L2 penalty; remove the key (it would be silently ignored)"
             )
         if key in known or key in FOREIGN_KEYS or not isinstance(key, str):
             continue

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -467,8 +468,8 @@ def polar(
     """
     if G.ndim < 2:
         raise ValueError(f"polar expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
-    if steps < 0:
-        raise ValueError(f"Invalid number of Newton-Schulz steps: {steps} (must be >= 0)")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"Invalid number of Newton-Schulz steps: {steps!r} (must be an integer >= 0)")
     a, b, c = coefficients
     dtype = ns_working_dtype(dtype, G.device)
     if host_path(G.device) and G.numel() > 0:
@@ -525,12 +526,17 @@ def _cpu_polar(
     batch is not finite: the caller's finite check refuses it), the exact power-of-two prescale would
     change no bit of the result, so the iteration runs on the cast batch as it is -- Muon's own
     operations, one 2-D product per matrix. This saves the float32 multiply over the whole batch.
-    ``min_abs``: also take the prescaled path where ``max |X_ij|`` is below it.
+    ``min_abs``: also take the prescaled path where ``max |X_ij|`` is below it. float16 work always
+    takes the prescaled path (its range is too narrow for the raw batch's norm).
     """
     a, b, c = coefficients
     X = G if dtype is None or G.dtype == dtype else G.to(dtype)
     amax = abs_max(X)
     if amax > POLAR_PLAIN_MAX or amax < min_abs:  # NaN compares False: the plain path
+        return None
+    if torch.finfo(X.dtype).max < torch.finfo(torch.float32).max:
+        # float16 work: ||X||_F overflows float16 above 65504 (torch.optim.Muon then returns zeros) and
+        # small entries are rounded into its subnormals by the cast; the prescaled path avoids both
         return None
     m, n = X.shape[-2:]
     mats = X.reshape(-1, m, n)
@@ -655,7 +661,10 @@ def _svd_via_eigh(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _svd_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dtype | None = None) -> Tensor:
-    dtype = compute_dtype or torch.float32
+    """``U w V^T`` from the thin SVD, in ``compute_dtype``: by default float32, float64 for a float64 input
+    (a float64 matrix is not decomposed in float32: that would zero its singular values below
+    ``~3e-7 s_max`` and leave ``~1e-7`` errors in the rest; ``compute_dtype=torch.float32`` asks for it)."""
+    dtype = compute_dtype or (torch.float64 if X.dtype == torch.float64 else torch.float32)
     Xc = X.to(dtype)
     U, s, Vh = _robust_svd(Xc)
     m, n = X.shape[-2:]
@@ -809,7 +818,7 @@ register_backend(
     "svd",
     _svd_backend,
     spectra=("power", "rank"),
-    description="exact thin SVD (float32, or float64 with compute_dtype=torch.float64)",
+    description="exact thin SVD (float32; float64 for float64 input or with compute_dtype=torch.float64)",
     options=("compute_dtype",),
 )
 register_backend(
@@ -909,7 +918,10 @@ def spectral_power(
             or ``"auto"``: per device, see :func:`resolve_method`).
         spectrum: ``"power"`` or ``"rank"``.
         scale: ``"raw"`` or ``"muon_rms"``.
-        **options: passed to the backend (e.g. ``compute_dtype=torch.float64``).
+        **options: passed to the backend (e.g. ``compute_dtype=torch.float64``); with ``method="auto"``
+            only those the backend chosen for the device declares (:class:`Backend` ``options``), as
+            :class:`htmuon.HTMuon` passes them; an option of :data:`BACKEND_OPTIONS` that a named
+            backend does not declare is a ``ValueError``.
 
     Returns:
         ``(..., m, n)`` tensor in G's dtype.
@@ -937,11 +949,18 @@ def spectral_map(
     the optimizer adds to its parameters as it is (the add upcasts it exactly)."""
     if G.ndim < 2:
         raise ValueError(f"spectral_power expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
-    if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
-        raise ValueError(f"Invalid exponent p: {p!r} (must be a number in [0, 1])")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:  # NaN: refused
+        raise ValueError(f"Invalid exponent p: {p!r} (must be a real number in [0, 1], not a bool or tensor)")
     if scale not in SCALES:
         raise ValueError(f"Invalid scale: {scale!r}; valid: {SCALES}")
     backend = _check_backend(resolve_method(method, spectrum, G.device), spectrum)
+    if method == "auto":  # what the backend chosen for this device declares, as HTMuon passes them
+        options = {k: v for k, v in options.items() if k in backend.options or k not in BACKEND_OPTIONS}
+    undeclared = sorted(k for k in options if k in BACKEND_OPTIONS and k not in backend.options)
+    if undeclared:
+        raise ValueError(
+            f"method {backend.name!r} takes no option {', '.join(undeclared)} (it takes {backend.options})"
+        )
     m, n = G.shape[-2:]
     if G.numel() == 0:
         return torch.zeros_like(G)

@@ -36,7 +36,9 @@ class TrainConfig:
     )
     text_field: str = _key("text", "JSONL / datasets field holding the text")
     max_docs: int = _key(0, "read at most this many documents (0 = all; set it for hub datasets)")
-    val_fraction: float = _key(0.05, "held-out share (every 1/val_fraction-th chunk; digits: 0.2 fixed)")
+    val_fraction: float = _key(
+        0.05, "held-out share, in (0, 0.5] (every round(1/val_fraction)-th chunk; digits: 0.2 fixed)"
+    )
     vocab_size: int = _key(4096, "BPE vocabulary trained on the train split (unused with --tokenizer)")
     tokenizer: str = _key("", "a local Hugging Face tokenizer folder (e.g. T5's); '' = train the local BPE")
     seq_len: int = _key(128, "tokens per sequence")
@@ -225,6 +227,8 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> TrainCo
             f"warmup_steps ({cfg.warmup_steps}){origins.get('warmup_steps', '')} must not exceed "
             f"steps ({cfg.steps}){origins.get('steps', '')}"
         )
+    if not 0.0 < cfg.val_fraction <= 0.5:  # every k-th chunk is held out, k >= 2
+        raise bad("val_fraction", "in (0, 0.5]")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise bad("min_lr_ratio", "in [0, 1]")
     if cfg.lr is not None and cfg.lr <= 0:

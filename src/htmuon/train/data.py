@@ -3,10 +3,11 @@
 Text sources (``TrainConfig.data`` for a language model)::
 
     shakespeare            the built-in corpus (src/htmuon/data/shakespeare.txt.gz; offline, default)
-    PATH.txt[.gz] / .md    a UTF-8 text file: one document
-    PATH.jsonl[.gz]        one JSON object per line (also .json.gz, as C4's shards); the
+    PATH.txt[.gz] / .md    a UTF-8 text file (a leading byte-order mark dropped): one document
+    PATH.jsonl[.gz]        one JSON object per line (also .json[.gz], as C4's shards); the
                            ``text_field`` key holds a document
-    DIR                    every .txt/.txt.gz/.jsonl/.jsonl.gz/.json.gz file under DIR (sorted)
+    DIR                    every .txt/.txt.gz/.jsonl/.jsonl.gz/.json.gz file under DIR (sorted;
+                           hidden files and folders skipped, symlinked folders followed)
     hf:NAME[:CONFIG]       a Hugging Face ``datasets`` hub dataset, streamed (needs the network and
                            ``pip install htmuon[datasets]``); e.g. ``hf:allenai/c4:en``
     hf-cache:NAME[:CONFIG] the same from the local ``datasets`` cache only (offline)
@@ -39,6 +40,7 @@ import shutil
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +77,11 @@ def load_documents(source: str, text_field: str = "text", max_docs: int = 0) -> 
             "a .txt/.jsonl file, a folder of .txt files, hf:NAME or hf-disk:PATH)"
         )
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
+        files = [f for f in _visible_files(path) if _suffix(f) == ".txt"]
         if not files:
             raise UserError(f"data folder '{source}' holds no .txt files")
         docs = [_read_text(f) for f in files]
-    elif path.suffix == ".jsonl":
+    elif _suffix(path) in JSONL_SUFFIXES:
         docs = _read_jsonl(path, text_field)
     else:
         docs = [_read_text(path)]
@@ -93,14 +95,14 @@ def load_documents(source: str, text_field: str = "text", max_docs: int = 0) -> 
 
 def _read_text(path: Path) -> str:
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8")
+        with _open_text(path) as f:
+            return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"data file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise UserError(f"cannot read data file '{path}': {e.strerror}") from None
+        raise UserError(f"cannot read data file '{path}': {e.strerror or e}") from None
+    except (EOFError, zlib.error) as e:  # a truncated (an interrupted download) or damaged .gz
+        raise UserError(f"data file '{path}' is damaged or truncated ({type(e).__name__}: {e})") from None
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
@@ -165,15 +167,23 @@ def chunk_document(doc: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     return chunks
 
 
+def _holdout_period(val_fraction: float) -> int:
+    """k: every k-th chunk is held out (k >= 2: a val_fraction above 1/2, such as 0.7, held out 0.5)."""
+    if not 0.0 < val_fraction <= 0.5:
+        raise UserError(
+            f"val_fraction must be in (0, 0.5] (every round(1/val_fraction)-th chunk is held out), "
+            f"got {val_fraction}"
+        )
+    return round(1.0 / val_fraction)
+
+
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[list[str]], list[list[str]]]:
     """Deterministic split: every k-th chunk (k = round(1/val_fraction)) goes to validation.
 
     Returns (train, val) as lists of documents, each a list of chunks (chunks of one
     document stay in order and are joined without a document separator).
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    k = max(2, round(1.0 / val_fraction))
+    k = _holdout_period(val_fraction)
     train: list[list[str]] = []
     val: list[list[str]] = []
     i = 0
@@ -279,9 +289,13 @@ class TokenData:
         self.train_tokens = train_tokens
         self.val_tokens = val_tokens
         self.seq_len, self.batch_size = seq_len, batch_size
+        for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
+            if (len(tokens) - 1) // seq_len < 1:
+                raise UserError(
+                    f"the {split} split ({len(tokens):,} tokens) is smaller than one sequence of "
+                    f"--seq-len {seq_len} (+1 for the targets); use a shorter --seq-len"
+                )
         self.sampler = BlockSampler((len(train_tokens) - 1) // seq_len, batch_size, seed)
-        if (len(val_tokens) - 1) // seq_len < 1:
-            raise UserError("the validation split is smaller than one sequence; use a shorter --seq-len")
 
     def _blocks(self, tokens: np.ndarray, starts) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
@@ -465,16 +479,39 @@ def _load_cifar(name: str, root: Path):
     def read(files):
         xs, ys = [], []
         for f in files:
-            d = _unpickle(f)
-            if b"data" not in d or label_key not in d:
-                raise UserError(f"CIFAR batch '{f}' lacks '{label_key.decode()}' or 'data' (wrong dataset?)")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[label_key], dtype=np.int64))
+            x, y = _cifar_arrays(f, _unpickle(f), label_key, k)
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
 
     xt, yt = read(train_files)
     xv, yv = read(test_files)
     return xt, yt, xv, yv, k
+
+
+def _cifar_arrays(f: Path, d, label_key: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR batch's (data, labels), checked: ``data`` N x 3072 bytes (each row 1024 red, 1024 green,
+    1024 blue values, row by row), ``labels`` N integers in [0, k). Anything else is a one-line error
+    naming the file, never a silent reinterpretation (an N x 32 x 32 x 3 array reshaped as channels
+    first, floats cast to bytes) or a crash in the middle of training."""
+    what = f"CIFAR batch '{f}'"
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        raise UserError(f"{what} lacks '{label_key.decode()}' or 'data' (wrong dataset?)")
+    x, y = np.asarray(d[b"data"]), np.asarray(d[label_key])
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or x.shape[0] == 0:
+        raise UserError(f"{what}: 'data' has shape {x.shape}, expected (N, 3072), N >= 1 (32x32 RGB rows)")
+    if not np.issubdtype(x.dtype, np.integer):
+        raise UserError(f"{what}: 'data' holds {x.dtype} values, expected bytes 0..255 (uint8)")
+    if x.dtype != np.uint8 and (int(x.min()) < 0 or int(x.max()) > 255):
+        bad = int(x.min()) if int(x.min()) < 0 else int(x.max())
+        raise UserError(f"{what}: 'data' holds the value {bad}, expected bytes 0..255 (uint8)")
+    name = label_key.decode()
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{what}: '{name}' has shape {y.shape} ({y.dtype}), expected {len(x)} integer labels")
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise UserError(f"{what}: label {bad} in '{name}' is outside 0..{k - 1}")
+    return x.astype(np.uint8), y.astype(np.int64)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object], backup: Path | None = None) -> None:
@@ -569,19 +606,40 @@ ENCODE_BATCH_CHUNKS = 256
 READ_BLOCK_CHARS = 1 << 20
 #: The local BPE is trained on at most this many characters of the train split (its first ones).
 BPE_TRAIN_MAX_CHARS = 200_000_000
-#: Files of a data folder that are read (sorted by path).
+#: Files of a data folder that are read (sorted by path; any case: ``.TXT`` too).
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz")
+#: Suffixes read as JSON lines. A ``.json`` file is read as JSON lines when it is the source itself
+#: (an uncompressed C4 shard), never as text; a folder's ``.json`` files are not read (metadata).
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".json")
 
 
 def _suffix(path: Path) -> str:
-    name = path.name
-    return next((s for s in sorted(TEXT_SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix)
+    name = path.name.lower()
+    known = sorted({*TEXT_SUFFIXES, *JSONL_SUFFIXES}, key=len, reverse=True)
+    return next((s for s in known if name.endswith(s)), path.suffix.lower())
 
 
 def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    # utf-8-sig: a leading byte-order mark (Windows editors write one) is dropped, not read as text
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted by path: symlinked folders are followed (each real folder
+    once, under the first of its paths in sorted order); hidden files and folders (a name starting
+    with '.': ``.ipynb_checkpoints/``, macOS's ``._NAME`` resource forks, ``.git/``) are skipped."""
+    out, seen = [], set()
+    for here, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (sorted: which link is kept)
+        out += [Path(here, f) for f in files if not f.startswith(".")]
+    return sorted(f for f in out if f.is_file())
 
 
 def iter_file_chunks(path: Path, chunk_chars: int = CHUNK_CHARS, block_chars: int = READ_BLOCK_CHARS):
@@ -607,6 +665,8 @@ def iter_file_chunks(path: Path, chunk_chars: int = CHUNK_CHARS, block_chars: in
         raise UserError(f"data file '{path}' is not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise UserError(f"cannot read data file '{path}': {e.strerror or e}") from None
+    except (EOFError, zlib.error) as e:  # a truncated (an interrupted download) or damaged .gz
+        raise UserError(f"data file '{path}' is damaged or truncated ({type(e).__name__}: {e})") from None
 
 
 def _iter_jsonl(path: Path, text_field: str):
@@ -619,13 +679,29 @@ def _iter_jsonl(path: Path, text_field: str):
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise UserError(f"{path}:{lineno}: expected an object with a string field '{text_field}'")
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}")
+                if text_field not in obj:
+                    keys = ", ".join(f"'{k}'" for k in list(obj)[:8]) or "none"
+                    raise UserError(
+                        f"{path}:{lineno}: no field '{text_field}' (its fields: {keys}; use --text-field)"
+                    )
+                if not isinstance(obj[text_field], str):
+                    found = _json_type(obj[text_field])
+                    raise UserError(f"{path}:{lineno}: field '{text_field}' is {found}, not a string")
                 yield obj[text_field]
     except UnicodeDecodeError as e:
         raise UserError(f"data file '{path}' is not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise UserError(f"cannot read data file '{path}': {e.strerror or e}") from None
+    except (EOFError, zlib.error) as e:  # a truncated (an interrupted download) or damaged .gz
+        raise UserError(f"data file '{path}' is damaged or truncated ({type(e).__name__}: {e})") from None
+
+
+def _json_type(value) -> str:
+    """A parsed JSON value's type in JSON's words (for error messages)."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def _local_files(source: str) -> list[Path]:
@@ -636,7 +712,7 @@ def _local_files(source: str) -> list[Path]:
             "file (.gz too), a folder of them, hf:NAME, hf-cache:NAME or hf-disk:PATH)"
         )
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and _suffix(f) in TEXT_SUFFIXES)
+        files = [f for f in _visible_files(path) if _suffix(f) in TEXT_SUFFIXES]
         if not files:
             raise UserError(f"data folder '{source}' holds no {', '.join(TEXT_SUFFIXES)} files")
         return files
@@ -655,7 +731,7 @@ def iter_documents(source: str, text_field: str = "text", max_docs: int = 0):
         return
     n = 0
     for path in _local_files(source):
-        if _suffix(path) in (".jsonl", ".jsonl.gz", ".json.gz"):
+        if _suffix(path) in JSONL_SUFFIXES:
             docs = (iter(chunk_document(d)) for d in _iter_jsonl(path, text_field) if d.strip())
         else:
             docs = iter([iter_file_chunks(path)])
@@ -781,11 +857,16 @@ def _iter_hf_documents(source: str, text_field: str, max_docs: int):
     own_val = len(chosen) == 2
     for want, split in chosen:
         n = 0
-        for row in splits[split]:
+        for i, row in enumerate(splits[split]):
             if text_field not in row:
                 raise UserError(f"dataset '{source}' has no field '{text_field}' (use --text-field)")
             doc = row[text_field]
-            if not isinstance(doc, str) or not doc.strip():
+            if doc is not None and not isinstance(doc, str):  # (None: a missing value, skipped)
+                raise UserError(
+                    f"dataset '{source}': field '{text_field}' of row {i} of split '{split}' is a "
+                    f"{type(doc).__name__}, not text (use --text-field)"
+                )
+            if not doc or not doc.strip():
                 continue
             yield (want if own_val else None), iter(chunk_document(doc))
             n += 1
@@ -798,9 +879,7 @@ def stream_split(docs, val_fraction: float, n_chunks_below_k: int | None):
     (every k-th chunk of the corpus, k = round(1/val_fraction), to validation; with fewer than k
     chunks in all, the last one). ``n_chunks_below_k``: the corpus's chunk count when below k, else
     None. Yields ``(split, chunk)`` and ``(split, None)`` at the end of a document's part in a split."""
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    k = max(2, round(1.0 / val_fraction))
+    k = _holdout_period(val_fraction)
     i = 0
     for given, chunks in docs:
         seen = set()
@@ -1016,10 +1095,10 @@ def build_token_streams(
         written under a temporary name and renamed when complete, so a killed run leaves no partial
         cache and concurrent runs are safe.
     """
-    from htmuon.train.tokenizer import TOKENIZER_VERSION, cache_dir, train_tokenizer
+    from htmuon.train.tokenizer import TOKENIZER_VERSION, _corrupt, cache_dir, train_tokenizer
 
     hf = HFTokenizer(tokenizer) if tokenizer else None
-    k = max(2, round(1.0 / val_fraction)) if 0.0 < val_fraction < 1.0 else 2
+    k = _holdout_period(val_fraction)
     h = hashlib.sha256()
     for part in (TOKEN_STREAM_VERSION, _source_identity(source, text_field, max_docs), str(val_fraction)):
         h.update(part.encode() + b"\x00")
@@ -1027,6 +1106,8 @@ def build_token_streams(
     final = cache_dir() / "streams" / h.hexdigest()[:20]
     if (final / "meta.json").exists():
         return _open_streams(final)
+    if final.exists():  # (it appears complete, by a rename): damaged since
+        raise _corrupt(final / "meta.json", "missing")
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -1208,18 +1289,26 @@ def parse_imagenet_source(source: str) -> tuple[Path, int]:
 
 
 def _image_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
-    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    """(classes, [(image, class index)]) of ``folder/CLASS/...``: as torchvision's ImageFolder, a class
+    folder is read recursively and symlinks are followed; hidden folders and files (a name starting
+    with '.': ``.ipynb_checkpoints/``, macOS's ``._NAME``) are skipped, not taken for a class or an
+    image. A train class without images is an error (its label could never be learned)."""
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = classes if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise UserError(f"'{folder}' has classes not in train/: {', '.join(unknown[:5])}")
     index = {c: i for i, c in enumerate(classes)}
-    items = [
-        (f, index[c])
-        for c in found
-        for f in sorted((folder / c).iterdir())
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    per_class = {
+        c: [f for f in _visible_files(folder / c) if f.suffix.lower() in IMAGE_SUFFIXES] for c in found
+    }
+    items = [(f, index[c]) for c in found for f in per_class[c]]
+    empty = [c for c in found if not per_class[c]]
+    if items and empty and classes is found:
+        raise UserError(
+            f"class folder '{folder / empty[0]}' holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+            f"{len(empty)} class folder(s) of '{folder}' are empty"
+        )
     if not items:
         raise UserError(
             f"image folder '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)} in CLASS/ folders)"
