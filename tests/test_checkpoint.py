@@ -111,6 +111,32 @@ def test_load_latest_falls_back_to_the_previous_and_names_the_bad_file(tmp_path)
         checkpoint.load_latest(tmp_path)
 
 
+@pytest.mark.parametrize("what", ["folder", "dangling link"])
+def test_a_ckpt_pt_that_is_not_a_file_is_named_and_set_aside(what, tmp_path):
+    """It was taken for "killed while rotating", and the run trained until its next save failed on it."""
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, payload(1))
+    checkpoint.save(path, payload(2))
+    path.unlink()
+    if what == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "elsewhere.pt")
+    got, used, notes = checkpoint.load_latest(tmp_path)
+    assert same(got, payload(1)) and used == tmp_path / checkpoint.PREV_NAME
+    assert notes == [
+        f"checkpoint '{path}' is not a file; resuming from the previous checkpoint '{used}' (step 1)"
+    ]
+    assert checkpoint.set_aside_corrupt(tmp_path) == tmp_path / "ckpt.pt.corrupt"
+    checkpoint.save(path, payload(3))  # the next save works
+    assert same(checkpoint.load(path), payload(3))
+    path.unlink()
+    (tmp_path / checkpoint.PREV_NAME).unlink()
+    path.mkdir()
+    with pytest.raises(CheckpointError, match="is not a file; no usable checkpoint is left"):
+        checkpoint.load_latest(tmp_path)
+
+
 def test_a_checkpoint_without_checksum_loads_with_a_note(tmp_path):
     """Checkpoints written before the checksum (a bare torch.save archive) are accepted, unverified."""
     path = tmp_path / "ckpt.pt"

@@ -321,6 +321,30 @@ def test_a_signal_during_an_evaluation_stops_after_that_step(corpus_file, tmp_pa
     assert checkpoint.load(tmp_path / "r" / "ckpt.pt")["step"] == 3
 
 
+def test_a_signal_during_a_periodic_checkpoint_stops_with_that_checkpoint(corpus_file, tmp_path, monkeypatch):
+    """The wait is the rest of the step plus one checkpoint write: a signal that lands while the
+    periodic checkpoint of step 3 is written stops the run there (it used to train step 4 and write
+    another checkpoint first)."""
+    import signal
+
+    real = checkpoint.save
+
+    def save(path, payload):
+        if payload["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, payload)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    s = train(tiny(corpus_file, tmp_path / "r", steps=7))
+    monkeypatch.undo()
+    assert s["stopped"] and s["steps_done"] == 3 and s["signal"] == "SIGTERM"
+    assert checkpoint.load(tmp_path / "r" / "ckpt.pt")["step"] == 3
+    assert max(r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")) == 3
+    full = train(tiny(corpus_file, tmp_path / "full", steps=7))
+    resumed = train(tiny(corpus_file, tmp_path / "r", steps=7), resume=True)
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+
+
 def test_an_ignored_signal_stays_ignored(corpus_file, tmp_path, monkeypatch):
     """SIGINT is ignored in a background job of a non-interactive shell (`cmd &` in a script)."""
     import signal
@@ -441,6 +465,23 @@ def test_a_run_resumed_where_auto_resolves_otherwise_records_and_names_the_switc
     assert s["backend"] == "ns (NS5 polar), bf16" and "warning" not in capsys.readouterr().err
 
 
+def test_a_run_resumed_where_autocast_resolves_otherwise_says_so(corpus_file, tmp_path, capsys):
+    """--dtype auto is bf16 autocast on a bf16 GPU, fp32 elsewhere: a run resumed on other hardware
+    changed its arithmetic silently."""
+    out = tmp_path / "r"
+    train(tiny(corpus_file, out), stop_after=3)
+    run = json.loads((out / "run.json").read_text())
+    assert run["amp"] is None
+    run["amp"] = "torch.bfloat16"  # as if it had started on a bf16 GPU
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert train(tiny(corpus_file, out), resume=True)["finished"]
+    err = capsys.readouterr().err
+    assert "ran up to step 3 with autocast torch.bfloat16, which is off (fp32) on this device (cpu)" in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["amp"] is None and run["amp_from_step"] == [[3, None]]
+
+
 def test_backend_history_label_names_each_backend_and_a_start_not_recorded():
     from htmuon.train.loop import backend_history_label
 
@@ -500,6 +541,20 @@ def test_divergence_names_what_was_not_finite(corpus_file, tmp_path, monkeypatch
     assert "training diverged at step 1 (non-finite gradient norm inf at loss" in capsys.readouterr().err
 
 
+def test_train_resume_of_a_finished_run_says_it_trains_nothing(corpus_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    rc = cli_main(["train", *flags({**TINY_RUN, "data": corpus_file, "out_dir": out})])
+    assert rc == 0
+    before = (out / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", *flags({**TINY_RUN, "data": corpus_file, "out_dir": out})]) == 0
+    err = capsys.readouterr().err
+    assert (
+        err == f"htmuon: '{out}' holds a finished run (step 6 of 6): reusing its summary, nothing to train\n"
+    )
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
 def test_resume_without_checkpoints_says_it_starts_over(corpus_file, tmp_path, capsys):
     """A run whose checkpoints are gone (deleted for disk space) but that logged steps starts over on
     --resume, and says so (it restarted silently, discarding the logged steps)."""
@@ -540,6 +595,38 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(corpus_file, tmp
     assert json.loads((out / "run.json").read_text())["resumed_from_steps"] == [4]
     a, b = _params(full), _params(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_going_on_from_an_earlier_checkpoint_drops_its_old_summary(
+    corpus_file, tmp_path, capsys
+):
+    """Its final ckpt.pt damaged, a finished run goes on from ckpt.prev.pt; stopped again before its end,
+    the old summary.json would still call it finished (compare: "done", with mid-run weights)."""
+    out = tmp_path / "r"
+    train(tiny(corpus_file, out, steps=8, ckpt_every=2))  # ckpt.pt: step 8, ckpt.prev.pt: step 6
+    bad = out / "ckpt.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    capsys.readouterr()
+    s = train(tiny(corpus_file, out, steps=8, ckpt_every=2), resume=True, stop_after=7)
+    assert not s["finished"] and not (out / "summary.json").exists()
+    assert (
+        "described the run's earlier end; removed, as the run continues from step 6"
+        in capsys.readouterr().err
+    )
+    assert train(tiny(corpus_file, out, steps=8, ckpt_every=2), resume=True)["finished"]
+    assert json.loads((out / "summary.json").read_text())["finished"]
+
+
+def test_a_ckpt_pt_folder_is_set_aside_before_training(corpus_file, tmp_path, capsys):
+    """It used to be taken for a missing file: the run trained to its next save, which then failed."""
+    out = tmp_path / "r"
+    train(tiny(corpus_file, out, steps=9), stop_after=7)  # checkpoints at steps 6 and 7
+    (out / "ckpt.pt").unlink()
+    (out / "ckpt.pt").mkdir()
+    capsys.readouterr()
+    assert train(tiny(corpus_file, out, steps=9), resume=True)["finished"]
+    assert f"checkpoint '{out / 'ckpt.pt'}' is not a file; resuming" in capsys.readouterr().err
+    assert (out / "ckpt.pt.corrupt").is_dir() and checkpoint.load(out / "ckpt.pt")["step"] == 9
 
 
 def test_a_damaged_checkpoint_without_a_fallback_is_a_one_line_error(corpus_file, tmp_path, capsys):
@@ -687,6 +774,33 @@ def test_resuming_on_changed_data_is_refused(corpus_file, tmp_path):
     assert train(tiny(data_file, out), resume=True)["finished"]
 
 
+def test_changed_data_is_refused_even_when_run_json_is_gone(corpus_file, tmp_path, capsys):
+    """The data's identity is in the checkpoint too: without run.json (deleted, or replaced after its
+    "fix or delete it" error) the check used to be skipped silently, and run.json was rewritten
+    without the run's seed, versions or data."""
+    data_file = tmp_path / "corpus.txt"
+    text = corpus_file.read_text(encoding="utf-8")
+    data_file.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    train(tiny(data_file, out), stop_after=3)
+    (out / "run.json").unlink()
+    lines = text.splitlines(keepends=True)  # two lines swapped: the same tokens, in another order
+    i = next(i for i in range(100, len(lines)) if lines[i] != lines[i + 1] and lines[i].strip())
+    lines[i], lines[i + 1] = lines[i + 1], lines[i]
+    data_file.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(UserError, match=r"the data of the run in .* changed since it was started"):
+        train(tiny(data_file, out), resume=True)
+    data_file.write_text(text, encoding="utf-8")
+    (out / "config.json").write_text("{ torn")
+    capsys.readouterr()
+    assert train(tiny(data_file, out), resume=True)["finished"]
+    err = capsys.readouterr().err
+    assert f"no run.json in '{out}'" in err and f"'{out / 'config.json'}'" in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 0 and run["data"]["tokens_digest"] and run["resumed_from_steps"] == [3]
+    assert json.loads((out / "config.json").read_text())["steps"] == 6  # written again
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(corpus_file, tmp_path):
     out = tmp_path / "run"
     train(tiny(corpus_file, out), stop_after=3)
@@ -769,12 +883,50 @@ def test_a_run_lock_naming_this_process_from_before_a_restart_is_taken_over(corp
     assert not (out / "run.lock").exists()
 
 
-def test_metrics_with_garbage_bytes_resume(corpus_file, tmp_path):
+def test_metrics_with_garbage_bytes_resume(corpus_file, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny(corpus_file, out), stop_after=3)
     with open(out / "metrics.jsonl", "ab") as f:
         f.write(b"\xff\xfe garbage \x00\n")
+    capsys.readouterr()
     assert train(tiny(corpus_file, out), resume=True)["finished"]
+    assert "damaged" not in capsys.readouterr().err  # the last line: torn by a kill, as expected
+    raw = (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    raw[2] = raw[2][:10] + b"\n"  # a line torn in the middle of the file: damage, and said so
+    (out / "metrics.jsonl").write_bytes(b"".join(raw[:8]))
+    (out / "summary.json").unlink()
+    (out / "ckpt.pt").unlink()  # back to the checkpoint of step 3 (ckpt.prev.pt)
+    assert train(tiny(corpus_file, out), resume=True)["finished"]
+    assert f"'{out / 'metrics.jsonl'}': 1 damaged line(s) dropped (line 3)" in capsys.readouterr().err
+
+
+def test_metrics_lines_that_are_not_records_are_dropped_on_resume(corpus_file, tmp_path, capsys):
+    """A damaged metrics.jsonl line that is valid JSON but no record (a number, no step, a mangled key)
+    used to crash the resume with a TypeError / KeyError / csv ValueError traceback."""
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out), stop_after=3)
+    good = read_metrics(out / "metrics.jsonl")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('3\n{"kind": "train", "loss": 1.0}\n{"step": "2", "kind": "train", "loss": 1.0}\n')
+        f.write('{"step": 2, "kind": "train", "lozs": 1.0}\n')
+        f.write('{"step": 2, "kind": "val", "loss": 1.0, "x": 0}\n')
+    assert read_metrics(out / "metrics.jsonl") == good
+    capsys.readouterr()
+    assert train(tiny(corpus_file, out), resume=True)["finished"]
+    assert (
+        f"'{out / 'metrics.jsonl'}': 4 damaged line(s) dropped (line 5, 6, 7, 8)" in capsys.readouterr().err
+    )
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][: len(good)] == [r["step"] for r in good]
+
+
+def test_the_lr_hint_is_given_only_when_the_lrs_are_all_that_differ(corpus_file, tmp_path):
+    """Another optimizer differs in its default lr too; "pass --lr 0.03" would not continue that run."""
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out, steps=4), stop_after=2)
+    with pytest.raises(UserError, match=r"optimizer='htmuon' vs 'muon'.*; nothing changed$"):
+        train(tiny(corpus_file, out, steps=4, optimizer="muon"), resume=True)
+    with pytest.raises(UserError, match=r"lr=0.03 vs 0.05, steps=4 vs 5\); nothing changed$"):
+        train(tiny(corpus_file, out, steps=5, lr=0.05), resume=True)
 
 
 def test_checkpoint_of_another_config_is_refused_and_nothing_overwritten(corpus_file, tmp_path):

@@ -204,6 +204,8 @@ def load_latest(folder: Path, map_location="cpu") -> tuple[dict | None, Path | N
     notes, errors = [], []
     for path in (folder / CKPT_NAME, folder / PREV_NAME):
         if not path.is_file():
+            if path.exists() or path.is_symlink():  # a folder, a link to nothing: not "killed while rotating"
+                errors.append(f"checkpoint '{path}' is not a file")
             continue
         try:
             verified = verify(path)
@@ -226,9 +228,10 @@ def load_latest(folder: Path, map_location="cpu") -> tuple[dict | None, Path | N
 
 def set_aside_corrupt(folder: Path) -> Path | None:
     """Rename a damaged ``ckpt.pt`` to ``ckpt.pt.corrupt`` (after :func:`load_latest` fell back), so the
-    next save does not rotate it over ``ckpt.prev.pt``; returns the new name, or None if there was none."""
+    next save does not rotate it over ``ckpt.prev.pt`` (or, not a file, fail to replace it after the
+    steps since); returns the new name, or None if there was none."""
     path = folder / CKPT_NAME
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return None
     target = path.with_name(path.name + CORRUPT_SUFFIX)
     os.replace(path, target)

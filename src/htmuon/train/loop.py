@@ -243,7 +243,15 @@ class Metrics:
         self._fj = self._fc = self.tb = None
         kept = []
         if keep_until_step is not None and self.jsonl.exists():
-            kept = [r for r in read_metrics(self.jsonl) if r["step"] <= keep_until_step]
+            damaged: list[int] = []
+            kept = [r for r in read_metrics(self.jsonl, damaged) if r["step"] <= keep_until_step]
+            if damaged:
+                lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+                print(
+                    f"htmuon: '{self.jsonl}': {len(damaged)} damaged line(s) dropped (line {lines})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.records = kept
         write_run_file(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         with _file_errors(self.csv):
@@ -352,16 +360,35 @@ class _NoMetrics:
         pass
 
 
-def read_metrics(path: Path) -> list[dict]:
-    out = []
+def _is_record(r: object) -> bool:
+    """A metrics record as the loop writes it (a damaged line may still be valid JSON: a number, a
+    record without its step, a mangled key); others are dropped like a torn line."""
+    if not (isinstance(r, dict) and type(r.get("step")) is int and r.keys() <= _METRIC_KEYS):
+        return False
+    return "loss" in r if r.get("kind") in ("train", "val") else r.get("kind") == "alpha"
+
+
+_METRIC_KEYS = frozenset(METRIC_COLUMNS)
+
+
+def read_metrics(path: Path, damaged: list[int] | None = None) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not one is dropped: the last line torn by a kill,
+    or a damaged one, whose number (1-based) is appended to ``damaged`` when given."""
+    out, bad, n = [], [], 0
     with open(path, encoding="utf-8", errors="replace") as f:  # garbage bytes: a line that is dropped
-        for line in f:
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if line:
                 try:
-                    out.append(json.loads(line))
+                    r = json.loads(line)
                 except json.JSONDecodeError:  # a line torn by a kill: drop it
-                    continue
+                    r = None
+                if _is_record(r):
+                    out.append(r)
+                else:
+                    bad.append(n)
+    if damaged is not None:
+        damaged += bad[:-1] if bad and bad[-1] == n else bad  # (a kill tears the last line only)
     return out
 
 
@@ -414,12 +441,10 @@ def _check_same_run(saved: TrainConfig, cfg: TrainConfig, where: str) -> None:
         # lrs and the clipping norm the run did not set come from the preset, whose values may have
         # changed since (the quick presets' AdamW-part lr did in session 25, the GPU presets' clipping
         # in session 32): say how to continue the run as it started
-        keep = " ".join(
-            f"--{k.replace('_', '-')} {getattr(saved, k)!r}"
-            for k in diff
-            if k in ("lr", "adamw_lr", "grad_clip")
-        )
-        hint = f" (to continue it as it started, pass {keep})" if keep else ""
+        # (only when they are all that differs: another optimizer has another default lr too)
+        keep = " ".join(f"--{k.replace('_', '-')} {getattr(saved, k)!r}" for k in diff)
+        only_lrs = set(diff) <= {"lr", "adamw_lr", "grad_clip"}
+        hint = f" (to continue it as it started, pass {keep})" if only_lrs else ""
         raise UserError(f"{where} another config ({what}); nothing changed{hint}")
 
 
@@ -555,7 +580,8 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     if resume:
         payload, used, notes = checkpoint.load_latest(out)
     if payload is not None:
-        fell_back = used.name == checkpoint.PREV_NAME and ckpt_path.is_file()  # ckpt.pt is damaged
+        # ckpt.pt is damaged (or not a file): set aside below
+        fell_back = used.name == checkpoint.PREV_NAME and (ckpt_path.exists() or ckpt_path.is_symlink())
         saved = from_dict(payload["config"], where=f" in checkpoint {used}")
         _check_same_run(saved, cfg, f"checkpoint '{used}' was written by")
     elif resume and (out / "config.json").exists():
@@ -591,6 +617,13 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     if payload is not None and (out / "summary.json").exists():
         summary = read_json(out / "summary.json", "run summary")
         if payload["step"] >= cfg.steps:
+            if resume == "required" and par.is_main:  # (`compare` reuses its finished cells so, quietly)
+                print(
+                    f"htmuon: '{out}' holds a finished run (step {payload['step']} of {cfg.steps}): "
+                    "reusing its summary, nothing to train",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return summary
         if summary.get("diverged") and summary.get("steps_done", 0) > payload["step"]:
             # it diverged after its last checkpoint: resuming would re-run the same steps to the same end
@@ -604,9 +637,14 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                     flush=True,
                 )
             return summary
-    old_run_info = None
+    old_run_info, config_note = None, None
     if payload is not None and (out / "run.json").exists():
         old_run_info = read_json(out / "run.json", "run record")
+    if payload is not None:  # config.json deleted or damaged: written again, from this (the same) config
+        try:
+            read_json(out / "config.json", "run config")
+        except UserError as e:
+            config_note = f"{str(e).partition(';')[0]}: written again from the checkpoint's config"
     torchrun.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
     if par.is_main:
         for note in notes:
@@ -627,8 +665,8 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
     with torchrun.main_first(par):  # rank 0 fills the token cache, the others read it
         data, model, info = build_data_and_model(cfg)
-    if payload is not None and old_run_info is not None:
-        _check_same_data(old_run_info.get("data") or {}, info, cfg, out)
+    if payload is not None:  # the checkpoint's record of its data (run.json's, before it had one)
+        _check_same_data(payload.get("data") or (old_run_info or {}).get("data") or {}, info, cfg, out)
     model.to(device)
     model.train()
     module = torchrun.wrap_model(model, par, device)  # DDP / FSDP2 under torchrun, else model
@@ -653,15 +691,15 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
         step_times = list(payload["step_times"])
     vers = versions()
     backend = backend_label(cfg, device)  # what "auto" resolves to on this hardware
-    if payload is None:
+    if payload is None or old_run_info is None:  # a new run (or one whose run.json is gone)
         run_info = {"seed": cfg.seed, "versions": vers, "argv": argv, "device": str(device), "data": info}
         run_info["amp"] = str(amp) if amp else None
-        run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z") if payload is None else None
         run_info["resumed_from_steps"] = []
         run_info["parallel"] = {"mode": par.mode, "processes": par.world}
-        run_info["backends"] = [[0, backend]]
-    else:
-        run_info = old_run_info or {}
+        run_info["backends"] = [[0, backend]] if payload is None else []
+    if payload is not None:
+        run_info = old_run_info or run_info
         run_info.setdefault("resumed_from_steps", []).append(start)
         history = run_info.setdefault("backends", [])  # (runs from before it was recorded: from here)
         history[:] = [h for h in history if h[0] < start]  # steps after the checkpoint are undone
@@ -675,9 +713,46 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                     flush=True,
                 )
             history.append([start, backend])
+        now_amp = str(amp) if amp else None
+        if "amp" in run_info and run_info["amp"] != now_amp:  # dtype "auto" on a device without bf16
+            if par.is_main:
+                print(
+                    f"htmuon: warning: '{out}' ran up to step {start} with autocast "
+                    f"{run_info['amp'] or 'off (fp32)'}, which is {now_amp or 'off (fp32)'} on this device "
+                    f"({device}): it continues so (run.json 'amp' records the switch; --dtype pins it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            run_info["amp"] = now_amp
+            run_info.setdefault("amp_from_step", []).append([start, now_amp])
     if par.is_main:
+        stale = out / "summary.json"
+        if payload is not None and stale.exists():  # an end this run goes on from (a finished run whose
+            # final checkpoint was damaged): it no longer describes the folder, whose checkpoints now go
+            # back to step `start` (`compare` would reuse it as done, with mid-run weights); written anew
+            with _file_errors(stale):
+                stale.unlink()
+            print(
+                f"htmuon: '{stale}' described the run's earlier end; removed, as the run continues from "
+                f"step {start} (it is written again when the run ends)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if payload is not None and old_run_info is None:  # (said once the resume is known to go ahead)
+            print(
+                f"htmuon: no run.json in '{out}': written anew (the run's start and command are not known)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if config_note:
+            print(f"htmuon: {config_note}", file=sys.stderr, flush=True)
         metrics = _start_run_folder(
-            out, cfg, run_info, start if payload is not None else None, bool(lock.made)
+            out,
+            cfg,
+            run_info,
+            start if payload is not None else None,
+            bool(lock.made),
+            write_config=config_note is not None,
         )
     else:
         metrics = _NoMetrics()
@@ -700,6 +775,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                 "model": model_sd,
                 "optimizer": opt_sd,
                 "loader": data.sampler.state_dict(),
+                "data": {k: info[k] for k in _DATA_IDENTITY if k in info},  # checked on resume
                 "rng": checkpoint.rng_state(),
             },
         )
@@ -801,6 +877,9 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
                 stop_here = stop_now or (stop_after is not None and step >= stop_after)
                 if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or stop_here:
                     save_ckpt(step)
+                    # alone, a signal during that write stops here: the checkpoint just written holds
+                    # this step (under torchrun the ranks agree at the next step's vote)
+                    stop_here = stop_here or (par.world == 1 and stop.signum is not None)
                 if stop_here and step < cfg.steps:
                     stopped = True
                     break
@@ -913,17 +992,22 @@ def _check_same_data(then: dict, now: dict, cfg: TrainConfig, out: Path) -> None
 
 
 def _start_run_folder(
-    out: Path, cfg: TrainConfig, run_info: dict, keep_until_step: int | None, made: bool = False
+    out: Path,
+    cfg: TrainConfig,
+    run_info: dict,
+    keep_until_step: int | None,
+    made: bool = False,
+    write_config: bool = False,
 ) -> Metrics:
-    """Write config.json (a new run), run.json and the metrics files; if that fails, remove what this
-    call created, so a retry is not refused as "already holds a run". ``made``: the folder was made
-    for this run (by its lock, which removes it when released empty): then all of it but the lock
-    is removed."""
+    """Write config.json (a new run, or ``write_config``: a resumed one whose config.json is gone),
+    run.json and the metrics files; if that fails, remove what this call created, so a retry is not
+    refused as "already holds a run". ``made``: the folder was made for this run (by its lock, which
+    removes it when released empty): then all of it but the lock is removed."""
     new_run = keep_until_step is None and not (out / "config.json").exists()  # nothing here to keep
     try:
         with _file_errors(out):
             out.mkdir(parents=True, exist_ok=True)
-        if keep_until_step is None:  # a new run, or one killed before its first checkpoint
+        if keep_until_step is None or write_config:  # a new run, or one killed before its first checkpoint
             write_run_file(out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         write_run_file(out / "run.json", json.dumps(run_info, indent=2) + "\n")
         return Metrics(out, keep_until_step, cfg.tensorboard)
