@@ -198,7 +198,7 @@ def test_a_hung_rank_ends_the_job_with_one_line(corpus_file, tmp_path, monkeypat
     # for seconds)
     assert 20.0 <= waited < 300.0, waited
     last = err.splitlines()[-1]
-    assert last.startswith("htmuon train: error: rank 0 of 2: a collective failed: another rank hung or died")
+    assert last.startswith("htmuon train: error: rank 0 of 2: a collective failed: rank 1 hung or died")
     assert "waited up to 30 s; set HTMUON_DIST_TIMEOUT" in last and "Traceback" not in err
 
 
@@ -244,22 +244,101 @@ def test_collective_timeout_setting(monkeypatch):
 
 def test_collective_errors_only_convert_collective_failures():
     from htmuon import torchrun
-    from htmuon.errors import CollectiveError
+    from htmuon.errors import CollectiveError, UserError
 
     two = torchrun.Parallel("ddp", 1, 2, timeout_s=9)
     with pytest.raises(
-        CollectiveError, match=r"^rank 1 of 2: a collective failed: .*waited up to 9 s.*: Timed out waiting"
+        CollectiveError,
+        match=r"^rank 1 of 2: a collective failed: rank 0 hung or died \(waited up to 9 s.*: Timed out",
     ):
         with torchrun.collective_errors(two):
             raise RuntimeError("[third_party/gloo/pair.cc:1] Timed out waiting 9000ms for recv operation")
-    with pytest.raises(CollectiveError, match=r"^rank 1 of 2: .*: Read error .*Connection reset by peer"):
-        with torchrun.collective_errors(two):  # a dead peer
+    with pytest.raises(CollectiveError) as dead:
+        with torchrun.collective_errors(two):  # a dead peer, as gloo words it (its advice is dropped)
             raise RuntimeError(
-                "[gloo/transport/tcp/pair.cc:537] Read error [::1]:1: Connection reset by peer"
+                "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:55495. This is "
+                "typically caused by a remote worker crashing. Check the logs of the remote worker."
             )
+    assert str(dead.value).endswith(": Connection closed by peer [127.0.0.1]:55495.")
+    three = torchrun.Parallel("ddp", 2, 3, timeout_s=9)  # of three, the peer is not known
+    with pytest.raises(CollectiveError, match=r"^rank 2 of 3: a collective failed: another rank hung"):
+        with torchrun.collective_errors(three):
+            raise RuntimeError("Read error [::1]:1: Connection reset by peer")
+    # an error of this rank's own (its data, its folder): the rank in front, the type kept, once
+    with pytest.raises(UserError, match=r"^rank 1 of 2: cannot read data file 'x'$"):
+        with torchrun.collective_errors(two):
+            with torchrun.collective_errors(two):
+                raise UserError("cannot read data file 'x'")
+    with pytest.raises(UserError, match=r"^cannot read data file 'x'$"):  # alone: unchanged
+        with torchrun.collective_errors(torchrun.Parallel()):
+            raise UserError("cannot read data file 'x'")
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not a collective failure: unchanged
         with torchrun.collective_errors(two):
             raise RuntimeError("shape mismatch")
     with pytest.raises(RuntimeError, match="Timed out"):  # a single process: unchanged
         with torchrun.collective_errors(torchrun.Parallel()):
             raise RuntimeError("Timed out")
+
+
+def test_check_same_names_the_differing_keys_and_ranks(monkeypatch):
+    """Each rank's values as all_gather_object would return them (no processes needed)."""
+    import torch.distributed as dist
+
+    from htmuon import torchrun
+    from htmuon.errors import UserError
+
+    same, other = {"seed": 0, "steps": 6}, {"seed": 1, "steps": 6}
+    ranks = [same, dict(same), other, {"seed": 1, "steps": 8}]  # the keys shown: the first such rank's
+
+    def gather(out, _value):
+        out[:] = [dict(v) for v in ranks]
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    par = torchrun.Parallel("ddp", 1, 4)
+    with pytest.raises(UserError) as e:
+        torchrun.check_same(ranks[1], par, "configs")
+    assert str(e.value) == (
+        "rank 1 of 4: the ranks run with different configs: rank(s) 2, 3 differ from rank 0 in seed "
+        "(0 vs 1); start every rank with the same flags, config file and data"
+    )
+    ranks[2:] = [dict(ranks[0]), dict(ranks[0])]
+    torchrun.check_same(ranks[1], par, "configs")  # all alike: nothing
+    torchrun.check_same({"seed": 5}, torchrun.Parallel())  # a single process: nothing to compare
+
+
+@pytest.mark.distributed
+def test_ranks_started_with_different_configs_are_refused(corpus_file, tmp_path):
+    """Two ranks launched by hand (RANK, WORLD_SIZE, MASTER_*) with other flags: before, other seeds trained
+    silently on slices of different batches (the run finished), and other ckpt_every values left rank 0's
+    checkpoint barrier unmatched until the collective timeout ("hung or died"). Now both refuse at the
+    start with one line naming the keys, and nothing is written."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "htmuon.cli", "train", *flags({**RUN, "data": corpus_file, "out_dir": out})]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HTMUON_CACHE": str(tmp_path / "c"), "OMP_NUM_THREADS": "1"}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env["HTMUON_DIST_TIMEOUT"] = "60"
+    extra = [["--seed", "0", "--ckpt-every", "3"], ["--seed", "1", "--ckpt-every", "2"]]
+    procs = [
+        subprocess.Popen(
+            args + extra[rank],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        results = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, (_, err)) in enumerate(zip(procs, results)):
+        assert p.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"htmuon train: error: rank {rank} of 2: the ranks run with different configs: rank(s) 1 differ "
+            "from rank 0 in seed (0 vs 1), ckpt_every (3 vs 2); start every rank with the same flags, config "
+            "file and data"
+        )
+        assert "Traceback" not in err
+    assert not out.exists()

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from htmuon.errors import CollectiveError
+from htmuon.errors import CollectiveError, UserError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -47,6 +47,7 @@ __all__ = [
     "Parallel",
     "barrier",
     "batch_slice",
+    "check_same",
     "collective_errors",
     "collective_timeout",
     "from_env",
@@ -163,16 +164,25 @@ _COLLECTIVE_FAILURE = re.compile(
 )
 
 
+_RANK_PREFIX = re.compile(r"rank \d+ of \d+: ")
+
+
 @contextmanager
 def collective_errors(par: Parallel, what: str = "a collective failed") -> Iterator[None]:
     """Under torchrun, turn a failed collective into a one-line :class:`CollectiveError` on this rank.
 
     A rank that hangs (stopped, deadlocked) makes the others' next collective fail after
-    ``par.timeout_s``; a rank that dies fails it at once. Everything else passes through unchanged,
-    as does everything in a single process.
+    ``par.timeout_s``; a rank that dies fails it at once. Of two processes the message names the
+    other one (gloo and NCCL do not say which peer failed). A :class:`~htmuon.errors.UserError`
+    raised on some ranks only (a data file one of them cannot read) gets ``rank R of N:`` in front.
+    Everything else passes through unchanged, as does everything in a single process.
     """
     try:
         yield
+    except UserError as e:
+        if par.world > 1 and len(e.args) == 1 and not _RANK_PREFIX.match(str(e.args[0])):
+            e.args = (f"rank {par.rank} of {par.world}: {e.args[0]}",)
+        raise
     except RuntimeError as e:
         import torch.distributed as dist
 
@@ -180,10 +190,49 @@ def collective_errors(par: Parallel, what: str = "a collective failed") -> Itera
         if par.world == 1 or not (isinstance(e, dist_error) or _COLLECTIVE_FAILURE.search(str(e))):
             raise
         detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+        detail = detail.split(" This is typically caused by")[0]  # gloo's advice, not the cause
+        # gloo / NCCL do not say which peer failed; of two processes it can only be the other one
+        peer = f"rank {1 - par.rank}" if par.world == 2 else "another rank"
         raise CollectiveError(
-            f"rank {par.rank} of {par.world}: {what}: another rank hung or died (waited up to "
+            f"rank {par.rank} of {par.world}: {what}: {peer} hung or died (waited up to "
             f"{par.timeout_s:g} s; set {TIMEOUT_ENV} to change it): {detail[:200]}"
         ) from None
+
+
+def check_same(
+    values: dict,
+    par: Parallel,
+    what: str = "settings",
+    hint: str = "start every rank with the same flags, config file and data",
+) -> None:
+    """Refuse, on every rank, unless every rank passes equal ``values`` (a collective: every rank calls
+    it; a dict of picklable values, e.g. the run's config).
+
+    Ranks started with different flags, config files or data would otherwise train silently on
+    different batches (``seed``, ``batch_size``), or leave a collective unmatched, which ends the job
+    after the collective timeout as if a rank had hung (``ckpt_every``, ``eval_every``, ``steps``).
+
+    Raises:
+        UserError: one line naming the differing keys, their values and the ranks that differ from rank 0.
+    """
+    if par.world == 1:
+        return
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * par.world
+    dist.all_gather_object(gathered, values)
+    first, missing = gathered[0], "(not set)"
+    ranks = [r for r, v in enumerate(gathered) if v != first]
+    if not ranks:
+        return
+    other = gathered[ranks[0]]
+    keys = [k for k in dict.fromkeys([*first, *other]) if first.get(k, missing) != other.get(k, missing)]
+    shown = ", ".join(f"{k} ({first.get(k, missing)!r} vs {other.get(k, missing)!r})" for k in keys[:4])
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    raise UserError(
+        f"rank {par.rank} of {par.world}: the ranks run with different {what}: rank(s) "
+        f"{', '.join(map(str, ranks))} differ from rank 0 in {shown}{more}; {hint}"
+    )
 
 
 def list_elements_innermost_first(model: nn.Module) -> list[nn.Module]:

@@ -488,6 +488,9 @@ def train(
     except ValueError as e:
         raise UserError(str(e)) from None
     with torchrun.collective_errors(par):  # a hung or dead peer: one line on every rank, not a hang
+        # ranks started with other flags, config files or data would train on other batches or leave a
+        # collective unmatched (a "hung" peer after the timeout): refused on every rank, naming the keys
+        torchrun.check_same({k: v for k, v in to_dict(cfg).items() if k != "progress"}, par, "configs")
         return _train(cfg, par, device, amp, resume, stop_after, argv)
 
 
@@ -645,7 +648,15 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
             read_json(out / "config.json", "run config")
         except UserError as e:
             config_note = f"{str(e).partition(';')[0]}: written again from the checkpoint's config"
-    torchrun.barrier(par)  # every rank has checked the run folder before rank 0 writes to it
+    # every rank has checked the run folder before rank 0 writes to it, and continues from the same
+    # checkpoint (a folder that is not on a file system every rank shares can differ)
+    start_step = payload["step"] if payload is not None else None
+    torchrun.check_same(
+        {"checkpoint step": start_step},
+        par,
+        "run folders",
+        "put the run folder where every rank reads the same files",
+    )
     if par.is_main:
         for note in notes:
             print(f"htmuon: {note}", file=sys.stderr, flush=True)
