@@ -218,3 +218,21 @@ def test_corrupt_token_cache_names_the_file(victim, corpus_file, tmp_path, capsy
     capsys.readouterr()
     err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "b", steps=2))
     assert f"token cache file '{path}' is unusable" in err and "to rebuild it" in err
+
+
+def test_train_refuses_flags_its_optimizer_ignores(capsys, tmp_path):
+    """``htmuon train --optimizer adamw --p 0.5`` trained plain AdamW, the flag silently ignored (as
+    were --method, --momentum, ... for every optimizer outside the HTMuon family, and --adamw-lr for
+    those with one lr); a one-line error naming the flags now, before anything is built."""
+    out = tmp_path / "run"
+    for argv, msg in (
+        (["--optimizer", "adamw", "--p", "0.5"], "--p: optimizer 'adamw' does not use it (not of the HTMuon"),
+        (["--optimizer", "soap", "--method", "svd", "--momentum", "0.9"],
+         "--method, --momentum: optimizer 'soap'"),
+        (["--optimizer", "cadamw", "--adamw-lr", "0.01"],
+         "--adamw-lr: optimizer 'cadamw' does not use it (one lr"),
+    ):  # fmt: skip
+        assert main(["train", "--preset", "smoke", "--out-dir", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -105,3 +105,28 @@ def test_figures_command_refuses_record_steps_it_would_not_reach(tmp_path, capsy
         assert main(["--out", str(tmp_path / "f"), "--steps", "6", "--record", record]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_figures_command_refuses_what_it_would_override_or_find_too_late(tmp_path, capsys, monkeypatch):
+    """``--set steps=3`` under ``--steps 6 --record 6`` passed the --record check and crashed with an
+    IndexError after training (no step 6 recorded); a budget (tokens_per_param) or a spec's own steps
+    did the same; ``--set model=...`` silently beat --model; the overhead figure's refusal of an image
+    model came after every optimizer had trained. All are one-line errors before any training."""
+    import htmuon.train.figures as figures
+
+    trained = []
+    monkeypatch.setattr(figures, "train_and_record", lambda *a, **k: trained.append(a) or ({}, []))
+    base = ["--out", str(tmp_path / "f"), "--model", "llama-micro", "--steps", "6", "--record", "6"]
+    for extra, msg in (
+        (["--no-overhead", "--set", "steps=3"], "--set steps=3: steps has its own flag, --steps"),
+        (["--no-overhead", "--set", "model=llama-tiny"], "--set model=llama-tiny: model has its own flag"),
+        (["--no-overhead", "--optimizer", "muon", "--optimizer", "htmuon:steps=3"],
+         "--record steps must lie in 1..3, the steps htmuon:steps=3 trains, got '6'"),
+        (["--no-overhead", "--set", "tokens_per_param=0.0001"], "--record steps must lie in 1..1"),
+        (["--model", "resnet-micro", "--optimizer", "muon"],
+         "('resnet-micro' is an image model): pass --no-overhead"),
+    ):  # fmt: skip
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert trained == []

@@ -1250,3 +1250,129 @@ def test_val_windows_pairs_runs_by_step_and_keeps_a_resumed_runs_last_value(tmp_
     assert vw.main(["--out", str(tmp_path / "x.csv"), "--run", "muon", ref, "--run", "e", empty]) == 1
     assert "empty/metrics.jsonl: no validation rows" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+# ----------------------------------------------------------------------------- input that would be ignored
+
+
+def test_grid_input_that_no_cell_would_use_is_refused(tmp_path):
+    """A grid given twice for one name (the first list was dropped), a grid that no spec takes (every
+    spec of that name sets the lr itself, or has its own grid), a spec that sets a key twice, and a
+    spec option the optimizer ignores all ran without them, silently; each is a one-line error now."""
+    out = str(tmp_path / "g")
+    for kw, msg in (
+        (dict(optimizers="muon", lr_grid=["muon=0.01", "muon=0.02"]), "--lr-grid gives 'muon' twice"),
+        (dict(optimizers="muon", adamw_lr_grid=["muon=0.01", "muon=0.1"]),
+         "--adamw-lr-grid gives 'muon' twice"),
+        (dict(optimizers="muon:lr=0.1", lr_grid=["muon=0.01,0.02"]),
+         "--lr-grid muon=...: no optimizer runs it ('muon:lr=0.1' sets lr in the spec)"),
+        (dict(optimizers="muon:adamw_lr=0.1", adamw_lr_grid=["muon=0.01,0.02"]),
+         "--adamw-lr-grid muon=...: no optimizer runs it ('muon:adamw_lr=0.1' sets adamw_lr in the spec)"),
+        (dict(optimizers="muon,htmuon:p=0.25", lr_grid=["htmuon=0.08", "htmuon:p=0.25=0.1"]),
+         "--lr-grid htmuon=...: no optimizer runs it ('htmuon:p=0.25' has its own grid)"),
+        (dict(optimizers="htmuon:p=0.25,p=0.5"), "optimizer spec 'htmuon:p=0.25,p=0.5' sets 'p' twice"),
+        (dict(optimizers="muon,adamw:p=0.5"),
+         "optimizer spec 'adamw:p=0.5' sets p: optimizer 'adamw' does not use it"),
+        (dict(optimizers="muon,galore:adamw_lr=0.1"), "sets adamw_lr: optimizer 'galore' does not use it"),
+        (dict(optimizers="muon", seeds="0,1.5"), "--seeds must be a comma-separated list of integers"),
+    ):  # fmt: skip
+        with pytest.raises(UserError, match=re_escape(msg)):
+            cmp.plan_grid(_args(compare_out=out, **kw))
+    # a name's grid still reaches the specs that take it, beside one with its own lr
+    plan = cmp.plan_grid(_args(optimizers="muon:lr=0.1,muon", lr_grid=["muon=0.01,0.02"], compare_out=out))
+    assert plan.lrs == {"muon:lr=0.1": [None], "muon": [0.01, 0.02]}
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_models_are_all_checked_before_the_first_one_trains(tmp_path, monkeypatch, capsys):
+    """A misspelt model in --models was found after the models before it had trained (hours, at
+    llama-small); a model listed twice, and --model beside --models (which it silently lost to), were
+    taken. Each is a one-line error before any training."""
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    base = ["compare", "--optimizers", "muon,htmuon", "--seeds", "0", "--out-dir", str(tmp_path / "s")]
+    base += ["--no-plots", "--no-alpha"]
+    for extra, msg in (
+        (["--models", "llama-micro,llama-nope"], "unknown model preset 'llama-nope'"),
+        (["--models", "llama-micro,llama-micro"], "--models lists a model twice: llama-micro,llama-micro"),
+        (["--models", "llama-micro", "--model", "llama-tiny"], "--model llama-tiny and --models llama-micro"),
+    ):
+        assert cli_main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert calls == [] and not (tmp_path / "s").exists()
+
+
+def test_image_report_lists_every_cell_with_the_accuracy_it_was_selected_on():
+    """Image cells are selected on accuracy; "All cells tried" showed only the loss, with the bold on a
+    cell whose loss was not the lowest."""
+
+    def row(lr, loss, acc):
+        return {"spec": "muon", "lr": lr, "adamw_lr": 1e-3, "seeds": [0], "n": 1, "val_loss": (loss, None),
+                "val_acc": (acc, None), "accs": {0: acc}, "losses": {0: loss}, "ms_per_step": (None, None),
+                "mean_alpha": (None, None)}  # fmt: skip
+
+    rows = [row(0.01, 0.30, 0.90), row(0.02, 0.35, 0.93)]  # the best accuracy has the higher loss
+    agg = {"task": "image", "rows": rows, "best": {"muon": rows[1]}}
+    table = cmp.markdown_table(agg)
+    tried = table.split("All cells tried")[1]
+    assert "| optimizer | lr | AdamW-part lr | seeds | val loss | val acc (%) |" in tried
+    assert "| muon | 0.01 | 0.001 | 1 | 0.3000 | 90.00 |" in tried
+    assert "| muon | 0.02 | 0.001 | 1 | 0.3500 | **93.00** |" in tried
+
+
+def test_report_removes_an_earlier_reports_plots_and_skips_alpha_without_alpha(tmp_path, monkeypatch):
+    """A report's folder kept the plots of an earlier report that this one does not draw (p_grid.png of a
+    run with Muon, beside the results.md of one without), and --no-alpha still loaded every best
+    cell's final model for alpha.png."""
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    plan = cmp.plan_grid(_args(optimizers="htmuon", seeds="0", compare_out=str(tmp_path / "g")))
+    res = cmp.run_plan(plan, quiet=True)
+    for name in ("p_grid.png", "lr_grid.png", "alpha.png", "notes.txt"):
+        (plan.out / name).write_bytes(b"old")
+    monkeypatch.setattr(cmp, "plot_curves", lambda agg, path: path.write_bytes(b"new"))
+    monkeypatch.setattr(cmp, "plot_alpha_curves", lambda agg, path: False)  # (reads metrics.jsonl)
+
+    def no_alpha(*a, **k):
+        raise AssertionError("alpha.png analysed the final models of runs with alpha off")
+
+    monkeypatch.setattr(cmp, "alpha_reports", no_alpha)
+    out = cmp.write_report(res, plan.out, "t", "htmuon compare ...", 1.0, plots=True)
+    assert out["files"] == ["val_curves.png"]
+    assert sorted(p.name for p in plan.out.iterdir() if p.is_file()) == [
+        "notes.txt", "results.json", "results.md", "val_curves.png"
+    ]  # fmt: skip
+
+
+def test_size_scan_of_the_reference_alone_has_a_whole_table_and_no_empty_plot(tmp_path, monkeypatch):
+    rows = [{"model": "llama-micro", "parameters": 6e4, "steps": 3, "ref": "muon", "ref_loss": (5.9, None),
+             "diffs": {}, "per_seed": {}}]  # fmt: skip
+    lines = cmp.size_scan_table(rows).splitlines()
+    assert lines[0] == "| model | parameters | steps | muon val loss |"
+    assert [ln.count("|") for ln in lines] == [5, 5, 5]
+    plotted = []
+    monkeypatch.setattr(cmp, "plot_gap_vs_params", lambda rows, path: plotted.append(path))
+    monkeypatch.setattr(cmp, "size_scan_rows", lambda per_model: rows)
+    cmp.write_size_scan(tmp_path, "t", ["llama-micro"], {"llama-micro": {}}, no_plots=False)
+    assert plotted == [] and "only muon was run" in (tmp_path / "size_scan.md").read_text()
+
+
+def test_progress_lines_name_the_batch_they_count(tmp_path, monkeypatch, capsys):
+    """The grid, each round of edge extensions and the report cells are counted from 1 each: the lines
+    name which batch they count ("[1/2]" came three times in one command)."""
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    args = _args(optimizers="muon", seeds="0", tune_seeds="7", lr_grid=["muon=0.005,0.01"],
+                 compare_out=str(tmp_path / "g"))  # fmt: skip
+    cmp.run_plan(cmp.plan_grid(args), extend_edges=1, quiet=False)
+    err = capsys.readouterr().err
+    heads = [ln.split("]")[0] + "]" for ln in err.splitlines() if ln.startswith("[")]
+    assert heads == ["[selection 1/2]", "[selection 2/2]", "[edge extension 1: 1/1]", "[report 1/1]"]

@@ -421,3 +421,18 @@ def test_status_says_a_cell_of_another_config_is_refused_as_the_run_refuses_it(c
         assert "not found" not in err
     finally:
         moved.rename(corpus_file)
+
+
+def test_compare_config_file_setting_a_cells_own_key_is_refused(tmp_path, capsys):
+    """A config file's ``lr`` went to every optimizer (AdamW, Muon and HTMuon all at 0.04) while the
+    report's notes named each optimizer's default lr as the one that ran; its ``optimizer``, ``seed``
+    and ``out_dir`` were ignored. Compare sets these per cell: a one-line error naming the file."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "llama-micro"\noptimizer = "htmuon"\nlr = 0.04\nseed = 7\n')
+    argv = ["compare", "--config", str(cfg), "--optimizers", "adamw,muon", "--out-dir", str(tmp_path / "g")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"config file '{cfg}' sets 'optimizer', 'lr', 'seed', which compare sets per cell" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
+    cfg.write_text('model = "llama-micro"\nsteps = 5\nwarmup_steps = 1\n')  # keys for every cell: taken
+    assert cli_main([*argv, "--status"]) == 0

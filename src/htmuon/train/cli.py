@@ -62,6 +62,32 @@ def config_overrides(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
     }
 
 
+#: config keys that only the HTMuon family (one ``htmuon.HTMuon``) reads: AdamW and the baselines
+#: from other libraries ignore them
+HTMUON_ONLY_KEYS = ("p", "method", "spectrum", "scale", "interval", "momentum")
+
+
+def check_used_keys(optimizer: str, keys, where: str = "", flags: bool = False) -> None:
+    """Refuse keys given explicitly (flags, a compare spec's overrides) that ``optimizer`` would ignore:
+    the HTMuon family's options for AdamW and the other baselines, ``adamw_lr`` for those with no AdamW
+    part. An unknown optimizer name is left to its own check."""
+    from htmuon.cli import UserError
+    from htmuon.train.optimizers import HTMUON_NAMES, NO_ADAMW_PART, OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        return
+    family = optimizer in HTMUON_NAMES
+    unused = [
+        k
+        for k in keys
+        if (k in HTMUON_ONLY_KEYS and not family) or (k == "adamw_lr" and optimizer in NO_ADAMW_PART)
+    ]
+    if unused:
+        what = ", ".join("--" + k.replace("_", "-") if flags else k for k in unused)
+        why = "one lr trains every parameter" if unused == ["adamw_lr"] else "not of the HTMuon family"
+        raise UserError(f"{where}{what}: optimizer '{optimizer}' does not use it ({why})")
+
+
 def get_preset(name: str | None):
     from htmuon.cli import UserError
     from htmuon.train.presets import RUN_PRESETS
@@ -111,7 +137,9 @@ def main(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
-    cfg = make_config(preset.config if preset else None, args.config, config_overrides(args), strings=True)
+    overrides = config_overrides(args)
+    cfg = make_config(preset.config if preset else None, args.config, overrides, strings=True)
+    check_used_keys(cfg.optimizer, [k for k in overrides if k != "optimizer"], flags=True)
     summary = train(
         cfg,
         resume="required" if args.resume else False,  # --resume of a folder without a run: an error

@@ -135,6 +135,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     from htmuon.cli import UserError
+    from htmuon.train.cli import check_used_keys
     from htmuon.train.config import coerce
     from htmuon.train.optimizers import check_optimizer_name
 
@@ -148,8 +149,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         key = key.strip().replace("-", "_")
         if key in ("optimizer", "seed", "out_dir"):
             raise UserError(f"optimizer spec '{spec}': '{key}' cannot be set per optimizer")
+        if key in overrides:  # the first value would be dropped silently (and the folder names both)
+            raise UserError(f"optimizer spec '{spec}' sets '{key}' twice")
         coerce(key, value, from_string=True, where=f" in optimizer spec '{spec}'")
         overrides[key] = value.strip()
+    check_used_keys(name, overrides, f"optimizer spec '{spec}' sets ")
     return name, overrides
 
 
@@ -159,7 +163,8 @@ def parse_list(text: str, kind, what: str) -> list:
     try:
         items = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"{what} must be a comma-separated list of numbers, got '{text}'") from None
+        numbers = "integers" if kind is int else "numbers"
+        raise UserError(f"{what} must be a comma-separated list of {numbers}, got '{text}'") from None
     if not items:
         raise UserError(f"{what} is empty")
     return items
@@ -177,6 +182,8 @@ def parse_lr_grid(items: list[str] | None, flag: str = "--lr-grid") -> dict[str,
         lrs = parse_list(values, float, f"{flag} {key}")
         if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
             raise UserError(f"{flag} {key}: learning rates must be > 0, got '{values}'")
+        if key in out:  # one of the two lists would be dropped silently
+            raise UserError(f"{flag} gives '{key}' twice: put all its lrs in one list, {key}=LR,LR,...")
         out[key] = sorted(set(lrs))
     return out
 
@@ -276,6 +283,16 @@ def plan_grid(args: argparse.Namespace) -> Plan:
             )
     if preset is None and not args.optimizers:
         raise UserError("give --preset (e.g. quick) or --optimizers")
+    if args.config:  # the cell sets these: a file's value would be ignored, or (lr) given to every optimizer
+        from htmuon.train.config import read_config_file
+
+        grid_keys = [k for k in read_config_file(args.config) if str(k).replace("-", "_") in GRID_FIELDS]
+        if grid_keys:
+            raise UserError(
+                f"config file '{args.config}' sets {', '.join(map(repr, grid_keys))}, which compare sets per "
+                "cell: give the optimizers with --optimizers, their lrs with --lr-grid NAME=LR,... (or a "
+                "spec 'NAME:lr=LR'), the seeds with --seeds and the folder with --out-dir"
+            )
     specs = split_specs(args.optimizers) if args.optimizers else list(preset.optimizers)
     if len(set(specs)) != len(specs):
         raise UserError(f"--optimizers lists a spec twice: {','.join(specs)}")
@@ -311,8 +328,12 @@ def plan_grid(args: argparse.Namespace) -> Plan:
     for key in [*given, *agrid]:
         if key not in specs and key not in {parse_spec(s)[0] for s in specs}:
             raise UserError(f"lr grid for '{key}', which is not among the optimizers ({','.join(specs)})")
+    used: dict[str, set[str]] = {"lr": set(), "adamw_lr": set()}  # the grid keys some spec takes
     for spec in specs:
         opt_name, spec_over = parse_spec(spec)
+        for key, g in (("lr", grid), ("adamw_lr", agrid)):
+            if key not in spec_over:
+                used[key].add(spec if spec in g else opt_name)
         lrs = grid.get(spec) or grid.get(opt_name)
         if "lr" in spec_over:
             lrs = None
@@ -326,6 +347,15 @@ def plan_grid(args: argparse.Namespace) -> Plan:
                 )
         else:
             plan.adamw_lrs[spec] = list(alrs) if alrs and "adamw_lr" not in spec_over else [None]
+    for flag, key, g in (("--lr-grid", "lr", given), ("--adamw-lr-grid", "adamw_lr", agrid)):
+        for name in g:
+            if name not in used[key]:  # every spec it names sets that lr itself, or has its own grid
+                why = [
+                    f"'{s}' sets {key} in the spec" if key in parse_spec(s)[1] else f"'{s}' has its own grid"
+                    for s in specs
+                    if s == name or parse_spec(s)[0] == name
+                ]
+                raise UserError(f"{flag} {name}=...: no optimizer runs it ({'; '.join(why)})")
     plan.notes = untuned_notes(plan)
     if getattr(args, "carry_note", None):
         plan.notes.insert(0, args.carry_note)
@@ -430,8 +460,13 @@ def untuned_notes(plan: Plan) -> list[str]:
 # ----------------------------------------------------------------------------- running
 
 
-def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LOCK_POLL_S) -> list[dict]:
-    """Train (or reuse) every cell; a cell locked by another live process is waited for, not run twice."""
+def run_cells(
+    cells: list[Cell], preset, quiet: bool = False, poll_s: float = LOCK_POLL_S, label: str = ""
+) -> list[dict]:
+    """Train (or reuse) every cell; a cell locked by another live process is waited for, not run twice.
+
+    ``label`` names the batch in the progress lines (``[report 2/6]``): ``run_plan`` runs the grid, each
+    round of edge extensions and the report cells as batches, each counted from 1."""
     from htmuon.train.loop import train
 
     done: dict[int, dict] = {}
@@ -450,7 +485,8 @@ def run_cells(cells: list[Cell], preset, quiet: bool = False, poll_s: float = LO
                 if not quiet:
                     alr = "" if c.adamw_lr is None else f" adamw_lr={c.adamw_lr:g}"
                     print(
-                        f"[{len(done) + 1}/{len(cells)}] {c.spec} lr={c.lr:g}{alr} seed={c.seed} "
+                        f"[{label + ' ' if label else ''}{len(done) + 1}/{len(cells)}] "
+                        f"{c.spec} lr={c.lr:g}{alr} seed={c.seed} "
                         f"-> {run_dir}",
                         file=sys.stderr,
                         flush=True,
@@ -556,18 +592,19 @@ def run_plan(
 ) -> dict:
     """Select (grid, edge extensions) then report (best cells on --seeds when --tune-seeds is given).
 
-    ``runner(cells) -> records`` runs a batch of cells (default :func:`run_cells`); ``--status`` passes
-    one that only reads their folders, so that the cells it lists are the ones this function runs."""
+    ``runner(cells, label=...) -> records`` runs a batch of cells (default :func:`run_cells`; ``label`` names
+    the batch in progress lines); ``--status`` passes one that only reads their folders, so that the
+    cells it lists are the ones this function runs."""
     if runner is None:
         runner = functools.partial(run_cells, preset=plan.preset, quiet=quiet, poll_s=poll_s)
-    select = runner(plan.select_cells())
+    select = runner(plan.select_cells(), label="selection" if plan.tune_seeds else "")
     rounds = 0
     for _ in range(extend_edges):
         new = extension_cells(plan, aggregate(select))
         if not new:
             break
         rounds += 1
-        select += runner(new)
+        select += runner(new, label=f"edge extension {rounds}:")
     if plan.tune_seeds:
         best = aggregate(select)["best"]
         cells = [  # seed by seed, as select_cells
@@ -575,7 +612,7 @@ def run_plan(
             for seed in plan.seeds
             for spec, b in best.items()
         ]
-        report = runner(cells)
+        report = runner(cells, label="report")
     else:
         report = select
     return {"select": select, "report": report, "extension_rounds": rounds}
@@ -665,7 +702,7 @@ def _status_runner(states: list[dict], batches: list[int]):
     """A ``run_plan`` runner that reads cells instead of running them; it stops the plan (raises
     :class:`_Undecided`) at the first batch not all finished. ``batches``: each batch's size."""
 
-    def runner(cells: list[Cell]) -> list[dict]:
+    def runner(cells: list[Cell], label: str = "") -> list[dict]:
         batch = [cell_state(c) for c in cells]
         states.extend(batch)
         batches.append(len(batch))
@@ -982,11 +1019,12 @@ def markdown_table(agg: dict, select: dict | None = None) -> str:
         )
     diffs = paired_differences(agg, ref_spec)
     if diffs:
-        what = "val loss" if task == "lm" else "val accuracy as a fraction, 0.01 = 1 point"
+        what = "val loss" if task == "lm" else "val accuracy"
+        unit = "" if task == "lm" else "; accuracy as a fraction, 0.01 = 1 point"
         lines += [
             "",
             f"Paired differences to {ref_spec} ({what} of the optimizer minus {ref_spec}'s, same seed, "
-            "best cells):",
+            f"best cells{unit}):",
             "",
             f"| optimizer | per seed | mean ± std | 95% interval of the mean | worse than {ref_spec} on |",
             "|---|---|---|---|---|",
@@ -1004,19 +1042,23 @@ def markdown_table(agg: dict, select: dict | None = None) -> str:
         ]
     if len(select["rows"]) > len(select["best"]):
         seeds = sorted({s for r in select["rows"] for s in r["seeds"]})
+        image = task == "image"  # the cells are selected on accuracy: show it, the best in bold
         lines += [
             "",
             f"All cells tried (selection seeds {_seeds(seeds)}; best per optimizer in bold):",
             "",
-            "| optimizer | lr | AdamW-part lr | seeds | val loss |",
-            "|---|---|---|---|---|",
+            "| optimizer | lr | AdamW-part lr | seeds | val loss |" + (" val acc (%) |" if image else ""),
+            "|---|---|---|---|---|" + ("---|" if image else ""),
         ]
         for row in sorted(select["rows"], key=lambda r: (r["spec"], r["lr"], r["adamw_lr"] or 0.0)):
-            cell = fmt(*row["val_loss"], digits=4)
+            cells = [fmt(*row["val_loss"], digits=4)]
+            if image:
+                a = row["val_acc"]
+                cells.append(fmt(a[0] * 100, a[1] * 100 if a[1] is not None else None, digits=2))
             if select["best"][row["spec"]] is row:
-                cell = f"**{cell}**"
+                cells[-1] = f"**{cells[-1]}**"
             alr = "-" if row["adamw_lr"] is None else f"{row['adamw_lr']:g}"
-            lines.append(f"| {row['spec']} | {row['lr']:g} | {alr} | {row['n']} | {cell} |")
+            lines.append(f"| {row['spec']} | {row['lr']:g} | {alr} | {row['n']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1273,6 +1315,9 @@ def plot_alpha(reports: dict, path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- entry point
 
+#: the plots a report may write in its folder
+REPORT_PLOTS = ("val_curves.png", "lr_grid.png", "p_grid.png", "alpha.png", "alpha_curves.png")
+
 
 def write_report(
     result: dict, out: Path, name: str, command: str, wall_s: float, plots: bool = True, notes=()
@@ -1286,6 +1331,7 @@ def write_report(
     agg = aggregate(summaries)
     sel = aggregate(select_runs) if select_runs is not summaries else agg
     table = markdown_table(agg, sel)
+    cfg0 = json.loads((Path(summaries[0]["run_dir"]) / "config.json").read_text())
     files, alpha_notes = [], []
     if plots:
         plot_curves(agg, out / "val_curves.png")
@@ -1295,7 +1341,8 @@ def write_report(
         if plot_p_grid(agg, out / "p_grid.png"):
             files.append("p_grid.png")
         no_ckpt: list[Path] = []
-        reports = alpha_reports(agg, no_ckpt)
+        # --no-alpha: no alpha in the table, and no final models loaded and analysed for alpha.png
+        reports = alpha_reports(agg, no_ckpt) if cfg0.get("alpha", True) else None
         if reports and plot_alpha(reports, out / "alpha.png"):
             files.append("alpha.png")
         if no_ckpt:
@@ -1307,7 +1354,9 @@ def write_report(
             )
         if plot_alpha_curves(agg, out / "alpha_curves.png"):
             files.append("alpha_curves.png")
-    cfg0 = json.loads((Path(summaries[0]["run_dir"]) / "config.json").read_text())
+        for stale in REPORT_PLOTS:  # an earlier report's plot that this one has not (another grid)
+            if stale not in files:
+                (out / stale).unlink(missing_ok=True)
     all_runs = {s["run_dir"]: s for s in [*select_runs, *summaries]}.values()
     train_s = sum(s.get("wall_s") or s["elapsed_s"] for s in all_runs)
     eval_s = [s["final_eval_s"] for s in all_runs if s.get("final_eval_s")]
@@ -1409,10 +1458,8 @@ def _finite_diffs(row: dict, spec: str) -> list[float]:
 def size_scan_table(rows: list[dict]) -> str:
     specs = list(dict.fromkeys(k for r in rows for k in r["diffs"]))
     ref = rows[0]["ref"]
-    head = (
-        "| model | parameters | steps | " + f"{ref} val loss | " + " | ".join(f"{s} − {ref}" for s in specs)
-    )
-    lines = [head + " |", "|" + "---|" * (4 + len(specs))]
+    head = ["model", "parameters", "steps", f"{ref} val loss", *(f"{s} − {ref}" for s in specs)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = []
         for spec in specs:
@@ -1425,11 +1472,8 @@ def size_scan_table(rows: list[dict]) -> str:
                 spread = " (1 seed)"
             cells.append("-" if m is None else f"{m:+.4f}" + spread)
         n = r["parameters"]
-        lines.append(
-            f"| {r['model']} | {n / 1e6:.2f} M | {r['steps']} | {fmt(*r['ref_loss'], digits=4)} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        row = [r["model"], f"{n / 1e6:.2f} M", str(r["steps"]), fmt(*r["ref_loss"], digits=4), *cells]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -1551,10 +1595,20 @@ def carry_widths(value: str | int | None, n_models: int) -> list[int]:
 def main_models(args: argparse.Namespace) -> int:
     """``--models``: the protocol once per model in OUT/MODEL, and after each OUT/size_scan.md and
     gap_vs_params.png for the models done so far."""
+    from htmuon.cli import UserError
+
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise UserError("--models is empty: give a comma-separated list of model presets")
+    if len(set(models)) != len(models):
+        raise UserError(f"--models lists a model twice: {','.join(models)}")
+    if getattr(args, "model", None) is not None:  # each model's runs take their model from --models
+        raise UserError(f"--model {args.model} and --models {args.models}: give one of them")
     widths = carry_widths(getattr(args, "carry_lrs", 0), len(models))
     name = args.preset or "custom"
     root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
+    for model in models:  # every model's plan (its name, its config) before the first one trains
+        plan_grid(argparse.Namespace(**{**vars(args), "model": model, "models": None, "carry_lrs": 0}))
     per_model, status = {}, 0
     carried: dict = {}
     status_only = getattr(args, "status", False)  # --status: list the cells, train nothing
@@ -1608,7 +1662,9 @@ def write_size_scan(root: Path, name: str, models: list[str], per_model: dict, n
         md += [f"Done so far: {', '.join(per_model)}; still to run: {', '.join(left)}.", ""]
     md += ["Paired differences of the final validation loss to Muon at each model's best cells:", "", table]
     files = []
-    if not no_plots:
+    if not any(r["diffs"] for r in rows):  # the reference optimizer alone: no gap to plot
+        md.append(f"(only {rows[0]['ref']} was run: no other optimizer to compare with it)")
+    elif not no_plots:
         plot_gap_vs_params(rows, root / "gap_vs_params.png")
         files.append("gap_vs_params.png")
         md.append("![gap vs parameters](gap_vs_params.png)")

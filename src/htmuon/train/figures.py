@@ -32,6 +32,9 @@ from htmuon.cli import UserError
 
 #: Correction intervals of the paper's overhead figures (Figs. 5, 10).
 PAPER_INTERVALS = (1, 5, 10, 25)
+#: config keys that ``--set`` must not give: the command's own flags (or the folder it does not write)
+OWN_FLAGS = {"model": "--model", "data": "--data", "steps": "--steps", "optimizer": "--optimizer",
+             "out_dir": "--out"}  # fmt: skip
 
 
 def matrix_params(model: nn.Module, layers: int = 0) -> list[tuple[str, nn.Parameter]]:
@@ -224,6 +227,7 @@ def plot_overhead(times: dict[str, float], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from htmuon.train.compare import parse_spec, safe_name
     from htmuon.train.config import make_config
+    from htmuon.train.loop import schedule_config
     from htmuon.train.models import build_lm
 
     ap = argparse.ArgumentParser(prog="python -m htmuon.train.figures", description=__doc__.split("\n")[0])
@@ -263,12 +267,29 @@ def main(argv: list[str] | None = None) -> int:
             key, eq, value = item.partition("=")
             if not eq:
                 raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+            flag = OWN_FLAGS.get(key.strip().replace("-", "_"))
+            if flag:  # it would override the flag (steps: past the --record check) or be ignored
+                raise UserError(f"--set {item}: {key} has its own flag, {flag}")
             base[key] = value
+        from htmuon.train.presets import model_task
+
+        if not args.no_overhead and model_task(args.model) != "lm":  # said before the training, not after
+            raise UserError(
+                f"the overhead figure is measured on a language model's matrices ('{args.model}' is an image "
+                "model): pass --no-overhead"
+            )
         result: dict = {"spectra": {}, "norms": {}}
-        for spec in specs:
+        cfgs = {}
+        for spec in specs:  # every spec's config checked before the first one trains
             name, over = parse_spec(spec)
             cfg = make_config(None, None, {**base, **over, "optimizer": name}, strings=True)
-            cfg = dataclasses.replace(cfg, out_dir=str(out / "unused"))
+            cfgs[spec] = dataclasses.replace(cfg, out_dir=str(out / "unused"))
+            steps = schedule_config(cfg).steps  # a spec's own steps, or a budget (tokens_per_param)
+            if record[-1] > steps:  # no record of that step: a figure without it, or none at all
+                raise UserError(
+                    f"--record steps must lie in 1..{steps}, the steps {spec} trains, got '{args.record}'"
+                )
+        for spec, cfg in cfgs.items():
             print(f"training {spec} for {cfg.steps} steps ...", file=sys.stderr, flush=True)
             spectra, norms = train_and_record(cfg, record, args.layers)
             plot_spectra(
@@ -278,10 +299,6 @@ def main(argv: list[str] | None = None) -> int:
             result["norms"][spec] = norms
         plot_layer_norms(result["norms"], out / "layer_norms.png")
         if not args.no_overhead:
-            from htmuon.train.presets import model_task
-
-            if model_task(args.model) != "lm":
-                raise UserError("the overhead figure is measured on a language model's matrices")
             torch.manual_seed(0)
             times = interval_overhead(build_lm(args.model, 4096, 128))
             plot_overhead(times, out / "interval_overhead.png")
