@@ -265,3 +265,67 @@ def test_cosmos_validates_its_arguments():
             COSMOS(w, **kw)
     with pytest.raises(ValueError, match="algorithm"):
         COSMOS([{"params": w, "algorithm": "sgd"}])
+
+
+def test_cosmos_refuses_invalid_group_values_and_adds_nothing():
+    """Group values are checked as the constructor's arguments, in the constructor's groups and in
+    add_param_group (a misspelt algorithm trained as AdamW; rank 0 or 2.5 and lr -1 were accepted)."""
+    opt = COSMOS([nn.Parameter(torch.zeros(3, 3))], lr=1e-3)
+    for group, word in (
+        ({"algorithm": "sgd"}, "algorithm: 'sgd' in param group 1"),
+        ({"rank": 0}, "rank: 0 in param group 1"),
+        ({"rank": 2.5}, "rank: 2.5 in param group 1"),
+        ({"lr": -1.0}, "learning rate: -1.0 in param group 1"),
+        ({"adamw_betas": (0.9, 1.5)}, "adamw_betas"),
+        ({"eps": float("nan")}, "eps: nan"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))], **group})
+        assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match="rank: 0 in param group 0"):
+        COSMOS([{"params": [nn.Parameter(torch.zeros(2, 2))], "rank": 0}])
+    with pytest.raises(ValueError, match="rank: 2.5"):
+        COSMOS([nn.Parameter(torch.zeros(2, 2))], rank=2.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_cosmos_resumes_low_and_high_precision_parameters_exactly(dtype):
+    """torch's load_state_dict casts state to the parameter's dtype; COSMOS's matrix state stays float32
+    (a bfloat16 or float64 parameter's first resumed step failed on mixed dtypes)."""
+    torch.manual_seed(4)
+    grads = [torch.randn(8, 6).to(dtype) for _ in range(4)]
+    w = nn.Parameter(torch.randn(8, 6).to(dtype))
+    opt = COSMOS([w], lr=1e-3, rank=2, weight_decay=0.1)
+    for g in grads[:2]:
+        w.grad = g.clone()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    w2 = nn.Parameter(w.detach().clone())
+    opt2 = COSMOS([w2], lr=1e-3, rank=2, weight_decay=0.1)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(v.dtype == torch.float32 for v in opt2.state[w2].values() if torch.is_tensor(v))
+    for g in grads[2:]:
+        for p, o in ((w, opt), (w2, opt2)):
+            p.grad = g.clone()
+            o.step()
+    assert torch.equal(w, w2)
+
+
+def test_mars_gives_vit_tables_no_weight_decay():
+    """A ViT's class token and position table are >= 2-D (MARS-AdamW) but no weights to decay, as for
+    every other baseline: a group of their own with weight_decay 0 (they were decayed at 0.1)."""
+    pytest.importorskip("pytorch_optimizer")
+    from htmuon.train.models import build_vit
+
+    model = build_vit("vit-micro", 3, 10, 8)
+    cfg = resolve(TrainConfig(model="vit-micro", optimizer="mars"))
+    opt = build_optimizer(model, cfg)
+    tables = {"model.vit.embeddings.cls_token", "model.vit.embeddings.position_embeddings"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert set(decay) == set(names.values())
+    assert all(decay[n] == 0.0 for n in tables)
+    weights = [n for n, p in model.named_parameters() if p.ndim >= 2 and n not in tables]
+    assert weights and all(decay[n] == cfg.weight_decay for n in weights)

@@ -231,6 +231,8 @@ def test_train_refuses_flags_its_optimizer_ignores(capsys, tmp_path):
          "--method, --momentum: optimizer 'soap'"),
         (["--optimizer", "cadamw", "--adamw-lr", "0.01"],
          "--adamw-lr: optimizer 'cadamw' does not use it (one lr"),
+        (["--optimizer", "galore", "--adamw-beta2", "0.99"],
+         "--adamw-beta2: optimizer 'galore' does not use it (its betas are its own)"),
     ):  # fmt: skip
         assert main(["train", "--preset", "smoke", "--out-dir", str(out), *argv]) == 2
         err = capsys.readouterr().err

@@ -65,6 +65,8 @@ def config_overrides(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
 #: config keys that only the HTMuon family (one ``htmuon.HTMuon``) reads: AdamW and the baselines
 #: from other libraries ignore them
 HTMUON_ONLY_KEYS = ("p", "method", "spectrum", "scale", "interval", "momentum")
+#: baselines whose betas are their own (SOAP, GaLore): ``--adamw-beta1/2`` would be ignored
+OWN_BETAS = ("soap", "galore")
 
 
 def check_used_keys(optimizer: str, keys, where: str = "", flags: bool = False) -> None:
@@ -80,11 +82,18 @@ def check_used_keys(optimizer: str, keys, where: str = "", flags: bool = False) 
     unused = [
         k
         for k in keys
-        if (k in HTMUON_ONLY_KEYS and not family) or (k == "adamw_lr" and optimizer in NO_ADAMW_PART)
+        if (k in HTMUON_ONLY_KEYS and not family)
+        or (k == "adamw_lr" and optimizer in NO_ADAMW_PART)
+        or (k in ("adamw_beta1", "adamw_beta2") and optimizer in OWN_BETAS)
     ]
     if unused:
         what = ", ".join("--" + k.replace("_", "-") if flags else k for k in unused)
-        why = "one lr trains every parameter" if unused == ["adamw_lr"] else "not of the HTMuon family"
+        if unused == ["adamw_lr"]:
+            why = "one lr trains every parameter"
+        elif set(unused) <= {"adamw_beta1", "adamw_beta2"}:
+            why = "its betas are its own"
+        else:
+            why = "not of the HTMuon family"
         raise UserError(f"{where}{what}: optimizer '{optimizer}' does not use it ({why})")
 
 

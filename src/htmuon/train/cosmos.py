@@ -3,13 +3,17 @@
 COSMOS splits each matrix's update between a tracked rank-``r`` eigen-subspace of the gradient's
 second moment ``E[G^T G]``, where it runs Adam in that basis (SOAP-like), and the orthogonal
 complement, where it takes a Muon (Newton-Schulz) step. Everything else is trained by AdamW. The
-algorithm follows the paper and the authors' published version of it (lliu606/COSMOS,
-``COSMOS_optim.py``); the differences are named in :class:`COSMOS`.
+algorithm follows the authors' current code (lliu606/COSMOS, ``COSMOS_optim.py`` of 2026, with its
+default ``nestrov=True``); the differences are named in :class:`COSMOS`. The HTMuon paper's scripts
+ran the authors' earlier ``COSMOS.py`` (``COSMOS_for_llama``, betas 0.9/0.95/0.95, ``lr_ratio``
+0.25): a plain EMA momentum instead of the Nesterov-like ``N_t`` below, the Muon part weighted by
+``lr_ratio`` instead of :data:`COSMOS_MUON_WEIGHT`, and no weight decay.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -58,7 +62,8 @@ class COSMOS(Optimizer):
         params: parameters or groups; a group may set ``algorithm`` to ``"cosmos"`` (default) or
             ``"adamw"``.
         lr: learning rate (the entry RMS of a matrix step; AdamW's lr for AdamW groups).
-        betas: ``(beta1, beta2)`` for the COSMOS part (the authors': 0.9, 0.95).
+        betas: ``(beta1, beta2)`` for the COSMOS part (the HTMuon paper's runs: 0.9, 0.95; the
+            authors' README: 0.95, 0.95).
         rank: dimension of the Adam subspace (the authors': 64).
         gamma: weight of the Muon part (:data:`COSMOS_MUON_WEIGHT`).
         eps: added to the Adam denominators and norms.
@@ -85,15 +90,6 @@ class COSMOS(Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         max_rows: int = COSMOS_MAX_ROWS,
     ):
-        if not lr > 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        for name, b in (("betas", betas), ("adamw_betas", adamw_betas)):
-            if len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
-                raise ValueError(f"Invalid {name}: {b} (two numbers in [0, 1))")
-        if rank < 1:
-            raise ValueError(f"Invalid rank: {rank} (must be >= 1)")
-        if gamma < 0.0 or eps < 0.0 or weight_decay < 0.0:
-            raise ValueError(f"Invalid gamma/eps/weight_decay: {gamma}/{eps}/{weight_decay} (must be >= 0)")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -105,10 +101,34 @@ class COSMOS(Optimizer):
             max_rows=max_rows,
             algorithm="cosmos",
         )
+        _check_group(defaults, "")
         super().__init__(params, defaults)
-        for g in self.param_groups:
-            if g["algorithm"] not in ("cosmos", "adamw"):
-                raise ValueError(f"Invalid algorithm: {g['algorithm']!r}; valid: ('cosmos', 'adamw')")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (the constructor's groups come through it too), then the group's
+        values checked as the constructor's arguments; a refused group is not added."""
+        super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1], f" in param group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, keeping a COSMOS matrix's state in float32: torch casts loaded
+        state to the parameter's dtype, and the step works on a float32 copy of the gradient (a
+        bfloat16 or float64 parameter's resumed step failed on mixed dtypes)."""
+        kept = {}
+        for saved_group in state_dict["param_groups"]:
+            for key in saved_group["params"]:
+                s = state_dict["state"].get(key)
+                if s is not None and "basis" in s:
+                    kept[key] = {k: v for k, v in s.items() if isinstance(v, Tensor)}
+        super().load_state_dict(state_dict)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, key in zip(group["params"], saved_group["params"]):
+                for k, v in kept.get(key, {}).items():
+                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
 
     def _uses_cosmos(self, group: dict[str, Any], p: Tensor) -> bool:
         return group["algorithm"] == "cosmos" and p.ndim == 2 and p.shape[0] <= group["max_rows"]
@@ -189,3 +209,27 @@ class COSMOS(Optimizer):
         if wd:
             p.mul_(1.0 - lr * wd)
         p.add_((D / (D.norm() + eps)).to(p.dtype), alpha=-lr * scale)
+
+
+def _check_group(group: dict[str, Any], where: str) -> None:
+    """A ValueError naming the first invalid hyperparameter of a group (or of the defaults)."""
+
+    def real(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    lr, rank, max_rows = group["lr"], group["rank"], group["max_rows"]
+    if not (real(lr) and 0.0 < lr < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr!r}{where} (must be a finite number > 0)")
+    for name in ("betas", "adamw_betas"):
+        b = group[name]
+        if len(b) != 2 or not all(real(x) and 0.0 <= x < 1.0 for x in b):
+            raise ValueError(f"Invalid {name}: {b!r}{where} (two numbers in [0, 1))")
+    for name, value in (("rank", rank), ("max_rows", max_rows)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"Invalid {name}: {value!r}{where} (must be an integer >= 1)")
+    for name in ("gamma", "eps", "weight_decay"):
+        value = group[name]
+        if not (real(value) and 0.0 <= value < math.inf):
+            raise ValueError(f"Invalid {name}: {value!r}{where} (must be a finite number >= 0)")
+    if group["algorithm"] not in ("cosmos", "adamw"):
+        raise ValueError(f"Invalid algorithm: {group['algorithm']!r}{where}; valid: ('cosmos', 'adamw')")

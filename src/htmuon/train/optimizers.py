@@ -287,10 +287,15 @@ def build_baseline(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "mars":
         # MARS-AdamW (the paper's main variant) on every >= 2-D weight (the paper's GPT-2 runs: the
-        # embeddings and head too); its built-in AdamW (lr_1d, betas_1d) on vectors
+        # embeddings and head too); its built-in AdamW (lr_1d, betas_1d) on vectors. A ViT's class
+        # token / position table (>= 2-D, so MARS-AdamW) in a group of its own without weight decay
         po = _require("pytorch_optimizer", name)
+        tables = [p for p in params if _is_table(p)]
+        groups = [{"params": [p for p in params if not _is_table(p)]}]
+        if tables:
+            groups.append({"params": tables, "weight_decay": 0.0})
         return po.MARS(
-            params,
+            groups,
             lr=lr,
             betas=(0.95, 0.99),
             gamma=0.025,
