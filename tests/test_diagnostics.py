@@ -766,3 +766,49 @@ def _subprocess_env():
 
     src = os.path.dirname(os.path.dirname(os.path.abspath(htmuon.__file__)))
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # nn.DataParallel's torch.jit use
+def test_a_wrapped_model_has_its_checkpoints_layer_names(tmp_path):
+    """analyze(torch.compile(model)), analyze(DataParallel(model)), an AlphaTracker on either, and a DDP
+    state_dict in memory named the layers '_orig_mod.0', 'module.0'; the same model's checkpoint
+    (prefixes removed) names them '0': side by side the rows did not meet."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32))
+    ref = analyze(model).alphas
+    wrapped = {
+        "compile": torch.compile(model),
+        "DataParallel": nn.DataParallel(model),
+        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+    }
+    for what, obj in wrapped.items():
+        assert analyze(obj).alphas == pytest.approx(ref, rel=1e-12), what
+    assert AlphaTracker(every=1)(torch.compile(model), 0)["alphas"] == pytest.approx(ref, rel=1e-12)
+    torch.save(torch.compile(model).state_dict(), tmp_path / "c.pt")
+    assert analyze(tmp_path / "c.pt").alphas == pytest.approx(ref, rel=1e-12)
+
+
+def test_quantized_checkpoint_weights_are_listed_as_skipped_not_dropped(tmp_path):
+    """An int8 (LLM.int8) or GPTQ/AWQ int32 'qweight' matrix was dropped without a word: a quantized
+    checkpoint's report held its embedding and head only, its mean alpha over those."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32))
+    sd = model.state_dict()
+    sd["2.weight"] = (sd["2.weight"] * 100).round().to(torch.int8)
+    sd["2.SCB"] = torch.ones(32)
+    torch.save(sd, tmp_path / "q.pt")
+    for obj in (sd, tmp_path / "q.pt"):
+        rep = analyze(obj)
+        assert list(rep.alphas) == ["0"]
+        assert rep.skipped == [("2", "weight dtype int8 is not a real floating-point dtype")]
+
+
+def test_a_gram_product_under_autocast_stays_in_the_compute_dtype():
+    """AlphaTracker(method="gram", dtype=torch.float32) called inside the training step's autocast block
+    formed the Gram matrices in bfloat16 (alpha off in the 3rd digit; fp16 on a GPU can overflow)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    ref = analyze(model, method="gram", dtype=torch.float32).alphas
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = analyze(model, method="gram", dtype=torch.float32).alphas
+    assert got == pytest.approx(ref, rel=1e-6)

@@ -584,3 +584,140 @@ def test_a_checkpoint_replaced_while_open_is_refused_not_read(tmp_path):
         os.replace(other, path)
         with pytest.raises(ValueError, match=r"changed while being read"):
             analyze(ckpt)
+
+
+# ----------------------------------------------------------------------------- inputs a user has
+
+
+def test_lightning_checkpoint_of_a_compiled_or_wrapped_submodule(tmp_path):
+    """A LightningModule holding ``self.model = torch.compile(net)`` saves keys ``model._orig_mod.*``:
+    both prefixes are removed, so the layers are named as the module's (they kept ``_orig_mod.``)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32))
+    ref = analyze(net)
+    for inner in ("_orig_mod.", "module."):
+        sd = {f"model.{inner}{k}": v for k, v in net.state_dict().items()}
+        path = tmp_path / f"{inner.strip('.')}.ckpt"
+        torch.save({"state_dict": sd, "pytorch-lightning_version": "2.6.6", "epoch": 0}, path)
+        rep = analyze(path)
+        assert rep.alphas == pytest.approx(ref.alphas, rel=1e-12), inner
+        assert f"removed key prefix {inner!r}" in rep.meta["notes"]
+
+
+def test_cut_archive_lfs_pointer_and_optimizer_only_files_say_what_they_are(tmp_path, capsys):
+    """One line naming the file and what is wrong with it: a torch.save archive cut short (miniz said
+    'OSError: [Errno 22] Invalid argument'), a Git LFS pointer where the weights should be (a model
+    repository cloned without git lfs), a file holding an optimizer's state_dict or other keys only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 32))
+    torch.save(model.state_dict(), tmp_path / "whole.pt")
+    ref = analyze(model)
+    data = (tmp_path / "whole.pt").read_bytes()
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123456\n"
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(lfs)
+    (tmp_path / "pytorch_model.bin").write_bytes(lfs)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 40)).sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    torch.save({"optimizer": opt.state_dict(), "step": 1}, tmp_path / "opt-step.pt")
+    cases = {
+        "git-lfs-folder": (tmp_path / "hf", tmp_path / "hf" / "model.safetensors", "Git LFS pointer"),
+        "git-lfs-bin": (tmp_path / "pytorch_model.bin", None, "git lfs pull"),
+        "optimizer": (tmp_path / "opt.pt", None, "an optimizer's state_dict: no model weights"),
+        "other keys": (tmp_path / "opt-step.pt", None, "holds a dict with keys 'optimizer', 'step'"),
+    }
+    for cut in (2000, 5000, len(data) // 2, len(data) - 1):
+        (tmp_path / f"cut{cut}.pt").write_bytes(data[:cut])
+        cases[f"cut {cut}"] = (tmp_path / f"cut{cut}.pt", None, "the zip archive is cut short")
+    for what, (target, named, why) in cases.items():
+        with pytest.raises(ValueError, match=re.escape(why)):
+            analyze(target)
+        rc, out, err = run_cli([target], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and out == "" and len(lines) == 1, (what, err)
+        assert str(named or target) in lines[0] and why in lines[0], (what, lines[0])
+    assert analyze(tmp_path / "whole.pt").alphas == pytest.approx(ref.alphas, rel=1e-12)  # the uncut one
+
+
+def test_a_file_and_its_folder_get_distinct_labels(tmp_path):
+    """`htmuon esd run/ckpt.prev.pt run` labelled both '<whole path>/run#1', '#2'; the file's name tells
+    them apart."""
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    for f in ("ckpt.pt", "ckpt.prev.pt"):
+        (run / f).write_bytes(b"")
+    assert target_labels([f"{run}/ckpt.prev.pt", str(run)]) == ["run/ckpt.prev.pt", "run"]
+    assert target_labels([str(run), f"{run}/ckpt.pt", f"{run}/ckpt.prev.pt"]) == [
+        "run",
+        "run/ckpt.pt",
+        "run/ckpt.prev.pt",
+    ]
+
+
+def test_cli_missing_path_with_a_colon_is_named_as_missing(tmp_path, capsys):
+    """`htmuon esd runs/exp:1` (a missing folder) said "cannot import module 'runs/exp'"."""
+    rc, out, err = run_cli([tmp_path / "runs" / "exp:1"], capsys)
+    assert rc == 2 and f"no such checkpoint file or folder: '{tmp_path}/runs/exp:1'" in err, err
+
+
+def test_alpha_tracker_refuses_bad_options_when_made_not_at_its_first_analysis():
+    """AlphaTracker(every=1000, method="bogus") (or a misspelt keyword, a bad regex) was accepted and
+    failed at step 0 -- or at step 1000, hours into a run whose loop counts from 1."""
+    from htmuon.diagnostics import AlphaTracker
+
+    for kwargs, err, match in (
+        ({"method": "bogus"}, ValueError, "Invalid method: 'bogus'"),
+        ({"lyers": "x"}, TypeError, "unexpected keyword argument 'lyers'"),
+        ({"layers": "("}, ValueError, "Invalid layers regex '\\('"),
+        ({"dtype": torch.float16}, ValueError, "Invalid dtype"),
+        ({"conv1d": "taps"}, ValueError, "Invalid conv1d: 'taps'"),
+        ({"max_N": -1}, ValueError, "Invalid max_N: -1"),
+        ({"callback": "wandb"}, TypeError, "callback must be callable"),
+    ):
+        with pytest.raises(err, match=match):
+            AlphaTracker(every=1000, **kwargs)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32))
+    tracker = AlphaTracker(every=2, layers=r"^2$", method="svd", dtype=torch.float64)
+    assert tracker(model, 1) is None
+    rec = tracker(model, 2)
+    assert list(rec["alphas"]) == ["2"]
+    assert rec["alphas"]["2"] == pytest.approx(analyze(model, method="svd").alphas["2"], rel=1e-12)
+
+
+def test_deepspeed_model_states_file(tmp_path):
+    """DeepSpeed's ``global_stepN/mp_rank_00_model_states.pt`` keeps the weights under ``"module"``
+    (beside ``buffer_names``, ``ds_config``, ...): it was refused as a dict without a state_dict."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 32)).to(torch.bfloat16)
+    state = {
+        "module": model.state_dict(),
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": [{k: v.shape for k, v in model.named_parameters()}],
+        "global_steps": 10,
+        "ds_config": {"train_batch_size": 8},
+        "ds_version": "0.16.0",
+    }
+    (tmp_path / "global_step10").mkdir()
+    torch.save(state, tmp_path / "global_step10" / "mp_rank_00_model_states.pt")
+    rep = analyze(tmp_path / "global_step10")
+    assert rep.alphas == pytest.approx(analyze(model).alphas, rel=1e-12) and len(rep) == 2
+
+
+def test_a_checkpoint_of_meta_tensors_is_a_one_line_error_naming_it(tmp_path, capsys):
+    """A state_dict saved from a model built on the meta device (never loaded) ended in a traceback,
+    "Tensor.item() cannot be called on meta tensors"; an error raised while reading a batch lost the
+    opening quote of its path ("w.pt': ...")."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 32))
+    path = tmp_path / "meta.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ValueError, match="tensor '0.weight' is on the meta device and holds no values"):
+        analyze(path)
+    rc, out, err = run_cli([path], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"htmuon esd: error: '{path}': tensor '0.weight' is on the meta device"), err

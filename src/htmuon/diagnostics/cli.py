@@ -16,10 +16,14 @@ import argparse
 import csv
 import importlib
 import os
+import re
 import sys
 
 from .esd import COLUMNS, METHODS
 from .powerlaw import FITS
+
+#: ``package.module:factory``.
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -65,9 +69,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _is_factory(target: str) -> bool:
-    return (
-        ":" in target and not os.path.exists(target) and not target.endswith((".pt", ".pth", ".bin", ".ckpt"))
-    )
+    """``package.module:factory`` (dotted names, a ``:``), not a path: ``runs/exp:1`` is a missing folder."""
+    return _FACTORY.fullmatch(target) is not None and not os.path.exists(target)
 
 
 def _load_target(target: str, allow_pickle: bool = False):
@@ -133,6 +136,7 @@ def target_labels(targets: list[str]) -> list[str]:
     files = [
         p for p, t in zip(paths, targets) if p is not None and not (os.path.isdir(p) or t.endswith(os.sep))
     ]
+    folders = {p for p in paths if p is not None and p not in files}
     chains: list[list[str]] = []
     for t, p in zip(targets, paths):
         if p is None:
@@ -140,7 +144,9 @@ def target_labels(targets: list[str]) -> list[str]:
             continue
         parts = [x for x in p.split(os.sep) if x] or [p]
         if p in files and len(parts) > 1:
-            shared = sum(os.path.dirname(f) == os.path.dirname(p) for f in files) > 1
+            # several files of one folder, or a file beside its folder given too: the file's name counts
+            folder = os.path.dirname(p)
+            shared = sum(os.path.dirname(f) == folder for f in files) > 1 or folder in folders
             parts = parts if shared else parts[:-1]  # the run folder; with its siblings, the file too
             first = len(parts) - (2 if shared else 1)
         else:
@@ -215,7 +221,9 @@ def main(args: argparse.Namespace) -> int:
         try:
             report = analyze(obj, fit=args.fit, layers=args.layers, device=args.device, method=args.method)
         except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-            msg = " ".join(str(e).strip("'\"").splitlines())
+            # str() of a KeyError quotes its text
+            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            msg = " ".join(text.splitlines())
             raise UserError(msg if target in msg else f"{target}: {msg}") from e
         finally:
             if hasattr(obj, "close"):

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from ..routing import kind_from_name
 from .powerlaw import EVALS_THRESH, FITS, _check_fit, fit_powerlaw
-from .readers import Checkpoint, TensorMeta, _storage_view, open_checkpoint
+from .readers import Checkpoint, TensorMeta, _storage_view, _strip_prefixes, open_checkpoint
 
 __all__ = [
     "COLUMNS",
@@ -316,11 +316,10 @@ _Cand = tuple[str, "str | None", "Tensor | TensorMeta | None", str]
 
 
 def _state_dict_cands(items: Iterable[tuple[str, Tensor | TensorMeta]]) -> list[_Cand]:
-    """Floating 2-4-D tensors whose key ends in ``weight`` (biases, norms and buffers are not layers)."""
+    """2-4-D tensors whose key ends in ``weight`` (biases, norms and buffers are not layers); one that
+    is not floating point (a quantized layer's) is a candidate that :func:`_prepare` skips, saying why."""
     cands = []
     for key, t in items:
-        if not (t.is_floating_point() if isinstance(t, Tensor) else t.is_floating_point):
-            continue
         if not str(key).endswith("weight") and str(key) != "tensor":  # "tensor": a file of one bare tensor
             continue
         kind = _shape_kind(t)
@@ -345,6 +344,13 @@ def _untied(cands: list[_Cand]) -> list[_Cand]:
             seen.add(key)
         out.append(cand)
     return out
+
+
+def _unwrapped(cands: list[_Cand]) -> list[_Cand]:
+    """A wrapped module's layers under the names its checkpoint gives them: the ``module.`` (DDP,
+    DataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes removed when every name has them."""
+    names, _ = _strip_prefixes([c[0] + "." for c in cands], lightning=False)
+    return [(n[:-1] or c[0], *c[1:]) for n, c in zip(names, cands)]
 
 
 def _dtensor_type() -> type | None:
@@ -412,14 +418,16 @@ def _collect(obj: Any) -> tuple[list[_Cand], str]:
             w = getattr(m, "weight", None)
             w = _replicated_local(w) if isinstance(w, Tensor) else None
             cands.append((name or type(m).__name__, kind, w, ""))
-        return _untied(cands), f"model {type(obj).__name__}"
+        return _unwrapped(_untied(cands)), f"model {type(obj).__name__}"
     if isinstance(obj, Tensor):
         _check_tensor_arg(obj)
         return [("tensor", _shape_kind(obj), _replicated_local(obj), "")], "tensor"
     if isinstance(obj, Checkpoint):
         return _state_dict_cands(obj.entries.items()), f"{obj.format} checkpoint {obj.path!r}"
     if isinstance(obj, Mapping):
-        items = ((k, _replicated_local(t)) for k, t in obj.items() if isinstance(t, Tensor))
+        items = [(k, _replicated_local(t)) for k, t in obj.items() if isinstance(t, Tensor)]
+        names, _ = _strip_prefixes([str(k) for k, _ in items], lightning=False)
+        items = [(n, t) for n, (_, t) in zip(names, items)]
         return _untied(_state_dict_cands(items)), "state_dict"
     raise TypeError(
         "analyze() takes an nn.Module, a state_dict, a checkpoint path or Checkpoint, or a tensor, "
@@ -456,8 +464,10 @@ def _prepare(
     """The layer's geometry from its weight's shape; a skip reason (str) if the layer can't be used."""
     shape = tuple(w.shape)
     weight = w.detach() if isinstance(w, Tensor) else None
-    if weight is not None and not weight.is_floating_point():  # a quantized or complex module weight
-        return f"weight dtype {str(weight.dtype).replace('torch.', '')} is not a real floating-point dtype"
+    if not (weight.is_floating_point() if weight is not None else w.is_floating_point):
+        # a quantized (int8 LLM.int8, GPTQ/AWQ qweight) or complex weight: listed, not dropped unseen
+        dtype = str(w.dtype).replace("torch.", "") if w.dtype is not None else "unknown"
+        return f"weight dtype {dtype} is not a real floating-point dtype"
     dev = weight.device if weight is not None else torch.device("cpu")
     common = {"weight": weight, "key": key, "device": dev, "wdtype": w.dtype}
     if kind == "conv2d" and len(shape) == 4:
@@ -525,7 +535,8 @@ def _eigs(mats: Tensor, method: str) -> Tensor:
     """Eigenvalues of ``W^T W`` for a batch ``(B, a, b)``: ``(B, min(a, b))``, unsorted."""
     if method == "svd":
         return torch.linalg.svdvals(mats).square()
-    g = mats.mT @ mats if mats.shape[-2] >= mats.shape[-1] else mats @ mats.mT
+    with torch.autocast(mats.device.type, enabled=False):  # a float32 Gram product, not a bf16/fp16 one
+        g = mats.mT @ mats if mats.shape[-2] >= mats.shape[-1] else mats @ mats.mT
     return torch.linalg.eigvalsh(g).clamp_min(0.0)
 
 

@@ -17,7 +17,8 @@ Formats (a folder is searched in this order):
   tensors under ``model.`` are used with that prefix removed; otherwise all tensors.
 * ``torch.save`` files (``.pt``, ``.pth``, ``.bin``, Lightning ``.ckpt``; htmuon's run folder
   ``ckpt.pt``): a state_dict, or a dict with one under ``"model"`` (htmuon, most training loops),
-  ``"state_dict"`` (Lightning) or ``"model_state_dict"`` (the PyTorch tutorial's checkpoint), tried
+  ``"state_dict"`` (Lightning), ``"model_state_dict"`` (the PyTorch tutorial's checkpoint) or
+  ``"module"`` (DeepSpeed's ``mp_rank_00_model_states.pt``), tried
   in that order (the first that holds weights is used; the report's notes name any other). Loaded
   with ``weights_only=True`` and ``mmap=True`` (zip format): only the pickle is parsed, tensor
   bytes are read when used. An htmuon training checkpoint (its
@@ -31,7 +32,8 @@ Formats (a folder is searched in this order):
 
 Key prefixes: ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) are removed when every
 tensor key has them; in a Lightning checkpoint the LightningModule's attribute (e.g. ``model.``) is
-removed when every key shares it, so names match the same model saved by Hugging Face or htmuon.
+removed when every key shares it (then those wrapper prefixes again: ``model._orig_mod.``), so names
+match the same model saved by Hugging Face or htmuon.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ FOLDER_FILES = (SAFETENSORS_INDEX, SAFETENSORS, BIN_INDEX, BIN, DCP_METADATA, HT
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 #: Keys of a training checkpoint dict that hold the model's state_dict, in the order tried: htmuon and
 #: most training loops, Lightning, the PyTorch tutorial's
-#: ``{"model_state_dict": ..., "optimizer_state_dict": ...}``.
-STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+#: ``{"model_state_dict": ..., "optimizer_state_dict": ...}``, DeepSpeed's ``mp_rank_00_model_states.pt``.
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
 #: Wrapper prefixes removed when every tensor key has them (DDP, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -83,6 +85,9 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 _ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_END = b"PK\x05\x06"  # a zip's end-of-central-directory record
+#: How a Git LFS pointer file starts (a model repository cloned without ``git lfs``).
+_LFS_POINTER = b"version https://git-lfs"
 _PICKLE_PROTO = 0x80
 
 
@@ -152,15 +157,20 @@ class Checkpoint:
 def _strip_prefixes(keys: list[str], lightning: bool) -> tuple[dict[str, str], list[str]]:
     """``{name: stored key}`` with the wrapper (and Lightning attribute) prefixes removed."""
     names = list(keys)
-    notes = []
-    changed = True
-    while changed and names:
-        changed = False
-        for p in WRAPPER_PREFIXES:
-            if all(n.startswith(p) for n in names):
-                names = [n[len(p) :] for n in names]
-                notes.append(f"removed key prefix {p!r}")
-                changed = True
+    notes: list[str] = []
+
+    def unwrap(names: list[str]) -> list[str]:
+        changed = True
+        while changed and names:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if all(n.startswith(p) for n in names):
+                    names = [n[len(p) :] for n in names]
+                    notes.append(f"removed key prefix {p!r}")
+                    changed = True
+        return names
+
+    names = unwrap(names)
     if lightning and names:
         first = {n.split(".", 1)[0] for n in names}
         if len(first) == 1 and all("." in n for n in names):
@@ -169,6 +179,8 @@ def _strip_prefixes(keys: list[str], lightning: bool) -> tuple[dict[str, str], l
             if all("." in n for n in rest):  # keep "layer.weight", never leave a bare "weight"
                 names = rest
                 notes.append(f"removed the LightningModule attribute prefix {p!r}")
+                # a compiled or DDP-wrapped submodule (self.model = torch.compile(net)): "model._orig_mod."
+                names = unwrap(names)
     return dict(zip(names, keys)), notes
 
 
@@ -284,7 +296,26 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
             "code from the file: if you trust it, pass allow_pickle=True (htmuon esd --allow-pickle)"
         ) from e
     except Exception as e:  # zip/format errors come in many types
+        if mmap and not _zip_has_end(path):  # miniz says "Invalid argument" or "central directory"
+            raise ValueError(
+                f"cannot read {path!r} as a torch checkpoint: the zip archive is cut short (no "
+                "end-of-archive record; an interrupted save or copy?)"
+            ) from e
         raise ValueError(f"cannot read {path!r} as a torch checkpoint: {type(e).__name__}: {e}") from e
+
+
+def _zip_has_end(path: str) -> bool:
+    """Whether a zip file ends with its end-of-central-directory record (a cut archive does not);
+    htmuon's checksum trailer may follow it."""
+    from htmuon.train import checkpoint
+
+    size = os.path.getsize(path)
+    tail = 22 + 0xFFFF + checkpoint.TRAILER_LEN  # the record, its longest comment, the trailer
+    with open(path, "rb") as f:
+        f.seek(max(0, size - tail))
+        data = f.read()
+    at = data.rfind(_ZIP_END)  # the record: 22 bytes, the last 2 its comment's length
+    return at >= 0 and len(data) - at >= 22 + int.from_bytes(data[at + 20 : at + 22], "little")
 
 
 def _storage_view(t: Tensor) -> tuple:
@@ -465,6 +496,12 @@ class _TorchCheckpoint(Checkpoint):
                     f"{file!r} pickles a {obj.qualname} object, not a state_dict; loading it would execute "
                     "code from the file: if you trust it, pass allow_pickle=True (htmuon esd --allow-pickle)"
                 )
+            if isinstance(obj, Mapping) and {"state", "param_groups"} <= set(obj):
+                what = "dict with keys 'state', 'param_groups' (an optimizer's state_dict: no model weights)"
+            elif isinstance(obj, Mapping):
+                keys = [repr(k) for k in list(obj)[:8]]
+                more = ", ..." if len(obj) > 8 else ""
+                what = f"dict with keys {', '.join(keys)}{more}" if keys else "dict with no entries"
             raise ValueError(
                 f"{file!r} holds a {what}, not a state_dict (name -> tensor) "
                 f"or a dict with one under {' or '.join(map(repr, STATE_DICT_KEYS))}"
@@ -486,6 +523,12 @@ class _TorchCheckpoint(Checkpoint):
                 t = sd.get(self._where[n][1])
                 if not isinstance(t, Tensor):
                     raise ValueError(f"{file!r} changed while being read: no tensor {self._where[n][1]!r}")
+                if t.device.type == "meta":
+                    raise ValueError(
+                        f"{file!r}: tensor {self._where[n][1]!r} is on the meta device and holds no values "
+                        "(saved from a model built under torch.device('meta') or init_empty_weights, never "
+                        "loaded)"
+                    )
                 out[n] = t
         return out
 
@@ -593,6 +636,16 @@ class _DCPCheckpoint(Checkpoint):
 # ----------------------------------------------------------------------------- dispatch
 
 
+def _refuse_lfs_pointer(path: str) -> None:
+    """A one-line error for a Git LFS pointer file in place of the weights."""
+    with open(path, "rb") as f:
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise ValueError(
+                f"cannot read {path!r}: it is a Git LFS pointer, not the weights (cloned without git lfs? "
+                "run `git lfs pull` in its repository)"
+            )
+
+
 def _read_index(path: str) -> dict[str, str]:
     try:
         with open(path) as f:
@@ -607,6 +660,7 @@ def _read_index(path: str) -> dict[str, str]:
     for shard in dict.fromkeys(files.values()):
         if not os.path.isfile(shard):
             raise ValueError(f"{path!r} names the shard {shard!r}, which does not exist")
+        _refuse_lfs_pointer(shard)
     return files
 
 
@@ -616,6 +670,7 @@ def _open_file(path: str, allow_pickle: bool) -> Checkpoint:
         if all(f.endswith(".safetensors") for f in files.values()):
             return _SafetensorsCheckpoint(path, files)
         return _TorchCheckpoint(path, files, allow_pickle)
+    _refuse_lfs_pointer(path)
     with open(path, "rb") as f:
         head = f.read(9)
     header_len = int.from_bytes(head[:8], "little")  # safetensors: 8-byte header length, JSON header

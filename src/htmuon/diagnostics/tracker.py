@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
-from .esd import ESDReport, analyze
+from .esd import (
+    CONV1D_MODES,
+    ESDReport,
+    _layer_filter,
+    _resolve_device,
+    _resolve_dtype,
+    _resolve_method,
+    analyze,
+)
 from .powerlaw import _check_fit
 
 __all__ = ["AlphaTracker"]
@@ -55,6 +65,9 @@ class AlphaTracker:
             raise ValueError(f"Invalid every: {every!r}; expected an int >= 1")
         self.every = every
         self.fit = _check_fit(fit)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+        _check_analyze_kwargs(analyze_kwargs)
         self.callback = callback
         self.analyze_kwargs = analyze_kwargs
         self.history: list[dict[str, Any]] = []
@@ -75,3 +88,23 @@ class AlphaTracker:
     def mean_alphas(self) -> list[tuple[int, float]]:
         """``[(step, mean_alpha), ...]`` over the history."""
         return [(r["step"], r["mean_alpha"]) for r in self.history]
+
+
+def _check_analyze_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse, when the tracker is made, options that :func:`analyze` would refuse at its first call
+    (which may be hours into training): an unknown keyword, a bad regex, method, dtype or device."""
+    try:
+        inspect.signature(analyze).bind(None, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"AlphaTracker: {e} (extra keywords go to analyze())") from None
+    _layer_filter(kwargs.get("layers"))
+    dev = _resolve_device(kwargs.get("device"))
+    dtype = _resolve_dtype(dev or torch.device("cpu"), kwargs.get("dtype"))
+    _resolve_method(kwargs.get("method", "auto"), dtype)
+    conv1d = kwargs.get("conv1d", "slices")
+    if conv1d not in CONV1D_MODES:
+        raise ValueError(f"Invalid conv1d: {conv1d!r}; expected one of {', '.join(map(repr, CONV1D_MODES))}")
+    for k in ("min_evals", "max_evals", "max_N"):
+        v = kwargs.get(k, 0)
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"Invalid {k}: {v!r}; expected an int >= 0 (0 = no limit)")
