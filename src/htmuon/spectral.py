@@ -355,9 +355,10 @@ def decide(capability: Capability) -> tuple[str, torch.dtype]:
     * bfloat16 matmuls fast (CUDA and other accelerators; CPUs with AMX-BF16 or AVX-512-BF16):
       ``("fast", torch.bfloat16)`` -- ``U S^p V^T`` from Newton--Schulz matmuls in bfloat16, at
       ~1.2x Muon's matmul count, as ``torch.optim.Muon`` works.
-    * CPU without them (AVX2): ``("eigh", torch.float32)`` -- LAPACK's float64 eigendecomposition of
-      the small Gram matrix is exact and cheaper there than float32 Newton--Schulz, and Muon's
-      in-between steps (``interval``) run in float32 (bfloat16 would be 30-180x slower).
+    * CPU without them (AVX2, AVX-512 without BF16, or flags unreadable): ``("eigh", torch.float32)``
+      -- LAPACK's float64 eigendecomposition of the small Gram matrix is exact and cheaper there
+      than float32 Newton--Schulz, and Muon's in-between steps (``interval``) run in float32
+      (bfloat16 would be 30-180x slower).
     * other devices without fast bfloat16 (MPS, ...): ``("fast", torch.float32)`` (no LAPACK there).
 
     A pure function of ``capability``; :func:`device_capability` builds it for a real device.
