@@ -23,7 +23,7 @@ from torch import nn
 
 import htmuon
 import htmuon.functional
-from htmuon.distributed import ShardLayout
+from htmuon.distributed import ShardLayout, is_dtensor
 
 STEPS = 3
 
@@ -40,6 +40,12 @@ VARIANTS: dict[str, dict] = {
     # float64 directions from float32 matrices: the owner's bits must reach the others (and the plug-in)
     "svd64_normuon": dict(p=0.125, plugin="normuon", compute_dtype=torch.float64),
 }
+
+
+#: Settings that are torch.dtype values (what docs/distributed.md advises for nodes of different CPUs)
+DTYPE_SETTINGS = dict(
+    p=0.125, interval=2, plugin="normuon", ns_dtype=torch.float32, compute_dtype=torch.float64
+)
 
 
 class Batched(nn.Module):
@@ -633,6 +639,15 @@ def replicas_equal(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.equal(low, high))
 
 
+def contained(fn, *args) -> dict:
+    """``fn(*args)``, or ``{"error": ...}`` where it raises (on every rank alike, as a deterministic
+    refusal does, so that the other scenarios still run)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def attempt(fn) -> str:
     try:
         fn()
@@ -882,6 +897,43 @@ def loading() -> dict:
     good = {"state": {k: dict(v) for k, v in good["state"].items()}, "param_groups": good["param_groups"]}
     out["fsdp_good"] = attempt(lambda: set_optimizer_state_dict(model, opt, good))
 
+    # state laid out otherwise than the parameters (a column-sharded model's state dict in a row-sharded
+    # one; a NorMuon moment replicated where the step shards it with the rows): refused when loaded,
+    # naming the state (before: loaded, and the next step failed with a bare size mismatch)
+    from torch.distributed.tensor import Replicate
+
+    for case, options in (("fsdp_layout", {}), ("fsdp_moment_layout", {"plugin": "normuon"})):
+        model = fsdp_model(0, options)
+        opt = make_opt(model, options)
+        loss_fn(model, *half_batch(0)).backward()
+        opt.step()
+        if case == "fsdp_layout":
+            other = fsdp_model(0, options, columns=True)
+            other_opt = make_opt(other, options)
+            loss_fn(other, *half_batch(0)).backward()
+            other_opt.step()
+            sd = other_opt.state_dict()
+        else:
+            sd = opt.state_dict()
+            sd = {"state": {k: dict(v) for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+            names = {p: n for n, p in model.named_parameters()}
+            ids = {
+                names[p]: i
+                for g, sg in zip(opt.param_groups, sd["param_groups"])
+                for p, i in zip(g["params"], sg["params"])
+            }
+            fc1 = sd["state"][ids["fc1.weight"]]  # its moment is sharded with its rows
+            fc1["second_moment"] = fc1["second_moment"].redistribute(placements=[Replicate()])
+        before = snapshot(model, opt)
+        placements = [str(v.placements) for s in opt.state.values() for v in s.values() if is_dtensor(v)]
+        out[case] = attempt(lambda opt=opt, sd=sd: opt.load_state_dict(sd))
+        out[f"{case}_unchanged"] = unchanged(model, opt, before) and placements == [
+            str(v.placements) for s in opt.state.values() for v in s.values() if is_dtensor(v)
+        ]
+        opt.zero_grad()
+        loss_fn(model, *half_batch(1)).backward()
+        out[f"{case}_next"] = attempt(opt.step)
+
     torch.manual_seed(0)
     model = Net()
     opt = make_opt(model, {}, process_group=dist.group.WORLD)
@@ -901,9 +953,55 @@ def loading() -> dict:
     return out
 
 
+def reshard(phase: str) -> dict:
+    """torch.distributed.checkpoint across world sizes: ``save`` (2 processes) trains 3 steps under
+    FSDP2 and saves model and optimizer; ``load`` (3 processes) loads them into a fresh model and
+    optimizer and takes 3 more steps. Given the single-process gradients, the resumed run equals the
+    uninterrupted single-process run exactly. Column shards where they divide evenly, so the stack's
+    placement changes with the world size (Shard(1) on 2 ranks, Shard(0) on 3), and NorMuon's
+    moments, interval 2."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = VARIANTS["ns_interval_normuon"]
+    directory = os.environ["HTMUON_TEST_RESHARD_DIR"]
+    ref, ref_opt, grads = reference(options, steps=2 * STEPS)
+    model = fsdp_model(0 if phase == "save" else 123, options, columns=True)
+    opt = make_opt(model, options)
+    if phase == "load":
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=directory)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+    for step in range(STEPS) if phase == "save" else range(STEPS, 2 * STEPS):
+        for n, p in model.named_parameters():
+            p.grad = shard_like(grads[step][n], p)
+        opt.step()
+    if phase == "save":
+        dcp.save(
+            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+            checkpoint_id=directory,
+        )
+        return {}
+    return {"max_abs_diff": max_diff(model, ref), "state_diff": state_diff(opt, model, ref_opt, ref)}
+
+
 #: Scenarios run only when named (tests/test_distributed.py runs them in a launch of their own, with a
 #: short process-group timeout: where they would hang or abort, the other scenarios' results stay).
-ON_REQUEST = ("agreement", "finite_blind", "failures", "late_failures", "loading")
+ON_REQUEST = (
+    "agreement",
+    "finite_blind",
+    "failures",
+    "late_failures",
+    "loading",
+    "reshard_save",
+    "reshard_load",
+)
 
 
 def main() -> int:
@@ -938,12 +1036,18 @@ def main() -> int:
         jobs["fsdp_checkpoint"] = (lambda o: fsdp_checkpoint(o, ckpt_dir), VARIANTS["ns_interval_normuon"])
         jobs["parallel_ddp"] = (lambda o: parallel_helpers(o, "ddp"), VARIANTS["ns_interval_normuon"])
         jobs["parallel_fsdp"] = (lambda o: parallel_helpers(o, "fsdp"), VARIANTS["ns_interval_normuon"])
+        # dtype settings in the param groups: torch's full state dicts refuse a torch.dtype value
+        # (an error there, the same on every rank, fails this job's test alone)
+        jobs["parallel_fsdp_dtypes"] = (lambda o: contained(parallel_helpers, o, "fsdp"), DTYPE_SETTINGS)
         jobs["bad_inputs"] = (lambda o: bad_inputs(), {})
         jobs["ddp_refusals"] = (lambda o: ddp_refusals(), {})
         jobs["mismatch"] = (lambda o: mismatch(), {})
         jobs["hsdp_refusal"] = (lambda o: hsdp_refusal(), {})
         for name in ON_REQUEST:
-            jobs[name] = (lambda o, name=name: globals()[name](), {})
+            if name.startswith("reshard_"):
+                jobs[name] = (lambda o, name=name: reshard(name.removeprefix("reshard_")), {})
+            else:
+                jobs[name] = (lambda o, name=name: globals()[name](), {})
         for name, (fn, options) in jobs.items():
             if wanted and not any(name.startswith(w) for w in wanted):
                 continue

@@ -313,8 +313,10 @@ def test_process_group_without_init_process_group_is_a_clear_error():
 # ------------------------------------------------------------------------------- 2 processes
 
 
-def _launch(out_dir: Path, *scenarios: str, timeout_s: int | None = None) -> dict[str, dict]:
-    env = dict(os.environ)
+def _launch(
+    out_dir: Path, *scenarios: str, timeout_s: int | None = None, world: int = WORLD, env: dict | None = None
+) -> dict[str, dict]:
+    env = {**os.environ, **(env or {})}
     if timeout_s is not None:  # the process group's timeout: a collective that would hang fails then
         env["HTMUON_TEST_DIST_TIMEOUT"] = str(timeout_s)
     src = str(Path(htmuon.__file__).resolve().parents[1])
@@ -323,14 +325,14 @@ def _launch(out_dir: Path, *scenarios: str, timeout_s: int | None = None) -> dic
     rendezvous = out_dir / "rendezvous"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "dist_worker.py"), str(r), str(WORLD), str(rendezvous), str(out_dir)]
+            [sys.executable, str(HERE / "dist_worker.py"), str(r), str(world), str(rendezvous), str(out_dir)]
             + list(scenarios),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for r in range(WORLD)
+        for r in range(world)
     ]
     outputs = []
     for proc in procs:
@@ -344,7 +346,7 @@ def _launch(out_dir: Path, *scenarios: str, timeout_s: int | None = None) -> dic
     if failed:
         report = "\n".join(f"--- rank {r} exited {rc}; stderr:\n{err[-6000:]}" for r, rc, err in failed)
         pytest.fail(f"distributed worker failed:\n{report}")
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)}
+    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
 
 
 @pytest.fixture(scope="module")
@@ -661,6 +663,44 @@ def test_load_state_dict_is_refused_on_every_rank_together(alone, mode):
 
 @pytest.mark.distributed
 @distributed
+@pytest.mark.parametrize("case", ["fsdp_layout", "fsdp_moment_layout"])
+def test_state_laid_out_otherwise_than_the_parameters_is_refused_at_load(alone, case):
+    """FSDP2 state whose DTensors are sharded otherwise than the step reads them (a column-sharded
+    model's momentum in a row-sharded model; a NorMuon moment replicated where the step shards it with
+    the rows), loaded with opt.load_state_dict: refused on both ranks with one line naming the state and
+    both layouts, nothing changed, and the next step runs. Before: loaded, and the next step failed with
+    a bare "The size of tensor a (3) must match the size of tensor b (6)" (or a second-moment shard
+    shape)."""
+    key = "momentum_buffer" if case == "fsdp_layout" else "second_moment"
+    want = "(Shard(dim=0),)" if case == "fsdp_layout" else "(Shard(dim=1),)"
+    for r in alone("loading"):
+        assert r[case].startswith(
+            f"ValueError: optimizer state of parameter 'fc1.weight': {key} has placements"
+        ), r[case]
+        assert f"where the step needs {want} on DeviceMesh" in r[case], r[case]
+        assert r[f"{case}_unchanged"] is True and r[f"{case}_next"] == "no error", r
+
+
+@pytest.mark.distributed
+@distributed
+def test_fsdp_checkpoint_saved_on_2_processes_resumes_exactly_on_3(tmp_path):
+    """docs/distributed.md: the FSDP2 state reloads into another world size. dcp.save on 2 processes
+    after 3 steps, dcp.load on 3 (other shards: 7 rows -> 3 + 3 + 1, the stack's placement Shard(1) ->
+    Shard(0)), 3 more steps with the single-process gradients: parameters and every state tensor
+    equal the uninterrupted single-process run's."""
+    env = {"HTMUON_TEST_RESHARD_DIR": str(tmp_path / "dcp")}
+    (tmp_path / "save").mkdir(), (tmp_path / "load").mkdir()
+    _launch(tmp_path / "save", "reshard_save", timeout_s=120, env=env)
+    results = _launch(tmp_path / "load", "reshard_load", timeout_s=120, world=3, env=env)
+    for rank in range(3):
+        assert results[rank]["reshard_load"] == {"max_abs_diff": 0.0, "state_diff": 0.0}, (
+            rank,
+            results[rank],
+        )
+
+
+@pytest.mark.distributed
+@distributed
 def test_hsdp_replicas_refuse_a_step_together(results):
     r0, r1 = results[0]["hsdp_refusal"], results[1]["hsdp_refusal"]
     assert "other rank(s) failed in this step" in r0["error"], r0
@@ -670,14 +710,17 @@ def test_hsdp_replicas_refuse_a_step_together(results):
 
 @pytest.mark.distributed
 @distributed
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_dtypes"])
 def test_parallel_helpers_train_and_resume(results, mode):
     """htmuon.torchrun: wrap, slice the global batch, train; full state dicts reload exactly (and the
-    gathered FSDP2 state continues in a single process)."""
+    gathered FSDP2 state continues in a single process). ``fsdp_dtypes``: with ``ns_dtype`` and
+    ``compute_dtype`` given as dtypes, whose values torch's full state dicts refused ("Unexpected value
+    type <class 'torch.dtype'>")."""
     for rank in range(WORLD):
         r = results[rank][f"parallel_{mode}"]
+        assert "error" not in r, r
         assert r["max_abs_diff"] < TRAINING_TOL and r["resume_diff"] == 0.0, r
-        if mode == "fsdp":
+        if mode.startswith("fsdp"):
             assert r["single_resume_diff"] < TRAINING_TOL, r
 
 

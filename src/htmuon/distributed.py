@@ -65,6 +65,7 @@ __all__ = [
     "UnsharedFailure",
     "assign_owners",
     "check_group",
+    "check_state_layout",
     "is_dtensor",
     "local_tensor",
     "matrix_cost",
@@ -232,19 +233,56 @@ class ShardLayout:
         return self.dim is not None or src == owner
 
 
-def _second_moment_dim(param_shape: tuple[int, ...], dim: int | None, batch_3d: bool) -> int | None:
+def _second_moment_dim(
+    param_shape: tuple[int, ...], dim: int | None, batch_3d: bool, plugin: str | None = None
+) -> int | None:
     """The dim of the ``(B, m, n)``-shaped second moment that lines up with the parameter's shard dim.
 
     ``None`` (keep it replicated) when the parameter is replicated or its shard dim is merged into
-    the flattened columns of a conv kernel.
+    the flattened columns of a conv kernel, or (with ``plugin``) when that dim of the moment is not the
+    parameter's (NorMuon's ``(B, m, 1)`` moment of a matrix sharded along its columns).
     """
     if dim is None:
         return None
     if len(param_shape) == 2:
-        return dim + 1
-    if len(param_shape) == 3 and batch_3d:
-        return dim
-    return 1 if dim == 0 else None
+        vdim = dim + 1
+    elif len(param_shape) == 3 and batch_3d:
+        vdim = dim
+    else:
+        vdim = 1 if dim == 0 else None
+    if vdim is not None and plugin is not None:
+        vshape = second_moment_shape(matrix_shape(param_shape, batch_3d), plugin)
+        if vshape[vdim] != param_shape[dim]:
+            return None
+    return vdim
+
+
+def check_state_layout(param: Tensor, key: str, value: Any, group: dict[str, Any], where: str) -> None:
+    """Refuse a DTensor state value of an HTMuon matrix laid out otherwise than the sharded step uses it
+    (it reads the local shards as they are): ``momentum_buffer`` on the parameter's mesh with its
+    placements, ``second_moment`` sharded along the dim that lines up with the parameter's shard dim
+    (:func:`_second_moment_dim`). Before, such state (e.g. a column-sharded model's state dict loaded
+    into a row-sharded one) loaded, and the next step failed with a bare size mismatch. Other state
+    (AdamW's) is not checked: DTensor ops redistribute it."""
+    if key not in ("momentum_buffer", "second_moment") or not (is_dtensor(param) and is_dtensor(value)):
+        return
+    mod = _dtensor_module()
+    want = list(param.placements)
+    if key == "second_moment":
+        for k, placement in enumerate(want):
+            if type(placement) is mod.Shard:
+                vdim = _second_moment_dim(
+                    tuple(param.shape), placement.dim % param.ndim, group["batch_3d"], group["plugin"]
+                )
+                want[k] = mod.Replicate() if vdim is None else mod.Shard(vdim)
+    if value.device_mesh != param.device_mesh or list(value.placements) != want:
+        raise ValueError(
+            f"optimizer state of {where}: {key} has placements {tuple(value.placements)} on "
+            f"{value.device_mesh}, where the step needs {tuple(want)} on {param.device_mesh} (the "
+            f"parameter has {tuple(param.placements)}); a state dict of a model sharded otherwise: load "
+            "it with torch.distributed.checkpoint (dcp.load + set_optimizer_state_dict), which lays the "
+            "state out as this model's parameters"
+        )
 
 
 def check_group(group: dict[str, Any], index: int) -> None:
@@ -1113,9 +1151,7 @@ class DistributedStep:
         plugin = group["plugin"]
         if plugin is not None:
             vshape = second_moment_shape(mshape, plugin)
-            vdim = _second_moment_dim(shape, dim, group["batch_3d"])
-            if vdim is not None and vshape[vdim] != shape[dim]:
-                vdim = None
+            vdim = _second_moment_dim(shape, dim, group["batch_3d"], plugin)
             item.second_moment_layout = ShardLayout(vshape, vdim, world)
         return item
 

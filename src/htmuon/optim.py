@@ -31,6 +31,8 @@ ALGORITHMS = ("auto", "htmuon", "adamw")
 PLUGINS = (None, "normuon", "adamuon")
 LR_ADJUSTS = ("muon", "adamw_rms", "none")
 COMPUTE_DTYPES = (None, torch.float32, torch.float64)
+#: Group settings that hold a ``torch.dtype``; :meth:`HTMuon.state_dict` writes their names (``"float32"``).
+DTYPE_KEYS = ("ns_dtype", "compute_dtype")
 #: Group keys every HTMuon param group carries (a loaded state dict must have them all).
 GROUP_KEYS = (
     "lr",
@@ -179,6 +181,17 @@ def _check_loaded_values(key: str, value: Tensor, param: Tensor, where: str) -> 
         return
     why = f" after the cast to the parameter's dtype {str(param.dtype).replace('torch.', '')}" if cast else ""
     raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf{why}")
+
+
+def _dtype_names_to_dtypes(g: dict[str, Any]) -> None:
+    """The dtype names of a state dict's group (``"float32"``, see :meth:`HTMuon.state_dict`) back to
+    ``torch.dtype``, in place; anything else is left for the checks."""
+    for key in DTYPE_KEYS:
+        value = g.get(key)
+        if isinstance(value, str) and value != "auto":
+            dtype = getattr(torch, value.removeprefix("torch."), None)
+            if isinstance(dtype, torch.dtype):
+                g[key] = dtype
 
 
 def _new_step() -> Tensor:
@@ -425,6 +438,7 @@ class HTMuon(Optimizer):
         missing = [k for k in GROUP_KEYS if k not in g]
         if missing:
             raise ValueError(f"param group{where} lacks the HTMuon keys {missing}")
+        _dtype_names_to_dtypes(g)
 
         def bad(key: str, valid: str) -> ValueError:
             return ValueError(f"Invalid {key}{where}: {g[key]!r} ({valid})")
@@ -599,6 +613,18 @@ class HTMuon(Optimizer):
 
     # ---------------------------------------------------------------- state dicts
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, the dtype settings (``ns_dtype``, ``compute_dtype``) written as their
+        names (``"float32"``; :meth:`load_state_dict` reads both): torch.distributed.checkpoint's full
+        state dicts (``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``,
+        ``htmuon.torchrun.state_dicts`` under FSDP2) refuse a ``torch.dtype`` value."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in DTYPE_KEYS:
+                if isinstance(group.get(key), torch.dtype):
+                    group[key] = str(group[key]).removeprefix("torch.")
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict`, after checking it fits this optimizer.
 
@@ -683,6 +709,7 @@ class HTMuon(Optimizer):
             where = f"parameter {name(gi, pi)}"
             self._check_state(saved_groups[gi], param, state, where)
             for key, value in state.items():
+                _distributed.check_state_layout(param, key, value, saved_groups[gi], where)
                 if isinstance(value, Tensor) and value.is_floating_point():
                     _check_loaded_values(key, _distributed.local_tensor(value), param, where)
         hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
@@ -693,6 +720,8 @@ class HTMuon(Optimizer):
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
+        for group in self.param_groups:
+            _dtype_names_to_dtypes(group)
         for state in self.state.values():
             # a fresh counter each: an old checkpoint's int becomes torch.optim's tensor, and a loaded
             # tensor is not shared with the caller's dict (counting in place would change it there)
