@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/fast_accuracy.py [--shapes 512x1376 768x2048] [--p 0.125]
     PYTHONPATH=src python benchmarks/fast_accuracy.py --accelerator-paths   # the GPU's batched path, on CPU
+    PYTHONPATH=src python benchmarks/fast_accuracy.py --pointwise   # the fitted scalar map's own errors
 
 Four spectra per shape, each spanning three decades except the Gaussian one: log-uniform on
 [1e-3, 1]; power law s_k = k^-a spanning [1e-3, 1]; a Gaussian matrix's; and "flat+tail" (half
@@ -67,9 +68,33 @@ def main() -> None:
         action="store_true",
         help="CPU: the batched code path a GPU takes (BENCHMARKS §A-8)",
     )
+    parser.add_argument(
+        "--pointwise",
+        action="store_true",
+        help="the scalar map's relative error |f(x) - x^p| / x^p at x = 1 and its worst on the domain",
+    )
     args = parser.parse_args()
+    if args.pointwise:
+        pointwise(args.methods)
+        return
     with accelerator_paths() if args.accelerator_paths else contextlib.nullcontext():
         run(args)
+
+
+def pointwise(methods: list[str]) -> None:
+    """What a matrix with few singular values sees: the fitted scalar map at single points (docs/backends.md,
+    "Pointwise"), from the coefficients and output weights the backends use, in float64."""
+    from htmuon.fast import FAST_COEFFICIENTS, fit_grid, output_weights, scalar_iterates
+
+    x = fit_grid()
+    print("relative error of the scalar map: at x = 1 | worst on the domain (at x)")
+    for method in methods:
+        coefficients = FAST_COEFFICIENTS[method]
+        for p in (0.0, 0.03125, 0.0625, 0.125, 0.25, 0.5):
+            f = scalar_iterates(coefficients, x) @ torch.tensor(output_weights(p, coefficients)).numpy()
+            rel = abs(f - x**p) / x**p
+            k = int(rel.argmax())
+            print(f"{method:6s} p = {p:<7g} {rel[-1]:7.2%} | {rel[k]:7.2%} (x = {x[k]:.1e})")
 
 
 def run(args: argparse.Namespace) -> None:

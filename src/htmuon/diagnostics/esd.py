@@ -804,14 +804,7 @@ def analyze(
         >>> [r["name"] for r in report.rows], report.fit
         (['0', '2'], 'ks')
     """
-    _check_fit(fit)
-    if conv1d not in CONV1D_MODES:
-        raise ValueError(f"Invalid conv1d: {conv1d!r}; expected one of {', '.join(map(repr, CONV1D_MODES))}")
-    for k, v in (("min_evals", min_evals), ("max_evals", max_evals), ("max_N", max_N)):
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"Invalid {k}: {v!r}; expected an int >= 0 (0 = no limit)")
-    keep = _layer_filter(layers)
-    dev = _resolve_device(device)
+    keep, dev = _checked_options(fit, conv1d, min_evals, max_evals, max_N, layers, device)
     if isinstance(obj, (str, os.PathLike)):
         with open_checkpoint(obj) as ckpt:
             return _analyze(ckpt, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, conv1d,
@@ -819,6 +812,18 @@ def analyze(
     return _analyze(
         obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, conv1d, conv2d_norm, thresh
     )
+
+
+def _checked_options(fit, conv1d, min_evals, max_evals, max_N, layers, device):
+    """:func:`analyze`'s option checks (also run by :class:`AlphaTracker` when it is made): the layer
+    filter and the device, each a ValueError naming the bad value."""
+    _check_fit(fit)
+    if conv1d not in CONV1D_MODES:
+        raise ValueError(f"Invalid conv1d: {conv1d!r}; expected one of {', '.join(map(repr, CONV1D_MODES))}")
+    for k, v in (("min_evals", min_evals), ("max_evals", max_evals), ("max_N", max_N)):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"Invalid {k}: {v!r}; expected an int >= 0 (0 = no limit)")
+    return _layer_filter(layers), _resolve_device(device)
 
 
 def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, conv1d, conv2d_norm, thresh):

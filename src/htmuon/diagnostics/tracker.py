@@ -9,15 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .esd import (
-    CONV1D_MODES,
-    ESDReport,
-    _layer_filter,
-    _resolve_device,
-    _resolve_dtype,
-    _resolve_method,
-    analyze,
-)
+from .esd import ESDReport, _checked_options, _resolve_dtype, _resolve_method, analyze
 from .powerlaw import _check_fit
 
 __all__ = ["AlphaTracker"]
@@ -67,7 +59,7 @@ class AlphaTracker:
         self.fit = _check_fit(fit)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-        _check_analyze_kwargs(analyze_kwargs)
+        _check_analyze_kwargs(self.fit, analyze_kwargs)
         self.callback = callback
         self.analyze_kwargs = analyze_kwargs
         self.history: list[dict[str, Any]] = []
@@ -90,21 +82,17 @@ class AlphaTracker:
         return [(r["step"], r["mean_alpha"]) for r in self.history]
 
 
-def _check_analyze_kwargs(kwargs: dict[str, Any]) -> None:
+def _check_analyze_kwargs(fit: str, kwargs: dict[str, Any]) -> None:
     """Refuse, when the tracker is made, options that :func:`analyze` would refuse at its first call
-    (which may be hours into training): an unknown keyword, a bad regex, method, dtype or device."""
+    (which may be hours into training): an unknown keyword, then analyze's own checks, and the dtype
+    and method as they resolve on the device asked for (the CPU if none)."""
     try:
-        inspect.signature(analyze).bind(None, **kwargs)
+        bound = inspect.signature(analyze).bind(None, fit, **kwargs)
     except TypeError as e:
         raise TypeError(f"AlphaTracker: {e} (extra keywords go to analyze())") from None
-    _layer_filter(kwargs.get("layers"))
-    dev = _resolve_device(kwargs.get("device"))
-    dtype = _resolve_dtype(dev or torch.device("cpu"), kwargs.get("dtype"))
-    _resolve_method(kwargs.get("method", "auto"), dtype)
-    conv1d = kwargs.get("conv1d", "slices")
-    if conv1d not in CONV1D_MODES:
-        raise ValueError(f"Invalid conv1d: {conv1d!r}; expected one of {', '.join(map(repr, CONV1D_MODES))}")
-    for k in ("min_evals", "max_evals", "max_N"):
-        v = kwargs.get(k, 0)
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"Invalid {k}: {v!r}; expected an int >= 0 (0 = no limit)")
+    bound.apply_defaults()
+    a = bound.arguments
+    _, dev = _checked_options(
+        a["fit"], a["conv1d"], a["min_evals"], a["max_evals"], a["max_N"], a["layers"], a["device"]
+    )
+    _resolve_method(a["method"], _resolve_dtype(dev or torch.device("cpu"), a["dtype"]))
