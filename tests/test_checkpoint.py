@@ -164,6 +164,91 @@ def test_a_checkpoint_whose_trailer_was_cut_off_is_refused(tmp_path):
     assert "lost its checksum trailer" in notes[0]
 
 
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    """torch's, numpy's (with its cached Gaussian) and Python's global RNGs continue where they were
+    saved: a resumed run's dropout, augmentation or user code draws what the uninterrupted run drew."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1)
+    np.random.seed(2)  # noqa: NPY002
+    random.seed(3)
+    np.random.randn()  # noqa: NPY002 (leaves the second Gaussian of a pair cached)
+    checkpoint.save(tmp_path / "ckpt.pt", {"rng": checkpoint.rng_state()})
+
+    def draws():
+        return torch.rand(4), np.random.rand(4), np.random.randn(), random.random()  # noqa: NPY002
+
+    want = draws()
+    torch.manual_seed(9)
+    np.random.seed(9)  # noqa: NPY002
+    random.seed(9)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "ckpt.pt")["rng"])
+    got = draws()
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert got[2:] == want[2:]
+
+
+def test_a_run_that_draws_random_numbers_resumes_on_the_same_draws(corpus_file, tmp_path, monkeypatch):
+    """A model with dropout (any code drawing from torch's, numpy's or Python's global RNG while it
+    trains) resumes on the numbers the uninterrupted run drew: the loop puts the checkpoint's RNG
+    states back (the built-in models draw none, so the other resume tests cannot tell)."""
+    pytest.importorskip("transformers")
+    import random
+
+    import numpy as np
+
+    from helpers import TINY_RUN
+    from htmuon.train import loop
+    from htmuon.train.config import TrainConfig
+
+    real = loop._loss
+
+    def noisy(model, task, x, y):  # the loss scaled by a draw from each global RNG
+        loss, logits = real(model, task, x, y)
+        noise = float(torch.rand(())) + float(np.random.rand()) + random.random()  # noqa: NPY002
+        return loss * (1.0 + noise), logits
+
+    monkeypatch.setattr(loop, "_loss", noisy)
+    # (no clipping: a clipped gradient's norm is the same whatever the loss's scale)
+    kw = {**TINY_RUN, "data": str(corpus_file), "optimizer": "adamw", "steps": 6, "ckpt_every": 2}
+    kw["grad_clip"] = 0.0
+    loop.train(TrainConfig(**kw, out_dir=str(tmp_path / "full")))
+    loop.train(TrainConfig(**kw, out_dir=str(tmp_path / "cut")), stop_after=3)
+    assert loop.train(TrainConfig(**kw, out_dir=str(tmp_path / "cut")), resume=True)["finished"]
+    full, cut = (checkpoint.load(tmp_path / d / "ckpt.pt") for d in ("full", "cut"))
+    a, b = full["model"], cut["model"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    # the step times go on too: the resumed run's ms/step is over all its steps, as the full run's
+    assert len(cut["step_times"]) == len(full["step_times"]) == 6
+
+
+def test_a_diverged_run_whose_checkpoints_were_deleted_is_reused_not_retrained(corpus_file, tmp_path, capsys):
+    """As a finished one: its summary is the cell's outcome (``compare`` re-runs the command), not a
+    run to start over from step 0."""
+    pytest.importorskip("transformers")
+    import json
+
+    from helpers import TINY_RUN
+    from htmuon.train.config import TrainConfig
+    from htmuon.train.loop import train
+
+    cfg = TrainConfig(**{**TINY_RUN, "data": str(corpus_file), "out_dir": str(tmp_path / "run")})
+    out = tmp_path / "run"
+    summary = {**train(cfg), "finished": False, "diverged": True, "steps_done": 4}
+    summary["final_val_loss"] = float("inf")
+    (out / "summary.json").write_text(json.dumps(summary))
+    for name in (checkpoint.CKPT_NAME, checkpoint.PREV_NAME):
+        (out / name).unlink()
+    metrics = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    again = train(cfg, resume=True)
+    assert again["diverged"] and again["steps_done"] == 4
+    assert (out / "metrics.jsonl").read_bytes() == metrics and not (out / checkpoint.CKPT_NAME).exists()
+    assert "holds a diverged run (summary.json) with no checkpoint left" in capsys.readouterr().err
+
+
 def test_stale_temp_files_are_found(tmp_path):
     for name in (".ckpt.pt.tmp123", ".metrics.jsonl.tmp9", ".ckpt.pt.tmpX", "ckpt.pt", ".hidden"):
         (tmp_path / name).write_bytes(b"x")

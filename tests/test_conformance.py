@@ -163,3 +163,19 @@ def test_add_param_group_and_zero_grad(variant):
     opt.step()  # no gradients: nothing moves
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert str(opt.state_dict()) == str(snapshot)
+
+
+def test_state_dict_writes_dtype_settings_as_names_and_loads_them_as_dtypes():
+    """ns_dtype / compute_dtype go into the state dict as names ("float32": torch.distributed.checkpoint's
+    full state dicts refuse a torch.dtype) without changing the optimizer's own groups, and a loaded
+    optimizer's groups hold torch.dtype again, before any step."""
+    model, (X, Y) = make_model(), make_data()
+    opt = make_opt(model, "svd", ns_dtype=torch.float32, compute_dtype=torch.float64)
+    train(model, opt, X, Y, 1)
+    saved = opt.state_dict()
+    assert {(g["ns_dtype"], g["compute_dtype"]) for g in saved["param_groups"]} == {("float32", "float64")}
+    assert all(g["ns_dtype"] is torch.float32 for g in opt.param_groups)
+    resumed = make_opt(make_model(), "svd")
+    resumed.load_state_dict(saved)
+    got = {(g["ns_dtype"], g["compute_dtype"]) for g in resumed.param_groups}
+    assert got == {(torch.float32, torch.float64)}

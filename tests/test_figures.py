@@ -130,3 +130,25 @@ def test_figures_command_refuses_what_it_would_override_or_find_too_late(tmp_pat
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
     assert trained == []
+
+
+@pytest.mark.parametrize("wd_mode", ["lr", "independent"])
+def test_figures_train_as_the_loop_trains(wd_mode, corpus_file, tmp_path):
+    """The figures' training is the loop's (schedule, clipping, weight decay): the final weights'
+    norms match a ``htmuon train`` run of the same config (``wd_mode`` "independent" was ignored)."""
+    from htmuon.train import checkpoint
+    from htmuon.train.config import TrainConfig
+    from htmuon.train.figures import train_and_record
+    from htmuon.train.loop import build_data_and_model, train
+
+    kw = {**TINY_RUN, "data": str(corpus_file), "optimizer": "muon", "steps": 4, "grad_clip": 0.5}
+    cfg = TrainConfig(**kw, weight_decay=0.5, wd_mode=wd_mode, out_dir=str(tmp_path / "run"))
+    _, norms = train_and_record(cfg, [1], layers=1)
+    train(cfg)
+    _, model, _ = build_data_and_model(cfg)
+    model.load_state_dict(checkpoint.load(tmp_path / "run" / "ckpt.pt")["model"])
+    want = layer_norms(model)
+    assert [r["name"] for r in norms] == [r["name"] for r in want]
+    for got, ref in zip(norms, want):
+        assert got["frobenius"] == pytest.approx(ref["frobenius"], rel=1e-5)
+        assert got["spectral"] == pytest.approx(ref["spectral"], rel=1e-5)

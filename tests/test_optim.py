@@ -691,6 +691,100 @@ def test_masked_apply_and_adamw_equal_the_plain_ones_when_good_and_change_nothin
         assert torch.equal(torch.as_tensor(opt3.state[W3][key]), torch.as_tensor(value)), key
 
 
+@pytest.mark.parametrize("prior_steps", [0, 1])
+@pytest.mark.parametrize("plugin", ["normuon", "adamuon"])
+def test_masked_apply_follows_the_groups_lr_adjust_and_plugin(plugin, prior_steps):
+    """The masked matrix update (what a compiled step runs) on a tall matrix with a plug-in and
+    ``lr_adjust="adamw_rms"``: the parameter, momentum, step and plug-in moment of the eager update
+    where the flag is true (the group's lr rule, the new moment stored, also where none existed
+    yet), nothing changed where it is false."""
+
+    def opt_with_pending():
+        torch.manual_seed(3)
+        W = nn.Parameter(torch.randn(10, 6))
+        opt = HTMuon([W], lr=0.05, weight_decay=0.1, method="svd", plugin=plugin, lr_adjust="adamw_rms")
+        for _ in range(prior_steps):
+            W.grad = torch.randn(10, 6)
+            opt.step()
+        W.grad = torch.randn(10, 6)
+        group = opt.param_groups[0]
+        return W, opt, group, opt._compute_window(group, [W], [True], [1])
+
+    with torch.no_grad():  # as inside step()
+        W1, opt1, g1, pend1 = opt_with_pending()
+        opt1._apply_window(g1, pend1)
+        W2, opt2, g2, pend2 = opt_with_pending()
+        opt2._apply_window_masked(g2, pend2, torch.tensor(True), 0.05, 0.1, 0.95)
+        W3, opt3, g3, pend3 = opt_with_pending()
+        snap = (W3.detach().clone(), copy.deepcopy(opt3.state[W3]))
+        opt3._apply_window_masked(g3, pend3, torch.tensor(False), 0.05, 0.1, 0.95)
+    torch.testing.assert_close(W2, W1, rtol=1e-5, atol=1e-6)
+    for key in ("momentum_buffer", "step", "second_moment"):
+        torch.testing.assert_close(opt2.state[W2][key], opt1.state[W1][key], rtol=1e-5, atol=1e-6)
+    assert torch.equal(W3.detach(), snap[0])
+    for key, value in snap[1].items():
+        assert torch.equal(opt3.state[W3][key], value), key
+    if not prior_steps:  # a refused first step leaves a zero moment, as a fresh one
+        assert not opt3.state[W3]["second_moment"].any()
+
+
+def test_bfloat16_weight_decay_is_lr_times_weight_decay():
+    """bfloat16 parameters on CPU decay by lr * weight_decay, within their rounding: there
+    torch._foreach_mul_ rounds its Python factor to bfloat16 first (1 - 0.03 -> 0.96875, a decay of
+    0.03125), so they take a mul_ each (a zero gradient: the step is the decay alone)."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(64, 64).to(torch.bfloat16))
+    before = W.detach().float().clone()
+    opt = HTMuon([W], lr=0.1, weight_decay=0.3, method="svd")
+    W.grad = torch.zeros_like(W)
+    opt.step()
+    decay = 1.0 - W.detach().float() / before
+    assert abs(decay.mean().item() - 0.03) < 3e-4  # rounding of 4096 entries: ~2e-5; the bug: 1.25e-3
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_p1_is_sgd_momentum(nesterov):
+    """p = 1, the momentum end of [0, 1] (the docstring's "p = 1 is (Nesterov) SGD-momentum"), is
+    accepted and steps ``W <- (1 - lr wd) W - lr sqrt(max(1, m / n)) N_t``, the paper's rule."""
+    W0 = torch.randn(20, 12, dtype=torch.float64)
+    grads = [torch.randn(20, 12, dtype=torch.float64) for _ in range(3)]
+    kw = dict(lr=0.1, p=1.0, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+    got, _ = _run(lambda ps: HTMuon(ps, **kw), W0, grads, torch.float64)
+    assert rel_err(got - W0, reference_htmuon(W0, grads, **kw) - W0) < 1e-10
+
+
+def test_load_state_dict_checks_state_against_the_loaded_groups_settings():
+    """A state dict carries its groups' settings, which replace the optimizer's on load (torch.optim's
+    rule), so its state is checked against them: NorMuon's moment of a flattened kernel (batch_3d=False,
+    (1, 8, 1)) loads into an optimizer built with batch_3d=True and continues exactly; a moment of a
+    shape that the loaded settings cannot use is refused, also where the optimizer has no plug-in."""
+    torch.manual_seed(0)
+    W0, grads = torch.randn(8, 4, 5), [torch.randn(8, 4, 5) for _ in range(3)]
+    kw = dict(lr=0.05, plugin="normuon", batch_3d=False, method="svd")
+    W = nn.Parameter(W0.clone())
+    opt = HTMuon([W], **kw)
+    for G in grads[:2]:
+        W.grad = G.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["second_moment"].shape == (1, 8, 1)
+    V = nn.Parameter(W.detach().clone())
+    resumed = HTMuon([V], lr=0.05, plugin="normuon", method="svd")  # batch_3d=True: (8, 4, 1) moments
+    resumed.load_state_dict(copy.deepcopy(saved))
+    assert resumed.param_groups[0]["batch_3d"] is False
+    for P, o in ((W, opt), (V, resumed)):
+        P.grad = grads[2].clone()
+        o.step()
+    assert torch.equal(V, W)
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["second_moment"] = torch.ones(1, 8, 2)
+    for plugin in ("normuon", None):
+        other = HTMuon([nn.Parameter(W0.clone())], plugin=plugin, method="svd")
+        with pytest.raises(ValueError, match=r"second_moment has shape \(1, 8, 2\), expected \(1, 8, 1\)"):
+            other.load_state_dict(copy.deepcopy(bad))
+        assert not other.state
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_momentum_direction_in_place_and_out_of_place_agree(nesterov):
     torch.manual_seed(0)

@@ -1376,3 +1376,226 @@ def test_progress_lines_name_the_batch_they_count(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     heads = [ln.split("]")[0] + "]" for ln in err.splitlines() if ln.startswith("[")]
     assert heads == ["[selection 1/2]", "[selection 2/2]", "[edge extension 1: 1/1]", "[report 1/1]"]
+
+
+# ----------------------------------------------------------------------------- gaps found by mutation
+
+
+def test_paired_differences_are_to_muon_wherever_it_is_listed():
+    """The reference is Muon, not the first optimizer (the quick presets list adamw first)."""
+    rows = [_summary("adamw", 1e-3, s, 3.5 + 0.01 * s) for s in range(2)]
+    rows += [_summary("muon", 0.02, s, 3.0 + 0.01 * s) for s in range(2)]
+    rows += [_summary("htmuon", 0.04, s, 2.9 + 0.01 * s) for s in range(2)]
+    agg = cmp.aggregate(rows)
+    assert cmp.reference_spec(agg) == "muon"
+    diffs = cmp.paired_differences(agg, cmp.reference_spec(agg))
+    assert set(diffs) == {"adamw", "htmuon"}
+    assert diffs["adamw"]["mean_std"][0] == pytest.approx(0.5)
+    table = cmp.markdown_table(agg)
+    assert "Paired differences to muon" in table and "| time vs muon |" in table
+
+
+def test_paired_differences_pair_only_the_seeds_both_ran():
+    """A seed the reference did not run has no pair: it is left out, not a KeyError or a false pair."""
+    rows = [_summary("muon", 0.02, s, 3.0) for s in (0, 1)]
+    rows += [_summary("htmuon", 0.04, s, 3.1) for s in (0, 1, 2)]
+    d = cmp.paired_differences(cmp.aggregate(rows), "muon")["htmuon"]
+    assert set(d["per_seed"]) == {0, 1} and d["n"] == 2
+    assert d["mean_std"][0] == pytest.approx(0.1)
+
+
+def test_tune_seeds_report_flags_an_edge_of_the_selection_grid(tmp_path, monkeypatch):
+    """Under --tune-seeds the reported seeds ran the best cell alone: its edge flag and the lrs tried
+    come from the selection grid, not from that single cell ("fixed")."""
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train([]))
+    args = _args(optimizers="muon", seeds="0", tune_seeds="7", lr_grid=["muon=0.005,0.01"],
+                 compare_out=str(tmp_path / "g"))  # fmt: skip
+    res = cmp.run_plan(cmp.plan_grid(args), quiet=True)
+    table = cmp.markdown_table(cmp.aggregate(res["report"]), cmp.aggregate(res["select"]))
+    assert "| 0.01 (0.005/0.01) **EDGE (high)** |" in table
+
+
+def test_tune_seeds_report_the_best_cell_after_the_edge_extensions(tmp_path, monkeypatch):
+    """The reported seeds run the best cell of the extended grid, not of the first one."""
+    calls = []
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train(calls))
+    args = _args(optimizers="muon", seeds="0", tune_seeds="7", lr_grid=["muon=0.005,0.01"],
+                 compare_out=str(tmp_path / "g"))  # fmt: skip
+    res = cmp.run_plan(cmp.plan_grid(args), extend_edges=2, quiet=True)
+    assert res["extension_rounds"] == 2
+    assert {(c[1], c[3]) for c in calls if c[3] == 0} == {(0.04, 0)}  # 0.005, 0.01 -> 0.02 -> 0.04
+    assert [r["lr"] for r in res["report"]] == [0.04]
+
+
+def test_independent_weight_decay_is_reported_as_wd_per_step_whatever_the_lr(tmp_path, monkeypatch):
+    """wd_mode "independent" decays wd per step at peak lr (not lr x wd): the table's decay column and
+    the report's text say so."""
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train([]))
+    for mode, want in (("independent", "| 0.1; 0.1 |"), ("lr", "| 0.001; 0.0003 |")):
+        args = _args(optimizers="muon", seeds="0", lr_grid=["muon=0.01"], adamw_lr_grid=["muon=3e-3"],
+                     compare_out=str(tmp_path / mode), wd_mode=mode, weight_decay="0.1")  # fmt: skip
+        plan = cmp.plan_grid(args)
+        res = cmp.run_plan(plan, quiet=True)
+        out = cmp.write_report(res, plan.out, "t", "htmuon compare ...", 1.0, plots=False)
+        assert want in out["table"]
+        md = (plan.out / "results.md").read_text()
+        assert ("independent of lr" in md) == (mode == "independent")
+
+
+def test_negative_extend_edges_is_refused():
+    with pytest.raises(UserError, match="--extend-edges must be >= 0, got -1"):
+        cmp.plan_grid(_args(extend_edges=-1))
+
+
+def test_a_grid_of_finished_or_diverged_cells_has_nothing_left_to_train(tmp_path, monkeypatch):
+    """A diverged cell is an outcome (its summary is reused), not a cell to train: re-running the
+    command builds no optimizer and needs no data for it; a cell without its summary is still to train."""
+    monkeypatch.setattr("htmuon.train.loop.train", _fake_train([]))
+    plan = cmp.plan_grid(_args(optimizers="muon,htmuon", seeds="0", compare_out=str(tmp_path / "g")))
+    res = cmp.run_plan(plan, quiet=True)
+    for r in res["report"]:
+        diverged = r["optimizer"] == "htmuon"
+        summary = {**r, "finished": not diverged, "diverged": diverged}
+        (Path(r["run_dir"]) / "summary.json").write_text(json.dumps(summary))
+    assert cmp._specs_to_train(plan) == []
+    (Path(res["report"][1]["run_dir"]) / "summary.json").unlink()
+    assert cmp._specs_to_train(plan) == ["htmuon"]
+
+
+def test_periodic_evaluations_of_a_run_read_window_k_at_the_kth(corpus_file, tmp_path, monkeypatch):
+    """The loop passes evaluation k its window k (not window 0 every time), and the final evaluation
+    the whole split."""
+    from htmuon.train import loop
+
+    seen, real = [], loop.evaluate
+
+    def spy(model, data, task, device, amp, max_batches, window=0):
+        seen.append((max_batches, window))
+        return real(model, data, task, device, amp, max_batches, window)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    cfg = {**TINY_RUN, "data": str(corpus_file), "steps": 7, "eval_every": 2, "eval_batches": 1}
+    train(TrainConfig(**cfg, out_dir=str(tmp_path / "r")))
+    assert seen == [(1, 1), (1, 2), (1, 3), (0, 0)]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_independent_weight_decay_resumes_as_the_run_went_on(corpus_file, tmp_path):
+    """wd_mode "independent" divides each group's decay by its peak lr once: a resumed run keeps the
+    saved groups' decay (dividing it again, by the scheduled lr of the checkpoint, decayed far more)."""
+    kw = {**TINY_RUN, "data": str(corpus_file), "optimizer": "muon", "steps": 6, "ckpt_every": 2}
+    kw.update(wd_mode="independent", weight_decay=0.1)
+    train(TrainConfig(**kw, out_dir=str(tmp_path / "full")))
+    train(TrainConfig(**kw, out_dir=str(tmp_path / "cut")), stop_after=3)
+    assert train(TrainConfig(**kw, out_dir=str(tmp_path / "cut")), resume=True)["finished"]
+    full, cut = (checkpoint.load(tmp_path / d / "ckpt.pt") for d in ("full", "cut"))
+    wds = [[g["weight_decay"] for g in c["optimizer"]["param_groups"]] for c in (full, cut)]
+    assert wds[1] == pytest.approx(wds[0]) and sorted(wds[0]) == pytest.approx([0.0, 0.1 / 0.02, 0.1 / 1e-3])
+    assert _max_diff(full["model"], cut["model"]) < 1e-6
+
+
+def test_image_task_never_selects_or_pairs_a_diverged_seeds_accuracy():
+    """A diverged image run has no accuracy: it counted as 0, so an lr that diverged on one seed of
+    three (0.95, 0.95, 0) beat a stable one (0.6) and became the best cell (the loss task never picks
+    a non-finite cell), and a diverged seed entered the paired differences."""
+    rows = [_summary("m", 0.1, s, 1.0, acc=0.6) for s in range(3)]
+    rows += [_summary("m", 0.4, s, 0.5, acc=0.95) for s in range(2)] + [_summary("m", 0.4, 2, math.inf)]
+    rows += [_summary("h", 0.1, s, 1.0, acc=0.9) for s in range(2)] + [_summary("h", 0.1, 2, math.inf)]
+    agg = cmp.aggregate(rows)
+    assert agg["task"] == "image" and agg["best"]["m"]["lr"] == 0.1
+    assert not math.isfinite(next(r for r in agg["rows"] if r["lr"] == 0.4)["val_acc"][0])
+    d = cmp.paired_differences(agg, "m")["h"]
+    assert d["n"] == 2 and d["mean_std"][0] == pytest.approx(0.3) and d["worse"] == 0
+    assert "| m | 0.4 | - | 3 | diverged | diverged |" in cmp.markdown_table(agg)
+
+
+def test_a_lock_of_a_live_process_this_user_may_not_signal_is_held(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's live process raises PermissionError: that process is alive,
+    and its lock is not taken over (nor is the file touched)."""
+    import errno
+
+    lock = tmp_path / "cell.lock"
+    text = f"{os.getpid() + 1} {socket.gethostname()}\n"
+    lock.write_text(text)
+
+    def kill(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(locks.os, "kill", kill)
+    assert not locks.lock_is_stale(lock) and not locks.acquire_lock(lock)
+    assert lock.read_text() == text
+
+
+def test_a_takeover_checks_the_lock_again_under_its_guard(tmp_path, monkeypatch):
+    """Between a taker's finding the lock stale and its taking the guard, another taker may have
+    replaced it with its own live lock: under the guard the lock is checked again, not removed."""
+    import contextlib
+
+    lock = tmp_path / "cell.lock"
+    lock.write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    live = f"{os.getppid()} {socket.gethostname()}\n"  # a live process on this host, not this one
+    real = locks._takeover_guard
+
+    @contextlib.contextmanager
+    def late_guard(path):
+        with real(path) as alone:
+            lock.unlink()
+            lock.write_text(live)  # the other taker won while this one waited for the guard
+            yield alone
+
+    monkeypatch.setattr(locks, "_takeover_guard", late_guard)
+    assert not locks.acquire_lock(lock)
+    assert lock.read_text() == live
+
+
+def test_a_spec_and_the_configs_optimizer_keys_reach_the_optimizer(tmp_path):
+    """What a spec or flag sets is what trains: p, momentum, scale, the AdamW betas (HTMuon family),
+    the AdamW betas of adamw, and no weight decay on adamw's vectors."""
+    from torch import nn
+
+    from htmuon.train.optimizers import build_optimizer
+
+    model = nn.ModuleDict({"embed": nn.Embedding(8, 4), "mlp": nn.Linear(4, 4), "lm_head": nn.Linear(4, 8)})
+    args = _args(optimizers="htmuon:p=0.25,momentum=0.8,scale=muon_rms", seeds="0", adamw_beta1="0.85",
+                 adamw_beta2="0.97", compare_out=str(tmp_path / "g"))  # fmt: skip
+    plan = cmp.plan_grid(args)
+    cfg = plan.cell(plan.specs[0], None, None, 0, "select").cfg
+    assert (cfg.p, cfg.momentum, cfg.scale) == (0.25, 0.8, "muon_rms")
+    groups = build_optimizer(model, cfg).param_groups
+    spectral = [g for g in groups if g["algorithm"] == "htmuon"]
+    assert spectral and all((g["p"], g["momentum"], g["scale"]) == (0.25, 0.8, "muon_rms") for g in spectral)
+    assert all(tuple(g["adamw_betas"]) == (0.85, 0.97) for g in groups)
+    cfg = resolve_config(make_config(overrides=dict(optimizer="adamw", adamw_beta1=0.85, adamw_beta2=0.97)))
+    groups = build_optimizer(model, cfg).param_groups
+    assert all(tuple(g["betas"]) == (0.85, 0.97) for g in groups)
+    assert {(p.ndim, g["weight_decay"]) for g in groups for p in g["params"]} == {(2, 0.1), (1, 0.0)}
+
+
+def test_a_negative_weight_decay_is_refused_naming_the_key():
+    with pytest.raises(UserError, match="config key 'weight_decay' must be >= 0, got -0.1"):
+        make_config(overrides=dict(weight_decay=-0.1))
+
+
+def test_evaluation_is_the_mean_over_examples_when_the_last_batch_is_smaller():
+    """The split rarely divides into whole batches: the loss and accuracy are over every example
+    (token), not the mean of the batches' means, which gives the short last batch a larger weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+
+    class Split:
+        def val_batches(self, max_batches, window=0):
+            yield x[:4], y[:4]
+            yield x[4:6], y[4:6]
+            yield x[6:], y[6:]
+
+    got = evaluate(model, Split(), "image", torch.device("cpu"), None, 0)
+    with torch.no_grad():
+        logits = model(x)
+    want = torch.nn.functional.cross_entropy(logits, y).item()
+    assert got["loss"] == pytest.approx(want, rel=1e-6)
+    assert got["acc"] == pytest.approx((logits.argmax(-1) == y).float().mean().item())

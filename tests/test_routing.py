@@ -2,6 +2,7 @@
 other Muon libraries (use_muon, betas/eps, adamw_lr) are honoured; misspelt group keys are errors."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -78,6 +79,7 @@ def test_bare_tensors_route_by_ndim():
         ("cls_token", "embedding"),  # timm ViT: a bare 1 x 1 x d parameter
         ("vit.embeddings.cls_token", "embedding"),
         ("register_tokens", "embedding"),
+        ("model.clsToken", "embedding"),  # the token suffix in any case
         ("gpt_neox.embed_out.weight", "embedding"),  # GPT-NeoX's output head
         ("lm_head.weight", "head"),
         ("fc.weight", "head"),
@@ -583,3 +585,46 @@ def test_non_finite_adamw_settings_are_refused_at_construction(key):
     w = nn.Parameter(torch.randn(4, 4))
     with pytest.raises(ValueError, match=f"Invalid {key}: inf"):
         HTMuon([w], **{key: float("inf")})
+
+
+def test_other_optimizers_names_are_refused_only_where_they_contradict():
+    """``betas`` / ``eps`` / ``adamw_wd`` beside HTMuon's own key: another value is refused with both
+    named; the same value is accepted, ``betas`` as a list (a JSON config) and as a tuple alike (a list
+    was refused as a contradiction of the equal tuple)."""
+    w = nn.Parameter(torch.randn(4))
+    for alias, key, a, b in (
+        ("betas", "adamw_betas", (0.8, 0.9), (0.9, 0.99)),
+        ("eps", "adamw_eps", 1e-8, 1e-6),
+        ("adamw_wd", "adamw_weight_decay", 0.1, 0.0),
+    ):
+        message = f"{alias}={a!r} contradicts {key}={b!r} in param group 0"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            HTMuon([{"params": [w], alias: a, key: b}])
+    for betas, adamw_betas in (([0.8, 0.9], (0.8, 0.9)), ((0.8, 0.9), [0.8, 0.9]), ((0.8, 0.9), (0.8, 0.9))):
+        group = HTMuon([{"params": [w], "betas": betas, "adamw_betas": adamw_betas}]).param_groups[0]
+        assert group["adamw_betas"] == (0.8, 0.9) and "betas" not in group
+
+
+def test_param_groups_lr_and_weight_decay_are_the_htmuon_groups():
+    """param_groups' lr / weight_decay set the HTMuon group only: the AdamW group (norms, biases,
+    embeddings) takes adamw_lr / adamw_weight_decay, else the optimizer's."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    hgroup, agroup = param_groups(model, lr=0.05, weight_decay=0.1)
+    assert (hgroup["lr"], hgroup["weight_decay"]) == (0.05, 0.1)
+    assert "lr" not in agroup and "weight_decay" not in agroup
+    groups = HTMuon(param_groups(model, lr=0.05, weight_decay=0.1), lr=0.02, weight_decay=0.0).param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.05, 0.1), (0.02, 0.0)]
+    groups = HTMuon(param_groups(model, weight_decay=0.1, adamw_weight_decay=0.01)).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.01]
+
+
+def test_a_groups_own_batch_3d_decides_its_routing():
+    """A group's batch_3d (not only the optimizer's) decides whether a 3-D tensor is a batch of
+    matrices or one flattened matrix, so whether (4, 1, 8) is four 1 x 8 vectors or a 4 x 8 matrix."""
+    stacked = nn.Parameter(torch.randn(4, 1, 8))
+    assert [g["algorithm"] for g in HTMuon([{"params": [stacked]}]).param_groups] == ["adamw"]
+    for params in ([stacked], [("experts.w1", stacked)]):
+        groups = HTMuon([{"params": params, "batch_3d": False}]).param_groups
+        assert [(g["algorithm"], g["batch_3d"]) for g in groups] == [("htmuon", False)]
+    groups = HTMuon([{"params": [stacked], "batch_3d": True}], batch_3d=False).param_groups
+    assert [g["algorithm"] for g in groups] == ["adamw"]

@@ -65,6 +65,20 @@ def test_ns_backend_any_p_is_the_gram_power_times_the_polar_factor():
         assert rel_err(default, exact_power(G, p)) < 0.35
 
 
+def test_ns_backend_takes_a_dyadic_p_from_exactly_its_roots():
+    """p / 2 = 2^-k needs the k-th nested root alone: the paper's four roots give p = 1/8 exactly
+    (``max_roots=4``), p = 1/2 two and p = 3/4 (1/4 + 1/8) three. (A root taken only for a remainder
+    strictly above its bit misses these, leaving the Gram power out or off by ``2^-max_roots`` in the
+    exponent.)"""
+    from htmuon.spectral import polar
+
+    G = matrix_with_spectrum(torch.linspace(1.0, 0.3, 32, dtype=torch.float64), 32, 96, seed=3)
+    P = polar(G.float(), dtype=torch.float32).double()
+    for p, roots in ((0.125, 4), (0.5, 2), (0.75, 3)):
+        O = spectral_power(G.float(), p, method="ns", root_iters=30, ns_dtype=torch.float32, max_roots=roots)
+        assert rel_err(O, exact_power(G @ G.T, p / 2) @ P) <= 1e-4, p
+
+
 def test_ns_backend_is_exact_gram_power_times_polar():
     # (X X^T)^(p/2) from nested coupled-NS roots: check the Gram power part alone on an SPD matrix
     from htmuon.spectral import _coupled_ns_sqrt
@@ -274,6 +288,29 @@ def test_exact_backends_zero_exactly_the_null_space(m, n, k):
             assert rel_err(O, expected) <= 1e-4, (method, p)
             s = torch.linalg.svdvals(O)
             assert s[k - 1] > 0.5 * s[0] * 1e-2**p and s[k:].max() < 1e-5 * s[0], (method, p)
+
+
+def test_eigh_zeroes_the_null_space_of_a_float64_input():
+    """A float64 input has no float32 input floor: eigh's own Gram-route tolerance (``sqrt(m eps)
+    s_max``, the eigenvalue error of ``X X^T``) zeroes its null space. A tolerance without the ``m``
+    (``sqrt(eps) s_max``) keeps noise eigenvalues of a 256-row Gram matrix: about 1e-9 of the top
+    singular value in every null direction (full rank), where the rule gives rounding (~1e-15)."""
+    k = 10
+    for G in (
+        _exactly_rank_deficient(256, 384, k, seed=1).double(),
+        matrix_with_spectrum(torch.logspace(0, -3, k, dtype=torch.float64), 256, 384, seed=1),
+    ):
+        for p in (0.0, 0.125):
+            s = torch.linalg.svdvals(spectral_power(G, p, method="eigh"))
+            assert s[k - 1] > 0.1 * s[0] and s[k:].max() < 1e-12 * s[0], p
+
+
+def test_p1_result_is_a_copy():
+    """``p = 1`` returns G's values, not G itself: changing the result leaves the input alone."""
+    G = torch.randn(6, 9)
+    kept = G.clone()
+    spectral_power(G, 1.0).add_(1.0)
+    assert torch.equal(G, kept)
 
 
 @pytest.mark.parametrize(("k", "m", "n"), [(2, 6, 7), (2, 11, 6), (3, 12, 20), (20, 48, 64)])

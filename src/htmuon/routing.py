@@ -379,9 +379,11 @@ def _apply_aliases(group: dict[str, Any], where: str) -> None:
         if alias not in group:
             continue
         value = group.pop(alias)
-        if key in group and group[key] != value:
+        # betas as a list (a JSON config) and as a tuple are the same setting
+        same = (lambda v: tuple(v) if isinstance(v, list) else v) if alias == "betas" else (lambda v: v)
+        if key in group and same(group[key]) != same(value):
             raise ValueError(f"{alias}={value!r} contradicts {key}={group[key]!r}{where}")
-        group[key] = tuple(value) if alias == "betas" and isinstance(value, list) else value
+        group[key] = same(value)
 
 
 def _apply_torch_muon_keys(group: dict[str, Any], where: str) -> None:

@@ -891,11 +891,10 @@ def aggregate(summaries: list[dict]) -> dict:
             row["val_ppl"] = mean_std(
                 [math.exp(min(v, 50.0)) if math.isfinite(v) else math.inf for v in loss]
             )
-        else:
-            row["val_acc"] = mean_std(
-                [r["final_val_acc"] if r["final_val_acc"] is not None else 0.0 for r in runs]
-            )
-            row["accs"] = {r["seed"]: r["final_val_acc"] or 0.0 for r in runs}
+        else:  # a diverged run has no accuracy: NaN, as its loss is inf (never selected, never paired)
+            accs = [r["final_val_acc"] if r["final_val_acc"] is not None else math.nan for r in runs]
+            row["val_acc"] = mean_std(accs)
+            row["accs"] = dict(zip(row["seeds"], accs))
         ms = [r["ms_per_step"] for r in runs if r.get("ms_per_step")]
         row["ms_per_step"] = mean_std(ms) if ms else (None, None)
         alphas = [r["mean_alpha"] for r in runs if r.get("mean_alpha") is not None]

@@ -99,7 +99,14 @@ def layer_norms(model: nn.Module) -> list[dict]:
 def train_and_record(cfg, record_steps, layers: int = 3) -> tuple[dict, list[dict]]:
     """Train ``cfg`` (a TrainConfig; its optimizer, lr, schedule, steps) with the harness's data,
     model and optimizer, recording update spectra; returns (spectra, final layer norms)."""
-    from htmuon.train.loop import _loss, build_data_and_model, lr_factor, pick_device, resolve_config
+    from htmuon.train.loop import (
+        _loss,
+        build_data_and_model,
+        independent_weight_decay,
+        lr_factor,
+        pick_device,
+        resolve_config,
+    )
     from htmuon.train.optimizers import build_optimizer
     from htmuon.train.presets import model_task
 
@@ -110,6 +117,8 @@ def train_and_record(cfg, record_steps, layers: int = 3) -> tuple[dict, list[dic
     data, model, _ = build_data_and_model(cfg)
     model.to(device).train()
     opt = build_optimizer(model, cfg)
+    if cfg.wd_mode == "independent":  # as the loop does (the recorder reads each group's decay)
+        independent_weight_decay(opt)
     recorder = UpdateRecorder(opt, matrix_params(model, layers), record_steps)
     base = [g["lr"] for g in opt.param_groups]
     task = model_task(cfg.model)
