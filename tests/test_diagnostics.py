@@ -96,6 +96,28 @@ def test_thresh_drops_small_eigenvalues():
     assert fit == fit_powerlaw(power_spectrum(200, 0.5) ** 2, "ks")
 
 
+def test_thresh_is_exclusive():
+    """Eigenvalues equal to ``thresh`` are left out, as WeightWatcher's ``evals > EVALS_THRESH``."""
+    ev = power_spectrum(60, 0.5) ** 2
+    for thresh, at in ((1e-5, 1e-5), (0.05, 0.05)):
+        kept = ev[ev > thresh]
+        fit = fit_powerlaw(torch.cat([torch.full((3,), at, dtype=F64), ev]), "ks", thresh=thresh)
+        assert fit.num_evals == kept.numel()
+        assert fit == fit_powerlaw(kept, "ks", thresh=thresh)
+
+
+def test_small_sample_fit_admits_a_tail_of_exactly_eight():
+    """Fewer than 20 eigenvalues: a tail of SMALL_N_MIN_TAIL = 8 is the smallest candidate, and it
+    wins when the 8 largest are a power law and the rest lie well below it."""
+    q = (torch.arange(8, dtype=F64) + 0.5) / 8
+    top = (1 - q) ** (-1 / 1.5)  # Pareto(alpha = 2.5) quantiles above 1
+    ev = torch.cat([torch.tensor([0.2, 0.3, 0.4, 0.5], dtype=F64), top])
+    D, alpha, xmin, sigma = naive_fit(ev.tolist())
+    fit = fit_powerlaw(ev, "ks")
+    assert fit.n_tail == pl_mod.SMALL_N_MIN_TAIL == 8 and fit.xmin == float(top[0])
+    assert fit.alpha == pytest.approx(alpha, rel=1e-10) and fit.D == pytest.approx(D, rel=1e-10)
+
+
 def test_median_fit_uses_upper_half():
     ev = power_spectrum(101, 0.5) ** 2
     fit = fit_powerlaw(ev, "median")
@@ -122,6 +144,7 @@ def test_fix_finger_ignores_a_finger():
     peak = 10.0 ** edges[int(np.argmax(counts))]
     lo, hi = 0.95 * peak, 1.5 * peak
     D, alpha, xmin, sigma = naive_fit(ev.tolist(), window=(lo, hi))
+    assert pl_mod._finger_window(torch.sort(ev).values) == pytest.approx((lo, hi), rel=1e-9)
     ff, ks = fit_powerlaw(ev, "fix-finger"), fit_powerlaw(ev, "ks")
     assert ff.status == "ok" and lo <= ff.xmin <= hi
     assert ff.xmin == pytest.approx(xmin, rel=1e-12)
@@ -192,6 +215,20 @@ def test_matrix_rank_of_low_rank_matrix(method):
     row = analyze(W, method=method).rows[0]
     assert row["matrix_rank"] == 10
     assert row["num_evals"] == 64
+    assert float(layer_eigenvalues(W, method=method).min()) >= 0.0  # (Gram rounding: clamped at 0)
+    # entropy: -sum p ln p / ln(matrix_rank), p = lambda / sum lambda (WeightWatcher's matrix_entropy)
+    ev = torch.linalg.svdvals(W) ** 2
+    p = ev / ev.sum() + 1e-10
+    assert row["entropy"] == pytest.approx(float(-(p * p.log()).sum() / math.log(10)), rel=1e-6)
+
+
+def test_matrix_rank_tolerance_uses_the_larger_side():
+    """``matrix_rank`` counts ``s > s_max * N * eps`` with N the larger side (numpy's matrix_rank, as
+    WeightWatcher): a singular value of 1e-14 s_max in a 400 x 8 matrix is below 400 eps, above 8 eps."""
+    sv = torch.tensor([1.0] * 7 + [1e-14], dtype=F64)
+    W = matrix_with_spectrum(sv, 400, seed=4)
+    assert 8 * torch.finfo(F64).eps < 1e-14 < 400 * torch.finfo(F64).eps
+    assert analyze(W, method="svd").rows[0]["matrix_rank"] == 7
 
 
 def test_conv2d_convention():
@@ -205,6 +242,8 @@ def test_conv2d_convention():
     assert (row["kind"], row["N"], row["M"], row["rf"], row["num_evals"]) == ("conv2d", 16, 8, 6, 48)
     unscaled = layer_eigenvalues(conv.weight, conv2d_norm=False)
     torch.testing.assert_close(unscaled, 2 * ref, rtol=1e-10, atol=1e-12)
+    wide = analyze(nn.Sequential(nn.Conv2d(16, 8, 3))).rows[0]  # out < in: N, M still max, min
+    assert (wide["N"], wide["M"], wide["rf"], wide["num_evals"]) == (16, 8, 9, 72)
 
 
 def test_conv1d_modes():
@@ -247,6 +286,32 @@ def test_layer_selection_rules():
     rep = analyze(huge)
     assert [r["name"] for r in rep.rows] == ["ok"]
     assert dict(rep.skipped) == {"big": "M*rf=15001 > max_evals=15000", "wide": "N=60000 > max_N=50000"}
+    # the limits are inclusive: M*rf == max_evals and N == max_N are analysed
+    g = torch.Generator().manual_seed(0)
+    sd = {f"{k}.weight": torch.randn(*shape, generator=g) for k, shape in
+          (("edge", (20, 16)), ("long", (21, 16)), ("wide", (20, 17)))}  # fmt: skip
+    rep = analyze(sd, min_evals=16, max_evals=16, max_N=20)
+    assert [r["name"] for r in rep.rows] == ["edge"]
+    assert dict(rep.skipped) == {"long": "N=21 > max_N=20", "wide": "M*rf=17 > max_evals=16"}
+    assert analyze(sd, min_evals=17).skipped == [
+        ("edge", "M*rf=16 < min_evals=17"),
+        ("long", "M*rf=16 < min_evals=17"),
+    ]
+
+
+def test_a_state_dicts_layers_are_its_weight_keys():
+    """In a state_dict only keys ending in ``weight`` are layers: a 2-D position table, a 4-D causal
+    mask buffer (GPT-2's ``attn.bias``) and a 2-D int buffer are not analysed or listed."""
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "fc.weight": torch.randn(32, 16, generator=g),
+        "fc.bias": torch.randn(32, generator=g),
+        "pos_embedding": torch.randn(64, 16, generator=g),
+        "attn.bias": torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16),
+        "position_ids": torch.arange(64).view(1, 64),
+    }
+    rep = analyze(sd)
+    assert [r["name"] for r in rep.rows] == ["fc"] and rep.skipped == []
 
 
 def test_class_name_rule_like_weightwatcher():
@@ -491,6 +556,7 @@ def test_alpha_tracker():
     last = tracker.history[-1]
     assert set(last) == {"step", "mean_alpha", "alphas"} and set(last["alphas"]) == {"0", "2"}
     assert last["mean_alpha"] == pytest.approx(analyze(model, fit="median").mean_alpha)
+    assert last["alphas"] == pytest.approx(analyze(model, fit="median").alphas, rel=1e-12)
     assert tracker.last_report.fit == "median"
     assert tracker.mean_alphas()[0][0] == 0
     for bad in (0, -1, 2.5, True):
@@ -519,6 +585,16 @@ def test_cli_esd(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "`median`" in out and "| 0 | linear | 96x48 |" in out
     assert (tmp_path / "t.csv").read_text().startswith("name,kind,shape,N,M")
+    # --method reaches analyze: a singular value 1e-9 x the largest is counted by the SVD's rank, below
+    # the Gram route's floor (lambda_max * N * eps) in float64
+    W = matrix_with_spectrum(torch.tensor([1.0] * 7 + [1e-9], dtype=F64), 128, seed=1)
+    torch.save({"fc.weight": W}, tmp_path / "w.pt")
+    ranks = {}
+    for method in ("svd", "gram"):
+        _cli([str(tmp_path / "w.pt"), "--method", method, "--csv", str(tmp_path / f"{method}.csv")])
+        with open(tmp_path / f"{method}.csv") as f:
+            ranks[method] = int(next(csv.DictReader(f))["matrix_rank"])
+    assert ranks == {"svd": 8, "gram": 7}
 
 
 def small_model() -> nn.Module:
@@ -611,6 +687,25 @@ def test_a_degenerate_layer_is_left_out_of_the_mean_alpha():
     assert _is_degenerate_failure(rep.rows[2])
     assert rep.mean_alpha == pytest.approx((a0 + a2) / 2, rel=1e-12)
     assert AlphaTracker(every=1)(model, 0)["mean_alpha"] == pytest.approx((a0 + a2) / 2, rel=1e-12)
+
+
+def test_degenerate_rule_uses_the_layers_own_larger_side():
+    """A tall bf16 layer (2048 x 16) whose ESD spreads by ln(max/min) = 0.01: more than bf16 rounding
+    leaves on a 2048-row matrix (rtol 0.003), less than on a square one (0.031). analyze passes the
+    layer's N, so it is fitted; with the square default it would be called degenerate."""
+    sv = torch.exp(torch.linspace(0, 0.005, 16, dtype=F64))
+    W = matrix_with_spectrum(sv, 2048, seed=1).to(torch.bfloat16)
+    ev = layer_eigenvalues(W)
+    spread = math.log(float(ev[-1] / ev[0]))
+    assert (
+        pl_mod.degenerate_rtol(16, 2048, torch.bfloat16)
+        < spread
+        < pl_mod.degenerate_rtol(16, 16, torch.bfloat16)
+    )
+    row = analyze(W).rows[0]
+    ref = fit_powerlaw(ev, N=2048, weight_dtype=torch.bfloat16)
+    assert row["status"] == ref.status == "ok" and math.isfinite(row["alpha"])
+    assert (row["alpha"], row["xmin"]) == (ref.alpha, ref.xmin)
 
 
 def test_degenerate_rule_leaves_gaussian_layers_alone(monkeypatch):
@@ -786,6 +881,19 @@ def test_a_wrapped_model_has_its_checkpoints_layer_names(tmp_path):
     assert AlphaTracker(every=1)(torch.compile(model), 0)["alphas"] == pytest.approx(ref, rel=1e-12)
     torch.save(torch.compile(model).state_dict(), tmp_path / "c.pt")
     assert analyze(tmp_path / "c.pt").alphas == pytest.approx(ref, rel=1e-12)
+
+
+def test_a_prefix_only_some_keys_have_is_kept(tmp_path):
+    """``module.`` / ``_orig_mod.`` are wrapper prefixes only when every key has them: a model whose
+    submodule is named ``module`` keeps its names, in memory and in a checkpoint file."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"module": nn.Linear(40, 64), "head": nn.Linear(64, 32)})
+    names = ["module", "head"]
+    assert list(analyze(model).alphas) == names
+    assert list(analyze(model.state_dict()).alphas) == names
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    rep = analyze(tmp_path / "m.pt")
+    assert list(rep.alphas) == names and "notes" not in rep.meta
 
 
 def test_quantized_checkpoint_weights_are_listed_as_skipped_not_dropped(tmp_path):

@@ -112,3 +112,36 @@ def test_plot_bad_input(tmp_path, reports):
         plot_update_spectra({}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="expected singular values or a matrix"):
         plot_update_spectra({"a": torch.ones(2, 2, 2)}, tmp_path / "x.png")
+
+
+def test_plot_esd_draws_the_layers_own_fit(tmp_path, monkeypatch):
+    """The fitted line is analyze's fit of the weight (its xmin, alpha and tail share: the density
+    ``(n_tail / n) (alpha - 1) / xmin (x / xmin)^-alpha``); a weight whose ESD is degenerate in its own
+    precision (an orthogonal bf16 layer) gets no line, as analyze gets no alpha."""
+    from htmuon.diagnostics import plots
+
+    seen = []
+    real_save = plots._save
+
+    def save(fig, path):
+        ax = fig.axes[0]
+        seen.append(([(list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines], ax.get_title()))
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 200, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.arange(1, 201, dtype=torch.float64) ** -0.5
+    )
+    row = analyze(W).rows[0]
+    plot_esd(W, tmp_path / "esd.png")
+    (x, y), _ = seen[0][0][0], seen[0][1]
+    assert x[0] == pytest.approx(row["xmin"], rel=1e-9)
+    share = row["num_pl_spikes"] / row["num_evals"]
+    assert y[0] == pytest.approx(share * (row["alpha"] - 1) / row["xmin"], rel=1e-9)
+    assert f"α = {row['alpha']:.3f}" in seen[0][1]
+    Q = nn.init.orthogonal_(torch.empty(64, 64)).to(torch.bfloat16)
+    assert analyze(Q).rows[0]["status"].startswith("failed: degenerate ESD")
+    plot_esd(Q, tmp_path / "q.png")
+    lines, title = seen[1]
+    assert lines == [] and "degenerate ESD" in title

@@ -87,6 +87,61 @@ def test_hf_folder_safetensors_single_and_sharded(llama, tmp_path):
         assert set(ck.entries) < set(ref.alphas) | {k for k in llama[1]}
 
 
+def test_safetensors_dtypes_and_natural_layer_order(tmp_path):
+    """A safetensors file's bf16 / fp16 / float32 weights keep their dtype in the metadata (it sets the
+    degenerate-ESD tolerance: an orthogonal bf16 layer fails as in memory, not with a huge alpha), and
+    layers come in natural name order ('layers.2' before 'layers.10', not string order)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = {}
+    for i, dtype in ((10, torch.bfloat16), (2, torch.float16), (1, torch.float32)):
+        sd[f"layers.{i}.weight"] = torch.randn(48, 32).to(dtype)
+    sd["layers.3.weight"] = nn.init.orthogonal_(torch.empty(64, 64)).to(torch.bfloat16)
+    save_file(sd, tmp_path / "m.safetensors")
+    with open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+        assert {k: m.dtype for k, m in ckpt.entries.items()} == {k: v.dtype for k, v in sd.items()}
+    rep = analyze(tmp_path / "m.safetensors")
+    assert [r["name"] for r in rep.rows] == ["layers.1", "layers.2", "layers.3", "layers.10"]
+    mem = analyze(sd)
+    for r in rep.rows:
+        assert r["status"] == next(m["status"] for m in mem.rows if m["name"] == r["name"]), r["name"]
+    assert rep.rows[2]["status"].startswith("failed: degenerate ESD")
+    assert rep.alphas == pytest.approx(mem.alphas, rel=1e-12, nan_ok=True)
+
+
+def test_views_of_one_storage_are_distinct_layers_and_the_index_picks_the_shard(tmp_path):
+    """Views at different offsets of one storage (q, k, v split from a fused matrix) are three layers,
+    not one tied matrix, in memory and in a torch.save file; a sharded index's weight_map decides which
+    shard a tensor is read from when a stale shard holds the same key too."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    fused = torch.randn(96, 32)
+    sd = dict(zip(("q.weight", "k.weight", "v.weight"), fused.chunk(3)))
+    want = {n[:-7]: analyze(w.clone()).rows[0]["alpha"] for n, w in sd.items()}
+    torch.save(sd, tmp_path / "qkv.pt")
+    for obj in (sd, tmp_path / "qkv.pt"):
+        rep = analyze(obj)
+        assert rep.alphas == pytest.approx(want, rel=1e-12) and "notes" not in rep.meta
+    a, stale = torch.randn(40, 24), torch.randn(40, 24) ** 3
+    save_file({"a.weight": a, "b.weight": torch.randn(40, 24)}, tmp_path / "s1.safetensors")
+    save_file({"a.weight": stale, "c.weight": torch.randn(40, 24)}, tmp_path / "s2.safetensors")
+    index = {
+        "weight_map": {
+            "a.weight": "s1.safetensors",
+            "b.weight": "s1.safetensors",
+            "c.weight": "s2.safetensors",
+        }
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    rep = analyze(tmp_path / "model.safetensors.index.json")
+    assert rep.alphas["a"] == pytest.approx(analyze(a).rows[0]["alpha"], rel=1e-12)
+    # a folder is found by its one index, whatever its name (diffusers: diffusion_pytorch_model...)
+    (tmp_path / "model.safetensors.index.json").rename(tmp_path / "unet.safetensors.index.json")
+    assert analyze(tmp_path).alphas == pytest.approx(rep.alphas, rel=1e-12)
+
+
 def test_hf_folder_pytorch_model_bin_single_and_sharded(llama, tmp_path):
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -173,6 +228,13 @@ def test_lightning_ckpt_dict_format(llama, tmp_path):
     assert_same(rep, ref)  # the LightningModule's 'model.' prefix is removed: names match the HF ones
     notes = " ".join(rep.meta["notes"])
     assert "Hparams" in notes and "'model.'" in notes
+    # a LightningModule whose attribute is the layer itself: 'layer.weight' keeps its prefix (never a
+    # bare 'weight')
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40)
+    lightning_ckpt(lin.state_dict(), tmp_path / "one.ckpt", attr="layer")
+    rep = analyze(tmp_path / "one.ckpt")
+    assert rep.alphas == pytest.approx({"layer": analyze(lin.weight).rows[0]["alpha"]}, rel=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
@@ -252,6 +314,13 @@ def test_pytorch_tutorial_checkpoint_and_which_key_wins(tmp_path, capsys):
     assert rep.alphas == pytest.approx(want, rel=1e-12)
     assert rep.meta["notes"] == [
         "both.pt: weights under 'model' analysed; 'model_state_dict' also holds weights, not analysed"
+    ]
+    # 'model' before 'state_dict' whatever the file's key order
+    torch.save({"state_dict": other.state_dict(), "model": model.state_dict()}, tmp_path / "sd.pt")
+    rep = analyze(tmp_path / "sd.pt")
+    assert rep.alphas == pytest.approx(want, rel=1e-12)
+    assert rep.meta["notes"] == [
+        "sd.pt: weights under 'model' analysed; 'state_dict' also holds weights, not analysed"
     ]
     torch.save({"model": "mlp-3", "model_state_dict": model.state_dict()}, tmp_path / "named.pt")
     rep = analyze(tmp_path / "named.pt")  # 'model' holds no weights here: not a candidate
@@ -360,6 +429,9 @@ def test_cli_several_targets_side_by_side(llama, tmp_path, capsys):
     with (tmp_path / "out" / "all.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["target"] for r in rows} == {"run-a", "run-b", "hf-b"} and len(rows) == 3 * len(ref.rows)
+    q = [r for r in rows if r["name"] == "model.layers.0.self_attn.q_proj"]
+    assert [(r["target"], r["shape"]) for r in q] == [(t, "64x64") for t in ("run-a", "run-b", "hf-b")]
+    assert float(q[0]["alpha"]) == pytest.approx(a_q, rel=1e-12)  # full precision, not the table's 4 digits
     assert (tmp_path / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
 
 

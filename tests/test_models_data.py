@@ -29,7 +29,14 @@ from htmuon.train.data import (  # noqa: E402
     text_splits,
 )
 from htmuon.train.loop import train  # noqa: E402
-from htmuon.train.models import build_gpt2, build_image_model, build_lm, build_resnet, build_vit  # noqa: E402
+from htmuon.train.models import (  # noqa: E402
+    build_gpt2,
+    build_image_model,
+    build_llama,
+    build_lm,
+    build_resnet,
+    build_vit,
+)
 from htmuon.train.optimizers import build_optimizer, resolve  # noqa: E402
 from htmuon.train.presets import MODEL_PRESETS, model_task  # noqa: E402
 from htmuon.train.tokenizer import encode_docs, prepare_tokens  # noqa: E402
@@ -76,6 +83,47 @@ def test_resnet50_is_the_bottleneck_resnet():
     assert model.fc.in_features == 2048
     micro = build_resnet("resnet50-micro", 1, 10)
     assert micro(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_resnets_halve_the_resolution_at_each_new_stage():
+    """The CIFAR ResNet: a stride-1 3x3 stem, then stride 2 in the first block of every stage but the
+    first (on the 3x3 convolution of a Bottleneck, and on its projection shortcut)."""
+    with torch.device("meta"):
+        r18, r50 = build_resnet("resnet18", 3, 10), build_resnet("resnet50", 3, 10)
+    assert r18.conv1.stride == (1, 1) and r50.conv1.stride == (1, 1)
+    for model, blocks in ((r18, (2, 2, 2, 2)), (r50, (3, 4, 6, 3))):
+        firsts = {sum(blocks[:i]) for i in range(1, len(blocks))}
+        for k, block in enumerate(model.layers):
+            want = (2, 2) if k in firsts else (1, 1)
+            if hasattr(block, "conv3"):  # Bottleneck
+                assert (block.conv1.stride, block.conv2.stride, block.conv3.stride) == ((1, 1), want, (1, 1))
+            else:
+                assert (block.conv1.stride, block.conv2.stride) == (want, (1, 1))
+            if k in firsts:
+                assert block.shortcut[0].stride == (2, 2)
+    micro = build_resnet("resnet-micro", 3, 10)
+    seen = []
+    micro.layers[-1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    micro(torch.randn(2, 3, 32, 32))
+    assert seen == [(2, 16, 16, 16)]  # two stages: 32 -> 32 -> 16
+
+
+def test_llama_is_untied_rmsnorm_and_language_models_take_longer_sequences():
+    """LLaMA: untied embedding and head (the paper's 60M shape has 58.1M parameters at vocabulary 32000),
+    RMSNorm and bias-free linear layers, position tables sized for the run's seq_len; GPT-2's learned
+    position table grows to a seq_len beyond its preset's."""
+    with torch.device("meta"):
+        m = build_llama("llama-60m", 32000, 1024)
+    h, i, L = 512, 1376, 8
+    assert count(m) == 2 * 32000 * h + L * (4 * h * h + 3 * h * i + 2 * h) + h
+    assert m.lm_head.weight is not m.model.embed_tokens.weight
+    assert m.config.max_position_embeddings >= 1024
+    norms = [type(x).__name__ for x in m.modules() if "Norm" in type(x).__name__]
+    assert norms == ["LlamaRMSNorm"] * (2 * L + 1)
+    assert all(x.bias is None for x in m.modules() if isinstance(x, torch.nn.Linear))
+    torch.manual_seed(0)
+    gpt = build_gpt2("gpt2-micro", 300, 128)  # the preset's table holds 64 positions
+    assert gpt(input_ids=torch.randint(0, 300, (1, 128))).logits.shape == (1, 128, 300)
 
 
 def test_vit_tiny_has_the_deit_tiny_shape():
@@ -261,6 +309,8 @@ def test_jsonl_gz_folder_and_datasets_sources(corpus_file, tmp_path):
     assert len(s.train) > 5 * len(s.val) > 0
     limited = build_token_streams(str(folder), vocab_size=300, val_fraction=0.1, max_docs=5)
     assert len(limited.train) + len(limited.val) < (len(s.train) + len(s.val)) / 3
+    eos = sum(int((np.asarray(a) == limited.eos_id).sum()) for a in (limited.train, limited.val))
+    assert eos == 5  # one end-of-document per document (each a single chunk), max_docs of them
     no_body = r"c4-train.00000.json.gz:1: no field 'body' \(its fields: 'text', 'url'"
     with pytest.raises(UserError, match=no_body):
         build_token_streams(str(folder), vocab_size=300, val_fraction=0.1, text_field="body")
@@ -727,3 +777,183 @@ def test_a_val_fraction_above_one_half_is_refused(corpus_file):
             build_token_streams(str(corpus_file), vocab_size=300, val_fraction=bad)
     s = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.5)
     assert abs(len(s.val) / (len(s.train) + len(s.val)) - 0.5) < 0.05
+
+
+# ----------------------------------------------------------------------------- splits and sampling
+
+
+def test_holdout_period_is_the_nearest_integer_to_one_over_val_fraction():
+    """Every round(1 / val_fraction)-th chunk is held out: 0.15 -> every 7th (held out 1/7 = 0.143),
+    not every 6th (0.167, truncating 6.67)."""
+    from htmuon.train.data import split_documents
+
+    doc = ("a" * 8191 + "\n") * 70  # 70 chunks of CHUNK_CHARS = 8192 characters
+    assert len(chunk_document(doc)) == 70
+    for fraction, held in ((0.15, 10), (0.3, 23), (0.1, 7), (0.5, 35)):
+        train, val = split_documents([doc], fraction)
+        assert sum(map(len, val)) == held and sum(map(len, train)) == 70 - held, fraction
+
+
+def test_block_sampler_draws_a_new_order_each_epoch_and_resumes_in_any_epoch():
+    from htmuon.train.data import BlockSampler
+
+    s = BlockSampler(50, 10, seed=3)
+    batches = [s.next_indices() for _ in range(12)]
+    epochs = np.concatenate(batches[:5]), np.concatenate(batches[5:10])
+    assert all(sorted(e.tolist()) == list(range(50)) for e in epochs)  # each epoch covers every block
+    assert not np.array_equal(*epochs)  # a fresh permutation per epoch
+    assert not np.array_equal(BlockSampler(50, 10, seed=4).next_indices(), batches[0])  # per seed
+    s = BlockSampler(50, 10, seed=3)
+    for _ in range(7):  # into epoch 1
+        s.next_indices()
+    state = s.state_dict()
+    assert (state["epoch"], state["index"]) == (1, 20)
+    resumed = BlockSampler(50, 10, seed=3)
+    resumed.load_state_dict(state)
+    assert all(np.array_equal(resumed.next_indices(), b) for b in batches[7:])
+    for other in (BlockSampler(50, 10, seed=4), BlockSampler(49, 10, seed=3)):
+        with pytest.raises(UserError, match="data position does not match"):
+            other.load_state_dict(state)
+
+
+def test_token_windows_stay_inside_the_stream_and_validation_windows_rotate():
+    """A stream of 4 * seq_len tokens holds 3 training windows (each needs one more token for its
+    targets), all drawn, none past the end; ``val_batches(max_batches, window)`` takes consecutive
+    windows from ``window * max_batches * batch_size``, wrapping around."""
+    tokens = np.arange(40, dtype=np.uint16)
+    val = np.arange(1000, 1101, dtype=np.uint16)  # 10 windows of 10
+    data = TokenData(tokens, val, seq_len=10, batch_size=2, seed=0)
+    assert data.sampler.n == 3
+    starts = set()
+    for _ in range(6):  # four epochs
+        x, y = data.next_batch()
+        assert torch.equal(y, x + 1)
+        starts |= {int(v) for v in x[:, 0]}
+    assert starts == {0, 10, 20}
+
+    def firsts(**kw):
+        return [int(v) - 1000 for x, _ in data.val_batches(**kw) for v in x[:, 0]]
+
+    assert firsts() == list(range(0, 100, 10))
+    assert firsts(max_batches=1, window=0) == [0, 10]
+    assert firsts(max_batches=1, window=1) == [20, 30]
+    assert firsts(max_batches=3, window=1) == [60, 70, 80, 90, 0, 10]
+    exact = TokenData(tokens, val[:100], seq_len=10, batch_size=4, seed=0)  # 100 tokens: 9 windows
+    assert [int(v) for x, _ in exact.val_batches() for v in x[:, 0]] == list(range(1000, 1090, 10))
+    from htmuon.train.data import ImageData
+
+    x = torch.zeros(10, 1, 2, 2)
+    img = ImageData(x[:4], torch.arange(4), x, torch.arange(10), 10, batch_size=2, seed=0)
+    labels = [int(v) for _, y in img.val_batches(max_batches=3, window=1) for v in y]
+    assert labels == [6, 7, 8, 9, 0, 1]
+
+
+def test_image_augmentation_differs_per_batch_and_val_uses_train_statistics(tmp_path):
+    """CIFAR crops and flips are drawn per (seed, epoch, position): two batches of one epoch of the same
+    image get different crops. Both splits are normalised with the training split's channel mean and
+    std. The digits split is fixed, whatever the run's seed."""
+    from htmuon.train.data import ImageData
+
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 3, 8, 8, generator=g)
+    data = ImageData(one.expand(16, -1, -1, -1), torch.zeros(16, dtype=torch.long), one, torch.zeros(1),
+                     10, batch_size=8, seed=0, augment=True)  # fmt: skip
+    a, b = data.next_batch()[0], data.next_batch()[0]
+    assert not torch.equal(a, b)
+    padded = torch.nn.functional.pad(one[0], (4, 4, 4, 4))
+    crops = [padded[:, i : i + 8, j : j + 8] for i in range(9) for j in range(9)]
+    flipped = [not any(torch.equal(x, c) for c in crops) for x in torch.cat([a, b])]
+    assert 0 < sum(flipped) < 16  # some mirrored, some not (p = 1/2 each)
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    raw = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        raw[name] = rng.integers(0, 256, (4, 3072), dtype=np.uint8) // (2 if name == "test_batch" else 1)
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": raw[name], b"labels": [0, 1, 2, 3]}, f)
+    data = load_image_data(f"cifar10:{tmp_path}", 8, seed=0)
+    tr = np.concatenate([raw[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32) / 255.0
+    va = raw["test_batch"].reshape(-1, 3, 32, 32) / 255.0
+    mean, std = tr.mean(axis=(0, 2, 3), keepdims=True), tr.std(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(data.x_val.numpy(), (va - mean) / std, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(data.x_train.numpy(), (tr - mean) / std, rtol=1e-4, atol=1e-4)
+
+    pytest.importorskip("sklearn")
+    d0, d1 = load_image_data("digits", 8, seed=0), load_image_data("digits", 8, seed=1)
+    assert torch.equal(d0.x_val, d1.x_val) and torch.equal(d0.y_val, d1.y_val)
+
+
+def test_imagenet_crops_are_drawn_per_image(tmp_path):
+    """Each image of a batch gets its own random resized crop and flip ((seed, epoch, position + i)):
+    copies of one picture come out different."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(arr).save(tmp_path / split / c / f"{i}.png")
+    data = ImageFolderData(tmp_path, 8, batch_size=8, seed=0, workers=1)
+    x, _ = data.next_batch()
+    assert len({x[i].numpy().tobytes() for i in range(8)}) > 4
+    # validation: the shorter side resized to round(8 / 0.875) = 9 (here: as it is), a centre crop
+    tall = np.random.default_rng(1).integers(0, 256, (18, 9, 3), dtype=np.uint8)  # 9 wide, 18 high
+    for f in (tmp_path / "val").rglob("*.png"):
+        Image.fromarray(tall).save(f)
+    vx, _ = next(iter(data.val_batches(max_batches=1)))
+    mean, std = np.asarray([0.485, 0.456, 0.406]), np.asarray([0.229, 0.224, 0.225])
+    want = (tall[5:13, 0:8].transpose(2, 0, 1) / 255.0 - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_allclose(vx[0].numpy(), want, atol=1e-5)
+
+
+def test_the_token_cache_is_keyed_by_the_split(corpus_file, tmp_path, monkeypatch):
+    """A cache built for one val_fraction is not reused for another (it would train on another split)."""
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    a = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
+    b = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.05)
+    assert a.cache != b.cache
+    assert len(b.val) / (len(b.train) + len(b.val)) < 0.75 * len(a.val) / (len(a.train) + len(a.val))
+
+
+def test_an_edited_corpus_file_of_the_same_size_gets_a_new_token_cache(tmp_path, monkeypatch):
+    """The cache key holds each file's modification time as well as its size: an edit that keeps the
+    size (a typo fixed) is tokenised again, not served from the old cache."""
+    import os
+
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "c.txt"
+    text = "".join(f"line {i} of the corpus, to be or not to be\n" for i in range(3000))
+    path.write_text(text)
+    a = build_token_streams(str(path), vocab_size=300, val_fraction=0.1)
+    path.write_text(text.replace("to be or not", "tu be ur nut"))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    b = build_token_streams(str(path), vocab_size=300, val_fraction=0.1)
+    assert b.cache != a.cache and b.digest != a.digest
+
+
+def test_the_in_memory_token_cache_is_keyed_by_both_splits_and_checks_its_ids(
+    corpus_file, tmp_path, monkeypatch
+):
+    """prepare_tokens' cache key covers the validation text too (the same train split with another
+    validation split is another cache), and a cached stream holding an id equal to the vocabulary size
+    (one past the last) is refused, naming the file."""
+    from htmuon.train.data import TextSplits
+    from htmuon.train.tokenizer import corpus_key
+
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    splits = text_splits(str(corpus_file), 0.1)
+    other = TextSplits(splits.train, [["another validation text\n"]])
+    assert corpus_key(splits, 300) != corpus_key(other, 300) != corpus_key(other, 400)
+    tok, tr, va, d = prepare_tokens(splits, 300)
+    _, _, va2, d2 = prepare_tokens(other, 300)
+    assert d2 != d and not np.array_equal(va2, va)
+    bad = va.copy()
+    bad[3] = tok.get_vocab_size()
+    np.save(d / "val.npy", bad)
+    with pytest.raises(UserError, match=r"token cache file '.*val.npy' is unusable \(token ids outside"):
+        prepare_tokens(splits, 300)
