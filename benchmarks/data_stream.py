@@ -103,6 +103,10 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(one_size(args.one, args.tokenizer, Path(args.work))))
         return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import describe, header
+
+    print(header(describe()))
     env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -167,6 +167,10 @@ def main() -> None:
         return
     shapes = llama_shapes(args.layers)
     total = sum(m * n for m, n in shapes) * 4
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import describe, header
+
+    print(header(describe(args.device)))
     print(
         f"LLaMA-60M matrix set: {len(shapes)} matrices, {total / 2**20:.1f} MiB fp32; method={args.method} "
         f"p={args.p} interval={args.interval} plugin={args.plugin}; {args.threads} thread(s) per process"

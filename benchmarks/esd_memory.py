@@ -123,6 +123,10 @@ def main() -> None:
         dcp.save({"model": sd, "step": 1}, checkpoint_id=paths["DCP folder"], no_dist=True)
     del sd, split
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import describe, header
+
+    print(header(describe()))
     size = folder_size(paths["safetensors file"]) / 2**20
     print(f"checkpoint: {args.layers} x {args.shape[0]}x{args.shape[1]} float32 = {size:.0f} MiB; in {root}")
     threads = os.environ.get("OMP_NUM_THREADS", "1")

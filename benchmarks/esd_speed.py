@@ -33,10 +33,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from make_ww_reference import Block, TinyLlama  # noqa: E402
 
 from htmuon.diagnostics import analyze  # noqa: E402
+from machine import describe, header  # noqa: E402
 
 
 def _time(fn, sync=None):
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fit", default="ks")
     args = ap.parse_args(argv)
 
+    print(header(describe()))
     torch.manual_seed(0)
     if args.full:
         model = TinyLlama(vocab=32000, n_layers=8)

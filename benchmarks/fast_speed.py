@@ -10,7 +10,7 @@ _zeropower_via_newtonschulz``: 5 quintic steps in bfloat16, what ``torch.optim.M
 matrix). Each backend is timed through :func:`htmuon.spectral_power` on one float32 matrix, with
 the working dtype named in the column (``fast bf16`` = ``ns_dtype=torch.bfloat16``). Calls are
 interleaved round-robin (``--repeats`` rounds after a warm-up, median kept) in one process, one torch
-thread by default. The CPU model and its matmul ISA flags are printed first.
+thread by default. The machine header (CPU model, matmul ISA, torch) is printed first.
 
 ``--profile`` runs ``torch.profiler`` over a few calls of ``fast`` (bf16 and fp32 work) per shape and
 prints the share of CPU self time spent in matrix products (``mm``/``bmm``/``addmm``/``baddbmm``/
@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from htmuon import MUON_NS5_COEFFICIENTS, spectral_power
 from htmuon.spectral import cpu_matmul_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, header  # noqa: E402
 
 DEFAULT_SHAPES = ["512x512", "512x1376", "1376x512"]
 #: (column label, method, working dtype)
@@ -39,17 +44,6 @@ VARIANTS = [
     ("eigh (fp64 Gram)", "eigh", None),
 ]
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
@@ -89,10 +83,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     flags = cpu_matmul_flags()
-    print(
-        f"CPU: {cpu_model()}; matmul ISA flags: {', '.join(sorted(flags)) or 'avx2 or older'}; "
-        f"{torch.get_num_threads()} thread(s); torch {torch.__version__}"
-    )
+    print(header(describe()))
+    print(f"# fast bfloat16 matmul flags: {', '.join(sorted(flags)) or 'none'}")
     labels = [label for label, _, _ in VARIANTS]
     print(f"ms per call, and x torch.optim.Muon's NS5 (bf16) on the same matrix; p = {args.p}")
     print("| shape | Muon NS5 bf16 (ms) | " + " | ".join(labels) + " |")

@@ -129,6 +129,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = all_rows(load_paper_module(args.paper_code) if args.paper_code else None)
     if args.rows is not None:
+        known = {r.key for r in rows}
+        if set(args.rows) - known:  # a typo counted Muon's row alone, silently
+            parser.error(f"unknown --rows {sorted(set(args.rows) - known)}; valid: {sorted(known)}")
         rows = [r for r in rows if r.key == "muon" or r.key in args.rows]
     peaks = {"bf16": args.peak_bf16, "fp16": args.peak_bf16, "fp32": args.peak_fp32, "fp64": args.peak_fp64}
     info = describe("cpu")

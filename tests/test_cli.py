@@ -238,3 +238,133 @@ def test_train_refuses_flags_its_optimizer_ignores(capsys, tmp_path):
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- options reach the work
+
+
+def test_demo_passes_its_options_to_every_run(monkeypatch, capsys):
+    import htmuon.demo
+
+    calls = []
+    result = {"train_loss": 0.5, "test_acc": 0.9, "seconds": 0.0}
+    monkeypatch.setattr(htmuon.demo, "run_one", lambda *a: calls.append(a) or result)
+    assert main(["demo", "--epochs", "2", "--seed", "3", "--method", "svd"]) == 0
+    assert calls == [(name, 3, 2, "svd") for name in ("adamw", "muon", "htmuon")]
+    assert "2 epochs, seed 3" in capsys.readouterr().out
+
+
+def test_demo_runs_muon_as_p0_ns_and_htmuon_as_asked_from_the_seeds_init(monkeypatch):
+    """Muon is HTMuon(p=0, method="ns") whatever --method says; HTMuon gets p = 0.125 and --method;
+    the model's initialisation and the batches' order follow the seed."""
+    import torch
+
+    import htmuon
+    from htmuon.demo import run_one
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def fake_htmuon(groups, **kw):
+        seen.append((kw["p"], kw["method"], groups[0]["params"][0].detach().clone()))
+        raise Built
+
+    monkeypatch.setattr(htmuon, "HTMuon", fake_htmuon)
+    for name, seed in (("muon", 1), ("htmuon", 1), ("muon", 2)):
+        with pytest.raises(Built):
+            run_one(name, seed, 1, "svd")
+    (p_m, method_m, init_1), (p_h, method_h, init_h), (_, _, init_2) = seen
+    assert (p_m, method_m, p_h, method_h) == (0.0, "ns", 0.125, "svd")
+    assert torch.equal(init_1, init_h) and not torch.equal(init_1, init_2)
+    monkeypatch.undo()
+
+    seeds = []
+    real_randperm = torch.randperm
+
+    def spy_randperm(n, *a, generator=None, **kw):
+        seeds.append(generator.initial_seed())
+        return real_randperm(n, *a, generator=generator, **kw)
+
+    monkeypatch.setattr(torch, "randperm", spy_randperm)
+    run_one("adamw", 5, 2)
+    assert seeds == [5, 5, 5]  # the split and each of the 2 epochs' shuffles
+
+
+def test_keyboard_interrupt_exits_130_with_one_line(monkeypatch, capsys):
+    import htmuon.demo
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(htmuon.demo, "main", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "htmuon demo: interrupted\n"
+
+
+def test_signal_exit_codes_are_128_plus_the_signal():
+    from htmuon.errors import signal_exit_code
+
+    assert signal_exit_code("SIGTERM") == 143 and signal_exit_code("SIGINT") == 130
+    assert signal_exit_code("") == 143  # a signal that came to another rank: SIGTERM's
+
+
+def _fake_train(monkeypatch, summary: dict, rank: int = 0) -> list[dict]:
+    """``htmuon.train.loop.train`` replaced by one that records its arguments and returns ``summary``."""
+    import htmuon.torchrun
+    import htmuon.train.loop
+
+    calls = []
+
+    def train(cfg, **kw):
+        calls.append(dict(kw, cfg=cfg))
+        return {"stopped": False, "diverged": False, "steps_done": 3, "run_dir": "runs/x", **summary}
+
+    monkeypatch.setattr(htmuon.train.loop, "train", train)
+    monkeypatch.setattr(htmuon.torchrun, "finish", lambda: rank)
+    return calls
+
+
+def test_train_passes_the_presets_lrs_and_its_flags_on(monkeypatch, capsys, tmp_path):
+    from htmuon.train.presets import RUN_PRESETS
+
+    done = dict(optimizer="muon", lr=0.02, seed=0, final_val_loss=3.0, final_val_ppl=20.0)
+    calls = _fake_train(monkeypatch, done)
+    argv = ["train", "--preset", "smoke", "--out-dir", str(tmp_path / "r"), "--stop-after", "2", "--resume"]
+    assert main(argv) == 0
+    (call,) = calls
+    assert call["preset_lrs"] == RUN_PRESETS["smoke"].lrs and call["preset_lrs"]
+    assert call["preset_adamw_lrs"] == RUN_PRESETS["smoke"].adamw_lrs and call["preset_adamw_lrs"]
+    assert call["stop_after"] == 2 and call["resume"] == "required"
+    assert "done: muon lr 0.02 seed 0: val loss 3.0000, val ppl 20.000" in capsys.readouterr().out
+
+
+def test_train_stop_after_zero_is_refused_before_training(monkeypatch, capsys, tmp_path):
+    calls = _fake_train(monkeypatch, {})
+    argv = ["train", "--preset", "smoke", "--out-dir", tmp_path / "r", "--stop-after", 0]
+    err = one_line_error(capsys, argv)
+    assert err.endswith("--stop-after must be >= 1, got 0") and calls == []
+
+
+def test_train_exit_codes_of_a_diverged_and_a_signalled_run(monkeypatch, capsys, tmp_path):
+    argv = ["train", "--preset", "smoke", "--out-dir", str(tmp_path / "r")]
+    _fake_train(monkeypatch, {"diverged": True, "diverged_why": "non-finite loss"})
+    assert main(argv) == 1
+    assert capsys.readouterr().err == "diverged (non-finite loss) at step 3: runs/x\n"
+    signalled = {"stopped": True, "signal": "SIGINT"}
+    _fake_train(monkeypatch, signalled, rank=1)  # under torchrun, a rank other than 0: no message
+    assert main(argv) == 130 and capsys.readouterr().err == ""
+    _fake_train(monkeypatch, signalled, rank=0)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("htmuon train: stopped by SIGINT after step 3, with a checkpoint"), err
+
+
+def test_adamw_lr_is_taken_by_every_optimizer_with_an_adamw_part():
+    from htmuon.train.cli import check_used_keys
+    from htmuon.train.optimizers import NO_ADAMW_PART, OPTIMIZERS
+
+    for name in OPTIMIZERS:
+        if name not in NO_ADAMW_PART:
+            check_used_keys(name, ["adamw_lr"], flags=True)  # mars, cosmos: outside the HTMuon family
