@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict] = {
     "windows_normuon": dict(p=0.125, plugin="normuon", weight_decay=0.1, chunk_bytes=1),
     # float64 directions from float32 matrices: the owner's bits must reach the others (and the plug-in)
     "svd64_normuon": dict(p=0.125, plugin="normuon", compute_dtype=torch.float64),
+    # float64 parameters: their shards, second moments and directions travel in float64
+    "f64_normuon": dict(p=0.125, plugin="normuon", dtype=torch.float64),
 }
 
 
@@ -483,6 +485,20 @@ def parallel_helpers(options: dict, mode: str) -> dict:
     torchrun.load_state_dicts(fresh, fresh_opt, model_sd, opt_sd, par)
     train(fresh_module, fresh_opt, range(STEPS, STEPS + 2))
     out["resume_diff"] = max_diff(fresh, model)
+    # the logging helpers average over the ranks (ranks 0 and 1 send 1 and 2), and a flag set on one
+    # rank only (a signal) is seen by every rank
+    out["mean_across"] = torchrun.mean_across(float(par.rank + 1), par)
+    out["mean_and_any"] = list(torchrun.mean_and_any(float(par.rank + 1), par.rank == 1, par))
+    out["mean_and_none"] = list(torchrun.mean_and_any(0.0, False, par))
+    if mode == "ddp":  # Parallel.process_group divides the spectral work among the ranks
+        out["divides"] = opt._dist is not None and opt._dist.divides()
+    if mode == "fsdp":  # every element of a ModuleList is a unit of its own, then the root
+        from torch.distributed.fsdp import FSDPModule
+
+        blocks = nn.Module()
+        blocks.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        torchrun.wrap_model(blocks, par)
+        out["fsdp_units"] = [isinstance(m, FSDPModule) for m in (*blocks.layers, blocks)]
     if mode == "fsdp":  # the gathered FSDP2 state continues in a single process
         single = torchrun.Parallel()
         alone, alone_module, alone_opt = build(7, single)
@@ -770,6 +786,16 @@ def finite_blind() -> dict:
     finally:
         if settings is not None:
             D.SIGNATURE_SETTINGS, D.SIGNATURE_PARTS = settings, parts
+    # check_finite=False on every rank: the NaN step is taken, as in a single process (the agreed
+    # flags check only the groups that ask for it)
+    torch.manual_seed(0)
+    model = Net()
+    # (HTMuon's own routing gives the option to both groups; htmuon.param_groups to the matrices only)
+    opt = htmuon.HTMuon(model.named_parameters(), check_finite=False, process_group=dist.group.WORLD)
+    loss_fn(model, *make_data(0)).backward()
+    model.norm.weight.grad[0] = float("nan")  # an AdamW parameter, on every rank (as DDP averages it)
+    out["unchecked"] = attempt(opt.step)
+    out["unchecked_nan"] = bool(model.norm.weight.isnan().any())
     return out
 
 

@@ -3,6 +3,7 @@ the single-process optimizer (2 CPU processes, gloo; tests/dist_worker.py runs e
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -383,6 +384,7 @@ VARIANTS = [
     "bf16_normuon",
     "windows_normuon",
     "svd64_normuon",
+    "f64_normuon",
 ]
 
 
@@ -602,6 +604,8 @@ def test_a_nan_step_is_refused_from_the_agreed_flags(alone):
     for rank, r in enumerate(alone("finite_blind")):
         assert r["error"].startswith("NonFiniteGradientError: non-finite gradient"), (rank, r)
         assert "'fc1.weight'" in r["error"] and r["unchanged"] is True, (rank, r)
+        # check_finite=False on every rank: the step is taken, NaN and all, as in a single process
+        assert r["unchecked"] == "no error" and r["unchecked_nan"] is True, (rank, r)
 
 
 @pytest.mark.distributed
@@ -619,6 +623,7 @@ def test_a_failure_outside_the_spectral_map_is_refused_on_every_rank(alone, case
     )
     assert r0[case].startswith(f"RuntimeError: {other}"), r0[case]
     for r in (r0, r1):
+        assert "already updated" not in r[case], r  # nothing was: the step's first window failed
         assert r[f"{case}_unchanged"] is True and r[f"{case}_after"] == "no error", r
         assert r.get(f"{case}_replicas_equal", True) is True
 
@@ -722,6 +727,11 @@ def test_parallel_helpers_train_and_resume(results, mode):
         assert r["max_abs_diff"] < TRAINING_TOL and r["resume_diff"] == 0.0, r
         if mode.startswith("fsdp"):
             assert r["single_resume_diff"] < TRAINING_TOL, r
+            assert r["fsdp_units"] == [True, True, True], r
+        else:
+            assert r["divides"] is True, r
+        assert r["mean_across"] == 1.5 and r["mean_and_any"] == [1.5, True], r
+        assert r["mean_and_none"] == [0.0, False], r
 
 
 def test_parallel_without_torchrun_is_single_process(monkeypatch):
@@ -739,6 +749,34 @@ def test_parallel_without_torchrun_is_single_process(monkeypatch):
         torchrun.from_env("fsdp")
     with pytest.raises(ValueError, match="Invalid parallel mode: 'dp'"):
         torchrun.from_env("dp")
+
+
+def test_from_env_under_torchrun_makes_auto_ddp_and_refuses_none(monkeypatch):
+    """Under torchrun with 2 processes (the process group taken as formed: nothing starts), "auto" is
+    DDP, with this rank, LOCAL_RANK and the timeout; "none" is refused (each rank would train alone);
+    with 1 process "auto" is the single-process loop."""
+    import torch.distributed as dist
+
+    from htmuon import torchrun
+
+    monkeypatch.delenv("HTMUON_DIST_TIMEOUT", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert torchrun.from_env("auto", timeout_s=12) == torchrun.Parallel("ddp", 1, 2, 1, 12.0)
+    assert torchrun.from_env("fsdp") == torchrun.Parallel("fsdp", 1, 2, 1, torchrun.DEFAULT_TIMEOUT_S)
+    with pytest.raises(ValueError, match="parallel='none' but torchrun started 2 processes"):
+        torchrun.from_env("none")
+    # the group is formed with the collective timeout (a hung peer then ends the job after it)
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
+    assert torchrun.from_env("ddp", timeout_s=12).timeout_s == 12.0
+    assert calls == [("gloo", datetime.timedelta(seconds=12))]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert torchrun.from_env("auto") == torchrun.from_env("none") == torchrun.Parallel()
 
 
 def test_batch_slice_splits_rows_evenly():

@@ -12,14 +12,15 @@ pytest.importorskip("torchtitan.components.optimizer", reason="torchtitan is not
 
 from htmuon.integrations.torchtitan import (  # noqa: E402
     HTMuonOptimizersContainer,
+    build_htmuon,
     htmuon_optimizer_config,
 )
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, bias: bool = False) -> None:
         super().__init__()
-        self.wq = nn.Linear(d, d, bias=False)
+        self.wq = nn.Linear(d, d, bias=bias)
         self.wo = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -27,10 +28,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, bias: bool = False) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(d)
-        self.attention = Attention(d)
+        self.attention = Attention(d, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.attention(self.attention_norm(x))
@@ -39,10 +40,10 @@ class Block(nn.Module):
 class TinyLlama(nn.Module):
     """torchtitan's LLaMA parameter names: tok_embeddings, layers.N.*, norm, output."""
 
-    def __init__(self, vocab: int = 13, d: int = 8) -> None:
+    def __init__(self, vocab: int = 13, d: int = 8, bias: bool = False) -> None:
         super().__init__()
         self.tok_embeddings = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleDict({"0": Block(d), "1": Block(d)})
+        self.layers = nn.ModuleDict({"0": Block(d, bias), "1": Block(d, bias)})
         self.norm = nn.LayerNorm(d)
         self.output = nn.Linear(d, vocab, bias=False)
 
@@ -111,3 +112,52 @@ def test_flat_checkpoint_round_trip_resumes_exactly():
     train(fresh, fresh_container, range(3, 5))
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_config_gives_each_part_its_settings():
+    """lr / weight_decay to the matrices, adamw_lr / adamw_weight_decay to the AdamW part, and the
+    options to both, as HTMuon(**options) does (before, adamw_betas, adamw_eps and check_finite reached
+    only the matrix group, which does not read them, and the AdamW part ran HTMuon's defaults)."""
+    model = TinyLlama()
+    config = htmuon_optimizer_config(
+        lr=0.03, adamw_lr=2e-3, weight_decay=0.2, adamw_weight_decay=0.01,
+        adamw_betas=(0.8, 0.9), adamw_eps=1e-6, check_finite=False, method="eigh",
+    )  # fmt: skip
+    (opt,) = config.build(model_parts=[model]).optimizers
+    adamw, matrices = opt.param_groups
+    assert (adamw["algorithm"], adamw["lr"], adamw["weight_decay"]) == ("adamw", 2e-3, 0.01)
+    assert (matrices["algorithm"], matrices["lr"], matrices["weight_decay"]) == ("htmuon", 0.03, 0.2)
+    for group in (adamw, matrices):
+        assert group["adamw_betas"] == (0.8, 0.9) and group["adamw_eps"] == 1e-6, group["algorithm"]
+        assert group["check_finite"] is False and group["method"] == "eigh", group["algorithm"]
+    # adamw_weight_decay defaults to weight_decay
+    (opt,) = htmuon_optimizer_config(weight_decay=0.3).build(model_parts=[TinyLlama()]).optimizers
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.3]
+
+
+def test_config_routes_biases_to_the_adamw_part():
+    """A linear layer's bias (not under a norm's name) goes to AdamW, where HTMuon would refuse it."""
+    model = TinyLlama(bias=True)
+    container = htmuon_optimizer_config().build(model_parts=[model])
+    adamw, matrices = container.optimizers[0].param_groups
+    assert {"layers.0.attention.wq.bias", "layers.1.attention.wq.bias"} <= set(adamw["param_names"])
+    assert not any(n.endswith("bias") for n in matrices["param_names"])
+    train(model, container, range(1))
+
+
+def test_process_group_reaches_htmuon(tmp_path):
+    """``process_group=`` divides the matrices' spectral work (DDP-style): the optimizer is built with it
+    (a one-process gloo group here)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        pg = dist.group.WORLD
+        config = htmuon_optimizer_config(process_group=pg)
+        (opt,) = config.build(model_parts=[TinyLlama()]).optimizers
+        assert opt._dist is not None and opt._dist.replicated_group is pg
+        assert build_htmuon([{"params": [nn.Parameter(torch.zeros(3, 3))], "fused": False}])._dist is None
+    finally:
+        dist.destroy_process_group()

@@ -70,6 +70,11 @@ def _recorded_rows(path: Path) -> list[list[list[int]]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _train_losses(path: Path) -> list[float]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("kind") == "train"]
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_train_matches_single_process(mode, corpus_file, tmp_path, monkeypatch):
@@ -102,6 +107,11 @@ def test_torchrun_train_matches_single_process(mode, corpus_file, tmp_path, monk
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and summary["steps_done"] == 6
     assert summary["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=1e-4)
+    # the logged training loss is the global batch's: the mean of the ranks' half-batch means (not
+    # their sum), step by step as the single process logs it
+    logged = [_train_losses(out / "metrics.jsonl"), _train_losses(tmp_path / "single" / "metrics.jsonl")]
+    assert len(logged[0]) == len(logged[1]) == 6
+    assert logged[0] == pytest.approx(logged[1], abs=1e-4)
     run = json.loads((out / "run.json").read_text())
     assert run["parallel"] == {"mode": mode, "processes": 2}
     a = checkpoint.load(tmp_path / "single" / "ckpt.pt")["model"]

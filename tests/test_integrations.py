@@ -123,11 +123,15 @@ def test_hf_trainer_optimizers(tmp_path):
 def test_hf_trainer_optimizer_cls_and_kwargs(tmp_path):
     model = tiny_llama()
     kwargs = {"params": model.named_parameters(), "lr": 0.02, "adamw_lr": 1e-3, "weight_decay": 0.1}
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     trainer = hf_trainer(tmp_path, model, optimizer_cls_and_kwargs=(htmuon.HTMuon, kwargs))
     trainer.train()
     opt = unwrap(trainer.optimizer)
     assert isinstance(opt, htmuon.HTMuon)
     assert_standard_routing(opt)
+    # it really stepped the model (3 steps), not only got built
+    assert opt.state[model.model.layers[0].mlp.down_proj.weight]["step"] == 3
+    assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
     assert {g["lr"] for g in opt.param_groups if g["algorithm"] == "adamw"} <= {1e-3, 0.0}
     assert "params" not in kwargs  # the Trainer pops it: docs/integrations.md, build kwargs per Trainer
 
@@ -228,7 +232,11 @@ def test_accelerate_save_and_load_state(tmp_path):
 
     accelerator, model, opt = setup()
     assert_standard_routing(unwrap(opt))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train(accelerator, model, opt, data[:2])
+    # the prepared optimizer steps HTMuon (else the resume below would compare untrained models)
+    assert all(s["step"] == 2 for s in unwrap(opt).state.values())
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()), "a parameter did not move"
     accelerator.save_state(str(tmp_path / "state"))
     train(accelerator, model, opt, data[2:])
 

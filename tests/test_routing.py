@@ -618,6 +618,27 @@ def test_param_groups_lr_and_weight_decay_are_the_htmuon_groups():
     assert [g["weight_decay"] for g in groups] == [0.1, 0.01]
 
 
+def test_param_groups_give_the_adamw_parts_own_options_to_its_group():
+    """Options the AdamW part reads (adamw_betas, adamw_eps, check_finite; betas / eps as aliases)
+    reach the AdamW group as they do through HTMuon(..., **options); the HTMuon-only ones do not."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    options = {"adamw_betas": (0.8, 0.9), "adamw_eps": 1e-6, "check_finite": False}
+    via_groups = HTMuon(param_groups(model, p=0.25, **options)).param_groups
+    via_optimizer = HTMuon(param_groups(model), p=0.25, **options).param_groups
+    for g, h in zip(via_groups, via_optimizer):
+        assert (g["adamw_betas"], g["adamw_eps"], g["check_finite"]) == ((0.8, 0.9), 1e-6, False)
+        assert (h["adamw_betas"], h["adamw_eps"], h["check_finite"]) == ((0.8, 0.9), 1e-6, False)
+    assert "p" not in param_groups(model, p=0.25)[1]
+    agroup = HTMuon(param_groups(model, betas=[0.7, 0.8], eps=1e-7)).param_groups[1]
+    assert (agroup["algorithm"], agroup["adamw_betas"], agroup["adamw_eps"]) == ("adamw", (0.7, 0.8), 1e-7)
+    # and the AdamW part steps with them: a NaN gradient in a norm gain is taken, not refused
+    opt = HTMuon(param_groups(model, check_finite=False), lr=0.01)
+    model(torch.randn(2, 4)).sum().backward()
+    model[1].weight.grad[0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 0 and torch.isnan(model[1].weight[0])
+
+
 def test_a_groups_own_batch_3d_decides_its_routing():
     """A group's batch_3d (not only the optimizer's) decides whether a 3-D tensor is a batch of
     matrices or one flattened matrix, so whether (4, 1, 8) is four 1 x 8 vectors or a 4 x 8 matrix."""

@@ -88,6 +88,9 @@ ROUTING_KEYS = ("use_muon", "routing", "adamw_lr", "adamw_weight_decay")
 #: Group keys of other optimizers' conventions, read as HTMuon's AdamW options (torch's AdamW,
 #: MuonWithAuxAdam: betas, eps; pytorch-optimizer's Muon: adamw_wd).
 ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "adamw_wd": "adamw_weight_decay"}
+#: Options an ``algorithm="adamw"`` group reads besides ``lr`` / ``weight_decay``:
+#: :func:`param_groups` gives them to both groups.
+ADAMW_PART_OPTIONS = ("adamw_betas", "adamw_eps", "check_finite", "betas", "eps")
 #: torch.optim.Muon's ``adjust_lr_fn`` values, as HTMuon's ``lr_adjust`` (the same rules:
 #: ``sqrt(max(1, m / n))`` and ``0.2 sqrt(max(m, n))``).
 TORCH_MUON_LR_ADJUST = {None: "muon", "original": "muon", "match_rms_adamw": "adamw_rms"}
@@ -267,7 +270,9 @@ def param_groups(
             ``adamw_weight_decay``, else its ``lr`` / ``weight_decay``).
         head_names: last name components marking an output head.
         **htmuon_options: further per-group options for the HTMuon group (``p``, ``method``, ...;
-            ``batch_3d`` applies to the 3-D parameters other than Conv1d kernels).
+            ``batch_3d`` applies to the 3-D parameters other than Conv1d kernels); those the AdamW
+            part reads (:data:`ADAMW_PART_OPTIONS`: ``adamw_betas``, ``adamw_eps``, ``check_finite``
+            and the aliases ``betas``, ``eps``) go to the AdamW group as well.
 
     Returns:
         A list of group dicts (empty groups left out): the HTMuon group, the Conv1d kernels' HTMuon
@@ -295,7 +300,9 @@ def param_groups(
     apart = htmuon_options.get("batch_3d", True) is not False and not all(k for _, k in three_d)
     hgroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "htmuon", **htmuon_options}
     kgroup: dict[str, Any] = {**hgroup, "params": [], "names": [], "batch_3d": False}
-    agroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "adamw"}
+    # the AdamW part's own options reach its group too, as HTMuon(..., **options) gives them to every group
+    shared = {k: v for k, v in htmuon_options.items() if k in ADAMW_PART_OPTIONS}
+    agroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "adamw", **shared}
     if kernels and not apart:
         hgroup["batch_3d"] = False
     for name, param, kind, _ in classified:

@@ -77,10 +77,12 @@ def htmuon_optimizer_config(
 ) -> HTMuonOptimizersContainer.Config:
     """An optimizer config for torchtitan: one HTMuon object, two param groups.
 
-    Parameters whose name matches one of ``adamw_patterns`` go to the AdamW part (``adamw_lr``); every
-    other parameter to HTMuon (``lr``, ``p``, ``htmuon_options`` such as ``method``, ``interval``,
-    ``plugin``). ``process_group``: see :class:`htmuon.HTMuon` (DDP-style replicated parameters only;
-    FSDP2 needs none).
+    Parameters whose name matches one of ``adamw_patterns`` go to the AdamW part (``adamw_lr``,
+    ``adamw_weight_decay``); every other parameter to HTMuon (``lr``, ``p``, ``weight_decay``).
+    ``htmuon_options`` (``method``, ``interval``, ``plugin``, ``adamw_betas``, ``adamw_eps``,
+    ``check_finite``, ...) go to both groups, as ``HTMuon(..., **options)`` gives them to every group:
+    each part reads its own. ``process_group``: see :class:`htmuon.HTMuon` (DDP-style replicated
+    parameters only; FSDP2 needs none).
     """
     adamw_pattern = "|".join(f"(?:{pat})" for pat in adamw_patterns)
     wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
@@ -88,7 +90,8 @@ def htmuon_optimizer_config(
         ParamGroupConfig(
             pattern=adamw_pattern,
             optimizer_name="HTMuon",
-            optimizer_kwargs={"algorithm": "adamw", "lr": adamw_lr, "weight_decay": wd},
+            # every option to both groups (each part reads its own: adamw_betas, check_finite, ...)
+            optimizer_kwargs=htmuon_options | {"algorithm": "adamw", "lr": adamw_lr, "weight_decay": wd},
         ),
         ParamGroupConfig(
             pattern=r".*",
