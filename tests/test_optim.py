@@ -630,9 +630,10 @@ def test_chunk_work_bytes_scales_with_the_batch():
     assert plan.peak_bytes <= budget
 
 
-def test_masked_apply_and_adamw_equal_the_plain_ones_when_good_and_change_nothing_when_not():
-    """The masked forms (what a compiled step runs: ``torch.where`` on an on-device flag) give the
-    eager step's numbers where the flag is true and change nothing where it is false."""
+def test_masked_adamw_equals_the_plain_one_when_good_and_changes_nothing_when_not():
+    """The masked AdamW (what a compiled step runs: ``torch.where`` on an on-device flag) gives the
+    eager step's numbers where the flag is true and changes nothing where it is false (the matrix
+    part: the next test)."""
     torch.manual_seed(0)
     params = [torch.randn(6, 4), torch.randn(4)]
     grads = [torch.randn_like(p) for p in params]
@@ -663,50 +664,27 @@ def test_masked_apply_and_adamw_equal_the_plain_ones_when_good_and_change_nothin
         for x, y in zip(a, b):
             assert torch.equal(x, y)
 
-    # the matrix part: _apply_window_masked against _apply_window on the same pending directions
-    def opt_with_pending():
-        torch.manual_seed(2)
-        W = nn.Parameter(torch.randn(6, 10))
-        W.grad = torch.randn(6, 10)
-        opt = HTMuon([W], lr=0.05, weight_decay=0.1, method="svd")
-        opt.step()
-        W.grad = torch.randn(6, 10)
-        group = opt.param_groups[0]
-        pending = opt._compute_window(group, [W], [True], [1])
-        return W, opt, group, pending
-
-    with torch.no_grad():  # as inside step()
-        W1, opt1, g1, pend1 = opt_with_pending()
-        opt1._apply_window(g1, pend1)
-        W2, opt2, g2, pend2 = opt_with_pending()
-        opt2._apply_window_masked(g2, pend2, torch.tensor(True), 0.05, 0.1, 0.95)
-        W3, opt3, g3, pend3 = opt_with_pending()
-        snap = (W3.detach().clone(), copy.deepcopy(opt3.state_dict()))
-        opt3._apply_window_masked(g3, pend3, torch.tensor(False), 0.05, 0.1, 0.95)
-    torch.testing.assert_close(W2, W1, rtol=1e-5, atol=1e-6)
-    for key in ("momentum_buffer", "step"):
-        torch.testing.assert_close(opt2.state[W2][key], opt1.state[W1][key], rtol=1e-5, atol=1e-6)
-    assert torch.equal(W3.detach(), snap[0])
-    for key, value in snap[1]["state"][0].items():
-        assert torch.equal(torch.as_tensor(opt3.state[W3][key]), torch.as_tensor(value)), key
-
 
 @pytest.mark.parametrize("prior_steps", [0, 1])
-@pytest.mark.parametrize("plugin", ["normuon", "adamuon"])
-def test_masked_apply_follows_the_groups_lr_adjust_and_plugin(plugin, prior_steps):
-    """The masked matrix update (what a compiled step runs) on a tall matrix with a plug-in and
-    ``lr_adjust="adamw_rms"``: the parameter, momentum, step and plug-in moment of the eager update
-    where the flag is true (the group's lr rule, the new moment stored, also where none existed
-    yet), nothing changed where it is false."""
+@pytest.mark.parametrize(
+    "plugin, shape, lr_adjust",
+    [(None, (6, 10), "muon"), ("normuon", (10, 6), "adamw_rms"), ("adamuon", (10, 6), "adamw_rms")],
+)
+def test_masked_apply_follows_the_groups_lr_adjust_and_plugin(plugin, shape, lr_adjust, prior_steps):
+    """The masked matrix update (what a compiled step runs) against ``_apply_window`` on the same
+    pending directions, wide and tall, with and without a plug-in, under both lr rules: the
+    parameter, momentum, step and plug-in moment of the eager update where the flag is true (the
+    group's lr rule, the new moment stored, also where none existed yet), nothing changed where it
+    is false."""
 
     def opt_with_pending():
         torch.manual_seed(3)
-        W = nn.Parameter(torch.randn(10, 6))
-        opt = HTMuon([W], lr=0.05, weight_decay=0.1, method="svd", plugin=plugin, lr_adjust="adamw_rms")
+        W = nn.Parameter(torch.randn(*shape))
+        opt = HTMuon([W], lr=0.05, weight_decay=0.1, method="svd", plugin=plugin, lr_adjust=lr_adjust)
         for _ in range(prior_steps):
-            W.grad = torch.randn(10, 6)
+            W.grad = torch.randn(*shape)
             opt.step()
-        W.grad = torch.randn(10, 6)
+        W.grad = torch.randn(*shape)
         group = opt.param_groups[0]
         return W, opt, group, opt._compute_window(group, [W], [True], [1])
 
@@ -719,12 +697,12 @@ def test_masked_apply_follows_the_groups_lr_adjust_and_plugin(plugin, prior_step
         snap = (W3.detach().clone(), copy.deepcopy(opt3.state[W3]))
         opt3._apply_window_masked(g3, pend3, torch.tensor(False), 0.05, 0.1, 0.95)
     torch.testing.assert_close(W2, W1, rtol=1e-5, atol=1e-6)
-    for key in ("momentum_buffer", "step", "second_moment"):
+    for key in ("momentum_buffer", "step") + (("second_moment",) if plugin else ()):
         torch.testing.assert_close(opt2.state[W2][key], opt1.state[W1][key], rtol=1e-5, atol=1e-6)
     assert torch.equal(W3.detach(), snap[0])
     for key, value in snap[1].items():
         assert torch.equal(opt3.state[W3][key], value), key
-    if not prior_steps:  # a refused first step leaves a zero moment, as a fresh one
+    if plugin and not prior_steps:  # a refused first step leaves a zero moment, as a fresh one
         assert not opt3.state[W3]["second_moment"].any()
 
 
