@@ -291,26 +291,28 @@ def test_cosmos_refuses_invalid_group_values_and_adds_nothing():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_cosmos_resumes_low_and_high_precision_parameters_exactly(dtype):
     """torch's load_state_dict casts state to the parameter's dtype; COSMOS's matrix state stays float32
-    (a bfloat16 or float64 parameter's first resumed step failed on mixed dtypes)."""
+    (a bfloat16 or float64 parameter's first resumed step failed on mixed dtypes), its AdamW part's
+    state keeps the parameter's dtype, as torch's (a float32 copy fails the resumed AdamW step)."""
     torch.manual_seed(4)
-    grads = [torch.randn(8, 6).to(dtype) for _ in range(4)]
-    w = nn.Parameter(torch.randn(8, 6).to(dtype))
-    opt = COSMOS([w], lr=1e-3, rank=2, weight_decay=0.1)
-    for g in grads[:2]:
-        w.grad = g.clone()
+    grads = [(torch.randn(8, 6).to(dtype), torch.randn(6).to(dtype)) for _ in range(4)]
+    w, b = nn.Parameter(torch.randn(8, 6).to(dtype)), nn.Parameter(torch.randn(6).to(dtype))
+    opt = COSMOS([w, b], lr=1e-3, rank=2, weight_decay=0.1)
+    for gw, gb in grads[:2]:
+        w.grad, b.grad = gw.clone(), gb.clone()
         opt.step()
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    w2 = nn.Parameter(w.detach().clone())
-    opt2 = COSMOS([w2], lr=1e-3, rank=2, weight_decay=0.1)
+    w2, b2 = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
+    opt2 = COSMOS([w2, b2], lr=1e-3, rank=2, weight_decay=0.1)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert all(v.dtype == torch.float32 for v in opt2.state[w2].values() if torch.is_tensor(v))
-    for g in grads[2:]:
-        for p, o in ((w, opt), (w2, opt2)):
-            p.grad = g.clone()
+    assert all(v.dtype == dtype for v in opt2.state[b2].values() if torch.is_tensor(v))
+    for gw, gb in grads[2:]:
+        for p, q, o in ((w, b, opt), (w2, b2, opt2)):
+            p.grad, q.grad = gw.clone(), gb.clone()
             o.step()
-    assert torch.equal(w, w2)
+    assert torch.equal(w, w2) and torch.equal(b, b2)
 
 
 def test_mars_gives_vit_tables_no_weight_decay():
@@ -329,3 +331,140 @@ def test_mars_gives_vit_tables_no_weight_decay():
     assert all(decay[n] == 0.0 for n in tables)
     weights = [n for n, p in model.named_parameters() if p.ndim >= 2 and n not in tables]
     assert weights and all(decay[n] == cfg.weight_decay for n in weights)
+
+
+def _cosmos_reference(W, grads, lr, rank, betas, gamma, wd, eps=1e-8):
+    """COSMOS's docstring written out in float64 (the Newton-Schulz factor: the library's ``polar``)."""
+    from htmuon.spectral import polar
+
+    b1, b2 = betas
+    W = W.double().clone()
+    m, n = W.shape
+    M = torch.zeros(m, n, dtype=torch.float64)
+    V = torch.zeros(m, rank, dtype=torch.float64)
+    U = S = None
+    for t, G in enumerate(grads, 1):
+        G = G.double()
+        M = b1 * M + G
+        if t == 1:
+            U_new = torch.linalg.eigh(G.T @ G)[1].flip(-1)[:, :rank]  # top-r eigenvectors, largest first
+            S = (1 - b2) * (G @ U_new).T @ (G @ U_new)
+        else:
+            U_new = torch.linalg.qr(b2 * U @ S + (1 - b2) * G.T @ G @ U)[0]
+            T = U.T @ U_new
+            S = b2 * T.T @ S @ T + (1 - b2) * (G @ U_new).T @ (G @ U_new)
+        U = U_new
+        V = b2 * V + (1 - b2) * (G @ U) ** 2
+        c = (1 - b1**t) / (1 - b1)
+        N = (G + b1 * M) / (1 + b1 * c)
+        A = ((N @ U) / ((V / (1 - b2**t)).sqrt() + eps)) @ U.T
+        B = polar((N @ (torch.eye(n, dtype=torch.float64) - U @ U.T)).float()).double()
+        D = A + gamma * math.sqrt(m * n) * B / B.norm()
+        W = W * (1 - lr * wd) - lr * math.sqrt(m * n) * D / D.norm()
+    return W
+
+
+def test_cosmos_matches_its_definition_over_several_steps():
+    """Four steps with rank < n (both parts), weight decay and non-default betas / gamma against the
+    docstring's formulas in float64: the momentum, its Nesterov-like N_t, the eigenbasis start and
+    the QR tracking with the rotated S, the bias-corrected second moment, the Muon part on the
+    complement weighted by gamma sqrt(mn). Before this test a mutant of any of these trained on."""
+    torch.manual_seed(5)
+    m, n, r, lr, wd, betas, gamma = 12, 9, 3, 1e-2, 0.1, (0.8, 0.9), 0.3
+    grads = [torch.randn(m, n) @ torch.diag(torch.linspace(3.0, 0.5, n)) for _ in range(4)]
+    W = nn.Parameter(torch.randn(m, n))
+    expected = _cosmos_reference(W.detach(), grads, lr, r, betas, gamma, wd)
+    opt = COSMOS([W], lr=lr, rank=r, betas=betas, gamma=gamma, weight_decay=wd)
+    for g in grads:
+        W.grad = g.clone()
+        opt.step()
+    # steps have entry RMS lr = 1e-2 each; agreement to 1e-5 per entry: a different formula
+    # moves entries by ~lr
+    assert (W.detach().double() - expected).abs().max() < 1e-5
+
+
+def test_cosmos_adamw_part_is_torch_adamw_with_adamw_betas():
+    """Vectors, an ``algorithm="adamw"`` group and matrices with more than ``max_rows`` rows take
+    AdamW with ``adamw_betas`` (not the COSMOS betas), bias correction and decoupled decay: the same
+    steps as torch.optim.AdamW; a matrix with exactly ``max_rows`` rows is still COSMOS's."""
+    torch.manual_seed(6)
+    vec, tall, own = (
+        nn.Parameter(torch.randn(5)),
+        nn.Parameter(torch.randn(7, 3)),
+        nn.Parameter(torch.randn(3, 3)),
+    )
+    ref = [nn.Parameter(p.detach().clone()) for p in (vec, tall, own)]
+    kw = dict(lr=1e-2, weight_decay=0.1, eps=1e-8)
+    opt = COSMOS(
+        [{"params": [vec, tall]}, {"params": [own], "algorithm": "adamw"}],
+        betas=(0.5, 0.6),
+        adamw_betas=(0.8, 0.9),
+        max_rows=6,
+        **kw,
+    )
+    torch_opt = torch.optim.AdamW(ref, betas=(0.8, 0.9), **kw)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ref]
+        for p, q, g in zip((vec, tall, own), ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+    for p, q in zip((vec, tall, own), ref):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
+        assert "basis" not in opt.state[p]
+    edge = nn.Parameter(torch.randn(6, 3))
+    opt = COSMOS([edge], lr=1e-2, rank=2, max_rows=6)
+    edge.grad = torch.randn(6, 3)
+    opt.step()
+    assert opt.state[edge]["basis"].shape == (3, 2)
+
+
+def test_baselines_run_with_the_documented_hyperparameters():
+    """The betas, eps, schedules and weight-decay split that docs/harness.md says each baseline ran
+    with (a swapped beta pair or a decayed norm gain trained on unnoticed)."""
+    pytest.importorskip("pytorch_optimizer")
+    model = _tiny_lm()
+    matrices = {id(p) for p in model.parameters() if p.ndim >= 2}
+
+    def build(name, **kw):
+        cfg = TrainConfig(model="llama-micro", optimizer=name, weight_decay=0.1, **kw)
+        return build_optimizer(model, resolve(cfg))
+
+    def decay_only_on_matrices(opt, wd_key="weight_decay"):
+        seen = [(id(p), g[wd_key]) for g in opt.param_groups for p in g["params"]]
+        assert len(seen) == len(list(model.parameters()))
+        assert all(wd == (0.1 if pid in matrices else 0.0) for pid, wd in seen)
+
+    adamw = build("adamw")
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 for g in adamw.param_groups)
+    decay_only_on_matrices(adamw)
+    (mars,) = build("mars").param_groups
+    assert mars["betas"] == (0.95, 0.99) and mars["betas_1d"] == (0.9, 0.95)
+    soap = build("soap")
+    assert all(
+        g["betas"] == (0.95, 0.95)
+        and g["precondition_frequency"] == 10
+        and g["max_precondition_dim"] == 10000
+        for g in soap.param_groups
+    )
+    decay_only_on_matrices(soap)
+    galore = build("galore")
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-6 for g in galore.param_groups)
+    (proj,) = [g for g in galore.param_groups if "rank" in g]
+    assert proj["update_proj_gap"] == 200 and proj["scale"] == 0.25 and proj["projection_type"] == "std"
+    decay_only_on_matrices(galore)
+    cosmos = build("cosmos")
+    assert all(
+        g["betas"] == (0.9, 0.95)
+        and g["adamw_betas"] == (0.9, 0.95)
+        and g["rank"] == 64
+        and g["gamma"] == 0.2
+        for g in cosmos.param_groups
+    )
+    decay_only_on_matrices(cosmos)
+    # --adamw-beta1/2 reach MARS's vectors and both parts of COSMOS
+    (mars,) = build("mars", adamw_beta1=0.8, adamw_beta2=0.99).param_groups
+    assert mars["betas_1d"] == (0.8, 0.99) and mars["betas"] == (0.95, 0.99)
+    cosmos = build("cosmos", adamw_beta1=0.8, adamw_beta2=0.99)
+    assert all(g["betas"] == g["adamw_betas"] == (0.8, 0.99) for g in cosmos.param_groups)

@@ -38,7 +38,7 @@ class COSMOS(Optimizer):
     .. math::
         M_t &= \beta_1 M_{t-1} + G_t \\
         U_t &= \operatorname{QR}(\beta_2 U_{t-1} S_{t-1} + (1 - \beta_2) G_t^T G_t U_{t-1})
-              \quad (U_1: \text{top-}r \text{ eigenvectors of } G_1^T G_1) \\
+              \quad (U_1: \text{top-}r \text{ eigenvectors of } G_1^T G_1, \text{ largest first}) \\
         S_t &= \beta_2 T^T S_{t-1} T + (1 - \beta_2) (G_t U_t)^T (G_t U_t), \quad T = U_{t-1}^T U_t \\
         V_t &= \beta_2 V_{t-1} + (1 - \beta_2) (G_t U_t)^{\odot 2} \\
         N_t &= (G_t + \beta_1 M_t) / (1 + \beta_1 c_t), \quad c_t = (1 - \beta_1^t) / (1 - \beta_1) \\
