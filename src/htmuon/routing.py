@@ -88,9 +88,10 @@ ROUTING_KEYS = ("use_muon", "routing", "adamw_lr", "adamw_weight_decay")
 #: Group keys of other optimizers' conventions, read as HTMuon's AdamW options (torch's AdamW,
 #: MuonWithAuxAdam: betas, eps; pytorch-optimizer's Muon: adamw_wd).
 ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "adamw_wd": "adamw_weight_decay"}
-#: Options an ``algorithm="adamw"`` group reads besides ``lr`` / ``weight_decay``:
-#: :func:`param_groups` gives them to both groups.
-ADAMW_PART_OPTIONS = ("adamw_betas", "adamw_eps", "check_finite", "betas", "eps")
+_ADAMW_READS = ("adamw_betas", "adamw_eps", "check_finite")
+#: Options an ``algorithm="adamw"`` group reads besides ``lr`` / ``weight_decay``, and their
+#: :data:`ALIASES` (``betas``, ``eps``): :func:`param_groups` gives them to both groups.
+ADAMW_PART_OPTIONS = _ADAMW_READS + tuple(alias for alias, key in ALIASES.items() if key in _ADAMW_READS)
 #: torch.optim.Muon's ``adjust_lr_fn`` values, as HTMuon's ``lr_adjust`` (the same rules:
 #: ``sqrt(max(1, m / n))`` and ``0.2 sqrt(max(m, n))``).
 TORCH_MUON_LR_ADJUST = {None: "muon", "original": "muon", "match_rms_adamw": "adamw_rms"}
