@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from htmuon import BACKENDS, HTMuon, spectral_power  # noqa: E402
 from htmuon.spectral import ns_working_dtype  # noqa: E402
-from machine import describe, header  # noqa: E402
+from machine import describe, header, require_torch_muon  # noqa: E402
 
 #: The backends whose error depends on the working dtype: one column per dtype.
 NS_DTYPES = {"fast": ("float32", "bfloat16"), "fast5": ("float32", "bfloat16"), "ns": ("float32", "bfloat16")}
@@ -43,6 +43,7 @@ def power_law(m: int, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def main() -> None:
+    require_torch_muon()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--p", type=float, default=0.125)
     parser.add_argument("--seed", type=int, default=0)

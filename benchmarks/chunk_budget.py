@@ -23,12 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from htmuon import HTMuon  # noqa: E402
 from htmuon import functional as F  # noqa: E402
-from machine import describe, header, write_json  # noqa: E402
+from machine import describe, header, require_torch_muon, write_json  # noqa: E402
 from memory import MIB, measure  # noqa: E402
 from step_cost import LR, MODELS, MOMENTUM, WEIGHT_DECAY, matrix_set, muon_row, timed  # noqa: E402
 
 
 def main() -> None:
+    require_torch_muon()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", nargs="+", default=["60m", "135m"], choices=sorted(MODELS))

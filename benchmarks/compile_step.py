@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from htmuon import HTMuon  # noqa: E402
-from machine import describe, header, write_json  # noqa: E402
+from machine import describe, header, require_torch_muon, write_json  # noqa: E402
 
 MODELS = {"60m": (512, 1376), "135m": (768, 2048)}
 
@@ -73,6 +73,7 @@ def build(h: int, i: int, blocks: int, seed: int = 0) -> list[nn.Parameter]:
 
 
 def main() -> None:
+    require_torch_muon()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="60m")
     ap.add_argument("--blocks", type=int, default=2)

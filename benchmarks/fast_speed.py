@@ -26,13 +26,17 @@ import time
 from pathlib import Path
 
 import torch
-from torch.optim._muon import _zeropower_via_newtonschulz
+
+try:
+    from torch.optim._muon import _zeropower_via_newtonschulz
+except ImportError:  # torch < 2.9: main() says so
+    _zeropower_via_newtonschulz = None
 
 from htmuon import MUON_NS5_COEFFICIENTS, spectral_power
 from htmuon.spectral import cpu_matmul_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, header  # noqa: E402
+from machine import describe, header, require_torch_muon  # noqa: E402
 
 DEFAULT_SHAPES = ["512x512", "512x1376", "1376x512"]
 #: (column label, method, working dtype)
@@ -73,6 +77,7 @@ def matmul_share(fn, calls: int = 3) -> tuple[float, list[tuple[str, float]]]:
 
 
 def main() -> None:
+    require_torch_muon()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="matrices as MxN")
     parser.add_argument("--p", type=float, default=0.125)

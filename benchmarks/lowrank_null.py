@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.optim._muon import _zeropower_via_newtonschulz
+
+try:
+    from torch.optim._muon import _zeropower_via_newtonschulz
+except ImportError:  # torch < 2.9: main() says so
+    _zeropower_via_newtonschulz = None
 
 from htmuon.spectral import MUON_NS5_COEFFICIENTS, spectral_power
 
@@ -24,6 +28,10 @@ def null_stats(O: torch.Tensor, rank: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    if _zeropower_via_newtonschulz is None:
+        raise SystemExit(
+            f"this script compares with torch.optim.Muon's map, new in torch 2.9 (torch {torch.__version__})"
+        )
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=64)
     ap.add_argument("--n", type=int, default=128)

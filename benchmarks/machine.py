@@ -24,6 +24,14 @@ ISA_LEVELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def require_torch_muon() -> None:
+    """Stop with one line where ``torch.optim.Muon``, the reference every ratio is to, is missing."""
+    if not hasattr(torch.optim, "Muon"):
+        raise SystemExit(
+            f"this benchmark measures against torch.optim.Muon, new in torch 2.9 (torch {torch.__version__})"
+        )
+
+
 def _first_processor(text: str) -> dict[str, str]:
     """The ``key: value`` fields of the first processor in a /proc/cpuinfo text: the lines before the
     second ``processor`` line, each key's first value."""

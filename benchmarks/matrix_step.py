@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from htmuon import HTMuon  # noqa: E402
-from machine import describe, header, write_json  # noqa: E402
+from machine import describe, header, require_torch_muon, write_json  # noqa: E402
 
 LR, WEIGHT_DECAY = 0.02, 0.1
 ROWS = {
@@ -72,6 +72,7 @@ def measure(shape: tuple[int, int], rounds: int, steps: int, seed: int) -> dict[
 
 
 def main() -> None:
+    require_torch_muon()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["512x512", "512x1376", "1376x512"])
     parser.add_argument("--rounds", type=int, default=12)

@@ -45,7 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 from htmuon.spectral import accelerator_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, header, write_json  # noqa: E402
+from machine import describe, header, require_torch_muon, write_json  # noqa: E402
 from step_cost import (  # noqa: E402
     LR,
     MODELS,
@@ -160,6 +160,7 @@ def print_table(res: dict) -> None:
 
 
 def main() -> None:
+    require_torch_muon()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["135m"], choices=list(MODELS))
     parser.add_argument("--rows", nargs="+", default=None, help="row keys (default all; muon always)")

@@ -60,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from htmuon import HTMuon  # noqa: E402
-from machine import describe, header, write_json  # noqa: E402
+from machine import describe, header, require_torch_muon, write_json  # noqa: E402
 
 MODELS = {
     # hidden, intermediate, layers (arXiv 2603.10067); vocabulary 32000
@@ -404,6 +404,7 @@ def target_verdicts(res: dict, clock: str = "cpu") -> list[tuple[str, str, bool]
 
 
 def main() -> None:
+    require_torch_muon()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rows", nargs="+", default=None, help="row keys (default all; muon always)")

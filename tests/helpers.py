@@ -4,7 +4,69 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+
+#: torch's release as (major, minor): the package supports torch >= 2.4 (pyproject), CI runs 2.13.
+TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+#: torch.optim.Muon, the reference of the tests that compare against it, is new in torch 2.9.
+needs_torch_muon = pytest.mark.skipif(
+    not hasattr(torch.optim, "Muon"),
+    reason=f"torch.optim.Muon is new in torch 2.9 (torch {torch.__version__})",
+)
+
+#: The compiled step as one graph: torch 2.4's dynamo breaks the graph in it (``dict.setdefault``
+#: with a tuple key, ``bytes.decode``); eager steps are what torch 2.4 runs (docs/backends.md).
+needs_fullgraph_step = pytest.mark.skipif(
+    TORCH_VERSION < (2, 5), reason=f"torch {torch.__version__}'s dynamo cannot trace the step as one graph"
+)
+
+
+def _has_public_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: FSDP2's ``fully_shard`` is public (and runs on CPUs with gloo) from torch 2.6; torch 2.4's private
+#: one needs CUDA. htmuon.torchrun refuses parallel="fsdp" without it.
+HAS_FSDP2 = _has_public_fsdp2()
+needs_fsdp2 = pytest.mark.skipif(
+    not HAS_FSDP2,
+    reason=f"FSDP2 (fully_shard) is public and runs on CPUs from torch 2.6 (torch {torch.__version__})",
+)
+
+
+def dcp_save(state_dict, path) -> None:
+    """``torch.distributed.checkpoint.save`` into the folder ``path`` without a process group (torch
+    2.4's ``save`` has no ``no_dist``: its older ``save_state_dict`` does)."""
+    import inspect
+
+    import torch.distributed.checkpoint as dcp
+
+    if "no_dist" in inspect.signature(dcp.save).parameters:
+        dcp.save(state_dict, checkpoint_id=path, no_dist=True)
+    else:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            dcp.save_state_dict(state_dict, storage_writer=dcp.FileSystemWriter(path), no_dist=True)
+
+
+def dtensor_api():
+    """``(Shard, Replicate, distribute_tensor, init_device_mesh)``: public in torch.distributed.tensor
+    from torch 2.5, in torch.distributed._tensor on torch 2.4."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import Replicate, Shard, distribute_tensor
+    return Shard, Replicate, distribute_tensor, init_device_mesh
 
 
 def matrix_with_spectrum(s: torch.Tensor, m: int, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import rel_err
+from helpers import needs_fullgraph_step, rel_err
 from htmuon import HTMuon, polar
 from htmuon import functional as F
 from htmuon.spectral import accelerator_paths, host_path
@@ -514,6 +514,7 @@ def test_a_step_counter_set_as_a_number_keeps_counting():
 
 
 @pytest.mark.slow
+@needs_fullgraph_step
 def test_compiled_step_stacks_parameters_of_any_layout():
     """A compiled step stacks same-shape parameters like an accelerator; ``channels_last`` conv kernels
     and permuted 3-D parameters (``batch_3d=False``) need a copy to view as matrices, which ``out=``

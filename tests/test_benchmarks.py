@@ -21,6 +21,7 @@ import memory  # noqa: E402
 import momentum_accuracy  # noqa: E402
 import owner_split  # noqa: E402
 import step_cost  # noqa: E402
+from helpers import needs_torch_muon  # noqa: E402
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -119,6 +120,7 @@ def test_memory_measures_every_step_it_is_asked_for():
     assert 5 * mib <= r["peak"] < 5 * mib + slack and 3 * mib <= r["retained"] < 3 * mib + slack, r
 
 
+@needs_torch_muon
 def test_memory_rows_are_measured_after_their_warm_up_step(monkeypatch):
     """The state is allocated by a warm-up step before the measured ones: a row retains nothing."""
     shapes = [(16, 24), (24, 16)]
@@ -154,6 +156,7 @@ def test_memory_table_applies_the_target_to_muons_peak_plus_a_tenth_of_the_param
     assert cells["b"][-1] == "NOT met |"
 
 
+@needs_torch_muon
 def test_chunk_budget_times_each_budget_against_muon_in_alternating_pairs(monkeypatch, tmp_path):
     """The ratio is the HTMuon step's wall time over Muon's, timed in pairs whose order alternates,
     and every optimizer is measured after its warm-up step (its state exists)."""
@@ -184,6 +187,7 @@ def test_chunk_budget_times_each_budget_against_muon_in_alternating_pairs(monkey
     assert row["peak_bytes"] > 0 and row["muon_peak_bytes"] > 0
 
 
+@needs_torch_muon
 def test_matrix_step_times_every_row_on_its_own_matrix():
     """The per-matrix benchmark's loop (no timing is asserted): every row steps, every round is kept,
     and the rows' optimizers really take steps (their parameters move)."""
@@ -237,6 +241,7 @@ def test_matrix_sets_have_the_paper_shapes():
     assert step_cost.matrix_set("60m", "paper", layers=1)[-2:] == [(32000, 512)] * 2
 
 
+@needs_torch_muon
 def test_direction_error_reads_the_map_off_one_step():
     g = torch.Generator().manual_seed(0)
     G = step_cost.power_law_matrix((48, 32), g)
@@ -381,6 +386,7 @@ def test_step_cost_stops_starting_rounds_that_would_end_past_the_deadline(monkey
     assert step_cost.run_model("60m", rows, unbounded, torch.device("cpu"), 0.0)["rounds"] == 10
 
 
+@needs_torch_muon
 def test_step_cost_models_share_the_budget_by_parameter_count(monkeypatch, capsys, tmp_path):
     """Each model's deadline is the start plus its cumulative share of ``--budget-s``: the last one
     ends with the whole budget, not with its own share counted from the start."""
@@ -411,6 +417,7 @@ def test_step_cost_error_column_is_the_worst_shape_and_skips_interval_rows(monke
     assert errors == {"muon": 0.05, "p0": 0.05, "interval5": None}
 
 
+@needs_torch_muon
 def test_the_reference_is_torch_optim_muon_as_torch_configures_it():
     """Every ratio is to torch.optim.Muon: step_cost's row at the benchmark's lr, momentum and weight
     decay and torch's defaults otherwise (nesterov, 5 bf16 quintic steps, its lr rule); matrix_step's
@@ -453,6 +460,7 @@ def test_matrix_step_times_each_step_after_a_warm_up_in_rotating_order(monkeypat
     )
 
 
+@needs_torch_muon
 def test_matrix_step_prints_each_rows_ratio_to_muon(monkeypatch, capsys):
     times = {key: [2.0, 2.0, 2.0] for key in matrix_step.ROWS}
     times["p0"] = [3.0, 1.0, 3.0]  # median of the per-round ratios: 1.5 (the mean would be 1.17)
@@ -501,6 +509,7 @@ def _benchmarks_run(text: str, monkeypatch, capsys) -> set[str]:
     return ran
 
 
+@needs_torch_muon
 def test_gpu_check_script_parses_and_its_benchmarks_take_its_options(monkeypatch, capsys):
     """benchmarks/gpu_check.sh runs only where a GPU is lent (minutes, rarely): a syntax error, a
     benchmark that no longer imports or an option it no longer takes would be found only then."""
@@ -513,6 +522,7 @@ def test_gpu_check_script_parses_and_its_benchmarks_take_its_options(monkeypatch
     }
 
 
+@needs_torch_muon
 def test_cpu_check_script_parses_and_its_benchmarks_take_its_options(monkeypatch, capsys):
     """benchmarks/cpu_check.sh (issue 11's CPU measurements for a new CPU kind) runs for ~40 minutes
     and only when a session lands on such a CPU: its syntax, its benchmarks and their options, and
@@ -650,6 +660,7 @@ def test_every_benchmark_that_reads_a_clock_names_the_machine():
     assert {"step_cost.py", "esd_speed.py", "fast_speed.py", "dist_step.py"} <= set(timing)
 
 
+@needs_torch_muon
 def test_fast_speed_prints_the_machine_header_first(monkeypatch, capsys):
     import importlib
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import dcp_save, dtensor_api, needs_fsdp2
 from htmuon.diagnostics import (
     COLUMNS,
     FITS,
@@ -495,6 +496,7 @@ def test_non_real_tensors_and_weights_without_values_are_clear_errors():
     assert rep.skipped == [("c", "weight dtype complex64 is not a real floating-point dtype")]
 
 
+@needs_fsdp2
 def test_fsdp2_dtensor_weights_are_refused_with_the_way_out(tmp_path):
     """FSDP2 (fully_shard) holds each weight as a DTensor sharded over ranks; analyze and AlphaTracker
     do not gather it (a collective one rank alone would hang in) but say what to do, in one line,
@@ -506,7 +508,8 @@ def test_fsdp2_dtensor_weights_are_refused_with_the_way_out(tmp_path):
         pytest.skip("needs torch.distributed with gloo and no process group already initialised")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    Shard, Replicate, distribute_tensor, init_device_mesh = dtensor_api()
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -790,8 +793,6 @@ def test_a_tied_matrix_is_one_layer_in_every_form(tmp_path):
     ``torch.save`` file (one storage under two names) and a DCP checkpoint (the data written twice)."""
     import warnings
 
-    import torch.distributed.checkpoint as dcp
-
     emb = nn.Embedding(120, 40)
     model = nn.ModuleDict({"embed": emb, "mid": nn.Linear(40, 40), "head": nn.Linear(40, 120, bias=False)})
     model["head"].weight = emb.weight  # tied
@@ -802,7 +803,7 @@ def test_a_tied_matrix_is_one_layer_in_every_form(tmp_path):
     torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP's single-process warning
-        dcp.save(dict(sd), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)  # the data written twice
+        dcp_save(dict(sd), str(tmp_path / "dcp"))  # the data written twice
     forms = (model, sd, tmp_path / "tied.pt", tmp_path / "ddp.pt", tmp_path / "dcp")
     for form in forms:
         got = analyze(form)
@@ -818,7 +819,7 @@ def test_a_tied_matrix_is_one_layer_in_every_form(tmp_path):
     torch.save(twin, tmp_path / "twin.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(dict(twin), checkpoint_id=str(tmp_path / "twin-dcp"), no_dist=True)
+        dcp_save(dict(twin), str(tmp_path / "twin-dcp"))
     for form in (twin, tmp_path / "twin.pt", tmp_path / "twin-dcp"):
         assert sorted(analyze(form).alphas) == ["blocks.0", "blocks.1"], form
 

@@ -347,7 +347,17 @@ def _launch(
     if failed:
         report = "\n".join(f"--- rank {r} exited {rc}; stderr:\n{err[-6000:]}" for r, rc, err in failed)
         pytest.fail(f"distributed worker failed:\n{report}")
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+    return {r: _Results(json.loads((out_dir / f"rank{r}.json").read_text())) for r in range(world)}
+
+
+class _Results(dict):
+    """One rank's results; a scenario the worker skipped (no FSDP2 before torch 2.6) skips its test."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, str) and value.startswith("skipped: "):
+            pytest.skip(value.removeprefix("skipped: "))
+        return value
 
 
 @pytest.fixture(scope="module")
@@ -732,6 +742,45 @@ def test_parallel_helpers_train_and_resume(results, mode):
             assert r["divides"] is True, r
         assert r["mean_across"] == 1.5 and r["mean_and_any"] == [1.5, True], r
         assert r["mean_and_none"] == [0.0, False], r
+
+
+def test_fsdp_on_a_torch_without_public_fully_shard_is_refused_with_the_way_out(monkeypatch):
+    """torch < 2.6 has no public ``torch.distributed.fsdp.fully_shard`` (torch 2.4's private one needs
+    CUDA): ``wrap_model`` says what to do instead of an ImportError from inside it."""
+    import torch.distributed.fsdp
+
+    from htmuon import torchrun
+    from htmuon.errors import UserError
+
+    monkeypatch.delattr(torch.distributed.fsdp, "fully_shard", raising=False)
+    with pytest.raises(UserError, match=r"parallel='fsdp' needs torch >= 2\.6.*use parallel='ddp'"):
+        torchrun.wrap_model(torch.nn.Linear(3, 2), torchrun.Parallel(mode="fsdp", world=2))
+
+
+def test_dtensors_are_found_where_torch_2_4_keeps_them(monkeypatch):
+    """torch 2.4 has a ``torch.distributed.tensor`` package without ``DTensor`` (which lives in
+    ``torch.distributed._tensor``): once the former was imported (transformers imports it), every
+    step failed with an AttributeError. Both layouts, simulated with stand-in modules."""
+    import types
+
+    from htmuon import distributed as hd
+
+    class FakeDTensor(torch.Tensor):
+        pass
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", types.ModuleType("torch.distributed.tensor"))
+    private = types.ModuleType("torch.distributed._tensor")
+    private.DTensor = FakeDTensor
+    monkeypatch.setitem(sys.modules, "torch.distributed._tensor", private)
+    assert hd._dtensor_module() is private
+    assert hd.is_dtensor(torch.zeros(2).as_subclass(FakeDTensor)) and not hd.is_dtensor(torch.zeros(2))
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = htmuon.HTMuon([w], lr=0.02)
+    w.grad = torch.randn(4, 3)
+    opt.step()  # the step reads is_dtensor for every parameter
+    assert int(opt.state[w]["step"]) == 1
+    monkeypatch.delitem(sys.modules, "torch.distributed._tensor")
+    assert hd._dtensor_module() is None and not hd.is_dtensor(w)
 
 
 def test_parallel_without_torchrun_is_single_process(monkeypatch):

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from helpers import TINY_RUN, flags  # noqa: E402
+from helpers import TINY_RUN, flags, needs_fsdp2  # noqa: E402
 from htmuon.train import checkpoint  # noqa: E402
 from htmuon.train.config import TrainConfig  # noqa: E402
 from htmuon.train.loop import train  # noqa: E402
@@ -76,7 +76,7 @@ def _train_losses(path: Path) -> list[float]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=needs_fsdp2)])
 def test_torchrun_train_matches_single_process(mode, corpus_file, tmp_path, monkeypatch):
     import htmuon.train.loop as loop
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import needs_torch_muon
 from htmuon import HTMuon, NonFiniteGradientError, param_groups
 
 
@@ -396,7 +397,7 @@ def test_state_edited_after_construction_is_refused_before_anything_changes():
     _assert_unchanged(model, opt, snap)
 
 
-@pytest.mark.parametrize("other", ["adamw", "muon"])
+@pytest.mark.parametrize("other", ["adamw", pytest.param("muon", marks=needs_torch_muon)])
 def test_load_state_dict_refuses_a_foreign_optimizer(other):
     model, _ = _trained()
     groups = [

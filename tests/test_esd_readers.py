@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import dcp_save
 from htmuon.cli import main
 from htmuon.diagnostics import analyze, esd, open_checkpoint
 from htmuon.diagnostics.cli import target_labels
@@ -165,13 +166,12 @@ def test_hf_folder_pytorch_model_bin_single_and_sharded(llama, tmp_path):
 
 
 def test_dcp_folder(llama, tmp_path):
-    import torch.distributed.checkpoint as dcp
 
     model, sd, ref = llama
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": the single-process intent
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model.state_dict(), "step": 7}, checkpoint_id=tmp_path / "dcp", no_dist=True)
-        dcp.save(model.state_dict(), checkpoint_id=tmp_path / "flat", no_dist=True)  # top-level keys
+        dcp_save({"model": model.state_dict(), "step": 7}, tmp_path / "dcp")
+        dcp_save(model.state_dict(), tmp_path / "flat")  # top-level keys
     assert (tmp_path / "dcp" / ".metadata").is_file()
     rep = analyze(tmp_path / "dcp")
     assert_same(rep, ref)
@@ -235,6 +235,29 @@ def test_lightning_ckpt_dict_format(llama, tmp_path):
     lightning_ckpt(lin.state_dict(), tmp_path / "one.ckpt", attr="layer")
     rep = analyze(tmp_path / "one.ckpt")
     assert rep.alphas == pytest.approx({"layer": analyze(lin.weight).rows[0]["alpha"]}, rel=1e-12)
+
+
+def test_refused_globals_are_learnt_load_by_load_without_the_scan_and_the_allowlist_restored(
+    llama, tmp_path, monkeypatch
+):
+    """torch 2.4 has no ``get_unsafe_globals_in_checkpoint`` / ``safe_globals``: the globals the
+    weights-only unpickler refuses are learnt one load at a time, read as placeholders (nothing of
+    them runs), and the process-wide allowlist is as it was afterwards (here: that path on this torch)."""
+    _, sd, ref = llama
+    lightning_ckpt(sd, tmp_path / "l.ckpt")
+    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint", raising=False)
+    before = list(torch.serialization.get_safe_globals())
+    rep = analyze(tmp_path / "l.ckpt")
+    assert_same(rep, ref)
+    assert "Hparams" in " ".join(rep.meta["notes"])
+    assert torch.serialization.get_safe_globals() == before
+    marker = tmp_path / "ran"
+    (tmp_path / "src.txt").write_text("x")
+    torch.save({"model": sd, "payload": CopyFile(tmp_path / "src.txt", marker)}, tmp_path / "code.pt")
+    rep = analyze(tmp_path / "code.pt")  # placeholders: the global is never called
+    assert_same(rep, ref)
+    assert not marker.exists() and "shutil.copyfile" in " ".join(rep.meta["notes"])
+    assert torch.serialization.get_safe_globals() == before
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
@@ -489,12 +512,11 @@ def corrupt_inputs(tmp_path: Path, llama) -> dict[str, Path]:
     shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
     shards[1].unlink()
     bad["index with a missing shard"] = tmp_path / "hf"
-    import torch.distributed.checkpoint as dcp
 
     for name in ("dcp-data", "dcp-meta"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": sd}, checkpoint_id=tmp_path / name, no_dist=True)
+            dcp_save({"model": sd}, tmp_path / name)
     data = next((tmp_path / "dcp-data").glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:1000])
     bad["truncated DCP data"] = tmp_path / "dcp-data"

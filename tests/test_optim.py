@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import exact_power, reference_htmuon, rel_err
+from helpers import exact_power, needs_fullgraph_step, needs_torch_muon, reference_htmuon, rel_err
 from htmuon import HTMuon, param_groups, polar, spectral_power
 from htmuon import functional as F
 
@@ -40,6 +40,7 @@ def test_svd_step_matches_paper_rule(shape, nesterov, weight_decay):
     assert rel_err(got64 - W0, expected - W0) <= 1e-10
 
 
+@needs_torch_muon
 def test_p0_ns_matches_torch_muon():
     W0, grads = torch.randn(48, 80), [torch.randn(48, 80) for _ in range(4)]
     kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1)
@@ -61,6 +62,7 @@ def test_p0_ns_matches_torch_muon():
         assert torch.equal(o, t)
 
 
+@needs_torch_muon
 @pytest.mark.parametrize("adjust", [None, "original", "match_rms_adamw"])
 def test_torch_muon_group_keys(adjust):
     """A param group written for torch.optim.Muon (its ``adjust_lr_fn`` and ``ns_coefficients``) steps
@@ -485,6 +487,7 @@ def _compile_case(**kw):
         pytest.param("aot_eager", dict(p=0.0, method="ns"), marks=pytest.mark.slow),
     ],
 )
+@needs_fullgraph_step
 def test_compiled_step_is_one_graph_without_recompiles_and_equals_eager(backend, kw):
     """fullgraph=True: no graph break anywhere (the finite check included); after the first step (which
     creates the state) no recompile; parameters and state equal the eager run's within rounding.
@@ -555,6 +558,7 @@ def _assert_nan_step_skipped(model, opt, step, X):
 @pytest.mark.filterwarnings(
     "ignore:Detected call of `lr_scheduler.step\\(\\)` before"
 )  # step taken unwrapped
+@needs_fullgraph_step
 @pytest.mark.parametrize("check_finite", [True, False])
 def test_compiled_step_with_a_scheduled_tensor_lr_is_one_graph_and_equals_eager(check_finite):
     """torch's advice for compiled optimizers: a tensor lr, which a scheduler changes in place. Then the
@@ -796,6 +800,7 @@ def test_an_empty_matrix_is_left_out_and_changes_nothing_else(method, shape):
         assert torch.equal(V, V_alone) and W not in with_empty.state, (shape, kw)
 
 
+@needs_fullgraph_step
 def test_numpy_reals_and_tensor_hyperparameters_are_taken_as_torch_optim_takes_them():
     """torch.optim takes NumPy reals and 1-element tensors (betas included); a tensor ``adamw_lr``
     (what a compiled step with a scheduler needs, as for ``lr``) gives each AdamW group its own tensor,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import htmuon
-from helpers import exact_power, log_spectrum, matrix_with_spectrum, rel_err
+from helpers import exact_power, log_spectrum, matrix_with_spectrum, needs_torch_muon, rel_err
 from htmuon.spectral import BACKENDS, polar, spectral_power
 
 SHAPES = [(48, 80), (80, 48), (64, 64)]
@@ -89,6 +89,7 @@ def test_ns_backend_is_exact_gram_power_times_polar():
     assert rel_err(root @ root, A) < 1e-10
 
 
+@needs_torch_muon
 def test_polar_matches_torch_muon_iteration():
     from torch.optim._muon import _zeropower_via_newtonschulz
 

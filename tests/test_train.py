@@ -152,6 +152,8 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_tiny_end_to_end_run_each_optimizer(optimizer, corpus_file, tmp_path):
+    if OPTIMIZERS[optimizer].get("library"):  # missing, or a release that needs a newer torch
+        pytest.importorskip(OPTIMIZERS[optimizer]["library"], exc_type=ImportError)
     out = tmp_path / "run"
     s = train(tiny(corpus_file, out, optimizer=optimizer))
     assert s["finished"] and s["steps_done"] == 6 and math.isfinite(s["final_val_loss"])

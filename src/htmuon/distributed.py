@@ -85,8 +85,15 @@ __all__ = [
 
 
 def _dtensor_module() -> Any:
-    """The loaded DTensor module, or ``None``: if it was never imported, no DTensor can exist."""
-    return sys.modules.get("torch.distributed.tensor") or sys.modules.get("torch.distributed._tensor")
+    """The loaded DTensor module, or ``None``: if it was never imported, no DTensor can exist.
+
+    ``torch.distributed.tensor`` holds ``DTensor`` from torch 2.5; on torch 2.4 that package exists
+    (tensor parallelism) without it, and DTensor lives in ``torch.distributed._tensor``."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "DTensor"):
+            return mod
+    return None
 
 
 def is_dtensor(t: Any) -> bool:

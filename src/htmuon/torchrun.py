@@ -273,7 +273,13 @@ def wrap_model(model: nn.Module, par: Parallel, device: torch.device | str | Non
         )
         return DistributedDataParallel(model, device_ids=ids)
     if par.mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6: FSDP2 was private (and CUDA-only on torch 2.4)
+            raise UserError(
+                f"parallel='fsdp' needs torch >= 2.6, where FSDP2's fully_shard is public (this is torch "
+                f"{torch.__version__}); use parallel='ddp', or upgrade torch"
+            ) from None
 
         for block in list_elements_innermost_first(model):
             fully_shard(block)

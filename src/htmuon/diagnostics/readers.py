@@ -38,6 +38,7 @@ match the same model saved by Hugging Face or htmuon.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
@@ -279,18 +280,17 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap), []
         except Exception as e:
             raise ValueError(f"cannot read {path!r} as a torch checkpoint: {type(e).__name__}: {e}") from e
-    names: list[str] = []
     try:
-        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-        if mmap and unsafe is not None:
-            names = list(unsafe(path))
-        stubs = [(type(n, (_Opaque,), {"qualname": n}), n) for n in names]
-        with torch.serialization.safe_globals(stubs):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
+        return _load_with_placeholders(path, mmap)
     except pickle.UnpicklingError as e:
         boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
-        why = lines[0] if lines else "objects the weights-only unpickler refuses"
+        said = [
+            ln.split(_UNPICKLER_SAYS, 1)[1].split(". Please use", 1)[0]
+            for ln in lines
+            if _UNPICKLER_SAYS in ln
+        ]
+        why = said[0] if said else lines[0] if lines else "objects the weights-only unpickler refuses"
         raise ValueError(
             f"cannot read {path!r} with weights_only=True ({why}); loading it would execute "
             "code from the file: if you trust it, pass allow_pickle=True (htmuon esd --allow-pickle)"
@@ -302,6 +302,46 @@ def _torch_load(path: str, allow_pickle: bool) -> tuple[Any, list[str]]:
                 "end-of-archive record; an interrupted save or copy?)"
             ) from e
         raise ValueError(f"cannot read {path!r} as a torch checkpoint: {type(e).__name__}: {e}") from e
+
+
+_UNPICKLER_SAYS = "WeightsUnpickler error: "
+#: The weights-only unpickler's refusal of a global, e.g. "Unsupported global: GLOBAL shutil.copyfile was ..."
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+) was not an allowed global")
+
+
+def _placeholder(qualname: str) -> type:
+    """A class standing in for the global ``qualname`` (module and name set, as torch 2.4 matches them)."""
+    module, _, name = qualname.rpartition(".")
+    return type(name, (_Opaque,), {"qualname": qualname, "__module__": module, "__qualname__": name})
+
+
+def _load_with_placeholders(path: str, mmap: bool) -> tuple[Any, list[str]]:
+    """``torch.load(weights_only=True)`` of a zip checkpoint with every global the weights-only unpickler
+    refuses read as a placeholder (nothing of it runs), and those globals' names; other files as they are.
+
+    torch >= 2.5 lists the globals up front and allows them for one load (``safe_globals``). torch 2.4
+    has neither: the refused globals are learnt one load at a time, allowed through its process-wide
+    allowlist, which is restored afterwards."""
+    unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if unsafe is not None:
+        names = list(unsafe(path)) if mmap else []
+        with torch.serialization.safe_globals([(_placeholder(n), n) for n in names]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
+    names: list[str] = []
+    saved = list(torch.serialization.get_safe_globals())  # torch 2.4 returns its own list
+    try:
+        while True:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
+            except pickle.UnpicklingError as e:
+                refused = _REFUSED_GLOBAL.search(str(e))
+                if not mmap or refused is None or refused.group(1) in names or len(names) >= 256:
+                    raise
+                names.append(refused.group(1))
+                torch.serialization.add_safe_globals([_placeholder(names[-1])])
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
 
 
 def _zip_has_end(path: str) -> bool:
@@ -623,7 +663,11 @@ class _DCPCheckpoint(Checkpoint):
                 warnings.filterwarnings(
                     "ignore", message=".*torch.distributed is disabled", category=UserWarning
                 )
-                dcp.load(sd, storage_reader=_Reader(self.path), no_dist=True)
+                if "no_dist" in inspect.signature(dcp.load).parameters:
+                    dcp.load(sd, storage_reader=_Reader(self.path), no_dist=True)
+                else:  # torch 2.4: only the older entry point reads without a process group
+                    warnings.filterwarnings("ignore", category=FutureWarning)  # it is deprecated later
+                    dcp.load_state_dict(sd, storage_reader=_Reader(self.path), no_dist=True)
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             last = [ln.strip() for ln in str(e).splitlines() if ln.strip()]  # its text ends a traceback
             why = last[-1] if last else type(e).__name__

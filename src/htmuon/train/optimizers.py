@@ -252,9 +252,16 @@ def _require(library: str, name: str):
     """Import a baseline's library, or a one-line UserError naming the extra that installs it."""
     try:
         return importlib.import_module(library)
-    except ImportError:
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == library:
+            package = LIBRARY_PACKAGES[library]
+            raise UserError(
+                f"optimizer '{name}' needs the {package} package: pip install htmuon[baselines]"
+            ) from None
+        # installed, but it fails to import (e.g. a release that needs a newer torch than this one)
         raise UserError(
-            f"optimizer '{name}' needs the {LIBRARY_PACKAGES[library]} package: pip install htmuon[baselines]"
+            f"optimizer '{name}': the {LIBRARY_PACKAGES[library]} package is installed but fails to import "
+            f"with torch {torch.__version__}: {type(e).__name__}: {e}"
         ) from None
 
 
