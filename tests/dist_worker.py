@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import helpers  # tests/ is the script's folder, first on sys.path
 import htmuon
 import htmuon.functional
 from htmuon.distributed import ShardLayout, is_dtensor
@@ -1017,17 +1018,8 @@ def reshard(phase: str) -> dict:
     return {"max_abs_diff": max_diff(model, ref), "state_diff": state_diff(opt, model, ref_opt, ref)}
 
 
-def _has_public_fsdp2() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-#: FSDP2 runs on CPUs (gloo) from torch 2.6, where ``fully_shard`` became public; without it only the
-#: scenarios that use no FSDP2 and no DTensor run, and the others are recorded as skipped.
-HAS_FSDP2 = _has_public_fsdp2()
+#: FSDP2 runs on CPUs (gloo) from torch 2.6, where ``fully_shard`` became public (helpers.HAS_FSDP2);
+#: without it only the scenarios that use no FSDP2 and no DTensor run, the others recorded as skipped.
 FSDP_FREE = ("ddp_exact/", "ddp_training", "zero_training", "parallel_ddp", "ddp_refusals", "mismatch")
 FSDP_FREE += ("finite_blind", "late_failures")
 SKIPPED = "skipped: FSDP2 (fully_shard) is public and runs on CPUs from torch 2.6"
@@ -1094,7 +1086,7 @@ def main() -> int:
                 continue
             if not wanted and name in ON_REQUEST:
                 continue
-            if not HAS_FSDP2 and not name.startswith(FSDP_FREE):
+            if not helpers.HAS_FSDP2 and not name.startswith(FSDP_FREE):
                 results[name] = SKIPPED
                 continue
             results[name] = fn(copy.deepcopy(options))
