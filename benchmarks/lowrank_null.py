@@ -11,6 +11,8 @@ float32, and torch.optim.Muon's bfloat16 Newton--Schulz. Properties of the maps,
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,9 @@ except ImportError:  # torch < 2.9: main() says so
 
 from htmuon.spectral import MUON_NS5_COEFFICIENTS, spectral_power
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import require_torch_muon  # noqa: E402
+
 
 def null_stats(O: torch.Tensor, rank: int) -> tuple[float, float]:
     s = torch.linalg.svdvals(O.double())
@@ -28,10 +33,7 @@ def null_stats(O: torch.Tensor, rank: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    if _zeropower_via_newtonschulz is None:
-        raise SystemExit(
-            f"this script compares with torch.optim.Muon's map, new in torch 2.9 (torch {torch.__version__})"
-        )
+    require_torch_muon()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=64)
     ap.add_argument("--n", type=int, default=128)

@@ -1020,8 +1020,16 @@ def reshard(phase: str) -> dict:
 
 #: FSDP2 runs on CPUs (gloo) from torch 2.6, where ``fully_shard`` became public (helpers.HAS_FSDP2);
 #: without it only the scenarios that use no FSDP2 and no DTensor run, the others recorded as skipped.
-FSDP_FREE = ("ddp_exact/", "ddp_training", "zero_training", "parallel_ddp", "ddp_refusals", "mismatch")
-FSDP_FREE += ("finite_blind", "late_failures")
+FSDP_FREE = (
+    "ddp_exact/",
+    "ddp_training",
+    "zero_training",
+    "parallel_ddp",
+    "ddp_refusals",
+    "mismatch",
+    "finite_blind",
+    "late_failures",
+)
 SKIPPED = "skipped: FSDP2 (fully_shard) is public and runs on CPUs from torch 2.6"
 
 #: Scenarios run only when named (tests/test_distributed.py runs them in a launch of their own, with a

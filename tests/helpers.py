@@ -40,6 +40,29 @@ needs_fsdp2 = pytest.mark.skipif(
 )
 
 
+def baseline_library_error(optimizer: str) -> str | None:
+    """Why the library of a baseline in ``htmuon.train.optimizers.OPTIMIZERS`` cannot be used here (not
+    installed, or a release that fails to import with this torch: heavyball 3.2 on torch 2.4), else None."""
+    import importlib
+
+    from htmuon.train.optimizers import OPTIMIZERS
+
+    library = OPTIMIZERS[optimizer].get("library")
+    try:
+        if library:
+            importlib.import_module(library)
+    except ImportError as e:
+        return f"could not import {library!r}: {e}"
+    return None
+
+
+def skip_without_library(optimizer: str) -> None:
+    """Skip the test where the baseline's library cannot be used (:func:`baseline_library_error`)."""
+    why = baseline_library_error(optimizer)
+    if why:
+        pytest.skip(why)
+
+
 def dcp_save(state_dict, path) -> None:
     """``torch.distributed.checkpoint.save`` into the folder ``path`` without a process group (torch
     2.4's ``save`` has no ``no_dist``: its older ``save_state_dict`` does)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from helpers import TINY_RUN, flags  # noqa: E402
+from helpers import TINY_RUN, baseline_library_error, flags, skip_without_library  # noqa: E402
 from htmuon.cli import UserError  # noqa: E402
 from htmuon.cli import main as cli_main  # noqa: E402
 from htmuon.train import checkpoint  # noqa: E402
@@ -24,15 +24,7 @@ from htmuon.train.cosmos import COSMOS  # noqa: E402
 from htmuon.train.loop import read_metrics, train  # noqa: E402
 from htmuon.train.optimizers import DEFAULT_ADAMW_LR, HTMUON_NAMES, OPTIMIZERS, build_optimizer, resolve  # noqa: E402
 
-LIBRARY = {name: spec.get("library") for name, spec in OPTIMIZERS.items()}
 NEW = ["adamuon", "htmuon-adamuon", "mars", "soap", "cadamw", "galore", "cosmos"]
-
-
-def _skip_without_library(name: str) -> None:
-    """Skip where the baseline's library is missing or fails to import (a release that needs a newer
-    torch than this one: heavyball 3.2 on torch 2.4)."""
-    if LIBRARY.get(name):
-        pytest.importorskip(LIBRARY[name], exc_type=ImportError)
 
 
 def tiny(corpus_file, out, **kw) -> TrainConfig:
@@ -50,7 +42,7 @@ def test_every_paper_baseline_has_a_name():
 def test_baseline_trains_and_resumes_exactly(name, corpus_file, tmp_path):
     """12 steps straight vs. stopped after 5 and resumed: the same weights and losses (the optimizer's
     state_dict round-trips through a weights_only checkpoint; SOAP refreshes its basis at step 10)."""
-    _skip_without_library(name)
+    skip_without_library(name)
     kw = dict(optimizer=name, steps=12, warmup_steps=2, eval_every=6, ckpt_every=4)
     full = train(tiny(corpus_file, tmp_path / "full", **kw))
     assert full["finished"] and math.isfinite(full["final_val_loss"])
@@ -72,7 +64,7 @@ def test_baseline_trains_and_resumes_exactly(name, corpus_file, tmp_path):
 
 
 def test_compare_accepts_every_baseline(corpus_file, tmp_path):
-    names = [n for n in NEW if not LIBRARY.get(n) or _imports(LIBRARY[n])]
+    names = [n for n in NEW if baseline_library_error(n) is None]
     grid = ("model", "vocab_size", "seq_len", "batch_size", "eval_batches", "threads", "progress", "alpha")
     tiny_flags = flags({**{k: TINY_RUN[k] for k in grid}, "steps": 2, "warmup_steps": 1, "eval_every": 2})
     out = tmp_path / "grid"
@@ -80,15 +72,6 @@ def test_compare_accepts_every_baseline(corpus_file, tmp_path):
     assert cli_main([*argv, "--out-dir", str(out), *tiny_flags]) == 0
     md = (out / "results.md").read_text()
     assert all(f"| {n} |" in md for n in names)
-
-
-def _imports(module: str) -> bool:
-    """Whether ``module`` is installed and imports (heavyball 3.2 is installed but fails on torch 2.4)."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
 
 
 def _resnet_cfg(name: str) -> TrainConfig:
@@ -153,7 +136,7 @@ def test_cosmos_routing_conv_kernels_and_embeddings_to_adamw():
 
 @pytest.mark.parametrize("name", ["mars", "soap", "cadamw", "galore", "cosmos"])
 def test_baselines_train_conv_nets(name):
-    _skip_without_library(name)
+    skip_without_library(name)
     from htmuon.train.models import build_resnet
 
     model = build_resnet("resnet-micro", 1, 10)
@@ -207,7 +190,7 @@ def test_a_library_that_fails_to_import_is_named_as_installed_not_missing(monkey
 def test_cautious_adamw_masks_disagreeing_coordinates():
     """heavyball's AdamW(caution=True) against C-AdamW written out: Adam's direction zeroed where its
     sign disagrees with the gradient's, rescaled by (number of entries) / (number kept)."""
-    _skip_without_library("cadamw")
+    skip_without_library("cadamw")
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(6, 5))
     cfg = resolve(TrainConfig(model="resnet-micro", optimizer="cadamw", weight_decay=0.0))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import dcp_save, dtensor_api, needs_fsdp2
+from helpers import dcp_save, needs_fsdp2
 from htmuon.diagnostics import (
     COLUMNS,
     FITS,
@@ -508,8 +508,7 @@ def test_fsdp2_dtensor_weights_are_refused_with_the_way_out(tmp_path):
         pytest.skip("needs torch.distributed with gloo and no process group already initialised")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
-
-    Shard, Replicate, distribute_tensor, init_device_mesh = dtensor_api()
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from helpers import TINY_RUN, flags  # noqa: E402
+from helpers import TINY_RUN, flags, skip_without_library  # noqa: E402
 from htmuon.cli import UserError  # noqa: E402
 from htmuon.cli import main as cli_main  # noqa: E402
 from htmuon.train import checkpoint  # noqa: E402
@@ -152,8 +152,7 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_tiny_end_to_end_run_each_optimizer(optimizer, corpus_file, tmp_path):
-    if OPTIMIZERS[optimizer].get("library"):  # missing, or a release that needs a newer torch
-        pytest.importorskip(OPTIMIZERS[optimizer]["library"], exc_type=ImportError)
+    skip_without_library(optimizer)  # missing, or a release that needs a newer torch
     out = tmp_path / "run"
     s = train(tiny(corpus_file, out, optimizer=optimizer))
     assert s["finished"] and s["steps_done"] == 6 and math.isfinite(s["final_val_loss"])
