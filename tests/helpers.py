@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from htmuon.torchrun import fsdp_refusal
+
 #: torch's release as (major, minor): the package supports torch >= 2.4 (pyproject), CI runs 2.13.
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -31,12 +33,13 @@ def _has_public_fsdp2() -> bool:
     return True
 
 
-#: FSDP2's ``fully_shard`` is public (and runs on CPUs with gloo) from torch 2.6; torch 2.4's private
-#: one needs CUDA. htmuon.torchrun refuses parallel="fsdp" without it.
-HAS_FSDP2 = _has_public_fsdp2()
+#: FSDP2 on CPUs (gloo), what the tests run: ``fully_shard`` is public from torch 2.6 (torch 2.4's private
+#: one needs CUDA) and trains right on CPUs from 2.9 (htmuon.torchrun.FSDP_CPU_TORCH, which says what
+#: 2.6-2.8 do); htmuon.torchrun refuses parallel="fsdp" where it cannot.
+HAS_FSDP2 = fsdp_refusal(torch.__version__, "cpu", _has_public_fsdp2()) is None
 needs_fsdp2 = pytest.mark.skipif(
     not HAS_FSDP2,
-    reason=f"FSDP2 (fully_shard) is public and runs on CPUs from torch 2.6 (torch {torch.__version__})",
+    reason=f"FSDP2 (fully_shard) trains right on CPUs from torch 2.9 (torch {torch.__version__})",
 )
 
 

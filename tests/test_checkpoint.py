@@ -47,6 +47,35 @@ def test_round_trip_and_plain_torch_load_still_reads_it(tmp_path):
     assert same(torch.load(path, weights_only=True), payload(3))  # the trailer does not hide the archive
 
 
+@pytest.mark.parametrize("torch_2_5_unpickler", [False, True])
+def test_an_optimizer_state_holding_a_set_or_a_complex_loads(torch_2_5_unpickler, tmp_path, monkeypatch):
+    """heavyball (the ``cadamw`` baseline) keeps a set in its state_dict; torch 2.4-2.5's weights-only
+    unpickler refuses ``builtins.set`` and ``builtins.complex`` (2.6 takes them), so such a run could not
+    resume there. Simulated here by removing the two from the unpickler's built-in allowlist: a plain
+    weights-only load then fails as on torch 2.5, checkpoint.load reads the file, and the process-wide
+    allowlist is left as it was."""
+    import pickle
+
+    from torch import _weights_only_unpickler as unpickler
+
+    if torch_2_5_unpickler:
+        newer = ("builtins.set", "builtins.complex")
+        allowed = {k: v for k, v in unpickler._get_allowed_globals().items() if k not in newer}
+        monkeypatch.setattr(unpickler, "_get_allowed_globals", lambda: allowed)
+    path = tmp_path / "ckpt.pt"
+    state = payload(3)
+    state["optimizer"]["param_groups"] = [{"params": [0], "kinds": {"a", "b"}, "z": 1 + 2j}]
+    checkpoint.save(path, state)
+    if torch_2_5_unpickler:
+        with pytest.raises(pickle.UnpicklingError, match=r"GLOBAL (builtins\.)?(set|complex) "):
+            torch.load(path, weights_only=True)
+    before = set(torch.serialization.get_safe_globals())
+    got = checkpoint.load(path)
+    assert same(got, state)
+    assert got["optimizer"]["param_groups"] == [{"params": [0], "kinds": {"a", "b"}, "z": 1 + 2j}]
+    assert set(torch.serialization.get_safe_globals()) == before
+
+
 # where a flip lands: the archive's start, inside it (tensor data, pickle, directory), its last byte,
 # the trailer's magic, the digest, the trailer's final newline
 WHERE = {

@@ -351,7 +351,8 @@ def _launch(
 
 
 class _Results(dict):
-    """One rank's results; a scenario the worker skipped (no FSDP2 before torch 2.6) skips its test."""
+    """One rank's results; a scenario the worker skipped (FSDP2 on CPUs before torch 2.9) skips its
+    test."""
 
     def __getitem__(self, key):
         value = super().__getitem__(key)
@@ -448,9 +449,12 @@ def test_same_gradients_give_bitwise_equal_parameters_and_state(results, mode, v
 @distributed
 @pytest.mark.parametrize("mode", ["ddp_training", "fsdp_training"])
 def test_end_to_end_training_matches_single_process(results, mode):
-    """DistributedDataParallel / fully_shard with each rank on half the global batch."""
+    """DistributedDataParallel / fully_shard with each rank on half the global batch; FSDP2's gradients are
+    the single-process run's (the mean over the global batch, not the sum over ranks)."""
     for rank in range(WORLD):
         assert results[rank][mode]["max_abs_diff"] < TRAINING_TOL, results[rank][mode]
+        if mode == "fsdp_training":
+            assert results[rank][mode]["max_rel_grad_diff"] < 1e-4, results[rank][mode]
     if mode == "ddp_training":  # dividing the work changes nothing: equal to every rank computing all
         assert results[0][mode]["divided_vs_naive"] == 0.0
 
@@ -755,6 +759,43 @@ def test_fsdp_on_a_torch_without_public_fully_shard_is_refused_with_the_way_out(
     monkeypatch.delattr(torch.distributed.fsdp, "fully_shard", raising=False)
     with pytest.raises(UserError, match=r"parallel='fsdp' needs torch >= 2\.6.*use parallel='ddp'"):
         torchrun.wrap_model(torch.nn.Linear(3, 2), torchrun.Parallel(mode="fsdp", world=2))
+
+
+@pytest.mark.parametrize(
+    ("version", "device", "public", "refused"),
+    [
+        ("2.4.1", "cuda", False, "needs torch >= 2.6"),
+        ("2.6.0+cu124", "cpu", True, "on CPUs needs torch >= 2.9 (torch 2.6.0+cu124's"),
+        ("2.6.0+cu124", "cuda", True, None),
+        ("2.8.0", "cpu", True, "on CPUs needs torch >= 2.9 (torch 2.8.0's"),
+        ("2.9.1", "cpu", True, None),
+        ("2.10.0a0+git1234", "cpu", True, None),  # 2.10 > 2.9 (not a string comparison)
+        ("2.13.0+cpu", "cpu", True, None),
+    ],
+)
+def test_fsdp_refusal_by_torch_release_and_device(version, device, public, refused):
+    """On CPUs torch 2.6's FSDP2 fails at the first forward and 2.7-2.8's sum the gradients over the
+    processes (measured: torchrun.FSDP_CPU_TORCH); 2.9's trains right."""
+    from htmuon import torchrun
+
+    got = torchrun.fsdp_refusal(version, device, public)
+    if refused is None:
+        assert got is None
+    else:
+        assert refused in got and got.endswith("use parallel='ddp', or upgrade torch"), got
+
+
+def test_fsdp_on_a_cpu_with_torch_2_6_is_refused_before_sharding(monkeypatch):
+    """wrap_model on a CPU with torch 2.6 says what to do instead of failing inside the first forward;
+    the model is left unsharded."""
+    from htmuon import torchrun
+    from htmuon.errors import UserError
+
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(UserError, match=r"parallel='fsdp' on CPUs needs torch >= 2\.9"):
+        torchrun.wrap_model(model, torchrun.Parallel(mode="fsdp", world=2), "cpu")
+    assert type(model.weight) is torch.nn.Parameter
 
 
 def test_dtensors_are_found_where_torch_2_4_keeps_them(monkeypatch):

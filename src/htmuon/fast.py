@@ -316,7 +316,11 @@ def _fast_iteration(
         del A_f
     a, b, c = coefficients[0]
     # the output's pivot w_j: the first of w_1..w_{T-1} that is not 0 (1 where there is none; see below)
-    pivot = next((w[t] for t in range(1, T) if w[t] != 0.0), 1.0)
+    pivot = 1.0
+    for t in range(1, T):  # a loop, not next(generator, default): torch 2.5's dynamo cannot trace that
+        if w[t] != 0.0:
+            pivot = w[t]
+            break
     if not host:
         # per-matrix factors, (B, 1, 1) each, from one exp2 (see _batched_factors)
         c1, c2, c3, f0, scale = _batched_factors(fro2, A_f2, e_wide, m, p, (a, b, c), w[0], pivot, acc, dtype)

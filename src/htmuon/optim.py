@@ -969,7 +969,7 @@ class HTMuon(Optimizer):
         beta, nesterov, batch_3d = _number(group["momentum"]), group["nesterov"], group["batch_3d"]
         bufs = []
         mats = []
-        pipelined = self._dist is None and bool(params) and not F.stacks_matrices(params[0].device)
+        pipelined = self._dist is None and len(params) > 0 and not F.stacks_matrices(params[0].device)
         directions = []
         scratch = {} if scratch is None else scratch
         rank = self._dist.replicated_rank() if owners is not None else 0

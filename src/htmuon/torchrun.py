@@ -254,6 +254,34 @@ def list_elements_innermost_first(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+#: The oldest torch whose FSDP2 trains right on CPUs (gloo). Measured (2 processes, one Linear layer, each
+#: on half the batch): torch 2.6.0's ``fully_shard`` fails at the first forward ("'Stream' object has no
+#: attribute 'record_event'"); 2.7.1's and 2.8.0's gradients are the sum over the processes, twice the
+#: single-process gradient (2.7.1's HSDP also fails: "Cannot use ReduceOp.AVG with Gloo"); 2.9.1's and
+#: 2.13's are the single-process gradient.
+FSDP_CPU_TORCH = (2, 9)
+
+
+def fsdp_refusal(torch_version: str, device_type: str, public_fully_shard: bool) -> str | None:
+    """Why ``parallel='fsdp'`` cannot run with this torch (``torch.__version__``) on this device type, or
+    None where it can: FSDP2's ``fully_shard`` is public from torch 2.6 (torch 2.4's private one needs
+    CUDA), and trains right on CPUs from torch 2.9 (:data:`FSDP_CPU_TORCH`)."""
+    way_out = "use parallel='ddp', or upgrade torch"
+    if not public_fully_shard:
+        return (
+            f"parallel='fsdp' needs torch >= 2.6, where FSDP2's fully_shard is public (this is torch "
+            f"{torch_version}); {way_out}"
+        )
+    release = tuple(int(x) for x in re.findall(r"\d+", torch_version.split("+")[0])[:2])
+    if device_type == "cpu" and release < FSDP_CPU_TORCH:
+        return (
+            f"parallel='fsdp' on CPUs needs torch >= {FSDP_CPU_TORCH[0]}.{FSDP_CPU_TORCH[1]} (torch "
+            f"{torch_version}'s FSDP2 fails on CPUs, or sums the gradients over the processes instead of "
+            f"averaging them); {way_out}"
+        )
+    return None
+
+
 def wrap_model(model: nn.Module, par: Parallel, device: torch.device | str | None = None) -> nn.Module:
     """The module to run forward/backward through.
 
@@ -276,11 +304,14 @@ def wrap_model(model: nn.Module, par: Parallel, device: torch.device | str | Non
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6: FSDP2 was private (and CUDA-only on torch 2.4)
-            raise UserError(
-                f"parallel='fsdp' needs torch >= 2.6, where FSDP2's fully_shard is public (this is torch "
-                f"{torch.__version__}); use parallel='ddp', or upgrade torch"
-            ) from None
-
+            fully_shard = None
+        if device is not None:
+            device_type = torch.device(device).type
+        else:  # where fully_shard puts its default mesh
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        refusal = fsdp_refusal(torch.__version__, device_type, fully_shard is not None)
+        if refusal is not None:
+            raise UserError(refusal)
         for block in list_elements_innermost_first(model):
             fully_shard(block)
         fully_shard(model)

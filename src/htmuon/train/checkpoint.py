@@ -177,9 +177,29 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return _torch_load(path, map_location, verify(path))
 
 
+#: Builtins that torch >= 2.6's weights-only unpickler takes and torch 2.4-2.5's refuse; optimizer states
+#: hold them (heavyball's ``cadamw`` keeps a set in its state_dict), so a checkpoint written on torch 2.5
+#: must also load there. Allowed for this load only; on newer torch this changes nothing.
+_BUILTINS = (set, complex)
+
+
+def _weights_only_load(path: Path, map_location):
+    allow = getattr(torch.serialization, "safe_globals", None)  # a context manager from torch 2.5
+    if allow is not None:
+        with allow(list(_BUILTINS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    saved = list(torch.serialization.get_safe_globals())  # torch 2.4: the process-wide list, restored
+    torch.serialization.add_safe_globals(list(_BUILTINS))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
+
+
 def _torch_load(path: Path, map_location, verified: bool) -> dict:
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = _weights_only_load(path, map_location)
     except Exception as e:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, FORMAT_UNCHECKED):
