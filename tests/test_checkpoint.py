@@ -45,6 +45,9 @@ def test_round_trip_and_plain_torch_load_still_reads_it(tmp_path):
     raw = path.read_bytes()
     assert raw[-checkpoint.TRAILER_LEN :].startswith(checkpoint.TRAILER_MAGIC)
     assert same(torch.load(path, weights_only=True), payload(3))  # the trailer does not hide the archive
+    checkpoint.save(str(path), payload(4))  # save takes a string path too (it raised AttributeError)
+    assert same(checkpoint.load(path), payload(4))
+    assert same(checkpoint.load(path.with_name(checkpoint.PREV_NAME)), payload(3))
 
 
 @pytest.mark.parametrize("torch_2_5_unpickler", [False, True])

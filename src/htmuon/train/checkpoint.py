@@ -117,13 +117,14 @@ def _write(payload: dict, f: BinaryIO) -> None:
     f.write(TRAILER_MAGIC + w.sha.hexdigest().encode("ascii") + b"\n")
 
 
-def save(path: Path, payload: dict) -> None:
+def save(path: str | Path, payload: dict) -> None:
     """Write ``payload`` (plus its format tag and checksum trailer) to ``path`` atomically; the old
     ``path`` becomes ``ckpt.prev.pt`` beside it.
 
     Raises:
         UserError: the file cannot be written (disk full, read-only, no permission), naming it.
     """
+    path = Path(path)
     payload = {"format": FORMAT, **payload}
     try:
         atomic_write(path, lambda f: _write(payload, f), backup=path.with_name(PREV_NAME))
