@@ -788,10 +788,16 @@ def test_fsdp_refusal_by_torch_release_and_device(version, device, public, refus
 def test_fsdp_on_a_cpu_with_torch_2_6_is_refused_before_sharding(monkeypatch):
     """wrap_model on a CPU with torch 2.6 says what to do instead of failing inside the first forward;
     the model is left unsharded."""
+    import torch.distributed.fsdp
+
     from htmuon import torchrun
     from htmuon.errors import UserError
 
+    def fully_shard(module):  # torch 2.6 has a public one (a stand-in where this torch has none)
+        raise AssertionError("sharded despite the refusal")
+
     monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", fully_shard, raising=False)
     model = torch.nn.Linear(3, 2)
     with pytest.raises(UserError, match=r"parallel='fsdp' on CPUs needs torch >= 2\.9"):
         torchrun.wrap_model(model, torchrun.Parallel(mode="fsdp", world=2), "cpu")
