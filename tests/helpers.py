@@ -46,16 +46,15 @@ needs_fsdp2 = pytest.mark.skipif(
 def baseline_library_error(optimizer: str) -> str | None:
     """Why the library of a baseline in ``htmuon.train.optimizers.OPTIMIZERS`` cannot be used here (not
     installed, or a release that fails to import with this torch: heavyball 3.2 on torch 2.4), else None."""
-    import importlib
-
-    from htmuon.train.optimizers import OPTIMIZERS
+    from htmuon.errors import UserError
+    from htmuon.train.optimizers import OPTIMIZERS, _require
 
     library = OPTIMIZERS[optimizer].get("library")
     try:
         if library:
-            importlib.import_module(library)
-    except ImportError as e:
-        return f"could not import {library!r}: {e}"
+            _require(library, optimizer)  # the library's own check, and its message
+    except UserError as e:
+        return str(e)
     return None
 
 

@@ -322,26 +322,23 @@ def _load_with_placeholders(path: str, mmap: bool) -> tuple[Any, list[str]]:
     torch >= 2.5 lists the globals up front and allows them for one load (``safe_globals``). torch 2.4
     has neither: the refused globals are learnt one load at a time, allowed through its process-wide
     allowlist, which is restored afterwards."""
+    from htmuon.train.checkpoint import allowed_globals
+
     unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     if unsafe is not None:
         names = list(unsafe(path)) if mmap else []
-        with torch.serialization.safe_globals([(_placeholder(n), n) for n in names]):
+        with allowed_globals([(_placeholder(n), n) for n in names]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
     names: list[str] = []
-    saved = list(torch.serialization.get_safe_globals())  # torch 2.4 returns its own list
-    try:
-        while True:
-            try:
+    while True:
+        try:
+            with allowed_globals([_placeholder(n) for n in names]):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
-            except pickle.UnpicklingError as e:
-                refused = _REFUSED_GLOBAL.search(str(e))
-                if not mmap or refused is None or refused.group(1) in names or len(names) >= 256:
-                    raise
-                names.append(refused.group(1))
-                torch.serialization.add_safe_globals([_placeholder(names[-1])])
-    finally:
-        torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals(saved)
+        except pickle.UnpicklingError as e:
+            refused = _REFUSED_GLOBAL.search(str(e))
+            if not mmap or refused is None or refused.group(1) in names or len(names) >= 256:
+                raise
+            names.append(refused.group(1))
 
 
 def _zip_has_end(path: str) -> bool:

@@ -23,9 +23,11 @@ archive lost its trailer (a file cut at exactly that point) and is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -184,18 +186,28 @@ def load(path: str | Path, map_location="cpu") -> dict:
 _BUILTINS = (set, complex)
 
 
-def _weights_only_load(path: Path, map_location):
-    allow = getattr(torch.serialization, "safe_globals", None)  # a context manager from torch 2.5
+@contextlib.contextmanager
+def allowed_globals(entries: list) -> Iterator[None]:
+    """Let ``torch.load(weights_only=True)`` take ``entries`` (what ``add_safe_globals`` takes) inside the
+    block only: torch's ``safe_globals`` from torch 2.5; on torch 2.4, which has no such context, its
+    process-wide allowlist, restored afterwards."""
+    allow = getattr(torch.serialization, "safe_globals", None)
     if allow is not None:
-        with allow(list(_BUILTINS)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    saved = list(torch.serialization.get_safe_globals())  # torch 2.4: the process-wide list, restored
-    torch.serialization.add_safe_globals(list(_BUILTINS))
+        with allow(entries):
+            yield
+        return
+    saved = list(torch.serialization.get_safe_globals())  # torch 2.4 returns its own list: copied
+    torch.serialization.add_safe_globals(entries)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        yield
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(saved)
+
+
+def _weights_only_load(path: Path, map_location):
+    with allowed_globals(list(_BUILTINS)):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _torch_load(path: Path, map_location, verified: bool) -> dict:
