@@ -78,6 +78,22 @@ def _stdout_is_a_pipe() -> bool:
         return False
 
 
+def _exit_code(code: int, force: bool = False) -> int:
+    """``code`` for a command that failed; in a process that joined a torch.distributed process group
+    (or with ``force``: a peer hung or died), the process ends here with ``os._exit(code)``.
+
+    The group's threads may still wait in a collective, or on a peer that is closing its connections
+    (ranks refused at the start for different flags), and the interpreter's shutdown then aborts at
+    times (std::terminate, "terminate called without an active exception", exit -6: 2 of 25 runs of two
+    refused ranks) instead of exiting with ``code``."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group, and no need to import torch
+    if force or (dist is not None and dist.is_available() and dist.is_initialized()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -89,13 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as e:
         print(f"htmuon {args.command}: error: {e}", file=sys.stderr)
-        if isinstance(e, CollectiveError):
-            # a peer hung or died: the process group's threads may still wait in its collective, and
-            # the interpreter's shutdown would then abort (std::terminate, exit -6) instead of exiting 2
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
-        return 2
+        return _exit_code(2, force=isinstance(e, CollectiveError))
     except OSError as e:  # the environment (disk full, read-only, permissions) where no UserError named it
         if isinstance(e, BrokenPipeError) and _stdout_is_a_pipe():
             # the reader of the output went away (`htmuon compare --status | head`): not an error;
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
         where = f"'{e.filename}': " if e.filename else ""
         print(f"htmuon {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+        return _exit_code(2)
     except Interrupted as e:  # stopped by a signal, with a checkpoint
         print(f"htmuon {args.command}: {e}", file=sys.stderr)
         return e.exit_code

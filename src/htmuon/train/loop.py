@@ -672,10 +672,13 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     if device.type == "cuda" and par.world > 1:
         device = torch.device("cuda", par.local_rank)
     task = model_task(cfg.model)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
     with torchrun.main_first(par):  # rank 0 fills the token cache, the others read it
         data, model, info = build_data_and_model(cfg)
+    # after the build: the model library's first import in a process can draw from Python's RNG
+    # (transformers 4.57 imports sklearn, which imports rich: getrandbits(24)), so that seeding before
+    # it gave the first run in a process other draws than the next (measured with torch 2.4.1's venv)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # noqa: NPY002 (seed the legacy global RNG for user code)
     if payload is not None:  # the checkpoint's record of its data (run.json's, before it had one)
         _check_same_data(payload.get("data") or (old_run_info or {}).get("data") or {}, info, cfg, out)
     model.to(device)
