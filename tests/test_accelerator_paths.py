@@ -267,8 +267,10 @@ def _step_operators(n: int, shape: tuple[int, ...] = (24, 40), **kw) -> list[str
             if step == 0:
                 opt.step()
                 continue
-            with torch.profiler.profile() as prof:
-                opt.step()
+            with warnings.catch_warnings():  # torch 2.10.0 warns that only this cycle's events are kept
+                warnings.filterwarnings("ignore", "Warning: Profiler clears events", UserWarning)
+                with torch.profiler.profile() as prof:
+                    opt.step()
     return [
         e.name
         for e in prof.events()

@@ -60,11 +60,12 @@ if sys.argv[1] == "group":
     dist.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
 sys.exit(main(["demo", "--epochs", "0"]))
 """
-    for mode, shutdown in (("group", ""), ("none", "shutdown ran\n")):
+    for mode, shutdown in (("group", False), ("none", True)):
         proc = subprocess.run(
             [sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120
         )
-        assert (proc.returncode, proc.stdout) == (2, shutdown), proc.stderr[-2000:]
+        # (stdout may hold gloo's own lines: torch 2.10 prints "[Gloo] Rank 0 is connected to 0 peer ranks")
+        assert (proc.returncode, "shutdown ran" in proc.stdout) == (2, shutdown), proc.stderr[-2000:]
         assert proc.stderr.strip() == "htmuon demo: error: --epochs must be >= 1, got 0"
 
 
