@@ -222,27 +222,32 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     assert got[2:] == want[2:]
 
 
+def _scaled_by_global_draws(real_loss):
+    """The training loop's loss, scaled by a draw from each of torch's, numpy's and Python's global RNGs
+    (as a model with dropout, or user code, draws from them)."""
+    import random
+
+    import numpy as np
+
+    def noisy(model, task, x, y):
+        loss, logits = real_loss(model, task, x, y)
+        noise = float(torch.rand(())) + float(np.random.rand()) + random.random()  # noqa: NPY002
+        return loss * (1.0 + noise), logits
+
+    return noisy
+
+
 def test_a_run_that_draws_random_numbers_resumes_on_the_same_draws(corpus_file, tmp_path, monkeypatch):
     """A model with dropout (any code drawing from torch's, numpy's or Python's global RNG while it
     trains) resumes on the numbers the uninterrupted run drew: the loop puts the checkpoint's RNG
     states back (the built-in models draw none, so the other resume tests cannot tell)."""
     pytest.importorskip("transformers")
-    import random
-
-    import numpy as np
 
     from helpers import TINY_RUN
     from htmuon.train import loop
     from htmuon.train.config import TrainConfig
 
-    real = loop._loss
-
-    def noisy(model, task, x, y):  # the loss scaled by a draw from each global RNG
-        loss, logits = real(model, task, x, y)
-        noise = float(torch.rand(())) + float(np.random.rand()) + random.random()  # noqa: NPY002
-        return loss * (1.0 + noise), logits
-
-    monkeypatch.setattr(loop, "_loss", noisy)
+    monkeypatch.setattr(loop, "_loss", _scaled_by_global_draws(loop._loss))
     # (no clipping: a clipped gradient's norm is the same whatever the loss's scale)
     kw = {**TINY_RUN, "data": str(corpus_file), "optimizer": "adamw", "steps": 6, "ckpt_every": 2}
     kw["grad_clip"] = 0.0
@@ -270,11 +275,7 @@ def test_a_seeded_run_draws_the_same_numbers_whatever_was_imported_before(corpus
     from htmuon.train import loop
     from htmuon.train.config import TrainConfig
 
-    real_loss, real_build, built = loop._loss, loop.build_data_and_model, []
-
-    def noisy(model, task, x, y):
-        loss, logits = real_loss(model, task, x, y)
-        return loss * (1.0 + np.random.rand() + random.random()), logits  # noqa: NPY002
+    real_build, built = loop.build_data_and_model, []
 
     def build_as_a_first_import_does(cfg):
         if not built:  # only the first time in the process, as an import
@@ -283,7 +284,7 @@ def test_a_seeded_run_draws_the_same_numbers_whatever_was_imported_before(corpus
         built.append(cfg)
         return real_build(cfg)
 
-    monkeypatch.setattr(loop, "_loss", noisy)
+    monkeypatch.setattr(loop, "_loss", _scaled_by_global_draws(loop._loss))
     monkeypatch.setattr(loop, "build_data_and_model", build_as_a_first_import_does)
     kw = {**TINY_RUN, "data": str(corpus_file), "optimizer": "adamw", "steps": 4, "grad_clip": 0.0}
     for name in ("first", "second"):
