@@ -436,3 +436,53 @@ def test_compare_config_file_setting_a_cells_own_key_is_refused(tmp_path, capsys
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
     cfg.write_text('model = "llama-micro"\nsteps = 5\nwarmup_steps = 1\n')  # keys for every cell: taken
     assert cli_main([*argv, "--status"]) == 0
+
+
+def test_kept_cells_are_copied_without_checkpoints_and_reused_where_restored(corpus_file, tmp_path, capsys):
+    """scripts/keep_cells.py (RESULTS.md's llama-small study keeps its finished cells in the repository,
+    since a run folder is lost with its machine): a finished cell's record is copied without its
+    checkpoints and locks, an unfinished one is not; copied back into a new run folder, compare reuses
+    the cell (no training: no checkpoint appears, its summary is the same bytes) and trains the rest;
+    a destination that holds another run is left as it is and named."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "keep_cells.py"
+    spec = importlib.util.spec_from_file_location("keep_cells", path)
+    keep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keep)
+
+    out, kept, fresh = tmp_path / "g", tmp_path / "kept", tmp_path / "fresh"
+    assert cli_main(_muon_two_seeds(corpus_file, out)) == 0
+    seed0, seed1 = sorted(p.parent.relative_to(out) for p in out.rglob("summary.json"))
+    assert list((out / seed0).glob("ckpt*.pt"))
+    (out / seed1 / "summary.json").unlink()  # as a run still going when its machine is lost
+    capsys.readouterr()
+
+    assert keep.main([str(out), str(kept)]) == 0
+    printed = capsys.readouterr().out
+    names = sorted(p.name for p in (kept / seed0).iterdir())
+    assert names == ["config.json", "metrics.csv", "metrics.jsonl", "run.json", "summary.json"], names
+    assert not (kept / seed1).exists() and f"not finished: {seed1} (step 4)" in printed
+    assert keep.main([str(out), str(kept)]) == 0  # again: nothing new
+    assert "0 cell(s) copied, 1 already at" in capsys.readouterr().out
+
+    assert keep.main([str(kept), str(fresh)]) == 0  # a new machine's run folder
+    capsys.readouterr()
+    assert cli_main(_muon_two_seeds(corpus_file, fresh)) == 0
+    assert "reusing its summary, not training it again" in capsys.readouterr().err
+    assert not list((fresh / seed0).glob("ckpt*.pt")) and list((fresh / seed1).glob("ckpt*.pt"))
+    assert (fresh / seed0 / "summary.json").read_bytes() == (out / seed0 / "summary.json").read_bytes()
+    runs = json.loads((fresh / "results.json").read_text())["runs"]
+    original = json.loads((out / seed0 / "summary.json").read_text())["final_val_loss"]
+    assert [r["final_val_loss"] for r in runs if r["seed"] == 0] == [original]
+
+    # a destination cell holding a run (checkpoints) or another summary is not overwritten
+    summary = kept / seed0 / "summary.json"
+    summary.write_text(summary.read_text().replace('"finished": true', '"finished": true, "x": 1'))
+    before = (fresh / seed0 / "summary.json").read_bytes()
+    assert keep.main([str(kept), str(fresh)]) == 1
+    assert f"refused: {fresh / seed0}: its summary.json differs" in capsys.readouterr().err
+    assert (fresh / seed0 / "summary.json").read_bytes() == before
+    assert keep.main([str(fresh), str(out)]) == 1  # seed1 is finished in fresh; out's holds checkpoints
+    assert f"refused: {out / seed1}: it holds ckpt.pt" in capsys.readouterr().err
+    assert not (out / seed1 / "summary.json").exists()
