@@ -479,6 +479,25 @@ def test_compiled_and_accelerator_path_prescales_huge_inputs(monkeypatch):
     assert torch.isfinite(O).all() and rel_err(O, eager.double()) < 1e-4
 
 
+def test_bfloat16_work_skips_the_prescale_on_cpu_where_float16_work_takes_it():
+    """Inside the plain range, float32 and bfloat16 work take the CPU path without the prescale pass;
+    float16 work always takes it. A check meant for float16 (largest value below float32's) also sent
+    bfloat16, the default's work, to the prescaled path: one more pass per matrix, no bit changed
+    (BENCHMARKS.md §A-15)."""
+    from htmuon.spectral import narrow_range
+
+    X = torch.randn(24, 40, generator=torch.Generator().manual_seed(2))
+    assert fastmod._plain_exponent(X, X) is None
+    assert fastmod._plain_exponent(X.bfloat16(), X) is None
+    assert fastmod._plain_exponent(X.half(), X) is not None
+    assert [narrow_range(d) for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)] == [
+        False,
+        False,
+        False,
+        True,
+    ]
+
+
 @pytest.mark.parametrize("scale", [2.0**11, 2.0**13, 2.0**30])
 def test_large_matrices_just_inside_and_outside_the_unscaled_range(scale):
     """Entries on both sides of FAST_PLAIN_MAX (2^12) on a 64 x 1024 matrix: the raw products stay in

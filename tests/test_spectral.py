@@ -105,12 +105,18 @@ def test_polar_matches_torch_muon_iteration():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_polar_without_prescale_changes_no_bit(monkeypatch, dtype):
     """On CPU polar skips the power-of-two prescale where it would change no bit: the result equals the
-    prescaled iteration's bit for bit; magnitudes beyond the plain range still take the prescale."""
+    prescaled iteration's bit for bit; magnitudes beyond the plain range still take the prescale.
+    bfloat16 work takes the plain path too (float32's exponent range): a check meant for float16 sent
+    it to the prescaled path, one more pass over every matrix (HTMuon p = 0 at 1.10x torch.optim.Muon
+    on a Zen 4's LLaMA-60M set, 1.03x without it: BENCHMARKS.md §A-15), with no change to any bit."""
     import htmuon.spectral as sp
 
     g = torch.Generator().manual_seed(3)
     G = torch.randn(2, 40, 72, generator=g) * 0.01
     tall = torch.randn(72, 40, generator=g)
+    for X in (G, tall):  # the plain path is taken (None: the prescaled one)
+        assert sp._cpu_polar(X, 5, sp.MUON_NS5_COEFFICIENTS, dtype, sp.NS_EPS) is not None
+    assert sp._cpu_polar(G, 5, sp.MUON_NS5_COEFFICIENTS, torch.float16, sp.NS_EPS) is None
     plain = polar(G, dtype=dtype), polar(tall, dtype=dtype)
     monkeypatch.setattr(sp, "_cpu_polar", lambda *a, **k: None)  # the generic (prescaled) path
     prescaled = polar(G, dtype=dtype), polar(tall, dtype=dtype)

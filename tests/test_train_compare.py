@@ -465,6 +465,8 @@ def test_kept_cells_are_copied_without_checkpoints_and_reused_where_restored(cor
     assert not (kept / seed1).exists() and f"not finished: {seed1} (step 4)" in printed
     assert keep.main([str(out), str(kept)]) == 0  # again: nothing new
     assert "0 cell(s) copied, 1 already at" in capsys.readouterr().out
+    assert keep.main([str(out), str(tmp_path / "dry"), "--dry-run"]) == 0  # lists, copies nothing
+    assert f"would copy: {seed0} (5 files" in capsys.readouterr().out and not (tmp_path / "dry").exists()
 
     assert keep.main([str(kept), str(fresh)]) == 0  # a new machine's run folder
     capsys.readouterr()

@@ -74,6 +74,7 @@ from .spectral import (
     abs_max,
     gram,
     host_path,
+    narrow_range,
     ns_working_dtype,
     pow2_exponent,
     register_backend,
@@ -427,8 +428,7 @@ def _plain_exponent(Xw: Tensor, X: Tensor) -> Tensor | None:
     amax = abs_max(Xw)
     # float16 work (a range of 2^16): the raw Gram matrix overflows for max |X_ij| ~ 2^8 / sqrt(n) and the
     # factor 1 / ||X||_S8 of the first output term for ||X||_S8 below 2^-16, so it is always prescaled
-    narrow = torch.finfo(Xw.dtype).max < torch.finfo(torch.float32).max
-    if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX and not narrow:
+    if FAST_PLAIN_MIN <= amax <= FAST_PLAIN_MAX and not narrow_range(Xw.dtype):
         return None
     if math.isinf(amax) and Xw.dtype != X.dtype:
         amax = abs_max(X)

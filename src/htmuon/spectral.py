@@ -242,6 +242,13 @@ def _max_exponent(dtype: torch.dtype) -> int:
     return math.frexp(torch.finfo(dtype).max)[1] - 1
 
 
+def narrow_range(dtype: torch.dtype) -> bool:
+    """Whether ``dtype``'s exponent range is narrower than float32's (float16: 2^15; bfloat16 has
+    float32's, 2^127, though its largest value is slightly smaller): such work needs the power-of-two
+    prescale on every path, since its raw norms and Gram matrices overflow or underflow."""
+    return _max_exponent(dtype) < _max_exponent(torch.float32)
+
+
 def pow2_exponent(X: Tensor, *, representable: bool = True) -> Tensor:
     r"""Per-matrix binary exponent ``e`` of ``max |X_ij|`` (``max |X_ij| = f 2^e``, ``f`` in [1/2, 1)).
 
@@ -535,7 +542,7 @@ def _cpu_polar(
     amax = abs_max(X)
     if amax > POLAR_PLAIN_MAX or amax < min_abs:  # NaN compares False: the plain path
         return None
-    if torch.finfo(X.dtype).max < torch.finfo(torch.float32).max:
+    if narrow_range(X.dtype):
         # float16 work: ||X||_F overflows float16 above 65504 (torch.optim.Muon then returns zeros) and
         # small entries are rounded into its subnormals by the cast; the prescaled path avoids both
         return None
