@@ -127,6 +127,46 @@ def test_cpu_polar_without_prescale_changes_no_bit(monkeypatch, dtype):
     assert torch.isfinite(huge).all() and rel_err(huge.double(), plain[0].double()) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{"p": 0.0, "method": "ns"}, {"method": "fast"}, {"method": "fast5"}, {"interval": 2, "method": "fast"}],
+    ids=["p0-ns", "fast", "fast5", "interval2"],
+)
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_step_takes_no_prescale_pass_on_gradients_of_ordinary_size(monkeypatch, kw, ns_dtype):
+    """An HTMuon step on CPU (eager), in float32 or bfloat16 work, computes no power-of-two prescale for
+    gradients of ordinary magnitude: the pass is for extreme entries (and float16 work). Since session
+    40 every bfloat16 step took it, unseen, since it changes no bit: only its cost showed
+    (BENCHMARKS.md §A-15). Wide, tall and 3-D parameters; the in-between steps of ``interval``."""
+    import htmuon.fast as fastmod
+    import htmuon.spectral as sp
+
+    calls = []
+
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            calls.append(tuple(args[0].shape))
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(sp, "pow2_exponent", spy(sp.pow2_exponent))
+    monkeypatch.setattr(fastmod, "pow2_exponent", spy(fastmod.pow2_exponent))
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((24, 40), (40, 24), (2, 16, 32))]
+    opt = htmuon.HTMuon(params, lr=0.02, ns_dtype=ns_dtype, **kw)
+    for scale in (1e-3, 1.0, 1e3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * scale
+        opt.step()
+    assert calls == []
+    # (the spy sees the prescale where it is due: entries beyond the plain range)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 2.0**50
+    opt.step()
+    assert calls
+
+
 def test_batched_equals_per_matrix():
     G = torch.randn(3, 2, 24, 40)
     for method in ("svd", "eigh", "ns"):
