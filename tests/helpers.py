@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from htmuon.torchrun import fsdp_refusal
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` of the repository, imported as a module (registered in ``sys.modules``,
+    where dataclasses look their module up)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 #: torch's release as (major, minor): the package supports torch >= 2.4 (pyproject), CI runs 2.13.
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])

@@ -6,7 +6,6 @@ weights are in tests/data/ww_reference_weights.npz; scripts/make_ww_reference.py
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import os
 import pytest
 import torch
 
+from helpers import load_script
 from htmuon.diagnostics import analyze
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -23,12 +23,7 @@ RTOL = 1e-6
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_ww_reference", os.path.join(ROOT, "scripts", "make_ww_reference.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_ww_reference")
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import exact_power, log_spectrum, matrix_with_spectrum, reference_htmuon, rel_err
+from helpers import exact_power, load_script, log_spectrum, matrix_with_spectrum, reference_htmuon, rel_err
 from htmuon import HTMuon, polar, spectral_power
 from htmuon import fast as fastmod
 from htmuon.spectral import (
@@ -255,13 +253,7 @@ def test_iterates_stay_bounded_on_and_slightly_above_the_unit_interval():
 
 def _load_fit_script():
     pytest.importorskip("scipy")
-    spec = importlib.util.spec_from_file_location(
-        "fit_fast_coefficients", ROOT / "scripts" / "fit_fast_coefficients.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fit_fast_coefficients")
 
 
 def test_fit_objective_gradient_is_exact():

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import TINY_RUN, flags  # noqa: E402
+from helpers import TINY_RUN, flags, load_script  # noqa: E402
 from htmuon.cli import UserError  # noqa: E402
 from htmuon.train import checkpoint, locks  # noqa: E402
 from htmuon.train import compare as cmp  # noqa: E402
@@ -1140,19 +1140,8 @@ def test_run_cells_reports_the_cells_folder_not_the_one_a_moved_summary_recorded
     assert (Path(res[0]["run_dir"]) / "config.json").is_file()
 
 
-def _script(name: str):
-    """``scripts/<name>.py`` imported as a module."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _merge_script():
-    return _script("merge_size_scan")
+    return load_script("merge_size_scan")
 
 
 def test_merge_size_scan_pairs_each_model_with_its_one_reference(tmp_path):
@@ -1219,7 +1208,7 @@ def test_val_windows_pairs_runs_by_step_and_keeps_a_resumed_runs_last_value(tmp_
     """scripts/val_windows.py (the val_windows.csv of RESULTS.md's llama-small seeds): the steps both
     runs evaluated at, the last value of a step a resumed run logged twice, train rows ignored; a run
     without validation rows is named in the error."""
-    vw = _script("val_windows")
+    vw = load_script("val_windows")
 
     def run(name, rows):
         d = tmp_path / name

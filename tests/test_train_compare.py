@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from helpers import TINY_RUN, flags  # noqa: E402
+from helpers import TINY_RUN, flags, load_script  # noqa: E402
 from htmuon.cli import main as cli_main  # noqa: E402
 from htmuon.train.compare import aggregate, markdown_table, mean_std, parse_spec  # noqa: E402
 
@@ -444,13 +444,7 @@ def test_kept_cells_are_copied_without_checkpoints_and_reused_where_restored(cor
     checkpoints and locks, an unfinished one is not; copied back into a new run folder, compare reuses
     the cell (no training: no checkpoint appears, its summary is the same bytes) and trains the rest;
     a destination that holds another run is left as it is and named."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "keep_cells.py"
-    spec = importlib.util.spec_from_file_location("keep_cells", path)
-    keep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(keep)
-
+    keep = load_script("keep_cells")
     out, kept, fresh = tmp_path / "g", tmp_path / "kept", tmp_path / "fresh"
     assert cli_main(_muon_two_seeds(corpus_file, out)) == 0
     seed0, seed1 = sorted(p.parent.relative_to(out) for p in out.rglob("summary.json"))
