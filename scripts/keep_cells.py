@@ -6,7 +6,7 @@
 A long study (RESULTS.md's llama-small tuning: ~4 h of one core per cell) is built up over many
 sessions on machines that do not keep their disks: a run folder lost with its machine loses every
 finished cell in it. A finished cell's record is small (``config.json``, ``run.json``, ``summary.json``,
-``metrics.jsonl``, ``metrics.csv``: ~1 MB), its checkpoints are not (~190 MB at 22.8 M parameters).
+``metrics.jsonl``, ``metrics.csv``: ~0.2 MB), its checkpoints are not (~190 MB at 22.8 M parameters).
 This copies each finished (or diverged) cell's record to DEST under the same relative path, leaving
 out its checkpoints (``*.pt``, ``*.pt.corrupt``), locks and temp files. ``compare`` reuses such a cell
 as it reuses one whose checkpoints were deleted (docs/harness.md): it is not trained again, its
@@ -14,10 +14,10 @@ summary's loss and mean alpha enter the table, and ``alpha.png`` leaves it out, 
 
 The same command copies the kept records back into a new run folder. A cell that has not finished
 is not copied (listed with its last logged step). A cell already at DEST with the same
-``summary.json`` is skipped; a DEST cell that holds anything else (another summary, a checkpoint or a
-lock: a run there) is left as it is and named, and the exit status is 1. Each file is written
-atomically, ``summary.json`` last, so a copy cut short is not a finished cell (a second call completes
-it).
+``summary.json`` is skipped (its checkpoints there or not); a DEST cell that holds anything else
+(another config or summary, a checkpoint or a lock: a run there) is left as it is and named, and the
+exit status is 1. Each file is written atomically, ``summary.json`` last, so a copy cut short is not
+a finished cell (a second call completes it).
 """
 
 from __future__ import annotations
@@ -58,11 +58,14 @@ def last_step(cell: Path) -> int:
 
 
 def conflict(src: Path, dest: Path) -> str | None:
-    """Why ``dest`` must not receive ``src``'s record, or None (absent, or a copy cut short)."""
+    """Why ``dest`` must not receive ``src``'s record, or None (absent, a copy cut short, or the same
+    finished run already, with or without its checkpoints)."""
     if not dest.exists():
         return None
     if not dest.is_dir():
         return "it is not a folder"
+    if (dest / SUMMARY).is_file() and (dest / SUMMARY).read_bytes() == (src / SUMMARY).read_bytes():
+        return None
     names = sorted(p.name for p in dest.iterdir())
     held = [n for n in names if n.endswith((".pt", ".pt.corrupt", ".lock"))]
     if held:

@@ -480,5 +480,7 @@ def test_kept_cells_are_copied_without_checkpoints_and_reused_where_restored(cor
     assert f"refused: {fresh / seed0}: its summary.json differs" in capsys.readouterr().err
     assert (fresh / seed0 / "summary.json").read_bytes() == before
     assert keep.main([str(fresh), str(out)]) == 1  # seed1 is finished in fresh; out's holds checkpoints
-    assert f"refused: {out / seed1}: it holds ckpt.pt" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert f"refused: {out / seed1}: it holds ckpt.pt" in printed.err
+    assert "1 already at" in printed.out  # seed0: the same finished run, its checkpoints beside it
     assert not (out / seed1 / "summary.json").exists()
