@@ -307,9 +307,9 @@ def test_check_same_names_the_differing_keys_and_ranks(monkeypatch):
     par = torchrun.Parallel("ddp", 1, 4)
     with pytest.raises(UserError) as e:
         torchrun.check_same(ranks[1], par, "configs")
-    assert str(e.value) == (
-        "rank 1 of 4: the ranks run with different configs: rank(s) 2, 3 differ from rank 0 in seed "
-        "(0 vs 1); start every rank with the same flags, config file and data"
+    assert str(e.value) == (  # rank 3 differs in steps too: it is not said to differ in seed only
+        "rank 1 of 4: the ranks run with different configs: rank 2 differs from rank 0 in seed (0 vs 1); "
+        "rank(s) 3 differ from rank 0 too; start every rank with the same flags, config file and data"
     )
     ranks[2:] = [dict(ranks[0]), dict(ranks[0])]
     torchrun.check_same(ranks[1], par, "configs")  # all alike: nothing
@@ -346,7 +346,7 @@ def test_ranks_started_with_different_configs_are_refused(corpus_file, tmp_path)
     for rank, (p, (_, err)) in enumerate(zip(procs, results)):
         assert p.returncode == 2, err[-3000:]
         assert err.strip().splitlines()[-1] == (
-            f"htmuon train: error: rank {rank} of 2: the ranks run with different configs: rank(s) 1 differ "
+            f"htmuon train: error: rank {rank} of 2: the ranks run with different configs: rank 1 differs "
             "from rank 0 in seed (0 vs 1), ckpt_every (3 vs 2); start every rank with the same flags, config "
             "file and data"
         )

@@ -570,14 +570,26 @@ def test_an_all_adamw_group_keeps_its_own_lr_and_weight_decay():
 
 
 def test_adamw_flags_that_change_the_update_are_refused():
-    """amsgrad=True and decoupled_weight_decay=False (Adam's L2 penalty) would be silently ignored."""
+    """amsgrad=True and decoupled_weight_decay=False (Adam's L2 penalty) with a weight decay would be
+    silently ignored; at weight decay 0 the two decays are the same update (none), so a group copied
+    from torch.optim.Adam without decay is accepted (it was refused)."""
     w = nn.Parameter(torch.randn(4))
-    for key, value in (("amsgrad", True), ("decoupled_weight_decay", False)):
-        with pytest.raises(ValueError, match=f"^{key}={value} in param group 0: "):
-            HTMuon([dict(params=[w], use_muon=False, **{key: value})])
+    with pytest.raises(ValueError, match="^amsgrad=True in param group 0: "):
+        HTMuon([dict(params=[w], use_muon=False, amsgrad=True)])
+    for group, opt_wd, shown in ((dict(weight_decay=0.1), 0.0, 0.1), ({}, 0.01, 0.01)):
+        with pytest.raises(
+            ValueError, match=rf"^decoupled_weight_decay=False in param group 0 \(weight_decay {shown}\): "
+        ):
+            HTMuon(
+                [dict(params=[w], use_muon=False, decoupled_weight_decay=False, **group)], weight_decay=opt_wd
+            )
     HTMuon([dict(params=[w], use_muon=False, amsgrad=False, decoupled_weight_decay=True)])
-    # a group copied whole from torch.optim.AdamW is accepted
+    # groups copied whole from torch.optim.AdamW, and from torch.optim.Adam without decay, are accepted
     HTMuon([dict(torch.optim.AdamW([w]).param_groups[0], use_muon=False)])
+    adam = dict(torch.optim.Adam([w]).param_groups[0], use_muon=False)
+    assert adam.get("decoupled_weight_decay", False) is False and adam["weight_decay"] == 0
+    HTMuon([adam], weight_decay=0.1)
+    HTMuon([dict(params=[w], use_muon=False, decoupled_weight_decay=False)])  # the default decay: 0
 
 
 @pytest.mark.parametrize("key", ["adamw_lr", "adamw_weight_decay"])

@@ -120,6 +120,14 @@ def test_user_text_sources(tmp_path):
     assert len(s.val) >= 1
     with pytest.raises(UserError, match="field 'body'"):
         text_splits(str(jl), 0.1, text_field="body")
+    # a folder's .txt.gz and .jsonl files too, as the training loop streams them (text_splits read only
+    # its .txt files); every document once, in the files' order
+    (folder / "3.txt.gz").write_bytes(gzip.compress(b"gzipped text\n" * 2000))
+    (folder / "4.jsonl").write_text(json.dumps({"text": "a jsonl document " * 300}) + "\n")
+    s = text_splits(str(folder), 0.1)
+    text = "".join("".join(chunks) for chunks in [*s.train, *s.val])
+    for marker, times in (("text number 2", 2000), ("gzipped text", 2000), ("a jsonl document", 300)):
+        assert text.count(marker) == times, marker
 
 
 def test_image_data_digits_and_cifar_pickles(tmp_path):

@@ -265,9 +265,11 @@ class HTMuon(Optimizer):
         ns_dtype: Newton--Schulz working dtype: ``"auto"`` (bfloat16 where bfloat16 matmuls are fast:
             CUDA and AMX / AVX-512-BF16 CPUs; float32 on AVX2-only CPUs, where they are 30-180x slower;
             :func:`htmuon.spectral.decide`), or a ``torch.dtype``.
-        compute_dtype: exact backends' working dtype (``None``: the backend's default: ``svd``
-            float32, float64 for float64 parameters; ``eigh`` float64; the Newton--Schulz backends work
-            in ``ns_dtype``).
+        compute_dtype: the backend's working dtype where it takes one (``None``: its default):
+            ``svd`` float32 (float64 for float64 parameters); ``eigh`` float64; ``fast`` / ``fast5``:
+            the iteration's dtype, instead of ``ns_dtype``; ``ns``: its roots' (float32; at ``p = 0``
+            it is the polar factor, in ``ns_dtype``); ``interval``'s in-between polar steps always
+            work in ``ns_dtype``.
         adamw_betas, adamw_eps: AdamW part (the paper's 0.9/0.95 and 1e-10).
         algorithm: ``"auto"`` (matrices -> HTMuon, the rest -> AdamW), ``"htmuon"`` or ``"adamw"``.
         batch_3d: treat 3-D parameters as a batch of matrices (``True``) or flatten them as

@@ -353,8 +353,9 @@ def _check_optional_number(key: str, value: Any, where: str) -> None:
         raise ValueError(f"Invalid {key}{where}: {value!r} (must be a finite number >= 0, or None)")
 
 
-def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> None:
-    """A key that is no option but close to one is a misspelling that would be silently ignored."""
+def _check_keys(group: dict[str, Any], where: str, known: frozenset[str], default_wd: Any = 0.0) -> None:
+    """A key that is no option but close to one is a misspelling that would be silently ignored.
+    ``default_wd``: the optimizer's ``weight_decay``, which a group without its own decays by."""
     for key in group:
         if key == "process_group":  # accepted as a group key by nothing: it is the optimizer's
             raise ValueError(
@@ -366,10 +367,17 @@ def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> Non
                 f"{key}={group[key]!r}{where}: HTMuon does not support it ({UNSUPPORTED_FLAGS[key]}); "
                 "it would be silently ignored"
             )
-        if key == "decoupled_weight_decay" and group[key] is False:  # torch.optim.Adam's L2 penalty
+        wd = group.get("weight_decay", default_wd)
+        if (
+            key == "decoupled_weight_decay"
+            and group[key] is False
+            and not (isinstance(wd, numbers.Real) and wd == 0)
+        ):
+            # torch.optim.Adam's L2 penalty: the same update as decoupled decay only at weight_decay 0 (a
+            # group copied from Adam with no decay passes)
             raise ValueError(
-                f"decoupled_weight_decay=False{where}: HTMuon's weight decay is decoupled (AdamW's), not "
-                "Adam's L2 penalty; remove the key (it would be silently ignored)"
+                f"decoupled_weight_decay=False{where} (weight_decay {wd!r}): HTMuon's weight decay is "
+                "decoupled (AdamW's), not Adam's L2 penalty; remove the key (it would be silently ignored)"
             )
         if key in known or key in FOREIGN_KEYS or not isinstance(key, str):
             continue
@@ -544,7 +552,7 @@ def route_params(
             raise ValueError(
                 f"no 'params'{where}: a param group needs the tensors it holds, got keys {sorted(group)}"
             )
-        _check_keys(group, where, known)
+        _check_keys(group, where, known, defaults.get("weight_decay", 0.0))
         _apply_aliases(group, where)
         _apply_torch_muon_keys(group, where)
         _apply_use_muon(group, where)

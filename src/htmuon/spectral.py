@@ -538,13 +538,14 @@ def _cpu_polar(
     takes the prescaled path (its range is too narrow for the raw batch's norm).
     """
     a, b, c = coefficients
+    if narrow_range(dtype or G.dtype):
+        # float16 work: ||X||_F overflows float16 above 65504 (torch.optim.Muon then returns zeros) and
+        # small entries are rounded into its subnormals by the cast; the prescaled path avoids both
+        # (decided before the cast and the aminmax, which that path would not use)
+        return None
     X = G if dtype is None or G.dtype == dtype else G.to(dtype)
     amax = abs_max(X)
     if amax > POLAR_PLAIN_MAX or amax < min_abs:  # NaN compares False: the plain path
-        return None
-    if narrow_range(X.dtype):
-        # float16 work: ||X||_F overflows float16 above 65504 (torch.optim.Muon then returns zeros) and
-        # small entries are rounded into its subnormals by the cast; the prescaled path avoids both
         return None
     m, n = X.shape[-2:]
     mats = X.reshape(-1, m, n)

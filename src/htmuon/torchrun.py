@@ -213,7 +213,8 @@ def check_same(
     after the collective timeout as if a rank had hung (``ckpt_every``, ``eval_every``, ``steps``).
 
     Raises:
-        UserError: one line naming the differing keys, their values and the ranks that differ from rank 0.
+        UserError: one line naming the first rank that differs from rank 0, the keys it differs in with
+            their values, and the other ranks that differ.
     """
     if par.world == 1:
         return
@@ -229,9 +230,11 @@ def check_same(
     keys = [k for k in dict.fromkeys([*first, *other]) if first.get(k, missing) != other.get(k, missing)]
     shown = ", ".join(f"{k} ({first.get(k, missing)!r} vs {other.get(k, missing)!r})" for k in keys[:4])
     more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    # the keys shown are the first differing rank's (another may differ in other keys): the rest are named
+    others = f"; rank(s) {', '.join(map(str, ranks[1:]))} differ from rank 0 too" if len(ranks) > 1 else ""
     raise UserError(
-        f"rank {par.rank} of {par.world}: the ranks run with different {what}: rank(s) "
-        f"{', '.join(map(str, ranks))} differ from rank 0 in {shown}{more}; {hint}"
+        f"rank {par.rank} of {par.world}: the ranks run with different {what}: rank {ranks[0]} "
+        f"differs from rank 0 in {shown}{more}{others}; {hint}"
     )
 
 

@@ -70,21 +70,9 @@ def load_documents(source: str, text_field: str = "text", max_docs: int = 0) -> 
             return {"all": [f.read()]}
     if source.startswith("hf:") or source.startswith("hf-disk:"):
         return _load_hf(source, text_field, max_docs)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(
-            f"data source '{source}' not found (a built-in corpus {sorted(BUILTIN_CORPORA)}, "
-            "a .txt/.jsonl file, a folder of .txt files, hf:NAME or hf-disk:PATH)"
-        )
-    if path.is_dir():
-        files = [f for f in _visible_files(path) if _suffix(f) == ".txt"]
-        if not files:
-            raise UserError(f"data folder '{source}' holds no .txt files")
-        docs = [_read_text(f) for f in files]
-    elif _suffix(path) in JSONL_SUFFIXES:
-        docs = _read_jsonl(path, text_field)
-    else:
-        docs = [_read_text(path)]
+    docs = []
+    for path in _local_files(source):  # the files the streaming path reads, in its order
+        docs += _read_jsonl(path, text_field) if _suffix(path) in JSONL_SUFFIXES else [_read_text(path)]
     docs = [d for d in docs if d.strip()]
     if max_docs:
         docs = docs[:max_docs]
