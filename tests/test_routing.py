@@ -570,26 +570,32 @@ def test_an_all_adamw_group_keeps_its_own_lr_and_weight_decay():
 
 
 def test_adamw_flags_that_change_the_update_are_refused():
-    """amsgrad=True and decoupled_weight_decay=False (Adam's L2 penalty) with a weight decay would be
-    silently ignored; at weight decay 0 the two decays are the same update (none), so a group copied
-    from torch.optim.Adam without decay is accepted (it was refused)."""
-    w = nn.Parameter(torch.randn(4))
+    """amsgrad=True, and decoupled_weight_decay=False (Adam's L2 penalty) where a part of the group
+    decays, would be silently ignored. At weight decay 0 the two decays are the same update (none), so a
+    group copied from torch.optim.Adam without decay is accepted (it was refused) unless routing gives
+    one of its parts a decay (the AdamW part's adamw_weight_decay: it was accepted)."""
+    w, m = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4, 4))
     with pytest.raises(ValueError, match="^amsgrad=True in param group 0: "):
         HTMuon([dict(params=[w], use_muon=False, amsgrad=True)])
-    for group, opt_wd, shown in ((dict(weight_decay=0.1), 0.0, 0.1), ({}, 0.01, 0.01)):
+    adamw_part, htmuon_part = "its adamw part's weight_decay", "its htmuon part's weight_decay"
+    for group, kw, shown in (
+        (dict(params=[w], use_muon=False, weight_decay=0.1), {}, f"{adamw_part} 0.1"),
+        (dict(params=[w], use_muon=False), dict(weight_decay=0.01), f"{adamw_part} 0.01"),
+        (dict(params=[w], use_muon=False), dict(adamw_weight_decay=0.1), f"{adamw_part} 0.1"),
+        (dict(params=[m, w], weight_decay=0.0), dict(adamw_weight_decay=0.1), f"{adamw_part} 0.1"),
+        (dict(params=[m, w]), dict(weight_decay=0.1, adamw_weight_decay=0.0), f"{htmuon_part} 0.1"),
+    ):
         with pytest.raises(
-            ValueError, match=rf"^decoupled_weight_decay=False in param group 0 \(weight_decay {shown}\): "
+            ValueError, match=re.escape(f"decoupled_weight_decay=False in param group 0 ({shown})")
         ):
-            HTMuon(
-                [dict(params=[w], use_muon=False, decoupled_weight_decay=False, **group)], weight_decay=opt_wd
-            )
+            HTMuon([dict(group, decoupled_weight_decay=False)], **kw)
     HTMuon([dict(params=[w], use_muon=False, amsgrad=False, decoupled_weight_decay=True)])
     # groups copied whole from torch.optim.AdamW, and from torch.optim.Adam without decay, are accepted
     HTMuon([dict(torch.optim.AdamW([w]).param_groups[0], use_muon=False)])
-    adam = dict(torch.optim.Adam([w]).param_groups[0], use_muon=False)
-    assert adam.get("decoupled_weight_decay", False) is False and adam["weight_decay"] == 0
-    HTMuon([adam], weight_decay=0.1)
-    HTMuon([dict(params=[w], use_muon=False, decoupled_weight_decay=False)])  # the default decay: 0
+    adam = dict(torch.optim.Adam([m, w]).param_groups[0], decoupled_weight_decay=False)
+    assert adam["weight_decay"] == 0
+    HTMuon([adam], weight_decay=0.1, adamw_weight_decay=0.0)  # the group's own 0 for its HTMuon part
+    HTMuon([dict(adam, params=[w], use_muon=False)], weight_decay=0.1, adamw_weight_decay=0.1)  # its own 0
 
 
 @pytest.mark.parametrize("key", ["adamw_lr", "adamw_weight_decay"])

@@ -477,10 +477,51 @@ def test_kept_cells_are_copied_without_checkpoints_and_reused_where_restored(cor
     summary.write_text(summary.read_text().replace('"finished": true', '"finished": true, "x": 1'))
     before = (fresh / seed0 / "summary.json").read_bytes()
     assert keep.main([str(kept), str(fresh)]) == 1
-    assert f"refused: {fresh / seed0}: its summary.json differs" in capsys.readouterr().err
+    assert f"refused: {seed0}: its summary.json differs" in capsys.readouterr().err
     assert (fresh / seed0 / "summary.json").read_bytes() == before
+    assert not (fresh / seed0 / "cell.lock").exists()  # taken while checking, released
     assert keep.main([str(fresh), str(out)]) == 1  # seed1 is finished in fresh; out's holds checkpoints
     printed = capsys.readouterr()
-    assert f"refused: {out / seed1}: it holds ckpt.pt" in printed.err
+    assert f"refused: {seed1}: it holds ckpt.pt" in printed.err
     assert "1 already at" in printed.out  # seed0: the same finished run, its checkpoints beside it
+
+    # one damaged cell is named and the others go on; a damaged config is not copied (it could not be
+    # reused without the checkpoint); folders that hold one another are refused
+    (fresh / seed0 / "summary.json").write_text("{not json")
+    (fresh / seed1 / "config.json").write_text("{bad")
+    other = tmp_path / "other"
+    assert keep.main([str(fresh), str(other)]) == 1
+    err = capsys.readouterr().err
+    assert f"refused: {seed0}: run summary" in err and "is not valid JSON" in err
+    assert f"refused: {seed1}: " in err and not (other / seed1).exists() and not (other / seed0).exists()
+    with pytest.raises(SystemExit):
+        keep.main([str(out), str(out / "kept")])
+    assert "must not be one folder or hold one another" in capsys.readouterr().err
     assert not (out / seed1 / "summary.json").exists()
+
+
+def test_a_damaged_config_of_a_finished_cell_is_a_one_line_error_not_a_traceback(
+    corpus_file, tmp_path, capsys
+):
+    """A finished cell is reused from its checkpoint, which holds its config, so a damaged config.json
+    beside it was read only by the report: a JSONDecodeError traceback. Now one line names the file."""
+    out = tmp_path / "g"
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon",
+        "--seeds",
+        "0",
+        "--data",
+        str(corpus_file),
+        "--out-dir",
+        str(out),
+    ]
+    argv += TINY
+    assert cli_main(argv) == 0
+    config = next(out.rglob("config.json"))
+    config.write_text(config.read_text()[:20])
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"run config '{config}' is not valid JSON" in err and "Traceback" not in err

@@ -353,9 +353,8 @@ def _check_optional_number(key: str, value: Any, where: str) -> None:
         raise ValueError(f"Invalid {key}{where}: {value!r} (must be a finite number >= 0, or None)")
 
 
-def _check_keys(group: dict[str, Any], where: str, known: frozenset[str], default_wd: Any = 0.0) -> None:
-    """A key that is no option but close to one is a misspelling that would be silently ignored.
-    ``default_wd``: the optimizer's ``weight_decay``, which a group without its own decays by."""
+def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> None:
+    """A key that is no option but close to one is a misspelling that would be silently ignored."""
     for key in group:
         if key == "process_group":  # accepted as a group key by nothing: it is the optimizer's
             raise ValueError(
@@ -366,18 +365,6 @@ def _check_keys(group: dict[str, Any], where: str, known: frozenset[str], defaul
             raise ValueError(
                 f"{key}={group[key]!r}{where}: HTMuon does not support it ({UNSUPPORTED_FLAGS[key]}); "
                 "it would be silently ignored"
-            )
-        wd = group.get("weight_decay", default_wd)
-        if (
-            key == "decoupled_weight_decay"
-            and group[key] is False
-            and not (isinstance(wd, numbers.Real) and wd == 0)
-        ):
-            # torch.optim.Adam's L2 penalty: the same update as decoupled decay only at weight_decay 0 (a
-            # group copied from Adam with no decay passes)
-            raise ValueError(
-                f"decoupled_weight_decay=False{where} (weight_decay {wd!r}): HTMuon's weight decay is "
-                "decoupled (AdamW's), not Adam's L2 penalty; remove the key (it would be silently ignored)"
             )
         if key in known or key in FOREIGN_KEYS or not isinstance(key, str):
             continue
@@ -541,18 +528,21 @@ def route_params(
         }
     )
     out: list[dict[str, Any]] = []
+    made = 0, ""  # (index in out of the previous user group's first part, its `where`)
     for index, user_group in enumerate(items):
+        _check_l2_flag(out[made[0] :], made[1], defaults.get("weight_decay", 0.0))
         group = dict(user_group)
         where = (
             f" in param group {first_index + index}"
             if len(items) > 1 or isinstance(user_group, dict) or first_index
             else ""
         )
+        made = len(out), where
         if "params" not in group:  # (torch would say only KeyError: 'params')
             raise ValueError(
                 f"no 'params'{where}: a param group needs the tensors it holds, got keys {sorted(group)}"
             )
-        _check_keys(group, where, known, defaults.get("weight_decay", 0.0))
+        _check_keys(group, where, known)
         _apply_aliases(group, where)
         _apply_torch_muon_keys(group, where)
         _apply_use_muon(group, where)
@@ -610,4 +600,21 @@ def route_params(
             if half == "adamw":
                 _adamw_defaults(part, a_lr, a_wd, keep=keep if all_adamw else ())
             out.append(part)
+    _check_l2_flag(out[made[0] :], made[1], defaults.get("weight_decay", 0.0))
     return out
+
+
+def _check_l2_flag(parts: list[dict[str, Any]], where: str, default_wd: Any) -> None:
+    """``decoupled_weight_decay=False`` (torch.optim.Adam's L2 penalty) on a group is refused where a part
+    it became decays (the AdamW part by its own ``adamw_weight_decay`` too): HTMuon's decay is decoupled,
+    the same update as the L2 penalty only at weight decay 0 (a group copied from Adam without decay)."""
+    for part in parts:
+        if part.get("decoupled_weight_decay") is not False:
+            continue
+        wd = part.get("weight_decay", default_wd)
+        if not (isinstance(wd, numbers.Real) and wd == 0):
+            raise ValueError(
+                f"decoupled_weight_decay=False{where} (its {part.get('algorithm', '')} part's weight_decay "
+                f"{wd!r}): HTMuon's weight decay is decoupled (AdamW's), not Adam's L2 penalty; remove the "
+                "key (it would be silently ignored)"
+            )

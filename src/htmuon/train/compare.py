@@ -1323,6 +1323,7 @@ def write_report(
 ) -> dict:
     """results.md / results.json / plots for ``run_plan``'s result (or a plain list of run summaries)."""
     from htmuon.train.data import atomic_write_bytes
+    from htmuon.train.loop import read_json
 
     if isinstance(result, list):
         result = {"select": result, "report": result, "extension_rounds": 0}
@@ -1330,7 +1331,7 @@ def write_report(
     agg = aggregate(summaries)
     sel = aggregate(select_runs) if select_runs is not summaries else agg
     table = markdown_table(agg, sel)
-    cfg0 = json.loads((Path(summaries[0]["run_dir"]) / "config.json").read_text())
+    cfg0 = read_json(Path(summaries[0]["run_dir"]) / "config.json", "run config")  # damaged: one line
     files, alpha_notes = [], []
     if plots:
         plot_curves(agg, out / "val_curves.png")

@@ -63,84 +63,6 @@ def builtin_corpus_path(name: str = "shakespeare") -> Path:
 # ----------------------------------------------------------------------------- text sources
 
 
-def load_documents(source: str, text_field: str = "text", max_docs: int = 0) -> dict[str, list[str]]:
-    """Read a text source; returns {"train": docs, "val": docs} or {"all": docs} (split later)."""
-    if source in BUILTIN_CORPORA:
-        with gzip.open(builtin_corpus_path(source), "rt", encoding="utf-8") as f:
-            return {"all": [f.read()]}
-    if source.startswith("hf:") or source.startswith("hf-disk:"):
-        return _load_hf(source, text_field, max_docs)
-    docs = []
-    for path in _local_files(source):  # the files the streaming path reads, in its order
-        docs += _read_jsonl(path, text_field) if _suffix(path) in JSONL_SUFFIXES else [_read_text(path)]
-    docs = [d for d in docs if d.strip()]
-    if max_docs:
-        docs = docs[:max_docs]
-    if not docs:
-        raise UserError(f"data source '{source}' is empty")
-    return {"all": docs}
-
-
-def _read_text(path: Path) -> str:
-    try:
-        with _open_text(path) as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"data file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"cannot read data file '{path}': {e.strerror or e}") from None
-    except (EOFError, zlib.error) as e:  # a truncated (an interrupted download) or damaged .gz
-        raise UserError(f"data file '{path}' is damaged or truncated ({type(e).__name__}: {e})") from None
-
-
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    return list(_iter_jsonl(path, text_field))
-
-
-def _load_hf(source: str, text_field: str, max_docs: int) -> dict[str, list[str]]:
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(
-            f"data source '{source}' needs the Hugging Face datasets library: pip install htmuon[datasets]"
-        ) from None
-    if source.startswith("hf-disk:"):
-        path = source[len("hf-disk:") :]
-        if not Path(path).exists():
-            raise UserError(f"dataset folder '{path}' not found")
-        try:
-            ds = datasets.load_from_disk(path)
-        except FileNotFoundError:
-            ds = datasets.load_dataset(path)
-        splits = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
-    else:
-        name, _, cfg = source[len("hf:") :].partition(":")
-        # streaming: read only the first max_docs documents of each split
-        try:
-            ds = datasets.load_dataset(name, cfg or None, streaming=True)
-        except Exception as e:  # network / unknown dataset: a user-facing one-liner
-            raise UserError(f"cannot load dataset '{name}': {type(e).__name__}: {e}") from None
-        splits = dict(ds)
-    out: dict[str, list[str]] = {}
-    for want, names in (("train", ("train",)), ("val", ("validation", "valid", "val", "test"))):
-        for n in names:
-            if n in splits:
-                docs = []
-                for row in splits[n]:
-                    if text_field not in row:
-                        raise UserError(f"dataset '{source}' has no field '{text_field}' (use --text-field)")
-                    docs.append(row[text_field])
-                    if max_docs and len(docs) >= max_docs:
-                        break
-                out[want] = docs
-                break
-    if "train" not in out:
-        raise UserError(f"dataset '{source}' has no train split (splits: {sorted(splits)})")
-    if "val" not in out:
-        return {"all": out["train"]}
-    return out
-
-
 def chunk_document(doc: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     """Cut a document into consecutive pieces of about ``chunk_chars`` at line boundaries."""
     chunks, start, n = [], 0, len(doc)
@@ -210,15 +132,22 @@ class TextSplits:
 
 
 def text_splits(source: str, val_fraction: float, text_field: str = "text", max_docs: int = 0) -> TextSplits:
-    loaded = load_documents(source, text_field, max_docs)
-    if "all" in loaded:
-        tr, va = split_documents(loaded["all"], val_fraction)
-    else:
-        tr = [chunk_document(d) for d in loaded["train"] if d.strip()]
-        va = [chunk_document(d) for d in loaded["val"] if d.strip()]
-        if not tr or not va:
-            raise UserError(f"data source '{source}' has an empty train or validation split")
-    return TextSplits(tr, va)
+    """The training loop's split of a text source, held in memory: the documents, chunks and split of
+    :func:`load_token_data`'s streaming path (:func:`iter_documents`, :func:`stream_split`), each split
+    a list of documents, each a list of chunks. The in-memory reader it replaces dropped
+    whitespace-only files, counted ``max_docs`` differently and read only a folder's ``.txt`` files."""
+    below = count_chunks_below(source, text_field, max_docs, _holdout_period(val_fraction))
+    done: dict[str, list[list[str]]] = {"train": [], "val": []}
+    current: dict[str, list[str]] = {"train": [], "val": []}
+    for split, chunk in stream_split(iter_documents(source, text_field, max_docs), val_fraction, below):
+        if chunk is not None:
+            current[split].append(chunk)
+        elif current[split]:  # the end of a document's part in this split
+            done[split].append(current[split])
+            current[split] = []
+    if not done["train"] or not done["val"]:
+        raise UserError(f"data source '{source}' is empty or too small to split into train and validation")
+    return TextSplits(done["train"], done["val"])
 
 
 # ----------------------------------------------------------------------------- batching
@@ -1076,7 +1005,7 @@ def build_token_streams(
         val_fraction: held-out share (:func:`stream_split`).
         tokenizer: a local Hugging Face tokenizer folder, or "" for the local byte-level BPE trained
             on (at most :data:`BPE_TRAIN_MAX_CHARS` of) the train split.
-        text_field, max_docs: as for :func:`load_documents`.
+        text_field, max_docs: as for :func:`iter_documents`.
 
     Returns:
         :class:`TokenStreams` over ``$HTMUON_CACHE/streams/KEY/{train,val}.bin``. The folder is
