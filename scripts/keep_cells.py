@@ -33,7 +33,7 @@ from pathlib import Path
 from htmuon.errors import UserError
 from htmuon.train.config import from_dict
 from htmuon.train.data import atomic_write_bytes
-from htmuon.train.locks import acquire_lock, describe_owner, release_lock
+from htmuon.train.locks import acquire_lock, describe_owner, lock_is_stale, release_lock
 from htmuon.train.loop import read_json, read_metrics
 
 SUMMARY = "summary.json"
@@ -43,7 +43,8 @@ LOCK = "cell.lock"  # compare's lock of a cell (htmuon.train.compare.LOCK_NAME)
 
 def left_out(name: str) -> bool:
     """Files a kept record leaves out: checkpoints (also a damaged one set aside), locks, temp files."""
-    return name.endswith((".pt", ".pt.corrupt", ".lock")) or (name.startswith(".") and ".tmp" in name)
+    held = name.endswith((".pt", ".pt.corrupt", ".lock", ".lock.takeover"))
+    return held or (name.startswith(".") and ".tmp" in name)
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -91,7 +92,7 @@ def conflict(src: Path, dest: Path) -> str | None:
     if (dest / SUMMARY).is_file() and (dest / SUMMARY).read_bytes() == (src / SUMMARY).read_bytes():
         return None
     names = sorted(p.name for p in dest.iterdir() if p.name != LOCK)
-    held = [n for n in names if n.endswith((".pt", ".pt.corrupt", ".lock"))]
+    held = [n for n in names if n.endswith((".pt", ".pt.corrupt", ".lock", ".lock.takeover"))]
     if held:
         return f"it holds {', '.join(held)} (a run there)"
     for name in (CONFIG, SUMMARY):
@@ -103,7 +104,9 @@ def conflict(src: Path, dest: Path) -> str | None:
 def copy_cell(cell: Path, dest: Path, dry_run: bool) -> tuple[str, str]:
     """``(outcome, detail)``: outcome "copied", "same" or "refused". Under the destination cell's lock,
     so a ``compare`` that would start the cell there waits, or holds it and the cell is refused."""
-    if dry_run:
+    if (dest / LOCK).exists() and not lock_is_stale(dest / LOCK):  # a compare runs the cell there
+        return "refused", f"a process holds its {LOCK} ({describe_owner(dest / LOCK)})"
+    if dry_run or (dest.exists() and not dest.is_dir()):
         why = conflict(cell, dest)
         return ("refused", why) if why else ("same" if (dest / SUMMARY).is_file() else "copied", "")
     dest.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -497,6 +500,19 @@ def test_kept_cells_are_copied_without_checkpoints_and_reused_where_restored(cor
     with pytest.raises(SystemExit):
         keep.main([str(out), str(out / "kept")])
     assert "must not be one folder or hold one another" in capsys.readouterr().err
+    # a destination cell whose compare runs it now is refused, in a dry run too
+    (fresh / seed0 / "summary.json").write_bytes((out / seed0 / "summary.json").read_bytes())
+    live = tmp_path / "live"
+    (live / seed0).mkdir(parents=True)
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (live / seed0 / "cell.lock").write_text(f"{runner.pid} {socket.gethostname()}\n")
+        for extra in ([], ["--dry-run"]):
+            assert keep.main([str(fresh), str(live), *extra]) == 1
+            assert f"refused: {seed0}: a process holds its cell.lock" in capsys.readouterr().err
+    finally:
+        runner.kill()
+        runner.wait()
     assert not (out / seed1 / "summary.json").exists()
 
 

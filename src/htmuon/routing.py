@@ -612,9 +612,10 @@ def _check_l2_flag(parts: list[dict[str, Any]], where: str, default_wd: Any) -> 
         if part.get("decoupled_weight_decay") is not False:
             continue
         wd = part.get("weight_decay", default_wd)
-        if not (isinstance(wd, numbers.Real) and wd == 0):
+        # (a weight_decay that is no number is left to the group check's own message)
+        if isinstance(wd, numbers.Real) and not isinstance(wd, bool) and wd != 0:
+            half = f"its {part['algorithm']} part's" if part.get("algorithm") else "its"
             raise ValueError(
-                f"decoupled_weight_decay=False{where} (its {part.get('algorithm', '')} part's weight_decay "
-                f"{wd!r}): HTMuon's weight decay is decoupled (AdamW's), not Adam's L2 penalty; remove the "
-                "key (it would be silently ignored)"
+                f"decoupled_weight_decay=False{where} ({half} weight_decay {wd!r}): HTMuon's weight decay "
+                "is decoupled (AdamW's), not Adam's L2 penalty; remove the key (it would be silently ignored)"
             )
