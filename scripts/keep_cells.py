@@ -39,12 +39,20 @@ from htmuon.train.loop import read_json, read_metrics
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 LOCK = "cell.lock"  # compare's lock of a cell (htmuon.train.compare.LOCK_NAME)
+#: Files of a run itself, never in a record: checkpoints (also a damaged one set aside) and locks (also
+#: a lock takeover's leftover). In a destination cell they mean a run there.
+RUN_SUFFIXES = (".pt", ".pt.corrupt", ".lock", ".lock.takeover")
 
 
 def left_out(name: str) -> bool:
-    """Files a kept record leaves out: checkpoints (also a damaged one set aside), locks, temp files."""
-    held = name.endswith((".pt", ".pt.corrupt", ".lock", ".lock.takeover"))
-    return held or (name.startswith(".") and ".tmp" in name)
+    """Files a kept record leaves out: the run's own (:data:`RUN_SUFFIXES`) and temp files."""
+    return name.endswith(RUN_SUFFIXES) or (name.startswith(".") and ".tmp" in name)
+
+
+def record_files(cell: Path) -> list[Path]:
+    """The files of ``cell``'s record, ``summary.json`` last (it makes a copy a finished cell)."""
+    files = [p for p in sorted(cell.iterdir()) if p.is_file() and not left_out(p.name)]
+    return sorted(files, key=lambda p: p.name == SUMMARY)
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -92,7 +100,7 @@ def conflict(src: Path, dest: Path) -> str | None:
     if (dest / SUMMARY).is_file() and (dest / SUMMARY).read_bytes() == (src / SUMMARY).read_bytes():
         return None
     names = sorted(p.name for p in dest.iterdir() if p.name != LOCK)
-    held = [n for n in names if n.endswith((".pt", ".pt.corrupt", ".lock", ".lock.takeover"))]
+    held = [n for n in names if n.endswith(RUN_SUFFIXES)]
     if held:
         return f"it holds {', '.join(held)} (a run there)"
     for name in (CONFIG, SUMMARY):
@@ -118,9 +126,7 @@ def copy_cell(cell: Path, dest: Path, dry_run: bool) -> tuple[str, str]:
             return "refused", why
         if (dest / SUMMARY).is_file():
             return "same", ""
-        files = [p for p in sorted(cell.iterdir()) if p.is_file() and not left_out(p.name)]
-        files.sort(key=lambda p: p.name == SUMMARY)  # summary.json last: it makes the cell finished
-        for p in files:
+        for p in record_files(cell):
             atomic_write_bytes(dest / p.name, p.read_bytes())
         return "copied", ""
     finally:
@@ -148,7 +154,7 @@ def keep(src_root: Path, dest_root: Path, dry_run: bool = False) -> int:
         if outcome == "refused":
             print(f"refused: {rel}: {detail}; not copied", file=sys.stderr)
         elif outcome == "copied":
-            files = [p for p in cell.iterdir() if p.is_file() and not left_out(p.name)]
+            files = record_files(cell)
             size = sum(p.stat().st_size for p in files)
             print(f"{'would copy' if dry_run else 'copied'}: {rel} ({len(files)} files, {size / 1e3:.0f} kB)")
     print(

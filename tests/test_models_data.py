@@ -782,16 +782,15 @@ def test_a_val_fraction_above_one_half_is_refused(corpus_file):
 # ----------------------------------------------------------------------------- splits and sampling
 
 
-def test_holdout_period_is_the_nearest_integer_to_one_over_val_fraction():
+def test_holdout_period_is_the_nearest_integer_to_one_over_val_fraction(tmp_path):
     """Every round(1 / val_fraction)-th chunk is held out: 0.15 -> every 7th (held out 1/7 = 0.143),
     not every 6th (0.167, truncating 6.67)."""
-    from htmuon.train.data import split_documents
-
     doc = ("a" * 8191 + "\n") * 70  # 70 chunks of CHUNK_CHARS = 8192 characters
     assert len(chunk_document(doc)) == 70
+    (tmp_path / "doc.txt").write_text(doc)
     for fraction, held in ((0.15, 10), (0.3, 23), (0.1, 7), (0.5, 35)):
-        train, val = split_documents([doc], fraction)
-        assert sum(map(len, val)) == held and sum(map(len, train)) == 70 - held, fraction
+        s = text_splits(str(tmp_path / "doc.txt"), fraction)
+        assert sum(map(len, s.val)) == held and sum(map(len, s.train)) == 70 - held, fraction
 
 
 def test_block_sampler_draws_a_new_order_each_epoch_and_resumes_in_any_epoch():

@@ -30,7 +30,6 @@ from htmuon.train.data import (  # noqa: E402
     builtin_corpus_path,
     chunk_document,
     load_image_data,
-    split_documents,
     text_splits,
 )
 from htmuon.train.loop import lr_factor, read_metrics, train  # noqa: E402
@@ -71,11 +70,12 @@ def test_split_is_deterministic_disjoint_and_sized():
     assert not val_chunks & {c for d in a.train for c in d}
 
 
-def test_chunking_keeps_text_and_splits_every_kth():
+def test_chunking_keeps_text_and_splits_every_kth(tmp_path):
     doc = "".join(f"line {i}\n" for i in range(5000))
     chunks = chunk_document(doc, 100)
     assert "".join(chunks) == doc and all(c.endswith("\n") for c in chunks)
-    train, val = split_documents([doc], 0.25)
+    (tmp_path / "doc.txt").write_text(doc)
+    val = text_splits(str(tmp_path / "doc.txt"), 0.25).val
     assert len(val[0]) == len(chunk_document(doc)) // 4
 
 

@@ -87,36 +87,6 @@ def _holdout_period(val_fraction: float) -> int:
     return round(1.0 / val_fraction)
 
 
-def split_documents(docs: list[str], val_fraction: float) -> tuple[list[list[str]], list[list[str]]]:
-    """Deterministic split: every k-th chunk (k = round(1/val_fraction)) goes to validation.
-
-    Returns (train, val) as lists of documents, each a list of chunks (chunks of one
-    document stay in order and are joined without a document separator).
-    """
-    k = _holdout_period(val_fraction)
-    train: list[list[str]] = []
-    val: list[list[str]] = []
-    i = 0
-    for doc in docs:
-        tr, va = [], []
-        for chunk in chunk_document(doc):
-            (va if i % k == k - 1 else tr).append(chunk)
-            i += 1
-        if tr:
-            train.append(tr)
-        if va:
-            val.append(va)
-    if not val:
-        # fewer than k chunks: hold out the last one
-        last = train[-1].pop()
-        val.append([last])
-        if not train[-1]:
-            train.pop()
-    if not train:
-        raise UserError("the corpus is too small to split into train and validation")
-    return train, val
-
-
 @dataclass
 class TextSplits:
     train: list[list[str]]  # documents, each a list of chunks
@@ -510,7 +480,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------- streaming LM data
 #
 # The LM data path of the loop: a text source is read document by document (a large text file in
-# blocks), cut into CHUNK_CHARS chunks (the split rule of split_documents), tokenised in batches of
+# blocks), cut into CHUNK_CHARS chunks (split by stream_split's rule), tokenised in batches of
 # chunks and appended to train.bin / val.bin (uint16, or uint32 for vocabularies over 65535) in a
 # temporary folder that is renamed into the cache when complete; training then samples windows of
 # np.memmap views of those files. Neither the corpus nor its tokens are held in memory.
@@ -792,9 +762,9 @@ def _iter_hf_documents(source: str, text_field: str, max_docs: int):
 
 
 def stream_split(docs, val_fraction: float, n_chunks_below_k: int | None):
-    """``(split, chunks)`` with each chunk's split decided: the rule of :func:`split_documents`
-    (every k-th chunk of the corpus, k = round(1/val_fraction), to validation; with fewer than k
-    chunks in all, the last one). ``n_chunks_below_k``: the corpus's chunk count when below k, else
+    """``(split, chunks)`` with each chunk's split decided: every k-th chunk of the corpus, k =
+    round(1/val_fraction) (:func:`_holdout_period`), to validation; with fewer than k chunks in all,
+    the last one. ``n_chunks_below_k``: the corpus's chunk count when below k, else
     None. Yields ``(split, chunk)`` and ``(split, None)`` at the end of a document's part in a split."""
     k = _holdout_period(val_fraction)
     i = 0
