@@ -823,6 +823,22 @@ def test_a_tied_matrix_is_one_layer_in_every_form(tmp_path):
         assert sorted(analyze(form).alphas) == ["blocks.0", "blocks.1"], form
 
 
+def test_a_tied_head_selected_alone_is_analysed_and_a_left_out_one_is_named(tmp_path):
+    """The ``layers`` filter picks among the layers as named, before ties are resolved: selecting the
+    tied LM head alone analyses it (from a module and a state_dict as from a file), and where the head
+    is left out as the embedding's twin the report's notes say so in every form."""
+    emb = nn.Embedding(120, 40)
+    model = nn.ModuleDict({"embed": emb, "mid": nn.Linear(40, 40), "head": nn.Linear(40, 120, bias=False)})
+    model["head"].weight = emb.weight  # tied
+    torch.save(model.state_dict(), tmp_path / "tied.pt")
+    want = analyze(emb.weight.detach().clone()).rows[0]["alpha"]
+    for form in (model, model.state_dict(), tmp_path / "tied.pt"):
+        head = analyze(form, layers="head")
+        assert list(head.alphas) == ["head"] and head.alphas["head"] == pytest.approx(want), form
+        notes = analyze(form).meta.get("notes", [])
+        assert any(n.startswith("head: the same tensor as embed") for n in notes), (form, notes)
+
+
 def test_float8_weights_and_a_file_of_one_tensor(tmp_path):
     w = torch.randn(64, 32)
     want = analyze(w.to(torch.float8_e4m3fn).float()).rows[0]["alpha"]

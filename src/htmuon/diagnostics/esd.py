@@ -330,20 +330,22 @@ def _state_dict_cands(items: Iterable[tuple[str, Tensor | TensorMeta]]) -> list[
     return cands
 
 
-def _untied(cands: list[_Cand]) -> list[_Cand]:
+def _untied(cands: list[_Cand]) -> tuple[list[_Cand], list[str]]:
     """One candidate per weight: a tied matrix (an LM head sharing the embedding's tensor) is one layer,
-    under its first name, as a checkpoint that stores it once (``save_pretrained``) gives it."""
-    seen: set[tuple] = set()
-    out = []
+    under its first selected name, as a checkpoint that stores it once (``save_pretrained``) gives it;
+    returns the candidates kept and a note per candidate left out (as :func:`_drop_tied`)."""
+    seen: dict[tuple, str] = {}
+    out, notes = [], []
     for cand in cands:
         w = cand[2]
         if isinstance(w, Tensor) and _plain_tensor(w) and w.numel():
             key = _storage_view(w)
             if key in seen:
+                notes.append(f"{cand[0]}: the same tensor as {seen[key]} (tied), analysed once")
                 continue
-            seen.add(key)
+            seen[key] = cand[0]
         out.append(cand)
-    return out
+    return out, notes
 
 
 def _unwrapped(cands: list[_Cand]) -> list[_Cand]:
@@ -418,7 +420,7 @@ def _collect(obj: Any) -> tuple[list[_Cand], str]:
             w = getattr(m, "weight", None)
             w = _replicated_local(w) if isinstance(w, Tensor) else None
             cands.append((name or type(m).__name__, kind, w, ""))
-        return _unwrapped(_untied(cands)), f"model {type(obj).__name__}"
+        return _unwrapped(cands), f"model {type(obj).__name__}"
     if isinstance(obj, Tensor):
         _check_tensor_arg(obj)
         return [("tensor", _shape_kind(obj), _replicated_local(obj), "")], "tensor"
@@ -428,7 +430,7 @@ def _collect(obj: Any) -> tuple[list[_Cand], str]:
         items = [(k, _replicated_local(t)) for k, t in obj.items() if isinstance(t, Tensor)]
         names, _ = _strip_prefixes([str(k) for k, _ in items], lightning=False)
         items = [(n, t) for n, (_, t) in zip(names, items)]
-        return _untied(_state_dict_cands(items)), "state_dict"
+        return _state_dict_cands(items), "state_dict"
     raise TypeError(
         "analyze() takes an nn.Module, a state_dict, a checkpoint path or Checkpoint, or a tensor, "
         f"got {type(obj).__name__}"
@@ -835,9 +837,9 @@ def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, co
 
     todo: list[_Layer] = []
     skipped: list[tuple[str, str]] = []
-    for name, kind, w, key in cands:
-        if not keep(name):
-            continue
+    # a tied matrix is one layer among those selected (the filter may select the head alone)
+    selected, tied = _untied([c for c in cands if keep(c[0])])
+    for name, kind, w, key in selected:
         if w is None:
             skipped.append((name, "no weight"))
             continue
@@ -867,7 +869,8 @@ def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, co
         why = "; ".join(f"{n}: {r}" for n, r in skipped) or "no layer matched the `layers` filter"
         raise ValueError(f"nothing to analyze in the {what}: every candidate layer was skipped ({why})")
 
-    todo, tied = _drop_tied(todo, source)
+    todo, dropped = _drop_tied(todo, source)
+    tied += dropped
     budget = _STREAM_BATCH_ELEMS if source is not None else _BATCH_ELEMS
     # a DCP checkpoint writes a tied embedding / head under both names and keeps no sign of the
     # sharing: such a pair with the same bytes is taken as one tied matrix (below)
