@@ -388,6 +388,18 @@ def test_full_model_pickle_needs_allow_pickle(tmp_path):
     assert rep.alphas == ref.alphas and rep.rows[0]["kind"] == "embedding"  # the module's kinds
 
 
+def test_a_model_pickled_under_a_state_dict_key_needs_allow_pickle(tmp_path):
+    """``torch.save({"model": model, "epoch": 3})`` (a common training-loop checkpoint): the error names
+    the pickled object under 'model' and the way to load it, not 'no dict with one under model'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    torch.save({"model": model, "epoch": 3}, tmp_path / "run.pt")
+    with pytest.raises(ValueError, match=r"run\.pt.*Sequential object under 'model'.*allow_pickle=True"):
+        open_checkpoint(tmp_path / "run.pt")
+    with open_checkpoint(tmp_path / "run.pt", allow_pickle=True) as ck:
+        assert analyze(ck).alphas == analyze(model).alphas
+
+
 # ----------------------------------------------------------------------------- bounded memory
 
 

@@ -528,10 +528,16 @@ class _TorchCheckpoint(Checkpoint):
             return {}, placeholders, sd
         if sd is None:
             what = type(obj).__name__
-            if isinstance(obj, _Opaque):
+            # a pickled model, or one under a state_dict key ({"model": model, "epoch": ...})
+            held = obj if isinstance(obj, Mapping) else {}
+            pickled = [k for k in STATE_DICT_KEYS if isinstance(held.get(k), _Opaque)]
+            if isinstance(obj, _Opaque) or pickled:
+                what = obj if isinstance(obj, _Opaque) else obj[pickled[0]]
+                under = f" under {pickled[0]!r}" if pickled else ""
                 raise ValueError(
-                    f"{file!r} pickles a {obj.qualname} object, not a state_dict; loading it would execute "
-                    "code from the file: if you trust it, pass allow_pickle=True (htmuon esd --allow-pickle)"
+                    f"{file!r} pickles a {what.qualname} object{under}, not a state_dict; loading it would "
+                    "execute code from the file: if you trust it, pass allow_pickle=True (htmuon esd "
+                    "--allow-pickle)"
                 )
             if isinstance(obj, Mapping) and {"state", "param_groups"} <= set(obj):
                 what = "dict with keys 'state', 'param_groups' (an optimizer's state_dict: no model weights)"
