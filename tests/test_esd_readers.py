@@ -567,6 +567,29 @@ def test_unwritable_outputs_are_one_line_errors_before_the_analysis(tmp_path, ca
             assert err.strip().count("\n") == 0 and flag in err and str(out_path) in err and why in err
 
 
+def test_a_missing_optional_package_is_a_one_line_error_before_the_analysis(tmp_path, capsys, monkeypatch):
+    """Without safetensors (``pip install htmuon`` alone) a safetensors target is a one-line error, not an
+    ImportError traceback; without matplotlib, --plot is refused before the analysis, not after it."""
+    import importlib.util
+    import sys
+
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.randn(48, 32)}, tmp_path / "model.safetensors")
+    torch.save(nn.Linear(32, 48).state_dict(), tmp_path / "w.pt")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors -> ImportError
+    rc, out, err = run_cli([tmp_path / "model.safetensors"], capsys)
+    assert rc == 2 and out == "" and err.strip().count("\n") == 0 and "pip install htmuon[checkpoints]" in err
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    monkeypatch.setattr(esd, "analyze", lambda *a, **k: pytest.fail("analysed before refusing --plot"))
+    rc, out, err = run_cli([tmp_path / "w.pt", "--plot", tmp_path / "a.png"], capsys)
+    assert rc == 2 and out == "" and "--plot needs matplotlib" in err and err.strip().count("\n") == 0
+
+
 def test_write_failures_after_the_analysis_are_one_line_errors(tmp_path, capsys, monkeypatch):
     """Disk full / read-only while writing (after the up-front check passed): one line naming the path."""
     import errno

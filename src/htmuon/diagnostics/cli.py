@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -82,7 +83,7 @@ def _load_target(target: str, allow_pickle: bool = False):
     if os.path.exists(target):
         try:
             return open_checkpoint(target, allow_pickle=allow_pickle)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, ImportError) as e:  # ImportError: safetensors not installed
             raise UserError(str(e)) from e
     if _is_factory(target):
         mod_name, _, attr = target.partition(":")
@@ -214,6 +215,8 @@ def main(args: argparse.Namespace) -> int:
     for path, flag in ((args.csv, "--csv"), (args.plot, "--plot")):
         if path:
             _check_output(path, flag)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the analysis, not after it
+        raise UserError("--plot needs matplotlib: pip install htmuon[plot]")
 
     reports = {}
     for target, label in zip(targets, labels):
