@@ -145,3 +145,26 @@ def test_plot_esd_draws_the_layers_own_fit(tmp_path, monkeypatch):
     plot_esd(Q, tmp_path / "q.png")
     lines, title = seen[1]
     assert lines == [] and "degenerate ESD" in title
+
+
+def test_a_numpy_matrix_is_plotted_as_a_matrix_not_as_eigenvalues(tmp_path, monkeypatch):
+    """A weight or update given as a numpy array gets its own ESD / singular values, as the same tensor
+    does (its entries were taken as the eigenvalues or singular values, silently)."""
+    from htmuon.diagnostics import plots
+
+    seen = []
+    real_save = plots._save
+
+    def save(fig, path):
+        seen.append([list(ln.get_ydata()) for ln in fig.axes[0].lines] + [fig.axes[0].get_title()])
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 100, generator=g, dtype=torch.float64)
+    plot_esd(W, tmp_path / "t.png")
+    plot_esd(W.numpy(), tmp_path / "n.png")
+    assert seen[0] == seen[1]  # the same fitted line and title ("tail k of 100"), not of 30000 entries
+    plot_update_spectra({"U": W}, tmp_path / "ut.png")
+    plot_update_spectra({"U": W.numpy()}, tmp_path / "un.png")
+    assert seen[2] == seen[3] and len(seen[3][0]) == 100

@@ -134,8 +134,8 @@ def plot_esd(
     """Log-log histogram of an ESD with the fitted power law and ``xmin``.
 
     Args:
-        matrix_or_eigs: a weight tensor (2-D, 3-D conv1d or 4-D conv2d; its eigenvalues are taken as
-            in :func:`~htmuon.diagnostics.analyze`), or a 1-D array of eigenvalues ``lambda = s^2``.
+        matrix_or_eigs: a weight (a tensor or array: 2-D, 3-D conv1d or 4-D conv2d; its eigenvalues are
+            taken as in :func:`~htmuon.diagnostics.analyze`), or a 1-D array of eigenvalues ``lambda = s^2``.
         path: PNG file to write.
         fit: the xmin rule (``"ks"``, ``"median"``, ``"fix-finger"``).
         bins: number of log-spaced histogram bins.
@@ -146,7 +146,9 @@ def plot_esd(
         ``path``.
     """
     shape: dict = {}  # a weight's own precision and size for the degenerate-tail rule (fit_powerlaw)
-    if isinstance(matrix_or_eigs, Tensor) and matrix_or_eigs.ndim >= 2:
+    if not isinstance(matrix_or_eigs, Tensor):  # a numpy matrix is a matrix, not eigenvalues
+        matrix_or_eigs = torch.as_tensor(matrix_or_eigs)
+    if matrix_or_eigs.ndim >= 2:
         evals = layer_eigenvalues(matrix_or_eigs)
         # (the larger side of each slice analyze takes: out x in for linear and conv weights alike)
         shape = dict(N=max(matrix_or_eigs.shape[:2]), weight_dtype=matrix_or_eigs.dtype)
@@ -208,7 +210,7 @@ def plot_update_spectra(
 
     Args:
         spectra: ``{label: singular values}`` (1-D, any order) or ``{label: update matrix}``
-            (2-D; its singular values are computed), e.g. ``{"Muon, step 100": U1, ...}``.
+            (2-D, a tensor or array; its singular values are computed), e.g. ``{"Muon, step 100": U1}``.
         path: PNG file to write.
         normalize: divide each spectrum by its largest value.
         title: figure title.
@@ -221,9 +223,10 @@ def plot_update_spectra(
     fig = _new_figure(6.0, 4.5)
     ax = fig.add_subplot()
     for k, (label, v) in enumerate(spectra.items()):
-        if isinstance(v, Tensor) and v.ndim == 2:
+        v = v if isinstance(v, Tensor) else torch.as_tensor(v)  # a numpy matrix is a matrix too
+        if v.ndim == 2:
             v = torch.linalg.svdvals(v.detach().to("cpu", torch.float64))
-        elif isinstance(v, Tensor) and v.ndim > 2:
+        elif v.ndim > 2:
             raise ValueError(
                 f"spectra[{label!r}] has shape {tuple(v.shape)}; expected singular values or a matrix"
             )
