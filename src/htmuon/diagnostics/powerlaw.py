@@ -15,7 +15,8 @@ and measures the fit by the Kolmogorov--Smirnov distance between the fitted tail
     the smallest KS distance wins (first one on ties). With fewer than :data:`SMALL_N_CUTOFF`
     eigenvalues WeightWatcher 0.7.7 switches to a small-sample rule, reproduced here: only tails
     of at least :data:`SMALL_N_MIN_TAIL` eigenvalues are candidates, ``alpha`` gets the ``n - 1``
-    bias correction, and the winner minimises ``D - 0.868 / sqrt(n)`` instead of ``D``.
+    bias correction, and the smallest ``D`` wins (WeightWatcher's small-sample code ranks by
+    ``D - 0.868 / sqrt(n)``, but its constructor re-selects by ``D``, and that is what it reports).
 ``"median"``
     The HTMuon paper's estimator default (``xmin_mid``): ``xmin`` is the eigenvalue at index
     ``N // 2`` of the sorted ESD, i.e. the tail is the upper half. Gives markedly lower alphas
