@@ -532,10 +532,10 @@ class _TorchCheckpoint(Checkpoint):
             held = obj if isinstance(obj, Mapping) else {}
             pickled = [k for k in STATE_DICT_KEYS if isinstance(held.get(k), _Opaque)]
             if isinstance(obj, _Opaque) or pickled:
-                what = obj if isinstance(obj, _Opaque) else obj[pickled[0]]
+                opaque = obj if isinstance(obj, _Opaque) else obj[pickled[0]]
                 under = f" under {pickled[0]!r}" if pickled else ""
                 raise ValueError(
-                    f"{file!r} pickles a {what.qualname} object{under}, not a state_dict; loading it would "
+                    f"{file!r} pickles a {opaque.qualname} object{under}, not a state_dict; loading it would "
                     "execute code from the file: if you trust it, pass allow_pickle=True (htmuon esd "
                     "--allow-pickle)"
                 )
