@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--matmul", action="store_true", help="only time fp32 vs bf16 matmuls")
     parser.add_argument("--batched", action="store_true", help="only time bmm vs per-matrix mm Gram matrices")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(header(describe()) + f", median of {args.repeats}")
@@ -82,7 +84,7 @@ def main() -> None:
                 dt: (torch.randn(m, m, dtype=dt), torch.randn(m, n, dtype=dt))
                 for dt in (torch.float32, torch.bfloat16)
             }
-            t = timed({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in ops.items()}, max(1, args.repeats // 2))
+            t = timed({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in ops.items()}, args.repeats)
             f32, b16 = t[torch.float32], t[torch.bfloat16]
             print(f"| {m}x{m} @ {m}x{n} | {1e3 * f32:.2f} | {1e3 * b16:.2f} | {b16 / f32:.2f}x |", flush=True)
         return

@@ -647,6 +647,25 @@ def test_shape_cost_batched_prints_one_row_per_shape_and_dtype(monkeypatch, caps
     assert row == "| 4x8x8 | bfloat16 | 4.00 | 1.00 | 0.25x |"
 
 
+def test_shape_cost_matmul_takes_the_median_of_the_repeats_its_header_names(monkeypatch, capsys):
+    """``shape_cost.py --matmul --repeats 5`` printed "median of 5" over 2 repeats (``repeats // 2``):
+    results/matmul_s*.txt and BENCHMARKS.md §4 named a statistic the run did not take."""
+    import importlib
+
+    shape_cost = importlib.import_module("shape_cost")
+    asked = []
+
+    def fake_timed(fns, repeats):
+        asked.append(repeats)
+        return {k: 1e-3 for k in fns}
+
+    monkeypatch.setattr(shape_cost, "timed", fake_timed)
+    monkeypatch.setattr("sys.argv", ["shape_cost.py", "--matmul", "--repeats", "5", "--threads", "0"])
+    shape_cost.main()
+    assert capsys.readouterr().out.splitlines()[0].endswith(", median of 5")
+    assert asked == [5, 5, 5]
+
+
 def test_every_benchmark_that_reads_a_clock_names_the_machine():
     """BENCHMARKS.md §0: every benchmark prints the CPU model and its matmul ISA (machine.header);
     esd_speed, fast_speed, dist_step, data_stream and esd_memory printed timings without them."""
