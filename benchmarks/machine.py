@@ -88,7 +88,24 @@ def describe(device: str = "cpu", cpuinfo: str = "/proc/cpuinfo") -> dict:
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    info.update(auto_choice(device))
     return info
+
+
+def auto_choice(device: str = "cpu") -> dict:
+    """What HTMuon's ``method="auto"`` / ``ns_dtype="auto"`` run on ``device`` (``{"auto": "fast,
+    bfloat16"}``), and the ``HTMUON_CPU_BF16`` override where it is set: the ISA alone does not say
+    which path a run measured (with ``HTMUON_CPU_BF16=0`` an AVX-512-BF16 CPU runs the AVX2 path).
+    Empty where htmuon is not importable."""
+    try:
+        from htmuon.spectral import CPU_BF16_ENV, decide, device_capability
+    except ImportError:
+        return {}
+    method, dtype = decide(device_capability(device))
+    out = {"auto": f"{method}, {str(dtype).removeprefix('torch.')}"}
+    if os.environ.get(CPU_BF16_ENV) is not None:
+        out["override"] = f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]}"
+    return out
 
 
 def header(info: dict) -> str:
@@ -97,10 +114,13 @@ def header(info: dict) -> str:
     load_s = f", load average {load[0]:.1f}" if load else ""
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     ident = f", {info['cpu_id']}" if info.get("cpu_id") else ""
+    auto = f", HTMuon auto: {info['auto']}" if info.get("auto") else ""
+    if info.get("override"):
+        auto += f" ({info['override']})"
     return (
         f"# CPU {info['cpu']} ({info['cores']} cores{ident}), matmul ISA {info['isa']} "
         f"(torch capability {info['torch_cpu_capability']}){gpu}, torch {info['torch']}, "
-        f"{info['threads']} thread(s){load_s}"
+        f"{info['threads']} thread(s){auto}{load_s}"
     )
 
 

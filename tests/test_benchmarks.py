@@ -78,6 +78,21 @@ def test_describe_and_header_name_the_machine(tmp_path):
     assert missing["isa"] == "other" and missing["cpu"]
 
 
+@pytest.mark.parametrize("override, auto", [("0", "eigh, float32"), ("1", "fast, bfloat16")])
+def test_describe_names_what_auto_runs_and_the_cpu_bf16_override(tmp_path, monkeypatch, override, auto):
+    """With ``HTMUON_CPU_BF16=0`` an AVX-512-BF16 CPU runs the AVX2 path (BENCHMARKS.md §A-13's
+    results/memory_s33_zen5_fp32path*.json): the header and the JSON named the ISA only, as if the
+    default path had run."""
+    f = tmp_path / "cpuinfo"
+    f.write_text(CPUINFO)
+    monkeypatch.setenv("HTMUON_CPU_BF16", override)
+    info = machine.describe("cpu", cpuinfo=str(f))
+    assert info["auto"] == auto and info["override"] == f"HTMUON_CPU_BF16={override}"
+    assert f"HTMuon auto: {auto} (HTMUON_CPU_BF16={override})" in machine.header(info)
+    monkeypatch.delenv("HTMUON_CPU_BF16")
+    assert "override" not in machine.describe("cpu", cpuinfo=str(f))
+
+
 def test_allocation_peak_is_the_running_maximum_in_time_order():
     events = [(3, -100), (1, 100), (2, 50), (4, 30)]  # out of order on purpose
     assert memory.allocation_peak(events) == (150, 80)
