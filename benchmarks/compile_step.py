@@ -7,7 +7,9 @@ Builds ``--blocks`` transformer blocks of the model's hidden matrices (q, k, v, 
 i x h; down: h x i) plus a norm gain per block (the AdamW part), gives them fixed random gradients,
 and times ``opt.step()`` eagerly and compiled (inductor, ``fullgraph=True``), interleaved with
 ``torch.optim.Muon``'s eager step on the same shapes (the reference: every time is also given as a
-ratio to it), after a warm-up that covers the compilation (reported separately). Prints the median
+ratio to it; the order of the three rotates each round; lr 0.02 and weight decay 0.1 on both sides:
+torch.optim.Muon decays its parameters even at ``weight_decay=0``, where HTMuon skips the pass), after
+a warm-up that covers the compilation (reported separately). Wall time (``time.perf_counter``). Prints the median
 step times, their ratios, the compile time, the number of graphs compiled and the largest
 difference between the compiled and the eager parameters; ``--json`` writes them with the machine
 (CPU model, matmul ISA). One thread by default (``--threads``). ``--profile N`` also profiles N more
@@ -32,6 +34,7 @@ from htmuon import HTMuon  # noqa: E402
 from machine import describe, header, require_torch_muon, write_json  # noqa: E402
 
 MODELS = {"60m": (512, 1376), "135m": (768, 2048)}
+LR, WEIGHT_DECAY = 0.02, 0.1  # both sides (step_cost.py's)
 
 #: The operators that are matrix products (their own time: ``matmul`` only dispatches to them).
 MATMUL_OPS = frozenset(
@@ -72,6 +75,31 @@ def build(h: int, i: int, blocks: int, seed: int = 0) -> list[nn.Parameter]:
     return params
 
 
+def optimizers(kw: dict, h: int, i: int, blocks: int):
+    """``(reference, eager, to_compile, eager_params, compiled_params)``: torch.optim.Muon on the
+    hidden matrices of ``blocks`` blocks, and two HTMuon(``kw``) on the same blocks with their norm
+    gains, at the same lr and weight decay."""
+    eager_params, comp_params = build(h, i, blocks), build(h, i, blocks)
+    ref_params = [p for p in build(h, i, blocks) if p.ndim == 2]
+    ref = torch.optim.Muon(ref_params, lr=LR, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw")
+    eager = HTMuon(eager_params, lr=LR, weight_decay=WEIGHT_DECAY, **kw)
+    opt = HTMuon(comp_params, lr=LR, weight_decay=WEIGHT_DECAY, **kw)
+    return ref, eager, opt, eager_params, comp_params
+
+
+def time_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of one call of each function per round, the order rotating each round (none of
+    them always runs first, or always right after another)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
 def main() -> None:
     require_torch_muon()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,11 +132,7 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         kw = configs[name]
-        eager_params, comp_params = build(h, i, args.blocks), build(h, i, args.blocks)
-        ref_params = [p for p in build(h, i, args.blocks) if p.ndim == 2]
-        ref = torch.optim.Muon(ref_params, lr=0.02, adjust_lr_fn="match_rms_adamw")
-        eager = HTMuon(eager_params, lr=0.02, **kw)
-        opt = HTMuon(comp_params, lr=0.02, **kw)
+        ref, eager, opt, eager_params, comp_params = optimizers(kw, h, i, args.blocks)
         torch._dynamo.reset()
         from torch._dynamo.utils import counters
 
@@ -121,12 +145,8 @@ def main() -> None:
         eager.step()
         eager.step()
         ref.step()
-        te, tc, tr = [], [], []
-        for _ in range(args.steps):
-            for fn, times in ((ref.step, tr), (eager.step, te), (step, tc)):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
+        times = time_rounds({"muon": ref.step, "eager": eager.step, "compiled": step}, args.steps)
+        tr, te, tc = times["muon"], times["eager"], times["compiled"]
         diff = max((a - b).abs().max().item() for a, b in zip(comp_params, eager_params))
         me, mc, mr = statistics.median(te), statistics.median(tc), statistics.median(tr)
         # per-round ratios to the reference, then their median (robust to a noisy host)

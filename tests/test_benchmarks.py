@@ -607,6 +607,23 @@ def test_step_cost_rows_are_the_optimizers_their_labels_name():
     assert got == want
 
 
+@needs_torch_muon
+def test_compile_step_times_both_sides_alike(monkeypatch):
+    """compile_step.py gave torch.optim.Muon its default weight decay (0.1: a decay pass over every
+    matrix, which Muon runs even at 0) and HTMuon none (its default 0: no pass), and always timed
+    Muon first, then eager, then compiled. Now the same lr and decay on both sides and a rotating order."""
+    ref, eager, opt, *_ = compile_step.optimizers({"p": 0.125}, 8, 12, 1)
+    for htmuon in (eager, opt):
+        for group in htmuon.param_groups:
+            assert (group["lr"], group["weight_decay"]) == (ref.defaults["lr"], ref.defaults["weight_decay"])
+    assert ref.defaults["weight_decay"] > 0
+    clock = _FakeClock(monkeypatch, compile_step, cpu={"muon": 1.0, "eager": 2.0, "compiled": 3.0})
+    fns = {key: (lambda key=key: clock.step(key)) for key in ("muon", "eager", "compiled")}
+    times = compile_step.time_rounds(fns, 3)
+    assert times == {"muon": [1.0] * 3, "eager": [2.0] * 3, "compiled": [3.0] * 3}
+    assert clock.calls == ["muon", "eager", "compiled", "eager", "compiled", "muon", "compiled", "muon", "eager"]
+
+
 def test_split_matmul_counts_each_product_once_against_the_rest():
     events = [
         ("aten::mm", 3000.0),
