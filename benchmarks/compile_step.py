@@ -9,8 +9,8 @@ and times ``opt.step()`` eagerly and compiled (inductor, ``fullgraph=True``), in
 ``torch.optim.Muon``'s eager step on the same shapes (the reference: every time is also given as a
 ratio to it; the order of the three rotates each round; lr 0.02 and weight decay 0.1 on both sides:
 torch.optim.Muon decays its parameters even at ``weight_decay=0``, where HTMuon skips the pass), after
-a warm-up that covers the compilation (reported separately). Wall time (``time.perf_counter``). Prints the median
-step times, their ratios, the compile time, the number of graphs compiled and the largest
+a warm-up that covers the compilation (reported separately). Wall time (``time.perf_counter``).
+Prints the median step times, their ratios, the compile time, the number of graphs compiled and the largest
 difference between the compiled and the eager parameters; ``--json`` writes them with the machine
 (CPU model, matmul ISA). One thread by default (``--threads``). ``--profile N`` also profiles N more
 steps of each (torch.profiler, after the timing) and splits a step's operator time into the matrix
