@@ -60,8 +60,8 @@ if [[ $PARTS == *" 1 "* ]]; then
         --budgets 48 128 512 --json "$OUT/chunk_budget_gpu.json" 2>&1
     say "chunk budget: exit $?"
     # operators, kernels and device syncs per step (BENCHMARKS.md §A-8 counted them on a CPU)
-    timeout "${PROFILE_S:-60}" $PY benchmarks/step_profile.py --device "$DEVICE" --model 60m --rows muon p0 default \
-        --steps 3 --python 2>&1 | tee "$OUT/profile_gpu.txt"
+    timeout "${PROFILE_S:-60}" $PY benchmarks/step_profile.py --device "$DEVICE" --threads 0 --model 60m --rows muon p0 \
+        default --steps 3 --python 2>&1 | tee "$OUT/profile_gpu.txt"
     say "profile: exit $?"
 fi
 

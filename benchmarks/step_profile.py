@@ -12,7 +12,7 @@ among them (a sync when the tensor is on the GPU; on CUDA also where in the code
 ``torch.cuda.set_sync_debug_mode``), and the busiest operators; with
 ``--python ROW``, also the Python functions with the most own time in that row's steps (cProfile).
 Same matrices as step_cost.py: every hidden matrix of the LLaMA-60M / 135M model, fp32 parameters,
-Gaussian gradients.
+Gaussian gradients; one torch thread (``--threads``, as step_cost.py; 0: torch's default).
 
 ``--accelerator-paths`` (CPU) runs the steps on the code paths a GPU takes
 (:func:`htmuon.spectral.accelerator_paths`: stacked chunks, batched products, no host reads but the
@@ -90,7 +90,10 @@ def main() -> None:
     ap.add_argument(
         "--accelerator-paths", action="store_true", help="CPU: take the code paths a GPU takes (see above)"
     )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     with accelerator_paths() if args.accelerator_paths else contextlib.nullcontext():
         run(args)
 

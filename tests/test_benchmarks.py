@@ -565,11 +565,40 @@ def test_step_profile_counts_the_accelerator_path_on_cpu(monkeypatch, capsys):
     step_profile = importlib.import_module("step_profile")
     counts = {}
     for flags in ([], ["--accelerator-paths", "--chunk-bytes", "512MiB"]):
-        argv = ["step_profile.py", "--model", "60m", "--layers", "1", "--rows", "p0", "--steps", "1"]
+        argv = [
+            "step_profile.py",
+            "--model",
+            "60m",
+            "--layers",
+            "1",
+            "--rows",
+            "p0",
+            "--steps",
+            "1",
+            "--threads",
+            "0",
+        ]
         monkeypatch.setattr("sys.argv", [*argv, "--python", *flags])
         step_profile.main()
         counts[bool(flags)] = int(re.search(r"(\d+) operators", capsys.readouterr().out).group(1))
     assert 0 < counts[True] < counts[False], counts
+
+
+def test_step_profile_runs_on_one_thread_unless_told(monkeypatch):
+    """step_profile.py left torch's thread count as it found it: BENCHMARKS.md §A-15's command gave
+    1 thread with OMP_NUM_THREADS=1 set and 2 without (§A-12's session-36 profile); its ms per step,
+    compared with step_cost.py's one-thread figures, depended on the shell."""
+    import importlib
+
+    step_profile = importlib.import_module("step_profile")
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(step_profile, "run", lambda args: None)
+    for flags, want in (([], [1]), (["--threads", "0"], []), (["--threads", "3"], [3])):
+        threads.clear()
+        monkeypatch.setattr("sys.argv", ["step_profile.py", *flags])
+        step_profile.main()
+        assert threads == want, flags
 
 
 def test_step_cost_rows_take_a_chunk_budget():
@@ -621,7 +650,17 @@ def test_compile_step_times_both_sides_alike(monkeypatch):
     fns = {key: (lambda key=key: clock.step(key)) for key in ("muon", "eager", "compiled")}
     times = compile_step.time_rounds(fns, 3)
     assert times == {"muon": [1.0] * 3, "eager": [2.0] * 3, "compiled": [3.0] * 3}
-    assert clock.calls == ["muon", "eager", "compiled", "eager", "compiled", "muon", "compiled", "muon", "eager"]
+    assert clock.calls == [
+        "muon",
+        "eager",
+        "compiled",
+        "eager",
+        "compiled",
+        "muon",
+        "compiled",
+        "muon",
+        "eager",
+    ]
 
 
 def test_split_matmul_counts_each_product_once_against_the_rest():
