@@ -36,14 +36,15 @@ def with_spectrum(s: torch.Tensor, m: int, n: int, g: torch.Generator) -> torch.
 
 def cases(m: int, n: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    k = torch.arange(1, m + 1, dtype=torch.float64)
-    half = torch.ones(m // 2, dtype=torch.float64)
+    r = min(m, n)  # singular values of an m x n matrix (a tall shape has n of them)
+    k = torch.arange(1, r + 1, dtype=torch.float64)
+    half = torch.ones(r // 2, dtype=torch.float64)
     return {
-        "log-uniform": with_spectrum(torch.logspace(0, -3, m, dtype=torch.float64), m, n, g),
-        "power-law": with_spectrum(k.pow(-3 / math.log10(m)), m, n, g),
+        "log-uniform": with_spectrum(torch.logspace(0, -3, r, dtype=torch.float64), m, n, g),
+        "power-law": with_spectrum(k.pow(-3 / math.log10(r)), m, n, g),
         "gaussian": torch.randn(m, n, generator=g, dtype=torch.float64),
         "flat+tail": with_spectrum(
-            torch.cat([half, torch.logspace(0, -3, m - m // 2, dtype=torch.float64)]), m, n, g
+            torch.cat([half, torch.logspace(0, -3, r - r // 2, dtype=torch.float64)]), m, n, g
         ),
     }
 

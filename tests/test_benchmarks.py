@@ -800,3 +800,17 @@ def test_fast_accuracy_columns_use_their_own_references(monkeypatch, capsys):
     want = [e(ref16, ref), e(out16, ref16), e(out16, ref), e(muon, fast_accuracy.exact(G, 0.0)) + " |"]
     assert [rows[0][k] for k in (2, 4, 5, 7)] == want, rows[0]
     assert 0.5 < float(rows[0][2].rstrip("%")) < 20  # rounding alone is not zero
+
+
+def test_fast_accuracy_cases_take_tall_shapes():
+    """``fast_accuracy.py --shapes 1376x512`` (the LLaMA gate / up matrices) stopped with a shape error:
+    its spectra had m values, more than a tall matrix has. The wide shapes' matrices are unchanged."""
+    import importlib
+
+    fast_accuracy = importlib.import_module("fast_accuracy")
+    for m, n in ((24, 16), (16, 24)):
+        for name, G in fast_accuracy.cases(m, n, 0).items():
+            s = torch.linalg.svdvals(G)
+            assert G.shape == (m, n) and s.numel() == 16, name
+            if name != "gaussian":
+                assert s.max().item() == pytest.approx(1.0) and s.min().item() == pytest.approx(1e-3), name
