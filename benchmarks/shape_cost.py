@@ -8,7 +8,9 @@
 ``benchmarks/step_cost.py`` times whole ``HTMuon.step()`` calls; this script isolates the spectral
 map: for each batch shape ``BxMxN`` it times ``polar(X)`` (Muon's NS5, float32) and
 ``spectral_power(X, p, method=...)`` for each method, interleaved round-robin in one process
-(``--repeats`` rounds, median kept), and prints the ratio to Muon's time. ``--matmul`` times one
+(``--repeats`` rounds, median kept), and prints the ratio to that float32 NS5's time (HTMuon's own
+``polar``: not torch.optim.Muon, whose NS5 works in bfloat16; ``fast_speed.py`` and ``step_cost.py``
+compare with that). ``--matmul`` times one
 ``(m x m) @ (m x n)`` product in float32 and in bfloat16 on the current device: on AVX2-only CPUs
 bfloat16 is 30-180x slower, on AVX-512-BF16 / AMX CPUs several times faster (the header names the
 CPU's matmul ISA). ``--batched`` times, for each batch shape, the Gram matrices ``X X^T`` as one
@@ -104,7 +106,7 @@ def main() -> None:
                 t = timed({"loop": looped, "bmm": lambda X=X: torch.bmm(X, X.mT)}, args.repeats)
                 print(batched_row(shape, dt, t["loop"], t["bmm"]), flush=True)
         return
-    print("| batch | " + " | ".join(f"{m} ms | {m} x Muon" for m in args.methods) + " | Muon NS5 ms |")
+    print("| batch | " + " | ".join(f"{m} ms | {m} x NS5 fp32" for m in args.methods) + " | NS5 fp32 ms |")
     print("|---|" + "---:|---:|" * len(args.methods) + "---:|")
     for shape in args.shapes:
         B, m, n = (int(v) for v in shape.split("x"))

@@ -737,6 +737,21 @@ def test_shape_cost_matmul_takes_the_median_of_the_repeats_its_header_names(monk
     assert asked == [5, 5, 5]
 
 
+def test_shape_cost_names_its_float32_reference(monkeypatch, capsys):
+    """shape_cost.py's per-shape table divides by HTMuon's own float32 NS5 (``polar``), and its columns
+    said "x Muon": on a bfloat16 CPU torch.optim.Muon's NS5 is 2-8x cheaper than that reference."""
+    import importlib
+
+    shape_cost = importlib.import_module("shape_cost")
+    monkeypatch.setattr(shape_cost, "timed", lambda fns, repeats: {k: 1e-3 for k in fns})
+    monkeypatch.setattr(
+        "sys.argv", ["shape_cost.py", "--shapes", "1x8x12", "--repeats", "1", "--threads", "0"]
+    )
+    shape_cost.main()
+    table = capsys.readouterr().out.splitlines()[1]
+    assert "fast x NS5 fp32" in table and "NS5 fp32 ms" in table and "Muon" not in table, table
+
+
 def test_every_benchmark_that_reads_a_clock_names_the_machine():
     """BENCHMARKS.md §0: every benchmark prints the CPU model and its matmul ISA (machine.header);
     esd_speed, fast_speed, dist_step, data_stream and esd_memory printed timings without them."""
