@@ -51,14 +51,16 @@ MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::ad
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, interleaved round-robin after one warm-up call."""
+    """Median seconds per call of each function, interleaved round-robin after one warm-up call; the
+    order rotates each round (the reference is not always first, nor a variant always after it)."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    keys = list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 

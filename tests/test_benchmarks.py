@@ -776,6 +776,18 @@ def test_fast_speed_prints_the_machine_header_first(monkeypatch, capsys):
     assert first.startswith("# CPU ") and "matmul ISA" in first and torch.__version__ in first
 
 
+def test_fast_speed_rotates_the_order_of_its_calls(monkeypatch):
+    """fast_speed.py timed torch.optim.Muon's NS5 first in every round and each variant in the same
+    place after it (the matrix it had just read still in cache)."""
+    import importlib
+
+    fast_speed = importlib.import_module("fast_speed")
+    clock = _FakeClock(monkeypatch, fast_speed, cpu={"muon": 1.0, "a": 2.0, "b": 4.0})
+    fns = {key: (lambda key=key: clock.step(key)) for key in ("muon", "a", "b")}
+    assert fast_speed.timed(fns, 3) == {"muon": 1.0, "a": 2.0, "b": 4.0}
+    assert clock.calls[3:] == ["muon", "a", "b", "a", "b", "muon", "b", "muon", "a"]  # after 3 warm-ups
+
+
 def test_work_count_refuses_unknown_rows(monkeypatch, capsys):
     """``--rows fast5_typo`` counted torch.optim.Muon's row alone, silently."""
     import importlib
