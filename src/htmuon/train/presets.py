@@ -209,7 +209,7 @@ def _cifar_preset(name: str, title: str) -> RunPreset:
 
 RUN_PRESETS: dict[str, RunPreset] = {
     "quick": RunPreset(
-        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (5-7 min, 2 cores)",
+        "AdamW vs Muon vs HTMuon: LLaMA-tiny on the built-in Shakespeare corpus, 1 seed (3-7 min, 2 cores)",
         _QUICK,
         **_QUICK_TUNING,
     ),
