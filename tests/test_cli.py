@@ -282,6 +282,32 @@ def test_demo_passes_its_options_to_every_run(monkeypatch, capsys):
     assert "2 epochs, seed 3" in capsys.readouterr().out
 
 
+def test_demo_sets_torchs_threads_before_training(monkeypatch, capsys):
+    """--threads defaults to 1 (torch's default thread count made the demo ~10x slower on a busy 2-core
+    machine, and its numbers changed with the count); 0 keeps torch's default, as htmuon train's."""
+    import torch
+
+    import htmuon.demo
+    from htmuon.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).threads == 1
+    events = []
+    result = {"train_loss": 0.5, "test_acc": 0.9, "seconds": 0.0}
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: events.append(("threads", n)))
+    monkeypatch.setattr(htmuon.demo, "run_one", lambda name, *a: events.append(name) or result)
+    assert main(["demo"]) == 0
+    assert events == [("threads", 1), "adamw", "muon", "htmuon"]
+    events.clear()
+    assert main(["demo", "--threads", "3"]) == 0
+    assert events[0] == ("threads", 3)
+    events.clear()
+    assert main(["demo", "--threads", "0"]) == 0
+    assert events == ["adamw", "muon", "htmuon"]  # torch's default, untouched
+    capsys.readouterr()
+    err = one_line_error(capsys, ["demo", "--threads", "-1"], "demo")
+    assert "--threads must be >= 0 (0 = torch's default), got -1" in err
+
+
 def test_demo_runs_muon_as_p0_ns_and_htmuon_as_asked_from_the_seeds_init(monkeypatch):
     """Muon is HTMuon(p=0, method="ns") whatever --method says; HTMuon gets p = 0.125 and --method;
     the model's initialisation and the batches' order follow the seed."""

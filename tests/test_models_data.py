@@ -144,6 +144,16 @@ def test_model_presets_are_known_and_tasked():
     assert build_lm("gpt2-micro", 300, 16).config.n_embd == 32
 
 
+def test_cpu_run_presets_use_one_thread():
+    """Every CPU run preset (smoke included) runs on one torch thread: torch's default on a busy 2-core
+    machine made the smoke preset's seconds-long check ~10x slower (the comment at presets._QUICK)."""
+    from htmuon.train.presets import RUN_PRESETS
+
+    cpu = [name for name, p in RUN_PRESETS.items() if "GPU" not in p.description]
+    assert "smoke" in cpu and "quick" in cpu and "digits" in cpu
+    assert {name: RUN_PRESETS[name].config.get("threads") for name in cpu} == dict.fromkeys(cpu, 1)
+
+
 def test_vit_tokens_and_positions_go_to_adamw():
     """The class token (1x1xd) and position table (1xNxd) are not weight matrices: AdamW part, no decay."""
     model = build_image_model("vit-micro", 1, 10, 8)

@@ -18,6 +18,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="HTMuon spectral backend (default auto: the library's choice for this hardware)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fast on a busy machine, and the numbers do not change with the "
+        "core count; 0 = torch's default, as htmuon train's --threads)",
+    )
 
 
 def load_digits_split(seed: int = 0):
@@ -78,14 +85,23 @@ def main(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     from . import BACKENDS
 
     if args.method not in BACKENDS:  # before any training, not as a traceback from the third run
         raise UserError(f"unknown --method '{args.method}' (choose from {', '.join(BACKENDS)})")
-    from .spectral import resolve_method
+    import torch
 
+    from .spectral import resolve_method
+    from .train.loop import set_threads
+
+    set_threads(args.threads)  # as htmuon train's --threads
     backend = resolve_method(args.method, "power", "cpu")
-    print(f"digits (scikit-learn), MLP 64-256-256-10, {args.epochs} epochs, seed {args.seed}")
+    print(
+        f"digits (scikit-learn), MLP 64-256-256-10, {args.epochs} epochs, seed {args.seed}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"muon: NS5 polar factor; htmuon: method {args.method!r} ({backend} on this CPU)")
     print(f"{'optimizer':<10} {'train loss':>11} {'test acc':>9} {'time':>7}")
     for name in ("adamw", "muon", "htmuon"):

@@ -106,13 +106,13 @@ def train_and_record(cfg, record_steps, layers: int = 3) -> tuple[dict, list[dic
         lr_factor,
         pick_device,
         resolve_config,
+        set_threads,
     )
     from htmuon.train.optimizers import build_optimizer
     from htmuon.train.presets import model_task
 
     cfg = resolve_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device, amp = pick_device(cfg)
     data, model, _ = build_data_and_model(cfg)
     model.to(device).train()

@@ -160,6 +160,12 @@ def resolve_config(
     return cfg
 
 
+def set_threads(threads: int) -> None:
+    """torch's CPU threads, as the ``threads`` config key means: N > 0 sets N, 0 keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
     if cfg.device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -667,8 +673,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
         for stale in stale_temp_files(out):  # left by writes that a kill interrupted
             stale.unlink(missing_ok=True)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     if device.type == "cuda" and par.world > 1:
         device = torch.device("cuda", par.local_rank)
     task = model_task(cfg.model)
