@@ -426,6 +426,42 @@ def test_status_says_a_cell_of_another_config_is_refused_as_the_run_refuses_it(c
         moved.rename(corpus_file)
 
 
+def test_compare_run_again_says_its_finished_cells_are_reused(corpus_file, tmp_path, capsys):
+    """A second call over finished cells printed the same "[1/1] adamw lr=... -> DIR" line as the first
+    and trained nothing, without saying so; the line now says the cell is reused."""
+    out = tmp_path / "g"
+    argv = ["compare", "--optimizers", "adamw", "--data", str(corpus_file), "--out-dir", str(out), *TINY]
+    assert cli_main([*argv, "--no-plots"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[1/1]")]
+    assert "reused" not in line
+    assert cli_main([*argv, "--no-plots"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[1/1]")]
+    assert line.startswith("[1/1] adamw lr=") and line.endswith(" (finished earlier: reused)")
+
+
+def test_a_refused_cell_says_what_to_do(corpus_file, tmp_path, capsys):
+    """A cell whose folder holds a run of another config stopped the command with "...; nothing changed"
+    and no way on; it names one now, as --status does: another --out-dir. Also where run_cells meets it
+    (an edge extension's or a report's cell, not checked before the data is looked for)."""
+    import argparse
+
+    from htmuon.cli import UserError
+    from htmuon.train import compare
+
+    out = tmp_path / "g"
+    argv = ["compare", "--optimizers", "adamw", "--data", str(corpus_file), "--out-dir", str(out), *TINY]
+    assert cli_main([*argv, "--no-plots"]) == 0
+    capsys.readouterr()
+    assert cli_main([*argv, "--steps", "6", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "another config (steps=4 vs 6); nothing changed; pick another --out-dir, or run the command" in err
+    parser = argparse.ArgumentParser()
+    compare.configure(parser)
+    plan = compare.plan_grid(parser.parse_args([*argv[1:], "--steps", "6"]))
+    with pytest.raises(UserError, match=r"\(steps=4 vs 6\); nothing changed; pick another --out-dir"):
+        compare.run_cells(plan.select_cells(), plan.preset, quiet=True)
+
+
 def test_compare_config_file_setting_a_cells_own_key_is_refused(tmp_path, capsys):
     """A config file's ``lr`` went to every optimizer (AdamW, Muon and HTMuon all at 0.04) while the
     report's notes named each optimizer's default lr as the one that ran; its ``optimizer``, ``seed``

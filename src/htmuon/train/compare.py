@@ -482,12 +482,17 @@ def run_cells(
                 waiting.append(i)
                 continue
             try:
+                st = cell_state(c)  # (under the lock: nothing else writes the folder now)
+                if st["state"] == "refused":  # as the run would refuse it, with what to do
+                    raise _refused(c, st["why"])
                 if not quiet:
                     alr = "" if c.adamw_lr is None else f" adamw_lr={c.adamw_lr:g}"
+                    # a finished cell is not trained again: say so, or a re-run's lines read as training
+                    reused = {"done": "finished", "diverged": "diverged"}.get(st["state"])
                     print(
                         f"[{label + ' ' if label else ''}{len(done) + 1}/{len(cells)}] "
                         f"{c.spec} lr={c.lr:g}{alr} seed={c.seed} "
-                        f"-> {run_dir}",
+                        f"-> {run_dir}{f' ({reused} earlier: reused)' if reused else ''}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -696,6 +701,14 @@ def _refusal(c: Cell) -> str | None:
     except UserError as e:
         return str(e)
     return None
+
+
+def _refused(c: Cell, why: str):
+    """The UserError of a cell whose folder holds a run of another config (``why``: :func:`_refusal`'s)."""
+    from htmuon.errors import UserError
+
+    what_to_do = "pick another --out-dir, or run the command that made it"
+    return UserError(f"cell '{c.cfg.out_dir}': {why}; {what_to_do}")
 
 
 def _status_runner(states: list[dict], batches: list[int]):
@@ -1688,12 +1701,11 @@ def _specs_to_train(plan: Plan) -> list[str]:
     reported seed with no finished cell of the spec's grid. A finished grid's report can then be
     rebuilt without its data or a baseline's package. A cell whose folder holds a run of another
     config is the UserError the run would stop on, raised now (before its data is looked for)."""
-    from htmuon.cli import UserError
 
     def finished(cell: Cell) -> bool:
         st = cell_state(cell)
         if st["state"] == "refused":
-            raise UserError(f"cell '{cell.cfg.out_dir}': {st['why']}")
+            raise _refused(cell, st["why"])
         return st["state"] in ("done", "diverged")
 
     todo = {c.spec for c in plan.select_cells() if not finished(c)}

@@ -626,7 +626,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     if payload is not None and (out / "summary.json").exists():
         summary = read_json(out / "summary.json", "run summary")
         if payload["step"] >= cfg.steps:
-            if resume == "required" and par.is_main:  # (`compare` reuses its finished cells so, quietly)
+            if resume == "required" and par.is_main:  # (`compare`'s own line says it reuses the cell)
                 print(
                     f"htmuon: '{out}' holds a finished run (step {payload['step']} of {cfg.steps}): "
                     "reusing its summary, nothing to train",
