@@ -299,6 +299,54 @@ def test_p_grid_plots_muon_and_htmuon_only(tmp_path, monkeypatch):
     assert not cmp.plot_p_grid({"task": "lm", "best": plugins}, tmp_path / "q.png")  # one p of muon/htmuon
 
 
+def _curve_run(folder: Path, val: dict[int, float], steps: int = 8, eval_batches: int = 10) -> str:
+    """A run folder with the records plot_curves reads: a train loss per step and ``val`` (the one at
+    ``steps`` the evaluation at the end, on the whole split)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(
+        json.dumps({"steps": steps, "eval_batches": eval_batches, "final_eval_batches": 0})
+    )
+    recs = [{"step": s, "kind": "train", "loss": 8.0 - 0.5 * s} for s in range(1, steps + 1)]
+    recs += [{"step": s, "kind": "val", "loss": v} for s, v in val.items()]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(folder)
+
+
+def test_val_curves_draw_the_whole_split_end_point_apart_and_say_the_axis_is_zoomed(tmp_path, monkeypatch):
+    """The validation points during training are windows of eval_batches batches, the last one the whole
+    held-out split: it was joined to the windows' line, so every curve seemed to turn at its end. It is
+    its own marker now, named in the legend; and the zoomed y-axis (AdamW's early curve off the chart)
+    says so."""
+    plotted = []
+    monkeypatch.setattr(cmp, "_save", lambda fig, path: plotted.append(fig))
+    best = {}
+    for spec, start, end in (("adamw", 9.0, 4.6), ("muon", 5.0, 4.3)):
+        runs = [
+            _curve_run(tmp_path / spec / f"seed{seed}", {2: start, 4: 4.5, 6: 4.4 - 0.01 * seed, 8: end})
+            for seed in (0, 1)
+        ]
+        best[spec] = {"spec": spec, "lr": 0.01, "adamw_lr": None, "n": 2, "run_dirs": runs}
+    cmp.plot_curves({"task": "lm", "best": best}, tmp_path / "val_curves.png")
+    ax = plotted[0].axes[1]
+    joined = [ln for ln in ax.get_lines() if ln.get_linestyle() != "None"]
+    assert [list(ln.get_xdata()) for ln in joined] == [[2, 4, 6], [2, 4, 6]]  # the windows only
+    ends = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+    assert [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in ends] == [([8], [4.6]), ([8], [4.3])]
+    assert [e.get_color() for e in ends] == [ln.get_color() for ln in joined]  # each its curve's colour
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "during training: windows of 10 batches" in labels
+    assert "at the end: the whole held-out split" in labels
+    assert "zoomed" in ax.get_ylabel() and ax.get_ylim()[1] < 9.0  # AdamW's first point is off the chart
+    # windows of 0 batches read the whole split too (the image presets): one line to the end, as before
+    plotted.clear()
+    folder = _curve_run(tmp_path / "whole" / "seed0", {2: 5.0, 4: 4.5, 8: 4.4}, eval_batches=0)
+    best = {"muon": {"spec": "muon", "lr": 0.01, "adamw_lr": None, "n": 1, "run_dirs": [folder]}}
+    cmp.plot_curves({"task": "lm", "best": best}, tmp_path / "whole.png")
+    ax = plotted[0].axes[1]
+    assert [list(ln.get_xdata()) for ln in ax.get_lines()] == [[2, 4, 8]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["muon (lr 0.01)"]
+
+
 def test_preset_lr_reused_at_another_horizon_is_flagged():
     plan = cmp.plan_grid(_args(preset="quick", optimizers="muon,htmuon", seeds="0", steps="1000"))
     text = "\n".join(plan.notes)

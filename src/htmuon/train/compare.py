@@ -1102,30 +1102,65 @@ def machine(threads: int | None = None) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
+def _eval_sizes(run_dir: Path) -> tuple[int | None, int, int]:
+    """(steps, eval_batches, final_eval_batches) of a run's config.json: its last validation record, at
+    ``steps``, is the evaluation at the end (0 batches: the whole held-out split); the others read
+    windows of ``eval_batches``. (None, 0, 0) when the file cannot be read."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        return int(cfg["steps"]), int(cfg.get("eval_batches", 0)), int(cfg.get("final_eval_batches", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, 0, 0
+
+
 def plot_curves(agg: dict, path: Path) -> None:
+    """Train loss and validation curves of each optimizer's best cell, mean ± std over seeds.
+
+    The validation points during training read a window of ``eval_batches`` batches each, the one at the
+    end the whole held-out split (``final_eval_batches`` 0): another estimate, drawn as its own marker,
+    not joined to the windows' line (joined, every curve seemed to rise or drop at its last point). For a
+    language model the y-axis is zoomed on the later part of training; the axis label says so when it
+    cuts off the early values."""
     import numpy as np
 
     from htmuon.train.loop import read_metrics
 
     fig, axes = _figure(1, 2)
     task = agg["task"]
+    key = "loss" if task == "lm" else "acc"
+    windows, finals = set(), set()  # eval_batches of the windows; final_eval_batches of the end points
     for spec, row in agg["best"].items():
-        train_curves, val_curves = [], []
+        train_curves, val_curves, end_points = [], [], []
         for d in row["run_dirs"]:
             recs = read_metrics(Path(d) / "metrics.jsonl")
             train_curves.append({r["step"]: r["loss"] for r in recs if r["kind"] == "train"})
-            key = "loss" if task == "lm" else "acc"
-            val_curves.append({r["step"]: r[key] for r in recs if r["kind"] == "val"})
+            val = {r["step"]: r[key] for r in recs if r["kind"] == "val"}
+            steps, eval_batches, final_batches = _eval_sizes(Path(d))
+            # the end's evaluation is another estimate unless the windows read the whole split too
+            if steps in val and (eval_batches or final_batches):
+                end_points.append((steps, val.pop(steps)))
+                windows.add(eval_batches)
+                finals.add(final_batches)
+            val_curves.append(val)
+        color = None
         for ax, curves in ((axes[0], train_curves), (axes[1], val_curves)):
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             if not steps:
                 continue
             y = np.array([[c[s] for s in steps] for c in curves], dtype=float)
             mean = y.mean(0)
-            (line,) = ax.plot(steps, mean, label=_label(spec, row), lw=1.5)
+            kw = {} if color is None else {"color": color}
+            (line,) = ax.plot(steps, mean, label=_label(spec, row), lw=1.5, **kw)
+            color = line.get_color()
             if len(curves) > 1:
                 sd = y.std(0, ddof=1)
-                ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+                ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+        if end_points and len(end_points) == len(row["run_dirs"]) and len({s for s, _ in end_points}) == 1:
+            ys = np.array([v for _, v in end_points], dtype=float)
+            sd = ys.std(ddof=1) if len(ys) > 1 else 0.0
+            axes[1].errorbar(
+                [end_points[0][0]], [ys.mean()], yerr=[sd], fmt="*", ms=10, color=color, capsize=0, zorder=3
+            )
     n = max(r["n"] for r in agg["best"].values())
     band = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
     axes[0].set(title=f"train loss ({band})", xlabel="step", ylabel="loss")
@@ -1137,15 +1172,30 @@ def plot_curves(agg: dict, path: Path) -> None:
     if task == "lm":
         # zoom on the later part of training, where the optimizers differ
         for ax in axes:
-            lines = [ln.get_ydata() for ln in ax.get_lines()]
+            lines = [ln.get_ydata() for ln in ax.get_lines() if len(ln.get_ydata())]
             if lines:
                 lo = min(float(np.min(y)) for y in lines)
                 hi = max(float(np.percentile(y, 60)) for y in lines)
                 if hi > lo:
                     ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+                    if max(float(np.max(y)) for y in lines) > hi:  # values cut off: say so
+                        ax.set_ylabel(f"{ax.get_ylabel()} (zoomed: early values off the top)")
+    handles = {}
+    if windows or finals:
+        from matplotlib.lines import Line2D  # matplotlib is there: _figure imported it
+
+        def sizes(batches: set[int], part: str) -> str:
+            whole = "the whole held-out split"
+            return " / ".join(f"{part}{b} batches" if b else whole for b in sorted(batches))
+
+        during = f"during training: {sizes(windows, 'windows of ')}"
+        handles["during"] = Line2D([], [], ls="-", color="gray", label=during)
+        end = f"at the end: {sizes(finals, '')}"
+        handles["end"] = Line2D([], [], ls="none", marker="*", ms=10, color="gray", label=end)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        extra = list(handles.values()) if ax is axes[1] else []
+        ax.legend(handles=[*ax.get_legend_handles_labels()[0], *extra], fontsize=8)
     _save(fig, path)
 
 
