@@ -299,6 +299,28 @@ def test_p_grid_plots_muon_and_htmuon_only(tmp_path, monkeypatch):
     assert not cmp.plot_p_grid({"task": "lm", "best": plugins}, tmp_path / "q.png")  # one p of muon/htmuon
 
 
+def test_compare_plots_write_losses_out_on_the_y_axis_without_an_offset(tmp_path, monkeypatch):
+    """p_grid.png of losses 4.2731-4.2737 had ticks 0.0001 ... 0.0006 and "+4.273" at the top of the axis
+    (matplotlib's offset notation); every plot of compare writes the values themselves now."""
+    import io
+
+    plotted = []
+    monkeypatch.setattr(cmp, "_save", lambda fig, path: plotted.append(fig))
+    specs = {"muon": (0.0, 4.2737), "htmuon:p=0.0625": (0.0625, 4.2731), "htmuon": (0.125, 4.2734)}
+    best = {s: _best(s, p, loss) for s, (p, loss) in specs.items()}
+    assert cmp.plot_p_grid({"task": "lm", "best": best}, tmp_path / "p.png")
+    rows = [_row("muon", lr, None, loss) for lr, loss in ((0.01, 4.2731), (0.02, 4.2736))]
+    best = {"muon": rows[0]}
+    assert cmp.plot_lr_grid({"task": "lm", "rows": rows, "best": best}, tmp_path / "lr.png")
+    for fig in plotted:
+        for ax in fig.axes:
+            assert ax.yaxis.get_major_formatter().get_useOffset() is False
+        fig.savefig(io.BytesIO(), format="png")  # drawn: the ticks and the offset text are set
+        ax = fig.axes[0]
+        assert ax.yaxis.get_offset_text().get_text() == ""
+        assert any(t.get_text().startswith("4.27") for t in ax.get_yticklabels())
+
+
 def _curve_run(folder: Path, val: dict[int, float], steps: int = 8, eval_batches: int = 10) -> str:
     """A run folder with the records plot_curves reads: a train loss per step and ``val`` (the one at
     ``steps`` the evaluation at the end, on the whole split)."""

@@ -1323,7 +1323,10 @@ def _figure(rows: int, cols: int):
 
         raise UserError("plots need matplotlib: pip install htmuon[plot] (or pass --no-plots)") from None
     fig = Figure(figsize=(5.5 * cols, 4 * rows), layout="constrained")
-    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
+    for ax in axes:  # losses that differ in the 4th digit: "4.2731" on each tick, not "0.0004" and "+4.273"
+        ax.ticklabel_format(axis="y", useOffset=False)
+    return fig, axes
 
 
 def _save(fig, path: Path) -> None:
