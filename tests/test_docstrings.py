@@ -20,7 +20,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(htmuon.__path__, "htmuon.
 #: the first test below and belongs here).
 DOCUMENTED = {
     "htmuon.diagnostics": 4,
-    "htmuon.diagnostics.cli": 1,
+    "htmuon.diagnostics.cli": 2,
     "htmuon.diagnostics.esd": 5,
     "htmuon.diagnostics.powerlaw": 4,
     "htmuon.diagnostics.tracker": 1,

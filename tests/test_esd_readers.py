@@ -483,6 +483,27 @@ def test_target_labels(tmp_path):
     assert target_labels(["torch.nn:Identity", f"{p}/x/run"]) == ["torch.nn:Identity", "run"]
 
 
+def test_target_labels_of_compare_cells_name_the_optimizer(tmp_path):
+    """Two compare cells were labelled `lr0.01-alr0.111/seed0` and `lr0.04-alr0.0333/seed0`: which one is
+    Muon? A cell's label now starts at its optimizer's folder, whatever else tells them apart."""
+    cells = (
+        "muon/lr0.01-alr0.111/seed0",
+        "htmuon__method=eigh/lr0.04-alr0.0333/seed0",
+        "adamw/lr0.003/seed1",
+    )
+    for c in cells:
+        (tmp_path / "grid" / c).mkdir(parents=True)
+        (tmp_path / "grid" / c / "ckpt.pt").write_bytes(b"")
+    p = str(tmp_path / "grid")
+    assert target_labels([f"{p}/{c}" for c in cells]) == list(cells)
+    assert target_labels([f"{p}/{c}/ckpt.pt" for c in cells]) == list(cells)
+    assert target_labels([f"{p}/{cells[0]}"]) == [cells[0]]  # alone too: the label says what it is
+    both = [f"{p}/{cells[0]}", f"{p}/{cells[0]}/ckpt.pt"]  # a folder and a file of it
+    assert target_labels(both) == [cells[0], f"{cells[0]}/ckpt.pt"]
+    # a run folder named like a seed outside a compare grid: its parent is named too
+    assert target_labels([f"{p}/muon/lr0.01-alr0.111"]) == ["muon/lr0.01-alr0.111"]
+
+
 def test_cli_allow_pickle_and_labels(tmp_path, capsys):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))

@@ -25,6 +25,8 @@ from .powerlaw import FITS
 
 #: ``package.module:factory``.
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+#: the folders of an ``htmuon compare`` cell below its optimizer's: ``lr0.01[-alr0.111]`` and ``seed0``
+_CELL_FOLDER = re.compile(r"seed\d+|lr[\d.e+-]+(-alr[\d.e+-]+)?")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -127,11 +129,14 @@ def _load_target(target: str, allow_pickle: bool = False):
 def target_labels(targets: list[str]) -> list[str]:
     """One distinct label per target: a folder's name, a file's folder name (the run; ``run/file``
     when several files of one folder are given), a factory as given; equal labels get their parent
-    folders until they differ, then ``#k``.
+    folders until they differ, then ``#k``. A compare cell's folder (``OPTIMIZER/lr*/seed*``) is
+    named from its optimizer's folder down: ``lr0.01-alr0.111/seed0`` alone does not say which.
 
     Example:
         >>> target_labels(["runs/a/ckpt.pt", "runs/b/ckpt.pt", "hf/llama/"])
         ['a', 'b', 'llama']
+        >>> target_labels(["grid/muon/lr0.01-alr0.111/seed0/", "grid/htmuon/lr0.04-alr0.0333/seed0/"])
+        ['muon/lr0.01-alr0.111/seed0', 'htmuon/lr0.04-alr0.0333/seed0']
     """
     paths = [None if _is_factory(t) else os.path.abspath(t) for t in targets]
     files = [
@@ -152,6 +157,10 @@ def target_labels(targets: list[str]) -> list[str]:
             first = len(parts) - (2 if shared else 1)
         else:
             first = len(parts) - 1
+        cells = 0  # compare's lr*/seed* folders at the end of the run folder's path: start above them
+        while cells < first and _CELL_FOLDER.fullmatch(parts[first - cells]):
+            cells += 1
+        first -= cells
         chains.append(["/".join(parts[i:]) for i in range(first, -1, -1)])
     level = [0] * len(targets)
     while True:
