@@ -102,6 +102,18 @@ def test_compare_refuses_the_grids_own_keys_not_their_longer_flags(argv, want, c
     assert err.startswith("htmuon compare: error: ") and want in err and "\n" not in err
 
 
+def test_compare_lists_the_presets_as_train_does(capsys):
+    """`htmuon compare --list-presets` was refused (an unrecognized argument); it lists what train's does."""
+    from htmuon.train.presets import RUN_PRESETS
+
+    assert main(["train", "--list-presets"]) == 0
+    listing = capsys.readouterr().out
+    assert main(["compare", "--list-presets"]) == 0
+    assert capsys.readouterr().out == listing
+    assert listing.startswith("run presets (--preset):") and "model presets (--model): " in listing
+    assert all(f"  {name} " in listing for name in RUN_PRESETS)
+
+
 def test_help_lists_switches(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])

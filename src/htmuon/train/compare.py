@@ -121,6 +121,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
     )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
+    parser.add_argument("--list-presets", action="store_true", help="list the run and model presets and exit")
     parser.add_argument(
         "--status",
         action="store_true",
@@ -1801,6 +1802,11 @@ def check_plan(plan: Plan) -> None:
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    if getattr(args, "list_presets", False):  # as htmuon train --list-presets
+        from htmuon.train.cli import list_presets
+
+        list_presets()
+        return 0
     if getattr(args, "models", None):
         return main_models(args)
     if str(getattr(args, "carry_lrs", 0) or 0) != "0":
