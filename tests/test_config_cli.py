@@ -102,6 +102,15 @@ def test_compare_refuses_the_grids_own_keys_not_their_longer_flags(argv, want, c
     assert err.startswith("htmuon compare: error: ") and want in err and "\n" not in err
 
 
+def test_an_unknown_key_names_the_closest_one():
+    """A misspelt key (`htmuon:methd=svd`) had a hint only when it differed in dashes or underscores."""
+    for key, close in (("methd", "method"), ("warmup-step", "warmup_steps"), ("adamwlr", "adamw_lr")):
+        with pytest.raises(UserError, match=rf"^unknown config key '{key}' \(did you mean '{close}'\?\)$"):
+            make_config(None, None, {key: "1"}, strings=True)
+    with pytest.raises(UserError, match=r"^unknown config key 'q'$"):  # nothing close: no guess
+        make_config(None, None, {"q": "1"}, strings=True)
+
+
 def test_compare_lists_the_presets_as_train_does(capsys):
     """`htmuon compare --list-presets` was refused (an unrecognized argument); it lists what train's does."""
     from htmuon.train.presets import RUN_PRESETS

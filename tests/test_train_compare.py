@@ -208,6 +208,7 @@ def test_bad_grid_input(capsys, tmp_path):
         (["--optimizers", "muon", "--seeds", "0,x"], "--seeds must be a comma-separated list"),
         (["--optimizers", "htmuon:p"], "expected key=value"),
         (["--optimizers", "htmuon:q=1"], "unknown config key 'q'"),
+        (["--optimizers", "htmuon:methd=svd"], "spec 'htmuon:methd=svd' (did you mean 'method'?)"),
         (["--optimizers", "htmuon:p=abc"], "config key 'p' must be a number or null, got 'abc'"),
         (["--optimizers", "muon", "--lr-grid", "muon=-1"], "learning rates must be > 0"),
         ([], "give --preset"),

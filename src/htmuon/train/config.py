@@ -9,6 +9,7 @@ saved as ``config.json`` in the run folder and inside every checkpoint (as its "
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -152,6 +153,7 @@ def coerce(name: str, value, *, from_string: bool = False, where: str = ""):
     """Check/convert one value for field ``name``; a wrong type is a UserError naming both."""
     if name not in _FIELDS:
         close = [k for k in _FIELDS if k.replace("_", "") == name.replace("_", "").replace("-", "")]
+        close = close or difflib.get_close_matches(name.replace("-", "_"), list(_FIELDS), n=1)  # a typo
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"unknown config key '{name}'{where}{hint}")
     typ, optional = _base_type(name)
