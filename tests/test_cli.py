@@ -282,6 +282,20 @@ def test_demo_passes_its_options_to_every_run(monkeypatch, capsys):
     assert "2 epochs, seed 3" in capsys.readouterr().out
 
 
+def test_demo_says_whether_auto_chose_the_backend_or_method_forced_it(monkeypatch, capsys):
+    """`--method eigh` printed "method 'eigh' (eigh on this CPU)", as if auto had chosen it."""
+    import htmuon.demo
+    from htmuon.spectral import resolve_method
+
+    result = {"train_loss": 0.5, "test_acc": 0.9, "seconds": 0.0}
+    monkeypatch.setattr(htmuon.demo, "run_one", lambda *a: result)
+    assert main(["demo", "--method", "eigh"]) == 0
+    assert "htmuon: method 'eigh' (forced by --method)" in capsys.readouterr().out
+    assert main(["demo"]) == 0
+    auto = resolve_method("auto", "power", "cpu")
+    assert f"htmuon: method 'auto' ({auto} on this CPU)" in capsys.readouterr().out
+
+
 def test_demo_sets_torchs_threads_before_training(monkeypatch, capsys):
     """--threads defaults to 1 (torch's default thread count made the demo ~10x slower on a busy 2-core
     machine, and its numbers changed with the count); 0 keeps torch's default, as htmuon train's."""

@@ -102,7 +102,9 @@ def main(args: argparse.Namespace) -> int:
         f"digits (scikit-learn), MLP 64-256-256-10, {args.epochs} epochs, seed {args.seed}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    print(f"muon: NS5 polar factor; htmuon: method {args.method!r} ({backend} on this CPU)")
+    # auto's choice for this machine, or the --method given (it read as auto's choice)
+    why = f"{backend} on this CPU" if args.method == "auto" else "forced by --method"
+    print(f"muon: NS5 polar factor; htmuon: method {args.method!r} ({why})")
     print(f"{'optimizer':<10} {'train loss':>11} {'test acc':>9} {'time':>7}")
     for name in ("adamw", "muon", "htmuon"):
         r = run_one(name, args.seed, args.epochs, args.method)
