@@ -25,7 +25,7 @@ DOCUMENTED = {
     "htmuon.diagnostics.powerlaw": 4,
     "htmuon.diagnostics.tracker": 1,
     "htmuon.distributed": 3,
-    "htmuon.functional": 4,
+    "htmuon.functional": 5,
     "htmuon.optim": 9,
     "htmuon.routing": 5,
     "htmuon.spectral": 4,

@@ -360,6 +360,17 @@ def test_chunk_bytes_auto_is_decided_by_the_device_type():
     assert F.chunk_budget("auto", torch.device("cpu")) == F.DEFAULT_CHUNK_BYTES
     assert F.chunk_budget("auto", torch.device("meta")) == F.ACCELERATOR_CHUNK_BYTES
     assert F.chunk_budget(1234, torch.device("cuda")) == 1234  # an explicit budget wins everywhere
+
+
+def test_default_chunk_bytes_takes_a_device_or_a_string():
+    """A torch.device("cpu") got the accelerator budget (it is not equal to the string "cpu")."""
+    for name in ("cpu", "cuda", "meta", "cuda:1"):
+        assert F.default_chunk_bytes(torch.device(name)) == F.default_chunk_bytes(name)
+    assert F.default_chunk_bytes(torch.device("cpu")) == F.DEFAULT_CHUNK_BYTES
+    assert F.default_chunk_bytes("cpu:0") == F.DEFAULT_CHUNK_BYTES
+    assert F.default_chunk_bytes(torch.device("cuda", 0)) == F.ACCELERATOR_CHUNK_BYTES
+    with pytest.raises(TypeError, match=r"expected a torch.device or a device string .*got int 0"):
+        F.default_chunk_bytes(0)
     h, i, layers = LLAMA["135m"]
     shapes = llama_matrices(h, i, layers)
     gpu = plan_for(shapes, F.ACCELERATOR_CHUNK_BYTES, work=2)

@@ -86,15 +86,25 @@ DEFAULT_CHUNK_BYTES = 32 * 2**20
 ACCELERATOR_CHUNK_BYTES = 48 * 2**20
 
 
-def default_chunk_bytes(device_type: str) -> int:
-    """The ``chunk_bytes="auto"`` budget on a device type: :data:`DEFAULT_CHUNK_BYTES` on ``"cpu"``,
-    :data:`ACCELERATOR_CHUNK_BYTES` elsewhere.
+def default_chunk_bytes(device_type: str | torch.device) -> int:
+    """The ``chunk_bytes="auto"`` budget on a device: :data:`DEFAULT_CHUNK_BYTES` on the CPU,
+    :data:`ACCELERATOR_CHUNK_BYTES` elsewhere. ``device_type``: a ``torch.device`` or a string (a
+    device type such as ``"cuda"``, or a device such as ``"cuda:1"``).
 
     Example:
         >>> default_chunk_bytes("cpu") // 2**20, default_chunk_bytes("cuda") // 2**20
         (32, 48)
+        >>> default_chunk_bytes(torch.device("cpu")) == default_chunk_bytes("cpu")
+        True
     """
-    return DEFAULT_CHUNK_BYTES if device_type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    if isinstance(device_type, torch.device):
+        device_type = device_type.type
+    elif not isinstance(device_type, str):
+        raise TypeError(
+            f"default_chunk_bytes: expected a torch.device or a device string such as 'cpu' or 'cuda', "
+            f"got {type(device_type).__name__} {device_type!r}"
+        )
+    return DEFAULT_CHUNK_BYTES if device_type.partition(":")[0] == "cpu" else ACCELERATOR_CHUNK_BYTES
 
 
 def chunk_budget(chunk_bytes: int | str, device: torch.device) -> int:
