@@ -369,6 +369,22 @@ def test_val_curves_draw_the_whole_split_end_point_apart_and_say_the_axis_is_zoo
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["muon (lr 0.01)"]
 
 
+def test_val_curves_keep_the_end_point_on_the_line_when_not_every_seed_has_one(tmp_path, monkeypatch):
+    """A seed whose config.json is gone (deleted with the checkpoints of a finished run; damaged) gives no
+    end marker for its optimizer: the other seeds' final evaluations were taken off the line and drawn
+    nowhere, so the optimizer's validation curve lost its last point. They stay on the line, as before
+    the marker, and the legend does not name an end marker that is not drawn."""
+    plotted = []
+    monkeypatch.setattr(cmp, "_save", lambda fig, path: plotted.append(fig))
+    runs = [_curve_run(tmp_path / "muon" / f"seed{s}", {2: 5.0, 4: 4.5, 8: 4.3 + 0.01 * s}) for s in (0, 1)]
+    (Path(runs[1]) / "config.json").unlink()
+    best = {"muon": {"spec": "muon", "lr": 0.01, "adamw_lr": None, "n": 2, "run_dirs": runs}}
+    cmp.plot_curves({"task": "lm", "best": best}, tmp_path / "val_curves.png")
+    ax = plotted[0].axes[1]
+    assert [list(ln.get_xdata()) for ln in ax.get_lines()] == [[2, 4, 8]]  # the end on the line, no star
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["muon (lr 0.01)"]
+
+
 def test_preset_lr_reused_at_another_horizon_is_flagged():
     plan = cmp.plan_grid(_args(preset="quick", optimizers="muon,htmuon", seeds="0", steps="1000"))
     text = "\n".join(plan.notes)

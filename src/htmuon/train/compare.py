@@ -1131,7 +1131,7 @@ def plot_curves(agg: dict, path: Path) -> None:
     key = "loss" if task == "lm" else "acc"
     windows, finals = set(), set()  # eval_batches of the windows; final_eval_batches of the end points
     for spec, row in agg["best"].items():
-        train_curves, val_curves, end_points = [], [], []
+        train_curves, val_curves, end_points, sizes = [], [], [], []
         for d in row["run_dirs"]:
             recs = read_metrics(Path(d) / "metrics.jsonl")
             train_curves.append({r["step"]: r["loss"] for r in recs if r["kind"] == "train"})
@@ -1139,10 +1139,17 @@ def plot_curves(agg: dict, path: Path) -> None:
             steps, eval_batches, final_batches = _eval_sizes(Path(d))
             # the end's evaluation is another estimate unless the windows read the whole split too
             if steps in val and (eval_batches or final_batches):
-                end_points.append((steps, val.pop(steps)))
-                windows.add(eval_batches)
-                finals.add(final_batches)
+                end_points.append((steps, val[steps]))
+                sizes.append((eval_batches, final_batches))
             val_curves.append(val)
+        # one marker at one step for every seed, or none: the end points stay on the line (a seed
+        # whose config.json is gone, whose end would be missing from the mean)
+        star = len(end_points) == len(row["run_dirs"]) and len({s for s, _ in end_points}) == 1
+        if star:
+            for val in val_curves:
+                val.pop(end_points[0][0])
+            windows.update(w for w, _ in sizes)
+            finals.update(f for _, f in sizes)
         color = None
         for ax, curves in ((axes[0], train_curves), (axes[1], val_curves)):
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -1156,7 +1163,7 @@ def plot_curves(agg: dict, path: Path) -> None:
             if len(curves) > 1:
                 sd = y.std(0, ddof=1)
                 ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
-        if end_points and len(end_points) == len(row["run_dirs"]) and len({s for s, _ in end_points}) == 1:
+        if star:
             ys = np.array([v for _, v in end_points], dtype=float)
             sd = ys.std(ddof=1) if len(ys) > 1 else 0.0
             axes[1].errorbar(
