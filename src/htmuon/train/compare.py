@@ -1130,6 +1130,7 @@ def plot_curves(agg: dict, path: Path) -> None:
     task = agg["task"]
     key = "loss" if task == "lm" else "acc"
     windows, finals = set(), set()  # eval_batches of the windows; final_eval_batches of the end points
+    n_stars = 0  # each optimizer's end marker is smaller than the one before: near-equal ends stay visible
     for spec, row in agg["best"].items():
         train_curves, val_curves, end_points, sizes = [], [], [], []
         for d in row["run_dirs"]:
@@ -1166,8 +1167,19 @@ def plot_curves(agg: dict, path: Path) -> None:
         if star:
             ys = np.array([v for _, v in end_points], dtype=float)
             sd = ys.std(ddof=1) if len(ys) > 1 else 0.0
+            ms = max(5, 14 - 4 * n_stars)
+            n_stars += 1
             axes[1].errorbar(
-                [end_points[0][0]], [ys.mean()], yerr=[sd], fmt="*", ms=10, color=color, capsize=0, zorder=3
+                [end_points[0][0]],
+                [ys.mean()],
+                yerr=[sd],
+                fmt="*",
+                ms=ms,
+                mec="black",
+                mew=0.4,
+                color=color,
+                capsize=0,
+                zorder=3 + 0.01 * n_stars,
             )
     n = max(r["n"] for r in agg["best"].values())
     band = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
