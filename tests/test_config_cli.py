@@ -104,11 +104,18 @@ def test_compare_refuses_the_grids_own_keys_not_their_longer_flags(argv, want, c
 
 def test_an_unknown_key_names_the_closest_one():
     """A misspelt key (`htmuon:methd=svd`) had a hint only when it differed in dashes or underscores."""
-    for key, close in (("methd", "method"), ("warmup-step", "warmup_steps"), ("adamwlr", "adamw_lr")):
+    for key, close in (
+        ("methd", "method"),
+        ("warmup-step", "warmup_steps"),
+        ("adamwlr", "adamw_lr"),
+        ("lr_adamw", "adamw_lr"),  # the same words in another order
+        ("data_dir", "data"),  # not out_dir, difflib's closest: a typo keeps the word's start
+    ):
         with pytest.raises(UserError, match=rf"^unknown config key '{key}' \(did you mean '{close}'\?\)$"):
             make_config(None, None, {key: "1"}, strings=True)
-    with pytest.raises(UserError, match=r"^unknown config key 'q'$"):  # nothing close: no guess
-        make_config(None, None, {"q": "1"}, strings=True)
+    for key in ("q", "nesterov"):  # nothing close (nesterov: difflib says interval): no guess
+        with pytest.raises(UserError, match=rf"^unknown config key '{key}'$"):
+            make_config(None, None, {key: "1"}, strings=True)
 
 
 def test_compare_lists_the_presets_as_train_does(capsys):

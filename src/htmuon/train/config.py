@@ -149,12 +149,22 @@ def _base_type(name: str) -> tuple[type, bool]:
     return hint, False
 
 
+def _closest_key(name: str) -> str | None:
+    """The config key a misspelt ``name`` most likely meant, or None: the same letters but for dashes and
+    underscores, the same words in another order (``lr_adamw``), else a close spelling that starts as
+    ``name`` does (a typo keeps the word's start: ``methd``; ``data_dir`` is not ``out_dir``)."""
+    norm = name.replace("-", "_")
+    for k in _FIELDS:
+        if k.replace("_", "") == norm.replace("_", "") or sorted(k.split("_")) == sorted(norm.split("_")):
+            return k
+    return next((k for k in difflib.get_close_matches(norm, list(_FIELDS), n=3) if k[:2] == norm[:2]), None)
+
+
 def coerce(name: str, value, *, from_string: bool = False, where: str = ""):
     """Check/convert one value for field ``name``; a wrong type is a UserError naming both."""
     if name not in _FIELDS:
-        close = [k for k in _FIELDS if k.replace("_", "") == name.replace("_", "").replace("-", "")]
-        close = close or difflib.get_close_matches(name.replace("-", "_"), list(_FIELDS), n=1)  # a typo
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        close = _closest_key(name)
+        hint = f" (did you mean '{close}'?)" if close else ""
         raise UserError(f"unknown config key '{name}'{where}{hint}")
     typ, optional = _base_type(name)
     bad = UserError(f"config key '{name}' must be {_type_word(typ, optional)}, got {value!r}{where}")
