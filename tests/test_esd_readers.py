@@ -500,8 +500,10 @@ def test_target_labels_of_compare_cells_name_the_optimizer(tmp_path):
     assert target_labels([f"{p}/{cells[0]}"]) == [cells[0]]  # alone too: the label says what it is
     both = [f"{p}/{cells[0]}", f"{p}/{cells[0]}/ckpt.pt"]  # a folder and a file of it
     assert target_labels(both) == [cells[0], f"{cells[0]}/ckpt.pt"]
-    # a run folder named like a seed outside a compare grid: its parent is named too
+    # a cell's lr folder (without its seed) is named from its optimizer's folder too
     assert target_labels([f"{p}/muon/lr0.01-alr0.111"]) == ["muon/lr0.01-alr0.111"]
+    (tmp_path / "runs" / "seed0").mkdir(parents=True)  # a folder named like a seed outside a compare grid
+    assert target_labels([str(tmp_path / "runs" / "seed0")]) == ["runs/seed0"]
 
 
 def test_cli_allow_pickle_and_labels(tmp_path, capsys):
