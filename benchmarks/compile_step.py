@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from htmuon import HTMuon  # noqa: E402
-from machine import describe, header, require_torch_muon, write_json  # noqa: E402
+from machine import describe, header, require_torch_muon, time_rounds, write_json  # noqa: E402
 
 MODELS = {"60m": (512, 1376), "135m": (768, 2048)}
 LR, WEIGHT_DECAY = 0.02, 0.1  # both sides (step_cost.py's)
@@ -85,19 +85,6 @@ def optimizers(kw: dict, h: int, i: int, blocks: int):
     eager = HTMuon(eager_params, lr=LR, weight_decay=WEIGHT_DECAY, **kw)
     opt = HTMuon(comp_params, lr=LR, weight_decay=WEIGHT_DECAY, **kw)
     return ref, eager, opt, eager_params, comp_params
-
-
-def time_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Wall seconds of one call of each function per round, the order rotating each round (none of
-    them always runs first, or always right after another)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(rounds):
-        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    return times
 
 
 def main() -> None:

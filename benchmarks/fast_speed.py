@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from htmuon import MUON_NS5_COEFFICIENTS, spectral_power
 from htmuon.spectral import cpu_matmul_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, header, require_torch_muon  # noqa: E402
+from machine import describe, header, require_torch_muon, time_rounds  # noqa: E402
 
 DEFAULT_SHAPES = ["512x512", "512x1376", "1376x512"]
 #: (column label, method, working dtype)
@@ -55,14 +54,7 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
     order rotates each round (the reference is not always first, nor a variant always after it)."""
     for f in fns.values():
         f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(repeats):
-        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in time_rounds(fns, repeats).items()}
 
 
 def matmul_share(fn, calls: int = 3) -> tuple[float, list[tuple[str, float]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -129,3 +130,20 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def round_order(keys: list, r: int) -> list:
+    """``keys`` in round ``r``'s order: rotated by ``r``, so that none of them always runs first or always
+    right after another (a cache warmed by the one before)."""
+    return keys[r % len(keys) :] + keys[: r % len(keys)]
+
+
+def time_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of one call of each function per round, in :func:`round_order`."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in round_order(list(fns), r):
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from htmuon import HTMuon  # noqa: E402
-from machine import describe, header, require_torch_muon, write_json  # noqa: E402
+from machine import describe, header, require_torch_muon, round_order, write_json  # noqa: E402
 
 LR, WEIGHT_DECAY = 0.02, 0.1
 ROWS = {
@@ -60,9 +60,8 @@ def measure(shape: tuple[int, int], rounds: int, steps: int, seed: int) -> dict[
         opts[name] = make([p])
         opts[name].step()  # state allocation, first-call overheads
     times: dict[str, list[float]] = {name: [] for name in ROWS}
-    names = list(ROWS)
     for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # the order rotates each round
+        for name in round_order(list(ROWS), r):
             opt = opts[name]
             t0 = time.process_time()
             for _ in range(steps):
