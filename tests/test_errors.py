@@ -397,6 +397,33 @@ def test_state_edited_after_construction_is_refused_before_anything_changes():
     _assert_unchanged(model, opt, snap)
 
 
+def test_state_of_another_dtype_than_its_parameter_is_refused_before_anything_changes():
+    """``model.to(dtype)`` after a step leaves the state in the old dtype (torch.optim casts state only
+    in ``load_state_dict``): the step's check refuses it, naming that remedy, before any parameter
+    changes. It failed in a later group's momentum lerp, after the earlier groups were applied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
+    first, second = model
+    groups = [[first.weight], [second.weight], [first.bias, second.bias]]
+    opt = HTMuon([{"params": g} for g in groups], lr=0.05)
+    model(torch.randn(5, 6)).square().sum().backward()
+    opt.step()
+    second.double()
+    opt.zero_grad()
+    second(first(torch.randn(5, 6)).double()).square().sum().backward()
+    snap = _snapshot(model, opt)
+    with pytest.raises(
+        ValueError,
+        match=r"momentum_buffer is torch\.float32 on cpu, the parameter torch\.float64 on cpu .* "
+        r"opt\.load_state_dict\(opt\.state_dict\(\)\) casts",
+    ):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+    opt.load_state_dict(opt.state_dict())  # the remedy: the state in its parameter's dtype
+    opt.step()
+    assert all(s[k].dtype == p.dtype for p, s in opt.state.items() for k in s if k != "step")
+
+
 @pytest.mark.parametrize("other", ["adamw", pytest.param("muon", marks=needs_torch_muon)])
 def test_load_state_dict_refuses_a_foreign_optimizer(other):
     model, _ = _trained()

@@ -296,9 +296,10 @@ class HTMuon(Optimizer):
     Guarantees (a refused step changes nothing):
         * Before anything changes, every step re-validates every group's hyperparameters (values
           edited after construction included), the optimizer state of the parameters it will touch
-          (keys, shapes), and, with ``check_finite``, the gradients (a NaN/Inf anywhere: nothing
-          changes, :class:`NonFiniteGradientError`). :meth:`load_state_dict` refuses a foreign or
-          mismatched state dict, or non-finite state, and leaves the optimizer as it was.
+          (keys, shapes, and dtypes and devices: the parameters' own), and, with ``check_finite``, the
+          gradients (a NaN/Inf anywhere: nothing changes, :class:`NonFiniteGradientError`).
+          :meth:`load_state_dict` refuses a foreign or mismatched state dict, or non-finite state, and
+          leaves the optimizer as it was.
         * Directions are computed before they are applied, window by window (:func:`htmuon.functional.
           plan_step`). A backend that raises ``LinAlgError`` or returns a non-finite direction on
           finite input is replaced, for that chunk, by the exact float64 SVD rule (a ``RuntimeWarning``
@@ -573,8 +574,12 @@ class HTMuon(Optimizer):
             want["second_moment"] = F.second_moment_shape(mshape, group["plugin"])
         return want
 
-    def _check_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], where: str) -> None:
-        """Refuse state that this group's step could not continue from (missing keys, shapes, types)."""
+    def _check_state(
+        self, group: dict[str, Any], param: Tensor, state: dict[str, Any], where: str, loaded: bool = False
+    ) -> None:
+        """Refuse state that this group's step could not continue from (missing keys, shapes, types; and,
+        unless it is ``loaded`` state, which torch.optim's ``load_state_dict`` casts to the parameter's
+        dtype and device, another dtype or device than the parameter's)."""
         if not state:
             return
         want = self._expected_state(group, param)
@@ -611,6 +616,15 @@ class HTMuon(Optimizer):
                     f"optimizer state of {where}: {key} is {kinds[sharded]} but the parameter is "
                     f"{kinds[not sharded]}; load sharded (FSDP2) state with "
                     "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, opt, ...)"
+                )
+            if not loaded and (value.dtype != param.dtype or value.device != param.device):
+                # (model.to(...) after a step: the step would fail in its lerps, after earlier groups and
+                # windows were applied)
+                raise ValueError(
+                    f"optimizer state of {where}: {key} is {value.dtype} on {value.device}, the parameter "
+                    f"{param.dtype} on {param.device} (cast or moved after the state was made, as by "
+                    "model.to(...)); opt.load_state_dict(opt.state_dict()) casts and moves the state to the "
+                    "parameters, as torch.optim's load_state_dict does"
                 )
 
     # ---------------------------------------------------------------- state dicts
@@ -709,7 +723,7 @@ class HTMuon(Optimizer):
             gi, pi = lookup[pid]
             param = self.param_groups[gi]["params"][pi]
             where = f"parameter {name(gi, pi)}"
-            self._check_state(saved_groups[gi], param, state, where)
+            self._check_state(saved_groups[gi], param, state, where, loaded=True)
             for key, value in state.items():
                 _distributed.check_state_layout(param, key, value, saved_groups[gi], where)
                 if isinstance(value, Tensor) and value.is_floating_point():
