@@ -276,7 +276,7 @@ def test_load_state_dict_and_step_refuse_a_vector_in_an_htmuon_group():
     assert not Y.state
 
 
-@pytest.mark.parametrize("flag", ["maximize", "differentiable"])
+@pytest.mark.parametrize("flag", ["maximize", "differentiable", "amsgrad"])
 def test_torch_flags_htmuon_would_ignore_are_refused_when_set(flag):
     W = nn.Parameter(torch.randn(4, 4))
     with pytest.raises(ValueError, match=rf"{flag}=True in param group 0: HTMuon does not support it"):
@@ -286,6 +286,22 @@ def test_torch_flags_htmuon_would_ignore_are_refused_when_set(flag):
     with pytest.raises(ValueError, match=rf"{flag}=True in param group 1"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], flag: True})
     assert len(opt.param_groups) == 1
+    # set on a group after construction (torch.optim reads it at every step), or in a loaded group: the
+    # step and load_state_dict refuse it too (both ignored it, the step minimizing where asked to maximize)
+    W.grad = torch.randn(4, 4)
+    opt.param_groups[0][flag] = True
+    with pytest.raises(ValueError, match=rf"{flag}=True in param group 0: HTMuon does not support it"):
+        opt.step()
+    assert not opt.state
+    saved = opt.state_dict()
+    opt.param_groups[0][flag] = False
+    with pytest.raises(ValueError, match=rf"{flag}=True in loaded param group 0"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0][flag] is False
+    opt.step()
+    opt.param_groups[0].update(decoupled_weight_decay=False, weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"decoupled_weight_decay=False in param group 0 \(its htmuon"):
+        opt.step()
 
 
 # ------------------------------------------------------------------ parametrized weights (parametrize)

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from . import distributed as _distributed
 from . import functional as F
 from .functional import NonFiniteGradientError
-from .routing import _is_real, route_params
+from .routing import _check_flags, _check_l2_flag, _is_real, route_params
 from .spectral import BACKENDS, MUON_NS_STEPS, SCALES, SPECTRA, _check_backend, host_path
 
 __all__ = ["HTMuon", "NonFiniteGradientError"]
@@ -442,6 +442,8 @@ class HTMuon(Optimizer):
         if missing:
             raise ValueError(f"param group{where} lacks the HTMuon keys {missing}")
         _dtype_names_to_dtypes(g)
+        _check_flags(g, where)  # torch.optim's maximize, ... set on a group after construction
+        _check_l2_flag([g], where, 0.0)
 
         def bad(key: str, valid: str) -> ValueError:
             return ValueError(f"Invalid {key}{where}: {g[key]!r} ({valid})")

@@ -353,18 +353,26 @@ def _check_optional_number(key: str, value: Any, where: str) -> None:
         raise ValueError(f"Invalid {key}{where}: {value!r} (must be a finite number >= 0, or None)")
 
 
+def _check_flags(group: dict[str, Any], where: str) -> None:
+    """A torch.optim flag of :data:`UNSUPPORTED_FLAGS` set to a true value would be silently ignored: refused
+    (by routing, and by :meth:`htmuon.HTMuon`'s check of every group at each step and load, for a flag set
+    on a group after construction)."""
+    for key, why in UNSUPPORTED_FLAGS.items():
+        if group.get(key):
+            raise ValueError(
+                f"{key}={group[key]!r}{where}: HTMuon does not support it ({why}); "
+                "it would be silently ignored"
+            )
+
+
 def _check_keys(group: dict[str, Any], where: str, known: frozenset[str]) -> None:
     """A key that is no option but close to one is a misspelling that would be silently ignored."""
+    _check_flags(group, where)
     for key in group:
         if key == "process_group":  # accepted as a group key by nothing: it is the optimizer's
             raise ValueError(
                 f"process_group{where} is set for the whole optimizer: pass it to HTMuon(..., "
                 "process_group=...), not in a param group (where it would be silently ignored)"
-            )
-        if key in UNSUPPORTED_FLAGS and group[key]:
-            raise ValueError(
-                f"{key}={group[key]!r}{where}: HTMuon does not support it ({UNSUPPORTED_FLAGS[key]}); "
-                "it would be silently ignored"
             )
         if key in known or key in FOREIGN_KEYS or not isinstance(key, str):
             continue
