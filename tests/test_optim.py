@@ -842,3 +842,11 @@ def test_numpy_reals_and_tensor_hyperparameters_are_taken_as_torch_optim_takes_t
             HTMuon(model.parameters(), adamw_lr=bad)
     with pytest.raises(ValueError, match=r"Invalid lr"):
         HTMuon(model.parameters(), lr=np.float64("nan"))
+    # NumPy integers for the integer options (they were refused as "must be an integer >= 1")
+    ints = dict(interval=np.int64(2), ns_steps=np.int32(5), chunk_bytes=np.int64(2**20))
+    opt = HTMuon(model.parameters(), **ints)
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "interval": np.int16(3)})
+    assert all(type(g[k]) is int for g in opt.param_groups for k in ints)
+    assert [g["interval"] for g in opt.param_groups] == [2, 2, 3]
+    with pytest.raises(ValueError, match=r"Invalid interval: 0 \(must be an integer >= 1\)"):
+        HTMuon(model.parameters(), interval=np.int64(0))

@@ -508,6 +508,8 @@ class HTMuon(Optimizer):
             v = g[key]
             if key == "chunk_bytes" and v == "auto":
                 continue
+            if type(v) is not int and isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                g[key] = v = int(v)  # a NumPy integer (a config sweep's value): a Python int, as NumPy reals
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(key, "must be an integer >= 1" + (" or 'auto'" if key == "chunk_bytes" else ""))
         for key in ("nesterov", "batch_3d", "check_finite"):
