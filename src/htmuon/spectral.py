@@ -459,8 +459,9 @@ def polar(
         G: ``(..., m, n)`` tensor.
         steps: number of quintic steps.
         coefficients: ``(a, b, c)``.
-        dtype: working dtype: ``"auto"`` (bfloat16 on CUDA as in Muon, float32 on CPU; see
-            :func:`ns_working_dtype`), a ``torch.dtype``, or ``None`` to keep G's dtype.
+        dtype: working dtype: ``"auto"`` (bfloat16 where bfloat16 matmuls are fast, as in Muon: CUDA
+            and CPUs with AMX / AVX-512-BF16; float32 on other CPUs; see :func:`ns_working_dtype`), a
+            ``torch.dtype``, or ``None`` to keep G's dtype.
         eps: floor of the Frobenius norm, so a zero matrix maps to zero.
 
     Any finite G gives a finite result: before the cast to the working dtype and the Frobenius norm,
