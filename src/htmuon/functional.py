@@ -2,8 +2,10 @@
 
 :class:`htmuon.HTMuon` (single process and DDP) and the FSDP2 step of :mod:`htmuon.distributed` both
 call these; neither module holds any of the math itself. Nothing here mutates its inputs unless the
-name ends in ``_`` (``commit_momentum_``, ``decoupled_update_``), so a step can compute every
-direction first and change parameters and state only once everything is known to be good.
+name ends in ``_`` (``commit_momentum_``, ``decoupled_update_``), ``out=`` is given
+(``momentum_direction``), or it is the AdamW part (``adamw``, ``adamw_masked``: parameters and
+state in place, as torch's functional ``adamw``), so a step can compute every direction first and
+change parameters and state only once everything is known to be good.
 
 The memory plan (:func:`plan_step`) is also here: the matrices are batched by shape, the batches cut
 into chunks, and the chunks grouped into *windows* whose transient bytes (stacked inputs, backend
