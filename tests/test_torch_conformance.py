@@ -415,6 +415,12 @@ def test_param_groups_lr_and_weight_decay(kw):
     assert torch.equal(params[0], before[0])  # lr 0
     assert not torch.equal(params[1], before[1]) and not torch.equal(extra, before[3])
     assert opt.param_groups[1]["weight_decay"] == 0.5 and opt.param_groups[2]["p"] == opt.defaults["p"]
+    # as torch.optim: one group, a dict (a list of tensors or of groups was added as groups)
+    count = len(opt.param_groups)
+    for not_a_group in ([nn.Parameter(torch.randn(3, 3))], [{"params": [nn.Parameter(torch.randn(3, 3))]}]):
+        with pytest.raises(TypeError, match=r"^param_group must be a dict, but got <class 'list'>$"):
+            opt.add_param_group(not_a_group)
+    assert len(opt.param_groups) == count
 
 
 def test_goes_right_direction_with_scheduler(kw):

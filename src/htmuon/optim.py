@@ -522,15 +522,12 @@ class HTMuon(Optimizer):
         error no group is added."""
         if "_dist" not in self.__dict__:  # Optimizer.__init__ adding the groups route_params made
             return self._add_routed_group(param_group)
+        if not isinstance(param_group, dict):  # (a list of tensors or of groups was taken as groups)
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")  # torch's message
         first = len(self.param_groups)
-        groups = route_params(
-            [param_group] if isinstance(param_group, dict) else param_group,
-            self.defaults,
-            first_index=first,
-            **self._route_options,
-        )
+        groups = route_params([param_group], self.defaults, first_index=first, **self._route_options)
         try:
-            for group in groups if isinstance(groups, list) else [groups]:
+            for group in groups:
                 self._add_routed_group(group)
             dist_step = _distributed.setup(self.param_groups, self._process_group)  # (DTensor checks)
         except Exception:
