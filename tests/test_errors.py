@@ -334,6 +334,17 @@ def test_load_state_dict_refuses_a_non_finite_plugin_moment():
     _load_refused(sd, r"parameter '0\.weight': second_moment holds NaN or Inf", plugin="normuon")
 
 
+def test_load_state_dict_refuses_a_negative_average_of_squares():
+    """An average of squares (AdamW's exp_avg_sq, NormuON's second_moment) is >= 0; a negative one (a
+    damaged or edited state dict) loaded before and the next step put NaN into the parameters, silently."""
+    for plugin, pid, key in ((None, 3, "exp_avg_sq"), ("normuon", 0, "second_moment")):
+        kw = {"plugin": plugin} if plugin else {}
+        model, opt = _trained(**kw)
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][pid][key].view(-1)[0] = -1.0
+        _load_refused(sd, rf"{key} holds negative values \(an average of squares is >= 0\)", **kw)
+
+
 def test_load_state_dict_checks_state_in_the_dtype_it_is_cast_to():
     """torch.optim casts loaded state to the parameter's dtype: a float32 momentum beyond float16's
     range is refused on a float16 parameter (not loaded as Inf); an average of squares that a float16

@@ -171,16 +171,22 @@ _SQUARES = frozenset({"exp_avg_sq", "second_moment"})
 def _check_loaded_values(key: str, value: Tensor, param: Tensor, where: str) -> None:
     """A ValueError if loaded state ``key`` holds NaN or Inf (+Inf in :data:`_SQUARES` is allowed),
     checked in the dtype torch.optim's ``load_state_dict`` casts it to (the parameter's, except
-    ``step``), so that a float32 value beyond a float16 parameter's range is caught, not loaded as Inf."""
+    ``step``), so that a float32 value beyond a float16 parameter's range is caught, not loaded as Inf;
+    or if a :data:`_SQUARES` entry holds a negative value (the step's square root of it would put NaN
+    into the parameter)."""
     cast = key != "step" and param.is_floating_point() and value.dtype != param.dtype
     if cast:
         value = value.to(param.dtype)
-    if bool(F.all_finite(value)):
-        return
-    if key in _SQUARES and not bool(torch.isnan(value).any()) and not bool((value == -math.inf).any()):
-        return
-    why = f" after the cast to the parameter's dtype {str(param.dtype).replace('torch.', '')}" if cast else ""
-    raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf{why}")
+    if not bool(F.all_finite(value)) and not (
+        key in _SQUARES and not bool(torch.isnan(value).any()) and not bool((value == -math.inf).any())
+    ):
+        dtype = str(param.dtype).replace("torch.", "")
+        why = f" after the cast to the parameter's dtype {dtype}" if cast else ""
+        raise ValueError(f"loaded optimizer state of {where}: {key} holds NaN or Inf{why}")
+    if key in _SQUARES and bool((value < 0).any()):
+        raise ValueError(
+            f"loaded optimizer state of {where}: {key} holds negative values (an average of squares is >= 0)"
+        )
 
 
 def _dtype_names_to_dtypes(g: dict[str, Any]) -> None:
