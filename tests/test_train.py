@@ -810,6 +810,27 @@ def test_changed_data_is_refused_even_when_run_json_is_gone(corpus_file, tmp_pat
     assert json.loads((out / "config.json").read_text())["steps"] == 6  # written again
 
 
+def test_a_config_json_edited_since_the_checkpoint_is_named_and_written_again(corpus_file, tmp_path, capsys):
+    """The run resumes from its checkpoint's config; a config.json edited since (another lr, more steps,
+    a key the config does not know) was kept as it was, silently: the folder then described a run it did
+    not hold (``compare`` reads the lr, steps and evaluation sizes of its report from it)."""
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out), stop_after=3)
+    cfg = json.loads((out / "config.json").read_text())
+    for stop, edit, named in (
+        (4, {"lr": 0.5, "steps": 20}, "lr=0.5 vs"),
+        (5, {"nonsense_key": 1}, "nonsense_key"),
+    ):
+        (out / "config.json").write_text(json.dumps({**cfg, **edit}))
+        capsys.readouterr()
+        train(tiny(corpus_file, out), resume=True, stop_after=stop)
+        err = capsys.readouterr().err
+        assert str(out / "config.json") in err and named in err and "written again" in err, err
+        assert json.loads((out / "config.json").read_text()) == cfg
+    assert train(tiny(corpus_file, out), resume=True)["finished"]  # unedited: nothing said
+    assert "config.json" not in capsys.readouterr().err
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(corpus_file, tmp_path):
     out = tmp_path / "run"
     train(tiny(corpus_file, out), stop_after=3)

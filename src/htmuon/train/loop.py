@@ -649,11 +649,20 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
     old_run_info, config_note = None, None
     if payload is not None and (out / "run.json").exists():
         old_run_info = read_json(out / "run.json", "run record")
-    if payload is not None:  # config.json deleted or damaged: written again, from this (the same) config
+    if payload is not None:  # config.json deleted, damaged or edited: written again from this (same) config
+        path = out / "config.json"
         try:
-            read_json(out / "config.json", "run config")
+            on_disk = from_dict(read_json(path, "run config"), where=f" in {path}")
         except UserError as e:
             config_note = f"{str(e).partition(';')[0]}: written again from the checkpoint's config"
+        else:  # edited since the run started (the run goes on as its checkpoint says, whatever it holds)
+            edited = identity_diff(on_disk, saved)
+            if edited:
+                what = ", ".join(f"{k}={getattr(on_disk, k)!r} vs {getattr(saved, k)!r}" for k in edited[:4])
+                config_note = (
+                    f"run config '{path}' differs from its checkpoint's ({what}): the run goes on as it "
+                    "started; written again from the checkpoint's config"
+                )
     # every rank has checked the run folder before rank 0 writes to it, and continues from the same
     # checkpoint (a folder that is not on a file system every rank shares can differ)
     start_step = payload["step"] if payload is not None else None
