@@ -451,6 +451,7 @@ def test_cell_lock_exclusive_released_and_stale_taken_over(tmp_path):
     lock = tmp_path / "cell.lock"
     assert locks.acquire_lock(lock)
     assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
+    assert locks.describe_owner(lock) == f"'{lock}' (process {os.getpid()} on {socket.gethostname()})"
     assert not locks.acquire_lock(lock)  # held by a live process (this one)
     locks.release_lock(lock)
     assert not lock.exists()
@@ -460,6 +461,10 @@ def test_cell_lock_exclusive_released_and_stale_taken_over(tmp_path):
     locks.release_lock(lock)
     lock.write_text(f"{_dead_pid()} another-host\n")  # a pid on another host cannot be checked: held
     assert not locks.acquire_lock(lock)
+    # (so the message says how to free it: a container restarted under a new host name waited forever)
+    assert locks.describe_owner(lock).endswith(
+        "another host: it cannot be checked from here; delete the lock if that process is gone)"
+    )
     lock.write_text("")  # being written by its owner: held
     assert not locks.acquire_lock(lock)
     old = time.time() - 2 * locks.UNPARSABLE_STALE_S  # left empty by a kill between create and write

@@ -133,7 +133,15 @@ def lock_holder(path: Path) -> str:
 
 
 def describe_owner(path: Path) -> str:
-    """The lock at ``path`` and who holds it, for a message."""
+    """The lock at ``path`` and who holds it, for a message; a lock of another host (held, as it cannot be
+    checked from here: :func:`lock_is_stale`) says how to free it if its process is gone (a machine, or a
+    container restarted under another host name, would otherwise wait or be refused forever)."""
+    owner = _lock_owner(path)
+    if owner is not None and owner[0] != -1 and owner[1] != socket.gethostname():
+        return (
+            f"'{path}' ({lock_holder(path)}, another host: it cannot be checked from here; delete the lock "
+            "if that process is gone)"
+        )
     return f"'{path}' ({lock_holder(path)})"
 
 
