@@ -1037,6 +1037,26 @@ def test_optimizer_routing_and_weight_decay_groups(routing):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_the_metrics_are_on_disk_before_each_checkpoint(corpus_file, tmp_path, monkeypatch):
+    """A checkpoint is fsynced; the metrics records up to its step were only flushed: after a power loss
+    or an OS crash the checkpoint could hold a later step than metrics.jsonl, and the resumed run had a
+    gap in its records, silently. Both metrics files are fsynced before each checkpoint is written."""
+    out, synced, real = tmp_path / "run", [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append((st.st_ino, st.st_size))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train(tiny(corpus_file, out), stop_after=3)  # one checkpoint, at step 3, the run's last write
+    monkeypatch.undo()
+    ckpt = next(i for i, (ino, _) in enumerate(synced) if ino == (out / "ckpt.pt").stat().st_ino)
+    for name in ("metrics.jsonl", "metrics.csv"):  # each with every record, before the checkpoint
+        st = (out / name).stat()
+        assert (st.st_ino, st.st_size) in synced[:ckpt], name
+
+
 def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     """checkpoint.save goes through atomic_write: an error while writing keeps the old file intact
     and removes the temp file."""

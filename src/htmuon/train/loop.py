@@ -286,6 +286,14 @@ class Metrics:
                 if k in rec:
                     self.tb.add_scalar(f"{rec['kind']}/{k}", rec[k], rec["step"])
 
+    def sync(self) -> None:
+        """fsync both files: called before each checkpoint is written (and fsynced), so that after a power
+        loss or an OS crash the checkpoint never holds a later step than the records (the resumed run
+        would have a gap in them)."""
+        for path, f in ((self.jsonl, self._fj), (self.csv, self._fc)):
+            with _file_errors(path):
+                os.fsync(f.fileno())
+
     def close(self) -> None:
         for f in (self._fj, self._fc, self.tb):
             if f is not None:
@@ -361,6 +369,9 @@ class _NoMetrics:
 
     def write(self, rec: dict) -> None:
         self.records.append(rec)
+
+    def sync(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -790,6 +801,7 @@ def _train_locked(cfg, par, device, amp, resume, stop_after, argv, out: Path, lo
         if not par.is_main:
             torchrun.barrier(par)
             return
+        metrics.sync()  # the records up to this step, on disk before the checkpoint that holds it
         checkpoint.save(
             ckpt_path,
             {
