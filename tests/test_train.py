@@ -1037,6 +1037,19 @@ def test_optimizer_routing_and_weight_decay_groups(routing):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_a_resume_without_metrics_jsonl_says_its_records_are_lost(corpus_file, tmp_path, capsys):
+    """metrics.jsonl deleted (or lost) before a resume: the run goes on from its checkpoint with no
+    records before it (the curves and the status start there), which it did without a word."""
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out), stop_after=4)
+    (out / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    assert train(tiny(corpus_file, out), resume=True)["finished"]
+    err = capsys.readouterr().err
+    assert f"no '{out / 'metrics.jsonl'}' (deleted?): the records of steps 1-4 are lost" in err, err
+    assert min(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 5
+
+
 def test_the_metrics_are_on_disk_before_each_checkpoint(corpus_file, tmp_path, monkeypatch):
     """A checkpoint is fsynced; the metrics records up to its step were only flushed: after a power loss
     or an OS crash the checkpoint could hold a later step than metrics.jsonl, and the resumed run had a

@@ -258,6 +258,13 @@ class Metrics:
                     file=sys.stderr,
                     flush=True,
                 )
+        elif keep_until_step:  # deleted or lost: the run goes on, its records before the checkpoint are gone
+            print(
+                f"htmuon: no '{self.jsonl}' (deleted?): the records of steps 1-{keep_until_step} are lost; "
+                f"it goes on from step {keep_until_step + 1}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.records = kept
         write_run_file(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         with _file_errors(self.csv):
