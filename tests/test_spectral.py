@@ -443,6 +443,19 @@ def test_bad_arguments(kwargs, match):
         spectral_power(torch.randn(4), 0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+@pytest.mark.parametrize("method", ["svd", "ns", "fast", "auto"])
+def test_non_real_floating_input_is_a_clear_error(dtype, method):
+    """(it failed deep in a backend: "torch.frexp() only supports floating-point dtypes", or "max_values_cpu
+    not implemented for 'ComplexFloat'")"""
+    G = torch.ones(4, 6).to(dtype)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"spectral_power expects a real floating-point tensor, got {name}"):
+        spectral_power(G, 0.125, method=method)
+    with pytest.raises(ValueError, match=rf"polar expects a real floating-point tensor, got {name}"):
+        polar(G)
+
+
 def test_register_backend_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         htmuon.register_backend("svd", lambda X, p, spectrum: X)

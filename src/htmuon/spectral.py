@@ -439,6 +439,16 @@ def ns_working_dtype(dtype: torch.dtype | str | None, device: torch.device) -> t
     return dtype
 
 
+def _check_real_floating(G: Tensor, name: str) -> None:
+    """A ValueError naming the dtype for an integer, bool or complex ``G`` (torch's own error comes from
+    deep inside a backend: ``torch.frexp() only supports floating-point dtypes``)."""
+    if not G.is_floating_point():
+        raise ValueError(
+            f"{name} expects a real floating-point tensor, got {str(G.dtype).replace('torch.', '')} "
+            "(cast it first, e.g. G.float())"
+        )
+
+
 def polar(
     G: Tensor,
     *,
@@ -477,6 +487,7 @@ def polar(
     """
     if G.ndim < 2:
         raise ValueError(f"polar expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
+    _check_real_floating(G, "polar")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"Invalid number of Newton-Schulz steps: {steps!r} (must be an integer >= 0)")
     a, b, c = coefficients
@@ -959,6 +970,7 @@ def spectral_map(
     the optimizer adds to its parameters as it is (the add upcasts it exactly)."""
     if G.ndim < 2:
         raise ValueError(f"spectral_power expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
+    _check_real_floating(G, "spectral_power")
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:  # NaN: refused
         raise ValueError(f"Invalid exponent p: {p!r} (must be a real number in [0, 1], not a bool or tensor)")
     if scale not in SCALES:
