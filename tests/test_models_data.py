@@ -6,7 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -255,6 +258,46 @@ def test_token_cache_is_reused_and_never_left_partial(corpus_file, tmp_path, mon
     calls["n"] = 1
     again = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
     assert again.cache == first.cache and (again.cache / "train.bin").stat().st_mtime_ns == mtime
+
+
+def test_a_killed_token_cache_build_is_removed_by_the_next_build_on_its_host(
+    corpus_file, tmp_path, monkeypatch
+):
+    """A build holds a lock in its temporary folder; a folder whose lock names a dead process on this
+    host is removed by the next build (it was left for ever, gigabytes for a large corpus); one of
+    another host, or without a lock, is left alone."""
+    import socket
+
+    import htmuon.train.data as data_mod
+
+    monkeypatch.setenv("HTMUON_CACHE", str(tmp_path / "cache"))
+    streams = tmp_path / "cache" / "streams"
+    held = []
+    real = data_mod.tokens_digest
+
+    def digest(*arrays):  # during the build: its lock is in its temporary folder, naming this process
+        held.extend(p.read_text().split() for p in streams.glob(f".*.tmp{os.getpid()}/build.lock"))
+        return real(*arrays)
+
+    monkeypatch.setattr(data_mod, "tokens_digest", digest)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = {}
+    for name, owner in (
+        ("killed", f"{dead.pid} {socket.gethostname()}"),
+        ("remote", "1 another-host"),
+        ("bare", None),
+    ):
+        folders[name] = d = streams / f".{name}.tmp{dead.pid}"
+        d.mkdir(parents=True)
+        (d / "train.bin").write_bytes(b"\0" * 1000)
+        if owner:
+            (d / "build.lock").write_text(owner + "\n")
+    s = build_token_streams(str(corpus_file), vocab_size=300, val_fraction=0.1)
+    assert not folders["killed"].exists()
+    assert folders["remote"].exists() and folders["bare"].exists()
+    assert held and all(owner == [str(os.getpid()), socket.gethostname()] for owner in held)
+    assert not (s.cache / "build.lock").exists() and not list(streams.glob(f".*.tmp{os.getpid()}"))
 
 
 def test_token_data_reads_windows_of_a_memmap(tmp_path):

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from htmuon.cli import UserError
+from htmuon.train.locks import acquire_lock, lock_is_stale, release_lock
 
 BUILTIN_CORPORA = {"shakespeare": "shakespeare.txt.gz"}
 CHUNK_CHARS = 8192
@@ -995,9 +996,12 @@ def build_token_streams(
         return _open_streams(final)
     if final.exists():  # (it appears complete, by a rename): damaged since
         raise _corrupt(final / "meta.json", "missing")
+    remove_killed_builds(final.parent)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    build_lock = tmp / BUILD_LOCK
     try:
         tmp.mkdir(parents=True, exist_ok=True)
+        acquire_lock(build_lock)  # (a leftover of a killed build: removed by the next build on this host)
         below = count_chunks_below(source, text_field, max_docs, k)
 
         def split_chunks():
@@ -1084,6 +1088,7 @@ def build_token_streams(
         meta.update({f"{s}_digest": tokens_digest(a) for s, a in streams.items()})
         del streams
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        release_lock(build_lock)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -1094,9 +1099,30 @@ def build_token_streams(
             f"cannot write the token cache under '{final.parent}': {e.strerror or e} (set HTMUON_CACHE)"
         ) from None
     finally:
+        release_lock(build_lock)  # (nothing if it was released above, or never taken)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return _open_streams(final)
+
+
+#: The lock a token-cache build holds in its temporary folder (``.KEY.tmpPID/build.lock``).
+BUILD_LOCK = "build.lock"
+
+
+def remove_killed_builds(folder: Path) -> list[Path]:
+    """Remove the temporary folders that token-cache builds killed on this host left in ``folder`` (a
+    build of a large corpus leaves gigabytes): those whose :data:`BUILD_LOCK` is stale
+    (:func:`htmuon.train.locks.lock_is_stale`: its process is dead). A build on another host sharing
+    the cache, or a folder without the lock (being made right now, or by an older htmuon), is
+    left alone. Returns the folders removed, each named on stderr."""
+    removed = []
+    for d in sorted(folder.glob(".*.tmp*")) if folder.is_dir() else []:
+        lock = d / BUILD_LOCK
+        if d.is_dir() and lock.exists() and lock_is_stale(lock):
+            shutil.rmtree(d, ignore_errors=True)
+            print(f"htmuon: removed '{d}', left by a token-cache build that was killed", file=sys.stderr)
+            removed.append(d)
+    return removed
 
 
 def load_token_data(cfg) -> tuple[TokenData, int, dict]:
