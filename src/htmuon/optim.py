@@ -325,9 +325,11 @@ class HTMuon(Optimizer):
     does not break the graph: a compiled step with a non-finite gradient or direction is skipped on
     the device (``torch.where`` masks every update; the AdamW part then uses the same math written
     with masks) and counted in :attr:`skipped_steps` instead of raising, as a raise needs the host to
-    read the flag. Give a scheduled lr as a tensor (torch's advice for compiled optimizers; a scheduler
-    then changes it in place): a compiled step reads no lr on the host, so neither a graph break nor a
-    recompile follows a change (a float lr is a constant of the graph: each new value recompiles).
+    read the flag (a count of this object's steps since it was made: not in :meth:`state_dict`, so a
+    resumed run counts from 0). Give a scheduled lr as a tensor (torch's advice for compiled
+    optimizers; a scheduler then changes it in place): a compiled step reads no lr on the host, so
+    neither a graph break nor a recompile follows a change (a float lr is a constant of the graph:
+    each new value recompiles).
     ``interval > 1`` reads the step count on the host (a graph break per step); the backends decide
     their own graph breaks (``ns``, ``eigh`` and the default have none; ``svd`` has one). Where the
     step breaks the graph, its finite check runs eagerly: a non-finite step raises
