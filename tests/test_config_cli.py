@@ -128,6 +128,11 @@ def test_compare_lists_the_presets_as_train_does(capsys):
     assert capsys.readouterr().out == listing
     assert listing.startswith("run presets (--preset):") and "model presets (--model): " in listing
     assert all(f"  {name} " in listing for name in RUN_PRESETS)
+    # every description starts in one column, also after the longest names (gpu-resnet50-cifar100 ran
+    # into its text, one space after it, where the shorter names were padded to 12)
+    rows = listing.split("model presets")[0].splitlines()[1:]
+    starts = {len(row) - len(row.split(None, 1)[1]) for row in rows}
+    assert len(rows) == len(RUN_PRESETS) and len(starts) == 1, rows
 
 
 def test_help_lists_switches(capsys):

@@ -130,8 +130,9 @@ def list_presets() -> None:
     from htmuon.train.presets import MODEL_PRESETS, RUN_PRESETS
 
     print("run presets (--preset):")
+    width = max(map(len, RUN_PRESETS))  # every description starts in one column
     for name, p in RUN_PRESETS.items():
-        print(f"  {name:12s} {p.description}")
+        print(f"  {name:{width}s}  {p.description}")
     print("model presets (--model): " + ", ".join(MODEL_PRESETS))
 
 
