@@ -30,6 +30,19 @@ def test_every_field_has_help_and_a_flag():
         assert f"{help_text} [default: {f.default}]" in text.replace("%%", "%")
 
 
+def test_p_and_method_help_name_each_optimizers_default():
+    """--method's help said "ns for muon, else auto" and --p's "0 for muon/normuon": normuon and adamuon
+    run ns too, and adamuon has p = 0."""
+    from htmuon.train.optimizers import HTMUON_NAMES, OPTIMIZERS
+
+    helps = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+    ns = re.search(r"ns for ([\w/-]+), else auto", helps["method"]).group(1).split("/")
+    zero = re.search(r"\(0 for ([\w/-]+),", helps["p"]).group(1).split("/")
+    assert sorted(ns) == sorted(n for n in HTMUON_NAMES if OPTIMIZERS[n]["method"] == "ns")
+    assert sorted(zero) == sorted(n for n in HTMUON_NAMES if OPTIMIZERS[n]["p"] == 0)
+    assert all(OPTIMIZERS[n]["p"] == 0.125 for n in HTMUON_NAMES if n.startswith("htmuon"))
+
+
 def test_boolean_switches():
     assert TrainConfig().alpha is True and TrainConfig().tensorboard is False
     cfg = parse("--no-alpha", "--tensorboard")

@@ -52,9 +52,14 @@ class TrainConfig:
         None,
         'lr of the AdamW part (norms, biases; embeddings + head under "standard"); None = preset\'s, or 1e-3',
     )
-    p: float | None = _key(None, "spectral power; None = the optimizer's (0 for muon/normuon, 0.125 htmuon)")
+    p: float | None = _key(
+        None,
+        "spectral power; None = the optimizer's (0 for muon/normuon/adamuon, 0.125 for the htmuon* names)",
+    )
     method: str | None = _key(
-        None, "auto | svd | eigh | fast | fast5 | ns; None = the optimizer's (ns for muon, else auto)"
+        None,
+        "auto | svd | eigh | fast | fast5 | ns; None = the optimizer's (ns for muon/normuon/adamuon, "
+        "else auto)",
     )
     spectrum: str | None = _key(None, "power | rank (the paper's \"HT\"); None = the optimizer's")
     scale: str = _key("raw", "raw (the paper's, faithful) | muon_rms (scale-invariant)")

@@ -30,8 +30,9 @@ biases to the AdamW part (what most Muon libraries do); "paper" also puts the to
 and the LM head in the HTMuon group, as the paper's LLaMA runs did. The default is "standard";
 the gpu-60m preset uses "paper" to match the paper's setup.
 
-Backend: the HTMuon names use the library default ``method="auto"`` (``eigh`` on CPU: the exact
-update to a few 1e-6, cheaper than Muon's NS5 there; ``fast`` on GPUs), as ``htmuon.HTMuon`` does;
+Backend: the HTMuon names use the library default ``method="auto"`` (``fast`` with bfloat16 work
+on GPUs and on CPUs with fast bfloat16 matmuls; ``eigh`` on other CPUs: the exact update to a few
+1e-6, cheaper than Muon's NS5 there), as ``htmuon.HTMuon`` does;
 ``--method svd`` gives the paper's exact-SVD path (``htmuon compare --optimizers htmuon:method=svd``).
 """
 
