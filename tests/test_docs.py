@@ -38,3 +38,20 @@ def test_relative_targets_reads_links_and_images():
 def test_every_link_resolves(doc):
     missing = [t for t in relative_targets(doc.read_text(encoding="utf-8")) if not (doc.parent / t).exists()]
     assert not missing, f"{doc.relative_to(ROOT)} links to missing files: {missing}"
+
+
+def test_harness_config_table_lists_every_key():
+    """docs/harness.md's "| group | keys |" table lists every TrainConfig key (it lacked wd_mode,
+    warmup_fraction, tokens_per_param and final_eval_batches)."""
+    from dataclasses import fields
+
+    from htmuon.train.config import TrainConfig
+
+    text = (ROOT / "docs" / "harness.md").read_text(encoding="utf-8")
+    table = text.split("| group | keys |", 1)[1].split("\n\n", 1)[0]
+    listed = set()
+    for name in re.findall(r"`([a-z_0-9/]+)`", table):
+        stem, _, tails = name.partition("1/")  # adamw_beta1/2
+        listed |= {f"{stem}1", f"{stem}{tails}"} if tails else {name}
+    missing = [f.name for f in fields(TrainConfig) if f.name not in listed]
+    assert not missing, f"docs/harness.md's config-key table lacks {missing}"
