@@ -55,3 +55,22 @@ def test_harness_config_table_lists_every_key():
         listed |= {f"{stem}1", f"{stem}{tails}"} if tails else {name}
     missing = [f.name for f in fields(TrainConfig) if f.name not in listed]
     assert not missing, f"docs/harness.md's config-key table lacks {missing}"
+
+
+def test_harness_quick_preset_row_gives_the_presets_lrs():
+    """The `quick` row of docs/harness.md's preset table names each optimizer's lrs as the preset
+    holds them (it said htmuon-interval's and htmuon-normuon's matrix lrs were carried "too", beside
+    HTMuon's 0.04, where the preset carries Muon's 0.01)."""
+    from htmuon.train.presets import RUN_PRESETS
+
+    quick = RUN_PRESETS["quick"]
+    text = (ROOT / "docs" / "harness.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `quick` |"))
+    names = {"AdamW": "adamw", "Muon": "muon", "HTMuon": "htmuon", "NorMuon": "normuon"}
+    found = dict(re.findall(r"\b(AdamW|Muon|HTMuon|NorMuon) \((?:lr )?([0-9.e-]+)", row))
+    assert set(found) == set(names), row
+    for title, lr in found.items():
+        assert float(lr) == quick.lrs[names[title]], title
+    for name in ("htmuon-interval", "htmuon-normuon"):
+        assert quick.lrs[name] == quick.lrs["muon"] and quick.adamw_lrs[name] == quick.adamw_lrs["htmuon"]
+    assert "htmuon-interval and htmuon-normuon carried, not tuned: Muon's matrix lr" in row
