@@ -118,7 +118,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "gives one N per step between consecutive models [N default: 3]",
     )
     parser.add_argument(
-        "--out-dir", dest="compare_out", metavar="DIR", help="grid folder [default: runs/compare-PRESET]"
+        "--out-dir",
+        dest="compare_out",
+        metavar="DIR",
+        help="grid folder [default: runs/compare-PRESET, or runs/compare-custom without --preset]",
     )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
     parser.add_argument("--list-presets", action="store_true", help="list the run and model presets and exit")
