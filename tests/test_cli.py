@@ -268,6 +268,31 @@ def test_train_refuses_flags_its_optimizer_ignores(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_config_file_keys_its_optimizer_ignores_are_named(capsys, tmp_path):
+    """``--config f.json`` with ``{"optimizer": "adamw", "p": 0.5}`` trained AdamW with p silently
+    ignored (and config.json recorded p 0.5). A file is not refused, as flags are: a run's saved
+    config.json holds every key and is a config file too; the keys set away from their defaults are
+    named in a note."""
+    from htmuon.train.cli import note_ignored_file_keys
+    from htmuon.train.config import make_config, to_dict
+    from htmuon.train.optimizers import resolve
+
+    f = tmp_path / "f.json"
+    f.write_text(json.dumps({"optimizer": "adamw", "p": 0.5, "method": "svd", "momentum": 0.95}))
+    note_ignored_file_keys(make_config(None, str(f)), str(f))
+    err = capsys.readouterr().err
+    assert f"note: p=0.5, method='svd' in '{f}': optimizer 'adamw' does not use it" in err, err
+    for optimizer, reused_as, noted in (
+        ("adamw", "adamw", False),
+        ("htmuon", "adamw", True),
+        ("htmuon", "htmuon", False),
+    ):
+        saved = tmp_path / f"{optimizer}.json"  # a run's config.json: every key, resolved
+        saved.write_text(json.dumps(to_dict(resolve(make_config(None, None, {"optimizer": optimizer})))))
+        note_ignored_file_keys(make_config(None, str(saved), {"optimizer": reused_as}), str(saved))
+        assert ("does not use it" in capsys.readouterr().err) == noted, (optimizer, reused_as)
+
+
 # ----------------------------------------------------------------------------- options reach the work
 
 

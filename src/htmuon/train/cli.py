@@ -13,6 +13,7 @@ Every config key (``htmuon.train.config.TrainConfig``) is a flag: ``lr`` -> ``--
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -97,6 +98,27 @@ def check_used_keys(optimizer: str, keys, where: str = "", flags: bool = False) 
         raise UserError(f"{where}{what}: optimizer '{optimizer}' does not use it ({why})")
 
 
+def note_ignored_file_keys(cfg, file: str) -> None:
+    """Say which HTMuon-family keys the config ``file`` sets, away from their defaults, that ``cfg``'s
+    optimizer (AdamW, a baseline) ignores: a note, not an error, since a run's saved ``config.json``
+    holds every key and is a config file too (an HTMuon run's, reused with ``--optimizer adamw``)."""
+    from htmuon.train.config import TrainConfig, read_config_file
+    from htmuon.train.optimizers import HTMUON_NAMES, OPTIMIZERS
+
+    if cfg.optimizer not in OPTIMIZERS or cfg.optimizer in HTMUON_NAMES:
+        return
+    given, default = read_config_file(file), TrainConfig()
+    ignored = [k for k in HTMUON_ONLY_KEYS if k in given and getattr(cfg, k) != getattr(default, k)]
+    if ignored and os.environ.get("RANK", "0") == "0":
+        what = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in ignored)
+        print(
+            f"htmuon: note: {what} in '{file}': optimizer '{cfg.optimizer}' does not use it (not of the "
+            "HTMuon family): ignored",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def get_preset(name: str | None):
     from htmuon.cli import UserError
     from htmuon.train.presets import RUN_PRESETS
@@ -150,6 +172,8 @@ def main(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     cfg = make_config(preset.config if preset else None, args.config, overrides, strings=True)
     check_used_keys(cfg.optimizer, [k for k in overrides if k != "optimizer"], flags=True)
+    if args.config:
+        note_ignored_file_keys(cfg, args.config)
     summary = train(
         cfg,
         resume="required" if args.resume else False,  # --resume of a folder without a run: an error
