@@ -539,3 +539,40 @@ def test_compiled_step_inside_autocast_is_one_graph_and_the_eager_step():
     torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
     # traced (not run eagerly), one graph after the state-creating first step, no recompile as it runs
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_float16_adamw_part_is_computed_in_float32_as_torchs_fused_kernel():
+    """torch's for-loop and foreach AdamW compute a float16 parameter's update in float16, where eps
+    and the square of a gradient of 1e-4 round to 0: ``torch.optim.AdamW`` sets such a parameter to
+    -inf, and HTMuon's AdamW part (the same kernels) did too. It is computed in float32 now, state kept
+    in float16, as torch's fused kernel does: the same values to float16's rounding, eager and in the
+    masked math of compiled steps."""
+    from htmuon import functional as F
+
+    plain = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    plain.grad = torch.full((4,), 1e-4, dtype=torch.float16)
+    torch.optim.AdamW([plain], lr=0.02).step()
+    assert not plain.isfinite().any()  # what was wrong (torch's unfused kernel)
+    grads = [torch.full((4,), 1e-4 * (k + 1), dtype=torch.float16) for k in range(3)]
+    b = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    W = nn.Parameter(torch.randn(8, 8, dtype=torch.float16))
+    opt = HTMuon([W, b], lr=0.02, weight_decay=0.1)
+    for g in grads:
+        W.grad, b.grad = torch.randn(8, 8, dtype=torch.float16), g.clone()
+        opt.step()
+    assert b.isfinite().all() and opt.state[b]["exp_avg_sq"].dtype == torch.float16
+    hyper = dict(lr=0.02, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
+    p32, m32, v32 = (torch.zeros(4) for _ in range(3))
+    eager, masked = [nn.Parameter(torch.zeros(4, dtype=torch.float16)) for _ in range(2)]
+    state = {id(p): (torch.zeros_like(p), torch.zeros_like(p), torch.zeros(())) for p in (eager, masked)}
+    for step, g in enumerate(grads, 1):  # float32 math on float16-rounded state: the reference, by hand
+        m32, v32 = m32.lerp(g.float(), 0.1), v32 * 0.95 + 0.05 * g.float() ** 2
+        denom = v32.sqrt() / (1 - 0.95**step) ** 0.5 + 1e-10
+        p32 = (p32 * (1 - 0.02 * 0.1) - 0.02 / (1 - 0.9**step) * m32 / denom).half().float()
+        m32, v32 = m32.half().float(), v32.half().float()  # (kept in float16)
+        for p, run in ((eager, F.adamw), (masked, F.adamw_masked)):
+            m, v, t = state[id(p)]
+            extra = (torch.tensor(True),) if run is F.adamw_masked else ()
+            run([p.data], [g], [m], [v], [t], *extra, **hyper)
+    for p in (b, eager, masked):
+        torch.testing.assert_close(p.detach().float(), p32, rtol=2e-3, atol=1e-6)

@@ -529,9 +529,30 @@ def adamw(
     fused: bool | None = None,
 ) -> None:
     """The AdamW part: torch's own functional AdamW (``torch.optim.adamw.adamw``; foreach / fused where
-    torch picks or is told), so the numbers are ``torch.optim.AdamW``'s with the same hyperparameters."""
+    torch picks or is told), so the numbers are ``torch.optim.AdamW``'s with the same hyperparameters.
+
+    float16 parameters (unless ``fused``) are updated in float32, their state kept in float16, as
+    torch's fused kernel does: torch's foreach and for-loop kernels compute in float16, where ``eps``
+    (torch's 1e-8, the AdamW part's 1e-10) and the square of a gradient below ~1e-3 round to 0, and
+    the update is inf or NaN (``torch.optim.AdamW`` on a float16 parameter whose gradient is 1e-4 sets
+    it to -inf). The float32 copies are transient: twice the float16 parameters' bytes, four times.
+    """
     from torch.optim.adamw import adamw as torch_adamw
 
+    half = [] if fused else [i for i, p in enumerate(params) if p.dtype == torch.float16]
+    if half:
+        hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        up = [[t[i].float() for i in half] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        adamw(*up, [steps[i] for i in half], **hyper)
+        for dst, src in zip((params, exp_avgs, exp_avg_sqs), (up[0], up[2], up[3])):
+            for i, value in zip(half, src):
+                dst[i].copy_(value)
+        if len(half) == len(params):
+            return
+        rest = [i for i in range(len(params)) if i not in set(half)]
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            [t[i] for i in rest] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)
+        )
     torch_adamw(
         params,
         grads,
@@ -575,13 +596,18 @@ def adamw_masked(
     """
     beta1, beta2 = betas
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        # float16 in float32, as adamw computes it (in float16 eps and small squares round to 0)
+        P, G, M, V = (x.float() for x in (p, g, m, v)) if p.dtype == torch.float16 else (p, g, m, v)
         t.add_(ok.to(t.dtype))
-        m.copy_(torch.where(ok, m.lerp(g, 1.0 - beta1), m))
-        v.copy_(torch.where(ok, v * beta2 + (1.0 - beta2) * g * g, v))
+        M = torch.where(ok, M.lerp(G, 1.0 - beta1), M)
+        V = torch.where(ok, V * beta2 + (1.0 - beta2) * G * G, V)
         bias1 = 1.0 - beta1**t
         bias2_sqrt = (1.0 - beta2**t).sqrt()
-        update = m / (v.sqrt() / bias2_sqrt + eps) * (lr / bias1)
-        p.copy_(torch.where(ok, p * (1.0 - lr * weight_decay) - update, p))
+        update = M / (V.sqrt() / bias2_sqrt + eps) * (lr / bias1)
+        P = torch.where(ok, P * (1.0 - lr * weight_decay) - update, P)
+        m.copy_(M)
+        v.copy_(V)
+        p.copy_(P)
 
 
 # --------------------------------------------------------------------------------------------
