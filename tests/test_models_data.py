@@ -300,6 +300,42 @@ def test_a_killed_token_cache_build_is_removed_by_the_next_build_on_its_host(
     assert not (s.cache / "build.lock").exists() and not list(streams.glob(f".*.tmp{os.getpid()}"))
 
 
+def test_a_live_token_cache_build_whose_pid_is_not_alive_here_is_left_alone(tmp_path):
+    """A build in another PID namespace under this host name (containers with the host's network share
+    its name) holds its lock's flock, but its PID is not alive here: its folder was removed as a killed
+    build's, under the live build."""
+    import socket
+
+    from htmuon.train.data import remove_killed_builds
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    d = tmp_path / f".key.tmp{dead.pid}"
+    d.mkdir()
+    lock = d / "build.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(lock)!r}, os.O_CREAT | os.O_WRONLY, 0o644)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            f"os.write(fd, b'{dead.pid} {socket.gethostname()}\\n')\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert remove_killed_builds(tmp_path) == [] and d.exists()
+    finally:
+        holder.communicate()  # (its stdin closed: it exits)
+    assert remove_killed_builds(tmp_path) == [d] and not d.exists()  # its holder gone: removed
+
+
 def test_token_data_reads_windows_of_a_memmap(tmp_path):
     arr = np.arange(1000, dtype=np.uint16)
     arr.tofile(tmp_path / "t.bin")

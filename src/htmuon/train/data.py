@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from htmuon.cli import UserError
-from htmuon.train.locks import acquire_lock, lock_is_stale, release_lock
+from htmuon.train.locks import _unheld, acquire_lock, lock_is_stale, release_lock
 
 BUILTIN_CORPORA = {"shakespeare": "shakespeare.txt.gz"}
 CHUNK_CHARS = 8192
@@ -1112,13 +1112,15 @@ BUILD_LOCK = "build.lock"
 def remove_killed_builds(folder: Path) -> list[Path]:
     """Remove the temporary folders that token-cache builds killed on this host left in ``folder`` (a
     build of a large corpus leaves gigabytes): those whose :data:`BUILD_LOCK` is stale
-    (:func:`htmuon.train.locks.lock_is_stale`: its process is dead). A build on another host sharing
-    the cache, or a folder without the lock (being made right now, or by an older htmuon), is
+    (:func:`htmuon.train.locks.lock_is_stale`: its process is dead) and whose ``flock`` no live process
+    holds. A build on another host sharing the cache, one whose flock is held (a live build in another
+    PID namespace under this host name: containers with the host's network share its name, so its PID
+    is not alive here), or a folder without the lock (being made right now, or by an older htmuon), is
     left alone. Returns the folders removed, each named on stderr."""
     removed = []
     for d in sorted(folder.glob(".*.tmp*")) if folder.is_dir() else []:
         lock = d / BUILD_LOCK
-        if d.is_dir() and lock.exists() and lock_is_stale(lock):
+        if d.is_dir() and lock.exists() and lock_is_stale(lock) and _unheld(lock):
             shutil.rmtree(d, ignore_errors=True)
             print(f"htmuon: removed '{d}', left by a token-cache build that was killed", file=sys.stderr)
             removed.append(d)
