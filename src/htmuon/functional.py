@@ -549,7 +549,7 @@ def adamw(
                 dst[i].copy_(value)
         if len(half) == len(params):
             return
-        rest = [i for i in range(len(params)) if i not in set(half)]
+        rest = [i for i, p in enumerate(params) if p.dtype != torch.float16]  # (not a set per index)
         params, grads, exp_avgs, exp_avg_sqs, steps = (
             [t[i] for i in rest] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)
         )
