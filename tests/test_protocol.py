@@ -473,6 +473,36 @@ def test_cell_lock_exclusive_released_and_stale_taken_over(tmp_path):
     locks.release_lock(lock)
 
 
+def test_a_lock_whose_pid_is_not_alive_here_but_whose_flock_is_held_is_not_taken_over(tmp_path):
+    """A process in another PID namespace under this host name (containers on the host's network)
+    holds its lock's flock, but its PID is not alive here: its lock was taken over as a dead process's,
+    so two processes ran the same cell. Held while the flock is; taken over once its holder is gone."""
+    lock = tmp_path / "cell.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            f"fd = os.open({str(lock)!r}, os.O_CREAT | os.O_WRONLY, 0o644)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            f"os.write(fd, b'{_dead_pid()} {socket.gethostname()}\\n')\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert not locks.lock_is_stale(lock) and not locks.acquire_lock(lock)
+    finally:
+        holder.communicate()  # (its stdin closed: it exits, and the kernel drops its flock)
+    assert locks.lock_is_stale(lock) and locks.acquire_lock(lock)
+    locks.release_lock(lock)
+    assert not lock.exists()
+
+
 def test_a_lock_naming_this_process_that_it_did_not_take_is_stale(tmp_path, monkeypatch):
     """A run killed while it was PID 1 of a container (its entrypoint) leaves "1 HOST"; the restarted
     container's process is PID 1 again on the same host name and finds its own PID in the lock. It did

@@ -3,7 +3,8 @@
 folder at once.
 
 A lock is a file created with ``O_EXCL`` holding ``"PID HOST"``. A lock whose process is dead (on this
-host) is taken over; so is one that names this very process (its PID on this host) but that this
+host), and whose ``flock`` no live process holds (a process of another PID namespace under this host
+name does), is taken over; so is one that names this very process (its PID on this host) but that this
 process did not take and that no live process holds: a run killed while it was PID 1 of a container
 finds its own PID in its lock when the container restarts. Every taker keeps an ``flock`` on its lock
 file (and the file open, so its inode is not reused) until it releases it; the kernel drops a dead
@@ -80,7 +81,9 @@ def holds_lock(path: Path) -> bool:
 
 
 def lock_is_stale(path: Path) -> bool:
-    """True when the lock at ``path`` is gone or left behind: it names a dead process on this host, or
+    """True when the lock at ``path`` is gone or left behind: it names a process not alive on this host
+    whose lock no live process holds the ``flock`` of (:func:`_flock_held`: one in another PID
+    namespace under this host name does), or
     this process's own PID on this host although this process did not take it and no live process
     holds its flock (a PID reused, e.g. a restarted container's PID 1: :func:`_unheld`), or it cannot
     be parsed and is older than :data:`UNPARSABLE_STALE_S`.
@@ -98,7 +101,9 @@ def lock_is_stale(path: Path) -> bool:
         return False  # a process on another host cannot be checked: held
     if pid == os.getpid():  # this PID, on this host: ours, a leftover, or another namespace's process
         return ident not in _taken and _unheld(path)
-    return not _alive(pid)
+    # a PID not alive here may be alive in another PID namespace under this host name (containers on the
+    # host's network): its flock, which the kernel shows across namespaces, says so
+    return not _alive(pid) and not _flock_held(path)
 
 
 def _unheld(path: Path) -> bool:
@@ -107,18 +112,33 @@ def _unheld(path: Path) -> bool:
     every PID namespace, so a live process of another container that reports the same PID and host
     (PID 1 of two containers on the host's network) still holds its lock. False where it cannot tell
     (no ``flock`` on this file system): held."""
+    return _flock_state(path) == "free"
+
+
+def _flock_held(path: Path) -> bool:
+    """True when a live process holds the ``flock`` of the lock file at ``path`` (every taker keeps
+    one: :func:`_create`); False when none does, or where it cannot tell (no ``flock`` here: the PID
+    and host alone decide, as before)."""
+    return _flock_state(path) == "held"
+
+
+def _flock_state(path: Path) -> str:
+    """``"held"`` (a live process holds the file's ``flock``), ``"free"`` (none does, or the file is
+    gone) or ``"unknown"`` (no ``flock`` on this file system), by a non-blocking probe."""
     if fcntl is None:
-        return False
+        return "unknown"
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return True
+        return "free"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held (BlockingIOError), or no flock here: cannot tell, so held
-        return False
+    except BlockingIOError:
+        return "held"
+    except OSError:  # no flock on this file system
+        return "unknown"
     else:
-        return True
+        return "free"
     finally:
         os.close(fd)  # (drops the probe's own flock, if it got one)
 
