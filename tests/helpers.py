@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,28 @@ import pytest
 import torch
 
 from htmuon.torchrun import fsdp_refusal
+
+
+@contextlib.contextmanager
+def flock_held_elsewhere(lock: Path, text: str):
+    """While the block runs, another process holds an ``flock`` on ``lock`` (created holding ``text``):
+    a lock's live taker as seen from another PID namespace when ``text`` names a PID not alive here."""
+    code = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(lock)!r}, os.O_CREAT | os.O_WRONLY, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        f"os.write(fd, {(text + chr(10)).encode()!r})\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.communicate()  # (its stdin closed: it exits, and the kernel drops its flock)
 
 
 def load_script(name: str):

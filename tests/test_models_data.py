@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from helpers import TINY_RUN  # noqa: E402
+from helpers import TINY_RUN, flock_held_elsewhere  # noqa: E402
 from htmuon.cli import UserError  # noqa: E402
 from htmuon.train.config import TrainConfig  # noqa: E402
 from htmuon.train.data import (  # noqa: E402
@@ -313,26 +313,8 @@ def test_a_live_token_cache_build_whose_pid_is_not_alive_here_is_left_alone(tmp_
     d = tmp_path / f".key.tmp{dead.pid}"
     d.mkdir()
     lock = d / "build.lock"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time\n"
-            f"fd = os.open({str(lock)!r}, os.O_CREAT | os.O_WRONLY, 0o644)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            f"os.write(fd, b'{dead.pid} {socket.gethostname()}\\n')\n"
-            "print('held', flush=True)\n"
-            "sys.stdin.read()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with flock_held_elsewhere(lock, f"{dead.pid} {socket.gethostname()}"):
         assert remove_killed_builds(tmp_path) == [] and d.exists()
-    finally:
-        holder.communicate()  # (its stdin closed: it exits)
     assert remove_killed_builds(tmp_path) == [d] and not d.exists()  # its holder gone: removed
 
 

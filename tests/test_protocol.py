@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import TINY_RUN, flags, load_script  # noqa: E402
+from helpers import TINY_RUN, flags, flock_held_elsewhere, load_script  # noqa: E402
 from htmuon.cli import UserError  # noqa: E402
 from htmuon.train import checkpoint, locks  # noqa: E402
 from htmuon.train import compare as cmp  # noqa: E402
@@ -478,26 +478,8 @@ def test_a_lock_whose_pid_is_not_alive_here_but_whose_flock_is_held_is_not_taken
     holds its lock's flock, but its PID is not alive here: its lock was taken over as a dead process's,
     so two processes ran the same cell. Held while the flock is; taken over once its holder is gone."""
     lock = tmp_path / "cell.lock"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys\n"
-            f"fd = os.open({str(lock)!r}, os.O_CREAT | os.O_WRONLY, 0o644)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            f"os.write(fd, b'{_dead_pid()} {socket.gethostname()}\\n')\n"
-            "print('held', flush=True)\n"
-            "sys.stdin.read()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with flock_held_elsewhere(lock, f"{_dead_pid()} {socket.gethostname()}"):
         assert not locks.lock_is_stale(lock) and not locks.acquire_lock(lock)
-    finally:
-        holder.communicate()  # (its stdin closed: it exits, and the kernel drops its flock)
     assert locks.lock_is_stale(lock) and locks.acquire_lock(lock)
     locks.release_lock(lock)
     assert not lock.exists()
