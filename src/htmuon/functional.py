@@ -535,7 +535,8 @@ def adamw(
     torch's fused kernel does: torch's foreach and for-loop kernels compute in float16, where ``eps``
     (torch's 1e-8, the AdamW part's 1e-10) and the square of a gradient below ~1e-3 round to 0, and
     the update is inf or NaN (``torch.optim.AdamW`` on a float16 parameter whose gradient is 1e-4 sets
-    it to -inf). The float32 copies are transient: twice the float16 parameters' bytes, four times.
+    it to -inf). The float32 copies are transient: four tensors (parameter, gradient, both moments) of
+    twice the float16 parameters' bytes each.
     """
     from torch.optim.adamw import adamw as torch_adamw
 
