@@ -850,3 +850,11 @@ def test_numpy_reals_and_tensor_hyperparameters_are_taken_as_torch_optim_takes_t
     assert [g["interval"] for g in opt.param_groups] == [2, 2, 3]
     with pytest.raises(ValueError, match=r"Invalid interval: 0 \(must be an integer >= 1\)"):
         HTMuon(model.parameters(), interval=np.int64(0))
+    # NumPy bools for the flags (they were refused as "must be True or False"); other values still are
+    flags = dict(nesterov=np.bool_(False), batch_3d=np.bool_(True), check_finite=np.bool_(False))
+    opt = HTMuon(model.parameters(), **flags)
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "nesterov": np.bool_(True)})
+    assert all(type(g[k]) is bool for g in opt.param_groups for k in flags)
+    assert [g["nesterov"] for g in opt.param_groups] == [False, False, True]
+    with pytest.raises(ValueError, match=r"Invalid nesterov: (np\.int64\()?1\)? \(must be True or False\)"):
+        HTMuon(model.parameters(), nesterov=np.int64(1))

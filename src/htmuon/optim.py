@@ -143,6 +143,11 @@ def _scalar(v: Any) -> Any:
     return v.squeeze() if isinstance(v, Tensor) and v.dim() != 0 else v
 
 
+def _is_numpy_bool(v: Any) -> bool:
+    """A NumPy bool scalar (``np.bool_``; NumPy is not imported for it: torch runs without NumPy)."""
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")
+
+
 def _number(v: Any) -> float:
     return float(v.item()) if isinstance(v, Tensor) else float(v)
 
@@ -521,6 +526,8 @@ class HTMuon(Optimizer):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(key, "must be an integer >= 1" + (" or 'auto'" if key == "chunk_bytes" else ""))
         for key in ("nesterov", "batch_3d", "check_finite"):
+            if _is_numpy_bool(g[key]):
+                g[key] = bool(g[key])  # a NumPy bool (a config sweep's value): a Python bool, as NumPy ints
             if not isinstance(g[key], bool):
                 raise bad(key, "must be True or False")
 
