@@ -179,6 +179,35 @@ def test_batched_equals_per_matrix():
         torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tall", [False, True], ids=["wide", "tall"])
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_polar_map_of_a_small_matrix_does_not_depend_on_its_batch(ns_dtype, tall):
+    """spectral_power(G, 0, method="ns") on CPU skips the prescale where max |X_ij| >= 2^-20 (Muon's
+    eps floor on ||X||_F can then not act). That was decided on the whole batch's maximum: a matrix
+    with ||G||_F below 1e-7 beside ordinary ones got G / eps through the iteration (rel. error 0.16 at
+    entries ~1e-9, 0.98 at ~1e-12, a zero update at ~1e-20) where alone, or on an accelerator, it got
+    its polar factor, as every other scale does. A stacked-experts parameter whose expert gets no
+    gradient (its momentum decays) took HTMuon(p=0, method="ns") steps that depended on its neighbours."""
+    from htmuon.spectral import accelerator_paths
+
+    g = torch.Generator().manual_seed(7)
+    G = torch.randn(3, 16, 24, generator=g)
+    G = G.mT if tall else G
+    for k in (-30, -40, -70):  # ||G_1||_F about 2e-8, 2e-11, 2e-20: below the floor
+        X = G.clone()
+        X[1] *= 2.0**k
+        batched = spectral_power(X, 0.0, method="ns", ns_dtype=ns_dtype)
+        alone = spectral_power(X[1], 0.0, method="ns", ns_dtype=ns_dtype)
+        unscaled = spectral_power(G[1], 0.0, method="ns", ns_dtype=ns_dtype)  # the power-of-two scale law
+        with accelerator_paths():
+            accelerator = spectral_power(X, 0.0, method="ns", ns_dtype=ns_dtype)
+        for ref in (alone, unscaled, accelerator[1]):
+            assert rel_err(batched[1].double(), ref.double()) < 1e-2, k
+        for i in (0, 2):  # the ordinary matrices keep their result
+            single = spectral_power(X[i], 0.0, method="ns", ns_dtype=ns_dtype)
+            assert rel_err(batched[i].double(), single.double()) < 1e-5
+
+
 def test_rank_spectrum():
     G = matrix_with_spectrum(log_spectrum(20), 20, 30, seed=5)
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)

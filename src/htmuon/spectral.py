@@ -546,8 +546,10 @@ def _cpu_polar(
     batch is not finite: the caller's finite check refuses it), the exact power-of-two prescale would
     change no bit of the result, so the iteration runs on the cast batch as it is -- Muon's own
     operations, one 2-D product per matrix. This saves the float32 multiply over the whole batch.
-    ``min_abs``: also take the prescaled path where ``max |X_ij|`` is below it. float16 work always
-    takes the prescaled path (its range is too narrow for the raw batch's norm).
+    ``min_abs``: also take the prescaled path where ``max |X_ij|`` of any one matrix of the batch is
+    below it (decided per matrix: a batch's largest entry says nothing of a small matrix beside it,
+    whose result would then depend on its neighbours). float16 work always takes the prescaled path
+    (its range is too narrow for the raw batch's norm).
     """
     a, b, c = coefficients
     if narrow_range(dtype or G.dtype):
@@ -556,11 +558,16 @@ def _cpu_polar(
         # (decided before the cast and the aminmax, which that path would not use)
         return None
     X = G if dtype is None or G.dtype == dtype else G.to(dtype)
-    amax = abs_max(X)
-    if amax > POLAR_PLAIN_MAX or amax < min_abs:  # NaN compares False: the plain path
-        return None
     m, n = X.shape[-2:]
     mats = X.reshape(-1, m, n)
+    if min_abs > 0.0 and mats.size(0) > 1:
+        # the smallest matrix decides the floor: per-matrix maxima (two reductions, 3-D batches only)
+        per = torch.maximum(mats.amax(dim=(-2, -1)), -mats.amin(dim=(-2, -1)))
+        amax, amin = per.max().item(), per.min().item()
+    else:
+        amax = amin = abs_max(X)
+    if amax > POLAR_PLAIN_MAX or amin < min_abs:  # NaN compares False: the plain path
+        return None
     fresh = X is not G  # the cast is ours: normalise it in place, as torch.optim.Muon does
     # the last step writes each matrix into its slice of the output, wide as the iteration runs (a
     # tall batch comes back as its transposed view, as a single matrix does): no stacking pass
