@@ -166,6 +166,32 @@ def test_second_moment_plugins_match_formula(plugin):
     torch.testing.assert_close(stored.double().squeeze(0), v, rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("plugin", ["normuon", "adamuon"])
+def test_second_moment_plugins_keep_a_zero_direction_zero(plugin, dtype):
+    """A matrix whose momentum direction is exactly zero (a zero gradient at the first step: the layer
+    before a zero-initialised projection, an expert that got no tokens) gets a zero update. AdaMuon
+    rescaled it by sqrt(min(m, n)) / tiny, which overflows to inf once min(m, n) >= 16, and 0 * inf
+    made the parameter NaN, silently (the finite check runs on the direction before the plug-in); a
+    compiled step skipped the whole step instead, every parameter, on every such step."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(3, 16, 24, generator=g, dtype=dtype)
+    W = torch.nn.Parameter(W0.clone())
+    opt = HTMuon([W], lr=0.05, p=0.125, method="svd", plugin=plugin, algorithm="htmuon")
+    grad = torch.randn(3, 16, 24, generator=g, dtype=dtype)
+    grad[1] = 0.0  # one expert of the stack without gradient
+    W.grad = grad
+    opt.step()
+    assert torch.isfinite(W).all()
+    assert torch.equal(W.detach()[1], W0[1])
+    alone = torch.nn.Parameter(W0[[0, 2]].clone())  # the others as they are without it
+    alone.grad = grad[[0, 2]].clone()
+    HTMuon([alone], lr=0.05, p=0.125, method="svd", plugin=plugin, algorithm="htmuon").step()
+    torch.testing.assert_close(W.detach()[[0, 2]], alone.detach(), rtol=1e-5, atol=1e-6)
+    for state in opt.state.values():
+        assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+
+
 def test_adamuon_plugin_is_adamuon_as_published():
     """AdaMuon (Si et al., Algorithm 1; its reference code orthogonalises torch.sign of the Nesterov
     momentum, keeps an element-wise EMA of the squared result, divides by its root and scales the

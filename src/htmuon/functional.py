@@ -451,7 +451,10 @@ def second_moment_normalize(
         target = sq.sum(dim=(-2, -1), keepdim=True).sqrt()
     else:
         target = math.sqrt(min(O.shape[-2:]))
-    ratio = target / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(O.dtype).tiny)
+    # a zero direction (AdaMuon's sign of an all-zero momentum: a zero gradient at the first step)
+    # stays zero: target / tiny overflows to inf for min(m, n) >= 16, and 0 * inf is NaN
+    norm = normalized.norm(dim=(-2, -1), keepdim=True)
+    ratio = torch.where(norm > 0, target / norm.clamp_min(torch.finfo(O.dtype).tiny), 0.0)
     return normalized * ratio, v_new
 
 
