@@ -561,8 +561,11 @@ def _cpu_polar(
     m, n = X.shape[-2:]
     mats = X.reshape(-1, m, n)
     if min_abs > 0.0 and mats.size(0) > 1:
-        # the smallest matrix decides the floor: per-matrix maxima (two reductions, 3-D batches only)
-        per = torch.maximum(mats.amax(dim=(-2, -1)), -mats.amin(dim=(-2, -1)))
+        # the smallest matrix decides the floor: each matrix's max |X_ij| from one aminmax pass over
+        # the batch (a reduction over both matrix dims: a transposed batch is read as its contiguous mT)
+        dense = mats.mT if not mats.is_contiguous() and mats.mT.is_contiguous() else mats
+        lo, hi = torch.aminmax(dense.reshape(dense.size(0), -1), dim=1)
+        per = torch.maximum(hi, -lo)
         amax, amin = per.max().item(), per.min().item()
     else:
         amax = amin = abs_max(X)
