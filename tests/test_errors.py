@@ -306,7 +306,22 @@ def test_nan_momentum_in_state_refuses_the_step():
     model, opt = _trained(method="ns")  # ns would let NaN flow through without the check
     opt.state[model[2].weight]["momentum_buffer"][0, 0] = float("nan")
     snap = _snapshot(model, opt)
-    with pytest.raises(NonFiniteGradientError, match=r"momentum buffer holds NaN"):
+    with pytest.raises(NonFiniteGradientError, match=r"updated buffer, or its Nesterov blend\) holds NaN"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize("method", ["ns", "fast", "eigh"])
+def test_momentum_that_overflows_from_finite_values_refuses_the_step(method):
+    """A finite buffer and a finite gradient of opposite signs near float32's range: the momentum update
+    overflows. The step is refused, nothing changes, and the message does not blame the buffer alone."""
+    model, opt = _trained(method=method)
+    W = model[2].weight
+    opt.state[W]["momentum_buffer"].fill_(3e38)
+    W.grad.fill_(-3e38)
+    assert torch.isfinite(W.grad).all()
+    snap = _snapshot(model, opt)
+    with pytest.raises(NonFiniteGradientError, match=r"finite values near the dtype's range that overflowed"):
         opt.step()
     _assert_unchanged(model, opt, snap)
 

@@ -344,7 +344,8 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
     (with ``check``) returns NaN/Inf on finite input; refuses non-finite input.
 
     Raises:
-        NonFiniteGradientError: ``mats`` itself holds NaN/Inf (e.g. a corrupted momentum buffer).
+        NonFiniteGradientError: ``mats`` itself holds NaN/Inf (a corrupted momentum buffer, or a finite
+            buffer and gradient near the dtype's range whose momentum update overflowed).
         RuntimeError: the exact rule fails too.
     """
     if no_host_reads(mats):  # compiled: the step masks on isfinite instead; meta: no values to check
@@ -359,7 +360,8 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
     if not is_finite(mats):
         raise NonFiniteGradientError(
             f"non-finite momentum direction (NaN or Inf) in a {tuple(mats.shape)} matrix batch: the "
-            "momentum buffer holds NaN/Inf; the step was refused"
+            "momentum with this gradient (the updated buffer, or its Nesterov blend) holds NaN/Inf: a "
+            "corrupted buffer, or finite values near the dtype's range that overflowed; the step was refused"
         )
     method = group["method"] if corrected else "ns (polar)"
     warnings.warn(
