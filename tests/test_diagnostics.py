@@ -936,3 +936,45 @@ def test_a_gram_product_under_autocast_stays_in_the_compute_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = analyze(model, method="gram", dtype=torch.float32).alphas
     assert got == pytest.approx(ref, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- extreme magnitudes
+
+
+def test_log_alpha_norm_is_finite_where_sum_lambda_to_the_alpha_overflows():
+    """``log10 sum lambda^alpha`` was reported as inf once ``lambda^alpha`` passed float64's range
+    (eigenvalues ~1e182 here, alpha ~2; eigenvalues ~1e62 from float32 weights ~1e30 with alpha ~6),
+    and as NaN once it fell below it; computed in log space it is the unscaled layer's value plus
+    ``2 alpha log10(c)`` (W -> c W scales every eigenvalue by c^2 and leaves alpha alone)."""
+    W = matrix_with_spectrum(power_spectrum(64, 0.5), 96, seed=11)
+    c = 2.0**300  # exact in floating point
+    base = analyze(W).rows[0]
+    big = analyze(c * W).rows[0]
+    assert big["alpha"] == pytest.approx(base["alpha"], rel=1e-9)
+    assert math.isfinite(big["log_alpha_norm"])
+    expected = base["log_alpha_norm"] + 2 * big["alpha"] * math.log10(c)
+    assert big["log_alpha_norm"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_eigenvalues_beyond_the_compute_dtype_are_a_clear_error_naming_the_layer(method):
+    """float32 weights ~1e30 have eigenvalues ~1e62, beyond float32 (the default compute dtype on a
+    GPU): that was a bare "evals contain NaN or Inf" (svd) or a LinAlgError (gram), naming no layer;
+    it is a ValueError naming the layer and the way out. Eigenvalues that fit (weights ~6e17,
+    lambda ~1e38) are computed as in float64; float64 weights ~1e200 fail the same way. (Scales are
+    powers of two: the scaled weights are exact.)"""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 64, generator=g)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+        model[1].weight.copy_(W * 2.0**100)
+    with pytest.raises(ValueError, match=r"layer '1'.*float32.*dtype=torch.float64"):
+        analyze(model, dtype=torch.float32, method=method)
+    ref = analyze(model)  # float64: lambda ~1e62 fits
+    assert ref.rows[1]["alpha"] == pytest.approx(ref.rows[0]["alpha"], rel=1e-9)
+    near = analyze(W * 2.0**59, dtype=torch.float32, method=method).rows[0]
+    assert near["alpha"] == pytest.approx(ref.rows[0]["alpha"], rel=1e-3)
+    assert near["spectral_norm"] == pytest.approx(ref.rows[0]["spectral_norm"] * 2.0**118, rel=1e-4)
+    with pytest.raises(ValueError, match=r"layer 'tensor'.*float64.*scale its weights down"):
+        analyze(W.double() * 2.0**700, method=method)

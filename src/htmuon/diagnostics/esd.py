@@ -581,8 +581,16 @@ def _batched_eigenvalues(
                 parts = [p.to(dtype) for p in parts]
             mats = torch.stack(parts).to(dtype)  # stack in the weights' dtype, convert once
             del parts
+            shifts = _overflow_shifts(mats)
+            for j, k in shifts:  # (a copy: stack made one)
+                _scale_pow2(mats[j], -k)
             ev = _eigs(mats.reshape(-1, *shape[-2:]), method).reshape(len(chunk), -1)
             del mats
+            for j, k in shifts:
+                top = float(ev[j].max())  # of W / 2^k
+                _scale_pow2(ev[j], 2 * k)
+                if not bool(torch.isfinite(ev[j]).all()):
+                    raise _overflow_error(layers[chunk[j]], top, k, dtype)
             ev = torch.sort(ev, dim=1).values
             for j, i in enumerate(chunk):
                 e = ev[j]
@@ -591,6 +599,46 @@ def _batched_eigenvalues(
                     e = e[-L.keep_top :]
                 out[i] = e * L.scale if L.scale != 1.0 else e
     return out  # type: ignore[return-value]
+
+
+#: Powers of two of headroom kept below the compute dtype's largest value: a layer whose eigenvalues
+#: could come closer (``a * b * max|w|^2`` bounds them) is computed scaled by a power of two.
+_OVERFLOW_HEADROOM = 16
+
+
+def _overflow_shifts(mats: Tensor) -> list[tuple[int, int]]:
+    """``(j, k)`` for each layer ``j`` of a stacked batch ``(n, B, a, b)`` whose eigenvalues could
+    overflow its dtype (float32 weights from ~1e18 on computed in float32; float64 from ~1e150), with
+    ``max|w| < 2^(k + 1)``: those layers are computed as ``W / 2^k`` (exact), their eigenvalues times
+    ``4^k``. Empty for every layer of ordinary size (nothing rescaled, nothing changed)."""
+    n, _, a, b = mats.shape
+    if mats.numel() == 0:
+        return []
+    lo, hi = torch.aminmax(mats.reshape(n, -1), dim=1)
+    log2_max = torch.log2(torch.maximum(hi, -lo)).tolist()
+    limit = (math.log2(torch.finfo(mats.dtype).max) - _OVERFLOW_HEADROOM - math.log2(a * b)) / 2
+    return [(j, math.floor(v)) for j, v in enumerate(log2_max) if v > limit]
+
+
+def _scale_pow2(t: Tensor, k: int) -> None:
+    """``t *= 2^k`` in place, exactly (two normal factors, no subnormal one; inf where it overflows)."""
+    for part in (k // 2, k - k // 2):
+        t.mul_(math.ldexp(1.0, part))
+
+
+def _overflow_error(L: _Layer, top: float, k: int, dtype: torch.dtype) -> ValueError:
+    """A layer whose eigenvalues are beyond the compute dtype's range (``top``: ``W / 2^k``'s largest)."""
+    log10_max = math.log10(top) + 2 * k * math.log10(2.0) if top > 0 else math.inf
+    name = str(dtype).replace("torch.", "")
+    way = (
+        "pass dtype=torch.float64 (htmuon esd: --device cpu)"
+        if dtype != torch.float64
+        else "scale its weights down (alpha does not depend on their scale)"
+    )
+    return ValueError(
+        f"layer {L.name!r}: its eigenvalues (up to ~1e{log10_max:.0f}) are beyond the range of {name}, "
+        f"the dtype they are computed in: {way}"
+    )
 
 
 def _drop_tied(todo: list[_Layer], source: Checkpoint | None) -> tuple[list[_Layer], list[str]]:
@@ -701,11 +749,17 @@ def _row(L: _Layer, ev: Tensor, fit: str, thresh: float, method: str) -> dict[st
     n_spikes = (
         (e >= pl.xmin).sum() if math.isfinite(pl.xmin) else torch.zeros((), dtype=torch.long, device=e.device)
     )
-    alpha_norm = (e.pow(alpha)).sum() if math.isfinite(alpha) else torch.tensor(math.nan)
+    # log10 sum lambda^alpha in log space: lambda^alpha itself leaves float64's range (lambda ~1e62
+    # from float32 weights ~1e30, or alpha ~40 on lambda ~1e8) where its log does not
+    pos = e[e > 0]
+    if math.isfinite(alpha) and pos.numel():
+        log_alpha_norm = torch.logsumexp(alpha * pos.log(), 0) / math.log(10.0)
+    else:
+        log_alpha_norm = torch.tensor(math.nan, dtype=e.dtype, device=e.device)
     vals = torch.stack(
-        [lam_max, total, entropy, rank.to(e.dtype), n_spikes.to(e.dtype), alpha_norm.to(e)]
+        [lam_max, total, entropy, rank.to(e.dtype), n_spikes.to(e.dtype), log_alpha_norm.to(e)]
     ).tolist()
-    lam_max_f, total_f, entropy_f, rank_f, n_spikes_f, alpha_norm_f = vals
+    lam_max_f, total_f, entropy_f, rank_f, n_spikes_f, log_alpha_norm_f = vals
     log_lmax = math.log10(lam_max_f) if lam_max_f > 0 else -math.inf
     warning = ""
     if alpha < OVER_TRAINED_ALPHA:
@@ -727,7 +781,7 @@ def _row(L: _Layer, ev: Tensor, fit: str, thresh: float, method: str) -> dict[st
         "sigma": pl.sigma,
         "num_pl_spikes": int(n_spikes_f),
         "alpha_weighted": alpha * log_lmax,
-        "log_alpha_norm": math.log10(alpha_norm_f) if alpha_norm_f > 0 else math.nan,
+        "log_alpha_norm": log_alpha_norm_f,
         "log_norm": math.log10(total_f) if total_f > 0 else -math.inf,
         "log_spectral_norm": log_lmax,
         "spectral_norm": lam_max_f,
@@ -797,8 +851,9 @@ def analyze(
         ValueError: a bad option, a tensor that is not 2-4-D or not real floating point, non-finite
             weights (naming the layer), weights with no values here (on the meta device, a Lazy
             module's uninitialized parameter, a DTensor sharded by FSDP2 or tensor parallelism:
-            naming the layer and what to do), or nothing to analyse (naming why each candidate was
-            skipped).
+            naming the layer and what to do), eigenvalues beyond the range of the compute dtype
+            (naming the layer: float32 weights from ~1e18 on in float32, pass ``dtype=torch.float64``),
+            or nothing to analyse (naming why each candidate was skipped).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
