@@ -978,3 +978,17 @@ def test_eigenvalues_beyond_the_compute_dtype_are_a_clear_error_naming_the_layer
     assert near["spectral_norm"] == pytest.approx(ref.rows[0]["spectral_norm"] * 2.0**118, rel=1e-4)
     with pytest.raises(ValueError, match=r"layer 'tensor'.*float64.*scale its weights down"):
         analyze(W.double() * 2.0**700, method=method)
+
+
+def test_a_median_tail_of_one_eigenvalue_is_not_called_degenerate():
+    """Two eigenvalues above thresh (a rank-2 layer): the median fit's tail is the largest alone. It
+    failed as "degenerate ESD (... equal to within rounding: ln(max/xmin) = 0)", which says the
+    eigenvalues are equal; they are not, the tail is too short."""
+    fit = fit_powerlaw(torch.tensor([0.0] * 62 + [3.0, 7.0], dtype=F64), "median")
+    assert math.isnan(fit.alpha) and fit.status.startswith("failed")
+    assert "degenerate" not in fit.status and "tail (the upper half) would be 1" in fit.status
+    assert fit.n_tail == 1 and fit.xmin == 7.0 and fit.num_evals == 2
+    g = torch.Generator().manual_seed(0)
+    row = analyze(torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g), fit="median").rows[0]
+    assert math.isnan(row["alpha"]) and "would be 1" in row["status"]
+    assert fit_powerlaw(torch.tensor([3.0, 5.0, 7.0], dtype=F64), "median").status == "ok"  # a tail of 2

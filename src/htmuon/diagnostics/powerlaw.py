@@ -299,6 +299,12 @@ def fit_powerlaw(
 
     if fit == "median":
         i = n_ev // 2
+        if n_ev - i < 2:  # two eigenvalues (a rank-2 layer): a tail of one has no Hill estimate
+            why = (
+                f"failed: {n_ev} eigenvalues above {thresh:g}: the median fit's tail (the upper half) "
+                "would be 1, need at least 2"
+            )
+            return PowerLawFit(math.nan, float(x[i]), xmax, math.nan, math.nan, n_ev - i, n_ev, fit, why)
         idx = torch.tensor([i], device=x.device)
         n, _, alpha = _candidates(x, logx, idx, bias=0.0)
         D = _ks_distances(x, logx, idx, alpha, n)
