@@ -873,3 +873,56 @@ def test_a_checkpoint_of_meta_tensors_is_a_one_line_error_naming_it(tmp_path, ca
     lines = err.strip().splitlines()
     assert rc == 2 and out == "" and len(lines) == 1, err
     assert lines[0].startswith(f"htmuon esd: error: '{path}': tensor '0.weight' is on the meta device"), err
+
+
+def _pickle_span(path):
+    """Where the bytes of a torch.save archive's data.pkl record lie in the file, and those bytes."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+        pkl = z.read(info)
+    head = Path(path).read_bytes()[info.header_offset : info.header_offset + 30]
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len, pkl
+
+
+def test_a_damaged_pickle_in_a_torch_archive_is_refused_as_corrupt_not_skipped(tmp_path, capsys):
+    """One changed byte in a torch.save archive's pickle (the tensors' names, shapes, storages) was read
+    as it came: a key '0.weight' changed to '0.weighs' silently dropped that layer from the report,
+    and a damaged opcode was reported as code that would run, with advice to pass allow_pickle=True.
+    The pickle record is checked against its CRC-32 (torch.load does not) when the file is opened."""
+    torch.manual_seed(0)
+    sd = nn.Sequential(nn.Linear(24, 32), nn.Linear(32, 16)).state_dict()
+    torch.save(sd, tmp_path / "whole.pt")
+    assert sorted(analyze(tmp_path / "whole.pt").alphas) == ["0", "1"]
+    start, pkl = _pickle_span(tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    renamed = bytearray(data)
+    at = start + pkl.index(b"0.weight")
+    renamed[at : at + 8] = b"0.weighs"
+    (tmp_path / "renamed.pt").write_bytes(renamed)
+    opcode = bytearray(data)
+    opcode[start + pkl.index(b"ctorch._utils")] = 0x09  # GLOBAL -> no opcode at all
+    (tmp_path / "opcode.pt").write_bytes(opcode)
+    for name in ("renamed.pt", "opcode.pt"):
+        path = tmp_path / name
+        with pytest.raises(ValueError, match=r"corrupt.*data\.pkl.*CRC-32") as e:
+            analyze(path)
+        assert str(path) in str(e.value) and "allow_pickle" not in str(e.value)
+        rc, out, err = run_cli([path], capsys)
+        assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "CRC-32" in err
+
+
+def test_a_truncated_dcp_metadata_file_is_called_corrupt_not_code(tmp_path):
+    """A .metadata pickle cut short was refused with 'pickle data was truncated; if you trust the file,
+    pass allow_pickle=True', as if it named foreign classes; it is corrupt, and plain pickle would not
+    read it either."""
+    torch.manual_seed(0)
+    dcp_save({"model": nn.Linear(24, 32).state_dict(), "step": 1}, tmp_path / "dcp")
+    meta = tmp_path / "dcp" / ".metadata"
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"\.metadata.*corrupt or truncated") as e:
+        analyze(tmp_path / "dcp")
+    assert "allow_pickle" not in str(e.value)

@@ -355,6 +355,35 @@ def _zip_has_end(path: str) -> bool:
     return at >= 0 and len(data) - at >= 22 + int.from_bytes(data[at + 20 : at + 22], "little")
 
 
+def _check_zip_pickles(path: str) -> None:
+    """A ValueError naming ``path`` when a pickle record of its zip archive (``data.pkl``: the tensors'
+    names, shapes and storages) fails its CRC-32. torch.load does not check it: one changed byte there
+    could rename a layer out of the analysis, or read as code the weights-only unpickler refuses. The
+    tensors' bytes are not checked here (that would read the whole file); other zip trouble is left to
+    torch.load, whose error names it."""
+    import zipfile
+
+    bad = None
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.filename.endswith(".pkl"):
+                    try:
+                        z.read(info)  # raises BadZipFile on a CRC mismatch
+                    except zipfile.BadZipFile as e:
+                        if "CRC" in str(e):
+                            bad = info.filename
+                            break
+                        raise
+    except Exception:  # not readable as a zip here: torch.load says why
+        return
+    if bad is not None:
+        raise ValueError(
+            f"cannot read {path!r}: it is corrupt: its record {bad!r} fails its CRC-32 check "
+            "(a damaged copy?)"
+        )
+
+
 def _storage_view(t: Tensor) -> tuple:
     """Which storage, where in it and how ``t`` looks at it: two names whose tensors give the same key
     are one tensor (a tied weight), in a module as in a loaded ``torch.save`` file."""
@@ -512,6 +541,8 @@ class _TorchCheckpoint(Checkpoint):
             raise ValueError(
                 f"{file!r} changed while being read (a newer checkpoint written over it?): analyse it again"
             )
+        if first and not verified and _is_zip(file):
+            _check_zip_pickles(file)
         obj, placeholders = _torch_load(file, self._allow_pickle)
         if first:
             note = _check_htmuon_trailer(file, obj, verified)
@@ -601,7 +632,11 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
             return obj
         if obj is not None and (name in allowed if allowed is not None else _defined_in(obj, module)):
             return obj
-        raise pickle.UnpicklingError(f"DCP metadata names {module}.{name}, which is not a DCP metadata class")
+        raise _RefusedClass(f"DCP metadata names {module}.{name}, which is not a DCP metadata class")
+
+
+class _RefusedClass(pickle.UnpicklingError):
+    """A class the DCP metadata unpickler does not admit (not corruption: allow_pickle would load it)."""
 
 
 def _defined_in(obj: Any, module: str) -> bool:
@@ -618,13 +653,15 @@ class _DCPCheckpoint(Checkpoint):
         try:
             with open(meta_path, "rb") as f:
                 meta = pickle.load(f) if allow_pickle else _DCPMetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
+        except _RefusedClass as e:
             raise ValueError(
                 f"cannot read {meta_path!r}: {e}; if you trust the file, pass allow_pickle=True "
                 "(htmuon esd --allow-pickle), which executes code from it"
             ) from e
-        except Exception as e:
-            raise ValueError(f"cannot read {meta_path!r} as DCP metadata: {type(e).__name__}: {e}") from e
+        except Exception as e:  # a truncated or damaged pickle (plain pickle would not read it either)
+            raise ValueError(
+                f"cannot read {meta_path!r} as DCP metadata (corrupt or truncated?): {type(e).__name__}: {e}"
+            ) from e
         md = getattr(meta, "state_dict_metadata", None)
         if not isinstance(md, Mapping):
             raise ValueError(f"{meta_path!r} is not torch.distributed.checkpoint metadata")
