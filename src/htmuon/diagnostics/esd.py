@@ -37,7 +37,8 @@ Differences from WeightWatcher, all deliberate:
   instead of ``s > s_max * N * eps``. Use ``method="svd"`` for WeightWatcher's exact rank
   definition, and for a rank-deficient layer with ``lambda_max`` beyond ~1e10 (``lambda_max * eps``
   near ``thresh = 1e-5``): the Gram route returns its zero eigenvalues as rounding noise of a few
-  ``lambda_max * eps``, above ``thresh``, and the fit uses them.
+  ``lambda_max * eps``, above ``thresh``, and the fit uses them. Computed in float32 (``method="gram"``
+  with ``dtype=torch.float32``, or on a GPU) that happens from ``lambda_max`` ~1e2 on.
 * A degenerate ESD -- eigenvalues equal to within rounding, as an orthogonal or identity layer's
   (``nn.init.orthogonal_``) -- is ``status = "failed: degenerate ESD (...)"`` with ``alpha = nan``
   under every fit, and a tail of such eigenvalues is never a candidate (:mod:`.powerlaw`,
