@@ -445,6 +445,12 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         analyze(nn.Linear(16, 16), dtype=torch.float16)
     with pytest.raises(ValueError, match="Invalid layers regex"):
         analyze(nn.Linear(16, 16), layers="(")
+    for thresh in (-1e-5, float("nan"), float("inf"), True, "1e-5"):  # a negative one fitted log(0) = -inf
+        with pytest.raises(ValueError, match=r"Invalid thresh: .*expected a finite number >= 0"):
+            analyze(nn.Linear(16, 16), thresh=thresh)
+        with pytest.raises(ValueError, match=r"Invalid thresh"):
+            fit_powerlaw(torch.rand(30), thresh=thresh)
+    assert analyze(nn.Linear(16, 16), thresh=0).rows[0]["num_evals"] == 16
     with pytest.raises(TypeError, match="got int"):
         analyze(3)
     with pytest.raises(FileNotFoundError, match="nope.pt"):

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from ..routing import kind_from_name
-from .powerlaw import EVALS_THRESH, FITS, _check_fit, fit_powerlaw
+from .powerlaw import EVALS_THRESH, FITS, _check_fit, check_thresh, fit_powerlaw
 from .readers import Checkpoint, TensorMeta, _storage_view, _strip_prefixes, open_checkpoint
 
 __all__ = [
@@ -863,6 +863,7 @@ def analyze(
         (['0', '2'], 'ks')
     """
     keep, dev = _checked_options(fit, conv1d, min_evals, max_evals, max_N, layers, device)
+    check_thresh(thresh)  # (before any eigenvalue is computed)
     if isinstance(obj, (str, os.PathLike)):
         with open_checkpoint(obj) as ckpt:
             return _analyze(ckpt, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, conv1d,

@@ -63,6 +63,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +246,15 @@ def _finger_window(x: Tensor, bins: int = FINGER_BINS) -> tuple[float, float]:
     return FINGER_RANGE[0] * 10.0**peak, FINGER_RANGE[1] * 10.0**peak
 
 
+def check_thresh(thresh: float) -> None:
+    """A ValueError naming ``thresh`` unless it is a finite real >= 0 (a negative one lets zero
+    eigenvalues, whose log is -inf, into the fit; NaN leaves every eigenvalue out)."""
+    if isinstance(thresh, bool) or not isinstance(thresh, numbers.Real) or not (0 <= thresh < math.inf):
+        raise ValueError(
+            f"Invalid thresh: {thresh!r}; expected a finite number >= 0 (default {EVALS_THRESH:g})"
+        )
+
+
 def fit_powerlaw(
     evals: Tensor,
     fit: str = "ks",
@@ -285,6 +295,7 @@ def fit_powerlaw(
         raise ValueError(f"Invalid N: {N!r}; expected an int >= 1 (the matrix's larger side)")
     if not (isinstance(weight_dtype, torch.dtype) and weight_dtype.is_floating_point):
         raise ValueError(f"Invalid weight_dtype: {weight_dtype!r}; expected a floating-point torch.dtype")
+    check_thresh(thresh)
     compute = evals.dtype if evals.is_floating_point() else torch.float64
     tol = _tolerance(N or evals.numel(), weight_dtype, compute)
     x = evals.to(_fit_dtype(evals.device))
