@@ -998,3 +998,31 @@ def test_a_median_tail_of_one_eigenvalue_is_not_called_degenerate():
     row = analyze(torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g), fit="median").rows[0]
     assert math.isnan(row["alpha"]) and "would be 1" in row["status"]
     assert fit_powerlaw(torch.tensor([3.0, 5.0, 7.0], dtype=F64), "median").status == "ok"  # a tail of 2
+
+
+def test_matrices_that_are_no_layer_are_named_in_a_note():
+    """Matrix-shaped tensors outside WeightWatcher's layer selection (an attention's packed in_proj, a
+    mixture of experts' stacked parameters) were left out without a word; the report's note names
+    them (not a (1, 1, d) token, not a 2-D+ mask buffer called bias; only what `layers` selects)."""
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 32, 64))
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 32))
+            self.register_buffer("bias", torch.ones(1, 1, 8, 8))  # a causal mask, as old GPT-2s keep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.MultiheadAttention(32, 4), Experts())
+    note = [n for n in analyze(model).meta["notes"] if "not layers WeightWatcher analyses" in n]
+    assert len(note) == 1 and note[0].startswith("2 matrix-shaped tensor(s)")
+    assert "1.in_proj_weight (96, 32)" in note[0] and "2.gate_up_proj (4, 32, 64)" in note[0]
+    assert "cls_token" not in note[0] and "bias" not in note[0].split(":")[1]
+    # a state_dict: keys ending in 'weight' are layers there (in_proj_weight is analysed), others named
+    report = analyze(model.state_dict())
+    assert "1.in_proj_weight" in [r["name"] for r in report.rows]
+    note = [n for n in report.meta["notes"] if "not layers WeightWatcher analyses" in n]
+    assert len(note) == 1 and note[0].startswith("1 matrix-shaped") and "2.gate_up_proj" in note[0]
+    # only what the layer filter selects; a model without such tensors has no note
+    assert "notes" not in analyze(model, layers=r"^0$").meta
+    assert "notes" not in analyze(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 8))).meta

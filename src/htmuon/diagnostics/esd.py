@@ -438,6 +438,46 @@ def _collect(obj: Any) -> tuple[list[_Cand], str]:
     )
 
 
+def _uncounted(obj: Any, keep: Callable[[str], bool]) -> list[str]:
+    """Names of matrix-shaped (2-4-D, floating-point) tensors of ``obj`` that are no candidate layer,
+    so that the report can say they were not analysed: a module's parameters outside Linear,
+    Embedding, Conv1d and Conv2d weights (``nn.MultiheadAttention.in_proj_weight``, a mixture of
+    experts' stacked ``(E, out, in)`` parameters), a state_dict's tensors whose key does not end in
+    ``weight`` (``experts.gate_up_proj``). Only names the ``layers`` filter selects."""
+    if isinstance(obj, Checkpoint) and obj.module is not None:
+        obj = obj.module
+    if isinstance(obj, nn.Module):
+        layers = {name for name, m in obj.named_modules() if _module_kind(m) is not None}
+        items = [
+            (name, p.shape, p.is_floating_point())
+            for name, p in obj.named_parameters()
+            if not (name.rpartition(".")[0] in layers and name.rpartition(".")[2] == "weight")
+        ]
+    elif isinstance(obj, Checkpoint):
+        items = [(str(k), t.shape, t.is_floating_point) for k, t in obj.entries.items()]
+    elif isinstance(obj, Mapping):
+        tensors = [(str(k), t) for k, t in obj.items() if isinstance(t, Tensor)]
+        names, _ = _strip_prefixes([k for k, _ in tensors], lightning=False)  # as _collect names them
+        items = [(n, t.shape, t.is_floating_point()) for n, (_, t) in zip(names, tensors)]
+    else:
+        return []
+    by_key = not isinstance(obj, nn.Module)
+    out = []
+    for name, shape, floating in items:
+        # a matrix has two sides > 1 (not a ViT's (1, 1, d) class token); a 2-D+ "bias" is a mask buffer
+        if not (floating and 2 <= len(shape) <= 4 and sum(d > 1 for d in shape) >= 2):
+            continue
+        if (by_key and name.endswith("weight")) or name.endswith("bias"):
+            continue
+        if keep(name):
+            out.append(f"{name} {tuple(shape)}")
+    return out
+
+
+#: How many of :func:`_uncounted`'s tensors the report's note names.
+_UNCOUNTED_SHOWN = 5
+
+
 def _check_tensor_arg(w: Tensor) -> None:
     """A weight tensor given on its own: 2-4-D and real floating point (a complex tensor would be
     cast to its real part, an integer one analysed as its raw codes)."""
@@ -960,6 +1000,14 @@ def _analyze(obj, keep, dev, dtype, method, fit, min_evals, max_evals, max_N, co
         "fits": FITS,
     }
     notes = (list(obj.notes) if isinstance(obj, Checkpoint) else []) + tied
+    other = _uncounted(obj, keep)
+    if other:
+        shown = ", ".join(other[:_UNCOUNTED_SHOWN]) + (", ..." if len(other) > _UNCOUNTED_SHOWN else "")
+        notes.append(
+            f"{len(other)} matrix-shaped tensor(s) are not layers WeightWatcher analyses (not the weight "
+            "of a Linear, Embedding, Conv1d or Conv2d module, or a key not ending in 'weight') and were not "
+            f"analysed: {shown}; pass one to analyze() as a tensor (an expert stack's matrices one by one)"
+        )
     if notes:
         meta["notes"] = notes
     return ESDReport(rows=rows, fit=fit, skipped=skipped, meta=meta)
