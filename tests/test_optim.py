@@ -629,6 +629,41 @@ def test_compiled_step_with_a_scheduled_tensor_lr_is_one_graph_and_equals_eager(
         _assert_nan_step_skipped(model, opt, step, X)
 
 
+@needs_fullgraph_step
+def test_compiled_step_with_scheduled_float_hyperparameters_is_one_graph_and_equals_eager():
+    """A float lr, momentum and weight decay that a scheduler changes on every step (OneCycleLR cycles
+    the momentum). Once a float changes, dynamo makes it a symbolic graph input (torch >= 2.6); the
+    step's own check of it took ``math.isnan``, which does not trace: ``fullgraph=True`` failed on the
+    second value ("torch.* op returned non-Tensor"), and without it the checks broke off and ran
+    eagerly. Now one graph (where floats are not specialised), equal to eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cases = []
+    for compiled in (False, True):
+        model, opt = _compile_case(method="ns")
+        step = torch.compile(opt.step, backend="eager", fullgraph=True) if compiled else opt.step
+        cases.append((model, opt, step))
+    X = torch.randn(16, 6)
+    for t in range(6):
+        for model, opt, step in cases:
+            opt.zero_grad()
+            model(X).square().mean().backward()
+            step()
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * 0.9
+                g["momentum"] = 0.9 + 0.01 * (t % 3)
+                g["weight_decay"] = g["weight_decay"] * 0.95
+    (eager_model, _, _), (model, opt, _) = cases
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if not getattr(torch._dynamo.config, "specialize_float", True):  # each value a constant otherwise
+        assert 1 <= counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert int(opt.skipped_steps) == 0
+
+
 def test_fallback_on_an_uncorrected_step_is_the_polar_factor(monkeypatch):
     """An in-between step of ``interval`` is Muon's step; if its Newton--Schulz returns NaN on finite
     input, the exact fallback must give the polar factor ``U V^T`` (p = 0), not the group's ``U S^p V^T``."""

@@ -475,7 +475,9 @@ class HTMuon(Optimizer):
                 v = v.item()
             elif type(v) not in (int, float) and isinstance(v, numbers.Real) and not isinstance(v, bool):
                 g[key] = v = float(v)  # a NumPy real: a Python float (compiled steps, weights_only loads)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+            # (v != v: NaN; math.isnan of the symbolic float that dynamo makes of a float lr once its
+            # value changes breaks the graph, and the step's checks then ran eagerly)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
                 raise bad(key, "must be a real number")
             if v < low or (open_low and v == low) or v > high or (open_high and v == high):
                 raise bad(key, valid)
