@@ -664,6 +664,36 @@ def test_compiled_step_with_scheduled_float_hyperparameters_is_one_graph_and_equ
     assert int(opt.skipped_steps) == 0
 
 
+@needs_fullgraph_step
+@pytest.mark.parametrize("kw", [dict(method="svd"), dict(method="ns", interval=3)])
+def test_compiled_step_with_graph_breaks_stops_recompiling_and_equals_eager(kw):
+    """``svd`` (a host read per SVD) and ``interval > 1`` (the step count) break the compiled step's
+    graph. The frames that resumed after the break read the gradients from the parameters, and dynamo
+    guards on each gradient's identity there: every step (new gradients) recompiled them, until its
+    recompile limit sent them back to eager. Now the step's own frame reads the gradients and passes
+    them on: after the first steps (both schedules of ``interval``) no new graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_model, eager_opt = _compile_case(**kw)
+    model, opt = _compile_case(**kw)
+    step = torch.compile(opt.step, backend="eager")
+    X = torch.randn(16, 6)
+    graphs = []
+    for _ in range(12):
+        for m, o, s in ((eager_model, eager_opt, eager_opt.step), (model, opt, step)):
+            o.zero_grad()
+            m(X).square().mean().backward()
+            s()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[5] == graphs[-1], graphs
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int(opt.skipped_steps) == 0
+
+
 def test_fallback_on_an_uncorrected_step_is_the_polar_factor(monkeypatch):
     """An in-between step of ``interval`` is Muon's step; if its Newton--Schulz returns NaN on finite
     input, the exact fallback must give the polar factor ``U V^T`` (p = 0), not the group's ``U S^p V^T``."""

@@ -836,7 +836,11 @@ class HTMuon(Optimizer):
             if not hparams or (failed is not None and not self._dist.exchanges(hparams)):
                 continue
             try:
-                ok, applied = self._htmuon_step(group, hparams, ok, applied, failed)
+                # the gradients read here, in the step's own frame: a frame that resumes after a graph
+                # break (interval, svd) and reads them from the parameters guards on each gradient's
+                # identity, so a compiled step recompiled on every step (a new gradient) up to dynamo's limit
+                grads = [p.grad for p in hparams]
+                ok, applied = self._htmuon_step(group, hparams, ok, applied, failed, grads)
             except _distributed.UnsharedFailure as exc:
                 failed, applied, failed_group = exc.error, exc.applied, group
                 self._dist.note_unshared_failure(failed)
@@ -847,7 +851,7 @@ class HTMuon(Optimizer):
         for group, _, aparams in work:
             if aparams:
                 try:
-                    self._adamw_step(group, aparams, ok)
+                    self._adamw_step(group, aparams, ok, [p.grad for p in aparams])
                 except Exception as exc:
                     if self._dist is not None:  # the other ranks (no collective here) went on
                         self._dist.note_unshared_failure(exc)
@@ -914,6 +918,7 @@ class HTMuon(Optimizer):
         ok: Tensor | None,
         applied: int = 0,
         failed: BaseException | None = None,
+        grads: list[Tensor] | None = None,
     ) -> tuple[Tensor | None, int]:
         """The matrix part of one group, after ``applied`` parameters of this step were updated; returns
         ``ok`` (compiled: and-ed with the directions' check) and the parameters updated so far.
@@ -922,9 +927,12 @@ class HTMuon(Optimizer):
         this rank alone after the group's last exchange (or in a group that exchanges nothing) raises
         :class:`htmuon.distributed.UnsharedFailure`, for the caller to carry to the next exchange.
         ``failed``: such a failure earlier in the step: the group's first exchange tells the others, and
-        every rank raises."""
+        every rank raises. ``grads``: the parameters' gradients, as the step read them before any graph
+        break (see :meth:`_step`); ``None``: read here."""
         if self._dist is not None and self._dist.sharded(params):  # DTensor (FSDP2) parameters
             return ok, self._dist.sharded_htmuon_step(self, group, params, applied, failed)
+        if grads is None:
+            grads = [p.grad for p in params]
         batch_3d, interval = group["batch_3d"], group["interval"]
         mshapes = [F.matrix_shape(p.shape, batch_3d) for p in params]
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
@@ -952,6 +960,7 @@ class HTMuon(Optimizer):
                     scratch,
                     None if owners is None else [owners[i] for i in items],
                     failed,
+                    [grads[i] for i in items],
                 )
             except _distributed.UnsharedFailure as exc:  # DDP, after the window's exchange
                 failed = exc.error
@@ -966,7 +975,7 @@ class HTMuon(Optimizer):
             try:
                 if ok is not None:  # compiled: a non-finite direction masks this window and the rest
                     ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
-                self._apply_window(group, pending, ok)
+                self._apply_window(group, pending, ok, [grads[i] for i in items])
             except Exception as exc:
                 if self._dist is None:
                     raise
@@ -991,6 +1000,7 @@ class HTMuon(Optimizer):
         scratch: dict[tuple, Tensor] | None = None,
         owners: list[int] | None = None,
         failed: BaseException | None = None,
+        grads: list[Tensor] | None = None,
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
         """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
         (DDP: each rank's owned share of the window at once; on CPU, eager: one at a time, each right
@@ -1006,6 +1016,7 @@ class HTMuon(Optimizer):
         pipelined = self._dist is None and len(params) > 0 and not F.stacks_matrices(params[0].device)
         directions = []
         scratch = {} if scratch is None else scratch
+        grads = [p.grad for p in params] if grads is None else grads
         rank = self._dist.replicated_rank() if owners is not None else 0
         error = failed
         try:
@@ -1026,7 +1037,7 @@ class HTMuon(Optimizer):
                         numel = max(q.numel() for q in params if q.dtype == p.dtype)
                         flat = scratch[p.dtype] = torch.empty(numel, dtype=p.dtype, device=p.device)
                     work = flat[: p.numel()].view(p.shape)
-                    N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov, out=work), batch_3d)
+                    N = F.matrix_view(F.momentum_direction(grads[i], buf, beta, nesterov, out=work), batch_3d)
                     (O,) = F.compute_directions([F.plugin_input_(N, group["plugin"])], [c], group)
                     if O.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
                         O = O.clone()  # a backend that returned (a view of) its input: out of the buffer
@@ -1036,7 +1047,7 @@ class HTMuon(Optimizer):
                     # DDP: another rank computes this matrix's direction; only its shape and dtype are read
                     mats.append(torch.empty(F.matrix_shape(p.shape, batch_3d), dtype=p.dtype, device="meta"))
                 elif self._dist is not None:
-                    N = F.matrix_view(F.momentum_direction(p.grad, buf, beta, nesterov), batch_3d)
+                    N = F.matrix_view(F.momentum_direction(grads[i], buf, beta, nesterov), batch_3d)
                     mats.append(F.plugin_input_(N, group["plugin"]))
                     del N
         except Exception as exc:
@@ -1055,9 +1066,7 @@ class HTMuon(Optimizer):
             start, check = 0, bool(group["check_finite"])
             for size in chunks:
                 part = slice(start, start + size)
-                stack = F.stacked_momentum_directions(
-                    [p.grad for p in params[part]], bufs[part], beta, nesterov, batch_3d
-                )
+                stack = F.stacked_momentum_directions(grads[part], bufs[part], beta, nesterov, batch_3d)
                 O = F.safe_direction(F.plugin_input_(stack, group["plugin"]), group, corrected[start], check)
                 del stack
                 if group["plugin"] is None and all(p.ndim == 2 for p in params[part]):
@@ -1096,7 +1105,13 @@ class HTMuon(Optimizer):
             out.append((p, O, buf, v_new))
         return out
 
-    def _apply_window(self, group: dict[str, Any], pending: list, ok: Tensor | None = None) -> None:
+    def _apply_window(
+        self,
+        group: dict[str, Any],
+        pending: list,
+        ok: Tensor | None = None,
+        grads: list[Tensor] | None = None,
+    ) -> None:
         """Store momentum, step count and plug-in moment, then update the parameters (in place).
 
         ``ok`` (compiled steps only): a bool tensor; where ``False`` nothing changes (``torch.where``),
@@ -1108,11 +1123,12 @@ class HTMuon(Optimizer):
         ):  # a tensor lr (what a scheduler changes) stays a tensor: no host read
             if ok is None:  # check_finite=False
                 ok = torch.ones((), dtype=torch.bool, device=pending[0][0].device if pending else None)
-            return self._apply_window_masked(group, pending, ok, _scalar(group["lr"]), wd, beta)
+            return self._apply_window_masked(group, pending, ok, _scalar(group["lr"]), wd, beta, grads)
         lr = _number(group["lr"])
         if ok is not None:
-            return self._apply_window_masked(group, pending, ok, lr, wd, beta)
+            return self._apply_window_masked(group, pending, ok, lr, wd, beta, grads)
         params, states = [p for p, _, _, _ in pending], [self.state[p] for p, _, _, _ in pending]
+        grads = [p.grad for p in params] if grads is None else grads
         for state, (_, _, buf, v_new) in zip(states, pending):
             if not state:
                 state["step"] = _new_step()
@@ -1125,7 +1141,7 @@ class HTMuon(Optimizer):
                 else:
                     state["second_moment"] = v_new
         # the window's momenta, step counts and weight decay in one foreach call each (fewer launches)
-        F.commit_momenta_([s["momentum_buffer"] for s in states], [p.grad for p in params], beta)
+        F.commit_momenta_([s["momentum_buffer"] for s in states], grads, beta)
         torch._foreach_add_([s["step"] for s in states], 1)
         F.decoupled_updates_(
             params,
@@ -1136,15 +1152,23 @@ class HTMuon(Optimizer):
         )
 
     def _apply_window_masked(
-        self, group: dict[str, Any], pending: list, ok: Tensor, lr: float | Tensor, wd: float, beta: float
+        self,
+        group: dict[str, Any],
+        pending: list,
+        ok: Tensor,
+        lr: float | Tensor,
+        wd: float,
+        beta: float,
+        grads: list[Tensor] | None = None,
     ) -> None:
-        for p, O, buf, v_new in pending:
+        grads = [p.grad for p, _, _, _ in pending] if grads is None else grads
+        for (p, O, buf, v_new), grad in zip(pending, grads):
             state = self.state[p]
             if not state:
                 state["step"] = _new_step()
                 state["momentum_buffer"] = buf
             m_buf = state["momentum_buffer"]
-            m_buf.copy_(torch.where(ok, m_buf.lerp(p.grad, 1.0 - beta), m_buf))
+            m_buf.copy_(torch.where(ok, m_buf.lerp(grad, 1.0 - beta), m_buf))
             counter = _on_device(state, "step", ok.device)
             counter.add_(ok.to(counter.dtype))
             if v_new is not None:
@@ -1155,15 +1179,21 @@ class HTMuon(Optimizer):
             step = O.reshape(p.shape).to(p.dtype) * (lr * F.lr_scale(m, n, group["lr_adjust"]))
             p.copy_(torch.where(ok, p * (1.0 - lr * wd) - step, p))
 
-    def _adamw_step(self, group: dict[str, Any], params: list[Tensor], ok: Tensor | None = None) -> None:
-        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+    def _adamw_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        ok: Tensor | None = None,
+        grads: list[Tensor] | None = None,
+    ) -> None:
+        grads = [p.grad for p in params] if grads is None else list(grads)
+        exp_avgs, exp_avg_sqs, steps = [], [], []
         for param in params:
             state = self.state[param]
             if not state:  # as torch.optim.AdamW lays it out
                 state["step"] = _new_step()
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            grads.append(param.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"] if ok is None else _on_device(state, "step", ok.device))
