@@ -694,6 +694,27 @@ def test_compiled_step_with_graph_breaks_stops_recompiling_and_equals_eager(kw):
     assert int(opt.skipped_steps) == 0
 
 
+@needs_fullgraph_step
+@pytest.mark.parametrize("kw", [dict(method="svd"), dict(method="ns", interval=3)])
+def test_compiled_step_with_graph_breaks_skips_a_non_finite_step(kw):
+    """Where the compiled step breaks its graph (``svd``, ``interval > 1``), its finite check is still
+    in its first graph: a NaN gradient skips the step on the device and counts it, nothing changed.
+    ``svd`` raised ``LinAlgError`` instead ("SVD failed ... every fallback failed"): the SVD after the
+    break ran eagerly on the NaN matrix, which LAPACK refuses; it now gets zeros there and returns NaN,
+    as ``eigh`` does, and the step masks itself."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model, opt = _compile_case(**kw)
+    step = torch.compile(opt.step, backend="eager")
+    X = torch.randn(16, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        model(X).square().mean().backward()
+        step()
+    _assert_nan_step_skipped(model, opt, step, X)
+
+
 def test_fallback_on_an_uncorrected_step_is_the_polar_factor(monkeypatch):
     """An in-between step of ``interval`` is Muon's step; if its Newton--Schulz returns NaN on finite
     input, the exact fallback must give the polar factor ``U V^T`` (p = 0), not the group's ``U S^p V^T``."""

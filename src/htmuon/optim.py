@@ -327,18 +327,25 @@ class HTMuon(Optimizer):
 
     ``torch.compile(opt.step)`` (optional; single process): the step counters are tensors, so no
     recompile per step (one after the first step, which creates the state), and the finite check
-    does not break the graph: a compiled step with a non-finite gradient or direction is skipped on
-    the device (``torch.where`` masks every update; the AdamW part then uses the same math written
-    with masks) and counted in :attr:`skipped_steps` instead of raising, as a raise needs the host to
-    read the flag (a count of this object's steps since it was made: not in :meth:`state_dict`, so a
-    resumed run counts from 0). Give a scheduled lr as a tensor (torch's advice for compiled
-    optimizers; a scheduler then changes it in place): a compiled step reads no lr on the host, so
-    neither a graph break nor a recompile follows a change (a float lr is a constant of the graph:
-    each new value recompiles).
-    ``interval > 1`` reads the step count on the host (a graph break per step); the backends decide
-    their own graph breaks (``ns``, ``eigh`` and the default have none; ``svd`` has one). Where the
-    step breaks the graph, its finite check runs eagerly: a non-finite step raises
-    :class:`NonFiniteGradientError` as in eager (nothing changed), not counted. A compiled step keeps
+    does not break the graph: a compiled step with a non-finite gradient is skipped on the device
+    (``torch.where`` masks every update; the AdamW part then uses the same math written with masks)
+    and counted in :attr:`skipped_steps` instead of raising, as a raise needs the host to read the
+    flag (a count of this object's steps since it was made: not in :meth:`state_dict`, so a resumed
+    run counts from 0). A non-finite direction from finite gradients (a backend's failure, which an
+    eager step replaces by the exact SVD rule) is masked too, but only in its own window and the ones
+    after it: the param groups and windows applied before it keep their update, and the step is
+    counted. Give a scheduled lr as a tensor (torch's advice for compiled optimizers; a scheduler
+    then changes it in place): a compiled step reads no lr on the host, so neither a graph break nor
+    a recompile follows a change (a float lr, momentum or weight decay: on torch 2.13 one recompile
+    when it first changes, after which dynamo takes it as an input of the graph; a dynamo that
+    specialises floats recompiles for each value).
+    ``interval > 1`` reads the step count on the host (a graph break per step; a graph for the
+    corrected steps and one for the others, then no recompile); the backends decide their own graph
+    breaks (``ns``, ``eigh`` and the default have none; ``svd`` one per SVD). The finite check is in
+    the step's first graph either way, so such a step skips and counts a non-finite step as well
+    (``svd``, like ``eigh``, decomposes zeros in place of a non-finite matrix and returns NaN, which
+    the step masks). Only a step that dynamo stops compiling (its recompile limit) runs its checks
+    eagerly and raises :class:`NonFiniteGradientError` as in eager. A compiled step keeps
     the step counters and :attr:`skipped_steps` on the parameters' device (moving CPU ones there), as
     torch.compile does with torch.optim's ``step``.
 

@@ -697,11 +697,17 @@ def _svd_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dty
     ``~3e-7 s_max`` and leave ``~1e-7`` errors in the rest; ``compute_dtype=torch.float32`` asks for it)."""
     dtype = compute_dtype or (torch.float64 if X.dtype == torch.float64 else torch.float32)
     Xc = X.to(dtype)
+    # compiled steps cannot raise: LAPACK refuses a non-finite matrix, so it is swapped for zeros and its
+    # result set to NaN, which the step masks (as the eigh backend does); eager callers check or raise
+    finite = None
+    if no_host_reads(X):
+        finite = torch.isfinite(Xc).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+        Xc = torch.where(finite, Xc, torch.zeros_like(Xc))
     U, s, Vh = _robust_svd(Xc)
     m, n = X.shape[-2:]
     tol = torch.maximum(_rank_tolerance(s[..., :1], m, n, dtype), _input_floor(s[..., :1], m, n, X.dtype))
     w = spectrum_weights(s, p, spectrum, tol)
-    return (U * w.unsqueeze(-2)) @ Vh
+    return _masked((U * w.unsqueeze(-2)) @ Vh, finite)
 
 
 def _gram_in(X: Tensor, dtype: torch.dtype) -> Tensor:
