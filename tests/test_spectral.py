@@ -208,6 +208,32 @@ def test_polar_map_of_a_small_matrix_does_not_depend_on_its_batch(ns_dtype, tall
             assert rel_err(batched[i].double(), single.double()) < 1e-5
 
 
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu", "accelerator_paths"])
+@pytest.mark.parametrize("p", [0.0, 0.125])
+def test_eigh_result_of_a_matrix_does_not_depend_on_its_batch(p, accelerator):
+    """The eigh backend takes its last product with Q^T X in float64 where the float32 product M X
+    would err too much (a kept singular value far below s_max: condition ~1e3-1e4 at p <= 1/8). That
+    was decided by the batch's largest gain, so an ordinary matrix beside an ill-conditioned one got
+    other bits than alone: a step's result depended on how it batched its matrices (chunk_bytes; on
+    accelerators a DDP / FSDP2 owner stacks only its own share of a chunk, so the ranks' directions
+    differed from the single process's). Each matrix now takes its own product (bit for bit alone)."""
+    import contextlib
+
+    from htmuon.spectral import accelerator_paths
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(16, 24, generator=g)
+    U, _, Vh = torch.linalg.svd(torch.randn(16, 24, generator=g), full_matrices=False)
+    B = (U * torch.logspace(0, -4, 16)) @ Vh  # condition number 1e4: the float64 product
+    with accelerator_paths() if accelerator else contextlib.nullcontext():
+        alone = [spectral_power(X, p, method="eigh") for X in (A, B)]
+        for order in ((0, 1), (1, 0)):
+            batch = spectral_power(torch.stack([(A, B)[i] for i in order]), p, method="eigh")
+            for j, i in enumerate(order):
+                assert torch.equal(batch[j], alone[i]), (order, i)
+    assert rel_err(alone[1].double(), exact_power(B.double(), p)) < 1e-4  # the ill-conditioned one, resolved
+
+
 def test_rank_spectrum():
     G = matrix_with_spectrum(log_spectrum(20), 20, 30, seed=5)
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)

@@ -768,15 +768,41 @@ def _eigh_backend(X: Tensor, p: float, spectrum: str, *, compute_dtype: torch.dt
         # The product M X in float32 errs by ~ eps_fp32 * max(w / s) * s_max in the spectral norm:
         # harmless unless a tiny kept singular value gets a huge coefficient (p near 0, s_min near the
         # resolution limit). Then Q^T X runs in the working dtype and only Q (Y) in float32.
-        # (compiled: always, as the choice would need a host read)
-        gain = (coeff.amax(-1) * s[..., 0] / w.amax(-1).clamp_min(torch.finfo(dtype).tiny)).max()
-        if compiling or float(gain) * torch.finfo(out_dtype).eps > EIGH_FP32_PRODUCT_LIMIT:
-            Y = (Q.mT @ X.to(dtype)) * coeff.unsqueeze(-1)
-            return _masked(Q.to(out_dtype) @ Y.to(out_dtype), finite)
-    # M = Q diag(w / s) Q^T on the small side (m^3), then one m x m x n product in X's precision
-    # (float32 unless X is float64): the Gram matrix and eigh need float64, the product does not.
+        # (compiled: always, as the choice would need a host read.) Chosen per matrix: a batch's
+        # largest gain says nothing of the other matrices in it, whose bits would then depend on their
+        # neighbours (how a step batches them: chunk_bytes, or a DDP / FSDP2 owner's share).
+        if compiling:
+            return _masked(_eigh_precise_product(Q, X, coeff, dtype, out_dtype), finite)
+        gain = coeff.amax(-1) * s[..., 0] / w.amax(-1).clamp_min(torch.finfo(dtype).tiny)
+        precise = (gain * torch.finfo(out_dtype).eps > EIGH_FP32_PRODUCT_LIMIT).reshape(-1)
+        count = int(precise.sum())
+        if count == precise.numel():
+            return _eigh_precise_product(Q, X, coeff, dtype, out_dtype)
+        if count:  # some matrices of the batch: each takes its own product
+            m, n = X.shape[-2:]
+            Xb, Qb, cb = X.reshape(-1, m, n), Q.reshape(-1, m, m), coeff.reshape(-1, m)
+            out = torch.empty(Xb.shape, dtype=out_dtype, device=X.device)
+            hi, lo = precise.nonzero().squeeze(1), (~precise).nonzero().squeeze(1)
+            out[hi] = _eigh_precise_product(Qb[hi], Xb[hi], cb[hi], dtype, out_dtype)
+            out[lo] = _eigh_product(Qb[lo], Xb[lo], cb[lo], out_dtype)
+            return out.reshape(X.shape)
+    return _masked(_eigh_product(Q, X, coeff, out_dtype), finite)
+
+
+def _eigh_product(Q: Tensor, X: Tensor, coeff: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``Q diag(coeff) Q^T X``: ``M = Q diag(w / s) Q^T`` on the small side (m^3), then one m x m x n
+    product in ``out_dtype`` (X's precision, float32 unless X is float64): the Gram matrix and eigh need
+    float64, the product does not."""
     M = (Q * coeff.unsqueeze(-2)) @ Q.mT
-    return _masked(M.to(out_dtype) @ X.to(out_dtype), finite)
+    return M.to(out_dtype) @ X.to(out_dtype)
+
+
+def _eigh_precise_product(
+    Q: Tensor, X: Tensor, coeff: Tensor, dtype: torch.dtype, out_dtype: torch.dtype
+) -> Tensor:
+    """``Q diag(coeff) Q^T X`` with ``Q^T X`` in the working ``dtype`` and only ``Q`` (Y) in ``out_dtype``."""
+    Y = (Q.mT @ X.to(dtype)) * coeff.unsqueeze(-1)
+    return Q.to(out_dtype) @ Y.to(out_dtype)
 
 
 def _masked(out: Tensor, finite: Tensor | None) -> Tensor:
