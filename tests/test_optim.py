@@ -847,6 +847,32 @@ def test_bfloat16_weight_decay_is_lr_times_weight_decay():
     assert abs(decay.mean().item() - 0.03) < 3e-4  # rounding of 4096 entries: ~2e-5; the bug: 1.25e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_update_does_not_depend_on_the_layout(dtype):
+    """A bfloat16 / float16 parameter's update on CPU is the same however the parameter is laid out:
+    whole, cut into rows (an FSDP2 shard), or strided (a tall matrix's transposed view). torch's
+    ``add_(O, alpha=lr)`` rounded ``alpha`` to the parameter's dtype in its vectorised loop but not in
+    the scalar loop of a tensor's last entries, so an FSDP2 rank's rows got other bits than the single
+    process's (up to one ulp per step, accumulating: 1.9 ulps after 4 steps), and the step used a
+    rounded lr. Now ``(1 - lr wd) W - fl32(lr scale O)``, rounded once, in every layout."""
+    g = torch.Generator().manual_seed(0)
+    W0 = (torch.randn(64, 3, generator=g) / 3).to(dtype)
+    O = torch.randn(64, 3, generator=g)
+    lr, wd, scale = 0.0212, 0.1, 1.0
+    whole = W0.clone()
+    F.decoupled_update_(whole, O, lr, wd, scale)
+    rows = torch.cat([r for r in W0.clone().split(1)])
+    for r, o in zip(rows.split(1), O.split(1)):  # row views: their own scalar loop each
+        F.decoupled_update_(r, o, lr, wd, scale)
+    strided = W0.T.contiguous().T  # column-major
+    many = [W0.clone(), strided]
+    F.decoupled_updates_(many, [O, O], lr, wd, [scale, scale])
+    for other in (rows, *many):
+        assert torch.equal(other, whole)
+    want = (W0.float().mul(1.0 - lr * wd).to(dtype).float() + O.to(dtype).float() * -lr).to(dtype)
+    assert torch.equal(whole, want)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_p1_is_sgd_momentum(nesterov):
     """p = 1, the momentum end of [0, 1] (the docstring's "p = 1 is (Nesterov) SGD-momentum"), is

@@ -465,12 +465,28 @@ def decoupled_update_(param: Tensor, O: Tensor, lr: float, wd: float, scale: flo
 
     ``O`` may have a lower precision than ``param`` (a bfloat16 direction for a float32 parameter, as
     in ``torch.optim.Muon``): the add upcasts it exactly. A wider ``O`` is rounded to ``param``'s
-    dtype first.
+    dtype first. bfloat16 and float16 parameters on CPU: see :func:`_add_step_`.
     """
     O = _update_operand(O, param)
     if wd != 0.0:
         param.mul_(1.0 - lr * wd)
-    param.add_(O, alpha=-lr * scale)
+    _add_step_(param, O, -lr * scale)
+
+
+def _add_step_(param: Tensor, O: Tensor, alpha: float) -> None:
+    """``param <- param + alpha O`` in place.
+
+    bfloat16 and float16 parameters on CPU: the step ``alpha O`` is formed in float32 and added to the
+    parameter in one rounding. There ``add_(O, alpha=alpha)`` rounds ``alpha`` to the parameter's dtype
+    in its vectorised loop but not in the scalar loop that takes a tensor's last few entries (or a
+    strided one), so an entry's bits depended on where it sat in the tensor: an FSDP2 shard (or an
+    owner's whole matrix against a strided view) got other bits than the single process for the same
+    direction (torch 2.13; ``alpha`` 0.0212 became 0.021240234 in bfloat16). The float32 step is the
+    same whatever the layout."""
+    if param.device.type == "cpu" and param.dtype in _ROUNDED_SCALAR_DTYPES:
+        param.add_(O.to(torch.float32, copy=True).mul_(alpha))
+    else:
+        param.add_(O, alpha=alpha)
 
 
 def _update_operand(O: Tensor, param: Tensor) -> Tensor:
@@ -499,8 +515,8 @@ def decoupled_updates_(
     bfloat16 and float16 parameters on CPU take their weight decay one ``mul_`` each: there
     ``torch._foreach_mul_`` by a Python number first rounds the number to the list's dtype (1 - 0.002
     becomes 0.99609375 in bfloat16, twice the decay asked for; torch 2.13), where ``mul_`` multiplies
-    in float32 and rounds once. (CUDA's foreach kernels compute in float32 by design; not checked on a
-    GPU in this project.)"""
+    in float32 and rounds once; and their steps one :func:`_add_step_` each, for the same reason.
+    (CUDA's foreach kernels compute in float32 by design; not checked on a GPU in this project.)"""
     if wd != 0.0:
         factor, rest = 1.0 - lr * wd, []
         for p in params:
@@ -512,6 +528,9 @@ def decoupled_updates_(
             torch._foreach_mul_(rest, factor)
     by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for param, O, scale in zip(params, directions, scales):
+        if param.device.type == "cpu" and param.dtype in _ROUNDED_SCALAR_DTYPES:
+            _add_step_(param, _update_operand(O, param), -lr * float(scale))  # see _add_step_
+            continue
         ps, os = by_scale.setdefault(float(scale), ([], []))
         ps.append(param)
         os.append(_update_operand(O, param))
