@@ -271,6 +271,49 @@ def test_non_finite_direction_falls_back_to_the_exact_rule(failing_backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tall", [False, True], ids=["wide", "tall"])
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+def test_a_failing_matrix_leaves_its_neighbours_directions_as_they_are_alone(failure, tall):
+    """A backend that fails on one matrix of a batch (NaN, or LinAlgError for the batch): only that
+    matrix gets the exact float64 SVD rule; the others keep the backend's result, bit for bit what
+    they get alone. The whole batch was replaced, so a matrix's direction depended on what it was
+    batched with: a 3-D parameter's stack, and on accelerators a chunk, of which a DDP / FSDP2 owner
+    holds only its own share (its matrices then got the backend's result there and the exact rule in
+    the single process)."""
+    from htmuon import functional as F
+    from htmuon.spectral import BACKENDS, register_backend
+
+    def fn(X, p, spectrum, **_):  # the ns map; fails on a matrix whose first row is zero (X is wide)
+        marked = (X[:, 0, :] == 0).all(-1)
+        if bool(marked.any()) and failure == "raise":
+            raise torch.linalg.LinAlgError("test failure")
+        out = BACKENDS["ns"].fn(X, p, spectrum)
+        return torch.where(marked[:, None, None], torch.full_like(out, float("nan")), out)
+
+    register_backend("test_one_fails", fn, replace=True)
+    try:
+        g = torch.Generator().manual_seed(0)
+        A, bad, C = (torch.randn(16, 24, generator=g) for _ in range(3))
+        bad[0] = 0.0
+        A, bad, C = (x.T.contiguous() if tall else x for x in (A, bad, C))
+        group = dict(method="test_one_fails", p=0.125, spectrum="power", scale="raw")
+        with pytest.warns(RuntimeWarning, match="exact float64 SVD rule"):
+            batch = F.safe_direction(torch.stack([A, bad, C]), group, True)
+        for i, x in ((0, A), (2, C)):
+            alone = F.safe_direction(x[None], group, True)[0]
+            assert torch.equal(batch[i], alone.to(batch.dtype)), i
+            assert batch[i].stride() == alone.stride(), i  # a tall direction's layout kept
+        with pytest.warns(RuntimeWarning):
+            assert torch.equal(batch[1], F.safe_direction(bad[None], group, True)[0])
+        assert rel_err_float(batch[1], F.exact_direction(bad[None], group, True)[0]) < 1e-6
+    finally:
+        BACKENDS.pop("test_one_fails", None)
+
+
+def rel_err_float(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def test_windows_bounded_by_chunk_bytes_report_what_was_applied(failing_backend):
     """With chunk_bytes too small for one window, earlier windows are applied and the error says so."""
     method, arm = failing_backend({(2, 8)})

@@ -14,6 +14,7 @@ workspace, the directions held until the window is applied) stay within a budget
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -343,6 +344,11 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
     """:func:`direction`, replaced by :func:`exact_direction` if the backend raises ``LinAlgError`` or
     (with ``check``) returns NaN/Inf on finite input; refuses non-finite input.
 
+    Per matrix of a ``(B, m, n)`` batch: the matrices whose result is not finite are computed again
+    alone (then replaced if they fail alone), and a batch whose backend raised is computed one matrix
+    at a time, so that each matrix gets what it gets alone whatever it is batched with (the result
+    then has the widest dtype of its parts, a bfloat16 one upcast exactly).
+
     Raises:
         NonFiniteGradientError: ``mats`` itself holds NaN/Inf (a corrupted momentum buffer, or a finite
             buffer and gradient near the dtype's range whose momentum update overflowed).
@@ -363,6 +369,25 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
             "momentum with this gradient (the updated buffer, or its Nesterov blend) holds NaN/Inf: a "
             "corrupted buffer, or finite values near the dtype's range that overflowed; the step was refused"
         )
+    if mats.ndim == 3 and mats.size(0) > 1:
+        # Per matrix: only the matrices that fail get the exact rule, so that a matrix's direction does
+        # not depend on the neighbours it is batched with (a 3-D parameter's stack; on accelerators a
+        # chunk, which a DDP / FSDP2 owner holds only its own share of). A backend that raised for the
+        # batch: each matrix alone.
+        if out is None:
+            parts = [safe_direction(x, group, corrected, check) for x in mats.split(1)]
+        else:
+            bad = ~torch.isfinite(out).flatten(1).all(1)
+            idx = bad.nonzero().squeeze(1).tolist()
+            bounds = [0, *(j for i in idx for j in (i, i + 1)), mats.size(0)]
+            runs = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+            parts = [
+                safe_direction(mats[a:b], group, corrected, check) if a in idx else out[a:b] for a, b in runs
+            ]
+        wide = functools.reduce(torch.promote_types, [x.dtype for x in parts])
+        if all(not x.is_contiguous() and x.mT.is_contiguous() for x in parts):  # a tall batch's view
+            return torch.cat([x.mT.to(wide) for x in parts]).mT  # keeps it (the plug-in reads the layout)
+        return torch.cat([x.to(wide) for x in parts])
     method = group["method"] if corrected else "ns (polar)"
     warnings.warn(
         f"spectral backend {method!r} {reason} on a finite {tuple(mats.shape)} matrix batch; "

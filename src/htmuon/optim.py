@@ -313,8 +313,9 @@ class HTMuon(Optimizer):
           leaves the optimizer as it was.
         * Directions are computed before they are applied, window by window (:func:`htmuon.functional.
           plan_step`). A backend that raises ``LinAlgError`` or returns a non-finite direction on
-          finite input is replaced, for that chunk, by the exact float64 SVD rule (a ``RuntimeWarning``
-          says so). Any other failure refuses the step: if the step's directions fit in one window
+          finite input is replaced, for each matrix where it fails (alone), by the exact float64 SVD
+          rule (a ``RuntimeWarning`` says so); the other matrices batched with it keep their result.
+          Any other failure refuses the step: if the step's directions fit in one window
           (``chunk_bytes``; every model whose matrices need at most that much) of one param group,
           nothing has changed; otherwise the groups and windows before it are applied and the error
           says how many parameters.
