@@ -546,9 +546,10 @@ def _cpu_polar(
     batch is not finite: the caller's finite check refuses it), the exact power-of-two prescale would
     change no bit of the result, so the iteration runs on the cast batch as it is -- Muon's own
     operations, one 2-D product per matrix. This saves the float32 multiply over the whole batch.
-    ``min_abs``: also take the prescaled path where ``max |X_ij|`` of any one matrix of the batch is
-    below it (decided per matrix: a batch's largest entry says nothing of a small matrix beside it,
-    whose result would then depend on its neighbours). float16 work always takes the prescaled path
+    ``min_abs``: also take the prescaled path, for the whole batch, where ``max |X_ij|`` of any one
+    matrix of it is below it (each matrix's own largest entry is compared: a batch's largest says
+    nothing of a small matrix beside it, whose result would then depend on its neighbours; the
+    prescale changes no bit of the others). float16 work always takes the prescaled path
     (its range is too narrow for the raw batch's norm).
     """
     a, b, c = coefficients
