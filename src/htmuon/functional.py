@@ -377,12 +377,10 @@ def safe_direction(mats: Tensor, group: dict[str, Any], corrected: bool, check: 
         if out is None:
             parts = [safe_direction(x, group, corrected, check) for x in mats.split(1)]
         else:
-            bad = ~torch.isfinite(out).flatten(1).all(1)
-            idx = bad.nonzero().squeeze(1).tolist()
-            bounds = [0, *(j for i in idx for j in (i, i + 1)), mats.size(0)]
-            runs = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+            ok = torch.isfinite(out).flatten(1).all(1).tolist()
             parts = [
-                safe_direction(mats[a:b], group, corrected, check) if a in idx else out[a:b] for a, b in runs
+                out[i : i + 1] if fine else safe_direction(mats[i : i + 1], group, corrected, check)
+                for i, fine in enumerate(ok)
             ]
         wide = functools.reduce(torch.promote_types, [x.dtype for x in parts])
         if all(not x.is_contiguous() and x.mT.is_contiguous() for x in parts):  # a tall batch's view
@@ -508,7 +506,7 @@ def _add_step_(param: Tensor, O: Tensor, alpha: float) -> None:
     owner's whole matrix against a strided view) got other bits than the single process for the same
     direction (torch 2.13; ``alpha`` 0.0212 became 0.021240234 in bfloat16). The float32 step is the
     same whatever the layout."""
-    if param.device.type == "cpu" and param.dtype in _ROUNDED_SCALAR_DTYPES:
+    if _rounds_scalars(param):
         param.add_(O.to(torch.float32, copy=True).mul_(alpha))
     else:
         param.add_(O, alpha=alpha)
@@ -522,9 +520,14 @@ def _update_operand(O: Tensor, param: Tensor) -> Tensor:
     return O
 
 
-#: Dtypes whose CPU ``torch._foreach_mul_`` by a Python number rounds the number first (see
-#: :func:`decoupled_updates_`).
+#: Dtypes whose CPU ``torch._foreach_mul_`` by a Python number, and ``add_``'s vectorised loop its
+#: ``alpha``, round the number first (see :func:`decoupled_updates_`, :func:`_add_step_`).
 _ROUNDED_SCALAR_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _rounds_scalars(param: Tensor) -> bool:
+    """A CPU parameter of a :data:`_ROUNDED_SCALAR_DTYPES` dtype: its updates take the float32 route."""
+    return param.device.type == "cpu" and param.dtype in _ROUNDED_SCALAR_DTYPES
 
 
 def decoupled_updates_(
@@ -545,7 +548,7 @@ def decoupled_updates_(
     if wd != 0.0:
         factor, rest = 1.0 - lr * wd, []
         for p in params:
-            if p.device.type == "cpu" and p.dtype in _ROUNDED_SCALAR_DTYPES:
+            if _rounds_scalars(p):
                 p.mul_(factor)
             else:
                 rest.append(p)
@@ -553,7 +556,7 @@ def decoupled_updates_(
             torch._foreach_mul_(rest, factor)
     by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for param, O, scale in zip(params, directions, scales):
-        if param.device.type == "cpu" and param.dtype in _ROUNDED_SCALAR_DTYPES:
+        if _rounds_scalars(param):
             _add_step_(param, _update_operand(O, param), -lr * float(scale))  # see _add_step_
             continue
         ps, os = by_scale.setdefault(float(scale), ([], []))

@@ -792,9 +792,11 @@ def _row(L: _Layer, ev: Tensor, fit: str, thresh: float, method: str) -> dict[st
     )
     # log10 sum lambda^alpha in log space: lambda^alpha itself leaves float64's range (lambda ~1e62
     # from float32 weights ~1e30, or alpha ~40 on lambda ~1e8) where its log does not
-    pos = e[e > 0]
-    if math.isfinite(alpha) and pos.numel():
-        log_alpha_norm = torch.logsumexp(alpha * pos.log(), 0) / math.log(10.0)
+    # (zero eigenvalues masked to -inf, not indexed out: no host read before the one of vals below;
+    # none positive gives -inf, reported as NaN as before)
+    if math.isfinite(alpha):
+        terms = torch.where(e > 0, alpha * e.clamp_min(torch.finfo(e.dtype).tiny).log(), -math.inf)
+        log_alpha_norm = torch.logsumexp(terms, 0) / math.log(10.0)
     else:
         log_alpha_norm = torch.tensor(math.nan, dtype=e.dtype, device=e.device)
     vals = torch.stack(
@@ -822,7 +824,7 @@ def _row(L: _Layer, ev: Tensor, fit: str, thresh: float, method: str) -> dict[st
         "sigma": pl.sigma,
         "num_pl_spikes": int(n_spikes_f),
         "alpha_weighted": alpha * log_lmax,
-        "log_alpha_norm": log_alpha_norm_f,
+        "log_alpha_norm": log_alpha_norm_f if log_alpha_norm_f > -math.inf else math.nan,
         "log_norm": math.log10(total_f) if total_f > 0 else -math.inf,
         "log_spectral_norm": log_lmax,
         "spectral_norm": lam_max_f,
