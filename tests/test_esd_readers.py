@@ -671,29 +671,35 @@ def test_an_htmuon_checkpoint_with_a_damaged_or_cut_trailer_is_refused(tmp_path,
     assert data[-checkpoint.TRAILER_LEN :].startswith(checkpoint.TRAILER_MAGIC)
 
     flipped = bytearray(data)
-    at = flipped.index(model[1].weight.detach().numpy().tobytes()[:64])
-    for i in range(at, at + 60 * 50 * 4, 4):  # scale every weight of the second layer by 2^+-1
-        flipped[i + 3] ^= 0x01
     flipped[-70] ^= 0x01  # one bit of the trailer's magic
+    both = bytearray(flipped)
+    at = both.index(model[1].weight.detach().numpy().tobytes()[:64])
+    for i in range(at, at + 60 * 50 * 4, 4):  # and every weight of the second layer scaled by 2^+-1
+        both[i + 3] ^= 0x01
     cases = {
         "flipped trailer": bytes(flipped),
         "last 40 bytes cut": data[:-40],
+        "weights and trailer flipped": bytes(both),
     }
-    assert torch.load(io.BytesIO(cases["flipped trailer"]), weights_only=True)["step"] == 3  # torch reads it
-    why = {
-        "flipped trailer": "is damaged or truncated (no checksum trailer at its end)",
-        "last 40 bytes cut": "is damaged or truncated (no checksum trailer at its end)",
-    }
+    assert torch.load(io.BytesIO(cases["weights and trailer flipped"]), weights_only=True)["step"] == 3
+    damaged = "is damaged or truncated (no checksum trailer at its end)"
     for what, content in cases.items():
         path = tmp_path / f"{what.replace(' ', '-')}.pt"
         path.write_bytes(content)
-        with pytest.raises(ValueError, match=re.escape(f"checkpoint '{path}' {why[what]}")):
+        at = re.escape(str(path))
+        if what == "weights and trailer flipped":
+            # the changed weights fail their record's CRC-32, checked before the trailer's absence is
+            # (the archive's folder name inside the zip is torch's choice)
+            why = rf"cannot read '{at}': it is corrupt: its record '[^']*/data/2' fails its CRC-32"
+        else:
+            why = rf"checkpoint '{at}' " + re.escape(damaged)
+        with pytest.raises(ValueError, match=why):
             analyze(path)
         rc, out, err = run_cli([path], capsys)
         lines = err.strip().splitlines()
         assert rc == 2 and out == "" and len(lines) == 1, (what, err)
         assert lines[0].startswith("htmuon esd: error:") and str(path) in lines[0], (what, err)
-        with pytest.raises(checkpoint.CheckpointError, match=re.escape(why[what])):  # as resume refuses it
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(damaged)):  # as resume refuses it
             checkpoint.load(path)
     # a whole archive without the trailer (the checkpoint saved again by torch.save, its optimizer state
     # dropped; or the trailer cut off exactly) is read with a note; resuming refuses it
@@ -913,6 +919,59 @@ def test_a_damaged_pickle_in_a_torch_archive_is_refused_as_corrupt_not_skipped(t
         assert str(path) in str(e.value) and "allow_pickle" not in str(e.value)
         rc, out, err = run_cli([path], capsys)
         assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "CRC-32" in err
+
+
+def _record_span(path, name):
+    """Where the bytes of a torch.save archive's record ``name`` (its path's last part) lie."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.split("/")[-1] == name)
+    head = Path(path).read_bytes()[info.header_offset : info.header_offset + 30]
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    return start, info.file_size
+
+
+def test_a_changed_byte_in_a_tensors_data_is_refused_as_corrupt(tmp_path, capsys):
+    """Only the pickle record was checked against its CRC-32: one changed byte in a tensor's data
+    (torch.load checks none) changed that layer's alpha without a word. Every record is checked now."""
+    torch.manual_seed(0)
+    sd = nn.Sequential(nn.Linear(24, 32), nn.Linear(32, 16)).state_dict()
+    torch.save(sd, tmp_path / "whole.pt")
+    data = bytearray((tmp_path / "whole.pt").read_bytes())
+    # the archive names its storages 0, 1, ... in the order its pickle meets them: 0.weight's is "0"
+    start, size = _record_span(tmp_path / "whole.pt", "0")
+    assert size == sd["0.weight"].untyped_storage().nbytes()
+    data[start + size // 2] ^= 0x40  # one bit of one float of 0.weight
+    (tmp_path / "flipped.pt").write_bytes(data)
+    flipped = torch.load(tmp_path / "flipped.pt")  # torch.load reads it: only 0.weight differs
+    assert not torch.equal(flipped["0.weight"], sd["0.weight"])
+    assert all(torch.equal(flipped[k], sd[k]) for k in sd if k != "0.weight")
+    with pytest.raises(ValueError, match=r"corrupt.*data/0.*CRC-32") as e:
+        analyze(tmp_path / "flipped.pt")
+    assert str(tmp_path / "flipped.pt") in str(e.value)
+    rc, out, err = run_cli([tmp_path / "flipped.pt"], capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "CRC-32" in err
+
+
+def test_an_archive_saved_without_crcs_is_read_and_the_notes_say_it_was_not_checked(tmp_path):
+    """torch.serialization.set_crc32_options(False) stores CRC 0 for every record; such a file (which
+    torch.load reads) was refused as corrupt by the pickle's CRC check. It is analysed, with a note."""
+    torch.manual_seed(0)
+    sd = nn.Sequential(nn.Linear(24, 32), nn.Linear(32, 16)).state_dict()
+    torch.save(sd, tmp_path / "crc.pt")
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(sd, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with_crc = analyze(tmp_path / "crc.pt")
+    without = analyze(tmp_path / "nocrc.pt")
+    assert without.alphas == with_crc.alphas and "notes" not in with_crc.meta
+    notes = " ".join(without.meta["notes"])
+    assert "without a CRC-32" in notes and "set_crc32_options(False)" in notes
 
 
 def test_a_truncated_dcp_metadata_file_is_called_corrupt_not_code(tmp_path):
