@@ -197,6 +197,27 @@ def test_load_nontensor_step(kw):
     assert_same_params(params, twin)
 
 
+def test_a_step_count_set_as_a_number_steps_in_both_parts(kw):
+    """A ``step`` that is a Python number in the live state (set by hand, or an old pickle; the step's
+    checks accept it): the matrix part took it, but the AdamW part handed it to torch's AdamW kernel,
+    which raised ("state_steps argument must contain a list of singleton tensors") after the matrices
+    were updated. Both parts now take it as the counter's tensor form, as with tensor counters."""
+    params = make_params()
+    opt = HTMuon(params, **kw)
+    run(params, opt, 2)
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    opt_twin = HTMuon(twin, **kw)
+    opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in twin:
+        opt_twin.state[p]["step"] = 2  # an int, in a matrix's state and in the vector's (AdamW part)
+    run(params, opt, 1, start=2)
+    run(twin, opt_twin, 1, start=2)
+    assert_same_params(params, twin)
+    for p in twin:
+        step = opt_twin.state[p]["step"]
+        assert isinstance(step, Tensor) and step.dtype == torch.float32 and float(step) == 3.0
+
+
 def test_named_parameters_state_dict(kw):
     model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
     opt = HTMuon(model.named_parameters(), **kw)

@@ -210,6 +210,15 @@ def _new_step() -> Tensor:
     return torch.tensor(0.0, dtype=torch.float32)
 
 
+def _counter(state: dict[str, Any]) -> Tensor:
+    """``state["step"]`` as the tensor counter the step adds to, stored so: a number (an old pickle's, or
+    one set by hand, which the checks accept) becomes :func:`_new_step`'s form with its value."""
+    step = state["step"]
+    if not isinstance(step, Tensor):
+        step = state["step"] = torch.tensor(float(step), dtype=torch.float32)
+    return step
+
+
 def _on_device(state: dict[str, Any], key: str, device: torch.device) -> Tensor:
     """``state[key]`` (a counter) moved to ``device`` where it is elsewhere, and stored so.
 
@@ -1141,8 +1150,8 @@ class HTMuon(Optimizer):
             if not state:
                 state["step"] = _new_step()
                 state["momentum_buffer"] = buf
-            elif not isinstance(state["step"], Tensor):  # a number set by hand: the counter's tensor form
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            else:
+                _counter(state)  # a number set by hand: the counter's tensor form
             if v_new is not None:
                 if "second_moment" in state:
                     state["second_moment"].copy_(v_new)
@@ -1177,6 +1186,7 @@ class HTMuon(Optimizer):
                 state["momentum_buffer"] = buf
             m_buf = state["momentum_buffer"]
             m_buf.copy_(torch.where(ok, m_buf.lerp(grad, 1.0 - beta), m_buf))
+            _counter(state)
             counter = _on_device(state, "step", ok.device)
             counter.add_(ok.to(counter.dtype))
             if v_new is not None:
@@ -1204,6 +1214,7 @@ class HTMuon(Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
+            _counter(state)  # a number set by hand: torch's AdamW kernels take tensor counters only
             steps.append(state["step"] if ok is None else _on_device(state, "step", ok.device))
         hyper = dict(
             lr=_scalar(group["lr"]),
