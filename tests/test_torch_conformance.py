@@ -302,6 +302,30 @@ def test_load_state_dict_hooks(kw):
     assert "momentum_buffer" in opt2.state[opt2.param_groups[0]["params"][0]]
 
 
+def test_load_state_dict_post_hook_sees_the_load_complete():
+    """A load post-hook sees the optimizer as the load leaves it: dtype settings as ``torch.dtype``
+    and step counters of its own. Before, single-process post-hooks ran inside torch's load, before
+    htmuon's conversions: they read ``ns_dtype == "float32"`` (a string) and the caller's own step
+    tensors (a hook counting in place changed the caller's dict); under a process group they ran
+    after them."""
+    params = make_params()
+    opt = HTMuon(params, ns_dtype=torch.float32, compute_dtype=torch.float64)
+    run(params, opt, 1)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["ns_dtype"] == "float32"  # written as a name
+    seen = {}
+
+    def post(o):
+        seen["dtypes"] = (o.param_groups[0]["ns_dtype"], o.param_groups[0]["compute_dtype"])
+        mine = [p for g in o.param_groups for p in g["params"]]  # in the state dict's numbering
+        seen["shared"] = any(o.state[p]["step"] is sd["state"][i]["step"] for i, p in enumerate(mine))
+
+    opt2 = HTMuon([nn.Parameter(p.detach().clone()) for p in params])
+    opt2.register_load_state_dict_post_hook(post)
+    opt2.load_state_dict(sd)
+    assert seen == {"dtypes": (torch.float32, torch.float64), "shared": False}
+
+
 # ------------------------------------------------------------------ copies
 
 

@@ -690,11 +690,12 @@ class HTMuon(Optimizer):
         rank refuses (a NaN in its shard, say) every rank refuses and none changes anything.
         """
         if self._dist is None:
-            return self._load_checked(state_dict, post_hooks=True)
+            self._load_checked(state_dict)
+            return self._run_load_post_hooks()
         before = self.state, self.param_groups
         error = None
         try:
-            self._load_checked(state_dict, post_hooks=False)
+            self._load_checked(state_dict)
         except Exception as exc:  # agreed below, so that the ranks load together or not at all
             error = exc
         device = next(
@@ -711,12 +712,19 @@ class HTMuon(Optimizer):
                 "and the optimizer is as it was"
             )
         self._dist.unshared_failure = None  # the state was restored: the ranks agree again
+        self._run_load_post_hooks()
+
+    def _run_load_post_hooks(self) -> None:
+        """The load-state-dict post-hooks, once the load is complete: they see the groups' dtype
+        settings as ``torch.dtype`` and the optimizer's own step counters (not the names and the
+        caller's counters that torch.optim's ``load_state_dict`` leaves, which :meth:`_load_checked`
+        then converts)."""
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _load_checked(self, state_dict: dict[str, Any], post_hooks: bool) -> None:
-        """:meth:`load_state_dict` on this rank: the pre-hooks, the checks, the load (and, with
-        ``post_hooks``, the post-hooks)."""
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`load_state_dict` on this rank: the pre-hooks, the checks, the load (the caller runs
+        the post-hooks)."""
         if isinstance(state_dict, dict):  # the pre-hooks may rewrite it (as in torch), then it is checked
             state_dict = state_dict.copy()
             for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -765,8 +773,7 @@ class HTMuon(Optimizer):
                     _check_loaded_values(key, _distributed.local_tensor(value), param, where)
         hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # they already ran above
-        if not post_hooks:  # the caller runs them once the ranks agree
-            self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # the caller runs them after the load
         try:
             super().load_state_dict(state_dict)
         finally:
