@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 import warnings
 
@@ -272,6 +273,28 @@ def test_state_dict_hooks(kw):
     opt.register_state_dict_post_hook(post)
     sd = opt.state_dict()
     assert opt._pre_called and sd["extra"] == 7
+
+
+def test_state_dict_post_hook_sees_the_dict_as_returned():
+    """A state-dict post-hook post-processes the dict :meth:`HTMuon.state_dict` returns, whose dtype
+    settings are names (what torch.distributed.checkpoint and JSON take). Before, the names were
+    written after the hooks ran: a hook saw ``torch.float32`` (one writing the groups out as JSON
+    failed). A dict a hook returns is the one returned."""
+    params = make_params()
+    opt = HTMuon(params, ns_dtype=torch.float32, compute_dtype=torch.float64)
+    run(params, opt, 1)
+    seen = []
+
+    def post(o, sd):
+        seen.append(
+            json.dumps([{k: g[k] for k in ("ns_dtype", "compute_dtype")} for g in sd["param_groups"]])
+        )
+        return {**sd, "tag": "post"}  # a new dict, as a hook may return
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert json.loads(seen[0])[0] == {"ns_dtype": "float32", "compute_dtype": "float64"}
+    assert sd["tag"] == "post" and sd["param_groups"][0]["ns_dtype"] == "float32"
 
 
 def test_load_state_dict_hooks(kw):

@@ -668,12 +668,22 @@ class HTMuon(Optimizer):
         """torch.optim's state dict, the dtype settings (``ns_dtype``, ``compute_dtype``) written as their
         names (``"float32"``; :meth:`load_state_dict` reads both): torch.distributed.checkpoint's full
         state dicts (``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``,
-        ``htmuon.torchrun.state_dicts`` under FSDP2) refuse a ``torch.dtype`` value."""
-        state_dict = super().state_dict()
+        ``htmuon.torchrun.state_dicts`` under FSDP2) refuse a ``torch.dtype`` value. The post-hooks
+        (``register_state_dict_post_hook``) see, and may replace, the dict as returned: names."""
+        hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()  # run below, on the dict with names
+        try:
+            state_dict = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
         for group in state_dict["param_groups"]:
             for key in DTYPE_KEYS:
                 if isinstance(group.get(key), torch.dtype):
                     group[key] = str(group[key]).removeprefix("torch.")
+        for post_hook in hooks.values():  # as torch.optim runs them: one may return a new dict
+            out = post_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
