@@ -683,3 +683,23 @@ def test_a_groups_own_batch_3d_decides_its_routing():
         assert [(g["algorithm"], g["batch_3d"]) for g in groups] == [("htmuon", False)]
     groups = HTMuon([{"params": [stacked], "batch_3d": True}], batch_3d=False).param_groups
     assert [g["algorithm"] for g in groups] == ["adamw"]
+
+
+def test_numpy_false_settings_route_as_false():
+    """HTMuon takes a NumPy bool (a config sweep's value) as the Python one, but routing read only
+    ``False`` itself as false: a group's ``batch_3d=np.False_`` routed a (c, 1, k) kernel as c stacked
+    1 x k rows (AdamW) while the step then flattened it (a c x k matrix), and ``param_groups(model,
+    batch_3d=np.False_)`` did the same; ``decoupled_weight_decay=np.False_`` (Adam's L2 penalty) on a
+    decaying group was not refused. Now each is what ``False`` gives."""
+    np = pytest.importorskip("numpy")
+    kernel = nn.Parameter(torch.randn(8, 1, 3))
+    for flag in (False, np.False_):
+        groups = HTMuon([{"params": [kernel], "batch_3d": flag}]).param_groups
+        assert [(g["algorithm"], g["batch_3d"]) for g in groups] == [("htmuon", False)], flag
+        model = nn.Sequential(nn.Linear(4, 4))
+        model.register_parameter("w3", nn.Parameter(torch.randn(8, 1, 3)))
+        routed = [(g["algorithm"], g["names"]) for g in param_groups(model, batch_3d=flag)]
+        assert routed == [("htmuon", ["w3", "0.weight"]), ("adamw", ["0.bias"])], flag
+        w = nn.Parameter(torch.randn(4))
+        with pytest.raises(ValueError, match=r"^decoupled_weight_decay=False in param group 0 "):
+            HTMuon([dict(params=[w], use_muon=False, weight_decay=0.1, decoupled_weight_decay=flag)])

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from . import distributed as _distributed
 from . import functional as F
 from .functional import NonFiniteGradientError
-from .routing import _check_flags, _check_l2_flag, _is_real, route_params
+from .routing import _check_flags, _check_l2_flag, _is_numpy_bool, _is_real, route_params
 from .spectral import BACKENDS, MUON_NS_STEPS, SCALES, SPECTRA, _check_backend, host_path
 
 __all__ = ["HTMuon", "NonFiniteGradientError"]
@@ -141,11 +141,6 @@ def _autocast_on(groups: list[dict]) -> list[str]:
 def _scalar(v: Any) -> Any:
     """A 1-element tensor hyperparameter as torch.optim uses it (``_to_scalar``: a 0-dim tensor)."""
     return v.squeeze() if isinstance(v, Tensor) and v.dim() != 0 else v
-
-
-def _is_numpy_bool(v: Any) -> bool:
-    """A NumPy bool scalar (``np.bool_``; NumPy is not imported for it: torch runs without NumPy)."""
-    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")
 
 
 def _number(v: Any) -> float:

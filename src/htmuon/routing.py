@@ -154,6 +154,17 @@ def _unparametrized(name: str) -> str:
     return name
 
 
+def _is_numpy_bool(v: Any) -> bool:
+    """A NumPy bool scalar (``np.bool_``; NumPy is not imported for it: torch runs without NumPy)."""
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")
+
+
+def _is_false(v: Any) -> bool:
+    """``False`` as a group setting gives it: Python's, or NumPy's (a config sweep's value, which
+    :class:`htmuon.HTMuon` takes as ``False``; ``v is False`` missed it)."""
+    return v is False or (_is_numpy_bool(v) and not v)
+
+
 def _is_vector_in_disguise(shape: Sequence[int], batch_3d: bool = True) -> bool:
     """``ndim >= 2``, but the matrices the update works on (``matrix_shape``: a 4-D kernel flattened
     to ``out x in*kh*kw``, a 3-D tensor a batch of matrices with ``batch_3d``) have a side of 1: a
@@ -290,7 +301,7 @@ def param_groups(
     """
     _check_routing(routing, "")
     to_htmuon = _KINDS_TO_HTMUON[routing]
-    classified = _classify(model, head_names, htmuon_options.get("batch_3d", True) is not False)
+    classified = _classify(model, head_names, not _is_false(htmuon_options.get("batch_3d", True)))
     three_d = [
         (p, isinstance(owner, _CONV1D))
         for _, p, kind, owner in classified
@@ -298,7 +309,7 @@ def param_groups(
     ]
     kernels = {id(p) for p, is_kernel in three_d if is_kernel}
     # batch_3d is per group: the kernels need a group of their own only beside batched 3-D parameters
-    apart = htmuon_options.get("batch_3d", True) is not False and not all(k for _, k in three_d)
+    apart = not _is_false(htmuon_options.get("batch_3d", True)) and not all(k for _, k in three_d)
     hgroup: dict[str, Any] = {"params": [], "names": [], "algorithm": "htmuon", **htmuon_options}
     kgroup: dict[str, Any] = {**hgroup, "params": [], "names": [], "batch_3d": False}
     # the AdamW part's own options reach its group too, as HTMuon(..., **options) gives them to every group
@@ -584,7 +595,7 @@ def route_params(
         if not tensors or not all(isinstance(t, Tensor) for t in tensors):
             out.append(group)  # empty, or something torch will refuse with its own message
             continue
-        b3 = group.get("batch_3d", defaults.get("batch_3d", True)) is not False
+        b3 = not _is_false(group.get("batch_3d", defaults.get("batch_3d", True)))
         if names is None:
             kinds = [_kind_from_shape(t.shape, b3) for t in tensors]
         else:
@@ -617,7 +628,7 @@ def _check_l2_flag(parts: list[dict[str, Any]], where: str, default_wd: Any) -> 
     it became decays (the AdamW part by its own ``adamw_weight_decay`` too): HTMuon's decay is decoupled,
     the same update as the L2 penalty only at weight decay 0 (a group copied from Adam without decay)."""
     for part in parts:
-        if part.get("decoupled_weight_decay") is not False:
+        if not _is_false(part.get("decoupled_weight_decay")):
             continue
         wd = part.get("weight_decay", default_wd)
         # (a weight_decay that is no number is left to the group check's own message)
