@@ -996,3 +996,29 @@ def test_numpy_reals_and_tensor_hyperparameters_are_taken_as_torch_optim_takes_t
     assert [g["nesterov"] for g in opt.param_groups] == [False, False, True]
     with pytest.raises(ValueError, match=r"Invalid nesterov: (np\.int64\()?1\)? \(must be True or False\)"):
         HTMuon(model.parameters(), nesterov=np.int64(1))
+
+
+def test_numpy_strings_are_kept_as_python_strings():
+    """A NumPy string option (``np.random.choice(["svd", "eigh"])`` in a sweep) was kept as
+    ``np.str_`` in the groups, so the state dict did not load with ``torch.load(weights_only=True)``
+    (torch's default: "Unsupported global"), and ``torch.compile(opt.step, fullgraph=True)`` failed
+    on it ("failed to convert numpy.ndarray to Tensor", checked by hand with ``method="eigh"``);
+    NumPy reals, ints and bools were already made Python values. Now the string options are too."""
+    import io
+
+    np = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    opt = HTMuon(model.parameters(), method=np.str_("svd"), plugin=np.str_("normuon"))
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "lr_adjust": np.str_("adamw_rms")})
+    keys = ("method", "spectrum", "scale", "lr_adjust", "plugin", "algorithm")
+    assert all(type(g[k]) is str for g in opt.param_groups for k in keys)
+    assert [g["lr_adjust"] for g in opt.param_groups] == ["muon", "muon", "adamw_rms"]
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    twin = HTMuon(model.parameters(), method="svd", plugin="normuon")
+    twin.add_param_group({"params": [opt.param_groups[2]["params"][0]], "lr_adjust": "adamw_rms"})
+    twin.load_state_dict(torch.load(buf, weights_only=True))
+    assert twin.param_groups[0]["method"] == "svd" and twin.param_groups[2]["lr_adjust"] == "adamw_rms"

@@ -58,6 +58,8 @@ GROUP_KEYS = (
     "check_finite",
     "chunk_bytes",
 )
+#: Group keys whose values are (or may be) strings.
+_STRING_KEYS = ("method", "spectrum", "scale", "lr_adjust", "plugin", "algorithm", "ns_dtype", "chunk_bytes")
 MATRIX_STATE = ("step", "momentum_buffer")
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
@@ -467,6 +469,9 @@ class HTMuon(Optimizer):
         if missing:
             raise ValueError(f"param group{where} lacks the HTMuon keys {missing}")
         _dtype_names_to_dtypes(g)
+        for key in _STRING_KEYS:  # a NumPy string (a sweep's np.random.choice): a Python str, as NumPy
+            if isinstance(g[key], str) and type(g[key]) is not str:  # reals (weights_only loads, compile)
+                g[key] = str(g[key])
         _check_flags(g, where)  # torch.optim's maximize, ... set on a group after construction
         _check_l2_flag([g], where, 0.0)
 
