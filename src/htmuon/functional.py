@@ -197,6 +197,9 @@ def matrix_view(t: Tensor, batch_3d: bool = True) -> Tensor:
 
     2-D: one matrix. 3-D: a batch of stacked matrices (``batch_3d=True``) or a Conv1d kernel
     flattened to ``out x (in * k)``. 4-D and more: a conv kernel flattened to ``out x (in * kh * kw)``.
+    Flattening keeps the first dimension as the rows: a transposed convolution's weight is
+    ``(in, out / groups, *k)``, so its rows are its input channels (``in x (out / groups * kh * kw)``),
+    and :func:`lr_scale` and NorMuon's per-row statistics read it so.
     """
     return t.reshape(matrix_shape(t.shape, batch_3d))
 
@@ -207,7 +210,8 @@ def second_moment_shape(mshape: tuple[int, int, int], plugin: str) -> tuple[int,
 
 
 def lr_scale(m: int, n: int, rule: str) -> float:
-    """Per-matrix learning-rate multiplier for an ``m x n`` (out x in) matrix."""
+    """Per-matrix learning-rate multiplier for an ``m x n`` matrix (rows x columns of
+    :func:`matrix_view`: out x in for ``nn.Linear`` and conv weights)."""
     if rule == "muon":  # Muon's: sqrt(max(1, m / n))
         return math.sqrt(max(1.0, m / n))
     if rule == "adamw_rms":  # Moonshot's "match AdamW RMS": 0.2 sqrt(max(m, n))

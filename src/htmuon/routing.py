@@ -129,7 +129,8 @@ UNSUPPORTED_FLAGS = {
 TYPO_CUTOFF = 0.8
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
-#: Modules whose 3-D weight is a conv kernel (out, in, k), to flatten to out x in*k (``batch_3d=False``).
+#: Modules whose 3-D weight is a conv kernel (out, in, k), to flatten to out x in*k (``batch_3d=False``;
+#: a ConvTranspose1d weight is (in, out / groups, k), flattened the same way: in x out/groups*k).
 _CONV1D = (nn.Conv1d, nn.ConvTranspose1d)
 _KINDS_TO_HTMUON = {"standard": frozenset({"matrix"}), "paper": frozenset({"matrix", "embedding", "head"})}
 
@@ -267,8 +268,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`htmuon.HTMuon`: ``algorithm="htmuon"`` and ``algorithm="adamw"`` groups.
 
-    ``nn.Conv1d`` / ``nn.ConvTranspose1d`` kernels (3-D, ``(out, in, k)``) are flattened to
-    ``out x in*k`` matrices, never batched as stacked matrices: the HTMuon group gets
+    ``nn.Conv1d`` / ``nn.ConvTranspose1d`` kernels (3-D, ``(out, in, k)``; a transposed one's is
+    ``(in, out / groups, k)``) are flattened to ``out x in*k`` (``in x out/groups*k``) matrices, never
+    batched as stacked matrices: the HTMuon group gets
     ``batch_3d=False`` when they are its only 3-D parameters, and they get an HTMuon group of their
     own with ``batch_3d=False`` when other 3-D parameters (stacked experts) keep ``batch_3d=True``
     (the default, or as given).
