@@ -690,7 +690,8 @@ def test_numpy_false_settings_route_as_false():
     ``False`` itself as false: a group's ``batch_3d=np.False_`` routed a (c, 1, k) kernel as c stacked
     1 x k rows (AdamW) while the step then flattened it (a c x k matrix), and ``param_groups(model,
     batch_3d=np.False_)`` did the same; ``decoupled_weight_decay=np.False_`` (Adam's L2 penalty) on a
-    decaying group was not refused. Now each is what ``False`` gives."""
+    decaying group was not refused; ``use_muon=np.False_`` was refused ("must be True or False").
+    Now each is what ``False`` gives."""
     np = pytest.importorskip("numpy")
     kernel = nn.Parameter(torch.randn(8, 1, 3))
     for flag in (False, np.False_):
@@ -703,3 +704,5 @@ def test_numpy_false_settings_route_as_false():
         w = nn.Parameter(torch.randn(4))
         with pytest.raises(ValueError, match=r"^decoupled_weight_decay=False in param group 0 "):
             HTMuon([dict(params=[w], use_muon=False, weight_decay=0.1, decoupled_weight_decay=flag)])
+        groups = HTMuon([dict(params=[w], use_muon=flag), dict(params=[kernel], use_muon=not flag)])
+        assert [g["algorithm"] for g in groups.param_groups] == ["adamw", "htmuon"], flag

@@ -449,6 +449,8 @@ def _apply_use_muon(group: dict[str, Any], where: str) -> None:
     if "use_muon" not in group:
         return
     use_muon = group.pop("use_muon")
+    if _is_numpy_bool(use_muon):  # a config's NumPy bool, taken as HTMuon's own flags take one
+        use_muon = bool(use_muon)
     if not isinstance(use_muon, bool):
         raise ValueError(f"Invalid use_muon{where}: {use_muon!r} (must be True or False)")
     want = "htmuon" if use_muon else "adamw"
