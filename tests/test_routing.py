@@ -589,7 +589,8 @@ def test_adamw_flags_that_change_the_update_are_refused():
     """amsgrad=True, and decoupled_weight_decay=False (Adam's L2 penalty) where a part of the group
     decays, would be silently ignored. At weight decay 0 the two decays are the same update (none), so a
     group copied from torch.optim.Adam without decay is accepted (it was refused) unless routing gives
-    one of its parts a decay (the AdamW part's adamw_weight_decay: it was accepted)."""
+    one of its parts a decay (the AdamW part's adamw_weight_decay: it was accepted); a tensor
+    weight_decay is read as its value (it was accepted whatever it held)."""
     w, m = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4, 4))
     with pytest.raises(ValueError, match="^amsgrad=True in param group 0: "):
         HTMuon([dict(params=[w], use_muon=False, amsgrad=True)])
@@ -600,12 +601,16 @@ def test_adamw_flags_that_change_the_update_are_refused():
         (dict(params=[w], use_muon=False), dict(adamw_weight_decay=0.1), f"{adamw_part} 0.1"),
         (dict(params=[m, w], weight_decay=0.0), dict(adamw_weight_decay=0.1), f"{adamw_part} 0.1"),
         (dict(params=[m, w]), dict(weight_decay=0.1, adamw_weight_decay=0.0), f"{htmuon_part} 0.1"),
+        # a tensor decay too (it was accepted, and ignored as a float one would be)
+        (dict(params=[w], use_muon=False, weight_decay=torch.tensor(0.25)), {}, f"{adamw_part} 0.25"),
+        (dict(params=[m], weight_decay=torch.tensor([0.25])), {}, f"{htmuon_part} 0.25"),
     ):
         with pytest.raises(
             ValueError, match=re.escape(f"decoupled_weight_decay=False in param group 0 ({shown})")
         ):
             HTMuon([dict(group, decoupled_weight_decay=False)], **kw)
     HTMuon([dict(params=[w], use_muon=False, amsgrad=False, decoupled_weight_decay=True)])
+    HTMuon([dict(params=[m, w], weight_decay=torch.tensor(0.0), decoupled_weight_decay=False)])  # no decay
     # groups copied whole from torch.optim.AdamW, and from torch.optim.Adam without decay, are accepted
     HTMuon([dict(torch.optim.AdamW([w]).param_groups[0], use_muon=False)])
     adam = dict(torch.optim.Adam([m, w]).param_groups[0], decoupled_weight_decay=False)

@@ -635,6 +635,10 @@ def _check_l2_flag(parts: list[dict[str, Any]], where: str, default_wd: Any) -> 
         if not _is_false(part.get("decoupled_weight_decay")):
             continue
         wd = part.get("weight_decay", default_wd)
+        if isinstance(wd, Tensor) and wd.numel() == 1 and not wd.is_complex():
+            # a tensor decay (a scheduler's): read once per check, a host read only in this odd
+            # configuration (the flag copied from Adam), as torch.optim reads tensor hyperparameters
+            wd = wd.item()
         # (a weight_decay that is no number is left to the group check's own message)
         if isinstance(wd, numbers.Real) and not isinstance(wd, bool) and wd != 0:
             half = f"its {part['algorithm']} part's" if part.get("algorithm") else "its"
