@@ -766,6 +766,19 @@ class HTMuon(Optimizer):
                 )
             _warn_other_names(saved, mine, gi)
             self._validate(dict(saved), where=f" in loaded param group {gi}")  # (it may convert values)
+            vector = next((q for q in mine["params"] if q.ndim < 2), None)
+            if (
+                saved.get("algorithm") == "htmuon"
+                and mine.get("algorithm") != "htmuon"
+                and vector is not None
+            ):
+                # groups of equal sizes in another order: say so, not how to build the groups
+                raise ValueError(
+                    f"loaded param group {gi} is an algorithm='htmuon' group, this optimizer's group {gi} "
+                    f"is algorithm={mine.get('algorithm')!r} and holds a parameter of shape "
+                    f"{tuple(vector.shape)} that HTMuon cannot update: were the groups saved in another "
+                    f"order?{_OTHER_ROUTING}"
+                )
             _check_algorithm_fits(saved, mine["params"], f"loaded param group {gi}")
             lookup.update({pid: (gi, pi) for pi, pid in enumerate(saved["params"])})
         for pid, state in state_dict["state"].items():
