@@ -430,12 +430,14 @@ def test_preset_lr_notes_name_carried_values_other_models_spec_options_and_grids
     # with the AdamW-part lr on a grid, the matrix lr's note does not depend on the grid's order
     for grid in (["muon=0.0333,0.111"], ["muon=0.111,0.37"]):
         assert "WARNING" not in notes(preset="quick", optimizers="muon", adamw_lr_grid=grid)
-    # AdamW has no AdamW part: its lr's note does not name one
-    text = notes(preset="gpu-60m", optimizers="adamw", adamw_lr="0.01")
-    assert (
-        "adamw: lr 0.001 is the preset's, tuned at model='llama-60m', steps=10000, routing='paper';" in text
+    # AdamW has no AdamW part: its lr's note does not name one (--adamw-lr is Muon's; for AdamW alone it
+    # is refused: test_a_config_flag_that_no_cell_uses_is_refused)
+    text = notes(preset="gpu-60m", optimizers="adamw,muon", adamw_lr="0.01")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("adamw:")]
+    assert line.startswith(
+        "adamw: lr 0.001 is the preset's, tuned at model='llama-60m', steps=10000, routing='paper';"
     )
-    assert "WARNING" not in text
+    assert "WARNING" not in line
 
 
 # ----------------------------------------------------------------------------- cell locks
@@ -1376,6 +1378,27 @@ def test_grid_input_that_no_cell_would_use_is_refused(tmp_path):
     # a name's grid still reaches the specs that take it, beside one with its own lr
     plan = cmp.plan_grid(_args(optimizers="muon:lr=0.1,muon", lr_grid=["muon=0.01,0.02"], compare_out=out))
     assert plan.lrs == {"muon:lr=0.1": [None], "muon": [0.01, 0.02]}
+
+
+def test_a_config_flag_that_no_cell_uses_is_refused(tmp_path):
+    """`compare --optimizers adamw --p 0.5` trained AdamW without a word (htmuon train refuses --p for
+    adamw), as did --adamw-lr beside an --adamw-lr-grid of the only spec that takes it (the grid's values
+    won) and an option every spec sets itself. A flag that some cell uses is still taken."""
+    out = str(tmp_path / "g")
+    for kw, msg in (
+        (dict(optimizers="adamw", p="0.5"),
+         "--p: no optimizer of this grid uses it ('adamw' does not use it (not of the HTMuon family))"),
+        (dict(optimizers="adamw,soap", adamw_lr="0.002"), "--adamw-lr: no optimizer of this grid uses it"),
+        (dict(optimizers="muon", adamw_lr="0.002", adamw_lr_grid=["muon=0.001,0.003"]),
+         "('muon' has an --adamw-lr-grid)"),
+        (dict(optimizers="htmuon:p=0.25,adamw", p="0.5"), "('htmuon:p=0.25' sets p in the spec; 'adamw'"),
+        (dict(optimizers="soap", adamw_beta1="0.8"), "--adamw-beta1: no optimizer of this grid uses it"),
+    ):  # fmt: skip
+        with pytest.raises(UserError, match=re_escape(msg)):
+            cmp.plan_grid(_args(compare_out=out, **kw))
+    plan = cmp.plan_grid(_args(optimizers="adamw,muon", p="0.5", adamw_lr="0.002", compare_out=out))
+    cells = {c.spec: c.cfg for c in plan.select_cells()}
+    assert cells["muon"].p == 0.5 and cells["muon"].adamw_lr == 0.002
 
 
 def re_escape(text: str) -> str:

@@ -360,6 +360,7 @@ def plan_grid(args: argparse.Namespace) -> Plan:
                     if s == name or parse_spec(s)[0] == name
                 ]
                 raise UserError(f"{flag} {name}=...: no optimizer runs it ({'; '.join(why)})")
+    _check_flags_used(plan, agrid)
     plan.notes = untuned_notes(plan)
     if getattr(args, "carry_note", None):
         plan.notes.insert(0, args.carry_note)
@@ -377,6 +378,34 @@ def plan_grid(args: argparse.Namespace) -> Plan:
             "optimistic (pass --tune-seeds for selection on separate seeds).",
         )
     return plan
+
+
+def _check_flags_used(plan: Plan, agrid: dict[str, list[float]]) -> None:
+    """Refuse a config flag that no cell would use, as ``htmuon train`` refuses it for its one optimizer:
+    an HTMuon-family option (``--p``, ``--method``, ...) or ``--adamw-lr`` / ``--adamw-beta1/2`` when
+    every spec's optimizer ignores it (``check_used_keys``), sets the key in the spec, or (``--adamw-lr``)
+    has an ``--adamw-lr-grid``, whose values the cells take instead. (Before, each cell dropped it.)"""
+    from htmuon.cli import UserError
+    from htmuon.train.cli import check_used_keys
+
+    for key in plan.base_overrides:
+        why = []
+        for spec in plan.specs:
+            opt_name, spec_over = parse_spec(spec)
+            try:
+                check_used_keys(opt_name, [key])
+            except UserError as e:
+                why.append(f"'{spec}' does not use it {str(e).rpartition(' does not use it ')[2]}")
+                continue
+            if key in spec_over:
+                why.append(f"'{spec}' sets {key} in the spec")
+            elif key == "adamw_lr" and (agrid.get(spec) or agrid.get(opt_name)):
+                why.append(f"'{spec}' has an --adamw-lr-grid")
+            else:
+                break  # this spec's cells use it
+        else:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag}: no optimizer of this grid uses it ({'; '.join(why)})")
 
 
 def _seeds(seeds) -> str:
