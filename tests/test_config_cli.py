@@ -247,3 +247,24 @@ def test_range_errors_of_flags_name_only_the_key(tmp_path, capsys):
     assert err.endswith(f"config key 'lr' must be > 0, got -5.0 in {file}")
     # a bad file value that a flag overrides is no error
     assert make_config(None, str(file), {"lr": "0.01"}, strings=True).lr == 0.01
+
+
+def test_a_blank_data_or_out_dir_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, capsys):
+    """`--data "$CORPUS"` with the variable unset gave data '' (a flag's value is stripped, so "  " too),
+    which is Path(""): the current folder, read as a data folder of every .txt under it; `--out-dir ''`
+    wrote the run into the current folder. Each is a one-line error naming the key and the file now."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a corpus\n" * 2000)
+    for argv, key in (
+        (["--data", ""], "data"),
+        (["--data", "   "], "data"),
+        (["--out-dir", ""], "out_dir"),
+    ):
+        assert main(["train", "--model", "llama-micro", "--steps", "2", "--warmup-steps", "0", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"htmuon train: error: config key '{key}' must be a name or a path, not blank")
+        assert "\n" not in err
+    (tmp_path / "run.json").write_text(json.dumps({"out_dir": " "}))
+    with pytest.raises(UserError, match=r"config key 'out_dir' .* got ' ' in .*run\.json$"):
+        make_config(None, str(tmp_path / "run.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run.json"]  # nothing written

@@ -128,6 +128,8 @@ CHOICES = {
     "progress": ("auto", "bar", "log", "none"),
     "parallel": ("auto", "none", "ddp", "fsdp"),
 }
+#: string keys that name a path or a source: a blank value would be the current folder (``Path("")``)
+NOT_BLANK = ("data", "out_dir")
 POSITIVE = ("vocab_size", "seq_len", "steps", "batch_size", "grad_accum", "eval_every", "log_every")
 NON_NEGATIVE = (
     "warmup_steps",
@@ -231,6 +233,11 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> TrainCo
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise bad(key, f"one of {list(allowed)}")
+    for key in NOT_BLANK:  # "" is the current folder as a path: an unset shell variable ran there
+        if not getattr(cfg, key).strip():
+            raise bad(
+                key, "a name or a path, not blank (a blank path is the current folder; 'auto' is the default)"
+            )
     for key in POSITIVE:
         if getattr(cfg, key) <= 0:
             raise bad(key, "> 0")
