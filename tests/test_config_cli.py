@@ -268,3 +268,27 @@ def test_a_blank_data_or_out_dir_is_refused_not_read_as_the_current_folder(tmp_p
     with pytest.raises(UserError, match=r"config key 'out_dir' .* got ' ' in .*run\.json$"):
         make_config(None, str(tmp_path / "run.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run.json"]  # nothing written
+
+
+def test_a_config_file_with_a_key_twice_yaml_or_a_folder_is_a_one_line_error(tmp_path):
+    """A JSON config giving a key twice ran with the last value, silently (TOML refuses it); a YAML file
+    was "not valid JSON" with no word that YAML is not read; a folder was "not found"."""
+    twice = tmp_path / "run.json"
+    twice.write_text('{"steps": 10, "lr": 0.1, "steps": 20}')
+    with pytest.raises(
+        UserError, match=rf"^config file '{re.escape(str(twice))}' sets 'steps' twice \(10, then 20\)$"
+    ):
+        make_config(None, str(twice))
+    twice.write_text('{"config": {"lr": 0.1, "lr": 0.2}}')  # inside a run's wrapper too
+    with pytest.raises(UserError, match=r"sets 'lr' twice \(0\.1, then 0\.2\)$"):
+        make_config(None, str(twice))
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("steps: 10\n")
+    with pytest.raises(
+        UserError, match=r"is not valid JSON: .*\(a config file is JSON or TOML, \.toml; YAML is not read\)$"
+    ):
+        make_config(None, str(yaml))
+    with pytest.raises(
+        UserError, match=rf"^config file '{re.escape(str(tmp_path))}' is a folder, not a file$"
+    ):
+        make_config(None, str(tmp_path))

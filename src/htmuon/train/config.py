@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import types
@@ -271,8 +272,24 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> TrainCo
     return cfg
 
 
+YAML = (".yaml", ".yml")
+
+
+def _no_repeats(path: str, pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict, refusing a key given twice (``json`` keeps the last silently;
+    TOML refuses it too)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise UserError(f"config file '{path}' sets '{k}' twice ({out[k]!r}, then {v!r})")
+        out[k] = v
+    return out
+
+
 def read_config_file(path: str) -> dict:
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"config file '{path}' is a folder, not a file")
     if not p.is_file():
         raise UserError(f"config file '{path}' not found")
     try:
@@ -295,9 +312,12 @@ def read_config_file(path: str) -> dict:
             raise UserError(f"config file '{path}' is not valid TOML: {e}") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=functools.partial(_no_repeats, path))
         except json.JSONDecodeError as e:
-            raise UserError(f"config file '{path}' is not valid JSON: {e.msg} (line {e.lineno})") from None
+            other = " (a config file is JSON or TOML, .toml; YAML is not read)" if p.suffix in YAML else ""
+            raise UserError(
+                f"config file '{path}' is not valid JSON: {e.msg} (line {e.lineno}){other}"
+            ) from None
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a table/object of config keys")
     # a run's config wrapped in an object {"config": {...}} (as a checkpoint holds it) is read
