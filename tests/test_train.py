@@ -1087,3 +1087,47 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     loaded = checkpoint.load(path)
     assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.arange(4.0))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_tensorboard_events_follow_a_resume_as_the_records_do(corpus_file, tmp_path, monkeypatch):
+    """With --tensorboard, a resume dropped the records after the checkpoint from metrics.jsonl but left
+    their events in tb/ (TensorBoard then drew the undone steps beside their re-run), and the writer's
+    buffer (up to two minutes of events) was not flushed before a checkpoint, so a kill after it left a
+    gap in the curves. The writer of a resumed run now purges from the step after the checkpoint, and
+    its events are flushed before every checkpoint."""
+    from htmuon.train import loop
+
+    log: list = []
+
+    class Writer:  # torch's SummaryWriter's interface (the tensorboard package is optional)
+        def __init__(self, log_dir, purge_step=None):
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            log.append(("open", purge_step))
+
+        def add_scalar(self, tag, value, step):
+            log.append(("event", step))
+
+        def flush(self):
+            log.append(("flush", None))
+
+        def close(self):
+            pass
+
+    real_save = checkpoint.save
+    monkeypatch.setattr(loop, "require_tensorboard", lambda: Writer)
+    monkeypatch.setattr(
+        checkpoint,
+        "save",
+        lambda path, payload: (log.append(("save", payload["step"])), real_save(path, payload)),
+    )
+    out = tmp_path / "run"
+    train(tiny(corpus_file, out, tensorboard=True, ckpt_every=2), stop_after=3)  # checkpoints at 2 and 3
+    assert log[0] == ("open", None)  # a new run: nothing to purge
+    for i, (what, _) in enumerate(log):
+        if what == "save":  # every event before it is flushed
+            last_event = max(j for j in range(i) if log[j][0] == "event")
+            assert any(log[j][0] == "flush" for j in range(last_event + 1, i)), log
+    log.clear()
+    (out / "ckpt.pt").unlink()  # as if killed before the checkpoint at step 3: resumed from step 2
+    train(tiny(corpus_file, out, tensorboard=True, ckpt_every=2), resume=True)
+    assert log[0] == ("open", 3)

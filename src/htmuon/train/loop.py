@@ -277,8 +277,12 @@ class Metrics:
         self._w = csv.DictWriter(self._fc, METRIC_COLUMNS)
         if tensorboard:
             SummaryWriter = require_tensorboard()
-            with _file_errors(out / "tb"):
-                self.tb = SummaryWriter(str(out / "tb"))
+            # events of the steps a resume undoes (after the checkpoint; all of them for a run started
+            # over) are hidden, as those records are dropped from metrics.jsonl
+            tb = out / "tb"
+            purge = (keep_until_step or 0) + 1 if tb.exists() else None
+            with _file_errors(tb):
+                self.tb = SummaryWriter(str(tb), purge_step=purge)
 
     def write(self, rec: dict) -> None:
         self.records.append(rec)
@@ -296,10 +300,14 @@ class Metrics:
     def sync(self) -> None:
         """fsync both files: called before each checkpoint is written (and fsynced), so that after a power
         loss or an OS crash the checkpoint never holds a later step than the records (the resumed run
-        would have a gap in them)."""
+        would have a gap in them). TensorBoard's events are flushed (it buffers up to two minutes: a
+        kill after the checkpoint lost them, a gap in its curves after the resume)."""
         for path, f in ((self.jsonl, self._fj), (self.csv, self._fc)):
             with _file_errors(path):
                 os.fsync(f.fileno())
+        if self.tb is not None:
+            with _file_errors(self.jsonl.parent / "tb"):
+                self.tb.flush()
 
     def close(self) -> None:
         for f in (self._fj, self._fc, self.tb):
