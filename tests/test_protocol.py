@@ -1717,3 +1717,20 @@ def test_evaluation_is_the_mean_over_examples_when_the_last_batch_is_smaller():
     want = torch.nn.functional.cross_entropy(logits, y).item()
     assert got["loss"] == pytest.approx(want, rel=1e-6)
     assert got["acc"] == pytest.approx((logits.argmax(-1) == y).float().mean().item())
+
+
+def test_a_size_scan_carrying_lrs_takes_adamw_lr_for_its_first_model_only(tmp_path, monkeypatch):
+    """--adamw-lr with --models --carry-lrs sets the first model's AdamW-part lr; the later models carry
+    theirs from the model before (an --adamw-lr-grid), so the flag is dropped there rather than refused as
+    unused after the first model trained (nor silently lost to the grid)."""
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(
+        "htmuon.train.loop.train", _recording_train(calls, {"llama-micro": 0.01, "llama-tiny": 0.01})
+    )
+    argv = _scan_argv() + ["--lr-grid", "muon=0.005,0.01,0.02", "--adamw-lr", "0.002"]
+    assert cli_main([*argv, "--out-dir", str(tmp_path / "scan"), "--no-plots", "--no-alpha"]) == 0
+    assert {alr for *_, alr, _, d in calls if "llama-micro" in d} == {0.002}
+    assert {alr for *_, alr, _, d in calls if "llama-tiny" in d} == {0.002}  # carried: micro's best
+    assert len([d for *_, d in calls if "llama-tiny" in d]) == 3

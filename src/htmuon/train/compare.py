@@ -1731,9 +1731,12 @@ def main_models(args: argparse.Namespace) -> int:
     carried: dict = {}
     status_only = getattr(args, "status", False)  # --status: list the cells, train nothing
     for model, width in zip(models, widths + [0]):
+        given = vars(args)
+        if carried.get("adamw_lr_grid"):  # carried from the model before: --adamw-lr was the first one's
+            given = {k: v for k, v in given.items() if k != "adamw_lr"}
         sub = argparse.Namespace(
             **{
-                **vars(args),
+                **given,
                 "model": model,
                 "compare_out": str(root / model),
                 "models": None,
