@@ -1734,3 +1734,30 @@ def test_a_size_scan_carrying_lrs_takes_adamw_lr_for_its_first_model_only(tmp_pa
     assert {alr for *_, alr, _, d in calls if "llama-micro" in d} == {0.002}
     assert {alr for *_, alr, _, d in calls if "llama-tiny" in d} == {0.002}  # carried: micro's best
     assert len([d for *_, d in calls if "llama-tiny" in d]) == 3
+
+
+def test_a_size_scan_carrying_lrs_keeps_the_lr_a_spec_sets_itself(tmp_path, monkeypatch):
+    """--models A,B --carry-lrs with a spec that sets its own lr (muon:lr=0.01) carried a grid for it
+    into B, which plan_grid refuses ("no optimizer runs it ... sets lr in the spec"): the scan stopped
+    with that error after A had trained (hours at scale). The spec keeps its lr at every size; the
+    others are carried as before."""
+    from htmuon.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(
+        "htmuon.train.loop.train", _recording_train(calls, {"llama-micro": 0.01, "llama-tiny": 0.01})
+    )
+    argv = [
+        "compare",
+        "--optimizers",
+        "muon:lr=0.01,htmuon:adamw_lr=0.002",
+        "--models",
+        "llama-micro,llama-tiny",
+    ]
+    argv += ["--carry-lrs", "--seeds", "0", "--lr-grid", "htmuon=0.01,0.02", "--out-dir", str(tmp_path / "s")]
+    assert cli_main([*argv, "--no-plots", "--no-alpha"]) == 0
+    tiny = sorted((opt, lr, alr) for opt, lr, alr, _, d in calls if "llama-tiny" in d)
+    # muon: its own lr, on the AdamW-part lrs chosen on micro (its 1e-3 and htmuon's 0.002)
+    assert [c for c in tiny if c[0] == "muon"] == [("muon", 0.01, 1e-3), ("muon", 0.01, 0.002)]
+    htmuon = [c for c in tiny if c[0] == "htmuon"]
+    assert {c[2] for c in htmuon} == {0.002} and len(htmuon) == 3  # its own AdamW-part lr, 3 carried lrs

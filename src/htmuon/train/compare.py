@@ -1647,14 +1647,17 @@ def carried_grids(best: dict[str, dict], width: int = 3) -> dict[str, list[str]]
     at each AdamW-part lr that any spec chose there (``width`` 1: its own): the optimum of that lr moves
     with the run's length (which grows with the model at a fixed budget of tokens per parameter), and
     keeping each optimizer's own would compare them at different values of it. Returned as
-    ``--lr-grid`` / ``--adamw-lr-grid`` items keyed by the full spec (a spec's grid wins over its name's)."""
+    ``--lr-grid`` / ``--adamw-lr-grid`` items keyed by the full spec (a spec's grid wins over its name's);
+    none for an lr the spec sets itself (``muon:lr=0.01``: that lr at every size)."""
     lr_grid, adamw_grid = [], []
     shared = sorted({row["adamw_lr"] for row in best.values() if row.get("adamw_lr") is not None})
     for spec, row in best.items():
+        own = parse_spec(spec)[1]  # an lr the spec sets itself is its lr at every size: no grid for it
         lr = row["lr"]
         lrs = sorted({float(f"{lr * 2.0**j:.3g}") for j in range(-(width // 2), width // 2 + 1)})
-        lr_grid.append(f"{spec}=" + ",".join(f"{v:g}" for v in lrs))
-        if row.get("adamw_lr") is not None:
+        if "lr" not in own:
+            lr_grid.append(f"{spec}=" + ",".join(f"{v:g}" for v in lrs))
+        if row.get("adamw_lr") is not None and "adamw_lr" not in own:
             alrs = [row["adamw_lr"]] if width == 1 else shared
             adamw_grid.append(f"{spec}=" + ",".join(f"{v:g}" for v in alrs))
     return {"lr_grid": lr_grid, "adamw_lr_grid": adamw_grid}
