@@ -647,6 +647,12 @@ def test_a_damaged_checkpoint_without_a_fallback_is_a_one_line_error(corpus_file
     rc, err = _cli(capsys, "train", "--resume", *flags({**TINY_RUN, "data": corpus_file, "out_dir": out}))
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert f"checkpoint '{out / 'ckpt.pt'}' is corrupt" in err and "no usable checkpoint" in err
+    # it says what to do (--resume refused it, a new run is refused in a folder holding one): doing so
+    # starts the run over
+    assert "delete it and run again with --resume to start the run over from step 0" in err
+    (out / "ckpt.pt").unlink()
+    rc, err = _cli(capsys, "train", "--resume", *flags({**TINY_RUN, "data": corpus_file, "out_dir": out}))
+    assert rc == 0 and "starting it over from step 0" in err
 
 
 @pytest.mark.slow

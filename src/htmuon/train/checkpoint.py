@@ -255,7 +255,11 @@ def load_latest(folder: Path, map_location="cpu") -> tuple[dict | None, Path | N
             notes.append(f"checkpoint '{path}' has no checksum (an older htmuon wrote it): loaded unverified")
         return payload, path, notes
     if errors:
-        raise CheckpointError("; ".join(errors) + "; no usable checkpoint is left")
+        them = "it" if len(errors) == 1 else "them"
+        raise CheckpointError(
+            "; ".join(errors) + f"; no usable checkpoint is left: delete {them} and run again with --resume "
+            "to start the run over from step 0, or pick another --out-dir"
+        )
     return None, None, []
 
 
