@@ -1631,6 +1631,17 @@ def test_image_task_never_selects_or_pairs_a_diverged_seeds_accuracy():
     assert "| m | 0.4 | - | 3 | diverged | diverged |" in cmp.markdown_table(agg)
 
 
+def test_an_image_grid_whose_every_run_diverged_is_reported_as_an_image_task():
+    """The task was read from the accuracies alone: with every image run diverged (none has one), the
+    report called the grid a language model's, with a "val ppl" column. The runs' model says it."""
+    rows = [{**_summary(spec, 0.1, 0, math.inf), "model": "resnet-micro"} for spec in ("m", "h")]
+    agg = cmp.aggregate(rows)
+    assert agg["task"] == "image"
+    table = cmp.markdown_table(agg)
+    assert "val acc (%)" in table and "val ppl" not in table and "| m | - | 0.1 (0.1) (fixed) |" in table
+    assert cmp.aggregate([{**r, "model": "llama-micro"} for r in rows])["task"] == "lm"
+
+
 def test_a_lock_of_a_live_process_this_user_may_not_signal_is_held(tmp_path, monkeypatch):
     """os.kill(pid, 0) on another user's live process raises PermissionError: that process is alive,
     and its lock is not taken over (nor is the file touched)."""

@@ -924,6 +924,11 @@ def fmt(m: float | None, s: float | None, digits: int = 3) -> str:
 def aggregate(summaries: list[dict]) -> dict:
     """Per (spec, lr, AdamW-part lr): mean ± std over seeds; per spec: the best cell on validation."""
     task = "image" if any(s.get("final_val_acc") is not None for s in summaries) else "lm"
+    if task == "lm" and summaries and all(s.get("model") for s in summaries):  # every image run diverged
+        from htmuon.train.presets import model_task
+
+        if all(model_task(s["model"]) == "image" for s in summaries):
+            task = "image"
     cells: dict[tuple, list[dict]] = {}
     for s in summaries:
         cells.setdefault((s["spec"], s["lr"], s.get("adamw_lr")), []).append(s)
