@@ -152,3 +152,23 @@ def test_figures_train_as_the_loop_trains(wd_mode, corpus_file, tmp_path):
     for got, ref in zip(norms, want):
         assert got["frobenius"] == pytest.approx(ref["frobenius"], rel=1e-5)
         assert got["spectral"] == pytest.approx(ref["spectral"], rel=1e-5)
+
+
+def test_figures_command_says_the_steps_a_budget_trains(tmp_path, capsys, monkeypatch):
+    """With ``--set tokens_per_param=...`` the line "training SPEC for N steps" gave --steps (6), not
+    the budget's steps that ran (2): it gives the resolved steps."""
+    import htmuon.train.figures as figures
+    from htmuon.train.config import make_config
+    from htmuon.train.loop import budget_steps
+
+    trained = []
+    monkeypatch.setattr(figures, "train_and_record", lambda cfg, *a, **k: trained.append(cfg) or ({}, []))
+    monkeypatch.setattr(figures, "plot_spectra", lambda *a, **k: None)
+    monkeypatch.setattr(figures, "plot_layer_norms", lambda *a, **k: None)
+    sets = ["tokens_per_param=0.001", "vocab_size=320", "seq_len=16", "batch_size=2"]
+    argv = ["--out", str(tmp_path), "--model", "llama-micro", "--steps", "6", "--record", "1"]
+    assert main([*argv, "--no-overhead", "--optimizer", "muon", "--set", *sets]) == 0
+    want = budget_steps(make_config(overrides=dict(model="llama-micro", vocab_size=320, seq_len=16,
+                                                   batch_size=2, tokens_per_param=0.001)))  # fmt: skip
+    assert want != 6 and len(trained) == 1
+    assert f"training muon for {want} steps ..." in capsys.readouterr().err

@@ -289,17 +289,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         result: dict = {"spectra": {}, "norms": {}}
         cfgs = {}
+        trains = {}  # the steps each spec trains (train_and_record resolves a budget the same way)
         for spec in specs:  # every spec's config checked before the first one trains
             name, over = parse_spec(spec)
             cfg = make_config(None, None, {**base, **over, "optimizer": name}, strings=True)
             cfgs[spec] = dataclasses.replace(cfg, out_dir=str(out / "unused"))
             steps = schedule_config(cfg).steps  # a spec's own steps, or a budget (tokens_per_param)
+            trains[spec] = steps
             if record[-1] > steps:  # no record of that step: a figure without it, or none at all
                 raise UserError(
                     f"--record steps must lie in 1..{steps}, the steps {spec} trains, got '{args.record}'"
                 )
         for spec, cfg in cfgs.items():
-            print(f"training {spec} for {cfg.steps} steps ...", file=sys.stderr, flush=True)
+            print(f"training {spec} for {trains[spec]} steps ...", file=sys.stderr, flush=True)
             spectra, norms = train_and_record(cfg, record, args.layers)
             plot_spectra(
                 spectra, out / f"update_spectra_{safe_name(spec)}.png", f"update singular values: {spec}"
