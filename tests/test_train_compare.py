@@ -228,6 +228,22 @@ def test_bad_grid_input(capsys, tmp_path):
     assert parse_spec("htmuon:method=ns,p=0.25") == ("htmuon", {"method": "ns", "p": "0.25"})
 
 
+def test_compare_refuses_a_blank_out_dir(tmp_path, monkeypatch, capsys):
+    """`--out-dir "$DIR"` with the variable unset gave '', which fell back to runs/compare-NAME without a
+    word (``htmuon train`` refuses a blank out_dir): a one-line error now, with --status and --models too."""
+    monkeypatch.chdir(tmp_path)
+    assert TINY[:2] == ["--model", "llama-micro"]
+    for extra in (TINY[:2], [*TINY[:2], "--status"], ["--models", "llama-micro"]):
+        for blank in ("", "  "):
+            assert cli_main(["compare", "--optimizers", "muon", *TINY[2:], "--out-dir", blank, *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (
+                "htmuon compare: error: --out-dir must be a folder, not blank (a blank path is the current "
+                f"folder; leave it out for runs/compare-custom), got {blank!r}"
+            )
+    assert list(tmp_path.iterdir()) == []  # no runs/compare-custom
+
+
 def test_compare_uses_diagnostics_for_alpha_when_present(corpus_file, tmp_path, monkeypatch):
     """The table's mean alpha and alpha.png come from htmuon.diagnostics (stand-ins for its analyze and
     plot_layer_alpha here, whose alpha depends on the trained weights), each row from its own run."""

@@ -272,6 +272,21 @@ class Plan:
         ]
 
 
+def grid_folder(args: argparse.Namespace, name: str) -> Path:
+    """The grid's folder: ``--out-dir``, or runs/compare-NAME when it is left out. A blank ``--out-dir``
+    (an unset shell variable) is refused, as ``htmuon train`` refuses a blank ``out_dir``: it fell back
+    to runs/compare-NAME without a word."""
+    from htmuon.cli import UserError
+
+    given = getattr(args, "compare_out", None)
+    if given is not None and not given.strip():
+        raise UserError(
+            f"--out-dir must be a folder, not blank (a blank path is the current folder; leave it out for "
+            f"runs/compare-{name}), got {given!r}"
+        )
+    return Path(given or f"runs/compare-{name}").expanduser()
+
+
 def plan_grid(args: argparse.Namespace) -> Plan:
     """The Plan for a command line: specs, seeds, grids; notes on what the grid does not tune."""
     from htmuon.cli import UserError
@@ -324,7 +339,7 @@ def plan_grid(args: argparse.Namespace) -> Plan:
     grid.update(given)
     agrid = parse_lr_grid(getattr(args, "adamw_lr_grid", None), "--adamw-lr-grid")
     name = args.preset or "custom"
-    out = Path(args.compare_out or f"runs/compare-{name}").expanduser()
+    out = grid_folder(args, name)
     plan = Plan(
         specs, seeds, tune_seeds, {}, {}, out, name, preset,
         config_overrides(args, exclude=GRID_FIELDS), args.config,
@@ -1732,7 +1747,7 @@ def main_models(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model} and --models {args.models}: give one of them")
     widths = carry_widths(getattr(args, "carry_lrs", 0), len(models))
     name = args.preset or "custom"
-    root = Path(args.compare_out or f"runs/compare-{name}").expanduser()
+    root = grid_folder(args, name)
     for model in models:  # every model's plan (its name, its config) before the first one trains
         plan_grid(argparse.Namespace(**{**vars(args), "model": model, "models": None, "carry_lrs": 0}))
     per_model, status = {}, 0
