@@ -292,3 +292,71 @@ def test_a_config_file_with_a_key_twice_yaml_or_a_folder_is_a_one_line_error(tmp
         UserError, match=rf"^config file '{re.escape(str(tmp_path))}' is a folder, not a file$"
     ):
         make_config(None, str(tmp_path))
+
+
+def test_warmup_steps_and_fraction_given_together_are_refused_unless_they_agree(tmp_path, capsys):
+    """``--warmup-steps 10 --warmup-fraction 0.2`` (or both in one config file) ran with the fraction's
+    warmup, the step count dropped without a word. Both given in one place by the user are a one-line
+    error naming both and where, unless they agree (a run's saved config.json holds both). A preset's
+    or a default's value is not the user's, and a later source's warmup replaces an earlier one's."""
+    err = _train_error(
+        ["--steps", "100", "--warmup-steps", "10", "--warmup-fraction", "0.2"], tmp_path / "r", capsys
+    )
+    assert err == (
+        "htmuon train: error: warmup_steps (10) and warmup_fraction (0.2) are both given on the command "
+        "line: 0.2 x 100 steps is 20; give one of them (a fraction scales with the steps)"
+    )
+    file = tmp_path / "run.toml"
+    file.write_text("warmup_steps = 10\nwarmup_fraction = 0.2\n")
+    err = _train_error(["--config", str(file)], tmp_path / "r", capsys)
+    assert err.endswith(
+        f"warmup_steps (10) and warmup_fraction (0.2) are both given in {file}; give one of them (a fraction "
+        "scales with the steps)"
+    )
+    assert not (tmp_path / "r").exists()
+    # the preset's fraction (quick) or the default step count is not "given": either key is taken alone
+    assert parse("--warmup-fraction", "0.2").warmup_fraction == 0.2
+    cfg = make_config({"warmup_fraction": 0.1, "steps": 250}, None, {"warmup_steps": "7"}, strings=True)
+    assert (cfg.warmup_steps, cfg.warmup_fraction) == (7, None)
+    # across sources the later one's warmup wins, whichever key: a file's fraction, then a flag's steps
+    file.write_text("steps = 100\nwarmup_fraction = 0.2\n")
+    cfg = make_config(None, str(file), {"warmup_steps": "5"}, strings=True)
+    assert (cfg.warmup_steps, cfg.warmup_fraction) == (5, None)
+    file.write_text("steps = 100\nwarmup_steps = 5\n")
+    assert make_config(None, str(file), {"warmup_fraction": "0.2"}, strings=True).warmup_fraction == 0.2
+    # an explicit "none" fraction is no fraction
+    assert parse("--warmup-steps", "5", "--warmup-fraction", "none").warmup_steps == 5
+    # a run's saved config (both keys, the steps resolved from the fraction) is a config file as before
+    from htmuon.train.loop import schedule_config
+
+    saved = schedule_config(make_config({"warmup_fraction": 0.1}, None, {"steps": "250"}, strings=True))
+    assert saved.warmup_steps == 25
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(saved)))
+    again = make_config(None, str(tmp_path / "config.json"), {"steps": "500"}, strings=True)
+    assert schedule_config(again).warmup_steps == 50  # the fraction, at the new steps
+
+
+def test_compare_takes_a_spec_warmup_over_the_command_s_and_refuses_both_in_one_place(tmp_path, capsys):
+    """compare merged its flags and a spec's options into one set of overrides: a spec's own warmup
+    replaces the command's (either key), and both keys in one place are refused as in train."""
+    from htmuon.train.compare import configure as compare_flags
+    from htmuon.train.compare import plan_grid
+
+    parser = argparse.ArgumentParser()
+    compare_flags(parser)
+    argv = ["--model", "llama-micro", "--steps", "20", "--out-dir", str(tmp_path / "g")]
+    plan = plan_grid(
+        parser.parse_args([*argv, "--warmup-steps", "3", "--optimizers", "muon,htmuon:warmup_fraction=0.5"])
+    )
+    cells = {c.spec: c.cfg for c in plan.select_cells()}
+    assert (cells["muon"].warmup_steps, cells["muon"].warmup_fraction) == (3, None)
+    assert (
+        cells["htmuon:warmup_fraction=0.5"].warmup_steps,
+        cells["htmuon:warmup_fraction=0.5"].warmup_fraction,
+    ) == (10, 0.5)
+    for extra in (["--warmup-steps", "3", "--warmup-fraction", "0.5", "--optimizers", "muon"],
+                  ["--optimizers", "muon:warmup_steps=3,warmup_fraction=0.5"]):  # fmt: skip
+        with pytest.raises(
+            UserError, match=r"^warmup_steps \(3\) and warmup_fraction \(0\.5\) are both given on"
+        ):
+            plan_grid(parser.parse_args([*argv, *extra])).select_cells()

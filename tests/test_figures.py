@@ -172,3 +172,31 @@ def test_figures_command_says_the_steps_a_budget_trains(tmp_path, capsys, monkey
                                                    batch_size=2, tokens_per_param=0.001)))  # fmt: skip
     assert want != 6 and len(trained) == 1
     assert f"training muon for {want} steps ..." in capsys.readouterr().err
+
+
+def test_figures_default_warmup_gives_way_to_a_given_one(tmp_path, monkeypatch):
+    """The command's own warmup (10% of --steps as a step count) is a default, not the user's: ``--set
+    warmup_fraction=...`` is not refused as both warmup keys given together, and a spec's warmup wins."""
+    import htmuon.train.figures as figures
+
+    trained = {}
+    monkeypatch.setattr(
+        figures, "train_and_record", lambda cfg, *a, **k: trained.update({cfg.optimizer: cfg}) or ({}, [])
+    )
+    monkeypatch.setattr(figures, "plot_spectra", lambda *a, **k: None)
+    monkeypatch.setattr(figures, "plot_layer_norms", lambda *a, **k: None)
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--model",
+        "llama-micro",
+        "--steps",
+        "20",
+        "--record",
+        "1",
+        "--no-overhead",
+    ]
+    argv += ["--optimizer", "muon", "--optimizer", "htmuon:warmup_steps=3", "--set", "warmup_fraction=0.5"]
+    assert main(argv) == 0
+    assert (trained["muon"].warmup_fraction, trained["htmuon"].warmup_fraction) == (0.5, None)
+    assert trained["htmuon"].warmup_steps == 3

@@ -58,6 +58,8 @@ from pathlib import Path
 from htmuon.train.locks import acquire_lock, describe_owner, lock_holder, release_lock
 
 GRID_FIELDS = ("optimizer", "seed", "lr", "out_dir")
+#: the warmup, as a step count or a fraction of the steps: one setting
+WARMUP_KEYS = frozenset({"warmup_steps", "warmup_fraction"})
 LOCK_NAME = "cell.lock"
 #: how long a compare process waits between looks at cells another process holds
 LOCK_POLL_S = 5.0
@@ -161,6 +163,14 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, overrides
 
 
+def with_spec(base: dict[str, str], spec_over: dict[str, str]) -> dict[str, str]:
+    """The command's config flags with a spec's own options over them; a spec's warmup (either key)
+    replaces the command's (both keys given there would be refused as given together)."""
+    if WARMUP_KEYS & spec_over.keys():
+        base = {k: v for k, v in base.items() if k not in WARMUP_KEYS}
+    return {**base, **spec_over}
+
+
 def parse_list(text: str, kind, what: str) -> list:
     from htmuon.cli import UserError
 
@@ -247,7 +257,7 @@ class Plan:
         from htmuon.train.optimizers import NO_ADAMW_PART
 
         opt_name, spec_over = parse_spec(spec)
-        over = {**self.base_overrides, **spec_over, "optimizer": opt_name, "seed": str(seed)}
+        over = {**with_spec(self.base_overrides, spec_over), "optimizer": opt_name, "seed": str(seed)}
         if lr is not None:
             over["lr"] = repr(lr)
         if adamw_lr is not None:

@@ -77,7 +77,7 @@ class TrainConfig:
     steps: int = _key(300, "optimizer steps")
     warmup_steps: int = _key(30, "linear warmup, then cosine decay to min_lr_ratio of the peak")
     warmup_fraction: float | None = _key(
-        None, "warmup as a share of steps (the paper's 0.1); wins over warmup_steps"
+        None, "warmup as a share of steps (the paper's 0.1), instead of warmup_steps (not both)"
     )
     tokens_per_param: float = _key(
         0.0, "> 0: steps = this x parameters / tokens per step (a size-scan budget)"
@@ -334,6 +334,28 @@ def read_config_file(path: str) -> dict:
     return data
 
 
+def warmup_for(fraction: float, steps: int) -> int:
+    """The warmup steps of a ``warmup_fraction`` over ``steps`` (what the loop trains)."""
+    return round(fraction * steps)
+
+
+def _one_warmup(items: dict, where: str) -> None:
+    """Refuse ``warmup_steps`` and a ``warmup_fraction`` given in one place (the command line, one config
+    file) that disagree: the fraction won without a word. A pair that agrees at the steps given there
+    is taken (a run's saved ``config.json`` holds both, the steps resolved from the fraction)."""
+    w, f = items.get("warmup_steps"), items.get("warmup_fraction")
+    if w is None or f is None:
+        return
+    steps = items.get("steps")
+    if isinstance(steps, int) and steps > 0 and warmup_for(f, steps) == w:
+        return
+    at = f": {f} x {steps} steps is {warmup_for(f, steps)}" if isinstance(steps, int) and steps > 0 else ""
+    raise UserError(
+        f"warmup_steps ({w}) and warmup_fraction ({f}) are both given {where}{at}; give one of them (a "
+        "fraction scales with the steps)"
+    )
+
+
 def make_config(
     preset: dict | None = None,
     file: str | None = None,
@@ -341,19 +363,25 @@ def make_config(
     *,
     strings: bool = False,
 ) -> TrainConfig:
-    """defaults < preset < file < overrides (overrides given as strings when ``strings``)."""
+    """defaults < preset < file < overrides (overrides given as strings when ``strings``).
+
+    The warmup is one setting given as either key: a later source's ``warmup_steps`` or
+    ``warmup_fraction`` replaces an earlier source's warmup; the two in one source given by the user
+    (the file, the overrides) must agree (:func:`_one_warmup`)."""
     values: dict = {}
     origins: dict = {}  # key -> " in FILE" for a value from the config file (its errors name the file)
-    for where, items, from_string in (
-        ("", preset or {}, False),
-        (f" in {file}" if file else "", read_config_file(file) if file else {}, False),
-        ("", overrides or {}, strings),
+    for where, items, from_string, given in (
+        ("", preset or {}, False, None),  # a preset's keys are not the user's: not checked together
+        (f" in {file}" if file else "", read_config_file(file) if file else {}, False, f"in {file}"),
+        ("", overrides or {}, strings, "on the command line"),
     ):
         if "warmup_steps" in items and "warmup_fraction" not in items:
             values.pop("warmup_fraction", None)  # a later step count beats an earlier fraction
-        for k, v in items.items():
-            values[k] = coerce(k, v, from_string=from_string, where=where)
-            origins[k] = where
+        layer = {k: coerce(k, v, from_string=from_string, where=where) for k, v in items.items()}
+        if given:
+            _one_warmup(layer, given)
+        values.update(layer)
+        origins.update(dict.fromkeys(layer, where))
     return validate(TrainConfig(**values), origins)
 
 

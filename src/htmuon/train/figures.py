@@ -234,7 +234,7 @@ def plot_overhead(times: dict[str, float], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from htmuon.train.compare import parse_spec, safe_name
+    from htmuon.train.compare import parse_spec, safe_name, with_spec
     from htmuon.train.config import make_config
     from htmuon.train.loop import schedule_config
     from htmuon.train.models import build_lm
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         base = {"model": args.model, "data": args.data, "steps": str(args.steps)}
-        base["warmup_steps"] = str(min(args.steps, max(1, args.steps // 10)))
+        # the command's default, as a preset's: --set or a spec may give either warmup key instead
+        default = {"warmup_steps": min(args.steps, max(1, args.steps // 10))}
         for item in args.set:
             key, eq, value = item.partition("=")
             if not eq:
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         trains = {}  # the steps each spec trains (train_and_record resolves a budget the same way)
         for spec in specs:  # every spec's config checked before the first one trains
             name, over = parse_spec(spec)
-            cfg = make_config(None, None, {**base, **over, "optimizer": name}, strings=True)
+            cfg = make_config(default, None, {**with_spec(base, over), "optimizer": name}, strings=True)
             cfgs[spec] = dataclasses.replace(cfg, out_dir=str(out / "unused"))
             steps = schedule_config(cfg).steps  # a spec's own steps, or a budget (tokens_per_param)
             trains[spec] = steps

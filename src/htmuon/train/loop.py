@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from htmuon import torchrun
 from htmuon.cli import UserError
 from htmuon.train import checkpoint
-from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict
+from htmuon.train.config import TrainConfig, from_dict, identity_diff, to_dict, warmup_for
 from htmuon.train.data import atomic_write_bytes, stale_temp_files
 from htmuon.train.locks import acquire_lock, describe_owner, release_lock
 from htmuon.train.models import check_model_name, count_parameters
@@ -93,7 +93,7 @@ def schedule_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.tokens_per_param > 0:
         cfg = dataclasses.replace(cfg, steps=budget_steps(cfg))
     if cfg.warmup_fraction is not None:
-        cfg = dataclasses.replace(cfg, warmup_steps=round(cfg.warmup_fraction * cfg.steps))
+        cfg = dataclasses.replace(cfg, warmup_steps=warmup_for(cfg.warmup_fraction, cfg.steps))
     if cfg.warmup_steps > cfg.steps:
         raise UserError(f"warmup_steps ({cfg.warmup_steps}) must not exceed steps ({cfg.steps})")
     return cfg
