@@ -905,6 +905,29 @@ def test_warmup_fraction_scales_with_steps_and_step_count_stays_possible():
         make_config(overrides=dict(warmup_fraction=1.5))
 
 
+def test_warmup_fraction_rounds_a_half_up_on_the_fraction_as_written():
+    """``round(warmup_fraction * steps)`` rounded a half to even: 10% of 25 steps warmed up for 2, of 45
+    for 4, 50% of 1 step for 0. A half rounds up now, on the decimal as written (the float 0.1 x 30 is
+    3.0000000000000004: still 3, as a ceiling of the float would not give). The presets' warmups at
+    their standard steps are unchanged (their runs resume and their stored configs still match)."""
+    from htmuon.train.config import warmup_for
+    from htmuon.train.presets import RUN_PRESETS
+
+    cases = [(25, 0.1, 3), (45, 0.1, 5), (35, 0.1, 4), (1, 0.5, 1), (30, 0.1, 3), (24, 0.1, 2)]
+    cases += [(4, 0.1, 0), (5, 0.1, 1), (10, 0.15, 2), (7, 0.1, 1)]
+    for steps, fraction, want in cases:
+        cfg = resolve_config(make_config(overrides=dict(steps=steps, warmup_fraction=fraction)))
+        assert cfg.warmup_steps == warmup_for(fraction, steps) == want, (steps, fraction)
+    # quick (250), the GPU LLaMA presets (10k / 20k / 60k), and the size scan's budgets (258 / 1132 / 4457,
+    # the steps of its stored runs in results/)
+    for name, steps, want in (("quick", 250, 25), ("gpt2-cpu", 250, 25), ("gpu-60m", 10_000, 1000),
+                              ("gpu-135m", 20_000, 2000), ("gpu-350m", 60_000, 6000)):  # fmt: skip
+        assert RUN_PRESETS[name].config["steps"] == steps
+        assert warmup_for(RUN_PRESETS[name].config["warmup_fraction"], steps) == want
+    for steps, want in ((258, 26), (1132, 113), (4457, 446)):
+        assert warmup_for(RUN_PRESETS["size-scan"].config["warmup_fraction"], steps) == want
+
+
 def test_tokens_per_param_budget_sets_steps():
     from htmuon.train.models import build_llama, count_parameters
 
@@ -914,7 +937,7 @@ def test_tokens_per_param_budget_sets_steps():
         make_config(overrides={**vars(cfg), "tokens_per_param": 0.5, "warmup_fraction": 0.1})
     )
     assert cfg.steps == math.ceil(0.5 * n / 32) == budget_steps(cfg)
-    assert cfg.warmup_steps == round(0.1 * cfg.steps)
+    assert (cfg.steps, cfg.warmup_steps) == (715, 72)  # 71.5: a half rounds up
     # a GPT-2 model counts its own parameters (it raised KeyError from the LLaMA builder before)
     from htmuon.train.models import build_gpt2
 

@@ -16,6 +16,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 
 from htmuon.cli import UserError
@@ -335,8 +336,14 @@ def read_config_file(path: str) -> dict:
 
 
 def warmup_for(fraction: float, steps: int) -> int:
-    """The warmup steps of a ``warmup_fraction`` over ``steps`` (what the loop trains)."""
-    return round(fraction * steps)
+    """The warmup steps of a ``warmup_fraction`` over ``steps`` (what the loop trains): the nearest whole
+    step, a half rounded up, of the fraction as written (its shortest decimal, so ``0.1 x 35`` is 3.5
+    and not the float product 3.5000000000000004). 10% of 25 steps is 3 (Python's ``round``, half to
+    even, gave 2), of 45 is 5 (not 4), of 250 is 25. A positive fraction gives 0 only where it is under
+    half a step (10% of fewer than 5 steps), where a 1-step warmup would change nothing: its one step
+    runs at the peak lr too."""
+    exact = Fraction(repr(float(fraction))) * steps
+    return math.floor(exact + Fraction(1, 2))
 
 
 def _one_warmup(items: dict, where: str) -> None:

@@ -271,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         base = {"model": args.model, "data": args.data, "steps": str(args.steps)}
-        # the command's default, as a preset's: --set or a spec may give either warmup key instead
-        default = {"warmup_steps": min(args.steps, max(1, args.steps // 10))}
+        # the command's default warmup, 10% of the steps a spec trains (a budget's too), rounded as the
+        # loop rounds a fraction; as a preset's: --set or a spec may give either warmup key instead
+        default = {"warmup_fraction": 0.1}
         for item in args.set:
             key, eq, value = item.partition("=")
             if not eq:
