@@ -443,6 +443,45 @@ def test_status_says_a_cell_of_another_config_is_refused_as_the_run_refuses_it(c
         moved.rename(corpus_file)
 
 
+def test_status_checks_a_cells_checkpoint_as_the_run_does(corpus_file, tmp_path, capsys):
+    """A cell with a checkpoint and a finished summary but no config.json was "done" for --status (only
+    config.json was compared), while the run loads the checkpoint and checks its config: under another
+    --steps the command stopped on it. --status now reads the checkpoint where the run would decide by
+    it: no config.json, or no ckpt.pt (the run resumes from ckpt.prev.pt, so the cell is not done)."""
+    out = tmp_path / "g"
+    argv = ["compare", "--optimizers", "adamw", "--data", str(corpus_file), "--out-dir", str(out), *TINY]
+    argv += ["--ckpt-every", "3"]  # ckpt.prev.pt at step 3
+    assert cli_main([*argv, "--no-plots"]) == 0
+    run = next((out / "adamw").glob("lr*/seed0"))
+    cell = str(run.relative_to(out))
+    (run / "config.json").unlink()
+    capsys.readouterr()
+    assert cli_main([*argv, "--status"]) == 0  # the same config: its checkpoint agrees
+    assert f"{cell}  done, step 4/4" in capsys.readouterr().out
+    assert cli_main([*argv, "--steps", "6", "--status"]) == 0
+    text = capsys.readouterr().out
+    why = f"checkpoint '{run / 'ckpt.pt'}' was written by another config (steps=4 vs 6)"
+    assert "1 cell(s) so far (1 refused)" in text and f"{cell}  refused: {why}" in text
+    assert "done" not in text
+    assert cli_main([*argv, "--steps", "6", "--no-plots"]) == 2  # what the run does with it
+    assert why in capsys.readouterr().err
+    # a config.json of another config beside a checkpoint of this one: the run goes on by the checkpoint
+    from htmuon.train import checkpoint
+
+    saved = checkpoint.load(run / "ckpt.pt")["config"]
+    (run / "config.json").write_text(json.dumps({**saved, "steps": 6}))
+    assert cli_main([*argv, "--status"]) == 0
+    assert f"{cell}  done, step 4/4" in capsys.readouterr().out
+    # ckpt.pt gone: the run resumes from ckpt.prev.pt (step 3) and trains step 4 again: not done
+    (run / "config.json").write_text(json.dumps(saved))
+    (run / "ckpt.pt").unlink()
+    assert cli_main([*argv, "--status"]) == 0
+    text = capsys.readouterr().out
+    assert f"{cell}  stopped, step 4/4" in text and "done" not in text
+    assert cli_main([*argv, "--no-plots"]) == 0  # the run: resumed at step 3, not reused
+    assert "reused" not in capsys.readouterr().err and (run / "ckpt.pt").is_file()
+
+
 def test_compare_run_again_says_its_finished_cells_are_reused(corpus_file, tmp_path, capsys):
     """A second call over finished cells printed the same "[1/1] adamw lr=... -> DIR" line as the first
     and trained nothing, without saying so; the line now says the cell is reused."""

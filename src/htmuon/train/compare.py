@@ -689,7 +689,8 @@ class _Undecided(Exception):
 
 
 def cell_state(c: Cell) -> dict:
-    """What a cell's folder says, read without training or loading its checkpoint.
+    """What a cell's folder says, read without training; its checkpoint is loaded only where the run
+    would decide by it and ``config.json`` cannot stand in for it (see :func:`_refusal`).
 
     ``state``: "done", "diverged", "running" (its lock is held by a live process), "stopped" (a run
     that ``compare`` resumes from its last checkpoint), "refused" (the folder holds a run of another
@@ -704,7 +705,7 @@ def cell_state(c: Cell) -> dict:
     run_dir = Path(c.cfg.out_dir)
     st = dict(cell=c, state="not started", step=0, steps=c.cfg.steps, val_loss=None, s_per_step=None)
     st.update(owner=None, summary=None, why=None)
-    why = _refusal(c)
+    why, ckpt_step = _refusal(c)
     if why:
         st.update(state="refused", why=why)
         return st
@@ -713,7 +714,14 @@ def cell_state(c: Cell) -> dict:
     holds_run = (run_dir / "config.json").is_file() or any(run_dir.glob("ckpt*.pt"))
     if (run_dir / "summary.json").is_file() and holds_run:
         summary = read_json(run_dir / "summary.json", "run summary")
-        if summary.get("finished") or summary.get("diverged"):
+        # beside a checkpoint that was read, as loop.train decides: reused if it is at the last step, or
+        # the run diverged after it; else the run resumes from it
+        reused = (
+            ckpt_step is None
+            or ckpt_step >= c.cfg.steps
+            or (summary.get("diverged") and summary.get("steps_done", 0) > ckpt_step)
+        )
+        if reused and (summary.get("finished") or summary.get("diverged")):
             ms = summary.get("ms_per_step")
             st.update(state="diverged" if summary.get("diverged") else "done", summary=summary)
             st.update(step=summary.get("steps_done", c.cfg.steps), val_loss=summary.get("final_val_loss"))
@@ -738,27 +746,49 @@ def cell_state(c: Cell) -> dict:
     return st
 
 
-def _refusal(c: Cell) -> str | None:
-    """Why training the cell would be refused, or None: the run in its folder is of another config
-    (a run folder's path leaves out ``steps`` and most other keys). The run's own check
-    (``loop._check_same_run``) on the config the folder's run started with: ``config.json``, written
-    when it started (a resume of another config is refused, so its checkpoints hold the same one)."""
+def _refusal(c: Cell) -> tuple[str | None, int | None]:
+    """Why training the cell would be refused (None if not): the run in its folder is of another config
+    (a run folder's path leaves out ``steps`` and most other keys), or its checkpoints are unusable;
+    and the step of the checkpoint the run would resume from, where it was read (else None).
+
+    As ``loop.train`` decides: a folder with a checkpoint is checked (``loop._check_same_run``) on the
+    newest usable checkpoint's config, one without on ``config.json``. ``config.json`` stands in for
+    the checkpoint (not loaded: it can be large) where it is readable and of this config and ``ckpt.pt``
+    is there: written when the run started, and a resume of another config is refused, so its
+    checkpoints hold the same config. Otherwise -- no config.json (a checkpoint and a summary were kept,
+    or it was deleted), an unreadable one, one of another config (edited since: the run goes on by its
+    checkpoint), or only ``ckpt.prev.pt`` left -- the checkpoint is read, as the run reads it."""
     from htmuon.errors import UserError
+    from htmuon.train import checkpoint
     from htmuon.train.config import from_dict
     from htmuon.train.loop import _check_same_run, read_json, resolve_config
 
-    path = Path(c.cfg.out_dir) / "config.json"
-    if not path.is_file():
-        return None
+    run_dir = Path(c.cfg.out_dir)
+    path = run_dir / "config.json"
+    cfg = resolve_config(c.cfg)  # (train() resolves the config it is given again: the same here)
+    ckpts = [run_dir / n for n in (checkpoint.CKPT_NAME, checkpoint.PREV_NAME)]
+    has_ckpt = any(p.exists() or p.is_symlink() for p in ckpts)
+    folder_why = None  # config.json's refusal, in the words of the folder
+    if path.is_file():
+        try:
+            saved = from_dict(read_json(path, "run config"), where=f" in {path}")
+            _check_same_run(saved, cfg, "its folder holds a run of")
+        except UserError as e:
+            if not has_ckpt:  # what the run reads: its words
+                return str(e), None
+            folder_why = str(e)
+        else:
+            if not has_ckpt or ckpts[0].is_file():
+                return None, None
+    if not has_ckpt:
+        return None, None
     try:
-        saved = from_dict(read_json(path, "run config"), where=f" in {path}")
-    except UserError as e:  # unreadable: the run reads it only when the folder holds no checkpoint
-        return None if any(path.parent.glob("ckpt*.pt")) else str(e)
-    try:  # (train() resolves the config it is given again: the same here)
-        _check_same_run(saved, resolve_config(c.cfg), "its folder holds a run of")
-    except UserError as e:
-        return str(e)
-    return None
+        payload, used, _ = checkpoint.load_latest(run_dir)  # (no usable one left: the run's error)
+        saved = from_dict(payload["config"], where=f" in checkpoint {used}")
+        _check_same_run(saved, cfg, f"checkpoint '{used}' was written by")
+    except UserError as e:  # (where config.json says so too, its words: the folder's run)
+        return folder_why or str(e), None
+    return None, payload["step"]
 
 
 def _refused(c: Cell, why: str):
