@@ -698,7 +698,8 @@ def agreement() -> dict:
     otherwise): every rank refuses the step with one message naming the setting, nothing changes, and
     the next step (the setting made equal again) pairs its collectives. Before: compute_dtype (the
     all_gather's dtype) and ns_dtype / method='auto' (the windows) aborted gloo (SIGABRT), check_finite
-    hung the other rank, lr and the others let the replicas drift apart silently."""
+    hung the other rank, lr and the others let the replicas drift apart silently, and so did step
+    counters that differ (the AdamW part's bias correction, interval's corrected steps)."""
     rank = dist.get_rank()
     out: dict = {}
     cases = {
@@ -712,6 +713,7 @@ def agreement() -> dict:
         "check_finite": {"check_finite": False},
         "auto_on_another_cpu": {},  # HTMUON_CPU_BF16=1 on rank 1: method='auto' resolves to 'fast'
         "explicit_on_another_cpu": {},  # the same with method='eigh' given: nothing differs, it steps
+        "step_counter": {},  # every counter one ahead on rank 1 (another checkpoint loaded there)
     }
     for case, change in cases.items():
         torch.manual_seed(0)
@@ -737,6 +739,9 @@ def agreement() -> dict:
                     g.update(change)
             if case.endswith("on_another_cpu"):
                 os.environ["HTMUON_CPU_BF16"] = "1"
+            if case == "step_counter":
+                for st in opt.state.values():
+                    st["step"] += 1
         before = snapshot(model, opt)
         out[case] = attempt(opt.step)
         out[f"{case}_unchanged"] = unchanged(model, opt, before)
@@ -746,6 +751,9 @@ def agreement() -> dict:
             g.update({k: v for k, v in s.items() if k != "params"})
         if case == "check_finite":
             model.fc1.weight.grad[0, 0] = 0.0
+        if case == "step_counter" and rank == 1:
+            for st in opt.state.values():
+                st["step"] -= 1
         out[f"{case}_after"] = attempt(opt.step)
         out[f"{case}_replicas_equal"] = replicas_equal(list(model.parameters()))
     # FSDP2: an lr on one rank updated the rows of that rank's shard with it

@@ -569,7 +569,8 @@ def test_ranks_stepping_different_parameters_or_settings_refuse_together(results
 @distributed
 def test_ranks_that_differ_in_any_setting_refuse_together(alone):
     """A setting changed on one rank only after a good step (as a scheduler stepped on one rank would),
-    or a node whose CPU resolves method='auto' to another backend: every rank refuses with one message
+    or a node whose CPU resolves method='auto' to another backend, or step counters one ahead on one
+    rank (another checkpoint loaded there): every rank refuses with one message
     naming the setting, nothing changes, and the next step (settings equal again) goes on with equal
     replicas. Before: compute_dtype, ns_dtype and the 'auto' backend aborted gloo (SIGABRT:
     'Received data size doesn't match expected size'), check_finite hung the other rank, and lr, p,
@@ -584,6 +585,10 @@ def test_ranks_that_differ_in_any_setting_refuse_together(alone):
         "adamw_betas": "adamw_betas",
         "check_finite": "check_finite",
         "fsdp_lr": "lr",
+        "step_counter": (
+            "the step counters (a checkpoint loaded on some ranks only, or a counter set on one: load "
+            "the same checkpoint on every rank)"
+        ),
         "auto_on_another_cpu": (
             "the spectral backend that method resolves to on each node (method='auto' follows the "
             "node's bfloat16 matmul support; pass method= explicitly), the Newton-Schulz working "

@@ -25,18 +25,19 @@ Each owner's result reaches the other ranks unchanged, so with the same gradient
 equal the single-process run's bit for bit.
 
 **Agreement.** A step starts with two small ``all_reduce`` (:meth:`DistributedStep.agree`): a
-fixed-size checksum of the parameters' shapes and dtypes, every group setting, and what this rank
-resolves ``method="auto"`` / ``ns_dtype="auto"`` to (ranks that differ refuse the step with one
-message naming what differs), then which parameters have gradients, whether they are finite, and
-whether any rank refused the step while checking it, so the ranks refuse together (under HSDP over
-the whole mesh, so the replicas too). A failure of one rank before a window's exchange (momentum
-directions, directions, assembly, plug-in, packing; out of memory included) travels in the header of
-the ``all_gather`` (DDP) or in the small ``all_reduce`` between the two ``all_to_all`` (FSDP2),
-before anything of the window is applied; one after an exchange is told at the rank's next exchange
-(:class:`UnsharedFailure`), or, after the step's last one, makes every later step refused until
-``load_state_dict``. ``load_state_dict`` is agreed too (:meth:`DistributedStep.agree_on_load`). No
-rank leaves a collective out that another rank enters. Collectives wait at most the process group's
-timeout (``torch.distributed.init_process_group(timeout=...)``).
+fixed-size checksum of the parameters' shapes and dtypes, every group setting, what this rank
+resolves ``method="auto"`` / ``ns_dtype="auto"`` to, and the step counters (ranks that differ refuse
+the step with one message naming what differs), then which parameters have gradients, whether they
+are finite, and whether any rank refused the step while checking it, so the ranks refuse together
+(under HSDP over the whole mesh, so the replicas too). A failure of one rank before a window's
+exchange (momentum directions, directions, assembly, plug-in, packing; out of memory included)
+travels in the header of the ``all_gather`` (DDP) or in the small ``all_reduce`` between the two
+``all_to_all`` (FSDP2), before anything of the window is applied; one after an exchange is told at
+the rank's next exchange (:class:`UnsharedFailure`), or, after the step's last one, makes every
+later step refused until ``load_state_dict``. ``load_state_dict`` is agreed too
+(:meth:`DistributedStep.agree_on_load`). No rank leaves a collective out that another rank enters.
+Collectives wait at most the process group's timeout
+(``torch.distributed.init_process_group(timeout=...)``).
 
 Nothing here imports ``torch.distributed.tensor`` unless DTensors already exist, so the
 single-process optimizer pays nothing for it.
@@ -66,6 +67,7 @@ __all__ = [
     "assign_owners",
     "check_group",
     "check_state_layout",
+    "counter_fingerprint",
     "is_dtensor",
     "local_tensor",
     "matrix_cost",
@@ -568,6 +570,30 @@ def signature_difference(low: list[int], high: list[int]) -> list[str]:
     ]
 
 
+def counter_fingerprint(groups: list[dict[str, Any]], state: Any) -> tuple[int, Tensor | None]:
+    """The parameters' step counters as one number per rank: their sum weighted by position (the
+    ``i``-th parameter, groups flattened in order, counts ``i`` times; one without a counter 0), so
+    that ranks whose counters differ -- a checkpoint loaded on some ranks only, where ``interval``
+    would take the corrected steps on other steps and the AdamW part's bias correction would differ --
+    give different numbers. Counters on the CPU (the usual place) are summed here, with no device
+    read; others on their device (returned as a tensor, added into the agreement's vector there)."""
+    host, device_terms = 0, []
+    i = 0
+    for g in groups:
+        for p in g["params"]:
+            i += 1
+            counter = (state.get(p) or {}).get("step")
+            if counter is None:
+                continue
+            if isinstance(counter, Tensor) and counter.device.type != "cpu":
+                device_terms.append(counter.to(torch.float64) * i)
+            else:
+                host += i * int(counter)
+    if not device_terms:
+        return host, None
+    return host, torch.stack([t.to(device_terms[0].device) for t in device_terms]).sum()
+
+
 # --------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------
@@ -648,17 +674,30 @@ class DistributedStep:
         return self.agree_group if self.agree_group is not None else self.mesh_group
 
     def _check_same_step(
-        self, groups: list[dict[str, Any]], device: torch.device, pg: Any, refused: bool = False
+        self,
+        groups: list[dict[str, Any]],
+        device: torch.device,
+        pg: Any,
+        refused: bool = False,
+        state: Any = None,
     ) -> None:
         """Refuse, on every rank, a step whose parameters or settings differ between the ranks: one
         fixed-size ``all_reduce`` (max of whether a rank refused the step while checking it, of the
-        count and of each of :func:`step_signatures`, and of their negatives), before any collective whose
-        size depends on them (which would otherwise abort or hang). The refusal names what differs.
+        count, of each of :func:`step_signatures` and of the step counters' :func:`counter_fingerprint`
+        (with ``state``), and of their negatives), before any collective whose size depends on them
+        (which would otherwise abort or hang). The refusal names what differs.
         Where a rank refused the step already (``refused``), its own error says more: nothing is raised
         here and :meth:`agree` reports that refusal."""
         n = sum(len(g["params"]) for g in groups)
-        mine = [n, *step_signatures(groups)]
+        host, on_device = counter_fingerprint(groups, state or {})
+        mine = [n, *step_signatures(groups), host]
         vec = torch.tensor([int(refused), *mine, *(-v for v in mine)], dtype=torch.int64, device=device)
+        own = None  # this rank's entries, where some are on the device only
+        if on_device is not None:  # counters kept on an accelerator: added there, read with the rest
+            add = on_device.to(device=device, dtype=torch.int64)
+            vec[len(mine)] += add
+            vec[2 * len(mine)] -= add
+            own = vec[1 : 1 + len(mine)].clone()
         self._dist.all_reduce(vec, op=self._dist.ReduceOp.MAX, group=pg)
         self.stats.collectives += 1
         values = vec.cpu().tolist()
@@ -667,11 +706,16 @@ class DistributedStep:
         values = values[1:]
         high, low = values[: len(mine)], [-v for v in values[len(mine) :]]
         most, fewest = high[0], low[0]
-        differ = signature_difference(low, high)
+        differ = signature_difference(low[:-1], high[:-1])
+        if low[-1] != high[-1] and not differ:  # the same parameters and settings, other counters
+            differ = [
+                "the step counters (a checkpoint loaded on some ranks only, or a counter set on one: "
+                "load the same checkpoint on every rank)"
+            ]
         if differ:
             # every rank sees the same result, so every rank takes this one more collective: which
             # ranks differ from the group's first (the error path only)
-            mine_t = vec.new_tensor(mine)
+            mine_t = own if own is not None else vec.new_tensor(mine)
             rows = [torch.empty_like(mine_t) for _ in range(self._dist.get_world_size(pg))]
             self._dist.all_gather(rows, mine_t, group=pg)
             self.stats.collectives += 1
@@ -693,12 +737,13 @@ class DistributedStep:
         except (AttributeError, RuntimeError, ValueError):  # older torch: ranks within the group
             return list(range(world))
 
-    def agree(self, groups: list[dict[str, Any]], error: BaseException | None) -> Tensor:
+    def agree(self, groups: list[dict[str, Any]], error: BaseException | None, state: Any = None) -> Tensor:
         """Agree among the ranks, before anything changes, on a step: two small ``all_reduce``.
 
         Args:
             groups: the optimizer's param groups.
             error: this rank's refusal of the step while checking it, or ``None``.
+            state: the optimizer's state (its step counters are compared too), or ``None``.
 
         Returns:
             One bool per parameter (groups flattened in order): ``True`` unless the gradient holds
@@ -729,7 +774,7 @@ class DistributedStep:
         pg = self._agree_group()
         world = self._dist.get_world_size(pg)
         if world > 1:
-            self._check_same_step(groups, device, pg, refused=error is not None)
+            self._check_same_step(groups, device, pg, refused=error is not None, state=state)
             self._dist.all_reduce(vec, op=self._dist.ReduceOp.SUM, group=pg)
             self.stats.collectives += 1
         counts = vec.cpu().tolist()

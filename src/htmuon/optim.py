@@ -839,7 +839,7 @@ class HTMuon(Optimizer):
                 raise
             work, finite_checks, error = [], [], exc  # refused together with the other ranks below
         if self._dist is not None:
-            agreed = self._dist.agree(self.param_groups, error)
+            agreed = self._dist.agree(self.param_groups, error, self.state)
             located = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
             if torch.compiler.is_compiling():
                 index = {where: i for i, where in enumerate(located)}
