@@ -161,3 +161,65 @@ def test_process_group_reaches_htmuon(tmp_path):
         assert build_htmuon([{"params": [nn.Parameter(torch.zeros(3, 3))], "fused": False}])._dist is None
     finally:
         dist.destroy_process_group()
+
+
+class TitanNames(nn.Module):
+    """torchtitan 0.3.0's own names: the head is ``lm_head`` (LLaMA 3, DeepSeek V3, gpt-oss, ...),
+    gpt-oss's attention ``sinks`` (one per head) and its experts' stacked ``mlp1_bias_EG``, and a
+    depthwise conv kernel ``(channels, 1, k)`` as Qwen3.5's linear attention has."""
+
+    def __init__(self, vocab: int = 13, d: int = 8) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, d)
+        self.wq = nn.Linear(d, d, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(4))
+        self.mlp1_bias_EG = nn.Parameter(torch.zeros(3, 2 * d))
+        self.conv_q = nn.Conv1d(d, d, 4, groups=d, bias=False, padding=3)
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.wq(self.tok_embeddings(tokens)) + self.sinks.sum() + self.mlp1_bias_EG.sum()
+        h = h + self.conv_q(h.transpose(1, 2))[..., : h.shape[1]].transpose(1, 2)
+        return self.lm_head(self.norm(h))
+
+
+def test_torchtitan_030_names_route_like_htmuons_own_rule():
+    """The head of torchtitan 0.3.0's models is ``lm_head``: it went to HTMuon (the patterns named only
+    ``output.``); gpt-oss's ``sinks`` stopped the build (a vector in an algorithm='htmuon' group), and
+    its experts' biases and a depthwise kernel were orthogonalized as matrices. Now the head and the
+    biases are the AdamW pattern group's; the vectors and side-1 matrices no pattern names go to a
+    third, AdamW group with adamw_lr / adamw_weight_decay; only the hidden matrix is HTMuon's."""
+    model = TitanNames()
+    container = htmuon_optimizer_config(
+        lr=0.02, adamw_lr=1e-3, weight_decay=0.1, adamw_weight_decay=0.01
+    ).build(model_parts=[model])
+    (opt,) = container.optimizers
+    by_algorithm: dict[str, set[str]] = {}
+    for g in opt.param_groups:
+        by_algorithm.setdefault(g["algorithm"], set()).update(g["param_names"])
+        expected = (1e-3, 0.01) if g["algorithm"] == "adamw" else (0.02, 0.1)
+        assert (g["lr"], g["weight_decay"]) == expected, g["param_names"]
+    assert by_algorithm["htmuon"] == {"wq.weight"}
+    assert by_algorithm["adamw"] == {
+        "tok_embeddings.weight",
+        "lm_head.weight",
+        "mlp1_bias_EG",
+        "norm.weight",
+        "norm.bias",
+        "sinks",
+        "conv_q.weight",
+    }
+    train(model, container, range(2))
+    # a flat checkpoint of the three groups resumes into a fresh container
+    saved = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in container.state_dict().items()}
+    fresh = TitanNames()
+    fresh.load_state_dict(model.state_dict())
+    fresh_container = htmuon_optimizer_config(
+        lr=0.02, adamw_lr=1e-3, weight_decay=0.1, adamw_weight_decay=0.01
+    ).build(model_parts=[fresh])
+    fresh_container.load_state_dict(saved)
+    train(model, container, range(2, 4))
+    train(fresh, fresh_container, range(2, 4))
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name

@@ -7,7 +7,9 @@ torchtitan builds its optimizers from ``OptimizersContainer.Config``: a list of 
 * :class:`HTMuonOptimizersContainer` -- the container with ``"HTMuon"`` registered (and torchtitan's
   own ``"Adam"``, ``"AdamW"``, ... still available); its ``Config`` builds it.
 * :func:`htmuon_optimizer_config` -- a ready config: hidden matrices -> HTMuon, embeddings / output
-  head / norms / biases -> HTMuon's AdamW part (``algorithm="adamw"``), all in one HTMuon object.
+  head / norms / biases -> HTMuon's AdamW part (``algorithm="adamw"``), all in one HTMuon object;
+  a non-matrix that no pattern names (gpt-oss's attention ``sinks``, a depthwise conv kernel) goes
+  to the AdamW part too, by HTMuon's own routing.
 * :func:`build_htmuon` -- the factory (drops torchtitan's ``fused`` / ``foreach`` flags).
 
 In a torchtitan config registry function::
@@ -41,8 +43,10 @@ __all__ = ["HTMuonOptimizersContainer", "build_htmuon", "htmuon_optimizer_config
 #: Per-group keys torchtitan adds for its own optimizers; meaningless to HTMuon.
 TORCHTITAN_IMPL_KEYS = ("fused", "foreach")
 #: Parameter-name patterns sent to HTMuon's AdamW part by :func:`htmuon_optimizer_config` (the
-#: "standard" routing; torchtitan's LLaMA names: tok_embeddings, output, *norm*).
-ADAMW_PATTERNS = (r"embed", r"(^|\.)output\.", r"norm", r"bias$")
+#: "standard" routing). torchtitan 0.3.0's names: ``tok_embeddings``, ``lm_head`` (``output`` before),
+#: ``*norm*``, biases, and its MoE experts' stacked biases ``mlp1_bias_EG`` / ``mlp2_bias_ED`` (a
+#: shape suffix after ``bias``).
+ADAMW_PATTERNS = (r"embed", r"(^|\.)(output|lm_head)\.", r"norm", r"bias(_[A-Z]+)?$")
 
 
 def build_htmuon(param_groups: list[dict[str, Any]], **kwargs: Any) -> HTMuon:
@@ -75,20 +79,23 @@ def htmuon_optimizer_config(
     process_group: Any = None,
     **htmuon_options: Any,
 ) -> HTMuonOptimizersContainer.Config:
-    """An optimizer config for torchtitan: one HTMuon object, two param groups.
+    """An optimizer config for torchtitan: one HTMuon object, its AdamW and HTMuon parts.
 
-    Parameters whose name matches one of ``adamw_patterns`` go to the AdamW part (``adamw_lr``,
-    ``adamw_weight_decay``); every other parameter to HTMuon (``lr``, ``p``, ``weight_decay``).
+    Parameters whose name matches one of ``adamw_patterns`` (regexes, searched in the name)
+    go to the AdamW part (``adamw_lr``, ``adamw_weight_decay``). Every other parameter is routed by
+    HTMuon's own rule (``algorithm="auto"``, by name and shape, as ``HTMuon(model.named_parameters())``):
+    the matrices to HTMuon (``lr``, ``p``, ``weight_decay``); a vector (gpt-oss's attention ``sinks``,
+    Qwen3.5's ``A_log``), a matrix with a side of 1 (a depthwise conv kernel) or an output head that no
+    pattern names to a third group, AdamW with ``adamw_lr`` and ``adamw_weight_decay``.
     ``htmuon_options`` (``method``, ``interval``, ``plugin``, ``adamw_betas``, ``adamw_eps``,
     ``check_finite``, ...) go to both groups, as ``HTMuon(..., **options)`` gives them to every group:
     each part reads its own. ``process_group``: see :class:`htmuon.HTMuon` (DDP-style replicated
     parameters only; FSDP2 needs none).
     """
-    adamw_pattern = "|".join(f"(?:{pat})" for pat in adamw_patterns)
     wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
     groups = [
         ParamGroupConfig(
-            pattern=adamw_pattern,
+            pattern="|".join(f"(?:{pat})" for pat in adamw_patterns),
             optimizer_name="HTMuon",
             # every option to both groups (each part reads its own: adamw_betas, check_finite, ...)
             optimizer_kwargs=htmuon_options | {"algorithm": "adamw", "lr": adamw_lr, "weight_decay": wd},
@@ -96,7 +103,16 @@ def htmuon_optimizer_config(
         ParamGroupConfig(
             pattern=r".*",
             optimizer_name="HTMuon",
-            optimizer_kwargs={"algorithm": "htmuon", "lr": lr, "p": p, "weight_decay": weight_decay}
+            # "auto": the matrices to HTMuon; a non-matrix no pattern names to the AdamW part, with
+            # its lr and weight decay (before, "htmuon": gpt-oss's sinks stopped the build)
+            optimizer_kwargs={
+                "algorithm": "auto",
+                "lr": lr,
+                "p": p,
+                "weight_decay": weight_decay,
+                "adamw_lr": adamw_lr,
+                "adamw_weight_decay": wd,
+            }
             | htmuon_options,
         ),
     ]
