@@ -223,3 +223,29 @@ def test_torchtitan_030_names_route_like_htmuons_own_rule():
     train(fresh, fresh_container, range(2, 4))
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_config_patterns_and_options_are_checked_when_the_config_is_made():
+    """A single string is one pattern (it was joined character by character: every name matched one
+    letter, all went to AdamW and torchtitan stopped with "pattern '.*' matched no parameters");
+    ``()`` leaves routing to HTMuon (an empty pattern matched every name); a bad regex and
+    ``algorithm`` (which turned the matrices into AdamW ones, silently) are refused by the config
+    itself, not after torchtitan built the model."""
+    (opt,) = (
+        htmuon_optimizer_config(adamw_patterns=r"embed|norm|output\.")
+        .build(model_parts=[TinyLlama()])
+        .optimizers
+    )
+    adamw, matrices = opt.param_groups
+    assert adamw["algorithm"] == "adamw" and "output.weight" in adamw["param_names"]
+    assert matrices["algorithm"] == "htmuon" and len(matrices["params"]) == 4
+
+    (opt,) = htmuon_optimizer_config(adamw_patterns=()).build(model_parts=[TinyLlama()]).optimizers
+    routed = {g["algorithm"]: set(g["param_names"]) for g in opt.param_groups}
+    assert {"tok_embeddings.weight", "output.weight", "norm.weight"} <= routed["adamw"]
+    assert len(routed["htmuon"]) == 4
+
+    with pytest.raises(ValueError, match=r"adamw_patterns: 'embed\(' is not a regex"):
+        htmuon_optimizer_config(adamw_patterns=("embed(",))
+    with pytest.raises(ValueError, match="algorithm is not an option"):
+        htmuon_optimizer_config(algorithm="adamw")

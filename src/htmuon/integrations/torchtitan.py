@@ -25,6 +25,7 @@ flat, FQN-keyed optimizer state (HTMuon's state is DTensors and plain numbers).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,17 +82,37 @@ def htmuon_optimizer_config(
 ) -> HTMuonOptimizersContainer.Config:
     """An optimizer config for torchtitan: one HTMuon object, its AdamW and HTMuon parts.
 
-    Parameters whose name matches one of ``adamw_patterns`` (regexes, searched in the name)
-    go to the AdamW part (``adamw_lr``, ``adamw_weight_decay``). Every other parameter is routed by
-    HTMuon's own rule (``algorithm="auto"``, by name and shape, as ``HTMuon(model.named_parameters())``):
-    the matrices to HTMuon (``lr``, ``p``, ``weight_decay``); a vector (gpt-oss's attention ``sinks``,
-    Qwen3.5's ``A_log``), a matrix with a side of 1 (a depthwise conv kernel) or an output head that no
-    pattern names to a third group, AdamW with ``adamw_lr`` and ``adamw_weight_decay``.
+    Parameters whose name matches one of ``adamw_patterns`` (regexes, searched in the name; a
+    single string is one pattern) go to the AdamW part (``adamw_lr``, ``adamw_weight_decay``).
+    Every other parameter is routed by HTMuon's own rule (``algorithm="auto"``, by name and shape,
+    as ``HTMuon(model.named_parameters())``): the matrices to HTMuon (``lr``, ``p``,
+    ``weight_decay``); a vector (gpt-oss's attention ``sinks``, Qwen3.5's ``A_log``), a matrix with
+    a side of 1 (a depthwise conv kernel) or an output head that no pattern names to a third group,
+    AdamW with ``adamw_lr`` and ``adamw_weight_decay``.
+    ``adamw_patterns=()``: no pattern group, HTMuon's rule alone decides (before, an empty pattern
+    matched every name).
     ``htmuon_options`` (``method``, ``interval``, ``plugin``, ``adamw_betas``, ``adamw_eps``,
     ``check_finite``, ...) go to both groups, as ``HTMuon(..., **options)`` gives them to every group:
     each part reads its own. ``process_group``: see :class:`htmuon.HTMuon` (DDP-style replicated
     parameters only; FSDP2 needs none).
+
+    Raises:
+        ValueError: a pattern that is no regex, or ``algorithm`` among the options (the
+            patterns decide it) -- here, not after torchtitan has built the model.
     """
+    if isinstance(adamw_patterns, str):  # one pattern, not one pattern per character
+        adamw_patterns = (adamw_patterns,)
+    adamw_patterns = tuple(adamw_patterns)
+    for pat in adamw_patterns:
+        try:
+            re.compile(pat)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"adamw_patterns: {pat!r} is not a regex ({e})") from None
+    if "algorithm" in htmuon_options:
+        raise ValueError(
+            "algorithm is not an option of htmuon_optimizer_config: adamw_patterns decide which "
+            "parameters go to the AdamW part"
+        )
     wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
     groups = [
         ParamGroupConfig(
@@ -115,7 +136,7 @@ def htmuon_optimizer_config(
             }
             | htmuon_options,
         ),
-    ]
+    ][0 if adamw_patterns else 1 :]
     factory_kwargs = {} if process_group is None else {"HTMuon": {"process_group": process_group}}
     return HTMuonOptimizersContainer.Config(
         param_groups=groups, implementation="for-loop", optimizer_factory_kwargs_by_name=factory_kwargs
