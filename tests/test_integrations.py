@@ -245,3 +245,49 @@ def test_accelerate_save_and_load_state(tmp_path):
     train(accelerator2, model2, opt2, data[2:])
     for (name, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------------
+# torchtitan: the import error says what is missing (the adapter's tests: test_distributed_torchtitan.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _import_torchtitan_adapter(monkeypatch, sys_path: list[str], block: bool = False) -> ImportError:
+    """The ImportError of ``import htmuon.integrations.torchtitan`` with ``sys_path`` (``block``: with
+    torchtitan unimportable); sys.modules and sys.path are left as they were."""
+    import importlib
+    import sys
+
+    with monkeypatch.context() as mp:
+        for name in [m for m in sys.modules if m.startswith(("torchtitan", "htmuon.integrations."))]:
+            mp.delitem(sys.modules, name)
+        mp.setattr(sys, "path", sys_path)
+        if block:
+            mp.setitem(sys.modules, "torchtitan", None)
+        try:
+            with pytest.raises(ImportError) as info:
+                importlib.import_module("htmuon.integrations.torchtitan")
+        finally:  # what this import added goes; the context puts back what was there
+            for name in [m for m in sys.modules if m.startswith("torchtitan")]:
+                del sys.modules[name]
+    return info.value
+
+
+def test_torchtitan_adapter_import_error_names_what_is_missing(tmp_path, monkeypatch):
+    """Without torchtitan: "it is not installed". With torchtitan but one of its own imports
+    failing (tyro, spmd_types: the dependencies a --no-deps install lacks): that module's name, where the
+    message said "pip install torchtitan" to one who had it."""
+    import sys
+
+    bare = [p for p in sys.path if not (Path(p) / "torchtitan").exists()]
+    assert "needs torchtitan: it is not installed" in str(
+        _import_torchtitan_adapter(monkeypatch, bare, block=True)
+    )
+
+    pkg = tmp_path / "torchtitan"
+    (pkg / "components").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "components" / "__init__.py").write_text("")
+    (pkg / "components" / "optimizer.py").write_text("import tyro_is_not_installed_here\n")
+    message = str(_import_torchtitan_adapter(monkeypatch, [str(tmp_path), *bare]))
+    assert "tyro_is_not_installed_here" in message and "not installed (pip" not in message, message

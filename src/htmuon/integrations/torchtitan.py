@@ -33,11 +33,14 @@ from ..optim import HTMuon
 
 try:
     from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "htmuon.integrations.torchtitan needs torchtitan (pip install torchtitan; it expects a recent "
-        "PyTorch, see its README)"
-    ) from e
+except ImportError as e:  # depends on the environment
+    # torchtitan absent, or present with one of its own imports failing (tyro, spmd_types, a PyTorch
+    # too old for it): the message says which, instead of "install torchtitan" to one who has it
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "torchtitan":
+        why = "it is not installed (pip install torchtitan; it expects a recent PyTorch, see its README)"
+    else:
+        why = f"importing torchtitan.components.optimizer failed: {type(e).__name__}: {e}"
+    raise ImportError(f"htmuon.integrations.torchtitan needs torchtitan: {why}") from e
 
 __all__ = ["HTMuonOptimizersContainer", "build_htmuon", "htmuon_optimizer_config"]
 
