@@ -168,3 +168,33 @@ def test_a_numpy_matrix_is_plotted_as_a_matrix_not_as_eigenvalues(tmp_path, monk
     plot_update_spectra({"U": W}, tmp_path / "ut.png")
     plot_update_spectra({"U": W.numpy()}, tmp_path / "un.png")
     assert seen[2] == seen[3] and len(seen[3][0]) == 100
+
+
+def test_the_path_suffix_picks_the_format_and_esd_checks_it_before_the_analysis(
+    tmp_path, reports, monkeypatch
+):
+    """``alpha.pdf`` held PNG bytes (every plot was saved as PNG whatever its name); now the suffix
+    picks the format, no suffix is a PNG, and a suffix matplotlib cannot write is refused: by
+    ``htmuon esd --plot`` before any checkpoint is read."""
+    from htmuon.cli import main
+    from htmuon.diagnostics import cli as esd_cli
+
+    pdf = plot_layer_alpha(reports, tmp_path / "alpha.pdf")
+    with open(pdf, "rb") as f:
+        assert f.read(5) == b"%PDF-"
+    svg = plot_update_spectra({"a": torch.randn(8, 6)}, tmp_path / "sv.SVG")
+    with open(svg) as f:
+        assert "<svg" in f.read(4000)
+    assert _is_png(plot_esd(torch.randn(40, 30), tmp_path / "esd"))
+    with pytest.raises(ValueError, match=r"cannot write a plot as \.txt .*\.pdf"):
+        plot_layer_alpha(reports, tmp_path / "alpha.txt")
+    assert not (tmp_path / "alpha.txt").exists()
+
+    torch.save(nn.Linear(30, 20).state_dict(), tmp_path / "w.pt")
+    read = []
+    monkeypatch.setattr(esd_cli, "_load_target", lambda *a: read.append(a) or nn.Linear(30, 20))
+    assert main(["esd", str(tmp_path / "w.pt"), "--plot", str(tmp_path / "alpha.docx")]) == 2
+    assert read == [] and not (tmp_path / "alpha.docx").exists()
+    assert main(["esd", str(tmp_path / "w.pt"), "--plot", str(tmp_path / "cli.pdf")]) == 0
+    with open(tmp_path / "cli.pdf", "rb") as f:
+        assert f.read(5) == b"%PDF-"

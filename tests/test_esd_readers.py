@@ -628,7 +628,7 @@ def test_write_failures_after_the_analysis_are_one_line_errors(tmp_path, capsys,
     monkeypatch.setattr(ESDReport, "to_csv", full)
     monkeypatch.setattr(plots, "_save", full)
     for flag in ("--csv", "--plot"):
-        out_path = tmp_path / f"out{flag}.x"
+        out_path = tmp_path / f"out{flag}.png"  # a suffix --plot writes (an unknown one is refused first)
         rc, out, err = run_cli([tmp_path / "w.pt", flag, out_path], capsys)
         assert rc == 2 and err.strip().count("\n") == 0, err
         assert f"cannot write {flag} '{out_path}': No space left on device" in err

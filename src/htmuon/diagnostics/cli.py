@@ -51,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot",
         metavar="F",
-        help="write a PNG of layer-wise alpha, one series per target (needs matplotlib)",
+        help="write a plot of layer-wise alpha, one series per target, in the format its suffix names "
+        "(.png, .pdf, .svg, ...; needs matplotlib)",
     )
     parser.add_argument(
         "--label",
@@ -226,6 +227,13 @@ def main(args: argparse.Namespace) -> int:
             _check_output(path, flag)
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the analysis, not after it
         raise UserError("--plot needs matplotlib: pip install htmuon[plot]")
+    if args.plot:
+        from .plots import plot_format
+
+        try:
+            plot_format(args.plot)  # a suffix matplotlib cannot write: now, not after the analysis
+        except ValueError as e:
+            raise UserError(f"--plot: {e}") from None
 
     reports = {}
     for target, label in zip(targets, labels):

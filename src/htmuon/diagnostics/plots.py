@@ -1,11 +1,12 @@
-"""PNG plots of heavy-tail diagnostics (matplotlib's object API; no pyplot state is touched).
+"""Plots of heavy-tail diagnostics (matplotlib's object API; no pyplot state is touched).
 
 * :func:`plot_layer_alpha` -- layer-wise alpha, one series per optimizer/run (the paper's Fig. 6 kind).
 * :func:`plot_esd` -- a log-log ESD histogram with the fitted power law and ``xmin``.
 * :func:`plot_update_spectra` -- singular values of update matrices by rank (the paper's Fig. 1b/c kind).
 
-Each function saves a PNG to ``path`` (creating its folder), returns the path, and keeps no figure
-alive. matplotlib is imported only when a function is called (``pip install htmuon[plot]``).
+Each function saves a figure to ``path`` (creating its folder) in the format its suffix names (``.png``,
+``.pdf``, ``.svg``, ... : :func:`plot_format`; PNG without a suffix), returns the path, and keeps no
+figure alive. matplotlib is imported only when a function is called (``pip install htmuon[plot]``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 from .esd import ESDReport, layer_eigenvalues
 from .powerlaw import EVALS_THRESH, fit_powerlaw
 
-__all__ = ["plot_esd", "plot_layer_alpha", "plot_update_spectra"]
+__all__ = ["plot_esd", "plot_format", "plot_layer_alpha", "plot_update_spectra"]
 
 _DPI = 120
 
@@ -43,12 +44,37 @@ def _log_axes(ax) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def plot_format(path: str | os.PathLike) -> str:
+    """The format a plot saved to ``path`` is written in: its suffix's (``png``, ``pdf``, ``svg``, ...),
+    ``png`` without one.
+
+    Raises:
+        ValueError: a suffix matplotlib cannot write (before, every plot was a PNG whatever the name:
+            ``alpha.pdf`` held PNG bytes).
+    """
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if not suffix:
+        return "png"
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("htmuon.diagnostics.plots needs matplotlib: pip install htmuon[plot]") from e
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(
+            f"cannot write a plot as .{suffix} ({os.fspath(path)!r}): give a path ending in one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    return suffix
+
+
 def _save(fig, path: str | os.PathLike) -> str:
     path = os.fspath(path)
+    fmt = plot_format(path)
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format=fmt)
     fig.clear()
     return path
 
