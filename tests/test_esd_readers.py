@@ -985,3 +985,13 @@ def test_a_truncated_dcp_metadata_file_is_called_corrupt_not_code(tmp_path):
     with pytest.raises(ValueError, match=r"\.metadata.*corrupt or truncated") as e:
         analyze(tmp_path / "dcp")
     assert "allow_pickle" not in str(e.value)
+
+
+def test_cli_empty_output_path_is_an_error_not_a_silent_no_op(tmp_path, capsys):
+    """`htmuon esd ckpt.pt --csv "$OUT"` with OUT unset gave --csv '': the table was printed, no file
+    written, exit 0. Now one line, exit 2, before the checkpoint is read."""
+    torch.save(nn.Linear(30, 20).state_dict(), tmp_path / "w.pt")
+    for flag in ("--csv", "--plot"):
+        rc, out, err = run_cli([tmp_path / "w.pt", flag, ""], capsys)
+        assert rc == 2 and err.strip() == f"htmuon esd: error: {flag} needs a file name, got ''", err
+        assert out == ""

@@ -223,6 +223,8 @@ def main(args: argparse.Namespace) -> int:
     if len(set(labels)) != len(labels):
         raise UserError(f"--label values must differ, got {labels}")
     for path, flag in ((args.csv, "--csv"), (args.plot, "--plot")):
+        if path is not None and not path.strip():  # `--csv "$OUT"` with OUT unset: not a silent no-op
+            raise UserError(f"{flag} needs a file name, got {path!r}")
         if path:
             _check_output(path, flag)
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the analysis, not after it
