@@ -132,6 +132,20 @@ def test_demo_unknown_method(capsys):
     assert "unknown --method 'nope'" in err and "svd" in err
 
 
+def test_demo_without_scikit_learn_is_one_line_before_any_output(monkeypatch, capsys):
+    """The demo printed its header and the table's column names, then the error (scikit-learn was first
+    imported inside the first run): now the one line alone, exit 2."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert main(["demo", "--epochs", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        out == "" and err == "htmuon demo: error: the demo needs scikit-learn: pip install 'htmuon[train]'\n"
+    )
+
+
 def test_out_dir_under_a_file(corpus_file, tmp_path, capsys):
     (tmp_path / "f").write_text("a file")
     err = one_line_error(capsys, tiny_train(corpus_file, tmp_path / "f" / "run"))

@@ -27,16 +27,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_digits_function():
+    """scikit-learn's ``load_digits``, or the UserError that says how to install it."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # depends on the environment
+        from .cli import UserError
+
+        raise UserError("the demo needs scikit-learn: pip install 'htmuon[train]'") from e
+    return load_digits
+
+
 def load_digits_split(seed: int = 0):
     """Digits as float tensors, standardised, split 80/20 deterministically by ``seed``."""
     import torch
 
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        from .cli import UserError
-
-        raise UserError("the demo needs scikit-learn: pip install 'htmuon[train]'") from e
+    load_digits = _load_digits_function()
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
@@ -96,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
     from .spectral import resolve_method
     from .train.loop import set_threads
 
+    _load_digits_function()  # scikit-learn missing: the one-line error before the table's header
     set_threads(args.threads)  # as htmuon train's --threads
     backend = resolve_method(args.method, "power", "cpu")
     print(
