@@ -151,14 +151,20 @@ def test_tensor_lr(kw, dims):
 # ------------------------------------------------------------------ state dicts
 
 
+def loaded_twin(params, opt, kw):
+    """Copies of ``params`` and a fresh optimizer over them holding ``opt``'s state dict."""
+    twin = [nn.Parameter(p.detach().clone()) for p in params]
+    opt_twin = HTMuon(twin, **kw)
+    opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return twin, opt_twin
+
+
 def test_state_dict_deterministic(kw):
     """Loaded into a fresh optimizer, the state continues exactly, and round-trips unchanged."""
     params = make_params()
     opt = HTMuon(params, **kw)
     run(params, opt, 2)
-    twin = [nn.Parameter(p.detach().clone()) for p in params]
-    opt_twin = HTMuon(twin, **kw)
-    opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin, opt_twin = loaded_twin(params, opt, kw)
     sd, sd_twin = opt.state_dict(), opt_twin.state_dict()
     assert sd["param_groups"] == sd_twin["param_groups"]
     for pid in sd["state"]:
@@ -206,9 +212,7 @@ def test_a_step_count_set_as_a_number_steps_in_both_parts(kw):
     params = make_params()
     opt = HTMuon(params, **kw)
     run(params, opt, 2)
-    twin = [nn.Parameter(p.detach().clone()) for p in params]
-    opt_twin = HTMuon(twin, **kw)
-    opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin, opt_twin = loaded_twin(params, opt, kw)
     for p in twin:
         opt_twin.state[p]["step"] = 2  # an int, in a matrix's state and in the vector's (AdamW part)
     run(params, opt, 1, start=2)
