@@ -813,16 +813,16 @@ def test_masked_apply_follows_the_groups_lr_adjust_and_plugin(plugin, shape, lr_
             opt.step()
         W.grad = torch.randn(*shape)
         group = opt.param_groups[0]
-        return W, opt, group, opt._compute_window(group, [W], [True], [1])
+        return W, opt, group, opt._compute_window(group, [W], [W.grad], [True], [1])
 
     with torch.no_grad():  # as inside step()
         W1, opt1, g1, pend1 = opt_with_pending()
-        opt1._apply_window(g1, pend1)
+        opt1._apply_window(g1, pend1, [W1.grad])
         W2, opt2, g2, pend2 = opt_with_pending()
-        opt2._apply_window_masked(g2, pend2, torch.tensor(True), 0.05, 0.1, 0.95)
+        opt2._apply_window_masked(g2, pend2, [W2.grad], torch.tensor(True), 0.05, 0.1, 0.95)
         W3, opt3, g3, pend3 = opt_with_pending()
         snap = (W3.detach().clone(), copy.deepcopy(opt3.state[W3]))
-        opt3._apply_window_masked(g3, pend3, torch.tensor(False), 0.05, 0.1, 0.95)
+        opt3._apply_window_masked(g3, pend3, [W3.grad], torch.tensor(False), 0.05, 0.1, 0.95)
     torch.testing.assert_close(W2, W1, rtol=1e-5, atol=1e-6)
     for key in ("momentum_buffer", "step") + (("second_moment",) if plugin else ()):
         torch.testing.assert_close(opt2.state[W2][key], opt1.state[W1][key], rtol=1e-5, atol=1e-6)

@@ -766,19 +766,16 @@ class HTMuon(Optimizer):
                 )
             _warn_other_names(saved, mine, gi)
             self._validate(dict(saved), where=f" in loaded param group {gi}")  # (it may convert values)
-            vector = next((q for q in mine["params"] if q.ndim < 2), None)
-            if (
-                saved.get("algorithm") == "htmuon"
-                and mine.get("algorithm") != "htmuon"
-                and vector is not None
-            ):
+            if saved.get("algorithm") == "htmuon" and mine.get("algorithm") != "htmuon":
                 # groups of equal sizes in another order: say so, not how to build the groups
-                raise ValueError(
-                    f"loaded param group {gi} is an algorithm='htmuon' group, this optimizer's group {gi} "
-                    f"is algorithm={mine.get('algorithm')!r} and holds a parameter of shape "
-                    f"{tuple(vector.shape)} that HTMuon cannot update: were the groups saved in another "
-                    f"order?{_OTHER_ROUTING}"
-                )
+                vector = next((q for q in mine["params"] if q.ndim < 2), None)
+                if vector is not None:
+                    raise ValueError(
+                        f"loaded param group {gi} is an algorithm='htmuon' group, this optimizer's group "
+                        f"{gi} is algorithm={mine.get('algorithm')!r} and holds a parameter of shape "
+                        f"{tuple(vector.shape)} that HTMuon cannot update: were the groups saved in "
+                        f"another order?{_OTHER_ROUTING}"
+                    )
             _check_algorithm_fits(saved, mine["params"], f"loaded param group {gi}")
             lookup.update({pid: (gi, pi) for pi, pid in enumerate(saved["params"])})
         for pid, state in state_dict["state"].items():
@@ -887,7 +884,7 @@ class HTMuon(Optimizer):
                 # break (interval, svd) and reads them from the parameters guards on each gradient's
                 # identity, so a compiled step recompiled on every step (a new gradient) up to dynamo's limit
                 grads = [p.grad for p in hparams]
-                ok, applied = self._htmuon_step(group, hparams, ok, applied, failed, grads)
+                ok, applied = self._htmuon_step(group, hparams, grads, ok, applied, failed)
             except _distributed.UnsharedFailure as exc:
                 failed, applied, failed_group = exc.error, exc.applied, group
                 self._dist.note_unshared_failure(failed)
@@ -898,7 +895,7 @@ class HTMuon(Optimizer):
         for group, _, aparams in work:
             if aparams:
                 try:
-                    self._adamw_step(group, aparams, ok, [p.grad for p in aparams])
+                    self._adamw_step(group, aparams, [p.grad for p in aparams], ok)
                 except Exception as exc:
                     if self._dist is not None:  # the other ranks (no collective here) went on
                         self._dist.note_unshared_failure(exc)
@@ -962,10 +959,10 @@ class HTMuon(Optimizer):
         self,
         group: dict[str, Any],
         params: list[Tensor],
+        grads: list[Tensor],
         ok: Tensor | None,
         applied: int = 0,
         failed: BaseException | None = None,
-        grads: list[Tensor] | None = None,
     ) -> tuple[Tensor | None, int]:
         """The matrix part of one group, after ``applied`` parameters of this step were updated; returns
         ``ok`` (compiled: and-ed with the directions' check) and the parameters updated so far.
@@ -975,11 +972,9 @@ class HTMuon(Optimizer):
         :class:`htmuon.distributed.UnsharedFailure`, for the caller to carry to the next exchange.
         ``failed``: such a failure earlier in the step: the group's first exchange tells the others, and
         every rank raises. ``grads``: the parameters' gradients, as the step read them before any graph
-        break (see :meth:`_step`); ``None``: read here."""
+        break (see :meth:`_step`)."""
         if self._dist is not None and self._dist.sharded(params):  # DTensor (FSDP2) parameters
             return ok, self._dist.sharded_htmuon_step(self, group, params, applied, failed)
-        if grads is None:
-            grads = [p.grad for p in params]
         batch_3d, interval = group["batch_3d"], group["interval"]
         mshapes = [F.matrix_shape(p.shape, batch_3d) for p in params]
         corrected = [interval == 1 or F.is_corrected(self._step_count(p) + 1, interval) for p in params]
@@ -1002,12 +997,12 @@ class HTMuon(Optimizer):
                 pending = self._compute_window(
                     group,
                     [params[i] for i in items],
+                    [grads[i] for i in items],
                     [corrected[i] for i in items],
                     sizes,
                     scratch,
                     None if owners is None else [owners[i] for i in items],
                     failed,
-                    [grads[i] for i in items],
                 )
             except _distributed.UnsharedFailure as exc:  # DDP, after the window's exchange
                 failed = exc.error
@@ -1022,7 +1017,7 @@ class HTMuon(Optimizer):
             try:
                 if ok is not None:  # compiled: a non-finite direction masks this window and the rest
                     ok = ok & torch.stack([F.all_finite(O) for _, O, _, _ in pending]).all()
-                self._apply_window(group, pending, ok, [grads[i] for i in items])
+                self._apply_window(group, pending, [grads[i] for i in items], ok)
             except Exception as exc:
                 if self._dist is None:
                     raise
@@ -1042,12 +1037,12 @@ class HTMuon(Optimizer):
         self,
         group: dict[str, Any],
         params: list[Tensor],
+        grads: list[Tensor],
         corrected: list[bool],
         chunks: list[int],
         scratch: dict[tuple, Tensor] | None = None,
         owners: list[int] | None = None,
         failed: BaseException | None = None,
-        grads: list[Tensor] | None = None,
     ) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
         """Directions (and new plug-in moments) of a window's parameters, ``chunks`` items at a time
         (DDP: each rank's owned share of the window at once; on CPU, eager: one at a time, each right
@@ -1063,7 +1058,6 @@ class HTMuon(Optimizer):
         pipelined = self._dist is None and len(params) > 0 and not F.stacks_matrices(params[0].device)
         directions = []
         scratch = {} if scratch is None else scratch
-        grads = [p.grad for p in params] if grads is None else grads
         rank = self._dist.replicated_rank() if owners is not None else 0
         error = failed
         try:
@@ -1153,11 +1147,7 @@ class HTMuon(Optimizer):
         return out
 
     def _apply_window(
-        self,
-        group: dict[str, Any],
-        pending: list,
-        ok: Tensor | None = None,
-        grads: list[Tensor] | None = None,
+        self, group: dict[str, Any], pending: list, grads: list[Tensor], ok: Tensor | None = None
     ) -> None:
         """Store momentum, step count and plug-in moment, then update the parameters (in place).
 
@@ -1170,12 +1160,11 @@ class HTMuon(Optimizer):
         ):  # a tensor lr (what a scheduler changes) stays a tensor: no host read
             if ok is None:  # check_finite=False
                 ok = torch.ones((), dtype=torch.bool, device=pending[0][0].device if pending else None)
-            return self._apply_window_masked(group, pending, ok, _scalar(group["lr"]), wd, beta, grads)
+            return self._apply_window_masked(group, pending, grads, ok, _scalar(group["lr"]), wd, beta)
         lr = _number(group["lr"])
         if ok is not None:
-            return self._apply_window_masked(group, pending, ok, lr, wd, beta, grads)
+            return self._apply_window_masked(group, pending, grads, ok, lr, wd, beta)
         params, states = [p for p, _, _, _ in pending], [self.state[p] for p, _, _, _ in pending]
-        grads = [p.grad for p in params] if grads is None else grads
         for state, (_, _, buf, v_new) in zip(states, pending):
             if not state:
                 state["step"] = _new_step()
@@ -1202,13 +1191,12 @@ class HTMuon(Optimizer):
         self,
         group: dict[str, Any],
         pending: list,
+        grads: list[Tensor],
         ok: Tensor,
         lr: float | Tensor,
         wd: float,
         beta: float,
-        grads: list[Tensor] | None = None,
     ) -> None:
-        grads = [p.grad for p, _, _, _ in pending] if grads is None else grads
         for (p, O, buf, v_new), grad in zip(pending, grads):
             state = self.state[p]
             if not state:
@@ -1228,13 +1216,8 @@ class HTMuon(Optimizer):
             p.copy_(torch.where(ok, p * (1.0 - lr * wd) - step, p))
 
     def _adamw_step(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        ok: Tensor | None = None,
-        grads: list[Tensor] | None = None,
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], ok: Tensor | None = None
     ) -> None:
-        grads = [p.grad for p in params] if grads is None else list(grads)
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for param in params:
             state = self.state[param]
@@ -1244,8 +1227,8 @@ class HTMuon(Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            _counter(state)  # a number set by hand: torch's AdamW kernels take tensor counters only
-            steps.append(state["step"] if ok is None else _on_device(state, "step", ok.device))
+            counter = _counter(state)  # a number set by hand: torch's AdamW kernels take tensors only
+            steps.append(counter if ok is None else _on_device(state, "step", ok.device))
         hyper = dict(
             lr=_scalar(group["lr"]),
             betas=tuple(float(b) for b in group["adamw_betas"]),
